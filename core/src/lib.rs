@@ -1,0 +1,25 @@
+//! Conduit's pure mesh logic.
+//!
+//! Every decision the mesh makes lives here as a plain struct driven by explicit inputs. This
+//! crate contains no networking code, reads no clock, draws no OS entropy, spawns nothing and
+//! never blocks: time arrives as a [`time::Instant`] argument, randomness from a seeded
+//! [`rand::DetRng`] the caller owns, and decisions leave as return values. The proxy, the
+//! controller and the simulation drive the same state machines, which is what lets a turmoil
+//! world run the real mesh logic deterministically.
+//!
+//! Component shapes (STYLE.md §2): one-shot decisions return values
+//! (`balancer.pick(now, &mut rng)`); state machines take `handle_*(now, input)` and give
+//! `poll_*()` / `poll_timeout()`.
+//!
+//! Modules present today: [`time`], [`rand`], [`balance`], [`classify`], [`metrics`] and
+//! [`mesh`] (the mesh file model). Later issues add `breaker`, `route`, `retry`, `timeout`,
+//! `slo`, `policy`, `identity`, `fault` and `tap`.
+
+#![deny(missing_docs)]
+
+pub mod balance;
+pub mod classify;
+pub mod mesh;
+pub mod metrics;
+pub mod rand;
+pub mod time;
