@@ -1,1 +1,581 @@
-//! Placeholder: being written.
+//! The mesh model: services, their endpoints and their route profiles.
+//!
+//! One schema, several carriers (DESIGN.md, "Configuration"): the mesh file read by the proxy's
+//! static discovery, the controller's file backend, the demo and the simulation's topologies;
+//! later the CRDs and the Destination stream carry the same shapes. This module holds the serde
+//! `Raw*` types (what a file may say) and the validated types (what the mesh acts on), joined
+//! by `TryFrom`: parse, don't validate. Every error names the path of the offending field in
+//! the file's own terms, e.g. `services.web.default.endpoints[0].addr`, and validation reports
+//! every error at once rather than the first.
+//!
+//! Decoding text (YAML) is a carrier concern and lives in `conduit-proto`; this module never
+//! sees bytes.
+
+use core::fmt;
+use core::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+/// The weight an endpoint gets when the file does not give one.
+///
+/// 100 rather than 1 leaves room to express small shares (a canary at 1 % of a peer's traffic)
+/// with integers.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// The largest weight accepted: large enough for any ratio, small enough that sums over the
+/// largest endpoint set cannot overflow a `u64`.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+/// The port a service gets when the file does not name one: plain HTTP.
+pub const DEFAULT_PORT: u16 = 80;
+
+/// The most endpoints one service may list. A bound on every table (STYLE.md §2); ten thousand
+/// replicas is far beyond any single service we know of.
+pub const MAX_ENDPOINTS: usize = 10_000;
+
+/// The most routes one profile may list.
+pub const MAX_ROUTES: usize = 500;
+
+// === Raw (as written) ===
+
+/// The mesh file as written: `services` keyed by the authority clients use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMesh {
+    /// Services keyed by name (the host part of the authority clients use).
+    pub services: BTreeMap<String, RawService>,
+}
+
+/// One service as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawService {
+    /// The port clients address the service on (default [`DEFAULT_PORT`]).
+    pub port: Option<u16>,
+    /// The service's replicas.
+    pub endpoints: Vec<RawEndpoint>,
+    /// The optional route profile.
+    pub profile: Option<RawProfile>,
+}
+
+/// One endpoint as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawEndpoint {
+    /// `IP:PORT` of the replica (its proxy's inbound port when meshed).
+    pub addr: String,
+    /// Relative share of traffic (default [`DEFAULT_WEIGHT`]; 0 drains the endpoint).
+    pub weight: Option<u32>,
+    /// The workload identity the endpoint proves, when it is meshed.
+    pub identity: Option<String>,
+    /// Free-form labels (zone, version, ...), carried into metrics and tap.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A route profile as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawProfile {
+    /// Routes, matched in order.
+    pub routes: Vec<RawRoute>,
+}
+
+/// One route as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRoute {
+    /// The route's name, unique within its profile; it labels per-route metrics.
+    pub name: String,
+    /// What requests the route matches.
+    #[serde(rename = "match")]
+    pub matches: RawRouteMatch,
+}
+
+/// A route's request match as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRouteMatch {
+    /// An HTTP method; any method when absent.
+    pub method: Option<String>,
+    /// A path match; any path when absent.
+    pub path: Option<RawPathMatch>,
+}
+
+/// A path match as written: exactly one of `exact` or `prefix`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawPathMatch {
+    /// The whole path must equal this.
+    pub exact: Option<String>,
+    /// The path must start with this.
+    pub prefix: Option<String>,
+}
+
+// === Validated ===
+
+/// A validated mesh: every service name, address, weight and route is known good.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mesh {
+    services: BTreeMap<String, Service>,
+}
+
+/// A validated service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// The service name (lower case, without a trailing dot).
+    pub name: String,
+    /// The port clients address it on.
+    pub port: u16,
+    /// Its endpoints, in file order, with distinct addresses.
+    pub endpoints: Vec<Endpoint>,
+    /// Its route profile (empty when the file gives none).
+    pub profile: Profile,
+}
+
+/// A validated endpoint: one replica of a service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Relative share of traffic; 0 means drained (never picked).
+    pub weight: u32,
+    /// The workload identity the endpoint proves, when meshed.
+    pub identity: Option<String>,
+    /// Labels carried into metrics and tap.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Endpoint {
+    /// An unmeshed endpoint at `addr` with the default weight and no labels.
+    #[must_use]
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, weight: DEFAULT_WEIGHT, identity: None, labels: BTreeMap::new() }
+    }
+}
+
+/// A validated route profile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// Routes in match order.
+    pub routes: Vec<Route>,
+}
+
+/// A validated route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The route's name.
+    pub name: String,
+    /// The method to match, if any.
+    pub method: Option<http::Method>,
+    /// The path to match.
+    pub path: PathMatch,
+}
+
+/// How a route matches the request path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    /// Any path.
+    Any,
+    /// The path equals this string.
+    Exact(String),
+    /// The path starts with this string.
+    Prefix(String),
+}
+
+impl Route {
+    /// Whether a request with this method and path falls on this route.
+    #[must_use]
+    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Exact(exact) => path == exact,
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+impl Profile {
+    /// The first route that matches, if any.
+    #[must_use]
+    pub fn find(&self, method: &http::Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| route.matches(method, path))
+    }
+}
+
+impl Mesh {
+    /// An empty mesh.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// All services, ordered by name.
+    pub fn services(&self) -> impl ExactSizeIterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// The service called `name` (exact, already normalised name).
+    #[must_use]
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    /// The service a request's authority (`Host` or `:authority`) names.
+    ///
+    /// The host is compared case-insensitively and without a trailing dot. When the authority
+    /// carries a port it must equal the service's port; when it carries none, the name alone
+    /// decides, because HTTP clients routinely omit the port they dialled.
+    #[must_use]
+    pub fn lookup(&self, authority: &str) -> Option<&Service> {
+        let (host, port) = split_authority(authority)?;
+        let name = normalise_name(host);
+        let service = self.services.get(name.as_str())?;
+        match port {
+            Some(port) if port != service.port => None,
+            _ => Some(service),
+        }
+    }
+}
+
+/// Splits `host[:port]` (IPv6 hosts in brackets). `None` for a malformed authority.
+fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    if authority.is_empty() {
+        return None;
+    }
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after.strip_prefix(':') {
+            Some(port) => Some((host, Some(port.parse().ok()?))),
+            None if after.is_empty() => Some((host, None)),
+            None => None,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        None => Some((authority, None)),
+    }
+}
+
+fn normalise_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+// === Validation ===
+
+/// One reason a mesh description was rejected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct FieldError {
+    /// Where, in the file's terms: `services.web.default.endpoints[0].addr`.
+    pub path: String,
+    /// What is wrong, for a person.
+    pub reason: String,
+}
+
+/// A mesh description that failed validation, with every error found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidMesh {
+    /// Every problem found, in file order. Never empty.
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for InvalidMesh {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid mesh: ")?;
+        for (i, error) in self.errors.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError { path: path.into(), reason: reason.into() });
+    }
+}
+
+impl TryFrom<RawMesh> for Mesh {
+    type Error = InvalidMesh;
+
+    fn try_from(raw: RawMesh) -> Result<Self, InvalidMesh> {
+        let mut errors = Errors::default();
+        let mut services = BTreeMap::new();
+        for (raw_name, raw_service) in raw.services {
+            let path = format!("services.{raw_name}");
+            let name = normalise_name(&raw_name);
+            if let Err(reason) = check_dns_name(&name) {
+                errors.push(&path, format!("invalid service name: {reason}"));
+                continue;
+            }
+            if services.contains_key(&name) {
+                errors.push(&path, format!("duplicate service (same name as `{name}`)"));
+                continue;
+            }
+            if let Some(service) = validate_service(&path, name.clone(), raw_service, &mut errors) {
+                services.insert(name, service);
+            }
+        }
+        if errors.0.is_empty() { Ok(Self { services }) } else { Err(InvalidMesh { errors: errors.0 }) }
+    }
+}
+
+fn validate_service(
+    path: &str,
+    name: String,
+    raw: RawService,
+    errors: &mut Errors,
+) -> Option<Service> {
+    let before = errors.0.len();
+    let port = raw.port.unwrap_or(DEFAULT_PORT);
+    if port == 0 {
+        errors.push(format!("{path}.port"), "must be between 1 and 65535");
+    }
+    if raw.endpoints.len() > MAX_ENDPOINTS {
+        errors.push(format!("{path}.endpoints"), format!("at most {MAX_ENDPOINTS} endpoints"));
+    }
+    let mut seen = BTreeSet::new();
+    let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+    for (i, raw_endpoint) in raw.endpoints.into_iter().enumerate() {
+        let path = format!("{path}.endpoints[{i}]");
+        if let Some(endpoint) = validate_endpoint(&path, raw_endpoint, errors) {
+            if seen.insert(endpoint.addr) {
+                endpoints.push(endpoint);
+            } else {
+                errors.push(format!("{path}.addr"), format!("duplicate address {}", endpoint.addr));
+            }
+        }
+    }
+    let profile = validate_profile(&format!("{path}.profile"), raw.profile.unwrap_or_default(), errors);
+    (errors.0.len() == before).then_some(Service { name, port, endpoints, profile })
+}
+
+fn validate_endpoint(path: &str, raw: RawEndpoint, errors: &mut Errors) -> Option<Endpoint> {
+    let before = errors.0.len();
+    let addr = match raw.addr.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() == 0 => {
+            errors.push(format!("{path}.addr"), "port must not be 0");
+            None
+        }
+        Ok(addr) => Some(addr),
+        Err(_) if raw.addr.is_empty() => {
+            errors.push(format!("{path}.addr"), "missing (expected IP:PORT)");
+            None
+        }
+        Err(_) => {
+            errors.push(
+                format!("{path}.addr"),
+                format!("`{}` is not an IP:PORT address", raw.addr),
+            );
+            None
+        }
+    };
+    let weight = raw.weight.unwrap_or(DEFAULT_WEIGHT);
+    if weight > MAX_WEIGHT {
+        errors.push(format!("{path}.weight"), format!("{weight} is above the maximum {MAX_WEIGHT}"));
+    }
+    if let Some(identity) = &raw.identity {
+        if let Err(reason) = check_dns_name(identity) {
+            errors.push(format!("{path}.identity"), format!("invalid identity: {reason}"));
+        }
+    }
+    for key in raw.labels.keys() {
+        if key.is_empty() || key.len() > 63 {
+            errors.push(format!("{path}.labels"), format!("label key `{key}` must be 1 to 63 bytes"));
+        }
+    }
+    let addr = addr?;
+    (errors.0.len() == before).then_some(Endpoint {
+        addr,
+        weight,
+        identity: raw.identity,
+        labels: raw.labels,
+    })
+}
+
+fn validate_profile(path: &str, raw: RawProfile, errors: &mut Errors) -> Profile {
+    if raw.routes.len() > MAX_ROUTES {
+        errors.push(format!("{path}.routes"), format!("at most {MAX_ROUTES} routes"));
+    }
+    let mut names = BTreeSet::new();
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, raw_route) in raw.routes.into_iter().enumerate() {
+        let path = format!("{path}.routes[{i}]");
+        let before = errors.0.len();
+        if raw_route.name.is_empty() {
+            errors.push(format!("{path}.name"), "missing");
+        } else if !names.insert(raw_route.name.clone()) {
+            errors.push(format!("{path}.name"), format!("duplicate route name `{}`", raw_route.name));
+        }
+        let method = raw_route.matches.method.as_deref().and_then(|m| {
+            http::Method::from_bytes(m.as_bytes())
+                .map_err(|_| errors.push(format!("{path}.match.method"), format!("`{m}` is not an HTTP method")))
+                .ok()
+        });
+        let path_match = match raw_route.matches.path {
+            None => PathMatch::Any,
+            Some(RawPathMatch { exact: Some(p), prefix: None }) => {
+                check_path(&format!("{path}.match.path.exact"), &p, errors);
+                PathMatch::Exact(p)
+            }
+            Some(RawPathMatch { exact: None, prefix: Some(p) }) => {
+                check_path(&format!("{path}.match.path.prefix"), &p, errors);
+                PathMatch::Prefix(p)
+            }
+            Some(_) => {
+                errors.push(format!("{path}.match.path"), "give exactly one of `exact` or `prefix`");
+                PathMatch::Any
+            }
+        };
+        if errors.0.len() == before {
+            routes.push(Route { name: raw_route.name, method, path: path_match });
+        }
+    }
+    Profile { routes }
+}
+
+fn check_path(path: &str, value: &str, errors: &mut Errors) {
+    if !value.starts_with('/') {
+        errors.push(path, format!("`{value}` must start with `/`"));
+    }
+}
+
+/// Checks a DNS-style name: 1 to 253 bytes of labels of 1 to 63 bytes each, made of ASCII
+/// lower-case letters, digits and `-`, not starting or ending with `-`.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty".into());
+    }
+    if name.len() > 253 {
+        return Err("longer than 253 bytes".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("label `{label}` must be 1 to 63 bytes"));
+        }
+        let valid = label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid || label.starts_with('-') || label.ends_with('-') {
+            return Err(format!(
+                "label `{label}` may hold only a-z, 0-9 and `-`, and not start or end with `-`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(addr: &str) -> RawEndpoint {
+        RawEndpoint { addr: addr.into(), ..RawEndpoint::default() }
+    }
+
+    fn mesh_with(name: &str, service: RawService) -> RawMesh {
+        RawMesh { services: BTreeMap::from([(name.to_string(), service)]) }
+    }
+
+    #[test]
+    fn a_valid_mesh_gets_defaults() {
+        let raw = mesh_with(
+            "web.default",
+            RawService { endpoints: vec![endpoint("127.0.0.1:9001")], ..RawService::default() },
+        );
+        let mesh = Mesh::try_from(raw).unwrap();
+        let web = mesh.service("web.default").unwrap();
+        assert_eq!(web.port, DEFAULT_PORT);
+        assert_eq!(web.endpoints[0].weight, DEFAULT_WEIGHT);
+        assert!(web.profile.routes.is_empty());
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let raw = mesh_with(
+            "web.default",
+            RawService {
+                port: Some(0),
+                endpoints: vec![
+                    endpoint("127.0.0.1:9001"),
+                    endpoint("not-an-addr"),
+                    endpoint("127.0.0.1:9001"),
+                    RawEndpoint { weight: Some(MAX_WEIGHT + 1), ..endpoint("127.0.0.1:9003") },
+                ],
+                profile: Some(RawProfile {
+                    routes: vec![RawRoute {
+                        name: "items".into(),
+                        matches: RawRouteMatch {
+                            method: Some("G ET".into()),
+                            path: Some(RawPathMatch { exact: Some("items".into()), prefix: None }),
+                        },
+                    }],
+                }),
+            },
+        );
+        let err = Mesh::try_from(raw).unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "services.web.default.port",
+                "services.web.default.endpoints[1].addr",
+                "services.web.default.endpoints[2].addr",
+                "services.web.default.endpoints[3].weight",
+                "services.web.default.profile.routes[0].match.method",
+                "services.web.default.profile.routes[0].match.path.exact",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_service_names_are_rejected() {
+        for name in ["", "-web", "web_default", "a..b"] {
+            let raw = mesh_with(name, RawService::default());
+            let err = Mesh::try_from(raw).unwrap_err();
+            assert_eq!(err.errors[0].path, format!("services.{name}"), "{name}");
+        }
+    }
+
+    #[test]
+    fn lookup_by_authority() {
+        let raw = mesh_with(
+            "web.default",
+            RawService { port: Some(8080), ..RawService::default() },
+        );
+        let mesh = Mesh::try_from(raw).unwrap();
+        assert!(mesh.lookup("web.default").is_some());
+        assert!(mesh.lookup("WEB.default.:8080").is_some());
+        assert!(mesh.lookup("web.default:80").is_none(), "wrong port");
+        assert!(mesh.lookup("web.default:x").is_none(), "malformed port");
+        assert!(mesh.lookup("api.default").is_none());
+        assert!(mesh.lookup("").is_none());
+        assert_eq!(split_authority("[::1]:80"), Some(("::1", Some(80))));
+        assert_eq!(split_authority("[::1]"), Some(("::1", None)));
+        assert_eq!(split_authority("[::1]x"), None);
+    }
+
+    #[test]
+    fn routes_match_in_order() {
+        let profile = Profile {
+            routes: vec![
+                Route {
+                    name: "get-item".into(),
+                    method: Some(http::Method::GET),
+                    path: PathMatch::Prefix("/items/".into()),
+                },
+                Route { name: "any".into(), method: None, path: PathMatch::Any },
+            ],
+        };
+        assert_eq!(profile.find(&http::Method::GET, "/items/1").unwrap().name, "get-item");
+        assert_eq!(profile.find(&http::Method::POST, "/items/1").unwrap().name, "any");
+    }
+}

@@ -130,6 +130,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::Rng;
     use proptest::prelude::*;
 
     #[test]

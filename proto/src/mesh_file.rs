@@ -1,1 +1,114 @@
-//! Placeholder: being written.
+//! The mesh file carrier: YAML text in, a validated [`Mesh`] out.
+//!
+//! Decoding and validation together answer with errors that name the field's path in the file
+//! (`services.web.default.endpoints[0].addr`), whether the YAML was malformed, a key unknown, a
+//! value of the wrong type, or a value out of range.
+
+use conduit_core::mesh::{InvalidMesh, Mesh, RawMesh};
+
+/// The largest mesh file accepted. A file watcher reads whatever is at the path; a bound keeps a
+/// mistaken path (a log file, a disk image) from taking the process's memory.
+pub const MAX_MESH_FILE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a mesh file was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshFileError {
+    /// The file is larger than [`MAX_MESH_FILE_BYTES`].
+    #[error("mesh file is {size} bytes, above the {MAX_MESH_FILE_BYTES}-byte limit")]
+    TooLarge {
+        /// The file's size in bytes.
+        size: usize,
+    },
+    /// The YAML is malformed or does not fit the schema (unknown key, wrong type).
+    #[error("{}: {message}", if path.is_empty() { "mesh file" } else { path.as_str() })]
+    Decode {
+        /// Where the problem is (empty when it is the document as a whole).
+        path: String,
+        /// What the decoder said.
+        message: String,
+    },
+    /// The document decoded but a value is invalid.
+    #[error(transparent)]
+    Invalid(#[from] InvalidMesh),
+}
+
+/// Decodes and validates a mesh file.
+///
+/// An empty document is an empty mesh (no services).
+///
+/// # Errors
+///
+/// [`MeshFileError`] naming the first decoding problem, or every validation problem.
+pub fn parse(text: &str) -> Result<Mesh, MeshFileError> {
+    if text.len() > MAX_MESH_FILE_BYTES {
+        return Err(MeshFileError::TooLarge { size: text.len() });
+    }
+    let raw = if text.trim().is_empty() {
+        RawMesh::default()
+    } else {
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize::<_, RawMesh>(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            let message = err.into_inner().to_string();
+            // The YAML decoder prefixes its own view of the path; ours is the complete one.
+            let message = message
+                .strip_prefix(&format!("{path}: "))
+                .map_or(message.clone(), str::to_owned);
+            MeshFileError::Decode { path, message }
+        })?
+    };
+    Ok(Mesh::try_from(raw)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r"
+services:
+  web.default:
+    port: 80
+    endpoints:
+      - addr: 127.0.0.1:9001
+        weight: 100
+        identity: web.default.serviceaccount.identity.conduit.local
+        labels: { zone: a }
+      - addr: 127.0.0.1:9002
+    profile:
+      routes:
+        - name: items
+          match: { method: GET, path: { prefix: /items/ } }
+";
+
+    #[test]
+    fn the_design_example_parses() {
+        let mesh = parse(EXAMPLE).unwrap();
+        let web = mesh.lookup("web.default:80").unwrap();
+        assert_eq!(web.endpoints.len(), 2);
+        assert_eq!(web.endpoints[0].labels["zone"], "a");
+        assert_eq!(web.profile.routes[0].name, "items");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("services:\n  web.default:\n    endpoints:\n      - addr: nope\n", "services.web.default.endpoints[0].addr: `nope` is not an IP:PORT address"),
+            ("services:\n  web.default:\n    endpoints:\n      - adr: 127.0.0.1:1\n", "services.web.default.endpoints[0]: unknown field `adr`"),
+            ("services:\n  web.default:\n    port: eighty\n", "services.web.default.port: invalid type"),
+            ("services:\n  web: {\n", "did not find expected node content at line 3"),
+            ("servces: {}\n", "unknown field `servces`"),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).unwrap_err().to_string();
+            assert!(got.contains(want), "{text:?}\n got: {got}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn empty_is_an_empty_mesh() {
+        assert_eq!(parse("").unwrap().services().len(), 0);
+        assert_eq!(parse("  \n").unwrap().services().len(), 0);
+    }
+}
