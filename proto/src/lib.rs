@@ -1,6 +1,13 @@
 //! Conduit's wire protocol.
 //!
-//! Today this crate holds the mesh file carrier ([`mesh_file`]): YAML text in, validated
-//! [`conduit_core::mesh::Mesh`] out. The protobuf services (Destination, Identity, Tap and the
-//! public API) and `convert.rs` arrive with the controller issue (#4).
+//! - [`mesh_file`]: the mesh file carrier: YAML text in, a validated
+//!   [`conduit_core::mesh::Mesh`] out.
+//! - [`pb`]: the protobuf messages and tonic services generated at build time from
+//!   `proto/conduit/*.proto`: Destination (endpoint and profile discovery), Identity
+//!   (`Certify`), Tap (`Observe`) and the public API for the CLI.
+//! - [`convert`]: the one place where wire messages become core types. Every message from the
+//!   network is validated there, and an invalid one is a typed [`convert::InvalidMessage`],
+//!   never a panic.
+pub mod convert;
 pub mod mesh_file;
+pub mod pb;

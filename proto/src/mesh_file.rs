@@ -94,10 +94,22 @@ services:
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("services:\n  web.default:\n    endpoints:\n      - addr: nope\n", "services.web.default.endpoints[0].addr: `nope` is not an IP:PORT address"),
-            ("services:\n  web.default:\n    endpoints:\n      - adr: 127.0.0.1:1\n", "services.web.default.endpoints[0]: unknown field `adr`"),
-            ("services:\n  web.default:\n    port: eighty\n", "services.web.default.port: invalid type"),
-            ("services:\n  web: {\n", "did not find expected node content at line 3"),
+            (
+                "services:\n  web.default:\n    endpoints:\n      - addr: nope\n",
+                "services.web.default.endpoints[0].addr: `nope` is not an IP:PORT address",
+            ),
+            (
+                "services:\n  web.default:\n    endpoints:\n      - adr: 127.0.0.1:1\n",
+                "services.web.default.endpoints[0]: unknown field `adr`",
+            ),
+            (
+                "services:\n  web.default:\n    port: eighty\n",
+                "services.web.default.port: invalid type",
+            ),
+            (
+                "services:\n  web: {\n",
+                "did not find expected node content at line 3",
+            ),
             ("servces: {}\n", "unknown field `servces`"),
         ];
         for (text, want) in cases {

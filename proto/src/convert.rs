@@ -1,0 +1,715 @@
+//! The one place where wire messages become core types (STYLE.md §1, §10).
+//!
+//! Every message that arrives from the network is validated here, once: `TryFrom<pb::X>` turns
+//! it into a validated core value or an [`InvalidMessage`] that names the offending field
+//! (`add.addrs[2].addr.port`). Nothing here panics on any input; the property tests feed it
+//! arbitrary messages and arbitrary bytes. The other direction, core to wire, cannot fail and is
+//! `From`.
+//!
+//! | wire (`pb`) | core |
+//! |---|---|
+//! | [`net::TcpAddress`] | [`SocketAddr`] (IPv6 flow info and scope id are not carried) |
+//! | [`destination::WeightedAddr`] | [`mesh::Endpoint`] |
+//! | [`destination::Update`] | [`DestinationUpdate`], and from it [`balance::Update`] |
+//! | [`destination::Route`] | [`mesh::Route`] |
+//! | [`destination::DestinationProfile`] | [`ProfileUpdate`] (holding a [`mesh::Profile`]) |
+//! | [`api::Workload`] | from [`mesh::Service`] only (the CLI issue adds the reverse) |
+//!
+//! # What is not converted yet
+//!
+//! The profile messages define response classes, route timeouts, retry policies and the retry
+//! budget (`Route.response_classes`, `Route.timeout_ms`, `Route.retry_policy`,
+//! `DestinationProfile.retry_budget`), because the wire contract should not have to change
+//! when they arrive. `conduit-core` has no types for them yet (its `classify`, `timeout` and
+//! `retry` modules come with their issues), so this conversion does **not** read them: they
+//! are neither validated nor carried into [`ProfileUpdate`], and the controller never sets
+//! them (the mesh file has no syntax for them yet). Each issue that adds one of these core
+//! types converts and validates its field here.
+//!
+//! [`net::TcpAddress`]: crate::pb::net::TcpAddress
+//! [`destination::WeightedAddr`]: crate::pb::destination::WeightedAddr
+//! [`destination::Update`]: crate::pb::destination::Update
+//! [`destination::Route`]: crate::pb::destination::Route
+//! [`destination::DestinationProfile`]: crate::pb::destination::DestinationProfile
+//! [`api::Workload`]: crate::pb::api::Workload
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::BTreeSet;
+
+use conduit_core::balance;
+use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_ROUTES, MAX_WEIGHT, PathMatch};
+
+use crate::pb::{api, destination as dst, net};
+
+/// The longest identity name accepted: the longest DNS name.
+pub const MAX_IDENTITY_BYTES: usize = 253;
+
+/// The longest label key accepted (the mesh file's limit, which is Kubernetes' too).
+pub const MAX_LABEL_KEY_BYTES: usize = 63;
+
+/// A wire message that cannot become a core value.
+///
+/// `field` is the path of the offending field inside the converted message, in protobuf field
+/// names with list indices: `add.addrs[2].addr.port`, `routes[0].condition.method`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidMessage {
+    /// A field the message cannot do without is absent (or a `oneof` has no case set, which is
+    /// also how a receiver sees a case added by a newer sender).
+    #[error("{field}: missing")]
+    Missing {
+        /// The absent field.
+        field: String,
+    },
+    /// An IP address is neither 4 nor 16 bytes long.
+    #[error("{field}: an IP address is 4 or 16 bytes, not {len}")]
+    IpLength {
+        /// The address field.
+        field: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A port is 0 or above 65535.
+    #[error("{field}: port {port} is outside 1..=65535")]
+    Port {
+        /// The port field.
+        field: String,
+        /// The value received.
+        port: u32,
+    },
+    /// An endpoint weight is above [`MAX_WEIGHT`].
+    #[error("{field}: weight {weight} is above the maximum {MAX_WEIGHT}")]
+    Weight {
+        /// The weight field.
+        field: String,
+        /// The value received.
+        weight: u32,
+    },
+    /// An identity is not a DNS-like name.
+    #[error("{field}: invalid identity `{name}`: {reason}")]
+    Identity {
+        /// The identity field.
+        field: String,
+        /// The name received (at most [`MAX_IDENTITY_BYTES`] of it are kept; longer names are
+        /// cut at a character boundary).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A label key is empty or longer than [`MAX_LABEL_KEY_BYTES`].
+    #[error("{field}: label key must be 1 to {MAX_LABEL_KEY_BYTES} bytes, not {len}")]
+    LabelKey {
+        /// The labels field.
+        field: String,
+        /// The key's length in bytes.
+        len: usize,
+    },
+    /// An address appears twice in one set.
+    #[error("{field}: duplicate address {addr}")]
+    DuplicateAddress {
+        /// The second occurrence.
+        field: String,
+        /// The repeated address.
+        addr: SocketAddr,
+    },
+    /// A list is longer than its bound.
+    #[error("{field}: {len} entries, above the limit of {max}")]
+    TooMany {
+        /// The list field.
+        field: String,
+        /// Its length.
+        len: usize,
+        /// The bound ([`MAX_ENDPOINTS`] or [`MAX_ROUTES`]).
+        max: usize,
+    },
+    /// An endpoint or address set is empty. An empty endpoint set is said with `no_endpoints`,
+    /// so that receivers see one way to say each thing.
+    #[error("{field}: empty (an empty endpoint set is sent as `no_endpoints`)")]
+    Empty {
+        /// The set field.
+        field: String,
+    },
+    /// A stream message has version 0; versions start at 1.
+    #[error("{field}: versions start at 1")]
+    Version {
+        /// The version field.
+        field: String,
+    },
+    /// A route's method is not an HTTP method token.
+    #[error("{field}: `{method}` is not an HTTP method")]
+    Method {
+        /// The method field.
+        field: String,
+        /// The value received (truncated like identities).
+        method: String,
+    },
+    /// A route's path match is empty or does not start with `/`.
+    #[error("{field}: path `{path}` must start with `/`")]
+    Path {
+        /// The path field.
+        field: String,
+        /// The value received (truncated like identities).
+        path: String,
+    },
+    /// A route is unnamed, or its name repeats an earlier route's.
+    #[error("{field}: route names must be present and unique, got `{name}`")]
+    RouteName {
+        /// The name field.
+        field: String,
+        /// The value received (truncated like identities).
+        name: String,
+    },
+}
+
+impl InvalidMessage {
+    /// The path of the offending field.
+    #[must_use]
+    pub fn field(&self) -> &str {
+        match self {
+            Self::Missing { field }
+            | Self::IpLength { field, .. }
+            | Self::Port { field, .. }
+            | Self::Weight { field, .. }
+            | Self::Identity { field, .. }
+            | Self::LabelKey { field, .. }
+            | Self::DuplicateAddress { field, .. }
+            | Self::TooMany { field, .. }
+            | Self::Empty { field }
+            | Self::Version { field }
+            | Self::Method { field, .. }
+            | Self::Path { field, .. }
+            | Self::RouteName { field, .. } => field,
+        }
+    }
+}
+
+// === Addresses ===
+
+/// Converts a wire address, naming it `field` in errors.
+///
+/// # Errors
+///
+/// [`InvalidMessage::IpLength`] or [`InvalidMessage::Port`].
+pub fn socket_addr(field: &str, addr: &net::TcpAddress) -> Result<SocketAddr, InvalidMessage> {
+    let ip = match addr.ip.len() {
+        4 => {
+            let mut octets = [0; 4];
+            octets.copy_from_slice(&addr.ip);
+            IpAddr::V4(Ipv4Addr::from(octets))
+        }
+        16 => {
+            let mut octets = [0; 16];
+            octets.copy_from_slice(&addr.ip);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        len => {
+            return Err(InvalidMessage::IpLength {
+                field: format!("{field}.ip"),
+                len,
+            });
+        }
+    };
+    let port = match u16::try_from(addr.port) {
+        Ok(port) if port != 0 => port,
+        _ => {
+            return Err(InvalidMessage::Port {
+                field: format!("{field}.port"),
+                port: addr.port,
+            });
+        }
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+impl TryFrom<net::TcpAddress> for SocketAddr {
+    type Error = InvalidMessage;
+
+    fn try_from(addr: net::TcpAddress) -> Result<Self, InvalidMessage> {
+        socket_addr("addr", &addr)
+    }
+}
+
+impl From<SocketAddr> for net::TcpAddress {
+    fn from(addr: SocketAddr) -> Self {
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) => ip.octets().to_vec(),
+            IpAddr::V6(ip) => ip.octets().to_vec(),
+        };
+        Self {
+            ip,
+            port: u32::from(addr.port()),
+        }
+    }
+}
+
+// === Endpoints ===
+
+/// Converts one wire endpoint, naming it `field` in errors.
+///
+/// # Errors
+///
+/// [`InvalidMessage`] for a missing or invalid address, a weight above [`MAX_WEIGHT`], an
+/// identity that is not a DNS-like name, or an empty or over-long label key.
+pub fn endpoint(field: &str, addr: dst::WeightedAddr) -> Result<Endpoint, InvalidMessage> {
+    let socket = match &addr.addr {
+        Some(a) => socket_addr(&format!("{field}.addr"), a)?,
+        None => {
+            return Err(InvalidMessage::Missing {
+                field: format!("{field}.addr"),
+            });
+        }
+    };
+    if addr.weight > MAX_WEIGHT {
+        return Err(InvalidMessage::Weight {
+            field: format!("{field}.weight"),
+            weight: addr.weight,
+        });
+    }
+    let identity = match addr.tls_identity {
+        Some(identity) => {
+            if let Err(reason) = check_identity(&identity.name) {
+                return Err(InvalidMessage::Identity {
+                    field: format!("{field}.tls_identity.name"),
+                    name: truncated(&identity.name),
+                    reason,
+                });
+            }
+            Some(identity.name)
+        }
+        None => None,
+    };
+    if let Some(key) = addr
+        .metric_labels
+        .keys()
+        .find(|key| key.is_empty() || key.len() > MAX_LABEL_KEY_BYTES)
+    {
+        return Err(InvalidMessage::LabelKey {
+            field: format!("{field}.metric_labels"),
+            len: key.len(),
+        });
+    }
+    Ok(Endpoint {
+        addr: socket,
+        weight: addr.weight,
+        identity,
+        labels: addr.metric_labels,
+    })
+}
+
+impl TryFrom<dst::WeightedAddr> for Endpoint {
+    type Error = InvalidMessage;
+
+    fn try_from(addr: dst::WeightedAddr) -> Result<Self, InvalidMessage> {
+        endpoint("addr", addr)
+    }
+}
+
+impl From<Endpoint> for dst::WeightedAddr {
+    fn from(endpoint: Endpoint) -> Self {
+        Self {
+            addr: Some(endpoint.addr.into()),
+            weight: endpoint.weight,
+            tls_identity: endpoint.identity.map(|name| dst::TlsIdentity { name }),
+            metric_labels: endpoint.labels,
+        }
+    }
+}
+
+impl From<&Endpoint> for dst::WeightedAddr {
+    fn from(endpoint: &Endpoint) -> Self {
+        endpoint.clone().into()
+    }
+}
+
+/// Checks an identity: a DNS-like name of 1 to 253 bytes, made of labels of 1 to 63 bytes of
+/// ASCII lower-case letters, digits and `-`, not starting or ending with `-`. The same rule the
+/// mesh file applies to `identity`.
+fn check_identity(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("empty");
+    }
+    if name.len() > MAX_IDENTITY_BYTES {
+        return Err("longer than 253 bytes");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each dot-separated label must be 1 to 63 bytes");
+        }
+        let valid = label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid || label.starts_with('-') || label.ends_with('-') {
+            return Err("labels may hold only a-z, 0-9 and `-`, and not start or end with `-`");
+        }
+    }
+    Ok(())
+}
+
+/// Keeps at most [`MAX_IDENTITY_BYTES`] of a received string for an error message, so an
+/// error can never hold a peer's multi-megabyte field.
+fn truncated(text: &str) -> String {
+    let mut end = text.len().min(MAX_IDENTITY_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Converts an endpoint set: non-empty, at most [`MAX_ENDPOINTS`], distinct addresses.
+fn endpoint_set(field: &str, set: dst::WeightedAddrSet) -> Result<Vec<Endpoint>, InvalidMessage> {
+    let field = format!("{field}.addrs");
+    check_len(&field, set.addrs.len(), MAX_ENDPOINTS)?;
+    let mut seen = BTreeSet::new();
+    let mut endpoints = Vec::with_capacity(set.addrs.len());
+    for (i, addr) in set.addrs.into_iter().enumerate() {
+        let item = format!("{field}[{i}]");
+        let endpoint = endpoint(&item, addr)?;
+        if !seen.insert(endpoint.addr) {
+            return Err(InvalidMessage::DuplicateAddress {
+                field: format!("{item}.addr"),
+                addr: endpoint.addr,
+            });
+        }
+        endpoints.push(endpoint);
+    }
+    Ok(endpoints)
+}
+
+/// Converts an address set: non-empty, at most [`MAX_ENDPOINTS`], distinct addresses.
+fn addr_set(field: &str, set: dst::AddrSet) -> Result<Vec<SocketAddr>, InvalidMessage> {
+    let field = format!("{field}.addrs");
+    check_len(&field, set.addrs.len(), MAX_ENDPOINTS)?;
+    let mut seen = BTreeSet::new();
+    let mut addrs = Vec::with_capacity(set.addrs.len());
+    for (i, addr) in set.addrs.iter().enumerate() {
+        let item = format!("{field}[{i}]");
+        let addr = socket_addr(&item, addr)?;
+        if !seen.insert(addr) {
+            return Err(InvalidMessage::DuplicateAddress { field: item, addr });
+        }
+        addrs.push(addr);
+    }
+    Ok(addrs)
+}
+
+fn check_len(field: &str, len: usize, max: usize) -> Result<(), InvalidMessage> {
+    if len == 0 {
+        return Err(InvalidMessage::Empty {
+            field: field.to_owned(),
+        });
+    }
+    if len > max {
+        return Err(InvalidMessage::TooMany {
+            field: field.to_owned(),
+            len,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn check_version(version: u64) -> Result<u64, InvalidMessage> {
+    if version == 0 {
+        return Err(InvalidMessage::Version {
+            field: "version".into(),
+        });
+    }
+    Ok(version)
+}
+
+// === Destination.Get ===
+
+/// One validated message of a `Destination.Get` stream.
+///
+/// This is [`balance::Update`] plus the one thing the balancer does not need but a proxy does:
+/// whether an empty service exists at all ([`DestinationChange::NoEndpoints`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationUpdate {
+    /// Strictly increasing within a stream, starting at 1.
+    pub version: u64,
+    /// What changed.
+    pub change: DestinationChange,
+}
+
+/// What one `Destination.Get` message changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DestinationChange {
+    /// The endpoint set is exactly this (never empty; the first message of a stream when the
+    /// service has endpoints).
+    Replace(Vec<Endpoint>),
+    /// These endpoints exist: new addresses are added, known ones updated in place.
+    Add(Vec<Endpoint>),
+    /// These addresses are gone.
+    Remove(Vec<SocketAddr>),
+    /// The endpoint set is empty.
+    NoEndpoints {
+        /// True when the service is known but has no endpoints; false when no service has
+        /// the name at all.
+        exists: bool,
+    },
+}
+
+impl TryFrom<dst::Update> for DestinationUpdate {
+    type Error = InvalidMessage;
+
+    fn try_from(update: dst::Update) -> Result<Self, InvalidMessage> {
+        let version = check_version(update.version)?;
+        let change = match update.update {
+            Some(dst::update::Update::Replace(set)) => {
+                DestinationChange::Replace(endpoint_set("replace", set)?)
+            }
+            Some(dst::update::Update::Add(set)) => {
+                DestinationChange::Add(endpoint_set("add", set)?)
+            }
+            Some(dst::update::Update::Remove(set)) => {
+                DestinationChange::Remove(addr_set("remove", set)?)
+            }
+            Some(dst::update::Update::NoEndpoints(no)) => {
+                DestinationChange::NoEndpoints { exists: no.exists }
+            }
+            None => {
+                return Err(InvalidMessage::Missing {
+                    field: "update".into(),
+                });
+            }
+        };
+        Ok(Self { version, change })
+    }
+}
+
+impl From<DestinationUpdate> for dst::Update {
+    fn from(update: DestinationUpdate) -> Self {
+        let set = |endpoints: Vec<Endpoint>| dst::WeightedAddrSet {
+            addrs: endpoints.into_iter().map(Into::into).collect(),
+        };
+        let update_case = match update.change {
+            DestinationChange::Replace(endpoints) => dst::update::Update::Replace(set(endpoints)),
+            DestinationChange::Add(endpoints) => dst::update::Update::Add(set(endpoints)),
+            DestinationChange::Remove(addrs) => dst::update::Update::Remove(dst::AddrSet {
+                addrs: addrs.into_iter().map(Into::into).collect(),
+            }),
+            DestinationChange::NoEndpoints { exists } => {
+                dst::update::Update::NoEndpoints(dst::NoEndpoints { exists })
+            }
+        };
+        Self {
+            version: update.version,
+            update: Some(update_case),
+        }
+    }
+}
+
+/// For the balancer, an unknown service and a known one without endpoints are the same: there
+/// is nothing to pick. A proxy that treats unknown names differently (forwarding to the
+/// original destination) reads `exists` of [`DestinationChange::NoEndpoints`] before converting.
+impl From<DestinationUpdate> for balance::Update {
+    fn from(update: DestinationUpdate) -> Self {
+        let change = match update.change {
+            DestinationChange::Replace(endpoints) => balance::Change::Replace(endpoints),
+            DestinationChange::Add(endpoints) => balance::Change::Add(endpoints),
+            DestinationChange::Remove(addrs) => balance::Change::Remove(addrs),
+            DestinationChange::NoEndpoints { .. } => balance::Change::NoEndpoints,
+        };
+        Self {
+            version: update.version,
+            change,
+        }
+    }
+}
+
+impl TryFrom<dst::Update> for balance::Update {
+    type Error = InvalidMessage;
+
+    fn try_from(update: dst::Update) -> Result<Self, InvalidMessage> {
+        DestinationUpdate::try_from(update).map(Into::into)
+    }
+}
+
+// === Destination.GetProfile ===
+
+/// One validated message of a `Destination.GetProfile` stream: the complete profile.
+///
+/// Holds only what [`mesh::Profile`] models today; see the module docs for the profile fields
+/// that are defined on the wire but not converted yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProfileUpdate {
+    /// Strictly increasing within a stream, starting at 1.
+    pub version: u64,
+    /// False when no service has the name (the profile is then empty).
+    pub exists: bool,
+    /// The service's canonical name (empty when it does not exist).
+    pub name: String,
+    /// The routes.
+    pub profile: mesh::Profile,
+}
+
+/// Converts one route, naming it `field` in errors. The caller checks name uniqueness.
+///
+/// # Errors
+///
+/// [`InvalidMessage`] for an empty name, a method that is not an HTTP token, a path match that
+/// is empty or does not start with `/`, or a path match with no case set.
+pub fn route(field: &str, route: dst::Route) -> Result<mesh::Route, InvalidMessage> {
+    if route.name.is_empty() {
+        return Err(InvalidMessage::RouteName {
+            field: format!("{field}.name"),
+            name: String::new(),
+        });
+    }
+    let condition = route.condition.unwrap_or_default();
+    let method = if condition.method.is_empty() {
+        None
+    } else {
+        match http::Method::from_bytes(condition.method.as_bytes()) {
+            Ok(method) => Some(method),
+            Err(_) => {
+                return Err(InvalidMessage::Method {
+                    field: format!("{field}.condition.method"),
+                    method: truncated(&condition.method),
+                });
+            }
+        }
+    };
+    let path = match condition.path {
+        None => PathMatch::Any,
+        Some(dst::PathMatch {
+            kind: Some(dst::path_match::Kind::Exact(path)),
+        }) => {
+            check_path(&format!("{field}.condition.path.exact"), &path)?;
+            PathMatch::Exact(path)
+        }
+        Some(dst::PathMatch {
+            kind: Some(dst::path_match::Kind::Prefix(path)),
+        }) => {
+            check_path(&format!("{field}.condition.path.prefix"), &path)?;
+            PathMatch::Prefix(path)
+        }
+        // A path match whose case this receiver does not know (a newer sender's `regex`, say)
+        // must not widen to "any path".
+        Some(dst::PathMatch { kind: None }) => {
+            return Err(InvalidMessage::Missing {
+                field: format!("{field}.condition.path.kind"),
+            });
+        }
+    };
+    Ok(mesh::Route {
+        name: route.name,
+        method,
+        path,
+    })
+}
+
+fn check_path(field: &str, path: &str) -> Result<(), InvalidMessage> {
+    if path.starts_with('/') {
+        Ok(())
+    } else {
+        Err(InvalidMessage::Path {
+            field: field.to_owned(),
+            path: truncated(path),
+        })
+    }
+}
+
+impl TryFrom<dst::Route> for mesh::Route {
+    type Error = InvalidMessage;
+
+    fn try_from(value: dst::Route) -> Result<Self, InvalidMessage> {
+        route("route", value)
+    }
+}
+
+impl From<mesh::Route> for dst::Route {
+    fn from(route: mesh::Route) -> Self {
+        let path = match route.path {
+            PathMatch::Any => None,
+            PathMatch::Exact(path) => Some(dst::PathMatch {
+                kind: Some(dst::path_match::Kind::Exact(path)),
+            }),
+            PathMatch::Prefix(path) => Some(dst::PathMatch {
+                kind: Some(dst::path_match::Kind::Prefix(path)),
+            }),
+        };
+        Self {
+            name: route.name,
+            condition: Some(dst::RequestMatch {
+                method: route
+                    .method
+                    .map(|m| m.as_str().to_owned())
+                    .unwrap_or_default(),
+                path,
+            }),
+            ..Self::default()
+        }
+    }
+}
+
+impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
+    type Error = InvalidMessage;
+
+    fn try_from(profile: dst::DestinationProfile) -> Result<Self, InvalidMessage> {
+        let version = check_version(profile.version)?;
+        if profile.routes.len() > MAX_ROUTES {
+            return Err(InvalidMessage::TooMany {
+                field: "routes".into(),
+                len: profile.routes.len(),
+                max: MAX_ROUTES,
+            });
+        }
+        let mut names = BTreeSet::new();
+        let mut routes = Vec::with_capacity(profile.routes.len());
+        for (i, pb_route) in profile.routes.into_iter().enumerate() {
+            let field = format!("routes[{i}]");
+            let route = route(&field, pb_route)?;
+            if !names.insert(route.name.clone()) {
+                return Err(InvalidMessage::RouteName {
+                    field: format!("{field}.name"),
+                    name: truncated(&route.name),
+                });
+            }
+            routes.push(route);
+        }
+        Ok(Self {
+            version,
+            exists: profile.exists,
+            name: profile.fully_qualified_name,
+            profile: mesh::Profile { routes },
+        })
+    }
+}
+
+impl From<ProfileUpdate> for dst::DestinationProfile {
+    fn from(update: ProfileUpdate) -> Self {
+        Self {
+            version: update.version,
+            exists: update.exists,
+            fully_qualified_name: update.name,
+            routes: update.profile.routes.into_iter().map(Into::into).collect(),
+            retry_budget: None,
+        }
+    }
+}
+
+// === Public API ===
+
+impl From<&mesh::Service> for api::Workload {
+    fn from(service: &mesh::Service) -> Self {
+        Self {
+            name: service.name.clone(),
+            port: u32::from(service.port),
+            endpoints: service
+                .endpoints
+                .iter()
+                .map(|endpoint| api::WorkloadEndpoint {
+                    addr: Some(endpoint.addr.into()),
+                    weight: endpoint.weight,
+                    identity: endpoint.identity.clone().unwrap_or_default(),
+                    labels: endpoint.labels.clone(),
+                })
+                .collect(),
+            route_count: u32::try_from(service.profile.routes.len()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
