@@ -1,1 +1,951 @@
-//! Placeholder: being written.
+//! Per-request load balancing: the endpoint set, PeakEWMA load, power-of-two-choices, and the
+//! queue that decides whether a request may wait for an endpoint.
+//!
+//! A [`Balancer`] owns one service's endpoints as discovery reports them ([`Update`]s, which
+//! carry versions and never go backwards) and answers one question per request: which ready
+//! endpoint should take it ([`Balancer::pick`]). The answer comes with an [`InFlight`] handle that
+//! counts the request against its endpoint until the handle is dropped, so a cancelled request
+//! can never leak load. When the response headers arrive the caller reports the round-trip time
+//! ([`Balancer::observe`]), which feeds the endpoint's [`PeakEwma`] estimate.
+//!
+//! # The algorithm
+//!
+//! The default policy is Finagle's and Linkerd's: P2C over PeakEWMA (reference/linkerd.md §1.7;
+//! Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001). Two distinct
+//! ready endpoints are drawn at random, weighted by their configured weights, and the one with
+//! the lower cost wins (the first on a tie). Cost is `rtt_estimate x (in_flight + 1)`: the
+//! estimate jumps to any slower observation at once (the peak) and otherwise moves toward new
+//! observations with weight `exp(-elapsed / decay)`, decaying toward zero while idle so an
+//! endpoint that was once slow is probed again. Defaults: [`DEFAULT_RTT`] and [`DEFAULT_DECAY`].
+//!
+//! Endpoint weights decide how often an endpoint is *considered*, not how the comparison goes:
+//! among many endpoints of equal health, traffic leans toward the heavier ones, but latency and
+//! load still decide, and with only two endpoints both are always considered, so there a weight
+//! only drains (0) or not. Exact traffic splits belong to route-level backend weights.
+//!
+//! [`Policy::LeastLoaded`] picks the ready endpoint with the fewest requests in flight, with
+//! ties broken at random by weight. It suits backends whose latency says little about their
+//! load (long polls, streams).
+//!
+//! An endpoint is *ready* unless its weight is 0 (drained) or a connection attempt to it failed
+//! recently: [`Balancer::handle_connect_error`] takes it out of rotation for an exponential,
+//! jittered backoff ([`DEFAULT_CONNECT_BACKOFF_MIN`]..[`DEFAULT_CONNECT_BACKOFF_MAX`]).
+//!
+//! # The queue
+//!
+//! When no endpoint is ready a request asks the [`Queue`] whether it may wait
+//! ([`Queue::admit`]). It may, up to [`QueueConfig::capacity`] waiters (beyond that, load is
+//! shed), until the balancer has been without a ready endpoint for
+//! [`QueueConfig::failfast_timeout`]; from then on the queue *fails fast*: every waiter and every
+//! new request is refused at once, until an endpoint becomes ready again. This is Linkerd's
+//! behaviour (a 504 for fail-fast and a 503 for load shedding at the proxy).
+//!
+//! # Drive loop
+//!
+//! The caller owns sharing (a mutex around one balancer and its queue), reads the clock, and
+//! turns decisions into IO:
+//!
+//! 1. Feed discovery: `balancer.handle_update(now, update)`.
+//! 2. Per request: `balancer.pick(now, &mut rng)`. On `Some(picked)`, send the request to
+//!    `picked.addr`; when response headers arrive call `balancer.observe(now, &picked.in_flight)`;
+//!    drop `picked.in_flight` when the response ends (or the request is abandoned).
+//! 3. On `None`: `queue.admit(now)`; on [`Admit::Wait`] wait until an endpoint becomes ready or
+//!    the deadline passes, then call `queue.leave()` and pick again or fail.
+//! 4. Whenever `balancer.ready_len()` moves between zero and non-zero, tell the queue with
+//!    [`Queue::handle_readiness`].
+//! 5. Wake at the earliest of `balancer.poll_timeout()` and `queue.poll_timeout()` and call the
+//!    matching `handle_timeout(now)`.
+//!
+//! ```
+//! use conduit_core::balance::{Balancer, BalanceConfig, Change, Update};
+//! use conduit_core::mesh::Endpoint;
+//! use conduit_core::rand::DetRng;
+//! use conduit_core::time::{Instant, ms};
+//!
+//! let t0 = Instant::ZERO;
+//! let mut rng = DetRng::new(7);
+//! let mut balancer = Balancer::new(BalanceConfig::default());
+//! let endpoints = vec![
+//!     Endpoint::new("10.0.0.1:80".parse().unwrap()),
+//!     Endpoint::new("10.0.0.2:80".parse().unwrap()),
+//! ];
+//! balancer.handle_update(t0, Update { version: 1, change: Change::Replace(endpoints) }).unwrap();
+//!
+//! let picked = balancer.pick(t0, &mut rng).expect("two ready endpoints");
+//! assert_eq!(balancer.in_flight(picked.addr), Some(1));
+//! balancer.observe(t0 + ms(12), &picked.in_flight); // response headers after 12 ms
+//! drop(picked);                                       // response body finished
+//! assert_eq!(balancer.in_flight_total(), 0);
+//! ```
+
+use core::net::SocketAddr;
+use core::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::mesh::Endpoint;
+use crate::rand::Rng;
+use crate::time::Instant;
+
+/// The RTT an endpoint is assumed to have before anything is observed: Linkerd's default.
+///
+/// High enough that a fresh endpoint is not flooded before it has answered once, low enough
+/// that it is tried soon.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// How quickly old RTT observations fade: Linkerd's default time constant.
+pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+
+/// The floor under any configured default RTT (Linkerd's `MIN_DEFAULT_RTT`): a zero estimate
+/// would make every fresh endpoint look free.
+pub const MIN_DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// First wait after a failed connection attempt before the endpoint is tried again.
+pub const DEFAULT_CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Longest wait between connection attempts to a failing endpoint. Short, because discovery, not
+/// the balancer, decides whether an endpoint exists; the backoff only stops a refusing endpoint
+/// from taking every request in the meantime.
+pub const DEFAULT_CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Jitter added to each connect backoff, in thousandths of the backoff: 10 %, so endpoints that
+/// failed together are not retried in lockstep.
+pub const DEFAULT_CONNECT_BACKOFF_JITTER_PER_MILLE: u64 = 100;
+
+/// How many requests may wait for an endpoint before load is shed: the Linkerd policy
+/// controller's default.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 100;
+
+/// How long the balancer may be without a ready endpoint before requests fail fast: Linkerd's
+/// outbound default.
+pub const DEFAULT_FAILFAST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How endpoints are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Policy {
+    /// Power of two choices over PeakEWMA cost (latency-aware). The default.
+    #[default]
+    PeakEwma,
+    /// The ready endpoint with the fewest requests in flight.
+    LeastLoaded,
+}
+
+/// A balancer's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalanceConfig {
+    /// How endpoints are chosen.
+    pub policy: Policy,
+    /// The RTT assumed for an endpoint before any observation (floored at [`MIN_DEFAULT_RTT`]).
+    pub default_rtt: Duration,
+    /// The time constant with which RTT observations fade.
+    pub decay: Duration,
+    /// First backoff after a failed connection attempt.
+    pub connect_backoff_min: Duration,
+    /// Longest backoff after repeated failed connection attempts.
+    pub connect_backoff_max: Duration,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            default_rtt: DEFAULT_RTT,
+            decay: DEFAULT_DECAY,
+            connect_backoff_min: DEFAULT_CONNECT_BACKOFF_MIN,
+            connect_backoff_max: DEFAULT_CONNECT_BACKOFF_MAX,
+        }
+    }
+}
+
+/// A discovery update for one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Update {
+    /// Strictly increasing per service; an update at or below the current version is stale.
+    pub version: u64,
+    /// What changed.
+    pub change: Change,
+}
+
+/// What a discovery update changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// These endpoints exist (new ones are added, known ones updated in place).
+    Add(Vec<Endpoint>),
+    /// These endpoints are gone (unknown addresses are ignored).
+    Remove(Vec<SocketAddr>),
+    /// The endpoint set is exactly this (a snapshot).
+    Replace(Vec<Endpoint>),
+    /// The service exists and has no endpoints.
+    NoEndpoints,
+}
+
+/// What is known about the service's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// Discovery has not answered yet.
+    Unknown,
+    /// Discovery says the service has no endpoints.
+    NoEndpoints,
+    /// Discovery has listed at least one endpoint.
+    Endpoints,
+}
+
+/// An update that would move the endpoint set backwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("stale discovery update: version {got} is not newer than {current}")]
+pub struct StaleUpdate {
+    /// The version already applied.
+    pub current: u64,
+    /// The version offered.
+    pub got: u64,
+}
+
+/// A request's claim on an endpoint: counts as in flight until dropped.
+///
+/// Hold it until the response ends. Dropping it is the only way to settle it, so a request
+/// whose future is cancelled at any point settles too.
+#[derive(Debug)]
+#[must_use = "the request counts as in flight until this handle is dropped"]
+pub struct InFlight {
+    addr: SocketAddr,
+    started: Instant,
+    // The endpoint incarnation's counter: the strong count minus the balancer's own reference
+    // is the number of requests in flight. Tower's PeakEwma counts the same way. An atomic
+    // reference count is the one piece of shared state in the core; it is what makes settling
+    // on drop correct by construction, and it involves no lock and no clock.
+    token: Arc<()>,
+}
+
+impl InFlight {
+    /// The endpoint the request went to.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// When the endpoint was picked.
+    #[must_use]
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+}
+
+/// The outcome of a successful pick.
+#[derive(Debug)]
+#[must_use = "dropping the pick settles it at once"]
+pub struct Picked {
+    /// Where to send the request.
+    pub addr: SocketAddr,
+    /// The request's claim on the endpoint.
+    pub in_flight: InFlight,
+}
+
+/// A read-only view of one endpoint, for metrics and debugging.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointView<'a> {
+    /// The endpoint as discovery described it.
+    pub endpoint: &'a Endpoint,
+    /// Whether it is a candidate for picks now.
+    pub ready: bool,
+    /// Requests in flight to it.
+    pub in_flight: u32,
+    /// Its current (decayed) RTT estimate.
+    pub rtt_estimate: Duration,
+    /// Consecutive failed connection attempts.
+    pub connect_failures: u32,
+}
+
+/// Counts describing a balancer, as plain data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BalanceStats {
+    /// Endpoints known.
+    pub endpoints: usize,
+    /// Endpoints ready for picks.
+    pub ready: usize,
+    /// Requests in flight across all endpoints.
+    pub in_flight: u64,
+    /// Discovery updates applied.
+    pub updates: u64,
+    /// Stale discovery updates refused.
+    pub stale_updates: u64,
+}
+
+/// PeakEWMA: a latency estimate that rises at once and falls slowly.
+///
+/// Finagle's and tower's algorithm with time passed in. Reading the estimate decays it toward
+/// zero (as an observation of 0 would) without mutating, so a read-only pick needs no `&mut`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PeakEwma {
+    estimate_ns: f64,
+    stamp: Instant,
+    decay_ns: f64,
+}
+
+impl PeakEwma {
+    /// A fresh estimate of `initial` at `now`, fading with time constant `decay`.
+    #[must_use]
+    pub fn new(now: Instant, initial: Duration, decay: Duration) -> Self {
+        Self {
+            estimate_ns: duration_ns(initial),
+            stamp: now,
+            // A zero decay would divide by zero; one nanosecond means "forget at once".
+            decay_ns: duration_ns(decay).max(1.0),
+        }
+    }
+
+    /// Folds in one RTT observation made at `now`.
+    pub fn observe(&mut self, now: Instant, rtt: Duration) {
+        let rtt_ns = duration_ns(rtt);
+        let decayed = self.decayed_ns(now);
+        self.estimate_ns = if rtt_ns > decayed {
+            // The peak: a slower observation replaces the estimate at once.
+            rtt_ns
+        } else {
+            let weight = self.weight(now);
+            decayed * weight + rtt_ns * (1.0 - weight)
+        };
+        if now > self.stamp {
+            self.stamp = now;
+        }
+    }
+
+    /// The estimate at `now`, decayed toward zero since the last observation.
+    #[must_use]
+    pub fn estimate(&self, now: Instant) -> Duration {
+        ns_duration(self.decayed_ns(now))
+    }
+
+    fn decayed_ns(&self, now: Instant) -> f64 {
+        self.estimate_ns * self.weight(now)
+    }
+
+    /// `exp(-elapsed / decay)`: 1 for no elapsed time, approaching 0 as time passes.
+    fn weight(&self, now: Instant) -> f64 {
+        let elapsed = duration_ns(now.saturating_duration_since(self.stamp));
+        (-elapsed / self.decay_ns).exp()
+    }
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "estimates need no sub-nanosecond precision"
+)]
+fn duration_ns(duration: Duration) -> f64 {
+    duration.as_nanos() as f64
+}
+
+fn ns_duration(ns: f64) -> Duration {
+    // Saturating float-to-int conversion (NaN becomes 0) is exactly the behaviour wanted.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "saturating"
+    )]
+    Duration::from_nanos(ns as u64)
+}
+
+#[derive(Debug)]
+struct Slot {
+    endpoint: Endpoint,
+    ewma: PeakEwma,
+    token: Arc<()>,
+    connect_failures: u32,
+    /// While set, the endpoint is backing off after a failed connection attempt.
+    backoff_until: Option<Instant>,
+}
+
+impl Slot {
+    fn in_flight(&self) -> u32 {
+        // Never negative: the slot holds one reference itself.
+        u32::try_from(Arc::strong_count(&self.token) - 1).unwrap_or(u32::MAX)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.endpoint.weight > 0 && self.backoff_until.is_none()
+    }
+
+    /// PeakEWMA cost: `estimate x (in_flight + 1)`.
+    fn cost(&self, now: Instant) -> f64 {
+        self.ewma.decayed_ns(now) * (f64::from(self.in_flight()) + 1.0)
+    }
+}
+
+/// One service's endpoints and the decision of which takes the next request.
+#[derive(Debug)]
+pub struct Balancer {
+    config: BalanceConfig,
+    discovery: Discovery,
+    version: Option<u64>,
+    slots: Vec<Slot>,
+    by_addr: BTreeMap<SocketAddr, usize>,
+    /// Indices of ready slots, and the running sum of their weights (same length).
+    ready: Vec<usize>,
+    ready_weights: Vec<u64>,
+    updates: u64,
+    stale_updates: u64,
+}
+
+impl Balancer {
+    /// An empty balancer that has heard nothing from discovery yet.
+    #[must_use]
+    pub fn new(config: BalanceConfig) -> Self {
+        let config = BalanceConfig {
+            default_rtt: config.default_rtt.max(MIN_DEFAULT_RTT),
+            connect_backoff_max: config.connect_backoff_max.max(config.connect_backoff_min),
+            ..config
+        };
+        Self {
+            config,
+            discovery: Discovery::Unknown,
+            version: None,
+            slots: Vec::new(),
+            by_addr: BTreeMap::new(),
+            ready: Vec::new(),
+            ready_weights: Vec::new(),
+            updates: 0,
+            stale_updates: 0,
+        }
+    }
+
+    /// The balancer's settings (after flooring).
+    #[must_use]
+    pub fn config(&self) -> &BalanceConfig {
+        &self.config
+    }
+
+    /// Applies a discovery update.
+    ///
+    /// Endpoints that survive an update keep their load estimate and backoff; an endpoint whose
+    /// weight, identity or labels changed is updated in place. Requests in flight to a removed
+    /// endpoint stay valid and settle normally; their observations are ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`StaleUpdate`] when `update.version` is not newer than the last applied version; the
+    /// balancer is unchanged.
+    pub fn handle_update(&mut self, now: Instant, update: Update) -> Result<(), StaleUpdate> {
+        if let Some(current) = self.version
+            && update.version <= current
+        {
+            self.stale_updates += 1;
+            tracing::debug!(
+                current,
+                got = update.version,
+                "ignoring stale discovery update"
+            );
+            return Err(StaleUpdate {
+                current,
+                got: update.version,
+            });
+        }
+        self.version = Some(update.version);
+        self.updates += 1;
+        match update.change {
+            Change::Add(endpoints) => {
+                for endpoint in endpoints {
+                    self.upsert(now, endpoint);
+                }
+            }
+            Change::Remove(addrs) => {
+                for addr in addrs {
+                    self.remove(addr);
+                }
+            }
+            Change::Replace(endpoints) => {
+                let keep: BTreeMap<SocketAddr, ()> =
+                    endpoints.iter().map(|e| (e.addr, ())).collect();
+                let gone: Vec<SocketAddr> = self
+                    .by_addr
+                    .keys()
+                    .filter(|a| !keep.contains_key(a))
+                    .copied()
+                    .collect();
+                for addr in gone {
+                    self.remove(addr);
+                }
+                for endpoint in endpoints {
+                    self.upsert(now, endpoint);
+                }
+            }
+            Change::NoEndpoints => {
+                self.slots.clear();
+                self.by_addr.clear();
+            }
+        }
+        self.discovery = if self.slots.is_empty() {
+            Discovery::NoEndpoints
+        } else {
+            Discovery::Endpoints
+        };
+        self.rebuild_ready();
+        self.assert_invariants();
+        Ok(())
+    }
+
+    fn upsert(&mut self, now: Instant, endpoint: Endpoint) {
+        if let Some(&index) = self.by_addr.get(&endpoint.addr) {
+            self.slots[index].endpoint = endpoint;
+            return;
+        }
+        self.by_addr.insert(endpoint.addr, self.slots.len());
+        self.slots.push(Slot {
+            endpoint,
+            ewma: PeakEwma::new(now, self.config.default_rtt, self.config.decay),
+            token: Arc::new(()),
+            connect_failures: 0,
+            backoff_until: None,
+        });
+    }
+
+    fn remove(&mut self, addr: SocketAddr) {
+        let Some(index) = self.by_addr.remove(&addr) else {
+            return;
+        };
+        self.slots.swap_remove(index);
+        if let Some(moved) = self.slots.get(index) {
+            self.by_addr.insert(moved.endpoint.addr, index);
+        }
+    }
+
+    fn rebuild_ready(&mut self) {
+        self.ready.clear();
+        self.ready_weights.clear();
+        let mut total = 0u64;
+        for (index, slot) in self.slots.iter().enumerate() {
+            if slot.is_ready() {
+                total += u64::from(slot.endpoint.weight);
+                self.ready.push(index);
+                self.ready_weights.push(total);
+            }
+        }
+    }
+
+    /// What discovery has said about the service.
+    #[must_use]
+    pub fn discovery(&self) -> Discovery {
+        self.discovery
+    }
+
+    /// The last applied discovery version.
+    #[must_use]
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    /// How many endpoints are candidates for picks.
+    #[must_use]
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// How many endpoints are known.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether no endpoints are known.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Chooses the endpoint for one request, or `None` when no endpoint is ready.
+    pub fn pick(&self, now: Instant, rng: &mut impl Rng) -> Option<Picked> {
+        let index = match self.ready.len() {
+            0 => return None,
+            1 => self.ready[0],
+            _ => match self.config.policy {
+                Policy::PeakEwma => self.pick_p2c(now, rng),
+                Policy::LeastLoaded => self.pick_least_loaded(rng),
+            },
+        };
+        let slot = &self.slots[index];
+        tracing::trace!(endpoint.addr = %slot.endpoint.addr, in_flight = slot.in_flight(), "picked endpoint");
+        Some(Picked {
+            addr: slot.endpoint.addr,
+            in_flight: InFlight {
+                addr: slot.endpoint.addr,
+                started: now,
+                token: Arc::clone(&slot.token),
+            },
+        })
+    }
+
+    /// Two distinct ready endpoints drawn by weight; the cheaper wins, the first on a tie.
+    fn pick_p2c(&self, now: Instant, rng: &mut impl Rng) -> usize {
+        let (a, b) = self.draw_two(rng);
+        if self.slots[a].cost(now) <= self.slots[b].cost(now) {
+            a
+        } else {
+            b
+        }
+    }
+
+    /// Positions (in `ready`) of two distinct endpoints, drawn without replacement by weight.
+    fn draw_two(&self, rng: &mut impl Rng) -> (usize, usize) {
+        let total = self.ready_weights.last().copied().unwrap_or(0);
+        let n = self.ready.len();
+        if total == 0 {
+            // Unreachable while weight-0 endpoints are never ready; kept total for safety.
+            let first = index_of(rng.below(n as u64));
+            let mut second = index_of(rng.below(n as u64 - 1));
+            if second >= first {
+                second += 1;
+            }
+            return (self.ready[first], self.ready[second]);
+        }
+        let first = self.position_of_weight(rng.below(total));
+        let first_low = if first == 0 {
+            0
+        } else {
+            self.ready_weights[first - 1]
+        };
+        let first_weight = self.ready_weights[first] - first_low;
+        // Draw from the other endpoints' weights by skipping over the first one's span.
+        let mut point = rng.below(total - first_weight);
+        if point >= first_low {
+            point += first_weight;
+        }
+        let second = self.position_of_weight(point);
+        debug_assert_ne!(first, second);
+        (self.ready[first], self.ready[second])
+    }
+
+    /// The position in `ready` whose weight span contains `point` (`point < total`).
+    fn position_of_weight(&self, point: u64) -> usize {
+        self.ready_weights
+            .partition_point(|&cumulative| cumulative <= point)
+    }
+
+    /// Fewest in flight; ties broken at random in proportion to weight.
+    fn pick_least_loaded(&self, rng: &mut impl Rng) -> usize {
+        let mut best = self.ready[0];
+        let mut best_load = u32::MAX;
+        let mut tied_weight = 0u64;
+        for &index in &self.ready {
+            let slot = &self.slots[index];
+            let load = slot.in_flight();
+            let weight = u64::from(slot.endpoint.weight);
+            if load < best_load {
+                best = index;
+                best_load = load;
+                tied_weight = weight;
+            } else if load == best_load {
+                // Weighted reservoir sampling over the tied endpoints.
+                tied_weight += weight;
+                if rng.below(tied_weight) < weight {
+                    best = index;
+                }
+            }
+        }
+        best
+    }
+
+    /// Records the round-trip time of the request holding `in_flight`, measured at `now`.
+    ///
+    /// Observations for endpoints that have since been removed (or removed and re-added) are
+    /// ignored.
+    pub fn observe(&mut self, now: Instant, in_flight: &InFlight) {
+        if let Some(slot) = self.slot_of(in_flight) {
+            let rtt = now.saturating_duration_since(in_flight.started);
+            slot.ewma.observe(now, rtt);
+        }
+    }
+
+    fn slot_of(&mut self, in_flight: &InFlight) -> Option<&mut Slot> {
+        let index = *self.by_addr.get(&in_flight.addr)?;
+        let slot = &mut self.slots[index];
+        Arc::ptr_eq(&slot.token, &in_flight.token).then_some(slot)
+    }
+
+    /// A connection attempt to `addr` failed: take it out of rotation for a backoff.
+    ///
+    /// The backoff doubles with each consecutive failure from
+    /// [`BalanceConfig::connect_backoff_min`] up to [`BalanceConfig::connect_backoff_max`], with
+    /// up to [`DEFAULT_CONNECT_BACKOFF_JITTER_PER_MILLE`] of jitter. Unknown addresses are ignored.
+    pub fn handle_connect_error(&mut self, now: Instant, addr: SocketAddr, rng: &mut impl Rng) {
+        let Some(&index) = self.by_addr.get(&addr) else {
+            return;
+        };
+        let (min, max) = (
+            self.config.connect_backoff_min,
+            self.config.connect_backoff_max,
+        );
+        let slot = &mut self.slots[index];
+        let exponent = slot.connect_failures.min(20);
+        slot.connect_failures = slot.connect_failures.saturating_add(1);
+        let base = min.saturating_mul(1 << exponent).min(max);
+        let base_ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+        let jitter_ms = rng.below(base_ms * DEFAULT_CONNECT_BACKOFF_JITTER_PER_MILLE / 1000 + 1);
+        let until = now + base + Duration::from_millis(jitter_ms);
+        tracing::debug!(endpoint.addr = %addr, failures = slot.connect_failures, backoff = ?(until - now), "endpoint backing off");
+        slot.backoff_until = Some(until);
+        self.rebuild_ready();
+        self.assert_invariants();
+    }
+
+    /// A connection to `addr` was established: forget its failures.
+    pub fn handle_connect_success(&mut self, addr: SocketAddr) {
+        let Some(&index) = self.by_addr.get(&addr) else {
+            return;
+        };
+        let slot = &mut self.slots[index];
+        slot.connect_failures = 0;
+        if slot.backoff_until.take().is_some() {
+            self.rebuild_ready();
+        }
+        self.assert_invariants();
+    }
+
+    /// The next instant at which an endpoint's backoff ends.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.backoff_until)
+            .min()
+    }
+
+    /// Returns endpoints whose backoff has ended to rotation. Spurious calls are no-ops.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut changed = false;
+        for slot in &mut self.slots {
+            if slot.backoff_until.is_some_and(|until| until <= now) {
+                slot.backoff_until = None;
+                changed = true;
+            }
+        }
+        if changed {
+            self.rebuild_ready();
+        }
+        self.assert_invariants();
+    }
+
+    /// Requests in flight to `addr`, or `None` for an unknown endpoint.
+    #[must_use]
+    pub fn in_flight(&self, addr: SocketAddr) -> Option<u32> {
+        self.by_addr
+            .get(&addr)
+            .map(|&index| self.slots[index].in_flight())
+    }
+
+    /// Requests in flight across all current endpoints.
+    #[must_use]
+    pub fn in_flight_total(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|slot| u64::from(slot.in_flight()))
+            .sum()
+    }
+
+    /// Every endpoint, ordered by address.
+    pub fn endpoints(&self, now: Instant) -> impl Iterator<Item = EndpointView<'_>> {
+        self.by_addr.values().map(move |&index| {
+            let slot = &self.slots[index];
+            EndpointView {
+                endpoint: &slot.endpoint,
+                ready: slot.is_ready(),
+                in_flight: slot.in_flight(),
+                rtt_estimate: slot.ewma.estimate(now),
+                connect_failures: slot.connect_failures,
+            }
+        })
+    }
+
+    /// Counts describing the balancer.
+    #[must_use]
+    pub fn stats(&self) -> BalanceStats {
+        BalanceStats {
+            endpoints: self.slots.len(),
+            ready: self.ready.len(),
+            in_flight: self.in_flight_total(),
+            updates: self.updates,
+            stale_updates: self.stale_updates,
+        }
+    }
+
+    /// Checks the internal indexes agree (debug builds only).
+    pub fn assert_invariants(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        assert_eq!(self.slots.len(), self.by_addr.len(), "index size");
+        for (addr, &index) in &self.by_addr {
+            assert_eq!(
+                self.slots[index].endpoint.addr, *addr,
+                "index points at its slot"
+            );
+        }
+        assert_eq!(self.ready.len(), self.ready_weights.len());
+        let ready_count = self.slots.iter().filter(|slot| slot.is_ready()).count();
+        assert_eq!(self.ready.len(), ready_count, "ready list is current");
+        assert!(
+            self.ready_weights.windows(2).all(|w| w[0] < w[1]),
+            "weights strictly grow"
+        );
+        match self.discovery {
+            Discovery::Endpoints => assert!(!self.slots.is_empty()),
+            Discovery::Unknown | Discovery::NoEndpoints => assert!(self.slots.is_empty()),
+        }
+    }
+}
+
+fn index_of(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+// === Queue ===
+
+/// Settings for the wait for a ready endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// How many requests may wait at once; more are shed.
+    pub capacity: usize,
+    /// How long the balancer may be without a ready endpoint before requests fail fast.
+    pub failfast_timeout: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            capacity: DEFAULT_QUEUE_CAPACITY,
+            failfast_timeout: DEFAULT_FAILFAST_TIMEOUT,
+        }
+    }
+}
+
+/// The queue's answer to a request that found no ready endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Admit {
+    /// Wait for an endpoint until `deadline`, then give up with a fail-fast error. The caller
+    /// must call [`Queue::leave`] when it stops waiting, whatever the reason.
+    Wait {
+        /// When waiting ends.
+        deadline: Instant,
+    },
+    /// The queue is full: shed the request (503).
+    Shed,
+    /// The balancer has had no ready endpoint for the fail-fast timeout: fail now (504).
+    FailFast,
+}
+
+/// Counts describing a queue, as plain data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests waiting now.
+    pub waiting: usize,
+    /// Requests shed since creation.
+    pub shed: u64,
+    /// Requests refused because the queue was failing fast.
+    pub failed_fast: u64,
+    /// Times the queue entered fail-fast.
+    pub failfast_entered: u64,
+}
+
+/// Whether requests may wait for an endpoint: load shedding and fail-fast.
+#[derive(Debug)]
+pub struct Queue {
+    config: QueueConfig,
+    waiting: usize,
+    /// Since when no endpoint has been ready; `None` while one is.
+    unready_since: Option<Instant>,
+    failing_fast: bool,
+    stats: QueueStats,
+}
+
+impl Queue {
+    /// A queue that starts without a ready endpoint (discovery has not answered) at `now`.
+    #[must_use]
+    pub fn new(config: QueueConfig, now: Instant) -> Self {
+        Self {
+            config,
+            waiting: 0,
+            unready_since: Some(now),
+            failing_fast: false,
+            stats: QueueStats::default(),
+        }
+    }
+
+    /// Tells the queue whether the balancer has at least one ready endpoint.
+    pub fn handle_readiness(&mut self, now: Instant, ready: bool) {
+        if ready {
+            if self.failing_fast {
+                tracing::info!("endpoint ready again; leaving fail-fast");
+            }
+            self.unready_since = None;
+            self.failing_fast = false;
+        } else if self.unready_since.is_none() {
+            self.unready_since = Some(now);
+        }
+        self.handle_timeout(now);
+    }
+
+    /// Decides whether a request that found no ready endpoint may wait.
+    pub fn admit(&mut self, now: Instant) -> Admit {
+        self.handle_timeout(now);
+        if self.failing_fast {
+            self.stats.failed_fast += 1;
+            return Admit::FailFast;
+        }
+        if self.waiting >= self.config.capacity {
+            self.stats.shed += 1;
+            return Admit::Shed;
+        }
+        self.waiting += 1;
+        self.stats.waiting = self.waiting;
+        let since = self.unready_since.unwrap_or(now);
+        Admit::Wait {
+            deadline: since + self.config.failfast_timeout,
+        }
+    }
+
+    /// A request admitted with [`Admit::Wait`] stopped waiting.
+    pub fn leave(&mut self) {
+        debug_assert!(self.waiting > 0, "leave without a matching admit");
+        self.waiting = self.waiting.saturating_sub(1);
+        self.stats.waiting = self.waiting;
+    }
+
+    /// Whether the queue refuses requests outright now.
+    #[must_use]
+    pub fn is_failing_fast(&self) -> bool {
+        self.failing_fast
+    }
+
+    /// When the queue will enter fail-fast, if nothing becomes ready before then.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.failing_fast {
+            return None;
+        }
+        self.unready_since
+            .map(|since| since + self.config.failfast_timeout)
+    }
+
+    /// Enters fail-fast once the balancer has been unready for the timeout. Spurious calls are
+    /// no-ops.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(deadline) = self.poll_timeout()
+            && now >= deadline
+        {
+            tracing::warn!(
+                waiting = self.waiting,
+                "no ready endpoint within the fail-fast timeout; failing fast"
+            );
+            self.failing_fast = true;
+            self.stats.failfast_entered += 1;
+        }
+    }
+
+    /// Counts describing the queue.
+    #[must_use]
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests;

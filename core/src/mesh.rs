@@ -150,7 +150,12 @@ impl Endpoint {
     /// An unmeshed endpoint at `addr` with the default weight and no labels.
     #[must_use]
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, weight: DEFAULT_WEIGHT, identity: None, labels: BTreeMap::new() }
+        Self {
+            addr,
+            weight: DEFAULT_WEIGHT,
+            identity: None,
+            labels: BTreeMap::new(),
+        }
     }
 }
 
@@ -301,7 +306,10 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), reason: reason.into() });
+        self.0.push(FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        });
     }
 }
 
@@ -326,7 +334,11 @@ impl TryFrom<RawMesh> for Mesh {
                 services.insert(name, service);
             }
         }
-        if errors.0.is_empty() { Ok(Self { services }) } else { Err(InvalidMesh { errors: errors.0 }) }
+        if errors.0.is_empty() {
+            Ok(Self { services })
+        } else {
+            Err(InvalidMesh { errors: errors.0 })
+        }
     }
 }
 
@@ -342,7 +354,10 @@ fn validate_service(
         errors.push(format!("{path}.port"), "must be between 1 and 65535");
     }
     if raw.endpoints.len() > MAX_ENDPOINTS {
-        errors.push(format!("{path}.endpoints"), format!("at most {MAX_ENDPOINTS} endpoints"));
+        errors.push(
+            format!("{path}.endpoints"),
+            format!("at most {MAX_ENDPOINTS} endpoints"),
+        );
     }
     let mut seen = BTreeSet::new();
     let mut endpoints = Vec::with_capacity(raw.endpoints.len());
@@ -352,12 +367,24 @@ fn validate_service(
             if seen.insert(endpoint.addr) {
                 endpoints.push(endpoint);
             } else {
-                errors.push(format!("{path}.addr"), format!("duplicate address {}", endpoint.addr));
+                errors.push(
+                    format!("{path}.addr"),
+                    format!("duplicate address {}", endpoint.addr),
+                );
             }
         }
     }
-    let profile = validate_profile(&format!("{path}.profile"), raw.profile.unwrap_or_default(), errors);
-    (errors.0.len() == before).then_some(Service { name, port, endpoints, profile })
+    let profile = validate_profile(
+        &format!("{path}.profile"),
+        raw.profile.unwrap_or_default(),
+        errors,
+    );
+    (errors.0.len() == before).then_some(Service {
+        name,
+        port,
+        endpoints,
+        profile,
+    })
 }
 
 fn validate_endpoint(path: &str, raw: RawEndpoint, errors: &mut Errors) -> Option<Endpoint> {
@@ -382,16 +409,25 @@ fn validate_endpoint(path: &str, raw: RawEndpoint, errors: &mut Errors) -> Optio
     };
     let weight = raw.weight.unwrap_or(DEFAULT_WEIGHT);
     if weight > MAX_WEIGHT {
-        errors.push(format!("{path}.weight"), format!("{weight} is above the maximum {MAX_WEIGHT}"));
+        errors.push(
+            format!("{path}.weight"),
+            format!("{weight} is above the maximum {MAX_WEIGHT}"),
+        );
     }
-    if let Some(identity) = &raw.identity {
-        if let Err(reason) = check_dns_name(identity) {
-            errors.push(format!("{path}.identity"), format!("invalid identity: {reason}"));
-        }
+    if let Some(identity) = &raw.identity
+        && let Err(reason) = check_dns_name(identity)
+    {
+        errors.push(
+            format!("{path}.identity"),
+            format!("invalid identity: {reason}"),
+        );
     }
     for key in raw.labels.keys() {
         if key.is_empty() || key.len() > 63 {
-            errors.push(format!("{path}.labels"), format!("label key `{key}` must be 1 to 63 bytes"));
+            errors.push(
+                format!("{path}.labels"),
+                format!("label key `{key}` must be 1 to 63 bytes"),
+            );
         }
     }
     let addr = addr?;
@@ -405,7 +441,10 @@ fn validate_endpoint(path: &str, raw: RawEndpoint, errors: &mut Errors) -> Optio
 
 fn validate_profile(path: &str, raw: RawProfile, errors: &mut Errors) -> Profile {
     if raw.routes.len() > MAX_ROUTES {
-        errors.push(format!("{path}.routes"), format!("at most {MAX_ROUTES} routes"));
+        errors.push(
+            format!("{path}.routes"),
+            format!("at most {MAX_ROUTES} routes"),
+        );
     }
     let mut names = BTreeSet::new();
     let mut routes = Vec::with_capacity(raw.routes.len());
@@ -415,30 +454,51 @@ fn validate_profile(path: &str, raw: RawProfile, errors: &mut Errors) -> Profile
         if raw_route.name.is_empty() {
             errors.push(format!("{path}.name"), "missing");
         } else if !names.insert(raw_route.name.clone()) {
-            errors.push(format!("{path}.name"), format!("duplicate route name `{}`", raw_route.name));
+            errors.push(
+                format!("{path}.name"),
+                format!("duplicate route name `{}`", raw_route.name),
+            );
         }
         let method = raw_route.matches.method.as_deref().and_then(|m| {
             http::Method::from_bytes(m.as_bytes())
-                .map_err(|_| errors.push(format!("{path}.match.method"), format!("`{m}` is not an HTTP method")))
+                .map_err(|_| {
+                    errors.push(
+                        format!("{path}.match.method"),
+                        format!("`{m}` is not an HTTP method"),
+                    )
+                })
                 .ok()
         });
         let path_match = match raw_route.matches.path {
             None => PathMatch::Any,
-            Some(RawPathMatch { exact: Some(p), prefix: None }) => {
+            Some(RawPathMatch {
+                exact: Some(p),
+                prefix: None,
+            }) => {
                 check_path(&format!("{path}.match.path.exact"), &p, errors);
                 PathMatch::Exact(p)
             }
-            Some(RawPathMatch { exact: None, prefix: Some(p) }) => {
+            Some(RawPathMatch {
+                exact: None,
+                prefix: Some(p),
+            }) => {
                 check_path(&format!("{path}.match.path.prefix"), &p, errors);
                 PathMatch::Prefix(p)
             }
             Some(_) => {
-                errors.push(format!("{path}.match.path"), "give exactly one of `exact` or `prefix`");
+                errors.push(
+                    format!("{path}.match.path"),
+                    "give exactly one of `exact` or `prefix`",
+                );
                 PathMatch::Any
             }
         };
         if errors.0.len() == before {
-            routes.push(Route { name: raw_route.name, method, path: path_match });
+            routes.push(Route {
+                name: raw_route.name,
+                method,
+                path: path_match,
+            });
         }
     }
     Profile { routes }
@@ -463,7 +523,9 @@ fn check_dns_name(name: &str) -> Result<(), String> {
         if label.is_empty() || label.len() > 63 {
             return Err(format!("label `{label}` must be 1 to 63 bytes"));
         }
-        let valid = label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let valid = label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid || label.starts_with('-') || label.ends_with('-') {
             return Err(format!(
                 "label `{label}` may hold only a-z, 0-9 and `-`, and not start or end with `-`"
@@ -478,18 +540,26 @@ mod tests {
     use super::*;
 
     fn endpoint(addr: &str) -> RawEndpoint {
-        RawEndpoint { addr: addr.into(), ..RawEndpoint::default() }
+        RawEndpoint {
+            addr: addr.into(),
+            ..RawEndpoint::default()
+        }
     }
 
     fn mesh_with(name: &str, service: RawService) -> RawMesh {
-        RawMesh { services: BTreeMap::from([(name.to_string(), service)]) }
+        RawMesh {
+            services: BTreeMap::from([(name.to_string(), service)]),
+        }
     }
 
     #[test]
     fn a_valid_mesh_gets_defaults() {
         let raw = mesh_with(
             "web.default",
-            RawService { endpoints: vec![endpoint("127.0.0.1:9001")], ..RawService::default() },
+            RawService {
+                endpoints: vec![endpoint("127.0.0.1:9001")],
+                ..RawService::default()
+            },
         );
         let mesh = Mesh::try_from(raw).unwrap();
         let web = mesh.service("web.default").unwrap();
@@ -508,14 +578,20 @@ mod tests {
                     endpoint("127.0.0.1:9001"),
                     endpoint("not-an-addr"),
                     endpoint("127.0.0.1:9001"),
-                    RawEndpoint { weight: Some(MAX_WEIGHT + 1), ..endpoint("127.0.0.1:9003") },
+                    RawEndpoint {
+                        weight: Some(MAX_WEIGHT + 1),
+                        ..endpoint("127.0.0.1:9003")
+                    },
                 ],
                 profile: Some(RawProfile {
                     routes: vec![RawRoute {
                         name: "items".into(),
                         matches: RawRouteMatch {
                             method: Some("G ET".into()),
-                            path: Some(RawPathMatch { exact: Some("items".into()), prefix: None }),
+                            path: Some(RawPathMatch {
+                                exact: Some("items".into()),
+                                prefix: None,
+                            }),
                         },
                     }],
                 }),
@@ -549,7 +625,10 @@ mod tests {
     fn lookup_by_authority() {
         let raw = mesh_with(
             "web.default",
-            RawService { port: Some(8080), ..RawService::default() },
+            RawService {
+                port: Some(8080),
+                ..RawService::default()
+            },
         );
         let mesh = Mesh::try_from(raw).unwrap();
         assert!(mesh.lookup("web.default").is_some());
@@ -572,10 +651,20 @@ mod tests {
                     method: Some(http::Method::GET),
                     path: PathMatch::Prefix("/items/".into()),
                 },
-                Route { name: "any".into(), method: None, path: PathMatch::Any },
+                Route {
+                    name: "any".into(),
+                    method: None,
+                    path: PathMatch::Any,
+                },
             ],
         };
-        assert_eq!(profile.find(&http::Method::GET, "/items/1").unwrap().name, "get-item");
-        assert_eq!(profile.find(&http::Method::POST, "/items/1").unwrap().name, "any");
+        assert_eq!(
+            profile.find(&http::Method::GET, "/items/1").unwrap().name,
+            "get-item"
+        );
+        assert_eq!(
+            profile.find(&http::Method::POST, "/items/1").unwrap().name,
+            "any"
+        );
     }
 }

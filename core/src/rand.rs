@@ -34,7 +34,6 @@ pub trait Rng {
             #[expect(clippy::cast_possible_truncation, reason = "taking the low 64 bits")]
             let low = wide as u64;
             if low >= threshold {
-                #[expect(clippy::cast_possible_truncation, reason = "the high half fits in u64")]
                 return (wide >> 64) as u64;
             }
         }
@@ -129,8 +128,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::Rng;
+    use super::*;
     use proptest::prelude::*;
 
     #[test]
@@ -153,7 +152,9 @@ mod tests {
     #[test]
     fn xoshiro_step_matches_the_definition() {
         // With state [1, 2, 3, 4] the first output is rotl(1 + 4, 23) + 1.
-        let mut rng = DetRng { state: [1, 2, 3, 4] };
+        let mut rng = DetRng {
+            state: [1, 2, 3, 4],
+        };
         assert_eq!(rng.next_u64(), (5u64 << 23) + 1);
         assert_eq!(rng.state, [7, 0, 262_146, 211_106_232_532_992]);
     }
