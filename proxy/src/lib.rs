@@ -1,3 +1,253 @@
 //! Conduit's data plane: the sidecar proxy.
 //!
-//! Being built under issue #3.
+//! The proxy sits beside an app. Its **outbound** listener takes the app's HTTP/1.1, HTTP/2,
+//! gRPC and opaque TCP traffic, routes HTTP by authority through discovery and balances each
+//! request with the core's P2C over PeakEWMA; its **inbound** listener takes other proxies'
+//! traffic and forwards it to the app; its **admin** server serves `/metrics`, `/ready`,
+//! `/live` and `/shutdown`.
+//!
+//! Contract: the proxy's environment is a parameter. The network is a [`net::Net`] (the
+//! kernel's through [`net::TokioNet`], or turmoil's in the simulation), time is read only in
+//! [`clock`], OS entropy only in [`entropy`], and discovery is a [`discover::Discover`]. Every
+//! mesh decision is made by `conduit_core`; this crate turns decisions into IO. Errors become
+//! responses only in [`errors::respond`].
+//!
+//! Entry points: [`run`] (bind and serve), or [`Proxy::bind`] then [`Proxy::serve`] when the
+//! caller needs the bound addresses first (tests bind port 0).
+
+pub mod admin;
+mod balance;
+pub mod body;
+pub mod clock;
+pub mod config;
+mod detect;
+pub mod discover;
+pub mod drain;
+pub mod entropy;
+pub mod errors;
+mod http;
+mod inbound;
+pub mod net;
+mod outbound;
+mod pool;
+mod server;
+pub mod transport;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use conduit_core::rand::DetRng;
+use tokio::sync::watch;
+
+pub use config::ProxyConfig;
+pub use discover::{Discover, FileDiscover, StaticDiscover};
+pub use net::{Listener, Net, TokioNet};
+
+/// Why the proxy could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyStartError {
+    /// A listener could not be bound.
+    #[error("binding the {listener} listener on {addr}: {source}")]
+    Bind {
+        /// `outbound`, `inbound` or `admin`.
+        listener: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The addresses a bound proxy listens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addrs {
+    /// The outbound listener.
+    pub outbound: SocketAddr,
+    /// The inbound listener, when an app address is configured.
+    pub inbound: Option<SocketAddr>,
+    /// The admin server.
+    pub admin: SocketAddr,
+}
+
+/// A proxy whose listeners are bound, ready to [`serve`](Self::serve).
+#[derive(Debug)]
+pub struct Proxy<N: Net> {
+    config: ProxyConfig,
+    net: N,
+    outbound: N::Listener,
+    inbound: Option<N::Listener>,
+    admin: N::Listener,
+    addrs: Addrs,
+}
+
+impl<N: Net> Proxy<N> {
+    /// Binds the outbound, inbound (if `app_addr` is set) and admin listeners.
+    ///
+    /// # Errors
+    ///
+    /// [`ProxyStartError::Bind`] naming the listener.
+    pub async fn bind(config: ProxyConfig, net: N) -> Result<Self, ProxyStartError> {
+        async fn bind_one<N: Net>(
+            net: &N,
+            listener: &'static str,
+            addr: SocketAddr,
+        ) -> Result<(N::Listener, SocketAddr), ProxyStartError> {
+            let bound = net
+                .bind(addr)
+                .await
+                .map_err(|source| ProxyStartError::Bind {
+                    listener,
+                    addr,
+                    source,
+                })?;
+            let local = bound.local_addr().map_err(|source| ProxyStartError::Bind {
+                listener,
+                addr,
+                source,
+            })?;
+            Ok((bound, local))
+        }
+        let (outbound, outbound_addr) = bind_one(&net, "outbound", config.outbound_addr).await?;
+        let (admin, admin_addr) = bind_one(&net, "admin", config.admin_addr).await?;
+        let (inbound, inbound_addr) = if config.app_addr.is_some() {
+            let (listener, addr) = bind_one(&net, "inbound", config.inbound_addr).await?;
+            (Some(listener), Some(addr))
+        } else {
+            tracing::info!("no app_addr configured; the inbound listener is disabled");
+            (None, None)
+        };
+        let addrs = Addrs {
+            outbound: outbound_addr,
+            inbound: inbound_addr,
+            admin: admin_addr,
+        };
+        Ok(Self {
+            config,
+            net,
+            outbound,
+            inbound,
+            admin,
+            addrs,
+        })
+    }
+
+    /// Where the listeners are.
+    #[must_use]
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// Serves until `shutdown` resolves or `/shutdown` is requested, then drains gracefully:
+    /// stops accepting, lets in-flight requests finish within the grace period, and returns.
+    ///
+    /// # Errors
+    ///
+    /// None today; the result leaves room for fatal runtime errors.
+    pub async fn serve<D: Discover>(
+        self,
+        discovery: D,
+        seed: u64,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ProxyStartError> {
+        let Self {
+            config,
+            net,
+            outbound,
+            inbound,
+            admin,
+            addrs,
+        } = self;
+        let clock = clock::Clock::new();
+        let metrics = Arc::new(admin::metrics::Metrics::new(clock, config.metrics));
+        let mut rng = DetRng::new(seed);
+        let (drain_signal, drain) = drain::channel();
+
+        let router = balance::Router::new(
+            discovery.subscribe(),
+            rng.child("balance"),
+            clock,
+            config.balancer,
+            config.queue,
+        );
+        tokio::spawn(Arc::clone(&router).run(drain.clone()));
+
+        let outbound_ctx = outbound::context(&config, net.clone(), clock, &metrics, router);
+        let pools = vec![Arc::clone(&outbound_ctx.http)];
+        tokio::spawn(server::accept_loop(outbound, outbound_ctx, drain.clone()));
+        let mut all_pools = pools;
+        if let (Some(listener), Some(app)) = (inbound, config.app_addr) {
+            let ctx = inbound::context(&config, net.clone(), clock, &metrics, app);
+            all_pools.push(Arc::clone(&ctx.http));
+            tokio::spawn(server::accept_loop(listener, ctx, drain.clone()));
+        }
+        let sweep_pools = {
+            let mut drain = drain.clone();
+            let interval =
+                (config.limits.pool_idle_timeout / 2).max(std::time::Duration::from_millis(100));
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => for http in &all_pools { http.pools.sweep() },
+                        () = drain.signaled() => return,
+                    }
+                }
+            })
+        };
+
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+        let admin_state = Arc::new(admin::Admin {
+            metrics: Arc::clone(&metrics),
+            ready: ready_rx,
+            shutdown: shutdown_tx,
+            limits: config.limits,
+        });
+        let admin_task = tokio::spawn(admin::serve::<N>(admin, admin_state));
+        tracing::info!(
+            outbound = %addrs.outbound,
+            inbound = ?addrs.inbound,
+            admin = %addrs.admin,
+            "proxy serving"
+        );
+        drop(drain);
+
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown signal received"),
+            _ = shutdown_rx.wait_for(|requested| *requested) => {}
+        }
+        ready_tx.send_replace(false);
+        tracing::info!(grace = ?config.shutdown_grace_period, "draining");
+        let drained = drain_signal.drain(config.shutdown_grace_period).await;
+        sweep_pools.abort();
+        if drained {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!("grace period over with work in flight; exiting anyway");
+        }
+        admin_task.abort();
+        Ok(())
+    }
+}
+
+/// Binds and serves: the one entry point the binary and the simulation share.
+///
+/// # Errors
+///
+/// [`ProxyStartError`] when a listener cannot be bound.
+pub async fn run<N: Net, D: Discover>(
+    config: ProxyConfig,
+    net: N,
+    seed: u64,
+    discovery: D,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ProxyStartError> {
+    Proxy::bind(config, net)
+        .await?
+        .serve(discovery, seed, shutdown)
+        .await
+}

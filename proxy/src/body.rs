@@ -1,0 +1,156 @@
+//! The body type the proxy moves, and the response-body wrapper that settles a request.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+
+/// A boxed error at the HTTP boundary (STYLE.md §4).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The one body type the proxy's services exchange: streamed, never buffered whole.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Boxes any body into [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// An empty body.
+#[must_use]
+pub fn empty() -> Body {
+    boxed(http_body_util::Empty::new())
+}
+
+/// A body of one chunk.
+#[must_use]
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    boxed(http_body_util::Full::new(bytes.into()))
+}
+
+/// How a response body ended, for the guard's bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyEnd {
+    /// The stream ended cleanly; `grpc_status` is the trailer's value, if any.
+    Complete {
+        /// `grpc-status` from the trailers.
+        grpc_status: Option<u32>,
+    },
+    /// The upstream failed mid-body (reset, truncated).
+    Error,
+    /// The downstream went away before the end.
+    Cancelled,
+}
+
+/// Called exactly once when a response body ends, however it ends.
+pub(crate) trait OnBodyEnd: Send + 'static {
+    fn on_end(self: Box<Self>, end: BodyEnd);
+}
+
+/// A response body that reports its end (clean, failed or dropped) exactly once.
+pub(crate) struct GuardedBody<B> {
+    inner: B,
+    guard: Option<Box<dyn OnBodyEnd>>,
+    grpc_status: Option<u32>,
+}
+
+impl<B> std::fmt::Debug for GuardedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedBody")
+            .field("ended", &self.guard.is_none())
+            .finish()
+    }
+}
+
+impl<B: http_body::Body> GuardedBody<B> {
+    /// Wraps `inner`; an already-finished body (no content) settles at once, since hyper may
+    /// never poll it.
+    pub(crate) fn new(inner: B, guard: Box<dyn OnBodyEnd>) -> Self {
+        let mut this = Self {
+            inner,
+            guard: Some(guard),
+            grpc_status: None,
+        };
+        if this.inner.is_end_stream() {
+            this.end(BodyEnd::Complete { grpc_status: None });
+        }
+        this
+    }
+}
+
+impl<B> GuardedBody<B> {
+    fn end(&mut self, end: BodyEnd) {
+        if let Some(guard) = self.guard.take() {
+            guard.on_end(end);
+        }
+    }
+}
+
+impl<B> http_body::Body for GuardedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                let grpc_status = this.grpc_status;
+                this.end(BodyEnd::Complete { grpc_status });
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.end(BodyEnd::Error);
+                Poll::Ready(Some(Err(err.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.grpc_status = grpc_status(trailers);
+                }
+                if this.inner.is_end_stream() {
+                    let grpc_status = this.grpc_status;
+                    this.end(BodyEnd::Complete { grpc_status });
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for GuardedBody<B> {
+    fn drop(&mut self) {
+        self.end(BodyEnd::Cancelled);
+    }
+}
+
+/// The numeric `grpc-status` in a header map, if present and well formed.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -1,0 +1,665 @@
+//! `ProxyConfig`: the proxy's one typed configuration.
+//!
+//! Settings come from a YAML file (named by `CONDUIT_PROXY_CONFIG`) and from `CONDUIT_PROXY_*`
+//! environment variables, which override the file key by key. Both carriers share one schema:
+//! the variable for a key is `CONDUIT_PROXY_` + the key in upper case (`connect_timeout` ↔
+//! `CONDUIT_PROXY_CONNECT_TIMEOUT`). Parse, don't validate (STYLE.md §5): the serde
+//! [`RawProxyConfig`] is converted by [`ProxyConfig::try_from_raw`] into validated types, and
+//! every problem is reported at once, each naming its key and variable. Nothing is re-checked at
+//! runtime.
+//!
+//! This module reads no environment: `main` passes the variables in.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The prefix of every proxy environment variable.
+pub const ENV_PREFIX: &str = "CONDUIT_PROXY_";
+
+/// Outbound listener: the app's traffic leaving the pod (Linkerd's port, on loopback only, since
+/// only the local app may use it).
+pub const DEFAULT_OUTBOUND_ADDR: SocketAddr = addr([127, 0, 0, 1], 4140);
+/// Inbound listener: traffic from other proxies to the local app.
+pub const DEFAULT_INBOUND_ADDR: SocketAddr = addr([0, 0, 0, 0], 4143);
+/// Admin server: on all interfaces so Prometheus can scrape it (`/shutdown` only answers
+/// loopback peers).
+pub const DEFAULT_ADMIN_ADDR: SocketAddr = addr([0, 0, 0, 0], 4191);
+/// The tracing filter when none is given.
+pub const DEFAULT_LOG: &str = "info";
+/// Runtime worker threads: one, like Linkerd; a sidecar shares its pod's CPU with the app.
+pub const DEFAULT_WORKERS: usize = 1;
+/// Connect timeout to an endpoint (Linkerd's outbound default).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long protocol detection waits for the client's first bytes before treating the
+/// connection as opaque TCP (Linkerd uses 10 s; a server-speaks-first protocol waits this long).
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a complete request head (slowloris defence).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// An accepted HTTP/1.1 connection waiting for its next request, or an opaque connection with no
+/// bytes moving, is closed after this. Above the 90 s pool idle timeout of common clients (Go,
+/// hyper), so they close first and never race our close with a new request.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pooled upstream connections idle longer than this are closed.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Idle HTTP/1.1 connections kept per endpoint.
+pub const DEFAULT_POOL_MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// How long `/shutdown` (or SIGTERM) lets in-flight work finish: Kubernetes' default
+/// termination grace period, so the kubelet does not kill us mid-drain.
+pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// The largest request head accepted (request line plus headers); larger gets 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Concurrent HTTP/2 streams per accepted connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Accepted connections per listener; beyond it new connections wait in the kernel backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Requests waiting for a ready endpoint per service (Linkerd's policy default).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 100;
+/// How long a service may have no ready endpoint before waiting requests fail with 504.
+pub const DEFAULT_FAILFAST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the mesh file is checked for changes.
+pub const DEFAULT_DISCOVERY_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Metric series not updated for this long are dropped (Linkerd's `DEFAULT_METRICS_RETAIN_IDLE`).
+pub const DEFAULT_METRICS_RETAIN_IDLE: Duration = Duration::from_secs(600);
+/// Distinct `authority` label values tracked; further authorities share `authority="overflow"`.
+pub const DEFAULT_METRICS_MAX_AUTHORITIES: usize = 1_000;
+/// Seed for the RTT estimate of a fresh endpoint (Linkerd's `default_rtt`).
+pub const DEFAULT_BALANCER_DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Time constant of the PeakEWMA decay (Linkerd's `decay`).
+pub const DEFAULT_BALANCER_DECAY: Duration = Duration::from_secs(10);
+
+const fn addr(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
+        port,
+    ))
+}
+
+/// Where the proxy learns services and endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DiscoveryConfig {
+    /// A mesh file (the controller's file format), reloaded when it changes.
+    File(PathBuf),
+}
+
+/// The validated proxy configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProxyConfig {
+    /// Where the local app's outbound traffic arrives.
+    pub outbound_addr: SocketAddr,
+    /// Where other proxies' traffic for the local app arrives.
+    pub inbound_addr: SocketAddr,
+    /// The admin server (`/metrics`, `/ready`, `/live`, `/shutdown`).
+    pub admin_addr: SocketAddr,
+    /// The local app; inbound traffic goes here. No inbound listener when unset.
+    pub app_addr: Option<SocketAddr>,
+    /// Where services and endpoints come from.
+    pub discovery: DiscoveryConfig,
+    /// The tracing filter (`EnvFilter` syntax), applied by `main`.
+    pub log: String,
+    /// The RNG seed; drawn from the OS (and logged) when unset.
+    pub seed: Option<u64>,
+    /// Runtime worker threads (1 = a current-thread runtime).
+    pub workers: NonZeroUsize,
+    /// Where outbound opaque (non-HTTP) TCP goes. Without a transparent redirect there is no
+    /// original destination to recover, so opaque outbound connections are closed when unset.
+    pub outbound_default_target: Option<SocketAddr>,
+    /// Timeouts and limits for connections.
+    pub limits: Limits,
+    /// Per-service request queue.
+    pub queue: QueueSettings,
+    /// Load balancer tuning.
+    pub balancer: BalancerSettings,
+    /// Metrics retention and bounds.
+    pub metrics: MetricsSettings,
+    /// How often file discovery polls its file.
+    pub discovery_poll_interval: Duration,
+    /// How long a graceful shutdown lets in-flight requests finish.
+    pub shutdown_grace_period: Duration,
+}
+
+/// Connection timeouts and size limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Protocol detection timeout.
+    pub detect_timeout: Duration,
+    /// Time allowed to receive a complete request head.
+    pub header_read_timeout: Duration,
+    /// Idle timeout for accepted connections.
+    pub idle_timeout: Duration,
+    /// Idle timeout for pooled upstream connections.
+    pub pool_idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    pub pool_max_idle_per_endpoint: usize,
+    /// The largest request head accepted.
+    pub max_header_bytes: usize,
+    /// Concurrent HTTP/2 streams per accepted connection.
+    pub max_concurrent_streams: u32,
+    /// Accepted connections per listener.
+    pub max_connections: usize,
+}
+
+/// Queue settings per service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueSettings {
+    /// Requests that may wait for a ready endpoint.
+    pub capacity: usize,
+    /// How long without a ready endpoint before failing fast.
+    pub failfast_timeout: Duration,
+}
+
+/// Load balancer settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BalancerSettings {
+    /// Initial RTT estimate.
+    pub default_rtt: Duration,
+    /// PeakEWMA decay time constant.
+    pub decay: Duration,
+}
+
+/// Metrics settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MetricsSettings {
+    /// Series idle this long are dropped.
+    pub retain_idle: Duration,
+    /// Distinct authorities tracked before overflow.
+    pub max_authorities: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            detect_timeout: DEFAULT_DETECT_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            pool_max_idle_per_endpoint: DEFAULT_POOL_MAX_IDLE_PER_ENDPOINT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// A configuration with every default and the given discovery: what tests and the
+    /// simulation start from.
+    #[must_use]
+    pub fn with_discovery(discovery: DiscoveryConfig) -> Self {
+        Self {
+            outbound_addr: DEFAULT_OUTBOUND_ADDR,
+            inbound_addr: DEFAULT_INBOUND_ADDR,
+            admin_addr: DEFAULT_ADMIN_ADDR,
+            app_addr: None,
+            discovery,
+            log: DEFAULT_LOG.to_owned(),
+            seed: None,
+            workers: NonZeroUsize::MIN,
+            outbound_default_target: None,
+            limits: Limits::default(),
+            queue: QueueSettings {
+                capacity: DEFAULT_QUEUE_CAPACITY,
+                failfast_timeout: DEFAULT_FAILFAST_TIMEOUT,
+            },
+            balancer: BalancerSettings {
+                default_rtt: DEFAULT_BALANCER_DEFAULT_RTT,
+                decay: DEFAULT_BALANCER_DECAY,
+            },
+            metrics: MetricsSettings {
+                retain_idle: DEFAULT_METRICS_RETAIN_IDLE,
+                max_authorities: DEFAULT_METRICS_MAX_AUTHORITIES,
+            },
+            discovery_poll_interval: DEFAULT_DISCOVERY_POLL_INTERVAL,
+            shutdown_grace_period: DEFAULT_SHUTDOWN_GRACE_PERIOD,
+        }
+    }
+
+    /// Builds the configuration from the YAML file text (if any) and the process environment
+    /// (`(name, value)` pairs; variables without the `CONDUIT_PROXY_` prefix are ignored, and
+    /// `CONDUIT_PROXY_CONFIG` itself is the caller's business).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`] listing every problem, each naming its key and variable.
+    pub fn load(
+        file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, InvalidConfig> {
+        let mut errors = Vec::new();
+        let mut map = match file {
+            Some(text) if !text.trim().is_empty() => {
+                match serde_yaml_ng::from_str::<serde_yaml_ng::Mapping>(text) {
+                    Ok(map) => map,
+                    Err(err) => {
+                        return Err(InvalidConfig(vec![FieldError::new("config file", err)]));
+                    }
+                }
+            }
+            _ => serde_yaml_ng::Mapping::new(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if key == "CONFIG" {
+                continue;
+            }
+            let key = key.to_ascii_lowercase();
+            // Numbers stay numbers so `CONDUIT_PROXY_WORKERS=2` means what `workers: 2` means.
+            let value = match value.parse::<u64>() {
+                Ok(n) => serde_yaml_ng::Value::Number(n.into()),
+                Err(_) => serde_yaml_ng::Value::String(value),
+            };
+            map.insert(serde_yaml_ng::Value::String(key), value);
+        }
+        let raw: RawProxyConfig =
+            match serde_path_to_error::deserialize(serde_yaml_ng::Value::Mapping(map)) {
+                Ok(raw) => raw,
+                Err(err) => {
+                    let field = err.path().to_string();
+                    errors.push(FieldError::new(&field, err.into_inner()));
+                    return Err(InvalidConfig(errors));
+                }
+            };
+        Self::try_from_raw(raw)
+    }
+
+    /// Validates a raw configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`] listing every invalid field.
+    pub fn try_from_raw(raw: RawProxyConfig) -> Result<Self, InvalidConfig> {
+        let mut errors = Vec::new();
+        let mut e = |field: &str, msg: String| errors.push(FieldError::new(field, msg));
+
+        let discovery = match raw.discovery.as_deref() {
+            None | Some("") => {
+                e("discovery", "required: `file:PATH` for a mesh file".into());
+                DiscoveryConfig::File(PathBuf::new())
+            }
+            Some(value) => match value.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => DiscoveryConfig::File(PathBuf::from(path)),
+                Some(_) => {
+                    e(
+                        "discovery",
+                        "`file:` needs a path, as in `file:mesh.yaml`".into(),
+                    );
+                    DiscoveryConfig::File(PathBuf::new())
+                }
+                None => {
+                    e(
+                        "discovery",
+                        format!(
+                            "`{value}`: controller discovery (HOST:PORT) is not built yet \
+                             (issue #4); use `file:PATH`"
+                        ),
+                    );
+                    DiscoveryConfig::File(PathBuf::new())
+                }
+            },
+        };
+        let mut config = Self::with_discovery(discovery);
+
+        let mut parse_addr = |field: &str, value: Option<String>, into: &mut SocketAddr| {
+            if let Some(value) = value {
+                match value.parse() {
+                    Ok(a) => *into = a,
+                    Err(_) => e(field, format!("`{value}` is not an IP:PORT address")),
+                }
+            }
+        };
+        parse_addr(
+            "outbound_addr",
+            raw.outbound_addr,
+            &mut config.outbound_addr,
+        );
+        parse_addr("inbound_addr", raw.inbound_addr, &mut config.inbound_addr);
+        parse_addr("admin_addr", raw.admin_addr, &mut config.admin_addr);
+        let mut app = SocketAddr::from(([0, 0, 0, 0], 0));
+        let has_app = raw.app_addr.is_some();
+        parse_addr("app_addr", raw.app_addr, &mut app);
+        if has_app {
+            config.app_addr = Some(app);
+        }
+        let mut target = SocketAddr::from(([0, 0, 0, 0], 0));
+        let has_target = raw.outbound_default_target.is_some();
+        parse_addr(
+            "outbound_default_target",
+            raw.outbound_default_target,
+            &mut target,
+        );
+        if has_target {
+            config.outbound_default_target = Some(target);
+        }
+
+        if let Some(log) = raw.log {
+            config.log = log;
+        }
+        config.seed = raw.seed;
+        if let Some(workers) = raw.workers {
+            match usize::try_from(workers).ok().and_then(NonZeroUsize::new) {
+                Some(w) if w.get() <= 1024 => config.workers = w,
+                _ => e("workers", format!("`{workers}` must be between 1 and 1024")),
+            }
+        }
+
+        let mut duration = |field: &str, value: Option<String>, into: &mut Duration| {
+            if let Some(value) = value {
+                match parse_duration(&value) {
+                    Some(d) if !d.is_zero() => *into = d,
+                    _ => e(
+                        field,
+                        format!("`{value}` is not a positive duration (e.g. `500ms`, `10s`, `2m`)"),
+                    ),
+                }
+            }
+        };
+        let l = &mut config.limits;
+        duration(
+            "connect_timeout",
+            raw.connect_timeout,
+            &mut l.connect_timeout,
+        );
+        duration("detect_timeout", raw.detect_timeout, &mut l.detect_timeout);
+        duration(
+            "header_read_timeout",
+            raw.header_read_timeout,
+            &mut l.header_read_timeout,
+        );
+        duration("idle_timeout", raw.idle_timeout, &mut l.idle_timeout);
+        duration(
+            "pool_idle_timeout",
+            raw.pool_idle_timeout,
+            &mut l.pool_idle_timeout,
+        );
+        duration(
+            "failfast_timeout",
+            raw.failfast_timeout,
+            &mut config.queue.failfast_timeout,
+        );
+        duration(
+            "balancer_default_rtt",
+            raw.balancer_default_rtt,
+            &mut config.balancer.default_rtt,
+        );
+        duration(
+            "balancer_decay",
+            raw.balancer_decay,
+            &mut config.balancer.decay,
+        );
+        duration(
+            "metrics_retain_idle",
+            raw.metrics_retain_idle,
+            &mut config.metrics.retain_idle,
+        );
+        duration(
+            "discovery_poll_interval",
+            raw.discovery_poll_interval,
+            &mut config.discovery_poll_interval,
+        );
+        duration(
+            "shutdown_grace_period",
+            raw.shutdown_grace_period,
+            &mut config.shutdown_grace_period,
+        );
+
+        let mut bounded =
+            |field: &str, value: Option<u64>, min: u64, max: u64, into: &mut usize| {
+                if let Some(v) = value {
+                    match usize::try_from(v) {
+                        Ok(n) if (min..=max).contains(&v) => *into = n,
+                        _ => e(field, format!("`{v}` must be between {min} and {max}")),
+                    }
+                }
+            };
+        let l = &mut config.limits;
+        bounded(
+            "pool_max_idle_per_endpoint",
+            raw.pool_max_idle_per_endpoint,
+            0,
+            10_000,
+            &mut l.pool_max_idle_per_endpoint,
+        );
+        // hyper's HTTP/1 reader needs at least 8 KiB of buffer.
+        bounded(
+            "max_header_bytes",
+            raw.max_header_bytes,
+            8192,
+            1 << 24,
+            &mut l.max_header_bytes,
+        );
+        bounded(
+            "max_connections",
+            raw.max_connections,
+            1,
+            1_000_000,
+            &mut l.max_connections,
+        );
+        bounded(
+            "queue_capacity",
+            raw.queue_capacity,
+            0,
+            1_000_000,
+            &mut config.queue.capacity,
+        );
+        bounded(
+            "metrics_max_authorities",
+            raw.metrics_max_authorities,
+            1,
+            1_000_000,
+            &mut config.metrics.max_authorities,
+        );
+        let mut streams = 0usize;
+        bounded(
+            "max_concurrent_streams",
+            raw.max_concurrent_streams,
+            1,
+            1_000_000,
+            &mut streams,
+        );
+        if streams > 0 {
+            config.limits.max_concurrent_streams = u32::try_from(streams).unwrap_or(u32::MAX);
+        }
+
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(InvalidConfig(errors))
+        }
+    }
+}
+
+/// Parses `<digits><unit>` with unit `ms`, `s`, `m` or `h`.
+#[must_use]
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// The configuration as written (YAML keys = lower-cased variable suffixes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[expect(
+    missing_docs,
+    reason = "each field is documented on its validated counterpart"
+)]
+pub struct RawProxyConfig {
+    pub outbound_addr: Option<String>,
+    pub inbound_addr: Option<String>,
+    pub admin_addr: Option<String>,
+    pub app_addr: Option<String>,
+    pub discovery: Option<String>,
+    pub log: Option<String>,
+    pub seed: Option<u64>,
+    pub workers: Option<u64>,
+    pub outbound_default_target: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub detect_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub pool_idle_timeout: Option<String>,
+    pub pool_max_idle_per_endpoint: Option<u64>,
+    pub max_header_bytes: Option<u64>,
+    pub max_concurrent_streams: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub queue_capacity: Option<u64>,
+    pub failfast_timeout: Option<String>,
+    pub balancer_default_rtt: Option<String>,
+    pub balancer_decay: Option<String>,
+    pub metrics_retain_idle: Option<String>,
+    pub metrics_max_authorities: Option<u64>,
+    pub discovery_poll_interval: Option<String>,
+    pub shutdown_grace_period: Option<String>,
+}
+
+/// One invalid setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// The YAML key (or `config file`).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: &str, message: impl fmt::Display) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() || self.field.contains(' ') || self.field == "." {
+            write!(f, "{}: {}", self.field, self.message)
+        } else {
+            let env = format!("{ENV_PREFIX}{}", self.field.to_ascii_uppercase());
+            write!(f, "{} ({env}): {}", self.field, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidConfig(pub Vec<FieldError>);
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid proxy configuration:")?;
+        for error in &self.0 {
+            write!(f, "\n  {error}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_only_discovery() {
+        let c =
+            ProxyConfig::load(None, env(&[("CONDUIT_PROXY_DISCOVERY", "file:m.yaml")])).unwrap();
+        assert_eq!(c.outbound_addr, DEFAULT_OUTBOUND_ADDR);
+        assert_eq!(c.inbound_addr.port(), 4143);
+        assert_eq!(c.admin_addr.port(), 4191);
+        assert_eq!(c.discovery, DiscoveryConfig::File("m.yaml".into()));
+        assert_eq!(c.workers.get(), 1);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let file = "discovery: file:a.yaml\nconnect_timeout: 2s\nworkers: 2\n";
+        let c = ProxyConfig::load(
+            Some(file),
+            env(&[
+                ("CONDUIT_PROXY_CONNECT_TIMEOUT", "250ms"),
+                ("CONDUIT_PROXY_APP_ADDR", "127.0.0.1:8080"),
+                ("CONDUIT_PROXY_CONFIG", "ignored.yaml"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.workers.get(), 2);
+        assert_eq!(c.app_addr, Some("127.0.0.1:8080".parse().unwrap()));
+    }
+
+    #[test]
+    fn errors_name_every_field() {
+        let err = ProxyConfig::load(
+            None,
+            env(&[
+                ("CONDUIT_PROXY_DISCOVERY", "controller:8086"),
+                ("CONDUIT_PROXY_ADMIN_ADDR", "nope"),
+                ("CONDUIT_PROXY_CONNECT_TIMEOUT", "3 parsecs"),
+                ("CONDUIT_PROXY_WORKERS", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "discovery (CONDUIT_PROXY_DISCOVERY): `controller:8086`: controller discovery",
+            "admin_addr (CONDUIT_PROXY_ADMIN_ADDR): `nope` is not an IP:PORT address",
+            "connect_timeout (CONDUIT_PROXY_CONNECT_TIMEOUT): `3 parsecs`",
+            "workers (CONDUIT_PROXY_WORKERS): `0` must be between 1 and 1024",
+        ] {
+            assert!(err.contains(want), "{err}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn unknown_settings_are_rejected() {
+        let err = ProxyConfig::load(None, env(&[("CONDUIT_PROXY_CONECT_TIMEOUT", "1s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `conect_timeout`"), "{err}");
+        let err = ProxyConfig::load(None, env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("discovery (CONDUIT_PROXY_DISCOVERY): required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10ms"), Some(Duration::from_millis(10)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("99999999999999999999s"), None);
+    }
+}

@@ -1,0 +1,303 @@
+//! THE mapping from proxy errors to HTTP and gRPC responses (STYLE.md §4; Linkerd's
+//! `errors/respond.rs`, reference/linkerd.md §1.8).
+//!
+//! Every response the proxy makes itself is built here, carries `conduit-proxy-error: <reason>`
+//! so clients and operators can tell the proxy answered rather than the app, and sets HTTP
+//! status, `grpc-status` and connection closing together. gRPC callers (`content-type:
+//! application/grpc*`) get HTTP 200 with `grpc-status`/`grpc-message` in a trailers-only
+//! response, as gRPC requires. Responses from the app never pass through here.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{self, Body};
+
+/// The header on every response the proxy synthesizes.
+pub const PROXY_ERROR_HEADER: &str = "conduit-proxy-error";
+
+/// gRPC status codes used here (grpc/doc/statuscodes.md).
+mod grpc {
+    pub(super) const INVALID_ARGUMENT: u32 = 3;
+    pub(super) const DEADLINE_EXCEEDED: u32 = 4;
+    pub(super) const NOT_FOUND: u32 = 5;
+    pub(super) const RESOURCE_EXHAUSTED: u32 = 8;
+    pub(super) const UNAVAILABLE: u32 = 14;
+}
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// No endpoint of the service became ready within the fail-fast timeout.
+    #[error("no ready endpoint for {authority} within the fail-fast timeout")]
+    FailFast {
+        /// The service.
+        authority: String,
+    },
+    /// The service's request queue is full.
+    #[error("load shed: the request queue for {authority} is full")]
+    LoadShed {
+        /// The service.
+        authority: String,
+    },
+    /// Connecting to an endpoint took longer than the connect timeout.
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The configured timeout.
+        timeout: Duration,
+    },
+    /// Connecting to an endpoint failed (refused, unreachable).
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The upstream connection failed: reset, closed early, or broke the protocol.
+    #[error("upstream {addr} failed: {source}")]
+    Upstream {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request's authority is not a service discovery knows.
+    #[error("unknown authority {authority}: not in discovery")]
+    UnknownAuthority {
+        /// The authority as the client sent it (truncated).
+        authority: String,
+    },
+    /// The request could not be parsed or lacks what the proxy needs (an authority).
+    #[error("malformed request: {reason}")]
+    Malformed {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The request head is larger than the configured maximum.
+    #[error("request headers exceed {limit} bytes")]
+    HeadersTooLarge {
+        /// The configured maximum.
+        limit: usize,
+    },
+    /// The proxy cannot serve the request (shutting down, internal failure).
+    #[error("proxy unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a synthesized response looks like, decided in one place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyntheticResponse {
+    /// HTTP status for plain HTTP callers.
+    pub http_status: StatusCode,
+    /// `grpc-status` for gRPC callers.
+    pub grpc_status: u32,
+    /// Whether the connection to the client should close after this response.
+    pub close_connection: bool,
+    /// The reason, for the error header and `grpc-message`.
+    pub message: String,
+}
+
+impl ProxyError {
+    /// The response this error becomes.
+    #[must_use]
+    pub fn to_synthetic(&self) -> SyntheticResponse {
+        use ProxyError as E;
+        let (http_status, grpc_status, close_connection) = match self {
+            E::FailFast { .. } => (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, true),
+            E::LoadShed { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
+            E::ConnectTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, true)
+            }
+            E::Connect { .. } | E::Upstream { .. } => {
+                (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true)
+            }
+            E::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
+            E::Malformed { .. } => (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT, true),
+            E::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                grpc::RESOURCE_EXHAUSTED,
+                true,
+            ),
+            E::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
+        };
+        SyntheticResponse {
+            http_status,
+            grpc_status,
+            close_connection,
+            message: self.to_string(),
+        }
+    }
+
+    /// The HTTP or gRPC response for a request (`grpc` when the request's content type is
+    /// gRPC; `http1` when the client speaks HTTP/1, where closing means `connection: close`).
+    #[must_use]
+    pub fn to_response(&self, grpc: bool, http1: bool) -> Response<Body> {
+        self.to_synthetic().to_response(grpc, http1)
+    }
+}
+
+impl SyntheticResponse {
+    /// Builds the response.
+    #[must_use]
+    pub fn to_response(&self, grpc: bool, http1: bool) -> Response<Body> {
+        let mut response = Response::new(body::empty());
+        let headers = response.headers_mut();
+        headers.insert(PROXY_ERROR_HEADER, header_value(&self.message));
+        if grpc {
+            // Trailers-only: status in the headers of a response with no body (gRPC over HTTP/2
+            // spec, "Trailers-Only").
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(self.grpc_status));
+            headers.insert("grpc-message", header_value(&percent_encode(&self.message)));
+        } else {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
+        if self.close_connection && http1 {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if !grpc {
+            *response.status_mut() = self.http_status;
+        }
+        response
+    }
+}
+
+/// Serializes a synthesized response (empty body) as an HTTP/1.1 message, for connections the
+/// proxy rejects before hyper serves them (malformed or oversized first request).
+#[must_use]
+pub fn encode_http1(response: &Response<Body>) -> Vec<u8> {
+    let status = response.status();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in response.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !response.headers().contains_key(header::CONNECTION) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A header value from free text: visible ASCII kept, anything else replaced by `?`.
+fn header_value(text: &str) -> HeaderValue {
+    let clean: String = text
+        .chars()
+        .take(512)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("proxy error"))
+}
+
+/// gRPC's `grpc-message` encoding: percent-encode bytes outside printable ASCII and `%`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<ProxyError> {
+        let addr: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        vec![
+            ProxyError::FailFast {
+                authority: "web.default:80".into(),
+            },
+            ProxyError::LoadShed {
+                authority: "web.default:80".into(),
+            },
+            ProxyError::ConnectTimeout {
+                addr,
+                timeout: Duration::from_secs(1),
+            },
+            ProxyError::Connect {
+                addr,
+                source: io::ErrorKind::ConnectionRefused.into(),
+            },
+            ProxyError::UnknownAuthority {
+                authority: "nope.default".into(),
+            },
+            ProxyError::Malformed {
+                reason: "missing authority".into(),
+            },
+            ProxyError::HeadersTooLarge { limit: 65536 },
+            ProxyError::Unavailable {
+                reason: "shutting down".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn the_mapping_table() {
+        let table: Vec<String> = all()
+            .iter()
+            .map(|e| {
+                let s = e.to_synthetic();
+                format!(
+                    "{} | grpc {} | close {} | {}",
+                    s.http_status.as_u16(),
+                    s.grpc_status,
+                    s.close_connection,
+                    s.message
+                )
+            })
+            .collect();
+        insta::assert_snapshot!(table.join("\n"));
+    }
+
+    #[test]
+    fn grpc_gets_trailers_only() {
+        let err = ProxyError::FailFast {
+            authority: "a".into(),
+        };
+        let r = err.to_response(true, false);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert!(r.headers().contains_key(PROXY_ERROR_HEADER));
+        let r = err.to_response(false, true);
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.headers()["connection"], "close");
+    }
+
+    #[test]
+    fn messages_are_sanitized() {
+        assert_eq!(header_value("a\nb\u{e9}"), "a?b?");
+        assert_eq!(percent_encode("50% é"), "50%25 %C3%A9");
+    }
+}

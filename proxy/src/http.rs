@@ -1,0 +1,408 @@
+//! Forwarding one HTTP request: route, balance, send, and settle.
+//!
+//! Shared by both directions: outbound requests are routed by authority through discovery and
+//! balanced per request by the core; inbound requests go to the local app. Hop-by-hop headers
+//! are removed per RFC 9110 §7.6.1, HTTP/1.1 upgrades (WebSocket) are tunnelled, bodies and
+//! trailers stream through untouched, and responses from the app pass through whatever their
+//! status. Everything the proxy answers itself comes from `errors::respond`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use conduit_core::balance::InFlight;
+use conduit_core::time::Instant;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::admin::metrics::{AuthorityLabel, Class, Direction, Metrics};
+use crate::balance::{Router, ServiceBalancer};
+use crate::body::{self, Body, BodyEnd, GuardedBody, OnBodyEnd};
+use crate::clock::Clock;
+use crate::errors::ProxyError;
+use crate::net::Net;
+use crate::pool::{Checkin, Pools, Proto};
+
+/// The `authority` label for outbound requests discovery does not know.
+const UNKNOWN_AUTHORITY: &str = "unknown";
+
+/// Where requests go.
+#[derive(Debug)]
+pub(crate) enum Target {
+    /// Routed by authority and balanced (outbound).
+    Balanced(Arc<Router>),
+    /// Always this address (inbound: the local app).
+    Fixed(SocketAddr),
+}
+
+/// One direction's HTTP forwarding.
+#[derive(Debug)]
+pub(crate) struct HttpProxy<N: Net> {
+    pub(crate) direction: Direction,
+    pub(crate) pools: Arc<Pools<N>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) clock: Clock,
+    pub(crate) target: Target,
+}
+
+impl<N: Net> HttpProxy<N> {
+    /// Serves one request from a client speaking `proto`; never fails (errors become responses).
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        proto: Proto,
+    ) -> Response<Body> {
+        let start = self.clock.now();
+        let grpc = is_grpc(request.headers());
+        let http1 = proto == Proto::Http1;
+        let authority = request_authority(&request);
+        let span = tracing::trace_span!(
+            "request",
+            method = %request.method(),
+            authority = authority.as_ref().map_or("", Authority::as_str),
+            path = request.uri().path(),
+        );
+        let _entered = span.enter();
+        let (label, service) = match (&self.target, &authority) {
+            (Target::Balanced(_), None) => {
+                let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
+                let err = ProxyError::Malformed {
+                    reason: "missing authority (Host header)".into(),
+                };
+                return self.synthesize(&err, &label, start, grpc, http1);
+            }
+            (Target::Balanced(router), Some(authority)) => match router.resolve(authority.as_str())
+            {
+                Ok(service) => (
+                    self.metrics.request(self.direction, service.label()),
+                    Some(service),
+                ),
+                Err(err) => {
+                    let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
+                    return self.synthesize(&err, &label, start, grpc, http1);
+                }
+            },
+            (Target::Fixed(_), authority) => {
+                let name = authority.as_ref().map_or("", Authority::as_str);
+                (self.metrics.request(self.direction, name), None)
+            }
+        };
+        drop(_entered);
+        match self
+            .forward(request, proto, authority, service, &label, start)
+            .await
+        {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::debug!(error = %err, "proxy error");
+                self.synthesize(&err, &label, start, grpc, http1)
+            }
+        }
+    }
+
+    fn synthesize(
+        &self,
+        err: &ProxyError,
+        label: &AuthorityLabel,
+        start: Instant,
+        grpc: bool,
+        http1: bool,
+    ) -> Response<Body> {
+        let response = err.to_response(grpc, http1);
+        let status = response.status().as_u16();
+        let latency = self.clock.now().saturating_duration_since(start);
+        self.metrics
+            .response_headers(self.direction, label, status, latency);
+        let grpc_status = body::grpc_status(response.headers());
+        // Classified like any response (Linkerd's default classes): 5xx and non-OK gRPC
+        // statuses are failures; the proxy's 400/404/431 blame the client, as an app's would.
+        let class = Class::classify(status, grpc_status, true);
+        self.metrics
+            .response_end(self.direction, label, status, class);
+        response
+    }
+
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        proto: Proto,
+        authority: Option<Authority>,
+        service: Option<Arc<ServiceBalancer>>,
+        label: &AuthorityLabel,
+        start: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let upgrade = proto == Proto::Http1 && is_upgrade(request.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let request = prepare_request(request, proto, authority.as_ref(), upgrade)?;
+
+        let (addr, in_flight) = match (&self.target, &service) {
+            (_, Some(service)) => {
+                let picked = service.acquire().await?;
+                (picked.addr, Some(picked.in_flight))
+            }
+            (Target::Fixed(addr), None) => (*addr, None),
+            (Target::Balanced(_), None) => {
+                return Err(ProxyError::Unavailable {
+                    reason: "no service for request".into(),
+                });
+            }
+        };
+        let sent = match self.pools.send(addr, proto, request, upgrade).await {
+            Ok(sent) => sent,
+            Err(err) => {
+                if let (
+                    Some(service),
+                    ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. },
+                ) = (&service, &err)
+                {
+                    service.connect_failed(addr);
+                }
+                return Err(err);
+            }
+        };
+        if let Some(service) = &service {
+            if sent.connected {
+                service.connect_succeeded(addr);
+            }
+            if let Some(in_flight) = &in_flight {
+                service.observe(in_flight);
+            }
+        }
+        let mut response = sent.response;
+        let status = response.status();
+        let latency = self.clock.now().saturating_duration_since(start);
+        self.metrics
+            .response_headers(self.direction, label, status.as_u16(), latency);
+        tracing::trace!(endpoint = %addr, status = status.as_u16(), ?latency, "response headers");
+
+        if let Some(client_upgrade) = client_upgrade {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                let server_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(tunnel(client_upgrade, server_upgrade, addr));
+                self.metrics
+                    .response_end(self.direction, label, status.as_u16(), Class::Success);
+                let (parts, _) = response.into_parts();
+                return Ok(Response::from_parts(parts, body::empty()));
+            }
+        }
+
+        let (mut parts, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let guard = ResponseGuard {
+            metrics: Arc::clone(&self.metrics),
+            direction: self.direction,
+            label: Arc::clone(label),
+            status: status.as_u16(),
+            header_grpc_status: body::grpc_status(&parts.headers),
+            in_flight,
+            checkin: sent.checkin,
+        };
+        let body = GuardedBody::new(incoming, Box::new(guard));
+        Ok(Response::from_parts(parts, body::boxed(body)))
+    }
+}
+
+/// Settles a forwarded response when its body ends: metrics, the endpoint's in-flight count,
+/// and the connection's return to the pool.
+struct ResponseGuard {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+    label: AuthorityLabel,
+    status: u16,
+    header_grpc_status: Option<u32>,
+    in_flight: Option<InFlight>,
+    checkin: Option<Checkin>,
+}
+
+impl OnBodyEnd for ResponseGuard {
+    fn on_end(self: Box<Self>, end: BodyEnd) {
+        let (class, reuse) = match end {
+            BodyEnd::Complete { grpc_status } => {
+                let grpc = grpc_status.or(self.header_grpc_status);
+                (Class::classify(self.status, grpc, true), true)
+            }
+            BodyEnd::Error | BodyEnd::Cancelled => (Class::Failure, false),
+        };
+        self.metrics
+            .response_end(self.direction, &self.label, self.status, class);
+        drop(self.in_flight);
+        if reuse {
+            if let Some(checkin) = self.checkin {
+                checkin.checkin();
+            }
+        }
+    }
+}
+
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    addr: SocketAddr,
+) {
+    match tokio::try_join!(client, server) {
+        Ok((client, server)) => {
+            let mut client = TokioIo::new(client);
+            let mut server = TokioIo::new(server);
+            match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                Ok((up, down)) => {
+                    tracing::debug!(endpoint = %addr, up, down, "upgrade tunnel closed")
+                }
+                Err(err) => {
+                    tracing::debug!(endpoint = %addr, error = %err, "upgrade tunnel failed")
+                }
+            }
+        }
+        Err(err) => tracing::debug!(endpoint = %addr, error = %err, "upgrade failed"),
+    }
+}
+
+/// Whether the request is gRPC (`content-type: application/grpc` or `application/grpc+...`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The request's authority: the URI's (absolute-form or h2 `:authority`), else `Host`.
+fn request_authority(request: &Request<Incoming>) -> Option<Authority> {
+    if let Some(authority) = request.uri().authority() {
+        return Some(authority.clone());
+    }
+    let host = request.headers().get(header::HOST)?.to_str().ok()?;
+    host.parse().ok()
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field it names,
+/// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` (kept when tunnelling an
+/// upgrade), and `TE` except `TE: trailers`, which gRPC needs end to end.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) && name != header::TE {
+            headers.remove(name);
+        }
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    headers.remove(header::TRANSFER_ENCODING);
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Rewrites the client's request for the upstream connection.
+fn prepare_request(
+    request: Request<Incoming>,
+    proto: Proto,
+    authority: Option<&Authority>,
+    upgrade: bool,
+) -> Result<Request<Body>, ProxyError> {
+    let (mut parts, incoming) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match proto {
+        Proto::Http1 => {
+            if parts.method != http::Method::CONNECT && parts.uri.authority().is_some() {
+                // Absolute-form from the client: origin-form upstream, authority in Host.
+                if let Some(authority) = authority {
+                    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                        parts.headers.insert(header::HOST, host);
+                    }
+                }
+                parts.uri = Uri::from(path);
+            }
+            if parts.version != Version::HTTP_10 {
+                parts.version = Version::HTTP_11;
+            }
+        }
+        Proto::Http2 => {
+            let Some(authority) = authority else {
+                return Err(ProxyError::Malformed {
+                    reason: "missing :authority".into(),
+                });
+            };
+            let scheme = parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+            parts.uri = Uri::builder()
+                .scheme(scheme)
+                .authority(authority.clone())
+                .path_and_query(path)
+                .build()
+                .map_err(|err| ProxyError::Malformed {
+                    reason: err.to_string(),
+                })?;
+            parts.version = Version::HTTP_2;
+        }
+    }
+    Ok(Request::from_parts(parts, body::boxed(incoming)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn upgrades_keep_their_fields() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+}

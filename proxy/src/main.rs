@@ -1,0 +1,118 @@
+//! The `conduit-proxy` binary: reads configuration from the environment (and the YAML file
+//! `CONDUIT_PROXY_CONFIG` names), sets up logging and the runtime, and runs the proxy on the
+//! kernel's network until SIGTERM/SIGINT or `/shutdown`.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
+use conduit_proxy::{FileDiscover, TokioNet, entropy};
+
+fn main() -> ExitCode {
+    let config = match load() {
+        Ok(config) => config,
+        Err(err) => {
+            // Logging is not set up yet (its filter is part of the configuration).
+            eprintln!("conduit-proxy: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log);
+    let filter = match filter {
+        Ok(filter) => filter,
+        Err(err) => {
+            eprintln!(
+                "conduit-proxy: log (CONDUIT_PROXY_LOG): `{}`: {err}",
+                config.log
+            );
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = if config.workers.get() == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.get())
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "building the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load() -> anyhow::Result<ProxyConfig> {
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == "--help" || a == "-h")
+    {
+        anyhow::bail!(
+            "configured by CONDUIT_PROXY_* environment variables and the YAML file named by \
+             CONDUIT_PROXY_CONFIG; see proxy/README.md"
+        );
+    }
+    let file = match std::env::var_os("CONDUIT_PROXY_CONFIG") {
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading CONDUIT_PROXY_CONFIG file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    Ok(ProxyConfig::load(file.as_deref(), env)?)
+}
+
+async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
+    tracing::info!(?config, "starting conduit-proxy");
+    let seed = entropy::seed(config.seed);
+    let discovery = match &config.discovery {
+        DiscoveryConfig::File(path) => FileDiscover::start(path, config.discovery_poll_interval)
+            .await
+            .context("starting file discovery")?,
+        other => anyhow::bail!("unsupported discovery {other:?}"),
+    };
+    conduit_proxy::run(config, TokioNet, seed, discovery, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(term) => term,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the proxy");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,313 @@
+//! Upstream connections: per-endpoint pools over the [`Net`] seam.
+//!
+//! HTTP/1.1 requests go over pooled keep-alive connections (at most
+//! `pool_max_idle_per_endpoint` idle per endpoint, closed after `pool_idle_timeout`); a
+//! connection returns to its pool only when its response body has ended. HTTP/2 requests share
+//! one multiplexed connection per endpoint, re-established when it closes. Upstream speaks the
+//! protocol the client spoke (h1 for h1, h2 for h2: gRPC needs h2 end to end); upgrading h1 to
+//! h2 between proxies is a later optimisation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use conduit_core::time::Instant;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::admin::metrics::{Direction, Metrics, Peer};
+use crate::body::Body;
+use crate::clock::Clock;
+use crate::config::Limits;
+use crate::errors::ProxyError;
+use crate::net::Net;
+use crate::transport::CountingIo;
+
+/// The HTTP version spoken on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Proto {
+    /// HTTP/1.1 (and 1.0).
+    Http1,
+    /// HTTP/2 (prior knowledge; gRPC).
+    Http2,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Pool state is a list of connections; a panic elsewhere cannot leave it half-updated.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    idle: Mutex<Vec<Idle>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    last_used: Mutex<Instant>,
+}
+
+/// A response and what to do with its connection when the body ends.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    pub(crate) response: Response<Incoming>,
+    /// Returns the HTTP/1.1 connection to the pool; `None` for h2 and upgrades.
+    pub(crate) checkin: Option<Checkin>,
+    /// A new connection was established for this request.
+    pub(crate) connected: bool,
+}
+
+/// An HTTP/1.1 connection to return to its pool once its response has ended.
+#[derive(Debug)]
+pub(crate) struct Checkin {
+    endpoint: Weak<Endpoint>,
+    sender: http1::SendRequest<Body>,
+    clock: Clock,
+    max_idle: usize,
+}
+
+impl Checkin {
+    /// Returns the connection (if it is still usable and the pool has room).
+    pub(crate) fn checkin(self) {
+        let Some(endpoint) = self.endpoint.upgrade() else {
+            return;
+        };
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&endpoint.idle);
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                sender: self.sender,
+                since: self.clock.now(),
+            });
+        }
+    }
+}
+
+/// Every endpoint's connections, for one direction.
+#[derive(Debug)]
+pub(crate) struct Pools<N: Net> {
+    net: N,
+    clock: Clock,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    direction: Direction,
+    endpoints: Mutex<BTreeMap<(SocketAddr, Proto), Arc<Endpoint>>>,
+}
+
+impl<N: Net> Pools<N> {
+    pub(crate) fn new(
+        net: N,
+        clock: Clock,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        direction: Direction,
+    ) -> Self {
+        Self {
+            net,
+            clock,
+            limits,
+            metrics,
+            direction,
+            endpoints: Mutex::default(),
+        }
+    }
+
+    fn endpoint(&self, addr: SocketAddr, proto: Proto) -> Arc<Endpoint> {
+        let now = self.clock.now();
+        let endpoint = Arc::clone(lock(&self.endpoints).entry((addr, proto)).or_insert_with(
+            || {
+                Arc::new(Endpoint {
+                    idle: Mutex::default(),
+                    h2: tokio::sync::Mutex::new(None),
+                    last_used: Mutex::new(now),
+                })
+            },
+        ));
+        *lock(&endpoint.last_used) = now;
+        endpoint
+    }
+
+    /// Opens a counted connection, bounded by the connect timeout.
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<CountingIo<N::Io>, ProxyError> {
+        let timeout = self.limits.connect_timeout;
+        match tokio::time::timeout(timeout, self.net.connect(addr)).await {
+            Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
+            Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+            Ok(Ok(io)) => {
+                tracing::debug!(endpoint = %addr, "connected");
+                Ok(CountingIo::new(
+                    io,
+                    self.metrics.connection(self.direction, Peer::Dst),
+                ))
+            }
+        }
+    }
+
+    /// Sends `request` to `addr` over `proto`, reusing a pooled connection when one is idle.
+    /// `upgrade` requests get a dedicated connection that can be taken over by the upgrade.
+    ///
+    /// # Errors
+    ///
+    /// Connect failures and timeouts, and upstream failures before response headers.
+    pub(crate) async fn send(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        request: Request<Body>,
+        upgrade: bool,
+    ) -> Result<Sent, ProxyError> {
+        match proto {
+            Proto::Http1 => self.send_http1(addr, request, upgrade).await,
+            Proto::Http2 => self.send_http2(addr, request).await,
+        }
+    }
+
+    async fn send_http1(
+        &self,
+        addr: SocketAddr,
+        mut request: Request<Body>,
+        upgrade: bool,
+    ) -> Result<Sent, ProxyError> {
+        let endpoint = self.endpoint(addr, Proto::Http1);
+        let checkin = |sender| Checkin {
+            endpoint: Arc::downgrade(&endpoint),
+            sender,
+            clock: self.clock,
+            max_idle: self.limits.pool_max_idle_per_endpoint,
+        };
+        if !upgrade {
+            while let Some(mut sender) = self.pop_idle(&endpoint) {
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        return Ok(Sent {
+                            response,
+                            checkin: Some(checkin(sender)),
+                            connected: false,
+                        });
+                    }
+                    Err(mut err) => match err.take_message() {
+                        // The pooled connection closed before the request was written: safe to
+                        // send on another, whatever the method.
+                        Some(unsent) => request = unsent,
+                        None => {
+                            return Err(ProxyError::Upstream {
+                                addr,
+                                source: err.into_error(),
+                            });
+                        }
+                    },
+                }
+            }
+        }
+        let io = self.connect(addr).await?;
+        let (mut sender, connection) = http1::Builder::new()
+            .max_buf_size(self.limits.max_header_bytes.max(8192))
+            .handshake::<_, Body>(TokioIo::new(io))
+            .await
+            .map_err(|source| ProxyError::Upstream { addr, source })?;
+        tokio::spawn(async move {
+            let result = if upgrade {
+                connection.with_upgrades().await
+            } else {
+                connection.await
+            };
+            if let Err(err) = result {
+                tracing::debug!(endpoint = %addr, error = %err, "upstream connection ended");
+            }
+        });
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| ProxyError::Upstream { addr, source })?;
+        let checkin = (!upgrade).then(|| checkin(sender));
+        Ok(Sent {
+            response,
+            checkin,
+            connected: true,
+        })
+    }
+
+    fn pop_idle(&self, endpoint: &Endpoint) -> Option<http1::SendRequest<Body>> {
+        let now = self.clock.now();
+        let mut idle = lock(&endpoint.idle);
+        while let Some(conn) = idle.pop() {
+            let fresh = now.saturating_duration_since(conn.since) < self.limits.pool_idle_timeout;
+            if fresh && conn.sender.is_ready() {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    async fn send_http2(
+        &self,
+        addr: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Sent, ProxyError> {
+        let endpoint = self.endpoint(addr, Proto::Http2);
+        let (mut sender, connected) = {
+            // Held across the connect so concurrent requests share one new connection.
+            let mut slot = endpoint.h2.lock().await;
+            match slot.as_ref() {
+                Some(sender) if !sender.is_closed() => (sender.clone(), false),
+                _ => {
+                    let io = self.connect(addr).await?;
+                    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_header_list_size(
+                            u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX),
+                        )
+                        .adaptive_window(true)
+                        .handshake::<_, Body>(TokioIo::new(io))
+                        .await
+                        .map_err(|source| ProxyError::Upstream { addr, source })?;
+                    tokio::spawn(async move {
+                        if let Err(err) = connection.await {
+                            tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
+                        }
+                    });
+                    *slot = Some(sender.clone());
+                    (sender, true)
+                }
+            }
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| ProxyError::Upstream { addr, source })?;
+        Ok(Sent {
+            response,
+            checkin: None,
+            connected,
+        })
+    }
+
+    /// Closes idle connections past the idle timeout and forgets unused endpoints.
+    pub(crate) fn sweep(&self) {
+        let now = self.clock.now();
+        let timeout = self.limits.pool_idle_timeout;
+        lock(&self.endpoints).retain(|_, endpoint| {
+            lock(&endpoint.idle).retain(|conn| {
+                !conn.sender.is_closed() && now.saturating_duration_since(conn.since) < timeout
+            });
+            let idle_for = now.saturating_duration_since(*lock(&endpoint.last_used));
+            if idle_for >= timeout {
+                if let Ok(mut h2) = endpoint.h2.try_lock() {
+                    // Dropping the last sender closes the connection once its streams end.
+                    *h2 = None;
+                }
+            }
+            let h2_open = endpoint.h2.try_lock().map_or(true, |h2| h2.is_some());
+            Arc::strong_count(endpoint) > 1 || !lock(&endpoint.idle).is_empty() || h2_open
+        });
+    }
+}

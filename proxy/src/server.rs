@@ -1,0 +1,233 @@
+//! Accepting connections and serving them: detection, HTTP/1.1 and HTTP/2 via hyper, opaque
+//! TCP forwarding. Shared by the inbound and outbound listeners; `inbound` and `outbound`
+//! choose the target and the TLS seam.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::admin::metrics::{Direction, Peer};
+use crate::clock::Clock;
+use crate::config::Limits;
+use crate::detect::{self, DetectError, DetectLimits, Detected};
+use crate::drain::Drain;
+use crate::errors::ProxyError;
+use crate::errors::respond::encode_http1;
+use crate::http::HttpProxy;
+use crate::net::{Io, Listener, Net};
+use crate::pool::Proto;
+use crate::transport::{ActivityIo, PrefixedIo};
+
+/// How long to pause accepting after an accept error (EMFILE and friends), so a full fd table
+/// does not become a busy loop.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Everything a listener's connections need.
+#[derive(Debug)]
+pub(crate) struct ServeContext<N: Net> {
+    pub(crate) http: Arc<HttpProxy<N>>,
+    pub(crate) limits: Limits,
+    pub(crate) clock: Clock,
+    /// Where opaque TCP goes (`None`: close it).
+    pub(crate) opaque_target: Option<SocketAddr>,
+}
+
+impl<N: Net> ServeContext<N> {
+    fn direction(&self) -> Direction {
+        self.http.direction
+    }
+}
+
+/// Accepts connections until draining starts, each served on its own task.
+pub(crate) async fn accept_loop<N: Net>(
+    listener: N::Listener,
+    ctx: Arc<ServeContext<N>>,
+    mut drain: Drain,
+) {
+    let permits = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let direction = ctx.direction().as_str();
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = drain.signaled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drain.signaled() => break,
+        };
+        let (io, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!(direction, error = %err, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let span = tracing::debug_span!("conn", direction, peer = %peer);
+        let ctx = Arc::clone(&ctx);
+        let drain = drain.clone();
+        tokio::spawn(
+            async move {
+                serve_connection(io, ctx, drain).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    tracing::debug!(direction, "listener closed for drain");
+}
+
+async fn serve_connection<N: Net>(io: N::Io, ctx: Arc<ServeContext<N>>, drain: Drain) {
+    let guard = ctx.http.metrics.connection(ctx.direction(), Peer::Src);
+    let mut io = crate::transport::CountingIo::new(io, guard);
+    // TLS seam: the identity/mTLS issue detects a ClientHello here (inbound: terminate when the
+    // SNI is our identity) before HTTP detection, and hands the decrypted stream on.
+    let mut buf = BytesMut::new();
+    let limits = DetectLimits {
+        detect_timeout: ctx.limits.detect_timeout,
+        header_read_timeout: ctx.limits.header_read_timeout,
+        max_header_bytes: ctx.limits.max_header_bytes,
+    };
+    let detected = detect::detect(&mut io, &mut buf, limits).await;
+    let prefix = buf.freeze();
+    match detected {
+        Ok(Detected::Http1) => {
+            serve_http(PrefixedIo::new(prefix, io), Proto::Http1, &ctx, drain).await
+        }
+        Ok(Detected::Http2) => {
+            serve_http(PrefixedIo::new(prefix, io), Proto::Http2, &ctx, drain).await
+        }
+        Ok(Detected::Opaque) => forward_opaque(io, prefix, &ctx).await,
+        Err(DetectError::TooLarge(limit)) => {
+            reject(&mut io, &ProxyError::HeadersTooLarge { limit }).await;
+        }
+        Err(DetectError::Malformed(reason)) => {
+            reject(&mut io, &ProxyError::Malformed { reason }).await;
+        }
+        Err(err) => tracing::debug!(error = %err, "closing connection"),
+    }
+}
+
+/// Answers a request hyper never saw (it failed detection) and closes.
+async fn reject<I: Io>(io: &mut I, err: &ProxyError) {
+    tracing::debug!(error = %err, "rejecting request");
+    let bytes = encode_http1(&err.to_response(false, true));
+    let _ = io.write_all(&bytes).await;
+    let _ = io.shutdown().await;
+}
+
+async fn serve_http<N: Net, I: Io>(
+    io: I,
+    proto: Proto,
+    ctx: &Arc<ServeContext<N>>,
+    mut drain: Drain,
+) {
+    let http = Arc::clone(&ctx.http);
+    let service = service_fn(move |request| {
+        let http = Arc::clone(&http);
+        async move { Ok::<_, std::convert::Infallible>(http.handle(request, proto).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match proto {
+        Proto::Http1 => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                // Later requests on a kept-alive connection: the first request's head was
+                // bounded by detection; this bounds the wait for each next one (the idle
+                // timeout) and its read.
+                .header_read_timeout(ctx.limits.idle_timeout)
+                .max_buf_size(ctx.limits.max_header_bytes)
+                .auto_date_header(false)
+                .keep_alive(true);
+            let connection = builder.serve_connection(io, service).with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+        Proto::Http2 => {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(ctx.limits.max_concurrent_streams)
+                .max_header_list_size(
+                    u32::try_from(ctx.limits.max_header_bytes).unwrap_or(u32::MAX),
+                )
+                .keep_alive_interval(ctx.limits.idle_timeout / 4)
+                .keep_alive_timeout(Duration::from_secs(20))
+                .adaptive_window(true)
+                .auto_date_header(false);
+            let connection = builder.serve_connection(io, service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "connection ended with error");
+    }
+}
+
+/// Forwards an opaque connection to `ctx.opaque_target`, closing it when none is configured.
+async fn forward_opaque<N: Net, I: Io>(io: I, prefix: Bytes, ctx: &ServeContext<N>) {
+    let Some(target) = ctx.opaque_target else {
+        tracing::debug!(
+            "opaque TCP on the outbound listener with no original destination and no \
+             outbound_default_target; closing"
+        );
+        return;
+    };
+    let upstream = match ctx.http.pools.connect(target).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            tracing::debug!(error = %err, "opaque connect failed; closing");
+            return;
+        }
+    };
+    let mut client = ActivityIo::new(PrefixedIo::new(prefix, io), ctx.clock);
+    let activity = client.activity();
+    let mut upstream = upstream;
+    let idle = ctx.limits.idle_timeout;
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let watchdog = async {
+        loop {
+            let deadline = activity.last(ctx.clock) + idle;
+            ctx.clock.sleep_until(deadline).await;
+            if ctx
+                .clock
+                .now()
+                .saturating_duration_since(activity.last(ctx.clock))
+                >= idle
+            {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = copy => match result {
+            Ok((up, down)) => tracing::debug!(%target, up, down, "opaque connection closed"),
+            Err(err) => tracing::debug!(%target, error = %err, "opaque connection failed"),
+        },
+        () = watchdog => tracing::debug!(%target, ?idle, "opaque connection idle; closing"),
+    }
+}
