@@ -8,6 +8,10 @@
 //! - [`convert`]: the one place where wire messages become core types. Every message from the
 //!   network is validated there, and an invalid one is a typed [`convert::InvalidMessage`],
 //!   never a panic.
+//! - [`prom`]: the Prometheus text exposition format, read side (for `conduit stat` and the
+//!   controller's public API).
+
 pub mod convert;
 pub mod mesh_file;
 pub mod pb;
+pub mod prom;
