@@ -177,8 +177,10 @@ impl<N: Net> HttpProxy<N> {
             .response_headers(self.direction, label, status.as_u16(), latency);
         tracing::trace!(endpoint = %addr, status = status.as_u16(), ?latency, "response headers");
 
-        if let Some(client_upgrade) = client_upgrade {
-            if status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade
+            && status == StatusCode::SWITCHING_PROTOCOLS
+        {
+            {
                 let server_upgrade = hyper::upgrade::on(&mut response);
                 tokio::spawn(tunnel(client_upgrade, server_upgrade, addr));
                 self.metrics
@@ -228,10 +230,8 @@ impl OnBodyEnd for ResponseGuard {
         self.metrics
             .response_end(self.direction, &self.label, self.status, class);
         drop(self.in_flight);
-        if reuse {
-            if let Some(checkin) = self.checkin {
-                checkin.checkin();
-            }
+        if reuse && let Some(checkin) = self.checkin {
+            checkin.checkin();
         }
     }
 }
@@ -341,10 +341,10 @@ fn prepare_request(
         Proto::Http1 => {
             if parts.method != http::Method::CONNECT && parts.uri.authority().is_some() {
                 // Absolute-form from the client: origin-form upstream, authority in Host.
-                if let Some(authority) = authority {
-                    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                        parts.headers.insert(header::HOST, host);
-                    }
+                if let Some(authority) = authority
+                    && let Ok(host) = HeaderValue::from_str(authority.as_str())
+                {
+                    parts.headers.insert(header::HOST, host);
                 }
                 parts.uri = Uri::from(path);
             }

@@ -300,11 +300,11 @@ impl<N: Net> Pools<N> {
                 !conn.sender.is_closed() && now.saturating_duration_since(conn.since) < timeout
             });
             let idle_for = now.saturating_duration_since(*lock(&endpoint.last_used));
-            if idle_for >= timeout {
-                if let Ok(mut h2) = endpoint.h2.try_lock() {
-                    // Dropping the last sender closes the connection once its streams end.
-                    *h2 = None;
-                }
+            if idle_for >= timeout
+                && let Ok(mut h2) = endpoint.h2.try_lock()
+            {
+                // Dropping the last sender closes the connection once its streams end.
+                *h2 = None;
             }
             let h2_open = endpoint.h2.try_lock().map_or(true, |h2| h2.is_some());
             Arc::strong_count(endpoint) > 1 || !lock(&endpoint.idle).is_empty() || h2_open

@@ -1,5 +1,12 @@
 //! Shared helpers for the proxy's loopback tests: backends, clients, a proxy under test.
-#![allow(dead_code, unreachable_pub, missing_debug_implementations)]
+// Test scaffolding: panicking on a setup failure is the right report, and not every test
+// uses every helper.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::unwrap_used
+)]
 
 use std::convert::Infallible;
 use std::future::Future;

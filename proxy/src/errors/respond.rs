@@ -112,24 +112,23 @@ impl ProxyError {
     /// The response this error becomes.
     #[must_use]
     pub fn to_synthetic(&self) -> SyntheticResponse {
-        use ProxyError as E;
         let (http_status, grpc_status, close_connection) = match self {
-            E::FailFast { .. } => (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, true),
-            E::LoadShed { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
-            E::ConnectTimeout { .. } => {
+            Self::FailFast { .. } => (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, true),
+            Self::LoadShed { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
+            Self::ConnectTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, true)
             }
-            E::Connect { .. } | E::Upstream { .. } => {
+            Self::Connect { .. } | Self::Upstream { .. } => {
                 (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true)
             }
-            E::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
-            E::Malformed { .. } => (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT, true),
-            E::HeadersTooLarge { .. } => (
+            Self::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
+            Self::Malformed { .. } => (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT, true),
+            Self::HeadersTooLarge { .. } => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 grpc::RESOURCE_EXHAUSTED,
                 true,
             ),
-            E::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
+            Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
         };
         SyntheticResponse {
             http_status,
