@@ -302,8 +302,9 @@ impl PeakEwma {
             // The peak: a slower observation replaces the estimate at once.
             rtt_ns
         } else {
-            let weight = self.weight(now);
-            decayed * weight + rtt_ns * (1.0 - weight)
+            // `decayed` is the old estimate already weighted by `exp(-elapsed / decay)`; the
+            // new observation fills the rest.
+            decayed + rtt_ns * (1.0 - self.weight(now))
         };
         if now > self.stamp {
             self.stamp = now;

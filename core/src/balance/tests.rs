@@ -192,6 +192,29 @@ fn peak_ewma_jumps_up_and_decays_down() {
 }
 
 #[test]
+fn a_steady_rtt_is_what_the_estimate_converges_to() {
+    // Observations of 3 ms every 10 ms for two minutes: the estimate settles at 3 ms, not below.
+    let mut ewma = PeakEwma::new(T0, ms(30), Duration::from_secs(10));
+    let mut now = T0;
+    for _ in 0..12_000 {
+        now += ms(10);
+        ewma.observe(now, ms(3));
+    }
+    let settled = ewma.estimate(now).as_secs_f64() * 1000.0;
+    assert!((settled - 3.0).abs() < 0.05, "settled at {settled} ms");
+}
+
+#[test]
+fn two_idle_endpoints_share_light_traffic() {
+    // Light serial traffic (nothing overlaps) still reaches both endpoints: an endpoint that is
+    // not picked decays toward zero cost and is tried again.
+    let mut b = balancer_with(2, Policy::PeakEwma);
+    let counts = simulate(&mut b, 3, T0, Duration::from_secs(20), ms(10), &|_, _| ms(3));
+    let first = share(&counts, addr(0));
+    assert!((0.3..0.7).contains(&first), "share {first}");
+}
+
+#[test]
 fn drained_endpoints_are_never_picked() {
     let mut eps = endpoints(3);
     eps[1].weight = 0;
@@ -265,7 +288,7 @@ fn least_loaded_picks_the_idlest() {
 #[test]
 fn weights_shape_the_share() {
     // Among four equally healthy endpoints, one of weight 400 is considered in most picks and
-    // takes well over its unweighted quarter.
+    // takes more than its unweighted quarter.
     let mut eps = endpoints(4);
     eps[3].weight = 400;
     let mut b = Balancer::new(BalanceConfig::default());
@@ -281,7 +304,7 @@ fn weights_shape_the_share() {
         ms(10)
     });
     let heavy = share(&counts, addr(3));
-    assert!((0.35..0.7).contains(&heavy), "heavy share {heavy}");
+    assert!((0.3..0.7).contains(&heavy), "heavy share {heavy}");
 }
 
 #[test]
