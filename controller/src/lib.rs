@@ -1,4 +1,254 @@
 //! Conduit's control plane.
 //!
-//! Nothing here yet: the Destination service, file discovery and the admin port arrive with the
-//! controller issue (#4). Until then the proxy discovers endpoints from a mesh file directly.
+//! The controller serves, over gRPC: Destination (endpoint and route-profile discovery; see
+//! [`destination`] for the stream protocol), the public API for the CLI ([`api`]), and Identity
+//! and Tap, which answer `UNIMPLEMENTED` until their issues land. Discovery comes from a
+//! [`discovery::Discovery`] backend; today that is a watched YAML mesh file
+//! ([`discovery::file`]). The admin port ([`admin`]) serves `/metrics`, `/ready` and `/live`.
+//!
+//! # Environment as parameters
+//!
+//! The controller opens no sockets and reads no environment: callers pass streams of accepted
+//! connections (tokio's in `main.rs` via [`net::tcp_incoming`], turmoil's in the simulation),
+//! a [`config::ControllerConfig`], and a shutdown future. Time comes from `tokio::time`, which
+//! turmoil and paused tests control. The one real-clock read left in the stack is hyper's
+//! HTTP/2 `date` header on gRPC responses; [`Controller::with_fixed_date_header`] pins it for
+//! the simulation (turmoil.md §4.1).
+//!
+//! ```no_run
+//! # async fn example(config: conduit_controller::config::ControllerConfig) -> anyhow::Result<()> {
+//! use conduit_controller::{net::tcp_incoming, run_file_controller};
+//! let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await?;
+//! let admin = tokio::net::TcpListener::bind(config.admin_addr).await?;
+//! let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//! run_file_controller(&config, tcp_incoming(grpc), tcp_incoming(admin), shutdown).await?;
+//! # Ok(()) }
+//! ```
+
+use core::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::Stream;
+use http::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tonic::transport::server::Connected;
+
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod date;
+pub mod destination;
+pub mod discovery;
+pub mod metrics;
+pub mod net;
+
+use crate::admin::AdminState;
+use crate::api::{ApiService, IdentityService, TapService};
+use crate::config::ControllerConfig;
+use crate::destination::DestinationService;
+use crate::discovery::Discovery;
+use crate::discovery::file::{FileDiscovery, LoadError, load_mesh_file, watch_mesh_file};
+use crate::metrics::Metrics;
+
+/// How long open connections get to finish after shutdown is asked for. Destination streams
+/// never finish by themselves, so after this they are cut; proxies reconnect elsewhere.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// HTTP/2 keepalive pings on gRPC connections: a proxy that vanished without closing its
+/// connection (a crashed host, a partition) is noticed and its streams dropped.
+pub const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a keepalive ping may go unanswered before the connection is closed.
+pub const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The controller's gRPC and admin servers over one discovery backend.
+#[derive(Clone)]
+pub struct Controller {
+    discovery: Arc<dyn Discovery>,
+    metrics: Arc<Metrics>,
+    serving: Arc<AtomicBool>,
+    date_header: Option<HeaderValue>,
+}
+
+impl core::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Controller")
+            .field("date_header", &self.date_header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The mesh file could not be loaded at start-up (the error names the field).
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+impl Controller {
+    /// A controller answering from `discovery`, counting into `metrics`.
+    #[must_use]
+    pub fn new(discovery: Arc<dyn Discovery>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            discovery,
+            metrics,
+            serving: Arc::new(AtomicBool::new(false)),
+            date_header: None,
+        }
+    }
+
+    /// Sets a fixed `date` header on every gRPC response, so hyper does not read the real
+    /// clock for one. For the simulation only: a real server should send the real date.
+    #[must_use]
+    pub fn with_fixed_date_header(mut self, value: HeaderValue) -> Self {
+        self.date_header = Some(value);
+        self
+    }
+
+    /// The controller's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Serves the gRPC API on every connection `incoming` yields until `shutdown` completes
+    /// (then waits for open connections to close) or `incoming` ends.
+    ///
+    /// # Errors
+    ///
+    /// [`tonic::transport::Error`] when the server fails.
+    pub async fn serve_grpc<I, IO, IE>(
+        &self,
+        incoming: I,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        I: Stream<Item = Result<IO, IE>>,
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+            .layer(date::DateHeaderLayer::new(self.date_header.clone()))
+            .add_service(
+                DestinationService::new(Arc::clone(&self.discovery), Arc::clone(&self.metrics))
+                    .into_server(),
+            )
+            .add_service(ApiService::new(Arc::clone(&self.discovery)).into_server())
+            .add_service(IdentityService.into_server())
+            .add_service(TapService.into_server());
+        self.serving.store(true, Ordering::Relaxed);
+        let served = router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        self.serving.store(false, Ordering::Relaxed);
+        served
+    }
+
+    /// Serves the admin endpoints on every connection `incoming` yields until `shutdown`
+    /// completes or `incoming` ends. `/ready` answers 200 while [`Self::serve_grpc`] runs and
+    /// discovery is ready.
+    pub async fn serve_admin<I, IO, IE>(&self, incoming: I, shutdown: impl Future<Output = ()>)
+    where
+        I: Stream<Item = Result<IO, IE>>,
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IE: core::fmt::Display,
+    {
+        let state = AdminState {
+            metrics: Arc::clone(&self.metrics),
+            discovery: Arc::clone(&self.discovery),
+            serving: Arc::clone(&self.serving),
+        };
+        admin::serve_admin(incoming, state, shutdown).await;
+    }
+}
+
+/// Runs a controller whose discovery is the mesh file `config.mesh_file`: loads it (failing
+/// with an error that names the field if it is invalid), watches it for edits, and serves gRPC
+/// and admin on the given connection streams until `shutdown` completes.
+///
+/// After `shutdown`, open connections get [`SHUTDOWN_GRACE`] to close before they are cut.
+///
+/// # Errors
+///
+/// [`RunError::Load`] when the mesh file cannot be read or is invalid at start-up;
+/// [`RunError::Grpc`] when the gRPC server fails.
+pub async fn run_file_controller<G, GIO, GE, A, AIO, AE>(
+    config: &ControllerConfig,
+    grpc_incoming: G,
+    admin_incoming: A,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError>
+where
+    G: Stream<Item = Result<GIO, GE>>,
+    GIO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    GE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    A: Stream<Item = Result<AIO, AE>>,
+    AIO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    AE: core::fmt::Display,
+{
+    let (mesh, tracker) = load_mesh_file(&config.mesh_file).await?;
+    let metrics = Arc::new(Metrics::new(mesh.services().len()));
+    tracing::info!(
+        path = %config.mesh_file.display(),
+        services = mesh.services().len(),
+        "mesh file loaded"
+    );
+    let discovery = FileDiscovery::new(mesh);
+    let watcher = tokio::spawn(watch_mesh_file(
+        tracker,
+        config.mesh_poll_interval,
+        discovery.clone(),
+        Arc::clone(&metrics),
+    ));
+    // Stops the file watcher however this function returns.
+    let _watcher = AbortOnDrop(watcher);
+
+    let controller = Controller::new(Arc::new(discovery), metrics);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let servers = async {
+        let grpc = controller.serve_grpc(grpc_incoming, stopped(stop_rx.clone()));
+        let admin = async {
+            controller
+                .serve_admin(admin_incoming, stopped(stop_rx.clone()))
+                .await;
+            Ok(())
+        };
+        tokio::try_join!(grpc, admin).map(|_| ())
+    };
+    let mut servers = core::pin::pin!(servers);
+    tokio::select! {
+        served = &mut servers => return served.map_err(RunError::from),
+        () = shutdown => {}
+    }
+    tracing::info!(grace = ?SHUTDOWN_GRACE, "shutting down");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {
+        Ok(served) => served.map_err(RunError::from),
+        Err(_) => {
+            tracing::info!("connections still open after the grace period were closed");
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,125 @@
+//! `conduit-controller`: the control plane binary.
+//!
+//! Reads its settings from flags or `CONDUIT_CONTROLLER_*` variables, loads the mesh file
+//! (exiting non-zero with an error naming the field when it is invalid), binds the gRPC and
+//! admin ports on tokio's network and serves until interrupted (Ctrl-C or SIGTERM).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use conduit_controller::config::{ControllerConfig, RawControllerConfig};
+use conduit_controller::net::tcp_incoming;
+use conduit_controller::run_file_controller;
+
+/// Conduit's control plane: destination discovery from a mesh file, and the public API.
+#[derive(Debug, Parser)]
+#[command(name = "conduit-controller", version)]
+struct Args {
+    /// IP:PORT for the gRPC API [default: 127.0.0.1:8086].
+    #[arg(long, env = "CONDUIT_CONTROLLER_GRPC_ADDR")]
+    grpc_addr: Option<String>,
+    /// IP:PORT for /metrics, /ready and /live [default: 127.0.0.1:9996].
+    #[arg(long, env = "CONDUIT_CONTROLLER_ADMIN_ADDR")]
+    admin_addr: Option<String>,
+    /// The mesh file (YAML) to serve; edits are picked up while running.
+    #[arg(long, env = "CONDUIT_CONTROLLER_MESH_FILE")]
+    mesh_file: Option<String>,
+    /// How often to check the mesh file for edits, in milliseconds [default: 1000].
+    #[arg(long, env = "CONDUIT_CONTROLLER_MESH_POLL_MS")]
+    mesh_poll_ms: Option<String>,
+    /// A tracing filter, e.g. `info` or `conduit_controller=debug` [default: info].
+    #[arg(long, env = "CONDUIT_CONTROLLER_LOG")]
+    log: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let raw = RawControllerConfig {
+        grpc_addr: args.grpc_addr,
+        admin_addr: args.admin_addr,
+        mesh_file: args.mesh_file,
+        mesh_poll_ms: args.mesh_poll_ms,
+        log: args.log,
+    };
+    let config = match ControllerConfig::try_from(raw) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("conduit-controller: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(err) = init_tracing(&config.log) {
+        eprintln!("conduit-controller: CONDUIT_CONTROLLER_LOG (--log): {err:#}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("conduit-controller: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "controller stopped");
+            eprintln!("conduit-controller: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("invalid filter")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+async fn run(config: ControllerConfig) -> anyhow::Result<()> {
+    let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot bind the gRPC address {}", config.grpc_addr))?;
+    let admin = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
+    tracing::info!(grpc = %config.grpc_addr, admin = %config.admin_addr, "listening");
+    run_file_controller(
+        &config,
+        tcp_incoming(grpc),
+        tcp_incoming(admin),
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the controller");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
