@@ -1,22 +1,173 @@
-//! The `conduit` command.
-//!
-//! Nothing here yet beyond `--help` and `--version`: `demo`, `stat` and `check` arrive with the
-//! controller issue (#4), `sim` with the simulation issue (#5).
+//! The `conduit` command: run the local demo, read a mesh's top-line figures, check its health,
+//! and drive load.
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("--version" | "-V") => {
-            #[expect(clippy::print_stdout, reason = "the command's output")]
-            {
-                println!("conduit {}", env!("CARGO_PKG_VERSION"));
+#![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
+
+use conduit_cli::demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Conduit: a service mesh whose every behaviour is proven in deterministic simulation.
+#[derive(Debug, Parser)]
+#[command(name = "conduit", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole mesh on loopback: a controller, three services with two or three replicas
+    /// each (every replica behind its own proxy; one slow, one failing a share of its
+    /// requests) and a load generator, with a live table per service until Ctrl-C.
+    Demo {
+        /// Stop after this long (e.g. `30s`, `2m`); run until Ctrl-C when absent.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// `table` (live, refreshed every second) or `json` (one summary at the end).
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Requests per second sent to each service.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        rate: u32,
+        /// Directory holding `conduit-proxy` and `conduit-controller` (default: next to this
+        /// executable, built on demand under `cargo run`).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
+    /// HTTP/1.1 address and print what came back.
+    Load {
+        /// Where to send: usually a proxy's outbound port.
+        addr: SocketAddr,
+        /// The `Host` header (which service).
+        #[arg(long)]
+        authority: String,
+        /// Request path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// How long to send for.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Per-request timeout, from the intended send time.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        timeout: Duration,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |i| text.split_at(i));
+    let n: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 500ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{text}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONDUIT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("conduit: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo { duration, output, rate, bin_dir } => {
+                demo::run(demo::DemoOptions { duration, json: output == Output::Json, rate, bin_dir })
+                    .await
+            }
+            Command::Load { addr, authority, path, rate, duration, connections, timeout } => {
+                run_load(addr, authority, path, rate, duration, connections, timeout).await
             }
         }
-        _ => {
-            #[expect(clippy::print_stdout, reason = "the command's output")]
-            {
-                println!("conduit: the Conduit service mesh\n\nNo subcommands yet: `demo`, `stat` and `check` arrive with issue #4.");
-            }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("conduit: {error:#}");
+            ExitCode::FAILURE
         }
+    }
+}
+
+async fn run_load(
+    addr: SocketAddr,
+    authority: String,
+    path: String,
+    rate: u32,
+    duration: Duration,
+    connections: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use conduit_scenarios::load::{LoadConfig, Target};
+    let config = LoadConfig { rate, duration, connections, timeout, targets: vec![Target { authority, path }] };
+    let report = conduit_scenarios::load::run(
+        conduit_proxy::TokioNet,
+        addr,
+        config,
+        conduit_proxy::clock::Clock::new(),
+    )
+    .await?;
+    let overall = report.overall();
+    let ms = |q| overall.latency.quantile_ms(q).map_or_else(|| "-".to_owned(), |v| format!("{v:.2}ms"));
+    println!("requests   {} scheduled, {} ended in {:.1}s", report.scheduled, overall.total(), report.elapsed.as_secs_f64());
+    println!("statuses   {:?}", overall.statuses);
+    println!("errors     {:?}", overall.errors.iter().map(|(e, n)| (e.as_str(), n)).collect::<Vec<_>>());
+    println!("latency    p50 {}  p90 {}  p99 {}  p99.9 {}  (from intended send time)", ms(0.5), ms(0.9), ms(0.99), ms(0.999));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -1,0 +1,9 @@
+//! The `conduit` command's library: the local demo ([`demo`]) with its workload ([`app`]), and
+//! top-line figures read from proxies' `/metrics` ([`stat`]). `main.rs` parses arguments and
+//! calls in here, so integration tests can drive the same code.
+
+#![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
+
+pub mod app;
+pub mod demo;
+pub mod stat;
