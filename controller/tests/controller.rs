@@ -596,3 +596,69 @@ fn the_binary_exits_non_zero_on_a_bad_mesh_file() {
         "{stderr}"
     );
 }
+
+/// The seam the simulation uses: a controller built from a [`FileDiscovery`] with no file,
+/// fed with `replace`, served over a listener the caller owns, with the `date` header pinned
+/// so hyper never reads the real clock.
+#[tokio::test]
+async fn the_simulation_seam_serves_without_a_file() {
+    use std::sync::Arc;
+
+    use conduit_controller::Controller as Server;
+    use conduit_controller::discovery::file::FileDiscovery;
+    use conduit_controller::metrics::Metrics;
+
+    let discovery = FileDiscovery::new(conduit_proto::mesh_file::parse(&web(&[9001])).unwrap());
+    let controller = Server::new(Arc::new(discovery.clone()), Arc::new(Metrics::new(1)))
+        .with_fixed_date_header(http::HeaderValue::from_static(
+            "Thu, 01 Jan 1970 00:00:00 GMT",
+        ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        controller
+            .serve_grpc(tcp_incoming(listener), shutdown)
+            .await
+    });
+
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{server_addr}")).unwrap();
+    let channel = within("connect", endpoint.connect()).await.unwrap();
+    let mut client = pb::destination_client::DestinationClient::new(channel);
+    let request = pb::GetDestination {
+        path: "web.default".into(),
+        context_token: String::new(),
+    };
+    let response = within("Get", client.get(request)).await.unwrap();
+    assert_eq!(
+        response
+            .metadata()
+            .get("date")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .as_deref(),
+        Some("Thu, 01 Jan 1970 00:00:00 GMT")
+    );
+    let mut stream = response.into_inner();
+    assert_eq!(next(&mut stream).await.version, 1);
+
+    assert_eq!(
+        discovery.replace(conduit_proto::mesh_file::parse(&web(&[9002])).unwrap()),
+        2
+    );
+    assert_eq!(
+        next(&mut stream).await.change,
+        DestinationChange::Add(vec![ep(9002)])
+    );
+    assert_eq!(
+        next(&mut stream).await.change,
+        DestinationChange::Remove(vec![addr(9001)])
+    );
+
+    drop(stream);
+    let _ = stop.send(());
+    within("shutdown", server).await.unwrap().unwrap();
+}

@@ -316,21 +316,29 @@ impl MeshFileTracker {
     /// twice in a row is [`Reload::Unchanged`] the second time, so each bad edit is reported
     /// once.
     pub fn handle_read(&mut self, read: Result<Vec<u8>, LoadError>) -> Reload {
-        let seen = match &read {
-            Ok(contents) => Seen::Contents(contents.clone()),
-            Err(LoadError::Read { source, .. }) => Seen::ReadError(source.kind()),
-            Err(_) => Seen::TooLarge,
-        };
-        if seen == self.last {
-            return Reload::Unchanged;
-        }
-        self.last = seen;
         match read {
-            Ok(contents) => match parse_mesh(&self.path, &contents) {
-                Ok(mesh) => Reload::Changed(mesh),
-                Err(err) => Reload::Rejected(err),
-            },
-            Err(err) => Reload::Rejected(err),
+            Ok(contents) => {
+                if matches!(&self.last, Seen::Contents(last) if *last == contents) {
+                    return Reload::Unchanged;
+                }
+                let parsed = parse_mesh(&self.path, &contents);
+                self.last = Seen::Contents(contents);
+                match parsed {
+                    Ok(mesh) => Reload::Changed(mesh),
+                    Err(err) => Reload::Rejected(err),
+                }
+            }
+            Err(err) => {
+                let seen = match &err {
+                    LoadError::Read { source, .. } => Seen::ReadError(source.kind()),
+                    _ => Seen::TooLarge,
+                };
+                if seen == self.last {
+                    return Reload::Unchanged;
+                }
+                self.last = seen;
+                Reload::Rejected(err)
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //! never sees an older state after a newer one, and each snapshot carries the backend's
 //! `generation`, which only grows.
 //!
-//! Backends today: [`file`] (a watched YAML mesh file, for hosts without Kubernetes and the
+//! Backends today: [`file`](mod@file) (a watched YAML mesh file, for hosts without Kubernetes and the
 //! demo). The Kubernetes backend arrives with its issue and implements the same trait.
 
 use std::sync::Arc;
