@@ -37,7 +37,9 @@ pub async fn serve(listener: TcpListener, behaviour: AppBehaviour) {
     let behaviour = Arc::new(behaviour);
     let rng = Arc::new(Mutex::new(DetRng::new(behaviour.seed)));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let behaviour = Arc::clone(&behaviour);
         let rng = Arc::clone(&rng);

@@ -158,7 +158,10 @@ fn topology() -> anyhow::Result<Vec<DemoService>> {
 fn mesh_file(services: &[DemoService]) -> String {
     let mut yaml = String::from("# Written by `conduit demo`.\nservices:\n");
     for service in services {
-        yaml.push_str(&format!("  {}:\n    port: 80\n    endpoints:\n", service.name));
+        yaml.push_str(&format!(
+            "  {}:\n    port: 80\n    endpoints:\n",
+            service.name
+        ));
         for replica in &service.replicas {
             yaml.push_str(&format!(
                 "      - addr: {}\n        labels: {{ replica: \"{}\", role: {} }}\n",
@@ -184,7 +187,10 @@ impl Binaries {
                 .map(Path::to_path_buf)
                 .context("this executable has no directory")?,
         };
-        let bins = Self { proxy: dir.join("conduit-proxy"), controller: dir.join("conduit-controller") };
+        let bins = Self {
+            proxy: dir.join("conduit-proxy"),
+            controller: dir.join("conduit-controller"),
+        };
         if !bins.proxy.exists() || !bins.controller.exists() {
             let release = dir.ends_with("release");
             Self::build(release)?;
@@ -203,7 +209,9 @@ impl Binaries {
     /// Under `cargo run`, builds the sibling binaries the demo needs (cargo builds only the
     /// package it was asked to run).
     fn build(release: bool) -> anyhow::Result<()> {
-        let Some(cargo) = std::env::var_os("CARGO") else { return Ok(()) };
+        let Some(cargo) = std::env::var_os("CARGO") else {
+            return Ok(());
+        };
         tracing::info!("building conduit-proxy and conduit-controller");
         let mut command = std::process::Command::new(cargo);
         command.args(["build", "-p", "conduit-proxy", "-p", "conduit-controller"]);
@@ -235,7 +243,9 @@ impl Processes {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        let child = command.spawn().with_context(|| format!("starting {name} ({})", program.display()))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
         self.children.push((name.to_owned(), child));
         Ok(())
     }
@@ -277,7 +287,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         .with_context(|| format!("GET http://{addr}{path} timed out"))?
 }
 
-async fn wait_ready(processes: &mut Processes, admins: &[(String, SocketAddr)]) -> anyhow::Result<()> {
+async fn wait_ready(
+    processes: &mut Processes,
+    admins: &[(String, SocketAddr)],
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     for (name, admin) in admins {
         loop {
@@ -319,12 +332,19 @@ async fn scrape(client_admin: SocketAddr, services: &[DemoService]) -> anyhow::R
             // A replica that cannot be scraped this round shows no traffic for it.
             if let Ok((_, text)) = http_get(replica.admin, "/metrics").await {
                 if let Ok(samples) = conduit_proto::prom::parse(&text) {
-                    replicas.insert(replica.inbound, stat::total(&stat::counts_by_authority(&samples, "inbound")));
+                    replicas.insert(
+                        replica.inbound,
+                        stat::total(&stat::counts_by_authority(&samples, "inbound")),
+                    );
                 }
             }
         }
     }
-    Ok(Scrape { at, services: by_service, replicas })
+    Ok(Scrape {
+        at,
+        services: by_service,
+        replicas,
+    })
 }
 
 fn rows(services: &[DemoService], from: &Scrape, to: &Scrape) -> (Vec<Row>, Vec<ServiceSummary>) {
@@ -336,20 +356,38 @@ fn rows(services: &[DemoService], from: &Scrape, to: &Scrape) -> (Vec<Row>, Vec<
         let now = to.services.get(service.name).unwrap_or(&empty);
         let before = from.services.get(service.name).unwrap_or(&empty);
         let figures = Figures::from_counts(&now.since(before), interval);
-        rows.push(Row { name: service.name.to_owned(), depth: 0, figures: figures.clone() });
+        rows.push(Row {
+            name: service.name.to_owned(),
+            depth: 0,
+            figures: figures.clone(),
+        });
         let mut replicas = Vec::new();
         for replica in &service.replicas {
             let now = to.replicas.get(&replica.inbound).unwrap_or(&empty);
             let before = from.replicas.get(&replica.inbound).unwrap_or(&empty);
             let figures = Figures::from_counts(&now.since(before), interval);
             rows.push(Row {
-                name: format!("{}-{} {} ({})", service.name.trim_end_matches(".demo"), replica.behaviour.replica, replica.inbound, replica.role),
+                name: format!(
+                    "{}-{} {} ({})",
+                    service.name.trim_end_matches(".demo"),
+                    replica.behaviour.replica,
+                    replica.inbound,
+                    replica.role
+                ),
                 depth: 1,
                 figures: figures.clone(),
             });
-            replicas.push(ReplicaSummary { addr: replica.inbound, role: replica.role, figures });
+            replicas.push(ReplicaSummary {
+                addr: replica.inbound,
+                role: replica.role,
+                figures,
+            });
         }
-        summaries.push(ServiceSummary { name: service.name.to_owned(), figures, replicas });
+        summaries.push(ServiceSummary {
+            name: service.name.to_owned(),
+            figures,
+            replicas,
+        });
     }
     (rows, summaries)
 }
@@ -380,11 +418,16 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     // The apps run in this process; the controller and proxies are processes of their own.
     let mut apps = tokio::task::JoinSet::new();
     for replica in services.iter().flat_map(|s| &s.replicas) {
-        let listener = app::bind(replica.app).await.with_context(|| format!("binding demo app on {}", replica.app))?;
+        let listener = app::bind(replica.app)
+            .await
+            .with_context(|| format!("binding demo app on {}", replica.app))?;
         apps.spawn(app::serve(listener, replica.behaviour.clone()));
     }
 
-    let mut processes = Processes { children: Vec::new(), logs: work.to_path_buf() };
+    let mut processes = Processes {
+        children: Vec::new(),
+        logs: work.to_path_buf(),
+    };
     let controller_grpc = free_port()?;
     let controller_admin = free_port()?;
     processes.spawn(
@@ -392,8 +435,14 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         &bins.controller,
         &[
             ("CONDUIT_CONTROLLER_GRPC_ADDR", controller_grpc.to_string()),
-            ("CONDUIT_CONTROLLER_ADMIN_ADDR", controller_admin.to_string()),
-            ("CONDUIT_CONTROLLER_MESH_FILE", mesh_path.display().to_string()),
+            (
+                "CONDUIT_CONTROLLER_ADMIN_ADDR",
+                controller_admin.to_string(),
+            ),
+            (
+                "CONDUIT_CONTROLLER_MESH_FILE",
+                mesh_path.display().to_string(),
+            ),
             ("CONDUIT_CONTROLLER_LOG", "warn".to_owned()),
         ],
     )?;
@@ -442,10 +491,18 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         timeout: Duration::from_secs(10),
         targets: services
             .iter()
-            .map(|s| Target { authority: s.name.to_owned(), path: "/".to_owned() })
+            .map(|s| Target {
+                authority: s.name.to_owned(),
+                path: "/".to_owned(),
+            })
             .collect(),
     };
-    let load = tokio::spawn(load::run(TokioNet, client_outbound, load_config, Clock::new()));
+    let load = tokio::spawn(load::run(
+        TokioNet,
+        client_outbound,
+        load_config,
+        Clock::new(),
+    ));
 
     let first = scrape(client_admin, &services).await?;
     let mut window: VecDeque<Scrape> = VecDeque::from([first.clone()]);
@@ -492,11 +549,18 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     load.abort();
     let last = scrape(client_admin, &services).await?;
     let (table, summaries) = rows(&services, &first, &last);
-    let summary = DemoSummary { seconds: last.at.saturating_duration_since(first.at).as_secs_f64(), services: summaries };
+    let summary = DemoSummary {
+        seconds: last.at.saturating_duration_since(first.at).as_secs_f64(),
+        services: summaries,
+    };
     if options.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!("\nWhole run ({:.0}s):\n{}", summary.seconds, stat::render(&table));
+        println!(
+            "\nWhole run ({:.0}s):\n{}",
+            summary.seconds,
+            stat::render(&table)
+        );
     }
     drop(processes);
     apps.abort_all();

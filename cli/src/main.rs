@@ -78,13 +78,17 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, "s"), |i| text.split_at(i));
-    let n: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 500ms, 10s or 2m"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 10s or 2m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{text}`: unknown unit `{unit}` (use ms, s, m or h)")),
+        _ => Err(format!(
+            "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
+        )),
     }
 }
 
@@ -97,7 +101,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("conduit: starting the runtime: {error}");
@@ -106,13 +114,29 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Demo { duration, output, rate, bin_dir } => {
-                demo::run(demo::DemoOptions { duration, json: output == Output::Json, rate, bin_dir })
-                    .await
+            Command::Demo {
+                duration,
+                output,
+                rate,
+                bin_dir,
+            } => {
+                demo::run(demo::DemoOptions {
+                    duration,
+                    json: output == Output::Json,
+                    rate,
+                    bin_dir,
+                })
+                .await
             }
-            Command::Load { addr, authority, path, rate, duration, connections, timeout } => {
-                run_load(addr, authority, path, rate, duration, connections, timeout).await
-            }
+            Command::Load {
+                addr,
+                authority,
+                path,
+                rate,
+                duration,
+                connections,
+                timeout,
+            } => run_load(addr, authority, path, rate, duration, connections, timeout).await,
         }
     });
     match result {
@@ -134,7 +158,13 @@ async fn run_load(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     use conduit_scenarios::load::{LoadConfig, Target};
-    let config = LoadConfig { rate, duration, connections, timeout, targets: vec![Target { authority, path }] };
+    let config = LoadConfig {
+        rate,
+        duration,
+        connections,
+        timeout,
+        targets: vec![Target { authority, path }],
+    };
     let report = conduit_scenarios::load::run(
         conduit_proxy::TokioNet,
         addr,
@@ -143,11 +173,34 @@ async fn run_load(
     )
     .await?;
     let overall = report.overall();
-    let ms = |q| overall.latency.quantile_ms(q).map_or_else(|| "-".to_owned(), |v| format!("{v:.2}ms"));
-    println!("requests   {} scheduled, {} ended in {:.1}s", report.scheduled, overall.total(), report.elapsed.as_secs_f64());
+    let ms = |q| {
+        overall
+            .latency
+            .quantile_ms(q)
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}ms"))
+    };
+    println!(
+        "requests   {} scheduled, {} ended in {:.1}s",
+        report.scheduled,
+        overall.total(),
+        report.elapsed.as_secs_f64()
+    );
     println!("statuses   {:?}", overall.statuses);
-    println!("errors     {:?}", overall.errors.iter().map(|(e, n)| (e.as_str(), n)).collect::<Vec<_>>());
-    println!("latency    p50 {}  p90 {}  p99 {}  p99.9 {}  (from intended send time)", ms(0.5), ms(0.9), ms(0.99), ms(0.999));
+    println!(
+        "errors     {:?}",
+        overall
+            .errors
+            .iter()
+            .map(|(e, n)| (e.as_str(), n))
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "latency    p50 {}  p90 {}  p99 {}  p99.9 {}  (from intended send time)",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999)
+    );
     Ok(())
 }
 

@@ -65,7 +65,9 @@ pub fn counts_by_authority(samples: &[Sample], direction: &str) -> BTreeMap<Stri
         if sample.label("direction") != Some(direction) {
             continue;
         }
-        let Some(authority) = sample.label("authority") else { continue };
+        let Some(authority) = sample.label("authority") else {
+            continue;
+        };
         let value = counter_value(sample.value);
         match sample.name.as_str() {
             "response_total" => {
@@ -76,9 +78,12 @@ pub fn counts_by_authority(samples: &[Sample], direction: &str) -> BTreeMap<Stri
                 }
             }
             "response_latency_ms_bucket" => {
-                let Some(index) = sample.label("le").and_then(bucket_index) else { continue };
-                cumulative.entry(authority.to_owned()).or_insert([0; LATENCY_BUCKETS])[index] +=
-                    value;
+                let Some(index) = sample.label("le").and_then(bucket_index) else {
+                    continue;
+                };
+                cumulative
+                    .entry(authority.to_owned())
+                    .or_insert([0; LATENCY_BUCKETS])[index] += value;
             }
             _ => {}
         }
@@ -119,7 +124,11 @@ fn bucket_index(le: &str) -> Option<usize> {
 fn counter_value(value: f64) -> u64 {
     if value.is_finite() && value > 0.0 {
         // Counters are integers published as floats; rounding recovers them exactly.
-        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "checked finite and positive")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "checked finite and positive"
+        )]
         let v = value.round() as u64;
         v
     } else {
@@ -155,7 +164,11 @@ impl Figures {
         Self {
             requests: counts.responses,
             success_rate: (counts.responses > 0).then(|| successes / requests),
-            rps: if seconds > 0.0 { requests / seconds } else { 0.0 },
+            rps: if seconds > 0.0 {
+                requests / seconds
+            } else {
+                0.0
+            },
             p50_ms: histogram.quantile_ms(0.50),
             p95_ms: histogram.quantile_ms(0.95),
             p99_ms: histogram.quantile_ms(0.99),
@@ -177,7 +190,12 @@ pub struct Row {
 /// Renders rows as a fixed-width table.
 #[must_use]
 pub fn render(rows: &[Row]) -> String {
-    let width = rows.iter().map(|r| r.name.len() + 2 * r.depth).max().unwrap_or(0).max(4);
+    let width = rows
+        .iter()
+        .map(|r| r.name.len() + 2 * r.depth)
+        .max()
+        .unwrap_or(0)
+        .max(4);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -187,7 +205,9 @@ pub fn render(rows: &[Row]) -> String {
     for row in rows {
         let name = format!("{}{}", "  ".repeat(row.depth), row.name);
         let f = &row.figures;
-        let success = f.success_rate.map_or_else(|| "-".to_owned(), |r| format!("{:.2}%", r * 100.0));
+        let success = f
+            .success_rate
+            .map_or_else(|| "-".to_owned(), |r| format!("{:.2}%", r * 100.0));
         let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}ms"));
         let _ = writeln!(
             out,
@@ -237,8 +257,16 @@ response_latency_ms_bucket{direction="outbound",authority="web.demo:80",le="+Inf
         assert_eq!(figures.success_rate, Some(0.95));
         assert!((figures.rps - 20.0).abs() < 1e-9);
         let rows = vec![
-            Row { name: "web.demo:80".into(), depth: 0, figures: figures.clone() },
-            Row { name: "127.0.0.1:4143".into(), depth: 1, figures },
+            Row {
+                name: "web.demo:80".into(),
+                depth: 0,
+                figures: figures.clone(),
+            },
+            Row {
+                name: "127.0.0.1:4143".into(),
+                depth: 1,
+                figures,
+            },
         ];
         insta::assert_snapshot!(render(&rows));
     }

@@ -14,7 +14,16 @@ fn the_demo_reports_traffic_for_every_service_and_the_failing_replica() {
         );
     }
     let output = Command::new(conduit)
-        .args(["demo", "--duration", "5s", "--output", "json", "--rate", "50", "--bin-dir"])
+        .args([
+            "demo",
+            "--duration",
+            "5s",
+            "--output",
+            "json",
+            "--rate",
+            "50",
+            "--bin-dir",
+        ])
         .arg(bin_dir)
         .output()
         .unwrap();
@@ -26,16 +35,27 @@ fn the_demo_reports_traffic_for_every_service_and_the_failing_replica() {
     assert_eq!(services.len(), 3);
     let rate = |name: &str| {
         let service = services.iter().find(|s| s["name"] == name).unwrap();
-        assert!(service["requests"].as_u64().unwrap() > 50, "{name} saw traffic: {service}");
+        assert!(
+            service["requests"].as_u64().unwrap() > 50,
+            "{name} saw traffic: {service}"
+        );
         service["success_rate"].as_f64().unwrap()
     };
     let (web, api, store) = (rate("web.demo"), rate("api.demo"), rate("store.demo"));
-    assert!(api < 0.95, "the failing replica lowers api.demo's success rate: {api}");
-    assert!(web > 0.99 && store > 0.99, "healthy services succeed: {web} {store}");
+    assert!(
+        api < 0.95,
+        "the failing replica lowers api.demo's success rate: {api}"
+    );
+    assert!(
+        web > 0.99 && store > 0.99,
+        "healthy services succeed: {web} {store}"
+    );
     // Latency-aware balancing: the slow web replica gets the smallest share.
     let web = services.iter().find(|s| s["name"] == "web.demo").unwrap();
     let replicas = web["replicas"].as_array().unwrap();
-    let slow = replicas.iter().find(|r| r["role"] == "slow").unwrap()["requests"].as_u64().unwrap();
+    let slow = replicas.iter().find(|r| r["role"] == "slow").unwrap()["requests"]
+        .as_u64()
+        .unwrap();
     for replica in replicas.iter().filter(|r| r["role"] == "healthy") {
         assert!(replica["requests"].as_u64().unwrap() > slow, "{replicas:?}");
     }

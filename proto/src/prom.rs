@@ -63,15 +63,23 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, PromError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        samples.push(parse_line(line).map_err(|reason| PromError::Line { line: i + 1, reason })?);
+        samples.push(parse_line(line).map_err(|reason| PromError::Line {
+            line: i + 1,
+            reason,
+        })?);
     }
     Ok(samples)
 }
 
 fn parse_line(line: &str) -> Result<Sample, &'static str> {
-    let name_end = line.find(|c: char| c == '{' || c.is_whitespace()).ok_or("no value")?;
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .ok_or("no value")?;
     let name = &line[..name_end];
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     {
         return Err("invalid metric name");
     }
@@ -95,7 +103,11 @@ fn parse_line(line: &str) -> Result<Sample, &'static str> {
     if fields.next().is_some() {
         return Err("trailing text");
     }
-    Ok(Sample { name: name.to_owned(), labels, value })
+    Ok(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
 }
 
 /// Parses `name="value",...}` and returns what follows the closing brace.
@@ -113,7 +125,10 @@ fn parse_labels<'a>(
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err("invalid label name");
         }
-        rest = rest[eq + 1..].trim_start().strip_prefix('"').ok_or("label value not quoted")?;
+        rest = rest[eq + 1..]
+            .trim_start()
+            .strip_prefix('"')
+            .ok_or("label value not quoted")?;
         let mut value = String::new();
         let mut chars = rest.char_indices();
         let end = loop {
@@ -172,7 +187,11 @@ process_cpu_seconds_total 1.5e0
             ("x{} one", "invalid value"),
             ("x-y 1", "invalid metric name"),
         ] {
-            assert_eq!(parse(text), Err(PromError::Line { line: 1, reason }), "{text}");
+            assert_eq!(
+                parse(text),
+                Err(PromError::Line { line: 1, reason }),
+                "{text}"
+            );
         }
     }
 

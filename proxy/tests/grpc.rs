@@ -65,7 +65,10 @@ impl tonic::server::ServerStreamingService<Msg> for Streaming {
     }
 }
 
-#[expect(clippy::unwrap_used, reason = "test app: a failed bind or accept is the report")]
+#[expect(
+    clippy::unwrap_used,
+    reason = "test app: a failed bind or accept is the report"
+)]
 async fn grpc_app() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -209,7 +209,9 @@ fn two_idle_endpoints_share_light_traffic() {
     // Light serial traffic (nothing overlaps) still reaches both endpoints: an endpoint that is
     // not picked decays toward zero cost and is tried again.
     let mut b = balancer_with(2, Policy::PeakEwma);
-    let counts = simulate(&mut b, 3, T0, Duration::from_secs(20), ms(10), &|_, _| ms(3));
+    let counts = simulate(&mut b, 3, T0, Duration::from_secs(20), ms(10), &|_, _| {
+        ms(3)
+    });
     let first = share(&counts, addr(0));
     assert!((0.3..0.7).contains(&first), "share {first}");
 }
