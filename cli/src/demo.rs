@@ -291,33 +291,39 @@ async fn wait_ready(
     processes: &mut Processes,
     admins: &[(String, SocketAddr)],
 ) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-    for (name, admin) in admins {
-        loop {
-            processes.check_alive()?;
-            if matches!(http_get(*admin, "/ready").await, Ok((200, _))) {
-                break;
+    let wait = async {
+        for (name, admin) in admins {
+            loop {
+                processes.check_alive()?;
+                if matches!(http_get(*admin, "/ready").await, Ok((200, _))) {
+                    break;
+                }
+                tracing::debug!(process = %name, "waiting for readiness");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if tokio::time::Instant::now() > deadline {
-                bail!("{name} was not ready on {admin} within {READY_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-    Ok(())
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(READY_TIMEOUT, wait)
+        .await
+        .with_context(|| format!("the mesh was not ready within {READY_TIMEOUT:?}"))?
 }
 
 /// One round of scrapes: the client proxy's outbound counts per service, and each replica's
 /// inbound counts.
 #[derive(Clone, Debug)]
 struct Scrape {
-    at: tokio::time::Instant,
+    at: conduit_core::time::Instant,
     services: BTreeMap<String, Counts>,
     replicas: BTreeMap<SocketAddr, Counts>,
 }
 
-async fn scrape(client_admin: SocketAddr, services: &[DemoService]) -> anyhow::Result<Scrape> {
-    let at = tokio::time::Instant::now();
+async fn scrape(
+    clock: Clock,
+    client_admin: SocketAddr,
+    services: &[DemoService],
+) -> anyhow::Result<Scrape> {
+    let at = clock.now();
     let (_, text) = http_get(client_admin, "/metrics").await?;
     let samples = conduit_proto::prom::parse(&text)?;
     let mut by_service: BTreeMap<String, Counts> = BTreeMap::new();
@@ -330,13 +336,13 @@ async fn scrape(client_admin: SocketAddr, services: &[DemoService]) -> anyhow::R
     for service in services {
         for replica in &service.replicas {
             // A replica that cannot be scraped this round shows no traffic for it.
-            if let Ok((_, text)) = http_get(replica.admin, "/metrics").await {
-                if let Ok(samples) = conduit_proto::prom::parse(&text) {
-                    replicas.insert(
-                        replica.inbound,
-                        stat::total(&stat::counts_by_authority(&samples, "inbound")),
-                    );
-                }
+            if let Ok((_, text)) = http_get(replica.admin, "/metrics").await
+                && let Ok(samples) = conduit_proto::prom::parse(&text)
+            {
+                replicas.insert(
+                    replica.inbound,
+                    stat::total(&stat::counts_by_authority(&samples, "inbound")),
+                );
             }
         }
     }
@@ -497,14 +503,10 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
             })
             .collect(),
     };
-    let load = tokio::spawn(load::run(
-        TokioNet,
-        client_outbound,
-        load_config,
-        Clock::new(),
-    ));
+    let clock = Clock::new();
+    let load = tokio::spawn(load::run(TokioNet, client_outbound, load_config, clock));
 
-    let first = scrape(client_admin, &services).await?;
+    let first = scrape(clock, client_admin, &services).await?;
     let mut window: VecDeque<Scrape> = VecDeque::from([first.clone()]);
     let end = options.duration.map(|d| first.at + d);
     let interactive = !options.json && std::io::stdout().is_terminal();
@@ -516,7 +518,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
             _ = tokio::signal::ctrl_c() => break,
         }
         processes.check_alive()?;
-        let latest = scrape(client_admin, &services).await?;
+        let latest = scrape(clock, client_admin, &services).await?;
         window.push_back(latest.clone());
         if window.len() > WINDOW_SCRAPES + 1 {
             window.pop_front();
@@ -547,7 +549,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         }
     }
     load.abort();
-    let last = scrape(client_admin, &services).await?;
+    let last = scrape(clock, client_admin, &services).await?;
     let (table, summaries) = rows(&services, &first, &last);
     let summary = DemoSummary {
         seconds: last.at.saturating_duration_since(first.at).as_secs_f64(),

@@ -29,7 +29,7 @@ async fn serve(listener: tokio::net::TcpListener) {
                 let response = http::Response::builder()
                     .status(status)
                     .body(Full::new(Bytes::from_static(b"hello\n")))
-                    .unwrap();
+                    .expect("a static response is valid");
                 Ok::<_, Infallible>(response)
             });
             let _ = hyper::server::conn::http1::Builder::new()
