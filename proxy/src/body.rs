@@ -35,12 +35,12 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// How a response body ended, for the guard's bookkeeping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum BodyEnd {
-    /// The stream ended cleanly; `grpc_status` is the trailer's value, if any.
+    /// The stream ended cleanly, with its trailers if it had any (gRPC puts its status there).
     Complete {
-        /// `grpc-status` from the trailers.
-        grpc_status: Option<u32>,
+        /// The trailers frame.
+        trailers: Option<http::HeaderMap>,
     },
     /// The upstream failed mid-body (reset, truncated).
     Error,
@@ -57,7 +57,7 @@ pub(crate) trait OnBodyEnd: Send + 'static {
 pub(crate) struct GuardedBody<B> {
     inner: B,
     guard: Option<Box<dyn OnBodyEnd>>,
-    grpc_status: Option<u32>,
+    trailers: Option<http::HeaderMap>,
 }
 
 impl<B> std::fmt::Debug for GuardedBody<B> {
@@ -75,10 +75,10 @@ impl<B: http_body::Body> GuardedBody<B> {
         let mut this = Self {
             inner,
             guard: Some(guard),
-            grpc_status: None,
+            trailers: None,
         };
         if this.inner.is_end_stream() {
-            this.end(BodyEnd::Complete { grpc_status: None });
+            this.end(BodyEnd::Complete { trailers: None });
         }
         this
     }
@@ -108,8 +108,8 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
-                let grpc_status = this.grpc_status;
-                this.end(BodyEnd::Complete { grpc_status });
+                let trailers = this.trailers.take();
+                this.end(BodyEnd::Complete { trailers });
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
@@ -118,11 +118,13 @@ where
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    this.grpc_status = grpc_status(trailers);
+                    // Trailers are a few small fields; the copy lets the guard classify the
+                    // response after the frame has gone downstream.
+                    this.trailers = Some(trailers.clone());
                 }
                 if this.inner.is_end_stream() {
-                    let grpc_status = this.grpc_status;
-                    this.end(BodyEnd::Complete { grpc_status });
+                    let trailers = this.trailers.take();
+                    this.end(BodyEnd::Complete { trailers });
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -142,15 +144,4 @@ impl<B> Drop for GuardedBody<B> {
     fn drop(&mut self) {
         self.end(BodyEnd::Cancelled);
     }
-}
-
-/// The numeric `grpc-status` in a header map, if present and well formed.
-pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use conduit_core::balance::InFlight;
+use conduit_core::classify::{Classifier, Outcome, ResponseClass, TransportError};
 use conduit_core::time::Instant;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -17,7 +18,7 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::admin::metrics::{AuthorityLabel, Class, Direction, Metrics};
+use crate::admin::metrics::{AuthorityLabel, Direction, Metrics};
 use crate::balance::{Router, ServiceBalancer};
 use crate::body::{self, Body, BodyEnd, GuardedBody, OnBodyEnd};
 use crate::clock::Clock;
@@ -45,6 +46,8 @@ pub(crate) struct HttpProxy<N: Net> {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) clock: Clock,
     pub(crate) target: Target,
+    /// Response classes (success or failure) for metrics: the core's, Linkerd's defaults.
+    pub(crate) classifier: Arc<Classifier>,
 }
 
 impl<N: Net> HttpProxy<N> {
@@ -115,12 +118,18 @@ impl<N: Net> HttpProxy<N> {
         let latency = self.clock.now().saturating_duration_since(start);
         self.metrics
             .response_headers(self.direction, label, status, latency);
-        let grpc_status = body::grpc_status(response.headers());
         // Classified like any response (Linkerd's default classes): 5xx and non-OK gRPC
         // statuses are failures; the proxy's 400/404/431 blame the client, as an app's would.
-        let class = Class::classify(status, grpc_status, true);
+        // A synthesized gRPC response is trailers-only, so its head decides.
+        let outcome = match self
+            .classifier
+            .classify_response(response.status(), response.headers())
+        {
+            ResponseClass::Final(class) => class.outcome,
+            ResponseClass::Pending(pending) => self.classifier.classify_eos(pending, None).outcome,
+        };
         self.metrics
-            .response_end(self.direction, label, status, class);
+            .response_end(self.direction, label, status, outcome);
         response
     }
 
@@ -183,8 +192,9 @@ impl<N: Net> HttpProxy<N> {
             {
                 let server_upgrade = hyper::upgrade::on(&mut response);
                 tokio::spawn(tunnel(client_upgrade, server_upgrade, addr));
+                // A completed upgrade is the response the client asked for.
                 self.metrics
-                    .response_end(self.direction, label, status.as_u16(), Class::Success);
+                    .response_end(self.direction, label, status.as_u16(), Outcome::Success);
                 let (parts, _) = response.into_parts();
                 return Ok(Response::from_parts(parts, body::empty()));
             }
@@ -192,12 +202,14 @@ impl<N: Net> HttpProxy<N> {
 
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        let class = self.classifier.classify_response(status, &parts.headers);
         let guard = ResponseGuard {
             metrics: Arc::clone(&self.metrics),
             direction: self.direction,
             label: Arc::clone(label),
             status: status.as_u16(),
-            header_grpc_status: body::grpc_status(&parts.headers),
+            classifier: Arc::clone(&self.classifier),
+            class,
             in_flight,
             checkin: sent.checkin,
         };
@@ -213,22 +225,32 @@ struct ResponseGuard {
     direction: Direction,
     label: AuthorityLabel,
     status: u16,
-    header_grpc_status: Option<u32>,
+    classifier: Arc<Classifier>,
+    /// The class as far as the head decided it.
+    class: ResponseClass,
     in_flight: Option<InFlight>,
     checkin: Option<Checkin>,
 }
 
 impl OnBodyEnd for ResponseGuard {
     fn on_end(self: Box<Self>, end: BodyEnd) {
-        let (class, reuse) = match end {
-            BodyEnd::Complete { grpc_status } => {
-                let grpc = grpc_status.or(self.header_grpc_status);
-                (Class::classify(self.status, grpc, true), true)
+        let (outcome, reuse) = match (end, self.class) {
+            (BodyEnd::Complete { .. }, ResponseClass::Final(class)) => (class.outcome, true),
+            (BodyEnd::Complete { trailers }, ResponseClass::Pending(pending)) => {
+                let class = self.classifier.classify_eos(pending, trailers.as_ref());
+                (class.outcome, true)
             }
-            BodyEnd::Error | BodyEnd::Cancelled => (Class::Failure, false),
+            // A stream that broke supersedes the head's class. The body error is boxed past
+            // recognition here, so it is counted as a reset: a failure either way.
+            (BodyEnd::Error | BodyEnd::Cancelled, _) => (
+                self.classifier
+                    .classify_error(TransportError::Reset)
+                    .outcome,
+                false,
+            ),
         };
         self.metrics
-            .response_end(self.direction, &self.label, self.status, class);
+            .response_end(self.direction, &self.label, self.status, outcome);
         drop(self.in_flight);
         if reuse && let Some(checkin) = self.checkin {
             checkin.checkin();

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use conduit_core::classify::Outcome;
 use conduit_core::metrics::{Counter, LatencyHistogram};
 use conduit_core::time::Instant;
 
@@ -42,34 +43,6 @@ impl Direction {
             Self::Inbound => "inbound",
             Self::Outbound => "outbound",
         }
-    }
-}
-
-/// The `classification` label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Class {
-    /// The response succeeded.
-    Success,
-    /// HTTP 5xx, a non-OK gRPC status, or a stream that failed.
-    Failure,
-}
-
-impl Class {
-    /// The label value.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::Failure => "failure",
-        }
-    }
-
-    /// Linkerd's default response classes: HTTP 5xx is a failure; for gRPC a non-zero
-    /// `grpc-status` (from headers or trailers) is a failure; a stream that broke is a failure.
-    #[must_use]
-    pub fn classify(status: u16, grpc_status: Option<u32>, stream_ok: bool) -> Self {
-        let failed = !stream_ok || status >= 500 || grpc_status.is_some_and(|code| code != 0);
-        if failed { Self::Failure } else { Self::Success }
     }
 }
 
@@ -122,7 +95,7 @@ struct Registry {
     /// Tracked authorities and when each was last used.
     authorities: BTreeMap<AuthorityLabel, Instant>,
     requests: BTreeMap<(Direction, AuthorityLabel), Series<Counter>>,
-    responses: BTreeMap<(Direction, AuthorityLabel, u16, Class), Series<Counter>>,
+    responses: BTreeMap<(Direction, AuthorityLabel, u16, Outcome), Series<Counter>>,
     latency: BTreeMap<(Direction, AuthorityLabel, u16), Series<LatencyHistogram>>,
 }
 
@@ -252,13 +225,14 @@ impl Metrics {
         series.updated = now;
     }
 
-    /// Counts a finished response.
+    /// Counts a finished response under its `classification` (the core classifier's
+    /// [`Outcome`], whose label values are Linkerd's `success` and `failure`).
     pub fn response_end(
         &self,
         direction: Direction,
         authority: &AuthorityLabel,
         status: u16,
-        class: Class,
+        class: Outcome,
     ) {
         let now = self.clock.now();
         let mut registry = self.lock();
@@ -441,7 +415,7 @@ mod tests {
         let c = metrics.request(Direction::Outbound, "c.svc:80");
         assert_eq!(&*c, OVERFLOW_AUTHORITY);
         metrics.response_headers(Direction::Outbound, &a, 200, Duration::from_millis(3));
-        metrics.response_end(Direction::Outbound, &a, 200, Class::Success);
+        metrics.response_end(Direction::Outbound, &a, 200, Outcome::Success);
         let text = metrics.render("");
         assert!(
             text.contains("request_total{direction=\"outbound\",authority=\"overflow\"} 1"),
@@ -453,15 +427,5 @@ mod tests {
         assert!(!text.contains("a.svc"), "{text}");
         let d = metrics.request(Direction::Outbound, "d.svc:80");
         assert_eq!(&*d, "d.svc:80", "retired authorities free their slots");
-    }
-
-    #[test]
-    fn classification() {
-        assert_eq!(Class::classify(200, None, true), Class::Success);
-        assert_eq!(Class::classify(503, None, true), Class::Failure);
-        assert_eq!(Class::classify(200, Some(14), true), Class::Failure);
-        assert_eq!(Class::classify(200, Some(0), true), Class::Success);
-        assert_eq!(Class::classify(200, None, false), Class::Failure);
-        assert_eq!(Class::classify(404, None, true), Class::Success);
     }
 }

@@ -7,6 +7,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use conduit_core::classify::Classifier;
+
 use crate::admin::metrics::{Direction, Metrics};
 use crate::clock::Clock;
 use crate::config::ProxyConfig;
@@ -35,6 +37,8 @@ pub(crate) fn context<N: Net>(
         metrics: Arc::clone(metrics),
         clock,
         target: Target::Fixed(app),
+        // Linkerd's default response classes; route profiles add theirs with their issue.
+        classifier: Arc::new(Classifier::default()),
     });
     Arc::new(ServeContext {
         http,

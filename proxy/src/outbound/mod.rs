@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+use conduit_core::classify::Classifier;
+
 use crate::admin::metrics::{Direction, Metrics};
 use crate::balance::Router;
 use crate::clock::Clock;
@@ -40,6 +42,8 @@ pub(crate) fn context<N: Net>(
         metrics: Arc::clone(metrics),
         clock,
         target: Target::Balanced(router),
+        // Linkerd's default response classes; route profiles add theirs with their issue.
+        classifier: Arc::new(Classifier::default()),
     });
     Arc::new(ServeContext {
         http,
