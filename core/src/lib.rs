@@ -11,12 +11,13 @@
 //! (`balancer.pick(now, &mut rng)`); state machines take `handle_*(now, input)` and give
 //! `poll_*()` / `poll_timeout()`.
 //!
-//! Modules present today: [`time`], [`rand`], [`balance`], [`classify`], [`metrics`] and
-//! [`mesh`] (the mesh file model). Later issues add `breaker`, `route`, `retry`, `timeout`,
+//! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`classify`],
+//! [`metrics`] and [`mesh`] (the mesh file model). Later issues add `breaker`, `route`, `retry`, `timeout`,
 //! `slo`, `policy`, `identity`, `fault` and `tap`.
 
 #![deny(missing_docs)]
 
+pub mod backoff;
 pub mod balance;
 pub mod classify;
 pub mod mesh;
