@@ -1,8 +1,12 @@
 //! The scenario library, the open-loop load generator and the red-line search.
 //!
-//! Present today: [`load`], the open-loop load generator (constant arrival rate, latency from
-//! the intended send time), used by the demo, the proxy benchmark and, generic over the
-//! network, the simulation. The named deterministic scenarios arrive with the simulation
-//! issue (#5) and the red-line search after it.
+//! - [`scenarios`]: the named deterministic scenarios (topology, workload, fault schedule,
+//!   invariants), run by `cargo test` (`tests/scenarios.rs`) on fixed seeds and by `conduit sim`;
+//! - [`sim`]: running a scenario in this process or in a child process (one seed per process),
+//!   sweeps, failure files, and the `conduit sim` command;
+//! - [`load`]: the open-loop load generator (constant arrival rate, latency from the intended
+//!   send time), used by the demo and the proxy benchmark.
 
 pub mod load;
+pub mod scenarios;
+pub mod sim;

@@ -1,4 +1,115 @@
 //! Deterministic simulation of whole meshes.
 //!
-//! Nothing here yet: the turmoil world, trace recording, invariant checkers and seed replay arrive
-//! with the simulation issue (#5).
+//! A run is a turmoil world ([`world::World`]) of hosts running the real proxy and controller
+//! libraries over [`net::SimNet`], driven by an open-loop [`workload`] drawn from the seed, with
+//! faults applied between simulation steps (the `conduit-chaos` schedules). Everything that
+//! happens is recorded in a [`trace::Trace`], whose SHA-256 is the run's fingerprint, and the
+//! [`check`] module's invariant checkers read only that trace.
+//!
+//! Determinism rules (shared/reference/turmoil.md): the seed is the only input (turmoil's RNG,
+//! every proxy's seed, the workload and the fault schedule all derive from it by name), the
+//! epoch is pinned, no component sends a real-clock `date` header, and **one seed runs per
+//! process** ([`process`]): cargo's test threads share a process, so tests re-execute their own
+//! binary for each seed.
+
+pub mod app;
+pub mod check;
+pub mod net;
+pub mod process;
+pub mod trace;
+pub mod workload;
+pub mod world;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+pub use check::{Checks, Violation};
+pub use trace::{Outcome, Proto, Trace};
+pub use workload::{Flow, Workload};
+pub use world::{DiscoveryMode, ServiceSpec, World, WorldSpec};
+
+/// The result of one run, as printed and as passed from a child process to its parent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The scenario.
+    pub scenario: String,
+    /// The seed.
+    pub seed: u64,
+    /// SHA-256 of the trace.
+    pub hash: String,
+    /// The human summary (what scenario snapshots hold).
+    pub summary: String,
+    /// Broken invariants; empty when the run passed.
+    pub violations: Vec<Violation>,
+    /// Requests sent.
+    pub requests: usize,
+    /// Simulated time, ms.
+    pub sim_ms: u64,
+    /// Where the failing run's schedule and trace were written.
+    pub failure_file: Option<String>,
+}
+
+impl Report {
+    /// Whether every invariant held.
+    #[must_use]
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The command that replays this run.
+    #[must_use]
+    pub fn replay_command(&self) -> String {
+        replay_command(&self.scenario, self.seed)
+    }
+}
+
+/// The command that replays `scenario` at `seed`.
+#[must_use]
+pub fn replay_command(scenario: &str, seed: u64) -> String {
+    format!("cargo run -p conduit-cli -- sim --scenario {scenario} --seed {seed}")
+}
+
+/// A stable, human summary of a trace: outcomes per destination, which backend served how
+/// many, and latency quantiles of successes (sim time).
+#[must_use]
+pub fn summarize(trace: &Trace) -> String {
+    let mut out = String::new();
+    let mut authorities: BTreeMap<&str, Vec<&trace::RequestRecord>> = BTreeMap::new();
+    for r in &trace.requests {
+        authorities.entry(r.authority.as_str()).or_default().push(r);
+    }
+    let _ = writeln!(out, "requests: {}", trace.requests.len());
+    for (authority, requests) in authorities {
+        let _ = writeln!(out, "{authority}:");
+        let mut classes: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &requests {
+            *classes.entry(r.outcome.class()).or_insert(0) += 1;
+        }
+        let _ = writeln!(out, "  outcomes: {classes:?}");
+        let _ = writeln!(out, "  served_by: {:?}", trace.served_counts(authority));
+        let mut latencies: Vec<u64> = requests
+            .iter()
+            .filter(|r| r.outcome.is_success())
+            .map(|r| r.end_us.saturating_sub(r.start_us) / 1000)
+            .collect();
+        latencies.sort_unstable();
+        if !latencies.is_empty() {
+            let q = |p: usize| latencies[(latencies.len() - 1) * p / 100];
+            let _ = writeln!(
+                out,
+                "  success latency ms: p50 {} p99 {} max {}",
+                q(50),
+                q(99),
+                q(100)
+            );
+        }
+    }
+    let _ = writeln!(out, "configs: {}", trace.configs.len());
+    let _ = writeln!(out, "faults: {}", trace.events.len());
+    if let Some(err) = &trace.sim_error {
+        let _ = writeln!(out, "simulation error: {err}");
+    }
+    out
+}

@@ -1,0 +1,348 @@
+//! The named scenarios. Each is a function from the seed to a [`Plan`]: topology, workload,
+//! fault schedule and the invariants it is held to. Every plan is also held to the generic
+//! invariants of `conduit_sim::check` (deadlines, no mixing, valid endpoints, at-most-once,
+//! metrics agreement, liveness, convergence) unless it says otherwise.
+
+use std::time::Duration;
+
+use conduit_chaos::{Action, Schedule};
+use conduit_core::rand::DetRng;
+use conduit_sim::check::{self, Violation};
+use conduit_sim::trace::micros;
+use conduit_sim::{DiscoveryMode, Flow, Proto, ServiceSpec, Trace, WorldSpec};
+
+use crate::sim::{Plan, ms, secs};
+
+/// A named scenario.
+#[derive(Clone, Copy, Debug)]
+pub struct Scenario {
+    /// Its name (`conduit sim --scenario NAME`).
+    pub name: &'static str,
+    /// One line: goal and method.
+    pub doc: &'static str,
+    /// The plan for a seed.
+    pub plan: fn(u64) -> Plan,
+}
+
+const WEB: &str = "web.default";
+
+/// Every scenario, in listing order.
+#[must_use]
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario { name: "protocols_through_two_proxies", doc: "HTTP/1.1, h2 and gRPC, GET and POST, through client and server proxies: every request answered by its own backend", plan: protocols_through_two_proxies },
+        Scenario { name: "latency_aware_balancing", doc: "one replica 100 ms slower: PeakEWMA moves traffic off it (share < 10%)", plan: latency_aware_balancing },
+        Scenario { name: "least_loaded_stalled_replica", doc: "one replica stalls for 3 s: in-flight load steers new requests away, all complete after release", plan: least_loaded_stalled_replica },
+        Scenario { name: "endpoint_churn", doc: "rolling endpoint changes through discovery: no request served by a removed endpoint, proxies converge", plan: endpoint_churn },
+        Scenario { name: "controller_crash", doc: "the controller crashes and returns: proxies keep serving, then converge on the latest config", plan: controller_crash },
+        Scenario { name: "partition_proxy_replica", doc: "a client proxy is cut off from one replica for 3 s: others keep serving, recovery after repair", plan: partition_proxy_replica },
+        Scenario { name: "replica_crash_restart", doc: "a replica crashes and restarts: failures confined to its outage, full recovery", plan: replica_crash_restart },
+        Scenario { name: "all_replicas_gone", doc: "every endpoint removed: 504 with the proxy header after fail-fast, then recovery", plan: all_replicas_gone },
+        Scenario { name: "slow_client", doc: "a client reading 1 MiB bodies slowly does not slow another client", plan: slow_client },
+        Scenario { name: "large_streamed_bodies", doc: "MiB uploads and downloads over h1 and h2 stream across many ticks intact", plan: large_streamed_bodies },
+        Scenario { name: "h2_goaway_on_restart", doc: "a replica's proxy drains (GOAWAY) and restarts under h2 load: no mixing, no duplicates, recovery", plan: h2_goaway_on_restart },
+        Scenario { name: "config_never_out_of_order", doc: "rapid disjoint config versions: no client is ever served under an older version after a newer one", plan: config_never_out_of_order },
+        Scenario { name: "steady_mesh", doc: "two services, three clients, mixed protocols for 10 s, no faults (the benchmark scenario)", plan: steady_mesh },
+        Scenario { name: "random_chaos", doc: "swarm: a seed-drawn mix of partitions, crashes and slow replicas, healed by 7 s; liveness after", plan: random_chaos },
+    ]
+}
+
+/// The scenario called `name`.
+#[must_use]
+pub fn find(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}
+
+fn web(replicas: usize, clients: usize) -> WorldSpec {
+    WorldSpec::new(vec![ServiceSpec::new(WEB, replicas)], clients)
+}
+
+fn hosts(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Requests started in `[from, to)` (sim time) for `authority`, served per backend host.
+fn served_between(trace: &Trace, from: Duration, to: Duration) -> (u64, std::collections::BTreeMap<String, u64>) {
+    let (from, to) = (micros(from), micros(to));
+    let mut total = 0;
+    let mut by = std::collections::BTreeMap::new();
+    for r in trace.requests.iter().filter(|r| r.start_us >= from && r.start_us < to) {
+        if let Some(host) = r.served_by() {
+            total += 1;
+            *by.entry(host.to_owned()).or_insert(0) += 1;
+        }
+    }
+    (total, by)
+}
+
+/// Goal: the proxy carries HTTP/1.1, h2 and gRPC (trailers intact) end to end through two
+/// proxies. Method: two clients send a seeded mix of all three protocols, GETs and POSTs with
+/// small and 64 KiB bodies, to three replicas; every request must succeed with its own echo,
+/// and each protocol must have been exercised.
+fn protocols_through_two_proxies(_seed: u64) -> Plan {
+    let flows = (0..2)
+        .map(|client| Flow {
+            protos: vec![Proto::Http1, Proto::Http2, Proto::Grpc],
+            post_percent: 30,
+            body_bytes: vec![0, 0, 64 * 1024],
+            ..Flow::new(client, WEB, 100, ms(100), secs(3))
+        })
+        .collect();
+    Plan::new(web(3, 2), flows).check(|trace| {
+        let mut out = Vec::new();
+        for proto in [Proto::Http1, Proto::Http2, Proto::Grpc] {
+            let ok = trace.requests.iter().filter(|r| r.proto == proto && r.outcome.is_success()).count();
+            if ok == 0 {
+                out.push(Violation::new("protocols", format!("no successful {proto:?} request")));
+            }
+        }
+        out
+    })
+}
+
+/// Goal: latency-aware balancing (P2C over PeakEWMA) moves traffic off a slow replica.
+/// Method: `web-2` answers 100 ms late from the start; at 200 req/s for 8 s, after a 1 s
+/// warm-up it must receive under 10% of requests, and the fast replicas each over 30%.
+fn latency_aware_balancing(_seed: u64) -> Plan {
+    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 200, ms(100), secs(8))]);
+    plan.schedule = Schedule::new().at(Duration::ZERO, Action::AppDelay("web-2".into(), ms(100)));
+    plan.check(|trace| {
+        let (total, by) = served_between(trace, secs(1), secs(8));
+        let share = |h: &str| by.get(h).copied().unwrap_or(0) * 100 / total.max(1);
+        let mut out = Vec::new();
+        if share("web-2") >= 10 {
+            out.push(Violation::new("balancing", format!("slow web-2 got {}% of {total} requests: {by:?}", share("web-2"))));
+        }
+        for fast in ["web-0", "web-1"] {
+            if share(fast) < 30 {
+                out.push(Violation::new("balancing", format!("fast {fast} got only {}%: {by:?}", share(fast))));
+            }
+        }
+        out
+    })
+}
+
+/// Goal: a replica that accepts requests but stops answering does not swallow the traffic
+/// (least-loaded: the in-flight count raises its cost). Method: `web-1` stalls from 1 s to
+/// 4 s under 200 req/s; of requests sent during the stall it may receive at most 5%; stalled
+/// requests complete after release, within their 10 s deadline; all succeed.
+fn least_loaded_stalled_replica(_seed: u64) -> Plan {
+    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 200, ms(100), secs(6))]);
+    plan.schedule = Schedule::new()
+        .at(secs(1), Action::AppStall("web-1".into(), true))
+        .at(secs(4), Action::AppStall("web-1".into(), false));
+    plan.check(|trace| {
+        let (total, by) = served_between(trace, secs(1), secs(4));
+        let stalled = by.get("web-1").copied().unwrap_or(0);
+        if stalled * 100 > total * 5 {
+            vec![Violation::new("least-loaded", format!("stalled web-1 got {stalled} of {total} requests sent during its stall: {by:?}"))]
+        } else {
+            Vec::new()
+        }
+    })
+}
+
+/// Goal: endpoint churn through discovery never routes to an endpoint outside the
+/// configuration, and proxies converge on the last one. Method: four replicas; every 700 ms
+/// a seeded subset of two or three becomes the endpoint set; traffic at 150 req/s for 7 s.
+fn endpoint_churn(seed: u64) -> Plan {
+    let mut world = web(4, 2);
+    world.discovery = DiscoveryMode::Controller;
+    let mut rng = DetRng::new(seed).child("churn");
+    let all = hosts(&["web-0", "web-1", "web-2", "web-3"]);
+    let mut schedule = Schedule::new();
+    for step in 1..=9u64 {
+        let mut set: Vec<String> = all
+            .iter()
+            .filter(|_| conduit_core::rand::Rng::chance(&mut rng, 2, 3))
+            .cloned()
+            .collect();
+        if set.is_empty() {
+            set.push(all[usize::try_from(step % 4).unwrap_or(0)].clone());
+        }
+        schedule.push(ms(700 * step), Action::SetEndpoints(WEB.into(), set));
+    }
+    let flows = (0..2).map(|c| Flow { protos: vec![Proto::Http1, Proto::Http2], ..Flow::new(c, WEB, 75, ms(100), secs(7)) }).collect();
+    let mut plan = Plan::new(world, flows);
+    plan.schedule = schedule;
+    plan
+}
+
+/// Goal: the controller crashing does not stop the data plane, and proxies converge on the
+/// latest configuration once it is back. Method: the controller crashes at 2 s; while it is
+/// down the configuration drops `web-0` (3 s); it restarts at 5 s. Requests keep succeeding
+/// throughout (proxies keep their last endpoints), and from 6 s none is served by `web-0`.
+fn controller_crash(_seed: u64) -> Plan {
+    let mut world = web(3, 1);
+    world.discovery = DiscoveryMode::Controller;
+    let mut plan = Plan::new(world, vec![Flow::new(0, WEB, 100, ms(100), secs(8))]);
+    plan.schedule = Schedule::new()
+        .at(secs(2), Action::Crash(conduit_sim::world::CONTROLLER.into()))
+        .at(secs(3), Action::SetEndpoints(WEB.into(), hosts(&["web-1", "web-2"])))
+        .at(secs(5), Action::Bounce(conduit_sim::world::CONTROLLER.into()));
+    // Allowed: web-0 keeps serving while the controller is down (last known good).
+    plan.checks.routing_grace = secs(3);
+    plan.checks.converge_within = Some(secs(3));
+    plan
+}
+
+/// Goal: a partition between a client's proxy and one replica costs at most the requests
+/// caught on it, and the mesh recovers after repair. Method: `client-0` is cut off from `web-1`
+/// from 2 s to 5 s at 100 req/s; turmoil drops segments without retransmit, so requests on a
+/// pooled connection stall and new connects fail at once; every request must still end before
+/// its 10 s deadline and all requests from 6 s on succeed.
+fn partition_proxy_replica(_seed: u64) -> Plan {
+    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(9))]);
+    plan.schedule = Schedule::new()
+        .at(secs(2), Action::Partition("client-0".into(), "web-1".into()))
+        .at(secs(5), Action::Repair("client-0".into(), "web-1".into()));
+    plan.checks.healthy_after = Some(secs(6));
+    plan.checks.metrics = false;
+    plan
+}
+
+/// Goal: a replica crash is confined to the replica's outage and the restarted replica is
+/// used again. Method: `web-1` crashes at 2 s and restarts at 4 s under 100 req/s; requests
+/// from 5 s on all succeed, and `web-1` serves again after its restart.
+fn replica_crash_restart(_seed: u64) -> Plan {
+    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(8))]);
+    plan.schedule = Schedule::new()
+        .at(secs(2), Action::Crash("web-1".into()))
+        .at(secs(4), Action::Bounce("web-1".into()));
+    plan.checks.healthy_after = Some(secs(5));
+    plan.check(|trace| {
+        let (_, by) = served_between(trace, secs(5), secs(8));
+        if by.get("web-1").copied().unwrap_or(0) == 0 {
+            vec![Violation::new("recovery", format!("restarted web-1 served nothing after 5 s: {by:?}"))]
+        } else {
+            Vec::new()
+        }
+    })
+}
+
+/// Goal: with no endpoints, requests fail fast with 504 and the proxy's error header, and
+/// traffic recovers when endpoints return. Method: at 2 s the configuration empties `web`;
+/// fail-fast is 1 s; at 5 s the replicas return. Requests sent in [2.1 s, 4 s) must get 504
+/// with `conduit-proxy-error`; requests from 5.5 s on succeed.
+fn all_replicas_gone(_seed: u64) -> Plan {
+    let mut world = web(2, 1);
+    world.failfast_timeout = secs(1);
+    let mut plan = Plan::new(world, vec![Flow::new(0, WEB, 50, ms(100), secs(8))]);
+    plan.schedule = Schedule::new()
+        .at(secs(2), Action::SetEndpoints(WEB.into(), Vec::new()))
+        .at(secs(5), Action::SetEndpoints(WEB.into(), hosts(&["web-0", "web-1"])));
+    plan.checks.healthy_after = Some(ms(5500));
+    plan.check(|trace| {
+        let mut out = Vec::new();
+        let mut seen = 0;
+        for r in trace.requests.iter().filter(|r| r.start_us >= 2_100_000 && r.start_us < 4_000_000) {
+            seen += 1;
+            match &r.outcome {
+                conduit_sim::Outcome::Response { status: 504, proxy_error: Some(_), .. } => {}
+                other => out.push(Violation::new("no-endpoints", format!("request {} sent at {} ms with no endpoints: {}", r.id, r.start_us / 1000, other.class()))),
+            }
+        }
+        if seen == 0 {
+            out.push(Violation::new("no-endpoints", "no request was sent while the service had no endpoints"));
+        }
+        out.truncate(10);
+        out
+    })
+}
+
+/// Goal: a slow reader does not hurt other clients. Method: `client-0` downloads 1 MiB bodies
+/// and pauses 20 ms between body frames (flow control pushes back through both proxies);
+/// `client-1` sends small requests at 100 req/s to the same replicas. All succeed and
+/// `client-1`'s slowest request takes under 100 ms.
+fn slow_client(_seed: u64) -> Plan {
+    let flows = vec![
+        Flow { body_bytes: vec![1024 * 1024], read_pause: Some(ms(20)), deadline: secs(30), ..Flow::new(0, WEB, 2, ms(100), secs(4)) },
+        Flow::new(1, WEB, 100, ms(100), secs(4)),
+    ];
+    Plan::new(web(2, 2), flows).check(|trace| {
+        let worst = trace.requests.iter().filter(|r| r.client == 1).map(|r| r.end_us - r.start_us).max().unwrap_or(0);
+        if worst > 100_000 {
+            vec![Violation::new("isolation", format!("client-1's slowest request took {} ms", worst / 1000))]
+        } else {
+            Vec::new()
+        }
+    })
+}
+
+/// Goal: large bodies stream intact through two proxies across many ticks, both ways.
+/// Method: POST uploads and GET downloads of 256 KiB to 2 MiB over HTTP/1.1 and h2; every
+/// body's length and byte pattern is verified (downloads by the client, uploads by the
+/// backend's received-byte count via the echo).
+fn large_streamed_bodies(_seed: u64) -> Plan {
+    let flow = Flow {
+        protos: vec![Proto::Http1, Proto::Http2],
+        post_percent: 50,
+        body_bytes: vec![256 * 1024, 1024 * 1024, 2 * 1024 * 1024],
+        deadline: secs(30),
+        ..Flow::new(0, WEB, 10, ms(100), secs(3))
+    };
+    Plan::new(web(2, 1), vec![flow])
+}
+
+/// Goal: HTTP/2 GOAWAY from a restarting replica is handled: no response mixing, no duplicate
+/// non-retryable requests, and full recovery. Method: h2 and gRPC traffic at 150 req/s; at
+/// 2 s `web-0`'s proxy drains gracefully (stops accepting, sends GOAWAY); at 3 s the host
+/// restarts. Requests from 4 s on all succeed.
+fn h2_goaway_on_restart(_seed: u64) -> Plan {
+    let flow = Flow { protos: vec![Proto::Http2, Proto::Grpc], post_percent: 30, ..Flow::new(0, WEB, 150, ms(100), secs(6)) };
+    let mut plan = Plan::new(web(2, 1), vec![flow]);
+    plan.schedule = Schedule::new()
+        .at(secs(2), Action::DrainProxy("web-0".into()))
+        .at(secs(3), Action::Crash("web-0".into()))
+        .at(secs(3), Action::Bounce("web-0".into()));
+    plan.checks.healthy_after = Some(secs(4));
+    plan
+}
+
+/// Goal: configuration versions are applied in order. Method: five versions 300 ms apart, each
+/// naming a different single replica (disjoint sets); a client sends at 100 req/s; for requests
+/// that do not overlap in time, the version each was served under never decreases, and after
+/// the last version only its replica serves.
+fn config_never_out_of_order(_seed: u64) -> Plan {
+    let mut plan = Plan::new(web(4, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(3))]);
+    let mut schedule = Schedule::new();
+    for (i, host) in ["web-1", "web-2", "web-3", "web-0", "web-2"].iter().enumerate() {
+        let at = ms(500 + 300 * u64::try_from(i).unwrap_or(0));
+        schedule.push(at, Action::SetEndpoints(WEB.into(), hosts(&[host])));
+    }
+    plan.schedule = schedule;
+    plan.check(check::monotonic_config)
+}
+
+/// Goal: a fault-free mesh at steady load: every invariant holds, and this is the benchmark
+/// workload. Method: two services (three and two replicas), three clients sending a mix of
+/// HTTP/1.1, h2 and gRPC to both at 100 req/s each for 10 s.
+fn steady_mesh(_seed: u64) -> Plan {
+    let world = WorldSpec::new(vec![ServiceSpec::new(WEB, 3), ServiceSpec::new("api.default", 2)], 3);
+    let mut flows = Vec::new();
+    for client in 0..3 {
+        for authority in [WEB, "api.default"] {
+            flows.push(Flow { protos: vec![Proto::Http1, Proto::Http2, Proto::Grpc], post_percent: 20, ..Flow::new(client, authority, 50, ms(100), secs(10)) });
+        }
+    }
+    Plan::new(world, flows)
+}
+
+/// Goal: swarm testing: a seed-drawn mix of faults (partitions, crashes with restarts, slow
+/// replicas) must never break safety, and the mesh recovers after the last one heals.
+/// Method: `Schedule::random` between 1 s and 7 s over three replicas and two clients; traffic
+/// for 10 s; requests from 2 s after the last heal must all succeed.
+fn random_chaos(seed: u64) -> Plan {
+    let world = web(3, 2);
+    let replicas = world.replica_hosts();
+    let clients: Vec<String> = (0..2).map(conduit_sim::world::client_host).collect();
+    let mut rng = DetRng::new(seed).child("chaos");
+    let schedule = Schedule::random(&mut rng, &clients, &replicas, secs(1), secs(7));
+    let healed = schedule.last_heal().unwrap_or(Duration::ZERO);
+    let flows = (0..2).map(|c| Flow { protos: vec![Proto::Http1, Proto::Http2], post_percent: 20, ..Flow::new(c, WEB, 50, ms(100), secs(10)) }).collect();
+    let mut plan = Plan::new(world, flows);
+    plan.schedule = schedule;
+    plan.checks.healthy_after = Some(healed + secs(2));
+    plan.checks.metrics = false;
+    plan
+}

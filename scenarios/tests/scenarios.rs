@@ -1,0 +1,116 @@
+//! The deterministic scenarios, one test each, on fixed seeds (`CONDUIT_SEED` overrides).
+//!
+//! Each test re-executes this test binary to run its one seed in a process of its own (several
+//! simulations in one process are not reproducible, turmoil.md §3). The child runs the
+//! scenario and prints its report; the parent asserts the invariants held (printing the seed
+//! and the replay command if not) and snapshots the summary.
+
+use conduit_scenarios::sim;
+
+/// The default seed of every scenario test.
+const SEED: u64 = 1;
+
+fn scenario(test_name: &str) {
+    if sim::child_entry() {
+        return;
+    }
+    let seed = sim::test_seed(SEED);
+    let report = match sim::run_isolated(test_name, test_name, seed) {
+        Ok(report) => report,
+        Err(err) => panic!(
+            "scenario {test_name} at seed {seed} did not run: {err:#}\n  replay: {}",
+            conduit_sim::replay_command(test_name, seed)
+        ),
+    };
+    assert!(report.passed(), "{}", sim::describe_failure(&report));
+    if !sim::seed_overridden() {
+        insta::assert_snapshot!(test_name, report.summary);
+    }
+}
+
+/// HTTP/1.1, h2 and gRPC, GET and POST, through a client proxy and a server proxy.
+#[test]
+fn protocols_through_two_proxies() {
+    scenario("protocols_through_two_proxies");
+}
+
+/// PeakEWMA moves traffic off a replica that answers 100 ms late.
+#[test]
+fn latency_aware_balancing() {
+    scenario("latency_aware_balancing");
+}
+
+/// A stalled replica's in-flight load steers new requests away from it.
+#[test]
+fn least_loaded_stalled_replica() {
+    scenario("least_loaded_stalled_replica");
+}
+
+/// Rolling endpoint changes through discovery: valid endpoints only, convergence.
+#[test]
+fn endpoint_churn() {
+    scenario("endpoint_churn");
+}
+
+/// The controller crashes and returns: proxies keep serving, then converge.
+#[test]
+fn controller_crash() {
+    scenario("controller_crash");
+}
+
+/// A partition between a client proxy and one replica, then repair.
+#[test]
+#[ignore = "proxy bug: no upstream response timeout, so a request on a pooled connection whose \
+            segments a partition dropped waits forever (turmoil has no retransmit); see the \
+            simulation report"]
+fn partition_proxy_replica() {
+    scenario("partition_proxy_replica");
+}
+
+/// A replica crashes and restarts.
+#[test]
+fn replica_crash_restart() {
+    scenario("replica_crash_restart");
+}
+
+/// Every endpoint removed: 504 with the proxy header, then recovery.
+#[test]
+fn all_replicas_gone() {
+    scenario("all_replicas_gone");
+}
+
+/// A slow reader does not hurt another client.
+#[test]
+fn slow_client() {
+    scenario("slow_client");
+}
+
+/// MiB bodies stream intact both ways over h1 and h2.
+#[test]
+fn large_streamed_bodies() {
+    scenario("large_streamed_bodies");
+}
+
+/// A replica's proxy drains with GOAWAY and restarts under h2 load.
+#[test]
+fn h2_goaway_on_restart() {
+    scenario("h2_goaway_on_restart");
+}
+
+/// Configuration versions are never applied out of order.
+#[test]
+fn config_never_out_of_order() {
+    scenario("config_never_out_of_order");
+}
+
+/// Two services, three clients, mixed protocols, no faults.
+#[test]
+fn steady_mesh() {
+    scenario("steady_mesh");
+}
+
+/// A seed-drawn mix of faults; safety throughout, liveness after healing.
+#[test]
+fn random_chaos() {
+    scenario("random_chaos");
+}

@@ -1,0 +1,262 @@
+//! The backend app each service replica runs: an HTTP/1.1 + h2c server that echoes its
+//! identity, so the checkers can verify routing from the client's side alone.
+//!
+//! Every response carries `x-served-by` (the replica's host name), `x-service` and the
+//! request's `x-request-id`; the body is `"<host> r<id>\n"`, or, when the request asks for
+//! `x-response-bytes: N`, N bytes of a fixed pattern streamed in chunks across many ticks. gRPC
+//! requests (`content-type: application/grpc`) get one length-prefixed message
+//! `"<host> r<id>"` and `grpc-status: 0` in trailers. Every arrival is recorded in the trace
+//! before anything else happens, so at-most-once can be checked.
+//!
+//! The harness changes an app's behaviour while it runs through its [`AppControl`]: extra
+//! latency (a slow replica) or a stall (a replica that accepts requests and never answers).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
+
+use crate::trace::{Arrival, Recorder, now_us};
+
+/// The port every app listens on (its proxy's `app_addr` is `127.0.0.1:APP_PORT`).
+pub const APP_PORT: u16 = 8080;
+
+/// Response bodies are streamed in chunks of this size.
+pub const CHUNK_BYTES: usize = 16 * 1024;
+
+/// The pause between streamed chunks, so a large body spans many ticks.
+pub const CHUNK_PAUSE: Duration = Duration::from_millis(1);
+
+/// How often a stalled app looks whether it was released.
+const STALL_POLL: Duration = Duration::from_millis(10);
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The byte at offset `i` of every streamed body (and request upload).
+#[must_use]
+pub fn pattern_byte(i: u64) -> u8 {
+    // 251 is prime, so chunk boundaries never line up with the pattern's period.
+    u8::try_from(i % 251).unwrap_or(0)
+}
+
+/// Knobs the harness turns on a running app.
+#[derive(Debug, Default)]
+pub struct AppControl {
+    delay_us: AtomicU64,
+    stalled: AtomicBool,
+}
+
+impl AppControl {
+    /// Every response waits this long before its headers.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us
+            .store(crate::trace::micros(delay), Ordering::Relaxed);
+    }
+
+    /// While stalled, requests are accepted and recorded but not answered.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    fn delay(&self) -> Duration {
+        Duration::from_micros(self.delay_us.load(Ordering::Relaxed))
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+}
+
+/// Who an app is.
+#[derive(Clone, Debug)]
+pub struct AppIdentity {
+    /// The service authority (`web.default`).
+    pub service: String,
+    /// The replica's host name (`web-1`).
+    pub host: String,
+}
+
+type AppBody = BoxBody<Bytes, std::io::Error>;
+
+/// Serves the app on `0.0.0.0:APP_PORT` until the host stops.
+///
+/// # Errors
+///
+/// When the port cannot be bound.
+pub async fn serve(
+    identity: AppIdentity,
+    control: Arc<AppControl>,
+    recorder: Recorder,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = crate::net::bind(std::net::SocketAddr::from(([0, 0, 0, 0], APP_PORT))).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let identity = identity.clone();
+        let control = Arc::clone(&control);
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            let _ = connection(stream, identity, control, recorder).await;
+        });
+    }
+}
+
+async fn connection(
+    mut stream: turmoil::net::TcpStream,
+    identity: AppIdentity,
+    control: Arc<AppControl>,
+    recorder: Recorder,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Detect h2c prior knowledge from the first bytes, as the proxy does.
+    let mut prefix = BytesMut::with_capacity(H2_PREFACE.len());
+    let mut byte = [0u8; 1];
+    while prefix.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&prefix) {
+        if stream.read(&mut byte).await? == 0 {
+            return Ok(());
+        }
+        prefix.extend_from_slice(&byte);
+    }
+    let h2 = prefix[..] == *H2_PREFACE;
+    let io = TokioIo::new(conduit_proxy::transport::PrefixedIo::new(
+        prefix.freeze(),
+        stream,
+    ));
+    let service = service_fn(move |request| {
+        let identity = identity.clone();
+        let control = Arc::clone(&control);
+        let recorder = recorder.clone();
+        async move { Ok::<_, Infallible>(handle(request, identity, control, recorder).await) }
+    });
+    if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .auto_date_header(false)
+            .max_concurrent_streams(1000)
+            .serve_connection(io, service)
+            .await?;
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .auto_date_header(false)
+            .serve_connection(io, service)
+            .await?;
+    }
+    Ok(())
+}
+
+fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    identity: AppIdentity,
+    control: Arc<AppControl>,
+    recorder: Recorder,
+) -> Response<AppBody> {
+    let id_text = header(&request, "x-request-id").map(str::to_owned);
+    let id = id_text.as_deref().and_then(|t| t.parse::<u64>().ok());
+    recorder.with(|t| {
+        t.arrivals.push(Arrival {
+            id,
+            host: identity.host.clone(),
+            service: identity.service.clone(),
+            at_us: now_us(),
+        });
+    });
+    let response_bytes: u64 = header(&request, "x-response-bytes")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let grpc = header(&request, "content-type").is_some_and(|ct| ct.starts_with("application/grpc"));
+
+    // Read the whole request body, counting it.
+    let mut body = request.into_body();
+    let mut received: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    received += data.len() as u64;
+                }
+            }
+            Err(_) => return status(StatusCode::BAD_REQUEST),
+        }
+    }
+
+    let delay = control.delay();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    while control.stalled() {
+        tokio::time::sleep(STALL_POLL).await;
+    }
+
+    let id_label = id_text.unwrap_or_default();
+    let line = format!("{} r{}", identity.host, id_label);
+    let body: AppBody = if grpc {
+        let mut message = BytesMut::with_capacity(5 + line.len());
+        message.extend_from_slice(&[0]);
+        message.extend_from_slice(&u32::try_from(line.len()).unwrap_or(0).to_be_bytes());
+        message.extend_from_slice(line.as_bytes());
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(message.freeze())),
+            Ok(Frame::trailers(trailers)),
+        ];
+        StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    } else if response_bytes > 0 {
+        streamed(response_bytes)
+    } else {
+        Full::new(Bytes::from(format!("{line}\n")))
+            .map_err(|never| match never {})
+            .boxed()
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("?"));
+    headers.insert("x-served-by", value(&identity.host));
+    headers.insert("x-service", value(&identity.service));
+    headers.insert("x-request-id", value(&id_label));
+    headers.insert("x-received-bytes", HeaderValue::from(received));
+    if grpc {
+        headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+    } else if response_bytes > 0 {
+        headers.insert("content-length", HeaderValue::from(response_bytes));
+    }
+    response
+}
+
+/// `total` bytes of [`pattern_byte`], in chunks with a pause between them.
+fn streamed(total: u64) -> AppBody {
+    let stream = futures_util::stream::unfold(0u64, move |sent| async move {
+        if sent >= total {
+            return None;
+        }
+        if sent > 0 {
+            tokio::time::sleep(CHUNK_PAUSE).await;
+        }
+        let n = (total - sent).min(CHUNK_BYTES as u64);
+        let chunk: Vec<u8> = (sent..sent + n).map(pattern_byte).collect();
+        Some((Ok(Frame::data(Bytes::from(chunk))), sent + n))
+    });
+    StreamBody::new(stream).boxed()
+}
+
+fn status(code: StatusCode) -> Response<AppBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = code;
+    response
+}

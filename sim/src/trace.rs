@@ -1,0 +1,327 @@
+//! The run's trace: every request the workload sent and how it ended, every request a backend
+//! saw, every fault and every configuration version, all stamped with simulated time.
+//!
+//! The trace is the checkers' only input (they never look inside the proxy) and its
+//! [`Trace::hash`] is the run's fingerprint: the same seed gives the same hash, in any process.
+//! The hash is SHA-256 over [`Trace::render`], a canonical text form.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The protocol a request is sent with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Proto {
+    /// HTTP/1.1 over a pooled keep-alive connection.
+    Http1,
+    /// HTTP/2 (prior knowledge) over one multiplexed connection.
+    Http2,
+    /// Unary gRPC over HTTP/2: length-prefixed message, status in trailers.
+    Grpc,
+}
+
+/// How a request ended, as the client saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Response headers arrived (and the body was read to its end, or failed: see fields).
+    Response {
+        /// HTTP status.
+        status: u16,
+        /// `x-served-by`: the backend host that answered (absent on proxy-made responses).
+        served_by: Option<String>,
+        /// `x-request-id` as echoed by the backend.
+        echoed_id: Option<String>,
+        /// `conduit-proxy-error`: the proxy answered itself, and why.
+        proxy_error: Option<String>,
+        /// `grpc-status` (headers or trailers), for gRPC.
+        grpc_status: Option<u32>,
+        /// Body bytes received.
+        body_bytes: u64,
+        /// The body matched what the backend promised for this request (identity line,
+        /// streamed pattern, or gRPC message), or the body was not the backend's.
+        body_ok: bool,
+        /// The body failed mid-stream (reset, connection closed), after the headers.
+        body_error: Option<String>,
+    },
+    /// No response: the connection or request failed before headers.
+    TransportError {
+        /// `connect`, `handshake` or `send`.
+        stage: String,
+        /// The error.
+        message: String,
+    },
+    /// The client's deadline passed with the request still open.
+    DeadlineExceeded {
+        /// What the request was waiting for: `connect`, `headers` or `body`.
+        stage: String,
+    },
+}
+
+impl Outcome {
+    /// A complete, successful response from a backend (2xx, gRPC OK, body intact).
+    #[must_use]
+    pub fn is_success(&self) -> bool {
+        matches!(self, Self::Response { status, grpc_status, body_ok, body_error, proxy_error, .. }
+            if (200..300).contains(status) && grpc_status.is_none_or(|g| g == 0)
+                && *body_ok && body_error.is_none() && proxy_error.is_none())
+    }
+
+    /// A short class for summaries: `ok`, `5xx-proxy`, `transport`, ...
+    #[must_use]
+    pub fn class(&self) -> String {
+        match self {
+            Self::Response {
+                status,
+                proxy_error,
+                grpc_status,
+                body_error,
+                ..
+            } => {
+                if self.is_success() {
+                    return "ok".into();
+                }
+                let by = if proxy_error.is_some() {
+                    "proxy"
+                } else {
+                    "app"
+                };
+                if body_error.is_some() {
+                    return format!("{status}-{by}-body-error");
+                }
+                match grpc_status {
+                    Some(code) if *code != 0 => format!("grpc{code}-{by}"),
+                    _ => format!("{status}-{by}"),
+                }
+            }
+            Self::TransportError { stage, .. } => format!("transport-{stage}"),
+            Self::DeadlineExceeded { stage } => format!("deadline-{stage}"),
+        }
+    }
+}
+
+/// One request of the workload, planned and then observed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Unique per run; sent as `x-request-id`.
+    pub id: u64,
+    /// The client host's index.
+    pub client: usize,
+    /// The destination authority (`web.default`).
+    pub authority: String,
+    /// The protocol.
+    pub proto: Proto,
+    /// `GET` or `POST`. POSTs are not retryable.
+    pub method: String,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Sim time (µs since the run started) it was due, sent and ended.
+    pub start_us: u64,
+    /// When response headers arrived, if they did.
+    pub headers_us: Option<u64>,
+    /// When the request ended (body read, error, or deadline).
+    pub end_us: u64,
+    /// The deadline, µs after `start_us`.
+    pub deadline_us: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl RequestRecord {
+    /// The backend host that answered, if one did.
+    #[must_use]
+    pub fn served_by(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Response { served_by, .. } => served_by.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// A request reaching a backend app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// The request id from `x-request-id` (`None` when absent: never sent by our workload).
+    pub id: Option<u64>,
+    /// The backend host.
+    pub host: String,
+    /// The service the backend belongs to.
+    pub service: String,
+    /// Sim time, µs.
+    pub at_us: u64,
+}
+
+/// One published configuration: each service's endpoints, by backend host name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigVersion {
+    /// The harness's version counter (1 = the initial mesh).
+    pub version: u64,
+    /// Sim time of publication, µs.
+    pub at_us: u64,
+    /// Service authority -> endpoint hosts.
+    pub endpoints: BTreeMap<String, Vec<String>>,
+}
+
+/// A client proxy's outbound counters, scraped from its admin `/metrics` at the end of the run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyCounters {
+    /// `request_total{direction="outbound"}` by authority label.
+    pub requests: BTreeMap<String, u64>,
+    /// `response_total{direction="outbound"}` by (authority label, status code).
+    pub responses: BTreeMap<String, BTreeMap<u16, u64>>,
+    /// Why the scrape failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Everything a run recorded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// The scenario.
+    pub scenario: String,
+    /// The seed.
+    pub seed: u64,
+    /// Requests, by id once the run is over.
+    pub requests: Vec<RequestRecord>,
+    /// Backend arrivals, in order.
+    pub arrivals: Vec<Arrival>,
+    /// Faults and harness actions applied, `(µs, description)`.
+    pub events: Vec<(u64, String)>,
+    /// Configuration versions, in publication order.
+    pub configs: Vec<ConfigVersion>,
+    /// Each client proxy's counters, by client index.
+    pub counters: BTreeMap<usize, ProxyCounters>,
+    /// Sim time when the run ended, µs.
+    pub end_us: u64,
+    /// The simulation's own error, if it stopped abnormally (a host failed, time ran out).
+    pub sim_error: Option<String>,
+}
+
+impl Trace {
+    /// The canonical text form the hash covers: one line per record, in a fixed order.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "scenario {} seed {}", self.scenario, self.seed);
+        for (at, event) in &self.events {
+            let _ = writeln!(out, "event {at} {event}");
+        }
+        for config in &self.configs {
+            let _ = writeln!(
+                out,
+                "config v{} {} {:?}",
+                config.version, config.at_us, config.endpoints
+            );
+        }
+        for r in &self.requests {
+            let _ = writeln!(
+                out,
+                "req {} c{} {} {:?} {} {}B start {} headers {:?} end {} {:?}",
+                r.id,
+                r.client,
+                r.authority,
+                r.proto,
+                r.method,
+                r.request_bytes,
+                r.start_us,
+                r.headers_us,
+                r.end_us,
+                r.outcome
+            );
+        }
+        for a in &self.arrivals {
+            let _ = writeln!(out, "arrival {} {:?} {} {}", a.at_us, a.id, a.host, a.service);
+        }
+        for (client, c) in &self.counters {
+            let _ = writeln!(
+                out,
+                "counters c{client} {:?} {:?} {:?}",
+                c.requests, c.responses, c.error
+            );
+        }
+        let _ = writeln!(out, "end {} {:?}", self.end_us, self.sim_error);
+        out
+    }
+
+    /// SHA-256 of [`Self::render`], in hex.
+    #[must_use]
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(self.render().as_bytes());
+        digest.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+
+    /// How many backend arrivals each request id had.
+    #[must_use]
+    pub fn attempts(&self) -> BTreeMap<u64, u64> {
+        let mut out = BTreeMap::new();
+        for arrival in &self.arrivals {
+            if let Some(id) = arrival.id {
+                *out.entry(id).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// Share of successful responses per backend host for `authority`.
+    #[must_use]
+    pub fn served_counts(&self, authority: &str) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for r in self.requests.iter().filter(|r| r.authority == authority) {
+            if let Some(host) = r.served_by() {
+                *out.entry(host.to_owned()).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+}
+
+/// The trace while the run records it, shared by every host (all run on one thread, but tokio
+/// tasks must be `Send`).
+#[derive(Clone, Debug, Default)]
+pub struct Recorder(Arc<Mutex<Trace>>);
+
+impl Recorder {
+    /// An empty trace for `scenario` at `seed`.
+    #[must_use]
+    pub fn new(scenario: &str, seed: u64) -> Self {
+        Self(Arc::new(Mutex::new(Trace {
+            scenario: scenario.to_owned(),
+            seed,
+            ..Trace::default()
+        })))
+    }
+
+    /// Edits the trace.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Trace) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Trace> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The finished trace (requests sorted by id).
+    #[must_use]
+    pub fn finish(&self) -> Trace {
+        let mut trace = self.lock().clone();
+        trace.requests.sort_by_key(|r| r.id);
+        trace
+    }
+}
+
+/// Simulated time since the run started, in µs (0 outside a simulation).
+#[must_use]
+pub fn now_us() -> u64 {
+    turmoil::sim_elapsed().map_or(0, |d| micros(d))
+}
+
+/// A duration in whole µs.
+#[must_use]
+pub fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,565 @@
+//! The topology builder and the running world: a turmoil simulation whose hosts run the real
+//! proxy and controller libraries.
+//!
+//! Hosts, in registration order (which fixes their IPs and the poll order):
+//! - `controller` (when discovery goes through the controller): the real
+//!   `conduit_controller::Controller` serving gRPC on port 8086 over turmoil, its file backend
+//!   fed by the harness through `FileDiscovery::replace` (the seam the controller exposes for
+//!   the simulation, in place of a file on disk);
+//! - per service, `<name>-<i>` replicas: the [`app`](crate::app) on port 8080 behind its own
+//!   proxy (`conduit_proxy::run`, inbound 4143 forwarding to `127.0.0.1:8080`);
+//! - `client-<i>` hosts: a proxy (outbound on `127.0.0.1:4140`) and the workload client, which
+//!   sends its share of the schedule through it and scrapes the proxy's `/metrics` at the end.
+//!
+//! Every proxy's seed is drawn from the run's seed by host name and incarnation, turmoil's
+//! world RNG is seeded from it too, and the epoch is pinned.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService};
+use conduit_core::rand::{DetRng, Rng};
+use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
+use conduit_proxy::StaticDiscover;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use turmoil::Sim;
+
+use crate::app::{self, APP_PORT, AppControl, AppIdentity};
+use crate::net::{SimNet, SimStream};
+use crate::trace::{ConfigVersion, ProxyCounters, Recorder, Trace, micros};
+use crate::workload::{self, Workload};
+
+/// The proxy's outbound port on a client host.
+pub const OUTBOUND_PORT: u16 = 4140;
+/// The proxy's inbound port on an app host (what the mesh lists as endpoints).
+pub const INBOUND_PORT: u16 = 4143;
+/// The proxy's admin port.
+pub const ADMIN_PORT: u16 = 4191;
+/// The controller's gRPC port.
+pub const CONTROLLER_PORT: u16 = 8086;
+/// The controller's host name.
+pub const CONTROLLER: &str = "controller";
+
+/// A fixed `date` for the controller's gRPC responses (turmoil.md §4.1).
+const FIXED_DATE: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
+
+/// One service and its replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// The authority clients use (`web.default`); replicas are named after its first label.
+    pub authority: String,
+    /// How many replicas (app hosts) it has.
+    pub replicas: usize,
+}
+
+impl ServiceSpec {
+    /// `replicas` replicas of `authority`.
+    #[must_use]
+    pub fn new(authority: &str, replicas: usize) -> Self {
+        Self {
+            authority: authority.to_owned(),
+            replicas,
+        }
+    }
+
+    /// The host names of its replicas.
+    #[must_use]
+    pub fn hosts(&self) -> Vec<String> {
+        let short = self.authority.split('.').next().unwrap_or("svc");
+        (0..self.replicas).map(|i| format!("{short}-{i}")).collect()
+    }
+}
+
+/// Where proxies learn endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiscoveryMode {
+    /// `StaticDiscover`: the harness publishes each mesh version straight to every proxy.
+    Static,
+    /// The real controller on its own host; the harness edits its file backend.
+    Controller,
+}
+
+/// A topology and the world's physics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldSpec {
+    /// Services, each with replicas behind proxies.
+    pub services: Vec<ServiceSpec>,
+    /// Client hosts, each with its own proxy.
+    pub clients: usize,
+    /// Where proxies learn endpoints.
+    pub discovery: DiscoveryMode,
+    /// Per-message network latency range (turmoil draws from an exponential in it).
+    pub min_latency: Duration,
+    /// See `min_latency`.
+    pub max_latency: Duration,
+    /// The proxies' fail-fast timeout (no ready endpoint for this long → 504).
+    pub failfast_timeout: Duration,
+    /// The proxies' connect timeout.
+    pub connect_timeout: Duration,
+    /// The run fails if it is not over by this sim time.
+    pub time_limit: Duration,
+}
+
+impl WorldSpec {
+    /// One service, one client, static discovery, 1–5 ms links.
+    #[must_use]
+    pub fn new(services: Vec<ServiceSpec>, clients: usize) -> Self {
+        Self {
+            services,
+            clients,
+            discovery: DiscoveryMode::Static,
+            min_latency: Duration::from_millis(1),
+            max_latency: Duration::from_millis(5),
+            failfast_timeout: conduit_proxy::config::DEFAULT_FAILFAST_TIMEOUT,
+            connect_timeout: conduit_proxy::config::DEFAULT_CONNECT_TIMEOUT,
+            time_limit: Duration::from_secs(120),
+        }
+    }
+
+    /// Every replica host, in order.
+    #[must_use]
+    pub fn replica_hosts(&self) -> Vec<String> {
+        self.services.iter().flat_map(ServiceSpec::hosts).collect()
+    }
+}
+
+/// The name of client host `i`.
+#[must_use]
+pub fn client_host(i: usize) -> String {
+    format!("client-{i}")
+}
+
+#[derive(Debug)]
+enum Discovery {
+    Static(Arc<StaticDiscover>),
+    Controller(conduit_controller::discovery::file::FileDiscovery),
+}
+
+/// A running simulated mesh.
+pub struct World<'a> {
+    sim: Sim<'a>,
+    recorder: Recorder,
+    discovery: Discovery,
+    static_discover: Arc<StaticDiscover>,
+    apps: BTreeMap<String, Arc<AppControl>>,
+    drains: BTreeMap<String, Arc<tokio::sync::Notify>>,
+    endpoints: BTreeMap<String, Vec<String>>,
+    version: u64,
+}
+
+impl std::fmt::Debug for World<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("World")
+            .field("endpoints", &self.endpoints)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn proxy_config(spec: &WorldSpec, seed: u64, app: bool) -> ProxyConfig {
+    let mut config = ProxyConfig::with_discovery(DiscoveryConfig::File("sim".into()));
+    config.outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
+    config.inbound_addr = SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT));
+    config.admin_addr = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT));
+    config.app_addr = app.then(|| SocketAddr::from(([127, 0, 0, 1], APP_PORT)));
+    config.seed = Some(seed);
+    config.queue.failfast_timeout = spec.failfast_timeout;
+    config.limits.connect_timeout = spec.connect_timeout;
+    config
+}
+
+/// Seeds for a host's successive incarnations (a bounced host is a new process: new seed).
+#[derive(Clone, Debug)]
+struct Seeds {
+    base: u64,
+    incarnation: Arc<AtomicU64>,
+}
+
+impl Seeds {
+    fn new(root: &mut DetRng, host: &str) -> Self {
+        Self {
+            base: root.child(&format!("proxy/{host}")).next_u64(),
+            incarnation: Arc::default(),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        let n = self.incarnation.fetch_add(1, Ordering::Relaxed);
+        DetRng::new(self.base ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
+    }
+}
+
+async fn run_proxy(
+    config: ProxyConfig,
+    seed: u64,
+    discovery: Arc<StaticDiscover>,
+    drain: Arc<tokio::sync::Notify>,
+) {
+    let shutdown = async move { drain.notified().await };
+    if let Err(err) = conduit_proxy::run(config, SimNet, seed, discovery, shutdown).await {
+        tracing::error!(error = %err, "proxy failed");
+    }
+}
+
+impl<'a> World<'a> {
+    /// Builds the world for `spec` at `seed`, with `workload` split over the client hosts.
+    ///
+    /// # Errors
+    ///
+    /// When the initial mesh is invalid (a harness bug).
+    pub fn build(
+        scenario: &str,
+        spec: &WorldSpec,
+        seed: u64,
+        workload: &Workload,
+    ) -> anyhow::Result<Self> {
+        let mut root = DetRng::new(seed);
+        let mut builder = turmoil::Builder::new();
+        builder
+            .rng_seed(root.child("turmoil").next_u64())
+            .epoch(UNIX_EPOCH + Duration::from_secs(1_767_225_600))
+            .simulation_duration(spec.time_limit)
+            .tick_duration(Duration::from_millis(1))
+            .min_message_latency(spec.min_latency)
+            .max_message_latency(spec.max_latency);
+        let mut sim = builder.build();
+        let recorder = Recorder::new(scenario, seed);
+
+        let static_discover = Arc::new(StaticDiscover::new(Mesh::default()));
+        let discovery = match spec.discovery {
+            DiscoveryMode::Static => Discovery::Static(Arc::clone(&static_discover)),
+            DiscoveryMode::Controller => {
+                let files =
+                    conduit_controller::discovery::file::FileDiscovery::new(Mesh::default());
+                let backend = files.clone();
+                let services = spec.services.len();
+                sim.host(CONTROLLER, move || {
+                    let backend = backend.clone();
+                    async move {
+                        let listener = crate::net::bind(SocketAddr::from((
+                            [0, 0, 0, 0],
+                            CONTROLLER_PORT,
+                        )))
+                        .await?;
+                        let controller = conduit_controller::Controller::new(
+                            Arc::new(backend),
+                            Arc::new(conduit_controller::metrics::Metrics::new(services)),
+                        )
+                        .with_fixed_date_header(http::HeaderValue::from_static(FIXED_DATE));
+                        controller
+                            .serve_grpc(crate::net::incoming(listener), std::future::pending())
+                            .await?;
+                        Ok(())
+                    }
+                });
+                // TODO(controller discovery): proxies use the static source until the proxy's
+                // controller client lands; the controller host already runs.
+                let _ = &files;
+                Discovery::Controller(files)
+            }
+        };
+
+        let mut apps = BTreeMap::new();
+        let mut drains = BTreeMap::new();
+        let mut endpoints = BTreeMap::new();
+        for service in &spec.services {
+            endpoints.insert(service.authority.clone(), service.hosts());
+            for host in service.hosts() {
+                let control = Arc::new(AppControl::default());
+                apps.insert(host.clone(), Arc::clone(&control));
+                let identity = AppIdentity {
+                    service: service.authority.clone(),
+                    host: host.clone(),
+                };
+                let seeds = Seeds::new(&mut root, &host);
+                let spec = spec.clone();
+                let recorder = recorder.clone();
+                let discover = Arc::clone(&static_discover);
+                let drain = Arc::new(tokio::sync::Notify::new());
+                drains.insert(host.clone(), Arc::clone(&drain));
+                sim.host(host.as_str(), move || {
+                    let drain = Arc::clone(&drain);
+                    let config = proxy_config(&spec, seeds.next(), true);
+                    let seed = config.seed.unwrap_or_default();
+                    let discover = Arc::clone(&discover);
+                    let identity = identity.clone();
+                    let control = Arc::clone(&control);
+                    let recorder = recorder.clone();
+                    async move {
+                        tokio::spawn(run_proxy(config, seed, discover, drain));
+                        app::serve(identity, control, recorder).await
+                    }
+                });
+            }
+        }
+
+        for client in 0..spec.clients {
+            let host = client_host(client);
+            let seeds = Seeds::new(&mut root, &host);
+            let config = proxy_config(spec, seeds.next(), false);
+            let seed = config.seed.unwrap_or_default();
+            let discover = Arc::clone(&static_discover);
+            let requests = workload.for_client(client);
+            let recorder = recorder.clone();
+            let drain = Arc::new(tokio::sync::Notify::new());
+            drains.insert(host.clone(), Arc::clone(&drain));
+            sim.client(host.as_str(), async move {
+                tokio::spawn(run_proxy(config, seed, discover, drain));
+                let outbound = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
+                workload::run_client(outbound, requests, recorder.clone()).await;
+                // Let the last responses settle in the proxy's counters, then read them.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let counters = scrape(SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT))).await;
+                recorder.with(|t| t.counters.insert(client, counters));
+                Ok(())
+            });
+        }
+
+        let mut world = Self {
+            sim,
+            recorder,
+            discovery,
+            static_discover,
+            apps,
+            drains,
+            endpoints,
+            version: 0,
+        };
+        world.publish()?;
+        Ok(world)
+    }
+
+    /// Sim time since the start.
+    #[must_use]
+    pub fn elapsed(&self) -> Duration {
+        self.sim.elapsed()
+    }
+
+    /// The recorder (for scenario-specific events).
+    #[must_use]
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    fn event(&self, text: String) {
+        let at = micros(self.sim.elapsed());
+        self.recorder.with(|t| t.events.push((at, text)));
+    }
+
+    /// Cuts the links between two hosts (both ways).
+    pub fn partition(&mut self, a: &str, b: &str) {
+        self.event(format!("partition {a} {b}"));
+        self.sim.partition(a, b);
+    }
+
+    /// Restores the links between two hosts.
+    pub fn repair(&mut self, a: &str, b: &str) {
+        self.event(format!("repair {a} {b}"));
+        self.sim.repair(a, b);
+    }
+
+    /// Holds messages between two hosts (delivered on release).
+    pub fn hold(&mut self, a: &str, b: &str) {
+        self.event(format!("hold {a} {b}"));
+        self.sim.hold(a, b);
+    }
+
+    /// Releases held messages.
+    pub fn release(&mut self, a: &str, b: &str) {
+        self.event(format!("release {a} {b}"));
+        self.sim.release(a, b);
+    }
+
+    /// Crashes a host: every task and socket dropped (peers see the connections close).
+    pub fn crash(&mut self, host: &str) {
+        self.event(format!("crash {host}"));
+        self.sim.crash(host);
+    }
+
+    /// Restarts a host with fresh software (a new proxy incarnation and app).
+    pub fn bounce(&mut self, host: &str) {
+        self.event(format!("bounce {host}"));
+        self.sim.bounce(host);
+    }
+
+    /// Starts a graceful shutdown of a host's proxy (as `/shutdown` or SIGTERM would): it stops
+    /// accepting, sends HTTP/2 GOAWAY, and drains in-flight requests.
+    pub fn drain_proxy(&mut self, host: &str) {
+        self.event(format!("drain-proxy {host}"));
+        if let Some(drain) = self.drains.get(host) {
+            drain.notify_waiters();
+        }
+    }
+
+    /// Sets a fixed latency on the link between two hosts.
+    pub fn set_link_latency(&mut self, a: &str, b: &str, latency: Duration) {
+        self.event(format!("latency {a} {b} {}us", micros(latency)));
+        self.sim.set_link_latency(a, b, latency);
+    }
+
+    /// Makes an app answer `delay` later.
+    pub fn set_app_delay(&mut self, host: &str, delay: Duration) {
+        self.event(format!("app-delay {host} {}us", micros(delay)));
+        if let Some(app) = self.apps.get(host) {
+            app.set_delay(delay);
+        }
+    }
+
+    /// Stalls (or releases) an app: it accepts requests and does not answer.
+    pub fn set_app_stalled(&mut self, host: &str, stalled: bool) {
+        self.event(format!("app-stalled {host} {stalled}"));
+        if let Some(app) = self.apps.get(host) {
+            app.set_stalled(stalled);
+        }
+    }
+
+    /// Publishes a new configuration: `authority`'s endpoints become `hosts`' proxies.
+    ///
+    /// # Errors
+    ///
+    /// When the resulting mesh is invalid (a harness bug).
+    pub fn set_endpoints(&mut self, authority: &str, hosts: Vec<String>) -> anyhow::Result<()> {
+        self.endpoints.insert(authority.to_owned(), hosts);
+        self.publish()
+    }
+
+    /// The endpoints currently configured for `authority`.
+    #[must_use]
+    pub fn endpoints(&self, authority: &str) -> Vec<String> {
+        self.endpoints.get(authority).cloned().unwrap_or_default()
+    }
+
+    fn publish(&mut self) -> anyhow::Result<()> {
+        let mut raw = RawMesh::default();
+        for (authority, hosts) in &self.endpoints {
+            let endpoints = hosts
+                .iter()
+                .map(|host| RawEndpoint {
+                    addr: SocketAddr::new(self.sim.lookup(host.as_str()), INBOUND_PORT)
+                        .to_string(),
+                    ..RawEndpoint::default()
+                })
+                .collect();
+            raw.services.insert(
+                authority.clone(),
+                RawService {
+                    port: Some(80),
+                    endpoints,
+                    profile: None,
+                },
+            );
+        }
+        let mesh = Mesh::try_from(raw).map_err(|err| anyhow::anyhow!("invalid mesh: {err}"))?;
+        self.version += 1;
+        match &self.discovery {
+            Discovery::Static(discover) => discover.publish(mesh),
+            Discovery::Controller(files) => {
+                files.replace(mesh.clone());
+                // Interim, until the proxy's controller client is committed: proxies still read
+                // the static source, so publish there too. The controller host runs regardless.
+                static_discover_publish(&self.static_discover, mesh);
+            }
+        }
+        let config = ConfigVersion {
+            version: self.version,
+            at_us: micros(self.sim.elapsed()),
+            endpoints: self.endpoints.clone(),
+        };
+        self.recorder.with(|t| t.configs.push(config));
+        Ok(())
+    }
+
+    /// Steps until every client has finished, calling `hook` before each step (faults are
+    /// applied there, between steps). A simulation error ends the run and is recorded.
+    #[must_use]
+    pub fn run(mut self, mut hook: impl FnMut(&mut Self)) -> Trace {
+        loop {
+            hook(&mut self);
+            match self.sim.step() {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(err) => {
+                    let text = err.to_string();
+                    self.recorder.with(|t| t.sim_error = Some(text));
+                    break;
+                }
+            }
+        }
+        let end = micros(self.sim.elapsed());
+        self.recorder.with(|t| t.end_us = end);
+        self.recorder.finish()
+    }
+}
+
+fn static_discover_publish(discover: &StaticDiscover, mesh: Mesh) {
+    discover.publish(mesh);
+}
+
+/// Reads a proxy's outbound request and response counters from its admin `/metrics`.
+async fn scrape(admin: SocketAddr) -> ProxyCounters {
+    match scrape_text(admin).await {
+        Ok(text) => match conduit_proto::prom::parse(&text) {
+            Ok(samples) => {
+                let mut counters = ProxyCounters::default();
+                for sample in samples {
+                    if sample.label("direction") != Some("outbound") {
+                        continue;
+                    }
+                    let authority = sample.label("authority").unwrap_or("").to_owned();
+                    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "counters are small non-negative integers")]
+                    let value = sample.value as u64;
+                    match sample.name.as_str() {
+                        "request_total" => {
+                            *counters.requests.entry(authority).or_insert(0) += value;
+                        }
+                        "response_total" => {
+                            let status = sample
+                                .label("status_code")
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(0);
+                            *counters
+                                .responses
+                                .entry(authority)
+                                .or_default()
+                                .entry(status)
+                                .or_insert(0) += value;
+                        }
+                        _ => {}
+                    }
+                }
+                counters
+            }
+            Err(err) => ProxyCounters {
+                error: Some(err.to_string()),
+                ..ProxyCounters::default()
+            },
+        },
+        Err(err) => ProxyCounters {
+            error: Some(err.to_string()),
+            ..ProxyCounters::default()
+        },
+    }
+}
+
+async fn scrape_text(admin: SocketAddr) -> anyhow::Result<String> {
+    let io = SimStream::connect(admin).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = http::Request::builder()
+        .uri("/metrics")
+        .header("host", "admin")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await??;
+    let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+        .await??
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
