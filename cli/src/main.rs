@@ -5,6 +5,8 @@
 
 use conduit_cli::demo;
 
+mod sim;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +42,9 @@ enum Command {
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
+    /// Deterministic simulation: `--list` the scenarios, replay `--scenario NAME --seed N`,
+    /// or sweep `--seeds A..B` (each seed in its own process).
+    Sim(sim::SimArgs),
     /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
     /// HTTP/1.1 address and print what came back.
     Load {
@@ -137,6 +142,7 @@ fn main() -> ExitCode {
                 connections,
                 timeout,
             } => run_load(addr, authority, path, rate, duration, connections, timeout).await,
+            Command::Sim(args) => sim::run(args),
         }
     });
     match result {
