@@ -63,6 +63,17 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 100;
 pub const DEFAULT_FAILFAST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the mesh file is checked for changes.
 pub const DEFAULT_DISCOVERY_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// An authority without requests for this long is dropped: its balancer (and load estimates)
+/// and its discovery subscription (the controller streams are cancelled); the next request
+/// resolves it again. Longer than Linkerd's 5 s outbound cache so a service called once a
+/// minute keeps its estimates, short enough that a proxy does not follow every name it ever
+/// saw.
+pub const DEFAULT_DISCOVERY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// First wait before re-subscribing to the controller after a failure (core backoff minimum).
+pub const DEFAULT_DISCOVERY_BACKOFF_MIN: Duration = conduit_core::backoff::DEFAULT_MIN;
+/// Longest wait between attempts to reach the controller (core backoff maximum): the worst
+/// delay before a recovered controller is noticed.
+pub const DEFAULT_DISCOVERY_BACKOFF_MAX: Duration = conduit_core::backoff::DEFAULT_MAX;
 /// Metric series not updated for this long are dropped (Linkerd's `DEFAULT_METRICS_RETAIN_IDLE`).
 pub const DEFAULT_METRICS_RETAIN_IDLE: Duration = Duration::from_secs(600);
 /// Distinct `authority` label values tracked; further authorities share `authority="overflow"`.
@@ -83,8 +94,13 @@ const fn addr(ip: [u8; 4], port: u16) -> SocketAddr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DiscoveryConfig {
-    /// A mesh file (the controller's file format), reloaded when it changes.
+    /// A mesh file (the controller's file format), reloaded when it changes (`file:PATH`).
     File(PathBuf),
+    /// The controller's Destination API (`IP:PORT`).
+    Controller {
+        /// The controller's gRPC address.
+        addr: SocketAddr,
+    },
 }
 
 /// The validated proxy configuration.
@@ -120,6 +136,11 @@ pub struct ProxyConfig {
     pub metrics: MetricsSettings,
     /// How often file discovery polls its file.
     pub discovery_poll_interval: Duration,
+    /// How long an authority may go without requests before it is dropped (with its
+    /// discovery subscription).
+    pub discovery_idle_timeout: Duration,
+    /// Reconnect backoff towards the controller.
+    pub discovery_backoff: conduit_core::backoff::BackoffConfig,
     /// How long a graceful shutdown lets in-flight requests finish.
     pub shutdown_grace_period: Duration,
 }
@@ -223,6 +244,8 @@ impl ProxyConfig {
                 max_authorities: DEFAULT_METRICS_MAX_AUTHORITIES,
             },
             discovery_poll_interval: DEFAULT_DISCOVERY_POLL_INTERVAL,
+            discovery_idle_timeout: DEFAULT_DISCOVERY_IDLE_TIMEOUT,
+            discovery_backoff: conduit_core::backoff::BackoffConfig::default(),
             shutdown_grace_period: DEFAULT_SHUTDOWN_GRACE_PERIOD,
         }
     }
@@ -288,7 +311,10 @@ impl ProxyConfig {
 
         let discovery = match raw.discovery.as_deref() {
             None | Some("") => {
-                e("discovery", "required: `file:PATH` for a mesh file".into());
+                e(
+                    "discovery",
+                    "required: the controller's `IP:PORT`, or `file:PATH` for a mesh file".into(),
+                );
                 DiscoveryConfig::File(PathBuf::new())
             }
             Some(value) => match value.strip_prefix("file:") {
@@ -300,16 +326,19 @@ impl ProxyConfig {
                     );
                     DiscoveryConfig::File(PathBuf::new())
                 }
-                None => {
-                    e(
-                        "discovery",
-                        format!(
-                            "`{value}`: controller discovery (HOST:PORT) is not built yet \
-                             (issue #4); use `file:PATH`"
-                        ),
-                    );
-                    DiscoveryConfig::File(PathBuf::new())
-                }
+                None => match value.parse::<SocketAddr>() {
+                    Ok(addr) => DiscoveryConfig::Controller { addr },
+                    Err(_) => {
+                        e(
+                            "discovery",
+                            format!(
+                                "`{value}` is neither the controller's `IP:PORT` nor \
+                                 `file:PATH` (host names are not resolved yet)"
+                            ),
+                        );
+                        DiscoveryConfig::File(PathBuf::new())
+                    }
+                },
             },
         };
         let mut config = Self::with_discovery(discovery);
@@ -412,10 +441,35 @@ impl ProxyConfig {
             &mut config.discovery_poll_interval,
         );
         duration(
+            "discovery_idle_timeout",
+            raw.discovery_idle_timeout,
+            &mut config.discovery_idle_timeout,
+        );
+        let mut backoff_min = DEFAULT_DISCOVERY_BACKOFF_MIN;
+        let mut backoff_max = DEFAULT_DISCOVERY_BACKOFF_MAX;
+        duration(
+            "discovery_backoff_min",
+            raw.discovery_backoff_min,
+            &mut backoff_min,
+        );
+        duration(
+            "discovery_backoff_max",
+            raw.discovery_backoff_max,
+            &mut backoff_max,
+        );
+        duration(
             "shutdown_grace_period",
             raw.shutdown_grace_period,
             &mut config.shutdown_grace_period,
         );
+        match conduit_core::backoff::BackoffConfig::try_new(
+            backoff_min,
+            backoff_max,
+            conduit_core::backoff::DEFAULT_JITTER_PER_MILLE,
+        ) {
+            Ok(backoff) => config.discovery_backoff = backoff,
+            Err(err) => e("discovery_backoff_max", err.to_string()),
+        }
 
         let mut bounded =
             |field: &str, value: Option<u64>, min: u64, max: u64, into: &mut usize| {
@@ -532,6 +586,9 @@ pub struct RawProxyConfig {
     pub metrics_retain_idle: Option<String>,
     pub metrics_max_authorities: Option<u64>,
     pub discovery_poll_interval: Option<String>,
+    pub discovery_idle_timeout: Option<String>,
+    pub discovery_backoff_min: Option<String>,
+    pub discovery_backoff_max: Option<String>,
     pub shutdown_grace_period: Option<String>,
 }
 
@@ -624,6 +681,8 @@ mod tests {
             None,
             env(&[
                 ("CONDUIT_PROXY_DISCOVERY", "controller:8086"),
+                ("CONDUIT_PROXY_DISCOVERY_BACKOFF_MIN", "2s"),
+                ("CONDUIT_PROXY_DISCOVERY_BACKOFF_MAX", "1s"),
                 ("CONDUIT_PROXY_ADMIN_ADDR", "nope"),
                 ("CONDUIT_PROXY_CONNECT_TIMEOUT", "3 parsecs"),
                 ("CONDUIT_PROXY_WORKERS", "0"),
@@ -632,13 +691,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         for want in [
-            "discovery (CONDUIT_PROXY_DISCOVERY): `controller:8086`: controller discovery",
+            "discovery (CONDUIT_PROXY_DISCOVERY): `controller:8086` is neither the controller's `IP:PORT`",
+            "discovery_backoff_max (CONDUIT_PROXY_DISCOVERY_BACKOFF_MAX): the maximum backoff 1s is below the minimum 2s",
             "admin_addr (CONDUIT_PROXY_ADMIN_ADDR): `nope` is not an IP:PORT address",
             "connect_timeout (CONDUIT_PROXY_CONNECT_TIMEOUT): `3 parsecs`",
             "workers (CONDUIT_PROXY_WORKERS): `0` must be between 1 and 1024",
         ] {
             assert!(err.contains(want), "{err}\nwant: {want}");
         }
+    }
+
+    #[test]
+    fn controller_discovery() {
+        let c = ProxyConfig::load(
+            None,
+            env(&[
+                ("CONDUIT_PROXY_DISCOVERY", "127.0.0.1:8086"),
+                ("CONDUIT_PROXY_DISCOVERY_IDLE_TIMEOUT", "5m"),
+                ("CONDUIT_PROXY_DISCOVERY_BACKOFF_MAX", "30s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.discovery,
+            DiscoveryConfig::Controller {
+                addr: "127.0.0.1:8086".parse().unwrap()
+            }
+        );
+        assert_eq!(c.discovery_idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.discovery_backoff.max(), Duration::from_secs(30));
+        assert_eq!(c.discovery_backoff.min(), DEFAULT_DISCOVERY_BACKOFF_MIN);
     }
 
     #[test]

@@ -67,32 +67,51 @@ impl<N: Net> HttpProxy<N> {
             authority = authority.as_ref().map_or("", Authority::as_str),
             path = request.uri().path(),
         );
-        let _entered = span.enter();
-        let (label, service) = match (&self.target, &authority) {
-            (Target::Balanced(_), None) => {
+        let routed = {
+            let _entered = span.enter();
+            match (&self.target, &authority) {
+                (Target::Balanced(router), Some(authority)) => {
+                    Some(router.resolve(authority.as_str()))
+                }
+                _ => None,
+            }
+        };
+        let (label, service) = match (&self.target, &authority, routed) {
+            (Target::Balanced(_), None, _) => {
                 let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
                 let err = ProxyError::Malformed {
                     reason: "missing authority (Host header)".into(),
                 };
                 return self.synthesize(&err, &label, start, grpc, http1);
             }
-            (Target::Balanced(router), Some(authority)) => match router.resolve(authority.as_str())
-            {
-                Ok(service) => (
-                    self.metrics.request(self.direction, service.label()),
-                    Some(service),
-                ),
-                Err(err) => {
-                    let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
-                    return self.synthesize(&err, &label, start, grpc, http1);
+            (Target::Balanced(_), Some(_), Some(Ok(service))) => {
+                // Waits (bounded by the fail-fast timeout) until discovery has answered.
+                match service.resolved().await {
+                    Ok(label) => (self.metrics.request(self.direction, &label), Some(service)),
+                    Err(err) => {
+                        // Unresolved authorities share one label, so arbitrary names cannot
+                        // grow the metrics.
+                        let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
+                        return self.synthesize(&err, &label, start, grpc, http1);
+                    }
                 }
-            },
-            (Target::Fixed(_), authority) => {
+            }
+            (Target::Balanced(_), Some(_), Some(Err(err))) => {
+                let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
+                return self.synthesize(&err, &label, start, grpc, http1);
+            }
+            (Target::Balanced(_), Some(_), None) => {
+                let err = ProxyError::Unavailable {
+                    reason: "no route for request".into(),
+                };
+                let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
+                return self.synthesize(&err, &label, start, grpc, http1);
+            }
+            (Target::Fixed(_), authority, _) => {
                 let name = authority.as_ref().map_or("", Authority::as_str);
                 (self.metrics.request(self.direction, name), None)
             }
         };
-        drop(_entered);
         match self
             .forward(request, proto, authority, service, &label, start)
             .await

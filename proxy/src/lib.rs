@@ -42,7 +42,7 @@ use conduit_core::rand::DetRng;
 use tokio::sync::watch;
 
 pub use config::ProxyConfig;
-pub use discover::{Discover, FileDiscover, StaticDiscover};
+pub use discover::{ControllerDiscover, Discover, FileDiscover, Resolution, StaticDiscover};
 pub use net::{Listener, Net, TokioNet};
 
 /// Why the proxy could not start or run.
@@ -166,12 +166,14 @@ impl<N: Net> Proxy<N> {
         let mut rng = DetRng::new(seed);
         let (drain_signal, drain) = drain::channel();
 
+        let discovery: Arc<dyn Discover> = Arc::new(discovery);
         let router = balance::Router::new(
-            discovery.subscribe(),
+            Arc::clone(&discovery),
             rng.child("balance"),
             clock,
             config.balancer,
             config.queue,
+            config.discovery_idle_timeout,
         );
         tokio::spawn(Arc::clone(&router).run(drain.clone()));
 
@@ -203,6 +205,7 @@ impl<N: Net> Proxy<N> {
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
         let admin_state = Arc::new(admin::Admin {
             metrics: Arc::clone(&metrics),
+            discovery,
             ready: ready_rx,
             shutdown: shutdown_tx,
             limits: config.limits,

@@ -5,8 +5,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use conduit_core::rand::DetRng;
 use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
-use conduit_proxy::{FileDiscover, TokioNet, entropy};
+use conduit_proxy::discover::controller::ControllerDiscoverConfig;
+use conduit_proxy::{ControllerDiscover, FileDiscover, TokioNet, entropy};
 
 fn main() -> ExitCode {
     let config = match load() {
@@ -84,13 +86,26 @@ fn load() -> anyhow::Result<ProxyConfig> {
 async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
     tracing::info!(?config, "starting conduit-proxy");
     let seed = entropy::seed(config.seed);
-    let discovery = match &config.discovery {
-        DiscoveryConfig::File(path) => FileDiscover::start(path, config.discovery_poll_interval)
-            .await
-            .context("starting file discovery")?,
+    match &config.discovery {
+        DiscoveryConfig::File(path) => {
+            let discovery = FileDiscover::start(path, config.discovery_poll_interval)
+                .await
+                .context("starting file discovery")?;
+            conduit_proxy::run(config, TokioNet, seed, discovery, shutdown_signal()).await?;
+        }
+        DiscoveryConfig::Controller { addr } => {
+            let mut settings = ControllerDiscoverConfig::new(*addr);
+            settings.backoff = config.discovery_backoff;
+            settings.connect_timeout = config.limits.connect_timeout;
+            // The reconnect jitter draws from its own generator, derived from the proxy's seed
+            // but not from the proxy's own generator, so it does not shift the proxy's draws.
+            let rng = DetRng::new(seed).child("discovery");
+            let discovery = ControllerDiscover::new(TokioNet, settings, rng)
+                .context("starting controller discovery")?;
+            conduit_proxy::run(config, TokioNet, seed, discovery, shutdown_signal()).await?;
+        }
         other => anyhow::bail!("unsupported discovery {other:?}"),
-    };
-    conduit_proxy::run(config, TokioNet, seed, discovery, shutdown_signal()).await?;
+    }
     Ok(())
 }
 

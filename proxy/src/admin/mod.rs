@@ -15,12 +15,14 @@ use tokio::sync::watch;
 
 use crate::body::{self, Body};
 use crate::config::Limits;
+use crate::discover::Discover;
 use crate::net::{Listener, Net};
 
 /// What the admin server reads and controls.
-#[derive(Debug)]
 pub(crate) struct Admin {
     pub(crate) metrics: Arc<metrics::Metrics>,
+    /// Discovery, for its `control_*` metric families.
+    pub(crate) discovery: Arc<dyn Discover>,
     /// True while the proxy serves; false once draining starts (then `/ready` says 503).
     pub(crate) ready: watch::Receiver<bool>,
     /// Set by `/shutdown` to start a graceful drain.
@@ -28,11 +30,21 @@ pub(crate) struct Admin {
     pub(crate) limits: Limits,
 }
 
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Admin {
     fn respond(&self, request: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => {
-                let text = self.metrics.render(&process::render());
+                let mut extra = process::render();
+                self.discovery.render_metrics(&mut extra);
+                let text = self.metrics.render(&extra);
                 let mut response = Response::new(body::full(text));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -1,12 +1,17 @@
 //! Per-service load balancing: the core's [`Balancer`] and [`Queue`] behind a mutex, driven by
 //! discovery and the clock.
 //!
-//! A [`Router`] maps an authority to its service (through the latest discovery snapshot) and
-//! keeps one [`ServiceBalancer`] per service in use, created on first request and dropped after
-//! [`SERVICE_IDLE_TIMEOUT`] without requests. Each service balancer follows the drive loop of
-//! `conduit_core::balance`: discovery snapshots become `Replace` updates, a driver task wakes at
-//! the core's `poll_timeout`s, and readiness changes are told to the queue and wake waiting
-//! requests. Every mesh decision (which endpoint, wait or shed or fail fast) is the core's.
+//! A [`Router`] keeps one [`ServiceBalancer`] per authority in use (host lower-cased, port as
+//! the request gave it), created on the first request, which asks discovery to
+//! [`resolve`](crate::discover::Discover::resolve) the authority, and dropped after the
+//! configured discovery idle timeout without requests, which drops the resolution and lets the
+//! backend stop following it. Each service balancer follows the drive loop of
+//! `conduit_core::balance`: resolutions become `Replace` updates, a driver task wakes at the
+//! core's `poll_timeout`s, and readiness changes are told to the queue and wake waiting
+//! requests. While the resolution is still unknown, requests wait in the core's queue like
+//! requests for a service without ready endpoints, so they fail fast (504) or are shed (503)
+//! by the same rules. Every mesh decision (which endpoint, wait or shed or fail fast) is the
+//! core's.
 
 use std::collections::BTreeMap;
 use std::pin::pin;
@@ -16,31 +21,45 @@ use std::time::Duration;
 use conduit_core::balance::{
     Admit, BalanceConfig, Balancer, Change, InFlight, Picked, Queue, QueueConfig, Update,
 };
-use conduit_core::mesh::Service;
 use conduit_core::rand::DetRng;
 use conduit_core::time::Instant;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::clock::Clock;
 use crate::config::{BalancerSettings, QueueSettings};
-use crate::discover::Snapshot;
+use crate::discover::{Discover, Resolution};
 use crate::errors::ProxyError;
 
-/// A service balancer unused for this long is dropped (its endpoints' load estimates with it).
-pub(crate) const SERVICE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest pause between looks for idle authorities.
+const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(10);
 
-/// How often idle services are looked for.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// The most authorities followed at once: a bound on the table (and on what discovery
+/// follows), far above what one app talks to. Beyond it, requests for new authorities get 503
+/// until idle ones are dropped.
+pub(crate) const MAX_AUTHORITIES: usize = 10_000;
+
+/// The longest authority kept as a table key; longer ones are refused as malformed by hyper
+/// long before, but the bound keeps the table's memory predictable regardless.
+const MAX_AUTHORITY_BYTES: usize = 512;
 
 /// Authority → service balancer, fed by discovery.
-#[derive(Debug)]
 pub(crate) struct Router {
-    discovery: watch::Receiver<Snapshot>,
+    discovery: Arc<dyn Discover>,
     services: Mutex<BTreeMap<String, Arc<ServiceBalancer>>>,
     rng: Mutex<DetRng>,
     clock: Clock,
     balance: BalanceConfig,
     queue: QueueConfig,
+    idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("authorities", &lock(&self.services).len())
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,11 +72,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Router {
     pub(crate) fn new(
-        discovery: watch::Receiver<Snapshot>,
+        discovery: Arc<dyn Discover>,
         rng: DetRng,
         clock: Clock,
         balancer: BalancerSettings,
         queue: QueueSettings,
+        idle_timeout: Duration,
     ) -> Arc<Self> {
         let balance = BalanceConfig {
             default_rtt: balancer.default_rtt,
@@ -75,81 +95,93 @@ impl Router {
             clock,
             balance,
             queue,
+            idle_timeout,
         })
     }
 
-    /// The balancer for the service `authority` names.
+    /// The balancer for `authority`, created (and its resolution started) on first use.
+    /// The caller then waits for the resolution with [`ServiceBalancer::resolved`].
     ///
     /// # Errors
     ///
-    /// [`ProxyError::UnknownAuthority`] when discovery does not know it.
+    /// [`ProxyError::Unavailable`] when [`MAX_AUTHORITIES`] authorities are in use.
     pub(crate) fn resolve(&self, authority: &str) -> Result<Arc<ServiceBalancer>, ProxyError> {
-        let snapshot = self.discovery.borrow().clone();
-        let Some(service) = snapshot.mesh.lookup(authority) else {
-            let authority: String = authority.chars().take(256).collect();
-            return Err(ProxyError::UnknownAuthority { authority });
-        };
+        let key = authority_key(authority);
         let now = self.clock.now();
         let mut services = lock(&self.services);
-        if let Some(existing) = services.get(&service.name) {
+        if let Some(existing) = services.get(&key) {
             lock(&existing.state).last_used = now;
             return Ok(Arc::clone(existing));
         }
-        let rng = lock(&self.rng).child(&service.name);
-        let balancer = ServiceBalancer::new(service, snapshot.version, rng, self, now);
-        services.insert(service.name.clone(), Arc::clone(&balancer));
-        tokio::spawn(drive(Arc::downgrade(&balancer)));
+        if services.len() >= MAX_AUTHORITIES {
+            drop(services);
+            self.sweep();
+            services = lock(&self.services);
+            if services.len() >= MAX_AUTHORITIES {
+                tracing::warn!(limit = MAX_AUTHORITIES, "too many authorities in use");
+                return Err(ProxyError::Unavailable {
+                    reason: format!("more than {MAX_AUTHORITIES} authorities in use"),
+                });
+            }
+        }
+        let resolutions = self.discovery.resolve(&key);
+        let rng = lock(&self.rng).child(&key);
+        let (balancer, stop) = ServiceBalancer::new(key.clone(), rng, self, now, &resolutions);
+        tracing::debug!(authority = %key, "resolving authority");
+        services.insert(key, Arc::clone(&balancer));
+        tokio::spawn(drive(Arc::downgrade(&balancer), resolutions, stop));
         Ok(balancer)
     }
 
-    /// Feeds discovery changes to live balancers and drops idle ones, until `stop` fires.
+    /// Drops idle authorities until `stop` fires.
     pub(crate) async fn run(self: Arc<Self>, mut stop: crate::drain::Drain) {
-        let mut discovery = self.discovery.clone();
-        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-        let mut open = true;
+        let interval = (self.idle_timeout / 2).clamp(Duration::from_millis(1), SWEEP_INTERVAL_MAX);
+        let mut sweep = tokio::time::interval(interval);
         loop {
             tokio::select! {
-                changed = discovery.changed(), if open => {
-                    if changed.is_err() {
-                        tracing::warn!("discovery ended; keeping the last known endpoints");
-                        open = false;
-                        continue;
-                    }
-                    let snapshot = discovery.borrow_and_update().clone();
-                    self.apply(&snapshot);
-                }
                 _ = sweep.tick() => self.sweep(),
                 () = stop.signaled() => return,
             }
         }
     }
 
-    fn apply(&self, snapshot: &Snapshot) {
-        let now = self.clock.now();
-        let mut services = lock(&self.services);
-        services.retain(|name, balancer| match snapshot.mesh.service(name) {
-            Some(service) => {
-                balancer.update(now, snapshot.version, service);
-                true
-            }
-            None => {
-                tracing::debug!(service = %name, "service left discovery");
-                false
-            }
-        });
-    }
-
     fn sweep(&self) {
         let now = self.clock.now();
         lock(&self.services).retain(|name, balancer| {
             let idle = now.saturating_duration_since(lock(&balancer.state).last_used);
-            let keep = Arc::strong_count(balancer) > 1 || idle < SERVICE_IDLE_TIMEOUT;
+            let keep = Arc::strong_count(balancer) > 1 || idle < self.idle_timeout;
             if !keep {
-                tracing::debug!(service = %name, "dropping idle service balancer");
+                tracing::debug!(authority = %name, "dropping idle authority");
             }
             keep
         });
     }
+}
+
+/// The table key for an authority: lower-cased, without a trailing dot on the host, bounded.
+fn authority_key(authority: &str) -> String {
+    let mut key: String = authority
+        .chars()
+        .take(MAX_AUTHORITY_BYTES)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if let Some(dot) = key.find(".:") {
+        key.remove(dot);
+    } else if key.ends_with('.') {
+        key.pop();
+    }
+    key
+}
+
+/// What the balancer's resolution says, as far as requests care.
+#[derive(Debug)]
+enum Status {
+    /// Discovery has not answered.
+    Unknown,
+    /// No such service.
+    NotFound,
+    /// The service, labelled `name:port` for metrics.
+    Found { label: Arc<str> },
 }
 
 #[derive(Debug)]
@@ -159,19 +191,27 @@ struct State {
     rng: DetRng,
     ready: bool,
     last_used: Instant,
+    status: Status,
+    /// The version of the last resolution applied (stale ones are ignored).
+    resolution_version: Option<u64>,
+    /// Versions of the updates fed to the core balancer: one per applied resolution.
+    updates: u64,
 }
 
-/// One service's balancer, queue and readiness signal.
+/// One authority's resolution, balancer, queue and readiness signal.
 #[derive(Debug)]
 pub(crate) struct ServiceBalancer {
-    /// `name:port`, the metrics authority and the error messages' name.
-    label: String,
+    /// The authority (the router's key), for error messages.
+    authority: String,
     state: Mutex<State>,
-    /// Woken when the service goes from no ready endpoint to some.
+    /// Woken when the service goes from no ready endpoint to some, and when the resolution
+    /// changes.
     ready: Notify,
     /// Woken when the driver's next deadline may have moved earlier.
     reschedule: Arc<Notify>,
     clock: Clock,
+    /// Dropped with the balancer: stops its driver task (and so its resolution) at once.
+    _stop: oneshot::Sender<()>,
 }
 
 /// Leaves the queue when a waiting request stops waiting, however it stops.
@@ -184,57 +224,145 @@ impl Drop for Waiting<'_> {
 }
 
 impl ServiceBalancer {
+    /// A balancer for `authority` that applies `resolutions`' current value at once. The
+    /// returned sender stops the driver task when the balancer is dropped.
     fn new(
-        service: &Service,
-        version: u64,
+        authority: String,
         rng: DetRng,
         router: &Router,
         now: Instant,
-    ) -> Arc<Self> {
+        resolutions: &watch::Receiver<Resolution>,
+    ) -> (Arc<Self>, oneshot::Receiver<()>) {
+        let (stop_tx, stop_rx) = oneshot::channel();
         let state = State {
             balancer: Balancer::new(router.balance),
             queue: Queue::new(router.queue, now),
             rng,
             ready: false,
             last_used: now,
+            status: Status::Unknown,
+            resolution_version: None,
+            updates: 0,
         };
         let this = Arc::new(Self {
-            label: format!("{}:{}", service.name, service.port),
+            authority,
             state: Mutex::new(state),
             ready: Notify::new(),
             reschedule: Arc::new(Notify::new()),
             clock: router.clock,
+            _stop: stop_tx,
         });
-        this.update(now, version, service);
-        this
+        let first = resolutions.borrow().clone();
+        this.apply(&first);
+        (this, stop_rx)
     }
 
-    /// The service's `name:port`.
-    pub(crate) fn label(&self) -> &str {
-        &self.label
-    }
-
-    fn update(&self, now: Instant, version: u64, service: &Service) {
-        let change = if service.endpoints.is_empty() {
-            Change::NoEndpoints
-        } else {
-            Change::Replace(service.endpoints.clone())
-        };
+    /// Applies a resolution: the service's endpoints go to the core balancer; `NotFound`
+    /// empties it; `Unknown` changes nothing (what was known stays in force).
+    fn apply(&self, resolution: &Resolution) {
+        let now = self.clock.now();
         let mut state = lock(&self.state);
-        match state
+        let change = match resolution {
+            Resolution::Unknown => return,
+            Resolution::NotFound => {
+                tracing::debug!(authority = %self.authority, "authority not found");
+                state.status = Status::NotFound;
+                Change::NoEndpoints
+            }
+            Resolution::Service { version, service } => {
+                if state
+                    .resolution_version
+                    .is_some_and(|last| *version <= last)
+                {
+                    tracing::debug!(authority = %self.authority, version, "ignoring stale resolution");
+                    return;
+                }
+                state.resolution_version = Some(*version);
+                state.status = Status::Found {
+                    label: Arc::from(format!("{}:{}", service.name, service.port)),
+                };
+                tracing::debug!(
+                    authority = %self.authority,
+                    version,
+                    endpoints = service.endpoints.len(),
+                    "endpoints updated"
+                );
+                if service.endpoints.is_empty() {
+                    Change::NoEndpoints
+                } else {
+                    Change::Replace(service.endpoints.clone())
+                }
+            }
+        };
+        state.updates += 1;
+        let version = state.updates;
+        if let Err(stale) = state
             .balancer
             .handle_update(now, Update { version, change })
         {
-            Ok(()) => tracing::debug!(
-                service = %self.label,
-                version,
-                endpoints = service.endpoints.len(),
-                "endpoints updated"
-            ),
-            // A balancer created from this very snapshot already has it.
-            Err(stale) => tracing::trace!(service = %self.label, %stale, "skipped update"),
+            // Unreachable: the versions are this balancer's own counter.
+            tracing::warn!(authority = %self.authority, %stale, "balancer refused an update");
         }
         self.sync(&mut state, now);
+        // Requests waiting for the resolution itself look again.
+        self.ready.notify_waiters();
+    }
+
+    /// Waits until discovery has answered for the authority, in the core's queue, and returns
+    /// the metrics label of the service it names.
+    ///
+    /// # Errors
+    ///
+    /// [`ProxyError::UnknownAuthority`] (404) when no service has the name,
+    /// [`ProxyError::FailFast`] (504) when discovery does not answer in time,
+    /// [`ProxyError::LoadShed`] (503) when the queue is full.
+    pub(crate) async fn resolved(&self) -> Result<Arc<str>, ProxyError> {
+        loop {
+            let mut notified = pin!(self.ready.notified());
+            notified.as_mut().enable();
+            let admit = {
+                let mut state = lock(&self.state);
+                let now = self.clock.now();
+                state.last_used = now;
+                match &state.status {
+                    Status::Found { label } => return Ok(Arc::clone(label)),
+                    Status::NotFound => return Err(self.not_found()),
+                    Status::Unknown => state.queue.admit(now),
+                }
+            };
+            self.wait(admit, notified).await?;
+        }
+    }
+
+    /// Waits as the queue admitted, until woken or the deadline.
+    async fn wait(
+        &self,
+        admit: Admit,
+        notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Result<(), ProxyError> {
+        match admit {
+            Admit::Wait { deadline } => {
+                let _waiting = Waiting(self);
+                tokio::select! {
+                    () = notified => Ok(()),
+                    () = self.clock.sleep_until(deadline) => Err(ProxyError::FailFast {
+                        authority: self.authority.clone(),
+                    }),
+                }
+            }
+            Admit::Shed => Err(ProxyError::LoadShed {
+                authority: self.authority.clone(),
+            }),
+            Admit::FailFast => Err(ProxyError::FailFast {
+                authority: self.authority.clone(),
+            }),
+        }
+    }
+
+    fn not_found(&self) -> ProxyError {
+        ProxyError::UnknownAuthority {
+            authority: self.authority.chars().take(256).collect(),
+        }
     }
 
     /// Tells the queue about readiness changes and wakes waiters when endpoints are ready.
@@ -255,7 +383,8 @@ impl ServiceBalancer {
     /// # Errors
     ///
     /// [`ProxyError::FailFast`] (504) when no endpoint is ready in time,
-    /// [`ProxyError::LoadShed`] (503) when the queue is full.
+    /// [`ProxyError::LoadShed`] (503) when the queue is full,
+    /// [`ProxyError::UnknownAuthority`] (404) when the service left discovery meanwhile.
     pub(crate) async fn acquire(&self) -> Result<Picked, ProxyError> {
         loop {
             let mut notified = pin!(self.ready.notified());
@@ -266,34 +395,17 @@ impl ServiceBalancer {
                 let mut state = lock(&self.state);
                 let now = self.clock.now();
                 state.last_used = now;
+                if matches!(state.status, Status::NotFound) {
+                    return Err(self.not_found());
+                }
                 let State { balancer, rng, .. } = &mut *state;
                 if let Some(picked) = balancer.pick(now, rng) {
-                    tracing::trace!(service = %self.label, endpoint = %picked.addr, "picked");
+                    tracing::trace!(authority = %self.authority, endpoint = %picked.addr, "picked");
                     return Ok(picked);
                 }
                 state.queue.admit(now)
             };
-            match admit {
-                Admit::Wait { deadline } => {
-                    let _waiting = Waiting(self);
-                    tokio::select! {
-                        () = notified => {}
-                        () = self.clock.sleep_until(deadline) => {
-                            return Err(ProxyError::FailFast { authority: self.label.clone() });
-                        }
-                    }
-                }
-                Admit::Shed => {
-                    return Err(ProxyError::LoadShed {
-                        authority: self.label.clone(),
-                    });
-                }
-                Admit::FailFast => {
-                    return Err(ProxyError::FailFast {
-                        authority: self.label.clone(),
-                    });
-                }
-            }
+            self.wait(admit, notified).await?;
         }
     }
 
@@ -337,25 +449,62 @@ impl ServiceBalancer {
     }
 }
 
-/// The service's timer task: wakes at the core's deadlines (backoffs ending, fail-fast
-/// starting); ends when the service balancer is dropped.
-async fn drive(weak: Weak<ServiceBalancer>) {
+/// The authority's driver task: applies resolutions as they change and wakes at the core's
+/// deadlines (backoffs ending, fail-fast starting). Ends when the balancer is dropped, which
+/// drops the resolution receiver and tells discovery the authority is no longer used.
+async fn drive(
+    weak: Weak<ServiceBalancer>,
+    mut resolutions: watch::Receiver<Resolution>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut following = true;
     loop {
         let Some(this) = weak.upgrade() else { return };
         let deadline = this.next_deadline();
         let reschedule = Arc::clone(&this.reschedule);
         let clock = this.clock;
-        // Hold only a weak reference while asleep so an idle service can be dropped; check
-        // liveness at least every sweep interval.
+        // Hold only a weak reference while asleep so an idle balancer can be dropped.
         drop(this);
-        let wake = deadline.unwrap_or_else(|| clock.now() + SWEEP_INTERVAL);
         tokio::select! {
+            _ = &mut stop => return,
+            changed = resolutions.changed(), if following => {
+                if changed.is_err() {
+                    tracing::debug!("discovery stopped following; keeping the last resolution");
+                    following = false;
+                    continue;
+                }
+                let resolution = resolutions.borrow_and_update().clone();
+                let Some(this) = weak.upgrade() else { return };
+                this.apply(&resolution);
+                continue;
+            }
             () = reschedule.notified() => {}
-            () = clock.sleep_until(wake) => {}
+            () = sleep_until_opt(clock, deadline) => {}
         }
         let Some(this) = weak.upgrade() else { return };
         if deadline.is_some_and(|d| clock.now() >= d) {
             this.handle_timeout();
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_opt(clock: Clock, deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => clock.sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authority_key;
+
+    #[test]
+    fn authority_keys_are_normalised() {
+        assert_eq!(authority_key("Web.Test"), "web.test");
+        assert_eq!(authority_key("web.test.:8080"), "web.test:8080");
+        assert_eq!(authority_key("web.test."), "web.test");
+        assert_eq!(authority_key(&"a".repeat(2000)).len(), 512);
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use conduit_proto::mesh_file::{self, MeshFileError};
 use tokio::sync::watch;
 
-use super::{Discover, Snapshot};
+use super::{Discover, Resolution, Snapshot};
 
 /// Why the mesh file could not be loaded at start.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +78,8 @@ impl Drop for FileDiscover {
 }
 
 impl Discover for FileDiscover {
-    fn subscribe(&self) -> watch::Receiver<Snapshot> {
-        self.rx.clone()
+    fn resolve(&self, authority: &str) -> watch::Receiver<Resolution> {
+        super::resolve_in_mesh(self.rx.clone(), authority)
     }
 }
 
