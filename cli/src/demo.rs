@@ -452,7 +452,9 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
             ("CONDUIT_CONTROLLER_LOG", "warn".to_owned()),
         ],
     )?;
-    let discovery = format!("file:{}", mesh_path.display());
+    // Every proxy discovers through the controller, as in a real mesh: the demo runs the
+    // control plane path (Destination streams), not a shared file.
+    let discovery = controller_grpc.to_string();
     let mut admins = vec![("controller".to_owned(), controller_admin)];
     for service in &services {
         for replica in &service.replicas {
