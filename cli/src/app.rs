@@ -78,3 +78,23 @@ pub async fn serve(listener: TcpListener, behaviour: AppBehaviour) {
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+/// Serves `200 hello world\n` to every request, as fast as possible (benchmark backend).
+pub async fn serve_hello(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(|_request: http::Request<hyper::body::Incoming>| async {
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                    b"hello world\n",
+                ))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -164,8 +164,8 @@ fn mesh_file(services: &[DemoService]) -> String {
         ));
         for replica in &service.replicas {
             yaml.push_str(&format!(
-                "      - addr: {}\n        labels: {{ replica: \"{}\", role: {} }}\n",
-                replica.inbound, replica.behaviour.replica, replica.role
+                "      - addr: {}\n        admin: {}\n        labels: {{ replica: \"{}\", role: {} }}\n",
+                replica.inbound, replica.admin, replica.behaviour.replica, replica.role
             ));
         }
     }
@@ -504,6 +504,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
                 path: "/".to_owned(),
             })
             .collect(),
+        record_samples: false,
     };
     let clock = Clock::new();
     let load = tokio::spawn(load::run(TokioNet, client_outbound, load_config, clock));
@@ -533,12 +534,15 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
                 screen.push_str("\x1b[2J\x1b[H");
             }
             screen.push_str(&format!(
-                "Conduit demo: {} services, {} replicas, each behind its own proxy; controller on {}.\nFigures over the last {}s; {}s elapsed. Ctrl-C stops the demo.\n\n",
+                "Conduit demo: {} services, {} replicas, each behind its own proxy; controller on {}.\nFigures over the last {}s; {}s elapsed. Ctrl-C stops the demo.\nIn another terminal: conduit stat --controller {} / conduit check --controller {} --controller-admin {}\n\n",
                 services.len(),
                 services.iter().map(|s| s.replicas.len()).sum::<usize>(),
                 controller_grpc,
                 window.len().saturating_sub(1),
                 elapsed,
+                controller_grpc,
+                controller_grpc,
+                controller_admin,
             ));
             screen.push_str(&stat::render(&table));
             print!("{screen}");

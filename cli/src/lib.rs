@@ -5,5 +5,6 @@
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
 
 pub mod app;
+pub mod control;
 pub mod demo;
 pub mod stat;

@@ -42,9 +42,45 @@ enum Command {
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
+    /// Print success rate, requests per second and latency percentiles per workload, read
+    /// from the proxies' metrics through the controller.
+    Stat {
+        /// One workload; all when absent.
+        workload: Option<String>,
+        /// The controller's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:8086", env = "CONDUIT_CONTROLLER")]
+        controller: SocketAddr,
+        /// The window the figures cover.
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        window: Duration,
+        /// `table` or `json`.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Check, one by one, that the controller and every proxy it knows are reachable and
+    /// ready; exits non-zero when any check fails.
+    Check {
+        /// The controller's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:8086", env = "CONDUIT_CONTROLLER")]
+        controller: SocketAddr,
+        /// The controller's admin address.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9996",
+            env = "CONDUIT_CONTROLLER_ADMIN"
+        )]
+        controller_admin: SocketAddr,
+    },
     /// Deterministic simulation: `--list` the scenarios, replay `--scenario NAME --seed N`,
     /// or sweep `--seeds A..B` (each seed in its own process).
     Sim(sim::SimArgs),
+    /// Serve `200 hello world` on one thread: the backend for proxy benchmarks.
+    #[command(hide = true)]
+    Hello {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
     /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
     /// HTTP/1.1 address and print what came back.
     Load {
@@ -68,6 +104,9 @@ enum Command {
         /// Per-request timeout, from the intended send time.
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
         timeout: Duration,
+        /// `table` or `json`.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -99,6 +138,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Hello { listen } = cli.command {
+        return hello(listen);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CONDUIT_LOG")
@@ -133,6 +175,29 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Command::Hello { .. } => unreachable!("served before the runtime starts"),
+            Command::Stat {
+                workload,
+                controller,
+                window,
+                output,
+            } => {
+                conduit_cli::control::stat(controller, workload, window, output == Output::Json)
+                    .await
+            }
+            Command::Check {
+                controller,
+                controller_admin,
+            } => {
+                let checks = conduit_cli::control::checks(controller, controller_admin).await;
+                let (text, passed) = conduit_cli::control::render_checks(&checks);
+                print!("{text}");
+                if passed {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("check failed"))
+                }
+            }
             Command::Load {
                 addr,
                 authority,
@@ -141,7 +206,18 @@ fn main() -> ExitCode {
                 duration,
                 connections,
                 timeout,
-            } => run_load(addr, authority, path, rate, duration, connections, timeout).await,
+                output,
+            } => {
+                let config = conduit_scenarios::load::LoadConfig {
+                    rate,
+                    duration,
+                    connections,
+                    timeout,
+                    targets: vec![conduit_scenarios::load::Target { authority, path }],
+                    record_samples: true,
+                };
+                run_load(addr, config, output == Output::Json).await
+            }
             Command::Sim(args) => sim::run(args),
         }
     });
@@ -154,23 +230,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// A one-thread hello server, as the perf baselines' `hello` (shared/reference/perf.md §3).
+fn hello(listen: SocketAddr) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("conduit hello: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => {
+                conduit_cli::app::serve_hello(listener).await;
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("conduit hello: binding {listen}: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 async fn run_load(
     addr: SocketAddr,
-    authority: String,
-    path: String,
-    rate: u32,
-    duration: Duration,
-    connections: usize,
-    timeout: Duration,
+    config: conduit_scenarios::load::LoadConfig,
+    json: bool,
 ) -> anyhow::Result<()> {
-    use conduit_scenarios::load::{LoadConfig, Target};
-    let config = LoadConfig {
-        rate,
-        duration,
-        connections,
-        timeout,
-        targets: vec![Target { authority, path }],
-    };
     let report = conduit_scenarios::load::run(
         conduit_proxy::TokioNet,
         addr,
@@ -179,11 +269,27 @@ async fn run_load(
     )
     .await?;
     let overall = report.overall();
+    if json {
+        let us = |q| report.exact_quantile(q).map(|d| d.as_secs_f64() * 1e6);
+        let summary = serde_json::json!({
+            "scheduled": report.scheduled,
+            "ended": overall.total(),
+            "elapsed_s": report.elapsed.as_secs_f64(),
+            "statuses": overall.statuses,
+            "errors": overall.errors.iter().map(|(e, n)| (e.as_str(), n)).collect::<std::collections::BTreeMap<_, _>>(),
+            "p50_us": us(0.5),
+            "p90_us": us(0.9),
+            "p99_us": us(0.99),
+            "p999_us": us(0.999),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
     let ms = |q| {
-        overall
-            .latency
-            .quantile_ms(q)
-            .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}ms"))
+        report.exact_quantile(q).map_or_else(
+            || "-".to_owned(),
+            |d| format!("{:.3}ms", d.as_secs_f64() * 1000.0),
+        )
     };
     println!(
         "requests   {} scheduled, {} ended in {:.1}s",

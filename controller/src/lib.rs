@@ -43,6 +43,7 @@ pub mod destination;
 pub mod discovery;
 pub mod metrics;
 pub mod net;
+pub mod stat;
 
 use crate::admin::AdminState;
 use crate::api::{ApiService, IdentityService, TapService};
@@ -70,6 +71,7 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     serving: Arc<AtomicBool>,
     date_header: Option<HeaderValue>,
+    metrics_source: Option<Arc<dyn stat::MetricsSource>>,
 }
 
 impl core::fmt::Debug for Controller {
@@ -101,7 +103,16 @@ impl Controller {
             metrics,
             serving: Arc::new(AtomicBool::new(false)),
             date_header: None,
+            metrics_source: None,
         }
+    }
+
+    /// Lets `StatSummary` read proxies' metrics through `source` (without one it answers
+    /// `UNAVAILABLE`).
+    #[must_use]
+    pub fn with_metrics_source(mut self, source: Arc<dyn stat::MetricsSource>) -> Self {
+        self.metrics_source = Some(source);
+        self
     }
 
     /// Sets a fixed `date` header on every gRPC response, so hyper does not read the real
@@ -142,7 +153,11 @@ impl Controller {
                 DestinationService::new(Arc::clone(&self.discovery), Arc::clone(&self.metrics))
                     .into_server(),
             )
-            .add_service(ApiService::new(Arc::clone(&self.discovery)).into_server())
+            .add_service(
+                ApiService::new(Arc::clone(&self.discovery))
+                    .with_metrics_source(self.metrics_source.clone())
+                    .into_server(),
+            )
             .add_service(IdentityService.into_server())
             .add_service(TapService.into_server());
         self.serving.store(true, Ordering::Relaxed);
@@ -212,7 +227,8 @@ where
     // Stops the file watcher however this function returns.
     let _watcher = AbortOnDrop(watcher);
 
-    let controller = Controller::new(Arc::new(discovery), metrics);
+    let controller = Controller::new(Arc::new(discovery), metrics)
+        .with_metrics_source(Arc::new(stat::HttpMetricsSource));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         // An error means the sender is gone, which also means stop.

@@ -71,6 +71,9 @@ pub struct RawEndpoint {
     pub identity: Option<String>,
     /// Free-form labels (zone, version, ...), carried into metrics and tap.
     pub labels: BTreeMap<String, String>,
+    /// `IP:PORT` of the endpoint's proxy admin server, where the controller reads its metrics
+    /// for `conduit stat` and `conduit check` probes its health. Optional.
+    pub admin: Option<String>,
 }
 
 /// A route profile as written.
@@ -144,16 +147,20 @@ pub struct Endpoint {
     pub identity: Option<String>,
     /// Labels carried into metrics and tap.
     pub labels: BTreeMap<String, String>,
+    /// The endpoint's proxy admin server, when known (stat and health checks).
+    pub admin: Option<SocketAddr>,
 }
 
 impl Endpoint {
-    /// An unmeshed endpoint at `addr` with the default weight and no labels.
+    /// An unmeshed endpoint at `addr` with the default weight, no labels and no known admin
+    /// server.
     #[must_use]
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
             weight: DEFAULT_WEIGHT,
             identity: None,
+            admin: None,
             labels: BTreeMap::new(),
         }
     }
@@ -407,6 +414,20 @@ fn validate_endpoint(path: &str, raw: RawEndpoint, errors: &mut Errors) -> Optio
             None
         }
     };
+    let admin = match raw.admin.as_deref().map(str::parse::<SocketAddr>) {
+        None => None,
+        Some(Ok(admin)) if admin.port() != 0 => Some(admin),
+        Some(_) => {
+            errors.push(
+                format!("{path}.admin"),
+                format!(
+                    "`{}` is not an IP:PORT address",
+                    raw.admin.as_deref().unwrap_or_default()
+                ),
+            );
+            None
+        }
+    };
     let weight = raw.weight.unwrap_or(DEFAULT_WEIGHT);
     if weight > MAX_WEIGHT {
         errors.push(
@@ -436,6 +457,7 @@ fn validate_endpoint(path: &str, raw: RawEndpoint, errors: &mut Errors) -> Optio
         weight,
         identity: raw.identity,
         labels: raw.labels,
+        admin,
     })
 }
 
@@ -582,6 +604,10 @@ mod tests {
                         weight: Some(MAX_WEIGHT + 1),
                         ..endpoint("127.0.0.1:9003")
                     },
+                    RawEndpoint {
+                        admin: Some("localhost:4191".into()),
+                        ..endpoint("127.0.0.1:9004")
+                    },
                 ],
                 profile: Some(RawProfile {
                     routes: vec![RawRoute {
@@ -606,6 +632,7 @@ mod tests {
                 "services.web.default.endpoints[1].addr",
                 "services.web.default.endpoints[2].addr",
                 "services.web.default.endpoints[3].weight",
+                "services.web.default.endpoints[4].admin",
                 "services.web.default.profile.routes[0].match.method",
                 "services.web.default.profile.routes[0].match.path.exact",
             ]

@@ -293,6 +293,8 @@ pub fn endpoint(field: &str, addr: dst::WeightedAddr) -> Result<Endpoint, Invali
         weight: addr.weight,
         identity,
         labels: addr.metric_labels,
+        // Proxies do not need their peers' admin servers; the Destination API omits them.
+        admin: None,
     })
 }
 
@@ -704,6 +706,7 @@ impl From<&mesh::Service> for api::Workload {
                     weight: endpoint.weight,
                     identity: endpoint.identity.clone().unwrap_or_default(),
                     labels: endpoint.labels.clone(),
+                    admin: endpoint.admin.map(Into::into),
                 })
                 .collect(),
             route_count: u32::try_from(service.profile.routes.len()).unwrap_or(u32::MAX),

@@ -58,7 +58,13 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// The requests to send, in turn. Must not be empty.
     pub targets: Vec<Target>,
+    /// Keep every response's exact latency (up to [`MAX_SAMPLES`]) for exact percentiles; the
+    /// histogram's millisecond buckets cannot resolve a proxy's tens of microseconds.
+    pub record_samples: bool,
 }
+
+/// The most exact latency samples a run keeps (8 MiB).
+pub const MAX_SAMPLES: usize = 1 << 20;
 
 /// A [`LoadConfig`] that cannot be run.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -184,6 +190,30 @@ pub struct LoadReport {
     pub targets: BTreeMap<(String, String), TargetReport>,
     /// From the first intended send to the last response.
     pub elapsed: Duration,
+    /// Exact latencies of responses, in arrival order, when [`LoadConfig::record_samples`]
+    /// was set (at most [`MAX_SAMPLES`]).
+    pub samples: Vec<Duration>,
+}
+
+impl LoadReport {
+    /// The exact `q`-quantile of the recorded samples (nearest rank), if any were kept.
+    #[must_use]
+    pub fn exact_quantile(&self, q: f64) -> Option<Duration> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut sorted = self.samples.clone();
+        sorted.sort_unstable();
+        #[expect(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "an index into a bounded vector"
+        )]
+        let rank =
+            ((q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        Some(sorted[rank - 1])
+    }
 }
 
 impl LoadReport {
@@ -259,6 +289,9 @@ pub async fn run<N: Net>(
         ..LoadReport::default()
     };
     while let Some((index, outcome, latency)) = done_rx.recv().await {
+        if config.record_samples && outcome.is_ok() && report.samples.len() < MAX_SAMPLES {
+            report.samples.push(latency);
+        }
         let target = target_of(&config, index);
         report
             .targets

@@ -59,6 +59,7 @@ async fn every_request_is_accounted_for() {
                 path: "/fail".into(),
             },
         ],
+        record_samples: true,
     };
     let report = tokio::time::timeout(
         Duration::from_secs(30),
@@ -75,6 +76,12 @@ async fn every_request_is_accounted_for() {
     assert_eq!(report.overall().total(), 200);
     assert_eq!(report.overall().success_rate(), Some(0.5));
     assert_eq!(ok.latency.count(), 100);
+    assert_eq!(
+        report.samples.len(),
+        200,
+        "every response's exact latency is kept"
+    );
+    assert!(report.exact_quantile(0.5) <= report.exact_quantile(0.99));
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -93,6 +100,7 @@ async fn a_dead_server_gives_connect_errors_not_silence() {
             authority: "web".into(),
             path: "/".into(),
         }],
+        record_samples: false,
     };
     let report = tokio::time::timeout(
         Duration::from_secs(30),

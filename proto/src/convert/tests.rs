@@ -306,6 +306,7 @@ fn arb_endpoint() -> impl Strategy<Value = Endpoint> {
             weight,
             identity,
             labels,
+            admin: None,
         })
 }
 
