@@ -255,7 +255,9 @@ pub fn cli(command: SimCommand, out: &mut dyn std::io::Write) -> anyhow::Result<
             let Some(found) = scenarios::find(&scenario) else {
                 anyhow::bail!("no scenario named {scenario} (see `conduit sim --list`)");
             };
+            let stopwatch = conduit_sim::Stopwatch::start();
             let (report, _) = run(&found, seed);
+            let wall = stopwatch.elapsed();
             if json {
                 process::emit(&report);
                 return Ok(report.passed());
@@ -263,6 +265,9 @@ pub fn cli(command: SimCommand, out: &mut dyn std::io::Write) -> anyhow::Result<
             writeln!(out, "scenario {} seed {}", report.scenario, report.seed)?;
             write!(out, "{}", report.summary)?;
             writeln!(out, "sim time: {} ms", report.sim_ms)?;
+            #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+            let rate = report.requests as f64 / wall.as_secs_f64().max(1e-9);
+            writeln!(out, "wall time: {} ms ({rate:.0} simulated requests per wall-second)", wall.as_millis())?;
             writeln!(out, "trace hash: {}", report.hash)?;
             if report.passed() {
                 writeln!(out, "result: pass")?;

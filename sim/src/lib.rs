@@ -113,3 +113,23 @@ pub fn summarize(trace: &Trace) -> String {
     }
     out
 }
+
+/// Wall-clock timing for benchmark reporting only (never an input to a run).
+#[derive(Debug)]
+#[expect(clippy::disallowed_types, reason = "benchmark reporting only")]
+pub struct Stopwatch(std::time::Instant);
+
+impl Stopwatch {
+    /// Starts timing.
+    #[must_use]
+    #[expect(clippy::disallowed_methods, reason = "benchmark reporting only; never feeds the simulation")]
+    pub fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    /// Wall time since start.
+    #[must_use]
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.0.elapsed()
+    }
+}
