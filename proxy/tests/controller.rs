@@ -137,8 +137,13 @@ struct TestProxy {
 
 impl TestProxy {
     async fn start(controller: SocketAddr, failfast: Duration) -> Self {
+        Self::start_with(controller, failfast, Duration::from_secs(60)).await
+    }
+
+    async fn start_with(controller: SocketAddr, failfast: Duration, idle: Duration) -> Self {
         let mut config = config();
         config.queue.failfast_timeout = failfast;
+        config.discovery_idle_timeout = idle;
         let proxy = Proxy::bind(config, TokioNet).await.unwrap();
         let addrs = proxy.addrs();
         let mut settings = ControllerDiscoverConfig::new(controller);
@@ -254,13 +259,11 @@ async fn last_known_endpoints_survive_the_controller_and_changes_arrive_after_it
         controller.kill();
         loop {
             let metrics = scrape(proxy.addrs.admin).await;
-            let reconnects = metrics
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("control_discovery_reconnects_total{kind=\"endpoints\"} ")
-                })
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
+            let reconnects = sample(
+                &metrics,
+                "control_discovery_reconnects_total{kind=\"endpoints\"}",
+            )
+            .unwrap_or(0);
             if reconnects >= 3 {
                 break;
             }
@@ -324,6 +327,61 @@ async fn a_controller_that_never_answers_means_504_after_fail_fast() {
         let proxy = TestProxy::start(closed, Duration::from_millis(200)).await;
         assert_eq!(proxy.get("web.test").await.0, 504);
         drop(silent);
+    })
+    .await;
+}
+
+/// Reads one unlabelled or fully labelled sample from a scrape.
+fn sample(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_authorities_are_dropped_and_resolved_again_on_use() {
+    bounded(async {
+        let dir = temp_dir("idle");
+        let a = named_backend("a").await;
+        let file = dir.join("mesh.yaml");
+        write_atomically(&file, &mesh(&[a]));
+        let controller = Controller::start(&file, "127.0.0.1:0".parse().unwrap());
+        let proxy = TestProxy::start_with(
+            controller.addr,
+            Duration::from_secs(3),
+            Duration::from_millis(50),
+        )
+        .await;
+        assert_eq!(proxy.get("web.test").await, (200, "a".to_owned()));
+
+        // Unused for the idle timeout: the authority is dropped and both streams cancelled.
+        loop {
+            let metrics = scrape(proxy.addrs.admin).await;
+            let open = |kind: &str| {
+                sample(
+                    &metrics,
+                    &format!("control_discovery_streams{{kind=\"{kind}\",state=\"open\"}}"),
+                )
+            };
+            if sample(&metrics, "control_discovery_destinations") == Some(0)
+                && open("endpoints") == Some(0)
+                && open("profile") == Some(0)
+            {
+                break;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+
+        // The next request resolves it again.
+        assert_eq!(proxy.get("web.test").await, (200, "a".to_owned()));
+        let metrics = scrape(proxy.addrs.admin).await;
+        assert_eq!(
+            sample(&metrics, "control_discovery_destinations"),
+            Some(1),
+            "{metrics}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     })
     .await;
 }
