@@ -123,7 +123,11 @@ mod tests {
         let t0 = Instant::ZERO;
         let t1 = t0 + ms(5);
         assert_eq!(t1 - t0, ms(5));
-        assert_eq!(t0 - t1, Duration::ZERO, "an earlier minus a later instant is zero");
+        assert_eq!(
+            t0 - t1,
+            Duration::ZERO,
+            "an earlier minus a later instant is zero"
+        );
         assert_eq!(t0 - ms(1), t0, "subtraction saturates at the epoch");
         let end = Instant::from_nanos(u64::MAX - 1) + Duration::from_secs(1);
         assert_eq!(end, Instant::from_nanos(u64::MAX));
