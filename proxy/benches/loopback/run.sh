@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Loopback benchmark of conduit-proxy against a direct connection and nginx, in one run.
+#
+# A one-thread hello server (`conduit hello`), nginx (one process, upstream keep-alive) and
+# conduit-proxy (one worker, metrics and balancing on, no TLS) share CPU 0, as a sidecar shares
+# its app's core; every load generator runs on CPU 1. Targets are interleaved within each rep
+# (direct -> nginx -> proxy) and each rep records the load average, so noisy runs show. Per
+# target and rep it measures:
+#   closed loop  wrk -t1 -c50 for DUR s: requests/s and server CPU per request (from /proc)
+#   open loop    `conduit load` at 1,000 and 5,000 req/s, 50 connections, latency from the
+#                intended send time (no coordinated omission): exact p50/p90/p99/p99.9
+#   memory       conduit-proxy's RSS and high-water mark after each rep (50 connections)
+# Results: target/bench/loopback/<time>/results.json and a summary table (medians over reps).
+#
+# Usage: proxy/benches/loopback/run.sh [REPS] [DUR]   (defaults 3 reps of 10 s per step)
+# Sends traffic only to 127.0.0.1, ends every process it started (by PID), and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+REPS=${1:-3}
+DUR=${2:-10}
+OUT=target/bench/loopback/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx; then
+    apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null
+fi
+cargo build --release -q -p conduit-proxy -p conduit-cli
+BIN=target/release
+
+HELLO=127.0.0.1:18080 NGINX=127.0.0.1:18081 PROXY=127.0.0.1:18085
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c 0 "$BIN/conduit" hello --listen "$HELLO" >"$OUT/hello.log" 2>&1 &
+HELLO_PID=$!; PIDS+=("$HELLO_PID")
+
+cat >"$OUT/nginx.conf" <<CONF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $PWD/$OUT/nginx.pid;
+error_log $PWD/$OUT/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    upstream hello { server $HELLO; keepalive 128; keepalive_requests 1000000; }
+    server {
+        listen $NGINX;
+        location / { proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+CONF
+taskset -c 0 nginx -c "$PWD/$OUT/nginx.conf" &
+NGINX_PID=$!; PIDS+=("$NGINX_PID")
+
+cat >"$OUT/mesh.yaml" <<MESH
+services:
+  hello:
+    endpoints:
+      - addr: $HELLO
+MESH
+CONDUIT_PROXY_OUTBOUND_ADDR=$PROXY CONDUIT_PROXY_INBOUND_ADDR=127.0.0.1:18143 \
+CONDUIT_PROXY_ADMIN_ADDR=127.0.0.1:18191 CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh.yaml" \
+CONDUIT_PROXY_WORKERS=1 CONDUIT_PROXY_LOG=warn \
+    taskset -c 0 "$BIN/conduit-proxy" >"$OUT/proxy.log" 2>&1 &
+PROXY_PID=$!; PIDS+=("$PROXY_PID")
+
+# Wait (bounded) for all three to answer.
+for addr in $HELLO $NGINX $PROXY; do
+    for _ in $(seq 1 100); do
+        curl -fsS -H 'Host: hello' "http://$addr/" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -fsS -H 'Host: hello' "http://$addr/" >/dev/null || { echo "$addr did not answer"; exit 1; }
+done
+
+TICK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
+
+target_addr() { case $1 in direct) echo $HELLO ;; nginx) echo $NGINX ;; proxy) echo $PROXY ;; esac; }
+target_pid() { case $1 in direct) echo "" ;; nginx) echo $NGINX_PID ;; proxy) echo $PROXY_PID ;; esac; }
+
+echo "[" >"$OUT/results.json"
+first=1
+for rep in $(seq 1 "$REPS"); do
+    for target in direct nginx proxy; do
+        addr=$(target_addr $target); pid=$(target_pid $target)
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        # Closed loop: saturation throughput and CPU per request.
+        h0=$(cpu_ticks $HELLO_PID); p0=0; [ -n "$pid" ] && p0=$(cpu_ticks "$pid")
+        wrk_out=$(taskset -c 1 wrk -t1 -c50 -d"${DUR}s" -H 'Host: hello' "http://$addr/")
+        h1=$(cpu_ticks $HELLO_PID); p1=0; [ -n "$pid" ] && p1=$(cpu_ticks "$pid")
+        requests=$(echo "$wrk_out" | awk '/requests in/ {print $1}')
+        rps=$(echo "$wrk_out" | awk '/Requests\/sec/ {print $2}')
+        # Open loop at fixed rates.
+        open1k=$(taskset -c 1 "$BIN/conduit" load "$addr" --authority hello --rate 1000 --duration "${DUR}s" --connections 50 --output json)
+        open5k=$(taskset -c 1 "$BIN/conduit" load "$addr" --authority hello --rate 5000 --duration "${DUR}s" --connections 50 --output json)
+        rss=0 hwm=0
+        if [ "$target" = proxy ]; then rss=$(rss_kb $PROXY_PID VmRSS); hwm=$(rss_kb $PROXY_PID VmHWM); fi
+        [ $first = 1 ] || echo "," >>"$OUT/results.json"
+        first=0
+        cat >>"$OUT/results.json" <<JSON
+{"rep": $rep, "target": "$target", "loadavg": $load, "requests": $requests, "rps": $rps,
+ "server_cpu_s": $(echo "($p1 - $p0) / $TICK" | bc -l), "hello_cpu_s": $(echo "($h1 - $h0) / $TICK" | bc -l),
+ "rss_kb": $rss, "hwm_kb": $hwm, "open_1000": $open1k, "open_5000": $open5k}
+JSON
+        echo "rep $rep $target: ${rps} req/s closed loop (load average $load)"
+    done
+done
+echo "]" >>"$OUT/results.json"
+python3 proxy/benches/loopback/summarize.py "$OUT/results.json" | tee "$OUT/summary.md"
