@@ -177,11 +177,13 @@ impl Schedule {
             let length_ms = rng.between(100, (span - from_ms).max(101) - 1);
             let from = start + Duration::from_millis(from_ms);
             let to = (from + Duration::from_millis(length_ms)).min(end);
-            let replica = replicas[usize::try_from(rng.below(replicas.len() as u64)).unwrap_or(0)].clone();
+            let replica =
+                replicas[usize::try_from(rng.below(replicas.len() as u64)).unwrap_or(0)].clone();
             match rng.below(3) {
                 0 if partitions && !clients.is_empty() => {
-                    let client =
-                        clients[usize::try_from(rng.below(clients.len() as u64)).unwrap_or(0)].clone();
+                    let client = clients
+                        [usize::try_from(rng.below(clients.len() as u64)).unwrap_or(0)]
+                    .clone();
                     schedule.push(from, Action::Partition(client.clone(), replica.clone()));
                     schedule.push(to, Action::Repair(client, replica));
                 }

@@ -30,21 +30,81 @@ const WEB: &str = "web.default";
 #[must_use]
 pub fn all() -> Vec<Scenario> {
     vec![
-        Scenario { name: "protocols_through_two_proxies", doc: "HTTP/1.1, h2 and gRPC, GET and POST, through client and server proxies: every request answered by its own backend", plan: protocols_through_two_proxies },
-        Scenario { name: "latency_aware_balancing", doc: "one replica 100 ms slower: PeakEWMA moves traffic off it (share < 10%)", plan: latency_aware_balancing },
-        Scenario { name: "least_loaded_stalled_replica", doc: "one replica stalls for 3 s: in-flight load steers new requests away, all complete after release", plan: least_loaded_stalled_replica },
-        Scenario { name: "endpoint_churn", doc: "rolling endpoint changes through discovery: no request served by a removed endpoint, proxies converge", plan: endpoint_churn },
-        Scenario { name: "controller_crash", doc: "the controller crashes and returns: proxies keep serving, then converge on the latest config", plan: controller_crash },
-        Scenario { name: "partition_proxy_replica", doc: "a client proxy is cut off from one replica for 3 s: others keep serving, recovery after repair", plan: partition_proxy_replica },
-        Scenario { name: "replica_crash_restart", doc: "a replica crashes and restarts: failures confined to its outage, full recovery", plan: replica_crash_restart },
-        Scenario { name: "all_replicas_gone", doc: "every endpoint removed: 504 with the proxy header after fail-fast, then recovery", plan: all_replicas_gone },
-        Scenario { name: "slow_client", doc: "a client reading 1 MiB bodies slowly does not slow another client", plan: slow_client },
-        Scenario { name: "large_streamed_bodies", doc: "MiB uploads and downloads over h1 and h2 stream across many ticks intact", plan: large_streamed_bodies },
-        Scenario { name: "h2_goaway_on_restart", doc: "a replica's proxy drains (GOAWAY) and restarts under h2 load: no mixing, no duplicates, recovery", plan: h2_goaway_on_restart },
-        Scenario { name: "config_never_out_of_order", doc: "rapid disjoint config versions: no client is ever served under an older version after a newer one", plan: config_never_out_of_order },
-        Scenario { name: "steady_mesh", doc: "two services, three clients, mixed protocols for 10 s, no faults (the benchmark scenario)", plan: steady_mesh },
-        Scenario { name: "throughput", doc: "benchmark: 2,000 req/s of HTTP/1.1 through two proxies for 5 s, no faults", plan: throughput },
-        Scenario { name: "random_chaos", doc: "swarm: a seed-drawn mix of partitions, crashes and slow replicas, healed by 7 s; liveness after", plan: random_chaos },
+        Scenario {
+            name: "protocols_through_two_proxies",
+            doc: "HTTP/1.1, h2 and gRPC, GET and POST, through client and server proxies: every request answered by its own backend",
+            plan: protocols_through_two_proxies,
+        },
+        Scenario {
+            name: "latency_aware_balancing",
+            doc: "one replica 100 ms slower: PeakEWMA moves traffic off it (share < 10%)",
+            plan: latency_aware_balancing,
+        },
+        Scenario {
+            name: "least_loaded_stalled_replica",
+            doc: "one replica stalls for 3 s: in-flight load steers new requests away, all complete after release",
+            plan: least_loaded_stalled_replica,
+        },
+        Scenario {
+            name: "endpoint_churn",
+            doc: "rolling endpoint changes through discovery: no request served by a removed endpoint, proxies converge",
+            plan: endpoint_churn,
+        },
+        Scenario {
+            name: "controller_crash",
+            doc: "the controller crashes and returns: proxies keep serving, then converge on the latest config",
+            plan: controller_crash,
+        },
+        Scenario {
+            name: "partition_proxy_replica",
+            doc: "a client proxy is cut off from one replica for 3 s: others keep serving, recovery after repair",
+            plan: partition_proxy_replica,
+        },
+        Scenario {
+            name: "replica_crash_restart",
+            doc: "a replica crashes and restarts: failures confined to its outage, full recovery",
+            plan: replica_crash_restart,
+        },
+        Scenario {
+            name: "all_replicas_gone",
+            doc: "every endpoint removed: 504 with the proxy header after fail-fast, then recovery",
+            plan: all_replicas_gone,
+        },
+        Scenario {
+            name: "slow_client",
+            doc: "a client reading 1 MiB bodies slowly does not slow another client",
+            plan: slow_client,
+        },
+        Scenario {
+            name: "large_streamed_bodies",
+            doc: "MiB uploads and downloads over h1 and h2 stream across many ticks intact",
+            plan: large_streamed_bodies,
+        },
+        Scenario {
+            name: "h2_goaway_on_restart",
+            doc: "a replica's proxy drains (GOAWAY) and restarts under h2 load: no mixing, no duplicates, recovery",
+            plan: h2_goaway_on_restart,
+        },
+        Scenario {
+            name: "config_never_out_of_order",
+            doc: "rapid disjoint config versions: no client is ever served under an older version after a newer one",
+            plan: config_never_out_of_order,
+        },
+        Scenario {
+            name: "steady_mesh",
+            doc: "two services, three clients, mixed protocols for 10 s, no faults (the benchmark scenario)",
+            plan: steady_mesh,
+        },
+        Scenario {
+            name: "throughput",
+            doc: "benchmark: 2,000 req/s of HTTP/1.1 through two proxies for 5 s, no faults",
+            plan: throughput,
+        },
+        Scenario {
+            name: "random_chaos",
+            doc: "swarm: a seed-drawn mix of partitions, crashes and slow replicas, healed by 7 s; liveness after",
+            plan: random_chaos,
+        },
     ]
 }
 
@@ -63,11 +123,19 @@ fn hosts(names: &[&str]) -> Vec<String> {
 }
 
 /// Requests started in `[from, to)` (sim time) for `authority`, served per backend host.
-fn served_between(trace: &Trace, from: Duration, to: Duration) -> (u64, std::collections::BTreeMap<String, u64>) {
+fn served_between(
+    trace: &Trace,
+    from: Duration,
+    to: Duration,
+) -> (u64, std::collections::BTreeMap<String, u64>) {
     let (from, to) = (micros(from), micros(to));
     let mut total = 0;
     let mut by = std::collections::BTreeMap::new();
-    for r in trace.requests.iter().filter(|r| r.start_us >= from && r.start_us < to) {
+    for r in trace
+        .requests
+        .iter()
+        .filter(|r| r.start_us >= from && r.start_us < to)
+    {
         if let Some(host) = r.served_by() {
             total += 1;
             *by.entry(host.to_owned()).or_insert(0) += 1;
@@ -92,9 +160,16 @@ fn protocols_through_two_proxies(_seed: u64) -> Plan {
     Plan::new(web(3, 2), flows).check(|trace| {
         let mut out = Vec::new();
         for proto in [Proto::Http1, Proto::Http2, Proto::Grpc] {
-            let ok = trace.requests.iter().filter(|r| r.proto == proto && r.outcome.is_success()).count();
+            let ok = trace
+                .requests
+                .iter()
+                .filter(|r| r.proto == proto && r.outcome.is_success())
+                .count();
             if ok == 0 {
-                out.push(Violation::new("protocols", format!("no successful {proto:?} request")));
+                out.push(Violation::new(
+                    "protocols",
+                    format!("no successful {proto:?} request"),
+                ));
             }
         }
         out
@@ -112,11 +187,20 @@ fn latency_aware_balancing(_seed: u64) -> Plan {
         let share = |h: &str| by.get(h).copied().unwrap_or(0) * 100 / total.max(1);
         let mut out = Vec::new();
         if share("web-2") >= 10 {
-            out.push(Violation::new("balancing", format!("slow web-2 got {}% of {total} requests: {by:?}", share("web-2"))));
+            out.push(Violation::new(
+                "balancing",
+                format!(
+                    "slow web-2 got {}% of {total} requests: {by:?}",
+                    share("web-2")
+                ),
+            ));
         }
         for fast in ["web-0", "web-1"] {
             if share(fast) < 30 {
-                out.push(Violation::new("balancing", format!("fast {fast} got only {}%: {by:?}", share(fast))));
+                out.push(Violation::new(
+                    "balancing",
+                    format!("fast {fast} got only {}%: {by:?}", share(fast)),
+                ));
             }
         }
         out
@@ -136,7 +220,12 @@ fn least_loaded_stalled_replica(_seed: u64) -> Plan {
         let (total, by) = served_between(trace, secs(1), secs(4));
         let stalled = by.get("web-1").copied().unwrap_or(0);
         if stalled * 100 > total * 5 {
-            vec![Violation::new("least-loaded", format!("stalled web-1 got {stalled} of {total} requests sent during its stall: {by:?}"))]
+            vec![Violation::new(
+                "least-loaded",
+                format!(
+                    "stalled web-1 got {stalled} of {total} requests sent during its stall: {by:?}"
+                ),
+            )]
         } else {
             Vec::new()
         }
@@ -163,7 +252,12 @@ fn endpoint_churn(seed: u64) -> Plan {
         }
         schedule.push(ms(700 * step), Action::SetEndpoints(WEB.into(), set));
     }
-    let flows = (0..2).map(|c| Flow { protos: vec![Proto::Http1, Proto::Http2], ..Flow::new(c, WEB, 75, ms(100), secs(7)) }).collect();
+    let flows = (0..2)
+        .map(|c| Flow {
+            protos: vec![Proto::Http1, Proto::Http2],
+            ..Flow::new(c, WEB, 75, ms(100), secs(7))
+        })
+        .collect();
     let mut plan = Plan::new(world, flows);
     plan.schedule = schedule;
     plan
@@ -178,9 +272,18 @@ fn controller_crash(_seed: u64) -> Plan {
     world.discovery = DiscoveryMode::Controller;
     let mut plan = Plan::new(world, vec![Flow::new(0, WEB, 100, ms(100), secs(8))]);
     plan.schedule = Schedule::new()
-        .at(secs(2), Action::Crash(conduit_sim::world::CONTROLLER.into()))
-        .at(secs(3), Action::SetEndpoints(WEB.into(), hosts(&["web-1", "web-2"])))
-        .at(secs(5), Action::Bounce(conduit_sim::world::CONTROLLER.into()));
+        .at(
+            secs(2),
+            Action::Crash(conduit_sim::world::CONTROLLER.into()),
+        )
+        .at(
+            secs(3),
+            Action::SetEndpoints(WEB.into(), hosts(&["web-1", "web-2"])),
+        )
+        .at(
+            secs(5),
+            Action::Bounce(conduit_sim::world::CONTROLLER.into()),
+        );
     // Allowed: web-0 keeps serving while the controller is down (last known good).
     plan.checks.routing_grace = secs(3);
     plan.checks.converge_within = Some(secs(3));
@@ -195,7 +298,10 @@ fn controller_crash(_seed: u64) -> Plan {
 fn partition_proxy_replica(_seed: u64) -> Plan {
     let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(9))]);
     plan.schedule = Schedule::new()
-        .at(secs(2), Action::Partition("client-0".into(), "web-1".into()))
+        .at(
+            secs(2),
+            Action::Partition("client-0".into(), "web-1".into()),
+        )
         .at(secs(5), Action::Repair("client-0".into(), "web-1".into()));
     plan.checks.healthy_after = Some(secs(6));
     plan.checks.metrics = false;
@@ -214,7 +320,10 @@ fn replica_crash_restart(_seed: u64) -> Plan {
     plan.check(|trace| {
         let (_, by) = served_between(trace, secs(5), secs(8));
         if by.get("web-1").copied().unwrap_or(0) == 0 {
-            vec![Violation::new("recovery", format!("restarted web-1 served nothing after 5 s: {by:?}"))]
+            vec![Violation::new(
+                "recovery",
+                format!("restarted web-1 served nothing after 5 s: {by:?}"),
+            )]
         } else {
             Vec::new()
         }
@@ -231,20 +340,42 @@ fn all_replicas_gone(_seed: u64) -> Plan {
     let mut plan = Plan::new(world, vec![Flow::new(0, WEB, 50, ms(100), secs(8))]);
     plan.schedule = Schedule::new()
         .at(secs(2), Action::SetEndpoints(WEB.into(), Vec::new()))
-        .at(secs(5), Action::SetEndpoints(WEB.into(), hosts(&["web-0", "web-1"])));
+        .at(
+            secs(5),
+            Action::SetEndpoints(WEB.into(), hosts(&["web-0", "web-1"])),
+        );
     plan.checks.healthy_after = Some(ms(5500));
     plan.check(|trace| {
         let mut out = Vec::new();
         let mut seen = 0;
-        for r in trace.requests.iter().filter(|r| r.start_us >= 2_100_000 && r.start_us < 4_000_000) {
+        for r in trace
+            .requests
+            .iter()
+            .filter(|r| r.start_us >= 2_100_000 && r.start_us < 4_000_000)
+        {
             seen += 1;
             match &r.outcome {
-                conduit_sim::Outcome::Response { status: 504, proxy_error: Some(_), .. } => {}
-                other => out.push(Violation::new("no-endpoints", format!("request {} sent at {} ms with no endpoints: {}", r.id, r.start_us / 1000, other.class()))),
+                conduit_sim::Outcome::Response {
+                    status: 504,
+                    proxy_error: Some(_),
+                    ..
+                } => {}
+                other => out.push(Violation::new(
+                    "no-endpoints",
+                    format!(
+                        "request {} sent at {} ms with no endpoints: {}",
+                        r.id,
+                        r.start_us / 1000,
+                        other.class()
+                    ),
+                )),
             }
         }
         if seen == 0 {
-            out.push(Violation::new("no-endpoints", "no request was sent while the service had no endpoints"));
+            out.push(Violation::new(
+                "no-endpoints",
+                "no request was sent while the service had no endpoints",
+            ));
         }
         out.truncate(10);
         out
@@ -257,13 +388,27 @@ fn all_replicas_gone(_seed: u64) -> Plan {
 /// `client-1`'s slowest request takes under 100 ms.
 fn slow_client(_seed: u64) -> Plan {
     let flows = vec![
-        Flow { body_bytes: vec![1024 * 1024], read_pause: Some(ms(20)), deadline: secs(30), ..Flow::new(0, WEB, 2, ms(100), secs(4)) },
+        Flow {
+            body_bytes: vec![1024 * 1024],
+            read_pause: Some(ms(20)),
+            deadline: secs(30),
+            ..Flow::new(0, WEB, 2, ms(100), secs(4))
+        },
         Flow::new(1, WEB, 100, ms(100), secs(4)),
     ];
     Plan::new(web(2, 2), flows).check(|trace| {
-        let worst = trace.requests.iter().filter(|r| r.client == 1).map(|r| r.end_us - r.start_us).max().unwrap_or(0);
+        let worst = trace
+            .requests
+            .iter()
+            .filter(|r| r.client == 1)
+            .map(|r| r.end_us - r.start_us)
+            .max()
+            .unwrap_or(0);
         if worst > 100_000 {
-            vec![Violation::new("isolation", format!("client-1's slowest request took {} ms", worst / 1000))]
+            vec![Violation::new(
+                "isolation",
+                format!("client-1's slowest request took {} ms", worst / 1000),
+            )]
         } else {
             Vec::new()
         }
@@ -290,7 +435,11 @@ fn large_streamed_bodies(_seed: u64) -> Plan {
 /// 2 s `web-0`'s proxy drains gracefully (stops accepting, sends GOAWAY); at 3 s the host
 /// restarts. Requests from 4 s on all succeed.
 fn h2_goaway_on_restart(_seed: u64) -> Plan {
-    let flow = Flow { protos: vec![Proto::Http2, Proto::Grpc], post_percent: 30, ..Flow::new(0, WEB, 150, ms(100), secs(6)) };
+    let flow = Flow {
+        protos: vec![Proto::Http2, Proto::Grpc],
+        post_percent: 30,
+        ..Flow::new(0, WEB, 150, ms(100), secs(6))
+    };
     let mut plan = Plan::new(web(2, 1), vec![flow]);
     plan.schedule = Schedule::new()
         .at(secs(2), Action::DrainProxy("web-0".into()))
@@ -307,7 +456,10 @@ fn h2_goaway_on_restart(_seed: u64) -> Plan {
 fn config_never_out_of_order(_seed: u64) -> Plan {
     let mut plan = Plan::new(web(4, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(3))]);
     let mut schedule = Schedule::new();
-    for (i, host) in ["web-1", "web-2", "web-3", "web-0", "web-2"].iter().enumerate() {
+    for (i, host) in ["web-1", "web-2", "web-3", "web-0", "web-2"]
+        .iter()
+        .enumerate()
+    {
         let at = ms(500 + 300 * u64::try_from(i).unwrap_or(0));
         schedule.push(at, Action::SetEndpoints(WEB.into(), hosts(&[host])));
     }
@@ -319,11 +471,18 @@ fn config_never_out_of_order(_seed: u64) -> Plan {
 /// workload. Method: two services (three and two replicas), three clients sending a mix of
 /// HTTP/1.1, h2 and gRPC to both at 100 req/s each for 10 s.
 fn steady_mesh(_seed: u64) -> Plan {
-    let world = WorldSpec::new(vec![ServiceSpec::new(WEB, 3), ServiceSpec::new("api.default", 2)], 3);
+    let world = WorldSpec::new(
+        vec![ServiceSpec::new(WEB, 3), ServiceSpec::new("api.default", 2)],
+        3,
+    );
     let mut flows = Vec::new();
     for client in 0..3 {
         for authority in [WEB, "api.default"] {
-            flows.push(Flow { protos: vec![Proto::Http1, Proto::Http2, Proto::Grpc], post_percent: 20, ..Flow::new(client, authority, 50, ms(100), secs(10)) });
+            flows.push(Flow {
+                protos: vec![Proto::Http1, Proto::Http2, Proto::Grpc],
+                post_percent: 20,
+                ..Flow::new(client, authority, 50, ms(100), secs(10))
+            });
         }
     }
     Plan::new(world, flows)
@@ -340,7 +499,13 @@ fn random_chaos(seed: u64) -> Plan {
     let mut rng = DetRng::new(seed).child("chaos");
     let schedule = Schedule::random(&mut rng, &clients, &replicas, secs(1), secs(7));
     let healed = schedule.last_heal().unwrap_or(Duration::ZERO);
-    let flows = (0..2).map(|c| Flow { protos: vec![Proto::Http1, Proto::Http2], post_percent: 20, ..Flow::new(c, WEB, 50, ms(100), secs(10)) }).collect();
+    let flows = (0..2)
+        .map(|c| Flow {
+            protos: vec![Proto::Http1, Proto::Http2],
+            post_percent: 20,
+            ..Flow::new(c, WEB, 50, ms(100), secs(10))
+        })
+        .collect();
     let mut plan = Plan::new(world, flows);
     plan.schedule = schedule;
     plan.checks.healthy_after = Some(healed + secs(2));

@@ -159,7 +159,10 @@ pub fn child_entry() -> bool {
             seed,
             hash: String::new(),
             summary: String::new(),
-            violations: vec![Violation::new("harness", format!("no scenario named {name}"))],
+            violations: vec![Violation::new(
+                "harness",
+                format!("no scenario named {name}"),
+            )],
             requests: 0,
             sim_ms: 0,
             failure_file: None,
@@ -267,7 +270,11 @@ pub fn cli(command: SimCommand, out: &mut dyn std::io::Write) -> anyhow::Result<
             writeln!(out, "sim time: {} ms", report.sim_ms)?;
             #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
             let rate = report.requests as f64 / wall.as_secs_f64().max(1e-9);
-            writeln!(out, "wall time: {} ms ({rate:.0} simulated requests per wall-second)", wall.as_millis())?;
+            writeln!(
+                out,
+                "wall time: {} ms ({rate:.0} simulated requests per wall-second)",
+                wall.as_millis()
+            )?;
             writeln!(out, "trace hash: {}", report.hash)?;
             if report.passed() {
                 writeln!(out, "result: pass")?;
@@ -319,16 +326,25 @@ fn sweep(
     let mut failed = 0usize;
     let mut done = 0usize;
     let mut pending = runs.into_iter();
-    let mut running: Vec<(&'static str, u64, std::thread::JoinHandle<anyhow::Result<Report>>)> =
-        Vec::new();
+    let mut running: Vec<(
+        &'static str,
+        u64,
+        std::thread::JoinHandle<anyhow::Result<Report>>,
+    )> = Vec::new();
     loop {
         while running.len() < jobs {
-            let Some((name, seed)) = pending.next() else { break };
+            let Some((name, seed)) = pending.next() else {
+                break;
+            };
             let mut command = Command::new(program);
             command
                 .args(args)
                 .args(["--scenario", name, "--seed", &seed.to_string(), "--json"]);
-            running.push((name, seed, std::thread::spawn(move || process::run(command))));
+            running.push((
+                name,
+                seed,
+                std::thread::spawn(move || process::run(command)),
+            ));
         }
         if running.is_empty() {
             break;
@@ -342,7 +358,15 @@ fn sweep(
             Ok(report) if report.passed() => {}
             Ok(report) => {
                 failed += 1;
-                writeln!(out, "\rFAIL {name} seed {seed}: {}", report.violations.first().map(ToString::to_string).unwrap_or_default())?;
+                writeln!(
+                    out,
+                    "\rFAIL {name} seed {seed}: {}",
+                    report
+                        .violations
+                        .first()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                )?;
                 writeln!(out, "  replay: {}", report.replay_command())?;
                 if let Some(file) = &report.failure_file {
                     writeln!(out, "  schedule and trace: {file}")?;

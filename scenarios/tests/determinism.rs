@@ -15,7 +15,11 @@ fn same_seed_same_trace_in_separate_processes() {
     if sim::child_entry() {
         return;
     }
-    let scenarios = ["protocols_through_two_proxies", "h2_goaway_on_restart", "random_chaos"];
+    let scenarios = [
+        "protocols_through_two_proxies",
+        "h2_goaway_on_restart",
+        "random_chaos",
+    ];
     let mut failures = Vec::new();
     for scenario in scenarios {
         let mut hashes = Vec::new();
@@ -33,8 +37,15 @@ fn same_seed_same_trace_in_separate_processes() {
             hashes.push(first.hash);
         }
         if hashes[0] == hashes[1] {
-            failures.push(format!("{scenario}: seeds 1 and 2 gave the same trace {}", hashes[0]));
+            failures.push(format!(
+                "{scenario}: seeds 1 and 2 gave the same trace {}",
+                hashes[0]
+            ));
         }
     }
-    assert!(failures.is_empty(), "nondeterminism:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "nondeterminism:\n{}",
+        failures.join("\n")
+    );
 }

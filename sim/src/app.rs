@@ -175,7 +175,8 @@ async fn handle(
     let response_bytes: u64 = header(&request, "x-response-bytes")
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
-    let grpc = header(&request, "content-type").is_some_and(|ct| ct.starts_with("application/grpc"));
+    let grpc =
+        header(&request, "content-type").is_some_and(|ct| ct.starts_with("application/grpc"));
 
     // Read the whole request body, counting it.
     let mut body = request.into_body();

@@ -70,7 +70,10 @@ impl Default for Checks {
 pub fn check_all(trace: &Trace, checks: &Checks, planned: usize) -> Vec<Violation> {
     let mut out = Vec::new();
     if let Some(err) = &trace.sim_error {
-        out.push(Violation::new("simulation", format!("the simulation stopped: {err}")));
+        out.push(Violation::new(
+            "simulation",
+            format!("the simulation stopped: {err}"),
+        ));
     }
     if trace.requests.len() != planned {
         out.push(Violation::new(
@@ -134,7 +137,9 @@ pub fn deadlines(trace: &Trace) -> Vec<Violation> {
             _ => None,
         })
         .collect();
-    limit(v, 10, "deadline", |n| Violation::new("deadline", format!("... and {n} more")))
+    limit(v, 10, "deadline", |n| {
+        Violation::new("deadline", format!("... and {n} more"))
+    })
 }
 
 /// No response reaches the wrong request: echoed id and body must be this request's.
@@ -225,7 +230,10 @@ pub fn at_most_once(trace: &Trace) -> Vec<Violation> {
         }
     }
     if trace.arrivals.iter().any(|a| a.id.is_none()) {
-        out.push(Violation::new("at-most-once", "a backend saw a request without an id"));
+        out.push(Violation::new(
+            "at-most-once",
+            "a backend saw a request without an id",
+        ));
     }
     out
 }
@@ -248,7 +256,11 @@ pub fn metrics_agree(trace: &Trace) -> Vec<Violation> {
                 if body_error.is_some() {
                     *entry = false;
                 }
-                *seen.entry(r.client).or_default().entry(*status).or_insert(0) += 1;
+                *seen
+                    .entry(r.client)
+                    .or_default()
+                    .entry(*status)
+                    .or_insert(0) += 1;
             }
             _ => *entry = false,
         }
@@ -274,7 +286,9 @@ pub fn metrics_agree(trace: &Trace) -> Vec<Violation> {
         if proxy != client_view {
             out.push(Violation::new(
                 "metrics",
-                format!("client-{client}: proxy counted responses {proxy:?}, client saw {client_view:?}"),
+                format!(
+                    "client-{client}: proxy counted responses {proxy:?}, client saw {client_view:?}"
+                ),
             ));
         }
         let requests: u64 = counters.requests.values().sum();
@@ -310,7 +324,9 @@ pub fn liveness(trace: &Trace, after: Duration) -> Vec<Violation> {
             )
         })
         .collect();
-    limit(v, 10, "liveness", |n| Violation::new("liveness", format!("... and {n} more")))
+    limit(v, 10, "liveness", |n| {
+        Violation::new("liveness", format!("... and {n} more"))
+    })
 }
 
 /// Proxies converge on the latest configuration: requests sent `bound` after the last change
@@ -342,7 +358,9 @@ pub fn convergence(trace: &Trace, bound: Duration) -> Vec<Violation> {
             })
         })
         .collect();
-    limit(v, 10, "convergence", |n| Violation::new("convergence", format!("... and {n} more")))
+    limit(v, 10, "convergence", |n| {
+        Violation::new("convergence", format!("... and {n} more"))
+    })
 }
 
 /// Configuration is never applied out of order: per client, among requests that do not

@@ -122,7 +122,11 @@ pub struct Stopwatch(std::time::Instant);
 impl Stopwatch {
     /// Starts timing.
     #[must_use]
-    #[expect(clippy::disallowed_methods, reason = "benchmark reporting only; never feeds the simulation")]
+    #[expect(
+        clippy::disallowed_methods,
+        clippy::disallowed_types,
+        reason = "benchmark reporting only; never feeds the simulation"
+    )]
     pub fn start() -> Self {
         Self(std::time::Instant::now())
     }

@@ -232,7 +232,11 @@ impl Trace {
             );
         }
         for a in &self.arrivals {
-            let _ = writeln!(out, "arrival {} {:?} {} {}", a.at_us, a.id, a.host, a.service);
+            let _ = writeln!(
+                out,
+                "arrival {} {:?} {} {}",
+                a.at_us, a.id, a.host, a.service
+            );
         }
         for (client, c) in &self.counters {
             let _ = writeln!(
@@ -302,7 +306,9 @@ impl Recorder {
     }
 
     fn lock(&self) -> MutexGuard<'_, Trace> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The finished trace (requests sorted by id).
@@ -317,7 +323,7 @@ impl Recorder {
 /// Simulated time since the run started, in µs (0 outside a simulation).
 #[must_use]
 pub fn now_us() -> u64 {
-    turmoil::sim_elapsed().map_or(0, |d| micros(d))
+    turmoil::sim_elapsed().map_or(0, micros)
 }
 
 /// A duration in whole µs.

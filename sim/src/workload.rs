@@ -207,7 +207,10 @@ async fn send(conns: &Conns, planned: &PlannedRequest) -> RequestRecord {
     let outcome = match tokio::time::timeout(planned.deadline, attempt).await {
         Ok(outcome) => outcome,
         Err(_) => Outcome::DeadlineExceeded {
-            stage: (*stage.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).to_owned(),
+            stage: (*stage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner))
+            .to_owned(),
         },
     };
     RequestRecord {
@@ -226,7 +229,9 @@ async fn send(conns: &Conns, planned: &PlannedRequest) -> RequestRecord {
 }
 
 fn set(stage: &Mutex<&'static str>, value: &'static str) {
-    *stage.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+    *stage
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = value;
 }
 
 fn request_body(planned: &PlannedRequest) -> ClientBody {
@@ -241,7 +246,9 @@ fn request_body(planned: &PlannedRequest) -> ClientBody {
     }
     let total = planned.request_bytes;
     if total == 0 {
-        return Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
+        return Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed();
     }
     let stream = futures_util::stream::unfold(0u64, move |sent| async move {
         if sent >= total {
@@ -255,10 +262,16 @@ fn request_body(planned: &PlannedRequest) -> ClientBody {
 }
 
 fn build_request(planned: &PlannedRequest) -> Request<ClientBody> {
-    let method = if planned.post { Method::POST } else { Method::GET };
+    let method = if planned.post {
+        Method::POST
+    } else {
+        Method::GET
+    };
     let mut builder = Request::builder().method(method);
     builder = match planned.proto {
-        Proto::Http1 => builder.uri("/echo").header("host", planned.authority.as_str()),
+        Proto::Http1 => builder
+            .uri("/echo")
+            .header("host", planned.authority.as_str()),
         Proto::Http2 => builder.uri(format!("http://{}/echo", planned.authority)),
         Proto::Grpc => builder
             .method(Method::POST)

@@ -22,8 +22,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService};
 use conduit_core::rand::{DetRng, Rng};
-use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
 use conduit_proxy::StaticDiscover;
+use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -241,11 +241,9 @@ impl<'a> World<'a> {
                 sim.host(CONTROLLER, move || {
                     let backend = backend.clone();
                     async move {
-                        let listener = crate::net::bind(SocketAddr::from((
-                            [0, 0, 0, 0],
-                            CONTROLLER_PORT,
-                        )))
-                        .await?;
+                        let listener =
+                            crate::net::bind(SocketAddr::from(([0, 0, 0, 0], CONTROLLER_PORT)))
+                                .await?;
                         let controller = conduit_controller::Controller::new(
                             Arc::new(backend),
                             Arc::new(conduit_controller::metrics::Metrics::new(services)),
@@ -440,8 +438,7 @@ impl<'a> World<'a> {
             let endpoints = hosts
                 .iter()
                 .map(|host| RawEndpoint {
-                    addr: SocketAddr::new(self.sim.lookup(host.as_str()), INBOUND_PORT)
-                        .to_string(),
+                    addr: SocketAddr::new(self.sim.lookup(host.as_str()), INBOUND_PORT).to_string(),
                     ..RawEndpoint::default()
                 })
                 .collect();
@@ -511,7 +508,11 @@ async fn scrape(admin: SocketAddr) -> ProxyCounters {
                         continue;
                     }
                     let authority = sample.label("authority").unwrap_or("").to_owned();
-                    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "counters are small non-negative integers")]
+                    #[expect(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "counters are small non-negative integers"
+                    )]
                     let value = sample.value as u64;
                     match sample.name.as_str() {
                         "request_total" => {
@@ -556,8 +557,8 @@ async fn scrape_text(admin: SocketAddr) -> anyhow::Result<String> {
         .uri("/metrics")
         .header("host", "admin")
         .body(Empty::<bytes::Bytes>::new())?;
-    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
-        .await??;
+    let response =
+        tokio::time::timeout(Duration::from_secs(5), sender.send_request(request)).await??;
     let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
         .await??
         .to_bytes();
