@@ -505,6 +505,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
             })
             .collect(),
         record_samples: false,
+        spin_wait: false,
     };
     let clock = Clock::new();
     let load = tokio::spawn(load::run(TokioNet, client_outbound, load_config, clock));

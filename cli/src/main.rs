@@ -148,11 +148,20 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // `conduit load` runs on one thread so its pacing spin and its connections share the core
+    // cooperatively (with two threads on one pinned core the OS would time-slice them and add
+    // its own jitter to the measurement); everything else gets two workers.
+    let runtime = if matches!(cli.command, Command::Load { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("conduit: starting the runtime: {error}");
@@ -215,6 +224,7 @@ fn main() -> ExitCode {
                     timeout,
                     targets: vec![conduit_scenarios::load::Target { authority, path }],
                     record_samples: true,
+                    spin_wait: true,
                 };
                 run_load(addr, config, output == Output::Json).await
             }

@@ -61,7 +61,16 @@ pub struct LoadConfig {
     /// Keep every response's exact latency (up to [`MAX_SAMPLES`]) for exact percentiles; the
     /// histogram's millisecond buckets cannot resolve a proxy's tens of microseconds.
     pub record_samples: bool,
+    /// Pace requests to the microsecond by yielding through the last millisecond before each
+    /// is due, instead of trusting the timer alone (tokio's timer wheel has millisecond
+    /// granularity, which would add up to a millisecond of the generator's own lateness to
+    /// every latency). Costs the generator's core; for benchmarks on the real clock only,
+    /// never in the simulation, whose virtual clock does not move while a task spins.
+    pub spin_wait: bool,
 }
+
+/// How far ahead of a request's due time a spin-waiting generator stops sleeping.
+const SPIN_WINDOW: Duration = Duration::from_millis(1);
 
 /// The most exact latency samples a run keeps (8 MiB).
 pub const MAX_SAMPLES: usize = 1 << 20;
@@ -277,7 +286,14 @@ pub async fn run<N: Net>(
     let interval_nanos = 1_000_000_000u64 / u64::from(config.rate);
     for index in 0..count {
         let due = start + Duration::from_nanos(index.saturating_mul(interval_nanos));
-        clock.sleep_until(due).await;
+        if config.spin_wait {
+            clock.sleep_until(due - SPIN_WINDOW).await;
+            while clock.now() < due {
+                tokio::task::yield_now().await;
+            }
+        } else {
+            clock.sleep_until(due).await;
+        }
         if tx.send(Job { index, due }).is_err() {
             break;
         }

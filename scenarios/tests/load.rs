@@ -60,6 +60,7 @@ async fn every_request_is_accounted_for() {
             },
         ],
         record_samples: true,
+        spin_wait: true,
     };
     let report = tokio::time::timeout(
         Duration::from_secs(30),
@@ -101,6 +102,7 @@ async fn a_dead_server_gives_connect_errors_not_silence() {
             path: "/".into(),
         }],
         record_samples: false,
+        spin_wait: false,
     };
     let report = tokio::time::timeout(
         Duration::from_secs(30),
