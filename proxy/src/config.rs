@@ -44,6 +44,21 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// bytes moving, is closed after this. Above the 90 s pool idle timeout of common clients (Go,
 /// hyper), so they close first and never race our close with a new request.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the proxy waits for an upstream's response headers after it last sent the upstream
+/// part of the request (the dispatch, or the last request body frame), before answering 504
+/// itself and discarding the connection. `0` turns it off.
+///
+/// Why 60 s: a dead or partitioned upstream (a peer that vanished without a FIN or RST, which
+/// real TCP only notices after minutes of retransmits) must not hang requests forever: a
+/// platform team expects a bounded failure it can see in metrics. It is nginx's
+/// `proxy_read_timeout`, the default operators already know, and it stays a backstop rather
+/// than a policy: it is above the request timeouts most clients set themselves (so they give
+/// up first and their own error wins), and far above any sane synchronous response. Envoy's
+/// 15 s route timeout is a well-known source of surprise 504s for legitimate slow calls, and
+/// Linkerd has no default at all. Only response *headers* are timed: streamed bodies (SSE,
+/// gRPC server streaming, downloads) and uploads in progress are not cut off, and long-polling
+/// apps that hold back headers longer raise it or set `0`.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pooled upstream connections idle longer than this are closed.
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -159,6 +174,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Idle timeout for pooled upstream connections.
     pub pool_idle_timeout: Duration,
+    /// How long to wait for an upstream's response headers after the last request byte was
+    /// handed to it; `None` waits forever (see [`DEFAULT_RESPONSE_TIMEOUT`]).
+    pub response_timeout: Option<Duration>,
     /// Idle HTTP/1.1 connections kept per endpoint.
     pub pool_max_idle_per_endpoint: usize,
     /// The largest request head accepted.
@@ -207,6 +225,7 @@ impl Default for Limits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            response_timeout: Some(DEFAULT_RESPONSE_TIMEOUT),
             pool_max_idle_per_endpoint: DEFAULT_POOL_MAX_IDLE_PER_ENDPOINT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -471,6 +490,27 @@ impl ProxyConfig {
             Err(err) => e("discovery_backoff_max", err.to_string()),
         }
 
+        match raw.response_timeout {
+            None => {}
+            Some(RawTimeout::Number(0)) => config.limits.response_timeout = None,
+            Some(RawTimeout::Number(n)) => e(
+                "response_timeout",
+                format!("`{n}` needs a unit (e.g. `30s`), or `0` to turn the timeout off"),
+            ),
+            Some(RawTimeout::Text(text)) => match text.trim() {
+                "0" | "off" => config.limits.response_timeout = None,
+                _ => match parse_duration(&text) {
+                    Some(d) if d.is_zero() => config.limits.response_timeout = None,
+                    Some(d) => config.limits.response_timeout = Some(d),
+                    None => e(
+                        "response_timeout",
+                        format!(
+                            "`{text}` is not a duration (e.g. `500ms`, `30s`, `2m`) or `0` (off)"
+                        ),
+                    ),
+                },
+            },
+        }
         let mut bounded =
             |field: &str, value: Option<u64>, min: u64, max: u64, into: &mut usize| {
                 if let Some(v) = value {
@@ -576,6 +616,7 @@ pub struct RawProxyConfig {
     pub idle_timeout: Option<String>,
     pub pool_idle_timeout: Option<String>,
     pub pool_max_idle_per_endpoint: Option<u64>,
+    pub response_timeout: Option<RawTimeout>,
     pub max_header_bytes: Option<u64>,
     pub max_concurrent_streams: Option<u64>,
     pub max_connections: Option<u64>,
@@ -590,6 +631,17 @@ pub struct RawProxyConfig {
     pub discovery_backoff_min: Option<String>,
     pub discovery_backoff_max: Option<String>,
     pub shutdown_grace_period: Option<String>,
+}
+
+/// A timeout as written: a duration (`30s`), or `0` / `off` for none. Environment values that
+/// are plain numbers arrive as numbers.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawTimeout {
+    /// A bare number: only `0` (off) is meaningful.
+    Number(u64),
+    /// A duration with a unit, or `off`.
+    Text(String),
 }
 
 /// One invalid setting.
@@ -732,6 +784,37 @@ mod tests {
         let err = ProxyConfig::load(None, env(&[])).unwrap_err().to_string();
         assert!(
             err.contains("discovery (CONDUIT_PROXY_DISCOVERY): required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn response_timeout() {
+        let base = ("CONDUIT_PROXY_DISCOVERY", "file:m.yaml");
+        let c = ProxyConfig::load(None, env(&[base])).unwrap();
+        assert_eq!(c.limits.response_timeout, Some(DEFAULT_RESPONSE_TIMEOUT));
+        let c = ProxyConfig::load(
+            None,
+            env(&[base, ("CONDUIT_PROXY_RESPONSE_TIMEOUT", "250ms")]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.response_timeout, Some(Duration::from_millis(250)));
+        for off in ["0", "0s", "off"] {
+            let c = ProxyConfig::load(None, env(&[base, ("CONDUIT_PROXY_RESPONSE_TIMEOUT", off)]))
+                .unwrap();
+            assert_eq!(c.limits.response_timeout, None, "{off}");
+        }
+        let c = ProxyConfig::load(
+            Some("discovery: file:m.yaml\nresponse_timeout: 0\n"),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.response_timeout, None);
+        let err = ProxyConfig::load(None, env(&[base, ("CONDUIT_PROXY_RESPONSE_TIMEOUT", "30")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("response_timeout (CONDUIT_PROXY_RESPONSE_TIMEOUT): `30` needs a unit"),
             "{err}"
         );
     }

@@ -25,6 +25,7 @@ use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::net::Net;
 use crate::pool::{Checkin, Pools, Proto};
+use crate::transport::ActivityIo;
 
 /// The `authority` label for outbound requests discovery does not know.
 const UNKNOWN_AUTHORITY: &str = "unknown";
@@ -180,13 +181,20 @@ impl<N: Net> HttpProxy<N> {
         let sent = match self.pools.send(addr, proto, request, upgrade).await {
             Ok(sent) => sent,
             Err(err) => {
-                if let (
-                    Some(service),
-                    ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. },
-                ) = (&service, &err)
-                {
-                    service.connect_failed(addr);
+                match (&service, &in_flight, &err) {
+                    (
+                        Some(service),
+                        _,
+                        ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. },
+                    ) => service.connect_failed(addr),
+                    // PeakEWMA-consistent: an endpoint that did not answer in time looks as
+                    // slow as the wait, so P2C steers away from it until it answers again.
+                    (Some(service), Some(in_flight), ProxyError::ResponseTimeout { .. }) => {
+                        service.observe(in_flight);
+                    }
+                    _ => {}
                 }
+                // `in_flight` drops here: the endpoint's load settles.
                 return Err(err);
             }
         };
@@ -210,7 +218,14 @@ impl<N: Net> HttpProxy<N> {
         {
             {
                 let server_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, server_upgrade, addr));
+                let idle = self.pools.limits().idle_timeout;
+                tokio::spawn(tunnel(
+                    client_upgrade,
+                    server_upgrade,
+                    addr,
+                    self.clock,
+                    idle,
+                ));
                 // A completed upgrade is the response the client asked for.
                 self.metrics
                     .response_end(self.direction, label, status.as_u16(), Outcome::Success);
@@ -277,25 +292,40 @@ impl OnBodyEnd for ResponseGuard {
     }
 }
 
+/// Carries an upgraded connection (WebSocket) both ways until either side closes, or no byte
+/// has moved either way for `idle` (the accepted-connection idle timeout, as for opaque TCP):
+/// a tunnel to a vanished peer must not hold its sockets forever.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     server: hyper::upgrade::OnUpgrade,
     addr: SocketAddr,
+    clock: Clock,
+    idle: std::time::Duration,
 ) {
-    match tokio::try_join!(client, server) {
-        Ok((client, server)) => {
-            let mut client = TokioIo::new(client);
-            let mut server = TokioIo::new(server);
-            match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-                Ok((up, down)) => {
-                    tracing::debug!(endpoint = %addr, up, down, "upgrade tunnel closed")
-                }
-                Err(err) => {
-                    tracing::debug!(endpoint = %addr, error = %err, "upgrade tunnel failed")
-                }
+    let (client, server) = match tokio::try_join!(client, server) {
+        Ok(upgraded) => upgraded,
+        Err(err) => {
+            tracing::debug!(endpoint = %addr, error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = ActivityIo::new(TokioIo::new(client), clock);
+    let activity = client.activity();
+    let mut server = TokioIo::new(server);
+    let watchdog = async {
+        loop {
+            clock.sleep_until(activity.last(clock) + idle).await;
+            if clock.now().saturating_duration_since(activity.last(clock)) >= idle {
+                return;
             }
         }
-        Err(err) => tracing::debug!(endpoint = %addr, error = %err, "upgrade failed"),
+    };
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut server) => match result {
+            Ok((up, down)) => tracing::debug!(endpoint = %addr, up, down, "upgrade tunnel closed"),
+            Err(err) => tracing::debug!(endpoint = %addr, error = %err, "upgrade tunnel failed"),
+        },
+        () = watchdog => tracing::debug!(endpoint = %addr, ?idle, "upgrade tunnel idle; closing"),
     }
 }
 
@@ -330,6 +360,12 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` (kept when tunnelling an
 /// upgrade), and `TE` except `TE: trailers`, which gRPC needs end to end.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of these fields (keep-alive is HTTP/1.1's default). One pass
+    // over the few names present is far cheaper than the hashed lookups below, which every
+    // request and response would otherwise pay twice.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -362,6 +398,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Whether `name` is one of the fixed hop-by-hop fields. Fields named by `Connection` are
+/// hop-by-hop too, but only when `Connection` itself is present, which this catches.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        // No constants in `http::header`; names are stored lower-case.
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// Rewrites the client's request for the upstream connection.

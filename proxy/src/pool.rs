@@ -6,10 +6,21 @@
 //! one multiplexed connection per endpoint, re-established when it closes. Upstream speaks the
 //! protocol the client spoke (h1 for h1, h2 for h2: gRPC needs h2 end to end); upgrading h1 to
 //! h2 between proxies is a later optimisation.
+//!
+//! Every wait for response headers is bounded by the response timeout (when configured),
+//! counted from the last moment the proxy handed the upstream part of the request: the dispatch,
+//! then each request body frame, so an upload in progress is never cut off. A peer that stops
+//! answering (dead, or partitioned: segments dropped with nobody to retransmit them) then costs
+//! one 504 per request caught on it instead of a hang, and its connection is discarded: an
+//! HTTP/1.1 connection is never returned to the pool, and an HTTP/2 connection is replaced for
+//! later requests (its other streams keep their own timeouts).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 
 use conduit_core::time::Instant;
 use http::{Request, Response};
@@ -18,7 +29,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::admin::metrics::{Direction, Metrics, Peer};
-use crate::body::Body;
+use crate::body::{self, Body, BoxError};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::errors::ProxyError;
@@ -47,11 +58,66 @@ struct Idle {
     since: Instant,
 }
 
+#[derive(Debug, Default)]
+struct H2Slot {
+    sender: Option<http2::SendRequest<Body>>,
+    /// Which connection `sender` is, so a request that timed out on one replaces only that one.
+    generation: u64,
+}
+
 #[derive(Debug)]
 struct Endpoint {
     idle: Mutex<Vec<Idle>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    h2: tokio::sync::Mutex<H2Slot>,
     last_used: Mutex<Instant>,
+}
+
+/// When the proxy last handed the upstream part of a request (core-instant nanoseconds): the
+/// response timeout counts from here.
+#[derive(Clone, Debug)]
+struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    fn new(clock: Clock) -> Self {
+        Self(Arc::new(AtomicU64::new(clock.now().as_nanos())))
+    }
+
+    fn last(&self) -> Instant {
+        Instant::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// A request body that records each frame it yields in its [`Progress`].
+struct ProgressBody {
+    inner: Body,
+    progress: Progress,
+    clock: Clock,
+}
+
+impl http_body::Body for ProgressBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if poll.is_ready() {
+            self.progress
+                .0
+                .store(self.clock.now().as_nanos(), Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response and what to do with its connection when the body ends.
@@ -127,7 +193,7 @@ impl<N: Net> Pools<N> {
             || {
                 Arc::new(Endpoint {
                     idle: Mutex::default(),
-                    h2: tokio::sync::Mutex::new(None),
+                    h2: tokio::sync::Mutex::default(),
                     last_used: Mutex::new(now),
                 })
             },
@@ -157,7 +223,8 @@ impl<N: Net> Pools<N> {
     ///
     /// # Errors
     ///
-    /// Connect failures and timeouts, and upstream failures before response headers.
+    /// Connect failures and timeouts, upstream failures before response headers, and
+    /// [`ProxyError::ResponseTimeout`].
     pub(crate) async fn send(
         &self,
         addr: SocketAddr,
@@ -165,9 +232,71 @@ impl<N: Net> Pools<N> {
         request: Request<Body>,
         upgrade: bool,
     ) -> Result<Sent, ProxyError> {
+        let (request, progress) = self.track(request);
         match proto {
-            Proto::Http1 => self.send_http1(addr, request, upgrade).await,
-            Proto::Http2 => self.send_http2(addr, request).await,
+            Proto::Http1 => {
+                self.send_http1(addr, request, upgrade, progress.as_ref())
+                    .await
+            }
+            Proto::Http2 => self.send_http2(addr, request, progress.as_ref()).await,
+        }
+    }
+
+    /// The configured limits.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Wraps a request body that is still to be sent so its frames push the response deadline
+    /// back. Requests without a body (or without a response timeout) are left alone.
+    fn track(&self, request: Request<Body>) -> (Request<Body>, Option<Progress>) {
+        use http_body::Body as _;
+        if self.limits.response_timeout.is_none() || request.body().is_end_stream() {
+            return (request, None);
+        }
+        let progress = Progress::new(self.clock);
+        let request = request.map(|inner| {
+            body::boxed(ProgressBody {
+                inner,
+                progress: progress.clone(),
+                clock: self.clock,
+            })
+        });
+        (request, Some(progress))
+    }
+
+    /// Waits for `response` (an upstream's response headers) within the response timeout,
+    /// counted from now or from the request's last body frame, whichever is later.
+    async fn headers<T>(
+        &self,
+        addr: SocketAddr,
+        progress: Option<&Progress>,
+        response: impl Future<Output = T>,
+    ) -> Result<T, ProxyError> {
+        let Some(timeout) = self.limits.response_timeout else {
+            return Ok(response.await);
+        };
+        let mut response = pin!(response);
+        let mut deadline = self.clock.now() + timeout;
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut response => return Ok(out),
+                () = self.clock.sleep_until(deadline) => {
+                    let resumed = progress.map_or(deadline, |p| p.last() + timeout);
+                    if resumed > deadline {
+                        // The request body was still moving: wait from its last frame.
+                        deadline = resumed;
+                        continue;
+                    }
+                    tracing::debug!(
+                        endpoint = %addr,
+                        ?timeout,
+                        "no response headers in time; discarding the connection"
+                    );
+                    return Err(ProxyError::ResponseTimeout { addr, timeout });
+                }
+            }
         }
     }
 
@@ -176,6 +305,7 @@ impl<N: Net> Pools<N> {
         addr: SocketAddr,
         mut request: Request<Body>,
         upgrade: bool,
+        progress: Option<&Progress>,
     ) -> Result<Sent, ProxyError> {
         let endpoint = self.endpoint(addr, Proto::Http1);
         let checkin = |sender| Checkin {
@@ -186,7 +316,10 @@ impl<N: Net> Pools<N> {
         };
         if !upgrade {
             while let Some(mut sender) = self.pop_idle(&endpoint) {
-                match sender.try_send_request(request).await {
+                // On a timeout `sender` is dropped here, never pooled: hyper closes the
+                // connection once its response is abandoned.
+                let sent = sender.try_send_request(request);
+                match self.headers(addr, progress, sent).await? {
                     Ok(response) => {
                         return Ok(Sent {
                             response,
@@ -224,9 +357,9 @@ impl<N: Net> Pools<N> {
                 tracing::debug!(endpoint = %addr, error = %err, "upstream connection ended");
             }
         });
-        let response = sender
-            .send_request(request)
-            .await
+        let response = self
+            .headers(addr, progress, sender.send_request(request))
+            .await?
             .map_err(|source| ProxyError::Upstream { addr, source })?;
         let checkin = (!upgrade).then(|| checkin(sender));
         Ok(Sent {
@@ -252,13 +385,14 @@ impl<N: Net> Pools<N> {
         &self,
         addr: SocketAddr,
         request: Request<Body>,
+        progress: Option<&Progress>,
     ) -> Result<Sent, ProxyError> {
         let endpoint = self.endpoint(addr, Proto::Http2);
-        let (mut sender, connected) = {
+        let (mut sender, connected, generation) = {
             // Held across the connect so concurrent requests share one new connection.
             let mut slot = endpoint.h2.lock().await;
-            match slot.as_ref() {
-                Some(sender) if !sender.is_closed() => (sender.clone(), false),
+            match slot.sender.as_ref() {
+                Some(sender) if !sender.is_closed() => (sender.clone(), false, slot.generation),
                 _ => {
                     let io = self.connect(addr).await?;
                     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -275,15 +409,28 @@ impl<N: Net> Pools<N> {
                             tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
                         }
                     });
-                    *slot = Some(sender.clone());
-                    (sender, true)
+                    slot.generation = slot.generation.wrapping_add(1);
+                    slot.sender = Some(sender.clone());
+                    (sender, true, slot.generation)
                 }
             }
         };
-        let response = sender
-            .send_request(request)
+        let response = match self
+            .headers(addr, progress, sender.send_request(request))
             .await
-            .map_err(|source| ProxyError::Upstream { addr, source })?;
+        {
+            Ok(response) => response,
+            Err(timeout) => {
+                // Later requests get a new connection; this one closes when its last stream
+                // ends (each keeps its own timeout) and the last handle is dropped.
+                let mut slot = endpoint.h2.lock().await;
+                if slot.generation == generation {
+                    slot.sender = None;
+                }
+                return Err(timeout);
+            }
+        };
+        let response = response.map_err(|source| ProxyError::Upstream { addr, source })?;
         Ok(Sent {
             response,
             checkin: None,
@@ -304,9 +451,12 @@ impl<N: Net> Pools<N> {
                 && let Ok(mut h2) = endpoint.h2.try_lock()
             {
                 // Dropping the last sender closes the connection once its streams end.
-                *h2 = None;
+                h2.sender = None;
             }
-            let h2_open = endpoint.h2.try_lock().map_or(true, |h2| h2.is_some());
+            let h2_open = endpoint
+                .h2
+                .try_lock()
+                .map_or(true, |h2| h2.sender.is_some());
             Arc::strong_count(endpoint) > 1 || !lock(&endpoint.idle).is_empty() || h2_open
         });
     }

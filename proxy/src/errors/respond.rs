@@ -69,6 +69,15 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// The upstream sent no response headers within the response timeout after the request
+    /// was handed to it. The connection is discarded; the client's connection is unaffected.
+    #[error("upstream {addr} sent no response headers within {timeout:?}")]
+    ResponseTimeout {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The configured timeout.
+        timeout: Duration,
+    },
     /// The request's authority is not a service discovery knows.
     #[error("unknown authority {authority}: not in discovery")]
     UnknownAuthority {
@@ -117,6 +126,10 @@ impl ProxyError {
             Self::LoadShed { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
             Self::ConnectTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, true)
+            }
+            // Like Linkerd's route timeout: the upstream failed, not the client's connection.
+            Self::ResponseTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, false)
             }
             Self::Connect { .. } | Self::Upstream { .. } => {
                 (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true)
@@ -249,6 +262,10 @@ mod tests {
                 addr,
                 source: io::ErrorKind::ConnectionRefused.into(),
             },
+            ProxyError::ResponseTimeout {
+                addr,
+                timeout: Duration::from_secs(60),
+            },
             ProxyError::UnknownAuthority {
                 authority: "nope.default".into(),
             },
@@ -292,6 +309,24 @@ mod tests {
         let r = err.to_response(false, true);
         assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(r.headers()["connection"], "close");
+    }
+
+    #[test]
+    fn response_timeouts_are_deadline_exceeded_for_grpc() {
+        let err = ProxyError::ResponseTimeout {
+            addr: "10.0.0.1:8080".parse().unwrap(),
+            timeout: Duration::from_millis(500),
+        };
+        let r = err.to_response(true, false);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert_eq!(
+            r.headers()[PROXY_ERROR_HEADER],
+            "upstream 10.0.0.1:8080 sent no response headers within 500ms"
+        );
+        let r = err.to_response(false, true);
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(!r.headers().contains_key("connection"));
     }
 
     #[test]
