@@ -114,6 +114,14 @@ pub fn find(name: &str) -> Option<Scenario> {
     all().into_iter().find(|s| s.name == name)
 }
 
+/// The proxies' response timeout in scenarios with partitions. turmoil drops a partition's
+/// segments and never retransmits them, so a request written to a pooled connection across the
+/// partition gets no answer at all (real TCP against a dead peer behaves the same for minutes).
+/// The production default (60 s) would still end it, but after the workload's 10 s client
+/// deadline; 1 s is what a platform team would set for services whose slowest answer (300 ms
+/// here) is far below it.
+const PARTITION_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn web(replicas: usize, clients: usize) -> WorldSpec {
     WorldSpec::new(vec![ServiceSpec::new(WEB, replicas)], clients)
 }
@@ -235,6 +243,9 @@ fn least_loaded_stalled_replica(_seed: u64) -> Plan {
 /// Goal: endpoint churn through discovery never routes to an endpoint outside the
 /// configuration, and proxies converge on the last one. Method: four replicas; every 700 ms
 /// a seeded subset of two or three becomes the endpoint set; traffic at 150 req/s for 7 s.
+/// Discovery is the real controller (its file backend edited by the harness) and every proxy's
+/// real Destination client over turmoil; the default allowances (2 ms routing grace, 100 ms
+/// convergence) hold unchanged, so none is loosened.
 fn endpoint_churn(seed: u64) -> Plan {
     let mut world = web(4, 2);
     world.discovery = DiscoveryMode::Controller;
@@ -267,6 +278,9 @@ fn endpoint_churn(seed: u64) -> Plan {
 /// latest configuration once it is back. Method: the controller crashes at 2 s; while it is
 /// down the configuration drops `web-0` (3 s); it restarts at 5 s. Requests keep succeeding
 /// throughout (proxies keep their last endpoints), and from 6 s none is served by `web-0`.
+/// The proxies discover through the real Destination client: the crash closes their streams,
+/// they keep the last endpoints and reconnect with jittered backoff (100 ms doubling), so the
+/// 3 s routing grace and convergence window cover the outage plus the reconnect.
 fn controller_crash(_seed: u64) -> Plan {
     let mut world = web(3, 1);
     world.discovery = DiscoveryMode::Controller;
@@ -293,10 +307,17 @@ fn controller_crash(_seed: u64) -> Plan {
 /// Goal: a partition between a client's proxy and one replica costs at most the requests
 /// caught on it, and the mesh recovers after repair. Method: `client-0` is cut off from `web-1`
 /// from 2 s to 5 s at 100 req/s; turmoil drops segments without retransmit, so requests on a
-/// pooled connection stall and new connects fail at once; every request must still end before
-/// its 10 s deadline and all requests from 6 s on succeed.
+/// pooled connection stall and new connects fail at once. What users see: a request stalled on
+/// a pooled connection gets the proxy's 504 after the 1 s response timeout (and the timed-out
+/// wait, observed as an RTT, steers the balancer off `web-1`); a connect refused by the
+/// partition gets the proxy's 502 (and puts `web-1` in connect backoff). So every failure is a
+/// proxy-made 502 or 504 for a request sent during the partition (or in the 50 ms before it,
+/// still on the wire when the link is cut), there are at most 10 of
+/// them, every request ends before its 10 s deadline, and all requests from 6 s on succeed.
 fn partition_proxy_replica(_seed: u64) -> Plan {
-    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(9))]);
+    let mut world = web(3, 1);
+    world.response_timeout = Some(PARTITION_RESPONSE_TIMEOUT);
+    let mut plan = Plan::new(world, vec![Flow::new(0, WEB, 100, ms(100), secs(9))]);
     plan.schedule = Schedule::new()
         .at(
             secs(2),
@@ -305,7 +326,41 @@ fn partition_proxy_replica(_seed: u64) -> Plan {
         .at(secs(5), Action::Repair("client-0".into(), "web-1".into()));
     plan.checks.healthy_after = Some(secs(6));
     plan.checks.metrics = false;
-    plan
+    plan.check(|trace| {
+        let mut out = Vec::new();
+        let failed: Vec<_> = trace
+            .requests
+            .iter()
+            .filter(|r| !r.outcome.is_success())
+            .collect();
+        for r in &failed {
+            // A request sent just before 2 s can still be on the wire when the link is cut.
+            let in_partition = r.start_us >= 1_950_000 && r.start_us < 5_000_000;
+            let proxy_made = matches!(
+                &r.outcome,
+                conduit_sim::Outcome::Response { status: 502 | 504, proxy_error: Some(_), .. }
+            );
+            if !(in_partition && proxy_made) {
+                out.push(Violation::new(
+                    "partition",
+                    format!(
+                        "request {} sent at {} ms: {} (only the proxy's 502/504 during the partition are expected)",
+                        r.id,
+                        r.start_us / 1000,
+                        r.outcome.class()
+                    ),
+                ));
+            }
+        }
+        if failed.len() > 10 {
+            out.push(Violation::new(
+                "partition",
+                format!("{} requests failed; at most 10 expected", failed.len()),
+            ));
+        }
+        out.truncate(10);
+        out
+    })
 }
 
 /// Goal: a replica crash is confined to the replica's outage and the restarted replica is
@@ -452,9 +507,12 @@ fn h2_goaway_on_restart(_seed: u64) -> Plan {
 /// Goal: configuration versions are applied in order. Method: five versions 300 ms apart, each
 /// naming a different single replica (disjoint sets); a client sends at 100 req/s; for requests
 /// that do not overlap in time, the version each was served under never decreases, and after
-/// the last version only its replica serves.
+/// the last version only its replica serves. The versions travel through the real controller
+/// and the proxy's Destination client (versioned diffs over gRPC on turmoil).
 fn config_never_out_of_order(_seed: u64) -> Plan {
-    let mut plan = Plan::new(web(4, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(3))]);
+    let mut world = web(4, 1);
+    world.discovery = DiscoveryMode::Controller;
+    let mut plan = Plan::new(world, vec![Flow::new(0, WEB, 100, ms(100), secs(3))]);
     let mut schedule = Schedule::new();
     for (i, host) in ["web-1", "web-2", "web-3", "web-0", "web-2"]
         .iter()
@@ -493,7 +551,8 @@ fn steady_mesh(_seed: u64) -> Plan {
 /// Method: `Schedule::random` between 1 s and 7 s over three replicas and two clients; traffic
 /// for 10 s; requests from 2 s after the last heal must all succeed.
 fn random_chaos(seed: u64) -> Plan {
-    let world = web(3, 2);
+    let mut world = web(3, 2);
+    world.response_timeout = Some(PARTITION_RESPONSE_TIMEOUT);
     let replicas = world.replica_hosts();
     let clients: Vec<String> = (0..2).map(conduit_sim::world::client_host).collect();
     let mut rng = DetRng::new(seed).child("chaos");

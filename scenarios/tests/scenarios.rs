@@ -60,9 +60,6 @@ fn controller_crash() {
 
 /// A partition between a client proxy and one replica, then repair.
 #[test]
-#[ignore = "proxy bug: no upstream response timeout, so a request on a pooled connection whose \
-            segments a partition dropped waits forever (turmoil has no retransmit); see the \
-            simulation report"]
 fn partition_proxy_replica() {
     scenario("partition_proxy_replica");
 }

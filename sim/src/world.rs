@@ -5,7 +5,9 @@
 //! - `controller` (when discovery goes through the controller): the real
 //!   `conduit_controller::Controller` serving gRPC on port 8086 over turmoil, its file backend
 //!   fed by the harness through `FileDiscovery::replace` (the seam the controller exposes for
-//!   the simulation, in place of a file on disk);
+//!   the simulation, in place of a file on disk); every proxy then discovers through the real
+//!   Destination client (`conduit_proxy::ControllerDiscover`) over turmoil, built inside its
+//!   host's runtime;
 //! - per service, `<name>-<i>` replicas: the [`app`](crate::app) on port 8080 behind its own
 //!   proxy (`conduit_proxy::run`, inbound 4143 forwarding to `127.0.0.1:8080`);
 //! - `client-<i>` hosts: a proxy (outbound on `127.0.0.1:4140`) and the workload client, which
@@ -22,8 +24,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService};
 use conduit_core::rand::{DetRng, Rng};
-use conduit_proxy::StaticDiscover;
 use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
+use conduit_proxy::discover::controller::ControllerDiscoverConfig;
+use conduit_proxy::{ControllerDiscover, StaticDiscover};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -101,6 +104,8 @@ pub struct WorldSpec {
     pub failfast_timeout: Duration,
     /// The proxies' connect timeout.
     pub connect_timeout: Duration,
+    /// The proxies' upstream response-headers timeout (`None`: off).
+    pub response_timeout: Option<Duration>,
     /// The run fails if it is not over by this sim time.
     pub time_limit: Duration,
 }
@@ -117,6 +122,7 @@ impl WorldSpec {
             max_latency: Duration::from_millis(5),
             failfast_timeout: conduit_proxy::config::DEFAULT_FAILFAST_TIMEOUT,
             connect_timeout: conduit_proxy::config::DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: Some(conduit_proxy::config::DEFAULT_RESPONSE_TIMEOUT),
             time_limit: Duration::from_secs(120),
         }
     }
@@ -145,7 +151,6 @@ pub struct World<'a> {
     sim: Sim<'a>,
     recorder: Recorder,
     discovery: Discovery,
-    static_discover: Arc<StaticDiscover>,
     apps: BTreeMap<String, Arc<AppControl>>,
     drains: BTreeMap<String, Arc<tokio::sync::Notify>>,
     endpoints: BTreeMap<String, Vec<String>>,
@@ -170,6 +175,7 @@ fn proxy_config(spec: &WorldSpec, seed: u64, app: bool) -> ProxyConfig {
     config.seed = Some(seed);
     config.queue.failfast_timeout = spec.failfast_timeout;
     config.limits.connect_timeout = spec.connect_timeout;
+    config.limits.response_timeout = spec.response_timeout;
     config
 }
 
@@ -194,14 +200,46 @@ impl Seeds {
     }
 }
 
+/// Where a proxy learns endpoints.
+#[derive(Clone, Debug)]
+enum Source {
+    /// Straight from the harness.
+    Static(Arc<StaticDiscover>),
+    /// From the controller at this address, through the real Destination client.
+    Controller(SocketAddr),
+}
+
 async fn run_proxy(
     config: ProxyConfig,
     seed: u64,
-    discovery: Arc<StaticDiscover>,
+    source: Source,
     drain: Arc<tokio::sync::Notify>,
 ) {
     let shutdown = async move { drain.notified().await };
-    if let Err(err) = conduit_proxy::run(config, SimNet, seed, discovery, shutdown).await {
+    let result = match source {
+        Source::Static(discovery) => {
+            conduit_proxy::run(config, SimNet, seed, discovery, shutdown).await
+        }
+        Source::Controller(addr) => {
+            // As the binary does: the proxy's settings for the client, a child of its seed for
+            // the reconnect jitter. Built here, inside the host's runtime (tonic's lazy channel
+            // spawns onto the current one).
+            let mut settings = ControllerDiscoverConfig::new(addr);
+            settings.backoff = config.discovery_backoff;
+            settings.connect_timeout = config.limits.connect_timeout;
+            let rng = DetRng::new(seed).child("discovery");
+            match ControllerDiscover::new(SimNet, settings, rng) {
+                Ok(discovery) => {
+                    conduit_proxy::run(config, SimNet, seed, discovery, shutdown).await
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "controller discovery failed");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(err) = result {
         tracing::error!(error = %err, "proxy failed");
     }
 }
@@ -255,10 +293,13 @@ impl<'a> World<'a> {
                         Ok(())
                     }
                 });
-                // TODO(controller discovery): proxies use the static source until the proxy's
-                // controller client lands; the controller host already runs.
-                let _ = &files;
                 Discovery::Controller(files)
+            }
+        };
+        let source = match spec.discovery {
+            DiscoveryMode::Static => Source::Static(Arc::clone(&static_discover)),
+            DiscoveryMode::Controller => {
+                Source::Controller(SocketAddr::new(sim.lookup(CONTROLLER), CONTROLLER_PORT))
             }
         };
 
@@ -277,14 +318,14 @@ impl<'a> World<'a> {
                 let seeds = Seeds::new(&mut root, &host);
                 let spec = spec.clone();
                 let recorder = recorder.clone();
-                let discover = Arc::clone(&static_discover);
+                let discover = source.clone();
                 let drain = Arc::new(tokio::sync::Notify::new());
                 drains.insert(host.clone(), Arc::clone(&drain));
                 sim.host(host.as_str(), move || {
                     let drain = Arc::clone(&drain);
                     let config = proxy_config(&spec, seeds.next(), true);
                     let seed = config.seed.unwrap_or_default();
-                    let discover = Arc::clone(&discover);
+                    let discover = discover.clone();
                     let identity = identity.clone();
                     let control = Arc::clone(&control);
                     let recorder = recorder.clone();
@@ -301,7 +342,7 @@ impl<'a> World<'a> {
             let seeds = Seeds::new(&mut root, &host);
             let config = proxy_config(spec, seeds.next(), false);
             let seed = config.seed.unwrap_or_default();
-            let discover = Arc::clone(&static_discover);
+            let discover = source.clone();
             let requests = workload.for_client(client);
             let recorder = recorder.clone();
             let drain = Arc::new(tokio::sync::Notify::new());
@@ -322,7 +363,6 @@ impl<'a> World<'a> {
             sim,
             recorder,
             discovery,
-            static_discover,
             apps,
             drains,
             endpoints,
@@ -456,10 +496,8 @@ impl<'a> World<'a> {
         match &self.discovery {
             Discovery::Static(discover) => discover.publish(mesh),
             Discovery::Controller(files) => {
-                files.replace(mesh.clone());
-                // Interim, until the proxy's controller client is committed: proxies still read
-                // the static source, so publish there too. The controller host runs regardless.
-                static_discover_publish(&self.static_discover, mesh);
+                // The backend's own version is the controller's business.
+                let _version = files.replace(mesh);
             }
         }
         let config = ConfigVersion {
@@ -491,10 +529,6 @@ impl<'a> World<'a> {
         self.recorder.with(|t| t.end_us = end);
         self.recorder.finish()
     }
-}
-
-fn static_discover_publish(discover: &StaticDiscover, mesh: Mesh) {
-    discover.publish(mesh);
 }
 
 /// Reads a proxy's outbound request and response counters from its admin `/metrics`.
