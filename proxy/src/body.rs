@@ -50,17 +50,18 @@ pub(crate) enum BodyEnd {
 
 /// Called exactly once when a response body ends, however it ends.
 pub(crate) trait OnBodyEnd: Send + 'static {
-    fn on_end(self: Box<Self>, end: BodyEnd);
+    fn on_end(self, end: BodyEnd);
 }
 
-/// A response body that reports its end (clean, failed or dropped) exactly once.
-pub(crate) struct GuardedBody<B> {
+/// A response body that reports its end (clean, failed or dropped) exactly once. The guard is
+/// held inline (no allocation of its own): the body is boxed into [`Body`] once anyway.
+pub(crate) struct GuardedBody<B, G: OnBodyEnd> {
     inner: B,
-    guard: Option<Box<dyn OnBodyEnd>>,
+    guard: Option<G>,
     trailers: Option<http::HeaderMap>,
 }
 
-impl<B> std::fmt::Debug for GuardedBody<B> {
+impl<B, G: OnBodyEnd> std::fmt::Debug for GuardedBody<B, G> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuardedBody")
             .field("ended", &self.guard.is_none())
@@ -68,10 +69,10 @@ impl<B> std::fmt::Debug for GuardedBody<B> {
     }
 }
 
-impl<B: http_body::Body> GuardedBody<B> {
+impl<B: http_body::Body, G: OnBodyEnd> GuardedBody<B, G> {
     /// Wraps `inner`; an already-finished body (no content) settles at once, since hyper may
     /// never poll it.
-    pub(crate) fn new(inner: B, guard: Box<dyn OnBodyEnd>) -> Self {
+    pub(crate) fn new(inner: B, guard: G) -> Self {
         let mut this = Self {
             inner,
             guard: Some(guard),
@@ -84,7 +85,7 @@ impl<B: http_body::Body> GuardedBody<B> {
     }
 }
 
-impl<B> GuardedBody<B> {
+impl<B, G: OnBodyEnd> GuardedBody<B, G> {
     fn end(&mut self, end: BodyEnd) {
         if let Some(guard) = self.guard.take() {
             guard.on_end(end);
@@ -92,8 +93,9 @@ impl<B> GuardedBody<B> {
     }
 }
 
-impl<B> http_body::Body for GuardedBody<B>
+impl<B, G> http_body::Body for GuardedBody<B, G>
 where
+    G: OnBodyEnd + Unpin,
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
@@ -140,7 +142,7 @@ where
     }
 }
 
-impl<B> Drop for GuardedBody<B> {
+impl<B, G: OnBodyEnd> Drop for GuardedBody<B, G> {
     fn drop(&mut self) {
         self.end(BodyEnd::Cancelled);
     }

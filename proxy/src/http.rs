@@ -18,7 +18,7 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::admin::metrics::{AuthorityLabel, Direction, Metrics};
+use crate::admin::metrics::{AuthorityMetrics, Direction, Metrics};
 use crate::balance::{Router, ServiceBalancer};
 use crate::body::{self, Body, BodyEnd, GuardedBody, OnBodyEnd};
 use crate::clock::Clock;
@@ -72,55 +72,56 @@ impl<N: Net> HttpProxy<N> {
             let _entered = span.enter();
             match (&self.target, &authority) {
                 (Target::Balanced(router), Some(authority)) => {
-                    Some(router.resolve(authority.as_str()))
+                    Some(router.resolve(authority.as_str(), start))
                 }
                 _ => None,
             }
         };
-        let (label, service) = match (&self.target, &authority, routed) {
+        let counted = |authority: &str| self.metrics.request(self.direction, authority, start);
+        let (series, service) = match (&self.target, &authority, routed) {
             (Target::Balanced(_), None, _) => {
-                let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
+                let series = counted(UNKNOWN_AUTHORITY);
                 let err = ProxyError::Malformed {
                     reason: "missing authority (Host header)".into(),
                 };
-                return self.synthesize(&err, &label, start, grpc, http1);
+                return self.synthesize(&err, &series, start, grpc, http1);
             }
             (Target::Balanced(_), Some(_), Some(Ok(service))) => {
                 // Waits (bounded by the fail-fast timeout) until discovery has answered.
-                match service.resolved().await {
-                    Ok(label) => (self.metrics.request(self.direction, &label), Some(service)),
+                match service.resolved(start).await {
+                    Ok(label) => (counted(&label), Some(service)),
                     Err(err) => {
                         // Unresolved authorities share one label, so arbitrary names cannot
                         // grow the metrics.
-                        let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
-                        return self.synthesize(&err, &label, start, grpc, http1);
+                        let series = counted(UNKNOWN_AUTHORITY);
+                        return self.synthesize(&err, &series, start, grpc, http1);
                     }
                 }
             }
             (Target::Balanced(_), Some(_), Some(Err(err))) => {
-                let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
-                return self.synthesize(&err, &label, start, grpc, http1);
+                let series = counted(UNKNOWN_AUTHORITY);
+                return self.synthesize(&err, &series, start, grpc, http1);
             }
             (Target::Balanced(_), Some(_), None) => {
                 let err = ProxyError::Unavailable {
                     reason: "no route for request".into(),
                 };
-                let label = self.metrics.request(self.direction, UNKNOWN_AUTHORITY);
-                return self.synthesize(&err, &label, start, grpc, http1);
+                let series = counted(UNKNOWN_AUTHORITY);
+                return self.synthesize(&err, &series, start, grpc, http1);
             }
-            (Target::Fixed(_), authority, _) => {
-                let name = authority.as_ref().map_or("", Authority::as_str);
-                (self.metrics.request(self.direction, name), None)
-            }
+            (Target::Fixed(_), authority, _) => (
+                counted(authority.as_ref().map_or("", Authority::as_str)),
+                None,
+            ),
         };
         match self
-            .forward(request, proto, authority, service, &label, start)
+            .forward(request, proto, authority, service, &series, start)
             .await
         {
             Ok(response) => response,
             Err(err) => {
                 tracing::debug!(error = %err, "proxy error");
-                self.synthesize(&err, &label, start, grpc, http1)
+                self.synthesize(&err, &series, start, grpc, http1)
             }
         }
     }
@@ -128,16 +129,16 @@ impl<N: Net> HttpProxy<N> {
     fn synthesize(
         &self,
         err: &ProxyError,
-        label: &AuthorityLabel,
+        series: &AuthorityMetrics,
         start: Instant,
         grpc: bool,
         http1: bool,
     ) -> Response<Body> {
         let response = err.to_response(grpc, http1);
         let status = response.status().as_u16();
-        let latency = self.clock.now().saturating_duration_since(start);
-        self.metrics
-            .response_headers(self.direction, label, status, latency);
+        let now = self.clock.now();
+        let latency = now.saturating_duration_since(start);
+        series.response_headers(now, status, latency);
         // Classified like any response (Linkerd's default classes): 5xx and non-OK gRPC
         // statuses are failures; the proxy's 400/404/431 blame the client, as an app's would.
         // A synthesized gRPC response is trailers-only, so its head decides.
@@ -148,8 +149,7 @@ impl<N: Net> HttpProxy<N> {
             ResponseClass::Final(class) => class.outcome,
             ResponseClass::Pending(pending) => self.classifier.classify_eos(pending, None).outcome,
         };
-        self.metrics
-            .response_end(self.direction, label, status, outcome);
+        series.response_end(now, status, outcome);
         response
     }
 
@@ -159,7 +159,7 @@ impl<N: Net> HttpProxy<N> {
         proto: Proto,
         authority: Option<Authority>,
         service: Option<Arc<ServiceBalancer>>,
-        label: &AuthorityLabel,
+        series: &Arc<AuthorityMetrics>,
         start: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let upgrade = proto == Proto::Http1 && is_upgrade(request.headers());
@@ -208,9 +208,9 @@ impl<N: Net> HttpProxy<N> {
         }
         let mut response = sent.response;
         let status = response.status();
-        let latency = self.clock.now().saturating_duration_since(start);
-        self.metrics
-            .response_headers(self.direction, label, status.as_u16(), latency);
+        let now = self.clock.now();
+        let latency = now.saturating_duration_since(start);
+        series.response_headers(now, status.as_u16(), latency);
         tracing::trace!(endpoint = %addr, status = status.as_u16(), ?latency, "response headers");
 
         if let Some(client_upgrade) = client_upgrade
@@ -227,8 +227,7 @@ impl<N: Net> HttpProxy<N> {
                     idle,
                 ));
                 // A completed upgrade is the response the client asked for.
-                self.metrics
-                    .response_end(self.direction, label, status.as_u16(), Outcome::Success);
+                series.response_end(now, status.as_u16(), Outcome::Success);
                 let (parts, _) = response.into_parts();
                 return Ok(Response::from_parts(parts, body::empty()));
             }
@@ -238,16 +237,15 @@ impl<N: Net> HttpProxy<N> {
         strip_hop_by_hop(&mut parts.headers, false);
         let class = self.classifier.classify_response(status, &parts.headers);
         let guard = ResponseGuard {
-            metrics: Arc::clone(&self.metrics),
-            direction: self.direction,
-            label: Arc::clone(label),
+            series: Arc::clone(series),
+            clock: self.clock,
             status: status.as_u16(),
             classifier: Arc::clone(&self.classifier),
             class,
             in_flight,
             checkin: sent.checkin,
         };
-        let body = GuardedBody::new(incoming, Box::new(guard));
+        let body = GuardedBody::new(incoming, guard);
         Ok(Response::from_parts(parts, body::boxed(body)))
     }
 }
@@ -255,9 +253,8 @@ impl<N: Net> HttpProxy<N> {
 /// Settles a forwarded response when its body ends: metrics, the endpoint's in-flight count,
 /// and the connection's return to the pool.
 struct ResponseGuard {
-    metrics: Arc<Metrics>,
-    direction: Direction,
-    label: AuthorityLabel,
+    series: Arc<AuthorityMetrics>,
+    clock: Clock,
     status: u16,
     classifier: Arc<Classifier>,
     /// The class as far as the head decided it.
@@ -267,7 +264,7 @@ struct ResponseGuard {
 }
 
 impl OnBodyEnd for ResponseGuard {
-    fn on_end(self: Box<Self>, end: BodyEnd) {
+    fn on_end(self, end: BodyEnd) {
         let (outcome, reuse) = match (end, self.class) {
             (BodyEnd::Complete { .. }, ResponseClass::Final(class)) => (class.outcome, true),
             (BodyEnd::Complete { trailers }, ResponseClass::Pending(pending)) => {
@@ -283,8 +280,8 @@ impl OnBodyEnd for ResponseGuard {
                 false,
             ),
         };
-        self.metrics
-            .response_end(self.direction, &self.label, self.status, outcome);
+        self.series
+            .response_end(self.clock.now(), self.status, outcome);
         drop(self.in_flight);
         if reuse && let Some(checkin) = self.checkin {
             checkin.checkin();

@@ -9,6 +9,10 @@
 //! requests for further authorities are counted under `authority="overflow"`. Series not
 //! updated for `retain_idle` (10 minutes by default, like Linkerd) are dropped at the next
 //! scrape, which also frees their authority slot.
+//!
+//! Cost per request: [`Metrics::request`] finds the request's [`AuthorityMetrics`] by name
+//! once, under the registry lock; the response is then recorded into that handle under its
+//! own lock, with no further lookup by name. Callers pass the time they already read.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -90,13 +94,175 @@ struct Series<T> {
     updated: Instant,
 }
 
+impl<T> Series<T> {
+    /// The series in `slot`, created empty at `now` if absent, marked updated at `now`.
+    fn touch(slot: &mut Option<Self>, now: Instant, empty: impl FnOnce() -> T) -> &mut T {
+        let series = slot.get_or_insert_with(|| Self {
+            value: empty(),
+            updated: now,
+        });
+        series.updated = now;
+        &mut series.value
+    }
+}
+
 #[derive(Debug, Default)]
 struct Registry {
-    /// Tracked authorities and when each was last used.
-    authorities: BTreeMap<AuthorityLabel, Instant>,
-    requests: BTreeMap<(Direction, AuthorityLabel), Series<Counter>>,
-    responses: BTreeMap<(Direction, AuthorityLabel, u16, Outcome), Series<Counter>>,
-    latency: BTreeMap<(Direction, AuthorityLabel, u16), Series<LatencyHistogram>>,
+    /// Tracked authorities by label (the overflow label too, which takes no slot).
+    authorities: BTreeMap<AuthorityLabel, Tracked>,
+}
+
+impl Registry {
+    /// Authority slots in use (the overflow label takes none).
+    fn slots_used(&self) -> usize {
+        self.authorities.len() - usize::from(self.authorities.contains_key(OVERFLOW_AUTHORITY))
+    }
+}
+
+/// One tracked authority label: when it was last used and its series per direction.
+#[derive(Debug)]
+struct Tracked {
+    label: AuthorityLabel,
+    used: Instant,
+    /// Indexed by [`direction_index`].
+    directions: [Option<Arc<AuthorityMetrics>>; 2],
+}
+
+impl Tracked {
+    /// Counts a request in `direction` and returns the series its response goes to.
+    fn request(&mut self, direction: Direction, now: Instant) -> Arc<AuthorityMetrics> {
+        self.used = now;
+        let metrics = self.directions[direction_index(direction)]
+            .get_or_insert_with(|| Arc::new(AuthorityMetrics::new(Arc::clone(&self.label))));
+        metrics.count_request(now);
+        Arc::clone(metrics)
+    }
+}
+
+const fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
+}
+
+const fn outcome_index(outcome: Outcome) -> usize {
+    match outcome {
+        Outcome::Success => 0,
+        Outcome::Failure => 1,
+    }
+}
+
+/// The series of one (direction, authority): where a request's response is recorded.
+///
+/// [`Metrics::request`] hands one out per request; the response is then recorded with
+/// [`response_headers`](Self::response_headers) and [`response_end`](Self::response_end)
+/// under this authority's own lock, without looking the authority up again. A handle still
+/// held (a response in flight) keeps its series from being retired.
+#[derive(Debug)]
+pub struct AuthorityMetrics {
+    label: AuthorityLabel,
+    series: Mutex<AuthoritySeries>,
+}
+
+#[derive(Debug, Default)]
+struct AuthoritySeries {
+    requests: Option<Series<Counter>>,
+    /// Sorted by status code; an authority answers with a handful of codes.
+    statuses: Vec<StatusSeries>,
+}
+
+#[derive(Debug)]
+struct StatusSeries {
+    status: u16,
+    latency: Option<Series<LatencyHistogram>>,
+    /// Indexed by [`outcome_index`].
+    responses: [Option<Series<Counter>>; 2],
+}
+
+impl AuthoritySeries {
+    fn status(&mut self, status: u16) -> &mut StatusSeries {
+        let i = match self.statuses.binary_search_by_key(&status, |s| s.status) {
+            Ok(i) => i,
+            Err(i) => {
+                self.statuses.insert(
+                    i,
+                    StatusSeries {
+                        status,
+                        latency: None,
+                        responses: [None, None],
+                    },
+                );
+                i
+            }
+        };
+        &mut self.statuses[i]
+    }
+
+    /// Drops the series idle for `retain_idle` at `now`; returns whether none is left.
+    fn retire(&mut self, keep: impl Fn(Instant) -> bool) -> bool {
+        let fresh = |slot: &mut Option<Series<_>>| {
+            if slot.as_ref().is_some_and(|series| !keep(series.updated)) {
+                *slot = None;
+            }
+        };
+        fresh(&mut self.requests);
+        self.statuses.retain_mut(|status| {
+            if status.latency.as_ref().is_some_and(|s| !keep(s.updated)) {
+                status.latency = None;
+            }
+            for slot in &mut status.responses {
+                fresh(slot);
+            }
+            status.latency.is_some() || status.responses.iter().any(Option::is_some)
+        });
+        self.requests.is_none() && self.statuses.is_empty()
+    }
+}
+
+impl AuthorityMetrics {
+    fn new(label: AuthorityLabel) -> Self {
+        Self {
+            label,
+            series: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AuthoritySeries> {
+        // Every update is a single assignment; a poisoned lock still holds usable counters.
+        self.series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The `authority` label value (the overflow label when the bound was reached).
+    #[must_use]
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn count_request(&self, now: Instant) {
+        Series::touch(&mut self.lock().requests, now, Counter::new).incr();
+    }
+
+    /// Records the time to response headers, at `now`.
+    pub fn response_headers(&self, now: Instant, status: u16, latency: Duration) {
+        let mut series = self.lock();
+        Series::touch(
+            &mut series.status(status).latency,
+            now,
+            LatencyHistogram::new,
+        )
+        .record(latency);
+    }
+
+    /// Counts a finished response under its `classification` (the core classifier's
+    /// [`Outcome`], whose label values are Linkerd's `success` and `failure`), at `now`.
+    pub fn response_end(&self, now: Instant, status: u16, class: Outcome) {
+        let mut series = self.lock();
+        let slot = &mut series.status(status).responses[outcome_index(class)];
+        Series::touch(slot, now, Counter::new).incr();
+    }
 }
 
 /// The proxy's metrics; one per proxy, shared by every connection.
@@ -105,7 +271,6 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     clock: Clock,
     settings: MetricsSettings,
-    overflow: AuthorityLabel,
     /// Indexed by `tcp_index`.
     tcp: [Arc<TcpMetrics>; 4],
     /// Open connections per `tcp_index`, as a gauge.
@@ -152,7 +317,6 @@ impl Metrics {
             registry: Mutex::default(),
             clock,
             settings,
-            overflow: Arc::from(OVERFLOW_AUTHORITY),
             tcp: Default::default(),
             open: Default::default(),
         }
@@ -178,83 +342,51 @@ impl Metrics {
         }
     }
 
-    /// Counts a request and resolves its authority label (bounded; see the module doc).
-    pub fn request(&self, direction: Direction, authority: &str) -> AuthorityLabel {
-        let now = self.clock.now();
+    /// Counts a request for `authority` arriving at `now`, and returns the series its
+    /// response is recorded into (bounded; see the module doc).
+    pub fn request(
+        &self,
+        direction: Direction,
+        authority: &str,
+        now: Instant,
+    ) -> Arc<AuthorityMetrics> {
         let mut registry = self.lock();
-        let label = match registry.authorities.get_key_value(authority) {
-            Some((label, _)) => Arc::clone(label),
-            None if registry.authorities.len() < self.settings.max_authorities => {
-                Arc::from(authority)
-            }
-            None => Arc::clone(&self.overflow),
-        };
-        if !Arc::ptr_eq(&label, &self.overflow) {
-            registry.authorities.insert(Arc::clone(&label), now);
+        if let Some(tracked) = registry.authorities.get_mut(authority) {
+            return tracked.request(direction, now);
         }
-        let series = registry
-            .requests
-            .entry((direction, Arc::clone(&label)))
-            .or_insert_with(|| Series {
-                value: Counter::new(),
-                updated: now,
-            });
-        series.value.incr();
-        series.updated = now;
-        label
+        let label = if registry.slots_used() < self.settings.max_authorities {
+            authority
+        } else {
+            OVERFLOW_AUTHORITY
+        };
+        let label: AuthorityLabel = Arc::from(label);
+        registry
+            .authorities
+            .entry(Arc::clone(&label))
+            .or_insert_with(|| Tracked {
+                label,
+                used: now,
+                directions: [None, None],
+            })
+            .request(direction, now)
     }
 
-    /// Records the time to response headers.
-    pub fn response_headers(
-        &self,
-        direction: Direction,
-        authority: &AuthorityLabel,
-        status: u16,
-        latency: Duration,
-    ) {
-        let now = self.clock.now();
-        let mut registry = self.lock();
-        let series = registry
-            .latency
-            .entry((direction, Arc::clone(authority), status))
-            .or_insert_with(|| Series {
-                value: LatencyHistogram::new(),
-                updated: now,
-            });
-        series.value.record(latency);
-        series.updated = now;
-    }
-
-    /// Counts a finished response under its `classification` (the core classifier's
-    /// [`Outcome`], whose label values are Linkerd's `success` and `failure`).
-    pub fn response_end(
-        &self,
-        direction: Direction,
-        authority: &AuthorityLabel,
-        status: u16,
-        class: Outcome,
-    ) {
-        let now = self.clock.now();
-        let mut registry = self.lock();
-        let series = registry
-            .responses
-            .entry((direction, Arc::clone(authority), status, class))
-            .or_insert_with(|| Series {
-                value: Counter::new(),
-                updated: now,
-            });
-        series.value.incr();
-        series.updated = now;
-    }
-
-    /// Drops series idle longer than `retain_idle`, and authorities no series uses.
+    /// Drops series idle longer than `retain_idle`, and authorities left with none (unless a
+    /// request in flight still holds their handle).
     fn retire(&self, registry: &mut Registry, now: Instant) {
         let keep =
             |updated: Instant| now.saturating_duration_since(updated) < self.settings.retain_idle;
-        registry.requests.retain(|_, s| keep(s.updated));
-        registry.responses.retain(|_, s| keep(s.updated));
-        registry.latency.retain(|_, s| keep(s.updated));
-        registry.authorities.retain(|_, used| keep(*used));
+        registry.authorities.retain(|_, tracked| {
+            for slot in &mut tracked.directions {
+                if let Some(metrics) = slot
+                    && metrics.lock().retire(keep)
+                    && Arc::strong_count(metrics) == 1
+                {
+                    *slot = None;
+                }
+            }
+            keep(tracked.used) || tracked.directions.iter().any(Option::is_some)
+        });
     }
 
     /// Renders every family in the Prometheus text exposition format (version 0.0.4).
@@ -328,63 +460,93 @@ impl Metrics {
     }
 }
 
+/// Every (direction, authority) series in label order: direction first, then authority.
+fn each_series(registry: &Registry) -> impl Iterator<Item = (Direction, &AuthorityMetrics)> {
+    [Direction::Inbound, Direction::Outbound]
+        .into_iter()
+        .flat_map(move |direction| {
+            registry.authorities.values().filter_map(move |tracked| {
+                tracked.directions[direction_index(direction)]
+                    .as_deref()
+                    .map(|metrics| (direction, metrics))
+            })
+        })
+}
+
 fn render_registry(registry: &Registry, out: &mut String) {
     let _ = writeln!(out, "# HELP request_total Total count of HTTP requests.");
     let _ = writeln!(out, "# TYPE request_total counter");
-    for ((direction, authority), series) in &registry.requests {
-        let _ = writeln!(
-            out,
-            "request_total{{direction=\"{}\",authority=\"{}\"}} {}",
-            direction.as_str(),
-            escape(authority),
-            series.value.value()
-        );
+    for (direction, metrics) in each_series(registry) {
+        if let Some(requests) = &metrics.lock().requests {
+            let _ = writeln!(
+                out,
+                "request_total{{direction=\"{}\",authority=\"{}\"}} {}",
+                direction.as_str(),
+                escape(&metrics.label),
+                requests.value.value()
+            );
+        }
     }
     let _ = writeln!(out, "# HELP response_total Total count of HTTP responses.");
     let _ = writeln!(out, "# TYPE response_total counter");
-    for ((direction, authority, status, class), series) in &registry.responses {
-        let _ = writeln!(
-            out,
-            "response_total{{direction=\"{}\",authority=\"{}\",status_code=\"{status}\",classification=\"{}\"}} {}",
-            direction.as_str(),
-            escape(authority),
-            class.as_str(),
-            series.value.value()
-        );
+    for (direction, metrics) in each_series(registry) {
+        for status in &metrics.lock().statuses {
+            for (class, series) in [Outcome::Success, Outcome::Failure]
+                .into_iter()
+                .zip(&status.responses)
+            {
+                let Some(series) = series else { continue };
+                let _ = writeln!(
+                    out,
+                    "response_total{{direction=\"{}\",authority=\"{}\",status_code=\"{}\",classification=\"{}\"}} {}",
+                    direction.as_str(),
+                    escape(&metrics.label),
+                    status.status,
+                    class.as_str(),
+                    series.value.value()
+                );
+            }
+        }
     }
     let _ = writeln!(
         out,
         "# HELP response_latency_ms Elapsed times between a request's headers being received and its response's headers being received."
     );
     let _ = writeln!(out, "# TYPE response_latency_ms histogram");
-    for ((direction, authority, status), series) in &registry.latency {
-        let labels = format!(
-            "direction=\"{}\",authority=\"{}\",status_code=\"{status}\"",
-            direction.as_str(),
-            escape(authority)
-        );
-        for bucket in series.value.cumulative_buckets() {
-            let le = bucket
-                .le_ms
-                .map_or_else(|| "+Inf".to_owned(), |ms| ms.to_string());
+    for (direction, metrics) in each_series(registry) {
+        for status in &metrics.lock().statuses {
+            let Some(series) = &status.latency else {
+                continue;
+            };
+            let labels = format!(
+                "direction=\"{}\",authority=\"{}\",status_code=\"{}\"",
+                direction.as_str(),
+                escape(&metrics.label),
+                status.status
+            );
+            for bucket in series.value.cumulative_buckets() {
+                let le = bucket
+                    .le_ms
+                    .map_or_else(|| "+Inf".to_owned(), |ms| ms.to_string());
+                let _ = writeln!(
+                    out,
+                    "response_latency_ms_bucket{{{labels},le=\"{le}\"}} {}",
+                    bucket.count
+                );
+            }
+            let sum_micros = series.value.sum_micros();
             let _ = writeln!(
                 out,
-                "response_latency_ms_bucket{{{labels},le=\"{le}\"}} {}",
-                bucket.count
+                "response_latency_ms_sum{{{labels}}} {}.{:03}",
+                sum_micros / 1000,
+                sum_micros % 1000
+            );
+            let _ = writeln!(
+                out,
+                "response_latency_ms_count{{{labels}}} {}",
+                series.value.count()
             );
         }
-        let sum_micros = series.value.sum_micros();
-        let _ = writeln!(
-            out,
-            "response_latency_ms_sum{{{labels}}} {}.{:03}",
-            sum_micros / 1000,
-            sum_micros % 1000
-        );
-        let _ = writeln!(
-            out,
-            "response_latency_ms_count{{{labels}}} {}",
-            series.value.count()
-        );
     }
 }
 
@@ -410,22 +572,58 @@ mod tests {
                 max_authorities: 2,
             },
         );
-        let a = metrics.request(Direction::Outbound, "a.svc:80");
-        metrics.request(Direction::Outbound, "b.svc:80");
-        let c = metrics.request(Direction::Outbound, "c.svc:80");
-        assert_eq!(&*c, OVERFLOW_AUTHORITY);
-        metrics.response_headers(Direction::Outbound, &a, 200, Duration::from_millis(3));
-        metrics.response_end(Direction::Outbound, &a, 200, Outcome::Success);
+        let a = metrics.request(Direction::Outbound, "a.svc:80", clock.now());
+        metrics.request(Direction::Outbound, "b.svc:80", clock.now());
+        let c = metrics.request(Direction::Outbound, "c.svc:80", clock.now());
+        assert_eq!(c.label(), OVERFLOW_AUTHORITY);
+        a.response_headers(clock.now(), 200, Duration::from_millis(3));
+        a.response_end(clock.now(), 200, Outcome::Success);
+        metrics.request(Direction::Inbound, "a.svc:80", clock.now());
         let text = metrics.render("");
         assert!(
             text.contains("request_total{direction=\"outbound\",authority=\"overflow\"} 1"),
             "{text}"
         );
         assert!(text.contains("response_latency_ms_bucket{direction=\"outbound\",authority=\"a.svc:80\",status_code=\"200\",le=\"3\"} 1"), "{text}");
+        assert!(
+            text.contains("response_total{direction=\"outbound\",authority=\"a.svc:80\",status_code=\"200\",classification=\"success\"} 1"),
+            "{text}"
+        );
+        let inbound = text.find("request_total{direction=\"inbound\",authority=\"a.svc:80\"} 1");
+        let outbound = text.find("request_total{direction=\"outbound\",authority=\"a.svc:80\"} 1");
+        assert!(
+            inbound.is_some() && inbound < outbound,
+            "direction first: {text}"
+        );
+        drop((a, c));
         tokio::time::sleep(Duration::from_secs(61)).await;
         let text = metrics.render("");
         assert!(!text.contains("a.svc"), "{text}");
-        let d = metrics.request(Direction::Outbound, "d.svc:80");
-        assert_eq!(&*d, "d.svc:80", "retired authorities free their slots");
+        let d = metrics.request(Direction::Outbound, "d.svc:80", clock.now());
+        assert_eq!(
+            d.label(),
+            "d.svc:80",
+            "retired authorities free their slots"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_response_in_flight_outlives_retirement() {
+        let clock = Clock::new();
+        let settings = MetricsSettings {
+            retain_idle: Duration::from_secs(60),
+            max_authorities: 1,
+        };
+        let metrics = Metrics::new(clock, settings);
+        let slow = metrics.request(Direction::Outbound, "a.svc:80", clock.now());
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let text = metrics.render("");
+        assert!(!text.contains("a.svc"), "idle series retire: {text}");
+        slow.response_end(clock.now(), 200, Outcome::Failure);
+        let text = metrics.render("");
+        assert!(
+            text.contains("response_total{direction=\"outbound\",authority=\"a.svc:80\",status_code=\"200\",classification=\"failure\"} 1"),
+            "the held handle still records into the registry: {text}"
+        );
     }
 }

@@ -13,6 +13,7 @@
 //! by the same rules. Every mesh decision (which endpoint, wait or shed or fail fast) is the
 //! core's.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -99,17 +100,21 @@ impl Router {
         })
     }
 
-    /// The balancer for `authority`, created (and its resolution started) on first use.
-    /// The caller then waits for the resolution with [`ServiceBalancer::resolved`].
+    /// The balancer for `authority`, created (and its resolution started) on first use, as of
+    /// `now` (the request's arrival). The caller then waits for the resolution with
+    /// [`ServiceBalancer::resolved`].
     ///
     /// # Errors
     ///
     /// [`ProxyError::Unavailable`] when [`MAX_AUTHORITIES`] authorities are in use.
-    pub(crate) fn resolve(&self, authority: &str) -> Result<Arc<ServiceBalancer>, ProxyError> {
+    pub(crate) fn resolve(
+        &self,
+        authority: &str,
+        now: Instant,
+    ) -> Result<Arc<ServiceBalancer>, ProxyError> {
         let key = authority_key(authority);
-        let now = self.clock.now();
         let mut services = lock(&self.services);
-        if let Some(existing) = services.get(&key) {
+        if let Some(existing) = services.get(key.as_ref()) {
             lock(&existing.state).last_used = now;
             return Ok(Arc::clone(existing));
         }
@@ -124,6 +129,7 @@ impl Router {
                 });
             }
         }
+        let key = key.into_owned();
         let resolutions = self.discovery.resolve(&key);
         let rng = lock(&self.rng).child(&key);
         let (balancer, stop) = ServiceBalancer::new(key.clone(), rng, self, now, &resolutions);
@@ -159,7 +165,17 @@ impl Router {
 }
 
 /// The table key for an authority: lower-cased, without a trailing dot on the host, bounded.
-fn authority_key(authority: &str) -> String {
+/// Borrowed when the authority is already in that form, as nearly every request's is: the
+/// lookup on each request then allocates nothing.
+fn authority_key(authority: &str) -> Cow<'_, str> {
+    let bytes = authority.as_bytes();
+    let normal = bytes.len() <= MAX_AUTHORITY_BYTES
+        && !bytes.iter().any(u8::is_ascii_uppercase)
+        && bytes.last() != Some(&b'.')
+        && !bytes.windows(2).any(|pair| pair == b".:");
+    if normal {
+        return Cow::Borrowed(authority);
+    }
     let mut key: String = authority
         .chars()
         .take(MAX_AUTHORITY_BYTES)
@@ -170,7 +186,7 @@ fn authority_key(authority: &str) -> String {
     } else if key.ends_with('.') {
         key.pop();
     }
-    key
+    Cow::Owned(key)
 }
 
 /// What the balancer's resolution says, as far as requests care.
@@ -309,20 +325,20 @@ impl ServiceBalancer {
     }
 
     /// Waits until discovery has answered for the authority, in the core's queue, and returns
-    /// the metrics label of the service it names.
+    /// the metrics label of the service it names. `now` is the request's arrival; the clock is
+    /// read again only after a wait.
     ///
     /// # Errors
     ///
     /// [`ProxyError::UnknownAuthority`] (404) when no service has the name,
     /// [`ProxyError::FailFast`] (504) when discovery does not answer in time,
     /// [`ProxyError::LoadShed`] (503) when the queue is full.
-    pub(crate) async fn resolved(&self) -> Result<Arc<str>, ProxyError> {
+    pub(crate) async fn resolved(&self, mut now: Instant) -> Result<Arc<str>, ProxyError> {
         loop {
             let mut notified = pin!(self.ready.notified());
             notified.as_mut().enable();
             let admit = {
                 let mut state = lock(&self.state);
-                let now = self.clock.now();
                 state.last_used = now;
                 match &state.status {
                     Status::Found { label } => return Ok(Arc::clone(label)),
@@ -331,6 +347,7 @@ impl ServiceBalancer {
                 }
             };
             self.wait(admit, notified).await?;
+            now = self.clock.now();
         }
     }
 
