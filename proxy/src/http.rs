@@ -455,7 +455,15 @@ fn prepare_request(
             parts.version = Version::HTTP_2;
         }
     }
-    Ok(Request::from_parts(parts, body::boxed(incoming)))
+    // A request that has no body (most do not) gets the empty body, which boxes without an
+    // allocation; the client's `Incoming` would cost one per request for nothing to forward.
+    // Both are at their end and say so, so the upstream request is framed the same way.
+    let body = if http_body::Body::is_end_stream(&incoming) {
+        body::empty()
+    } else {
+        body::boxed(incoming)
+    };
+    Ok(Request::from_parts(parts, body))
 }
 
 #[cfg(test)]
