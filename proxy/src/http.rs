@@ -9,9 +9,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use conduit_core::balance::InFlight;
+use conduit_core::balance::{InFlight, Picked};
 use conduit_core::classify::{Classifier, Outcome, ResponseClass, TransportError};
 use conduit_core::time::Instant;
+use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
@@ -24,8 +25,15 @@ use crate::body::{self, Body, BodyEnd, GuardedBody, OnBodyEnd};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::net::Net;
-use crate::pool::{Checkin, Pools, Proto};
+use crate::pool::{Checkin, Failed, Pools, Proto};
 use crate::transport::ActivityIo;
+
+/// Attempts for a request that failed before any of it was processed (refused connect, an h2
+/// connection that closed first, a stream the server refused): the first and at most two more.
+/// A draining endpoint can fail one request twice (its GOAWAY refuses the stream, then its
+/// closed listener refuses the connect) before the balancer takes it out of rotation; beyond
+/// that the service is broadly unreachable and the error is the answer.
+const MAX_ATTEMPTS_UNSENT: u32 = 3;
 
 /// The `authority` label for outbound requests discovery does not know.
 const UNKNOWN_AUTHORITY: &str = "unknown";
@@ -164,38 +172,63 @@ impl<N: Net> HttpProxy<N> {
     ) -> Result<Response<Body>, ProxyError> {
         let upgrade = proto == Proto::Http1 && is_upgrade(request.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let request = prepare_request(request, proto, authority.as_ref(), upgrade)?;
+        let mut request = prepare_request(request, proto, authority.as_ref(), upgrade)?;
 
-        let (addr, in_flight) = match (&self.target, &service) {
-            (_, Some(service)) => {
-                let picked = service.acquire().await?;
-                (picked.addr, Some(picked.in_flight))
-            }
-            (Target::Fixed(addr), None) => (*addr, None),
-            (Target::Balanced(_), None) => {
-                return Err(ProxyError::Unavailable {
-                    reason: "no service for request".into(),
-                });
-            }
-        };
-        let sent = match self.pools.send(addr, proto, request, upgrade).await {
-            Ok(sent) => sent,
-            Err(err) => {
-                match (&service, &in_flight, &err) {
-                    (
-                        Some(service),
-                        _,
-                        ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. },
-                    ) => service.connect_failed(addr),
-                    // PeakEWMA-consistent: an endpoint that did not answer in time looks as
-                    // slow as the wait, so P2C steers away from it until it answers again.
-                    (Some(service), Some(in_flight), ProxyError::ResponseTimeout { .. }) => {
-                        service.observe(in_flight);
-                    }
-                    _ => {}
+        let mut attempts = 0;
+        let mut repicked: Option<Picked> = None;
+        let (addr, in_flight, sent) = loop {
+            attempts += 1;
+            let (addr, in_flight) = match (&self.target, &service, repicked.take()) {
+                (_, Some(_), Some(picked)) => (picked.addr, Some(picked.in_flight)),
+                (_, Some(service), None) => {
+                    let picked = service.acquire().await?;
+                    (picked.addr, Some(picked.in_flight))
                 }
-                // `in_flight` drops here: the endpoint's load settles.
-                return Err(err);
+                (Target::Fixed(addr), None, _) => (*addr, None),
+                (Target::Balanced(_), None, _) => {
+                    return Err(ProxyError::Unavailable {
+                        reason: "no service for request".into(),
+                    });
+                }
+            };
+            let Failed { error, unsent } =
+                match self.pools.send(addr, proto, request, upgrade).await {
+                    Ok(sent) => break (addr, in_flight, sent),
+                    Err(failed) => failed,
+                };
+            match (&service, &in_flight, &error) {
+                (
+                    Some(service),
+                    _,
+                    ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. },
+                ) => service.connect_failed(addr),
+                // PeakEWMA-consistent: an endpoint that did not answer in time looks as slow
+                // as the wait, so P2C steers away from it until it answers again.
+                (Some(service), Some(in_flight), ProxyError::ResponseTimeout { .. }) => {
+                    service.observe(in_flight);
+                }
+                _ => {}
+            }
+            // The endpoint's load settles before another pick.
+            drop(in_flight);
+            // The endpoint never processed the request (connect refused or timed out, an h2
+            // connection that closed before the stream opened, a stream the server refused), so
+            // it is safe to send again whatever its method: to an endpoint the balancer offers
+            // right now (one backing off is not offered). It never waits in the queue a second
+            // time: with no other endpoint ready, the error is the answer at once.
+            let (Some(unsent), Some(service)) = (unsent, &service) else {
+                return Err(error);
+            };
+            if attempts >= MAX_ATTEMPTS_UNSENT {
+                return Err(error);
+            }
+            match service.acquire().now_or_never() {
+                Some(Ok(picked)) => {
+                    tracing::debug!(endpoint = %addr, %error, next = %picked.addr, "request not processed; sending it again");
+                    repicked = Some(picked);
+                    request = unsent;
+                }
+                _ => return Err(error),
             }
         };
         if let Some(service) = &service {

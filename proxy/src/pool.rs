@@ -130,6 +130,24 @@ pub(crate) struct Sent {
     pub(crate) connected: bool,
 }
 
+/// Why [`Pools::send`] failed, with the request handed back when none of it reached the
+/// upstream (the connect was refused or timed out, or an HTTP/2 connection closed before the
+/// stream was opened): such a request is safe to send elsewhere, whatever its method.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) error: ProxyError,
+    pub(crate) unsent: Option<Request<Body>>,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 /// An HTTP/1.1 connection to return to its pool once its response has ended.
 #[derive(Debug)]
 pub(crate) struct Checkin {
@@ -156,6 +174,39 @@ impl Checkin {
             });
         }
     }
+}
+
+/// A copy of a request without a body (an HTTP/2 GET, say), to send again if the server
+/// refuses its stream before processing it. Extensions are not copied: the proxy sets none.
+fn replayable_head(request: &Request<Body>) -> Option<Request<()>> {
+    use http_body::Body as _;
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    let mut head = Request::new(());
+    head.method_mut().clone_from(request.method());
+    head.uri_mut().clone_from(request.uri());
+    *head.version_mut() = request.version();
+    head.headers_mut().clone_from(request.headers());
+    Some(head)
+}
+
+/// Whether the server said it did not process the stream (RFC 9113 §8.7): it reset it with
+/// `REFUSED_STREAM`, or a graceful `GOAWAY` (`NO_ERROR`) excluded it (h2 fails exactly the
+/// streams above the GOAWAY's last stream id with that error; streams the server kept are cut
+/// by a connection error or EOF instead). Such a request is safe to send again, whatever its
+/// method.
+fn never_processed(err: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let Some(h2) = err.source().and_then(|e| e.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    h2.is_remote()
+        && match h2.reason() {
+            Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
+            Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+            _ => false,
+        }
 }
 
 /// Every endpoint's connections, for one direction.
@@ -224,14 +275,14 @@ impl<N: Net> Pools<N> {
     /// # Errors
     ///
     /// Connect failures and timeouts, upstream failures before response headers, and
-    /// [`ProxyError::ResponseTimeout`].
+    /// [`ProxyError::ResponseTimeout`]; with the request when it was never sent.
     pub(crate) async fn send(
         &self,
         addr: SocketAddr,
         proto: Proto,
         request: Request<Body>,
         upgrade: bool,
-    ) -> Result<Sent, ProxyError> {
+    ) -> Result<Sent, Failed> {
         let (request, progress) = self.track(request);
         match proto {
             Proto::Http1 => {
@@ -306,7 +357,7 @@ impl<N: Net> Pools<N> {
         mut request: Request<Body>,
         upgrade: bool,
         progress: Option<&Progress>,
-    ) -> Result<Sent, ProxyError> {
+    ) -> Result<Sent, Failed> {
         let endpoint = self.endpoint(addr, Proto::Http1);
         let checkin = |sender| Checkin {
             endpoint: Arc::downgrade(&endpoint),
@@ -335,13 +386,22 @@ impl<N: Net> Pools<N> {
                             return Err(ProxyError::Upstream {
                                 addr,
                                 source: err.into_error(),
-                            });
+                            }
+                            .into());
                         }
                     },
                 }
             }
         }
-        let io = self.connect(addr).await?;
+        let io = match self.connect(addr).await {
+            Ok(io) => io,
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    unsent: Some(request),
+                });
+            }
+        };
         let (mut sender, connection) = http1::Builder::new()
             .max_buf_size(self.limits.max_header_bytes.max(8192))
             .handshake::<_, Body>(TokioIo::new(io))
@@ -386,15 +446,26 @@ impl<N: Net> Pools<N> {
         addr: SocketAddr,
         request: Request<Body>,
         progress: Option<&Progress>,
-    ) -> Result<Sent, ProxyError> {
+    ) -> Result<Sent, Failed> {
         let endpoint = self.endpoint(addr, Proto::Http2);
+        // A body-less request can be rebuilt if the server refuses its stream unprocessed;
+        // one with a body cannot (it is streamed, never buffered), so it is not copied.
+        let replay = replayable_head(&request);
         let (mut sender, connected, generation) = {
             // Held across the connect so concurrent requests share one new connection.
             let mut slot = endpoint.h2.lock().await;
             match slot.sender.as_ref() {
                 Some(sender) if !sender.is_closed() => (sender.clone(), false, slot.generation),
                 _ => {
-                    let io = self.connect(addr).await?;
+                    let io = match self.connect(addr).await {
+                        Ok(io) => io,
+                        Err(error) => {
+                            return Err(Failed {
+                                error,
+                                unsent: Some(request),
+                            });
+                        }
+                    };
                     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .max_header_list_size(
@@ -416,26 +487,50 @@ impl<N: Net> Pools<N> {
             }
         };
         let response = match self
-            .headers(addr, progress, sender.send_request(request))
+            .headers(addr, progress, sender.try_send_request(request))
             .await
         {
-            Ok(response) => response,
+            Ok(Ok(response)) => response,
+            Ok(Err(mut err)) => {
+                let unsent = err.take_message().or_else(|| {
+                    never_processed(err.error())
+                        .then(|| replay.map(|head| head.map(|()| body::empty())))
+                        .flatten()
+                });
+                if unsent.is_some() {
+                    // The connection closed (GOAWAY, or the peer went away) before the stream
+                    // was opened: later requests get a new connection, and this one may be sent
+                    // on it or elsewhere.
+                    Self::forget_h2(&endpoint, generation).await;
+                }
+                return Err(Failed {
+                    error: ProxyError::Upstream {
+                        addr,
+                        source: err.into_error(),
+                    },
+                    unsent,
+                });
+            }
             Err(timeout) => {
                 // Later requests get a new connection; this one closes when its last stream
                 // ends (each keeps its own timeout) and the last handle is dropped.
-                let mut slot = endpoint.h2.lock().await;
-                if slot.generation == generation {
-                    slot.sender = None;
-                }
-                return Err(timeout);
+                Self::forget_h2(&endpoint, generation).await;
+                return Err(timeout.into());
             }
         };
-        let response = response.map_err(|source| ProxyError::Upstream { addr, source })?;
         Ok(Sent {
             response,
             checkin: None,
             connected,
         })
+    }
+
+    /// Stops offering the endpoint's h2 connection `generation` to new requests.
+    async fn forget_h2(endpoint: &Endpoint, generation: u64) {
+        let mut slot = endpoint.h2.lock().await;
+        if slot.generation == generation {
+            slot.sender = None;
+        }
     }
 
     /// Closes idle connections past the idle timeout and forgets unused endpoints.

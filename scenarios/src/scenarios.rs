@@ -310,9 +310,9 @@ fn controller_crash(_seed: u64) -> Plan {
 /// pooled connection stall and new connects fail at once. What users see: a request stalled on
 /// a pooled connection gets the proxy's 504 after the 1 s response timeout (and the timed-out
 /// wait, observed as an RTT, steers the balancer off `web-1`); a connect refused by the
-/// partition gets the proxy's 502 (and puts `web-1` in connect backoff). So every failure is a
-/// proxy-made 502 or 504 for a request sent during the partition (or in the 50 ms before it,
-/// still on the wire when the link is cut), there are at most 10 of
+/// partition puts `web-1` in connect backoff and the request, never sent, goes to another
+/// replica. So every failure is the proxy's 504 for a request sent during the partition (or
+/// in the 50 ms before it, still on the wire when the link is cut), there are at most 10 of
 /// them, every request ends before its 10 s deadline, and all requests from 6 s on succeed.
 fn partition_proxy_replica(_seed: u64) -> Plan {
     let mut world = web(3, 1);
@@ -338,13 +338,13 @@ fn partition_proxy_replica(_seed: u64) -> Plan {
             let in_partition = r.start_us >= 1_950_000 && r.start_us < 5_000_000;
             let proxy_made = matches!(
                 &r.outcome,
-                conduit_sim::Outcome::Response { status: 502 | 504, proxy_error: Some(_), .. }
+                conduit_sim::Outcome::Response { status: 504, proxy_error: Some(_), .. }
             );
             if !(in_partition && proxy_made) {
                 out.push(Violation::new(
                     "partition",
                     format!(
-                        "request {} sent at {} ms: {} (only the proxy's 502/504 during the partition are expected)",
+                        "request {} sent at {} ms: {} (only the proxy's 504 during the partition is expected)",
                         r.id,
                         r.start_us / 1000,
                         r.outcome.class()
@@ -486,9 +486,11 @@ fn large_streamed_bodies(_seed: u64) -> Plan {
 }
 
 /// Goal: HTTP/2 GOAWAY from a restarting replica is handled: no response mixing, no duplicate
-/// non-retryable requests, and full recovery. Method: h2 and gRPC traffic at 150 req/s; at
+/// non-retryable requests, and no error at all. Method: h2 and gRPC traffic at 150 req/s; at
 /// 2 s `web-0`'s proxy drains gracefully (stops accepting, sends GOAWAY); at 3 s the host
-/// restarts. Requests from 4 s on all succeed.
+/// restarts. Every request succeeds: after the GOAWAY the client proxy's connection to `web-0`
+/// closes, and a request that then meets a refused connect (or a connection that closed before
+/// its stream opened) was never sent, so the proxy sends it once more to another endpoint.
 fn h2_goaway_on_restart(_seed: u64) -> Plan {
     let flow = Flow {
         protos: vec![Proto::Http2, Proto::Grpc],
@@ -500,7 +502,8 @@ fn h2_goaway_on_restart(_seed: u64) -> Plan {
         .at(secs(2), Action::DrainProxy("web-0".into()))
         .at(secs(3), Action::Crash("web-0".into()))
         .at(secs(3), Action::Bounce("web-0".into()));
-    plan.checks.healthy_after = Some(secs(4));
+    // The default liveness check: every request, from the start, succeeds.
+    plan.checks.healthy_after = Some(Duration::ZERO);
     plan
 }
 
