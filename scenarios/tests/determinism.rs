@@ -3,8 +3,9 @@
 //!
 //! Method: each (scenario, seed) runs twice, each time in a fresh child process (this test
 //! binary re-executed); the hashes must be equal. Seeds 1 and 2 of each scenario must differ.
-//! The scenarios chosen cover every protocol, host crashes and restarts, GOAWAY, and the
-//! seed-drawn fault mix.
+//! The scenarios chosen cover every protocol, host crashes and restarts, GOAWAY, the
+//! seed-drawn fault mix, and the real controller and Destination client (with a controller
+//! crash and reconnect).
 
 use conduit_scenarios::sim;
 
@@ -19,6 +20,7 @@ fn same_seed_same_trace_in_separate_processes() {
         "protocols_through_two_proxies",
         "h2_goaway_on_restart",
         "random_chaos",
+        "controller_crash",
     ];
     let mut failures = Vec::new();
     for scenario in scenarios {
