@@ -498,9 +498,9 @@ impl<N: Net> Pools<N> {
                         .flatten()
                 });
                 if unsent.is_some() {
-                    // The connection closed (GOAWAY, or the peer went away) before the stream
-                    // was opened: later requests get a new connection, and this one may be sent
-                    // on it or elsewhere.
+                    // The connection closed before the stream opened, or the server refused
+                    // the stream (going away, or at its stream limit): later requests get a new
+                    // connection, and this one may be sent on it or elsewhere.
                     Self::forget_h2(&endpoint, generation).await;
                 }
                 return Err(Failed {
