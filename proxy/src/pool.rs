@@ -556,3 +556,61 @@ impl<N: Net> Pools<N> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::ProxyConfig;
+    use crate::net::TokioNet;
+
+    fn pools(clock: Clock, timeout: Duration) -> Pools<TokioNet> {
+        let config =
+            ProxyConfig::with_discovery(crate::config::DiscoveryConfig::File("unused".into()));
+        let mut limits = config.limits;
+        limits.response_timeout = Some(timeout);
+        let metrics = Arc::new(Metrics::new(clock, config.metrics));
+        Pools::new(TokioNet, clock, limits, metrics, Direction::Outbound)
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_response_timeout_counts_from_the_last_request_body_frame() {
+        let clock = Clock::new();
+        let pools = pools(clock, Duration::from_millis(100));
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let progress = Progress::new(clock);
+        // The request body keeps moving until 160 ms (frames at 80 and 160 ms).
+        let body = {
+            let progress = progress.clone();
+            async move {
+                for _ in 0..2 {
+                    tokio::time::sleep(Duration::from_millis(80)).await;
+                    progress.0.store(clock.now().as_nanos(), Ordering::Relaxed);
+                }
+            }
+        };
+        tokio::spawn(body);
+        let start = clock.now();
+        let waited = pools
+            .headers(addr, Some(&progress), std::future::pending::<()>())
+            .await;
+        assert!(matches!(waited, Err(ProxyError::ResponseTimeout { .. })));
+        assert_eq!(clock.now() - start, Duration::from_millis(260));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn without_a_body_the_response_timeout_counts_from_dispatch() {
+        let clock = Clock::new();
+        let pools = pools(clock, Duration::from_millis(100));
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let start = clock.now();
+        let waited = pools
+            .headers(addr, None, std::future::pending::<()>())
+            .await;
+        assert!(matches!(waited, Err(ProxyError::ResponseTimeout { .. })));
+        assert_eq!(clock.now() - start, Duration::from_millis(100));
+        let answered = pools.headers(addr, None, async { 7 }).await;
+        assert!(matches!(answered, Ok(7)));
+    }
+}
