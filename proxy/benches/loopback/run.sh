@@ -78,6 +78,7 @@ done
 
 TICK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+seconds() { awk -v a="$1" -v b="$2" -v t="$TICK" 'BEGIN { printf "%.4f", (b - a) / t }'; }
 rss_kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
 
 target_addr() { case $1 in direct) echo $HELLO ;; nginx) echo $NGINX ;; proxy) echo $PROXY ;; esac; }
@@ -104,7 +105,7 @@ for rep in $(seq 1 "$REPS"); do
         first=0
         cat >>"$OUT/results.json" <<JSON
 {"rep": $rep, "target": "$target", "loadavg": $load, "requests": $requests, "rps": $rps,
- "server_cpu_s": $(echo "($p1 - $p0) / $TICK" | bc -l), "hello_cpu_s": $(echo "($h1 - $h0) / $TICK" | bc -l),
+ "server_cpu_s": $(seconds "$p0" "$p1"), "hello_cpu_s": $(seconds "$h0" "$h1"),
  "rss_kb": $rss, "hwm_kb": $hwm, "open_1000": $open1k, "open_5000": $open5k}
 JSON
         echo "rep $rep $target: ${rps} req/s closed loop (load average $load)"
