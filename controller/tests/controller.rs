@@ -528,14 +528,24 @@ async fn public_api_lists_workloads() {
     // No endpoint names its proxy's admin server, so there is nothing to read: every workload
     // is listed with no traffic and no scraped endpoint.
     let rows = api_client
-        .stat_summary(api::StatSummaryRequest { workload: String::new(), window_ms: 100 })
+        .stat_summary(api::StatSummaryRequest {
+            workload: String::new(),
+            window_ms: 100,
+        })
         .await
         .unwrap()
         .into_inner()
         .rows;
     let rows: Vec<(&str, u32, u32, u64)> = rows
         .iter()
-        .map(|r| (r.workload.as_str(), r.total_endpoints, r.scraped_endpoints, r.success_count))
+        .map(|r| {
+            (
+                r.workload.as_str(),
+                r.total_endpoints,
+                r.scraped_endpoints,
+                r.success_count,
+            )
+        })
         .collect();
     assert_eq!(rows, [("api.default", 0, 0, 0), ("web.default", 2, 0, 0)]);
     let mut identity_client = identity::identity_client::IdentityClient::new(channel);

@@ -422,6 +422,8 @@ mod tests {
                 authority: "web".into(),
                 path: "/".into(),
             }],
+            record_samples: false,
+            spin_wait: false,
         }
     }
 
