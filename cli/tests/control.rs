@@ -1,6 +1,9 @@
 //! `conduit check` and `conduit stat` against a real `conduit-controller` process on loopback.
 
-#![allow(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed unwrap is a failed test"
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
