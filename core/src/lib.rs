@@ -12,8 +12,8 @@
 //! `poll_*()` / `poll_timeout()`.
 //!
 //! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`classify`],
-//! [`metrics`] and [`mesh`] (the mesh file model). Later issues add `breaker`, `route`, `retry`, `timeout`,
-//! `slo`, `policy`, `identity`, `fault` and `tap`.
+//! [`metrics`] and [`mesh`] (the mesh file model). Later issues add `breaker`, `route`,
+//! `retry`, `timeout`, `slo`, `policy`, `identity`, `fault` and `tap`.
 
 #![deny(missing_docs)]
 
