@@ -138,9 +138,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Hello { listen } = cli.command {
-        return hello(listen);
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CONDUIT_LOG")
@@ -150,8 +147,9 @@ fn main() -> ExitCode {
         .init();
     // `conduit load` runs on one thread so its pacing spin and its connections share the core
     // cooperatively (with two threads on one pinned core the OS would time-slice them and add
-    // its own jitter to the measurement); everything else gets two workers.
-    let runtime = if matches!(cli.command, Command::Load { .. }) {
+    // its own jitter to the measurement); `conduit hello` is a one-thread backend like the
+    // perf baselines' (shared/reference/perf.md §3); everything else gets two workers.
+    let runtime = if matches!(cli.command, Command::Load { .. } | Command::Hello { .. }) {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -184,7 +182,13 @@ fn main() -> ExitCode {
                 })
                 .await
             }
-            Command::Hello { .. } => unreachable!("served before the runtime starts"),
+            Command::Hello { listen } => {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("binding {listen}: {error}"))?;
+                conduit_cli::app::serve_hello(listener).await;
+                Ok(())
+            }
             Command::Stat {
                 workload,
                 controller,
@@ -238,32 +242,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// A one-thread hello server, as the perf baselines' `hello` (shared/reference/perf.md §3).
-fn hello(listen: SocketAddr) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("conduit hello: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        match tokio::net::TcpListener::bind(listen).await {
-            Ok(listener) => {
-                conduit_cli::app::serve_hello(listener).await;
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("conduit hello: binding {listen}: {error}");
-                ExitCode::FAILURE
-            }
-        }
-    })
 }
 
 async fn run_load(
