@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -13,7 +14,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use conduit_core::time::Instant;
+
 use crate::admin::metrics::{Direction, Peer};
+use crate::body::{Body, BoxError};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::detect::{self, DetectError, DetectLimits, Detected};
@@ -133,34 +137,59 @@ async fn serve_http<N: Net, I: Io>(
     mut drain: Drain,
 ) {
     let http = Arc::clone(&ctx.http);
-    let service = service_fn(move |request| {
-        let http = Arc::clone(&http);
-        async move { Ok::<_, std::convert::Infallible>(http.handle(request, proto).await) }
-    });
     let io = TokioIo::new(io);
     let result = match proto {
         Proto::Http1 => {
+            // Later requests on a kept-alive connection: the first request's head was bounded
+            // by detection; the watch bounds the wait for each next one (the idle timeout) and
+            // its read. One lazily re-armed timer per connection, where hyper's
+            // `header_read_timeout` would box and register a sleep for every request.
+            let watch = Arc::new(KeepAliveWatch::new(ctx.clock));
+            let service = {
+                let watch = Arc::clone(&watch);
+                service_fn(move |request| {
+                    let http = Arc::clone(&http);
+                    let watch = Arc::clone(&watch);
+                    async move {
+                        watch.begin();
+                        let response = http.handle(request, proto).await;
+                        Ok::<_, std::convert::Infallible>(
+                            response.map(|body| WatchedBody { body, watch }),
+                        )
+                    }
+                })
+            };
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                // Later requests on a kept-alive connection: the first request's head was
-                // bounded by detection; this bounds the wait for each next one (the idle
-                // timeout) and its read.
-                .header_read_timeout(ctx.limits.idle_timeout)
+                .header_read_timeout(None)
                 .max_buf_size(ctx.limits.max_header_bytes)
                 .auto_date_header(false)
                 .keep_alive(true);
             let connection = builder.serve_connection(io, service).with_upgrades();
             let mut connection = std::pin::pin!(connection);
+            let idle = std::pin::pin!(watch.idle(ctx.limits.idle_timeout));
+            let mut idle = idle;
             tokio::select! {
                 result = connection.as_mut() => result,
+                () = idle.as_mut() => {
+                    tracing::debug!(timeout = ?ctx.limits.idle_timeout, "no next request head in time; closing");
+                    Ok(())
+                }
                 () = drain.signaled() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::select! {
+                        result = connection => result,
+                        () = idle => Ok(()),
+                    }
                 }
             }
         }
         Proto::Http2 => {
+            let service = service_fn(move |request| {
+                let http = Arc::clone(&http);
+                async move { Ok::<_, std::convert::Infallible>(http.handle(request, proto).await) }
+            });
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
@@ -185,6 +214,91 @@ async fn serve_http<N: Net, I: Io>(
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, "connection ended with error");
+    }
+}
+
+/// A kept-alive HTTP/1.1 connection's idle state, for its one watchdog: requests whose
+/// response body is still alive, and when the last one ended.
+#[derive(Debug)]
+struct KeepAliveWatch {
+    clock: Clock,
+    in_flight: AtomicUsize,
+    /// Core-instant nanoseconds when `in_flight` last dropped to zero (or the connection began).
+    idle_since: AtomicU64,
+}
+
+impl KeepAliveWatch {
+    fn new(clock: Clock) -> Self {
+        Self {
+            clock,
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(clock.now().as_nanos()),
+        }
+    }
+
+    /// A request head arrived and went to the service.
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A response body was dropped (sent, or abandoned).
+    fn end(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_since
+                .store(self.clock.now().as_nanos(), Ordering::Relaxed);
+        }
+    }
+
+    /// Completes once no request has been in flight for `timeout`: the next request's head
+    /// has not arrived, whole, within the timeout. Wakes at most once per `timeout` while
+    /// requests flow, and re-arms from the state it finds.
+    async fn idle(&self, timeout: Duration) {
+        let mut deadline = self.clock.now() + timeout;
+        loop {
+            self.clock.sleep_until(deadline).await;
+            let now = self.clock.now();
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                deadline = now + timeout;
+                continue;
+            }
+            let since = Instant::from_nanos(self.idle_since.load(Ordering::Relaxed));
+            if now.saturating_duration_since(since) >= timeout {
+                return;
+            }
+            deadline = since + timeout;
+        }
+    }
+}
+
+/// A response body that tells its connection's [`KeepAliveWatch`] when it is gone.
+struct WatchedBody {
+    body: Body,
+    watch: Arc<KeepAliveWatch>,
+}
+
+impl Drop for WatchedBody {
+    fn drop(&mut self) {
+        self.watch.end();
+    }
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -487,6 +487,45 @@ async fn a_slow_client_is_cut_off_while_others_are_served() {
 }
 
 #[tokio::test]
+async fn a_kept_alive_connection_whose_next_head_dawdles_is_closed_after_the_idle_timeout() {
+    bounded(async {
+        let app = named_backend("app").await;
+        let mut config = config();
+        config.limits.idle_timeout = Duration::from_millis(300);
+        let proxy = TestProxy::start(config, mesh(&[("web.test", &[app])])).await;
+        let mut conn = TcpStream::connect(proxy.addrs.outbound).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 1024];
+        let n = conn.read(&mut first).await.unwrap();
+        let head = String::from_utf8_lossy(&first[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // The second request's head trickles in and never completes.
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: web")
+            .await
+            .unwrap();
+        let started = conduit_proxy::clock::Clock::new();
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest).await;
+        let waited = elapsed(&started);
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("HTTP/1.1"),
+            "no second response: {rest:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(200),
+            "closed too early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "closed too late: {waited:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() {
     bounded(async {
         let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
