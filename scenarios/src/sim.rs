@@ -388,9 +388,17 @@ fn sweep(
 
 fn progress(done: usize, total: usize, failed: usize) {
     const WIDTH: usize = 40;
+    let mut stderr = std::io::stderr();
+    if !std::io::IsTerminal::is_terminal(&stderr) {
+        // A log file or CI: a line per tenth of the sweep instead of a redrawn bar.
+        let step = (total / 10).max(1);
+        if done % step == 0 || done == total {
+            let _ = writeln!(stderr, "{done}/{total} runs ({failed} failed)");
+        }
+        return;
+    }
     let filled = WIDTH * done / total.max(1);
     let bar: String = "#".repeat(filled) + &"-".repeat(WIDTH - filled);
-    let mut stderr = std::io::stderr();
     let _ = write!(stderr, "\r[{bar}] {done}/{total} ({failed} failed)");
     let _ = stderr.flush();
 }
