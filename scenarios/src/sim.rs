@@ -392,7 +392,7 @@ fn progress(done: usize, total: usize, failed: usize) {
     if !std::io::IsTerminal::is_terminal(&stderr) {
         // A log file or CI: a line per tenth of the sweep instead of a redrawn bar.
         let step = (total / 10).max(1);
-        if done % step == 0 || done == total {
+        if done.is_multiple_of(step) || done == total {
             let _ = writeln!(stderr, "{done}/{total} runs ({failed} failed)");
         }
         return;
