@@ -191,9 +191,11 @@ impl Binaries {
             proxy: dir.join("conduit-proxy"),
             controller: dir.join("conduit-controller"),
         };
-        if !bins.proxy.exists() || !bins.controller.exists() {
-            let release = dir.ends_with("release");
-            Self::build(release)?;
+        // Next to this executable under `cargo run`, the siblings may be missing or older than
+        // the sources: let cargo bring them up to date (a no-op when they are). An explicit
+        // --bin-dir is used as given.
+        if bin_dir.is_none() {
+            Self::build(dir.ends_with("release"))?;
         }
         for bin in [&bins.proxy, &bins.controller] {
             if !bin.exists() {
@@ -206,8 +208,8 @@ impl Binaries {
         Ok(bins)
     }
 
-    /// Under `cargo run`, builds the sibling binaries the demo needs (cargo builds only the
-    /// package it was asked to run).
+    /// Under `cargo run` (which sets `CARGO`), builds the sibling binaries the demo needs:
+    /// cargo builds only the package it was asked to run. Elsewhere it does nothing.
     fn build(release: bool) -> anyhow::Result<()> {
         let Some(cargo) = std::env::var_os("CARGO") else {
             return Ok(());
