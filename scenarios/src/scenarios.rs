@@ -312,6 +312,46 @@ fn controller_crash(_seed: u64) -> Plan {
     plan
 }
 
+/// The check shared by scenarios that tolerate a few specific failures: every failed request
+/// must be `expected`, and at most `max` may fail. At most ten violations are reported.
+fn only_expected_failures(
+    trace: &Trace,
+    check: &str,
+    max: usize,
+    expectation: &str,
+    expected: impl Fn(&conduit_sim::trace::RequestRecord) -> bool,
+) -> Vec<Violation> {
+    let failed: Vec<_> = trace
+        .requests
+        .iter()
+        .filter(|r| !r.outcome.is_success())
+        .collect();
+    let mut out: Vec<Violation> = failed
+        .iter()
+        .filter(|r| !expected(r))
+        .map(|r| {
+            Violation::new(
+                check,
+                format!(
+                    "request {} ({:?}) sent at {} ms: {} ({expectation})",
+                    r.id,
+                    r.proto,
+                    r.start_us / 1000,
+                    r.outcome.class()
+                ),
+            )
+        })
+        .collect();
+    if failed.len() > max {
+        out.push(Violation::new(
+            check,
+            format!("{} requests failed; at most {max} expected", failed.len()),
+        ));
+    }
+    out.truncate(10);
+    out
+}
+
 /// Goal: a partition between a client's proxy and one replica costs at most the requests
 /// caught on it, and the mesh recovers after repair. Method: `client-0` is cut off from `web-1`
 /// from 2 s to 5 s at 100 req/s; turmoil drops segments without retransmit, so requests on a
@@ -335,39 +375,25 @@ fn partition_proxy_replica(_seed: u64) -> Plan {
     plan.checks.healthy_after = Some(secs(6));
     plan.checks.metrics = false;
     plan.check(|trace| {
-        let mut out = Vec::new();
-        let failed: Vec<_> = trace
-            .requests
-            .iter()
-            .filter(|r| !r.outcome.is_success())
-            .collect();
-        for r in &failed {
-            // A request sent just before 2 s can still be on the wire when the link is cut.
-            let in_partition = r.start_us >= 1_950_000 && r.start_us < 5_000_000;
-            let proxy_made = matches!(
-                &r.outcome,
-                conduit_sim::Outcome::Response { status: 504, proxy_error: Some(_), .. }
-            );
-            if !(in_partition && proxy_made) {
-                out.push(Violation::new(
-                    "partition",
-                    format!(
-                        "request {} sent at {} ms: {} (only the proxy's 504 during the partition is expected)",
-                        r.id,
-                        r.start_us / 1000,
-                        r.outcome.class()
-                    ),
-                ));
-            }
-        }
-        if failed.len() > 10 {
-            out.push(Violation::new(
-                "partition",
-                format!("{} requests failed; at most 10 expected", failed.len()),
-            ));
-        }
-        out.truncate(10);
-        out
+        only_expected_failures(
+            trace,
+            "partition",
+            10,
+            "only the proxy's 504 during the partition is expected",
+            |r| {
+                // A request sent just before 2 s can still be on the wire when the link is cut.
+                let in_partition = r.start_us >= 1_950_000 && r.start_us < 5_000_000;
+                let proxy_made = matches!(
+                    &r.outcome,
+                    conduit_sim::Outcome::Response {
+                        status: 504,
+                        proxy_error: Some(_),
+                        ..
+                    }
+                );
+                in_partition && proxy_made
+            },
+        )
     })
 }
 
@@ -517,40 +543,25 @@ fn h2_goaway_on_restart(_seed: u64) -> Plan {
         .at(secs(3), Action::Bounce("web-0".into()));
     plan.checks.healthy_after = Some(ms(2100));
     plan.check(|trace| {
-        let mut out = Vec::new();
-        let failed: Vec<_> = trace
-            .requests
-            .iter()
-            .filter(|r| !r.outcome.is_success())
-            .collect();
-        for r in &failed {
-            let at_drain = r.start_us >= 2_000_000 && r.start_us < 2_010_000;
-            let refused_with_body = r.proto == Proto::Grpc
-                && matches!(
-                    &r.outcome,
-                    conduit_sim::Outcome::Response { grpc_status: Some(14), proxy_error: Some(_), .. }
-                );
-            if !(at_drain && refused_with_body) {
-                out.push(Violation::new(
-                    "goaway",
-                    format!(
-                        "request {} ({:?}) sent at {} ms: {} (only a gRPC stream refused at the drain may fail)",
-                        r.id,
-                        r.proto,
-                        r.start_us / 1000,
-                        r.outcome.class()
-                    ),
-                ));
-            }
-        }
-        if failed.len() > 2 {
-            out.push(Violation::new(
-                "goaway",
-                format!("{} requests failed; at most 2 expected", failed.len()),
-            ));
-        }
-        out.truncate(10);
-        out
+        only_expected_failures(
+            trace,
+            "goaway",
+            2,
+            "only a gRPC stream refused at the drain may fail",
+            |r| {
+                let at_drain = r.start_us >= 2_000_000 && r.start_us < 2_010_000;
+                let refused_with_body = r.proto == Proto::Grpc
+                    && matches!(
+                        &r.outcome,
+                        conduit_sim::Outcome::Response {
+                            grpc_status: Some(14),
+                            proxy_error: Some(_),
+                            ..
+                        }
+                    );
+                at_drain && refused_with_body
+            },
+        )
     })
 }
 
