@@ -1,23 +1,25 @@
-//! Forwarding one HTTP request: route, balance, send, and settle.
+//! Routing and balancing a request, shared by both HTTP engines, and forwarding HTTP/2
+//! requests through hyper.
 //!
-//! Shared by both directions: outbound requests are routed by authority through discovery and
-//! balanced per request by the core; inbound requests go to the local app. Hop-by-hop headers
-//! are removed per RFC 9110 §7.6.1, HTTP/1.1 upgrades (WebSocket) are tunnelled, bodies and
-//! trailers stream through untouched, and responses from the app pass through whatever their
-//! status. Everything the proxy answers itself comes from `errors::respond`.
+//! Outbound requests are routed by authority through discovery and balanced per request by
+//! the core; inbound requests go to the local app. HTTP/1 requests are carried by the proxy's
+//! own engine ([`crate::h1`]), which uses [`HttpProxy::route`], [`HttpProxy::pick`] and the
+//! failure bookkeeping here; HTTP/2 requests go through hyper ([`HttpProxy::handle`]). Hop-by-hop
+//! headers are removed per RFC 9110 §7.6.1, bodies and trailers stream through untouched, and
+//! responses from the app pass through whatever their status. Everything the proxy answers
+//! itself comes from `errors::respond`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use conduit_core::balance::{InFlight, Picked};
-use conduit_core::classify::{Classifier, Outcome, ResponseClass, TransportError};
+use conduit_core::classify::{Classifier, ResponseClass, TransportError};
 use conduit_core::time::Instant;
 use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::admin::metrics::{AuthorityMetrics, Direction, Metrics};
 use crate::balance::{Router, ServiceBalancer};
@@ -25,15 +27,14 @@ use crate::body::{self, Body, BodyEnd, GuardedBody, OnBodyEnd};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::net::Net;
-use crate::pool::{Checkin, Failed, Pools, Proto};
-use crate::transport::ActivityIo;
+use crate::pool::{Failed, Pools};
 
 /// Attempts for a request that failed before any of it was processed (refused connect, an h2
 /// connection that closed first, a stream the server refused): the first and at most two more.
 /// A draining endpoint can fail one request twice (its GOAWAY refuses the stream, then its
 /// closed listener refuses the connect) before the balancer takes it out of rotation; beyond
 /// that the service is broadly unreachable and the error is the answer.
-const MAX_ATTEMPTS_UNSENT: u32 = 3;
+pub(crate) const MAX_ATTEMPTS_UNSENT: u32 = 3;
 
 /// The `authority` label for outbound requests discovery does not know.
 const UNKNOWN_AUTHORITY: &str = "unknown";
@@ -59,82 +60,135 @@ pub(crate) struct HttpProxy<N: Net> {
     pub(crate) classifier: Arc<Classifier>,
 }
 
+/// A routed request: the metrics series its response goes into, and the service that
+/// balances it (`None` inbound).
+pub(crate) type Routed = (Arc<AuthorityMetrics>, Option<Arc<ServiceBalancer>>);
+
 impl<N: Net> HttpProxy<N> {
-    /// Serves one request from a client speaking `proto`; never fails (errors become responses).
-    pub(crate) async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        proto: Proto,
-    ) -> Response<Body> {
-        let start = self.clock.now();
-        let grpc = is_grpc(request.headers());
-        let http1 = proto == Proto::Http1;
-        let authority = request_authority(&request);
-        let span = tracing::trace_span!(
-            "request",
-            method = %request.method(),
-            authority = authority.as_ref().map_or("", Authority::as_str),
-            path = request.uri().path(),
-        );
-        let routed = {
-            let _entered = span.enter();
-            match (&self.target, &authority) {
-                (Target::Balanced(router), Some(authority)) => {
-                    Some(router.resolve(authority.as_str(), start))
-                }
-                _ => None,
-            }
-        };
+    /// Routes a request for `authority` that arrived at `start`: counts it, and waits
+    /// (bounded by the fail-fast timeout) until discovery has answered for its service.
+    ///
+    /// # Errors
+    ///
+    /// The error to answer with, and the series to count the answer in.
+    pub(crate) async fn route(
+        &self,
+        authority: Option<&str>,
+        start: Instant,
+    ) -> Result<Routed, (Arc<AuthorityMetrics>, ProxyError)> {
         let counted = |authority: &str| self.metrics.request(self.direction, authority, start);
-        let (series, service) = match (&self.target, &authority, routed) {
-            (Target::Balanced(_), None, _) => {
-                let series = counted(UNKNOWN_AUTHORITY);
+        let router = match (&self.target, authority) {
+            (Target::Fixed(_), authority) => return Ok((counted(authority.unwrap_or("")), None)),
+            (Target::Balanced(_), None) => {
                 let err = ProxyError::Malformed {
                     reason: "missing authority (Host header)".into(),
                 };
-                return self.synthesize(&err, &series, start, grpc, http1);
+                return Err((counted(UNKNOWN_AUTHORITY), err));
             }
-            (Target::Balanced(_), Some(_), Some(Ok(service))) => {
-                // Waits (bounded by the fail-fast timeout) until discovery has answered.
-                match service.resolved(start).await {
-                    Ok(label) => (counted(&label), Some(service)),
-                    Err(err) => {
-                        // Unresolved authorities share one label, so arbitrary names cannot
-                        // grow the metrics.
-                        let series = counted(UNKNOWN_AUTHORITY);
-                        return self.synthesize(&err, &series, start, grpc, http1);
-                    }
-                }
+            (Target::Balanced(router), Some(authority)) => (router, authority),
+        };
+        let (router, authority) = router;
+        let service = match router.resolve(authority, start) {
+            Ok(service) => service,
+            Err(err) => return Err((counted(UNKNOWN_AUTHORITY), err)),
+        };
+        match service.resolved(start).await {
+            Ok(label) => Ok((counted(&label), Some(service))),
+            // Unresolved authorities share one label, so arbitrary names cannot grow the
+            // metrics.
+            Err(err) => Err((counted(UNKNOWN_AUTHORITY), err)),
+        }
+    }
+
+    /// The endpoint for an attempt: `repicked` if a retry already chose one, else the
+    /// balancer's pick (waiting in its queue), else the fixed target.
+    pub(crate) async fn pick(
+        &self,
+        service: Option<&Arc<ServiceBalancer>>,
+        repicked: Option<Picked>,
+    ) -> Result<(SocketAddr, Option<InFlight>), ProxyError> {
+        match (&self.target, service, repicked) {
+            (_, Some(_), Some(picked)) => Ok((picked.addr, Some(picked.in_flight))),
+            (_, Some(service), None) => {
+                let picked = service.acquire().await?;
+                Ok((picked.addr, Some(picked.in_flight)))
             }
-            (Target::Balanced(_), Some(_), Some(Err(err))) => {
-                let series = counted(UNKNOWN_AUTHORITY);
-                return self.synthesize(&err, &series, start, grpc, http1);
+            (Target::Fixed(addr), None, _) => Ok((*addr, None)),
+            (Target::Balanced(_), None, _) => Err(ProxyError::Unavailable {
+                reason: "no service for request".into(),
+            }),
+        }
+    }
+
+    /// What an attempt's failure tells the balancer.
+    pub(crate) fn failed(
+        &self,
+        service: Option<&Arc<ServiceBalancer>>,
+        addr: SocketAddr,
+        in_flight: Option<&InFlight>,
+        error: &ProxyError,
+    ) {
+        match (service, in_flight, error) {
+            (Some(service), _, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) => {
+                service.connect_failed(addr);
             }
-            (Target::Balanced(_), Some(_), None) => {
-                let err = ProxyError::Unavailable {
-                    reason: "no route for request".into(),
-                };
-                let series = counted(UNKNOWN_AUTHORITY);
-                return self.synthesize(&err, &series, start, grpc, http1);
+            // PeakEWMA-consistent: an endpoint that did not answer in time looks as slow as
+            // the wait, so P2C steers away from it until it answers again.
+            (Some(service), Some(in_flight), ProxyError::ResponseTimeout { .. }) => {
+                service.observe(in_flight);
             }
-            (Target::Fixed(_), authority, _) => (
-                counted(authority.as_ref().map_or("", Authority::as_str)),
-                None,
-            ),
+            _ => {}
+        }
+    }
+
+    /// Another endpoint for a request `addr` never processed (connect refused or timed out, an
+    /// h2 connection that closed before the stream opened, a stream the server refused, a
+    /// reused HTTP/1.1 connection the server had closed): safe to send again whatever its
+    /// method, to an endpoint the balancer offers right now (one backing off is not offered).
+    /// It never waits in the queue a second time: with no endpoint ready, the error is the
+    /// answer at once.
+    pub(crate) fn retry(
+        &self,
+        service: Option<&Arc<ServiceBalancer>>,
+        attempts: u32,
+        error: &ProxyError,
+        addr: SocketAddr,
+    ) -> Option<Picked> {
+        let service = service?;
+        if attempts >= MAX_ATTEMPTS_UNSENT {
+            return None;
+        }
+        let picked = service.acquire().now_or_never()?.ok()?;
+        tracing::debug!(endpoint = %addr, %error, next = %picked.addr, "request not processed; sending it again");
+        Some(picked)
+    }
+
+    /// Serves one HTTP/2 request; never fails (errors become responses).
+    pub(crate) async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let start = self.clock.now();
+        let grpc = is_grpc(request.headers());
+        let authority = request_authority(&request);
+        let routed = self
+            .route(authority.as_ref().map(Authority::as_str), start)
+            .await;
+        let (series, service) = match routed {
+            Ok(routed) => routed,
+            Err((series, err)) => return self.synthesize(&err, &series, start, grpc, false),
         };
         match self
-            .forward(request, proto, authority, service, &series, start)
+            .forward(request, authority, service, &series, start)
             .await
         {
             Ok(response) => response,
             Err(err) => {
                 tracing::debug!(error = %err, "proxy error");
-                self.synthesize(&err, &series, start, grpc, http1)
+                self.synthesize(&err, &series, start, grpc, false)
             }
         }
     }
 
-    fn synthesize(
+    /// The proxy's own response for `err`, counted and classified like any other.
+    pub(crate) fn synthesize(
         &self,
         err: &ProxyError,
         series: &AuthorityMetrics,
@@ -163,75 +217,38 @@ impl<N: Net> HttpProxy<N> {
 
     async fn forward(
         &self,
-        mut request: Request<Incoming>,
-        proto: Proto,
+        request: Request<Incoming>,
         authority: Option<Authority>,
         service: Option<Arc<ServiceBalancer>>,
         series: &Arc<AuthorityMetrics>,
         start: Instant,
     ) -> Result<Response<Body>, ProxyError> {
-        let upgrade = proto == Proto::Http1 && is_upgrade(request.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let mut request = prepare_request(request, proto, authority.as_ref(), upgrade)?;
-
+        let mut request = prepare_request(request, authority.as_ref())?;
+        let service = service.as_ref();
         let mut attempts = 0;
         let mut repicked: Option<Picked> = None;
         let (addr, in_flight, sent) = loop {
             attempts += 1;
-            let (addr, in_flight) = match (&self.target, &service, repicked.take()) {
-                (_, Some(_), Some(picked)) => (picked.addr, Some(picked.in_flight)),
-                (_, Some(service), None) => {
-                    let picked = service.acquire().await?;
-                    (picked.addr, Some(picked.in_flight))
-                }
-                (Target::Fixed(addr), None, _) => (*addr, None),
-                (Target::Balanced(_), None, _) => {
-                    return Err(ProxyError::Unavailable {
-                        reason: "no service for request".into(),
-                    });
-                }
+            let (addr, in_flight) = self.pick(service, repicked.take()).await?;
+            let Failed { error, unsent } = match self.pools.send(addr, request).await {
+                Ok(sent) => break (addr, in_flight, sent),
+                Err(failed) => failed,
             };
-            let Failed { error, unsent } =
-                match self.pools.send(addr, proto, request, upgrade).await {
-                    Ok(sent) => break (addr, in_flight, sent),
-                    Err(failed) => failed,
-                };
-            match (&service, &in_flight, &error) {
-                (
-                    Some(service),
-                    _,
-                    ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. },
-                ) => service.connect_failed(addr),
-                // PeakEWMA-consistent: an endpoint that did not answer in time looks as slow
-                // as the wait, so P2C steers away from it until it answers again.
-                (Some(service), Some(in_flight), ProxyError::ResponseTimeout { .. }) => {
-                    service.observe(in_flight);
-                }
-                _ => {}
-            }
+            self.failed(service, addr, in_flight.as_ref(), &error);
             // The endpoint's load settles before another pick.
             drop(in_flight);
-            // The endpoint never processed the request (connect refused or timed out, an h2
-            // connection that closed before the stream opened, a stream the server refused), so
-            // it is safe to send again whatever its method: to an endpoint the balancer offers
-            // right now (one backing off is not offered). It never waits in the queue a second
-            // time: with no other endpoint ready, the error is the answer at once.
-            let (Some(unsent), Some(service)) = (unsent, &service) else {
+            let Some(unsent) = unsent else {
                 return Err(error);
             };
-            if attempts >= MAX_ATTEMPTS_UNSENT {
-                return Err(error);
-            }
-            match service.acquire().now_or_never() {
-                Some(Ok(picked)) => {
-                    tracing::debug!(endpoint = %addr, %error, next = %picked.addr, "request not processed; sending it again");
+            match self.retry(service, attempts, &error, addr) {
+                Some(picked) => {
                     repicked = Some(picked);
                     request = unsent;
                 }
-                _ => return Err(error),
+                None => return Err(error),
             }
         };
-        if let Some(service) = &service {
+        if let Some(service) = service {
             if sent.connected {
                 service.connect_succeeded(addr);
             }
@@ -239,35 +256,15 @@ impl<N: Net> HttpProxy<N> {
                 service.observe(in_flight);
             }
         }
-        let mut response = sent.response;
+        let response = sent.response;
         let status = response.status();
         let now = self.clock.now();
         let latency = now.saturating_duration_since(start);
         series.response_headers(now, status.as_u16(), latency);
         tracing::trace!(endpoint = %addr, status = status.as_u16(), ?latency, "response headers");
 
-        if let Some(client_upgrade) = client_upgrade
-            && status == StatusCode::SWITCHING_PROTOCOLS
-        {
-            {
-                let server_upgrade = hyper::upgrade::on(&mut response);
-                let idle = self.pools.limits().idle_timeout;
-                tokio::spawn(tunnel(
-                    client_upgrade,
-                    server_upgrade,
-                    addr,
-                    self.clock,
-                    idle,
-                ));
-                // A completed upgrade is the response the client asked for.
-                series.response_end(now, status.as_u16(), Outcome::Success);
-                let (parts, _) = response.into_parts();
-                return Ok(Response::from_parts(parts, body::empty()));
-            }
-        }
-
         let (mut parts, incoming) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
+        strip_hop_by_hop(&mut parts.headers);
         let class = self.classifier.classify_response(status, &parts.headers);
         let guard = ResponseGuard {
             series: Arc::clone(series),
@@ -276,15 +273,14 @@ impl<N: Net> HttpProxy<N> {
             classifier: Arc::clone(&self.classifier),
             class,
             in_flight,
-            checkin: sent.checkin,
         };
         let body = GuardedBody::new(incoming, guard);
         Ok(Response::from_parts(parts, body::boxed(body)))
     }
 }
 
-/// Settles a forwarded response when its body ends: metrics, the endpoint's in-flight count,
-/// and the connection's return to the pool.
+/// Settles a forwarded HTTP/2 response when its body ends: metrics and the endpoint's
+/// in-flight count.
 struct ResponseGuard {
     series: Arc<AuthorityMetrics>,
     clock: Clock,
@@ -293,69 +289,28 @@ struct ResponseGuard {
     /// The class as far as the head decided it.
     class: ResponseClass,
     in_flight: Option<InFlight>,
-    checkin: Option<Checkin>,
 }
 
 impl OnBodyEnd for ResponseGuard {
     fn on_end(self, end: BodyEnd) {
-        let (outcome, reuse) = match (end, self.class) {
-            (BodyEnd::Complete { .. }, ResponseClass::Final(class)) => (class.outcome, true),
+        let outcome = match (end, self.class) {
+            (BodyEnd::Complete { .. }, ResponseClass::Final(class)) => class.outcome,
             (BodyEnd::Complete { trailers }, ResponseClass::Pending(pending)) => {
-                let class = self.classifier.classify_eos(pending, trailers.as_ref());
-                (class.outcome, true)
+                self.classifier
+                    .classify_eos(pending, trailers.as_ref())
+                    .outcome
             }
             // A stream that broke supersedes the head's class. The body error is boxed past
             // recognition here, so it is counted as a reset: a failure either way.
-            (BodyEnd::Error | BodyEnd::Cancelled, _) => (
+            (BodyEnd::Error | BodyEnd::Cancelled, _) => {
                 self.classifier
                     .classify_error(TransportError::Reset)
-                    .outcome,
-                false,
-            ),
+                    .outcome
+            }
         };
         self.series
             .response_end(self.clock.now(), self.status, outcome);
         drop(self.in_flight);
-        if reuse && let Some(checkin) = self.checkin {
-            checkin.checkin();
-        }
-    }
-}
-
-/// Carries an upgraded connection (WebSocket) both ways until either side closes, or no byte
-/// has moved either way for `idle` (the accepted-connection idle timeout, as for opaque TCP):
-/// a tunnel to a vanished peer must not hold its sockets forever.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    server: hyper::upgrade::OnUpgrade,
-    addr: SocketAddr,
-    clock: Clock,
-    idle: std::time::Duration,
-) {
-    let (client, server) = match tokio::try_join!(client, server) {
-        Ok(upgraded) => upgraded,
-        Err(err) => {
-            tracing::debug!(endpoint = %addr, error = %err, "upgrade failed");
-            return;
-        }
-    };
-    let mut client = ActivityIo::new(TokioIo::new(client), clock);
-    let activity = client.activity();
-    let mut server = TokioIo::new(server);
-    let watchdog = async {
-        loop {
-            clock.sleep_until(activity.last(clock) + idle).await;
-            if clock.now().saturating_duration_since(activity.last(clock)) >= idle {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut server) => match result {
-            Ok((up, down)) => tracing::debug!(endpoint = %addr, up, down, "upgrade tunnel closed"),
-            Err(err) => tracing::debug!(endpoint = %addr, error = %err, "upgrade tunnel failed"),
-        },
-        () = watchdog => tracing::debug!(endpoint = %addr, ?idle, "upgrade tunnel idle; closing"),
     }
 }
 
@@ -376,24 +331,14 @@ fn request_authority(request: &Request<Incoming>) -> Option<Authority> {
     host.parse().ok()
 }
 
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-}
-
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field it names,
-/// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` (kept when tunnelling an
-/// upgrade), and `TE` except `TE: trailers`, which gRPC needs end to end.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none of these fields (keep-alive is HTTP/1.1's default). One pass
-    // over the few names present is far cheaper than the hashed lookups below, which every
-    // request and response would otherwise pay twice.
-    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+/// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and `TE` except
+/// `TE: trailers`, which gRPC needs end to end.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these fields. One pass over the few names present is far
+    // cheaper than the hashed lookups below, which every request and response would otherwise
+    // pay twice.
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -404,7 +349,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
     for name in named {
-        if !(upgrade && name == header::UPGRADE) && name != header::TE {
+        if name != header::TE {
             headers.remove(name);
         }
     }
@@ -412,6 +357,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
     headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::UPGRADE);
     let te_trailers = headers
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
@@ -422,11 +368,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -441,56 +382,35 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
-/// Rewrites the client's request for the upstream connection.
+/// Rewrites the client's HTTP/2 request for the upstream connection.
 fn prepare_request(
     request: Request<Incoming>,
-    proto: Proto,
     authority: Option<&Authority>,
-    upgrade: bool,
 ) -> Result<Request<Body>, ProxyError> {
     let (mut parts, incoming) = request.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    strip_hop_by_hop(&mut parts.headers);
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    match proto {
-        Proto::Http1 => {
-            if parts.method != http::Method::CONNECT && parts.uri.authority().is_some() {
-                // Absolute-form from the client: origin-form upstream, authority in Host.
-                if let Some(authority) = authority
-                    && let Ok(host) = HeaderValue::from_str(authority.as_str())
-                {
-                    parts.headers.insert(header::HOST, host);
-                }
-                parts.uri = Uri::from(path);
-            }
-            if parts.version != Version::HTTP_10 {
-                parts.version = Version::HTTP_11;
-            }
-        }
-        Proto::Http2 => {
-            let Some(authority) = authority else {
-                return Err(ProxyError::Malformed {
-                    reason: "missing :authority".into(),
-                });
-            };
-            let scheme = parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-            parts.uri = Uri::builder()
-                .scheme(scheme)
-                .authority(authority.clone())
-                .path_and_query(path)
-                .build()
-                .map_err(|err| ProxyError::Malformed {
-                    reason: err.to_string(),
-                })?;
-            parts.version = Version::HTTP_2;
-        }
-    }
+    let Some(authority) = authority else {
+        return Err(ProxyError::Malformed {
+            reason: "missing :authority".into(),
+        });
+    };
+    let scheme = parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+    parts.uri = Uri::builder()
+        .scheme(scheme)
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|err| ProxyError::Malformed {
+            reason: err.to_string(),
+        })?;
+    parts.version = Version::HTTP_2;
     // A request that has no body (most do not) gets the empty body, which boxes without an
     // allocation; the client's `Incoming` would cost one per request for nothing to forward.
-    // Both are at their end and say so, so the upstream request is framed the same way.
     let body = if http_body::Body::is_end_stream(&incoming) {
         body::empty()
     } else {
@@ -515,20 +435,9 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-app", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h[header::TE], "trailers");
         assert_eq!(h["x-app"], "kept");
-    }
-
-    #[test]
-    fn upgrades_keep_their_fields() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h[header::UPGRADE], "websocket");
-        assert_eq!(h[header::CONNECTION], "upgrade");
     }
 }

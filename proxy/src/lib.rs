@@ -25,6 +25,7 @@ pub mod discover;
 pub mod drain;
 pub mod entropy;
 pub mod errors;
+mod h1;
 mod http;
 mod inbound;
 pub mod net;

@@ -1,11 +1,11 @@
 //! Upstream connections: per-endpoint pools over the [`Net`] seam.
 //!
-//! HTTP/1.1 requests go over pooled keep-alive connections (at most
-//! `pool_max_idle_per_endpoint` idle per endpoint, closed after `pool_idle_timeout`); a
-//! connection returns to its pool only when its response body has ended. HTTP/2 requests share
-//! one multiplexed connection per endpoint, re-established when it closes. Upstream speaks the
-//! protocol the client spoke (h1 for h1, h2 for h2: gRPC needs h2 end to end); upgrading h1 to
-//! h2 between proxies is a later optimisation.
+//! HTTP/1.1 connections are pooled here idle (at most `pool_max_idle_per_endpoint` per
+//! endpoint, closed after `pool_idle_timeout`) and driven by the HTTP/1 engine
+//! ([`crate::h1`]), which checks one out per request and back in once its response has ended
+//! cleanly. HTTP/2 requests share one multiplexed hyper connection per endpoint, re-established
+//! when it closes. Upstream speaks the protocol the client spoke (h1 for h1, h2 for h2: gRPC
+//! needs h2 end to end); upgrading h1 to h2 between proxies is a later optimisation.
 //!
 //! Every wait for response headers is bounded by the response timeout (when configured),
 //! counted from the last moment the proxy handed the upstream part of the request: the dispatch,
@@ -19,13 +19,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use conduit_core::time::Instant;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::admin::metrics::{Direction, Metrics, Peer};
@@ -33,17 +33,9 @@ use crate::body::{self, Body, BoxError};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::errors::ProxyError;
+use crate::h1::conn::Upstream;
 use crate::net::Net;
 use crate::transport::CountingIo;
-
-/// The HTTP version spoken on a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum Proto {
-    /// HTTP/1.1 (and 1.0).
-    Http1,
-    /// HTTP/2 (prior knowledge; gRPC).
-    Http2,
-}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Pool state is a list of connections; a panic elsewhere cannot leave it half-updated.
@@ -52,10 +44,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-#[derive(Debug)]
-struct Idle {
-    sender: http1::SendRequest<Body>,
+/// An idle HTTP/1.1 connection.
+struct Idle<N: Net> {
+    conn: Upstream<N>,
     since: Instant,
+}
+
+impl<N: Net> std::fmt::Debug for Idle<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idle").field("since", &self.since).finish()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -67,7 +65,6 @@ struct H2Slot {
 
 #[derive(Debug)]
 struct Endpoint {
-    idle: Mutex<Vec<Idle>>,
     h2: tokio::sync::Mutex<H2Slot>,
     last_used: Mutex<Instant>,
 }
@@ -120,12 +117,10 @@ impl http_body::Body for ProgressBody {
     }
 }
 
-/// A response and what to do with its connection when the body ends.
+/// An HTTP/2 response.
 #[derive(Debug)]
 pub(crate) struct Sent {
     pub(crate) response: Response<Incoming>,
-    /// Returns the HTTP/1.1 connection to the pool; `None` for h2 and upgrades.
-    pub(crate) checkin: Option<Checkin>,
     /// A new connection was established for this request.
     pub(crate) connected: bool,
 }
@@ -144,34 +139,6 @@ impl From<ProxyError> for Failed {
         Self {
             error,
             unsent: None,
-        }
-    }
-}
-
-/// An HTTP/1.1 connection to return to its pool once its response has ended.
-#[derive(Debug)]
-pub(crate) struct Checkin {
-    endpoint: Weak<Endpoint>,
-    sender: http1::SendRequest<Body>,
-    clock: Clock,
-    max_idle: usize,
-}
-
-impl Checkin {
-    /// Returns the connection (if it is still usable and the pool has room).
-    pub(crate) fn checkin(self) {
-        let Some(endpoint) = self.endpoint.upgrade() else {
-            return;
-        };
-        if self.sender.is_closed() {
-            return;
-        }
-        let mut idle = lock(&endpoint.idle);
-        if idle.len() < self.max_idle {
-            idle.push(Idle {
-                sender: self.sender,
-                since: self.clock.now(),
-            });
         }
     }
 }
@@ -217,7 +184,9 @@ pub(crate) struct Pools<N: Net> {
     limits: Limits,
     metrics: Arc<Metrics>,
     direction: Direction,
-    endpoints: Mutex<BTreeMap<(SocketAddr, Proto), Arc<Endpoint>>>,
+    endpoints: Mutex<BTreeMap<SocketAddr, Arc<Endpoint>>>,
+    /// Idle HTTP/1.1 connections per endpoint, most recently used last.
+    idle: Mutex<BTreeMap<SocketAddr, Vec<Idle<N>>>>,
 }
 
 impl<N: Net> Pools<N> {
@@ -235,20 +204,41 @@ impl<N: Net> Pools<N> {
             metrics,
             direction,
             endpoints: Mutex::default(),
+            idle: Mutex::default(),
         }
     }
 
-    fn endpoint(&self, addr: SocketAddr, proto: Proto) -> Arc<Endpoint> {
+    /// An idle HTTP/1.1 connection to `addr` not past the pool idle timeout at `now`, most
+    /// recently used first. The caller checks that it is still open.
+    pub(crate) fn checkout_h1(&self, addr: SocketAddr, now: Instant) -> Option<Upstream<N>> {
+        let mut idle = lock(&self.idle);
+        let conns = idle.get_mut(&addr)?;
+        while let Some(conn) = conns.pop() {
+            if now.saturating_duration_since(conn.since) < self.limits.pool_idle_timeout {
+                return Some(conn.conn);
+            }
+        }
+        None
+    }
+
+    /// Returns an HTTP/1.1 connection whose last response ended cleanly at `now` (dropped,
+    /// and so closed, when the endpoint has `pool_max_idle_per_endpoint` idle already).
+    pub(crate) fn checkin_h1(&self, addr: SocketAddr, conn: Upstream<N>, now: Instant) {
+        let mut idle = lock(&self.idle);
+        let conns = idle.entry(addr).or_default();
+        if conns.len() < self.limits.pool_max_idle_per_endpoint {
+            conns.push(Idle { conn, since: now });
+        }
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
         let now = self.clock.now();
-        let endpoint = Arc::clone(lock(&self.endpoints).entry((addr, proto)).or_insert_with(
-            || {
-                Arc::new(Endpoint {
-                    idle: Mutex::default(),
-                    h2: tokio::sync::Mutex::default(),
-                    last_used: Mutex::new(now),
-                })
-            },
-        ));
+        let endpoint = Arc::clone(lock(&self.endpoints).entry(addr).or_insert_with(|| {
+            Arc::new(Endpoint {
+                h2: tokio::sync::Mutex::default(),
+                last_used: Mutex::new(now),
+            })
+        }));
         *lock(&endpoint.last_used) = now;
         endpoint
     }
@@ -269,8 +259,7 @@ impl<N: Net> Pools<N> {
         }
     }
 
-    /// Sends `request` to `addr` over `proto`, reusing a pooled connection when one is idle.
-    /// `upgrade` requests get a dedicated connection that can be taken over by the upgrade.
+    /// Sends an HTTP/2 `request` to `addr` over the endpoint's shared connection.
     ///
     /// # Errors
     ///
@@ -279,23 +268,10 @@ impl<N: Net> Pools<N> {
     pub(crate) async fn send(
         &self,
         addr: SocketAddr,
-        proto: Proto,
         request: Request<Body>,
-        upgrade: bool,
     ) -> Result<Sent, Failed> {
         let (request, progress) = self.track(request);
-        match proto {
-            Proto::Http1 => {
-                self.send_http1(addr, request, upgrade, progress.as_ref())
-                    .await
-            }
-            Proto::Http2 => self.send_http2(addr, request, progress.as_ref()).await,
-        }
-    }
-
-    /// The configured limits.
-    pub(crate) fn limits(&self) -> &Limits {
-        &self.limits
+        self.send_http2(addr, request, progress.as_ref()).await
     }
 
     /// Wraps a request body that is still to be sent so its frames push the response deadline
@@ -351,103 +327,13 @@ impl<N: Net> Pools<N> {
         }
     }
 
-    async fn send_http1(
-        &self,
-        addr: SocketAddr,
-        mut request: Request<Body>,
-        upgrade: bool,
-        progress: Option<&Progress>,
-    ) -> Result<Sent, Failed> {
-        let endpoint = self.endpoint(addr, Proto::Http1);
-        let checkin = |sender| Checkin {
-            endpoint: Arc::downgrade(&endpoint),
-            sender,
-            clock: self.clock,
-            max_idle: self.limits.pool_max_idle_per_endpoint,
-        };
-        if !upgrade {
-            while let Some(mut sender) = self.pop_idle(&endpoint) {
-                // On a timeout `sender` is dropped here, never pooled: hyper closes the
-                // connection once its response is abandoned.
-                let sent = sender.try_send_request(request);
-                match self.headers(addr, progress, sent).await? {
-                    Ok(response) => {
-                        return Ok(Sent {
-                            response,
-                            checkin: Some(checkin(sender)),
-                            connected: false,
-                        });
-                    }
-                    Err(mut err) => match err.take_message() {
-                        // The pooled connection closed before the request was written: safe to
-                        // send on another, whatever the method.
-                        Some(unsent) => request = unsent,
-                        None => {
-                            return Err(ProxyError::Upstream {
-                                addr,
-                                source: err.into_error(),
-                            }
-                            .into());
-                        }
-                    },
-                }
-            }
-        }
-        let io = match self.connect(addr).await {
-            Ok(io) => io,
-            Err(error) => {
-                return Err(Failed {
-                    error,
-                    unsent: Some(request),
-                });
-            }
-        };
-        let (mut sender, connection) = http1::Builder::new()
-            .max_buf_size(self.limits.max_header_bytes.max(8192))
-            .handshake::<_, Body>(TokioIo::new(io))
-            .await
-            .map_err(|source| ProxyError::Upstream { addr, source })?;
-        tokio::spawn(async move {
-            let result = if upgrade {
-                connection.with_upgrades().await
-            } else {
-                connection.await
-            };
-            if let Err(err) = result {
-                tracing::debug!(endpoint = %addr, error = %err, "upstream connection ended");
-            }
-        });
-        let response = self
-            .headers(addr, progress, sender.send_request(request))
-            .await?
-            .map_err(|source| ProxyError::Upstream { addr, source })?;
-        let checkin = (!upgrade).then(|| checkin(sender));
-        Ok(Sent {
-            response,
-            checkin,
-            connected: true,
-        })
-    }
-
-    fn pop_idle(&self, endpoint: &Endpoint) -> Option<http1::SendRequest<Body>> {
-        let now = self.clock.now();
-        let mut idle = lock(&endpoint.idle);
-        while let Some(conn) = idle.pop() {
-            let fresh = now.saturating_duration_since(conn.since) < self.limits.pool_idle_timeout;
-            if fresh && conn.sender.is_ready() {
-                return Some(conn.sender);
-            }
-        }
-        None
-    }
-
     async fn send_http2(
         &self,
         addr: SocketAddr,
         request: Request<Body>,
         progress: Option<&Progress>,
     ) -> Result<Sent, Failed> {
-        let endpoint = self.endpoint(addr, Proto::Http2);
+        let endpoint = self.endpoint(addr);
         // A body-less request can be rebuilt if the server refuses its stream unprocessed;
         // one with a body cannot (it is streamed, never buffered), so it is not copied.
         let replay = replayable_head(&request);
@@ -474,7 +360,10 @@ impl<N: Net> Pools<N> {
                         .adaptive_window(true)
                         .handshake::<_, Body>(TokioIo::new(io))
                         .await
-                        .map_err(|source| ProxyError::Upstream { addr, source })?;
+                        .map_err(|source| ProxyError::Upstream {
+                            addr,
+                            source: source.into(),
+                        })?;
                     tokio::spawn(async move {
                         if let Err(err) = connection.await {
                             tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
@@ -506,7 +395,7 @@ impl<N: Net> Pools<N> {
                 return Err(Failed {
                     error: ProxyError::Upstream {
                         addr,
-                        source: err.into_error(),
+                        source: err.into_error().into(),
                     },
                     unsent,
                 });
@@ -520,7 +409,6 @@ impl<N: Net> Pools<N> {
         };
         Ok(Sent {
             response,
-            checkin: None,
             connected,
         })
     }
@@ -537,10 +425,11 @@ impl<N: Net> Pools<N> {
     pub(crate) fn sweep(&self) {
         let now = self.clock.now();
         let timeout = self.limits.pool_idle_timeout;
+        lock(&self.idle).retain(|_, conns| {
+            conns.retain(|conn| now.saturating_duration_since(conn.since) < timeout);
+            !conns.is_empty()
+        });
         lock(&self.endpoints).retain(|_, endpoint| {
-            lock(&endpoint.idle).retain(|conn| {
-                !conn.sender.is_closed() && now.saturating_duration_since(conn.since) < timeout
-            });
             let idle_for = now.saturating_duration_since(*lock(&endpoint.last_used));
             if idle_for >= timeout
                 && let Ok(mut h2) = endpoint.h2.try_lock()
@@ -552,7 +441,7 @@ impl<N: Net> Pools<N> {
                 .h2
                 .try_lock()
                 .map_or(true, |h2| h2.sender.is_some());
-            Arc::strong_count(endpoint) > 1 || !lock(&endpoint.idle).is_empty() || h2_open
+            Arc::strong_count(endpoint) > 1 || h2_open
         });
     }
 }

@@ -1,10 +1,9 @@
-//! Accepting connections and serving them: detection, HTTP/1.1 and HTTP/2 via hyper, opaque
-//! TCP forwarding. Shared by the inbound and outbound listeners; `inbound` and `outbound`
+//! Accepting connections and serving them: detection, then HTTP/1 through the proxy's own
+//! engine (`crate::h1`), HTTP/2 through hyper, or opaque TCP forwarding. Shared by the inbound and outbound listeners; `inbound` and `outbound`
 //! choose the target and the TLS seam.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -14,10 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use conduit_core::time::Instant;
-
 use crate::admin::metrics::{Direction, Peer};
-use crate::body::{Body, BoxError};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::detect::{self, DetectError, DetectLimits, Detected};
@@ -26,7 +22,6 @@ use crate::errors::ProxyError;
 use crate::errors::respond::encode_http1;
 use crate::http::HttpProxy;
 use crate::net::{Io, Listener, Net};
-use crate::pool::Proto;
 use crate::transport::{ActivityIo, PrefixedIo};
 
 /// How long to pause accepting after an accept error (EMFILE and friends), so a full fd table
@@ -103,15 +98,18 @@ async fn serve_connection<N: Net>(io: N::Io, ctx: Arc<ServeContext<N>>, drain: D
         max_header_bytes: ctx.limits.max_header_bytes,
     };
     let detected = detect::detect(&mut io, &mut buf, limits).await;
-    let prefix = buf.freeze();
     match detected {
         Ok(Detected::Http1) => {
-            serve_http(PrefixedIo::new(prefix, io), Proto::Http1, &ctx, drain).await
+            let limits = crate::h1::conn::Limits {
+                max_header_bytes: ctx.limits.max_header_bytes,
+                header_read_timeout: ctx.limits.header_read_timeout,
+                idle_timeout: ctx.limits.idle_timeout,
+                response_timeout: ctx.limits.response_timeout,
+            };
+            crate::h1::conn::serve(io, buf, &ctx.http, limits, drain).await;
         }
-        Ok(Detected::Http2) => {
-            serve_http(PrefixedIo::new(prefix, io), Proto::Http2, &ctx, drain).await
-        }
-        Ok(Detected::Opaque) => forward_opaque(io, prefix, &ctx).await,
+        Ok(Detected::Http2) => serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain).await,
+        Ok(Detected::Opaque) => forward_opaque(io, buf.freeze(), &ctx).await,
         Err(DetectError::TooLarge(limit)) => {
             reject(&mut io, &ProxyError::HeadersTooLarge { limit }).await;
         }
@@ -130,175 +128,33 @@ async fn reject<I: Io>(io: &mut I, err: &ProxyError) {
     let _ = io.shutdown().await;
 }
 
-async fn serve_http<N: Net, I: Io>(
-    io: I,
-    proto: Proto,
-    ctx: &Arc<ServeContext<N>>,
-    mut drain: Drain,
-) {
+async fn serve_h2<N: Net, I: Io>(io: I, ctx: &Arc<ServeContext<N>>, mut drain: Drain) {
     let http = Arc::clone(&ctx.http);
     let io = TokioIo::new(io);
-    let result = match proto {
-        Proto::Http1 => {
-            // Later requests on a kept-alive connection: the first request's head was bounded
-            // by detection; the watch bounds the wait for each next one (the idle timeout) and
-            // its read. One lazily re-armed timer per connection, where hyper's
-            // `header_read_timeout` would box and register a sleep for every request.
-            let watch = Arc::new(KeepAliveWatch::new(ctx.clock));
-            let service = {
-                let watch = Arc::clone(&watch);
-                service_fn(move |request| {
-                    let http = Arc::clone(&http);
-                    let watch = Arc::clone(&watch);
-                    async move {
-                        watch.begin();
-                        let response = http.handle(request, proto).await;
-                        Ok::<_, std::convert::Infallible>(
-                            response.map(|body| WatchedBody { body, watch }),
-                        )
-                    }
-                })
-            };
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .max_buf_size(ctx.limits.max_header_bytes)
-                .auto_date_header(false)
-                .keep_alive(true);
-            let connection = builder.serve_connection(io, service).with_upgrades();
-            let mut connection = std::pin::pin!(connection);
-            let idle = std::pin::pin!(watch.idle(ctx.limits.idle_timeout));
-            let mut idle = idle;
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = idle.as_mut() => {
-                    tracing::debug!(timeout = ?ctx.limits.idle_timeout, "no next request head in time; closing");
-                    Ok(())
-                }
-                () = drain.signaled() => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        result = connection => result,
-                        () = idle => Ok(()),
-                    }
-                }
-            }
-        }
-        Proto::Http2 => {
-            let service = service_fn(move |request| {
-                let http = Arc::clone(&http);
-                async move { Ok::<_, std::convert::Infallible>(http.handle(request, proto).await) }
-            });
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(ctx.limits.max_concurrent_streams)
-                .max_header_list_size(
-                    u32::try_from(ctx.limits.max_header_bytes).unwrap_or(u32::MAX),
-                )
-                .keep_alive_interval(ctx.limits.idle_timeout / 4)
-                .keep_alive_timeout(Duration::from_secs(20))
-                .adaptive_window(true)
-                .auto_date_header(false);
-            let connection = builder.serve_connection(io, service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = drain.signaled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
+    let service = service_fn(move |request| {
+        let http = Arc::clone(&http);
+        async move { Ok::<_, std::convert::Infallible>(http.handle(request).await) }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(ctx.limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(ctx.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(ctx.limits.idle_timeout / 4)
+        .keep_alive_timeout(Duration::from_secs(20))
+        .adaptive_window(true)
+        .auto_date_header(false);
+    let connection = builder.serve_connection(io, service);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = drain.signaled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, "connection ended with error");
-    }
-}
-
-/// A kept-alive HTTP/1.1 connection's idle state, for its one watchdog: requests whose
-/// response body is still alive, and when the last one ended.
-#[derive(Debug)]
-struct KeepAliveWatch {
-    clock: Clock,
-    in_flight: AtomicUsize,
-    /// Core-instant nanoseconds when `in_flight` last dropped to zero (or the connection began).
-    idle_since: AtomicU64,
-}
-
-impl KeepAliveWatch {
-    fn new(clock: Clock) -> Self {
-        Self {
-            clock,
-            in_flight: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(clock.now().as_nanos()),
-        }
-    }
-
-    /// A request head arrived and went to the service.
-    fn begin(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A response body was dropped (sent, or abandoned).
-    fn end(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.idle_since
-                .store(self.clock.now().as_nanos(), Ordering::Relaxed);
-        }
-    }
-
-    /// Completes once no request has been in flight for `timeout`: the next request's head
-    /// has not arrived, whole, within the timeout. Wakes at most once per `timeout` while
-    /// requests flow, and re-arms from the state it finds.
-    async fn idle(&self, timeout: Duration) {
-        let mut deadline = self.clock.now() + timeout;
-        loop {
-            self.clock.sleep_until(deadline).await;
-            let now = self.clock.now();
-            if self.in_flight.load(Ordering::Relaxed) > 0 {
-                deadline = now + timeout;
-                continue;
-            }
-            let since = Instant::from_nanos(self.idle_since.load(Ordering::Relaxed));
-            if now.saturating_duration_since(since) >= timeout {
-                return;
-            }
-            deadline = since + timeout;
-        }
-    }
-}
-
-/// A response body that tells its connection's [`KeepAliveWatch`] when it is gone.
-struct WatchedBody {
-    body: Body,
-    watch: Arc<KeepAliveWatch>,
-}
-
-impl Drop for WatchedBody {
-    fn drop(&mut self) {
-        self.watch.end();
-    }
-}
-
-impl http_body::Body for WatchedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

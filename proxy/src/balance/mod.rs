@@ -428,7 +428,11 @@ impl ServiceBalancer {
 
     /// Response headers arrived: an RTT sample for the endpoint.
     pub(crate) fn observe(&self, in_flight: &InFlight) {
-        let now = self.clock.now();
+        self.observe_at(self.clock.now(), in_flight);
+    }
+
+    /// Response headers arrived at `now`: an RTT sample for the endpoint.
+    pub(crate) fn observe_at(&self, now: Instant, in_flight: &InFlight) {
         lock(&self.state).balancer.observe(now, in_flight);
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, BoxError};
 
 /// The header on every response the proxy synthesizes.
 pub const PROXY_ERROR_HEADER: &str = "conduit-proxy-error";
@@ -65,9 +65,9 @@ pub enum ProxyError {
     Upstream {
         /// The endpoint.
         addr: SocketAddr,
-        /// hyper's error.
+        /// What went wrong (an IO error, an invalid response, hyper's error for HTTP/2).
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The upstream sent no response headers within the response timeout after the request
     /// was handed to it. The connection is discarded; the client's connection is unaffected.

@@ -1,0 +1,242 @@
+//! Buffered connection halves and the body pump of the HTTP/1 engine.
+
+use std::future::Future;
+use std::io;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
+
+use super::codec::{self, ChunkedDecoder, CodecError, Decoded, Framing};
+use crate::net::Io;
+
+/// Bytes read per call when the buffer is short of room.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The most output a pump queues before writing it.
+const MAX_PENDING_OUT: usize = 64 * 1024;
+
+/// One connection with its read buffer (unconsumed input) and write buffer (output not yet
+/// written). Both buffers live as long as the connection, so a kept-alive connection moves
+/// messages without allocating.
+#[derive(Debug)]
+pub(crate) struct Side<I> {
+    pub(crate) io: I,
+    pub(crate) rbuf: BytesMut,
+    pub(crate) wbuf: Vec<u8>,
+    written: usize,
+}
+
+impl<I: Io> Side<I> {
+    pub(crate) fn new(io: I, rbuf: BytesMut) -> Self {
+        Self {
+            io,
+            rbuf,
+            wbuf: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// Reads once into the read buffer; `Ok(0)` at end of stream.
+    pub(crate) fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        pin!(self.io.read_buf(&mut self.rbuf)).poll(cx)
+    }
+
+    /// Whether output is waiting to be written.
+    pub(crate) fn has_output(&self) -> bool {
+        self.written < self.wbuf.len()
+    }
+
+    /// Writes the queued output.
+    pub(crate) fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.wbuf.clear();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes the queued output.
+    pub(crate) async fn write_out(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
+    }
+}
+
+/// Why a body stopped moving.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PumpError {
+    /// Reading the sender failed.
+    #[error("reading the body: {0}")]
+    Read(#[source] io::Error),
+    /// The sender closed before the body's end.
+    #[error("connection closed before the end of the body")]
+    Truncated,
+    /// The sender's framing is invalid.
+    #[error("invalid body framing: {0}")]
+    Framing(#[source] CodecError),
+    /// Writing to the receiver failed.
+    #[error("writing the body: {0}")]
+    Write(#[source] io::Error),
+}
+
+#[derive(Debug)]
+enum Decode {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    Close,
+}
+
+/// Moves one message body from one side to the other, re-framed as the receiver needs:
+/// identity (a length, or until close) or chunked.
+#[derive(Debug)]
+pub(crate) struct Pump {
+    decode: Decode,
+    chunked_out: bool,
+    finished: bool,
+    /// Set whenever bytes were written; the caller clears it.
+    pub(crate) moved: bool,
+}
+
+impl Pump {
+    /// A pump for a body framed as `framing` (which has a body), written chunked when
+    /// `chunked_out`.
+    pub(crate) fn new(framing: Framing, chunked_out: bool, max_trailers: usize) -> Self {
+        let decode = match framing {
+            Framing::Length(n) => Decode::Length(n),
+            Framing::Chunked => Decode::Chunked(ChunkedDecoder::new(max_trailers)),
+            Framing::Close | Framing::Empty => Decode::Close,
+        };
+        Self {
+            decode,
+            chunked_out,
+            finished: framing == Framing::Empty,
+            moved: false,
+        }
+    }
+
+    /// The body's trailers as fields (chunked bodies that had some).
+    pub(crate) fn trailer_map(&self) -> Option<http::HeaderMap> {
+        match &self.decode {
+            Decode::Chunked(decoder) => decoder.trailer_map(),
+            _ => None,
+        }
+    }
+
+    /// Moves bytes until the body has been written whole.
+    pub(crate) fn poll<A: Io, B: Io>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Side<A>,
+        dst: &mut Side<B>,
+    ) -> Poll<Result<(), PumpError>> {
+        loop {
+            if dst.has_output() {
+                let pending = dst.wbuf.len() - dst.written;
+                match dst.poll_write_out(cx) {
+                    Poll::Ready(Ok(())) => self.moved |= pending > 0,
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(PumpError::Write(err))),
+                    Poll::Pending => {
+                        self.moved |= dst.wbuf.len() - dst.written < pending;
+                        return Poll::Pending;
+                    }
+                }
+            }
+            if self.finished {
+                return Poll::Ready(Ok(()));
+            }
+            if !src.rbuf.is_empty() {
+                self.decode_into(&mut src.rbuf, &mut dst.wbuf)
+                    .map_err(PumpError::Framing)?;
+                if !dst.wbuf.is_empty() || self.finished {
+                    continue;
+                }
+            }
+            match ready!(src.poll_read_more(cx)) {
+                Err(err) => return Poll::Ready(Err(PumpError::Read(err))),
+                Ok(0) => {
+                    if !matches!(self.decode, Decode::Close) {
+                        return Poll::Ready(Err(PumpError::Truncated));
+                    }
+                    if self.chunked_out {
+                        codec::encode_last_chunk(&mut dst.wbuf, b"");
+                    }
+                    self.finished = true;
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn data(&self, out: &mut Vec<u8>, data: &[u8]) {
+        if self.chunked_out {
+            codec::encode_chunk_size(out, data.len());
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.extend_from_slice(data);
+        }
+    }
+
+    fn decode_into(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let room = MAX_PENDING_OUT.saturating_sub(out.len()).max(1);
+        match &mut self.decode {
+            Decode::Length(left) => {
+                let n = usize::try_from(*left)
+                    .unwrap_or(usize::MAX)
+                    .min(input.len())
+                    .min(room);
+                *left -= n as u64;
+                let done = *left == 0;
+                self.data(out, &input[..n]);
+                input.advance(n);
+                self.finished = done;
+            }
+            Decode::Close => {
+                let n = input.len().min(room);
+                self.data(out, &input[..n]);
+                input.advance(n);
+            }
+            Decode::Chunked(decoder) => loop {
+                let (used, found) = decoder.decode(&input[..input.len().min(room)])?;
+                match found {
+                    Decoded::Data(range) => {
+                        let data = &input[range];
+                        if self.chunked_out {
+                            codec::encode_chunk_size(out, data.len());
+                            out.extend_from_slice(data);
+                            out.extend_from_slice(b"\r\n");
+                        } else {
+                            out.extend_from_slice(data);
+                        }
+                        input.advance(used);
+                        if out.len() >= MAX_PENDING_OUT || input.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                    Decoded::More => {
+                        input.advance(used);
+                        return Ok(());
+                    }
+                    Decoded::Done => {
+                        input.advance(used);
+                        if self.chunked_out {
+                            codec::encode_last_chunk(out, decoder.trailers());
+                        }
+                        self.finished = true;
+                        return Ok(());
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+}
