@@ -139,6 +139,12 @@ impl Pump {
         dst: &mut Side<B>,
     ) -> Poll<Result<(), PumpError>> {
         loop {
+            // Decode what is buffered first, so a head queued before the body goes out in the
+            // same write as the body's first bytes.
+            if !self.finished && !src.rbuf.is_empty() && dst.wbuf.len() < MAX_PENDING_OUT {
+                self.decode_into(&mut src.rbuf, &mut dst.wbuf)
+                    .map_err(PumpError::Framing)?;
+            }
             if dst.has_output() {
                 let pending = dst.wbuf.len() - dst.written;
                 match dst.poll_write_out(cx) {
@@ -154,11 +160,8 @@ impl Pump {
                 return Poll::Ready(Ok(()));
             }
             if !src.rbuf.is_empty() {
-                self.decode_into(&mut src.rbuf, &mut dst.wbuf)
-                    .map_err(PumpError::Framing)?;
-                if !dst.wbuf.is_empty() || self.finished {
-                    continue;
-                }
+                // Decoding stopped at the output bound: more after the write.
+                continue;
             }
             match ready!(src.poll_read_more(cx)) {
                 Err(err) => return Poll::Ready(Err(PumpError::Read(err))),
