@@ -108,8 +108,21 @@ pub struct ReplicaSummary {
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {
-    // Bind port 0, note the port, release it. Another process could take it in between; the
-    // proxy then fails to bind and the demo reports that.
+    // A port below the kernel's ephemeral range (ip_local_port_range, 32768-60999 by default):
+    // port 0 would hand out a port from that range, which the kernel may then give to one of
+    // the demo's own outgoing connections before the proxy binds it. Bind to check, release;
+    // another process could still take it in between, and the demo then reports that.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + offset) % SPAN).unwrap_or(0);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(listener.local_addr()?);
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?)
 }
