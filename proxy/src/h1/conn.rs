@@ -29,7 +29,7 @@ use crate::balance::ServiceBalancer;
 use crate::clock::Clock;
 use crate::drain::Drain;
 use crate::errors::ProxyError;
-use crate::http::HttpProxy;
+use crate::http::{HttpProxy, MAX_ATTEMPTS_UNSENT};
 use crate::net::{Io, Net};
 use crate::transport::{ActivityIo, CountingIo};
 
@@ -360,6 +360,17 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             // The endpoint's load settles before another pick.
             drop(in_flight);
             if failed.unsent && !failed.client_broken {
+                if service.is_none() {
+                    // The fixed target (the local app): a reused connection it had closed is
+                    // worth one more try on a new connection; a refused connect is not.
+                    if matches!(failed.error, ProxyError::Upstream { .. })
+                        && attempts < MAX_ATTEMPTS_UNSENT
+                    {
+                        tracing::debug!(endpoint = %addr, error = %failed.error, "request not processed; sending it again");
+                        continue;
+                    }
+                    return Err(failed);
+                }
                 repicked = http.retry(service, attempts, &failed.error, addr);
                 if repicked.is_some() {
                     continue;
