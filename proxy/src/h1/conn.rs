@@ -141,9 +141,10 @@ struct Conn<'a, N: Net, I> {
     client: Side<I>,
     /// The current request's head as forwarded upstream.
     forward: Vec<u8>,
-    /// Waiting for a request head: the idle and header-read timeouts.
+    /// Waiting for a request head (the idle and header-read timeouts), and for response body
+    /// bytes to move (the idle timeout).
     idle: Deadline,
-    /// Waiting for response headers, and for body bytes.
+    /// Waiting for response headers (the response timeout).
     response: Deadline,
     /// When the last response ended.
     idle_since: Instant,
@@ -626,8 +627,10 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                     }
                 };
                 if response.reusable && request_complete && upstream.rbuf.is_empty() {
+                    upstream.shrink();
                     http.pools.checkin_h1(addr, upstream, end);
                 }
+                self.client.shrink();
                 (outcome, if close { Next::Close } else { Next::KeepAlive })
             }
             Err(err) => {
@@ -654,7 +657,8 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         let clock = self.clock;
         let idle = self.limits.idle_timeout;
         let client = &mut self.client;
-        let deadline = &mut self.response;
+        // The idle timer: its deadlines, like the wait for the next head's, only move forward.
+        let deadline = &mut self.idle;
         let mut last: Option<Instant> = None;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(ended) = pump.poll(cx, upstream, client) {

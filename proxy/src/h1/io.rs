@@ -11,11 +11,20 @@ use tokio::io::AsyncReadExt;
 use super::codec::{self, ChunkedDecoder, CodecError, Decoded, Framing};
 use crate::net::Io;
 
-/// Bytes read per call when the buffer is short of room.
+/// Room made for a read when the buffer is short of it, at first.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// The most room made for one read: a connection moving a large body reads (and writes) in
+/// pieces that grow up to this while reads keep filling the buffer, so bulk transfers take
+/// few system calls and small exchanges keep small buffers.
+const MAX_READ_CHUNK: usize = 256 * 1024;
+
 /// The most output a pump queues before writing it.
-const MAX_PENDING_OUT: usize = 64 * 1024;
+const MAX_PENDING_OUT: usize = MAX_READ_CHUNK;
+
+/// A buffer larger than this is released once empty, so a connection that once carried a
+/// large body does not keep its memory while idle.
+const KEEP_BUFFER: usize = 64 * 1024;
 
 /// One connection with its read buffer (unconsumed input) and write buffer (output not yet
 /// written). Both buffers live as long as the connection, so a kept-alive connection moves
@@ -26,6 +35,8 @@ pub(crate) struct Side<I> {
     pub(crate) rbuf: BytesMut,
     pub(crate) wbuf: Vec<u8>,
     written: usize,
+    /// Room to make for the next read.
+    read_size: usize,
 }
 
 impl<I: Io> Side<I> {
@@ -35,15 +46,37 @@ impl<I: Io> Side<I> {
             rbuf,
             wbuf: Vec::new(),
             written: 0,
+            read_size: READ_CHUNK,
         }
     }
 
     /// Reads once into the read buffer; `Ok(0)` at end of stream.
     pub(crate) fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
+        let want = self.read_size;
+        if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
+            self.rbuf.reserve(want);
         }
-        pin!(self.io.read_buf(&mut self.rbuf)).poll(cx)
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        let read = ready!(pin!(self.io.read_buf(&mut self.rbuf)).poll(cx));
+        if let Ok(n) = read {
+            if n == room && want < MAX_READ_CHUNK {
+                self.read_size = want * 2;
+            } else if n < want / 8 && want > READ_CHUNK {
+                self.read_size = want / 2;
+            }
+        }
+        Poll::Ready(read)
+    }
+
+    /// Releases buffers grown by a large body, once they are empty.
+    pub(crate) fn shrink(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER {
+            self.rbuf = BytesMut::new();
+            self.read_size = READ_CHUNK;
+        }
+        if !self.has_output() && self.wbuf.capacity() > KEEP_BUFFER {
+            self.wbuf = Vec::new();
+        }
     }
 
     /// Whether output is waiting to be written.
