@@ -12,6 +12,7 @@
 //! `Transfer-Encoding` whose final coding is not `chunked`, differing `Content-Length`s, more
 //! than one `Host`, or a malformed chunk size is refused, never guessed at.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// The most header fields a head may carry (hyper's default).
@@ -249,9 +250,10 @@ pub(crate) fn parse_request(
     max: usize,
     out: &mut Vec<u8>,
 ) -> Result<Option<RequestHead>, CodecError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut fields);
-    let len = match request.parse(buf) {
+    // Left uninitialized: httparse writes only the fields it finds.
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) if len > max => return Err(CodecError::TooLarge(max)),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max => {
@@ -445,9 +447,14 @@ pub(crate) fn parse_response(
     request: &RequestHead,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, CodecError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut fields);
-    let len = match response.parse(buf) {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) if len > max => return Err(CodecError::TooLarge(max)),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max => {

@@ -210,14 +210,23 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 Some(started) => idle.min(started + self.limits.header_read_timeout),
             };
             let waited = std::future::poll_fn(|cx| {
+                // Input first: a busy connection finds its next head without touching the
+                // drain signal, whose registration is only needed before sleeping.
+                if !self.draining
+                    && let Poll::Ready(read) = self.client.poll_read_more(cx)
+                {
+                    return Poll::Ready(read);
+                }
                 if !self.draining && drained.as_mut().poll(cx).is_ready() {
                     self.draining = true;
                 }
-                if self.draining && head_started.is_none() {
-                    return Poll::Ready(Ok(0));
-                }
-                if let Poll::Ready(read) = self.client.poll_read_more(cx) {
-                    return Poll::Ready(read);
+                if self.draining {
+                    if head_started.is_none() {
+                        return Poll::Ready(Ok(0));
+                    }
+                    if let Poll::Ready(read) = self.client.poll_read_more(cx) {
+                        return Poll::Ready(read);
+                    }
                 }
                 if self.idle.poll_reached(cx, self.clock, deadline).is_ready() {
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
