@@ -106,11 +106,12 @@ impl<N: Net> HttpProxy<N> {
         &self,
         service: Option<&Arc<ServiceBalancer>>,
         repicked: Option<Picked>,
+        now: Instant,
     ) -> Result<(SocketAddr, Option<InFlight>), ProxyError> {
         match (&self.target, service, repicked) {
             (_, Some(_), Some(picked)) => Ok((picked.addr, Some(picked.in_flight))),
             (_, Some(service), None) => {
-                let picked = service.acquire().await?;
+                let picked = service.acquire(now).await?;
                 Ok((picked.addr, Some(picked.in_flight)))
             }
             (Target::Fixed(addr), None, _) => Ok((*addr, None)),
@@ -158,7 +159,7 @@ impl<N: Net> HttpProxy<N> {
         if attempts >= MAX_ATTEMPTS_UNSENT {
             return None;
         }
-        let picked = service.acquire().now_or_never()?.ok()?;
+        let picked = service.acquire(self.clock.now()).now_or_never()?.ok()?;
         tracing::debug!(endpoint = %addr, %error, next = %picked.addr, "request not processed; sending it again");
         Some(picked)
     }
@@ -229,7 +230,7 @@ impl<N: Net> HttpProxy<N> {
         let mut repicked: Option<Picked> = None;
         let (addr, in_flight, sent) = loop {
             attempts += 1;
-            let (addr, in_flight) = self.pick(service, repicked.take()).await?;
+            let (addr, in_flight) = self.pick(service, repicked.take(), start).await?;
             let Failed { error, unsent } = match self.pools.send(addr, request).await {
                 Ok(sent) => break (addr, in_flight, sent),
                 Err(failed) => failed,

@@ -335,11 +335,21 @@ impl ServiceBalancer {
     /// [`ProxyError::LoadShed`] (503) when the queue is full.
     pub(crate) async fn resolved(&self, mut now: Instant) -> Result<Arc<str>, ProxyError> {
         loop {
+            // Look first: once discovery has answered, a request never registers for wake-ups.
+            {
+                let mut state = lock(&self.state);
+                state.last_used = now;
+                match &state.status {
+                    Status::Found { label } => return Ok(Arc::clone(label)),
+                    Status::NotFound => return Err(self.not_found()),
+                    Status::Unknown => {}
+                }
+            }
             let mut notified = pin!(self.ready.notified());
+            // Register, then look again, so an answer between the looks still wakes us.
             notified.as_mut().enable();
             let admit = {
                 let mut state = lock(&self.state);
-                state.last_used = now;
                 match &state.status {
                     Status::Found { label } => return Ok(Arc::clone(label)),
                     Status::NotFound => return Err(self.not_found()),
@@ -402,28 +412,37 @@ impl ServiceBalancer {
     /// [`ProxyError::FailFast`] (504) when no endpoint is ready in time,
     /// [`ProxyError::LoadShed`] (503) when the queue is full,
     /// [`ProxyError::UnknownAuthority`] (404) when the service left discovery meanwhile.
-    pub(crate) async fn acquire(&self) -> Result<Picked, ProxyError> {
+    pub(crate) async fn acquire(&self, mut now: Instant) -> Result<Picked, ProxyError> {
         loop {
+            // Look first: the common case finds a ready endpoint and never registers for
+            // wake-ups.
+            if let Some(picked) = self.try_pick(now) {
+                return picked;
+            }
             let mut notified = pin!(self.ready.notified());
-            // Register before looking, so a readiness change between the look and the wait
-            // still wakes us.
+            // Register, then look again, so a readiness change between the looks still wakes
+            // us.
             notified.as_mut().enable();
-            let admit = {
-                let mut state = lock(&self.state);
-                let now = self.clock.now();
-                state.last_used = now;
-                if matches!(state.status, Status::NotFound) {
-                    return Err(self.not_found());
-                }
-                let State { balancer, rng, .. } = &mut *state;
-                if let Some(picked) = balancer.pick(now, rng) {
-                    tracing::trace!(authority = %self.authority, endpoint = %picked.addr, "picked");
-                    return Ok(picked);
-                }
-                state.queue.admit(now)
-            };
+            if let Some(picked) = self.try_pick(now) {
+                return picked;
+            }
+            let admit = lock(&self.state).queue.admit(now);
             self.wait(admit, notified).await?;
+            now = self.clock.now();
         }
+    }
+
+    /// Picks a ready endpoint at `now`; `None` when none is ready.
+    fn try_pick(&self, now: Instant) -> Option<Result<Picked, ProxyError>> {
+        let mut state = lock(&self.state);
+        state.last_used = now;
+        if matches!(state.status, Status::NotFound) {
+            return Some(Err(self.not_found()));
+        }
+        let State { balancer, rng, .. } = &mut *state;
+        let picked = balancer.pick(now, rng)?;
+        tracing::trace!(authority = %self.authority, endpoint = %picked.addr, "picked");
+        Some(Ok(picked))
     }
 
     /// Response headers arrived: an RTT sample for the endpoint.

@@ -38,11 +38,14 @@ pub(crate) type Upstream<N> = Side<CountingIo<<N as Net>::Io>>;
 
 /// A timer owned by a connection and re-armed lazily: waiting for a later deadline than the
 /// one armed costs nothing until the armed one fires, so kept-alive requests, whose deadlines
-/// only move forward, never touch the timer wheel.
+/// only move forward, never touch the timer wheel. Only the connection's task polls it, so
+/// once registered it wakes that task without being polled again.
 #[derive(Debug)]
 struct Deadline {
     sleep: Pin<Box<tokio::time::Sleep>>,
     armed: Option<Instant>,
+    /// Polled since it was last armed: the timer holds the task's waker.
+    registered: bool,
 }
 
 impl Deadline {
@@ -50,6 +53,7 @@ impl Deadline {
         Self {
             sleep: Box::pin(tokio::time::sleep_until(clock.to_tokio(Instant::ZERO))),
             armed: None,
+            registered: false,
         }
     }
 
@@ -59,10 +63,16 @@ impl Deadline {
             if self.armed.is_none_or(|armed| armed > deadline) {
                 self.sleep.as_mut().reset(clock.to_tokio(deadline));
                 self.armed = Some(deadline);
+                self.registered = false;
             }
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            if self.registered && !self.sleep.is_elapsed() {
                 return Poll::Pending;
             }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                self.registered = true;
+                return Poll::Pending;
+            }
+            self.registered = false;
             if clock.now() >= deadline {
                 return Poll::Ready(());
             }
@@ -319,7 +329,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         loop {
             attempts += 1;
             let (addr, in_flight) =
-                http.pick(service, repicked.take())
+                http.pick(service, repicked.take(), start)
                     .await
                     .map_err(|error| Failed {
                         error,
