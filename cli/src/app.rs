@@ -14,7 +14,7 @@ use bytes::Bytes;
 use conduit_core::rand::{DetRng, Rng};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 /// How one demo replica behaves.
@@ -80,6 +80,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves `200 hello world\n` to every request, as fast as possible (benchmark backend).
+///
+/// HTTP/1.1 and h2 with prior knowledge share the port: each accepted connection is peeked
+/// once for the HTTP/2 connection preface and served by hyper's http2 server if it starts
+/// with it, by its http1 server otherwise (one `recv(MSG_PEEK)` per connection, nothing per
+/// request).
 pub async fn serve_hello(listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -92,9 +97,107 @@ pub async fn serve_hello(listener: TcpListener) {
                     b"hello world\n",
                 ))))
             });
+            if starts_with_h2_preface(&stream).await {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                return;
+            }
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a connection may hold an incomplete preface before it is served as HTTP/1 (which
+/// answers the garbage with an error).
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the connection's first bytes are the HTTP/2 preface, read without consuming them.
+/// Decided by the first byte that differs; a peer closing or failing before that is left to
+/// the HTTP/1 server to notice.
+async fn starts_with_h2_preface(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let peek = async {
+        loop {
+            let n = stream.peek(&mut buf).await.unwrap_or(0);
+            if n == 0 || buf[..n] != H2_PREFACE[..n] {
+                return false;
+            }
+            if n == H2_PREFACE.len() {
+                return true;
+            }
+            // A partial preface (clients send it in one write, so this is rare): peeking again
+            // would return the same bytes at once, so wait a little for the rest.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(PREFACE_TIMEOUT, peek)
+        .await
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `chunks` to a hello server, pausing between them so they arrive as separate
+    /// segments, and returns the first 9 bytes of its answer.
+    async fn first_answer(chunks: &[&[u8]]) -> Vec<u8> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_hello(listener));
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        for chunk in chunks {
+            let mut rest = *chunk;
+            while !rest.is_empty() {
+                stream.writable().await.unwrap();
+                if let Ok(n) = stream.try_write(rest) {
+                    rest = &rest[n..];
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut answer = vec![0u8; 9];
+        let mut filled = 0;
+        let read = async {
+            while filled < answer.len() {
+                stream.readable().await.unwrap();
+                match stream.try_read(&mut answer[filled..]) {
+                    Ok(0) => panic!("closed after {filled} bytes"),
+                    Ok(n) => filled += n,
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => panic!("{error}"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap();
+        server.abort();
+        answer
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hello_speaks_http1() {
+        let answer = first_answer(&[b"GET / HTTP/1.1\r\nHost: hello\r\n\r\n"]).await;
+        assert_eq!(&answer, b"HTTP/1.1 ");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hello_speaks_h2_prior_knowledge_even_from_a_split_preface() {
+        // The preface in two writes, then an empty SETTINGS frame: an h2 server answers with
+        // its own SETTINGS frame (type 4, the frame header's fourth byte).
+        let answer = first_answer(&[
+            b"PRI * HTTP/2.0\r\n",
+            b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        ])
+        .await;
+        assert_eq!(answer[3], 4, "{answer:?}");
     }
 }

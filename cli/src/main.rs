@@ -5,6 +5,7 @@
 
 use conduit_cli::demo;
 
+mod load_h2;
 mod sim;
 
 use std::net::SocketAddr;
@@ -74,7 +75,8 @@ enum Command {
     /// Deterministic simulation: `--list` the scenarios, replay `--scenario NAME --seed N`,
     /// or sweep `--seeds A..B` (each seed in its own process).
     Sim(sim::SimArgs),
-    /// Serve `200 hello world` on one thread: the backend for proxy benchmarks.
+    /// Serve `200 hello world` on one thread: the backend for proxy benchmarks. HTTP/1.1 and
+    /// h2 with prior knowledge (h2c) on the same port.
     #[command(hide = true)]
     Hello {
         /// Where to listen.
@@ -82,7 +84,7 @@ enum Command {
         listen: SocketAddr,
     },
     /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
-    /// HTTP/1.1 address and print what came back.
+    /// HTTP/1.1 address (h2c with `--h2`) and print what came back.
     Load {
         /// Where to send: usually a proxy's outbound port.
         addr: SocketAddr,
@@ -104,6 +106,10 @@ enum Command {
         /// Per-request timeout, from the intended send time.
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
         timeout: Duration,
+        /// Speak HTTP/2 with prior knowledge (h2c): requests are multiplexed over the
+        /// `--connections` connections (in turn) instead of one at a time on each.
+        #[arg(long)]
+        h2: bool,
         /// `table` or `json`.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -219,6 +225,7 @@ fn main() -> ExitCode {
                 duration,
                 connections,
                 timeout,
+                h2,
                 output,
             } => {
                 let config = conduit_scenarios::load::LoadConfig {
@@ -230,7 +237,7 @@ fn main() -> ExitCode {
                     record_samples: true,
                     spin_wait: true,
                 };
-                run_load(addr, config, output == Output::Json).await
+                run_load(addr, config, h2, output == Output::Json).await
             }
             Command::Sim(args) => sim::run(args),
         }
@@ -247,15 +254,26 @@ fn main() -> ExitCode {
 async fn run_load(
     addr: SocketAddr,
     config: conduit_scenarios::load::LoadConfig,
+    h2: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let report = conduit_scenarios::load::run(
-        conduit_proxy::TokioNet,
-        addr,
-        config,
-        conduit_proxy::clock::Clock::new(),
-    )
-    .await?;
+    let report = if h2 {
+        load_h2::run(
+            conduit_proxy::TokioNet,
+            addr,
+            config,
+            conduit_proxy::clock::Clock::new(),
+        )
+        .await?
+    } else {
+        conduit_scenarios::load::run(
+            conduit_proxy::TokioNet,
+            addr,
+            config,
+            conduit_proxy::clock::Clock::new(),
+        )
+        .await?
+    };
     let overall = report.overall();
     if json {
         let us = |q| report.exact_quantile(q).map(|d| d.as_secs_f64() * 1e6);

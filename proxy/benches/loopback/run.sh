@@ -9,7 +9,11 @@
 #   closed loop  wrk -t1 -c50 for DUR s: requests/s and server CPU per request (from /proc)
 #   open loop    `conduit load` at 1,000 and 5,000 req/s, 50 connections, latency from the
 #                intended send time (no coordinated omission): exact p50/p90/p99/p99.9
-#   memory       conduit-proxy's RSS and high-water mark after each rep (50 connections)
+#   memory       conduit-proxy's RSS and high-water mark after its HTTP/1.1 runs (50 connections)
+#   h2 open loop then the same two rates over h2 with prior knowledge (`conduit load --h2`, 50
+#                connections, requests multiplexed on them), direct and proxy only: the proxy
+#                speaks h2 upstream to an h2 client; nginx cannot proxy h2 upstream, so it has
+#                no h2 row. (From rep 2 on, the memory high-water mark includes earlier h2 runs.)
 # Results: target/bench/loopback/<time>/results.json and a summary table (medians over reps).
 #
 # Usage: proxy/benches/loopback/run.sh [REPS] [DUR]   (defaults 3 reps of 10 s per step)
@@ -75,6 +79,13 @@ for addr in $HELLO $NGINX $PROXY; do
     done
     curl -fsS -H 'Host: hello' "http://$addr/" >/dev/null || { echo "$addr did not answer"; exit 1; }
 done
+# And h2 with prior knowledge where it is measured (when this curl speaks HTTP/2).
+if curl -V | grep -qw HTTP2; then
+    for addr in $HELLO $PROXY; do
+        curl -fsS --http2-prior-knowledge "http://hello/" --connect-to "hello:80:$addr" >/dev/null \
+            || { echo "$addr did not answer h2"; exit 1; }
+    done
+fi
 
 TICK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -101,12 +112,19 @@ for rep in $(seq 1 "$REPS"); do
         open5k=$(taskset -c 1 "$BIN/conduit" load "$addr" --authority hello --rate 5000 --duration "${DUR}s" --connections 50 --output json)
         rss=0 hwm=0
         if [ "$target" = proxy ]; then rss=$(rss_kb $PROXY_PID VmRSS); hwm=$(rss_kb $PROXY_PID VmHWM); fi
+        # The same open loop over h2 (prior knowledge); nginx cannot proxy h2 upstream.
+        h2open1k=null h2open5k=null
+        if [ "$target" != nginx ]; then
+            h2open1k=$(taskset -c 1 "$BIN/conduit" load "$addr" --h2 --authority hello --rate 1000 --duration "${DUR}s" --connections 50 --output json)
+            h2open5k=$(taskset -c 1 "$BIN/conduit" load "$addr" --h2 --authority hello --rate 5000 --duration "${DUR}s" --connections 50 --output json)
+        fi
         [ $first = 1 ] || echo "," >>"$OUT/results.json"
         first=0
         cat >>"$OUT/results.json" <<JSON
 {"rep": $rep, "target": "$target", "loadavg": $load, "requests": $requests, "rps": $rps,
  "server_cpu_s": $(seconds "$p0" "$p1"), "hello_cpu_s": $(seconds "$h0" "$h1"),
- "rss_kb": $rss, "hwm_kb": $hwm, "open_1000": $open1k, "open_5000": $open5k}
+ "rss_kb": $rss, "hwm_kb": $hwm, "open_1000": $open1k, "open_5000": $open5k,
+ "h2_open_1000": $h2open1k, "h2_open_5000": $h2open5k}
 JSON
         echo "rep $rep $target: ${rps} req/s closed loop (load average $load)"
     done

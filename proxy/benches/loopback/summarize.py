@@ -45,3 +45,31 @@ for rate in ("open_1000", "open_5000"):
 rss = med("proxy", lambda r: r["rss_kb"])
 hwm = med("proxy", lambda r: r["hwm_kb"])
 print(f"conduit-proxy memory after each rep (50 connections): RSS {rss / 1024:.1f} MB, high-water {hwm / 1024:.1f} MB")
+# h2 (prior knowledge) open loop: direct and proxy only, as nginx cannot proxy h2 upstream.
+h2_targets = ["direct", "proxy"]
+
+
+def us(v):
+    return "-" if v is None else f"{v:.0f}"
+
+
+for rate in ("h2_open_1000", "h2_open_5000"):
+    if not any(r.get(rate) for r in runs):
+        continue
+    print()
+    print(f"h2 open loop {rate[8:]} req/s (50 connections, requests multiplexed on them, "
+          "latency from intended send time), medians in us:")
+    print()
+    print("| target | p50 | p90 | p99 | p99.9 | added p50 | errors |")
+    print("|---|---|---|---|---|---|---|")
+    base = med("direct", lambda r: r[rate]["p50_us"] if r.get(rate) else None)
+    for t in h2_targets:
+        q = {k: med(t, lambda r, k=k: r[rate][k] if r.get(rate) else None)
+             for k in ("p50_us", "p90_us", "p99_us", "p999_us")}
+        errors = med(t, lambda r: sum(r[rate]["errors"].values()) if r.get(rate) else None)
+        added = "-" if t == "direct" or base is None or q["p50_us"] is None else f"{q['p50_us'] - base:+.0f}"
+        print(f"| {t} | {us(q['p50_us'])} | {us(q['p90_us'])} | {us(q['p99_us'])} | {us(q['p999_us'])} | "
+              f"{added} | {us(errors)} |")
+if any(r.get("h2_open_1000") or r.get("h2_open_5000") for r in runs):
+    print()
+    print("nginx has no h2 rows: it cannot proxy h2 to its upstream (proxy_pass speaks HTTP/1.x only).")
