@@ -111,10 +111,10 @@ const fn addr(ip: [u8; 4], port: u16) -> SocketAddr {
 pub enum DiscoveryConfig {
     /// A mesh file (the controller's file format), reloaded when it changes (`file:PATH`).
     File(PathBuf),
-    /// The controller's Destination API (`IP:PORT`).
+    /// The controller's Destination API (`IP:PORT` or `HOST:PORT`).
     Controller {
-        /// The controller's gRPC address.
-        addr: SocketAddr,
+        /// The controller's gRPC address (a name is resolved at every connect).
+        addr: crate::net::PeerAddr,
     },
 }
 
@@ -332,7 +332,9 @@ impl ProxyConfig {
             None | Some("") => {
                 e(
                     "discovery",
-                    "required: the controller's `IP:PORT`, or `file:PATH` for a mesh file".into(),
+                    "required: the controller's `HOST:PORT` or `IP:PORT`, or `file:PATH` for a \
+                     mesh file"
+                        .into(),
                 );
                 DiscoveryConfig::File(PathBuf::new())
             }
@@ -345,14 +347,14 @@ impl ProxyConfig {
                     );
                     DiscoveryConfig::File(PathBuf::new())
                 }
-                None => match value.parse::<SocketAddr>() {
+                None => match value.parse::<crate::net::PeerAddr>() {
                     Ok(addr) => DiscoveryConfig::Controller { addr },
                     Err(_) => {
                         e(
                             "discovery",
                             format!(
-                                "`{value}` is neither the controller's `IP:PORT` nor \
-                                 `file:PATH` (host names are not resolved yet)"
+                                "`{value}` is neither the controller's `HOST:PORT` or \
+                                 `IP:PORT` nor `file:PATH`"
                             ),
                         );
                         DiscoveryConfig::File(PathBuf::new())
@@ -732,7 +734,7 @@ mod tests {
         let err = ProxyConfig::load(
             None,
             env(&[
-                ("CONDUIT_PROXY_DISCOVERY", "controller:8086"),
+                ("CONDUIT_PROXY_DISCOVERY", "controller"),
                 ("CONDUIT_PROXY_DISCOVERY_BACKOFF_MIN", "2s"),
                 ("CONDUIT_PROXY_DISCOVERY_BACKOFF_MAX", "1s"),
                 ("CONDUIT_PROXY_ADMIN_ADDR", "nope"),
@@ -743,7 +745,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         for want in [
-            "discovery (CONDUIT_PROXY_DISCOVERY): `controller:8086` is neither the controller's `IP:PORT`",
+            "discovery (CONDUIT_PROXY_DISCOVERY): `controller` is neither the controller's `HOST:PORT` or `IP:PORT`",
             "discovery_backoff_max (CONDUIT_PROXY_DISCOVERY_BACKOFF_MAX): the maximum backoff 1s is below the minimum 2s",
             "admin_addr (CONDUIT_PROXY_ADMIN_ADDR): `nope` is not an IP:PORT address",
             "connect_timeout (CONDUIT_PROXY_CONNECT_TIMEOUT): `3 parsecs`",
@@ -768,6 +770,23 @@ mod tests {
             c.discovery,
             DiscoveryConfig::Controller {
                 addr: "127.0.0.1:8086".parse().unwrap()
+            }
+        );
+        let named = ProxyConfig::load(
+            None,
+            env(&[(
+                "CONDUIT_PROXY_DISCOVERY",
+                "conduit-controller.conduit.svc:8086",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            named.discovery,
+            DiscoveryConfig::Controller {
+                addr: crate::net::PeerAddr::Name {
+                    host: "conduit-controller.conduit.svc".into(),
+                    port: 8086
+                }
             }
         );
         assert_eq!(c.discovery_idle_timeout, Duration::from_secs(300));

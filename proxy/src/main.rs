@@ -94,7 +94,7 @@ async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
             conduit_proxy::run(config, TokioNet, seed, discovery, shutdown_signal()).await?;
         }
         DiscoveryConfig::Controller { addr } => {
-            let mut settings = ControllerDiscoverConfig::new(*addr);
+            let mut settings = ControllerDiscoverConfig::new(addr.clone());
             settings.backoff = config.discovery_backoff;
             settings.connect_timeout = config.limits.connect_timeout;
             // The reconnect jitter draws from its own generator, derived from the proxy's seed

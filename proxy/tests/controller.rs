@@ -22,6 +22,7 @@ use conduit_controller::net::tcp_incoming;
 use conduit_core::backoff::BackoffConfig;
 use conduit_core::rand::DetRng;
 use conduit_proxy::discover::controller::ControllerDiscoverConfig;
+use conduit_proxy::net::PeerAddr;
 use conduit_proxy::{Addrs, ControllerDiscover, Proxy, TokioNet};
 use support::{body_bytes, config, get_once, named_backend, scrape};
 use tokio::sync::oneshot;
@@ -136,11 +137,15 @@ struct TestProxy {
 }
 
 impl TestProxy {
-    async fn start(controller: SocketAddr, failfast: Duration) -> Self {
+    async fn start(controller: impl Into<PeerAddr>, failfast: Duration) -> Self {
         Self::start_with(controller, failfast, Duration::from_secs(60)).await
     }
 
-    async fn start_with(controller: SocketAddr, failfast: Duration, idle: Duration) -> Self {
+    async fn start_with(
+        controller: impl Into<PeerAddr>,
+        failfast: Duration,
+        idle: Duration,
+    ) -> Self {
         let mut config = config();
         config.queue.failfast_timeout = failfast;
         config.discovery_idle_timeout = idle;
@@ -290,7 +295,12 @@ async fn unknown_services_get_404_from_the_proxy() {
         let file = dir.join("mesh.yaml");
         write_atomically(&file, &mesh(&[a]));
         let controller = Controller::start(&file, "127.0.0.1:0".parse().unwrap());
-        let proxy = TestProxy::start(controller.addr, Duration::from_secs(3)).await;
+        // The controller by name, as a cluster names it: resolved through the proxy's Net.
+        let by_name = PeerAddr::Name {
+            host: "localhost".into(),
+            port: controller.addr.port(),
+        };
+        let proxy = TestProxy::start(by_name, Duration::from_secs(3)).await;
 
         let response = get_once(proxy.addrs.outbound, "nope.test", "/").await;
         assert_eq!(response.status(), 404);

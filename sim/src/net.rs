@@ -69,6 +69,11 @@ impl Net for SimNet {
     async fn connect(&self, addr: SocketAddr) -> io::Result<SimStream> {
         SimStream::connect(addr).await
     }
+
+    async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        // turmoil's DNS: the simulation's host names.
+        Ok(turmoil::net::lookup_host((host, port)).await?.collect())
+    }
 }
 
 /// Binds `addr` on the current host.

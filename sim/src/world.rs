@@ -26,6 +26,7 @@ use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService};
 use conduit_core::rand::{DetRng, Rng};
 use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
 use conduit_proxy::discover::controller::ControllerDiscoverConfig;
+use conduit_proxy::net::PeerAddr;
 use conduit_proxy::{ControllerDiscover, StaticDiscover};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -205,8 +206,10 @@ impl Seeds {
 enum Source {
     /// Straight from the harness.
     Static(Arc<StaticDiscover>),
-    /// From the controller at this address, through the real Destination client.
-    Controller(SocketAddr),
+    /// From the controller, through the real Destination client. By its host name: resolved
+    /// through the proxy's `Net` (turmoil's DNS) at every connect, as a cluster's service name
+    /// is.
+    Controller(PeerAddr),
 }
 
 async fn run_proxy(
@@ -298,9 +301,10 @@ impl<'a> World<'a> {
         };
         let source = match spec.discovery {
             DiscoveryMode::Static => Source::Static(Arc::clone(&static_discover)),
-            DiscoveryMode::Controller => {
-                Source::Controller(SocketAddr::new(sim.lookup(CONTROLLER), CONTROLLER_PORT))
-            }
+            DiscoveryMode::Controller => Source::Controller(PeerAddr::Name {
+                host: CONTROLLER.to_owned(),
+                port: CONTROLLER_PORT,
+            }),
         };
 
         let mut apps = BTreeMap::new();

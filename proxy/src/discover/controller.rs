@@ -35,7 +35,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -51,7 +50,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 use super::{Discover, Resolution};
-use crate::net::Net;
+use crate::net::{Net, PeerAddr};
 
 /// How long connecting to the controller may take before the attempt counts as failed.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -73,11 +72,11 @@ pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_DESTINATIONS: usize = 10_000;
 
 /// How the controller client behaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ControllerDiscoverConfig {
     /// The controller's gRPC address.
-    pub addr: SocketAddr,
+    pub addr: PeerAddr,
     /// Reconnect backoff.
     pub backoff: BackoffConfig,
     /// Connect timeout.
@@ -85,11 +84,12 @@ pub struct ControllerDiscoverConfig {
 }
 
 impl ControllerDiscoverConfig {
-    /// The defaults for a controller at `addr`.
+    /// The defaults for a controller at `addr` (an IP address or a name resolved at every
+    /// connect).
     #[must_use]
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: impl Into<PeerAddr>) -> Self {
         Self {
-            addr,
+            addr: addr.into(),
             backoff: BackoffConfig::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
@@ -104,7 +104,7 @@ pub enum ControllerDiscoverError {
     #[error("controller address {addr}: {source}")]
     Address {
         /// The address.
-        addr: SocketAddr,
+        addr: PeerAddr,
         /// tonic's error.
         #[source]
         source: tonic::transport::Error,
@@ -156,17 +156,24 @@ impl ControllerDiscover {
         config: ControllerDiscoverConfig,
         rng: DetRng,
     ) -> Result<Self, ControllerDiscoverError> {
-        let addr = config.addr;
+        let addr = config.addr.clone();
         let endpoint = TonicEndpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| ControllerDiscoverError::Address { addr, source })?
+            .map_err(|source| ControllerDiscoverError::Address {
+                addr: addr.clone(),
+                source,
+            })?
             .connect_timeout(config.connect_timeout)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        let connector = tower::service_fn(move |_: http::Uri| {
-            let net = net.clone();
-            async move { net.connect(addr).await.map(TokioIo::new) }
-        });
+        let connector = {
+            let addr = addr.clone();
+            tower::service_fn(move |_: http::Uri| {
+                let net = net.clone();
+                let addr = addr.clone();
+                async move { addr.connect(&net).await.map(TokioIo::new) }
+            })
+        };
         let channel = endpoint.connect_with_connector_lazy(connector);
         tracing::info!(controller = %addr, "discovery from the controller");
         Ok(Self {
@@ -621,7 +628,7 @@ mod tests {
     use super::*;
 
     fn endpoint(port: u16) -> Endpoint {
-        Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)))
+        Endpoint::new(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
     fn target() -> Target {
