@@ -37,6 +37,10 @@ use crate::h1::conn::Upstream;
 use crate::net::Net;
 use crate::transport::CountingIo;
 
+/// How long an upstream h2 connection may leave a keep-alive ping unanswered (as the server
+/// side allows its clients).
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Pool state is a list of connections; a panic elsewhere cannot leave it half-updated.
     mutex
@@ -358,6 +362,12 @@ impl<N: Net> Pools<N> {
                             u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX),
                         )
                         .adaptive_window(true)
+                        // Pings find a peer that vanished without closing (a partition, a
+                        // crashed host), whether or not streams are open; hyper then closes
+                        // the connection and the next request opens another.
+                        .keep_alive_interval(self.limits.idle_timeout / 4)
+                        .keep_alive_timeout(H2_PING_TIMEOUT)
+                        .keep_alive_while_idle(true)
                         .handshake::<_, Body>(TokioIo::new(io))
                         .await
                         .map_err(|source| ProxyError::Upstream {
