@@ -147,3 +147,156 @@ impl<B, G: OnBodyEnd> Drop for GuardedBody<B, G> {
         self.end(BodyEnd::Cancelled);
     }
 }
+
+/// What a [`RecordingBody`] has yielded so far.
+#[derive(Debug, Default)]
+struct Recording {
+    data: Vec<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    len: usize,
+    /// More than the limit went by: the copy was dropped and cannot be replayed.
+    overflow: bool,
+    /// The body reached its end.
+    ended: bool,
+}
+
+/// A request body that keeps a copy of the frames it yields, up to a limit, so that a request
+/// the upstream provably did not process (a refused h2 stream) can be sent again after its
+/// body was already consumed. The copy shares the frames' memory (`Bytes` clones).
+pub(crate) struct RecordingBody {
+    inner: Body,
+    record: std::sync::Arc<std::sync::Mutex<Recording>>,
+    limit: usize,
+}
+
+/// The copy a [`RecordingBody`] keeps.
+#[derive(Clone, Debug)]
+pub(crate) struct Recorded(std::sync::Arc<std::sync::Mutex<Recording>>);
+
+fn lock_recording(record: &std::sync::Mutex<Recording>) -> std::sync::MutexGuard<'_, Recording> {
+    // Every update leaves the recording consistent.
+    record
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Wraps `inner` to keep a copy of up to `limit` bytes of it.
+pub(crate) fn recording(inner: Body, limit: usize) -> (Body, Recorded) {
+    let record = std::sync::Arc::default();
+    let body = RecordingBody {
+        inner,
+        record: std::sync::Arc::clone(&record),
+        limit,
+    };
+    (boxed(body), Recorded(record))
+}
+
+impl Recorded {
+    /// The whole body again, if it ended within the limit.
+    pub(crate) fn replay(&self) -> Option<Body> {
+        let record = lock_recording(&self.0);
+        if !record.ended || record.overflow {
+            return None;
+        }
+        let frames: Vec<Frame<Bytes>> = record
+            .data
+            .iter()
+            .cloned()
+            .map(Frame::data)
+            .chain(record.trailers.clone().map(Frame::trailers))
+            .collect();
+        let stream =
+            futures_util::stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
+        Some(boxed(http_body_util::StreamBody::new(stream)))
+    }
+}
+
+impl http_body::Body for RecordingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let mut record = lock_recording(&this.record);
+                if let Some(data) = frame.data_ref() {
+                    if !record.overflow {
+                        if record.len + data.len() > this.limit {
+                            record.overflow = true;
+                            record.data = Vec::new();
+                        } else {
+                            record.len += data.len();
+                            record.data.push(data.clone());
+                        }
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    record.trailers = Some(trailers.clone());
+                }
+                if this.inner.is_end_stream() {
+                    record.ended = true;
+                }
+            }
+            Poll::Ready(None) => lock_recording(&this.record).ended = true,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    fn frames(chunks: &[&'static str], trailers: bool) -> Body {
+        let mut frames: Vec<Frame<Bytes>> = chunks
+            .iter()
+            .map(|c| Frame::data(Bytes::from_static(c.as_bytes())))
+            .collect();
+        if trailers {
+            let mut map = http::HeaderMap::new();
+            map.insert("grpc-status", http::HeaderValue::from_static("0"));
+            frames.push(Frame::trailers(map));
+        }
+        let stream =
+            futures_util::stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
+        boxed(http_body_util::StreamBody::new(stream))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_body_read_whole_within_the_limit_replays_with_its_trailers() {
+        let (body, recorded) = recording(frames(&["ab", "cd"], true), 16);
+        assert!(recorded.replay().is_none(), "nothing read yet");
+        let first = body.collect().await.unwrap();
+        assert_eq!(first.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(first.to_bytes(), "abcd");
+        let again = recorded.replay().unwrap().collect().await.unwrap();
+        assert_eq!(again.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(again.to_bytes(), "abcd");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_body_past_the_limit_or_unfinished_does_not_replay() {
+        let (body, recorded) = recording(frames(&["abcd", "efgh"], false), 6);
+        let _ = body.collect().await.unwrap();
+        assert!(recorded.replay().is_none());
+
+        let (mut body, recorded) = recording(frames(&["ab", "cd"], false), 16);
+        let _ = body.frame().await;
+        assert!(recorded.replay().is_none(), "half read");
+    }
+}

@@ -37,6 +37,9 @@ use crate::h1::conn::Upstream;
 use crate::net::Net;
 use crate::transport::CountingIo;
 
+/// The most request body an h2 request keeps to be sent again after a refused stream.
+const REPLAY_LIMIT: usize = 64 * 1024;
+
 /// How long an upstream h2 connection may leave a keep-alive ping unanswered (as the server
 /// side allows its clients).
 const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -147,19 +150,15 @@ impl From<ProxyError> for Failed {
     }
 }
 
-/// A copy of a request without a body (an HTTP/2 GET, say), to send again if the server
-/// refuses its stream before processing it. Extensions are not copied: the proxy sets none.
-fn replayable_head(request: &Request<Body>) -> Option<Request<()>> {
-    use http_body::Body as _;
-    if !request.body().is_end_stream() {
-        return None;
-    }
+/// A copy of a request's head, to send again if the server refuses its stream before
+/// processing it. Extensions are not copied: the proxy sets none.
+fn replayable_head(request: &Request<Body>) -> Request<()> {
     let mut head = Request::new(());
     head.method_mut().clone_from(request.method());
     head.uri_mut().clone_from(request.uri());
     *head.version_mut() = request.version();
     head.headers_mut().clone_from(request.headers());
-    Some(head)
+    head
 }
 
 /// Whether the server said it did not process the stream (RFC 9113 §8.7): it reset it with
@@ -338,9 +337,17 @@ impl<N: Net> Pools<N> {
         progress: Option<&Progress>,
     ) -> Result<Sent, Failed> {
         let endpoint = self.endpoint(addr);
-        // A body-less request can be rebuilt if the server refuses its stream unprocessed;
-        // one with a body cannot (it is streamed, never buffered), so it is not copied.
+        // A request the server refuses unprocessed can be rebuilt: its head is copied, and a
+        // body's frames are kept as they are sent (up to `REPLAY_LIMIT`, shared with the sent
+        // frames), so a unary gRPC call whose body went out whole can go again.
         let replay = replayable_head(&request);
+        let (request, recorded) = if http_body::Body::is_end_stream(request.body()) {
+            (request, None)
+        } else {
+            let (parts, inner) = request.into_parts();
+            let (body, recorded) = body::recording(inner, REPLAY_LIMIT);
+            (Request::from_parts(parts, body), Some(recorded))
+        };
         let (mut sender, connected, generation) = {
             // Held across the connect so concurrent requests share one new connection.
             let mut slot = endpoint.h2.lock().await;
@@ -392,9 +399,14 @@ impl<N: Net> Pools<N> {
             Ok(Ok(response)) => response,
             Ok(Err(mut err)) => {
                 let unsent = err.take_message().or_else(|| {
-                    never_processed(err.error())
-                        .then(|| replay.map(|head| head.map(|()| body::empty())))
-                        .flatten()
+                    if !never_processed(err.error()) {
+                        return None;
+                    }
+                    let body = match &recorded {
+                        None => body::empty(),
+                        Some(recorded) => recorded.replay()?,
+                    };
+                    Some(replay.map(|()| body))
                 });
                 if unsent.is_some() {
                     // The connection closed before the stream opened, or the server refused

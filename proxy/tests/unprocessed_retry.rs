@@ -73,3 +73,80 @@ async fn a_refused_h2_stream_is_sent_again() {
     })
     .await;
 }
+
+/// An h2 server that reads each request body whole, refuses the first stream anyway (as a
+/// server shutting down does with `REFUSED_STREAM`), and echoes the body of the others.
+#[expect(clippy::unwrap_used, reason = "test helper: a failure is the report")]
+async fn refusing_echo_server(streams: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((io, _)) = listener.accept().await {
+            let seen = Arc::clone(&streams);
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(io).await.unwrap();
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    let seen = Arc::clone(&seen);
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                        }
+                        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        } else if let Ok(mut send) =
+                            respond.send_response(http::Response::new(()), false)
+                        {
+                            let _ = send.send_data(got.into(), true);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_refused_h2_stream_with_a_body_is_sent_again_with_that_body() {
+    bounded(async {
+        let streams = Arc::new(AtomicUsize::new(0));
+        let addr = refusing_echo_server(Arc::clone(&streams)).await;
+        let proxy = TestProxy::start(config(), mesh(&[("web.test", &[addr])])).await;
+        let mut client = h2_client(proxy.addrs.outbound).await;
+        // A unary-call-sized body, sent whole before the refusal.
+        let payload = "x".repeat(1000);
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://web.test/")
+            .body(full(payload.clone()))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_bytes(response).await, payload.as_bytes());
+        assert_eq!(streams.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_h2_stream_with_a_body_past_the_replay_limit_is_answered_502() {
+    bounded(async {
+        let streams = Arc::new(AtomicUsize::new(0));
+        let addr = refusing_echo_server(Arc::clone(&streams)).await;
+        let proxy = TestProxy::start(config(), mesh(&[("web.test", &[addr])])).await;
+        let mut client = h2_client(proxy.addrs.outbound).await;
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://web.test/")
+            .body(full("x".repeat(100 * 1024)))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert!(response.headers().contains_key("conduit-proxy-error"));
+        assert_eq!(streams.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
