@@ -386,3 +386,57 @@ async fn connect_is_tunnelled() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_app_streaming_both_ways_gets_the_upload_after_answering() {
+    bounded(async {
+        // Answers at once, then echoes the upload's raw bytes as they come, in chunks.
+        let app = raw_backend(|mut io| async move {
+            read_head(&mut io).await;
+            let _ = io
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.ends_with(b"0\r\n\r\n") {
+                let Ok(n) = io.read(&mut buf).await else { return };
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                let chunk = format!("{n:x}\r\n");
+                let _ = io.write_all(chunk.as_bytes()).await;
+                let _ = io.write_all(&buf[..n]).await;
+                let _ = io.write_all(b"\r\n").await;
+            }
+            let _ = io.write_all(b"0\r\n\r\n").await;
+        })
+        .await;
+        let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
+        let mut conn = connect(&proxy).await;
+        conn.write_all(
+            b"POST /duplex HTTP/1.1\r\nhost: web.test\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // The first piece comes back before the upload ends...
+        let mut echoed = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&echoed).contains("hello") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&echoed));
+            echoed.extend_from_slice(&buf[..n]);
+        }
+        // ...and the rest of the upload still reaches the app.
+        conn.write_all(b"5\r\nworld\r\n0\r\n\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.unwrap();
+        echoed.extend_from_slice(&rest);
+        let text = String::from_utf8_lossy(&echoed);
+        assert!(text.contains("world"), "{text}");
+        assert!(text.ends_with("0\r\n\r\n"), "{text}");
+    })
+    .await;
+}

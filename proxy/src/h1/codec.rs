@@ -76,6 +76,8 @@ pub(crate) struct RequestHead {
     pub(crate) authority: Option<Range<usize>>,
     /// The request body's framing (never [`Framing::Close`]).
     pub(crate) body: Framing,
+    /// The client's `Content-Length` (its fields are forwarded as one normalized field).
+    pub(crate) content_length: Option<u64>,
     /// `HTTP/1.0`.
     pub(crate) http10: bool,
     /// The client allows the connection to stay open after the response.
@@ -86,9 +88,9 @@ pub(crate) struct RequestHead {
     pub(crate) connect: bool,
     /// `HEAD`: the response has no body whatever its fields say.
     pub(crate) head: bool,
-    /// Safe to send again if a reused connection closed before any response (RFC 9110
-    /// §9.2.2).
-    pub(crate) idempotent: bool,
+    /// A safe method (RFC 9110 §9.2.1: `GET`, `HEAD`, `OPTIONS`, `TRACE`): may be sent again
+    /// when a reused connection closes before any response.
+    pub(crate) safe: bool,
     /// `content-type: application/grpc*`.
     pub(crate) grpc: bool,
 }
@@ -106,6 +108,9 @@ pub(crate) struct ResponseHead {
     pub(crate) reusable: bool,
     /// `content-type: application/grpc*`.
     pub(crate) grpc: bool,
+    /// Transfer codings other than the final `chunked` (gzip, say), which the forwarded head
+    /// must keep naming.
+    pub(crate) codings: Option<String>,
     /// The `grpc-status` field's value, if any.
     pub(crate) grpc_status: Option<Range<usize>>,
 }
@@ -160,8 +165,13 @@ impl ConnectionField {
     }
 }
 
-/// Whether `name` is listed in any `Connection` field of `headers`.
+/// Whether `name` is listed in any `Connection` field of `headers`, and so hop-by-hop. Never
+/// the fields that frame or route the message (`Content-Length`, `Host`): a client naming
+/// them must not make the proxy forward a body without its length.
 fn named_by_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("host") {
+        return false;
+    }
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
@@ -206,6 +216,40 @@ fn transfer_encoding_chunked(values: &mut dyn Iterator<Item = &[u8]>) -> bool {
     }
     // `chunked` applied twice is an error (RFC 9112 §6.1).
     last_chunked && chunked_seen == 1
+}
+
+/// Whether the `Transfer-Encoding` fields say exactly `chunked` and nothing else: the only
+/// request coding the proxy forwards (it re-chunks bodies and would lose any other).
+fn transfer_encoding_only_chunked(values: &mut dyn Iterator<Item = &[u8]>) -> bool {
+    let mut count = 0;
+    for value in values {
+        for token in tokens(value) {
+            if !token.eq_ignore_ascii_case(b"chunked") {
+                return false;
+            }
+            count += 1;
+        }
+    }
+    count == 1
+}
+
+/// The transfer codings before a final `chunked` (or all of them, when `chunked` is not
+/// last), which the proxy must keep naming when it re-chunks the body: `None` for plain
+/// `chunked`.
+fn other_codings(values: &mut dyn Iterator<Item = &[u8]>) -> Option<String> {
+    let all: Vec<&[u8]> = values.flat_map(tokens).collect();
+    let codings = match all.split_last() {
+        Some((last, rest)) if last.eq_ignore_ascii_case(b"chunked") => rest,
+        _ => &all[..],
+    };
+    if codings.is_empty() {
+        return None;
+    }
+    let text: Vec<String> = codings
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    Some(text.join(", "))
 }
 
 /// Whether `bytes` can be a URI authority (host and optional port): no userinfo, no path, no
@@ -306,7 +350,7 @@ pub(crate) fn parse_request(
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
             .map(|h| h.value);
-        if http10 || !transfer_encoding_chunked(&mut values) {
+        if http10 || !transfer_encoding_only_chunked(&mut values) {
             return Err(CodecError::Malformed("unsupported transfer-encoding"));
         }
         Framing::Chunked
@@ -377,6 +421,7 @@ pub(crate) fn parse_request(
             continue;
         }
         if (uri_authority.is_some() && !connect && name.eq_ignore_ascii_case("host"))
+            || name.eq_ignore_ascii_case("content-length")
             || (connection.named && named_by_connection(headers, name))
         {
             continue;
@@ -386,21 +431,24 @@ pub(crate) fn parse_request(
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
+    if host.is_none() && uri_authority.is_none() {
+        // An HTTP/1.0 request without a target authority: HTTP/1.1 needs the field, empty
+        // (RFC 9112 §3.2).
+        out.extend_from_slice(b"host: \r\n");
+    }
     let keep_alive = if http10 { false } else { !connection.close };
-    let idempotent = matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    );
+    let safe = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE");
     Ok(Some(RequestHead {
         len,
         authority,
         body,
+        content_length,
         http10,
         keep_alive,
         upgrade,
         connect,
         head: method == "HEAD",
-        idempotent,
+        safe,
         grpc,
     }))
 }
@@ -418,6 +466,21 @@ fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
 pub(crate) fn finish_request_head(out: &mut Vec<u8>, head: &RequestHead) {
     if head.body == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if let Some(n) = head.content_length {
+        out.extend_from_slice(b"content-length: ");
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = n;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[i..]);
+        out.extend_from_slice(b"\r\n");
     }
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -492,6 +555,7 @@ pub(crate) fn parse_response(
         }
     }
     let interim = (100..200).contains(&status);
+    let mut codings = None;
     let tunnel =
         (request.connect && (200..300).contains(&status)) || (request.upgrade && status == 101);
     let mut reusable = version == 1 && !connection.close;
@@ -506,6 +570,12 @@ pub(crate) fn parse_response(
             // RFC 9112 §6.3: chunked wins, and the connection must not be reused.
             reusable = false;
         }
+        codings = other_codings(
+            &mut headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+                .map(|h| h.value),
+        );
         if transfer_encoding_chunked(&mut values) {
             Framing::Chunked
         } else {
@@ -553,6 +623,7 @@ pub(crate) fn parse_response(
         body,
         reusable,
         grpc,
+        codings,
         grpc_status,
     }))
 }
@@ -568,11 +639,17 @@ fn push_status(out: &mut Vec<u8>, status: u16) {
 pub(crate) fn finish_response_head(
     out: &mut Vec<u8>,
     encoding: Encoding,
+    codings: Option<&str>,
     close: bool,
     upgrade: bool,
 ) {
     if encoding == Encoding::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        out.extend_from_slice(b"transfer-encoding: ");
+        if let Some(codings) = codings {
+            out.extend_from_slice(codings.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(b"chunked\r\n");
     }
     if upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -622,7 +699,9 @@ pub(crate) enum Decoded {
 enum ChunkState {
     /// Hex digits of a chunk size (`digits` so far).
     Size { size: u64, digits: u8 },
-    /// Chunk extensions or whitespace, up to the line's CR.
+    /// After a chunk size: whitespace, then `;` or the line's CR.
+    AfterSize { size: u64 },
+    /// Chunk extensions, up to the line's CR.
     Extension { size: u64 },
     /// The LF ending a size line.
     SizeLf { size: u64 },
@@ -706,11 +785,25 @@ impl ChunkedDecoder {
                         return Err(CodecError::Malformed("invalid chunk size"));
                     }
                     None => {
-                        self.state = ChunkState::Extension { size };
+                        self.state = ChunkState::AfterSize { size };
                         self.line = 0;
                         continue;
                     }
                 },
+                ChunkState::AfterSize { size } => {
+                    self.line += 1;
+                    if self.line > MAX_CHUNK_LINE {
+                        return Err(CodecError::TooLarge(MAX_CHUNK_LINE));
+                    }
+                    // Only whitespace, then an extension or the line's end: `0x10` or `4 junk`
+                    // are not sizes another parser could read differently.
+                    match byte {
+                        b'\r' => self.state = ChunkState::SizeLf { size },
+                        b'\t' | b' ' => {}
+                        b';' => self.state = ChunkState::Extension { size },
+                        _ => return Err(CodecError::Malformed("invalid chunk size")),
+                    }
+                }
                 ChunkState::Extension { size } => {
                     self.line += 1;
                     if self.line > MAX_CHUNK_LINE {
@@ -718,8 +811,8 @@ impl ChunkedDecoder {
                     }
                     match byte {
                         b'\r' => self.state = ChunkState::SizeLf { size },
-                        // Whitespace and `;ext=value` pairs: skipped, never forwarded.
-                        b'\t' | b' ' | b';' | b'=' | b'"' => {}
+                        // `;name=value` pairs: skipped, never forwarded.
+                        b'\t' | b' ' => {}
                         b if b.is_ascii_graphic() => {}
                         _ => return Err(CodecError::Malformed("invalid chunk extension")),
                     }
@@ -794,8 +887,9 @@ impl ChunkedDecoder {
         Ok(())
     }
 
-    /// Trailers must be valid field lines.
-    fn check_trailers(&self) -> Result<(), CodecError> {
+    /// Trailers must be valid field lines; fields that frame, route or are hop-by-hop have no
+    /// place in them (RFC 9110 §6.5.1) and are dropped rather than forwarded.
+    fn check_trailers(&mut self) -> Result<(), CodecError> {
         if self.trailers.is_empty() {
             return Ok(());
         }
@@ -804,7 +898,20 @@ impl ChunkedDecoder {
         block.extend_from_slice(b"\r\n");
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match httparse::parse_headers(&block, &mut fields) {
-            Ok(httparse::Status::Complete(_)) => Ok(()),
+            Ok(httparse::Status::Complete((_, fields))) => {
+                let mut kept = Vec::with_capacity(self.trailers.len());
+                for field in fields {
+                    let forbidden = is_hop_by_hop(field.name)
+                        || ["content-length", "host", "trailer"]
+                            .iter()
+                            .any(|n| field.name.eq_ignore_ascii_case(n));
+                    if !forbidden {
+                        push_field(&mut kept, field.name, field.value);
+                    }
+                }
+                self.trailers = kept;
+                Ok(())
+            }
             Ok(httparse::Status::Partial) => Err(CodecError::Malformed("invalid trailers")),
             Err(err) => Err(err.into()),
         }

@@ -68,7 +68,10 @@ impl Deadline {
             if self.registered && !self.sleep.is_elapsed() {
                 return Poll::Pending;
             }
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            // Outside the task's cooperative budget: a poll refused for budget would leave
+            // the timer without the waker while we count it as registered.
+            let mut unconstrained = tokio::task::unconstrained(self.sleep.as_mut());
+            if Pin::new(&mut unconstrained).poll(cx).is_pending() {
                 self.registered = true;
                 return Poll::Pending;
             }
@@ -107,6 +110,7 @@ pub(crate) async fn serve<N: Net, I: Io>(
         clock,
         limits,
         client: Side::new(io, buf),
+        drain: drain.clone(),
         forward: Vec::new(),
         idle: Deadline::new(clock),
         response: Deadline::new(clock),
@@ -149,6 +153,8 @@ struct Conn<'a, N: Net, I> {
     clock: Clock,
     limits: Limits,
     client: Side<I>,
+    /// For a look at the drain signal between requests of a busy connection.
+    drain: Drain,
     /// The current request's head as forwarded upstream.
     forward: Vec<u8>,
     /// Waiting for a request head (the idle and header-read timeouts), and for response body
@@ -198,7 +204,14 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                     self.limits.max_header_bytes,
                     &mut self.forward,
                 ) {
-                    Ok(Some(head)) => return Ok(Some(head)),
+                    Ok(Some(head)) => {
+                        // A pipelining or busy client never lets the wait below see the drain
+                        // signal: its response must still say `connection: close`.
+                        if !self.draining && self.drain.is_draining() {
+                            self.draining = true;
+                        }
+                        return Ok(Some(head));
+                    }
                     Ok(None) => {
                         head_started.get_or_insert_with(|| self.clock.now());
                     }
@@ -259,9 +272,9 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
     async fn reject(&mut self, err: &ProxyError) {
         tracing::debug!(error = %err, "rejecting request");
         let response = err.to_response(false, true);
-        self.client.wbuf.clear();
+        self.client.clear_output();
         write_synthetic(&mut self.client.wbuf, &response, true);
-        let _ = self.client.write_out().await;
+        let _ = self.write_client().await;
     }
 
     /// Serves one request whose head starts the read buffer.
@@ -305,10 +318,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             || head.body.has_body()
             || self.draining
             || response.headers().contains_key(http::header::CONNECTION);
-        self.client.wbuf.clear();
+        self.client.clear_output();
         write_synthetic(&mut self.client.wbuf, &response, close);
+        let written = self.write_client().await;
         self.idle_since = self.clock.now();
-        match self.client.write_out().await {
+        match written {
             Ok(()) if !close => Next::KeepAlive,
             _ => Next::Close,
         }
@@ -336,9 +350,13 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         unsent: false,
                         client_broken: false,
                     })?;
+            // A reused connection the app closed just as the request went out: a safe request
+            // without a body may go again on a new one, on its first attempt only (a request
+            // that itself kills its endpoint must not take down the next).
+            let resend_on_close = attempts == 1 && head.safe && !head.body.has_body();
             let exchanged = match self.checkout(addr, start).await {
                 Some(mut upstream) => self
-                    .exchange(head, &mut upstream, addr, true)
+                    .exchange(head, &mut upstream, addr, resend_on_close)
                     .await
                     .map(|response| (upstream, response)),
                 None => match http.pools.connect(addr).await {
@@ -359,7 +377,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 },
             };
             let failed = match exchanged {
-                Ok((upstream, (response, complete))) => {
+                Ok((upstream, (response, upload))) => {
                     return Ok(self
                         .respond(Respond {
                             head,
@@ -370,7 +388,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                             in_flight,
                             upstream,
                             response,
-                            request_complete: complete,
+                            upload,
                         })
                         .await);
                 }
@@ -417,16 +435,17 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
     }
 
     /// Writes the request (head and body) and reads the response head, forwarding interim
-    /// (1xx) responses. Returns the final head and whether the request body was sent whole
-    /// (an upstream may answer early).
+    /// (1xx) responses. Returns the final head and the request body's pump if the upstream
+    /// answered before the body was sent whole (it keeps moving beside the response: an app
+    /// may stream both ways, or answer early).
     async fn exchange(
         &mut self,
         head: &RequestHead,
         upstream: &mut Upstream<N>,
         addr: SocketAddr,
-        reused: bool,
-    ) -> Result<(ResponseHead, bool), Failed> {
-        upstream.wbuf.clear();
+        resend_on_close: bool,
+    ) -> Result<(ResponseHead, Upload), Failed> {
+        upstream.clear_output();
         upstream.wbuf.extend_from_slice(&self.forward);
         let mut body = head.body.has_body().then(|| {
             Pump::new(
@@ -437,7 +456,10 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         });
         let clock = self.clock;
         let timeout = self.limits.response_timeout;
-        let mut progress = if timeout.is_some() {
+        let idle = self.limits.idle_timeout;
+        // The last moment the upstream was handed part of the request: the response timeout
+        // counts from here, and an upload that stops moving for the idle timeout ends.
+        let mut progress = if timeout.is_some() || body.is_some() {
             clock.now()
         } else {
             Instant::ZERO
@@ -447,12 +469,17 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         let max = self.limits.max_header_bytes;
         let interim_ok = !head.http10;
         let client = &mut self.client;
-        let deadline = &mut self.response;
+        let response_deadline = &mut self.response;
+        let idle_deadline = &mut self.idle;
         std::future::poll_fn(|cx| {
             loop {
                 // The request: head, then body, upstream.
                 if let Some(pump) = body.as_mut() {
-                    match pump.poll(cx, client, upstream) {
+                    let polled = pump.poll(cx, client, upstream);
+                    if std::mem::take(&mut pump.moved) {
+                        progress = clock.now();
+                    }
+                    match polled {
                         Poll::Ready(Ok(())) => body = None,
                         Poll::Ready(Err(PumpError::Write(err))) => {
                             // Keep reading: the upstream may have answered before closing.
@@ -462,25 +489,14 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         }
                         Poll::Ready(Err(err)) => {
                             return Poll::Ready(Err(Failed {
-                                error: match err {
-                                    PumpError::Framing(err) => ProxyError::Malformed {
-                                        reason: err.to_string(),
-                                    },
-                                    other => ProxyError::Malformed {
-                                        reason: other.to_string(),
-                                    },
+                                error: ProxyError::Malformed {
+                                    reason: err.to_string(),
                                 },
                                 unsent: false,
                                 client_broken: true,
                             }));
                         }
                         Poll::Pending => {}
-                    }
-                    if let Some(pump) = body.as_mut()
-                        && std::mem::take(&mut pump.moved)
-                        && timeout.is_some()
-                    {
-                        progress = clock.now();
                     }
                 } else if upstream.has_output() && !write_failed {
                     match upstream.poll_write_out(cx) {
@@ -491,7 +507,8 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         }
                     }
                 }
-                // Interim responses already queued for the client.
+                // Interim responses already queued for the client; while they wait, nothing
+                // more is read from the upstream, so they cannot pile up.
                 if client.has_output()
                     && let Poll::Ready(Err(err)) = client.poll_write_out(cx)
                 {
@@ -503,62 +520,81 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                             client_broken: true,
                         }));
                 }
-                // The response head.
-                let mark = client.wbuf.len();
-                match codec::parse_response(&upstream.rbuf, max, head, &mut client.wbuf) {
-                    Ok(Some(response)) if (100..200).contains(&response.status)
-                        && response.status != 101 =>
-                    {
-                        upstream.rbuf.advance(response.len);
-                        if interim_ok {
-                            codec::finish_response_head(&mut client.wbuf, Encoding::Identity, false, false);
-                        } else {
-                            client.wbuf.truncate(mark);
+                if !client.has_output() {
+                    // The response head.
+                    let mark = client.wbuf.len();
+                    match codec::parse_response(&upstream.rbuf, max, head, &mut client.wbuf) {
+                        Ok(Some(response))
+                            if (100..200).contains(&response.status) && response.status != 101 =>
+                        {
+                            upstream.rbuf.advance(response.len);
+                            if interim_ok {
+                                codec::finish_response_head(
+                                    &mut client.wbuf,
+                                    Encoding::Identity,
+                                    None,
+                                    false,
+                                    false,
+                                );
+                            } else {
+                                client.wbuf.truncate(mark);
+                            }
+                            continue;
                         }
-                        continue;
+                        Ok(Some(response)) => {
+                            // The head may not even be written whole yet: then the body (and
+                            // the rest of the head) keeps moving beside the response.
+                            let upload = match body.take() {
+                                Some(pump) => Upload::Moving(pump),
+                                None if write_failed => Upload::Broken,
+                                None if upstream.has_output() => {
+                                    Upload::Moving(Pump::new(Framing::Empty, false, 0))
+                                }
+                                None => Upload::Done,
+                            };
+                            return Poll::Ready(Ok((response, upload)));
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            client.wbuf.truncate(mark);
+                            return Poll::Ready(Err(Failed::upstream(
+                                addr,
+                                format!("invalid response: {err}"),
+                            )));
+                        }
                     }
-                    Ok(Some(response)) => {
-                        return Poll::Ready(Ok((response, body.is_none() && !write_failed)));
+                    match upstream.poll_read_more(cx) {
+                        Poll::Ready(Ok(0)) => {
+                            // Closed before a response. On a reused connection, before any of
+                            // it, the server most likely closed it as idle while we sent: an
+                            // idempotent request without a body may go again (RFC 9112
+                            // §9.3.1), once.
+                            let mut failed = Failed::upstream(
+                                addr,
+                                io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    "connection closed before response headers",
+                                ),
+                            );
+                            failed.unsent = resend_on_close && !received;
+                            return Poll::Ready(Err(failed));
+                        }
+                        Poll::Ready(Ok(_)) => {
+                            received = true;
+                            continue;
+                        }
+                        Poll::Ready(Err(err)) => {
+                            let mut failed = Failed::upstream(addr, err);
+                            failed.unsent = resend_on_close && !received;
+                            return Poll::Ready(Err(failed));
+                        }
+                        Poll::Pending => {}
                     }
-                    Ok(None) => {}
-                    Err(err) => {
-                        client.wbuf.truncate(mark);
-                        return Poll::Ready(Err(Failed::upstream(
-                            addr,
-                            format!("invalid response: {err}"),
-                        )));
-                    }
-                }
-                match upstream.poll_read_more(cx) {
-                    Poll::Ready(Ok(0)) => {
-                        // Closed before a response. On a reused connection, before any of it,
-                        // the server closed it as idle while we sent: an idempotent request
-                        // without a body was not processed (RFC 9112 §9.3.1).
-                        let unsent = reused && !received && !head.body.has_body() && head.idempotent;
-                        let mut failed = Failed::upstream(
-                            addr,
-                            io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "connection closed before response headers",
-                            ),
-                        );
-                        failed.unsent = unsent;
-                        return Poll::Ready(Err(failed));
-                    }
-                    Poll::Ready(Ok(_)) => {
-                        received = true;
-                        continue;
-                    }
-                    Poll::Ready(Err(err)) => {
-                        let unsent = reused && !received && !head.body.has_body() && head.idempotent;
-                        let mut failed = Failed::upstream(addr, err);
-                        failed.unsent = unsent;
-                        return Poll::Ready(Err(failed));
-                    }
-                    Poll::Pending => {}
                 }
                 if let Some(timeout) = timeout
-                    && deadline.poll_reached(cx, clock, progress + timeout).is_ready()
+                    && response_deadline
+                        .poll_reached(cx, clock, progress + timeout)
+                        .is_ready()
                 {
                     tracing::debug!(endpoint = %addr, ?timeout, "no response headers in time; discarding the connection");
                     return Poll::Ready(Err(Failed {
@@ -566,6 +602,16 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         unsent: false,
                         // The request body may be half read.
                         client_broken: body.is_some(),
+                    }));
+                }
+                if body.is_some() && idle_deadline.poll_reached(cx, clock, progress + idle).is_ready() {
+                    tracing::debug!(endpoint = %addr, ?idle, "request body stopped moving; closing");
+                    return Poll::Ready(Err(Failed {
+                        error: ProxyError::Malformed {
+                            reason: format!("request body stopped for {idle:?}"),
+                        },
+                        unsent: false,
+                        client_broken: true,
                     }));
                 }
                 return Poll::Pending;
@@ -587,7 +633,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             in_flight,
             mut upstream,
             response,
-            request_complete,
+            mut upload,
         } = r;
         let http = Arc::clone(self.http);
         let now = self.clock.now();
@@ -603,6 +649,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             codec::finish_response_head(
                 &mut self.client.wbuf,
                 Encoding::Identity,
+                None,
                 false,
                 status == 101,
             );
@@ -614,24 +661,42 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             Framing::Chunked | Framing::Close if !head.http10 => Encoding::Chunked,
             _ => Encoding::Identity,
         };
-        let close = !head.keep_alive
-            || !request_complete
+        let ended = if head.http10 && response.codings.is_some() {
+            // Codings an HTTP/1.0 client cannot be told about: the body would arrive
+            // undeclared. Nothing has been sent yet.
+            self.client.clear_output();
+            Err(PumpError::Framing(CodecError::Malformed(
+                "transfer codings an HTTP/1.0 client cannot receive",
+            )))
+        } else {
+            Ok(())
+        };
+        let mut close = !head.keep_alive
             || self.draining
             || (head.http10 && matches!(response.body, Framing::Chunked | Framing::Close));
-        codec::finish_response_head(&mut self.client.wbuf, encoding, close, false);
-        let (ended, trailers) = if response.body.has_body() {
-            let mut pump = Pump::new(
-                response.body,
-                encoding == Encoding::Chunked,
-                self.limits.max_header_bytes,
-            );
-            let ended = self.pump_response(&mut pump, &mut upstream).await;
-            (ended, pump.trailer_map())
-        } else {
-            (
-                self.client.write_out().await.map_err(PumpError::Write),
-                None,
-            )
+        let (ended, trailers) = match ended {
+            Err(err) => (Err(err), None),
+            Ok(()) => {
+                // Whether the request will have been sent whole is known only at the end;
+                // `connection: close` is decided now, so an unfinished upload closes.
+                close |= !matches!(upload, Upload::Done);
+                codec::finish_response_head(
+                    &mut self.client.wbuf,
+                    encoding,
+                    response.codings.as_deref(),
+                    close,
+                    false,
+                );
+                let mut pump = Pump::new(
+                    response.body,
+                    encoding == Encoding::Chunked,
+                    self.limits.max_header_bytes,
+                );
+                let ended = self
+                    .pump_response(&mut pump, &mut upstream, &mut upload)
+                    .await;
+                (ended, pump.trailer_map())
+            }
         };
         let end = self.clock.now();
         self.idle_since = end;
@@ -645,7 +710,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                             .outcome
                     }
                 };
-                if response.reusable && request_complete && upstream.rbuf.is_empty() {
+                if response.reusable
+                    && matches!(upload, Upload::Done)
+                    && upstream.rbuf.is_empty()
+                    && !upstream.has_output()
+                {
                     upstream.shrink();
                     http.pools.checkin_h1(addr, upstream, end);
                 }
@@ -653,7 +722,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 (outcome, if close { Next::Close } else { Next::KeepAlive })
             }
             Err(err) => {
-                tracing::debug!(endpoint = %addr, error = %err, "response body failed");
+                tracing::debug!(endpoint = %addr, error = %err, "response failed");
                 let outcome = http
                     .classifier
                     .classify_error(TransportError::Reset)
@@ -666,12 +735,14 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         next
     }
 
-    /// Streams a response body to the client; no byte moving either way for the idle timeout
-    /// ends it.
+    /// Streams a response (its head is queued) to the client, and the rest of the request
+    /// upstream beside it if the upstream answered early; no byte moving for the idle timeout
+    /// ends it. `upload` says at the end whether the request was sent whole.
     async fn pump_response(
         &mut self,
         pump: &mut Pump,
         upstream: &mut Upstream<N>,
+        upload: &mut Upload,
     ) -> Result<(), PumpError> {
         let clock = self.clock;
         let idle = self.limits.idle_timeout;
@@ -680,24 +751,80 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         let deadline = &mut self.idle;
         let mut last: Option<Instant> = None;
         std::future::poll_fn(|cx| {
+            let mut moved = false;
+            if let Upload::Moving(sending) = upload {
+                let polled = sending.poll(cx, client, upstream);
+                moved |= std::mem::take(&mut sending.moved);
+                match polled {
+                    Poll::Ready(Ok(())) => *upload = Upload::Done,
+                    // The response may still complete, but neither connection can carry
+                    // another request.
+                    Poll::Ready(Err(err)) => {
+                        tracing::debug!(error = %err, "request body ended early");
+                        *upload = Upload::Broken;
+                    }
+                    Poll::Pending => {}
+                }
+            }
             if let Poll::Ready(ended) = pump.poll(cx, upstream, client) {
                 return Poll::Ready(ended);
             }
-            // Only a body that has to wait pays for the clock.
-            if last.is_none() || std::mem::take(&mut pump.moved) {
+            moved |= std::mem::take(&mut pump.moved);
+            // Only a response that has to wait pays for the clock.
+            if last.is_none() || moved {
                 last = Some(clock.now());
             }
             let since = last.unwrap_or(Instant::ZERO);
             if deadline.poll_reached(cx, clock, since + idle).is_ready() {
                 return Poll::Ready(Err(PumpError::Read(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "no body bytes moved within the idle timeout",
+                    "no bytes moved within the idle timeout",
                 ))));
             }
             Poll::Pending
         })
         .await
     }
+
+    /// Writes the queued client output; a client that reads nothing for the idle timeout is
+    /// given up on.
+    async fn write_client(&mut self) -> io::Result<()> {
+        write_within(
+            &mut self.client,
+            &mut self.idle,
+            self.clock,
+            self.limits.idle_timeout,
+        )
+        .await
+    }
+}
+
+/// Writes `side`'s queued output, failing once no byte has moved for `idle`.
+async fn write_within<I: Io>(
+    side: &mut Side<I>,
+    deadline: &mut Deadline,
+    clock: Clock,
+    idle: Duration,
+) -> io::Result<()> {
+    let mut last: Option<Instant> = None;
+    std::future::poll_fn(|cx| {
+        let before = side.pending_output();
+        if let Poll::Ready(written) = side.poll_write_out(cx) {
+            return Poll::Ready(written);
+        }
+        if last.is_none() || side.pending_output() < before {
+            last = Some(clock.now());
+        }
+        let since = last.unwrap_or(Instant::ZERO);
+        if deadline.poll_reached(cx, clock, since + idle).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer read nothing within the idle timeout",
+            )));
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Everything [`Conn::respond`] needs.
@@ -710,7 +837,19 @@ struct Respond<'a, N: Net> {
     in_flight: Option<InFlight>,
     upstream: Upstream<N>,
     response: ResponseHead,
-    request_complete: bool,
+    /// The rest of the request, when the upstream answered before it was sent whole.
+    upload: Upload,
+}
+
+/// Where the request stands when its response head arrives.
+#[derive(Debug)]
+enum Upload {
+    /// Sent whole.
+    Done,
+    /// Still moving (full-duplex streaming, or an early answer).
+    Moving(Pump),
+    /// Sending it failed: neither connection can carry another request.
+    Broken,
 }
 
 /// The response's class as far as its head tells (gRPC needs the trailers too).
@@ -778,12 +917,13 @@ async fn tunnel<I: Io, U: Io>(
     upstream.wbuf.extend_from_slice(&early_up);
     let early_down = upstream.rbuf.split();
     client.wbuf.extend_from_slice(&early_down);
-    if let Err(err) = client.write_out().await {
-        tracing::debug!(endpoint = %addr, error = %err, "upgrade tunnel failed");
+    let mut deadline = Deadline::new(clock);
+    if let Err(err) = write_within(&mut client, &mut deadline, clock, idle).await {
+        tracing::debug!(endpoint = %addr, error = %err, "tunnel failed");
         return;
     }
-    if let Err(err) = upstream.write_out().await {
-        tracing::debug!(endpoint = %addr, error = %err, "upgrade tunnel failed");
+    if let Err(err) = write_within(&mut upstream, &mut deadline, clock, idle).await {
+        tracing::debug!(endpoint = %addr, error = %err, "tunnel failed");
         return;
     }
     let mut client = ActivityIo::new(client.io, clock);

@@ -84,6 +84,17 @@ impl<I: Io> Side<I> {
         self.written < self.wbuf.len()
     }
 
+    /// Bytes waiting to be written.
+    pub(crate) fn pending_output(&self) -> usize {
+        self.wbuf.len() - self.written
+    }
+
+    /// Drops output not yet written.
+    pub(crate) fn clear_output(&mut self) {
+        self.wbuf.clear();
+        self.written = 0;
+    }
+
     /// Writes the queued output.
     pub(crate) fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.wbuf.len() {
@@ -96,11 +107,6 @@ impl<I: Io> Side<I> {
         self.wbuf.clear();
         self.written = 0;
         Poll::Ready(Ok(()))
-    }
-
-    /// Writes the queued output.
-    pub(crate) async fn write_out(&mut self) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
     }
 }
 

@@ -31,7 +31,7 @@ fn a_simple_request_is_forwarded_as_sent() {
     assert_eq!(head.len, raw.len());
     assert_eq!(&raw[head.authority.unwrap()], "web:80");
     assert_eq!(head.body, Framing::Empty);
-    assert!(head.keep_alive && head.idempotent && !head.http10 && !head.upgrade);
+    assert!(head.keep_alive && head.safe && !head.http10 && !head.upgrade);
 }
 
 #[test]
@@ -101,6 +101,11 @@ fn ambiguous_framing_is_refused() {
         malformed("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
         "unsupported transfer-encoding"
     );
+    // Another coding under chunked would be lost when the proxy re-chunks the body.
+    assert_eq!(
+        malformed("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+        "unsupported transfer-encoding"
+    );
     assert_eq!(
         malformed(
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -124,10 +129,63 @@ fn ambiguous_framing_is_refused() {
 }
 
 #[test]
+fn naming_the_length_in_connection_does_not_drop_it() {
+    // A smuggling attempt: were content-length dropped as hop-by-hop, the body would reach
+    // the app as a second request.
+    let out = forwarded(
+        "POST / HTTP/1.1\r\nHost: svc\r\nConnection: content-length, host\r\n\
+         Content-Length: 44\r\n\r\n",
+    );
+    assert_eq!(
+        out,
+        "POST / HTTP/1.1\r\nHost: svc\r\ncontent-length: 44\r\n\r\n"
+    );
+    // Lengths are forwarded as one normalized field.
+    let out = forwarded("PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n");
+    assert_eq!(
+        out,
+        "PUT / HTTP/1.1\r\nHost: a\r\ncontent-length: 5\r\n\r\n"
+    );
+    let out = forwarded("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+    assert!(out.contains("content-length: 0\r\n"), "{out}");
+}
+
+#[test]
+fn response_codings_under_chunked_are_kept() {
+    let (r, _) = response(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+        &get(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.body, Framing::Chunked);
+    assert_eq!(r.codings.as_deref(), Some("gzip"));
+    let mut out = Vec::new();
+    finish_response_head(
+        &mut out,
+        Encoding::Chunked,
+        r.codings.as_deref(),
+        false,
+        false,
+    );
+    assert_eq!(out, b"transfer-encoding: gzip, chunked\r\n\r\n");
+    let (r, _) = response("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", &get())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (r.body, r.codings.as_deref()),
+        (Framing::Close, Some("gzip"))
+    );
+}
+
+#[test]
 fn http10_closes_and_needs_no_host() {
     let (head, out) = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
     assert!(head.http10 && !head.keep_alive && head.authority.is_none());
-    assert_eq!(out, "GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        out, "GET / HTTP/1.1\r\nhost: \r\n\r\n",
+        "HTTP/1.1 needs a host field"
+    );
 }
 
 fn response(raw: &str, req: &RequestHead) -> Result<Option<(ResponseHead, String)>, CodecError> {
@@ -207,7 +265,7 @@ fn forwarded_responses_lose_hop_by_hop_and_reframed_lengths() {
     .unwrap();
     assert_eq!(out, "HTTP/1.1 200 OK\r\nx-app: y\r\n");
     let mut out = out.into_bytes();
-    finish_response_head(&mut out, Encoding::Chunked, true, false);
+    finish_response_head(&mut out, Encoding::Chunked, None, true, false);
     assert!(out.ends_with(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"));
 }
 
@@ -273,6 +331,14 @@ fn encode(chunks: &[Vec<u8>], trailers: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn framing_fields_are_dropped_from_trailers() {
+    let body = b"1 ;x\r\na\r\n0\r\ncontent-length: 5\r\ngrpc-status: 0\r\nconnection: x\r\n\r\n";
+    let (data, trailers) = decode_in_pieces(body, &[2]).unwrap();
+    assert_eq!(data, b"a");
+    assert_eq!(trailers, b"grpc-status: 0\r\n");
+}
+
+#[test]
 fn chunked_bodies_decode() {
     let body =
         b"4;ext=1\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\ngrpc-status: 0\r\n\r\n";
@@ -286,6 +352,8 @@ fn chunked_bodies_decode() {
         b"11111111111111111\r\n",
         b"0\r\nbad header\r\n\r\n",
         b"0\r\nx: 1\n\r\n",
+        b"0x10\r\n",
+        b"4 junk\r\nWiki\r\n0\r\n\r\n",
     ] {
         assert!(
             matches!(decode_in_pieces(bad, &[3]), Err(CodecError::Malformed(_))),
