@@ -24,6 +24,7 @@ mod grpc {
     pub(super) const DEADLINE_EXCEEDED: u32 = 4;
     pub(super) const NOT_FOUND: u32 = 5;
     pub(super) const RESOURCE_EXHAUSTED: u32 = 8;
+    pub(super) const UNIMPLEMENTED: u32 = 12;
     pub(super) const UNAVAILABLE: u32 = 14;
 }
 
@@ -90,6 +91,13 @@ pub enum ProxyError {
         /// What is wrong.
         reason: String,
     },
+    /// The request is valid but uses something the proxy does not implement (a transfer
+    /// coding other than `chunked`).
+    #[error("not implemented: {reason}")]
+    NotImplemented {
+        /// What.
+        reason: String,
+    },
     /// The request head is larger than the configured maximum.
     #[error("request headers exceed {limit} bytes")]
     HeadersTooLarge {
@@ -136,6 +144,8 @@ impl ProxyError {
             }
             Self::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
             Self::Malformed { .. } => (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT, true),
+            // The body cannot be read, so the connection closes after the answer.
+            Self::NotImplemented { .. } => (StatusCode::NOT_IMPLEMENTED, grpc::UNIMPLEMENTED, true),
             Self::HeadersTooLarge { .. } => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 grpc::RESOURCE_EXHAUSTED,
@@ -271,6 +281,9 @@ mod tests {
             },
             ProxyError::Malformed {
                 reason: "missing authority".into(),
+            },
+            ProxyError::NotImplemented {
+                reason: "transfer coding other than chunked".into(),
             },
             ProxyError::HeadersTooLarge { limit: 65536 },
             ProxyError::Unavailable {

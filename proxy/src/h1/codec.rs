@@ -30,6 +30,9 @@ pub(crate) enum CodecError {
     /// The bytes are not a valid HTTP/1 message.
     #[error("{0}")]
     Malformed(&'static str),
+    /// A valid message using something the proxy does not implement (a transfer coding).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl From<httparse::Error> for CodecError {
@@ -218,19 +221,28 @@ fn transfer_encoding_chunked(values: &mut dyn Iterator<Item = &[u8]>) -> bool {
     last_chunked && chunked_seen == 1
 }
 
-/// Whether the `Transfer-Encoding` fields say exactly `chunked` and nothing else: the only
-/// request coding the proxy forwards (it re-chunks bodies and would lose any other).
-fn transfer_encoding_only_chunked(values: &mut dyn Iterator<Item = &[u8]>) -> bool {
+/// Checks that the `Transfer-Encoding` fields say exactly `chunked`: the only request coding
+/// the proxy forwards (it re-chunks bodies and would lose any other).
+fn transfer_encoding_only_chunked(
+    values: &mut dyn Iterator<Item = &[u8]>,
+) -> Result<(), CodecError> {
     let mut count = 0;
     for value in values {
         for token in tokens(value) {
             if !token.eq_ignore_ascii_case(b"chunked") {
-                return false;
+                // RFC 9112 §6.1: a coding the server does not understand is a 501.
+                return Err(CodecError::Unsupported(
+                    "transfer coding other than chunked",
+                ));
             }
             count += 1;
         }
     }
-    count == 1
+    match count {
+        1 => Ok(()),
+        0 => Err(CodecError::Malformed("empty transfer-encoding")),
+        _ => Err(CodecError::Malformed("chunked applied more than once")),
+    }
 }
 
 /// The transfer codings before a final `chunked` (or all of them, when `chunked` is not
@@ -350,9 +362,12 @@ pub(crate) fn parse_request(
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
             .map(|h| h.value);
-        if http10 || !transfer_encoding_only_chunked(&mut values) {
-            return Err(CodecError::Malformed("unsupported transfer-encoding"));
+        if http10 {
+            return Err(CodecError::Malformed(
+                "transfer-encoding in an HTTP/1.0 request",
+            ));
         }
+        transfer_encoding_only_chunked(&mut values)?;
         Framing::Chunked
     } else {
         match content_length {

@@ -223,6 +223,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                             reason: reason.into(),
                         });
                     }
+                    Err(CodecError::Unsupported(reason)) => {
+                        return Err(ProxyError::NotImplemented {
+                            reason: reason.into(),
+                        });
+                    }
                 }
             }
             // The next head must arrive whole within the idle timeout of the last response,

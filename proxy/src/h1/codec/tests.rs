@@ -97,20 +97,23 @@ fn ambiguous_framing_is_refused() {
         malformed("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"),
         "invalid content-length"
     );
-    assert_eq!(
-        malformed("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
-        "unsupported transfer-encoding"
-    );
-    // Another coding under chunked would be lost when the proxy re-chunks the body.
-    assert_eq!(
-        malformed("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
-        "unsupported transfer-encoding"
-    );
+    // Another coding (before or after chunked) would be lost when the proxy re-chunks the
+    // body: not implemented (501), never guessed at.
+    for coding in ["chunked, gzip", "gzip, chunked", "gzip"] {
+        let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coding}\r\n\r\n");
+        assert_eq!(
+            request(&raw),
+            Err(CodecError::Unsupported(
+                "transfer coding other than chunked"
+            )),
+            "{coding}"
+        );
+    }
     assert_eq!(
         malformed(
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
         ),
-        "unsupported transfer-encoding"
+        "chunked applied more than once"
     );
     assert_eq!(
         malformed("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
