@@ -440,3 +440,32 @@ async fn an_app_streaming_both_ways_gets_the_upload_after_answering() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_http10_client_asking_for_keep_alive_keeps_its_connection() {
+    bounded(async {
+        // ApacheBench's `ab -k` speaks this way.
+        let app = named_backend("app").await;
+        let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
+        let mut conn = connect(&proxy).await;
+        for _ in 0..2 {
+            conn.write_all(b"GET / HTTP/1.0\r\nHost: web.test\r\nConnection: Keep-Alive\r\n\r\n")
+                .await
+                .unwrap();
+            let head = read_head(&mut conn).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert!(head.contains("connection: keep-alive"), "{head}");
+            assert!(head.contains("content-length: 3"), "{head}");
+            assert_eq!(read_n(&mut conn, 3).await, "app");
+        }
+        // Without the ask, HTTP/1.0 closes after the response.
+        conn.write_all(b"GET / HTTP/1.0\r\nHost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = String::new();
+        conn.read_to_string(&mut rest).await.unwrap();
+        assert!(rest.contains("connection: close"), "{rest}");
+        assert!(rest.ends_with("\r\n\r\napp"), "{rest}");
+    })
+    .await;
+}

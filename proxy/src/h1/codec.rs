@@ -451,7 +451,8 @@ pub(crate) fn parse_request(
         // (RFC 9112 §3.2).
         out.extend_from_slice(b"host: \r\n");
     }
-    let keep_alive = if http10 { false } else { !connection.close };
+    // HTTP/1.0 persists only when asked (`Connection: keep-alive`, RFC 9112 §9.3).
+    let keep_alive = !connection.close && (!http10 || connection.keep_alive);
     let safe = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE");
     Ok(Some(RequestHead {
         len,
@@ -649,13 +650,44 @@ fn push_status(out: &mut Vec<u8>, status: u16) {
     out.extend_from_slice(&[digit(status / 100), digit(status / 10), digit(status)]);
 }
 
+/// What the response says about the client connection's future.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Persistence {
+    /// HTTP/1.1's default: it stays open (nothing to say).
+    KeepAlive,
+    /// An HTTP/1.0 client asked to keep it open: say so (`connection: keep-alive`).
+    KeepAlive10,
+    /// It closes after this response (`connection: close`).
+    Close,
+}
+
+impl Persistence {
+    /// For a request from an `http10` client, closing or not.
+    pub(crate) fn new(close: bool, http10: bool) -> Self {
+        match (close, http10) {
+            (true, _) => Self::Close,
+            (false, true) => Self::KeepAlive10,
+            (false, false) => Self::KeepAlive,
+        }
+    }
+
+    /// Writes the `connection` field this calls for.
+    pub(crate) fn write(self, out: &mut Vec<u8>) {
+        match self {
+            Self::KeepAlive => {}
+            Self::KeepAlive10 => out.extend_from_slice(b"connection: keep-alive\r\n"),
+            Self::Close => out.extend_from_slice(b"connection: close\r\n"),
+        }
+    }
+}
+
 /// Ends a forwarded response head: framing, then `connection: close` when the proxy closes
 /// the client's connection after this response, then the blank line.
 pub(crate) fn finish_response_head(
     out: &mut Vec<u8>,
     encoding: Encoding,
     codings: Option<&str>,
-    close: bool,
+    persistence: Persistence,
     upgrade: bool,
 ) {
     if encoding == Encoding::Chunked {
@@ -668,8 +700,8 @@ pub(crate) fn finish_response_head(
     }
     if upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
-    } else if close {
-        out.extend_from_slice(b"connection: close\r\n");
+    } else {
+        persistence.write(out);
     }
     out.extend_from_slice(b"\r\n");
 }

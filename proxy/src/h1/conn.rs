@@ -22,7 +22,7 @@ use conduit_core::time::Instant;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::io::AsyncWriteExt;
 
-use super::codec::{self, CodecError, Encoding, Framing, RequestHead, ResponseHead};
+use super::codec::{self, CodecError, Encoding, Framing, Persistence, RequestHead, ResponseHead};
 use super::io::{Pump, PumpError, Side};
 use crate::admin::metrics::AuthorityMetrics;
 use crate::balance::ServiceBalancer;
@@ -278,7 +278,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         tracing::debug!(error = %err, "rejecting request");
         let response = err.to_response(false, true);
         self.client.clear_output();
-        write_synthetic(&mut self.client.wbuf, &response, true);
+        write_synthetic(&mut self.client.wbuf, &response, Persistence::Close);
         let _ = self.write_client().await;
     }
 
@@ -324,7 +324,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             || self.draining
             || response.headers().contains_key(http::header::CONNECTION);
         self.client.clear_output();
-        write_synthetic(&mut self.client.wbuf, &response, close);
+        write_synthetic(
+            &mut self.client.wbuf,
+            &response,
+            Persistence::new(close, head.http10),
+        );
         let written = self.write_client().await;
         self.idle_since = self.clock.now();
         match written {
@@ -538,7 +542,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                                     &mut client.wbuf,
                                     Encoding::Identity,
                                     None,
-                                    false,
+                                    Persistence::KeepAlive,
                                     false,
                                 );
                             } else {
@@ -655,7 +659,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 &mut self.client.wbuf,
                 Encoding::Identity,
                 None,
-                false,
+                Persistence::KeepAlive,
                 status == 101,
             );
             // A completed switch is the response the client asked for.
@@ -689,7 +693,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                     &mut self.client.wbuf,
                     encoding,
                     response.codings.as_deref(),
-                    close,
+                    Persistence::new(close, head.http10),
                     false,
                 );
                 let mut pump = Pump::new(
@@ -879,7 +883,11 @@ fn classify<N: Net>(http: &HttpProxy<N>, response: &ResponseHead, buf: &[u8]) ->
 }
 
 /// Serializes a response the proxy made (its body is always empty).
-fn write_synthetic(out: &mut Vec<u8>, response: &http::Response<crate::body::Body>, close: bool) {
+fn write_synthetic(
+    out: &mut Vec<u8>,
+    response: &http::Response<crate::body::Body>,
+    persistence: Persistence,
+) {
     let status = response.status();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -902,9 +910,7 @@ fn write_synthetic(out: &mut Vec<u8>, response: &http::Response<crate::body::Bod
         // A trailers-only gRPC answer over HTTP/1: no body either way.
         out.extend_from_slice(b"content-length: 0\r\n");
     }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    persistence.write(out);
     out.extend_from_slice(b"\r\n");
 }
 

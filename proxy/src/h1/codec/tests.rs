@@ -168,7 +168,7 @@ fn response_codings_under_chunked_are_kept() {
         &mut out,
         Encoding::Chunked,
         r.codings.as_deref(),
-        false,
+        Persistence::KeepAlive,
         false,
     );
     assert_eq!(out, b"transfer-encoding: gzip, chunked\r\n\r\n");
@@ -185,6 +185,10 @@ fn response_codings_under_chunked_are_kept() {
 fn http10_closes_and_needs_no_host() {
     let (head, out) = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
     assert!(head.http10 && !head.keep_alive && head.authority.is_none());
+    let (head, _) = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(head.http10 && head.keep_alive, "asked to persist");
     assert_eq!(
         out, "GET / HTTP/1.1\r\nhost: \r\n\r\n",
         "HTTP/1.1 needs a host field"
@@ -268,7 +272,7 @@ fn forwarded_responses_lose_hop_by_hop_and_reframed_lengths() {
     .unwrap();
     assert_eq!(out, "HTTP/1.1 200 OK\r\nx-app: y\r\n");
     let mut out = out.into_bytes();
-    finish_response_head(&mut out, Encoding::Chunked, None, true, false);
+    finish_response_head(&mut out, Encoding::Chunked, None, Persistence::Close, false);
     assert!(out.ends_with(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"));
 }
 
