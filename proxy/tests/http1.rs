@@ -469,3 +469,34 @@ async fn an_http10_client_asking_for_keep_alive_keeps_its_connection() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn codings_an_http10_client_cannot_receive_get_502() {
+    bounded(async {
+        let app = raw_backend(|mut io| async move {
+            read_head(&mut io).await;
+            let _ = io
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+                .await;
+        })
+        .await;
+        let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
+        // An HTTP/1.1 client is told about the coding.
+        let mut conn = connect(&proxy).await;
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut conn).await;
+        assert!(head.contains("transfer-encoding: gzip, chunked"), "{head}");
+        // An HTTP/1.0 client could not be: the proxy answers instead.
+        let mut conn = connect(&proxy).await;
+        conn.write_all(b"GET / HTTP/1.0\r\nhost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = String::new();
+        conn.read_to_string(&mut all).await.unwrap();
+        assert!(all.starts_with("HTTP/1.1 502"), "{all}");
+        assert!(all.contains(ERROR_HEADER), "{all}");
+    })
+    .await;
+}

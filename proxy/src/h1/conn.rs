@@ -645,6 +645,17 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             mut upload,
         } = r;
         let http = Arc::clone(self.http);
+        if head.http10 && response.codings.is_some() {
+            // Codings an HTTP/1.0 client cannot be told about: the body would arrive
+            // undeclared. Nothing of the response has been sent; the upstream connection is
+            // dropped with its unread body.
+            drop(in_flight);
+            let err = ProxyError::Upstream {
+                addr,
+                source: "a transfer coding an HTTP/1.0 client cannot receive".into(),
+            };
+            return self.answer(head, series, start, &err).await;
+        }
         let now = self.clock.now();
         let status = response.status;
         series.response_headers(now, status, now.saturating_duration_since(start));
@@ -670,43 +681,28 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             Framing::Chunked | Framing::Close if !head.http10 => Encoding::Chunked,
             _ => Encoding::Identity,
         };
-        let ended = if head.http10 && response.codings.is_some() {
-            // Codings an HTTP/1.0 client cannot be told about: the body would arrive
-            // undeclared. Nothing has been sent yet.
-            self.client.clear_output();
-            Err(PumpError::Framing(CodecError::Malformed(
-                "transfer codings an HTTP/1.0 client cannot receive",
-            )))
-        } else {
-            Ok(())
-        };
         let mut close = !head.keep_alive
             || self.draining
             || (head.http10 && matches!(response.body, Framing::Chunked | Framing::Close));
-        let (ended, trailers) = match ended {
-            Err(err) => (Err(err), None),
-            Ok(()) => {
-                // Whether the request will have been sent whole is known only at the end;
-                // `connection: close` is decided now, so an unfinished upload closes.
-                close |= !matches!(upload, Upload::Done);
-                codec::finish_response_head(
-                    &mut self.client.wbuf,
-                    encoding,
-                    response.codings.as_deref(),
-                    Persistence::new(close, head.http10),
-                    false,
-                );
-                let mut pump = Pump::new(
-                    response.body,
-                    encoding == Encoding::Chunked,
-                    self.limits.max_header_bytes,
-                );
-                let ended = self
-                    .pump_response(&mut pump, &mut upstream, &mut upload)
-                    .await;
-                (ended, pump.trailer_map())
-            }
-        };
+        // Whether the request will have been sent whole is known only at the end;
+        // `connection: close` is decided now, so an unfinished upload closes.
+        close |= !matches!(upload, Upload::Done);
+        codec::finish_response_head(
+            &mut self.client.wbuf,
+            encoding,
+            response.codings.as_deref(),
+            Persistence::new(close, head.http10),
+            false,
+        );
+        let mut pump = Pump::new(
+            response.body,
+            encoding == Encoding::Chunked,
+            self.limits.max_header_bytes,
+        );
+        let ended = self
+            .pump_response(&mut pump, &mut upstream, &mut upload)
+            .await;
+        let trailers = pump.trailer_map();
         let end = self.clock.now();
         self.idle_since = end;
         let (outcome, next) = match ended {
