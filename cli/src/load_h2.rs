@@ -1,10 +1,9 @@
 //! `conduit load --h2`: the open-loop load generator over HTTP/2 with prior knowledge (h2c).
 //!
-//! Pacing and accounting are those of [`conduit_scenarios::load::run`] (the HTTP/1.1
-//! generator, left as it is because it is the established baseline): request `i` is due at
-//! `start + i / rate`, paced to the microsecond with `spin_wait`, and its latency runs from
-//! that intended send time to the end of its response body, bounded by the timeout, so a stall
-//! shows in every request scheduled behind it. What differs is the connection model: HTTP/1.1
+//! Pacing and accounting are the HTTP/1.1 generator's own ([`load::pace`] and
+//! [`load::collect`]): request `i` is due at `start + i / rate`, paced to the microsecond with
+//! `spin_wait`, and its latency runs from that intended send time to the end of its response
+//! body, bounded by the timeout, so a stall shows in every request scheduled behind it. What differs is the connection model: HTTP/1.1
 //! sends one request at a time per connection, so a request waits for a free connection; h2
 //! multiplexes, so request `i` goes at once onto connection `i mod connections` as a stream of
 //! its own, and any wait (for a connection being opened, for stream capacity) counts in its
@@ -17,28 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use conduit_core::time::Instant;
 use conduit_proxy::clock::Clock;
 use conduit_proxy::net::Net;
-use conduit_scenarios::load::{LoadConfig, LoadError, LoadReport, MAX_SAMPLES};
+use conduit_scenarios::load::{self, Done, Job, LoadConfig, LoadError, LoadReport};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
 
-/// Matches the HTTP/1.1 generator's spin window: stop sleeping this long before a request is
-/// due and yield until it is.
-const SPIN_WINDOW: Duration = Duration::from_millis(1);
-
 type Sender = http2::SendRequest<Empty<Bytes>>;
-
-/// One request's outcome: its index, status or error, and latency from its intended send time.
-type Done = (u64, Result<u16, LoadError>, Duration);
-
-struct Job {
-    index: u64,
-    due: Instant,
-}
 
 /// Runs one h2c load test against `addr` and reports every request's outcome.
 ///
@@ -53,7 +39,6 @@ pub(crate) async fn run<N: Net>(
     clock: Clock,
 ) -> anyhow::Result<LoadReport> {
     config.validate()?;
-    let count = config.request_count();
     // h2 names the service in `:authority`, which comes from an absolute URI.
     let uris: Arc<[http::Uri]> = config
         .targets
@@ -65,8 +50,7 @@ pub(crate) async fn run<N: Net>(
         })
         .collect::<anyhow::Result<Vec<_>>>()?
         .into();
-    let config = Arc::new(config);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
 
     // One lane per connection; each lane owns its connection and opens one stream per job.
     let mut lanes = Vec::with_capacity(config.connections);
@@ -86,54 +70,19 @@ pub(crate) async fn run<N: Net>(
     }
     drop(done_tx);
 
-    let start = clock.now();
-    let interval_nanos = 1_000_000_000u64 / u64::from(config.rate);
     let lane_count = lanes.len() as u64;
-    for index in 0..count {
-        let due = start + Duration::from_nanos(index.saturating_mul(interval_nanos));
-        if config.spin_wait {
-            clock.sleep_until(due - SPIN_WINDOW).await;
-            while clock.now() < due {
-                tokio::task::yield_now().await;
-            }
-        } else {
-            clock.sleep_until(due).await;
-        }
-        let lane = usize::try_from(index % lane_count).unwrap_or(0);
-        if lanes[lane].send(Job { index, due }).is_err() {
-            break;
-        }
-    }
+    let start = load::pace(&config, clock, |job| {
+        let lane = usize::try_from(job.index % lane_count).unwrap_or(0);
+        lanes[lane].send(job).is_ok()
+    })
+    .await;
     drop(lanes);
-
-    let mut report = LoadReport {
-        scheduled: count,
-        ..LoadReport::default()
-    };
-    while let Some((index, outcome, latency)) = done_rx.recv().await {
-        if config.record_samples && outcome.is_ok() && report.samples.len() < MAX_SAMPLES {
-            report.samples.push(latency);
-        }
-        let target = &config.targets[target_index(&config, index)];
-        let entry = report
-            .targets
-            .entry((target.authority.clone(), target.path.clone()))
-            .or_default();
-        match outcome {
-            Ok(status) => {
-                *entry.statuses.entry(status).or_insert(0) += 1;
-                entry.latency.record(latency);
-            }
-            Err(error) => *entry.errors.entry(error).or_insert(0) += 1,
-        }
-    }
+    let report = load::collect(&config, done_rx, start, clock).await;
     while tasks.join_next().await.is_some() {}
-    report.elapsed = clock.now() - start;
-    Ok(report)
-}
-
-fn target_index(config: &LoadConfig, index: u64) -> usize {
-    usize::try_from(index % config.targets.len() as u64).unwrap_or(0)
+    Ok(LoadReport {
+        elapsed: clock.now() - start,
+        ..report
+    })
 }
 
 /// One h2 connection and the jobs assigned to it.

@@ -340,8 +340,11 @@ impl<N: Net> Pools<N> {
         // A request the server refuses unprocessed can be rebuilt: its head is copied, and a
         // body's frames are kept as they are sent (up to `REPLAY_LIMIT`, shared with the sent
         // frames), so a unary gRPC call whose body went out whole can go again.
-        let replay = replayable_head(&request);
-        let (request, recorded) = if http_body::Body::is_end_stream(request.body()) {
+        // A body known to be larger than the limit could never be replayed: nothing is kept.
+        let replayable = http_body::Body::size_hint(request.body()).lower()
+            <= u64::try_from(REPLAY_LIMIT).unwrap_or(u64::MAX);
+        let replay = replayable.then(|| replayable_head(&request));
+        let (request, recorded) = if !replayable || http_body::Body::is_end_stream(request.body()) {
             (request, None)
         } else {
             let (parts, inner) = request.into_parts();
@@ -406,7 +409,7 @@ impl<N: Net> Pools<N> {
                         None => body::empty(),
                         Some(recorded) => recorded.replay()?,
                     };
-                    Some(replay.map(|()| body))
+                    Some(replay?.map(|()| body))
                 });
                 if unsent.is_some() {
                     // The connection closed before the stream opened, or the server refused

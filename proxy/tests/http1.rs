@@ -55,6 +55,26 @@ async fn read_n<R: AsyncRead + Unpin>(io: &mut R, n: usize) -> String {
     String::from_utf8(buf).unwrap()
 }
 
+/// A backend that reads each request head and answers with `response`, then closes.
+async fn canned_backend(response: &'static [u8]) -> SocketAddr {
+    raw_backend(move |mut io| async move {
+        read_head(&mut io).await;
+        let _ = io.write_all(response).await;
+    })
+    .await
+}
+
+/// Sends `request` on a new connection to the outbound listener and reads until the proxy
+/// closes it.
+#[expect(clippy::unwrap_used, reason = "test helper: a failure is the report")]
+async fn exchange_all(proxy: &TestProxy, request: &[u8]) -> String {
+    let mut conn = connect(proxy).await;
+    conn.write_all(request).await.unwrap();
+    let mut all = String::new();
+    conn.read_to_string(&mut all).await.unwrap();
+    all
+}
+
 #[expect(clippy::unwrap_used, reason = "test helper: a failure is the report")]
 async fn connect(proxy: &TestProxy) -> TcpStream {
     TcpStream::connect(proxy.addrs.outbound).await.unwrap()
@@ -221,12 +241,7 @@ async fn an_http10_client_gets_its_response_and_a_close() {
         })
         .await;
         let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
-        let mut conn = connect(&proxy).await;
-        conn.write_all(b"GET / HTTP/1.0\r\nhost: web.test\r\n\r\n")
-            .await
-            .unwrap();
-        let mut all = String::new();
-        conn.read_to_string(&mut all).await.unwrap();
+        let all = exchange_all(&proxy, b"GET / HTTP/1.0\r\nhost: web.test\r\n\r\n").await;
         assert!(all.starts_with("HTTP/1.1 200"), "{all}");
         assert!(!all.contains("transfer-encoding"), "{all}");
         assert!(all.contains("connection: close"), "{all}");
@@ -287,24 +302,23 @@ async fn a_pooled_connection_the_app_closed_is_not_used_again() {
 #[tokio::test]
 async fn an_early_answer_ends_the_upload_and_closes_the_client_connection() {
     bounded(async {
-        let app = raw_backend(|mut io| async move {
-            read_head(&mut io).await;
-            // Refuses the upload without reading it.
-            let _ = io
-                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                .await;
-        })
+        // Refuses the upload without reading it.
+        let app = canned_backend(
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
         .await;
         let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
-        let mut conn = connect(&proxy).await;
-        conn.write_all(b"POST / HTTP/1.1\r\nhost: web.test\r\ncontent-length: 1000000\r\n\r\npart")
-            .await
-            .unwrap();
-        let mut all = String::new();
-        conn.read_to_string(&mut all).await.unwrap();
+        let all = exchange_all(
+            &proxy,
+            b"POST / HTTP/1.1\r\nhost: web.test\r\ncontent-length: 1000000\r\n\r\npart",
+        )
+        .await;
         assert!(all.starts_with("HTTP/1.1 413"), "{all}");
         assert!(all.contains("connection: close"), "{all}");
-        assert!(!all.contains(ERROR_HEADER), "the app's answer passes through: {all}");
+        assert!(
+            !all.contains(ERROR_HEADER),
+            "the app's answer passes through: {all}"
+        );
     })
     .await;
 }
@@ -335,20 +349,9 @@ async fn head_responses_carry_no_body() {
 #[tokio::test]
 async fn a_truncated_upstream_body_cuts_the_client_off_and_counts_a_failure() {
     bounded(async {
-        let app = raw_backend(|mut io| async move {
-            read_head(&mut io).await;
-            let _ = io
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b")
-                .await;
-        })
-        .await;
+        let app = canned_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b").await;
         let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
-        let mut conn = connect(&proxy).await;
-        conn.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\n\r\n")
-            .await
-            .unwrap();
-        let mut all = String::new();
-        conn.read_to_string(&mut all).await.unwrap();
+        let all = exchange_all(&proxy, b"GET / HTTP/1.1\r\nhost: web.test\r\n\r\n").await;
         assert!(all.starts_with("HTTP/1.1 200"), "{all}");
         assert!(all.ends_with("\r\n\r\nonly ten b"), "{all}");
         let metrics = scrape(proxy.addrs.admin).await;
@@ -473,12 +476,9 @@ async fn an_http10_client_asking_for_keep_alive_keeps_its_connection() {
 #[tokio::test]
 async fn codings_an_http10_client_cannot_receive_get_502() {
     bounded(async {
-        let app = raw_backend(|mut io| async move {
-            read_head(&mut io).await;
-            let _ = io
-                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-                .await;
-        })
+        let app = canned_backend(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
         .await;
         let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
         // An HTTP/1.1 client is told about the coding.
@@ -489,12 +489,7 @@ async fn codings_an_http10_client_cannot_receive_get_502() {
         let head = read_head(&mut conn).await;
         assert!(head.contains("transfer-encoding: gzip, chunked"), "{head}");
         // An HTTP/1.0 client could not be: the proxy answers instead.
-        let mut conn = connect(&proxy).await;
-        conn.write_all(b"GET / HTTP/1.0\r\nhost: web.test\r\n\r\n")
-            .await
-            .unwrap();
-        let mut all = String::new();
-        conn.read_to_string(&mut all).await.unwrap();
+        let all = exchange_all(&proxy, b"GET / HTTP/1.0\r\nhost: web.test\r\n\r\n").await;
         assert!(all.starts_with("HTTP/1.1 502"), "{all}");
         assert!(all.contains(ERROR_HEADER), "{all}");
     })

@@ -243,10 +243,17 @@ impl LoadReport {
     }
 }
 
-struct Job {
-    index: u64,
-    due: Instant,
+/// One request to send: its index in the run and its intended send time.
+#[derive(Clone, Copy, Debug)]
+pub struct Job {
+    /// The request's index (which target it uses: `index mod targets`).
+    pub index: u64,
+    /// When it is due; its latency counts from here.
+    pub due: Instant,
 }
+
+/// One request's end: its index, status or error, and latency from its intended send time.
+pub type Done = (u64, Result<u16, LoadError>, Duration);
 
 /// Runs one load test against `addr` and reports every request's outcome.
 ///
@@ -260,13 +267,11 @@ pub async fn run<N: Net>(
     clock: Clock,
 ) -> Result<LoadReport, InvalidLoad> {
     config.validate()?;
-    let count = config.request_count();
     let config = Arc::new(config);
     // The queue holds at most every request of the run, which the rate and duration bound.
     let (tx, rx) = mpsc::unbounded_channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
-    let (done_tx, mut done_rx) =
-        mpsc::unbounded_channel::<(u64, Result<u16, LoadError>, Duration)>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
 
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..config.connections {
@@ -282,9 +287,27 @@ pub async fn run<N: Net>(
     }
     drop(done_tx);
 
+    let start = pace(&config, clock, |job| tx.send(job).is_ok()).await;
+    drop(tx);
+    let report = collect(&config, done_rx, start, clock).await;
+    while workers.join_next().await.is_some() {}
+    Ok(LoadReport {
+        elapsed: clock.now() - start,
+        ..report
+    })
+}
+
+/// Hands each request of the run to `dispatch` at its intended send time (`start + i / rate`,
+/// to the microsecond with [`LoadConfig::spin_wait`]), until the run is over or `dispatch`
+/// returns false. Returns the start. Shared by every transport, so they pace alike.
+pub async fn pace(
+    config: &LoadConfig,
+    clock: Clock,
+    mut dispatch: impl FnMut(Job) -> bool,
+) -> Instant {
     let start = clock.now();
     let interval_nanos = 1_000_000_000u64 / u64::from(config.rate);
-    for index in 0..count {
+    for index in 0..config.request_count() {
         let due = start + Duration::from_nanos(index.saturating_mul(interval_nanos));
         if config.spin_wait {
             clock.sleep_until(due - SPIN_WINDOW).await;
@@ -294,33 +317,43 @@ pub async fn run<N: Net>(
         } else {
             clock.sleep_until(due).await;
         }
-        if tx.send(Job { index, due }).is_err() {
+        if !dispatch(Job { index, due }) {
             break;
         }
     }
-    drop(tx);
+    start
+}
 
+/// Counts every request's end, as senders report them, into a report (until every sender has
+/// hung up); `elapsed` runs from `start` to the last end.
+pub async fn collect(
+    config: &LoadConfig,
+    mut done: mpsc::UnboundedReceiver<Done>,
+    start: Instant,
+    clock: Clock,
+) -> LoadReport {
     let mut report = LoadReport {
-        scheduled: count,
+        scheduled: config.request_count(),
         ..LoadReport::default()
     };
-    while let Some((index, outcome, latency)) = done_rx.recv().await {
+    while let Some((index, outcome, latency)) = done.recv().await {
         if config.record_samples && outcome.is_ok() && report.samples.len() < MAX_SAMPLES {
             report.samples.push(latency);
         }
-        let target = target_of(&config, index);
+        let target = target_of(config, index);
         report
             .targets
             .entry((target.authority.clone(), target.path.clone()))
             .or_default()
             .record(outcome, latency);
     }
-    while workers.join_next().await.is_some() {}
     report.elapsed = clock.now() - start;
-    Ok(report)
+    report
 }
 
-fn target_of(config: &LoadConfig, index: u64) -> &Target {
+/// The target request `index` uses.
+#[must_use]
+pub fn target_of(config: &LoadConfig, index: u64) -> &Target {
     let i = usize::try_from(index % config.targets.len() as u64).unwrap_or(0);
     &config.targets[i]
 }
@@ -333,7 +366,7 @@ struct Worker<N> {
     config: Arc<LoadConfig>,
     clock: Clock,
     jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>,
-    done: mpsc::UnboundedSender<(u64, Result<u16, LoadError>, Duration)>,
+    done: mpsc::UnboundedSender<Done>,
 }
 
 impl<N: Net> Worker<N> {

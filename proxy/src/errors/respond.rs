@@ -198,27 +198,44 @@ impl SyntheticResponse {
     }
 }
 
-/// Serializes a synthesized response (empty body) as an HTTP/1.1 message, for connections the
-/// proxy rejects before hyper serves them (malformed or oversized first request).
-#[must_use]
-pub fn encode_http1(response: &Response<Body>) -> Vec<u8> {
+/// Serializes a synthesized response (empty body) as an HTTP/1.1 message into `out`, with
+/// `connection` as its `connection` field (`None`: none; the response's own is replaced). The
+/// one HTTP/1 serialization of the proxy's answers, for the HTTP/1 engine and for connections
+/// rejected during detection.
+pub(crate) fn write_http1(out: &mut Vec<u8>, response: &Response<Body>, connection: Option<&str>) {
     let status = response.status();
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    )
-    .into_bytes();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
     for (name, value) in response.headers() {
+        if name == header::CONNECTION {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !response.headers().contains_key(header::CONNECTION) {
-        out.extend_from_slice(b"connection: close\r\n");
+    if !response.headers().contains_key(header::CONTENT_LENGTH) {
+        // A trailers-only gRPC answer over HTTP/1: no body either way.
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    if let Some(connection) = connection {
+        out.extend_from_slice(b"connection: ");
+        out.extend_from_slice(connection.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Serializes a synthesized response as an HTTP/1.1 message that closes its connection, for
+/// connections the proxy rejects before serving them (malformed or oversized first request).
+#[must_use]
+pub fn encode_http1(response: &Response<Body>) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_http1(&mut out, response, Some("close"));
     out
 }
 

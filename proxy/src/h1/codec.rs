@@ -207,20 +207,6 @@ fn add_content_length(current: &mut Option<u64>, value: &[u8]) -> Result<(), Cod
     Ok(())
 }
 
-/// Whether the final transfer coding of the `Transfer-Encoding` fields is `chunked`.
-fn transfer_encoding_chunked(values: &mut dyn Iterator<Item = &[u8]>) -> bool {
-    let mut last_chunked = false;
-    let mut chunked_seen = 0;
-    for value in values {
-        for token in tokens(value) {
-            last_chunked = token.eq_ignore_ascii_case(b"chunked");
-            chunked_seen += usize::from(last_chunked);
-        }
-    }
-    // `chunked` applied twice is an error (RFC 9112 §6.1).
-    last_chunked && chunked_seen == 1
-}
-
 /// Checks that the `Transfer-Encoding` fields say exactly `chunked`: the only request coding
 /// the proxy forwards (it re-chunks bodies and would lose any other).
 fn transfer_encoding_only_chunked(
@@ -245,23 +231,37 @@ fn transfer_encoding_only_chunked(
     }
 }
 
-/// The transfer codings before a final `chunked` (or all of them, when `chunked` is not
-/// last), which the proxy must keep naming when it re-chunks the body: `None` for plain
-/// `chunked`.
-fn other_codings(values: &mut dyn Iterator<Item = &[u8]>) -> Option<String> {
-    let all: Vec<&[u8]> = values.flat_map(tokens).collect();
-    let codings = match all.split_last() {
-        Some((last, rest)) if last.eq_ignore_ascii_case(b"chunked") => rest,
-        _ => &all[..],
+/// What a response's `Transfer-Encoding` fields say, in one pass: whether `chunked` is the
+/// final coding, applied once (else the body runs until close), and the other codings, which
+/// the proxy must keep naming when it re-chunks the body (`None` for plain `chunked`, the
+/// common case, which allocates nothing).
+fn response_codings(headers: &[httparse::Header<'_>]) -> (bool, Option<String>) {
+    let values = || {
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+            .flat_map(|h| tokens(h.value))
     };
-    if codings.is_empty() {
-        return None;
+    let (mut last_chunked, mut chunked_seen, mut count) = (false, 0, 0);
+    for token in values() {
+        last_chunked = token.eq_ignore_ascii_case(b"chunked");
+        chunked_seen += usize::from(last_chunked);
+        count += 1;
     }
-    let text: Vec<String> = codings
+    // `chunked` applied twice is an error (RFC 9112 §6.1): read such a body until close.
+    let chunked = last_chunked && chunked_seen == 1;
+    if count == 0 || (chunked && count == 1) {
+        return (chunked, None);
+    }
+    let mut all: Vec<&[u8]> = values().collect();
+    if chunked {
+        all.pop();
+    }
+    let text: Vec<String> = all
         .iter()
         .map(|c| String::from_utf8_lossy(c).into_owned())
         .collect();
-    Some(text.join(", "))
+    (chunked, Some(text.join(", ")))
 }
 
 /// Whether `bytes` can be a URI authority (host and optional port): no userinfo, no path, no
@@ -578,21 +578,13 @@ pub(crate) fn parse_response(
     let body = if interim || tunnel || request.head || status == 204 || status == 304 {
         Framing::Empty
     } else if chunked_fields > 0 {
-        let mut values = headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-            .map(|h| h.value);
         if content_length.is_some() {
             // RFC 9112 §6.3: chunked wins, and the connection must not be reused.
             reusable = false;
         }
-        codings = other_codings(
-            &mut headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-                .map(|h| h.value),
-        );
-        if transfer_encoding_chunked(&mut values) {
+        let chunked;
+        (chunked, codings) = response_codings(headers);
+        if chunked {
             Framing::Chunked
         } else {
             reusable = false;
@@ -671,12 +663,21 @@ impl Persistence {
         }
     }
 
+    /// The `connection` field's value this calls for, if any.
+    pub(crate) fn field(self) -> Option<&'static str> {
+        match self {
+            Self::KeepAlive => None,
+            Self::KeepAlive10 => Some("keep-alive"),
+            Self::Close => Some("close"),
+        }
+    }
+
     /// Writes the `connection` field this calls for.
     pub(crate) fn write(self, out: &mut Vec<u8>) {
-        match self {
-            Self::KeepAlive => {}
-            Self::KeepAlive10 => out.extend_from_slice(b"connection: keep-alive\r\n"),
-            Self::Close => out.extend_from_slice(b"connection: close\r\n"),
+        if let Some(value) = self.field() {
+            out.extend_from_slice(b"connection: ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
     }
 }

@@ -284,7 +284,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
 
     /// Serves one request whose head starts the read buffer.
     async fn request(&mut self, head: RequestHead) -> Next<N> {
-        let http = Arc::clone(self.http);
+        let http = self.http;
         let start = self.clock.now();
         let routed = {
             let authority = head
@@ -346,7 +346,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         service: Option<&Arc<ServiceBalancer>>,
         start: Instant,
     ) -> Result<Next<N>, Failed> {
-        let http = Arc::clone(self.http);
+        let http = self.http;
         let mut attempts = 0;
         let mut repicked: Option<Picked> = None;
         loop {
@@ -644,7 +644,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             response,
             mut upload,
         } = r;
-        let http = Arc::clone(self.http);
+        let http = self.http;
         if head.http10 && response.codings.is_some() {
             // Codings an HTTP/1.0 client cannot be told about: the body would arrive
             // undeclared. Nothing of the response has been sent; the upstream connection is
@@ -662,7 +662,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         if let (Some(service), Some(in_flight)) = (service, &in_flight) {
             service.observe_at(now, in_flight);
         }
-        let class = classify(&http, &response, &upstream.rbuf);
+        let class = classify(http, &response, &upstream.rbuf);
         upstream.rbuf.advance(response.len);
 
         if (head.connect && (200..300).contains(&status)) || status == 101 {
@@ -884,30 +884,7 @@ fn write_synthetic(
     response: &http::Response<crate::body::Body>,
     persistence: Persistence,
 ) {
-    let status = response.status();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in response.headers() {
-        if name == http::header::CONNECTION {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !response
-        .headers()
-        .contains_key(http::header::CONTENT_LENGTH)
-    {
-        // A trailers-only gRPC answer over HTTP/1: no body either way.
-        out.extend_from_slice(b"content-length: 0\r\n");
-    }
-    persistence.write(out);
-    out.extend_from_slice(b"\r\n");
+    crate::errors::respond::write_http1(out, response, persistence.field());
 }
 
 /// Carries a switched connection (WebSocket, CONNECT) both ways until either side closes, or

@@ -218,8 +218,9 @@ impl Pump {
         }
     }
 
-    fn data(&self, out: &mut Vec<u8>, data: &[u8]) {
-        if self.chunked_out {
+    /// Writes body bytes, as a chunk when the receiver gets chunks.
+    fn data(chunked_out: bool, out: &mut Vec<u8>, data: &[u8]) {
+        if chunked_out {
             codec::encode_chunk_size(out, data.len());
             out.extend_from_slice(data);
             out.extend_from_slice(b"\r\n");
@@ -238,27 +239,20 @@ impl Pump {
                     .min(room);
                 *left -= n as u64;
                 let done = *left == 0;
-                self.data(out, &input[..n]);
+                Self::data(self.chunked_out, out, &input[..n]);
                 input.advance(n);
                 self.finished = done;
             }
             Decode::Close => {
                 let n = input.len().min(room);
-                self.data(out, &input[..n]);
+                Self::data(self.chunked_out, out, &input[..n]);
                 input.advance(n);
             }
             Decode::Chunked(decoder) => loop {
                 let (used, found) = decoder.decode(&input[..input.len().min(room)])?;
                 match found {
                     Decoded::Data(range) => {
-                        let data = &input[range];
-                        if self.chunked_out {
-                            codec::encode_chunk_size(out, data.len());
-                            out.extend_from_slice(data);
-                            out.extend_from_slice(b"\r\n");
-                        } else {
-                            out.extend_from_slice(data);
-                        }
+                        Self::data(self.chunked_out, out, &input[range]);
                         input.advance(used);
                         if out.len() >= MAX_PENDING_OUT || input.is_empty() {
                             return Ok(());
