@@ -330,7 +330,13 @@ impl GrpcCode {
     /// tells clients to treat them.
     #[must_use]
     pub fn from_header_value(value: &HeaderValue) -> Option<Self> {
-        let bytes = value.as_bytes();
+        Self::from_bytes(value.as_bytes())
+    }
+
+    /// [`from_header_value`](Self::from_header_value) for a value as raw bytes (an HTTP/1
+    /// head's field, not yet a [`HeaderValue`]).
+    #[must_use]
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
             return None;
         }
@@ -764,11 +770,28 @@ impl Classifier {
     /// the code a gRPC client derives from the HTTP status. Any other response is final by its
     /// HTTP status.
     pub fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> ResponseClass {
-        if !is_grpc(headers) {
+        let grpc = headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|value| is_grpc_content_type(value.as_bytes()));
+        let grpc_status = headers.get(&GRPC_STATUS).map(HeaderValue::as_bytes);
+        self.classify_head(status, grpc, grpc_status)
+    }
+
+    /// [`classify_response`](Self::classify_response) from the facts of a head that is not a
+    /// [`HeaderMap`] (an HTTP/1 head's raw fields): whether its `content-type` is gRPC's (see
+    /// [`is_grpc_content_type`]) and its `grpc-status` field, if any. Both HTTP engines
+    /// classify through this one function.
+    pub fn classify_head(
+        &self,
+        status: StatusCode,
+        grpc: bool,
+        grpc_status: Option<&[u8]>,
+    ) -> ResponseClass {
+        if !grpc {
             return ResponseClass::Final(self.classify_http(status));
         }
-        if let Some(value) = headers.get(&GRPC_STATUS) {
-            return ResponseClass::Final(self.classify_grpc_value(value));
+        if let Some(value) = grpc_status {
+            return ResponseClass::Final(self.classify_grpc_bytes(value));
         }
         if status == StatusCode::OK {
             ResponseClass::Pending(PendingEos { _private: () })
@@ -831,7 +854,11 @@ impl Classifier {
     }
 
     fn classify_grpc_value(&self, value: &HeaderValue) -> Class {
-        match GrpcCode::from_header_value(value) {
+        self.classify_grpc_bytes(value.as_bytes())
+    }
+
+    fn classify_grpc_bytes(&self, value: &[u8]) -> Class {
+        match GrpcCode::from_bytes(value) {
             Some(code) => self.classify_grpc(code),
             None => Class {
                 outcome: Outcome::Failure,
@@ -878,21 +905,19 @@ pub struct PendingEos {
     _private: (),
 }
 
-/// True if the response's `content-type` is gRPC's: `application/grpc`, alone or followed by
-/// `+` (a codec, `application/grpc+proto`) or `;` (parameters), in any ASCII case.
+/// True if a `content-type` value is gRPC's: `application/grpc`, alone or followed by `+` (a
+/// codec, `application/grpc+proto`) or `;` (parameters), in any ASCII case. The one test of
+/// "is this gRPC" for requests and responses, on both HTTP engines.
 ///
 /// gRPC-Web (`application/grpc-web...`) is excluded on purpose: it carries its trailers inside
 /// the body, where the classifier cannot see them, so it is classified by HTTP status.
-fn is_grpc(headers: &HeaderMap) -> bool {
+#[must_use]
+pub fn is_grpc_content_type(value: &[u8]) -> bool {
     const GRPC: &[u8] = b"application/grpc";
-    let Some(value) = headers.get(CONTENT_TYPE) else {
-        return false;
-    };
-    let bytes = value.as_bytes();
-    bytes
+    value
         .get(..GRPC.len())
         .is_some_and(|prefix| prefix.eq_ignore_ascii_case(GRPC))
-        && matches!(bytes.get(GRPC.len()), None | Some(b'+' | b';'))
+        && matches!(value.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
 #[cfg(test)]

@@ -12,8 +12,9 @@
 //! `poll_*()` / `poll_timeout()`.
 //!
 //! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`classify`],
-//! [`metrics`] and [`mesh`] (the mesh file model). Later issues add `breaker`, `route`,
-//! `retry`, `timeout`, `slo`, `policy`, `identity`, `fault` and `tap`.
+//! [`metrics`], [`route`] (route profiles and request matching), [`timeout`] (deadlines and
+//! their propagation) and [`mesh`] (the mesh file model). Later issues add `breaker`,
+//! `retry`, `slo`, `policy`, `identity`, `fault` and `tap`.
 
 #![deny(missing_docs)]
 
@@ -23,4 +24,6 @@ pub mod classify;
 pub mod mesh;
 pub mod metrics;
 pub mod rand;
+pub mod route;
 pub mod time;
+pub mod timeout;

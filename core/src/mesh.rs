@@ -34,8 +34,7 @@ pub const DEFAULT_PORT: u16 = 80;
 /// replicas is far beyond any single service we know of.
 pub const MAX_ENDPOINTS: usize = 10_000;
 
-/// The most routes one profile may list.
-pub const MAX_ROUTES: usize = 500;
+pub use crate::route::{MAX_ROUTES, Profile, RawProfile};
 
 // === Raw (as written) ===
 
@@ -74,45 +73,6 @@ pub struct RawEndpoint {
     /// `IP:PORT` of the endpoint's proxy admin server, where the controller reads its metrics
     /// for `conduit stat` and `conduit check` probes its health. Optional.
     pub admin: Option<String>,
-}
-
-/// A route profile as written.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawProfile {
-    /// Routes, matched in order.
-    pub routes: Vec<RawRoute>,
-}
-
-/// One route as written.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawRoute {
-    /// The route's name, unique within its profile; it labels per-route metrics.
-    pub name: String,
-    /// What requests the route matches.
-    #[serde(rename = "match")]
-    pub matches: RawRouteMatch,
-}
-
-/// A route's request match as written.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawRouteMatch {
-    /// An HTTP method; any method when absent.
-    pub method: Option<String>,
-    /// A path match; any path when absent.
-    pub path: Option<RawPathMatch>,
-}
-
-/// A path match as written: exactly one of `exact` or `prefix`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawPathMatch {
-    /// The whole path must equal this.
-    pub exact: Option<String>,
-    /// The path must start with this.
-    pub prefix: Option<String>,
 }
 
 // === Validated ===
@@ -163,58 +123,6 @@ impl Endpoint {
             admin: None,
             labels: BTreeMap::new(),
         }
-    }
-}
-
-/// A validated route profile.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Profile {
-    /// Routes in match order.
-    pub routes: Vec<Route>,
-}
-
-/// A validated route.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    /// The route's name.
-    pub name: String,
-    /// The method to match, if any.
-    pub method: Option<http::Method>,
-    /// The path to match.
-    pub path: PathMatch,
-}
-
-/// How a route matches the request path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathMatch {
-    /// Any path.
-    Any,
-    /// The path equals this string.
-    Exact(String),
-    /// The path starts with this string.
-    Prefix(String),
-}
-
-impl Route {
-    /// Whether a request with this method and path falls on this route.
-    #[must_use]
-    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) {
-            return false;
-        }
-        match &self.path {
-            PathMatch::Any => true,
-            PathMatch::Exact(exact) => path == exact,
-            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
-        }
-    }
-}
-
-impl Profile {
-    /// The first route that matches, if any.
-    #[must_use]
-    pub fn find(&self, method: &http::Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|route| route.matches(method, path))
     }
 }
 
@@ -462,74 +370,12 @@ fn validate_endpoint(path: &str, raw: RawEndpoint, errors: &mut Errors) -> Optio
 }
 
 fn validate_profile(path: &str, raw: RawProfile, errors: &mut Errors) -> Profile {
-    if raw.routes.len() > MAX_ROUTES {
-        errors.push(
-            format!("{path}.routes"),
-            format!("at most {MAX_ROUTES} routes"),
-        );
-    }
-    let mut names = BTreeSet::new();
-    let mut routes = Vec::with_capacity(raw.routes.len());
-    for (i, raw_route) in raw.routes.into_iter().enumerate() {
-        let path = format!("{path}.routes[{i}]");
-        let before = errors.0.len();
-        if raw_route.name.is_empty() {
-            errors.push(format!("{path}.name"), "missing");
-        } else if !names.insert(raw_route.name.clone()) {
-            errors.push(
-                format!("{path}.name"),
-                format!("duplicate route name `{}`", raw_route.name),
-            );
+    Profile::try_from(raw).unwrap_or_else(|invalid| {
+        for (field, reason) in invalid.errors {
+            errors.push(format!("{path}.{field}"), reason);
         }
-        let method = raw_route.matches.method.as_deref().and_then(|m| {
-            http::Method::from_bytes(m.as_bytes())
-                .map_err(|_| {
-                    errors.push(
-                        format!("{path}.match.method"),
-                        format!("`{m}` is not an HTTP method"),
-                    )
-                })
-                .ok()
-        });
-        let path_match = match raw_route.matches.path {
-            None => PathMatch::Any,
-            Some(RawPathMatch {
-                exact: Some(p),
-                prefix: None,
-            }) => {
-                check_path(&format!("{path}.match.path.exact"), &p, errors);
-                PathMatch::Exact(p)
-            }
-            Some(RawPathMatch {
-                exact: None,
-                prefix: Some(p),
-            }) => {
-                check_path(&format!("{path}.match.path.prefix"), &p, errors);
-                PathMatch::Prefix(p)
-            }
-            Some(_) => {
-                errors.push(
-                    format!("{path}.match.path"),
-                    "give exactly one of `exact` or `prefix`",
-                );
-                PathMatch::Any
-            }
-        };
-        if errors.0.len() == before {
-            routes.push(Route {
-                name: raw_route.name,
-                method,
-                path: path_match,
-            });
-        }
-    }
-    Profile { routes }
-}
-
-fn check_path(path: &str, value: &str, errors: &mut Errors) {
-    if !value.starts_with('/') {
-        errors.push(path, format!("`{value}` must start with `/`"));
-    }
+        Profile::default()
+    })
 }
 
 /// Checks a DNS-style name: 1 to 253 bytes of labels of 1 to 63 bytes each, made of ASCII
@@ -560,6 +406,7 @@ fn check_dns_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::{RawPathMatch, RawRequestMatch, RawRoute};
 
     fn endpoint(addr: &str) -> RawEndpoint {
         RawEndpoint {
@@ -587,7 +434,7 @@ mod tests {
         let web = mesh.service("web.default").unwrap();
         assert_eq!(web.port, DEFAULT_PORT);
         assert_eq!(web.endpoints[0].weight, DEFAULT_WEIGHT);
-        assert!(web.profile.routes.is_empty());
+        assert!(web.profile.is_empty());
     }
 
     #[test]
@@ -612,13 +459,15 @@ mod tests {
                 profile: Some(RawProfile {
                     routes: vec![RawRoute {
                         name: "items".into(),
-                        matches: RawRouteMatch {
+                        matches: RawRequestMatch {
                             method: Some("G ET".into()),
                             path: Some(RawPathMatch {
                                 exact: Some("items".into()),
-                                prefix: None,
+                                ..RawPathMatch::default()
                             }),
+                            ..RawRequestMatch::default()
                         },
+                        ..RawRoute::default()
                     }],
                 }),
             },
@@ -667,31 +516,5 @@ mod tests {
         assert_eq!(split_authority("[::1]:80"), Some(("::1", Some(80))));
         assert_eq!(split_authority("[::1]"), Some(("::1", None)));
         assert_eq!(split_authority("[::1]x"), None);
-    }
-
-    #[test]
-    fn routes_match_in_order() {
-        let profile = Profile {
-            routes: vec![
-                Route {
-                    name: "get-item".into(),
-                    method: Some(http::Method::GET),
-                    path: PathMatch::Prefix("/items/".into()),
-                },
-                Route {
-                    name: "any".into(),
-                    method: None,
-                    path: PathMatch::Any,
-                },
-            ],
-        };
-        assert_eq!(
-            profile.find(&http::Method::GET, "/items/1").unwrap().name,
-            "get-item"
-        );
-        assert_eq!(
-            profile.find(&http::Method::POST, "/items/1").unwrap().name,
-            "any"
-        );
     }
 }

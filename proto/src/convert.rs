@@ -11,20 +11,16 @@
 //! | [`net::TcpAddress`] | [`SocketAddr`] (IPv6 flow info and scope id are not carried) |
 //! | [`destination::WeightedAddr`] | [`mesh::Endpoint`] |
 //! | [`destination::Update`] | [`DestinationUpdate`], and from it [`balance::Update`] |
-//! | [`destination::Route`] | [`mesh::Route`] |
-//! | [`destination::DestinationProfile`] | [`ProfileUpdate`] (holding a [`mesh::Profile`]) |
+//! | [`destination::Route`] | [`route::Route`] (its match, response classes and timeouts) |
+//! | [`destination::DestinationProfile`] | [`ProfileUpdate`] (holding a [`route::Profile`]) |
 //! | [`api::Workload`] | from [`mesh::Service`] only (the CLI issue adds the reverse) |
 //!
 //! # What is not converted yet
 //!
-//! The profile messages define response classes, route timeouts, retry policies and the retry
-//! budget (`Route.response_classes`, `Route.timeout_ms`, `Route.retry_policy`,
-//! `DestinationProfile.retry_budget`), because the wire contract should not have to change
-//! when they arrive. `conduit-core` has no types for them yet (its `classify`, `timeout` and
-//! `retry` modules come with their issues), so this conversion does **not** read them: they
-//! are neither validated nor carried into [`ProfileUpdate`], and the controller never sets
-//! them (the mesh file has no syntax for them yet). Each issue that adds one of these core
-//! types converts and validates its field here.
+//! Retry policies and the retry budget (`Route.retry_policy`, `DestinationProfile.retry_budget`)
+//! are defined on the wire but not read: `conduit-core` has no retry types yet (its `retry`
+//! module comes with the retry issue), so they are neither validated nor carried, and the
+//! controller never sets them.
 //!
 //! [`net::TcpAddress`]: crate::pb::net::TcpAddress
 //! [`destination::WeightedAddr`]: crate::pb::destination::WeightedAddr
@@ -34,10 +30,19 @@
 //! [`api::Workload`]: crate::pb::api::Workload
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use core::time::Duration;
 use std::collections::BTreeSet;
 
 use conduit_core::balance;
-use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_ROUTES, MAX_WEIGHT, PathMatch};
+use conduit_core::classify::{
+    Classifier, ClassifyConfig, GrpcCode, GrpcRule, HttpRule, Outcome, StatusRange,
+};
+use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_WEIGHT};
+use conduit_core::route::{
+    self, MAX_HEADER_MATCHES, MAX_ROUTES, PathMatch, Pattern, Profile, RawHeaderMatch,
+    RequestMatch, Route, RoutePolicy, ValueMatch,
+};
+use conduit_core::timeout::Timeouts;
 
 use crate::pb::{api, destination as dst, net};
 
@@ -151,13 +156,23 @@ pub enum InvalidMessage {
         /// The value received (truncated like identities).
         path: String,
     },
-    /// A route is unnamed, or its name repeats an earlier route's.
-    #[error("{field}: route names must be present and unique, got `{name}`")]
+    /// A route is unnamed, its name repeats an earlier route's, or it takes the reserved name
+    /// of the default route.
+    #[error("{field}: route names must be present, unique and not `default`, got `{name}`")]
     RouteName {
         /// The name field.
         field: String,
         /// The value received (truncated like identities).
         name: String,
+    },
+    /// A value the core refuses: a regular expression too large or invalid, a header field
+    /// name, a timeout out of range, a status range or a gRPC code.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// Why, for a person.
+        reason: String,
     },
 }
 
@@ -178,7 +193,8 @@ impl InvalidMessage {
             | Self::Version { field }
             | Self::Method { field, .. }
             | Self::Path { field, .. }
-            | Self::RouteName { field, .. } => field,
+            | Self::RouteName { field, .. }
+            | Self::Invalid { field, .. } => field,
         }
     }
 }
@@ -530,9 +546,6 @@ impl TryFrom<dst::Update> for balance::Update {
 // === Destination.GetProfile ===
 
 /// One validated message of a `Destination.GetProfile` stream: the complete profile.
-///
-/// Holds only what [`mesh::Profile`] models today; see the module docs for the profile fields
-/// that are defined on the wire but not converted yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProfileUpdate {
     /// Strictly increasing within a stream, starting at 1.
@@ -541,21 +554,23 @@ pub struct ProfileUpdate {
     pub exists: bool,
     /// The service's canonical name (empty when it does not exist).
     pub name: String,
-    /// The routes.
-    pub profile: mesh::Profile,
+    /// The routes and their policies.
+    pub profile: Profile,
 }
 
 /// Converts one route, naming it `field` in errors. The caller checks name uniqueness.
 ///
 /// # Errors
 ///
-/// [`InvalidMessage`] for an empty name, a method that is not an HTTP token, a path match that
-/// is empty or does not start with `/`, or a path match with no case set.
-pub fn route(field: &str, route: dst::Route) -> Result<mesh::Route, InvalidMessage> {
-    if route.name.is_empty() {
+/// [`InvalidMessage`] for an empty or reserved name, a method that is not an HTTP token, a
+/// path match that does not start with `/` or has no case set, an invalid or oversized regular
+/// expression, an invalid header condition, a timeout out of range, or an invalid response
+/// class.
+pub fn route(field: &str, route: dst::Route) -> Result<Route, InvalidMessage> {
+    if let Err(_reason) = route::check_route_name(&route.name) {
         return Err(InvalidMessage::RouteName {
             field: format!("{field}.name"),
-            name: String::new(),
+            name: truncated(&route.name),
         });
     }
     let condition = route.condition.unwrap_or_default();
@@ -572,6 +587,9 @@ pub fn route(field: &str, route: dst::Route) -> Result<mesh::Route, InvalidMessa
             }
         }
     };
+    let regex = |field: String, source: &str| {
+        Pattern::try_new(source).map_err(|reason| InvalidMessage::Invalid { field, reason })
+    };
     let path = match condition.path {
         None => PathMatch::Any,
         Some(dst::PathMatch {
@@ -586,19 +604,128 @@ pub fn route(field: &str, route: dst::Route) -> Result<mesh::Route, InvalidMessa
             check_path(&format!("{field}.condition.path.prefix"), &path)?;
             PathMatch::Prefix(path)
         }
-        // A path match whose case this receiver does not know (a newer sender's `regex`, say)
-        // must not widen to "any path".
+        Some(dst::PathMatch {
+            kind: Some(dst::path_match::Kind::Regex(source)),
+        }) => PathMatch::Regex(regex(format!("{field}.condition.path.regex"), &source)?),
+        // A path match whose case this receiver does not know (a newer sender's), must not
+        // widen to "any path".
         Some(dst::PathMatch { kind: None }) => {
             return Err(InvalidMessage::Missing {
                 field: format!("{field}.condition.path.kind"),
             });
         }
     };
-    Ok(mesh::Route {
-        name: route.name,
-        method,
-        path,
+    check_len(
+        &format!("{field}.condition.headers"),
+        condition.headers.len(),
+        MAX_HEADER_MATCHES,
+    )?;
+    let mut headers = Vec::with_capacity(condition.headers.len());
+    for (i, header) in condition.headers.into_iter().enumerate() {
+        let header_field = format!("{field}.condition.headers[{i}]");
+        let (exact, regex) = match header.value {
+            Some(dst::header_match::Value::Exact(exact)) => (Some(exact), None),
+            Some(dst::header_match::Value::Regex(regex)) => (None, Some(regex)),
+            None => {
+                return Err(InvalidMessage::Missing {
+                    field: format!("{header_field}.value"),
+                });
+            }
+        };
+        let raw = RawHeaderMatch {
+            name: header.name,
+            exact,
+            regex,
+        };
+        headers.push(route::header_match(raw).map_err(|(sub, reason)| {
+            InvalidMessage::Invalid {
+                field: format!("{header_field}{sub}"),
+                reason,
+            }
+        })?);
+    }
+    let millis = |sub: &str, ms: Option<u64>| -> Result<Option<Duration>, InvalidMessage> {
+        ms.map(|ms| {
+            Timeouts::try_new(Some(Duration::from_millis(ms)), None)
+                .map(|t| t.request.unwrap_or_default())
+                .map_err(|e| InvalidMessage::Invalid {
+                    field: format!("{field}.{sub}"),
+                    reason: e.problem,
+                })
+        })
+        .transpose()
+    };
+    let timeouts = Timeouts {
+        request: millis("timeout_ms", route.timeout_ms)?,
+        attempt: millis("attempt_timeout_ms", route.attempt_timeout_ms)?,
+    };
+    let classifier = response_classes(field, route.response_classes)?;
+    Ok(Route {
+        name: route.name.into(),
+        matches: RequestMatch {
+            method,
+            path,
+            headers,
+        },
+        policy: RoutePolicy {
+            classifier,
+            timeouts,
+        },
     })
+}
+
+/// The wire's ordered response classes, split by kind (order within each kind kept: the first
+/// matching class of a response's kind wins, as the core's rules do).
+fn response_classes(
+    field: &str,
+    classes: Vec<dst::ResponseClass>,
+) -> Result<Classifier, InvalidMessage> {
+    let mut http = Vec::new();
+    let mut grpc = Vec::new();
+    for (i, class) in classes.into_iter().enumerate() {
+        let class_field = format!("{field}.response_classes[{i}]");
+        let outcome = if class.is_failure {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        let invalid = |sub: &str, reason: String| InvalidMessage::Invalid {
+            field: format!("{class_field}.condition.{sub}"),
+            reason,
+        };
+        match class.condition.and_then(|c| c.kind) {
+            Some(dst::response_match::Kind::Status(range)) => {
+                let bound = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+                let statuses = StatusRange::try_new(bound(range.min), bound(range.max))
+                    .map_err(|e| invalid(&format!("status.{}", e.field), e.problem.to_string()))?;
+                http.push(HttpRule {
+                    statuses,
+                    outcome,
+                    retryable: class.is_retryable,
+                });
+            }
+            Some(dst::response_match::Kind::GrpcStatus(code)) => {
+                let code = GrpcCode::from_u32(code).ok_or_else(|| {
+                    invalid("grpc_status", format!("{code} is not a gRPC status code"))
+                })?;
+                grpc.push(GrpcRule {
+                    code,
+                    outcome,
+                    retryable: class.is_retryable,
+                });
+            }
+            None => {
+                return Err(InvalidMessage::Missing {
+                    field: format!("{class_field}.condition.kind"),
+                });
+            }
+        }
+    }
+    let config = ClassifyConfig::try_new(http, grpc).map_err(|e| InvalidMessage::Invalid {
+        field: format!("{field}.response_classes"),
+        reason: e.problem.to_string(),
+    })?;
+    Ok(Classifier::new(&config))
 }
 
 fn check_path(field: &str, path: &str) -> Result<(), InvalidMessage> {
@@ -612,7 +739,7 @@ fn check_path(field: &str, path: &str) -> Result<(), InvalidMessage> {
     }
 }
 
-impl TryFrom<dst::Route> for mesh::Route {
+impl TryFrom<dst::Route> for Route {
     type Error = InvalidMessage;
 
     fn try_from(value: dst::Route) -> Result<Self, InvalidMessage> {
@@ -620,27 +747,67 @@ impl TryFrom<dst::Route> for mesh::Route {
     }
 }
 
-impl From<mesh::Route> for dst::Route {
-    fn from(route: mesh::Route) -> Self {
-        let path = match route.path {
+fn millis_of(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl From<&Route> for dst::Route {
+    fn from(route: &Route) -> Self {
+        let path = match &route.matches.path {
             PathMatch::Any => None,
-            PathMatch::Exact(path) => Some(dst::PathMatch {
-                kind: Some(dst::path_match::Kind::Exact(path)),
+            PathMatch::Exact(path) => Some(dst::path_match::Kind::Exact(path.clone())),
+            PathMatch::Prefix(path) => Some(dst::path_match::Kind::Prefix(path.clone())),
+            PathMatch::Regex(pattern) => {
+                Some(dst::path_match::Kind::Regex(pattern.as_str().into()))
+            }
+        }
+        .map(|kind| dst::PathMatch { kind: Some(kind) });
+        let headers = route
+            .matches
+            .headers
+            .iter()
+            .map(|h| dst::HeaderMatch {
+                name: h.name.as_str().to_owned(),
+                value: Some(match &h.value {
+                    ValueMatch::Exact(v) => dst::header_match::Value::Exact(v.clone()),
+                    ValueMatch::Regex(p) => dst::header_match::Value::Regex(p.as_str().into()),
+                }),
+            })
+            .collect();
+        let config = route.policy.classifier.config();
+        let http = config.http_rules().iter().map(|rule| dst::ResponseClass {
+            condition: Some(dst::ResponseMatch {
+                kind: Some(dst::response_match::Kind::Status(dst::HttpStatusRange {
+                    min: u32::from(rule.statuses.min().as_u16()),
+                    max: u32::from(rule.statuses.max().as_u16()),
+                })),
             }),
-            PathMatch::Prefix(path) => Some(dst::PathMatch {
-                kind: Some(dst::path_match::Kind::Prefix(path)),
+            is_failure: rule.outcome == Outcome::Failure,
+            is_retryable: rule.retryable,
+        });
+        let grpc = config.grpc_rules().iter().map(|rule| dst::ResponseClass {
+            condition: Some(dst::ResponseMatch {
+                kind: Some(dst::response_match::Kind::GrpcStatus(rule.code as u32)),
             }),
-        };
+            is_failure: rule.outcome == Outcome::Failure,
+            is_retryable: rule.retryable,
+        });
         Self {
-            name: route.name,
+            name: route.name.to_string(),
             condition: Some(dst::RequestMatch {
                 method: route
+                    .matches
                     .method
+                    .as_ref()
                     .map(|m| m.as_str().to_owned())
                     .unwrap_or_default(),
                 path,
+                headers,
             }),
-            ..Self::default()
+            response_classes: http.chain(grpc).collect(),
+            timeout_ms: route.policy.timeouts.request.map(millis_of),
+            attempt_timeout_ms: route.policy.timeouts.attempt.map(millis_of),
+            retry_policy: None,
         }
     }
 }
@@ -650,6 +817,7 @@ impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
 
     fn try_from(profile: dst::DestinationProfile) -> Result<Self, InvalidMessage> {
         let version = check_version(profile.version)?;
+        let (exists, name) = (profile.exists, profile.fully_qualified_name);
         if profile.routes.len() > MAX_ROUTES {
             return Err(InvalidMessage::TooMany {
                 field: "routes".into(),
@@ -670,11 +838,15 @@ impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
             }
             routes.push(route);
         }
+        let profile = Profile::try_new(routes).map_err(|reason| InvalidMessage::Invalid {
+            field: "routes".into(),
+            reason,
+        })?;
         Ok(Self {
             version,
-            exists: profile.exists,
-            name: profile.fully_qualified_name,
-            profile: mesh::Profile { routes },
+            exists,
+            name,
+            profile,
         })
     }
 }
@@ -685,7 +857,7 @@ impl From<ProfileUpdate> for dst::DestinationProfile {
             version: update.version,
             exists: update.exists,
             fully_qualified_name: update.name,
-            routes: update.profile.routes.into_iter().map(Into::into).collect(),
+            routes: update.profile.routes().iter().map(Into::into).collect(),
             retry_budget: None,
         }
     }
@@ -709,7 +881,7 @@ impl From<&mesh::Service> for api::Workload {
                     admin: endpoint.admin.map(Into::into),
                 })
                 .collect(),
-            route_count: u32::try_from(service.profile.routes.len()).unwrap_or(u32::MAX),
+            route_count: u32::try_from(service.profile.routes().len()).unwrap_or(u32::MAX),
         }
     }
 }

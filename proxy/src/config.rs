@@ -579,21 +579,7 @@ impl ProxyConfig {
     }
 }
 
-/// Parses `<digits><unit>` with unit `ms`, `s`, `m` or `h`.
-#[must_use]
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        "h" => n.checked_mul(3600).map(Duration::from_secs),
-        _ => None,
-    }
-}
+pub use conduit_core::time::parse_duration;
 
 /// The configuration as written (YAML keys = lower-cased variable suffixes).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
