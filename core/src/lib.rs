@@ -13,8 +13,8 @@
 //!
 //! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`classify`],
 //! [`metrics`], [`route`] (route profiles and request matching), [`timeout`] (deadlines and
-//! their propagation) and [`mesh`] (the mesh file model). Later issues add `breaker`,
-//! `retry`, `slo`, `policy`, `identity`, `fault` and `tap`.
+//! their propagation), [`retry`] (sending a request again) and [`mesh`] (the mesh file model).
+//! Later issues add `breaker`, `slo`, `policy`, `identity`, `fault` and `tap`.
 
 #![deny(missing_docs)]
 
@@ -24,6 +24,7 @@ pub mod classify;
 pub mod mesh;
 pub mod metrics;
 pub mod rand;
+pub mod retry;
 pub mod route;
 pub mod time;
 pub mod timeout;

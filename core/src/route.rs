@@ -436,6 +436,15 @@ impl Profile {
         &self.default
     }
 
+    /// The route at `index` as [`Matched::index`] gave it (`None`: the default route; an index
+    /// past the routes is the default route too).
+    #[must_use]
+    pub fn route_at(&self, index: Option<usize>) -> &Route {
+        index
+            .and_then(|i| self.routes.get(i))
+            .unwrap_or(&self.default)
+    }
+
     /// The route `request` is on: the first that matches, else the default route. Total: every
     /// request is on exactly one route.
     #[must_use]

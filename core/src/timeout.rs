@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(encode_grpc_timeout(Duration::ZERO).as_str(), "0n");
         assert_eq!(
             encode_grpc_timeout(Duration::from_secs(10 * 365 * 86400)).as_str(),
-            "87600H"
+            "5256000M"
         );
     }
 

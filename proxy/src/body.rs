@@ -1,5 +1,6 @@
 //! The body type the proxy moves, and the response-body wrapper that settles a request.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -42,23 +43,41 @@ pub(crate) enum BodyEnd {
         /// The trailers frame.
         trailers: Option<http::HeaderMap>,
     },
+    /// The connection switched protocols (a WebSocket upgrade, a CONNECT tunnel): the
+    /// response the client asked for.
+    Switched,
     /// The upstream failed mid-body (reset, truncated).
     Error,
     /// The downstream went away before the end.
     Cancelled,
+    /// The request's deadline passed before the end; the proxy cut the response.
+    TimedOut,
 }
 
-/// Called exactly once when a response body ends, however it ends.
+/// Told exactly once when a response body ends, however it ends.
 pub(crate) trait OnBodyEnd: Send + 'static {
     fn on_end(self, end: BodyEnd);
+
+    /// When the body must have ended; `None`: no deadline.
+    fn deadline(&self) -> Option<conduit_core::time::Instant> {
+        None
+    }
+
+    /// How to end a body cut at its deadline: the trailers to end it with (gRPC: the status
+    /// a client reports), or an error (the stream is reset).
+    fn expired(&self) -> Result<http::HeaderMap, BoxError> {
+        Err("response deadline passed".into())
+    }
 }
 
-/// A response body that reports its end (clean, failed or dropped) exactly once. The guard is
-/// held inline (no allocation of its own): the body is boxed into [`Body`] once anyway.
+/// A response body that reports its end (clean, failed, dropped or cut at its deadline)
+/// exactly once. The guard is held inline (no allocation of its own): the body is boxed into
+/// [`Body`] once anyway; a deadline costs one timer, only for responses that have one.
 pub(crate) struct GuardedBody<B, G: OnBodyEnd> {
     inner: B,
     guard: Option<G>,
     trailers: Option<http::HeaderMap>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B, G: OnBodyEnd> std::fmt::Debug for GuardedBody<B, G> {
@@ -72,11 +91,15 @@ impl<B, G: OnBodyEnd> std::fmt::Debug for GuardedBody<B, G> {
 impl<B: http_body::Body, G: OnBodyEnd> GuardedBody<B, G> {
     /// Wraps `inner`; an already-finished body (no content) settles at once, since hyper may
     /// never poll it.
-    pub(crate) fn new(inner: B, guard: G) -> Self {
+    pub(crate) fn new(inner: B, guard: G, clock: crate::clock::Clock) -> Self {
+        let deadline = guard
+            .deadline()
+            .map(|at| Box::pin(tokio::time::sleep_until(clock.to_tokio(at))));
         let mut this = Self {
             inner,
             guard: Some(guard),
             trailers: None,
+            deadline,
         };
         if this.inner.is_end_stream() {
             this.end(BodyEnd::Complete { trailers: None });
@@ -107,8 +130,25 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.guard.is_none() {
+            // Ended (cut at its deadline): nothing more.
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if let Some(sleep) = &mut this.deadline
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    let expired = this.guard.as_ref().map(OnBodyEnd::expired);
+                    this.end(BodyEnd::TimedOut);
+                    return match expired {
+                        Some(Ok(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                        Some(Err(err)) => Poll::Ready(Some(Err(err))),
+                        None => Poll::Ready(None),
+                    };
+                }
+                Poll::Pending
+            }
             Poll::Ready(None) => {
                 let trailers = this.trailers.take();
                 this.end(BodyEnd::Complete { trailers });
@@ -134,7 +174,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.guard.is_none() || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -152,6 +192,8 @@ impl<B, G: OnBodyEnd> Drop for GuardedBody<B, G> {
 #[derive(Debug, Default)]
 struct Recording {
     data: Vec<Bytes>,
+    /// Data past [`MAX_RECORDED_FRAMES`] frames, copied together.
+    tail: bytes::BytesMut,
     trailers: Option<http::HeaderMap>,
     len: usize,
     /// More than the limit went by: the copy was dropped and cannot be replayed.
@@ -160,9 +202,16 @@ struct Recording {
     ended: bool,
 }
 
+/// The most frames a recording keeps before it merges them into one: a body sent as many tiny
+/// frames would otherwise cost a `Bytes` handle per byte or two.
+const MAX_RECORDED_FRAMES: usize = 16;
+
 /// A request body that keeps a copy of the frames it yields, up to a limit, so that a request
 /// the upstream provably did not process (a refused h2 stream) can be sent again after its
-/// body was already consumed. The copy shares the frames' memory (`Bytes` clones).
+/// body was already consumed. The copy shares the frames' memory (`Bytes` clones) until there
+/// are more than [`MAX_RECORDED_FRAMES`], then is merged into one buffer; it stops (and is
+/// freed) once its [`Recorded`] handle is dropped, which the exchange does when response
+/// headers arrive.
 pub(crate) struct RecordingBody {
     inner: Body,
     record: std::sync::Arc<std::sync::Mutex<Recording>>,
@@ -192,16 +241,24 @@ pub(crate) fn recording(inner: Body, limit: usize) -> (Body, Recorded) {
 }
 
 impl Recorded {
+    /// Whether [`replay`](Self::replay) would give the body: it ended within the limit.
+    pub(crate) fn complete(&self) -> bool {
+        let record = lock_recording(&self.0);
+        record.ended && !record.overflow
+    }
+
     /// The whole body again, if it ended within the limit.
     pub(crate) fn replay(&self) -> Option<Body> {
         let record = lock_recording(&self.0);
         if !record.ended || record.overflow {
             return None;
         }
+        let tail = (!record.tail.is_empty()).then(|| Bytes::copy_from_slice(&record.tail));
         let frames: Vec<Frame<Bytes>> = record
             .data
             .iter()
             .cloned()
+            .chain(tail)
             .map(Frame::data)
             .chain(record.trailers.clone().map(Frame::trailers))
             .collect();
@@ -222,6 +279,16 @@ impl http_body::Body for RecordingBody {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
+            Poll::Ready(Some(Ok(_))) if std::sync::Arc::strong_count(&this.record) == 1 => {
+                // Nobody can replay any more: stop recording, and free the copy.
+                let mut record = lock_recording(&this.record);
+                if !record.overflow {
+                    record.overflow = true;
+                    record.data = Vec::new();
+                    record.tail = bytes::BytesMut::new();
+                    record.trailers = None;
+                }
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 let mut record = lock_recording(&this.record);
                 if let Some(data) = frame.data_ref() {
@@ -229,9 +296,16 @@ impl http_body::Body for RecordingBody {
                         if record.len + data.len() > this.limit {
                             record.overflow = true;
                             record.data = Vec::new();
+                            record.tail = bytes::BytesMut::new();
                         } else {
                             record.len += data.len();
-                            record.data.push(data.clone());
+                            if record.data.len() < MAX_RECORDED_FRAMES {
+                                record.data.push(data.clone());
+                            } else {
+                                // Past the frame bound, later frames are copied into one
+                                // buffer (at most the limit, amortised once).
+                                record.tail.extend_from_slice(data);
+                            }
                         }
                     }
                 } else if let Some(trailers) = frame.trailers_ref() {
@@ -287,6 +361,31 @@ mod tests {
         let again = recorded.replay().unwrap().collect().await.unwrap();
         assert_eq!(again.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(again.to_bytes(), "abcd");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn many_tiny_frames_keep_few_handles_and_replay_whole() {
+        let chunks: Vec<&'static str> = (0..1000).map(|_| "x").collect();
+        let (body, recorded) = recording(frames(&chunks, false), 4096);
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 1000);
+        assert!(lock_recording(&recorded.0).data.len() <= MAX_RECORDED_FRAMES);
+        let again = recorded.replay().unwrap().collect().await.unwrap();
+        assert_eq!(again.to_bytes(), "x".repeat(1000));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn recording_stops_once_nobody_can_replay() {
+        let (mut body, recorded) = recording(frames(&["ab", "cd", "ef"], false), 16);
+        let _ = body.frame().await;
+        let weak = std::sync::Arc::downgrade(&recorded.0);
+        drop(recorded);
+        let _ = body.frame().await;
+        let record = weak.upgrade().expect("the body holds it");
+        let record = lock_recording(&record);
+        assert!(
+            record.overflow && record.data.is_empty(),
+            "the copy is freed"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

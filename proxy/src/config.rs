@@ -68,6 +68,10 @@ pub const DEFAULT_POOL_MAX_IDLE_PER_ENDPOINT: usize = 64;
 pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// The largest request head accepted (request line plus headers); larger gets 431.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The most request body kept to send a request again (Linkerd buffers 64 KiB for retries):
+/// enough for nearly every unary gRPC call and JSON request, small enough to hold for every
+/// request in flight.
+pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per accepted connection.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Accepted connections per listener; beyond it new connections wait in the kernel backlog.
@@ -130,6 +134,11 @@ pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
     /// The local app; inbound traffic goes here. No inbound listener when unset.
     pub app_addr: Option<SocketAddr>,
+    /// The service the local app serves (`name[:port]`, as clients address it). Inbound
+    /// requests then take that service's route profile (per-route classes, timeouts and
+    /// metrics) and are counted under its name; unset, they take the default route and are
+    /// counted under the `Host` they carry.
+    pub service: Option<String>,
     /// Where services and endpoints come from.
     pub discovery: DiscoveryConfig,
     /// The tracing filter (`EnvFilter` syntax), applied by `main`.
@@ -185,6 +194,9 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Accepted connections per listener.
     pub max_connections: usize,
+    /// The most request body kept (bytes) so a request can be sent again after an attempt
+    /// that failed unprocessed; larger bodies stream without a copy and are never resent.
+    pub replay_body_limit: usize,
 }
 
 /// Queue settings per service.
@@ -230,6 +242,7 @@ impl Default for Limits {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            replay_body_limit: DEFAULT_REPLAY_BODY_LIMIT,
         }
     }
 }
@@ -244,6 +257,7 @@ impl ProxyConfig {
             inbound_addr: DEFAULT_INBOUND_ADDR,
             admin_addr: DEFAULT_ADMIN_ADDR,
             app_addr: None,
+            service: None,
             discovery,
             log: DEFAULT_LOG.to_owned(),
             seed: None,
@@ -396,6 +410,12 @@ impl ProxyConfig {
             config.outbound_default_target = Some(target);
         }
 
+        if let Some(service) = raw.service {
+            match check_service(&service) {
+                Ok(()) => config.service = Some(service.to_ascii_lowercase()),
+                Err(reason) => e("service", reason),
+            }
+        }
         if let Some(log) = raw.log {
             config.log = log;
         }
@@ -539,6 +559,13 @@ impl ProxyConfig {
             &mut l.max_header_bytes,
         );
         bounded(
+            "replay_body_limit",
+            raw.replay_body_limit,
+            0,
+            16 << 20,
+            &mut l.replay_body_limit,
+        );
+        bounded(
             "max_connections",
             raw.max_connections,
             1,
@@ -581,6 +608,35 @@ impl ProxyConfig {
 
 pub use conduit_core::time::parse_duration;
 
+/// Checks a service authority: a DNS name, optionally with a port.
+fn check_service(service: &str) -> Result<(), String> {
+    let (host, port) = match service.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (service, None),
+    };
+    if let Some(port) = port
+        && !matches!(port.parse::<u16>(), Ok(p) if p > 0)
+    {
+        return Err(format!("`{service}`: `{port}` is not a port"));
+    }
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{service}` is not a service name (`name[.namespace...][:port]`, as clients address it)"
+        ))
+    }
+}
+
 /// The configuration as written (YAML keys = lower-cased variable suffixes).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -593,6 +649,7 @@ pub struct RawProxyConfig {
     pub inbound_addr: Option<String>,
     pub admin_addr: Option<String>,
     pub app_addr: Option<String>,
+    pub service: Option<String>,
     pub discovery: Option<String>,
     pub log: Option<String>,
     pub seed: Option<u64>,
@@ -608,6 +665,7 @@ pub struct RawProxyConfig {
     pub max_header_bytes: Option<u64>,
     pub max_concurrent_streams: Option<u64>,
     pub max_connections: Option<u64>,
+    pub replay_body_limit: Option<u64>,
     pub queue_capacity: Option<u64>,
     pub failfast_timeout: Option<String>,
     pub balancer_default_rtt: Option<String>,

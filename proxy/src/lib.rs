@@ -1,10 +1,13 @@
 //! Conduit's data plane: the sidecar proxy.
 //!
 //! The proxy sits beside an app. Its **outbound** listener takes the app's HTTP/1.1, HTTP/2,
-//! gRPC and opaque TCP traffic, routes HTTP by authority through discovery and balances each
-//! request with the core's P2C over PeakEWMA; its **inbound** listener takes other proxies'
-//! traffic and forwards it to the app; its **admin** server serves `/metrics`, `/ready`,
-//! `/live` and `/shutdown`.
+//! gRPC and opaque TCP traffic, routes HTTP by authority through discovery and by route
+//! through the service's profile, and balances each request with the core's P2C over
+//! PeakEWMA; its **inbound** listener takes other proxies' traffic and forwards it to the app
+//! under the local service's profile; its **admin** server serves `/metrics`, `/ready`,
+//! `/live` and `/shutdown`. Both HTTP engines (its own for HTTP/1, hyper for HTTP/2) send
+//! every request through one request path (`exchange`), which owns its route, deadlines,
+//! attempts, metrics and span.
 //!
 //! Contract: the proxy's environment is a parameter. The network is a [`net::Net`] (the
 //! kernel's through [`net::TokioNet`], or turmoil's in the simulation), time is read only in
@@ -25,8 +28,9 @@ pub mod discover;
 pub mod drain;
 pub mod entropy;
 pub mod errors;
+mod exchange;
 mod h1;
-mod http;
+mod http2;
 mod inbound;
 pub mod net;
 mod outbound;
@@ -179,12 +183,11 @@ impl<N: Net> Proxy<N> {
         tokio::spawn(Arc::clone(&router).run(drain.clone()));
 
         let outbound_ctx = outbound::context(&config, net.clone(), clock, &metrics, router);
-        let pools = vec![Arc::clone(&outbound_ctx.http)];
+        let mut all_pools = vec![Arc::clone(&outbound_ctx.pools)];
         tokio::spawn(server::accept_loop(outbound, outbound_ctx, drain.clone()));
-        let mut all_pools = pools;
         if let (Some(listener), Some(app)) = (inbound, config.app_addr) {
-            let ctx = inbound::context(&config, net.clone(), clock, &metrics, app);
-            all_pools.push(Arc::clone(&ctx.http));
+            let ctx = inbound::context(&config, net.clone(), clock, &metrics, app, &*discovery);
+            all_pools.push(Arc::clone(&ctx.pools));
             tokio::spawn(server::accept_loop(listener, ctx, drain.clone()));
         }
         let sweep_pools = {
@@ -195,7 +198,7 @@ impl<N: Net> Proxy<N> {
                 let mut ticker = tokio::time::interval(interval);
                 loop {
                     tokio::select! {
-                        _ = ticker.tick() => for http in &all_pools { http.pools.sweep() },
+                        _ = ticker.tick() => for pools in &all_pools { pools.sweep() },
                         () = drain.signaled() => return,
                     }
                 }

@@ -1,6 +1,6 @@
 //! Accepting connections and serving them: detection, then HTTP/1 through the proxy's own
-//! engine (`crate::h1`), HTTP/2 through hyper, or opaque TCP forwarding. Shared by the inbound and outbound listeners; `inbound` and `outbound`
-//! choose the target and the TLS seam.
+//! engine, HTTP/2 through hyper (both through the one request path), or opaque TCP forwarding.
+//! Shared by the inbound and outbound listeners, which choose the target and the TLS seam.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,8 +20,10 @@ use crate::detect::{self, DetectError, DetectLimits, Detected};
 use crate::drain::Drain;
 use crate::errors::ProxyError;
 use crate::errors::respond::encode_http1;
-use crate::http::HttpProxy;
+use crate::exchange;
+use crate::http2::H2Service;
 use crate::net::{Io, Listener, Net};
+use crate::pool::Pools;
 use crate::transport::{ActivityIo, PrefixedIo};
 
 /// How long to pause accepting after an accept error (EMFILE and friends), so a full fd table
@@ -31,7 +33,12 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// Everything a listener's connections need.
 #[derive(Debug)]
 pub(crate) struct ServeContext<N: Net> {
-    pub(crate) http: Arc<HttpProxy<N>>,
+    /// The direction's request path.
+    pub(crate) cx: Arc<exchange::Context>,
+    /// Its upstream connections.
+    pub(crate) pools: Arc<Pools<N>>,
+    /// The HTTP/2 engine's service (the same context and pools).
+    pub(crate) h2: Arc<H2Service<N>>,
     pub(crate) limits: Limits,
     pub(crate) clock: Clock,
     /// Where opaque TCP goes (`None`: close it).
@@ -39,8 +46,28 @@ pub(crate) struct ServeContext<N: Net> {
 }
 
 impl<N: Net> ServeContext<N> {
+    pub(crate) fn new(
+        cx: exchange::Context,
+        pools: Pools<N>,
+        limits: Limits,
+        opaque_target: Option<SocketAddr>,
+    ) -> Self {
+        let (cx, pools) = (Arc::new(cx), Arc::new(pools));
+        Self {
+            clock: cx.clock,
+            h2: Arc::new(H2Service {
+                cx: Arc::clone(&cx),
+                pools: Arc::clone(&pools),
+            }),
+            cx,
+            pools,
+            limits,
+            opaque_target,
+        }
+    }
+
     fn direction(&self) -> Direction {
-        self.http.direction
+        self.cx.direction
     }
 }
 
@@ -87,7 +114,7 @@ pub(crate) async fn accept_loop<N: Net>(
 }
 
 async fn serve_connection<N: Net>(io: N::Io, ctx: Arc<ServeContext<N>>, drain: Drain) {
-    let guard = ctx.http.metrics.connection(ctx.direction(), Peer::Src);
+    let guard = ctx.cx.metrics.connection(ctx.direction(), Peer::Src);
     let mut io = crate::transport::CountingIo::new(io, guard);
     // TLS seam: the identity/mTLS issue detects a ClientHello here (inbound: terminate when the
     // SNI is our identity) before HTTP detection, and hands the decrypted stream on.
@@ -100,13 +127,7 @@ async fn serve_connection<N: Net>(io: N::Io, ctx: Arc<ServeContext<N>>, drain: D
     let detected = detect::detect(&mut io, &mut buf, limits).await;
     match detected {
         Ok(Detected::Http1) => {
-            let limits = crate::h1::conn::Limits {
-                max_header_bytes: ctx.limits.max_header_bytes,
-                header_read_timeout: ctx.limits.header_read_timeout,
-                idle_timeout: ctx.limits.idle_timeout,
-                response_timeout: ctx.limits.response_timeout,
-            };
-            crate::h1::conn::serve(io, buf, &ctx.http, limits, drain).await;
+            crate::h1::conn::serve(io, buf, &ctx.cx, &ctx.pools, drain).await;
         }
         Ok(Detected::Http2) => serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain).await,
         Ok(Detected::Opaque) => forward_opaque(io, buf.freeze(), &ctx).await,
@@ -129,7 +150,7 @@ async fn reject<I: Io>(io: &mut I, err: &ProxyError) {
 }
 
 async fn serve_h2<N: Net, I: Io>(io: I, ctx: &Arc<ServeContext<N>>, mut drain: Drain) {
-    let http = Arc::clone(&ctx.http);
+    let http = Arc::clone(&ctx.h2);
     let io = TokioIo::new(io);
     let service = service_fn(move |request| {
         let http = Arc::clone(&http);
@@ -167,7 +188,7 @@ async fn forward_opaque<N: Net, I: Io>(io: I, prefix: Bytes, ctx: &ServeContext<
         );
         return;
     };
-    let upstream = match ctx.http.pools.connect(target).await {
+    let upstream = match ctx.pools.connect(target).await {
         Ok(upstream) => upstream,
         Err(err) => {
             tracing::debug!(error = %err, "opaque connect failed; closing");

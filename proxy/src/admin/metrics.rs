@@ -3,16 +3,21 @@
 //! Names and labels follow Linkerd's legacy families (reference/linkerd.md §1.1) so viz-style
 //! queries work unchanged: `request_total`, `response_total`, `response_latency_ms` (Linkerd's
 //! millisecond buckets, from [`conduit_core::metrics::LatencyHistogram`]) and the `tcp_*`
-//! families, plus `process_*`.
+//! families, plus `process_*`. Requests to a service with a route profile are also counted per
+//! route: `route_request_total`, `route_response_total` and `route_response_latency_ms`, with
+//! the same labels plus `route` (a route name of the profile, or `default` for requests no
+//! route matched), so the label takes only the values the profile names.
 //!
 //! Label sets are bounded: at most `max_authorities` distinct `authority` values are tracked;
 //! requests for further authorities are counted under `authority="overflow"`. Series not
 //! updated for `retain_idle` (10 minutes by default, like Linkerd) are dropped at the next
 //! scrape, which also frees their authority slot.
 //!
-//! Cost per request: [`Metrics::request`] finds the request's [`AuthorityMetrics`] by name
-//! once, under the registry lock; the response is then recorded into that handle under its
-//! own lock, with no further lookup by name. Callers pass the time they already read.
+//! Cost per request: [`Metrics::series`] finds the request's [`AuthorityMetrics`] by name
+//! once, under the registry lock; the request, its route and its response are then recorded
+//! into that handle under its own lock (the route's series beside the authority's, found by a
+//! binary search among the profile's few names), with no further lookup in the registry.
+//! Callers pass the time they already read.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -129,12 +134,11 @@ struct Tracked {
 }
 
 impl Tracked {
-    /// Counts a request in `direction` and returns the series its response goes to.
-    fn request(&mut self, direction: Direction, now: Instant) -> Arc<AuthorityMetrics> {
+    /// The series of `direction`, created if absent.
+    fn series(&mut self, direction: Direction, now: Instant) -> Arc<AuthorityMetrics> {
         self.used = now;
         let metrics = self.directions[direction_index(direction)]
             .get_or_insert_with(|| Arc::new(AuthorityMetrics::new(Arc::clone(&self.label))));
-        metrics.count_request(now);
         Arc::clone(metrics)
     }
 }
@@ -153,12 +157,15 @@ const fn outcome_index(outcome: Outcome) -> usize {
     }
 }
 
-/// The series of one (direction, authority): where a request's response is recorded.
+/// The series of one (direction, authority): where a request and its response are recorded.
 ///
-/// [`Metrics::request`] hands one out per request; the response is then recorded with
+/// [`Metrics::series`] hands one out per request; the request is then counted with
+/// [`request`](Self::request) and the response recorded with
 /// [`response_headers`](Self::response_headers) and [`response_end`](Self::response_end)
-/// under this authority's own lock, without looking the authority up again. A handle still
-/// held (a response in flight) keeps its series from being retired.
+/// under this authority's own lock, without looking the authority up again. Each takes the
+/// request's route when its service has a profile, and records the route's series in the same
+/// critical section. A handle still held (a response in flight) keeps its series from being
+/// retired.
 #[derive(Debug)]
 pub struct AuthorityMetrics {
     label: AuthorityLabel,
@@ -170,6 +177,16 @@ struct AuthoritySeries {
     requests: Option<Series<Counter>>,
     /// Sorted by status code; an authority answers with a handful of codes.
     statuses: Vec<StatusSeries>,
+    /// Per route, sorted by name; only for services with a route profile.
+    routes: Vec<RouteSeries>,
+}
+
+/// One route's series: the same shape as an authority's.
+#[derive(Debug)]
+struct RouteSeries {
+    route: Arc<str>,
+    requests: Option<Series<Counter>>,
+    statuses: Vec<StatusSeries>,
 }
 
 #[derive(Debug)]
@@ -180,43 +197,73 @@ struct StatusSeries {
     responses: [Option<Series<Counter>>; 2],
 }
 
+/// The series of `status` in `statuses` (sorted by status), created if absent.
+fn status_series(statuses: &mut Vec<StatusSeries>, status: u16) -> &mut StatusSeries {
+    let i = match statuses.binary_search_by_key(&status, |s| s.status) {
+        Ok(i) => i,
+        Err(i) => {
+            statuses.insert(
+                i,
+                StatusSeries {
+                    status,
+                    latency: None,
+                    responses: [None, None],
+                },
+            );
+            i
+        }
+    };
+    &mut statuses[i]
+}
+
+/// Drops the series of `statuses` last updated when `keep` says no; returns whether the
+/// request counter and every status are gone.
+fn retire_series(
+    requests: &mut Option<Series<Counter>>,
+    statuses: &mut Vec<StatusSeries>,
+    keep: &impl Fn(Instant) -> bool,
+) -> bool {
+    fn fresh<T>(slot: &mut Option<Series<T>>, keep: &impl Fn(Instant) -> bool) {
+        if slot.as_ref().is_some_and(|series| !keep(series.updated)) {
+            *slot = None;
+        }
+    }
+    fresh(requests, keep);
+    statuses.retain_mut(|status| {
+        fresh(&mut status.latency, keep);
+        for slot in &mut status.responses {
+            fresh(slot, keep);
+        }
+        status.latency.is_some() || status.responses.iter().any(Option::is_some)
+    });
+    requests.is_none() && statuses.is_empty()
+}
+
 impl AuthoritySeries {
-    fn status(&mut self, status: u16) -> &mut StatusSeries {
-        let i = match self.statuses.binary_search_by_key(&status, |s| s.status) {
+    /// The series of `route`, created if absent.
+    fn route(&mut self, route: &Arc<str>) -> &mut RouteSeries {
+        let i = match self.routes.binary_search_by(|r| (*r.route).cmp(&**route)) {
             Ok(i) => i,
             Err(i) => {
-                self.statuses.insert(
+                self.routes.insert(
                     i,
-                    StatusSeries {
-                        status,
-                        latency: None,
-                        responses: [None, None],
+                    RouteSeries {
+                        route: Arc::clone(route),
+                        requests: None,
+                        statuses: Vec::new(),
                     },
                 );
                 i
             }
         };
-        &mut self.statuses[i]
+        &mut self.routes[i]
     }
 
     /// Drops the series idle for `retain_idle` at `now`; returns whether none is left.
     fn retire(&mut self, keep: impl Fn(Instant) -> bool) -> bool {
-        let fresh = |slot: &mut Option<Series<_>>| {
-            if slot.as_ref().is_some_and(|series| !keep(series.updated)) {
-                *slot = None;
-            }
-        };
-        fresh(&mut self.requests);
-        self.statuses.retain_mut(|status| {
-            if status.latency.as_ref().is_some_and(|s| !keep(s.updated)) {
-                status.latency = None;
-            }
-            for slot in &mut status.responses {
-                fresh(slot);
-            }
-            status.latency.is_some() || status.responses.iter().any(Option::is_some)
-        });
-        self.requests.is_none() && self.statuses.is_empty()
+        self.routes
+            .retain_mut(|route| !retire_series(&mut route.requests, &mut route.statuses, &keep));
+        retire_series(&mut self.requests, &mut self.statuses, &keep) && self.routes.is_empty()
     }
 }
 
@@ -241,27 +288,59 @@ impl AuthorityMetrics {
         &self.label
     }
 
-    fn count_request(&self, now: Instant) {
-        Series::touch(&mut self.lock().requests, now, Counter::new).incr();
+    /// Counts a request (and its route's, when it has one) arriving at `now`.
+    pub fn request(&self, now: Instant, route: Option<&Arc<str>>) {
+        let mut series = self.lock();
+        Series::touch(&mut series.requests, now, Counter::new).incr();
+        if let Some(route) = route {
+            Series::touch(&mut series.route(route).requests, now, Counter::new).incr();
+        }
     }
 
     /// Records the time to response headers, at `now`.
-    pub fn response_headers(&self, now: Instant, status: u16, latency: Duration) {
+    pub fn response_headers(
+        &self,
+        now: Instant,
+        status: u16,
+        latency: Duration,
+        route: Option<&Arc<str>>,
+    ) {
         let mut series = self.lock();
         Series::touch(
-            &mut series.status(status).latency,
+            &mut status_series(&mut series.statuses, status).latency,
             now,
             LatencyHistogram::new,
         )
         .record(latency);
+        if let Some(route) = route {
+            let route = series.route(route);
+            Series::touch(
+                &mut status_series(&mut route.statuses, status).latency,
+                now,
+                LatencyHistogram::new,
+            )
+            .record(latency);
+        }
     }
 
     /// Counts a finished response under its `classification` (the core classifier's
     /// [`Outcome`], whose label values are Linkerd's `success` and `failure`), at `now`.
-    pub fn response_end(&self, now: Instant, status: u16, class: Outcome) {
+    pub fn response_end(
+        &self,
+        now: Instant,
+        status: u16,
+        class: Outcome,
+        route: Option<&Arc<str>>,
+    ) {
         let mut series = self.lock();
-        let slot = &mut series.status(status).responses[outcome_index(class)];
+        let slot = &mut status_series(&mut series.statuses, status).responses[outcome_index(class)];
         Series::touch(slot, now, Counter::new).incr();
+        if let Some(route) = route {
+            let route = series.route(route);
+            let slot =
+                &mut status_series(&mut route.statuses, status).responses[outcome_index(class)];
+            Series::touch(slot, now, Counter::new).incr();
+        }
     }
 }
 
@@ -342,9 +421,9 @@ impl Metrics {
         }
     }
 
-    /// Counts a request for `authority` arriving at `now`, and returns the series its
-    /// response is recorded into (bounded; see the module doc).
-    pub fn request(
+    /// The series a request for `authority` arriving at `now` is recorded into (bounded; see
+    /// the module doc). The caller counts the request with [`AuthorityMetrics::request`].
+    pub fn series(
         &self,
         direction: Direction,
         authority: &str,
@@ -352,7 +431,7 @@ impl Metrics {
     ) -> Arc<AuthorityMetrics> {
         let mut registry = self.lock();
         if let Some(tracked) = registry.authorities.get_mut(authority) {
-            return tracked.request(direction, now);
+            return tracked.series(direction, now);
         }
         let label = if registry.slots_used() < self.settings.max_authorities {
             authority
@@ -368,7 +447,7 @@ impl Metrics {
                 used: now,
                 directions: [None, None],
             })
-            .request(direction, now)
+            .series(direction, now)
     }
 
     /// Drops series idle longer than `retain_idle`, and authorities left with none (unless a
@@ -473,24 +552,71 @@ fn each_series(registry: &Registry) -> impl Iterator<Item = (Direction, &Authori
         })
 }
 
+/// One row of a rendered family: its labels, its request counter and its status series.
+type Row<'a> = (String, &'a Option<Series<Counter>>, &'a [StatusSeries]);
+
 fn render_registry(registry: &Registry, out: &mut String) {
-    let _ = writeln!(out, "# HELP request_total Total count of HTTP requests.");
-    let _ = writeln!(out, "# TYPE request_total counter");
-    for (direction, metrics) in each_series(registry) {
-        if let Some(requests) = &metrics.lock().requests {
+    // Label prefixes and series, locked once each, in label order.
+    let locked: Vec<(
+        Direction,
+        &AuthorityMetrics,
+        MutexGuard<'_, AuthoritySeries>,
+    )> = each_series(registry)
+        .map(|(direction, metrics)| (direction, metrics, metrics.lock()))
+        .collect();
+    let authorities: Vec<Row<'_>> = locked
+        .iter()
+        .map(|(direction, metrics, series)| {
+            let labels = format!(
+                "direction=\"{}\",authority=\"{}\"",
+                direction.as_str(),
+                escape(&metrics.label)
+            );
+            (labels, &series.requests, &series.statuses[..])
+        })
+        .collect();
+    render_families(out, "", "HTTP", &authorities);
+    let routes: Vec<Row<'_>> = locked
+        .iter()
+        .flat_map(|(direction, metrics, series)| {
+            series.routes.iter().map(move |route| {
+                let labels = format!(
+                    "direction=\"{}\",authority=\"{}\",route=\"{}\"",
+                    direction.as_str(),
+                    escape(&metrics.label),
+                    escape(&route.route)
+                );
+                (labels, &route.requests, &route.statuses[..])
+            })
+        })
+        .collect();
+    render_families(out, "route_", "HTTP per route", &routes);
+}
+
+/// Renders `{prefix}request_total`, `{prefix}response_total` and
+/// `{prefix}response_latency_ms` for every (labels, requests, statuses) row.
+fn render_families(out: &mut String, prefix: &str, what: &str, rows: &[Row<'_>]) {
+    let _ = writeln!(
+        out,
+        "# HELP {prefix}request_total Total count of {what} requests."
+    );
+    let _ = writeln!(out, "# TYPE {prefix}request_total counter");
+    for (labels, requests, _) in rows {
+        if let Some(requests) = requests {
             let _ = writeln!(
                 out,
-                "request_total{{direction=\"{}\",authority=\"{}\"}} {}",
-                direction.as_str(),
-                escape(&metrics.label),
+                "{prefix}request_total{{{labels}}} {}",
                 requests.value.value()
             );
         }
     }
-    let _ = writeln!(out, "# HELP response_total Total count of HTTP responses.");
-    let _ = writeln!(out, "# TYPE response_total counter");
-    for (direction, metrics) in each_series(registry) {
-        for status in &metrics.lock().statuses {
+    let _ = writeln!(
+        out,
+        "# HELP {prefix}response_total Total count of {what} responses."
+    );
+    let _ = writeln!(out, "# TYPE {prefix}response_total counter");
+    for (labels, _, statuses) in rows {
+        for status in *statuses {
             for (class, series) in [Outcome::Success, Outcome::Failure]
                 .into_iter()
                 .zip(&status.responses)
@@ -498,9 +624,7 @@ fn render_registry(registry: &Registry, out: &mut String) {
                 let Some(series) = series else { continue };
                 let _ = writeln!(
                     out,
-                    "response_total{{direction=\"{}\",authority=\"{}\",status_code=\"{}\",classification=\"{}\"}} {}",
-                    direction.as_str(),
-                    escape(&metrics.label),
+                    "{prefix}response_total{{{labels},status_code=\"{}\",classification=\"{}\"}} {}",
                     status.status,
                     class.as_str(),
                     series.value.value()
@@ -510,40 +634,35 @@ fn render_registry(registry: &Registry, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "# HELP response_latency_ms Elapsed times between a request's headers being received and its response's headers being received."
+        "# HELP {prefix}response_latency_ms Elapsed times between a request's headers being received and its response's headers being received."
     );
-    let _ = writeln!(out, "# TYPE response_latency_ms histogram");
-    for (direction, metrics) in each_series(registry) {
-        for status in &metrics.lock().statuses {
+    let _ = writeln!(out, "# TYPE {prefix}response_latency_ms histogram");
+    for (labels, _, statuses) in rows {
+        for status in *statuses {
             let Some(series) = &status.latency else {
                 continue;
             };
-            let labels = format!(
-                "direction=\"{}\",authority=\"{}\",status_code=\"{}\"",
-                direction.as_str(),
-                escape(&metrics.label),
-                status.status
-            );
+            let labels = format!("{labels},status_code=\"{}\"", status.status);
             for bucket in series.value.cumulative_buckets() {
                 let le = bucket
                     .le_ms
                     .map_or_else(|| "+Inf".to_owned(), |ms| ms.to_string());
                 let _ = writeln!(
                     out,
-                    "response_latency_ms_bucket{{{labels},le=\"{le}\"}} {}",
+                    "{prefix}response_latency_ms_bucket{{{labels},le=\"{le}\"}} {}",
                     bucket.count
                 );
             }
             let sum_micros = series.value.sum_micros();
             let _ = writeln!(
                 out,
-                "response_latency_ms_sum{{{labels}}} {}.{:03}",
+                "{prefix}response_latency_ms_sum{{{labels}}} {}.{:03}",
                 sum_micros / 1000,
                 sum_micros % 1000
             );
             let _ = writeln!(
                 out,
-                "response_latency_ms_count{{{labels}}} {}",
+                "{prefix}response_latency_ms_count{{{labels}}} {}",
                 series.value.count()
             );
         }
@@ -572,13 +691,18 @@ mod tests {
                 max_authorities: 2,
             },
         );
-        let a = metrics.request(Direction::Outbound, "a.svc:80", clock.now());
-        metrics.request(Direction::Outbound, "b.svc:80", clock.now());
-        let c = metrics.request(Direction::Outbound, "c.svc:80", clock.now());
+        let request = |direction, authority| {
+            let series = metrics.series(direction, authority, clock.now());
+            series.request(clock.now(), None);
+            series
+        };
+        let a = request(Direction::Outbound, "a.svc:80");
+        request(Direction::Outbound, "b.svc:80");
+        let c = request(Direction::Outbound, "c.svc:80");
         assert_eq!(c.label(), OVERFLOW_AUTHORITY);
-        a.response_headers(clock.now(), 200, Duration::from_millis(3));
-        a.response_end(clock.now(), 200, Outcome::Success);
-        metrics.request(Direction::Inbound, "a.svc:80", clock.now());
+        a.response_headers(clock.now(), 200, Duration::from_millis(3), None);
+        a.response_end(clock.now(), 200, Outcome::Success, None);
+        request(Direction::Inbound, "a.svc:80");
         let text = metrics.render("");
         assert!(
             text.contains("request_total{direction=\"outbound\",authority=\"overflow\"} 1"),
@@ -599,7 +723,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(61)).await;
         let text = metrics.render("");
         assert!(!text.contains("a.svc"), "{text}");
-        let d = metrics.request(Direction::Outbound, "d.svc:80", clock.now());
+        let d = request(Direction::Outbound, "d.svc:80");
         assert_eq!(
             d.label(),
             "d.svc:80",
@@ -615,15 +739,55 @@ mod tests {
             max_authorities: 1,
         };
         let metrics = Metrics::new(clock, settings);
-        let slow = metrics.request(Direction::Outbound, "a.svc:80", clock.now());
+        let slow = metrics.series(Direction::Outbound, "a.svc:80", clock.now());
+        slow.request(clock.now(), None);
         tokio::time::sleep(Duration::from_secs(61)).await;
         let text = metrics.render("");
         assert!(!text.contains("a.svc"), "idle series retire: {text}");
-        slow.response_end(clock.now(), 200, Outcome::Failure);
+        slow.response_end(clock.now(), 200, Outcome::Failure, None);
         let text = metrics.render("");
         assert!(
             text.contains("response_total{direction=\"outbound\",authority=\"a.svc:80\",status_code=\"200\",classification=\"failure\"} 1"),
             "the held handle still records into the registry: {text}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn routes_are_counted_beside_their_authority() {
+        let clock = Clock::new();
+        let settings = MetricsSettings {
+            retain_idle: Duration::from_secs(60),
+            max_authorities: 10,
+        };
+        let metrics = Metrics::new(clock, settings);
+        let items: Arc<str> = Arc::from("items");
+        let series = metrics.series(Direction::Inbound, "api.svc:80", clock.now());
+        for status in [200, 500] {
+            series.request(clock.now(), Some(&items));
+            series.response_headers(clock.now(), status, Duration::from_millis(7), Some(&items));
+            let class = if status == 200 {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            };
+            series.response_end(clock.now(), status, class, Some(&items));
+        }
+        series.request(clock.now(), None);
+        let text = metrics.render("");
+        for line in [
+            "request_total{direction=\"inbound\",authority=\"api.svc:80\"} 3",
+            "route_request_total{direction=\"inbound\",authority=\"api.svc:80\",route=\"items\"} 2",
+            "route_response_total{direction=\"inbound\",authority=\"api.svc:80\",route=\"items\",status_code=\"500\",classification=\"failure\"} 1",
+            "route_response_latency_ms_bucket{direction=\"inbound\",authority=\"api.svc:80\",route=\"items\",status_code=\"200\",le=\"10\"} 1",
+            "route_response_latency_ms_count{direction=\"inbound\",authority=\"api.svc:80\",route=\"items\",status_code=\"200\"} 1",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        drop(series);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(
+            !metrics.render("").contains("route=\"items\""),
+            "route series retire too"
         );
     }
 }

@@ -23,6 +23,7 @@ use conduit_core::balance::{
     Admit, BalanceConfig, Balancer, Change, InFlight, Picked, Queue, QueueConfig, Update,
 };
 use conduit_core::rand::DetRng;
+use conduit_core::route::Profile;
 use conduit_core::time::Instant;
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -196,8 +197,12 @@ enum Status {
     Unknown,
     /// No such service.
     NotFound,
-    /// The service, labelled `name:port` for metrics.
-    Found { label: Arc<str> },
+    /// The service, labelled `name:port` for metrics, with its route profile (`None`: it has
+    /// none).
+    Found {
+        label: Arc<str>,
+        profile: Option<Arc<Profile>>,
+    },
 }
 
 #[derive(Debug)]
@@ -296,6 +301,8 @@ impl ServiceBalancer {
                 state.resolution_version = Some(*version);
                 state.status = Status::Found {
                     label: Arc::from(format!("{}:{}", service.name, service.port)),
+                    profile: (!service.profile.is_empty())
+                        .then(|| Arc::new(service.profile.clone())),
                 };
                 tracing::debug!(
                     authority = %self.authority,
@@ -325,22 +332,27 @@ impl ServiceBalancer {
     }
 
     /// Waits until discovery has answered for the authority, in the core's queue, and returns
-    /// the metrics label of the service it names. `now` is the request's arrival; the clock is
-    /// read again only after a wait.
+    /// the metrics label of the service it names and its route profile, if it has one. `now`
+    /// is the request's arrival; the clock is read again only after a wait.
     ///
     /// # Errors
     ///
     /// [`ProxyError::UnknownAuthority`] (404) when no service has the name,
     /// [`ProxyError::FailFast`] (504) when discovery does not answer in time,
     /// [`ProxyError::LoadShed`] (503) when the queue is full.
-    pub(crate) async fn resolved(&self, mut now: Instant) -> Result<Arc<str>, ProxyError> {
+    pub(crate) async fn resolved(
+        &self,
+        mut now: Instant,
+    ) -> Result<(Arc<str>, Option<Arc<Profile>>), ProxyError> {
         loop {
             // Look first: once discovery has answered, a request never registers for wake-ups.
             {
                 let mut state = lock(&self.state);
                 state.last_used = now;
                 match &state.status {
-                    Status::Found { label } => return Ok(Arc::clone(label)),
+                    Status::Found { label, profile } => {
+                        return Ok((Arc::clone(label), profile.clone()));
+                    }
                     Status::NotFound => return Err(self.not_found()),
                     Status::Unknown => {}
                 }
@@ -351,7 +363,9 @@ impl ServiceBalancer {
             let admit = {
                 let mut state = lock(&self.state);
                 match &state.status {
-                    Status::Found { label } => return Ok(Arc::clone(label)),
+                    Status::Found { label, profile } => {
+                        return Ok((Arc::clone(label), profile.clone()));
+                    }
                     Status::NotFound => return Err(self.not_found()),
                     Status::Unknown => state.queue.admit(now),
                 }

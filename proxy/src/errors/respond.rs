@@ -79,6 +79,24 @@ pub enum ProxyError {
         /// The configured timeout.
         timeout: Duration,
     },
+    /// The request's deadline passed: its route's request timeout, or the deadline its caller
+    /// announced in `grpc-timeout`. Its upstream attempt is cancelled; the client's connection
+    /// is unaffected.
+    #[error("{} after {timeout:?}", if *propagated { "the caller's deadline (grpc-timeout) passed" } else { "request timed out" })]
+    RequestTimeout {
+        /// The time the request was given.
+        timeout: Duration,
+        /// The deadline was the caller's `grpc-timeout`, not the route's timeout.
+        propagated: bool,
+    },
+    /// One attempt got no response headers within its route's attempt timeout.
+    #[error("upstream {addr} sent no response headers within the attempt timeout of {timeout:?}")]
+    AttemptTimeout {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The route's attempt timeout.
+        timeout: Duration,
+    },
     /// The request's authority is not a service discovery knows.
     #[error("unknown authority {authority}: not in discovery")]
     UnknownAuthority {
@@ -136,7 +154,9 @@ impl ProxyError {
                 (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, true)
             }
             // Like Linkerd's route timeout: the upstream failed, not the client's connection.
-            Self::ResponseTimeout { .. } => {
+            Self::ResponseTimeout { .. }
+            | Self::RequestTimeout { .. }
+            | Self::AttemptTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, false)
             }
             Self::Connect { .. } | Self::Upstream { .. } => {
@@ -195,6 +215,24 @@ impl SyntheticResponse {
             *response.status_mut() = self.http_status;
         }
         response
+    }
+}
+
+impl ProxyError {
+    /// The trailers that end a gRPC response the proxy cuts short after its headers were
+    /// forwarded (a request deadline passing mid-stream): the status a gRPC client reports,
+    /// with the proxy error field.
+    #[must_use]
+    pub fn to_grpc_trailers(&self) -> http::HeaderMap {
+        let synthetic = self.to_synthetic();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from(synthetic.grpc_status));
+        trailers.insert(
+            "grpc-message",
+            header_value(&percent_encode(&synthetic.message)),
+        );
+        trailers.insert(PROXY_ERROR_HEADER, header_value(&synthetic.message));
+        trailers
     }
 }
 
@@ -292,6 +330,18 @@ mod tests {
             ProxyError::ResponseTimeout {
                 addr,
                 timeout: Duration::from_secs(60),
+            },
+            ProxyError::RequestTimeout {
+                timeout: Duration::from_millis(500),
+                propagated: false,
+            },
+            ProxyError::RequestTimeout {
+                timeout: Duration::from_millis(250),
+                propagated: true,
+            },
+            ProxyError::AttemptTimeout {
+                addr,
+                timeout: Duration::from_millis(100),
             },
             ProxyError::UnknownAuthority {
                 authority: "nope.default".into(),

@@ -96,6 +96,16 @@ pub(crate) struct RequestHead {
     pub(crate) safe: bool,
     /// `content-type: application/grpc*`.
     pub(crate) grpc: bool,
+    /// Where the method token is.
+    pub(crate) method: Range<usize>,
+    /// Where the path is, without the query (empty for an absolute-form target without one;
+    /// the authority for `CONNECT`).
+    pub(crate) path: Range<usize>,
+    /// Where the header fields start (just after the request line).
+    pub(crate) fields: usize,
+    /// The `grpc-timeout` field's value, if any. The field is not in the forwarded head: the
+    /// exchange decides what to send on.
+    pub(crate) grpc_timeout: Option<Range<usize>>,
 }
 
 /// A parsed response head.
@@ -275,7 +285,7 @@ pub(crate) fn valid_authority(bytes: &[u8]) -> bool {
 }
 
 fn is_grpc(value: &[u8]) -> bool {
-    value.len() >= 16 && value[..16].eq_ignore_ascii_case(b"application/grpc")
+    conduit_core::classify::is_grpc_content_type(value)
 }
 
 fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
@@ -333,9 +343,13 @@ pub(crate) fn parse_request(
     let mut host: Option<&[u8]> = None;
     let mut upgrade_field = false;
     let mut grpc = false;
+    let mut grpc_timeout = None;
     for field in headers {
         let name = field.name;
         match name.len() {
+            12 if name.eq_ignore_ascii_case("grpc-timeout") => {
+                grpc_timeout = Some(offset(buf, field.value));
+            }
             4 if name.eq_ignore_ascii_case("host") => {
                 if host.is_some() {
                     return Err(CodecError::Malformed("more than one host field"));
@@ -437,6 +451,7 @@ pub(crate) fn parse_request(
         }
         if (uri_authority.is_some() && !connect && name.eq_ignore_ascii_case("host"))
             || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("grpc-timeout")
             || (connection.named && named_by_connection(headers, name))
         {
             continue;
@@ -454,6 +469,15 @@ pub(crate) fn parse_request(
     // HTTP/1.0 persists only when asked (`Connection: keep-alive`, RFC 9112 §9.3).
     let keep_alive = !connection.close && (!http10 || connection.keep_alive);
     let safe = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE");
+    let route_path = path
+        .iter()
+        .position(|b| *b == b'?')
+        .map_or(path, |query| &path[..query]);
+    // httparse accepted the head: its first LF ends the request line.
+    let fields = buf
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(len, |lf| lf + 1);
     Ok(Some(RequestHead {
         len,
         authority,
@@ -466,6 +490,10 @@ pub(crate) fn parse_request(
         head: method == "HEAD",
         safe,
         grpc,
+        method: offset(buf, method.as_bytes()),
+        path: offset(buf, route_path),
+        fields,
+        grpc_timeout,
     }))
 }
 
@@ -478,8 +506,16 @@ fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// Ends a forwarded request head: framing and upgrade fields, then the blank line.
-pub(crate) fn finish_request_head(out: &mut Vec<u8>, head: &RequestHead) {
+/// Ends a forwarded request head: `grpc-timeout` (the exchange's value), framing and upgrade
+/// fields, then the blank line.
+pub(crate) fn finish_request_head(
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    grpc_timeout: Option<&[u8]>,
+) {
+    if let Some(value) = grpc_timeout {
+        push_field(out, "grpc-timeout", value);
+    }
     if head.body == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     } else if let Some(n) = head.content_length {

@@ -1,6 +1,6 @@
-//! Serving one HTTP/1 client connection: read a request head, route and balance it, send it
-//! over a pooled upstream connection, stream both bodies, settle, and go on to the next
-//! request while the connection is kept alive.
+//! Serving one HTTP/1 client connection: read a request head, hand it to the exchange (which
+//! routes it, picks endpoints, enforces deadlines and settles it), move its bytes when asked,
+//! and go on to the next request while the connection is kept alive.
 //!
 //! The whole exchange runs in the client connection's task: the upstream connection is
 //! borrowed from the pool for the request and driven here, so a request costs no task
@@ -11,30 +11,26 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use conduit_core::balance::{InFlight, Picked};
-use conduit_core::classify::{Outcome, ResponseClass, TransportError};
+use conduit_core::route::RequestView;
 use conduit_core::time::Instant;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 
 use super::codec::{self, CodecError, Encoding, Framing, Persistence, RequestHead, ResponseHead};
-use super::io::{Pump, PumpError, Side};
-use crate::admin::metrics::AuthorityMetrics;
-use crate::balance::ServiceBalancer;
+use super::io::{Pump, PumpError, Replay, Side, Upstream};
+use crate::body::BodyEnd;
 use crate::clock::Clock;
+use crate::config::Limits;
 use crate::drain::Drain;
 use crate::errors::ProxyError;
-use crate::http::{HttpProxy, MAX_ATTEMPTS_UNSENT};
+use crate::exchange::{self, Attempt, Engine, Exchange, Facts, Failed, Sent, Settle};
 use crate::net::{Io, Net};
-use crate::transport::{ActivityIo, CountingIo};
-
-/// An upstream HTTP/1.1 connection as the pool keeps it.
-pub(crate) type Upstream<N> = Side<CountingIo<<N as Net>::Io>>;
+use crate::pool::Pools;
+use crate::transport::ActivityIo;
 
 /// A timer owned by a connection and re-armed lazily: waiting for a later deadline than the
 /// one armed costs nothing until the armed one fires, so kept-alive requests, whose deadlines
@@ -100,13 +96,15 @@ enum Next<N: Net> {
 pub(crate) async fn serve<N: Net, I: Io>(
     io: I,
     buf: BytesMut,
-    http: &Arc<HttpProxy<N>>,
-    limits: Limits,
+    cx: &exchange::Context,
+    pools: &Pools<N>,
     mut drain: Drain,
 ) {
-    let clock = http.clock;
+    let clock = cx.clock;
+    let limits = pools.limits;
     let mut conn = Conn {
-        http,
+        cx,
+        pools,
         clock,
         limits,
         client: Side::new(io, buf),
@@ -116,6 +114,8 @@ pub(crate) async fn serve<N: Net, I: Io>(
         response: Deadline::new(clock),
         idle_since: clock.now(),
         draining: false,
+        replay: Replay::default(),
+        grpc_timeout: Vec::new(),
     };
     let mut drained = std::pin::pin!(drain.signaled());
     loop {
@@ -139,53 +139,79 @@ pub(crate) async fn serve<N: Net, I: Io>(
     let _ = conn.client.io.shutdown().await;
 }
 
-/// The limits the engine applies.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Limits {
-    pub(crate) max_header_bytes: usize,
-    pub(crate) header_read_timeout: Duration,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) response_timeout: Option<Duration>,
-}
-
 struct Conn<'a, N: Net, I> {
-    http: &'a Arc<HttpProxy<N>>,
+    cx: &'a exchange::Context,
+    pools: &'a Pools<N>,
     clock: Clock,
     limits: Limits,
     client: Side<I>,
     /// For a look at the drain signal between requests of a busy connection.
     drain: Drain,
-    /// The current request's head as forwarded upstream.
+    /// The current request's head as forwarded upstream, without its framing fields.
     forward: Vec<u8>,
     /// Waiting for a request head (the idle and header-read timeouts), and for response body
-    /// bytes to move (the idle timeout).
+    /// bytes to move (the idle timeout and the request's deadline).
     idle: Deadline,
-    /// Waiting for response headers (the response timeout).
+    /// Waiting for response headers (the response timeout and the attempt's deadline).
     response: Deadline,
     /// When the last response ended.
     idle_since: Instant,
     draining: bool,
+    /// The current request's body as sent upstream, while it fits the replay limit.
+    replay: Replay,
+    /// The current request's own `grpc-timeout` value (sent on when the exchange gives none).
+    grpc_timeout: Vec<u8>,
 }
 
-/// How an exchange with the upstream failed before response headers.
-struct Failed {
-    error: ProxyError,
-    /// Nothing of the request was processed: safe to send again.
-    unsent: bool,
-    /// The client's connection cannot carry another request.
-    client_broken: bool,
+/// A request head as the exchange reads it: ranges of the connection's read buffer.
+struct H1Head<'a> {
+    head: &'a RequestHead,
+    buf: &'a [u8],
 }
 
-impl Failed {
-    fn upstream(addr: SocketAddr, source: impl Into<crate::body::BoxError>) -> Self {
-        Self {
-            error: ProxyError::Upstream {
-                addr,
-                source: source.into(),
-            },
-            unsent: false,
-            client_broken: false,
+impl RequestView for H1Head<'_> {
+    fn method(&self) -> &[u8] {
+        &self.buf[self.head.method.clone()]
+    }
+
+    fn path(&self) -> &[u8] {
+        match &self.buf[self.head.path.clone()] {
+            [] => b"/",
+            path => path,
         }
+    }
+
+    fn any_header(&self, name: &http::HeaderName, matches: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        // Parsed again only for a route with header conditions: the head is valid, so this
+        // cannot fail, and most requests never get here.
+        let mut fields = [httparse::EMPTY_HEADER; codec::MAX_HEADERS];
+        let block = &self.buf[self.head.fields..self.head.len];
+        let Ok(httparse::Status::Complete((_, fields))) =
+            httparse::parse_headers(block, &mut fields)
+        else {
+            return false;
+        };
+        fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case(name.as_str()))
+            .any(|f| matches(f.value))
+    }
+}
+
+impl exchange::Head for H1Head<'_> {
+    fn authority(&self) -> Option<&str> {
+        self.head
+            .authority
+            .clone()
+            .and_then(|range| std::str::from_utf8(&self.buf[range]).ok())
+    }
+
+    fn grpc(&self) -> bool {
+        self.head.grpc
+    }
+
+    fn grpc_timeout(&self) -> Option<&[u8]> {
+        self.head.grpc_timeout.clone().map(|range| &self.buf[range])
     }
 }
 
@@ -284,152 +310,32 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
 
     /// Serves one request whose head starts the read buffer.
     async fn request(&mut self, head: RequestHead) -> Next<N> {
-        let http = self.http;
         let start = self.clock.now();
-        let routed = {
-            let authority = head
-                .authority
-                .clone()
-                .and_then(|range| std::str::from_utf8(&self.client.rbuf[range]).ok());
-            http.route(authority, start).await
+        let exchange = {
+            let view = H1Head {
+                head: &head,
+                buf: &self.client.rbuf,
+            };
+            Exchange::begin(self.cx, &view, start).await
         };
+        self.grpc_timeout.clear();
+        if let Some(range) = head.grpc_timeout.clone() {
+            self.grpc_timeout
+                .extend_from_slice(&self.client.rbuf[range]);
+        }
         self.client.rbuf.advance(head.len);
-        codec::finish_request_head(&mut self.forward, &head);
-        let (series, service) = match routed {
-            Ok(routed) => routed,
-            Err((series, err)) => return self.answer(&head, &series, start, &err).await,
+        self.replay.reset(self.limits.replay_body_limit);
+        let mut engine = H1Exchange {
+            conn: self,
+            head: &head,
+            start,
         };
-        match self.forward(&head, &series, service.as_ref(), start).await {
-            Ok(next) => next,
-            Err(err) => {
-                tracing::debug!(error = %err.error, "proxy error");
-                let next = self.answer(&head, &series, start, &err.error).await;
-                if err.client_broken { Next::Close } else { next }
-            }
-        }
-    }
-
-    /// Sends the proxy's own response for `err`.
-    async fn answer(
-        &mut self,
-        head: &RequestHead,
-        series: &AuthorityMetrics,
-        start: Instant,
-        err: &ProxyError,
-    ) -> Next<N> {
-        let response = self.http.synthesize(err, series, start, head.grpc, true);
-        // A body the request still has unread cannot be skipped safely: close after this.
-        let close = !head.keep_alive
-            || head.body.has_body()
-            || self.draining
-            || response.headers().contains_key(http::header::CONNECTION);
-        self.client.clear_output();
-        write_synthetic(
-            &mut self.client.wbuf,
-            &response,
-            Persistence::new(close, head.http10),
-        );
-        let written = self.write_client().await;
-        self.idle_since = self.clock.now();
-        match written {
-            Ok(()) if !close => Next::KeepAlive,
-            _ => Next::Close,
-        }
-    }
-
-    /// Sends the request upstream (again on another endpoint if it was provably not
-    /// processed), then streams the response back.
-    async fn forward(
-        &mut self,
-        head: &RequestHead,
-        series: &Arc<AuthorityMetrics>,
-        service: Option<&Arc<ServiceBalancer>>,
-        start: Instant,
-    ) -> Result<Next<N>, Failed> {
-        let http = self.http;
-        let mut attempts = 0;
-        let mut repicked: Option<Picked> = None;
-        loop {
-            attempts += 1;
-            let (addr, in_flight) =
-                http.pick(service, repicked.take(), start)
-                    .await
-                    .map_err(|error| Failed {
-                        error,
-                        unsent: false,
-                        client_broken: false,
-                    })?;
-            // A reused connection the app closed just as the request went out: a safe request
-            // without a body may go again on a new one, on its first attempt only (a request
-            // that itself kills its endpoint must not take down the next).
-            let resend_on_close = attempts == 1 && head.safe && !head.body.has_body();
-            let exchanged = match self.checkout(addr, start).await {
-                Some(mut upstream) => self
-                    .exchange(head, &mut upstream, addr, resend_on_close)
-                    .await
-                    .map(|response| (upstream, response)),
-                None => match http.pools.connect(addr).await {
-                    Ok(io) => {
-                        if let Some(service) = service {
-                            service.connect_succeeded(addr);
-                        }
-                        let mut upstream = Side::new(io, BytesMut::new());
-                        self.exchange(head, &mut upstream, addr, false)
-                            .await
-                            .map(|response| (upstream, response))
-                    }
-                    Err(error) => Err(Failed {
-                        error,
-                        unsent: true,
-                        client_broken: false,
-                    }),
-                },
-            };
-            let failed = match exchanged {
-                Ok((upstream, (response, upload))) => {
-                    return Ok(self
-                        .respond(Respond {
-                            head,
-                            series,
-                            service,
-                            start,
-                            addr,
-                            in_flight,
-                            upstream,
-                            response,
-                            upload,
-                        })
-                        .await);
-                }
-                Err(failed) => failed,
-            };
-            http.failed(service, addr, in_flight.as_ref(), &failed.error);
-            // The endpoint's load settles before another pick.
-            drop(in_flight);
-            if failed.unsent && !failed.client_broken {
-                if service.is_none() {
-                    // The fixed target (the local app): a reused connection it had closed is
-                    // worth one more try on a new connection; a refused connect is not.
-                    if matches!(failed.error, ProxyError::Upstream { .. })
-                        && attempts < MAX_ATTEMPTS_UNSENT
-                    {
-                        tracing::debug!(endpoint = %addr, error = %failed.error, "request not processed; sending it again");
-                        continue;
-                    }
-                    return Err(failed);
-                }
-                repicked = http.retry(service, attempts, &failed.error, addr);
-                if repicked.is_some() {
-                    continue;
-                }
-            }
-            return Err(failed);
-        }
+        exchange.forward(&mut engine).await
     }
 
     /// An idle pooled connection to `addr` that is still open.
     async fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Option<Upstream<N>> {
-        while let Some(mut upstream) = self.http.pools.checkout_h1(addr, now) {
+        while let Some(mut upstream) = self.pools.checkout_h1(addr, now) {
             // An idle connection has nothing to say: input (or its end) means the server
             // closed it or broke protocol. Polling costs no syscall while nothing arrived.
             let alive =
@@ -446,26 +352,50 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
     /// Writes the request (head and body) and reads the response head, forwarding interim
     /// (1xx) responses. Returns the final head and the request body's pump if the upstream
     /// answered before the body was sent whole (it keeps moving beside the response: an app
-    /// may stream both ways, or answer early).
+    /// may stream both ways, or answer early). `reused`: the connection came from the pool
+    /// (closed before any response, it proves nothing was processed for a safe request).
     async fn exchange(
         &mut self,
         head: &RequestHead,
         upstream: &mut Upstream<N>,
-        addr: SocketAddr,
-        resend_on_close: bool,
+        attempt: &Attempt,
+        reused: bool,
     ) -> Result<(ResponseHead, Upload), Failed> {
+        let addr = attempt.addr;
         upstream.clear_output();
         upstream.wbuf.extend_from_slice(&self.forward);
-        let mut body = head.body.has_body().then(|| {
-            Pump::new(
-                head.body,
-                head.body == Framing::Chunked,
-                self.limits.max_header_bytes,
-            )
-        });
+        let grpc_timeout = match (&attempt.grpc_timeout, self.grpc_timeout.is_empty()) {
+            (Some(value), _) => Some(value.as_bytes()),
+            (None, false) => Some(&self.grpc_timeout[..]),
+            (None, true) => None,
+        };
+        codec::finish_request_head(&mut upstream.wbuf, head, grpc_timeout);
+        // The body: read from the client (kept while it fits), or the kept copy again.
+        let mut body = None;
+        if head.body.has_body() {
+            if self.replay.untouched() {
+                body = Some(Pump::new(
+                    head.body,
+                    head.body == Framing::Chunked,
+                    self.limits.max_header_bytes,
+                ));
+            } else if let Some(kept) = self.replay.complete() {
+                upstream.wbuf.extend_from_slice(kept);
+            } else {
+                // The exchange resends only whole requests.
+                return Err(Failed::new(ProxyError::Unavailable {
+                    reason: "request body cannot be sent again".into(),
+                }));
+            }
+        }
+        // A safe request on a reused connection the app closed before any of a response went
+        // out may go again (RFC 9112 §9.3.1), on its first attempt only: a request that itself
+        // kills its endpoint must not take down the next.
+        let resend_on_close = reused && attempt.first && head.safe;
         let clock = self.clock;
         let timeout = self.limits.response_timeout;
         let idle = self.limits.idle_timeout;
+        let deadline = attempt.deadline;
         // The last moment the upstream was handed part of the request: the response timeout
         // counts from here, and an upload that stops moving for the idle timeout ends.
         let mut progress = if timeout.is_some() || body.is_some() {
@@ -478,13 +408,14 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         let max = self.limits.max_header_bytes;
         let interim_ok = !head.http10;
         let client = &mut self.client;
+        let replay = &mut self.replay;
         let response_deadline = &mut self.response;
         let idle_deadline = &mut self.idle;
         std::future::poll_fn(|cx| {
             loop {
                 // The request: head, then body, upstream.
                 if let Some(pump) = body.as_mut() {
-                    let polled = pump.poll(cx, client, upstream);
+                    let polled = pump.poll_recording(cx, client, upstream, Some(&mut *replay));
                     if std::mem::take(&mut pump.moved) {
                         progress = clock.now();
                     }
@@ -497,13 +428,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                             write_failed = true;
                         }
                         Poll::Ready(Err(err)) => {
-                            return Poll::Ready(Err(Failed {
-                                error: ProxyError::Malformed {
-                                    reason: err.to_string(),
-                                },
-                                unsent: false,
-                                client_broken: true,
-                            }));
+                            let mut failed = Failed::new(ProxyError::Malformed {
+                                reason: err.to_string(),
+                            });
+                            failed.client_broken = true;
+                            return Poll::Ready(Err(failed));
                         }
                         Poll::Pending => {}
                     }
@@ -521,13 +450,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 if client.has_output()
                     && let Poll::Ready(Err(err)) = client.poll_write_out(cx)
                 {
-                        return Poll::Ready(Err(Failed {
-                            error: ProxyError::Malformed {
-                                reason: format!("client connection failed: {err}"),
-                            },
-                            unsent: false,
-                            client_broken: true,
-                        }));
+                    let mut failed = Failed::new(ProxyError::Malformed {
+                        reason: format!("client connection failed: {err}"),
+                    });
+                    failed.client_broken = true;
+                    return Poll::Ready(Err(failed));
                 }
                 if !client.has_output() {
                     // The response head.
@@ -550,6 +477,17 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                             }
                             continue;
                         }
+                        Ok(Some(response)) if head.http10 && response.codings.is_some() => {
+                            // Codings an HTTP/1.0 client cannot be told about: the body would
+                            // arrive undeclared. Nothing of the response has been sent; the
+                            // upstream connection is dropped with its unread body.
+                            client.wbuf.truncate(mark);
+                            return Poll::Ready(Err(Failed::new(ProxyError::Upstream {
+                                addr,
+                                source: "a transfer coding an HTTP/1.0 client cannot receive"
+                                    .into(),
+                            })));
+                        }
                         Ok(Some(response)) => {
                             // The head may not even be written whole yet: then the body (and
                             // the rest of the head) keeps moving beside the response.
@@ -566,26 +504,26 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         Ok(None) => {}
                         Err(err) => {
                             client.wbuf.truncate(mark);
-                            return Poll::Ready(Err(Failed::upstream(
+                            return Poll::Ready(Err(Failed::new(ProxyError::Upstream {
                                 addr,
-                                format!("invalid response: {err}"),
-                            )));
+                                source: format!("invalid response: {err}").into(),
+                            })));
                         }
                     }
                     match upstream.poll_read_more(cx) {
                         Poll::Ready(Ok(0)) => {
                             // Closed before a response. On a reused connection, before any of
-                            // it, the server most likely closed it as idle while we sent: an
-                            // idempotent request without a body may go again (RFC 9112
-                            // §9.3.1), once.
-                            let mut failed = Failed::upstream(
+                            // it, the server most likely closed it as idle while we sent.
+                            let mut failed = Failed::new(ProxyError::Upstream {
                                 addr,
-                                io::Error::new(
+                                source: io::Error::new(
                                     io::ErrorKind::UnexpectedEof,
                                     "connection closed before response headers",
-                                ),
-                            );
-                            failed.unsent = resend_on_close && !received;
+                                )
+                                .into(),
+                            });
+                            failed.unprocessed = resend_on_close && !received;
+                            failed.client_broken = body.is_some();
                             return Poll::Ready(Err(failed));
                         }
                         Poll::Ready(Ok(_)) => {
@@ -593,35 +531,45 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                             continue;
                         }
                         Poll::Ready(Err(err)) => {
-                            let mut failed = Failed::upstream(addr, err);
-                            failed.unsent = resend_on_close && !received;
+                            let mut failed = Failed::new(ProxyError::Upstream {
+                                addr,
+                                source: err.into(),
+                            });
+                            failed.unprocessed = resend_on_close && !received;
+                            failed.client_broken = body.is_some();
                             return Poll::Ready(Err(failed));
                         }
                         Poll::Pending => {}
                     }
                 }
-                if let Some(timeout) = timeout
-                    && response_deadline
-                        .poll_reached(cx, clock, progress + timeout)
-                        .is_ready()
+                // Response headers are awaited until the response timeout (from the last
+                // request progress) or the attempt's deadline, whichever is first.
+                let wake = match (timeout.map(|t| progress + t), deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(wake) = wake
+                    && response_deadline.poll_reached(cx, clock, wake).is_ready()
                 {
-                    tracing::debug!(endpoint = %addr, ?timeout, "no response headers in time; discarding the connection");
-                    return Poll::Ready(Err(Failed {
-                        error: ProxyError::ResponseTimeout { addr, timeout },
-                        unsent: false,
-                        // The request body may be half read.
-                        client_broken: body.is_some(),
-                    }));
+                    // The request body may be half read.
+                    let client_broken = body.is_some();
+                    let mut failed = if deadline.is_some_and(|d| wake >= d) {
+                        Failed::deadline()
+                    } else {
+                        let timeout = timeout.unwrap_or_default();
+                        tracing::debug!(endpoint = %addr, ?timeout, "no response headers in time; discarding the connection");
+                        Failed::new(ProxyError::ResponseTimeout { addr, timeout })
+                    };
+                    failed.client_broken = client_broken;
+                    return Poll::Ready(Err(failed));
                 }
                 if body.is_some() && idle_deadline.poll_reached(cx, clock, progress + idle).is_ready() {
                     tracing::debug!(endpoint = %addr, ?idle, "request body stopped moving; closing");
-                    return Poll::Ready(Err(Failed {
-                        error: ProxyError::Malformed {
-                            reason: format!("request body stopped for {idle:?}"),
-                        },
-                        unsent: false,
-                        client_broken: true,
-                    }));
+                    let mut failed = Failed::new(ProxyError::Malformed {
+                        reason: format!("request body stopped for {idle:?}"),
+                    });
+                    failed.client_broken = true;
+                    return Poll::Ready(Err(failed));
                 }
                 return Poll::Pending;
             }
@@ -629,131 +577,22 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         .await
     }
 
-    /// Forwards the response head and body, settles the request, and pools the upstream
-    /// connection when it can carry another request. Returns what the client connection does
-    /// next.
-    async fn respond(&mut self, r: Respond<'_, N>) -> Next<N> {
-        let Respond {
-            head,
-            series,
-            service,
-            start,
-            addr,
-            in_flight,
-            mut upstream,
-            response,
-            mut upload,
-        } = r;
-        let http = self.http;
-        if head.http10 && response.codings.is_some() {
-            // Codings an HTTP/1.0 client cannot be told about: the body would arrive
-            // undeclared. Nothing of the response has been sent; the upstream connection is
-            // dropped with its unread body.
-            drop(in_flight);
-            let err = ProxyError::Upstream {
-                addr,
-                source: "a transfer coding an HTTP/1.0 client cannot receive".into(),
-            };
-            return self.answer(head, series, start, &err).await;
-        }
-        let now = self.clock.now();
-        let status = response.status;
-        series.response_headers(now, status, now.saturating_duration_since(start));
-        if let (Some(service), Some(in_flight)) = (service, &in_flight) {
-            service.observe_at(now, in_flight);
-        }
-        let class = classify(http, &response, &upstream.rbuf);
-        upstream.rbuf.advance(response.len);
-
-        if (head.connect && (200..300).contains(&status)) || status == 101 {
-            codec::finish_response_head(
-                &mut self.client.wbuf,
-                Encoding::Identity,
-                None,
-                Persistence::KeepAlive,
-                status == 101,
-            );
-            // A completed switch is the response the client asked for.
-            series.response_end(now, status, Outcome::Success);
-            return Next::Tunnel(upstream, addr);
-        }
-        let encoding = match response.body {
-            Framing::Chunked | Framing::Close if !head.http10 => Encoding::Chunked,
-            _ => Encoding::Identity,
-        };
-        let mut close = !head.keep_alive
-            || self.draining
-            || (head.http10 && matches!(response.body, Framing::Chunked | Framing::Close));
-        // Whether the request will have been sent whole is known only at the end;
-        // `connection: close` is decided now, so an unfinished upload closes.
-        close |= !matches!(upload, Upload::Done);
-        codec::finish_response_head(
-            &mut self.client.wbuf,
-            encoding,
-            response.codings.as_deref(),
-            Persistence::new(close, head.http10),
-            false,
-        );
-        let mut pump = Pump::new(
-            response.body,
-            encoding == Encoding::Chunked,
-            self.limits.max_header_bytes,
-        );
-        let ended = self
-            .pump_response(&mut pump, &mut upstream, &mut upload)
-            .await;
-        let trailers = pump.trailer_map();
-        let end = self.clock.now();
-        self.idle_since = end;
-        let (outcome, next) = match ended {
-            Ok(()) => {
-                let outcome = match class {
-                    ResponseClass::Final(class) => class.outcome,
-                    ResponseClass::Pending(pending) => {
-                        http.classifier
-                            .classify_eos(pending, trailers.as_ref())
-                            .outcome
-                    }
-                };
-                if response.reusable
-                    && matches!(upload, Upload::Done)
-                    && upstream.rbuf.is_empty()
-                    && !upstream.has_output()
-                {
-                    upstream.shrink();
-                    http.pools.checkin_h1(addr, upstream, end);
-                }
-                self.client.shrink();
-                (outcome, if close { Next::Close } else { Next::KeepAlive })
-            }
-            Err(err) => {
-                tracing::debug!(endpoint = %addr, error = %err, "response failed");
-                let outcome = http
-                    .classifier
-                    .classify_error(TransportError::Reset)
-                    .outcome;
-                (outcome, Next::Close)
-            }
-        };
-        series.response_end(end, status, outcome);
-        drop(in_flight);
-        next
-    }
-
     /// Streams a response (its head is queued) to the client, and the rest of the request
-    /// upstream beside it if the upstream answered early; no byte moving for the idle timeout
-    /// ends it. `upload` says at the end whether the request was sent whole.
+    /// upstream beside it if the upstream answered early; no byte moving for the idle timeout,
+    /// or the request's `deadline` passing, ends it. `upload` says at the end whether the
+    /// request was sent whole.
     async fn pump_response(
         &mut self,
         pump: &mut Pump,
         upstream: &mut Upstream<N>,
         upload: &mut Upload,
+        deadline: Option<Instant>,
     ) -> Result<(), PumpError> {
         let clock = self.clock;
         let idle = self.limits.idle_timeout;
         let client = &mut self.client;
         // The idle timer: its deadlines, like the wait for the next head's, only move forward.
-        let deadline = &mut self.idle;
+        let timer = &mut self.idle;
         let mut last: Option<Instant> = None;
         std::future::poll_fn(|cx| {
             let mut moved = false;
@@ -780,7 +619,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 last = Some(clock.now());
             }
             let since = last.unwrap_or(Instant::ZERO);
-            if deadline.poll_reached(cx, clock, since + idle).is_ready() {
+            let wake = deadline.map_or(since + idle, |d| d.min(since + idle));
+            if timer.poll_reached(cx, clock, wake).is_ready() {
+                if deadline.is_some_and(|d| wake >= d) {
+                    return Poll::Ready(Err(PumpError::Deadline));
+                }
                 return Poll::Ready(Err(PumpError::Read(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no bytes moved within the idle timeout",
@@ -832,18 +675,185 @@ async fn write_within<I: Io>(
     .await
 }
 
-/// Everything [`Conn::respond`] needs.
-struct Respond<'a, N: Net> {
-    head: &'a RequestHead,
-    series: &'a Arc<AuthorityMetrics>,
-    service: Option<&'a Arc<ServiceBalancer>>,
+/// The HTTP/1 engine's side of one exchange: the connection, the request's head, and what it
+/// takes to send it (again) and stream its response.
+struct H1Exchange<'c, 'a, N: Net, I> {
+    conn: &'c mut Conn<'a, N, I>,
+    head: &'c RequestHead,
     start: Instant,
-    addr: SocketAddr,
-    in_flight: Option<InFlight>,
+}
+
+/// A response head from the upstream, with the connection it arrived on.
+struct H1Response<N: Net> {
     upstream: Upstream<N>,
-    response: ResponseHead,
+    head: ResponseHead,
     /// The rest of the request, when the upstream answered before it was sent whole.
     upload: Upload,
+    addr: SocketAddr,
+}
+
+impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
+    type Response = H1Response<N>;
+    type Output = Next<N>;
+    const HTTP1: bool = true;
+
+    async fn send(&mut self, attempt: &Attempt) -> Result<Sent<H1Response<N>>, Failed> {
+        let addr = attempt.addr;
+        let conn = &mut *self.conn;
+        let (mut upstream, reused) = match conn.checkout(addr, self.start).await {
+            Some(upstream) => (upstream, true),
+            None => match conn.pools.connect(addr).await {
+                Ok(io) => (Side::new(io, BytesMut::new()), false),
+                Err(error) => return Err(Failed::unprocessed(error)),
+            },
+        };
+        match conn
+            .exchange(self.head, &mut upstream, attempt, reused)
+            .await
+        {
+            Ok((head, upload)) => {
+                // Response headers arrived: nobody sends this request again.
+                conn.replay.release();
+                Ok(Sent {
+                    response: H1Response {
+                        upstream,
+                        head,
+                        upload,
+                        addr,
+                    },
+                    connected: !reused,
+                })
+            }
+            Err(mut failed) => {
+                failed.connected = !reused;
+                Err(failed)
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        self.conn.replay.untouched() || self.conn.replay.complete().is_some()
+    }
+
+    fn facts(response: &H1Response<N>) -> Facts<'_> {
+        Facts {
+            status: StatusCode::from_u16(response.head.status).unwrap_or(StatusCode::BAD_GATEWAY),
+            grpc: response.head.grpc,
+            grpc_status: response
+                .head
+                .grpc_status
+                .clone()
+                .map(|range| &response.upstream.rbuf[range]),
+        }
+    }
+
+    /// Forwards the response head and body, settles the request, and pools the upstream
+    /// connection when it can carry another request.
+    async fn respond(&mut self, response: H1Response<N>, settle: Settle) -> Next<N> {
+        let H1Response {
+            mut upstream,
+            head: response,
+            mut upload,
+            addr,
+        } = response;
+        let head = self.head;
+        let conn = &mut *self.conn;
+        upstream.rbuf.advance(response.len);
+        let status = response.status;
+        if (head.connect && (200..300).contains(&status)) || status == 101 {
+            codec::finish_response_head(
+                &mut conn.client.wbuf,
+                Encoding::Identity,
+                None,
+                Persistence::KeepAlive,
+                status == 101,
+            );
+            settle.end(BodyEnd::Switched);
+            return Next::Tunnel(upstream, addr);
+        }
+        let encoding = match response.body {
+            Framing::Chunked | Framing::Close if !head.http10 => Encoding::Chunked,
+            _ => Encoding::Identity,
+        };
+        let mut close = !head.keep_alive
+            || conn.draining
+            || (head.http10 && matches!(response.body, Framing::Chunked | Framing::Close));
+        // Whether the request will have been sent whole is known only at the end;
+        // `connection: close` is decided now, so an unfinished upload closes.
+        close |= !matches!(upload, Upload::Done);
+        codec::finish_response_head(
+            &mut conn.client.wbuf,
+            encoding,
+            response.codings.as_deref(),
+            Persistence::new(close, head.http10),
+            false,
+        );
+        let mut pump = Pump::new(
+            response.body,
+            encoding == Encoding::Chunked,
+            conn.limits.max_header_bytes,
+        );
+        let ended = conn
+            .pump_response(&mut pump, &mut upstream, &mut upload, settle.deadline())
+            .await;
+        let end = conn.clock.now();
+        conn.idle_since = end;
+        match ended {
+            Ok(()) => {
+                if response.reusable
+                    && matches!(upload, Upload::Done)
+                    && upstream.rbuf.is_empty()
+                    && !upstream.has_output()
+                {
+                    upstream.shrink();
+                    conn.pools.checkin_h1(addr, upstream, end);
+                }
+                conn.client.shrink();
+                settle.end(BodyEnd::Complete {
+                    trailers: pump.trailer_map(),
+                });
+                if close { Next::Close } else { Next::KeepAlive }
+            }
+            Err(PumpError::Deadline) => {
+                tracing::debug!(endpoint = %addr, "request deadline passed mid-response; closing");
+                settle.end(BodyEnd::TimedOut);
+                Next::Close
+            }
+            Err(err) => {
+                tracing::debug!(endpoint = %addr, error = %err, "response failed");
+                settle.end(BodyEnd::Error);
+                Next::Close
+            }
+        }
+    }
+
+    /// Sends the proxy's own response.
+    async fn answer(
+        &mut self,
+        response: http::Response<crate::body::Body>,
+        client_broken: bool,
+    ) -> Next<N> {
+        let head = self.head;
+        let conn = &mut *self.conn;
+        // A body the request still has unread cannot be skipped safely: close after this.
+        let close = client_broken
+            || !head.keep_alive
+            || head.body.has_body()
+            || conn.draining
+            || response.headers().contains_key(http::header::CONNECTION);
+        conn.client.clear_output();
+        write_synthetic(
+            &mut conn.client.wbuf,
+            &response,
+            Persistence::new(close, head.http10),
+        );
+        let written = conn.write_client().await;
+        conn.idle_since = conn.clock.now();
+        match written {
+            Ok(()) if !close => Next::KeepAlive,
+            _ => Next::Close,
+        }
+    }
 }
 
 /// Where the request stands when its response head arrives.
@@ -855,27 +865,6 @@ enum Upload {
     Moving(Pump),
     /// Sending it failed: neither connection can carry another request.
     Broken,
-}
-
-/// The response's class as far as its head tells (gRPC needs the trailers too).
-fn classify<N: Net>(http: &HttpProxy<N>, response: &ResponseHead, buf: &[u8]) -> ResponseClass {
-    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    if !response.grpc {
-        return http.classifier.classify_response(status, &HeaderMap::new());
-    }
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    if let Some(value) = response
-        .grpc_status
-        .clone()
-        .and_then(|range| HeaderValue::from_bytes(&buf[range]).ok())
-    {
-        headers.insert("grpc-status", value);
-    }
-    http.classifier.classify_response(status, &headers)
 }
 
 /// Serializes a response the proxy made (its body is always empty).

@@ -9,7 +9,11 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 
 use super::codec::{self, ChunkedDecoder, CodecError, Decoded, Framing};
-use crate::net::Io;
+use crate::net::{Io, Net};
+use crate::transport::CountingIo;
+
+/// An upstream HTTP/1.1 connection as the pool keeps it.
+pub(crate) type Upstream<N> = Side<CountingIo<<N as Net>::Io>>;
 
 /// Room made for a read when the buffer is short of it, at first.
 const READ_CHUNK: usize = 16 * 1024;
@@ -110,6 +114,86 @@ impl<I: Io> Side<I> {
     }
 }
 
+/// A copy of a request body as it was written upstream (framed), kept so the request can be
+/// sent again whole; bounded by its limit, beyond which the copy is dropped for good.
+#[derive(Debug, Default)]
+pub(crate) struct Replay {
+    buf: Vec<u8>,
+    limit: usize,
+    state: ReplayState,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ReplayState {
+    /// No body has been read yet.
+    #[default]
+    Untouched,
+    /// Part of the body has been read and kept.
+    Partial,
+    /// The whole body has been read and kept.
+    Complete,
+    /// More than the limit went by, or the body was read without a copy.
+    Lost,
+}
+
+impl Replay {
+    /// Starts over for a new request, keeping at most `limit` bytes. The buffer's memory is
+    /// kept for the next request unless a large body grew it.
+    pub(crate) fn reset(&mut self, limit: usize) {
+        self.buf.clear();
+        if self.buf.capacity() > limit.max(4096) {
+            self.buf = Vec::new();
+        }
+        self.limit = limit;
+        self.state = ReplayState::Untouched;
+    }
+
+    fn record(&mut self, bytes: &[u8]) {
+        match self.state {
+            ReplayState::Untouched | ReplayState::Partial => {
+                if self.buf.len() + bytes.len() > self.limit {
+                    self.lose();
+                } else {
+                    self.buf.extend_from_slice(bytes);
+                    self.state = ReplayState::Partial;
+                }
+            }
+            ReplayState::Complete | ReplayState::Lost => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.state != ReplayState::Lost {
+            self.state = ReplayState::Complete;
+        }
+    }
+
+    /// Nobody will send the request again (its response headers arrived): drop the copy, and
+    /// its memory unless it is small.
+    pub(crate) fn release(&mut self) {
+        self.lose();
+        if self.buf.capacity() > 4096 {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// The body was (or will be) read without a copy.
+    pub(crate) fn lose(&mut self) {
+        self.state = ReplayState::Lost;
+        self.buf.clear();
+    }
+
+    /// No body byte has been read yet: the request can be sent as it was.
+    pub(crate) fn untouched(&self) -> bool {
+        self.state == ReplayState::Untouched
+    }
+
+    /// The whole body, framed, when it was kept whole.
+    pub(crate) fn complete(&self) -> Option<&[u8]> {
+        (self.state == ReplayState::Complete).then_some(&self.buf[..])
+    }
+}
+
 /// Why a body stopped moving.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PumpError {
@@ -125,6 +209,9 @@ pub(crate) enum PumpError {
     /// Writing to the receiver failed.
     #[error("writing the body: {0}")]
     Write(#[source] io::Error),
+    /// The request's deadline passed.
+    #[error("the request's deadline passed")]
+    Deadline,
 }
 
 #[derive(Debug)]
@@ -177,12 +264,28 @@ impl Pump {
         src: &mut Side<A>,
         dst: &mut Side<B>,
     ) -> Poll<Result<(), PumpError>> {
+        self.poll_recording(cx, src, dst, None)
+    }
+
+    /// [`poll`](Self::poll), keeping a copy of the body as written (framed for the receiver)
+    /// in `replay` while it fits.
+    pub(crate) fn poll_recording<A: Io, B: Io>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Side<A>,
+        dst: &mut Side<B>,
+        mut replay: Option<&mut Replay>,
+    ) -> Poll<Result<(), PumpError>> {
         loop {
             // Decode what is buffered first, so a head queued before the body goes out in the
             // same write as the body's first bytes.
             if !self.finished && !src.rbuf.is_empty() && dst.wbuf.len() < MAX_PENDING_OUT {
+                let before = dst.wbuf.len();
                 self.decode_into(&mut src.rbuf, &mut dst.wbuf)
                     .map_err(PumpError::Framing)?;
+                if let Some(replay) = replay.as_deref_mut() {
+                    replay.record(&dst.wbuf[before..]);
+                }
             }
             if dst.has_output() {
                 let pending = dst.wbuf.len() - dst.written;
@@ -196,6 +299,9 @@ impl Pump {
                 }
             }
             if self.finished {
+                if let Some(replay) = replay.as_deref_mut() {
+                    replay.finish();
+                }
                 return Poll::Ready(Ok(()));
             }
             if !src.rbuf.is_empty() {

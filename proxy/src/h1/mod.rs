@@ -6,7 +6,7 @@
 //! and one copy ([`codec`]), drives the upstream connection from the client connection's task
 //! ([`conn`]), and moves bodies through two reused buffers per connection ([`io`]). Routing,
 //! balancing, metrics, classification and error responses are the same code the HTTP/2 path
-//! uses (`crate::http`, `errors::respond`).
+//! uses (the exchange module, `errors::respond`).
 
 pub(crate) mod codec;
 pub(crate) mod conn;

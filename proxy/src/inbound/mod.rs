@@ -1,18 +1,20 @@
 //! The inbound side: other proxies' traffic to the local app.
 //!
-//! Same stack as outbound (count, detect, serve), but every request and opaque connection goes
-//! to `app_addr`. The TLS seam sits before detection in `server::serve_connection`: the
-//! identity/mTLS issue terminates meshed peers' TLS there and enforces authorization.
+//! Same stack as outbound (count, detect, serve, the one request path), but every request and
+//! opaque connection goes to `app_addr`. When the proxy knows the service its app serves
+//! (`service`), inbound requests take that service's route profile (server-side per-route
+//! classes, timeouts and metrics) and are counted under its name. The TLS seam sits before
+//! detection in the connection server: the identity/mTLS issue terminates meshed peers' TLS
+//! there and enforces authorization.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use conduit_core::classify::Classifier;
-
 use crate::admin::metrics::{Direction, Metrics};
 use crate::clock::Clock;
 use crate::config::ProxyConfig;
-use crate::http::{HttpProxy, Target};
+use crate::discover::Discover;
+use crate::exchange::{Context, Target};
 use crate::net::Net;
 use crate::pool::Pools;
 use crate::server::ServeContext;
@@ -23,27 +25,24 @@ pub(crate) fn context<N: Net>(
     clock: Clock,
     metrics: &Arc<Metrics>,
     app: SocketAddr,
+    discovery: &dyn Discover,
 ) -> Arc<ServeContext<N>> {
-    let pools = Arc::new(Pools::new(
+    let pools = Pools::new(
         net,
         clock,
         config.limits,
         Arc::clone(metrics),
         Direction::Inbound,
-    ));
-    let http = Arc::new(HttpProxy {
-        direction: Direction::Inbound,
-        pools,
-        metrics: Arc::clone(metrics),
+    );
+    let service = config
+        .service
+        .as_deref()
+        .map(|service| Context::follow_local(discovery, service));
+    let cx = Context::new(
+        Direction::Inbound,
+        Arc::clone(metrics),
         clock,
-        target: Target::Fixed(app),
-        // Linkerd's default response classes; route profiles add theirs with their issue.
-        classifier: Arc::new(Classifier::default()),
-    });
-    Arc::new(ServeContext {
-        http,
-        limits: config.limits,
-        clock,
-        opaque_target: Some(app),
-    })
+        Target::Local { app, service },
+    );
+    Arc::new(ServeContext::new(cx, pools, config.limits, Some(app)))
 }

@@ -3,21 +3,22 @@
 //! Stack, per connection (top-down):
 //! 1. count the connection (`tcp_*{direction="outbound",peer="src"}`);
 //! 2. detect the protocol (h2 preface, HTTP/1 request head, else opaque);
-//! 3. HTTP: hyper serves the connection; each request is routed by authority through discovery
-//!    (404 when unknown), balanced per request by the core's P2C over PeakEWMA behind its queue
-//!    (504 fail-fast, 503 shed), and sent over the endpoint's pooled connections;
+//! 3. HTTP: the proxy's own HTTP/1 engine or hyper's HTTP/2 server moves the bytes, and every
+//!    request goes through the one request path (`exchange`): routed by authority through
+//!    discovery (404 when unknown), matched to a route of the service's profile (its response
+//!    classes, timeouts and metrics), balanced per request by the core's P2C over PeakEWMA
+//!    behind its queue (504 fail-fast, 503 shed), sent over the endpoint's pooled connections
+//!    (again, when the endpoint provably never processed it), and settled;
 //! 4. opaque TCP: with no original destination yet (the iptables redirect arrives with the
 //!    Kubernetes issue), forwarded to `outbound_default_target` if set, else closed.
 
 use std::sync::Arc;
 
-use conduit_core::classify::Classifier;
-
 use crate::admin::metrics::{Direction, Metrics};
 use crate::balance::Router;
 use crate::clock::Clock;
 use crate::config::ProxyConfig;
-use crate::http::{HttpProxy, Target};
+use crate::exchange::{Context, Target};
 use crate::net::Net;
 use crate::pool::Pools;
 use crate::server::ServeContext;
@@ -29,26 +30,23 @@ pub(crate) fn context<N: Net>(
     metrics: &Arc<Metrics>,
     router: Arc<Router>,
 ) -> Arc<ServeContext<N>> {
-    let pools = Arc::new(Pools::new(
+    let pools = Pools::new(
         net,
         clock,
         config.limits,
         Arc::clone(metrics),
         Direction::Outbound,
-    ));
-    let http = Arc::new(HttpProxy {
-        direction: Direction::Outbound,
+    );
+    let cx = Context::new(
+        Direction::Outbound,
+        Arc::clone(metrics),
+        clock,
+        Target::Balanced(router),
+    );
+    Arc::new(ServeContext::new(
+        cx,
         pools,
-        metrics: Arc::clone(metrics),
-        clock,
-        target: Target::Balanced(router),
-        // Linkerd's default response classes; route profiles add theirs with their issue.
-        classifier: Arc::new(Classifier::default()),
-    });
-    Arc::new(ServeContext {
-        http,
-        limits: config.limits,
-        clock,
-        opaque_target: config.outbound_default_target,
-    })
+        config.limits,
+        config.outbound_default_target,
+    ))
 }

@@ -6,7 +6,7 @@ fn request(raw: &str) -> Result<Option<(RequestHead, String)>, CodecError> {
     let mut out = Vec::new();
     parse_request(raw.as_bytes(), 8192, &mut out).map(|head| {
         head.map(|head| {
-            finish_request_head(&mut out, &head);
+            finish_request_head(&mut out, &head, None);
             (head, String::from_utf8(out).expect("ascii"))
         })
     })

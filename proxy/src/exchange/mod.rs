@@ -1,0 +1,761 @@
+//! The one request path: a request's whole life, for both HTTP engines.
+//!
+//! An engine (the proxy's own HTTP/1 engine, or hyper for HTTP/2) parses a request head, then
+//! hands this module a read-only view of it ([`Head`]) and itself as an [`Engine`]: a byte
+//! mover that can send an attempt to an address, send it again, stream a response back and
+//! answer with the proxy's own response. Everything else happens here, once:
+//!
+//! 1. **route**: the authority's service through discovery (outbound) or the local service
+//!    (inbound), then the request's route in that service's profile (`core::route`);
+//! 2. **deadlines**: the route's request and attempt timeouts and the caller's `grpc-timeout`
+//!    (`core::timeout`), enforced by the engine at the instants given here;
+//! 3. **attempts**: an endpoint from the balancer (waiting in its queue, bounded by the
+//!    fail-fast timeout and the request's deadline), the attempt, the balancer's feedback, and
+//!    another attempt when the endpoint provably never processed the request and the request
+//!    is still whole (`core::retry`);
+//! 4. **settling**: time to response headers and the response's class (the route's response
+//!    classes) into the authority's and the route's metrics, the endpoint's RTT sample, and
+//!    its in-flight count released when the response ends ([`Settle`]);
+//! 5. **answers**: every error becomes the proxy's own response (`errors::respond`), counted
+//!    and classified like any other.
+//!
+//! Each request gets a `request` span (debug level) carrying its authority and route.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use conduit_core::balance::{InFlight, Picked};
+use conduit_core::classify::{ResponseClass, TransportError};
+use conduit_core::retry::{Resend, Unprocessed, resend_unprocessed};
+use conduit_core::route::{Profile, RequestView};
+use conduit_core::time::Instant;
+use conduit_core::timeout::{
+    Deadlines, Expiry, GrpcTimeout, encode_grpc_timeout, parse_grpc_timeout,
+};
+use futures_util::FutureExt as _;
+use http::StatusCode;
+use tokio::sync::watch;
+use tracing::Instrument as _;
+
+use crate::admin::metrics::{AuthorityMetrics, Direction, Metrics};
+use crate::balance::{Router, ServiceBalancer};
+use crate::body::{Body, BodyEnd, OnBodyEnd};
+use crate::clock::Clock;
+use crate::discover::{Discover, Resolution};
+use crate::errors::ProxyError;
+
+/// The `authority` label for outbound requests discovery does not know.
+const UNKNOWN_AUTHORITY: &str = "unknown";
+
+/// A request head as the exchange reads it: what routing needs, through each engine's own head
+/// type, without copies.
+pub(crate) trait Head: RequestView {
+    /// The authority: the target's (absolute form, `:authority`), else `Host`'s.
+    fn authority(&self) -> Option<&str>;
+    /// Whether the request's `content-type` is gRPC's.
+    fn grpc(&self) -> bool;
+    /// The caller's `grpc-timeout` value, if any.
+    fn grpc_timeout(&self) -> Option<&[u8]>;
+}
+
+/// One attempt, as the exchange hands it to the engine.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Attempt {
+    /// Where to send it.
+    pub(crate) addr: SocketAddr,
+    /// When to give up waiting for response headers (the request's and the attempt's
+    /// timeouts; the engine's own response-headers timeout applies beside it).
+    pub(crate) deadline: Option<Instant>,
+    /// The `grpc-timeout` to send upstream, replacing the caller's.
+    pub(crate) grpc_timeout: Option<GrpcTimeout>,
+    /// The request's first attempt.
+    pub(crate) first: bool,
+}
+
+/// What an engine's attempt returns when response headers arrived.
+#[derive(Debug)]
+pub(crate) struct Sent<R> {
+    pub(crate) response: R,
+    /// A new connection was established for this attempt.
+    pub(crate) connected: bool,
+}
+
+/// How an attempt failed before response headers.
+#[derive(Debug)]
+pub(crate) enum AttemptError {
+    /// The proxy's error for it.
+    Proxy(ProxyError),
+    /// The attempt's deadline ([`Attempt::deadline`]) passed; the exchange knows which
+    /// timeout that was.
+    Deadline,
+}
+
+/// An attempt that failed before response headers.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) error: AttemptError,
+    /// The endpoint provably processed none of the request: it may be sent again.
+    pub(crate) unprocessed: bool,
+    /// The client's connection cannot carry on (part of its request body was read): the
+    /// answer closes it.
+    pub(crate) client_broken: bool,
+    /// A new connection was established before the failure.
+    pub(crate) connected: bool,
+}
+
+impl Failed {
+    pub(crate) fn new(error: ProxyError) -> Self {
+        Self {
+            error: AttemptError::Proxy(error),
+            unprocessed: false,
+            client_broken: false,
+            connected: false,
+        }
+    }
+
+    /// A failure before any of the request reached the endpoint.
+    pub(crate) fn unprocessed(error: ProxyError) -> Self {
+        Self {
+            unprocessed: true,
+            ..Self::new(error)
+        }
+    }
+
+    pub(crate) fn deadline() -> Self {
+        Self {
+            error: AttemptError::Deadline,
+            unprocessed: false,
+            client_broken: false,
+            connected: false,
+        }
+    }
+}
+
+/// The facts of a response head the exchange classifies and counts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Facts<'a> {
+    pub(crate) status: StatusCode,
+    /// `content-type` is gRPC's.
+    pub(crate) grpc: bool,
+    /// The `grpc-status` field, if the head carries one.
+    pub(crate) grpc_status: Option<&'a [u8]>,
+}
+
+/// What an HTTP engine does for the exchange: it moves bytes, and decides nothing.
+pub(crate) trait Engine {
+    /// A response head as the engine holds it, with what it needs to stream the body.
+    type Response: Send;
+    /// What serving the request leaves the engine with.
+    type Output;
+    /// Whether the client speaks HTTP/1 (closing the connection is then `connection: close`).
+    const HTTP1: bool;
+
+    /// Sends the request (again, after an attempt that failed unprocessed) and waits for its
+    /// response head, until the attempt's deadline.
+    fn send(
+        &mut self,
+        attempt: &Attempt,
+    ) -> impl Future<Output = Result<Sent<Self::Response>, Failed>> + Send;
+
+    /// Whether the whole request could be sent again now: its body unread, or kept whole.
+    fn replayable(&self) -> bool;
+
+    /// The facts of a response head.
+    fn facts(response: &Self::Response) -> Facts<'_>;
+
+    /// Streams the response to the client and settles it through `settle` when it ends (at
+    /// the latest at `settle`'s deadline).
+    fn respond(
+        &mut self,
+        response: Self::Response,
+        settle: Settle,
+    ) -> impl Future<Output = Self::Output> + Send;
+
+    /// Answers with the proxy's own response; `client_broken`: the client's connection must
+    /// close after it.
+    fn answer(
+        &mut self,
+        response: http::Response<Body>,
+        client_broken: bool,
+    ) -> impl Future<Output = Self::Output> + Send;
+}
+
+/// Where a direction's requests go.
+#[derive(Debug)]
+pub(crate) enum Target {
+    /// Routed by authority through discovery and balanced (outbound).
+    Balanced(Arc<Router>),
+    /// Always the local app (inbound), under the local service's profile when known.
+    Local {
+        app: SocketAddr,
+        service: Option<watch::Receiver<Option<Arc<LocalService>>>>,
+    },
+}
+
+/// The service the local app serves, as discovery last described it.
+#[derive(Debug)]
+pub(crate) struct LocalService {
+    label: Arc<str>,
+    profile: Arc<Profile>,
+}
+
+/// One direction's request path: where requests go and where they are counted.
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub(crate) direction: Direction,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) clock: Clock,
+    target: Target,
+    /// The profile of services without one: only the default route.
+    no_profile: Arc<Profile>,
+}
+
+impl Context {
+    pub(crate) fn new(
+        direction: Direction,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+        target: Target,
+    ) -> Self {
+        Self {
+            direction,
+            metrics,
+            clock,
+            target,
+            no_profile: Arc::new(Profile::default()),
+        }
+    }
+
+    /// Follows the local service `authority` through `discovery` for inbound requests: its
+    /// metrics label and profile, kept current by a task that ends when the returned receiver
+    /// (and its clones) are dropped.
+    pub(crate) fn follow_local(
+        discovery: &dyn Discover,
+        authority: &str,
+    ) -> watch::Receiver<Option<Arc<LocalService>>> {
+        fn local(resolution: &Resolution) -> Option<Arc<LocalService>> {
+            match resolution {
+                Resolution::Service { service, .. } => Some(Arc::new(LocalService {
+                    label: Arc::from(format!("{}:{}", service.name, service.port)),
+                    profile: Arc::new(service.profile.clone()),
+                })),
+                Resolution::Unknown | Resolution::NotFound => None,
+            }
+        }
+        let mut resolutions = discovery.resolve(authority);
+        let (tx, rx) = watch::channel(local(&resolutions.borrow_and_update()));
+        let authority = authority.to_owned();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = resolutions.changed() => if changed.is_err() {
+                        // Discovery stopped following: keep the last answer.
+                        tx.closed().await;
+                        return;
+                    },
+                    () = tx.closed() => return,
+                }
+                let next = local(&resolutions.borrow_and_update());
+                tracing::debug!(service = %authority, known = next.is_some(), "local service updated");
+                tx.send_replace(next);
+            }
+        });
+        rx
+    }
+
+    fn balanced(&self) -> bool {
+        matches!(self.target, Target::Balanced(_))
+    }
+
+    /// Routes a request for `authority` that arrived at `start`: its series, its service's
+    /// balancer (outbound) and its profile, waiting (bounded by the fail-fast timeout) until
+    /// discovery has answered for the service.
+    async fn resolve(
+        &self,
+        authority: Option<&str>,
+        start: Instant,
+    ) -> Result<Resolved, (Arc<AuthorityMetrics>, ProxyError)> {
+        let series = |label: &str| self.metrics.series(self.direction, label, start);
+        let (router, authority) = match (&self.target, authority) {
+            (Target::Local { app, service }, authority) => {
+                let local = service.as_ref().and_then(|s| s.borrow().clone());
+                let (series, profile) = match local {
+                    Some(local) => (series(&local.label), Arc::clone(&local.profile)),
+                    None => (
+                        series(authority.unwrap_or("")),
+                        Arc::clone(&self.no_profile),
+                    ),
+                };
+                return Ok(Resolved {
+                    series,
+                    service: None,
+                    app: Some(*app),
+                    profile,
+                });
+            }
+            (Target::Balanced(_), None) => {
+                let err = ProxyError::Malformed {
+                    reason: "missing authority (Host header)".into(),
+                };
+                return Err((series(UNKNOWN_AUTHORITY), err));
+            }
+            (Target::Balanced(router), Some(authority)) => (router, authority),
+        };
+        let service = match router.resolve(authority, start) {
+            Ok(service) => service,
+            Err(err) => return Err((series(UNKNOWN_AUTHORITY), err)),
+        };
+        match service.resolved(start).await {
+            Ok((label, profile)) => Ok(Resolved {
+                series: series(&label),
+                service: Some(service),
+                app: None,
+                profile: profile.unwrap_or_else(|| Arc::clone(&self.no_profile)),
+            }),
+            // Unresolved authorities share one label, so arbitrary names cannot grow the
+            // metrics.
+            Err(err) => Err((series(UNKNOWN_AUTHORITY), err)),
+        }
+    }
+}
+
+/// A resolved request target.
+struct Resolved {
+    series: Arc<AuthorityMetrics>,
+    service: Option<Arc<ServiceBalancer>>,
+    app: Option<SocketAddr>,
+    profile: Arc<Profile>,
+}
+
+/// What routing decided for a request.
+struct Routed {
+    service: Option<Arc<ServiceBalancer>>,
+    /// The fixed target (inbound).
+    app: Option<SocketAddr>,
+    profile: Arc<Profile>,
+    /// The route's position in the profile (`None`: the default route).
+    route: Option<usize>,
+    /// The `route` label, when the service has a profile (route metrics are kept then only).
+    route_label: Option<Arc<str>>,
+    deadlines: Deadlines,
+}
+
+/// One request's exchange, from [`Exchange::begin`] (route it) to [`Exchange::forward`] (send
+/// it and answer).
+pub(crate) struct Exchange<'c> {
+    cx: &'c Context,
+    start: Instant,
+    grpc: bool,
+    series: Arc<AuthorityMetrics>,
+    routed: Result<Routed, ProxyError>,
+    span: tracing::Span,
+}
+
+impl<'c> Exchange<'c> {
+    /// Routes the request whose head is `head`, arrived at `start`, and counts it. Errors are
+    /// kept for [`forward`](Self::forward) to answer.
+    pub(crate) async fn begin(cx: &'c Context, head: &impl Head, start: Instant) -> Self {
+        let grpc = head.grpc();
+        let authority = head.authority();
+        let (series, routed) = match cx.resolve(authority, start).await {
+            Err((series, err)) => {
+                series.request(start, None);
+                (series, Err(err))
+            }
+            Ok(resolved) => {
+                let matched = resolved.profile.find(head);
+                let route_label =
+                    (!resolved.profile.is_empty()).then(|| Arc::clone(&matched.route().name));
+                resolved.series.request(start, route_label.as_ref());
+                let incoming = head.grpc_timeout().and_then(parse_grpc_timeout);
+                let deadlines = Deadlines::new(start, &matched.policy().timeouts, incoming);
+                let route = matched.index();
+                (
+                    resolved.series,
+                    Ok(Routed {
+                        service: resolved.service,
+                        app: resolved.app,
+                        route,
+                        route_label,
+                        deadlines,
+                        profile: resolved.profile,
+                    }),
+                )
+            }
+        };
+        let span = tracing::debug_span!(
+            "request",
+            direction = cx.direction.as_str(),
+            authority = authority.unwrap_or(""),
+            route = routed
+                .as_ref()
+                .ok()
+                .and_then(|r| r.route_label.as_deref())
+                .unwrap_or(""),
+        );
+        Self {
+            cx,
+            start,
+            grpc,
+            series,
+            routed,
+            span,
+        }
+    }
+
+    /// Sends the request through `engine` (again, when an endpoint provably did not process
+    /// it), then streams the response or answers with the proxy's own.
+    pub(crate) async fn forward<E: Engine>(self, engine: &mut E) -> E::Output {
+        let span = self.span.clone();
+        self.run(engine).instrument(span).await
+    }
+
+    async fn run<E: Engine>(self, engine: &mut E) -> E::Output {
+        let routed = match &self.routed {
+            Ok(routed) => routed,
+            Err(err) => return self.answer(engine, err, false).await,
+        };
+        let clock = self.cx.clock;
+        let mut attempts = 0u32;
+        let mut repicked: Option<Picked> = None;
+        let mut now = self.start;
+        loop {
+            attempts += 1;
+            if let Some(expiry) = routed.deadlines.expiry(now) {
+                return self.answer(engine, &expired(expiry, None), false).await;
+            }
+            let (addr, in_flight, dispatched) = match self
+                .pick(routed, repicked.take(), now, routed.deadlines.request())
+                .await
+            {
+                Ok(picked) => picked,
+                Err(err) => return self.answer(engine, &err, false).await,
+            };
+            // The attempt timeout counts from dispatch (after any wait in the queue).
+            let budget = match routed.deadlines.attempt(dispatched) {
+                Ok(budget) => budget,
+                Err(expiry) => return self.answer(engine, &expired(expiry, None), false).await,
+            };
+            let attempt = Attempt {
+                addr,
+                deadline: budget.deadline,
+                grpc_timeout: budget.propagate.map(encode_grpc_timeout),
+                first: attempts == 1,
+            };
+            let failed = match engine.send(&attempt).await {
+                Ok(sent) => return self.respond(engine, sent, addr, in_flight).await,
+                Err(failed) => failed,
+            };
+            let service = routed.service.as_deref();
+            if failed.connected
+                && let Some(service) = service
+            {
+                service.connect_succeeded(addr);
+            }
+            let error = match failed.error {
+                AttemptError::Proxy(error) => error,
+                AttemptError::Deadline => {
+                    let now = clock.now();
+                    let expiry = routed.deadlines.attempt_expiry(dispatched, now).unwrap_or(
+                        Expiry::Request {
+                            // Woken early (not with a monotonic clock): the wait was the
+                            // request's.
+                            timeout: now.saturating_duration_since(self.start),
+                            propagated: false,
+                        },
+                    );
+                    expired(expiry, Some(addr))
+                }
+            };
+            feedback(service, addr, in_flight.as_ref(), &error);
+            // The endpoint's load settles before another pick.
+            drop(in_flight);
+            if failed.unprocessed && !failed.client_broken {
+                let decision = resend_unprocessed(
+                    Unprocessed {
+                        attempts,
+                        connect_failed: matches!(
+                            error,
+                            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
+                        ),
+                        replayable: engine.replayable(),
+                    },
+                    self.cx.balanced(),
+                );
+                match (decision, service) {
+                    (Resend::Elsewhere, Some(service)) => {
+                        // Only an endpoint ready now: a request never waits in the queue twice.
+                        now = clock.now();
+                        if let Some(Ok(picked)) = service.acquire(now).now_or_never() {
+                            tracing::debug!(endpoint = %addr, %error, next = %picked.addr, "request not processed; sending it again");
+                            repicked = Some(picked);
+                            continue;
+                        }
+                    }
+                    (Resend::Again, _) => {
+                        tracing::debug!(endpoint = %addr, %error, "request not processed; sending it again");
+                        now = clock.now();
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            tracing::debug!(endpoint = %addr, %error, "proxy error");
+            return self.answer(engine, &error, failed.client_broken).await;
+        }
+    }
+
+    /// The endpoint for an attempt at `now`: `repicked` if a resend already chose one, else
+    /// the balancer's pick (waiting in its queue, at most until the request's `deadline`),
+    /// else the local app. Also returns when it was picked (later than `now` after a wait).
+    async fn pick(
+        &self,
+        routed: &Routed,
+        repicked: Option<Picked>,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<(SocketAddr, Option<InFlight>, Instant), ProxyError> {
+        if let Some(picked) = repicked {
+            return Ok((picked.addr, Some(picked.in_flight), now));
+        }
+        let Some(service) = &routed.service else {
+            return routed
+                .app
+                .map(|app| (app, None, now))
+                .ok_or_else(|| ProxyError::Unavailable {
+                    reason: "no target for request".into(),
+                });
+        };
+        // The common case finds a ready endpoint at once and reads no clock.
+        let mut acquire = std::pin::pin!(service.acquire(now));
+        if let Some(picked) = (&mut acquire).now_or_never() {
+            let picked = picked?;
+            return Ok((picked.addr, Some(picked.in_flight), now));
+        }
+        let picked = match deadline {
+            None => acquire.await?,
+            Some(deadline) => tokio::select! {
+                picked = &mut acquire => picked?,
+                () = self.cx.clock.sleep_until(deadline) => {
+                    let expiry = routed.deadlines.expiry(deadline).unwrap_or(Expiry::Request {
+                        timeout: deadline.saturating_duration_since(self.start),
+                        propagated: false,
+                    });
+                    return Err(expired(expiry, None));
+                }
+            },
+        };
+        Ok((picked.addr, Some(picked.in_flight), self.cx.clock.now()))
+    }
+
+    /// Response headers arrived: counts them, teaches the balancer, and streams the response.
+    async fn respond<E: Engine>(
+        self,
+        engine: &mut E,
+        sent: Sent<E::Response>,
+        addr: SocketAddr,
+        in_flight: Option<InFlight>,
+    ) -> E::Output {
+        let Ok(routed) = self.routed else {
+            // `respond` follows only a routed attempt.
+            return engine
+                .answer(
+                    ProxyError::Unavailable {
+                        reason: "unrouted response".into(),
+                    }
+                    .to_response(self.grpc, E::HTTP1),
+                    false,
+                )
+                .await;
+        };
+        let now = self.cx.clock.now();
+        let facts = E::facts(&sent.response);
+        let status = facts.status.as_u16();
+        let latency = now.saturating_duration_since(self.start);
+        self.series
+            .response_headers(now, status, latency, routed.route_label.as_ref());
+        if let Some(service) = &routed.service {
+            if sent.connected {
+                service.connect_succeeded(addr);
+            }
+            if let Some(in_flight) = &in_flight {
+                service.observe_at(now, in_flight);
+            }
+        }
+        tracing::trace!(endpoint = %addr, status, ?latency, "response headers");
+        let classifier = &routed.profile.route_at(routed.route).policy.classifier;
+        let class = classifier.classify_head(facts.status, facts.grpc, facts.grpc_status);
+        let settle = Settle {
+            series: self.series,
+            route_label: routed.route_label,
+            profile: routed.profile,
+            route: routed.route,
+            status,
+            class,
+            in_flight,
+            clock: self.cx.clock,
+            deadlines: routed.deadlines,
+            grpc: self.grpc,
+        };
+        engine.respond(sent.response, settle).await
+    }
+
+    /// The proxy's own response for `err`, counted and classified like any other.
+    async fn answer<E: Engine>(
+        &self,
+        engine: &mut E,
+        err: &ProxyError,
+        client_broken: bool,
+    ) -> E::Output {
+        let response = err.to_response(self.grpc, E::HTTP1);
+        let status = response.status();
+        let now = self.cx.clock.now();
+        let routed = self.routed.as_ref().ok();
+        let route = routed.and_then(|r| r.route_label.as_ref());
+        let latency = now.saturating_duration_since(self.start);
+        self.series
+            .response_headers(now, status.as_u16(), latency, route);
+        // Classified like any response, by the route's classes (by default Linkerd's: 5xx and
+        // non-OK gRPC statuses are failures; the proxy's 400/404/431 blame the client, as an
+        // app's would). A synthesized gRPC response is trailers-only, so its head decides.
+        let profile = routed.map_or(&self.cx.no_profile, |r| &r.profile);
+        let classifier = &profile
+            .route_at(routed.and_then(|r| r.route))
+            .policy
+            .classifier;
+        let outcome = match classifier.classify_response(status, response.headers()) {
+            ResponseClass::Final(class) => class.outcome,
+            ResponseClass::Pending(pending) => classifier.classify_eos(pending, None).outcome,
+        };
+        self.series
+            .response_end(now, status.as_u16(), outcome, route);
+        engine.answer(response, client_broken).await
+    }
+}
+
+/// The error for a deadline that passed (at `addr`, when an attempt was waiting).
+fn expired(expiry: Expiry, addr: Option<SocketAddr>) -> ProxyError {
+    match (expiry, addr) {
+        (Expiry::Attempt { timeout }, Some(addr)) => ProxyError::AttemptTimeout { addr, timeout },
+        (Expiry::Attempt { timeout }, None) => ProxyError::RequestTimeout {
+            timeout,
+            propagated: false,
+        },
+        (
+            Expiry::Request {
+                timeout,
+                propagated,
+            },
+            _,
+        ) => ProxyError::RequestTimeout {
+            timeout,
+            propagated,
+        },
+    }
+}
+
+/// What an attempt's failure tells the balancer.
+fn feedback(
+    service: Option<&ServiceBalancer>,
+    addr: SocketAddr,
+    in_flight: Option<&InFlight>,
+    error: &ProxyError,
+) {
+    let Some(service) = service else { return };
+    match (in_flight, error) {
+        (_, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) => {
+            service.connect_failed(addr);
+        }
+        // PeakEWMA-consistent: an endpoint that did not answer in time looks as slow as the
+        // wait, so P2C steers away from it until it answers again.
+        (
+            Some(in_flight),
+            ProxyError::ResponseTimeout { .. }
+            | ProxyError::AttemptTimeout { .. }
+            | ProxyError::RequestTimeout { .. },
+        ) => service.observe(in_flight),
+        _ => {}
+    }
+}
+
+/// Settles a response when it ends, however it ends: its class into the metrics, and the
+/// endpoint's in-flight count released. Engines call [`end`](Self::end) (the HTTP/2 engine
+/// through the response body's guard).
+#[derive(Debug)]
+pub(crate) struct Settle {
+    series: Arc<AuthorityMetrics>,
+    route_label: Option<Arc<str>>,
+    profile: Arc<Profile>,
+    route: Option<usize>,
+    status: u16,
+    /// The class as far as the head decided it.
+    class: ResponseClass,
+    in_flight: Option<InFlight>,
+    clock: Clock,
+    deadlines: Deadlines,
+    grpc: bool,
+}
+
+impl Settle {
+    /// The instant the response must have ended by (the request's deadline).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadlines.request()
+    }
+
+    /// The error a response cut at its deadline stands for.
+    pub(crate) fn timeout_error(&self) -> ProxyError {
+        let expiry = self
+            .deadline()
+            .and_then(|d| self.deadlines.expiry(d))
+            .unwrap_or(Expiry::Request {
+                timeout: std::time::Duration::ZERO,
+                propagated: false,
+            });
+        expired(expiry, None)
+    }
+
+    /// Records how the response ended.
+    pub(crate) fn end(self, end: BodyEnd) {
+        let classifier = &self.profile.route_at(self.route).policy.classifier;
+        let outcome = match (end, self.class) {
+            (BodyEnd::Complete { .. }, ResponseClass::Final(class)) => class.outcome,
+            (BodyEnd::Complete { trailers }, ResponseClass::Pending(pending)) => {
+                classifier.classify_eos(pending, trailers.as_ref()).outcome
+            }
+            (BodyEnd::Switched, _) => conduit_core::classify::Outcome::Success,
+            (BodyEnd::TimedOut, _) => classifier.classify_error(TransportError::Timeout).outcome,
+            // A stream that broke supersedes the head's class. The error is boxed past
+            // recognition here, so it is counted as a reset: a failure either way.
+            (BodyEnd::Error | BodyEnd::Cancelled, _) => {
+                classifier.classify_error(TransportError::Reset).outcome
+            }
+        };
+        self.series.response_end(
+            self.clock.now(),
+            self.status,
+            outcome,
+            self.route_label.as_ref(),
+        );
+        drop(self.in_flight);
+    }
+}
+
+impl OnBodyEnd for Settle {
+    fn on_end(self, end: BodyEnd) {
+        self.end(end);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        Self::deadline(self)
+    }
+
+    fn expired(&self) -> Result<http::HeaderMap, crate::body::BoxError> {
+        let error = self.timeout_error();
+        if self.grpc {
+            Ok(error.to_grpc_trailers())
+        } else {
+            Err(error.into())
+        }
+    }
+}

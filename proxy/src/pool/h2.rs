@@ -1,0 +1,414 @@
+//! Upstream HTTP/2: one multiplexed hyper connection per endpoint, re-established when it
+//! closes, shared by every request to that endpoint.
+//!
+//! Every wait for response headers is bounded by the response timeout (when configured),
+//! counted from the last moment the proxy handed the upstream part of the request: the dispatch,
+//! then each request body frame, so an upload in progress is never cut off; and by the
+//! attempt's deadline from the exchange (route timeouts, the caller's `grpc-timeout`). A peer
+//! that stops answering (dead, or partitioned) then costs one 504 per request caught on it
+//! instead of a hang, and its connection is replaced for later requests (its other streams
+//! keep their own timeouts).
+
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use conduit_core::time::Instant;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::{Pools, lock};
+use crate::body::{self, Body, BoxError};
+use crate::clock::Clock;
+use crate::errors::ProxyError;
+use crate::exchange::{Failed, Sent};
+use crate::net::Net;
+
+/// How long an upstream h2 connection may leave a keep-alive ping unanswered (as the server
+/// side allows its clients).
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Default)]
+struct H2Slot {
+    sender: Option<http2::SendRequest<Body>>,
+    /// Which connection `sender` is, so a request that timed out on one replaces only that one.
+    generation: u64,
+}
+
+/// One endpoint's HTTP/2 connection.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    h2: tokio::sync::Mutex<H2Slot>,
+    last_used: Mutex<Instant>,
+}
+
+impl Endpoint {
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            h2: tokio::sync::Mutex::default(),
+            last_used: Mutex::new(now),
+        }
+    }
+
+    pub(super) fn used(&self, now: Instant) {
+        *lock(&self.last_used) = now;
+    }
+
+    /// Closes the connection of an endpoint unused for `timeout` at `now`; whether to keep
+    /// the endpoint (in use, or its connection still open).
+    pub(super) fn sweep(self: &Arc<Self>, now: Instant, timeout: Duration) -> bool {
+        let idle_for = now.saturating_duration_since(*lock(&self.last_used));
+        if idle_for >= timeout
+            && let Ok(mut h2) = self.h2.try_lock()
+        {
+            // Dropping the last sender closes the connection once its streams end.
+            h2.sender = None;
+        }
+        let h2_open = self.h2.try_lock().map_or(true, |h2| h2.sender.is_some());
+        Arc::strong_count(self) > 1 || h2_open
+    }
+}
+
+/// When the proxy last handed the upstream part of a request (core-instant nanoseconds): the
+/// response timeout counts from here.
+#[derive(Clone, Debug)]
+struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    fn new(clock: Clock) -> Self {
+        Self(Arc::new(AtomicU64::new(clock.now().as_nanos())))
+    }
+
+    fn last(&self) -> Instant {
+        Instant::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// A request body that records each frame it yields in its [`Progress`].
+struct ProgressBody {
+    inner: Body,
+    progress: Progress,
+    clock: Clock,
+}
+
+impl http_body::Body for ProgressBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if poll.is_ready() {
+            self.progress
+                .0
+                .store(self.clock.now().as_nanos(), Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An HTTP/2 attempt that failed before response headers, with the request handed back when
+/// hyper never sent it (the connection closed before the stream was opened).
+#[derive(Debug)]
+pub(crate) struct H2Failed {
+    pub(crate) failed: Failed,
+    pub(crate) unsent: Option<Request<Body>>,
+}
+
+impl From<Failed> for H2Failed {
+    fn from(failed: Failed) -> Self {
+        Self {
+            failed,
+            unsent: None,
+        }
+    }
+}
+
+/// Whether the server said it did not process the stream (RFC 9113 §8.7): it reset it with
+/// `REFUSED_STREAM`, or a graceful `GOAWAY` (`NO_ERROR`) excluded it (h2 fails exactly the
+/// streams above the GOAWAY's last stream id with that error; streams the server kept are cut
+/// by a connection error or EOF instead). Such a request is safe to send again, whatever its
+/// method.
+fn never_processed(err: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let Some(h2) = err.source().and_then(|e| e.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    h2.is_remote()
+        && match h2.reason() {
+            Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
+            Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+            _ => false,
+        }
+}
+
+/// How a wait for response headers ended without them.
+#[derive(Debug)]
+enum Waited {
+    /// The response timeout (no request progress for it).
+    ResponseTimeout(Duration),
+    /// The attempt's deadline.
+    Deadline,
+}
+
+impl<N: Net> Pools<N> {
+    /// Sends an HTTP/2 `request` to `addr` over the endpoint's shared connection and waits
+    /// for its response headers, until `deadline` at the latest.
+    ///
+    /// # Errors
+    ///
+    /// Connect failures and timeouts, upstream failures before response headers,
+    /// [`ProxyError::ResponseTimeout`] and the deadline; marked unprocessed when the endpoint
+    /// provably did nothing with the request, with the request when hyper handed it back.
+    pub(crate) async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        request: Request<Body>,
+        deadline: Option<Instant>,
+    ) -> Result<Sent<Response<Incoming>>, H2Failed> {
+        let (request, progress) = self.track(request);
+        let now = self.clock.now();
+        let endpoint = self.endpoint(addr, now);
+        let (mut sender, connected, generation) = {
+            // Held across the connect so concurrent requests share one new connection.
+            let mut slot = endpoint.h2.lock().await;
+            match slot.sender.as_ref() {
+                Some(sender) if !sender.is_closed() => (sender.clone(), false, slot.generation),
+                _ => {
+                    let io = match self.connect(addr).await {
+                        Ok(io) => io,
+                        Err(error) => {
+                            return Err(H2Failed {
+                                failed: Failed::unprocessed(error),
+                                unsent: Some(request),
+                            });
+                        }
+                    };
+                    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_header_list_size(
+                            u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX),
+                        )
+                        .adaptive_window(true)
+                        // Pings find a peer that vanished without closing (a partition, a
+                        // crashed host), whether or not streams are open; hyper then closes
+                        // the connection and the next request opens another.
+                        .keep_alive_interval(self.limits.idle_timeout / 4)
+                        .keep_alive_timeout(H2_PING_TIMEOUT)
+                        .keep_alive_while_idle(true)
+                        .handshake::<_, Body>(TokioIo::new(io))
+                        .await
+                        .map_err(|source| {
+                            let mut failed = Failed::new(ProxyError::Upstream {
+                                addr,
+                                source: source.into(),
+                            });
+                            failed.connected = true;
+                            H2Failed::from(failed)
+                        })?;
+                    tokio::spawn(async move {
+                        if let Err(err) = connection.await {
+                            tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
+                        }
+                    });
+                    slot.generation = slot.generation.wrapping_add(1);
+                    slot.sender = Some(sender.clone());
+                    (sender, true, slot.generation)
+                }
+            }
+        };
+        let waited = self
+            .headers(
+                progress.as_ref(),
+                deadline,
+                sender.try_send_request(request),
+            )
+            .await;
+        let response = match waited {
+            Ok(Ok(response)) => response,
+            Ok(Err(mut err)) => {
+                let unsent = err.take_message();
+                let unprocessed = unsent.is_some() || never_processed(err.error());
+                if unprocessed {
+                    // The connection closed before the stream opened, or the server refused
+                    // the stream (going away, or at its stream limit): later requests get a new
+                    // connection, and this one may be sent on it or elsewhere.
+                    Self::forget_h2(&endpoint, generation).await;
+                }
+                let mut failed = Failed::new(ProxyError::Upstream {
+                    addr,
+                    source: err.into_error().into(),
+                });
+                failed.unprocessed = unprocessed;
+                failed.connected = connected;
+                return Err(H2Failed { failed, unsent });
+            }
+            Err(waited) => {
+                // Later requests get a new connection; this one closes when its last stream
+                // ends (each keeps its own timeout) and the last handle is dropped.
+                Self::forget_h2(&endpoint, generation).await;
+                let mut failed = match waited {
+                    Waited::ResponseTimeout(timeout) => {
+                        tracing::debug!(endpoint = %addr, ?timeout, "no response headers in time; discarding the connection");
+                        Failed::new(ProxyError::ResponseTimeout { addr, timeout })
+                    }
+                    Waited::Deadline => Failed::deadline(),
+                };
+                failed.connected = connected;
+                return Err(failed.into());
+            }
+        };
+        Ok(Sent {
+            response,
+            connected,
+        })
+    }
+
+    /// Wraps a request body that is still to be sent so its frames push the response deadline
+    /// back. Requests without a body (or without a response timeout) are left alone.
+    fn track(&self, request: Request<Body>) -> (Request<Body>, Option<Progress>) {
+        use http_body::Body as _;
+        if self.limits.response_timeout.is_none() || request.body().is_end_stream() {
+            return (request, None);
+        }
+        let progress = Progress::new(self.clock);
+        let request = request.map(|inner| {
+            body::boxed(ProgressBody {
+                inner,
+                progress: progress.clone(),
+                clock: self.clock,
+            })
+        });
+        (request, Some(progress))
+    }
+
+    /// Waits for `response` (an upstream's response headers) within the response timeout,
+    /// counted from now or from the request's last body frame, whichever is later, and until
+    /// `deadline` at the latest.
+    async fn headers<T>(
+        &self,
+        progress: Option<&Progress>,
+        deadline: Option<Instant>,
+        response: impl Future<Output = T>,
+    ) -> Result<T, Waited> {
+        let timeout = self.limits.response_timeout;
+        if timeout.is_none() && deadline.is_none() {
+            return Ok(response.await);
+        }
+        let mut response = pin!(response);
+        let mut idle = timeout.map(|t| self.clock.now() + t);
+        loop {
+            let wake = match (idle, deadline) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b).unwrap_or(Instant::ZERO),
+            };
+            tokio::select! {
+                biased;
+                out = &mut response => return Ok(out),
+                () = self.clock.sleep_until(wake) => {
+                    if deadline.is_some_and(|d| self.clock.now() >= d) {
+                        return Err(Waited::Deadline);
+                    }
+                    let (Some(timeout), Some(at)) = (timeout, idle) else { continue };
+                    let resumed = progress.map_or(at, |p| p.last() + timeout);
+                    if resumed > at {
+                        // The request body was still moving: wait from its last frame.
+                        idle = Some(resumed);
+                        continue;
+                    }
+                    return Err(Waited::ResponseTimeout(timeout));
+                }
+            }
+        }
+    }
+
+    /// Stops offering the endpoint's h2 connection `generation` to new requests.
+    async fn forget_h2(endpoint: &Endpoint, generation: u64) {
+        let mut slot = endpoint.h2.lock().await;
+        if slot.generation == generation {
+            slot.sender = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::metrics::{Direction, Metrics};
+    use crate::config::ProxyConfig;
+    use crate::net::TokioNet;
+
+    fn pools(clock: Clock, timeout: Duration) -> Pools<TokioNet> {
+        let config =
+            ProxyConfig::with_discovery(crate::config::DiscoveryConfig::File("unused".into()));
+        let mut limits = config.limits;
+        limits.response_timeout = Some(timeout);
+        let metrics = Arc::new(Metrics::new(clock, config.metrics));
+        Pools::new(TokioNet, clock, limits, metrics, Direction::Outbound)
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_response_timeout_counts_from_the_last_request_body_frame() {
+        let clock = Clock::new();
+        let pools = pools(clock, Duration::from_millis(100));
+        let progress = Progress::new(clock);
+        // The request body keeps moving until 160 ms (frames at 80 and 160 ms).
+        let body = {
+            let progress = progress.clone();
+            async move {
+                for _ in 0..2 {
+                    tokio::time::sleep(Duration::from_millis(80)).await;
+                    progress.0.store(clock.now().as_nanos(), Ordering::Relaxed);
+                }
+            }
+        };
+        tokio::spawn(body);
+        let start = clock.now();
+        let waited = pools
+            .headers(Some(&progress), None, std::future::pending::<()>())
+            .await;
+        assert!(matches!(waited, Err(Waited::ResponseTimeout(_))));
+        assert_eq!(clock.now() - start, Duration::from_millis(260));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn without_a_body_the_response_timeout_counts_from_dispatch() {
+        let clock = Clock::new();
+        let pools = pools(clock, Duration::from_millis(100));
+        let start = clock.now();
+        let waited = pools
+            .headers(None, None, std::future::pending::<()>())
+            .await;
+        assert!(matches!(waited, Err(Waited::ResponseTimeout(_))));
+        assert_eq!(clock.now() - start, Duration::from_millis(100));
+        let answered = pools.headers(None, None, async { 7 }).await;
+        assert!(matches!(answered, Ok(7)));
+        // An earlier deadline wins over the response timeout.
+        let start = clock.now();
+        let waited = pools
+            .headers(
+                None,
+                Some(start + Duration::from_millis(30)),
+                std::future::pending::<()>(),
+            )
+            .await;
+        assert!(matches!(waited, Err(Waited::Deadline)));
+        assert_eq!(clock.now() - start, Duration::from_millis(30));
+    }
+}
