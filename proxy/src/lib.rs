@@ -182,7 +182,8 @@ impl<N: Net> Proxy<N> {
         );
         tokio::spawn(Arc::clone(&router).run(drain.clone()));
 
-        let outbound_ctx = outbound::context(&config, net.clone(), clock, &metrics, router);
+        let outbound_ctx =
+            outbound::context(&config, net.clone(), clock, &metrics, Arc::clone(&router));
         let mut all_pools = vec![Arc::clone(&outbound_ctx.pools)];
         tokio::spawn(server::accept_loop(outbound, outbound_ctx, drain.clone()));
         if let (Some(listener), Some(app)) = (inbound, config.app_addr) {
@@ -210,6 +211,7 @@ impl<N: Net> Proxy<N> {
         let admin_state = Arc::new(admin::Admin {
             metrics: Arc::clone(&metrics),
             discovery,
+            router,
             ready: ready_rx,
             shutdown: shutdown_tx,
             limits: config.limits,

@@ -670,7 +670,7 @@ fn render_families(out: &mut String, prefix: &str, what: &str, rows: &[Row<'_>])
 }
 
 /// Escapes a label value (backslash, quote, newline) per the exposition format.
-fn escape(value: &str) -> String {
+pub(crate) fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -23,6 +23,8 @@ pub(crate) struct Admin {
     pub(crate) metrics: Arc<metrics::Metrics>,
     /// Discovery, for its `control_*` metric families.
     pub(crate) discovery: Arc<dyn Discover>,
+    /// The outbound balancers, for their `balancer_*` gauges.
+    pub(crate) router: Arc<crate::balance::Router>,
     /// True while the proxy serves; false once draining starts (then `/ready` says 503).
     pub(crate) ready: watch::Receiver<bool>,
     /// Set by `/shutdown` to start a graceful drain.
@@ -43,6 +45,7 @@ impl Admin {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let mut extra = process::render();
+                self.router.render_metrics(&mut extra);
                 self.discovery.render_metrics(&mut extra);
                 let text = self.metrics.render(&extra);
                 let mut response = Response::new(body::full(text));

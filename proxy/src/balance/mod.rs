@@ -152,6 +152,45 @@ impl Router {
         }
     }
 
+    /// Appends the balancers' gauges (Prometheus text): per service, its endpoints (all, and
+    /// ready to take requests) and its requests in flight to them.
+    pub(crate) fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        // Authorities naming one service (`web` and `web:80`) share its label.
+        let mut by_label: BTreeMap<Arc<str>, (usize, usize, u64)> = BTreeMap::new();
+        for balancer in lock(&self.services).values() {
+            let state = lock(&balancer.state);
+            if let Status::Found { label, .. } = &state.status {
+                let entry = by_label.entry(Arc::clone(label)).or_default();
+                entry.0 = entry.0.max(state.balancer.len());
+                entry.1 = entry.1.max(state.balancer.ready_len());
+                entry.2 += state.balancer.in_flight_total();
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP balancer_endpoints Endpoints of each outbound service, by state.\n# TYPE balancer_endpoints gauge"
+        );
+        for (label, (total, ready, _)) in &by_label {
+            let label = crate::admin::metrics::escape(label);
+            let _ = writeln!(
+                out,
+                "balancer_endpoints{{authority=\"{label}\",state=\"ready\"}} {ready}\nbalancer_endpoints{{authority=\"{label}\",state=\"total\"}} {total}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP balancer_requests_in_flight Requests sent to each outbound service's endpoints and not yet settled.\n# TYPE balancer_requests_in_flight gauge"
+        );
+        for (label, (_, _, in_flight)) in &by_label {
+            let _ = writeln!(
+                out,
+                "balancer_requests_in_flight{{authority=\"{}\"}} {in_flight}",
+                crate::admin::metrics::escape(label)
+            );
+        }
+    }
+
     fn sweep(&self) {
         let now = self.clock.now();
         lock(&self.services).retain(|name, balancer| {
