@@ -5,6 +5,10 @@
 //!
 //! Real loopback sockets; each test is bounded in time and waits on answers, not on the
 //! clock (the timeouts under test are small, and slow apps never answer at all).
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed setup or request is the report"
+)]
 
 mod support;
 
