@@ -179,6 +179,9 @@ fn route_requests(metrics: &str, direction: &str, route: &str) -> Option<u64> {
     )
 }
 
+/// A request (method, path, header fields) and the route it must take.
+type Case<'a> = (Method, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[tokio::test]
 async fn routes_match_by_method_path_and_headers_on_both_sides() {
     bounded(async {
@@ -189,7 +192,7 @@ async fn routes_match_by_method_path_and_headers_on_both_sides() {
             config.service = Some("web.test".into());
             let proxy = TestProxy::start(config, mesh_with_profile(&[app])).await;
             let inbound = proxy.addrs.inbound.unwrap();
-            let cases: [(Method, &str, &[(&str, &str)], &str); 7] = [
+            let cases: [Case<'_>; 7] = [
                 (Method::GET, "/items/42", &[], "get-item"),
                 (Method::GET, "/items/42?full=1", &[], "get-item"),
                 (Method::GET, "/items", &[], "list-items"),
