@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use conduit_chaos::{Action, Schedule};
 use conduit_core::rand::DetRng;
+use conduit_core::route::{Profile, RawPathMatch, RawProfile, RawRequestMatch, RawRoute};
+use conduit_core::timeout::RawTimeouts;
 use conduit_sim::check::{self, Violation};
 use conduit_sim::trace::micros;
 use conduit_sim::{DiscoveryMode, Flow, Proto, ServiceSpec, Trace, WorldSpec};
@@ -89,6 +91,21 @@ pub fn all() -> Vec<Scenario> {
             name: "config_never_out_of_order",
             doc: "rapid disjoint config versions: no client is ever served under an older version after a newer one",
             plan: config_never_out_of_order,
+        },
+        Scenario {
+            name: "route_timeouts_fire_at_deadline",
+            doc: "per-route request and attempt timeouts end slow requests with the proxy's 504 at their deadline in sim time (h1, h2, gRPC); other routes unaffected",
+            plan: route_timeouts_fire_at_deadline,
+        },
+        Scenario {
+            name: "deadline_through_two_proxies",
+            doc: "a caller's grpc-timeout is honoured and passed on, reduced, through client and server proxies: requests end at the caller's deadline, not later",
+            plan: deadline_through_two_proxies,
+        },
+        Scenario {
+            name: "route_metrics_agree",
+            doc: "per-route counters of every client proxy equal what its clients saw on each route (h1, h2, gRPC, GET and POST)",
+            plan: route_metrics_agree,
         },
         Scenario {
             name: "steady_mesh",
@@ -586,6 +603,214 @@ fn config_never_out_of_order(_seed: u64) -> Plan {
     }
     plan.schedule = schedule;
     plan.check(check::monotonic_config)
+}
+
+/// How late after its deadline, as the client measures from its send, a timed-out request may
+/// be answered. The proxy's deadline counts from when it read the request, and its timer fires
+/// on the tick at or after it (1 ms ticks); the rest is the client's own side: each loopback
+/// segment between the client and its proxy takes a tick, and a request may first wait for the
+/// client's shared h2 connection to its proxy to be (re)established, a few segments more. Far
+/// below the 1 to 2 s at which the slow app would answer.
+const DEADLINE_SLACK: Duration = Duration::from_millis(15);
+
+/// A route matching a path prefix (and a method, if given).
+fn route(name: &str, method: Option<&str>, prefix: &str) -> RawRoute {
+    RawRoute {
+        name: name.to_owned(),
+        matches: RawRequestMatch {
+            method: method.map(str::to_owned),
+            path: Some(RawPathMatch {
+                prefix: Some(prefix.to_owned()),
+                ..RawPathMatch::default()
+            }),
+            ..RawRequestMatch::default()
+        },
+        ..RawRoute::default()
+    }
+}
+
+/// The route scenarios' profile of `web.default`: items (GET and POST), a route whose requests
+/// time out after 300 ms, and one whose attempts time out after 150 ms.
+fn web_profile() -> RawProfile {
+    let mut slow = route("slow", None, "/slow");
+    slow.timeouts = RawTimeouts {
+        request: Some("300ms".into()),
+        attempt: None,
+    };
+    let mut attempt = route("attempt", None, "/attempt");
+    attempt.timeouts = RawTimeouts {
+        request: Some("5s".into()),
+        attempt: Some("150ms".into()),
+    };
+    RawProfile {
+        routes: vec![
+            route("get-item", Some("GET"), "/items/"),
+            route("items", None, "/items"),
+            slow,
+            attempt,
+        ],
+    }
+}
+
+/// The validated profiles of the route scenarios, by authority, for the checkers.
+fn web_profiles() -> std::collections::BTreeMap<String, Profile> {
+    let profile = Profile::try_from(web_profile()).unwrap_or_default();
+    std::collections::BTreeMap::from([(WEB.to_owned(), profile)])
+}
+
+/// Checks that every request on a path starting with `prefix` was answered by the proxy with
+/// `reason` (its `conduit-proxy-error`, for HTTP and gRPC alike), no sooner than `after` and no
+/// later than `after` plus [`DEADLINE_SLACK`] from when the client sent it.
+fn timed_out(trace: &Trace, prefix: &str, reason: &str, after: Duration) -> Vec<Violation> {
+    let (low, high) = (micros(after), micros(after + DEADLINE_SLACK));
+    let mut out = Vec::new();
+    for r in trace.requests.iter().filter(|r| r.path.starts_with(prefix)) {
+        let answered = match &r.outcome {
+            conduit_sim::Outcome::Response {
+                proxy_error: Some(error),
+                ..
+            } if error.contains(reason) => r.headers_us.map(|h| h.saturating_sub(r.start_us)),
+            _ => None,
+        };
+        match answered {
+            Some(took) if (low..=high).contains(&took) => {}
+            Some(took) => out.push(Violation::new(
+                "deadline-time",
+                format!(
+                    "request {} ({:?} {}) timed out after {took} µs, not within {low}..={high} µs",
+                    r.id, r.proto, r.path
+                ),
+            )),
+            None => out.push(Violation::new(
+                "deadline-time",
+                format!(
+                    "request {} ({:?} {}): {} (expected the proxy's `{reason}`)",
+                    r.id,
+                    r.proto,
+                    r.path,
+                    r.outcome.class()
+                ),
+            )),
+        }
+    }
+    out.truncate(10);
+    out
+}
+
+/// Goal: per-route timeouts fire at their configured deadline in simulated time, on every
+/// protocol, and touch no other route. Method: `web.default`'s profile times out `/slow`
+/// requests after 300 ms and `/attempt` attempts after 150 ms; three clients send (h1, h2 and
+/// gRPC) to `/slow` and `/attempt` of an app that answers 2 s late, and to `/items/*`, which
+/// it answers at once. Every slow request must get the proxy's 504 (gRPC: DEADLINE_EXCEEDED)
+/// between its deadline and [`DEADLINE_SLACK`] later; every `/items` request succeeds; the
+/// per-route counters agree with the clients.
+fn route_timeouts_fire_at_deadline(_seed: u64) -> Plan {
+    let world = WorldSpec::new(
+        vec![ServiceSpec::new(WEB, 2).with_profile(web_profile())],
+        3,
+    );
+    let all = vec![Proto::Http1, Proto::Http2, Proto::Grpc];
+    let flows = vec![
+        Flow {
+            protos: all.clone(),
+            paths: vec!["/slow/report".into()],
+            app_delay: Some(secs(2)),
+            ..Flow::new(0, WEB, 20, ms(100), secs(3))
+        },
+        Flow {
+            protos: all.clone(),
+            paths: vec!["/attempt/report".into()],
+            app_delay: Some(secs(2)),
+            ..Flow::new(1, WEB, 20, ms(100), secs(3))
+        },
+        Flow {
+            protos: all,
+            paths: vec!["/items/1".into(), "/items/2".into()],
+            ..Flow::new(2, WEB, 50, ms(100), secs(3))
+        },
+    ];
+    let mut plan = Plan::new(world, flows);
+    plan.checks.healthy_after = None;
+    let profiles = web_profiles();
+    plan.check(|t| timed_out(t, "/slow", "request timed out after 300ms", ms(300)))
+        .check(|t| {
+            timed_out(
+                t,
+                "/attempt",
+                "within the attempt timeout of 150ms",
+                ms(150),
+            )
+        })
+        .check(|t| {
+            only_expected_failures(t, "items-ok", usize::MAX, "only slow routes fail", |r| {
+                !r.path.starts_with("/items")
+            })
+        })
+        .check(move |t| check::route_metrics_agree(t, &profiles))
+}
+
+/// Goal: a caller's deadline holds end to end. Method: one client sends h1, h2 and gRPC
+/// requests announcing `grpc-timeout: 200ms` to an app that answers 1 s late, through its own
+/// proxy and the replica's. Every request must end with a proxy's answer citing the caller's
+/// deadline, between 200 ms and [`DEADLINE_SLACK`] later (not when the app answers), and
+/// every request the app saw must carry a deadline, never longer than the caller's (each proxy
+/// passes on only what remains of it; in simulated time no time passes inside a proxy, so
+/// what remains at dispatch is all of it).
+fn deadline_through_two_proxies(_seed: u64) -> Plan {
+    let flows = vec![Flow {
+        protos: vec![Proto::Http1, Proto::Http2, Proto::Grpc],
+        grpc_timeout: Some(ms(200)),
+        app_delay: Some(secs(1)),
+        ..Flow::new(0, WEB, 30, ms(100), secs(3))
+    }];
+    let mut plan = Plan::new(web(2, 1), flows);
+    plan.checks.healthy_after = None;
+    plan.check(|t| timed_out(t, "/echo", "grpc-timeout", ms(200)))
+        .check(|t| {
+            let mut out: Vec<Violation> = t
+                .arrivals
+                .iter()
+                .filter(|a| !a.grpc_timeout_us.is_some_and(|us| us > 0 && us <= 200_000))
+                .map(|a| {
+                    Violation::new(
+                        "deadline-propagated",
+                        format!(
+                            "request {:?} reached {} with grpc-timeout {:?} µs (expected at most the caller's 200 ms)",
+                            a.id, a.host, a.grpc_timeout_us
+                        ),
+                    )
+                })
+                .collect();
+            if t.arrivals.is_empty() {
+                out.push(Violation::new(
+                    "deadline-propagated",
+                    "no request reached an app",
+                ));
+            }
+            out.truncate(10);
+            out
+        })
+}
+
+/// Goal: per-route counters are exact. Method: two clients send h1, h2 and gRPC GETs and
+/// POSTs to `/items/1`, `/items` and `/other` of `web.default` (whose profile routes them to
+/// `get-item`, `items` and `default`) for 5 s; each client proxy's `route_response_total`
+/// must equal, per route and status, what its client received.
+fn route_metrics_agree(_seed: u64) -> Plan {
+    let world = WorldSpec::new(
+        vec![ServiceSpec::new(WEB, 3).with_profile(web_profile())],
+        2,
+    );
+    let flows = (0..2)
+        .map(|c| Flow {
+            protos: vec![Proto::Http1, Proto::Http2, Proto::Grpc],
+            post_percent: 30,
+            paths: vec!["/items/1".into(), "/items".into(), "/other".into()],
+            ..Flow::new(c, WEB, 60, ms(100), secs(5))
+        })
+        .collect();
+    let profiles = web_profiles();
+    Plan::new(world, flows).check(move |t| check::route_metrics_agree(t, &profiles))
 }
 
 /// Goal: a fault-free mesh at steady load: every invariant holds, and this is the benchmark

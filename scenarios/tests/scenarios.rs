@@ -111,3 +111,21 @@ fn steady_mesh() {
 fn random_chaos() {
     scenario("random_chaos");
 }
+
+/// Per-route request and attempt timeouts fire at their deadline in simulated time.
+#[test]
+fn route_timeouts_fire_at_deadline() {
+    scenario("route_timeouts_fire_at_deadline");
+}
+
+/// A caller's grpc-timeout is honoured and reduced through two proxies.
+#[test]
+fn deadline_through_two_proxies() {
+    scenario("deadline_through_two_proxies");
+}
+
+/// Per-route counters equal what clients saw.
+#[test]
+fn route_metrics_agree() {
+    scenario("route_metrics_agree");
+}

@@ -164,14 +164,22 @@ async fn handle(
 ) -> Response<AppBody> {
     let id_text = header(&request, "x-request-id").map(str::to_owned);
     let id = id_text.as_deref().and_then(|t| t.parse::<u64>().ok());
+    let grpc_timeout_us = header(&request, "grpc-timeout")
+        .and_then(|t| conduit_core::timeout::parse_grpc_timeout(t.as_bytes()))
+        .map(crate::trace::micros);
     recorder.with(|t| {
         t.arrivals.push(Arrival {
             id,
             host: identity.host.clone(),
             service: identity.service.clone(),
             at_us: now_us(),
+            grpc_timeout_us,
         });
     });
+    // A request may ask to be answered this much later (a slow route of the app).
+    let asked_delay = header(&request, "x-app-delay-ms")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_millis);
     let response_bytes: u64 = header(&request, "x-response-bytes")
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
@@ -192,7 +200,7 @@ async fn handle(
         }
     }
 
-    let delay = control.delay();
+    let delay = control.delay() + asked_delay.unwrap_or_default();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

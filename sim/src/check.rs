@@ -303,6 +303,114 @@ pub fn metrics_agree(trace: &Trace) -> Vec<Violation> {
     out
 }
 
+/// A request record as a route lookup reads it (method and path; the workload sends no header
+/// a route could match on).
+struct RecordView<'a>(&'a RequestRecord);
+
+impl conduit_core::route::RequestView for RecordView<'_> {
+    fn method(&self) -> &[u8] {
+        self.0.method.as_bytes()
+    }
+
+    fn path(&self) -> &[u8] {
+        let path = self.0.path.as_bytes();
+        path.iter()
+            .position(|b| *b == b'?')
+            .map_or(path, |query| &path[..query])
+    }
+
+    fn any_header(
+        &self,
+        _name: &http::HeaderName,
+        _matches: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> bool {
+        false
+    }
+}
+
+/// The route `record` takes in its service's profile (`profiles` by authority), if the service
+/// has one.
+#[must_use]
+pub fn route_of<'a>(
+    record: &RequestRecord,
+    profiles: &'a BTreeMap<String, conduit_core::route::Profile>,
+) -> Option<&'a str> {
+    Some(
+        profiles
+            .get(&record.authority)?
+            .find(&RecordView(record))
+            .name(),
+    )
+}
+
+/// Per-route metrics agree with what clients observed: per client proxy, route and status
+/// code, the proxy's `route_response_total` equals the responses the client received on that
+/// route (the route each request takes is worked out from its method and path by the same
+/// lookup the proxy uses, `core::route`, over `profiles`). Counted only for clients whose every
+/// request completed, as [`metrics_agree`] does.
+#[must_use]
+pub fn route_metrics_agree(
+    trace: &Trace,
+    profiles: &BTreeMap<String, conduit_core::route::Profile>,
+) -> Vec<Violation> {
+    type ByRoute = BTreeMap<(String, String), BTreeMap<u16, u64>>;
+    let mut out = Vec::new();
+    let mut seen: BTreeMap<usize, ByRoute> = BTreeMap::new();
+    let mut clean: BTreeMap<usize, bool> = BTreeMap::new();
+    for r in &trace.requests {
+        let entry = clean.entry(r.client).or_insert(true);
+        match &r.outcome {
+            Outcome::Response {
+                status, body_error, ..
+            } => {
+                if body_error.is_some() {
+                    *entry = false;
+                }
+                if let Some(route) = route_of(r, profiles) {
+                    *seen
+                        .entry(r.client)
+                        .or_default()
+                        .entry((r.authority.clone(), route.to_owned()))
+                        .or_default()
+                        .entry(*status)
+                        .or_insert(0) += 1;
+                }
+            }
+            _ => *entry = false,
+        }
+    }
+    for (client, counters) in &trace.counters {
+        if counters.error.is_some() || !clean.get(client).copied().unwrap_or(true) {
+            continue;
+        }
+        let mut proxy: ByRoute = BTreeMap::new();
+        for (label, routes) in &counters.routes {
+            // Labels are `name:port`; records carry the name clients address.
+            let authority = label
+                .rsplit_once(':')
+                .map_or(label.as_str(), |(name, _)| name);
+            for (route, by_status) in routes {
+                let slot = proxy
+                    .entry((authority.to_owned(), route.clone()))
+                    .or_default();
+                for (status, n) in by_status {
+                    *slot.entry(*status).or_insert(0) += n;
+                }
+            }
+        }
+        let client_view = seen.remove(client).unwrap_or_default();
+        if proxy != client_view {
+            out.push(Violation::new(
+                "route-metrics",
+                format!(
+                    "client-{client}: proxy counted per route {proxy:?}, client saw {client_view:?}"
+                ),
+            ));
+        }
+    }
+    out
+}
+
 /// After faults heal (`after`), every request succeeds.
 #[must_use]
 pub fn liveness(trace: &Trace, after: Duration) -> Vec<Violation> {

@@ -116,6 +116,8 @@ pub struct RequestRecord {
     pub proto: Proto,
     /// `GET` or `POST`. POSTs are not retryable.
     pub method: String,
+    /// The request path.
+    pub path: String,
     /// Request body bytes.
     pub request_bytes: u64,
     /// Sim time (µs since the run started) it was due, sent and ended.
@@ -152,6 +154,8 @@ pub struct Arrival {
     pub service: String,
     /// Sim time, µs.
     pub at_us: u64,
+    /// The `grpc-timeout` the request arrived with, in µs (the deadline the proxies passed on).
+    pub grpc_timeout_us: Option<u64>,
 }
 
 /// One published configuration: each service's endpoints, by backend host name.
@@ -172,6 +176,8 @@ pub struct ProxyCounters {
     pub requests: BTreeMap<String, u64>,
     /// `response_total{direction="outbound"}` by (authority label, status code).
     pub responses: BTreeMap<String, BTreeMap<u16, u64>>,
+    /// `route_response_total{direction="outbound"}` by (authority label, route, status code).
+    pub routes: BTreeMap<String, BTreeMap<String, BTreeMap<u16, u64>>>,
     /// Why the scrape failed, if it did.
     pub error: Option<String>,
 }
@@ -218,12 +224,13 @@ impl Trace {
         for r in &self.requests {
             let _ = writeln!(
                 out,
-                "req {} c{} {} {:?} {} {}B start {} headers {:?} end {} {:?}",
+                "req {} c{} {} {:?} {} {} {}B start {} headers {:?} end {} {:?}",
                 r.id,
                 r.client,
                 r.authority,
                 r.proto,
                 r.method,
+                r.path,
                 r.request_bytes,
                 r.start_us,
                 r.headers_us,
@@ -234,15 +241,15 @@ impl Trace {
         for a in &self.arrivals {
             let _ = writeln!(
                 out,
-                "arrival {} {:?} {} {}",
-                a.at_us, a.id, a.host, a.service
+                "arrival {} {:?} {} {} {:?}",
+                a.at_us, a.id, a.host, a.service, a.grpc_timeout_us
             );
         }
         for (client, c) in &self.counters {
             let _ = writeln!(
                 out,
-                "counters c{client} {:?} {:?} {:?}",
-                c.requests, c.responses, c.error
+                "counters c{client} {:?} {:?} {:?} {:?}",
+                c.requests, c.responses, c.routes, c.error
             );
         }
         let _ = writeln!(out, "end {} {:?}", self.end_us, self.sim_error);

@@ -50,6 +50,12 @@ pub struct PlannedRequest {
     pub deadline: Duration,
     /// A slow reader: pause this long between body frames.
     pub read_pause: Option<Duration>,
+    /// The path (`None`: the protocol's default, `/echo` or `/echo.Echo/Say`).
+    pub path: Option<String>,
+    /// A deadline to announce in `grpc-timeout`.
+    pub grpc_timeout: Option<Duration>,
+    /// Ask the app to answer this much later (`x-app-delay-ms`).
+    pub app_delay: Option<Duration>,
 }
 
 /// One stream of requests in a workload.
@@ -75,6 +81,12 @@ pub struct Flow {
     pub deadline: Duration,
     /// Slow reader pause, if any.
     pub read_pause: Option<Duration>,
+    /// Paths, picked at random per request (empty: the protocol's default path).
+    pub paths: Vec<String>,
+    /// A deadline every request announces in `grpc-timeout`.
+    pub grpc_timeout: Option<Duration>,
+    /// How much later the app answers each request.
+    pub app_delay: Option<Duration>,
 }
 
 impl Flow {
@@ -92,6 +104,9 @@ impl Flow {
             body_bytes: vec![0],
             deadline: Duration::from_secs(10),
             read_pause: None,
+            paths: Vec::new(),
+            grpc_timeout: None,
+            app_delay: None,
         }
     }
 }
@@ -122,6 +137,12 @@ impl Workload {
                 let proto = flow.protos[pick(&mut rng, flow.protos.len())];
                 let post = proto != Proto::Grpc && rng.chance(flow.post_percent, 100);
                 let body = flow.body_bytes[pick(&mut rng, flow.body_bytes.len())];
+                // Drawn only when there is a choice, so flows without paths keep their draws.
+                let path = match flow.paths.len() {
+                    0 => None,
+                    1 => Some(flow.paths[0].clone()),
+                    n => Some(flow.paths[pick(&mut rng, n)].clone()),
+                };
                 let (request_bytes, response_bytes) = match (post, proto) {
                     (_, Proto::Grpc) => (0, 0),
                     (true, _) => (body, 0),
@@ -138,6 +159,9 @@ impl Workload {
                     response_bytes,
                     deadline: flow.deadline,
                     read_pause: flow.read_pause,
+                    path,
+                    grpc_timeout: flow.grpc_timeout,
+                    app_delay: flow.app_delay,
                 });
                 id += 1;
                 t += interval_us;
@@ -218,7 +242,8 @@ async fn send(conns: &Conns, planned: &PlannedRequest) -> RequestRecord {
         client: planned.client,
         authority: planned.authority.clone(),
         proto: planned.proto,
-        method: if planned.post { "POST" } else { "GET" }.to_owned(),
+        method: method(planned).as_str().to_owned(),
+        path: path(planned).to_owned(),
         request_bytes: planned.request_bytes,
         start_us,
         headers_us,
@@ -261,25 +286,45 @@ fn request_body(planned: &PlannedRequest) -> ClientBody {
     StreamBody::new(stream).boxed()
 }
 
-fn build_request(planned: &PlannedRequest) -> Request<ClientBody> {
-    let method = if planned.post {
+/// The request's method: gRPC calls are POSTs.
+fn method(planned: &PlannedRequest) -> Method {
+    if planned.post || planned.proto == Proto::Grpc {
         Method::POST
     } else {
         Method::GET
-    };
-    let mut builder = Request::builder().method(method);
+    }
+}
+
+/// The request's path.
+fn path(planned: &PlannedRequest) -> &str {
+    match (&planned.path, planned.proto) {
+        (Some(path), _) => path,
+        (None, Proto::Grpc) => "/echo.Echo/Say",
+        (None, _) => "/echo",
+    }
+}
+
+fn build_request(planned: &PlannedRequest) -> Request<ClientBody> {
+    let path = path(planned);
+    let mut builder = Request::builder().method(method(planned));
     builder = match planned.proto {
-        Proto::Http1 => builder
-            .uri("/echo")
-            .header("host", planned.authority.as_str()),
-        Proto::Http2 => builder.uri(format!("http://{}/echo", planned.authority)),
+        Proto::Http1 => builder.uri(path).header("host", planned.authority.as_str()),
+        Proto::Http2 => builder.uri(format!("http://{}{path}", planned.authority)),
         Proto::Grpc => builder
-            .method(Method::POST)
-            .uri(format!("http://{}/echo.Echo/Say", planned.authority))
+            .uri(format!("http://{}{path}", planned.authority))
             .header("content-type", "application/grpc")
             .header("te", "trailers"),
     };
     builder = builder.header("x-request-id", planned.id);
+    if let Some(timeout) = planned.grpc_timeout {
+        builder = builder.header(
+            "grpc-timeout",
+            conduit_core::timeout::encode_grpc_timeout(timeout).as_str(),
+        );
+    }
+    if let Some(delay) = planned.app_delay {
+        builder = builder.header("x-app-delay-ms", delay.as_millis().to_string());
+    }
     if planned.response_bytes > 0 {
         builder = builder.header("x-response-bytes", planned.response_bytes);
     }

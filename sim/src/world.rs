@@ -24,6 +24,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService};
 use conduit_core::rand::{DetRng, Rng};
+use conduit_core::route::RawProfile;
 use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
 use conduit_proxy::discover::controller::ControllerDiscoverConfig;
 use conduit_proxy::net::PeerAddr;
@@ -59,6 +60,11 @@ pub struct ServiceSpec {
     pub authority: String,
     /// How many replicas (app hosts) it has.
     pub replicas: usize,
+    /// Its route profile, published with its endpoints (and applied by the client proxies and
+    /// by its replicas' proxies to their inbound requests). Not part of a failure file: the
+    /// scenario rebuilds it from the seed.
+    #[serde(skip)]
+    pub profile: Option<RawProfile>,
 }
 
 impl ServiceSpec {
@@ -68,7 +74,15 @@ impl ServiceSpec {
         Self {
             authority: authority.to_owned(),
             replicas,
+            profile: None,
         }
+    }
+
+    /// The same service with a route profile.
+    #[must_use]
+    pub fn with_profile(mut self, profile: RawProfile) -> Self {
+        self.profile = Some(profile);
+        self
     }
 
     /// The host names of its replicas.
@@ -155,6 +169,7 @@ pub struct World<'a> {
     apps: BTreeMap<String, Arc<AppControl>>,
     drains: BTreeMap<String, Arc<tokio::sync::Notify>>,
     endpoints: BTreeMap<String, Vec<String>>,
+    profiles: BTreeMap<String, RawProfile>,
     version: u64,
 }
 
@@ -167,12 +182,14 @@ impl std::fmt::Debug for World<'_> {
     }
 }
 
-fn proxy_config(spec: &WorldSpec, seed: u64, app: bool) -> ProxyConfig {
+/// A proxy's configuration: a replica's (in front of the app of `service`) or a client's.
+fn proxy_config(spec: &WorldSpec, seed: u64, service: Option<&str>) -> ProxyConfig {
     let mut config = ProxyConfig::with_discovery(DiscoveryConfig::File("sim".into()));
     config.outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
     config.inbound_addr = SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT));
     config.admin_addr = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT));
-    config.app_addr = app.then(|| SocketAddr::from(([127, 0, 0, 1], APP_PORT)));
+    config.app_addr = service.map(|_| SocketAddr::from(([127, 0, 0, 1], APP_PORT)));
+    config.service = service.map(str::to_owned);
     config.seed = Some(seed);
     config.queue.failfast_timeout = spec.failfast_timeout;
     config.limits.connect_timeout = spec.connect_timeout;
@@ -327,7 +344,7 @@ impl<'a> World<'a> {
                 drains.insert(host.clone(), Arc::clone(&drain));
                 sim.host(host.as_str(), move || {
                     let drain = Arc::clone(&drain);
-                    let config = proxy_config(&spec, seeds.next(), true);
+                    let config = proxy_config(&spec, seeds.next(), Some(&identity.service));
                     let seed = config.seed.unwrap_or_default();
                     let discover = discover.clone();
                     let identity = identity.clone();
@@ -344,7 +361,7 @@ impl<'a> World<'a> {
         for client in 0..spec.clients {
             let host = client_host(client);
             let seeds = Seeds::new(&mut root, &host);
-            let config = proxy_config(spec, seeds.next(), false);
+            let config = proxy_config(spec, seeds.next(), None);
             let seed = config.seed.unwrap_or_default();
             let discover = source.clone();
             let requests = workload.for_client(client);
@@ -363,6 +380,11 @@ impl<'a> World<'a> {
             });
         }
 
+        let profiles = spec
+            .services
+            .iter()
+            .filter_map(|s| Some((s.authority.clone(), s.profile.clone()?)))
+            .collect();
         let mut world = Self {
             sim,
             recorder,
@@ -370,6 +392,7 @@ impl<'a> World<'a> {
             apps,
             drains,
             endpoints,
+            profiles,
             version: 0,
         };
         world.publish()?;
@@ -491,7 +514,7 @@ impl<'a> World<'a> {
                 RawService {
                     port: Some(80),
                     endpoints,
-                    profile: None,
+                    profile: self.profiles.get(authority).cloned(),
                 },
             );
         }
@@ -564,6 +587,21 @@ async fn scrape(admin: SocketAddr) -> ProxyCounters {
                             *counters
                                 .responses
                                 .entry(authority)
+                                .or_default()
+                                .entry(status)
+                                .or_insert(0) += value;
+                        }
+                        "route_response_total" => {
+                            let status = sample
+                                .label("status_code")
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(0);
+                            let route = sample.label("route").unwrap_or("").to_owned();
+                            *counters
+                                .routes
+                                .entry(authority)
+                                .or_default()
+                                .entry(route)
                                 .or_default()
                                 .entry(status)
                                 .or_insert(0) += value;
