@@ -3,9 +3,14 @@
 #
 # A one-thread hello server (`conduit hello`), nginx (one process, upstream keep-alive) and
 # conduit-proxy (one worker, metrics and balancing on, no TLS) share CPU 0, as a sidecar shares
-# its app's core; every load generator runs on CPU 1. Targets are interleaved within each rep
-# (direct -> nginx -> proxy) and each rep records the load average, so noisy runs show. Per
-# target and rep it measures:
+# its app's core; every load generator runs on CPU 1. Two conduit-proxy targets run: `proxy`
+# (the service has no route profile) and `proxy-routes` (a 10-route profile: method, exact,
+# prefix, regex and header matches, the request matching the last route, which has a request
+# timeout, so route matching, per-route metrics and a deadline are paid on every request).
+# With BASELINE_BIN=path/to/an/older/conduit-proxy, a `proxy-base` target runs that binary
+# with the `proxy` setup, for before/after figures from one run. Targets are interleaved
+# within each rep (direct -> nginx -> proxy -> proxy-routes [-> proxy-base]) and each rep
+# records the load average, so noisy runs show. Per target and rep it measures:
 #   closed loop  wrk -t1 -c50 for DUR s: requests/s and server CPU per request (from /proc)
 #   open loop    `conduit load` at 1,000 and 5,000 req/s, 50 connections, latency from the
 #                intended send time (no coordinated omission): exact p50/p90/p99/p99.9
@@ -32,7 +37,8 @@ fi
 cargo build --release -q -p conduit-proxy -p conduit-cli
 BIN=target/release
 
-HELLO=127.0.0.1:18080 NGINX=127.0.0.1:18081 PROXY=127.0.0.1:18085
+HELLO=127.0.0.1:18080 NGINX=127.0.0.1:18081 PROXY=127.0.0.1:18085 ROUTES=127.0.0.1:18086
+BASE=127.0.0.1:18087
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -65,14 +71,50 @@ services:
     endpoints:
       - addr: $HELLO
 MESH
-CONDUIT_PROXY_OUTBOUND_ADDR=$PROXY CONDUIT_PROXY_INBOUND_ADDR=127.0.0.1:18143 \
-CONDUIT_PROXY_ADMIN_ADDR=127.0.0.1:18191 CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh.yaml" \
-CONDUIT_PROXY_WORKERS=1 CONDUIT_PROXY_LOG=warn \
-    taskset -c 0 "$BIN/conduit-proxy" >"$OUT/proxy.log" 2>&1 &
+cat >"$OUT/mesh-routes.yaml" <<MESH
+services:
+  hello:
+    endpoints:
+      - addr: $HELLO
+    profile:
+      routes:
+        - { name: create-order, match: { method: POST, path: { prefix: /api/orders } } }
+        - { name: get-order, match: { method: GET, path: { regex: "/api/orders/[0-9]+" } } }
+        - { name: list-orders, match: { method: GET, path: { exact: /api/orders } } }
+        - name: beta-users
+          match: { path: { prefix: /api/users/ }, headers: [ { name: x-tenant, exact: beta } ] }
+        - { name: delete, match: { method: DELETE, path: { prefix: /api/ } } }
+        - { name: assets, match: { path: { regex: "/static/.+[.](css|js)" } } }
+        - { name: health, match: { path: { prefix: /healthz } } }
+        - { name: update, match: { method: PUT, path: { prefix: /api/ } } }
+        - { name: metrics, match: { path: { exact: /metrics } } }
+        - name: root
+          match: { method: GET, path: { exact: / } }
+          timeouts: { request: 10s }
+MESH
+# start_proxy NAME BINARY LISTEN ADMIN MESH
+start_proxy() {
+    CONDUIT_PROXY_OUTBOUND_ADDR=$3 CONDUIT_PROXY_INBOUND_ADDR=127.0.0.1:0 \
+    CONDUIT_PROXY_ADMIN_ADDR=$4 CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/$5" \
+    CONDUIT_PROXY_WORKERS=1 CONDUIT_PROXY_LOG=warn \
+        taskset -c 0 "$2" >"$OUT/$1.log" 2>&1 &
+}
+start_proxy proxy "$BIN/conduit-proxy" $PROXY 127.0.0.1:18191 mesh.yaml
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
+start_proxy proxy-routes "$BIN/conduit-proxy" $ROUTES 127.0.0.1:18192 mesh-routes.yaml
+ROUTES_PID=$!; PIDS+=("$ROUTES_PID")
+TARGETS="direct nginx proxy proxy-routes"
+ADDRS="$HELLO $NGINX $PROXY $ROUTES"
+BASE_PID=""
+if [ -n "${BASELINE_BIN:-}" ]; then
+    start_proxy proxy-base "$BASELINE_BIN" $BASE 127.0.0.1:18193 mesh.yaml
+    BASE_PID=$!; PIDS+=("$BASE_PID")
+    TARGETS="$TARGETS proxy-base"
+    ADDRS="$ADDRS $BASE"
+fi
 
-# Wait (bounded) for all three to answer.
-for addr in $HELLO $NGINX $PROXY; do
+# Wait (bounded) for all of them to answer.
+for addr in $ADDRS; do
     for _ in $(seq 1 100); do
         curl -fsS -H 'Host: hello' "http://$addr/" >/dev/null 2>&1 && break
         sleep 0.1
@@ -81,7 +123,8 @@ for addr in $HELLO $NGINX $PROXY; do
 done
 # And h2 with prior knowledge where it is measured (when this curl speaks HTTP/2).
 if curl -V | grep -qw HTTP2; then
-    for addr in $HELLO $PROXY; do
+    for addr in $ADDRS; do
+        [ "$addr" = "$NGINX" ] && continue
         curl -fsS --http2-prior-knowledge "http://hello/" --connect-to "hello:80:$addr" >/dev/null \
             || { echo "$addr did not answer h2"; exit 1; }
     done
@@ -92,13 +135,19 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 seconds() { awk -v a="$1" -v b="$2" -v t="$TICK" 'BEGIN { printf "%.4f", (b - a) / t }'; }
 rss_kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
 
-target_addr() { case $1 in direct) echo $HELLO ;; nginx) echo $NGINX ;; proxy) echo $PROXY ;; esac; }
-target_pid() { case $1 in direct) echo "" ;; nginx) echo $NGINX_PID ;; proxy) echo $PROXY_PID ;; esac; }
+target_addr() {
+    case $1 in direct) echo $HELLO ;; nginx) echo $NGINX ;; proxy) echo $PROXY ;;
+        proxy-routes) echo $ROUTES ;; proxy-base) echo $BASE ;; esac
+}
+target_pid() {
+    case $1 in direct) echo "" ;; nginx) echo $NGINX_PID ;; proxy) echo $PROXY_PID ;;
+        proxy-routes) echo $ROUTES_PID ;; proxy-base) echo $BASE_PID ;; esac
+}
 
 echo "[" >"$OUT/results.json"
 first=1
 for rep in $(seq 1 "$REPS"); do
-    for target in direct nginx proxy; do
+    for target in $TARGETS; do
         addr=$(target_addr $target); pid=$(target_pid $target)
         load=$(cut -d' ' -f1 /proc/loadavg)
         # Closed loop: saturation throughput and CPU per request.
@@ -111,7 +160,7 @@ for rep in $(seq 1 "$REPS"); do
         open1k=$(taskset -c 1 "$BIN/conduit" load "$addr" --authority hello --rate 1000 --duration "${DUR}s" --connections 50 --output json)
         open5k=$(taskset -c 1 "$BIN/conduit" load "$addr" --authority hello --rate 5000 --duration "${DUR}s" --connections 50 --output json)
         rss=0 hwm=0
-        if [ "$target" = proxy ]; then rss=$(rss_kb $PROXY_PID VmRSS); hwm=$(rss_kb $PROXY_PID VmHWM); fi
+        case $target in proxy*) rss=$(rss_kb "$pid" VmRSS); hwm=$(rss_kb "$pid" VmHWM) ;; esac
         # The same open loop over h2 (prior knowledge); nginx cannot proxy h2 upstream.
         h2open1k=null h2open5k=null
         if [ "$target" != nginx ]; then

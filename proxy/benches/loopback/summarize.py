@@ -5,7 +5,8 @@ import statistics
 import sys
 
 runs = json.load(open(sys.argv[1]))
-targets = ["direct", "nginx", "proxy"]
+targets = [t for t in ["direct", "nginx", "proxy", "proxy-routes", "proxy-base"]
+           if any(r["target"] == t for r in runs)]
 
 
 def med(target, f):
@@ -42,11 +43,19 @@ for rate in ("open_1000", "open_5000"):
         added = "-" if t == "direct" else f"{q['p50_us'] - base:+.0f}"
         print(f"| {t} | {q['p50_us']:.0f} | {q['p90_us']:.0f} | {q['p99_us']:.0f} | {q['p999_us']:.0f} | {added} | {errors:.0f} |")
     print()
-rss = med("proxy", lambda r: r["rss_kb"])
-hwm = med("proxy", lambda r: r["hwm_kb"])
-print(f"conduit-proxy memory after each rep (50 connections): RSS {rss / 1024:.1f} MB, high-water {hwm / 1024:.1f} MB")
-# h2 (prior knowledge) open loop: direct and proxy only, as nginx cannot proxy h2 upstream.
-h2_targets = ["direct", "proxy"]
+for t in targets:
+    if not t.startswith("proxy"):
+        continue
+    rss = med(t, lambda r: r["rss_kb"])
+    hwm = med(t, lambda r: r["hwm_kb"])
+    print(f"{t} memory after each rep (50 connections): RSS {rss / 1024:.1f} MB, high-water {hwm / 1024:.1f} MB")
+nginx_us = med("nginx", us_per_req)
+print()
+for t in targets:
+    if t.startswith("proxy"):
+        print(f"{t}: CPU per request {med(t, us_per_req) / nginx_us:.2f}x nginx's")
+# h2 (prior knowledge) open loop: not nginx, which cannot proxy h2 upstream.
+h2_targets = [t for t in targets if t != "nginx"]
 
 
 def us(v):
