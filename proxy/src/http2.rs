@@ -40,7 +40,7 @@ impl<N: Net> H2Service<N> {
     pub(crate) async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let start = self.cx.clock.now();
         let (parts, incoming) = request.into_parts();
-        let exchange = Exchange::begin(&self.cx, &H2Head(&parts), start).await;
+        let mut exchange = Exchange::begin(&self.cx, &H2Head(&parts), start).await;
         let mut engine = H2Exchange::new(&self.pools, self.cx.clock, parts, incoming);
         exchange.forward(&mut engine).await
     }
@@ -208,7 +208,7 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
         self.empty || self.body.is_some() || self.recorded.as_ref().is_some_and(Recorded::complete)
     }
 
-    fn facts(response: &Response<Incoming>) -> Facts<'_> {
+    fn facts<'a>(&'a self, response: &'a Response<Incoming>) -> Facts<'a> {
         let headers = response.headers();
         Facts {
             status: response.status(),

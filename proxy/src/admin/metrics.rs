@@ -179,6 +179,9 @@ struct AuthoritySeries {
     statuses: Vec<StatusSeries>,
     /// Per route, sorted by name; only for services with a route profile.
     routes: Vec<RouteSeries>,
+    /// Where the last route looked up is in `routes`: a request's route is looked up three
+    /// times (request, headers, end), and requests on one route come in runs.
+    last_route: usize,
 }
 
 /// One route's series: the same shape as an authority's.
@@ -256,6 +259,7 @@ impl AuthoritySeries {
                 i
             }
         };
+        self.last_route = i;
         &mut self.routes[i]
     }
 

@@ -258,6 +258,10 @@ struct State {
     updates: u64,
 }
 
+/// What a resolved authority names: the service's metrics label and its route profile (`None`:
+/// it has none), or why there is no service.
+pub(crate) type Resolved = Result<(Arc<str>, Option<Arc<Profile>>), ProxyError>;
+
 /// One authority's resolution, balancer, queue and readiness signal.
 #[derive(Debug)]
 pub(crate) struct ServiceBalancer {
@@ -379,10 +383,21 @@ impl ServiceBalancer {
     /// [`ProxyError::UnknownAuthority`] (404) when no service has the name,
     /// [`ProxyError::FailFast`] (504) when discovery does not answer in time,
     /// [`ProxyError::LoadShed`] (503) when the queue is full.
-    pub(crate) async fn resolved(
-        &self,
-        mut now: Instant,
-    ) -> Result<(Arc<str>, Option<Arc<Profile>>), ProxyError> {
+    /// What discovery said of the authority at `now`, if it has answered (then [`resolved`]
+    /// would not wait).
+    ///
+    /// [`resolved`]: Self::resolved
+    pub(crate) fn try_resolved(&self, now: Instant) -> Option<Resolved> {
+        let mut state = lock(&self.state);
+        state.last_used = now;
+        match &state.status {
+            Status::Found { label, profile } => Some(Ok((Arc::clone(label), profile.clone()))),
+            Status::NotFound => Some(Err(self.not_found())),
+            Status::Unknown => None,
+        }
+    }
+
+    pub(crate) async fn resolved(&self, mut now: Instant) -> Resolved {
         loop {
             // Look first: once discovery has answered, a request never registers for wake-ups.
             {
@@ -485,8 +500,10 @@ impl ServiceBalancer {
         }
     }
 
-    /// Picks a ready endpoint at `now`; `None` when none is ready.
-    fn try_pick(&self, now: Instant) -> Option<Result<Picked, ProxyError>> {
+    /// Picks a ready endpoint at `now`; `None` when none is ready (then [`acquire`] waits).
+    ///
+    /// [`acquire`]: Self::acquire
+    pub(crate) fn try_pick(&self, now: Instant) -> Option<Result<Picked, ProxyError>> {
         let mut state = lock(&self.state);
         state.last_used = now;
         if matches!(state.status, Status::NotFound) {

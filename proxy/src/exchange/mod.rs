@@ -161,8 +161,9 @@ pub(crate) trait Engine {
     /// Whether the whole request could be sent again now: its body unread, or kept whole.
     fn replayable(&self) -> bool;
 
-    /// The facts of a response head.
-    fn facts(response: &Self::Response) -> Facts<'_>;
+    /// The facts of a response head (which the engine may keep itself, rather than in
+    /// `response`, so a large head and its connection are not moved through the exchange).
+    fn facts<'a>(&'a self, response: &'a Self::Response) -> Facts<'a>;
 
     /// Streams the response to the client and settles it through `settle` when it ends (at
     /// the latest at `settle`'s deadline).
@@ -306,7 +307,13 @@ impl Context {
             Ok(service) => service,
             Err(err) => return Err((series(UNKNOWN_AUTHORITY), err)),
         };
-        match service.resolved(start).await {
+        // Once discovery has answered (nearly always), no future is built to wait for it;
+        // the wait is boxed so its state does not weigh on every request's future.
+        let resolved = match service.try_resolved(start) {
+            Some(resolved) => resolved,
+            None => Box::pin(service.resolved(start)).await,
+        };
+        match resolved {
             Ok((label, profile)) => Ok(Resolved {
                 series: series(&label),
                 service: Some(service),
@@ -406,12 +413,28 @@ impl<'c> Exchange<'c> {
 
     /// Sends the request through `engine` (again, when an endpoint provably did not process
     /// it), then streams the response or answers with the proxy's own.
-    pub(crate) async fn forward<E: Engine>(self, engine: &mut E) -> E::Output {
-        let span = self.span.clone();
-        self.run(engine).instrument(span).await
+    ///
+    /// The exchange stays where the engine keeps it (borrowed, not moved into the future), so
+    /// a request does not pay for copies of it.
+    pub(crate) fn forward<'e, E: Engine>(
+        &'e mut self,
+        engine: &'e mut E,
+    ) -> impl Future<Output = E::Output> + Send + 'e
+    where
+        'c: 'e,
+        E: Send,
+    {
+        // The span wraps the future only when it is on: wrapping moves the whole request's
+        // future once more, which every request would pay for a span nobody reads.
+        if self.span.is_disabled() {
+            futures_util::future::Either::Left(self.run(engine))
+        } else {
+            let span = self.span.clone();
+            futures_util::future::Either::Right(self.run(engine).instrument(span))
+        }
     }
 
-    async fn run<E: Engine>(self, engine: &mut E) -> E::Output {
+    async fn run<E: Engine>(&mut self, engine: &mut E) -> E::Output {
         let routed = match &self.routed {
             Ok(routed) => routed,
             Err(err) => return self.answer(engine, err, false).await,
@@ -425,10 +448,15 @@ impl<'c> Exchange<'c> {
             if let Some(expiry) = routed.deadlines.expiry(now) {
                 return self.answer(engine, &expired(expiry, None), false).await;
             }
-            let (addr, in_flight, dispatched) = match self
-                .pick(routed, repicked.take(), now, routed.deadlines.request())
-                .await
-            {
+            // The common case picks at once, reading no clock; a wait in the queue is boxed so
+            // its state does not weigh on every request's future.
+            let picked = match Self::pick_now(routed, repicked.take(), now) {
+                Some(picked) => picked.map(|(addr, in_flight)| (addr, in_flight, now)),
+                None => {
+                    Box::pin(self.pick_wait(routed, now, routed.deadlines.request())).await
+                }
+            };
+            let (addr, in_flight, dispatched) = match picked {
                 Ok(picked) => picked,
                 Err(err) => return self.answer(engine, &err, false).await,
             };
@@ -506,33 +534,45 @@ impl<'c> Exchange<'c> {
         }
     }
 
-    /// The endpoint for an attempt at `now`: `repicked` if a resend already chose one, else
-    /// the balancer's pick (waiting in its queue, at most until the request's `deadline`),
-    /// else the local app. Also returns when it was picked (later than `now` after a wait).
-    async fn pick(
-        &self,
+    /// The endpoint for an attempt at `now` when one is at hand: `repicked` if a resend already
+    /// chose one, else the balancer's ready pick, else the local app. `None`: the balancer has
+    /// no ready endpoint, and [`pick_wait`](Self::pick_wait) waits for one.
+    fn pick_now(
         routed: &Routed,
         repicked: Option<Picked>,
         now: Instant,
-        deadline: Option<Instant>,
-    ) -> Result<(SocketAddr, Option<InFlight>, Instant), ProxyError> {
+    ) -> Option<Result<(SocketAddr, Option<InFlight>), ProxyError>> {
         if let Some(picked) = repicked {
-            return Ok((picked.addr, Some(picked.in_flight), now));
+            return Some(Ok((picked.addr, Some(picked.in_flight))));
         }
         let Some(service) = &routed.service else {
-            return routed
-                .app
-                .map(|app| (app, None, now))
-                .ok_or_else(|| ProxyError::Unavailable {
+            return Some(routed.app.map(|app| (app, None)).ok_or_else(|| {
+                ProxyError::Unavailable {
                     reason: "no target for request".into(),
-                });
+                }
+            }));
         };
-        // The common case finds a ready endpoint at once and reads no clock.
+        Some(
+            service
+                .try_pick(now)?
+                .map(|picked| (picked.addr, Some(picked.in_flight))),
+        )
+    }
+
+    /// Waits in the balancer's queue for a ready endpoint, at most until the request's
+    /// `deadline`; returns it and when it was picked.
+    async fn pick_wait(
+        &self,
+        routed: &Routed,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<(SocketAddr, Option<InFlight>, Instant), ProxyError> {
+        let Some(service) = &routed.service else {
+            return Err(ProxyError::Unavailable {
+                reason: "no target for request".into(),
+            });
+        };
         let mut acquire = std::pin::pin!(service.acquire(now));
-        if let Some(picked) = (&mut acquire).now_or_never() {
-            let picked = picked?;
-            return Ok((picked.addr, Some(picked.in_flight), now));
-        }
         let picked = match deadline {
             None => acquire.await?,
             Some(deadline) => tokio::select! {
@@ -551,13 +591,19 @@ impl<'c> Exchange<'c> {
 
     /// Response headers arrived: counts them, teaches the balancer, and streams the response.
     async fn respond<E: Engine>(
-        self,
+        &mut self,
         engine: &mut E,
         sent: Sent<E::Response>,
         addr: SocketAddr,
         in_flight: Option<InFlight>,
     ) -> E::Output {
-        let Ok(routed) = self.routed else {
+        let routed = std::mem::replace(
+            &mut self.routed,
+            Err(ProxyError::Unavailable {
+                reason: String::new(),
+            }),
+        );
+        let Ok(routed) = routed else {
             // `respond` follows only a routed attempt.
             return engine
                 .answer(
@@ -570,7 +616,7 @@ impl<'c> Exchange<'c> {
                 .await;
         };
         let now = self.cx.clock.now();
-        let facts = E::facts(&sent.response);
+        let facts = engine.facts(&sent.response);
         let status = facts.status.as_u16();
         let latency = now.saturating_duration_since(self.start);
         self.series
@@ -587,7 +633,7 @@ impl<'c> Exchange<'c> {
         let classifier = &routed.profile.route_at(routed.route).policy.classifier;
         let class = classifier.classify_head(facts.status, facts.grpc, facts.grpc_status);
         let settle = Settle {
-            series: self.series,
+            series: Arc::clone(&self.series),
             route_label: routed.route_label,
             profile: routed.profile,
             route: routed.route,

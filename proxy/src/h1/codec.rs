@@ -473,11 +473,11 @@ pub(crate) fn parse_request(
         .iter()
         .position(|b| *b == b'?')
         .map_or(path, |query| &path[..query]);
-    // httparse accepted the head: its first LF ends the request line.
-    let fields = buf
-        .iter()
-        .position(|b| *b == b'\n')
-        .map_or(len, |lf| lf + 1);
+    // The fields start at the first field's name (httparse accepted the head, so the request
+    // line ends just before it); a head without fields has none to look at.
+    let fields = headers
+        .first()
+        .map_or(len, |field| offset(buf, field.name.as_bytes()).start);
     Ok(Some(RequestHead {
         len,
         authority,

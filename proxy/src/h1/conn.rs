@@ -311,7 +311,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
     /// Serves one request whose head starts the read buffer.
     async fn request(&mut self, head: RequestHead) -> Next<N> {
         let start = self.clock.now();
-        let exchange = {
+        let mut exchange = {
             let view = H1Head {
                 head: &head,
                 buf: &self.client.rbuf,
@@ -329,6 +329,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             conn: self,
             head: &head,
             start,
+            response: None,
         };
         exchange.forward(&mut engine).await
     }
@@ -681,6 +682,9 @@ struct H1Exchange<'c, 'a, N: Net, I> {
     conn: &'c mut Conn<'a, N, I>,
     head: &'c RequestHead,
     start: Instant,
+    /// The response head and the connection it arrived on, kept here (not moved through the
+    /// exchange) from [`Engine::send`] to [`Engine::respond`].
+    response: Option<H1Response<N>>,
 }
 
 /// A response head from the upstream, with the connection it arrived on.
@@ -692,17 +696,22 @@ struct H1Response<N: Net> {
     addr: SocketAddr,
 }
 
+/// What the exchange holds of an HTTP/1 response: the engine keeps the response itself.
+#[derive(Debug)]
+struct H1Received;
+
 impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
-    type Response = H1Response<N>;
+    type Response = H1Received;
     type Output = Next<N>;
     const HTTP1: bool = true;
 
-    async fn send(&mut self, attempt: &Attempt) -> Result<Sent<H1Response<N>>, Failed> {
+    async fn send(&mut self, attempt: &Attempt) -> Result<Sent<H1Received>, Failed> {
         let addr = attempt.addr;
         let conn = &mut *self.conn;
         let (mut upstream, reused) = match conn.checkout(addr, self.start).await {
             Some(upstream) => (upstream, true),
-            None => match conn.pools.connect(addr).await {
+            // Boxed: a connect is rare on kept-alive traffic, and its future is large.
+            None => match Box::pin(conn.pools.connect(addr)).await {
                 Ok(io) => (Side::new(io, BytesMut::new()), false),
                 Err(error) => return Err(Failed::unprocessed(error)),
             },
@@ -714,13 +723,14 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
             Ok((head, upload)) => {
                 // Response headers arrived: nobody sends this request again.
                 conn.replay.release();
+                self.response = Some(H1Response {
+                    upstream,
+                    head,
+                    upload,
+                    addr,
+                });
                 Ok(Sent {
-                    response: H1Response {
-                        upstream,
-                        head,
-                        upload,
-                        addr,
-                    },
+                    response: H1Received,
                     connected: !reused,
                 })
             }
@@ -735,7 +745,15 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
         self.conn.replay.untouched() || self.conn.replay.complete().is_some()
     }
 
-    fn facts(response: &H1Response<N>) -> Facts<'_> {
+    fn facts<'r>(&'r self, _: &'r H1Received) -> Facts<'r> {
+        let Some(response) = &self.response else {
+            // `facts` follows a successful `send`.
+            return Facts {
+                status: StatusCode::BAD_GATEWAY,
+                grpc: false,
+                grpc_status: None,
+            };
+        };
         Facts {
             status: StatusCode::from_u16(response.head.status).unwrap_or(StatusCode::BAD_GATEWAY),
             grpc: response.head.grpc,
@@ -749,13 +767,18 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
 
     /// Forwards the response head and body, settles the request, and pools the upstream
     /// connection when it can carry another request.
-    async fn respond(&mut self, response: H1Response<N>, settle: Settle) -> Next<N> {
-        let H1Response {
+    async fn respond(&mut self, _: H1Received, settle: Settle) -> Next<N> {
+        let Some(H1Response {
             mut upstream,
             head: response,
             mut upload,
             addr,
-        } = response;
+        }) = self.response.take()
+        else {
+            // `respond` follows a successful `send`.
+            settle.end(BodyEnd::Error);
+            return Next::Close;
+        };
         let head = self.head;
         let conn = &mut *self.conn;
         upstream.rbuf.advance(response.len);
