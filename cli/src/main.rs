@@ -258,7 +258,11 @@ fn main() -> ExitCode {
                     duration,
                     connections,
                     timeout,
-                    targets: vec![conduit_scenarios::load::Target { authority, path }],
+                    targets: vec![conduit_scenarios::load::Target {
+                        authority,
+                        path,
+                        method: http::Method::GET,
+                    }],
                     record_samples: true,
                     spin_wait: true,
                 };
