@@ -14,6 +14,9 @@
 //!   (and one path no route matches), so `conduit routes api.demo` has something to show.
 //! - `store.demo`: two healthy replicas.
 //!
+//! Each replica's proxy is told which service it fronts (`CONDUIT_PROXY_SERVICE`), so it
+//! applies that service's profile to the requests it receives and counts them per route.
+//!
 //! On a terminal the live table is redrawn in place every second; otherwise (a pipe, a file)
 //! each refresh is appended as plain lines, without escape codes. The demo prints no colour.
 //!
@@ -642,6 +645,12 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
                     ("CONDUIT_PROXY_OUTBOUND_ADDR", replica.outbound.to_string()),
                     ("CONDUIT_PROXY_ADMIN_ADDR", replica.admin.to_string()),
                     ("CONDUIT_PROXY_APP_ADDR", replica.app.to_string()),
+                    // The service this replica serves: its proxy applies the service's own
+                    // profile to inbound requests (per-route metrics and policy).
+                    (
+                        "CONDUIT_PROXY_SERVICE",
+                        format!("{}:{DEMO_PORT}", service.name),
+                    ),
                     ("CONDUIT_PROXY_DISCOVERY", discovery.clone()),
                     ("CONDUIT_PROXY_LOG", "warn".to_owned()),
                 ],
