@@ -1,4 +1,5 @@
-//! `conduit stat` and `conduit check`: the CLI side of the controller's public API.
+//! `conduit stat`, `conduit routes` and `conduit check`: the CLI side of the controller's
+//! public API.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -6,10 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use conduit_proto::pb::api::api_client::ApiClient;
-use conduit_proto::pb::api::{ListWorkloadsRequest, StatRow, StatSummaryRequest, Workload};
+use conduit_proto::pb::api::{
+    ListWorkloadsRequest, RouteRow, RouteSummaryRequest, RouteSummaryResponse, StatRow,
+    StatSummaryRequest, Workload,
+};
+use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::stat::{Figures, Row, render};
+use crate::stat::{Figures, Row, render, render_with};
 
 /// How long connecting to the controller may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -112,6 +117,141 @@ pub async fn stat(
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", render_stat(&rows));
+    }
+    Ok(())
+}
+
+/// The column headers of `conduit routes`.
+pub const ROUTE_HEADERS: [&str; 6] = [
+    "ROUTE",
+    "SUCCESS",
+    "RPS",
+    "LATENCY_P50",
+    "LATENCY_P95",
+    "LATENCY_P99",
+];
+
+/// The figures of one `RouteSummary` row, in the table's terms.
+#[must_use]
+pub fn route_figures(row: &RouteRow) -> Figures {
+    // The same arithmetic as a `StatSummary` row: both carry the same golden metrics.
+    figures(&StatRow {
+        success_count: row.success_count,
+        failure_count: row.failure_count,
+        requests_per_second_milli: row.requests_per_second_milli,
+        latency_p50_us: row.latency_p50_us,
+        latency_p95_us: row.latency_p95_us,
+        latency_p99_us: row.latency_p99_us,
+        ..StatRow::default()
+    })
+}
+
+/// Renders a `RouteSummary` answer for `service`: one line per route, and a note when none
+/// of the service's proxies could be read.
+#[must_use]
+pub fn render_routes(service: &str, response: &RouteSummaryResponse) -> String {
+    let table: Vec<Row> = response
+        .rows
+        .iter()
+        .map(|row| Row {
+            name: row.route.clone(),
+            depth: 0,
+            figures: route_figures(row),
+        })
+        .collect();
+    let mut out = render_with(ROUTE_HEADERS, &table);
+    if response.scraped_endpoints == 0 {
+        let _ = writeln!(
+            out,
+            "\nno proxy metrics could be read for {service}: none of its {} endpoints has an \
+             `admin` address in the mesh, or their proxies are down",
+            response.total_endpoints
+        );
+    }
+    out
+}
+
+/// One route in `conduit routes --output json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RouteJson {
+    /// The route's name, or `default`.
+    pub route: String,
+    /// Successful responses in the window.
+    pub success_count: u64,
+    /// Failed responses in the window.
+    pub failure_count: u64,
+    /// The route's figures.
+    #[serde(flatten)]
+    pub figures: Figures,
+    /// The window the figures cover, in milliseconds.
+    pub window_ms: u64,
+}
+
+/// The rows of a `RouteSummary` answer as `conduit routes --output json` prints them.
+#[must_use]
+pub fn routes_json(response: &RouteSummaryResponse) -> Vec<RouteJson> {
+    response
+        .rows
+        .iter()
+        .map(|row| RouteJson {
+            route: row.route.clone(),
+            success_count: row.success_count,
+            failure_count: row.failure_count,
+            figures: route_figures(row),
+            window_ms: row.window_ms,
+        })
+        .collect()
+}
+
+/// `conduit routes`: the figures of every route of `service`'s profile over `window`.
+///
+/// # Errors
+///
+/// The controller unreachable, the service unknown to it (the error lists the services it
+/// knows), or its answer another error.
+pub async fn routes(
+    controller: SocketAddr,
+    service: &str,
+    window: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut api = client(controller).await?;
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let request = RouteSummaryRequest {
+        workload: service.to_owned(),
+        window_ms,
+    };
+    let response = match api.route_summary(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) if status.code() == tonic::Code::NotFound => {
+            let known = match api.list_workloads(ListWorkloadsRequest {}).await {
+                Ok(list) => list
+                    .into_inner()
+                    .workloads
+                    .into_iter()
+                    .map(|w| w.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Err(_) => String::new(),
+            };
+            let known = if known.is_empty() {
+                "it knows no service".to_owned()
+            } else {
+                format!("it knows: {known}")
+            };
+            anyhow::bail!(
+                "unknown service `{service}`: the controller at {controller} has no service of that name ({known})"
+            );
+        }
+        Err(status) => anyhow::bail!(
+            "the controller at {controller} could not summarise the routes of `{service}`: {}",
+            status.message()
+        ),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&routes_json(&response))?);
+    } else {
+        print!("{}", render_routes(service, &response));
     }
     Ok(())
 }
@@ -220,4 +360,60 @@ pub fn render_checks(checks: &[Check]) -> (String, bool) {
         }
     );
     (out, all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response() -> RouteSummaryResponse {
+        let row = |route: &str, ok: u64, failed: u64, rps_milli: u64, p50: Option<u64>| RouteRow {
+            route: route.into(),
+            success_count: ok,
+            failure_count: failed,
+            requests_per_second_milli: rps_milli,
+            latency_p50_us: p50,
+            latency_p95_us: p50.map(|us| us * 3),
+            latency_p99_us: p50.map(|us| us * 5),
+            window_ms: 2000,
+        };
+        RouteSummaryResponse {
+            rows: vec![
+                row("create-item", 30, 0, 15_000, Some(10_500)),
+                row("get-item", 45, 15, 30_000, Some(9_800)),
+                row("list-items", 0, 0, 0, None),
+                row("default", 2, 0, 1_000, Some(1_000)),
+            ],
+            total_endpoints: 2,
+            scraped_endpoints: 2,
+            window_ms: 2000,
+        }
+    }
+
+    #[test]
+    fn renders_the_routes_table() {
+        insta::assert_snapshot!(render_routes("api.demo", &response()));
+    }
+
+    #[test]
+    fn renders_the_routes_json() {
+        let json = serde_json::to_string_pretty(&routes_json(&response())).unwrap();
+        insta::assert_snapshot!(json);
+    }
+
+    #[test]
+    fn says_when_no_proxy_could_be_read() {
+        let unread = RouteSummaryResponse {
+            scraped_endpoints: 0,
+            ..response()
+        };
+        let text = render_routes("api.demo", &unread);
+        assert!(
+            text.ends_with(
+                "\nno proxy metrics could be read for api.demo: none of its 2 endpoints has an \
+                 `admin` address in the mesh, or their proxies are down\n"
+            ),
+            "{text}"
+        );
+    }
 }

@@ -9,14 +9,22 @@
 //! - `web.demo`: three replicas, one ten times slower than the others; latency-aware balancing
 //!   moves traffic off it.
 //! - `api.demo`: two replicas, one failing 30 % of its requests; the service's success rate
-//!   drops accordingly.
+//!   drops accordingly. It has a route profile (`get-item`, `list-items`, `create-item`, one
+//!   with a request timeout), and the load generator spreads its requests over those routes
+//!   (and one path no route matches), so `conduit routes api.demo` has something to show.
 //! - `store.demo`: two healthy replicas.
+//!
+//! Each replica's proxy is told which service it fronts (`CONDUIT_PROXY_SERVICE`), so it
+//! applies that service's profile to the requests it receives and counts them per route.
+//!
+//! On a terminal the live table is redrawn in place every second; otherwise (a pipe, a file)
+//! each refresh is appended as plain lines, without escape codes. The demo prints no colour.
 //!
 //! Every process the demo starts is stopped when it ends (Ctrl-C, `--duration`, or an error):
 //! children are killed on drop, and their logs are kept in the demo's work directory.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -72,7 +80,39 @@ struct Replica {
 struct DemoService {
     name: &'static str,
     replicas: Vec<Replica>,
+    /// The service's route profile, as mesh-file YAML lines (empty: no profile).
+    profile: &'static [&'static str],
+    /// The requests the load generator sends the service, in turn.
+    requests: &'static [(http::Method, &'static str)],
 }
+
+/// The port every demo service is addressed on.
+const DEMO_PORT: u16 = 80;
+
+/// `api.demo`'s route profile: a regex, an exact and a prefix path match, and a request
+/// timeout on one route.
+const API_PROFILE: &[&str] = &[
+    "- name: get-item",
+    "  match: { method: GET, path: { regex: \"/items/[0-9]+\" } }",
+    "- name: list-items",
+    "  match: { method: GET, path: { exact: /items } }",
+    "- name: create-item",
+    "  match: { method: POST, path: { prefix: /items } }",
+    "  timeouts: { request: 500ms }",
+];
+
+/// What the load generator sends `api.demo`: every route of its profile, and one path no
+/// route matches (the `default` route).
+const API_REQUESTS: &[(http::Method, &str)] = &[
+    (http::Method::GET, "/items/7"),
+    (http::Method::GET, "/items"),
+    (http::Method::POST, "/items"),
+    (http::Method::GET, "/items/42"),
+    (http::Method::GET, "/health"),
+];
+
+/// What the load generator sends a service without a profile.
+const ROOT_REQUEST: &[(http::Method, &str)] = &[(http::Method::GET, "/")];
 
 /// The demo's final report (`--output json`).
 #[derive(Debug, Serialize)]
@@ -128,15 +168,21 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 fn topology() -> anyhow::Result<Vec<DemoService>> {
-    let plan: [(&str, &[(u64, u64)]); 3] = [
+    type Plan = (
+        &'static str,
+        &'static [(u64, u64)],
+        &'static [&'static str],
+        &'static [(http::Method, &'static str)],
+    );
+    let plan: [Plan; 3] = [
         // (latency ms, failures per mille) per replica
-        ("web.demo", &[(5, 0), (5, 0), (50, 0)]),
-        ("api.demo", &[(10, 0), (10, 300)]),
-        ("store.demo", &[(2, 0), (2, 0)]),
+        ("web.demo", &[(5, 0), (5, 0), (50, 0)], &[], ROOT_REQUEST),
+        ("api.demo", &[(10, 0), (10, 300)], API_PROFILE, API_REQUESTS),
+        ("store.demo", &[(2, 0), (2, 0)], &[], ROOT_REQUEST),
     ];
     let mut seed = 0;
     plan.iter()
-        .map(|(name, replicas)| {
+        .map(|&(name, replicas, profile, requests)| {
             let replicas = replicas
                 .iter()
                 .enumerate()
@@ -149,7 +195,7 @@ fn topology() -> anyhow::Result<Vec<DemoService>> {
                     };
                     Ok(Replica {
                         behaviour: AppBehaviour {
-                            service: (*name).to_owned(),
+                            service: name.to_owned(),
                             replica: i,
                             latency: Duration::from_millis(latency_ms),
                             failures_per_mille,
@@ -163,7 +209,12 @@ fn topology() -> anyhow::Result<Vec<DemoService>> {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(DemoService { name, replicas })
+            Ok(DemoService {
+                name,
+                replicas,
+                profile,
+                requests,
+            })
         })
         .collect()
 }
@@ -172,7 +223,7 @@ fn mesh_file(services: &[DemoService]) -> String {
     let mut yaml = String::from("# Written by `conduit demo`.\nservices:\n");
     for service in services {
         yaml.push_str(&format!(
-            "  {}:\n    port: 80\n    endpoints:\n",
+            "  {}:\n    port: {DEMO_PORT}\n    endpoints:\n",
             service.name
         ));
         for replica in &service.replicas {
@@ -181,14 +232,63 @@ fn mesh_file(services: &[DemoService]) -> String {
                 replica.inbound, replica.admin, replica.behaviour.replica, replica.role
             ));
         }
+        if !service.profile.is_empty() {
+            yaml.push_str("    profile:\n      routes:\n");
+            for line in service.profile {
+                yaml.push_str(&format!("        {line}\n"));
+            }
+        }
     }
     yaml
+}
+
+/// The load generator's rotation: every service gets the same share of requests, and each
+/// service's requests take their turns within its share, in a fixed order (the run is the
+/// same every time).
+fn load_targets(services: &[DemoService]) -> Vec<Target> {
+    // One round per request of the longest cycle; every cycle divides the least common multiple
+    // of the lengths, so each service's requests are evenly spread.
+    let lcm = services
+        .iter()
+        .map(|s| s.requests.len().max(1))
+        .fold(1, |acc, n| acc / gcd(acc, n) * n);
+    let mut targets = Vec::with_capacity(lcm * services.len());
+    for round in 0..lcm {
+        for service in services {
+            let (method, path) = service
+                .requests
+                .get(round % service.requests.len().max(1))
+                .cloned()
+                .unwrap_or((http::Method::GET, "/"));
+            targets.push(Target {
+                authority: service.name.to_owned(),
+                path: path.to_owned(),
+                method,
+            });
+        }
+    }
+    targets
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 struct Binaries {
     proxy: PathBuf,
     controller: PathBuf,
 }
+
+/// The `cargo` arguments that build the demo's sibling binaries (see [`Binaries::build`]).
+const BUILD_ARGS: [&str; 7] = [
+    "build",
+    "-p",
+    "conduit-cli",
+    "-p",
+    "conduit-proxy",
+    "-p",
+    "conduit-controller",
+];
 
 impl Binaries {
     fn locate(bin_dir: Option<&Path>) -> anyhow::Result<Self> {
@@ -223,13 +323,22 @@ impl Binaries {
 
     /// Under `cargo run` (which sets `CARGO`), builds the sibling binaries the demo needs:
     /// cargo builds only the package it was asked to run. Elsewhere it does nothing.
+    ///
+    /// The build names `conduit-cli` beside the two packages it wants. Cargo unifies the
+    /// features of shared dependencies over the packages a command selects, and
+    /// `conduit-cli` turns on more of them (tokio's `process`, `signal` and `fs`, hyper's
+    /// server side, ...) than the proxy and the controller do alone: building those two by
+    /// themselves would compile tokio, hyper, h2, tonic and everything above them a second
+    /// time with the smaller feature set. With `conduit-cli` selected too, the features are
+    /// the ones the `cargo run` that started the demo just built with, so every dependency is
+    /// already fresh and only the two binaries are linked.
     fn build(release: bool) -> anyhow::Result<()> {
         let Some(cargo) = std::env::var_os("CARGO") else {
             return Ok(());
         };
         tracing::info!("building conduit-proxy and conduit-controller");
         let mut command = std::process::Command::new(cargo);
-        command.args(["build", "-p", "conduit-proxy", "-p", "conduit-controller"]);
+        command.args(BUILD_ARGS);
         if release {
             command.arg("--release");
         }
@@ -413,6 +522,60 @@ fn rows(services: &[DemoService], from: &Scrape, to: &Scrape) -> (Vec<Row>, Vec<
     (rows, summaries)
 }
 
+/// The lines above the live table: what runs, and the commands to try in another terminal.
+fn header(
+    services: &[DemoService],
+    controller: SocketAddr,
+    controller_admin: SocketAddr,
+    window_seconds: usize,
+    elapsed_seconds: u64,
+) -> String {
+    let routed: Vec<&str> = services
+        .iter()
+        .filter(|s| !s.profile.is_empty())
+        .map(|s| s.name)
+        .collect();
+    let mut text = format!(
+        "Conduit demo: {} services, {} replicas, each behind its own proxy; controller on {controller}.\n\
+         Figures over the last {window_seconds}s; {elapsed_seconds}s elapsed. Ctrl-C stops the demo.\n\
+         In another terminal:\n  conduit stat --controller {controller}\n  conduit check --controller {controller} --controller-admin {controller_admin}\n",
+        services.len(),
+        services.iter().map(|s| s.replicas.len()).sum::<usize>(),
+    );
+    for service in routed {
+        text.push_str(&format!(
+            "  conduit routes {service} --controller {controller}\n"
+        ));
+    }
+    text.push('\n');
+    text
+}
+
+/// What to print for a frame of the live table. On a terminal each frame replaces the one
+/// before in place, as `watch` and `top` do: the first clears the screen (CSI `2J`, so what
+/// was on it goes to the scrollback once), and every frame starts at the top-left corner
+/// (CSI `H`), erases the rest of each line it writes (CSI `K`) and everything below its last
+/// line (CSI `J`). Nothing scrolls, so the scrollback holds no copy per refresh, and lines
+/// that wrap on a narrow terminal are overwritten all the same (moving the cursor up by the
+/// frame's line count would miss them). Elsewhere (a pipe, a file) the frame is appended as
+/// plain text after a blank line, with no escape codes.
+fn redraw(first: bool, frame: &str, interactive: bool) -> String {
+    if !interactive {
+        return format!("{frame}\n");
+    }
+    let mut out = String::with_capacity(frame.len() + 64);
+    if first {
+        out.push_str("\x1b[2J");
+    }
+    out.push_str("\x1b[H");
+    for line in frame.lines() {
+        out.push_str(line);
+        out.push_str("\x1b[K\n");
+    }
+    out.push_str("\x1b[J");
+    out
+}
+
 /// Runs the demo until Ctrl-C or the duration ends.
 ///
 /// # Errors
@@ -482,6 +645,12 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
                     ("CONDUIT_PROXY_OUTBOUND_ADDR", replica.outbound.to_string()),
                     ("CONDUIT_PROXY_ADMIN_ADDR", replica.admin.to_string()),
                     ("CONDUIT_PROXY_APP_ADDR", replica.app.to_string()),
+                    // The service this replica serves: its proxy applies the service's own
+                    // profile to inbound requests (per-route metrics and policy).
+                    (
+                        "CONDUIT_PROXY_SERVICE",
+                        format!("{}:{DEMO_PORT}", service.name),
+                    ),
                     ("CONDUIT_PROXY_DISCOVERY", discovery.clone()),
                     ("CONDUIT_PROXY_LOG", "warn".to_owned()),
                 ],
@@ -505,20 +674,15 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     admins.push(("proxy-client".to_owned(), client_admin));
     wait_ready(&mut processes, &admins).await?;
 
-    // Open-loop load through the client proxy, one target per service in turn.
+    // Open-loop load through the client proxy: the services in turn, each with its requests in
+    // turn.
     let service_count = u32::try_from(services.len()).unwrap_or(u32::MAX);
     let load_config = LoadConfig {
         rate: options.rate.saturating_mul(service_count),
         duration: options.duration.unwrap_or(Duration::from_secs(24 * 3600)),
         connections: 32,
         timeout: Duration::from_secs(10),
-        targets: services
-            .iter()
-            .map(|s| Target {
-                authority: s.name.to_owned(),
-                path: "/".to_owned(),
-            })
-            .collect(),
+        targets: load_targets(&services),
         record_samples: false,
         spin_wait: false,
     };
@@ -529,6 +693,8 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     let mut window: VecDeque<Scrape> = VecDeque::from([first.clone()]);
     let end = options.duration.map(|d| first.at + d);
     let interactive = !options.json && std::io::stdout().is_terminal();
+    // Whether the next frame is the first (which clears the terminal).
+    let mut first_frame = true;
     let mut ticker = tokio::time::interval(REFRESH);
     ticker.tick().await;
     loop {
@@ -545,26 +711,20 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         if !options.json {
             let (table, _) = rows(&services, &window[0], &latest);
             let elapsed = latest.at.saturating_duration_since(first.at).as_secs();
-            let mut screen = String::new();
-            if interactive {
-                screen.push_str("\x1b[2J\x1b[H");
-            }
-            screen.push_str(&format!(
-                "Conduit demo: {} services, {} replicas, each behind its own proxy; controller on {}.\nFigures over the last {}s; {}s elapsed. Ctrl-C stops the demo.\nIn another terminal: conduit stat --controller {} / conduit check --controller {} --controller-admin {}\n\n",
-                services.len(),
-                services.iter().map(|s| s.replicas.len()).sum::<usize>(),
-                controller_grpc,
-                window.len().saturating_sub(1),
-                elapsed,
-                controller_grpc,
-                controller_grpc,
-                controller_admin,
-            ));
-            screen.push_str(&stat::render(&table));
-            print!("{screen}");
-            if !interactive {
-                println!();
-            }
+            let frame = format!(
+                "{}{}",
+                header(
+                    &services,
+                    controller_grpc,
+                    controller_admin,
+                    window.len().saturating_sub(1),
+                    elapsed
+                ),
+                stat::render(&table)
+            );
+            print!("{}", redraw(first_frame, &frame, interactive));
+            let _ = std::io::stdout().flush();
+            first_frame = false;
         }
         if end.is_some_and(|end| latest.at >= end) {
             break;
@@ -589,4 +749,133 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     drop(processes);
     apps.abort_all();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use conduit_core::route::{DEFAULT_ROUTE, RequestView};
+
+    use super::*;
+
+    struct Head<'a>(&'a http::Method, &'a str);
+
+    impl RequestView for Head<'_> {
+        fn method(&self) -> &[u8] {
+            self.0.as_str().as_bytes()
+        }
+        fn path(&self) -> &[u8] {
+            self.1.as_bytes()
+        }
+        fn any_header(&self, _: &http::HeaderName, _: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+            false
+        }
+    }
+
+    /// The mesh file gives `api.demo` a profile the controller accepts, and the load
+    /// generator's rotation sends each service the same share while spreading `api.demo`'s
+    /// share over every one of its routes and the default route.
+    #[test]
+    fn the_load_covers_every_route_of_the_demo_profile() {
+        let services = topology().unwrap();
+        let mesh = conduit_proto::mesh_file::parse(&mesh_file(&services)).unwrap();
+        let api = mesh.lookup("api.demo:80").unwrap();
+        let names: Vec<&str> = api.profile.route_names().collect();
+        assert_eq!(
+            names,
+            ["get-item", "list-items", "create-item", DEFAULT_ROUTE]
+        );
+        assert!(
+            api.profile
+                .routes()
+                .iter()
+                .any(|r| r.policy.timeouts.request == Some(Duration::from_millis(500)))
+        );
+        assert!(mesh.lookup("web.demo:80").unwrap().profile.is_empty());
+
+        let targets = load_targets(&services);
+        let mut per_service: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut per_route: BTreeMap<&str, usize> = BTreeMap::new();
+        for target in &targets {
+            *per_service.entry(target.authority.as_str()).or_default() += 1;
+            if target.authority == "api.demo" {
+                let route = api.profile.find(&Head(&target.method, &target.path));
+                *per_route.entry(route.name()).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            per_service.values().collect::<Vec<_>>(),
+            [&5, &5, &5],
+            "{per_service:?}"
+        );
+        assert_eq!(
+            per_route,
+            BTreeMap::from([
+                ("create-item", 1),
+                ("default", 1),
+                ("get-item", 2),
+                ("list-items", 1)
+            ])
+        );
+        // The rotation interleaves the services: consecutive requests go to different ones.
+        assert!(targets.windows(2).all(|w| w[0].authority != w[1].authority));
+        assert_eq!(targets, load_targets(&services), "the same every run");
+    }
+
+    #[test]
+    fn the_header_names_the_commands_to_try() {
+        let services = topology().unwrap();
+        let controller: SocketAddr = "127.0.0.1:8086".parse().unwrap();
+        let admin: SocketAddr = "127.0.0.1:9996".parse().unwrap();
+        let text = header(&services, controller, admin, 10, 12);
+        assert!(
+            text.contains("\n  conduit stat --controller 127.0.0.1:8086\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\n  conduit check --controller 127.0.0.1:8086 --controller-admin 127.0.0.1:9996\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  conduit routes api.demo --controller 127.0.0.1:8086\n"),
+            "{text}"
+        );
+        assert!(!text.contains("conduit routes web.demo"), "{text}");
+    }
+
+    #[test]
+    fn frames_redraw_in_place_on_a_terminal_and_append_elsewhere() {
+        let frame = "HEADER\nrow 1\nrow 2\n";
+        let piped = redraw(true, frame, false) + &redraw(false, frame, false);
+        assert_eq!(piped, "HEADER\nrow 1\nrow 2\n\nHEADER\nrow 1\nrow 2\n\n");
+        assert!(!piped.contains('\x1b'), "no escape codes off a terminal");
+
+        let first = redraw(true, frame, true);
+        assert_eq!(
+            first,
+            "\x1b[2J\x1b[HHEADER\x1b[K\nrow 1\x1b[K\nrow 2\x1b[K\n\x1b[J"
+        );
+        let next = redraw(false, frame, true);
+        assert!(next.starts_with("\x1b[H"), "{next:?}");
+        assert!(
+            !next.contains("\x1b[2J"),
+            "only the first frame clears the screen"
+        );
+    }
+
+    #[test]
+    fn the_sibling_build_selects_the_cli_too() {
+        // See `Binaries::build`: without `conduit-cli`, shared dependencies would be compiled
+        // a second time with another feature set.
+        let packages: Vec<&str> = BUILD_ARGS
+            .windows(2)
+            .filter(|w| w[0] == "-p")
+            .map(|w| w[1])
+            .collect();
+        assert_eq!(
+            packages,
+            ["conduit-cli", "conduit-proxy", "conduit-controller"]
+        );
+    }
 }

@@ -1,6 +1,7 @@
-//! The `conduit` command's library: the local demo ([`demo`]) with its workload ([`app`]), and
-//! top-line figures read from proxies' `/metrics` ([`stat`]). `main.rs` parses arguments and
-//! calls in here, so integration tests can drive the same code.
+//! The `conduit` command's library: the local demo ([`demo`]) with its workload ([`app`]),
+//! top-line figures read from proxies' `/metrics` ([`stat`]), and the commands that ask the
+//! controller's public API (`stat`, `routes`, `check`: [`control`]). `main.rs` parses
+//! arguments and calls in here, so integration tests can drive the same code.
 
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
 

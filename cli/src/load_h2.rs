@@ -40,13 +40,15 @@ pub(crate) async fn run<N: Net>(
 ) -> anyhow::Result<LoadReport> {
     config.validate()?;
     // h2 names the service in `:authority`, which comes from an absolute URI.
-    let uris: Arc<[http::Uri]> = config
+    let uris: Arc<[(http::Method, http::Uri)]> = config
         .targets
         .iter()
         .map(|target| {
             let uri = format!("http://{}{}", target.authority, target.path);
-            uri.parse::<http::Uri>()
-                .map_err(|error| anyhow::anyhow!("`{uri}` is not a request URI: {error}"))
+            let parsed = uri
+                .parse::<http::Uri>()
+                .map_err(|error| anyhow::anyhow!("`{uri}` is not a request URI: {error}"))?;
+            Ok((target.method.clone(), parsed))
         })
         .collect::<anyhow::Result<Vec<_>>>()?
         .into();
@@ -90,7 +92,7 @@ struct Lane<N> {
     net: N,
     addr: std::net::SocketAddr,
     timeout: Duration,
-    uris: Arc<[http::Uri]>,
+    uris: Arc<[(http::Method, http::Uri)]>,
     clock: Clock,
     done: mpsc::UnboundedSender<Done>,
 }
@@ -122,12 +124,12 @@ impl<N: Net> Lane<N> {
                     }
                 }
             };
-            let uri =
+            let (method, uri) =
                 self.uris[usize::try_from(job.index % self.uris.len() as u64).unwrap_or(0)].clone();
             let clock = self.clock;
             let done = self.done.clone();
             tokio::spawn(async move {
-                let outcome = tokio::time::timeout_at(deadline, send(stream_sender, uri))
+                let outcome = tokio::time::timeout_at(deadline, send(stream_sender, method, uri))
                     .await
                     .unwrap_or(Err(LoadError::Timeout));
                 let latency = clock.now() - job.due;
@@ -154,9 +156,10 @@ impl<N: Net> Lane<N> {
     }
 }
 
-async fn send(mut sender: Sender, uri: http::Uri) -> Result<u16, LoadError> {
+async fn send(mut sender: Sender, method: http::Method, uri: http::Uri) -> Result<u16, LoadError> {
     let request = http::Request::builder()
         .version(http::Version::HTTP_2)
+        .method(method)
         .uri(uri)
         .body(Empty::<Bytes>::new())
         .map_err(|_| LoadError::Connection)?;
@@ -188,6 +191,7 @@ mod tests {
             targets: vec![Target {
                 authority: "hello".into(),
                 path: "/".into(),
+                method: http::Method::GET,
             }],
             record_samples: true,
             spin_wait: true,

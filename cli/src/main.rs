@@ -1,5 +1,5 @@
-//! The `conduit` command: run the local demo, read a mesh's top-line figures, check its health,
-//! and drive load.
+//! The `conduit` command: run the local demo, read a mesh's top-line and per-route figures,
+//! check its health, and drive load.
 
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
 
@@ -48,6 +48,22 @@ enum Command {
     Stat {
         /// One workload; all when absent.
         workload: Option<String>,
+        /// The controller's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:8086", env = "CONDUIT_CONTROLLER")]
+        controller: SocketAddr,
+        /// The window the figures cover.
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        window: Duration,
+        /// `table` or `json`.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print success rate, requests per second and latency percentiles per route of one
+    /// service's profile (and `default`, for requests no route matched), read from the
+    /// service's proxies through the controller.
+    Routes {
+        /// The service (e.g. `api.demo`).
+        service: String,
         /// The controller's gRPC address.
         #[arg(long, default_value = "127.0.0.1:8086", env = "CONDUIT_CONTROLLER")]
         controller: SocketAddr,
@@ -204,6 +220,15 @@ fn main() -> ExitCode {
                 conduit_cli::control::stat(controller, workload, window, output == Output::Json)
                     .await
             }
+            Command::Routes {
+                service,
+                controller,
+                window,
+                output,
+            } => {
+                conduit_cli::control::routes(controller, &service, window, output == Output::Json)
+                    .await
+            }
             Command::Check {
                 controller,
                 controller_admin,
@@ -233,7 +258,11 @@ fn main() -> ExitCode {
                     duration,
                     connections,
                     timeout,
-                    targets: vec![conduit_scenarios::load::Target { authority, path }],
+                    targets: vec![conduit_scenarios::load::Target {
+                        authority,
+                        path,
+                        method: http::Method::GET,
+                    }],
                     record_samples: true,
                     spin_wait: true,
                 };

@@ -16,20 +16,47 @@ pub struct Row {
     pub figures: Figures,
 }
 
-/// Renders rows as a fixed-width table.
+/// The column headers of [`render`]'s table: the name column, then success rate, requests
+/// per second and the three latency percentiles.
+pub const STAT_HEADERS: [&str; 6] = ["NAME", "SUCCESS", "RPS", "P50", "P95", "P99"];
+
+/// Renders rows as a fixed-width table under [`STAT_HEADERS`].
 #[must_use]
 pub fn render(rows: &[Row]) -> String {
+    render_with(STAT_HEADERS, rows)
+}
+
+/// Renders rows as a fixed-width table under `headers` (name, success rate, requests per
+/// second, p50, p95, p99): each column is as wide as its header or its widest value.
+#[must_use]
+pub fn render_with(headers: [&str; 6], rows: &[Row]) -> String {
+    let [
+        name_header,
+        success_header,
+        rps_header,
+        p50_header,
+        p95_header,
+        p99_header,
+    ] = headers;
     let width = rows
         .iter()
         .map(|r| r.name.len() + 2 * r.depth)
         .max()
         .unwrap_or(0)
-        .max(4);
+        .max(name_header.len());
+    let success_width = success_header.len().max(8);
+    let rps_width = rps_header.len().max(8);
+    let latency_width = [p50_header, p95_header, p99_header]
+        .iter()
+        .map(|h| h.len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<width$}  {:>8}  {:>8}  {:>9}  {:>9}  {:>9}",
-        "NAME", "SUCCESS", "RPS", "P50", "P95", "P99"
+        "{name_header:<width$}  {success_header:>success_width$}  {rps_header:>rps_width$}  \
+         {p50_header:>latency_width$}  {p95_header:>latency_width$}  {p99_header:>latency_width$}",
     );
     for row in rows {
         let name = format!("{}{}", "  ".repeat(row.depth), row.name);
@@ -40,7 +67,8 @@ pub fn render(rows: &[Row]) -> String {
         let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}ms"));
         let _ = writeln!(
             out,
-            "{name:<width$}  {success:>8}  {:>8.1}  {:>9}  {:>9}  {:>9}",
+            "{name:<width$}  {success:>success_width$}  {:>rps_width$.1}  {:>latency_width$}  \
+             {:>latency_width$}  {:>latency_width$}",
             f.rps,
             ms(f.p50_ms),
             ms(f.p95_ms),

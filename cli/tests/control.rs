@@ -1,4 +1,5 @@
-//! `conduit check` and `conduit stat` against a real `conduit-controller` process on loopback.
+//! `conduit check`, `conduit stat` and `conduit routes` against a real `conduit-controller`
+//! process on loopback.
 
 #![allow(
     clippy::unwrap_used,
@@ -128,5 +129,183 @@ async fn check_passes_and_flags_a_dead_proxy() {
     assert!(
         stdout.contains("no proxy metrics could be read for: web.default"),
         "{stdout}"
+    );
+}
+
+/// A proxy admin server stand-in on its own thread: every `GET /metrics` answers per-route
+/// families whose counters have grown by one scrape's worth of traffic since the last.
+fn fake_admin() -> SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // Bounded: far more scrapes than the tests make.
+        for (scrape, stream) in listener.incoming().take(100).enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let n = 10 * (u64::try_from(scrape).unwrap() + 1);
+            let mut body = String::new();
+            for (route, status, class, count) in [
+                ("get-item", 200, "success", 3 * n),
+                ("get-item", 500, "failure", n),
+                ("default", 404, "success", n),
+            ] {
+                let labels = format!(
+                    "direction=\"inbound\",authority=\"api.demo:80\",route=\"{route}\",status_code=\"{status}\""
+                );
+                body.push_str(&format!(
+                    "route_response_total{{{labels},classification=\"{class}\"}} {count}\n\
+                     route_response_latency_ms_bucket{{{labels},le=\"5\"}} {count}\n\
+                     route_response_latency_ms_bucket{{{labels},le=\"+Inf\"}} {count}\n"
+                ));
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+fn routed_mesh(admin: SocketAddr) -> String {
+    format!(
+        "services:
+  api.demo:
+    endpoints:
+      - addr: 127.0.0.1:9001
+        admin: {admin}
+    profile:
+      routes:
+        - name: list-items
+          match: {{ method: GET, path: {{ exact: /items }} }}
+        - name: get-item
+          match: {{ method: GET, path: {{ regex: \"/items/[0-9]+\" }} }}
+          timeouts: {{ request: 500ms }}
+  web.demo: {{}}
+"
+    )
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn routes_shows_every_route_of_the_profile() {
+    let controller = start_controller(&routed_mesh(fake_admin())).await;
+    let grpc = controller.grpc.to_string();
+
+    let output = conduit(&[
+        "routes",
+        "api.demo",
+        "--controller",
+        &grpc,
+        "--window",
+        "100ms",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let words = |line: &str| {
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        words(lines[0]),
+        [
+            "ROUTE",
+            "SUCCESS",
+            "RPS",
+            "LATENCY_P50",
+            "LATENCY_P95",
+            "LATENCY_P99"
+        ]
+    );
+    // One scrape's growth between the two scrapes: get-item 30 successes and 10 failures.
+    assert_eq!(words(lines[1])[..2], ["get-item", "75.00%"], "{stdout}");
+    assert_eq!(
+        words(lines[2]),
+        ["list-items", "-", "0.0", "-", "-", "-"],
+        "{stdout}"
+    );
+    assert_eq!(words(lines[3])[..2], ["default", "100.00%"], "{stdout}");
+    assert_eq!(lines.len(), 4, "{stdout}");
+
+    let output = conduit(&[
+        "routes",
+        "api.demo:80",
+        "--controller",
+        &grpc,
+        "--window",
+        "100ms",
+        "--output",
+        "json",
+    ]);
+    assert!(output.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["route"].as_str().unwrap()).collect();
+    assert_eq!(names, ["get-item", "list-items", "default"]);
+    assert_eq!(rows[0]["success_count"], 30);
+    assert_eq!(rows[0]["failure_count"], 10);
+    assert_eq!(rows[0]["success_rate"], 0.75);
+    assert_eq!(rows[0]["window_ms"], 100);
+    assert!(rows[0]["p50_ms"].as_f64().is_some_and(|p50| p50 <= 5.0));
+    assert_eq!(rows[1]["success_rate"], serde_json::Value::Null);
+
+    // A service without a profile has only the default route, and says its proxies were not
+    // read.
+    let output = conduit(&[
+        "routes",
+        "web.demo",
+        "--controller",
+        &grpc,
+        "--window",
+        "100ms",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("default ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("no proxy metrics could be read for web.demo"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn routes_names_unknown_services_and_unreachable_controllers() {
+    let controller = start_controller(&routed_mesh(free_port())).await;
+    let grpc = controller.grpc.to_string();
+    let output = conduit(&["routes", "nope.demo", "--controller", &grpc]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "unknown service `nope.demo`: the controller at {grpc} has no service of that name (it knows: api.demo, web.demo)"
+        )),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
+
+    let down = free_port().to_string();
+    let output = conduit(&["routes", "api.demo", "--controller", &down]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("connecting to the controller at {down}")),
+        "{stderr}"
     );
 }

@@ -2,7 +2,9 @@
 //!
 //! - [`ApiService`]: `ListWorkloads` answers from discovery; `StatSummary` scrapes the admin
 //!   servers of the endpoints' proxies twice, a window apart, and reports each workload's
-//!   server-side success rate, request rate and latency percentiles over that window.
+//!   server-side success rate, request rate and latency percentiles over that window;
+//!   `RouteSummary` does the same per route of one workload's profile, from the proxies'
+//!   per-route families (`route_response_total`, `route_response_latency_ms`).
 //! - [`IdentityService`] and [`TapService`] answer `UNIMPLEMENTED` with a message saying what
 //!   is missing, so a client learns why instead of getting an empty "unknown service".
 
@@ -11,18 +13,81 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use conduit_core::mesh::Service;
+use conduit_core::route::DEFAULT_ROUTE;
 use conduit_proto::pb::{api, identity, tap};
+use conduit_proto::prom::Sample;
 use tonic::{Request, Response, Status};
 
 use crate::destination::UpdateStream;
 use crate::discovery::Discovery;
-use crate::stat::{Counts, Figures, MetricsSource, scrape_inbound};
+use crate::stat::{
+    Counts, Figures, MetricsSource, counts_by_authority, counts_by_route, scrape_reduced, total,
+};
 
 /// The window `StatSummary` uses when the request names none.
 pub const DEFAULT_STAT_WINDOW: Duration = Duration::from_secs(2);
 
-/// The longest window `StatSummary` accepts: the request holds a stream open for it.
+/// The longest window `StatSummary` and `RouteSummary` accept: the request holds a stream
+/// open for it.
 pub const MAX_STAT_WINDOW: Duration = Duration::from_secs(60);
+
+/// The shortest window accepted: shorter ones are raised to it (two scrapes closer together
+/// than this measure mostly the scrapes).
+pub const MIN_STAT_WINDOW: Duration = Duration::from_millis(100);
+
+/// The window a request asks for (`window_ms`, 0 for the default), within the bounds.
+fn window_of(window_ms: u64) -> Duration {
+    match window_ms {
+        0 => DEFAULT_STAT_WINDOW,
+        ms => Duration::from_millis(ms).clamp(MIN_STAT_WINDOW, MAX_STAT_WINDOW),
+    }
+}
+
+/// The wire form of one row's figures.
+struct Golden {
+    success_count: u64,
+    failure_count: u64,
+    requests_per_second_milli: u64,
+    latency_p50_us: Option<u64>,
+    latency_p95_us: Option<u64>,
+    latency_p99_us: Option<u64>,
+    window_ms: u64,
+}
+
+impl Golden {
+    fn new(delta: &Counts, window: Duration) -> Self {
+        let figures = Figures::from_counts(delta, window);
+        let micros = |ms: Option<f64>| {
+            // Float-to-int conversion saturates; latencies are finite and positive.
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "saturating"
+            )]
+            ms.map(|ms| (ms * 1000.0).round() as u64)
+        };
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "saturating"
+        )]
+        let rps_milli = (figures.rps * 1000.0).round() as u64;
+        Self {
+            success_count: delta.successes,
+            failure_count: delta.responses.saturating_sub(delta.successes),
+            requests_per_second_milli: rps_milli,
+            latency_p50_us: micros(figures.p50_ms),
+            latency_p95_us: micros(figures.p95_ms),
+            latency_p99_us: micros(figures.p99_ms),
+            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
 /// The public API over any [`Discovery`] backend.
 #[derive(Clone)]
@@ -86,10 +151,7 @@ impl api::api_server::Api for ApiService {
             ));
         };
         let request = request.into_inner();
-        let window = match request.window_ms {
-            0 => DEFAULT_STAT_WINDOW,
-            ms => Duration::from_millis(ms).clamp(Duration::from_millis(100), MAX_STAT_WINDOW),
-        };
+        let window = window_of(request.window_ms);
         let services: Vec<_> = self
             .discovery
             .services()
@@ -106,9 +168,10 @@ impl api::api_server::Api for ApiService {
             .iter()
             .flat_map(|s| s.endpoints.iter().filter_map(|e| e.admin))
             .collect();
-        let before = scrape_all(source.as_ref(), &admins).await;
-        tokio::time::sleep(window).await;
-        let after = scrape_all(source.as_ref(), &admins).await;
+        let (before, after) = scrape_window(source.as_ref(), &admins, window, |samples| {
+            total(&counts_by_authority(samples, "inbound"))
+        })
+        .await;
         let rows = services
             .iter()
             .map(|service| {
@@ -120,23 +183,7 @@ impl api::api_server::Api for ApiService {
                         scraped += 1;
                     }
                 }
-                let figures = Figures::from_counts(&delta, window);
-                let micros = |ms: Option<f64>| {
-                    // Float-to-int conversion saturates; latencies are finite and positive.
-                    #[expect(
-                        clippy::cast_possible_truncation,
-                        clippy::cast_sign_loss,
-                        reason = "saturating"
-                    )]
-                    ms.map(|ms| (ms * 1000.0).round() as u64)
-                };
-                #[expect(
-                    clippy::cast_possible_truncation,
-                    clippy::cast_sign_loss,
-                    reason = "saturating"
-                )]
-                let rps_milli = (figures.rps * 1000.0).round() as u64;
-                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                let golden = Golden::new(&delta, window);
                 api::StatRow {
                     workload: service.name.clone(),
                     meshed_endpoints: count(
@@ -147,31 +194,133 @@ impl api::api_server::Api for ApiService {
                             .count(),
                     ),
                     total_endpoints: count(service.endpoints.len()),
-                    success_count: delta.successes,
-                    failure_count: delta.responses.saturating_sub(delta.successes),
-                    requests_per_second_milli: rps_milli,
-                    latency_p50_us: micros(figures.p50_ms),
-                    latency_p95_us: micros(figures.p95_ms),
-                    latency_p99_us: micros(figures.p99_ms),
+                    success_count: golden.success_count,
+                    failure_count: golden.failure_count,
+                    requests_per_second_milli: golden.requests_per_second_milli,
+                    latency_p50_us: golden.latency_p50_us,
+                    latency_p95_us: golden.latency_p95_us,
+                    latency_p99_us: golden.latency_p99_us,
                     // No mTLS yet: nothing is encrypted (the identity issue changes this).
                     tls_permille: 0,
                     scraped_endpoints: scraped,
-                    window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+                    window_ms: golden.window_ms,
                 }
             })
             .collect();
         Ok(Response::new(api::StatSummaryResponse { rows }))
     }
+
+    async fn route_summary(
+        &self,
+        request: Request<api::RouteSummaryRequest>,
+    ) -> Result<Response<api::RouteSummaryResponse>, Status> {
+        let request = request.into_inner();
+        if request.workload.is_empty() {
+            return Err(Status::invalid_argument(
+                "workload: required (the service whose routes to summarise)",
+            ));
+        }
+        let Some(service) = self
+            .discovery
+            .services()
+            .into_iter()
+            .find(|s| names_service(s, &request.workload))
+        else {
+            return Err(Status::not_found(format!(
+                "no workload named `{}`",
+                request.workload
+            )));
+        };
+        let Some(source) = self.metrics_source.clone() else {
+            return Err(Status::unavailable(
+                "this controller has no way to read proxy metrics (no metrics source configured)",
+            ));
+        };
+        let window = window_of(request.window_ms);
+        let admins: Vec<SocketAddr> = service.endpoints.iter().filter_map(|e| e.admin).collect();
+        let (before, after) = scrape_window(source.as_ref(), &admins, window, |samples| {
+            counts_by_route(samples, "inbound")
+        })
+        .await;
+        // The rows: the profile's routes by name, then the default route. Series for names the
+        // profile does not have (a route renamed or removed since the proxy counted it) are
+        // not shown.
+        let mut names: Vec<&str> = service.profile.routes().iter().map(|r| &*r.name).collect();
+        names.sort_unstable();
+        names.push(DEFAULT_ROUTE);
+        let mut deltas: Vec<Counts> = vec![Counts::default(); names.len()];
+        let mut scraped = 0u32;
+        let empty = Counts::default();
+        for admin in &admins {
+            let (Some(b), Some(a)) = (before.get(admin), after.get(admin)) else {
+                continue;
+            };
+            scraped += 1;
+            for (name, delta) in names.iter().zip(&mut deltas) {
+                // A route's series appears with its first request: absent before is zero.
+                let now = a.get(*name).unwrap_or(&empty);
+                let then = b.get(*name).unwrap_or(&empty);
+                delta.add(&now.since(then));
+            }
+        }
+        let rows = names
+            .iter()
+            .zip(&deltas)
+            .map(|(name, delta)| {
+                let golden = Golden::new(delta, window);
+                api::RouteRow {
+                    route: (*name).to_owned(),
+                    success_count: golden.success_count,
+                    failure_count: golden.failure_count,
+                    requests_per_second_milli: golden.requests_per_second_milli,
+                    latency_p50_us: golden.latency_p50_us,
+                    latency_p95_us: golden.latency_p95_us,
+                    latency_p99_us: golden.latency_p99_us,
+                    window_ms: golden.window_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(api::RouteSummaryResponse {
+            rows,
+            total_endpoints: count(service.endpoints.len()),
+            scraped_endpoints: scraped,
+            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
 }
 
-/// Scrapes every admin server concurrently; the ones that fail are absent from the result.
-async fn scrape_all(
+/// Whether `workload` names `service`: its name, or its name and port (`api.demo:80`).
+fn names_service(service: &Service, workload: &str) -> bool {
+    match workload.rsplit_once(':') {
+        Some((name, port)) => name == service.name && port.parse() == Ok(service.port),
+        None => workload == service.name,
+    }
+}
+
+/// Scrapes every admin server, waits `window`, and scrapes them again; each scrape reduced by
+/// `reduce`. Admin servers that fail a scrape are absent from that scrape's result.
+async fn scrape_window<T>(
     source: &dyn MetricsSource,
     admins: &[SocketAddr],
-) -> BTreeMap<SocketAddr, Counts> {
+    window: Duration,
+    reduce: fn(&[Sample]) -> T,
+) -> (BTreeMap<SocketAddr, T>, BTreeMap<SocketAddr, T>) {
+    let before = scrape_all(source, admins, reduce).await;
+    tokio::time::sleep(window).await;
+    let after = scrape_all(source, admins, reduce).await;
+    (before, after)
+}
+
+/// Scrapes every admin server concurrently (each bounded by the source's timeout and size
+/// limit); the ones that fail are absent from the result.
+async fn scrape_all<T>(
+    source: &dyn MetricsSource,
+    admins: &[SocketAddr],
+    reduce: fn(&[Sample]) -> T,
+) -> BTreeMap<SocketAddr, T> {
     let scrapes = admins
         .iter()
-        .map(|&admin| async move { (admin, scrape_inbound(source, admin).await) });
+        .map(|&admin| async move { (admin, scrape_reduced(source, admin, reduce).await) });
     futures_util::future::join_all(scrapes)
         .await
         .into_iter()

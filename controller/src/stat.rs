@@ -1,11 +1,15 @@
 //! Top-line figures from proxies' `/metrics`: success rate, requests per second and latency
 //! percentiles, the way Linkerd's `viz stat` computes them (reference/linkerd.md §1.1).
 //!
-//! A scrape is reduced to cumulative [`Counts`] per authority; figures come from the
-//! difference between two scrapes of the same proxy, so they describe the interval between
-//! them: success rate = successes / responses, requests per second = responses / interval,
-//! percentiles = `histogram_quantile` over the interval's latency buckets. The controller's
-//! `StatSummary` and the CLI's demo table both use this module.
+//! A scrape is reduced ([`reduce`]) to cumulative [`Counts`] per authority, from the proxy's
+//! top-line families (`response_total`, `response_latency_ms`), or per authority and route,
+//! from their per-route twins (`route_response_total`, `route_response_latency_ms`, labelled
+//! with the route of the service's profile or `default`): one reduction, two [`Family`]s.
+//! Figures come from the difference between two scrapes of the same proxy, so they describe
+//! the interval between them: success rate = successes / responses, requests per second =
+//! responses / interval, percentiles = `histogram_quantile` over the interval's latency
+//! buckets. The controller's `StatSummary` and `RouteSummary` and the CLI's demo table use
+//! this module.
 //!
 //! [`MetricsSource`] is the seam through which the controller reads a proxy's metrics:
 //! [`HttpMetricsSource`] over tokio in production, another transport in the simulation.
@@ -60,49 +64,120 @@ impl Counts {
     }
 }
 
-/// Reduces one scrape to counts per authority for one traffic direction (`inbound` or
-/// `outbound`), summing over every other label.
+/// The metric families a scrape is reduced from: the proxy's top-line families, or their
+/// per-route twins (Linkerd's names in both cases).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `response_total` and `response_latency_ms`, labelled by `direction` and `authority`.
+    Authority,
+    /// `route_response_total` and `route_response_latency_ms`, labelled by `direction`,
+    /// `authority` and `route` (a route of the service's profile, or `default`).
+    Route,
+}
+
+impl Family {
+    /// The response counter's name.
+    #[must_use]
+    pub const fn responses(self) -> &'static str {
+        match self {
+            Self::Authority => "response_total",
+            Self::Route => "route_response_total",
+        }
+    }
+
+    /// The latency histogram's bucket series' name.
+    #[must_use]
+    pub const fn latency_buckets(self) -> &'static str {
+        match self {
+            Self::Authority => "response_latency_ms_bucket",
+            Self::Route => "route_response_latency_ms_bucket",
+        }
+    }
+}
+
+/// What one group of a reduced scrape is: an authority, and for [`Family::Route`] a route.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Group {
+    /// The `authority` label.
+    pub authority: String,
+    /// The `route` label; `None` for [`Family::Authority`].
+    pub route: Option<String>,
+}
+
+/// Reduces one scrape to cumulative counts per group for one traffic direction (`inbound` or
+/// `outbound`), reading `family`'s samples and summing over every other label (status code,
+/// classification, ...). [`Family::Authority`] groups by `authority`, [`Family::Route`] by
+/// `authority` and `route`; samples without those labels are skipped.
 #[must_use]
-pub fn counts_by_authority(samples: &[Sample], direction: &str) -> BTreeMap<String, Counts> {
-    let mut by_authority: BTreeMap<String, Counts> = BTreeMap::new();
-    // Cumulative buckets per authority and bound, summed over other labels first.
-    let mut cumulative: BTreeMap<String, [u64; LATENCY_BUCKETS]> = BTreeMap::new();
+pub fn reduce(samples: &[Sample], direction: &str, family: Family) -> BTreeMap<Group, Counts> {
+    let mut groups: BTreeMap<Group, Counts> = BTreeMap::new();
+    // Cumulative buckets per group and bound, summed over other labels first.
+    let mut cumulative: BTreeMap<Group, [u64; LATENCY_BUCKETS]> = BTreeMap::new();
     for sample in samples {
+        let is_responses = sample.name == family.responses();
+        if !is_responses && sample.name != family.latency_buckets() {
+            continue;
+        }
         if sample.label("direction") != Some(direction) {
             continue;
         }
         let Some(authority) = sample.label("authority") else {
             continue;
         };
+        let route = match family {
+            Family::Authority => None,
+            Family::Route => match sample.label("route") {
+                Some(route) => Some(route.to_owned()),
+                None => continue,
+            },
+        };
+        let group = Group {
+            authority: authority.to_owned(),
+            route,
+        };
         let value = counter_value(sample.value);
-        match sample.name.as_str() {
-            "response_total" => {
-                let counts = by_authority.entry(authority.to_owned()).or_default();
-                counts.responses += value;
-                if sample.label("classification") == Some("success") {
-                    counts.successes += value;
-                }
+        if is_responses {
+            let counts = groups.entry(group).or_default();
+            counts.responses += value;
+            if sample.label("classification") == Some("success") {
+                counts.successes += value;
             }
-            "response_latency_ms_bucket" => {
-                let Some(index) = sample.label("le").and_then(bucket_index) else {
-                    continue;
-                };
-                cumulative
-                    .entry(authority.to_owned())
-                    .or_insert([0; LATENCY_BUCKETS])[index] += value;
-            }
-            _ => {}
+        } else if let Some(index) = sample.label("le").and_then(bucket_index) {
+            cumulative.entry(group).or_insert([0; LATENCY_BUCKETS])[index] += value;
         }
     }
-    for (authority, cumulative) in cumulative {
-        let counts = by_authority.entry(authority).or_default();
+    for (group, cumulative) in cumulative {
+        let counts = groups.entry(group).or_default();
         let mut below = 0;
         for (i, bucket) in counts.buckets.iter_mut().enumerate() {
             *bucket = cumulative[i].saturating_sub(below);
             below = below.max(cumulative[i]);
         }
     }
-    by_authority
+    groups
+}
+
+/// Reduces one scrape's top-line families to counts per authority for one direction.
+#[must_use]
+pub fn counts_by_authority(samples: &[Sample], direction: &str) -> BTreeMap<String, Counts> {
+    reduce(samples, direction, Family::Authority)
+        .into_iter()
+        .map(|(group, counts)| (group.authority, counts))
+        .collect()
+}
+
+/// Reduces one scrape's per-route families to counts per route for one direction, all
+/// authorities merged (a replica's proxy applies its own service's profile to everything it
+/// receives, whatever authority the caller wrote).
+#[must_use]
+pub fn counts_by_route(samples: &[Sample], direction: &str) -> BTreeMap<String, Counts> {
+    let mut by_route: BTreeMap<String, Counts> = BTreeMap::new();
+    for (group, counts) in reduce(samples, direction, Family::Route) {
+        if let Some(route) = group.route {
+            by_route.entry(route).or_default().add(&counts);
+        }
+    }
+    by_route
 }
 
 /// All authorities of one scrape merged (a replica's whole inbound traffic).
@@ -263,12 +338,16 @@ impl MetricsSource for HttpMetricsSource {
     }
 }
 
-/// The inbound traffic of the proxy at `admin`, all authorities merged, or `None` when it
+/// Scrapes the proxy at `admin` and reduces its samples with `reduce`, or `None` when it
 /// cannot be scraped or parsed.
-pub async fn scrape_inbound(source: &dyn MetricsSource, admin: SocketAddr) -> Option<Counts> {
+pub async fn scrape_reduced<T>(
+    source: &dyn MetricsSource,
+    admin: SocketAddr,
+    reduce: impl FnOnce(&[Sample]) -> T,
+) -> Option<T> {
     match source.scrape(admin).await {
         Ok(text) => match conduit_proto::prom::parse(&text) {
-            Ok(samples) => Some(total(&counts_by_authority(&samples, "inbound"))),
+            Ok(samples) => Some(reduce(&samples)),
             Err(error) => {
                 tracing::debug!(%admin, %error, "unreadable metrics");
                 None
@@ -279,6 +358,24 @@ pub async fn scrape_inbound(source: &dyn MetricsSource, admin: SocketAddr) -> Op
             None
         }
     }
+}
+
+/// The inbound traffic of the proxy at `admin`, all authorities merged, or `None` when it
+/// cannot be scraped or parsed.
+pub async fn scrape_inbound(source: &dyn MetricsSource, admin: SocketAddr) -> Option<Counts> {
+    scrape_reduced(source, admin, |samples| {
+        total(&counts_by_authority(samples, "inbound"))
+    })
+    .await
+}
+
+/// The inbound traffic of the proxy at `admin` per route (see [`counts_by_route`]), or `None`
+/// when it cannot be scraped or parsed.
+pub async fn scrape_inbound_routes(
+    source: &dyn MetricsSource,
+    admin: SocketAddr,
+) -> Option<BTreeMap<String, Counts>> {
+    scrape_reduced(source, admin, |samples| counts_by_route(samples, "inbound")).await
 }
 
 #[cfg(test)]
@@ -317,6 +414,94 @@ response_latency_ms_bucket{direction="outbound",authority="web.demo:80",le="+Inf
         assert_eq!(figures.success_rate, Some(0.95));
         assert!((figures.rps - 20.0).abs() < 1e-9);
         assert_eq!(figures.p50_ms, Some(5.0));
+    }
+
+    /// Per-route families as the proxy publishes them: two authorities of one service, the
+    /// outbound twin of a route, `_sum` and `_count` series, and a `default` route.
+    const ROUTES: &str = r#"
+# HELP route_request_total Total count of HTTP requests, per route.
+# TYPE route_request_total counter
+route_request_total{direction="inbound",authority="api.demo:80",route="get-item"} 12
+route_response_total{direction="inbound",authority="api.demo:80",route="get-item",status_code="200",classification="success"} 9
+route_response_total{direction="inbound",authority="api.demo:80",route="get-item",status_code="500",classification="failure"} 2
+route_response_total{direction="inbound",authority="api.demo",route="get-item",status_code="200",classification="success"} 1
+route_response_total{direction="outbound",authority="api.demo:80",route="get-item",status_code="200",classification="success"} 1000
+route_response_total{direction="inbound",authority="api.demo:80",route="default",status_code="404",classification="success"} 3
+response_total{direction="inbound",authority="api.demo:80",status_code="200",classification="success"} 13
+# TYPE route_response_latency_ms histogram
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo:80",route="get-item",status_code="200",le="5"} 4
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo:80",route="get-item",status_code="200",le="10"} 9
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo:80",route="get-item",status_code="200",le="+Inf"} 9
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo:80",route="get-item",status_code="500",le="5"} 0
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo:80",route="get-item",status_code="500",le="10"} 0
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo:80",route="get-item",status_code="500",le="+Inf"} 2
+route_response_latency_ms_sum{direction="inbound",authority="api.demo:80",route="get-item",status_code="200"} 61
+route_response_latency_ms_count{direction="inbound",authority="api.demo:80",route="get-item",status_code="200"} 9
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo",route="get-item",status_code="200",le="1"} 1
+route_response_latency_ms_bucket{direction="inbound",authority="api.demo",route="get-item",status_code="200",le="+Inf"} 1
+"#;
+
+    fn bucket_of(le_ms: u64) -> usize {
+        LATENCY_BUCKET_BOUNDS_MS
+            .iter()
+            .position(|&b| b == le_ms)
+            .unwrap()
+    }
+
+    #[test]
+    fn one_reduction_reads_either_family() {
+        let samples = conduit_proto::prom::parse(ROUTES).unwrap();
+        let groups = reduce(&samples, "inbound", Family::Route);
+        let keys: Vec<(&str, Option<&str>)> = groups
+            .keys()
+            .map(|g| (g.authority.as_str(), g.route.as_deref()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("api.demo", Some("get-item")),
+                ("api.demo:80", Some("default")),
+                ("api.demo:80", Some("get-item")),
+            ]
+        );
+        let get_item = &groups[&Group {
+            authority: "api.demo:80".into(),
+            route: Some("get-item".into()),
+        }];
+        assert_eq!((get_item.responses, get_item.successes), (11, 9));
+        // Cumulative buckets summed over status codes, then made per-bucket: 4 within 5 ms,
+        // 5 more within 10 ms, 2 beyond every bound. `_sum` and `_count` are not buckets.
+        assert_eq!(get_item.buckets[bucket_of(5)], 4);
+        assert_eq!(get_item.buckets[bucket_of(10)], 5);
+        assert_eq!(get_item.buckets[LATENCY_BUCKETS - 1], 2);
+        assert_eq!(get_item.buckets.iter().sum::<u64>(), 11);
+
+        // The top-line family of the same scrape, grouped by authority only.
+        let top = reduce(&samples, "inbound", Family::Authority);
+        assert_eq!(top.len(), 1);
+        let (group, counts) = top.iter().next().unwrap();
+        assert_eq!(
+            (group.authority.as_str(), group.route.as_deref()),
+            ("api.demo:80", None)
+        );
+        assert_eq!(counts.responses, 13);
+    }
+
+    #[test]
+    fn routes_merge_their_authorities() {
+        let samples = conduit_proto::prom::parse(ROUTES).unwrap();
+        let routes = counts_by_route(&samples, "inbound");
+        assert_eq!(routes.keys().collect::<Vec<_>>(), ["default", "get-item"]);
+        let get_item = &routes["get-item"];
+        assert_eq!((get_item.responses, get_item.successes), (12, 10));
+        assert_eq!(get_item.buckets[bucket_of(1)], 1);
+        assert_eq!(get_item.buckets.iter().sum::<u64>(), 12);
+        assert_eq!(
+            (routes["default"].responses, routes["default"].successes),
+            (3, 3)
+        );
+        let outbound = counts_by_route(&samples, "outbound");
+        assert_eq!(outbound["get-item"].responses, 1000);
     }
 
     #[test]

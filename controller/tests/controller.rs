@@ -384,7 +384,7 @@ async fn profile_streams_follow_the_file() {
     };
     let items =
         "        - name: items\n          match: { method: GET, path: { prefix: /items/ } }\n";
-    let health = "        - name: health\n          match: { path: { exact: /health } }\n";
+    let health = "        - name: health\n          match: { path: { exact: /health }, headers: [ { name: x-probe, exact: \"1\" } ] }\n          timeouts: { request: 500ms }\n          response_classes: { grpc: [ { code: unavailable, failure: true } ] }\n";
     let controller = Controller::start("profile", &with_routes(items, 9001)).await;
     let mut stream = controller.get_profile("web.default:80").await;
 
@@ -393,19 +393,25 @@ async fn profile_streams_follow_the_file() {
         (first.version, first.exists, first.name.as_str()),
         (1, true, "web.default")
     );
-    assert_eq!(first.profile.routes.len(), 1);
-    assert_eq!(first.profile.routes[0].name, "items");
+    assert_eq!(first.profile.routes().len(), 1);
+    assert_eq!(&*first.profile.routes()[0].name, "items");
 
     controller.write_mesh(&with_routes(&format!("{items}{health}"), 9001));
     let second = next_profile(&mut stream).await;
     assert_eq!(second.version, 2);
-    let names: Vec<&str> = second
-        .profile
-        .routes
-        .iter()
-        .map(|r| r.name.as_str())
-        .collect();
-    assert_eq!(names, ["items", "health"]);
+    let names: Vec<&str> = second.profile.route_names().collect();
+    assert_eq!(names, ["items", "health", "default"]);
+    // The route's policy crosses the wire whole.
+    let health_route = &second.profile.routes()[1];
+    assert_eq!(
+        health_route.policy.timeouts.request,
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(health_route.matches.headers.len(), 1);
+    assert_eq!(
+        health_route.policy.classifier.config().grpc_rules().len(),
+        1
+    );
 
     // An endpoint-only edit sends no profile; the next profile edit is version 3.
     let mut endpoints = controller.get("web.default").await;
@@ -419,7 +425,7 @@ async fn profile_streams_follow_the_file() {
     controller.write_mesh(&with_routes(health, 9002));
     let third = next_profile(&mut stream).await;
     assert_eq!(third.version, 3);
-    assert_eq!(third.profile.routes.len(), 1);
+    assert_eq!(third.profile.routes().len(), 1);
 
     drop((stream, endpoints));
     controller.stop().await;
@@ -450,7 +456,7 @@ async fn unknown_names_are_distinct_from_empty_services() {
     let mut profile = controller.get_profile("web.default").await;
     let none = next_profile(&mut profile).await;
     assert_eq!(
-        (none.version, none.exists, none.profile.routes.len()),
+        (none.version, none.exists, none.profile.routes().len()),
         (1, false, 0)
     );
 

@@ -35,7 +35,7 @@ use std::collections::BTreeSet;
 
 use conduit_core::balance;
 use conduit_core::classify::{
-    Classifier, ClassifyConfig, GrpcCode, GrpcRule, HttpRule, Outcome, StatusRange,
+    Classifier, ClassifyConfig, GrpcCode, GrpcRule, HttpRule, MAX_RULES, Outcome, StatusRange,
 };
 use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_WEIGHT};
 use conduit_core::route::{
@@ -124,7 +124,8 @@ pub enum InvalidMessage {
         field: String,
         /// Its length.
         len: usize,
-        /// The bound ([`MAX_ENDPOINTS`] or [`MAX_ROUTES`]).
+        /// The bound ([`MAX_ENDPOINTS`], [`MAX_ROUTES`], [`MAX_HEADER_MATCHES`], or twice
+        /// [`MAX_RULES`] for response classes).
         max: usize,
     },
     /// An endpoint or address set is empty. An empty endpoint set is said with `no_endpoints`,
@@ -615,11 +616,14 @@ pub fn route(field: &str, route: dst::Route) -> Result<Route, InvalidMessage> {
             });
         }
     };
-    check_len(
-        &format!("{field}.condition.headers"),
-        condition.headers.len(),
-        MAX_HEADER_MATCHES,
-    )?;
+    // No header condition is the common case; only the bound applies.
+    if condition.headers.len() > MAX_HEADER_MATCHES {
+        return Err(InvalidMessage::TooMany {
+            field: format!("{field}.condition.headers"),
+            len: condition.headers.len(),
+            max: MAX_HEADER_MATCHES,
+        });
+    }
     let mut headers = Vec::with_capacity(condition.headers.len());
     for (i, header) in condition.headers.into_iter().enumerate() {
         let header_field = format!("{field}.condition.headers[{i}]");
@@ -680,6 +684,14 @@ fn response_classes(
     field: &str,
     classes: Vec<dst::ResponseClass>,
 ) -> Result<Classifier, InvalidMessage> {
+    // Each kind holds at most MAX_RULES; refuse a longer list before reading any of it.
+    if classes.len() > 2 * MAX_RULES {
+        return Err(InvalidMessage::TooMany {
+            field: format!("{field}.response_classes"),
+            len: classes.len(),
+            max: 2 * MAX_RULES,
+        });
+    }
     let mut http = Vec::new();
     let mut grpc = Vec::new();
     for (i, class) in classes.into_iter().enumerate() {

@@ -66,7 +66,7 @@ pub fn parse(text: &str) -> Result<Mesh, MeshFileError> {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = r"
+    const EXAMPLE: &str = r#"
 services:
   web.default:
     port: 80
@@ -80,15 +80,84 @@ services:
       routes:
         - name: items
           match: { method: GET, path: { prefix: /items/ } }
-";
+        - name: get-item
+          match:
+            method: GET
+            path: { regex: "/items/[0-9]+" }
+            headers:
+              - { name: X-Tenant, exact: beta }
+              - { name: x-canary, regex: "yes|true" }
+          timeouts: { request: 2s, attempt: 500ms }
+          response_classes:
+            http:
+              - { status: { min: 500 }, failure: true }
+              - { status: { min: 429, max: 429 }, failure: false, retryable: true }
+            grpc:
+              - { code: unavailable, failure: true, retryable: true }
+"#;
 
     #[test]
     fn the_design_example_parses() {
+        use std::time::Duration;
+
+        use conduit_core::classify::{GrpcCode, Outcome};
+        use conduit_core::route::{PathMatch, ValueMatch};
+
         let mesh = parse(EXAMPLE).unwrap();
         let web = mesh.lookup("web.default:80").unwrap();
         assert_eq!(web.endpoints.len(), 2);
         assert_eq!(web.endpoints[0].labels["zone"], "a");
-        assert_eq!(web.profile.routes[0].name, "items");
+        let routes = web.profile.routes();
+        let names: Vec<&str> = web.profile.route_names().collect();
+        assert_eq!(names, ["items", "get-item", "default"]);
+        assert_eq!(routes[0].matches.path, PathMatch::Prefix("/items/".into()));
+
+        let get_item = &routes[1];
+        assert!(
+            matches!(&get_item.matches.path, PathMatch::Regex(p) if p.as_str() == "/items/[0-9]+")
+        );
+        let headers: Vec<(&str, &ValueMatch)> = get_item
+            .matches
+            .headers
+            .iter()
+            .map(|h| (h.name.as_str(), &h.value))
+            .collect();
+        assert_eq!(headers[0], ("x-tenant", &ValueMatch::Exact("beta".into())));
+        assert!(
+            matches!(headers[1], ("x-canary", ValueMatch::Regex(p)) if p.as_str() == "yes|true")
+        );
+        let timeouts = get_item.policy.timeouts;
+        assert_eq!(timeouts.request, Some(Duration::from_secs(2)));
+        assert_eq!(timeouts.attempt, Some(Duration::from_millis(500)));
+        let classes = get_item.policy.classifier.config();
+        let http: Vec<_> = classes
+            .http_rules()
+            .iter()
+            .map(|r| {
+                (
+                    r.statuses.min().as_u16(),
+                    r.statuses.max().as_u16(),
+                    r.outcome,
+                    r.retryable,
+                )
+            })
+            .collect();
+        assert_eq!(
+            http,
+            [
+                (500, 599, Outcome::Failure, false),
+                (429, 429, Outcome::Success, true)
+            ]
+        );
+        let grpc = &classes.grpc_rules()[0];
+        assert_eq!(
+            (grpc.code, grpc.outcome, grpc.retryable),
+            (
+                GrpcCode::from_name("unavailable").unwrap(),
+                Outcome::Failure,
+                true
+            )
+        );
     }
 
     #[test]
@@ -111,6 +180,22 @@ services:
                 "did not find expected node content at line 3",
             ),
             ("servces: {}\n", "unknown field `servces`"),
+            (
+                "services:\n  web.default:\n    profile:\n      routes:\n        - name: a\n          match: { path: { regex: \"(\" } }\n",
+                "services.web.default.profile.routes[0].match.path.regex: invalid regular expression",
+            ),
+            (
+                "services:\n  web.default:\n    profile:\n      routes:\n        - name: a\n          timeouts: { request: 0s }\n",
+                "services.web.default.profile.routes[0].timeouts.request: must be above zero",
+            ),
+            (
+                "services:\n  web.default:\n    profile:\n      routes:\n        - name: a\n          timeouts: { deadline: 1s }\n",
+                "services.web.default.profile.routes[0].timeouts: unknown field `deadline`",
+            ),
+            (
+                "services:\n  web.default:\n    profile:\n      routes:\n        - name: default\n",
+                "services.web.default.profile.routes[0].name: `default` is reserved",
+            ),
         ];
         for (text, want) in cases {
             let got = parse(text).unwrap_err().to_string();

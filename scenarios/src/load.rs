@@ -42,6 +42,8 @@ pub struct Target {
     pub authority: String,
     /// The request path (with query, if any).
     pub path: String,
+    /// The request method. Requests carry no body whatever the method.
+    pub method: http::Method,
 }
 
 /// What to send, how fast and for how long.
@@ -195,7 +197,8 @@ impl TargetReport {
 pub struct LoadReport {
     /// Requests scheduled.
     pub scheduled: u64,
-    /// Per target, keyed by authority and path.
+    /// Per target, keyed by authority and path (targets that differ only in their method
+    /// share an entry).
     pub targets: BTreeMap<(String, String), TargetReport>,
     /// From the first intended send to the last response.
     pub elapsed: Duration,
@@ -405,6 +408,7 @@ impl<N: Net> Worker<N> {
             return Err(LoadError::Connect);
         };
         let request = http::Request::builder()
+            .method(target.method.clone())
             .uri(target.path.as_str())
             .header(http::header::HOST, target.authority.as_str())
             .body(Empty::<Bytes>::new())
@@ -454,6 +458,7 @@ mod tests {
             targets: vec![Target {
                 authority: "web".into(),
                 path: "/".into(),
+                method: http::Method::GET,
             }],
             record_samples: false,
             spin_wait: false,

@@ -53,10 +53,12 @@ async fn every_request_is_accounted_for() {
             Target {
                 authority: "web".into(),
                 path: "/ok".into(),
+                method: http::Method::GET,
             },
             Target {
                 authority: "web".into(),
                 path: "/fail".into(),
+                method: http::Method::GET,
             },
         ],
         record_samples: true,
@@ -100,6 +102,7 @@ async fn a_dead_server_gives_connect_errors_not_silence() {
         targets: vec![Target {
             authority: "web".into(),
             path: "/".into(),
+            method: http::Method::GET,
         }],
         record_samples: false,
         spin_wait: false,

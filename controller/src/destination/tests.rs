@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 
-use conduit_core::mesh::{PathMatch, Route, Service};
+use conduit_core::mesh::Service;
+use conduit_core::route::{PathMatch, RequestMatch, Route};
 use proptest::prelude::*;
 
 use super::*;
@@ -147,14 +148,13 @@ fn profiles_are_sent_whole_on_change() {
             name: "web.default".into(),
             port: 80,
             endpoints: vec![],
-            profile: Profile { routes },
+            profile: Profile::try_new(routes).unwrap(),
         }))
     };
-    let route = Route {
-        name: "items".into(),
-        method: None,
-        path: PathMatch::Prefix("/items/".into()),
-    };
+    let route = Route::new(
+        "items",
+        RequestMatch::new(None, PathMatch::Prefix("/items/".into())),
+    );
     let mut diff = ProfileDiff::new();
     let first = diff.handle_state(&with_routes(vec![])).unwrap();
     assert_eq!(
@@ -166,12 +166,12 @@ fn profiles_are_sent_whole_on_change() {
         .handle_state(&with_routes(vec![route.clone()]))
         .unwrap();
     assert_eq!(
-        (second.version, second.profile.routes.as_slice()),
+        (second.version, second.profile.routes()),
         (2, [route].as_slice())
     );
     let gone = diff.handle_state(&ServiceState::NotFound).unwrap();
     assert_eq!(
-        (gone.version, gone.exists, gone.profile.routes.len()),
+        (gone.version, gone.exists, gone.profile.routes().len()),
         (3, false, 0)
     );
 }

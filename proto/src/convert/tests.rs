@@ -154,22 +154,34 @@ fn no_endpoints_keeps_whether_the_service_exists() {
     }
 }
 
-#[test]
-fn invalid_routes_name_their_field() {
-    let route = |name: &str, method: &str, path: Option<dst::path_match::Kind>| dst::Route {
+fn pb_route(name: &str, method: &str, path: Option<dst::path_match::Kind>) -> dst::Route {
+    dst::Route {
         name: name.into(),
         condition: Some(dst::RequestMatch {
             method: method.into(),
             path: path.map(|kind| dst::PathMatch { kind: Some(kind) }),
+            ..dst::RequestMatch::default()
         }),
         ..dst::Route::default()
-    };
-    let profile = |routes| dst::DestinationProfile {
+    }
+}
+
+fn pb_profile(routes: Vec<dst::Route>) -> dst::DestinationProfile {
+    dst::DestinationProfile {
         version: 1,
         exists: true,
         routes,
         ..Default::default()
-    };
+    }
+}
+
+fn profile_error(routes: Vec<dst::Route>) -> InvalidMessage {
+    ProfileUpdate::try_from(pb_profile(routes)).unwrap_err()
+}
+
+#[test]
+fn invalid_routes_name_their_field() {
+    let route = pb_route;
     let cases = [
         (vec![route("", "", None)], "routes[0].name"),
         (vec![route("a", "G ET", None)], "routes[0].condition.method"),
@@ -197,8 +209,8 @@ fn invalid_routes_name_their_field() {
             vec![dst::Route {
                 name: "a".into(),
                 condition: Some(dst::RequestMatch {
-                    method: String::new(),
                     path: Some(dst::PathMatch { kind: None }),
+                    ..dst::RequestMatch::default()
                 }),
                 ..dst::Route::default()
             }],
@@ -206,35 +218,293 @@ fn invalid_routes_name_their_field() {
         ),
     ];
     for (routes, field) in cases {
-        let err = ProfileUpdate::try_from(profile(routes)).unwrap_err();
+        let err = profile_error(routes);
         assert_eq!(err.field(), field, "{err}");
     }
     let too_many = (0..=MAX_ROUTES)
         .map(|i| route(&format!("r{i}"), "", None))
         .collect();
-    assert_eq!(
-        ProfileUpdate::try_from(profile(too_many))
-            .unwrap_err()
-            .field(),
-        "routes"
-    );
+    assert_eq!(profile_error(too_many).field(), "routes");
+}
+
+/// A route with one change applied to an otherwise valid route.
+fn route_with(change: impl FnOnce(&mut dst::Route)) -> dst::Route {
+    let mut route = pb_route("r", "GET", None);
+    change(&mut route);
+    route
+}
+
+fn condition(route: &mut dst::Route) -> &mut dst::RequestMatch {
+    route.condition.get_or_insert_with(Default::default)
+}
+
+fn header(name: &str, value: Option<dst::header_match::Value>) -> dst::HeaderMatch {
+    dst::HeaderMatch {
+        name: name.into(),
+        value,
+    }
+}
+
+fn class(kind: dst::response_match::Kind) -> dst::ResponseClass {
+    dst::ResponseClass {
+        condition: Some(dst::ResponseMatch { kind: Some(kind) }),
+        is_failure: true,
+        is_retryable: false,
+    }
+}
+
+fn status(min: u32, max: u32) -> dst::response_match::Kind {
+    dst::response_match::Kind::Status(dst::HttpStatusRange { min, max })
+}
+
+/// Every input the route carries since header matches, path regexes, timeouts and response
+/// classes is refused when invalid, and the error names the field (and says why).
+#[test]
+fn invalid_route_policies_name_their_field() {
+    use dst::header_match::Value;
+    use dst::path_match::Kind;
+    let regex = |source: String| {
+        route_with(move |r| {
+            condition(r).path = Some(dst::PathMatch {
+                kind: Some(Kind::Regex(source)),
+            });
+        })
+    };
+    let headers = |headers: Vec<dst::HeaderMatch>| route_with(|r| condition(r).headers = headers);
+    let day_ms = 24 * 3600 * 1000;
+    let cases: Vec<(&str, dst::Route, &str, &str)> = vec![
+        (
+            "oversized regex",
+            regex("a".repeat(route::MAX_REGEX_BYTES + 1)),
+            "routes[0].condition.path.regex",
+            "limit",
+        ),
+        (
+            "regex compiling too large",
+            regex("a{1000}{1000}".into()),
+            "routes[0].condition.path.regex",
+            "larger than",
+        ),
+        (
+            "invalid regex",
+            regex("(".into()),
+            "routes[0].condition.path.regex",
+            "invalid regular expression",
+        ),
+        (
+            "bad header name",
+            headers(vec![header("x tenant", Some(Value::Exact("a".into())))]),
+            "routes[0].condition.headers[0].name",
+            "not a header field name",
+        ),
+        (
+            "invalid header regex",
+            headers(vec![
+                header("x-a", Some(Value::Exact("a".into()))),
+                header("x-b", Some(Value::Regex("[".into()))),
+            ]),
+            "routes[0].condition.headers[1].regex",
+            "invalid regular expression",
+        ),
+        (
+            "header match with no value",
+            headers(vec![header("x-tenant", None)]),
+            "routes[0].condition.headers[0].value",
+            "missing",
+        ),
+        (
+            "too many header matches",
+            headers(
+                (0..=MAX_HEADER_MATCHES)
+                    .map(|i| header(&format!("x-{i}"), Some(Value::Exact("a".into()))))
+                    .collect(),
+            ),
+            "routes[0].condition.headers",
+            "above the limit",
+        ),
+        (
+            "request timeout 0",
+            route_with(|r| r.timeout_ms = Some(0)),
+            "routes[0].timeout_ms",
+            "above zero",
+        ),
+        (
+            "request timeout above 24 h",
+            route_with(|r| r.timeout_ms = Some(day_ms + 1)),
+            "routes[0].timeout_ms",
+            "above the maximum",
+        ),
+        (
+            "attempt timeout 0",
+            route_with(|r| r.attempt_timeout_ms = Some(0)),
+            "routes[0].attempt_timeout_ms",
+            "above zero",
+        ),
+        (
+            "attempt timeout above 24 h",
+            route_with(|r| r.attempt_timeout_ms = Some(u64::MAX)),
+            "routes[0].attempt_timeout_ms",
+            "above the maximum",
+        ),
+        (
+            "status range inverted",
+            route_with(|r| r.response_classes = vec![class(status(599, 500))]),
+            "routes[0].response_classes[0].condition.status.max",
+            "below min",
+        ),
+        (
+            "status not an HTTP status",
+            route_with(|r| {
+                r.response_classes = vec![class(status(500, 599)), class(status(99, 200))];
+            }),
+            "routes[0].response_classes[1].condition.status.min",
+            "not an HTTP status",
+        ),
+        (
+            "status far out of range",
+            route_with(|r| r.response_classes = vec![class(status(500, 70_000))]),
+            "routes[0].response_classes[0].condition.status.max",
+            "not an HTTP status",
+        ),
+        (
+            "unknown gRPC code",
+            route_with(|r| {
+                r.response_classes = vec![class(dst::response_match::Kind::GrpcStatus(17))];
+            }),
+            "routes[0].response_classes[0].condition.grpc_status",
+            "not a gRPC status code",
+        ),
+        (
+            "response class with no condition",
+            route_with(|r| {
+                r.response_classes = vec![dst::ResponseClass {
+                    condition: None,
+                    is_failure: true,
+                    is_retryable: false,
+                }];
+            }),
+            "routes[0].response_classes[0].condition.kind",
+            "missing",
+        ),
+        (
+            "too many response classes",
+            route_with(|r| {
+                r.response_classes = vec![class(status(500, 599)); 2 * MAX_RULES + 1];
+            }),
+            "routes[0].response_classes",
+            "above the limit",
+        ),
+        (
+            "too many HTTP response classes",
+            route_with(|r| r.response_classes = vec![class(status(500, 599)); MAX_RULES + 1]),
+            "routes[0].response_classes",
+            "exceed the limit",
+        ),
+        (
+            "route named default",
+            route_with(|r| r.name = route::DEFAULT_ROUTE.into()),
+            "routes[0].name",
+            "not `default`",
+        ),
+    ];
+    for (what, route, field, reason) in cases {
+        let err = profile_error(vec![route]);
+        assert_eq!(err.field(), field, "{what}: {err}");
+        let text = err.to_string();
+        assert!(text.starts_with(field), "{what}: {text}");
+        assert!(text.contains(reason), "{what}: {text}");
+    }
 }
 
 #[test]
 fn a_route_without_condition_matches_everything() {
-    let got = mesh::Route::try_from(dst::Route {
+    let got = Route::try_from(dst::Route {
         name: "all".into(),
         ..dst::Route::default()
     })
     .unwrap();
     assert_eq!(
         got,
-        mesh::Route {
-            name: "all".into(),
-            method: None,
-            path: PathMatch::Any
+        Route::new("all", RequestMatch::new(None, PathMatch::Any))
+    );
+}
+
+/// Header matches, a path regex, both timeouts and response classes of both kinds arrive as
+/// the core's route, classes kept in their order within each kind.
+#[test]
+fn a_full_route_converts() {
+    use dst::header_match::Value;
+    let wire = dst::Route {
+        name: "get-item".into(),
+        condition: Some(dst::RequestMatch {
+            method: "GET".into(),
+            path: Some(dst::PathMatch {
+                kind: Some(dst::path_match::Kind::Regex("/items/[0-9]+".into())),
+            }),
+            headers: vec![
+                header("X-Tenant", Some(Value::Exact("beta".into()))),
+                header("x-canary", Some(Value::Regex("yes|true".into()))),
+            ],
+        }),
+        response_classes: vec![
+            class(status(500, 504)),
+            class(dst::response_match::Kind::GrpcStatus(14)),
+            dst::ResponseClass {
+                is_failure: false,
+                is_retryable: true,
+                ..class(status(429, 429))
+            },
+        ],
+        timeout_ms: Some(500),
+        attempt_timeout_ms: Some(100),
+        retry_policy: None,
+    };
+    let route = Route::try_from(wire).unwrap();
+    assert_eq!(&*route.name, "get-item");
+    assert_eq!(route.matches.method, Some(http::Method::GET));
+    assert_eq!(
+        route.matches.path,
+        PathMatch::Regex(Pattern::try_new("/items/[0-9]+").unwrap())
+    );
+    assert_eq!(route.matches.headers.len(), 2);
+    assert_eq!(route.matches.headers[0].name.as_str(), "x-tenant");
+    assert_eq!(
+        route.matches.headers[0].value,
+        ValueMatch::Exact("beta".into())
+    );
+    assert_eq!(
+        route.policy.timeouts,
+        Timeouts {
+            request: Some(Duration::from_millis(500)),
+            attempt: Some(Duration::from_millis(100)),
         }
     );
+    let config = route.policy.classifier.config();
+    let http: Vec<_> = config
+        .http_rules()
+        .iter()
+        .map(|r| {
+            (
+                r.statuses.min().as_u16(),
+                r.statuses.max().as_u16(),
+                r.outcome,
+                r.retryable,
+            )
+        })
+        .collect();
+    assert_eq!(
+        http,
+        [
+            (500, 504, Outcome::Failure, false),
+            (429, 429, Outcome::Success, true)
+        ]
+    );
+    assert_eq!(config.grpc_rules().len(), 1);
+    assert_eq!(config.grpc_rules()[0].code, GrpcCode::from_u32(14).unwrap());
+    // Back to the wire: the header name is lower-cased, HTTP classes come before gRPC ones.
+    let back = dst::Route::from(&route);
+    assert_eq!(back.condition.as_ref().unwrap().headers[0].name, "x-tenant");
+    assert_eq!(Route::try_from(back).unwrap(), route);
 }
 
 /// The profile fields core has no types for yet are not read: a profile that sets them
@@ -247,6 +517,7 @@ fn unconverted_profile_fields_are_ignored() {
         fully_qualified_name: "web.default".into(),
         routes: vec![dst::Route {
             name: "r".into(),
+            timeout_ms: Some(100),
             ..dst::Route::default()
         }],
         retry_budget: None,
@@ -257,15 +528,10 @@ fn unconverted_profile_fields_are_ignored() {
         min_retries_per_second: 10,
         ttl_ms: 10_000,
     });
-    rich.routes[0].timeout_ms = Some(100);
     rich.routes[0].retry_policy = Some(dst::RetryPolicy {
         max_attempts: 3,
         ..Default::default()
     });
-    rich.routes[0].response_classes = vec![dst::ResponseClass {
-        condition: None,
-        is_failure: true,
-    }];
     assert_eq!(
         ProfileUpdate::try_from(rich).unwrap(),
         ProfileUpdate::try_from(plain).unwrap()
@@ -329,9 +595,69 @@ fn arb_update() -> impl Strategy<Value = DestinationUpdate> {
     (1..=u64::MAX, change).prop_map(|(version, change)| DestinationUpdate { version, change })
 }
 
-fn arb_route() -> impl Strategy<Value = mesh::Route> {
+fn arb_pattern() -> impl Strategy<Value = Pattern> {
+    prop_oneof![
+        Just("/items/[0-9]+"),
+        Just("/v[12]/.*"),
+        Just("yes|true"),
+        Just("[a-z]{1,8}"),
+        Just("/a(/b)?"),
+    ]
+    .prop_map(|source| Pattern::try_new(source).unwrap())
+}
+
+fn arb_header_match() -> impl Strategy<Value = route::HeaderMatch> {
     (
-        "[a-z][a-z0-9-]{0,10}",
+        "x-[a-z]{1,8}",
+        prop_oneof![
+            "[ -~]{0,10}".prop_map(ValueMatch::Exact),
+            arb_pattern().prop_map(ValueMatch::Regex),
+        ],
+    )
+        .prop_map(|(name, value)| route::HeaderMatch {
+            name: http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value,
+        })
+}
+
+fn arb_timeout() -> impl Strategy<Value = Option<Duration>> {
+    proptest::option::of(
+        (1..=u64::try_from(conduit_core::timeout::MAX_TIMEOUT.as_millis()).unwrap())
+            .prop_map(Duration::from_millis),
+    )
+}
+
+fn arb_outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![Just(Outcome::Success), Just(Outcome::Failure)]
+}
+
+fn arb_classifier() -> impl Strategy<Value = Classifier> {
+    let http = (100u16..=999, 0u16..=100, arb_outcome(), any::<bool>()).prop_map(
+        |(min, span, outcome, retryable)| HttpRule {
+            statuses: StatusRange::try_new(min, min.saturating_add(span).min(999)).unwrap(),
+            outcome,
+            retryable,
+        },
+    );
+    let grpc = (
+        proptest::sample::select(GrpcCode::ALL.to_vec()),
+        arb_outcome(),
+        any::<bool>(),
+    )
+        .prop_map(|(code, outcome, retryable)| GrpcRule {
+            code,
+            outcome,
+            retryable,
+        });
+    (
+        proptest::collection::vec(http, 0..4),
+        proptest::collection::vec(grpc, 0..4),
+    )
+        .prop_map(|(http, grpc)| Classifier::new(&ClassifyConfig::try_new(http, grpc).unwrap()))
+}
+
+fn arb_route() -> impl Strategy<Value = Route> {
+    let matches = (
         proptest::option::of(prop_oneof![
             Just(http::Method::GET),
             Just(http::Method::POST),
@@ -342,9 +668,31 @@ fn arb_route() -> impl Strategy<Value = mesh::Route> {
             Just(PathMatch::Any),
             "/[a-z/]{0,10}".prop_map(PathMatch::Exact),
             "/[a-z/]{0,10}".prop_map(PathMatch::Prefix),
+            arb_pattern().prop_map(PathMatch::Regex),
         ],
+        proptest::collection::vec(arb_header_match(), 0..3),
     )
-        .prop_map(|(name, method, path)| mesh::Route { name, method, path })
+        .prop_map(|(method, path, headers)| RequestMatch {
+            method,
+            path,
+            headers,
+        });
+    let policy = (arb_classifier(), arb_timeout(), arb_timeout()).prop_map(
+        |(classifier, request, attempt)| RoutePolicy {
+            classifier,
+            timeouts: Timeouts { request, attempt },
+        },
+    );
+    (
+        "[a-z][a-z0-9-]{0,10}".prop_filter("`default` is reserved", |n| n != route::DEFAULT_ROUTE),
+        matches,
+        policy,
+    )
+        .prop_map(|(name, matches, policy)| Route {
+            name: name.into(),
+            matches,
+            policy,
+        })
 }
 
 fn arb_profile_update() -> impl Strategy<Value = ProfileUpdate> {
@@ -365,7 +713,7 @@ fn arb_profile_update() -> impl Strategy<Value = ProfileUpdate> {
                 version,
                 exists,
                 name,
-                profile: mesh::Profile { routes },
+                profile: Profile::try_new(routes).unwrap(),
             }
         })
 }
@@ -409,18 +757,101 @@ fn arb_pb_update() -> impl Strategy<Value = dst::Update> {
 }
 
 fn arb_pb_route() -> impl Strategy<Value = dst::Route> {
-    let kind = proptest::option::of(prop_oneof![
-        ".{0,6}".prop_map(dst::path_match::Kind::Exact),
-        ".{0,6}".prop_map(dst::path_match::Kind::Prefix),
-    ]);
-    (".{0,4}", ".{0,6}", proptest::option::of(kind)).prop_map(|(name, method, path)| dst::Route {
-        name,
-        condition: Some(dst::RequestMatch {
-            method,
-            path: path.map(|kind| dst::PathMatch { kind }),
-        }),
-        ..dst::Route::default()
-    })
+    // Each field is valid about eight times in ten and otherwise invalid in one of the ways a
+    // peer could send, so that whole routes often convert (and round-trip) while every kind
+    // of invalid value still shows up. Strings come from an alphabet that forms paths and
+    // regular expressions alike (some invalid, some huge once compiled).
+    let text = || {
+        prop_oneof![
+            8 => "/[a-z0-9]{0,6}",
+            2 => "[/a-z0-9()\\[\\]{}*+?|.-]{0,12}",
+            1 => ".{0,6}",
+            1 => Just("a{1000}{1000}".to_owned()),
+        ]
+    };
+    let kind = proptest::option::weighted(
+        0.9,
+        prop_oneof![
+            text().prop_map(dst::path_match::Kind::Exact),
+            text().prop_map(dst::path_match::Kind::Prefix),
+            text().prop_map(dst::path_match::Kind::Regex),
+        ],
+    );
+    let header = (
+        prop_oneof![8 => "x-[a-z]{1,4}", 1 => ".{0,4}"],
+        proptest::option::weighted(
+            0.9,
+            prop_oneof![
+                text().prop_map(dst::header_match::Value::Exact),
+                text().prop_map(dst::header_match::Value::Regex),
+            ],
+        ),
+    )
+        .prop_map(|(name, value)| dst::HeaderMatch { name, value });
+    let status = prop_oneof![
+        8 => (100u32..=999).prop_flat_map(|min| (Just(min), min..=999)),
+        2 => (0u32..1200, 0u32..1200),
+    ]
+    .prop_map(|(min, max)| dst::response_match::Kind::Status(dst::HttpStatusRange { min, max }));
+    let grpc = prop_oneof![
+        8 => 0u32..=16,
+        1 => 17u32..20,
+        1 => any::<u32>(),
+    ]
+    .prop_map(dst::response_match::Kind::GrpcStatus);
+    let class = (
+        proptest::option::weighted(
+            0.9,
+            proptest::option::weighted(0.9, prop_oneof![status, grpc]),
+        ),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(condition, is_failure, is_retryable)| dst::ResponseClass {
+            condition: condition.map(|kind| dst::ResponseMatch { kind }),
+            is_failure,
+            is_retryable,
+        });
+    let timeout = || {
+        proptest::option::of(prop_oneof![
+            1 => Just(0u64),
+            8 => 1u64..=86_400_000,
+            1 => any::<u64>(),
+        ])
+    };
+    (
+        prop_oneof![
+            8 => "[a-z][a-z-]{0,4}",
+            1 => ".{0,4}",
+            1 => Just("default".to_owned()),
+        ],
+        prop_oneof![
+            4 => Just(String::new()),
+            4 => Just("GET".to_owned()),
+            1 => ".{0,6}",
+        ],
+        proptest::option::of(kind),
+        proptest::collection::vec(header, 0..3),
+        proptest::collection::vec(class, 0..3),
+        timeout(),
+        timeout(),
+    )
+        .prop_map(
+            |(name, method, path, headers, response_classes, timeout_ms, attempt_timeout_ms)| {
+                dst::Route {
+                    name,
+                    condition: Some(dst::RequestMatch {
+                        method,
+                        path: path.map(|kind| dst::PathMatch { kind }),
+                        headers,
+                    }),
+                    response_classes,
+                    timeout_ms,
+                    attempt_timeout_ms,
+                    retry_policy: None,
+                }
+            },
+        )
 }
 
 proptest! {
@@ -438,7 +869,10 @@ proptest! {
     #[test]
     fn profiles_round_trip(update in arb_profile_update()) {
         let wire = dst::DestinationProfile::from(update.clone());
-        prop_assert_eq!(ProfileUpdate::try_from(wire).unwrap(), update);
+        prop_assert_eq!(ProfileUpdate::try_from(wire.clone()).unwrap(), update);
+        // And through bytes, as the network carries it.
+        let decoded = dst::DestinationProfile::decode(wire.encode_to_vec().as_slice()).unwrap();
+        prop_assert_eq!(decoded, wire);
     }
 
     /// Arbitrary messages convert or are rejected; they never panic, and what converts is valid.
@@ -453,10 +887,22 @@ proptest! {
         }
     }
 
-    /// Arbitrary routes convert or are rejected, never panic.
+    /// Arbitrary routes convert or are rejected, never panic; what converts is valid and
+    /// survives the way back to the wire unchanged.
     #[test]
-    fn garbage_profiles_never_panic(routes in proptest::collection::vec(arb_pb_route(), 0..5), version: u64) {
-        let _ = ProfileUpdate::try_from(dst::DestinationProfile { version, exists: true, routes, ..Default::default() });
+    fn garbage_profiles_never_panic(routes in proptest::collection::vec(arb_pb_route(), 0..4), version: u64) {
+        let wire = dst::DestinationProfile { version, exists: true, routes, ..Default::default() };
+        if let Ok(update) = ProfileUpdate::try_from(wire) {
+            prop_assert!(update.version >= 1);
+            for route in update.profile.routes() {
+                prop_assert!(route::check_route_name(&route.name).is_ok());
+                for timeout in [route.policy.timeouts.request, route.policy.timeouts.attempt].into_iter().flatten() {
+                    prop_assert!(!timeout.is_zero() && timeout <= conduit_core::timeout::MAX_TIMEOUT);
+                }
+            }
+            let again = dst::DestinationProfile::from(update.clone());
+            prop_assert_eq!(ProfileUpdate::try_from(again).unwrap(), update);
+        }
     }
 
     /// Arbitrary bytes either fail to decode or decode into something conversion handles.
