@@ -416,13 +416,12 @@ impl<'c> Exchange<'c> {
     ///
     /// The exchange stays where the engine keeps it (borrowed, not moved into the future), so
     /// a request does not pay for copies of it.
-    pub(crate) fn forward<'e, E: Engine>(
+    pub(crate) fn forward<'e, E: Engine + Send>(
         &'e mut self,
         engine: &'e mut E,
     ) -> impl Future<Output = E::Output> + Send + 'e
     where
         'c: 'e,
-        E: Send,
     {
         // The span wraps the future only when it is on: wrapping moves the whole request's
         // future once more, which every request would pay for a span nobody reads.
@@ -452,9 +451,7 @@ impl<'c> Exchange<'c> {
             // its state does not weigh on every request's future.
             let picked = match Self::pick_now(routed, repicked.take(), now) {
                 Some(picked) => picked.map(|(addr, in_flight)| (addr, in_flight, now)),
-                None => {
-                    Box::pin(self.pick_wait(routed, now, routed.deadlines.request())).await
-                }
+                None => Box::pin(self.pick_wait(routed, now, routed.deadlines.request())).await,
             };
             let (addr, in_flight, dispatched) = match picked {
                 Ok(picked) => picked,
