@@ -37,19 +37,58 @@ impl RequestView for Req {
 fn route(i: usize) -> RawRoute {
     let path = |p: RawPathMatch| Some(p);
     let (method, path_match, headers) = match i % 5 {
-        0 => (Some("GET"), path(RawPathMatch { exact: Some(format!("/api/v{i}/items")), ..Default::default() }), vec![]),
-        1 => (Some("POST"), path(RawPathMatch { prefix: Some(format!("/api/v{i}/")), ..Default::default() }), vec![]),
-        2 => (None, path(RawPathMatch { regex: Some(format!("/api/v{i}/items/[0-9]+")), ..Default::default() }), vec![]),
+        0 => (
+            Some("GET"),
+            path(RawPathMatch {
+                exact: Some(format!("/api/v{i}/items")),
+                ..Default::default()
+            }),
+            vec![],
+        ),
+        1 => (
+            Some("POST"),
+            path(RawPathMatch {
+                prefix: Some(format!("/api/v{i}/")),
+                ..Default::default()
+            }),
+            vec![],
+        ),
+        2 => (
+            None,
+            path(RawPathMatch {
+                regex: Some(format!("/api/v{i}/items/[0-9]+")),
+                ..Default::default()
+            }),
+            vec![],
+        ),
         3 => (
             None,
-            path(RawPathMatch { prefix: Some(format!("/users/{i}/")), ..Default::default() }),
-            vec![RawHeaderMatch { name: "x-tenant".into(), exact: Some("beta".into()), regex: None }],
+            path(RawPathMatch {
+                prefix: Some(format!("/users/{i}/")),
+                ..Default::default()
+            }),
+            vec![RawHeaderMatch {
+                name: "x-tenant".into(),
+                exact: Some("beta".into()),
+                regex: None,
+            }],
         ),
-        _ => (Some("DELETE"), path(RawPathMatch { regex: Some(format!("/static/{i}/.+[.]js")), ..Default::default() }), vec![]),
+        _ => (
+            Some("DELETE"),
+            path(RawPathMatch {
+                regex: Some(format!("/static/{i}/.+[.]js")),
+                ..Default::default()
+            }),
+            vec![],
+        ),
     };
     RawRoute {
         name: format!("route-{i}"),
-        matches: RawRequestMatch { method: method.map(Into::into), path: path_match, headers },
+        matches: RawRequestMatch {
+            method: method.map(Into::into),
+            path: path_match,
+            headers,
+        },
         ..RawRoute::default()
     }
 }
@@ -62,14 +101,25 @@ fn find(c: &mut Criterion) {
             name: "last".into(),
             matches: RawRequestMatch {
                 method: Some("GET".into()),
-                path: Some(RawPathMatch { exact: Some("/".into()), ..Default::default() }),
+                path: Some(RawPathMatch {
+                    exact: Some("/".into()),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             ..RawRoute::default()
         });
         let profile = Profile::try_from(RawProfile { routes }).unwrap();
-        let last = Req { method: "GET", path: "/".into(), headers: vec![("x-tenant", "alpha")] };
-        let none = Req { method: "PUT", path: "/nowhere".into(), headers: vec![] };
+        let last = Req {
+            method: "GET",
+            path: "/".into(),
+            headers: vec![("x-tenant", "alpha")],
+        };
+        let none = Req {
+            method: "PUT",
+            path: "/nowhere".into(),
+            headers: vec![],
+        };
         assert_eq!(profile.find(&last).name(), "last");
         assert_eq!(profile.find(&none).name(), "default");
         group.bench_with_input(BenchmarkId::new("last", n), &n, |b, _| {

@@ -72,12 +72,14 @@ pub(crate) trait OnBodyEnd: Send + 'static {
 
 /// A response body that reports its end (clean, failed, dropped or cut at its deadline)
 /// exactly once. The guard is held inline (no allocation of its own): the body is boxed into
-/// [`Body`] once anyway; a deadline costs one timer, only for responses that have one.
+/// [`Body`] once anyway. A deadline costs a timer only once the body has had to wait: most
+/// responses are whole when first polled and never arm one.
 pub(crate) struct GuardedBody<B, G: OnBodyEnd> {
     inner: B,
     guard: Option<G>,
     trailers: Option<http::HeaderMap>,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<tokio::time::Instant>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B, G: OnBodyEnd> std::fmt::Debug for GuardedBody<B, G> {
@@ -92,14 +94,13 @@ impl<B: http_body::Body, G: OnBodyEnd> GuardedBody<B, G> {
     /// Wraps `inner`; an already-finished body (no content) settles at once, since hyper may
     /// never poll it.
     pub(crate) fn new(inner: B, guard: G, clock: crate::clock::Clock) -> Self {
-        let deadline = guard
-            .deadline()
-            .map(|at| Box::pin(tokio::time::sleep_until(clock.to_tokio(at))));
+        let deadline = guard.deadline().map(|at| clock.to_tokio(at));
         let mut this = Self {
             inner,
             guard: Some(guard),
             trailers: None,
             deadline,
+            sleep: None,
         };
         if this.inner.is_end_stream() {
             this.end(BodyEnd::Complete { trailers: None });
@@ -136,7 +137,10 @@ where
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
-                if let Some(sleep) = &mut this.deadline
+                if let Some(at) = this.deadline.take() {
+                    this.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                }
+                if let Some(sleep) = &mut this.sleep
                     && sleep.as_mut().poll(cx).is_ready()
                 {
                     let expired = this.guard.as_ref().map(OnBodyEnd::expired);
