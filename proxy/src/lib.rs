@@ -215,6 +215,7 @@ impl<N: Net> Proxy<N> {
             ready: ready_rx,
             shutdown: shutdown_tx,
             limits: config.limits,
+            clock,
         });
         let admin_task = tokio::spawn(admin::serve::<N>(admin, admin_state));
         tracing::info!(

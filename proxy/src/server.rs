@@ -196,24 +196,11 @@ async fn forward_opaque<N: Net, I: Io>(io: I, prefix: Bytes, ctx: &ServeContext<
         }
     };
     let mut client = ActivityIo::new(PrefixedIo::new(prefix, io), ctx.clock);
-    let activity = client.activity();
+    let watchdog =
+        crate::transport::idle_watchdog(client.activity(), ctx.clock, ctx.limits.idle_timeout);
     let mut upstream = upstream;
     let idle = ctx.limits.idle_timeout;
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    let watchdog = async {
-        loop {
-            let deadline = activity.last(ctx.clock) + idle;
-            ctx.clock.sleep_until(deadline).await;
-            if ctx
-                .clock
-                .now()
-                .saturating_duration_since(activity.last(ctx.clock))
-                >= idle
-            {
-                return;
-            }
-        }
-    };
     tokio::select! {
         result = copy => match result {
             Ok((up, down)) => tracing::debug!(%target, up, down, "opaque connection closed"),

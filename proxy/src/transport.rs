@@ -157,6 +157,21 @@ impl Activity {
     }
 }
 
+/// Resolves once no byte has moved through `activity`'s IO for `idle`: race it against the
+/// IO's work to close a connection that went quiet.
+pub async fn idle_watchdog(
+    activity: Activity,
+    clock: crate::clock::Clock,
+    idle: std::time::Duration,
+) {
+    loop {
+        clock.sleep_until(activity.last(clock) + idle).await;
+        if clock.now().saturating_duration_since(activity.last(clock)) >= idle {
+            return;
+        }
+    }
+}
+
 /// An IO that records when bytes last moved in either direction, for idle timeouts.
 #[derive(Debug)]
 pub struct ActivityIo<T> {

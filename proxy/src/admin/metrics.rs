@@ -477,11 +477,17 @@ impl Metrics {
     pub fn render(&self, process: &str) -> String {
         let now = self.clock.now();
         let mut out = String::with_capacity(4096);
-        {
+        // The registry lock (which every request takes to find its series) is held only to
+        // retire idle series and list the rest; each series is then rendered under its own
+        // lock, held for its few lines.
+        let series: Vec<(Direction, Arc<AuthorityMetrics>)> = {
             let mut registry = self.lock();
             self.retire(&mut registry, now);
-            render_registry(&registry, &mut out);
-        }
+            each_series(&registry)
+                .map(|(direction, metrics)| (direction, Arc::clone(metrics)))
+                .collect()
+        };
+        render_registry(&series, &mut out);
         self.render_tcp(&mut out);
         out.push_str(process);
         out
@@ -544,105 +550,57 @@ impl Metrics {
 }
 
 /// Every (direction, authority) series in label order: direction first, then authority.
-fn each_series(registry: &Registry) -> impl Iterator<Item = (Direction, &AuthorityMetrics)> {
+fn each_series(registry: &Registry) -> impl Iterator<Item = (Direction, &Arc<AuthorityMetrics>)> {
     [Direction::Inbound, Direction::Outbound]
         .into_iter()
         .flat_map(move |direction| {
             registry.authorities.values().filter_map(move |tracked| {
                 tracked.directions[direction_index(direction)]
-                    .as_deref()
+                    .as_ref()
                     .map(|metrics| (direction, metrics))
             })
         })
 }
 
-/// One row of a rendered family: its labels, its request counter and its status series.
-type Row<'a> = (String, &'a Option<Series<Counter>>, &'a [StatusSeries]);
-
-fn render_registry(registry: &Registry, out: &mut String) {
-    // Label prefixes and series, locked once each, in label order.
-    let locked: Vec<(
-        Direction,
-        &AuthorityMetrics,
-        MutexGuard<'_, AuthoritySeries>,
-    )> = each_series(registry)
-        .map(|(direction, metrics)| (direction, metrics, metrics.lock()))
-        .collect();
-    let authorities: Vec<Row<'_>> = locked
-        .iter()
-        .map(|(direction, metrics, series)| {
-            let labels = format!(
-                "direction=\"{}\",authority=\"{}\"",
-                direction.as_str(),
-                escape(&metrics.label)
-            );
-            (labels, &series.requests, &series.statuses[..])
-        })
-        .collect();
-    render_families(out, "", "HTTP", &authorities);
-    let routes: Vec<Row<'_>> = locked
-        .iter()
-        .flat_map(|(direction, metrics, series)| {
-            series.routes.iter().map(move |route| {
-                let labels = format!(
-                    "direction=\"{}\",authority=\"{}\",route=\"{}\"",
-                    direction.as_str(),
-                    escape(&metrics.label),
-                    escape(&route.route)
-                );
-                (labels, &route.requests, &route.statuses[..])
-            })
-        })
-        .collect();
-    render_families(out, "route_", "HTTP per route", &routes);
+/// The text of the three families of one kind (per authority, or per route), filled row by
+/// row and joined under their headers at the end.
+#[derive(Default)]
+struct Families {
+    requests: String,
+    responses: String,
+    latency: String,
 }
 
-/// Renders `{prefix}request_total`, `{prefix}response_total` and
-/// `{prefix}response_latency_ms` for every (labels, requests, statuses) row.
-fn render_families(out: &mut String, prefix: &str, what: &str, rows: &[Row<'_>]) {
-    let _ = writeln!(
-        out,
-        "# HELP {prefix}request_total Total count of {what} requests."
-    );
-    let _ = writeln!(out, "# TYPE {prefix}request_total counter");
-    for (labels, requests, _) in rows {
+impl Families {
+    /// Appends one row: its labels, its request counter and its status series.
+    fn row(
+        &mut self,
+        prefix: &str,
+        labels: &str,
+        requests: Option<&Series<Counter>>,
+        statuses: &[StatusSeries],
+    ) {
         if let Some(requests) = requests {
             let _ = writeln!(
-                out,
+                self.requests,
                 "{prefix}request_total{{{labels}}} {}",
                 requests.value.value()
             );
         }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP {prefix}response_total Total count of {what} responses."
-    );
-    let _ = writeln!(out, "# TYPE {prefix}response_total counter");
-    for (labels, _, statuses) in rows {
-        for status in *statuses {
+        for status in statuses {
             for (class, series) in [Outcome::Success, Outcome::Failure]
                 .into_iter()
                 .zip(&status.responses)
             {
                 let Some(series) = series else { continue };
                 let _ = writeln!(
-                    out,
+                    self.responses,
                     "{prefix}response_total{{{labels},status_code=\"{}\",classification=\"{}\"}} {}",
                     status.status,
                     class.as_str(),
                     series.value.value()
                 );
             }
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP {prefix}response_latency_ms Elapsed times between a request's headers being received and its response's headers being received."
-    );
-    let _ = writeln!(out, "# TYPE {prefix}response_latency_ms histogram");
-    for (labels, _, statuses) in rows {
-        for status in *statuses {
             let Some(series) = &status.latency else {
                 continue;
             };
@@ -652,25 +610,64 @@ fn render_families(out: &mut String, prefix: &str, what: &str, rows: &[Row<'_>])
                     .le_ms
                     .map_or_else(|| "+Inf".to_owned(), |ms| ms.to_string());
                 let _ = writeln!(
-                    out,
+                    self.latency,
                     "{prefix}response_latency_ms_bucket{{{labels},le=\"{le}\"}} {}",
                     bucket.count
                 );
             }
             let sum_micros = series.value.sum_micros();
             let _ = writeln!(
-                out,
+                self.latency,
                 "{prefix}response_latency_ms_sum{{{labels}}} {}.{:03}",
                 sum_micros / 1000,
                 sum_micros % 1000
             );
             let _ = writeln!(
-                out,
+                self.latency,
                 "{prefix}response_latency_ms_count{{{labels}}} {}",
                 series.value.count()
             );
         }
     }
+
+    /// Appends the three families, with their headers, to `out`.
+    fn finish(self, out: &mut String, prefix: &str, what: &str) {
+        let _ = writeln!(
+            out,
+            "# HELP {prefix}request_total Total count of {what} requests.\n# TYPE {prefix}request_total counter"
+        );
+        out.push_str(&self.requests);
+        let _ = writeln!(
+            out,
+            "# HELP {prefix}response_total Total count of {what} responses.\n# TYPE {prefix}response_total counter"
+        );
+        out.push_str(&self.responses);
+        let _ = writeln!(
+            out,
+            "# HELP {prefix}response_latency_ms Elapsed times between a request's headers being received and its response's headers being received.\n# TYPE {prefix}response_latency_ms histogram"
+        );
+        out.push_str(&self.latency);
+    }
+}
+
+fn render_registry(series: &[(Direction, Arc<AuthorityMetrics>)], out: &mut String) {
+    let mut authorities = Families::default();
+    let mut routes = Families::default();
+    for (direction, metrics) in series {
+        let labels = format!(
+            "direction=\"{}\",authority=\"{}\"",
+            direction.as_str(),
+            escape(&metrics.label)
+        );
+        let locked = metrics.lock();
+        authorities.row("", &labels, locked.requests.as_ref(), &locked.statuses);
+        for route in &locked.routes {
+            let labels = format!("{labels},route=\"{}\"", escape(&route.route));
+            routes.row("route_", &labels, route.requests.as_ref(), &route.statuses);
+        }
+    }
+    authorities.finish(out, "", "HTTP");
+    routes.finish(out, "route_", "HTTP per route");
 }
 
 /// Escapes a label value (backslash, quote, newline) per the exposition format.

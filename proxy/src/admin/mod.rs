@@ -1,4 +1,13 @@
 //! The admin server: `/metrics`, `/ready`, `/live` and `/shutdown` on their own port.
+//!
+//! The port is reachable by anyone who can reach the pod (probes and Prometheus need it), so
+//! its cost is bounded whatever a peer does: at most [`MAX_CONNECTIONS`] connections are
+//! served in full, each closed once no byte has moved for [`IDLE_TIMEOUT`] (a client that
+//! pipelines scrapes and never reads them is cut off); beyond that, up to
+//! [`MAX_PROBE_CONNECTIONS`] more are answered one request each, `/live` and `/ready` only
+//! (everything else gets 503), so health probes keep answering while the full slots are
+//! taken; beyond those, connections are closed at once. `/metrics` renders without holding
+//! the lock requests take to find their series.
 
 pub mod metrics;
 mod process;
@@ -14,6 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 
 use crate::body::{self, Body};
+use crate::clock::Clock;
 use crate::config::Limits;
 use crate::discover::Discover;
 use crate::net::{Listener, Net};
@@ -30,7 +40,20 @@ pub(crate) struct Admin {
     /// Set by `/shutdown` to start a graceful drain.
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) limits: Limits,
+    pub(crate) clock: Clock,
 }
+
+/// Connections served in full (every path, kept alive).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Further connections answered one request each, for `/live` and `/ready` only.
+pub const MAX_PROBE_CONNECTIONS: usize = 1024;
+
+/// A connection on which no byte has moved for this long is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a probe-only connection may take, from accept to its answer written.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,7 +64,18 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
-    fn respond(&self, request: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    /// The answer on a connection served only for probes.
+    fn respond_probe(&self, request: &Request<Incoming>) -> Response<Body> {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/live" | "/ready") => self.respond(request, None),
+            _ => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many admin connections; only /live and /ready are answered\n",
+            ),
+        }
+    }
+
+    fn respond(&self, request: &Request<Incoming>, peer: Option<SocketAddr>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let mut extra = process::render();
@@ -65,7 +99,7 @@ impl Admin {
             }
             (&Method::POST, "/shutdown") => {
                 // Anyone who can reach the admin port could otherwise stop the pod's traffic.
-                if !peer.ip().is_loopback() {
+                if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
                     return text(
                         StatusCode::FORBIDDEN,
                         "shutdown is only accepted from localhost\n",
@@ -91,6 +125,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 
 /// Serves the admin listener until the task is aborted.
 pub(crate) async fn serve<N: Net>(listener: N::Listener, admin: Arc<Admin>) {
+    let full = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let probes = Arc::new(tokio::sync::Semaphore::new(MAX_PROBE_CONNECTIONS));
     loop {
         let (io, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -101,21 +137,56 @@ pub(crate) async fn serve<N: Net>(listener: N::Listener, admin: Arc<Admin>) {
             }
         };
         let admin = Arc::clone(&admin);
-        tokio::spawn(async move {
-            let service = service_fn(|request: Request<Incoming>| {
-                let response = admin.respond(&request, peer);
-                async move { Ok::<_, Infallible>(response) }
+        if let Ok(permit) = Arc::clone(&full).try_acquire_owned() {
+            tokio::spawn(async move {
+                serve_full(io, peer, &admin).await;
+                drop(permit);
             });
-            let result = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(admin.limits.header_read_timeout)
-                .max_buf_size(admin.limits.max_header_bytes)
-                .auto_date_header(false)
-                .serve_connection(TokioIo::new(io), service)
-                .await;
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "admin connection ended with error");
-            }
-        });
+        } else if let Ok(permit) = Arc::clone(&probes).try_acquire_owned() {
+            tokio::spawn(async move {
+                serve_probe(io, &admin).await;
+                drop(permit);
+            });
+        } else {
+            tracing::debug!(%peer, "admin connections exhausted; closing");
+        }
     }
+}
+
+/// Serves a connection in full, until the client closes it or it goes idle.
+async fn serve_full<I: crate::net::Io>(io: I, peer: SocketAddr, admin: &Admin) {
+    let io = crate::transport::ActivityIo::new(io, admin.clock);
+    let watchdog = crate::transport::idle_watchdog(io.activity(), admin.clock, IDLE_TIMEOUT);
+    let service = service_fn(|request: Request<Incoming>| {
+        let response = admin.respond(&request, Some(peer));
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(admin.limits.header_read_timeout)
+        .max_buf_size(admin.limits.max_header_bytes)
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        result = connection => if let Err(err) = result {
+            tracing::debug!(error = %err, "admin connection ended with error");
+        },
+        () = watchdog => tracing::debug!(%peer, "admin connection idle; closing"),
+    }
+}
+
+/// Answers one request, `/live` and `/ready` only, then closes.
+async fn serve_probe<I: crate::net::Io>(io: I, admin: &Admin) {
+    let service = service_fn(|request: Request<Incoming>| {
+        let response = admin.respond_probe(&request);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(false)
+        .header_read_timeout(admin.limits.header_read_timeout.min(PROBE_TIMEOUT))
+        .max_buf_size(8192)
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(io), service);
+    let _ = tokio::time::timeout(PROBE_TIMEOUT, connection).await;
 }

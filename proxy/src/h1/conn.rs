@@ -923,16 +923,8 @@ async fn tunnel<I: Io, U: Io>(
         return;
     }
     let mut client = ActivityIo::new(client.io, clock);
-    let activity = client.activity();
+    let watchdog = crate::transport::idle_watchdog(client.activity(), clock, idle);
     let mut server = upstream.io;
-    let watchdog = async {
-        loop {
-            clock.sleep_until(activity.last(clock) + idle).await;
-            if clock.now().saturating_duration_since(activity.last(clock)) >= idle {
-                return;
-            }
-        }
-    };
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut server) => match result {
             Ok((up, down)) => tracing::debug!(endpoint = %addr, up, down, "tunnel closed"),

@@ -1,0 +1,197 @@
+//! Hostile peers against the real `conduit-proxy` binary over loopback: each test reproduces an
+//! attack and shows the bound that holds (the proxy's memory and file descriptors, read from
+//! `/proc`, and other clients' service). Every test is bounded in time, and the proxy process
+//! is killed when its test ends.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed setup or request is the report"
+)]
+
+mod support;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// A `conduit-proxy` process.
+struct ProxyProcess {
+    child: Child,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    dir: PathBuf,
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+impl ProxyProcess {
+    /// Starts the binary with `mesh` as its mesh file and `env` on top, and waits (bounded)
+    /// until its admin server says it is ready.
+    async fn start(name: &str, mesh: &str, env: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "conduit-proxy-hostile-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mesh_file = dir.join("mesh.yaml");
+        std::fs::File::create(&mesh_file)
+            .unwrap()
+            .write_all(mesh.as_bytes())
+            .unwrap();
+        let (outbound, admin) = (free_port(), free_port());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_conduit-proxy"));
+        command
+            .env("CONDUIT_PROXY_OUTBOUND_ADDR", outbound.to_string())
+            .env("CONDUIT_PROXY_ADMIN_ADDR", admin.to_string())
+            .env(
+                "CONDUIT_PROXY_DISCOVERY",
+                format!("file:{}", mesh_file.display()),
+            )
+            .env("CONDUIT_PROXY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().unwrap();
+        let proxy = Self {
+            child,
+            outbound,
+            admin,
+            dir,
+        };
+        for _ in 0..500 {
+            if let Ok(io) = TcpStream::connect(admin).await {
+                drop(io);
+                if get_status(admin, "/ready").await == Some(StatusCode::OK) {
+                    return proxy;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the proxy did not become ready");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A field of `/proc/<pid>/status`, in kB.
+    fn status_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap()
+    }
+
+    /// Open file descriptors.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One request over a new connection; `None` if it could not be made.
+async fn get_status(addr: SocketAddr, path: &str) -> Option<StatusCode> {
+    let io = TcpStream::connect(addr).await.ok()?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .ok()?;
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri(path)
+        .header("host", "admin")
+        .body(full(""))
+        .ok()?;
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .ok()?
+        .ok()?;
+    Some(response.status())
+}
+
+/// Goal: a flood of admin connections that pipeline `/metrics` and never read cannot grow the
+/// proxy without bound or stop its health probes. Method: 600 connections each write 50
+/// pipelined `GET /metrics` and never read a byte. Before the bound, every one of them was
+/// served in full (3,000 such connections took the proxy from 5 MB to 25 MB resident). Now at
+/// most 64 are served in full and the rest get one `503` each and are closed: the proxy's
+/// descriptors stay within the bound, its resident memory grows by a few MB at most, and
+/// `/live` keeps answering 200 on a fresh connection.
+#[tokio::test]
+async fn an_admin_flood_cannot_grow_the_proxy_or_silence_its_probes() {
+    bounded(async {
+        let app = named_backend("app").await;
+        let mesh = format!("services:\n  web.test:\n    endpoints:\n      - addr: {app}\n");
+        let proxy = ProxyProcess::start("admin-flood", &mesh, &[]).await;
+        // Some series to render.
+        for _ in 0..20 {
+            let response = get_once(proxy.outbound, "web.test", "/").await;
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let (rss_before, fds_before) = (proxy.status_kb("VmRSS"), proxy.fds());
+        let scrape = "GET /metrics HTTP/1.1\r\nhost: admin\r\n\r\n".repeat(50);
+        let mut flood = Vec::new();
+        for _ in 0..600 {
+            let mut io = TcpStream::connect(proxy.admin).await.unwrap();
+            // Written whole or not: the socket buffer takes it, and nothing is read back.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(50), io.write_all(scrape.as_bytes()))
+                    .await;
+            flood.push(io);
+        }
+        // The flood is being served; probes still answer.
+        for _ in 0..5 {
+            assert_eq!(
+                get_status(proxy.admin, "/live").await,
+                Some(StatusCode::OK),
+                "/live must answer during the flood"
+            );
+        }
+        // Connections beyond the full-service bound are answered once and closed.
+        let mut fds = proxy.fds();
+        for _ in 0..500 {
+            if fds <= fds_before + conduit_proxy::admin::MAX_CONNECTIONS + 8 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            fds = proxy.fds();
+        }
+        assert!(
+            fds <= fds_before + conduit_proxy::admin::MAX_CONNECTIONS + 8,
+            "{fds} descriptors open, {fds_before} before the flood"
+        );
+        let grown_kb = proxy.status_kb("VmRSS").saturating_sub(rss_before);
+        assert!(
+            grown_kb < 8 * 1024,
+            "resident memory grew by {grown_kb} kB under the flood"
+        );
+        // Other clients' traffic is unaffected.
+        let response = get_once(proxy.outbound, "web.test", "/").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        drop(flood);
+    })
+    .await;
+}
