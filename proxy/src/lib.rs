@@ -205,6 +205,24 @@ impl<N: Net> Proxy<N> {
                 }
             })
         };
+        // Idle metric series go after `metrics_retain_idle` whether or not anyone scrapes.
+        let sweep_metrics = {
+            let mut drain = drain.clone();
+            let metrics = Arc::clone(&metrics);
+            let interval = (config.metrics.retain_idle / 4).clamp(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(60),
+            );
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => metrics.retire_idle(),
+                        () = drain.signaled() => return,
+                    }
+                }
+            })
+        };
 
         let (ready_tx, ready_rx) = watch::channel(true);
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
@@ -234,6 +252,7 @@ impl<N: Net> Proxy<N> {
         tracing::info!(grace = ?config.shutdown_grace_period, "draining");
         let drained = drain_signal.drain(config.shutdown_grace_period).await;
         sweep_pools.abort();
+        sweep_metrics.abort();
         if drained {
             tracing::info!("drained; exiting");
         } else {

@@ -195,3 +195,86 @@ async fn an_admin_flood_cannot_grow_the_proxy_or_silence_its_probes() {
     })
     .await;
 }
+
+/// Goal: peers cannot grow the metrics by varying what they send. Method: 200 inbound requests,
+/// each with a different `Host`, answered with made-up status codes. Inbound series are keyed
+/// by what the proxy knows (the app's address here; the local service's name when `service`
+/// is set), and statuses HTTP does not define share one `status_code="other"` series: one
+/// authority and two status series, however many the peers tried.
+#[tokio::test]
+async fn peers_cannot_add_metric_series_inbound() {
+    bounded(async {
+        let app = backend(
+            false,
+            |request: http::Request<hyper::body::Incoming>| async move {
+                let status: u16 = request.uri().path()[1..].parse().unwrap_or(200);
+                let mut response = http::Response::new(full(""));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                response
+            },
+        )
+        .await;
+        let mut config = config();
+        config.app_addr = Some(app);
+        let proxy = TestProxy::start(config, mesh(&[])).await;
+        let inbound = proxy.addrs.inbound.unwrap();
+        for i in 0..200u16 {
+            let path = if i % 2 == 0 {
+                "/200".to_owned()
+            } else {
+                format!("/{}", 600 + i)
+            };
+            let response = get_once(inbound, &format!("peer-{i}.example"), &path).await;
+            assert!(response.status().as_u16() >= 200);
+        }
+        let metrics = scrape(proxy.addrs.admin).await;
+        let series: std::collections::BTreeSet<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("response_total{direction=\"inbound\""))
+            .map(|l| l.split('}').next().unwrap())
+            .collect();
+        let app_label = format!("authority=\"{app}\"");
+        assert_eq!(series.len(), 2, "{series:#?}");
+        assert!(series.iter().all(|s| s.contains(&app_label)), "{series:#?}");
+        assert!(
+            series.iter().any(|s| s.contains("status_code=\"other\"")),
+            "{series:#?}"
+        );
+    })
+    .await;
+}
+
+/// Goal: a request is forwarded with the authority it was routed by. Method: an h2 request
+/// whose `:authority` names `web.test` carries `host: evil.test`; the app (h2) sees
+/// `web.test` and no `host` field saying otherwise.
+#[tokio::test]
+async fn h2_authority_and_host_cannot_disagree_upstream() {
+    bounded(async {
+        let app = backend(
+            true,
+            |request: http::Request<hyper::body::Incoming>| async move {
+                let authority = request.uri().authority().map(|a| a.to_string());
+                let host = request
+                    .headers()
+                    .get("host")
+                    .map(|h| h.to_str().unwrap().to_owned());
+                http::Response::new(full(format!("{authority:?} {host:?}")))
+            },
+        )
+        .await;
+        let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
+        let request = http::Request::builder()
+            .uri("http://web.test/")
+            .header("host", "evil.test")
+            .body(full(""))
+            .unwrap();
+        let response = h2_client(proxy.addrs.outbound)
+            .await
+            .send_request(request)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_bytes(response).await, "Some(\"web.test\") None");
+    })
+    .await;
+}

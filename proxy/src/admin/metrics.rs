@@ -200,8 +200,22 @@ struct StatusSeries {
     responses: [Option<Series<Counter>>; 2],
 }
 
+/// The `status_code` a response is counted under: its own when HTTP defines it (100 to 599
+/// with a registered reason phrase), else [`OTHER_STATUS`], so a peer cannot add a series per
+/// made-up code.
+fn status_key(status: u16) -> u16 {
+    match http::StatusCode::from_u16(status) {
+        Ok(code) if status <= 599 && code.canonical_reason().is_some() => status,
+        _ => OTHER_STATUS,
+    }
+}
+
+/// The series of responses with a status HTTP does not define, rendered `status_code="other"`.
+const OTHER_STATUS: u16 = 0;
+
 /// The series of `status` in `statuses` (sorted by status), created if absent.
 fn status_series(statuses: &mut Vec<StatusSeries>, status: u16) -> &mut StatusSeries {
+    let status = status_key(status);
     let i = match statuses.binary_search_by_key(&status, |s| s.status) {
         Ok(i) => i,
         Err(i) => {
@@ -454,6 +468,13 @@ impl Metrics {
             .series(direction, now)
     }
 
+    /// Drops series idle longer than `retain_idle` now; the proxy calls it periodically, so
+    /// idle series go whether or not anyone scrapes.
+    pub fn retire_idle(&self) {
+        let now = self.clock.now();
+        self.retire(&mut self.lock(), now);
+    }
+
     /// Drops series idle longer than `retain_idle`, and authorities left with none (unless a
     /// request in flight still holds their handle).
     fn retire(&self, registry: &mut Registry, now: Instant) {
@@ -562,6 +583,18 @@ fn each_series(registry: &Registry) -> impl Iterator<Item = (Direction, &Arc<Aut
         })
 }
 
+/// A `status_code` label value.
+struct StatusLabel(u16);
+
+impl std::fmt::Display for StatusLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            OTHER_STATUS => f.write_str("other"),
+            status => write!(f, "{status}"),
+        }
+    }
+}
+
 /// The text of the three families of one kind (per authority, or per route), filled row by
 /// row and joined under their headers at the end.
 #[derive(Default)]
@@ -596,7 +629,7 @@ impl Families {
                 let _ = writeln!(
                     self.responses,
                     "{prefix}response_total{{{labels},status_code=\"{}\",classification=\"{}\"}} {}",
-                    status.status,
+                    StatusLabel(status.status),
                     class.as_str(),
                     series.value.value()
                 );
@@ -604,7 +637,7 @@ impl Families {
             let Some(series) = &status.latency else {
                 continue;
             };
-            let labels = format!("{labels},status_code=\"{}\"", status.status);
+            let labels = format!("{labels},status_code=\"{}\"", StatusLabel(status.status));
             for bucket in series.value.cumulative_buckets() {
                 let le = bucket
                     .le_ms
@@ -789,6 +822,38 @@ mod tests {
         assert!(
             !metrics.render("").contains("route=\"items\""),
             "route series retire too"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn made_up_status_codes_share_one_series_and_idle_series_go_without_scrapes() {
+        let clock = Clock::new();
+        let settings = MetricsSettings {
+            retain_idle: Duration::from_secs(60),
+            max_authorities: 10,
+        };
+        let metrics = Metrics::new(clock, settings);
+        let series = metrics.series(Direction::Inbound, "api.svc:80", clock.now());
+        for status in [200, 299, 599, 600, 999, 799] {
+            series.response_end(clock.now(), status, Outcome::Success, None);
+        }
+        let text = metrics.render("");
+        let statuses: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("response_total"))
+            .filter_map(|l| l.split("status_code=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(statuses, ["other", "200"], "{text}");
+        assert!(
+            text.contains("status_code=\"other\",classification=\"success\"} 5"),
+            "{text}"
+        );
+        drop(series);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        metrics.retire_idle();
+        assert!(
+            metrics.lock().authorities.is_empty(),
+            "retired without a scrape"
         );
     }
 }

@@ -191,6 +191,10 @@ pub(crate) enum Target {
     Local {
         app: SocketAddr,
         service: Option<watch::Receiver<Option<Arc<LocalService>>>>,
+        /// The `authority` label while the local service is not resolved: its configured
+        /// name, else the app's address. Never the client's `Host`, which a peer could vary
+        /// to add series.
+        label: Arc<str>,
     },
 }
 
@@ -279,14 +283,18 @@ impl Context {
     ) -> Result<Resolved, (Arc<AuthorityMetrics>, ProxyError)> {
         let series = |label: &str| self.metrics.series(self.direction, label, start);
         let (router, authority) = match (&self.target, authority) {
-            (Target::Local { app, service }, authority) => {
+            (
+                Target::Local {
+                    app,
+                    service,
+                    label,
+                },
+                _,
+            ) => {
                 let local = service.as_ref().and_then(|s| s.borrow().clone());
                 let (series, profile) = match local {
                     Some(local) => (series(&local.label), Arc::clone(&local.profile)),
-                    None => (
-                        series(authority.unwrap_or("")),
-                        Arc::clone(&self.no_profile),
-                    ),
+                    None => (series(label), Arc::clone(&self.no_profile)),
                 };
                 return Ok(Resolved {
                     series,

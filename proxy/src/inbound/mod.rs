@@ -3,7 +3,8 @@
 //! Same stack as outbound (count, detect, serve, the one request path), but every request and
 //! opaque connection goes to `app_addr`. When the proxy knows the service its app serves
 //! (`service`), inbound requests take that service's route profile (server-side per-route
-//! classes, timeouts and metrics) and are counted under its name. The TLS seam sits before
+//! classes, timeouts and metrics) and are counted under its name; without it, under the app's
+//! address. Never under the client's `Host`: a peer could vary it to add series. The TLS seam sits before
 //! detection in the connection server: the identity/mTLS issue terminates meshed peers' TLS
 //! there and enforces authorization.
 
@@ -38,11 +39,20 @@ pub(crate) fn context<N: Net>(
         .service
         .as_deref()
         .map(|service| Context::follow_local(discovery, service));
+    let label = config
+        .service
+        .clone()
+        .unwrap_or_else(|| app.to_string())
+        .into();
     let cx = Context::new(
         Direction::Inbound,
         Arc::clone(metrics),
         clock,
-        Target::Local { app, service },
+        Target::Local {
+            app,
+            service,
+            label,
+        },
     );
     Arc::new(ServeContext::new(cx, pools, config.limits, Some(app)))
 }
