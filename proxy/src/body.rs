@@ -78,7 +78,12 @@ pub(crate) struct GuardedBody<B, G: OnBodyEnd> {
     inner: B,
     guard: Option<G>,
     trailers: Option<http::HeaderMap>,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<conduit_core::time::Instant>,
+    clock: crate::clock::Clock,
+    /// The body fails once no frame has come for this long (the idle timeout).
+    idle: Option<std::time::Duration>,
+    /// A frame came since the timer was last armed.
+    moved: bool,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -92,14 +97,22 @@ impl<B, G: OnBodyEnd> std::fmt::Debug for GuardedBody<B, G> {
 
 impl<B: http_body::Body, G: OnBodyEnd> GuardedBody<B, G> {
     /// Wraps `inner`; an already-finished body (no content) settles at once, since hyper may
-    /// never poll it.
-    pub(crate) fn new(inner: B, guard: G, clock: crate::clock::Clock) -> Self {
-        let deadline = guard.deadline().map(|at| clock.to_tokio(at));
+    /// never poll it. The body fails once no frame has come for `idle` (`None`: no bound).
+    pub(crate) fn new(
+        inner: B,
+        guard: G,
+        clock: crate::clock::Clock,
+        idle: Option<std::time::Duration>,
+    ) -> Self {
+        let deadline = guard.deadline();
         let mut this = Self {
             inner,
             guard: Some(guard),
             trailers: None,
             deadline,
+            clock,
+            idle,
+            moved: false,
             sleep: None,
         };
         if this.inner.is_end_stream() {
@@ -137,19 +150,38 @@ where
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
-                if let Some(at) = this.deadline.take() {
-                    this.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                // The timer is armed (or moved) only when the body has had to wait, and only
+                // after progress: bodies that are whole at once never touch it.
+                if this.sleep.is_none() || std::mem::take(&mut this.moved) {
+                    let now = this.clock.now();
+                    let idle_at = this.idle.map(|idle| now + idle);
+                    let at = match (this.deadline, idle_at) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    }
+                    .map(|at| this.clock.to_tokio(at));
+                    match (&mut this.sleep, at) {
+                        (Some(sleep), Some(at)) => sleep.as_mut().reset(at),
+                        (None, Some(at)) => {
+                            this.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                        }
+                        (_, None) => {}
+                    }
                 }
                 if let Some(sleep) = &mut this.sleep
                     && sleep.as_mut().poll(cx).is_ready()
                 {
-                    let expired = this.guard.as_ref().map(OnBodyEnd::expired);
-                    this.end(BodyEnd::TimedOut);
-                    return match expired {
-                        Some(Ok(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-                        Some(Err(err)) => Poll::Ready(Some(Err(err))),
-                        None => Poll::Ready(None),
-                    };
+                    if this.deadline.is_some_and(|d| this.clock.now() >= d) {
+                        let expired = this.guard.as_ref().map(OnBodyEnd::expired);
+                        this.end(BodyEnd::TimedOut);
+                        return match expired {
+                            Some(Ok(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                            Some(Err(err)) => Poll::Ready(Some(Err(err))),
+                            None => Poll::Ready(None),
+                        };
+                    }
+                    this.end(BodyEnd::Error);
+                    return Poll::Ready(Some(Err("the response body stopped moving".into())));
                 }
                 Poll::Pending
             }
@@ -163,6 +195,7 @@ where
                 Poll::Ready(Some(Err(err.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
+                this.moved = true;
                 if let Some(trailers) = frame.trailers_ref() {
                     // Trailers are a few small fields; the copy lets the guard classify the
                     // response after the frame has gone downstream.
@@ -189,6 +222,189 @@ where
 impl<B, G: OnBodyEnd> Drop for GuardedBody<B, G> {
     fn drop(&mut self) {
         self.end(BodyEnd::Cancelled);
+    }
+}
+
+/// A body that fails once no frame has come for its idle timeout, so an upload that stops
+/// moving cannot hold a stream (and the request's endpoint) forever. The timer is armed only
+/// once the body has had to wait.
+pub(crate) struct IdleBody<B> {
+    inner: B,
+    idle: std::time::Duration,
+    clock: crate::clock::Clock,
+    moved: bool,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> IdleBody<B> {
+    pub(crate) fn new(inner: B, idle: std::time::Duration, clock: crate::clock::Clock) -> Self {
+        Self {
+            inner,
+            idle,
+            clock,
+            moved: false,
+            sleep: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.moved = true;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                // The clock is read only to (re)arm: after progress, or the first wait.
+                let rearm = this.sleep.is_none() || std::mem::take(&mut this.moved);
+                if rearm {
+                    let at = this.clock.to_tokio(this.clock.now() + this.idle);
+                    match &mut this.sleep {
+                        Some(sleep) => sleep.as_mut().reset(at),
+                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+                let expired = this
+                    .sleep
+                    .as_mut()
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Some(Err(format!(
+                        "the request body stopped moving for {:?}",
+                        this.idle
+                    )
+                    .into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Open streams of one connection, and since when it has had none: the connection is idle
+/// (and closed after its idle timeout) only while no stream is open.
+#[derive(Debug)]
+pub(crate) struct Streams {
+    open: std::sync::atomic::AtomicUsize,
+    /// When the last stream ended (core-instant nanoseconds).
+    idle_since: std::sync::atomic::AtomicU64,
+    clock: crate::clock::Clock,
+}
+
+impl Streams {
+    pub(crate) fn new(clock: crate::clock::Clock) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: std::sync::atomic::AtomicU64::new(clock.now().as_nanos()),
+            clock,
+        })
+    }
+
+    /// A stream opened; it is open until the guard is dropped.
+    pub(crate) fn open(self: &std::sync::Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StreamGuard(std::sync::Arc::clone(self))
+    }
+
+    /// Resolves once no stream has been open for `idle`.
+    pub(crate) async fn idle(&self, idle: std::time::Duration) {
+        loop {
+            let since = conduit_core::time::Instant::from_nanos(
+                self.idle_since.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            self.clock.sleep_until(since + idle).await;
+            let since_now = conduit_core::time::Instant::from_nanos(
+                self.idle_since.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            if self.open.load(std::sync::atomic::Ordering::Relaxed) == 0
+                && self.clock.now().saturating_duration_since(since_now) >= idle
+            {
+                return;
+            }
+            if self.open.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                // Busy: look again one idle period from now.
+                self.idle_since.store(
+                    self.clock.now().as_nanos(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        }
+    }
+}
+
+/// Keeps a stream counted as open; dropped with the response body.
+#[derive(Debug)]
+pub(crate) struct StreamGuard(std::sync::Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            self.0.idle_since.store(
+                self.0.clock.now().as_nanos(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// A body that holds a [`StreamGuard`] until it is dropped (no allocation: it wraps the body
+/// by value).
+pub(crate) struct CountedBody<B> {
+    inner: B,
+    _guard: StreamGuard,
+}
+
+impl<B> CountedBody<B> {
+    pub(crate) fn new(inner: B, guard: StreamGuard) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -108,10 +108,15 @@ impl<'p, N: Net> H2Exchange<'p, N> {
         // A request that has no body (most do not) gets the empty body, which boxes without
         // an allocation; the client's `Incoming` would cost one per request for nothing.
         let empty = http_body::Body::is_end_stream(&incoming);
+        // An upload that stops moving fails after the idle timeout, as on HTTP/1.
         let body = if empty {
             body::empty()
         } else {
-            body::boxed(incoming)
+            body::boxed(body::IdleBody::new(
+                incoming,
+                pools.limits.idle_timeout,
+                clock,
+            ))
         };
         Self {
             pools,
@@ -222,7 +227,12 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
     async fn respond(&mut self, response: Response<Incoming>, settle: Settle) -> Response<Body> {
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = GuardedBody::new(incoming, settle, self.clock);
+        let body = GuardedBody::new(
+            incoming,
+            settle,
+            self.clock,
+            Some(self.pools.limits.idle_timeout),
+        );
         Response::from_parts(parts, body::boxed(body))
     }
 

@@ -152,10 +152,22 @@ async fn reject<I: Io>(io: &mut I, err: &ProxyError) {
 async fn serve_h2<N: Net, I: Io>(io: I, ctx: &Arc<ServeContext<N>>, mut drain: Drain) {
     let http = Arc::clone(&ctx.h2);
     let io = TokioIo::new(io);
-    let service = service_fn(move |request| {
-        let http = Arc::clone(&http);
-        async move { Ok::<_, std::convert::Infallible>(http.handle(request).await) }
-    });
+    // A connection with no stream open for the idle timeout is closed (gracefully), even if it
+    // answers pings: an idle client cannot hold its connection forever.
+    let streams = crate::body::Streams::new(ctx.clock);
+    let service = {
+        let streams = Arc::clone(&streams);
+        service_fn(move |request| {
+            let http = Arc::clone(&http);
+            let guard = streams.open();
+            async move {
+                let response = http.handle(request).await;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| crate::body::CountedBody::new(body, guard)),
+                )
+            }
+        })
+    };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -170,6 +182,11 @@ async fn serve_h2<N: Net, I: Io>(io: I, ctx: &Arc<ServeContext<N>>, mut drain: D
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = drain.signaled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = streams.idle(ctx.limits.idle_timeout) => {
+            tracing::debug!(idle = ?ctx.limits.idle_timeout, "h2 connection idle; closing");
             connection.as_mut().graceful_shutdown();
             connection.await
         }

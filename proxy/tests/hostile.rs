@@ -278,3 +278,117 @@ async fn h2_authority_and_host_cannot_disagree_upstream() {
     })
     .await;
 }
+
+/// An idle timeout small enough for a test to wait out.
+fn short_idle() -> conduit_proxy::ProxyConfig {
+    let mut config = config();
+    config.limits.idle_timeout = Duration::from_millis(300);
+    config
+}
+
+/// Goal: an h2 client that keeps its connection open (answering pings) but sends nothing
+/// cannot hold it forever. Method: one request, then nothing; the proxy closes the connection
+/// (a graceful GOAWAY) once no stream has been open for its idle timeout.
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed() {
+    bounded(async {
+        let app = backend(
+            true,
+            |_request: http::Request<hyper::body::Incoming>| async {
+                http::Response::new(full("app"))
+            },
+        )
+        .await;
+        let proxy = TestProxy::start(short_idle(), mesh(&[("web.test", &[app])])).await;
+        let mut client = h2_client(proxy.addrs.outbound).await;
+        let request = http::Request::builder()
+            .uri("http://web.test/")
+            .body(full(""))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(body_bytes(response).await, "app");
+        for _ in 0..500 {
+            if client.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the idle connection was not closed");
+    })
+    .await;
+}
+
+/// Goal: h2 bodies that stop moving are ended, as on HTTP/1. Method: an app that sends a
+/// response's headers and first chunk and then nothing; the client's body fails after the
+/// idle timeout instead of hanging. And an upload that stops after its first chunk fails at
+/// the app the same way.
+#[tokio::test]
+async fn h2_bodies_that_stop_moving_are_ended() {
+    bounded(async {
+        let (saw_tx, mut saw) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let app = backend(
+            true,
+            move |request: http::Request<hyper::body::Incoming>| {
+                let saw_tx = saw_tx.clone();
+                async move {
+                    if request.uri().path() == "/upload" {
+                        let body = http_body_util::BodyExt::collect(request.into_body()).await;
+                        let _ = saw_tx.send(match body {
+                            Ok(_) => "complete".to_owned(),
+                            Err(err) => format!("error: {err}"),
+                        });
+                        return http::Response::new(full("done"));
+                    }
+                    let frames = futures_util::StreamExt::chain(
+                        futures_util::stream::iter([Ok(http_body::Frame::data(
+                            bytes::Bytes::from("first"),
+                        ))]),
+                        futures_util::stream::pending(),
+                    );
+                    http::Response::new(http_body_util::BodyExt::boxed(
+                        http_body_util::StreamBody::new(frames),
+                    ))
+                }
+            },
+        )
+        .await;
+        let proxy = TestProxy::start(short_idle(), mesh(&[("web.test", &[app])])).await;
+        let request = http::Request::builder()
+            .uri("http://web.test/stall")
+            .body(full(""))
+            .unwrap();
+        let response = h2_client(proxy.addrs.outbound)
+            .await
+            .send_request(request)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert!(body.is_err(), "a stalled response body must end, not hang");
+
+        // An upload that sends one chunk and then nothing, never ending.
+        let frames = futures_util::StreamExt::chain(
+            futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                http_body::Frame::data(bytes::Bytes::from("part")),
+            )]),
+            futures_util::stream::pending(),
+        );
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://web.test/upload")
+            .body(http_body_util::BodyExt::boxed(
+                http_body_util::BodyExt::map_err(http_body_util::StreamBody::new(frames), |n| {
+                    match n {}
+                }),
+            ))
+            .unwrap();
+        let mut client = h2_client(proxy.addrs.outbound).await;
+        let _ = client.send_request(request).await;
+        let seen = saw.recv().await.unwrap();
+        assert!(
+            seen.starts_with("error"),
+            "the app saw the stalled upload end: {seen}"
+        );
+    })
+    .await;
+}
