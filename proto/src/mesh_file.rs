@@ -15,9 +15,9 @@ pub const MAX_MESH_FILE_BYTES: usize = 16 * 1024 * 1024;
 #[non_exhaustive]
 pub enum MeshFileError {
     /// The file is larger than [`MAX_MESH_FILE_BYTES`].
-    #[error("mesh file is {size} bytes, above the {MAX_MESH_FILE_BYTES}-byte limit")]
+    #[error("mesh file is larger than the {MAX_MESH_FILE_BYTES}-byte limit ({size} bytes read)")]
     TooLarge {
-        /// The file's size in bytes.
+        /// How many bytes were read before giving up (at least the limit plus one).
         size: usize,
     },
     /// The YAML is malformed or does not fit the schema (unknown key, wrong type).

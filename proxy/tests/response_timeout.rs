@@ -208,3 +208,32 @@ async fn an_idle_upgrade_tunnel_is_closed() {
     })
     .await;
 }
+
+/// Goal: with the response timeout off (`response_timeout: 0`, for long-polling apps), a
+/// client that goes away still ends its request's wait: the proxy notices the client's close
+/// while it waits for response headers, drops the upstream connection, and counts the request
+/// as abandoned (499). Method: a GET to a silent backend, then the client closes; the backend
+/// sees the proxy close its connection.
+#[tokio::test]
+async fn without_a_response_timeout_a_vanished_client_ends_the_wait() {
+    bounded(async {
+        let mut silent = silent_backend().await;
+        let mut config = config();
+        config.limits.response_timeout = None;
+        let proxy = TestProxy::start(config, mesh(&[("web.test", &[silent.addr])])).await;
+        let mut io = TcpStream::connect(proxy.addrs.outbound).await.unwrap();
+        io.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        // The request reaches the backend, which never answers; the client then goes.
+        while silent.accepted.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(io);
+        assert_eq!(silent.closed.recv().await, Some(1), "the upstream wait ended");
+        let text = scrape(proxy.addrs.admin).await;
+        let want = "response_total{direction=\"outbound\",authority=\"web.test:80\",status_code=\"499\",classification=\"success\"} 1";
+        assert!(text.contains(want), "missing {want}\n{text}");
+    })
+    .await;
+}

@@ -206,6 +206,8 @@ struct StatusSeries {
 fn status_key(status: u16) -> u16 {
     match http::StatusCode::from_u16(status) {
         Ok(code) if status <= 599 && code.canonical_reason().is_some() => status,
+        // nginx's "client closed request", which the proxy records for abandoned requests.
+        Ok(_) if status == 499 => status,
         _ => OTHER_STATUS,
     }
 }

@@ -83,28 +83,34 @@ impl Discover for FileDiscover {
     }
 }
 
+/// Reads the mesh file, at most [`mesh_file::MAX_MESH_FILE_BYTES`] of it: the read itself is
+/// bounded, so a file that grows between a size check and the read (or a device that never
+/// ends) cannot take the process's memory.
 async fn read(path: &Path) -> Result<String, FileDiscoverError> {
-    let metadata = tokio::fs::metadata(path)
+    use tokio::io::AsyncReadExt as _;
+    let failed = |source| FileDiscoverError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = tokio::fs::File::open(path).await.map_err(failed)?;
+    let limit = mesh_file::MAX_MESH_FILE_BYTES;
+    let mut bytes = Vec::new();
+    file.take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut bytes)
         .await
-        .map_err(|source| FileDiscoverError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    // Refuse to read something huge by mistake before allocating for it.
-    let limit = u64::try_from(mesh_file::MAX_MESH_FILE_BYTES).unwrap_or(u64::MAX);
-    if metadata.len() > limit {
-        let size = usize::try_from(metadata.len()).unwrap_or(usize::MAX);
+        .map_err(failed)?;
+    if bytes.len() > limit {
         return Err(FileDiscoverError::Invalid {
             path: path.to_owned(),
-            source: MeshFileError::TooLarge { size },
+            source: MeshFileError::TooLarge { size: bytes.len() },
         });
     }
-    tokio::fs::read_to_string(path)
-        .await
-        .map_err(|source| FileDiscoverError::Read {
-            path: path.to_owned(),
-            source,
-        })
+    String::from_utf8(bytes).map_err(|_| {
+        failed(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the mesh file is not UTF-8",
+        ))
+    })
 }
 
 async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Sender<Snapshot>) {
@@ -143,5 +149,26 @@ async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Se
             }
         }
         last = text;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_file_that_never_ends_is_refused_after_the_limit() {
+        // A device that never ends: the read stops one byte past the limit.
+        let err = read(Path::new("/dev/zero")).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FileDiscoverError::Invalid {
+                    source: MeshFileError::TooLarge { size },
+                    ..
+                } if size == mesh_file::MAX_MESH_FILE_BYTES + 1
+            ),
+            "{err}"
+        );
     }
 }

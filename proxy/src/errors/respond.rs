@@ -19,7 +19,14 @@ use crate::body::{self, Body, BoxError};
 pub const PROXY_ERROR_HEADER: &str = "conduit-proxy-error";
 
 /// gRPC status codes used here (grpc/doc/statuscodes.md).
+/// nginx's status for a request whose client closed the connection first; not sent to anyone.
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 mod grpc {
+    pub(super) const CANCELLED: u32 = 1;
     pub(super) const INVALID_ARGUMENT: u32 = 3;
     pub(super) const DEADLINE_EXCEEDED: u32 = 4;
     pub(super) const NOT_FOUND: u32 = 5;
@@ -97,6 +104,11 @@ pub enum ProxyError {
         /// The route's attempt timeout.
         timeout: Duration,
     },
+    /// The client closed its connection while its request waited for response headers; the
+    /// request is abandoned (nginx's 499). Nothing reaches the client; the status is for
+    /// metrics and logs.
+    #[error("the client closed its connection before the response")]
+    ClientClosed,
     /// The request's authority is not a service discovery knows.
     #[error("unknown authority {authority}: not in discovery")]
     UnknownAuthority {
@@ -163,6 +175,7 @@ impl ProxyError {
                 (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true)
             }
             Self::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
+            Self::ClientClosed => (CLIENT_CLOSED, grpc::CANCELLED, true),
             Self::Malformed { .. } => (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT, true),
             // The body cannot be read, so the connection closes after the answer.
             Self::NotImplemented { .. } => (StatusCode::NOT_IMPLEMENTED, grpc::UNIMPLEMENTED, true),
@@ -343,6 +356,7 @@ mod tests {
                 addr,
                 timeout: Duration::from_millis(100),
             },
+            ProxyError::ClientClosed,
             ProxyError::UnknownAuthority {
                 authority: "nope.default".into(),
             },

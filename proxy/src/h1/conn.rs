@@ -543,6 +543,28 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         Poll::Pending => {}
                     }
                 }
+                // Without a response timeout, a client that goes away is the last bound on a
+                // wait for a silent upstream: once the request is sent whole, its end of the
+                // connection is watched (a reset, or its close; with a response timeout a close
+                // may be a half-close that still reads the answer, so only a reset counts). Not
+                // watched otherwise: it would cost a read per request.
+                if timeout.is_none()
+                    && body.is_none()
+                    && !client.has_output()
+                    && client.rbuf.len() < max
+                    && let Poll::Ready(read) = client.poll_read_more(cx)
+                {
+                    match read {
+                        // Pipelined bytes of a later request: kept for it.
+                        Ok(n) if n > 0 => continue,
+                        _ => {
+                            tracing::debug!(endpoint = %addr, "client went away while waiting for response headers");
+                            let mut failed = Failed::new(ProxyError::ClientClosed);
+                            failed.client_broken = true;
+                            return Poll::Ready(Err(failed));
+                        }
+                    }
+                }
                 // Response headers are awaited until the response timeout (from the last
                 // request progress) or the attempt's deadline, whichever is first.
                 let wake = match (timeout.map(|t| progress + t), deadline) {
