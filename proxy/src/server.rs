@@ -124,13 +124,18 @@ async fn serve_connection<N: Net>(io: N::Io, ctx: Arc<ServeContext<N>>, drain: D
         header_read_timeout: ctx.limits.header_read_timeout,
         max_header_bytes: ctx.limits.max_header_bytes,
     };
-    let detected = detect::detect(&mut io, &mut buf, limits).await;
+    // The connection's task is sized for its largest state, which every idle kept-alive
+    // connection then pays for in memory: the states that are not the HTTP/1 connection's own
+    // (detection, HTTP/2 through hyper, opaque forwarding) are boxed, once per connection.
+    let detected = Box::pin(detect::detect(&mut io, &mut buf, limits)).await;
     match detected {
         Ok(Detected::Http1) => {
             crate::h1::conn::serve(io, buf, &ctx.cx, &ctx.pools, drain).await;
         }
-        Ok(Detected::Http2) => serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain).await,
-        Ok(Detected::Opaque) => forward_opaque(io, buf.freeze(), &ctx).await,
+        Ok(Detected::Http2) => {
+            Box::pin(serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain)).await;
+        }
+        Ok(Detected::Opaque) => Box::pin(forward_opaque(io, buf.freeze(), &ctx)).await,
         Err(DetectError::TooLarge(limit)) => {
             reject(&mut io, &ProxyError::HeadersTooLarge { limit }).await;
         }

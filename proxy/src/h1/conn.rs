@@ -38,35 +38,45 @@ use crate::transport::ActivityIo;
 /// once registered it wakes that task without being polled again.
 #[derive(Debug)]
 struct Deadline {
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Allocated on first use, and released with [`Deadline::release`] when the connection
+    /// goes idle for long.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: Option<Instant>,
     /// Polled since it was last armed: the timer holds the task's waker.
     registered: bool,
 }
 
 impl Deadline {
-    fn new(clock: Clock) -> Self {
+    fn new() -> Self {
         Self {
-            sleep: Box::pin(tokio::time::sleep_until(clock.to_tokio(Instant::ZERO))),
+            sleep: None,
             armed: None,
             registered: false,
         }
     }
 
+    /// Drops the timer (a connection that has been idle for long gives its memory back).
+    fn release(&mut self) {
+        *self = Self::new();
+    }
+
     /// Ready once `deadline` has passed.
     fn poll_reached(&mut self, cx: &mut Context<'_>, clock: Clock, deadline: Instant) -> Poll<()> {
         loop {
+            let sleep = self.sleep.get_or_insert_with(|| {
+                Box::pin(tokio::time::sleep_until(clock.to_tokio(deadline)))
+            });
             if self.armed.is_none_or(|armed| armed > deadline) {
-                self.sleep.as_mut().reset(clock.to_tokio(deadline));
+                sleep.as_mut().reset(clock.to_tokio(deadline));
                 self.armed = Some(deadline);
                 self.registered = false;
             }
-            if self.registered && !self.sleep.is_elapsed() {
+            if self.registered && !sleep.is_elapsed() {
                 return Poll::Pending;
             }
             // Outside the task's cooperative budget: a poll refused for budget would leave
             // the timer without the waker while we count it as registered.
-            let mut unconstrained = tokio::task::unconstrained(self.sleep.as_mut());
+            let mut unconstrained = tokio::task::unconstrained(sleep.as_mut());
             if Pin::new(&mut unconstrained).poll(cx).is_pending() {
                 self.registered = true;
                 return Poll::Pending;
@@ -101,7 +111,7 @@ pub(crate) async fn serve<N: Net, I: Io>(
     mut drain: Drain,
 ) {
     let clock = cx.clock;
-    let limits = pools.limits;
+    let limits = &pools.limits;
     let mut conn = Conn {
         cx,
         pools,
@@ -110,12 +120,13 @@ pub(crate) async fn serve<N: Net, I: Io>(
         client: Side::new(io, buf),
         drain: drain.clone(),
         forward: Vec::new(),
-        idle: Deadline::new(clock),
-        response: Deadline::new(clock),
+        idle: Deadline::new(),
+        response: Deadline::new(),
         idle_since: clock.now(),
         draining: false,
         replay: Replay::default(),
         grpc_timeout: Vec::new(),
+        released: false,
     };
     let mut drained = std::pin::pin!(drain.signaled());
     loop {
@@ -123,15 +134,25 @@ pub(crate) async fn serve<N: Net, I: Io>(
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(err) => {
-                conn.reject(&err).await;
+                Box::pin(conn.reject(&err)).await;
                 break;
             }
         };
-        match conn.request(head).await {
+        // Boxed: a request's future is several times the size of an idle connection's, and
+        // the connection's task would otherwise be that large while it waits for a request.
+        match Box::pin(conn.request(head)).await {
             Next::KeepAlive if !conn.draining => {}
             Next::KeepAlive | Next::Close => break,
             Next::Tunnel(upstream, addr) => {
-                tunnel(conn.client, upstream, addr, clock, limits.idle_timeout).await;
+                // Boxed, like a request: rare, and larger than an idle connection.
+                Box::pin(tunnel(
+                    conn.client,
+                    upstream,
+                    addr,
+                    clock,
+                    limits.idle_timeout,
+                ))
+                .await;
                 return;
             }
         }
@@ -143,7 +164,7 @@ struct Conn<'a, N: Net, I> {
     cx: &'a exchange::Context,
     pools: &'a Pools<N>,
     clock: Clock,
-    limits: Limits,
+    limits: &'a Limits,
     client: Side<I>,
     /// For a look at the drain signal between requests of a busy connection.
     drain: Drain,
@@ -161,7 +182,13 @@ struct Conn<'a, N: Net, I> {
     replay: Replay,
     /// The current request's own `grpc-timeout` value (sent on when the exchange gives none).
     grpc_timeout: Vec<u8>,
+    /// The buffers were given back while idle.
+    released: bool,
 }
+
+/// How long a kept-alive connection waits for its next request before it gives back its
+/// buffers (a busy connection keeps them from one request to the next).
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// A request head as the exchange reads it: ranges of the connection's read buffer.
 struct H1Head<'a> {
@@ -263,6 +290,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 None => idle,
                 Some(started) => idle.min(started + self.limits.header_read_timeout),
             };
+            // A connection idle for RELEASE_AFTER gives back its buffers and its response
+            // timer: an idle kept-alive connection costs little more than its task.
+            let release = (head_started.is_none() && !self.released)
+                .then_some(self.idle_since + RELEASE_AFTER)
+                .filter(|at| *at < deadline);
             let waited = std::future::poll_fn(|cx| {
                 // Input first: a busy connection finds its next head without touching the
                 // drain signal, whose registration is only needed before sleeping.
@@ -282,7 +314,11 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         return Poll::Ready(read);
                     }
                 }
-                if self.idle.poll_reached(cx, self.clock, deadline).is_ready() {
+                let wake = release.unwrap_or(deadline);
+                if self.idle.poll_reached(cx, self.clock, wake).is_ready() {
+                    if release.is_some() {
+                        return Poll::Ready(Err(io::ErrorKind::WouldBlock.into()));
+                    }
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                 }
                 Poll::Pending
@@ -290,13 +326,26 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
             .await;
             match waited {
                 Ok(0) => return Ok(None),
-                Ok(_) => {}
+                Ok(_) => self.released = false,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    self.release();
+                }
                 Err(err) => {
                     tracing::debug!(error = %err, "no complete request head; closing");
                     return Ok(None);
                 }
             }
         }
+    }
+
+    /// Gives back the memory an idle connection does not need.
+    fn release(&mut self) {
+        self.client.release();
+        self.forward = Vec::new();
+        self.replay.free();
+        self.grpc_timeout = Vec::new();
+        self.response.release();
+        self.released = true;
     }
 
     /// Answers a request that could not be read, and leaves the connection to close.
@@ -935,7 +984,7 @@ async fn tunnel<I: Io, U: Io>(
     upstream.wbuf.extend_from_slice(&early_up);
     let early_down = upstream.rbuf.split();
     client.wbuf.extend_from_slice(&early_down);
-    let mut deadline = Deadline::new(clock);
+    let mut deadline = Deadline::new();
     if let Err(err) = write_within(&mut client, &mut deadline, clock, idle).await {
         tracing::debug!(endpoint = %addr, error = %err, "tunnel failed");
         return;

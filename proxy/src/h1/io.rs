@@ -15,8 +15,10 @@ use crate::transport::CountingIo;
 /// An upstream HTTP/1.1 connection as the pool keeps it.
 pub(crate) type Upstream<N> = Side<CountingIo<<N as Net>::Io>>;
 
-/// Room made for a read when the buffer is short of it, at first.
-const READ_CHUNK: usize = 16 * 1024;
+/// Room made for a read when the buffer is short of it, at first: a request head fits, so a
+/// kept-alive connection of small exchanges holds a small buffer (memory per connection), and
+/// reads that fill it double it, up to [`MAX_READ_CHUNK`], for bodies.
+const READ_CHUNK: usize = 1024;
 
 /// The most room made for one read: a connection moving a large body reads (and writes) in
 /// pieces that grow up to this while reads keep filling the buffer, so bulk transfers take
@@ -56,6 +58,15 @@ impl<I: Io> Side<I> {
 
     /// Reads once into the read buffer; `Ok(0)` at end of stream.
     pub(crate) fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() == 0 {
+            // Released while idle: nothing is allocated until bytes arrive.
+            let mut stack = [0u8; 1024];
+            let mut read_buf = tokio::io::ReadBuf::new(&mut stack);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut read_buf))?;
+            let n = read_buf.filled().len();
+            self.rbuf.extend_from_slice(read_buf.filled());
+            return Poll::Ready(Ok(n));
+        }
         let want = self.read_size;
         if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
             self.rbuf.reserve(want);
@@ -70,6 +81,19 @@ impl<I: Io> Side<I> {
             }
         }
         Poll::Ready(read)
+    }
+
+    /// Gives both buffers' memory back, when empty (a connection idle for long): an idle
+    /// kept-alive connection then holds no buffer at all.
+    pub(crate) fn release(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+            self.read_size = READ_CHUNK;
+        }
+        if !self.has_output() {
+            self.wbuf = Vec::new();
+            self.written = 0;
+        }
     }
 
     /// Releases buffers grown by a large body, once they are empty.
@@ -181,6 +205,11 @@ impl Replay {
     pub(crate) fn lose(&mut self) {
         self.state = ReplayState::Lost;
         self.buf.clear();
+    }
+
+    /// Frees the buffer's memory.
+    pub(crate) fn free(&mut self) {
+        self.buf = Vec::new();
     }
 
     /// No body byte has been read yet: the request can be sent as it was.
