@@ -43,6 +43,8 @@ pub(crate) struct Side<I> {
     written: usize,
     /// Room to make for the next read.
     read_size: usize,
+    /// The read buffer was given back while idle (see [`Side::release`]).
+    released: bool,
 }
 
 impl<I: Io> Side<I> {
@@ -53,17 +55,20 @@ impl<I: Io> Side<I> {
             wbuf: Vec::new(),
             written: 0,
             read_size: READ_CHUNK,
+            released: false,
         }
     }
 
     /// Reads once into the read buffer; `Ok(0)` at end of stream.
     pub(crate) fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() == 0 {
+        if self.released {
             // Released while idle: nothing is allocated until bytes arrive.
-            let mut stack = [0u8; 1024];
+            let mut stack = [0u8; READ_CHUNK];
             let mut read_buf = tokio::io::ReadBuf::new(&mut stack);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut read_buf))?;
             let n = read_buf.filled().len();
+            self.released = false;
+            self.rbuf.reserve(READ_CHUNK);
             self.rbuf.extend_from_slice(read_buf.filled());
             return Poll::Ready(Ok(n));
         }
@@ -89,6 +94,7 @@ impl<I: Io> Side<I> {
         if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();
             self.read_size = READ_CHUNK;
+            self.released = true;
         }
         if !self.has_output() {
             self.wbuf = Vec::new();
