@@ -36,6 +36,14 @@ pub const MAX_STAT_WINDOW: Duration = Duration::from_secs(60);
 /// than this measure mostly the scrapes).
 pub const MIN_STAT_WINDOW: Duration = Duration::from_millis(100);
 
+/// The most admin servers one summary scrapes at once.
+pub const MAX_SCRAPES_PER_CALL: usize = 16;
+
+/// The most scrapes in flight across every summary call: each may buffer up to
+/// `stat::MAX_SCRAPE_BYTES`, so this bounds what summaries can make the controller hold (and
+/// how hard they can hit the proxies), however many callers ask at once.
+pub const MAX_SCRAPES: usize = 32;
+
 /// The window a request asks for (`window_ms`, 0 for the default), within the bounds.
 fn window_of(window_ms: u64) -> Duration {
     match window_ms {
@@ -94,6 +102,8 @@ fn count(n: usize) -> u32 {
 pub struct ApiService {
     discovery: Arc<dyn Discovery>,
     metrics_source: Option<Arc<dyn MetricsSource>>,
+    /// Scrapes in flight across calls (at most [`MAX_SCRAPES`]).
+    scrapes: Arc<tokio::sync::Semaphore>,
 }
 
 impl core::fmt::Debug for ApiService {
@@ -109,6 +119,7 @@ impl ApiService {
         Self {
             discovery,
             metrics_source: None,
+            scrapes: Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES)),
         }
     }
 
@@ -168,9 +179,13 @@ impl api::api_server::Api for ApiService {
             .iter()
             .flat_map(|s| s.endpoints.iter().filter_map(|e| e.admin))
             .collect();
-        let (before, after) = scrape_window(source.as_ref(), &admins, window, |samples| {
-            total(&counts_by_authority(samples, "inbound"))
-        })
+        let (before, after) = scrape_window(
+            source.as_ref(),
+            &admins,
+            window,
+            |samples| total(&counts_by_authority(samples, "inbound")),
+            &self.scrapes,
+        )
         .await;
         let rows = services
             .iter()
@@ -238,9 +253,13 @@ impl api::api_server::Api for ApiService {
         };
         let window = window_of(request.window_ms);
         let admins: Vec<SocketAddr> = service.endpoints.iter().filter_map(|e| e.admin).collect();
-        let (before, after) = scrape_window(source.as_ref(), &admins, window, |samples| {
-            counts_by_route(samples, "inbound")
-        })
+        let (before, after) = scrape_window(
+            source.as_ref(),
+            &admins,
+            window,
+            |samples| counts_by_route(samples, "inbound"),
+            &self.scrapes,
+        )
         .await;
         // The rows: the profile's routes by name, then the default route. Series for names the
         // profile does not have (a route renamed or removed since the proxy counted it) are
@@ -304,10 +323,11 @@ async fn scrape_window<T>(
     admins: &[SocketAddr],
     window: Duration,
     reduce: fn(&[Sample]) -> T,
+    scrapes: &tokio::sync::Semaphore,
 ) -> (BTreeMap<SocketAddr, T>, BTreeMap<SocketAddr, T>) {
-    let before = scrape_all(source, admins, reduce).await;
+    let before = scrape_all(source, admins, reduce, scrapes).await;
     tokio::time::sleep(window).await;
-    let after = scrape_all(source, admins, reduce).await;
+    let after = scrape_all(source, admins, reduce, scrapes).await;
     (before, after)
 }
 
@@ -317,15 +337,21 @@ async fn scrape_all<T>(
     source: &dyn MetricsSource,
     admins: &[SocketAddr],
     reduce: fn(&[Sample]) -> T,
+    scrapes: &tokio::sync::Semaphore,
 ) -> BTreeMap<SocketAddr, T> {
-    let scrapes = admins
-        .iter()
-        .map(|&admin| async move { (admin, scrape_reduced(source, admin, reduce).await) });
-    futures_util::future::join_all(scrapes)
-        .await
-        .into_iter()
-        .filter_map(|(admin, counts)| counts.map(|c| (admin, c)))
+    use futures_util::StreamExt as _;
+    futures_util::stream::iter(admins.iter().copied())
+        .map(|admin| async move {
+            // Closed only if the controller is going away: then nothing is scraped.
+            let Ok(_permit) = scrapes.acquire().await else {
+                return (admin, None);
+            };
+            (admin, scrape_reduced(source, admin, reduce).await)
+        })
+        .buffer_unordered(MAX_SCRAPES_PER_CALL)
+        .filter_map(|(admin, counts)| async move { counts.map(|c| (admin, c)) })
         .collect()
+        .await
 }
 
 /// `conduit.identity.v1.Identity`, not implemented yet.

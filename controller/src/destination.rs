@@ -22,10 +22,10 @@
 
 use core::net::SocketAddr;
 use core::pin::Pin;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use conduit_core::mesh::{Endpoint, Profile};
+use conduit_core::mesh::{Endpoint, Profile, Service};
 use conduit_proto::convert::{DestinationChange, DestinationUpdate, ProfileUpdate};
 use conduit_proto::pb::destination as pb;
 use futures_util::Stream;
@@ -36,18 +36,19 @@ use crate::metrics::{Metrics, OpenStream, StreamKind};
 
 // === Sans-IO diffs ===
 
+/// What a subscriber was last sent: the discovery snapshot's own service, shared (a stream
+/// holds a reference, not a copy of every endpoint, however many streams follow one name).
+#[derive(Clone, Debug)]
+enum Sent {
+    NotFound,
+    Service(Arc<Service>),
+}
+
 /// Turns a subscriber's successive service states into endpoint updates.
 #[derive(Clone, Debug, Default)]
 pub struct EndpointDiff {
     version: u64,
     sent: Option<Sent>,
-}
-
-/// What the subscriber holds, as of the last update sent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Sent {
-    NotFound,
-    Endpoints(BTreeMap<SocketAddr, Endpoint>),
 }
 
 impl EndpointDiff {
@@ -68,43 +69,38 @@ impl EndpointDiff {
     /// next version.
     #[must_use]
     pub fn handle_state(&mut self, state: &ServiceState) -> Vec<DestinationUpdate> {
-        let target = match state {
-            ServiceState::NotFound => Sent::NotFound,
-            ServiceState::Found(service) => Sent::Endpoints(
-                service
-                    .endpoints
-                    .iter()
-                    .map(|e| (e.addr, e.clone()))
-                    .collect(),
-            ),
-        };
-        let ordered: &[Endpoint] = match state {
-            ServiceState::Found(service) => &service.endpoints,
-            ServiceState::NotFound => &[],
-        };
         let mut changes = Vec::new();
-        match (&self.sent, &target) {
-            (Some(sent), target) if sent == target => {}
-            (_, Sent::NotFound) => changes.push(DestinationChange::NoEndpoints { exists: false }),
-            (_, Sent::Endpoints(new)) if new.is_empty() => {
+        match (&self.sent, state) {
+            (Some(Sent::NotFound), ServiceState::NotFound) => {}
+            (_, ServiceState::NotFound) => {
+                changes.push(DestinationChange::NoEndpoints { exists: false });
+            }
+            (Some(Sent::Service(old)), ServiceState::Found(new)) if Arc::ptr_eq(old, new) => {}
+            (Some(Sent::Service(old)), ServiceState::Found(new))
+                if old.endpoints.is_empty() && new.endpoints.is_empty() => {}
+            (_, ServiceState::Found(new)) if new.endpoints.is_empty() => {
                 changes.push(DestinationChange::NoEndpoints { exists: true });
             }
-            (None, Sent::Endpoints(_)) => {
-                changes.push(DestinationChange::Replace(ordered.to_vec()))
+            (None, ServiceState::Found(new)) => {
+                changes.push(DestinationChange::Replace(new.endpoints.clone()));
             }
-            (Some(Sent::NotFound), Sent::Endpoints(_)) => {
-                changes.push(DestinationChange::Add(ordered.to_vec()));
+            (Some(Sent::NotFound), ServiceState::Found(new)) => {
+                changes.push(DestinationChange::Add(new.endpoints.clone()));
             }
-            (Some(Sent::Endpoints(old)), Sent::Endpoints(new)) => {
-                // New addresses and changed metadata, in discovery order.
-                let added: Vec<Endpoint> = ordered
+            (Some(Sent::Service(old)), ServiceState::Found(new)) => {
+                // New addresses and changed metadata, in discovery order; then what went.
+                let before: BTreeMap<SocketAddr, &Endpoint> =
+                    old.endpoints.iter().map(|e| (e.addr, e)).collect();
+                let now: BTreeSet<SocketAddr> = new.endpoints.iter().map(|e| e.addr).collect();
+                let added: Vec<Endpoint> = new
+                    .endpoints
                     .iter()
-                    .filter(|e| old.get(&e.addr) != Some(*e))
+                    .filter(|e| before.get(&e.addr) != Some(e))
                     .cloned()
                     .collect();
-                let removed: Vec<SocketAddr> = old
+                let removed: Vec<SocketAddr> = before
                     .keys()
-                    .filter(|addr| !new.contains_key(addr))
+                    .filter(|addr| !now.contains(addr))
                     .copied()
                     .collect();
                 if !added.is_empty() {
@@ -115,7 +111,10 @@ impl EndpointDiff {
                 }
             }
         }
-        self.sent = Some(target);
+        self.sent = Some(match state {
+            ServiceState::NotFound => Sent::NotFound,
+            ServiceState::Found(service) => Sent::Service(Arc::clone(service)),
+        });
         changes
             .into_iter()
             .map(|change| {
@@ -133,7 +132,7 @@ impl EndpointDiff {
 #[derive(Clone, Debug, Default)]
 pub struct ProfileDiff {
     version: u64,
-    sent: Option<(bool, String, Profile)>,
+    sent: Option<Sent>,
 }
 
 impl ProfileDiff {
@@ -146,16 +145,25 @@ impl ProfileDiff {
     /// The complete profile when it differs from the last one sent (or nothing was sent yet).
     #[must_use]
     pub fn handle_state(&mut self, state: &ServiceState) -> Option<ProfileUpdate> {
-        let target = match state {
-            ServiceState::NotFound => (false, String::new(), Profile::default()),
-            ServiceState::Found(service) => (true, service.name.clone(), service.profile.clone()),
+        let unchanged = match (&self.sent, state) {
+            (Some(Sent::NotFound), ServiceState::NotFound) => true,
+            (Some(Sent::Service(old)), ServiceState::Found(new)) => {
+                Arc::ptr_eq(old, new) || (old.name == new.name && old.profile == new.profile)
+            }
+            _ => false,
         };
-        if self.sent.as_ref() == Some(&target) {
+        self.sent = Some(match state {
+            ServiceState::NotFound => Sent::NotFound,
+            ServiceState::Found(service) => Sent::Service(Arc::clone(service)),
+        });
+        if unchanged {
             return None;
         }
         self.version += 1;
-        let (exists, name, profile) = target.clone();
-        self.sent = Some(target);
+        let (exists, name, profile) = match state {
+            ServiceState::NotFound => (false, String::new(), Profile::default()),
+            ServiceState::Found(service) => (true, service.name.clone(), service.profile.clone()),
+        };
         Some(ProfileUpdate {
             version: self.version,
             exists,

@@ -64,6 +64,17 @@ pub const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a keepalive ping may go unanswered before the connection is closed.
 pub const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most concurrent streams on one client connection. A proxy holds two per authority it
+/// uses (endpoints and profile), and a sidecar uses tens to hundreds of authorities; a client
+/// asking for more waits for its own streams to end, and cannot take the controller's capacity
+/// from other proxies.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+
+/// Streams a client may open and reset before the server has accepted them, and streams the
+/// server may reset for protocol errors, per connection, before the connection is closed
+/// (the HTTP/2 "rapid reset" defences).
+pub const MAX_RESET_STREAMS: usize = 100;
+
 /// The controller's gRPC and admin servers over one discovery backend.
 #[derive(Clone)]
 pub struct Controller {
@@ -148,6 +159,9 @@ impl Controller {
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .http2_max_pending_accept_reset_streams(Some(MAX_RESET_STREAMS))
+            .http2_max_local_error_reset_streams(Some(MAX_RESET_STREAMS))
             .layer(date::DateHeaderLayer::new(self.date_header.clone()))
             .add_service(
                 DestinationService::new(Arc::clone(&self.discovery), Arc::clone(&self.metrics))

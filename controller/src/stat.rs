@@ -56,10 +56,11 @@ impl Counts {
 
     /// Adds `other`'s counts to these.
     pub fn add(&mut self, other: &Self) {
-        self.responses += other.responses;
-        self.successes += other.successes;
+        // Saturating: a proxy's counters are a peer's word, and a hostile one can say 2^64.
+        self.responses = self.responses.saturating_add(other.responses);
+        self.successes = self.successes.saturating_add(other.successes);
         for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets) {
-            *mine += theirs;
+            *mine = mine.saturating_add(theirs);
         }
     }
 }
@@ -138,12 +139,13 @@ pub fn reduce(samples: &[Sample], direction: &str, family: Family) -> BTreeMap<G
         let value = counter_value(sample.value);
         if is_responses {
             let counts = groups.entry(group).or_default();
-            counts.responses += value;
+            counts.responses = counts.responses.saturating_add(value);
             if sample.label("classification") == Some("success") {
-                counts.successes += value;
+                counts.successes = counts.successes.saturating_add(value);
             }
         } else if let Some(index) = sample.label("le").and_then(bucket_index) {
-            cumulative.entry(group).or_insert([0; LATENCY_BUCKETS])[index] += value;
+            let bucket = &mut cumulative.entry(group).or_insert([0; LATENCY_BUCKETS])[index];
+            *bucket = bucket.saturating_add(value);
         }
     }
     for (group, cumulative) in cumulative {
@@ -509,5 +511,20 @@ route_response_latency_ms_bucket{direction="inbound",authority="api.demo",route=
         let (first, second) = (scrape(SCRAPE_2), scrape(SCRAPE_1));
         let delta = second["web.demo:80"].since(&first["web.demo:80"]);
         assert_eq!(delta.responses, 100);
+    }
+
+    #[test]
+    fn hostile_counter_values_saturate() {
+        let huge = format!(
+            "response_total{{direction=\"outbound\",authority=\"a\",status_code=\"200\",classification=\"success\"}} {}\n\
+             response_total{{direction=\"outbound\",authority=\"a\",status_code=\"201\",classification=\"success\"}} {}\n",
+            u64::MAX,
+            u64::MAX
+        );
+        let counts = scrape(&huge);
+        assert_eq!(counts["a"].responses, u64::MAX);
+        let mut all = counts["a"].clone();
+        all.add(&counts["a"]);
+        assert_eq!((all.responses, all.successes), (u64::MAX, u64::MAX));
     }
 }

@@ -686,3 +686,37 @@ async fn the_simulation_seam_serves_without_a_file() {
     let _ = stop.send(());
     within("shutdown", server).await.unwrap().unwrap();
 }
+
+/// Goal: one greedy client cannot stop other proxies from resolving. Method: three
+/// connections each hold 3,500 `Destination.Get` streams for made-up names (10,500 names, more
+/// than the controller's table of watched names); a fourth client then resolves `web.default`
+/// and gets its endpoints at once. Names no service has take no table entry (their streams
+/// share one channel), and each connection's streams are bounded
+/// (`MAX_STREAMS_PER_CONNECTION`).
+#[tokio::test]
+async fn a_greedy_client_cannot_stop_others_from_resolving() {
+    let controller = Controller::start("greedy", &web(&[9001])).await;
+    let mut held = Vec::new();
+    for connection in 0..3 {
+        let client = pb::destination_client::DestinationClient::new(controller.channel().await);
+        let opened = (0..3500).map(|i| {
+            let mut client = client.clone();
+            async move {
+                let request = pb::GetDestination {
+                    path: format!("made-up-{connection}-{i}.default"),
+                    context_token: String::new(),
+                };
+                client.get(request).await.map(tonic::Response::into_inner)
+            }
+        });
+        for stream in within("greedy streams", futures_util::future::join_all(opened)).await {
+            held.push(stream.expect("a made-up name is answered (not found), not refused"));
+        }
+    }
+    let mut web = controller.get("web.default").await;
+    assert_eq!(
+        next(&mut web).await.change,
+        DestinationChange::Replace(vec![ep(9001)])
+    );
+    drop(held);
+}

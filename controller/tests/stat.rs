@@ -261,3 +261,63 @@ async fn route_summary_needs_a_known_workload_and_a_source() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
 }
+
+/// Counts scrapes in flight and the most seen at once.
+#[derive(Default)]
+struct Counting {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl MetricsSource for Counting {
+    fn scrape(
+        &self,
+        _admin: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<String, ScrapeError>> + Send + '_>> {
+        use std::sync::atomic::Ordering;
+        Box::pin(async move {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(exposition(1, 0))
+        })
+    }
+}
+
+/// Goal: a summary of a large workload cannot fan out without bound. Method: a workload of 300
+/// endpoints, four summaries at once; scrapes in flight never exceed the bound across calls
+/// (`MAX_SCRAPES`), and every endpoint is still scraped.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn summaries_bound_their_scrapes() {
+    let mut yaml = String::from("services:\n  web.default:\n    endpoints:\n");
+    for i in 0..300u16 {
+        yaml.push_str(&format!(
+            "      - addr: 127.0.1.{}:{}\n        admin: 127.0.2.{}:{}\n",
+            i % 200,
+            9000 + i,
+            i % 200,
+            4000 + i
+        ));
+    }
+    let mesh = conduit_proto::mesh_file::parse(&yaml).unwrap();
+    let source = Arc::new(Counting::default());
+    let api = ApiService::new(Arc::new(FileDiscovery::new(mesh)))
+        .with_metrics_source(Some(Arc::clone(&source) as Arc<dyn MetricsSource>));
+    let call = || {
+        api.stat_summary(Request::new(StatSummaryRequest {
+            workload: "web.default".into(),
+            window_ms: 100,
+        }))
+    };
+    let answers = futures_util::future::join_all([call(), call(), call(), call()]).await;
+    for answer in answers {
+        let row = &answer.unwrap().into_inner().rows[0];
+        assert_eq!(row.scraped_endpoints, 300);
+    }
+    let most = source.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        most <= conduit_controller::api::MAX_SCRAPES,
+        "{most} scrapes in flight at once"
+    );
+}

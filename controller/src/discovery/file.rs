@@ -30,9 +30,11 @@ use tokio::sync::watch;
 use super::{Discovery, ServiceSnapshot, ServiceState, ServiceWatch, WatchError, check_authority};
 use crate::metrics::Metrics;
 
-/// The most distinct names watched at once. Each watched name costs one channel; names nobody
-/// watches any more are pruned, so this bounds what clients asking for many different
-/// (possibly made-up) names can make the controller hold.
+/// The most distinct names of known services watched with a channel of their own at once
+/// (names nobody watches any more are pruned). Names no service has take no entry: their
+/// watches share one channel and work their state out on every change, so clients asking for
+/// any number of made-up names cannot fill this table and keep other proxies from resolving
+/// real services.
 pub const MAX_WATCHED_NAMES: usize = 10_000;
 
 /// Discovery from a mesh file: the last good mesh, published to per-name watches.
@@ -49,8 +51,11 @@ struct State {
     /// The mesh's services by name, shared with the snapshots that hold them.
     services: BTreeMap<String, Arc<Service>>,
     generation: u64,
-    /// Watched authorities (lower-cased) and their channels.
+    /// Watched authorities (lower-cased) of known services, and their channels.
     watches: BTreeMap<String, watch::Sender<ServiceSnapshot>>,
+    /// Bumped (to the generation) on every change: the shared channel of watches of names no
+    /// service had when they were asked for.
+    changes: watch::Sender<u64>,
 }
 
 impl State {
@@ -80,6 +85,7 @@ impl FileDiscovery {
             services,
             generation: 1,
             watches: BTreeMap::new(),
+            changes: watch::Sender::new(1),
         };
         Self {
             shared: Arc::new(Mutex::new(state)),
@@ -111,6 +117,7 @@ impl FileDiscovery {
                 }
             });
         }
+        state.changes.send_replace(generation);
         tracing::debug!(
             generation,
             services = state.services.len(),
@@ -152,6 +159,21 @@ impl Discovery for FileDiscovery {
         let mut state = self.lock();
         if let Some(tx) = state.watches.get(&key) {
             return Ok(ServiceWatch::new(tx.subscribe()));
+        }
+        if matches!(state.project(&key), ServiceState::NotFound) {
+            let shared = Arc::clone(&self.shared);
+            let project: super::Project = Arc::new(move |authority: &str| {
+                let state = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                ServiceSnapshot {
+                    generation: state.generation,
+                    state: state.project(authority),
+                }
+            });
+            return Ok(ServiceWatch::shared(
+                state.changes.subscribe(),
+                key,
+                project,
+            ));
         }
         if state.watches.len() >= MAX_WATCHED_NAMES {
             state.prune();
@@ -399,13 +421,15 @@ mod tests {
         };
         assert_eq!(first.endpoints.len(), 1);
 
-        // A change elsewhere in the mesh does not wake the web watch.
+        // A change elsewhere in the mesh does not wake the web watch. The watch of a name no
+        // service has is woken by every change (it shares one channel) and finds it unchanged.
         assert_eq!(discovery.replace(mesh(OTHER)), 2);
-        assert!(!web.rx.has_changed().unwrap());
-        assert!(!nope.rx.has_changed().unwrap());
+        assert!(!web.has_changed());
+        assert!(nope.has_changed());
+        assert_eq!(nope.latest().state, ServiceState::NotFound);
 
         assert_eq!(discovery.replace(mesh(TWO)), 3);
-        assert!(web.rx.has_changed().unwrap());
+        assert!(web.has_changed());
         let snapshot = web.latest();
         assert_eq!(snapshot.generation, 3);
         let ServiceState::Found(second) = snapshot.state else {
@@ -425,7 +449,8 @@ mod tests {
             discovery.watch("WEB.default").unwrap().latest().state,
             ServiceState::Found(_)
         ));
-        assert_eq!(discovery.watched_names(), 2);
+        // Only the known service takes a table entry.
+        assert_eq!(discovery.watched_names(), 1);
         assert!(matches!(
             discovery.watch(""),
             Err(WatchError::InvalidAuthority { len: 0 })
@@ -435,10 +460,31 @@ mod tests {
     #[test]
     fn abandoned_watches_are_pruned() {
         let discovery = FileDiscovery::new(mesh(ONE));
-        drop(discovery.watch("a.default").unwrap());
-        let _kept = discovery.watch("b.default").unwrap();
+        drop(discovery.watch("web.default").unwrap());
+        let _kept = discovery.watch("web.default:80").unwrap();
         discovery.replace(mesh(ONE));
         assert_eq!(discovery.watched_names(), 1);
+    }
+
+    #[test]
+    fn made_up_names_take_no_table_entry_and_see_their_service_appear() {
+        let discovery = FileDiscovery::new(mesh(ONE));
+        let mut made_up: Vec<ServiceWatch> = (0..MAX_WATCHED_NAMES + 100)
+            .map(|i| discovery.watch(&format!("made-up-{i}.default")).unwrap())
+            .collect();
+        assert_eq!(discovery.watched_names(), 0);
+        // A real service still resolves.
+        assert!(matches!(
+            discovery.watch("web.default").unwrap().latest().state,
+            ServiceState::Found(_)
+        ));
+        // A made-up name that becomes a service is seen.
+        discovery.replace(mesh(
+            "services:\n  made-up-7.default:\n    endpoints:\n      - addr: 127.0.0.1:9009\n",
+        ));
+        assert!(made_up[7].has_changed());
+        assert!(matches!(made_up[7].latest().state, ServiceState::Found(_)));
+        assert_eq!(made_up[8].latest().state, ServiceState::NotFound);
     }
 
     #[test]

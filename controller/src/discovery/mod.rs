@@ -61,10 +61,34 @@ pub enum ServiceState {
     Found(Arc<Service>),
 }
 
+/// Works out the state of a name from the backend's current view.
+pub type Project = Arc<dyn Fn(&str) -> ServiceSnapshot + Send + Sync>;
+
 /// A subscription to one name's [`ServiceSnapshot`]s.
-#[derive(Debug)]
 pub struct ServiceWatch {
-    rx: watch::Receiver<ServiceSnapshot>,
+    inner: Inner,
+}
+
+enum Inner {
+    /// A channel of its own (names of known services).
+    Named(watch::Receiver<ServiceSnapshot>),
+    /// No channel of its own: the name's state is worked out again on every change of the
+    /// backend (names no service has, which clients may make up in any number; they share
+    /// one channel and cost the backend no table entry).
+    Shared {
+        changes: watch::Receiver<u64>,
+        authority: String,
+        project: Project,
+    },
+}
+
+impl core::fmt::Debug for ServiceWatch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match &self.inner {
+            Inner::Named(_) => f.write_str("ServiceWatch::Named"),
+            Inner::Shared { authority, .. } => write!(f, "ServiceWatch::Shared({authority})"),
+        }
+    }
 }
 
 impl ServiceWatch {
@@ -72,21 +96,59 @@ impl ServiceWatch {
     /// snapshots whose generation does not decrease.
     #[must_use]
     pub fn new(rx: watch::Receiver<ServiceSnapshot>) -> Self {
-        Self { rx }
+        Self {
+            inner: Inner::Named(rx),
+        }
+    }
+
+    /// Follows `authority` through a channel the backend bumps on every change, working its
+    /// state out with `project`. The generations `project` reports must not decrease.
+    #[must_use]
+    pub fn shared(changes: watch::Receiver<u64>, authority: String, project: Project) -> Self {
+        Self {
+            inner: Inner::Shared {
+                changes,
+                authority,
+                project,
+            },
+        }
     }
 
     /// The latest snapshot, marking it seen.
     pub fn latest(&mut self) -> ServiceSnapshot {
-        self.rx.borrow_and_update().clone()
+        match &mut self.inner {
+            Inner::Named(rx) => rx.borrow_and_update().clone(),
+            Inner::Shared {
+                changes,
+                authority,
+                project,
+            } => {
+                changes.borrow_and_update();
+                project(authority)
+            }
+        }
     }
 
-    /// Waits until a snapshot newer than the last one seen is published.
+    /// Whether a snapshot newer than the last one seen may have been published (for a name no
+    /// service had, any change of the backend counts).
+    #[must_use]
+    pub fn has_changed(&self) -> bool {
+        match &self.inner {
+            Inner::Named(rx) => rx.has_changed().unwrap_or(true),
+            Inner::Shared { changes, .. } => changes.has_changed().unwrap_or(true),
+        }
+    }
+
+    /// Waits until a snapshot newer than the last one seen may have been published.
     ///
     /// # Errors
     ///
     /// [`Closed`] when the backend has stopped and no newer snapshot will come.
     pub async fn changed(&mut self) -> Result<(), Closed> {
-        self.rx.changed().await.map_err(|_| Closed)
+        match &mut self.inner {
+            Inner::Named(rx) => rx.changed().await.map_err(|_| Closed),
+            Inner::Shared { changes, .. } => changes.changed().await.map_err(|_| Closed),
+        }
     }
 }
 
