@@ -8,9 +8,10 @@
 //! default policy (Linkerd's response classes, no timeouts). A service without a profile has
 //! only the default route.
 //!
-//! Each route carries its [`RoutePolicy`]: response classes (which responses are failures, for
-//! the `classification` label and success rates) and [`Timeouts`]. Later issues add retries,
-//! fault injection and authorization here, so both HTTP engines get them through one lookup.
+//! Each route carries its [`RoutePolicy`]: response classes (which responses are failures, and
+//! which may be retried, for the `classification` label and success rates), [`Timeouts`] and
+//! its [`RetryPolicy`]. Later issues add fault injection and authorization here, so both HTTP
+//! engines get them through one lookup.
 //!
 //! Matching reads the request through [`RequestView`], which each HTTP engine implements over
 //! its own head type: nothing is copied or allocated to look a route up. Regular expressions
@@ -52,6 +53,7 @@ use http::{HeaderName, Method};
 use serde::Deserialize;
 
 use crate::classify::{Classifier, ClassifyConfig, RawClassifyConfig};
+use crate::retry::{RawRetry, RetryPolicy};
 use crate::timeout::{RawTimeouts, Timeouts};
 
 /// The most routes one profile may list.
@@ -95,6 +97,7 @@ pub trait RequestView {
 ///         headers:
 ///           - { name: x-tenant, exact: beta }  # or regex
 ///       timeouts: { request: 2s, attempt: 500ms }
+///       retry: { max_attempts: 3, budget: { ratio: 0.2 } }   # see retry::RawRetry
 ///       response_classes:
 ///         http: [ { status: { min: 500 }, failure: true } ]
 /// ```
@@ -118,6 +121,9 @@ pub struct RawRoute {
     pub timeouts: RawTimeouts,
     /// The route's response classes (Linkerd's defaults when absent).
     pub response_classes: RawClassifyConfig,
+    /// Whether and how the route retries failed requests (absent: never, beyond resending
+    /// requests no endpoint processed).
+    pub retry: Option<RawRetry>,
 }
 
 /// A route's request match as written.
@@ -315,6 +321,8 @@ pub struct RoutePolicy {
     pub classifier: Classifier,
     /// The route's timeouts.
     pub timeouts: Timeouts,
+    /// The route's retries (`None`: failed requests are not retried).
+    pub retry: Option<RetryPolicy>,
 }
 
 /// A validated route.
@@ -539,8 +547,15 @@ impl TryFrom<RawProfile> for Profile {
                     ));
                 })
                 .ok();
-            if let (true, Some(timeouts), Some(classes)) =
-                (errors.len() == before, timeouts, classes)
+            let retry = raw_route
+                .retry
+                .map(|raw| {
+                    RetryPolicy::try_from(raw)
+                        .map_err(|e| errors.push((format!("{path}.retry.{}", e.field), e.problem)))
+                })
+                .transpose();
+            if let (true, Some(timeouts), Some(classes), Ok(retry)) =
+                (errors.len() == before, timeouts, classes, retry)
             {
                 routes.push(Route {
                     name: Arc::from(raw_route.name),
@@ -548,6 +563,7 @@ impl TryFrom<RawProfile> for Profile {
                     policy: RoutePolicy {
                         classifier: Classifier::new(&classes),
                         timeouts,
+                        retry,
                     },
                 });
             }

@@ -11,21 +11,20 @@
 //! | [`net::TcpAddress`] | [`SocketAddr`] (IPv6 flow info and scope id are not carried) |
 //! | [`destination::WeightedAddr`] | [`mesh::Endpoint`] |
 //! | [`destination::Update`] | [`DestinationUpdate`], and from it [`balance::Update`] |
-//! | [`destination::Route`] | [`route::Route`] (its match, response classes and timeouts) |
+//! | [`destination::Route`] | [`route::Route`] (its match, response classes, timeouts and retry policy) |
+//! | [`destination::RetryPolicy`] | [`retry::RetryPolicy`] (with the route's or the profile's budget) |
 //! | [`destination::DestinationProfile`] | [`ProfileUpdate`] (holding a [`route::Profile`]) |
 //! | [`api::Workload`] | from [`mesh::Service`] only (the CLI issue adds the reverse) |
 //!
-//! # What is not converted yet
-//!
-//! Retry policies and the retry budget (`Route.retry_policy`, `DestinationProfile.retry_budget`)
-//! are defined on the wire but not read: `conduit-core` has no retry types yet (its `retry`
-//! module comes with the retry issue), so they are neither validated nor carried, and the
-//! controller never sets them.
+//! A route's retry budget travels in its `RetryPolicy`; the profile-wide `retry_budget` is read
+//! as the budget of routes whose policy gives none (each route still keeps its own budget), and
+//! never written: every route sent carries its budget.
 //!
 //! [`net::TcpAddress`]: crate::pb::net::TcpAddress
 //! [`destination::WeightedAddr`]: crate::pb::destination::WeightedAddr
 //! [`destination::Update`]: crate::pb::destination::Update
 //! [`destination::Route`]: crate::pb::destination::Route
+//! [`destination::RetryPolicy`]: crate::pb::destination::RetryPolicy
 //! [`destination::DestinationProfile`]: crate::pb::destination::DestinationProfile
 //! [`api::Workload`]: crate::pb::api::Workload
 
@@ -33,11 +32,13 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use core::time::Duration;
 use std::collections::BTreeSet;
 
+use conduit_core::backoff::BackoffConfig;
 use conduit_core::balance;
 use conduit_core::classify::{
     Classifier, ClassifyConfig, GrpcCode, GrpcRule, HttpRule, MAX_RULES, Outcome, StatusRange,
 };
 use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_WEIGHT};
+use conduit_core::retry::{self, BudgetConfig, HedgeDelay, HedgePolicy, InvalidRetry, RetryPolicy};
 use conduit_core::route::{
     self, MAX_HEADER_MATCHES, MAX_ROUTES, PathMatch, Pattern, Profile, RawHeaderMatch,
     RequestMatch, Route, RoutePolicy, ValueMatch,
@@ -568,6 +569,15 @@ pub struct ProfileUpdate {
 /// expression, an invalid header condition, a timeout out of range, or an invalid response
 /// class.
 pub fn route(field: &str, route: dst::Route) -> Result<Route, InvalidMessage> {
+    route_with_budget(field, route, None)
+}
+
+/// Converts one route whose profile gives `budget` to routes without their own.
+fn route_with_budget(
+    field: &str,
+    route: dst::Route,
+    budget: Option<&dst::RetryBudget>,
+) -> Result<Route, InvalidMessage> {
     if let Err(_reason) = route::check_route_name(&route.name) {
         return Err(InvalidMessage::RouteName {
             field: format!("{field}.name"),
@@ -664,6 +674,10 @@ pub fn route(field: &str, route: dst::Route) -> Result<Route, InvalidMessage> {
         attempt: millis("attempt_timeout_ms", route.attempt_timeout_ms)?,
     };
     let classifier = response_classes(field, route.response_classes)?;
+    let retry = match route.retry_policy {
+        None => None,
+        Some(policy) => retry_policy(&format!("{field}.retry_policy"), policy, budget)?,
+    };
     Ok(Route {
         name: route.name.into(),
         matches: RequestMatch {
@@ -674,8 +688,109 @@ pub fn route(field: &str, route: dst::Route) -> Result<Route, InvalidMessage> {
         policy: RoutePolicy {
             classifier,
             timeouts,
+            retry,
         },
     })
+}
+
+/// Converts a route's retry policy (`None`: one that allows a single attempt), with the
+/// profile's `budget` for a policy that gives none.
+///
+/// # Errors
+///
+/// [`InvalidMessage::Invalid`] naming the field out of bounds.
+pub fn retry_policy(
+    field: &str,
+    policy: dst::RetryPolicy,
+    budget: Option<&dst::RetryBudget>,
+) -> Result<Option<RetryPolicy>, InvalidMessage> {
+    let invalid = |e: InvalidRetry| InvalidMessage::Invalid {
+        field: format!("{field}.{}", e.field),
+        reason: e.problem,
+    };
+    let max_attempts = match policy.max_attempts {
+        0 => retry::DEFAULT_MAX_ATTEMPTS,
+        1 => return Ok(None),
+        n => n,
+    };
+    let ms = |v: u64, default: Duration| {
+        if v == 0 {
+            default
+        } else {
+            Duration::from_millis(v)
+        }
+    };
+    let min = ms(policy.backoff_min_ms, retry::DEFAULT_BACKOFF_MIN);
+    let backoff = BackoffConfig::try_new(
+        min,
+        ms(policy.backoff_max_ms, min.max(retry::DEFAULT_BACKOFF_MAX)),
+        retry::DEFAULT_BACKOFF_JITTER_PER_MILLE,
+    )
+    .map_err(|e| InvalidMessage::Invalid {
+        field: format!("{field}.backoff_min_ms"),
+        reason: e.to_string(),
+    })?;
+    let budget = match policy.budget.as_ref().or(budget) {
+        None => BudgetConfig::default(),
+        Some(budget) => BudgetConfig::try_new(
+            budget.retry_ratio_permille,
+            budget.min_retries_per_second,
+            ms(budget.ttl_ms, retry::DEFAULT_BUDGET_TTL),
+        )
+        .map_err(invalid)?,
+    };
+    let hedge = match policy.hedge {
+        None => None,
+        Some(hedge) => Some(HedgePolicy {
+            after: match hedge.after {
+                Some(dst::hedge_policy::After::DelayMs(delay)) => {
+                    HedgeDelay::Fixed(Duration::from_millis(delay))
+                }
+                Some(dst::hedge_policy::After::QuantilePermille(permille)) => {
+                    HedgeDelay::Quantile { permille }
+                }
+                None => {
+                    return Err(InvalidMessage::Missing {
+                        field: format!("{field}.hedge.after"),
+                    });
+                }
+            },
+            max: match hedge.max_hedges {
+                0 => retry::DEFAULT_MAX_HEDGES,
+                n => n,
+            },
+        }),
+    };
+    RetryPolicy::try_new(max_attempts, backoff, policy.non_idempotent, budget, hedge)
+        .map(Some)
+        .map_err(invalid)
+}
+
+impl From<&RetryPolicy> for dst::RetryPolicy {
+    fn from(policy: &RetryPolicy) -> Self {
+        Self {
+            max_attempts: policy.max_attempts,
+            backoff_min_ms: millis_of(policy.backoff.min()).max(1),
+            backoff_max_ms: millis_of(policy.backoff.max()).max(1),
+            non_idempotent: policy.non_idempotent,
+            budget: Some(dst::RetryBudget {
+                retry_ratio_permille: policy.budget.ratio_permille(),
+                min_retries_per_second: policy.budget.min_per_second(),
+                ttl_ms: millis_of(policy.budget.ttl()),
+            }),
+            hedge: policy.hedge.map(|hedge| dst::HedgePolicy {
+                after: Some(match hedge.after {
+                    HedgeDelay::Fixed(delay) => {
+                        dst::hedge_policy::After::DelayMs(millis_of(delay).max(1))
+                    }
+                    HedgeDelay::Quantile { permille } => {
+                        dst::hedge_policy::After::QuantilePermille(permille)
+                    }
+                }),
+                max_hedges: hedge.max,
+            }),
+        }
+    }
 }
 
 /// The wire's ordered response classes, split by kind (order within each kind kept: the first
@@ -819,7 +934,7 @@ impl From<&Route> for dst::Route {
             response_classes: http.chain(grpc).collect(),
             timeout_ms: route.policy.timeouts.request.map(millis_of),
             attempt_timeout_ms: route.policy.timeouts.attempt.map(millis_of),
-            retry_policy: None,
+            retry_policy: route.policy.retry.as_ref().map(Into::into),
         }
     }
 }
@@ -841,7 +956,7 @@ impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
         let mut routes = Vec::with_capacity(profile.routes.len());
         for (i, pb_route) in profile.routes.into_iter().enumerate() {
             let field = format!("routes[{i}]");
-            let route = route(&field, pb_route)?;
+            let route = route_with_budget(&field, pb_route, profile.retry_budget.as_ref())?;
             if !names.insert(route.name.clone()) {
                 return Err(InvalidMessage::RouteName {
                     field: format!("{field}.name"),

@@ -507,34 +507,121 @@ fn a_full_route_converts() {
     assert_eq!(Route::try_from(back).unwrap(), route);
 }
 
-/// The profile fields core has no types for yet are not read: a profile that sets them
-/// converts to the same routes as one that does not (see the module docs).
+/// A route's retry policy converts with its own budget, else the profile's, else the
+/// defaults; one attempt means no retries; zeros mean the defaults.
 #[test]
-fn unconverted_profile_fields_are_ignored() {
-    let plain = dst::DestinationProfile {
+fn retry_policies_convert_with_the_right_budget() {
+    let profile_budget = dst::RetryBudget {
+        retry_ratio_permille: 100,
+        min_retries_per_second: 3,
+        ttl_ms: 5_000,
+    };
+    let policy = |max_attempts, budget: Option<dst::RetryBudget>| dst::Route {
+        name: "r".into(),
+        retry_policy: Some(dst::RetryPolicy {
+            max_attempts,
+            budget,
+            ..Default::default()
+        }),
+        ..dst::Route::default()
+    };
+    let own = dst::RetryBudget {
+        retry_ratio_permille: 500,
+        min_retries_per_second: 0,
+        ttl_ms: 0,
+    };
+    let wire = dst::DestinationProfile {
         version: 2,
         exists: true,
         fully_qualified_name: "web.default".into(),
-        routes: vec![dst::Route {
-            name: "r".into(),
-            timeout_ms: Some(100),
-            ..dst::Route::default()
-        }],
-        retry_budget: None,
+        routes: vec![
+            policy(0, None),
+            dst::Route {
+                name: "own".into(),
+                ..policy(3, Some(own))
+            },
+            dst::Route {
+                name: "once".into(),
+                ..policy(1, None)
+            },
+        ],
+        retry_budget: Some(profile_budget),
     };
-    let mut rich = plain.clone();
-    rich.retry_budget = Some(dst::RetryBudget {
-        retry_ratio_permille: 200,
-        min_retries_per_second: 10,
-        ttl_ms: 10_000,
-    });
-    rich.routes[0].retry_policy = Some(dst::RetryPolicy {
-        max_attempts: 3,
-        ..Default::default()
-    });
+    let update = ProfileUpdate::try_from(wire).unwrap();
+    let routes = update.profile.routes();
+    let inherited = routes[0].policy.retry.unwrap();
+    assert_eq!(inherited.max_attempts, 2);
+    assert_eq!(inherited.backoff.min(), Duration::from_millis(25));
+    assert_eq!(inherited.budget.ratio_permille(), 100);
+    assert_eq!(inherited.budget.min_per_second(), 3);
+    assert_eq!(inherited.budget.ttl(), Duration::from_secs(5));
+    let own = routes[1].policy.retry.unwrap();
+    assert_eq!(own.max_attempts, 3);
+    assert_eq!(own.budget.ratio_permille(), 500);
+    assert_eq!(own.budget.min_per_second(), 0);
+    assert_eq!(own.budget.ttl(), Duration::from_secs(10));
+    assert_eq!(routes[2].policy.retry, None);
+    // Each route carries its budget back to the wire; the profile-wide one is not written.
+    let back = dst::DestinationProfile::from(update.clone());
+    assert_eq!(back.retry_budget, None);
     assert_eq!(
-        ProfileUpdate::try_from(rich).unwrap(),
-        ProfileUpdate::try_from(plain).unwrap()
+        back.routes[0].retry_policy.as_ref().unwrap().budget,
+        Some(profile_budget)
+    );
+    assert_eq!(ProfileUpdate::try_from(back).unwrap(), update);
+}
+
+#[test]
+fn bad_retry_policies_name_their_field() {
+    let field = |policy: dst::RetryPolicy| {
+        let route = dst::Route {
+            name: "r".into(),
+            retry_policy: Some(policy),
+            ..dst::Route::default()
+        };
+        Route::try_from(route).unwrap_err().field().to_owned()
+    };
+    assert_eq!(
+        field(dst::RetryPolicy {
+            max_attempts: 11,
+            ..Default::default()
+        }),
+        "route.retry_policy.max_attempts"
+    );
+    assert_eq!(
+        field(dst::RetryPolicy {
+            budget: Some(dst::RetryBudget {
+                ttl_ms: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        "route.retry_policy.budget.ttl"
+    );
+    assert_eq!(
+        field(dst::RetryPolicy {
+            hedge: Some(dst::HedgePolicy::default()),
+            ..Default::default()
+        }),
+        "route.retry_policy.hedge.after"
+    );
+    assert_eq!(
+        field(dst::RetryPolicy {
+            hedge: Some(dst::HedgePolicy {
+                after: Some(dst::hedge_policy::After::QuantilePermille(1000)),
+                max_hedges: 0,
+            }),
+            ..Default::default()
+        }),
+        "route.retry_policy.hedge.after"
+    );
+    assert_eq!(
+        field(dst::RetryPolicy {
+            backoff_min_ms: 500,
+            backoff_max_ms: 100,
+            ..Default::default()
+        }),
+        "route.retry_policy.backoff_min_ms"
     );
 }
 
@@ -677,10 +764,11 @@ fn arb_route() -> impl Strategy<Value = Route> {
             path,
             headers,
         });
-    let policy = (arb_classifier(), arb_timeout(), arb_timeout()).prop_map(
-        |(classifier, request, attempt)| RoutePolicy {
+    let policy = (arb_classifier(), arb_timeout(), arb_timeout(), arb_retry()).prop_map(
+        |(classifier, request, attempt, retry)| RoutePolicy {
             classifier,
             timeouts: Timeouts { request, attempt },
+            retry,
         },
     );
     (
@@ -693,6 +781,41 @@ fn arb_route() -> impl Strategy<Value = Route> {
             matches,
             policy,
         })
+}
+
+fn arb_retry() -> impl Strategy<Value = Option<RetryPolicy>> {
+    let hedge = proptest::option::of(
+        (
+            prop_oneof![
+                (1u64..5_000).prop_map(|ms| HedgeDelay::Fixed(Duration::from_millis(ms))),
+                (1u32..=999).prop_map(|permille| HedgeDelay::Quantile { permille }),
+            ],
+            1..=retry::MAX_HEDGES,
+        )
+            .prop_map(|(after, max)| HedgePolicy { after, max }),
+    );
+    proptest::option::of(
+        (
+            2..=retry::MAX_ATTEMPTS,
+            (1u64..1_000, 0u64..10_000),
+            any::<bool>(),
+            (0..=retry::MAX_BUDGET_RATIO_PERMILLE, 0u32..1_000, 1u64..=60),
+            hedge,
+        )
+            .prop_map(
+                |(attempts, (min, extra), non_idempotent, (ratio, per_second, ttl), hedge)| {
+                    let backoff = BackoffConfig::try_new(
+                        Duration::from_millis(min),
+                        Duration::from_millis(min + extra),
+                        retry::DEFAULT_BACKOFF_JITTER_PER_MILLE,
+                    )
+                    .unwrap();
+                    let budget =
+                        BudgetConfig::try_new(ratio, per_second, Duration::from_secs(ttl)).unwrap();
+                    RetryPolicy::try_new(attempts, backoff, non_idempotent, budget, hedge).unwrap()
+                },
+            ),
+    )
 }
 
 fn arb_profile_update() -> impl Strategy<Value = ProfileUpdate> {
@@ -835,9 +958,19 @@ fn arb_pb_route() -> impl Strategy<Value = dst::Route> {
         proptest::collection::vec(class, 0..3),
         timeout(),
         timeout(),
+        proptest::option::of(arb_pb_retry()),
     )
         .prop_map(
-            |(name, method, path, headers, response_classes, timeout_ms, attempt_timeout_ms)| {
+            |(
+                name,
+                method,
+                path,
+                headers,
+                response_classes,
+                timeout_ms,
+                attempt_timeout_ms,
+                retry_policy,
+            )| {
                 dst::Route {
                     name,
                     condition: Some(dst::RequestMatch {
@@ -848,7 +981,56 @@ fn arb_pb_route() -> impl Strategy<Value = dst::Route> {
                     response_classes,
                     timeout_ms,
                     attempt_timeout_ms,
-                    retry_policy: None,
+                    retry_policy,
+                }
+            },
+        )
+}
+
+fn arb_pb_retry() -> impl Strategy<Value = dst::RetryPolicy> {
+    let small = || prop_oneof![4 => 0u64..300, 1 => any::<u64>()];
+    let budget = proptest::option::of(
+        (
+            prop_oneof![4 => 0u32..2_000, 1 => any::<u32>()],
+            prop_oneof![4 => 0u32..100, 1 => any::<u32>()],
+            prop_oneof![4 => 0u64..70_000, 1 => any::<u64>()],
+        )
+            .prop_map(|(retry_ratio_permille, min_retries_per_second, ttl_ms)| {
+                dst::RetryBudget {
+                    retry_ratio_permille,
+                    min_retries_per_second,
+                    ttl_ms,
+                }
+            }),
+    );
+    let hedge = proptest::option::of(
+        (
+            proptest::option::of(prop_oneof![
+                small().prop_map(dst::hedge_policy::After::DelayMs),
+                prop_oneof![0u32..1_100, any::<u32>()]
+                    .prop_map(dst::hedge_policy::After::QuantilePermille),
+            ]),
+            prop_oneof![0u32..6, any::<u32>()],
+        )
+            .prop_map(|(after, max_hedges)| dst::HedgePolicy { after, max_hedges }),
+    );
+    (
+        prop_oneof![0u32..12, any::<u32>()],
+        small(),
+        small(),
+        any::<bool>(),
+        budget,
+        hedge,
+    )
+        .prop_map(
+            |(max_attempts, backoff_min_ms, backoff_max_ms, non_idempotent, budget, hedge)| {
+                dst::RetryPolicy {
+                    max_attempts,
+                    backoff_min_ms,
+                    backoff_max_ms,
+                    non_idempotent,
+                    budget,
+                    hedge,
                 }
             },
         )
