@@ -65,34 +65,40 @@ impl Plan {
 /// Runs `scenario` at `seed` in this process. Call it at most once per process.
 #[must_use]
 pub fn run(scenario: &Scenario, seed: u64) -> (Report, Trace) {
-    let plan = (scenario.plan)(seed);
+    run_plan(scenario.name, &(scenario.plan)(seed), seed)
+}
+
+/// Runs `plan` (scenario `name`'s, possibly altered by a test) at `seed` in this process. Call
+/// it at most once per process.
+#[must_use]
+pub fn run_plan(name: &str, plan: &Plan, seed: u64) -> (Report, Trace) {
     let mut rng = DetRng::new(seed);
     let workload = Workload::plan(&plan.flows, &mut rng.child("workload"));
     let planned = workload.requests.len();
-    let world = match World::build(scenario.name, &plan.world, seed, &workload) {
+    let world = match World::build(name, &plan.world, seed, &workload) {
         Ok(world) => world,
         Err(err) => {
             let trace = Trace {
-                scenario: scenario.name.to_owned(),
+                scenario: name.to_owned(),
                 seed,
                 sim_error: Some(format!("building the world: {err}")),
                 ..Trace::default()
             };
-            return (finish(scenario, seed, &plan, &trace, planned), trace);
+            return (finish(name, seed, plan, &trace, planned), trace);
         }
     };
     let mut schedule = plan.schedule.clone();
     let trace = world.run(|world| schedule.apply_due(world));
-    (finish(scenario, seed, &plan, &trace, planned), trace)
+    (finish(name, seed, plan, &trace, planned), trace)
 }
 
-fn finish(scenario: &Scenario, seed: u64, plan: &Plan, trace: &Trace, planned: usize) -> Report {
+fn finish(name: &str, seed: u64, plan: &Plan, trace: &Trace, planned: usize) -> Report {
     let mut violations = check::check_all(trace, &plan.checks, planned);
     for extra in &plan.extra {
         violations.extend(extra(trace));
     }
     let mut report = Report {
-        scenario: scenario.name.to_owned(),
+        scenario: name.to_owned(),
         seed,
         hash: trace.hash(),
         summary: conduit_sim::summarize(trace),
