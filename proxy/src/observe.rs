@@ -63,8 +63,9 @@ pub struct Pick<'a> {
     pub request: RequestKey,
     /// The authority, as in [`Observer::applied`].
     pub authority: &'a str,
-    /// The version of the resolution in force at the pick (the version last reported applied
-    /// for the authority).
+    /// The version of the resolution in force at the pick: the one [`Observer::applied`] last
+    /// reported for the authority (on a multi-threaded runtime, a pick on another thread may be
+    /// reported just before the application that enabled it).
     pub version: u64,
     /// The endpoint.
     pub endpoint: SocketAddr,
