@@ -1,4 +1,5 @@
-//! `conduit sim`: list the deterministic scenarios, replay one seed, or sweep many.
+//! `conduit sim`: list the deterministic scenarios, replay one seed, or sweep many (`--all`:
+//! every scenario).
 //!
 //! The work is `conduit_scenarios::sim::cli`; this module parses arguments and runs it on a
 //! plain thread (each simulation builds its own runtimes, so it must not run inside the
@@ -18,11 +19,16 @@ pub(crate) struct SimArgs {
     /// The scenario to run (repeat for a sweep; a sweep without it runs every scenario).
     #[arg(long)]
     scenario: Vec<String>,
+    /// Sweep every registered scenario over `--seeds` (one progress bar, then a table per
+    /// scenario and every failure's replay command).
+    #[arg(long, requires = "seeds", conflicts_with = "scenario")]
+    all: bool,
     /// Replay one seed and print its summary and trace hash.
     #[arg(long, conflicts_with = "seeds")]
     seed: Option<u64>,
     /// Sweep seeds `A..B` (B excluded), each in its own process, with a progress bar; every
-    /// failing seed is printed with the command that replays it.
+    /// failing seed is printed with the command that replays it, and a table per scenario
+    /// (runs, failures, seeds per second) ends the sweep.
     #[arg(long, value_parser = parse_seeds)]
     seeds: Option<(u64, u64)>,
     /// Seeds run at once during a sweep.
@@ -58,7 +64,8 @@ fn run_here(args: SimArgs) -> anyhow::Result<()> {
     } else if let Some((from, to)) = args.seeds {
         let exe = std::env::current_exe()?;
         SimCommand::Sweep {
-            scenarios: args.scenario,
+            // `--all`, or no `--scenario`: every registered scenario.
+            scenarios: if args.all { Vec::new() } else { args.scenario },
             from,
             to,
             jobs: args.jobs,
@@ -66,7 +73,9 @@ fn run_here(args: SimArgs) -> anyhow::Result<()> {
         }
     } else {
         let (Some(scenario), Some(seed)) = (args.scenario.first(), args.seed) else {
-            anyhow::bail!("give --list, --scenario NAME --seed N, or --seeds A..B");
+            anyhow::bail!(
+                "give --list, --scenario NAME --seed N, or --seeds A..B (with --all or --scenario NAME)"
+            );
         };
         SimCommand::Replay {
             scenario: scenario.clone(),

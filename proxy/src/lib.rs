@@ -16,7 +16,8 @@
 //! responses only in [`errors::respond`].
 //!
 //! Entry points: [`run`] (bind and serve), or [`Proxy::bind`] then [`Proxy::serve`] when the
-//! caller needs the bound addresses first (tests bind port 0).
+//! caller needs the bound addresses first (tests bind port 0) or reports to an
+//! [`observe::Observer`] ([`Proxy::with_observer`]).
 
 pub mod admin;
 mod balance;
@@ -33,6 +34,7 @@ mod h1;
 mod http2;
 mod inbound;
 pub mod net;
+pub mod observe;
 mod outbound;
 mod pool;
 mod server;
@@ -87,6 +89,7 @@ pub struct Proxy<N: Net> {
     inbound: Option<N::Listener>,
     admin: N::Listener,
     addrs: Addrs,
+    hooks: observe::Hooks,
 }
 
 impl<N: Net> Proxy<N> {
@@ -137,7 +140,24 @@ impl<N: Net> Proxy<N> {
             inbound,
             admin,
             addrs,
+            hooks: observe::Hooks::default(),
         })
+    }
+
+    /// Reports what the proxy applies and picks to `observer` (instead of to nobody).
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn observe::Observer>) -> Self {
+        self.hooks.observer = observer;
+        self
+    }
+
+    /// Plants `fault` in the proxy: for tests that show a check catches it. Only with the
+    /// `planted-faults` feature; no configuration reaches it.
+    #[cfg(feature = "planted-faults")]
+    #[must_use]
+    pub fn with_planted_fault(mut self, fault: observe::PlantedFault) -> Self {
+        self.hooks.planted = Some(fault);
+        self
     }
 
     /// Where the listeners are.
@@ -165,6 +185,7 @@ impl<N: Net> Proxy<N> {
             inbound,
             admin,
             addrs,
+            hooks,
         } = self;
         let clock = clock::Clock::new();
         let metrics = Arc::new(admin::metrics::Metrics::new(clock, config.metrics));
@@ -179,6 +200,7 @@ impl<N: Net> Proxy<N> {
             config.balancer,
             config.queue,
             config.discovery_idle_timeout,
+            hooks,
         );
         tokio::spawn(Arc::clone(&router).run(drain.clone()));
 

@@ -65,34 +65,40 @@ impl Plan {
 /// Runs `scenario` at `seed` in this process. Call it at most once per process.
 #[must_use]
 pub fn run(scenario: &Scenario, seed: u64) -> (Report, Trace) {
-    let plan = (scenario.plan)(seed);
+    run_plan(scenario.name, &(scenario.plan)(seed), seed)
+}
+
+/// Runs `plan` (scenario `name`'s, possibly altered by a test) at `seed` in this process. Call
+/// it at most once per process.
+#[must_use]
+pub fn run_plan(name: &str, plan: &Plan, seed: u64) -> (Report, Trace) {
     let mut rng = DetRng::new(seed);
     let workload = Workload::plan(&plan.flows, &mut rng.child("workload"));
     let planned = workload.requests.len();
-    let world = match World::build(scenario.name, &plan.world, seed, &workload) {
+    let world = match World::build(name, &plan.world, seed, &workload) {
         Ok(world) => world,
         Err(err) => {
             let trace = Trace {
-                scenario: scenario.name.to_owned(),
+                scenario: name.to_owned(),
                 seed,
                 sim_error: Some(format!("building the world: {err}")),
                 ..Trace::default()
             };
-            return (finish(scenario, seed, &plan, &trace, planned), trace);
+            return (finish(name, seed, plan, &trace, planned), trace);
         }
     };
     let mut schedule = plan.schedule.clone();
     let trace = world.run(|world| schedule.apply_due(world));
-    (finish(scenario, seed, &plan, &trace, planned), trace)
+    (finish(name, seed, plan, &trace, planned), trace)
 }
 
-fn finish(scenario: &Scenario, seed: u64, plan: &Plan, trace: &Trace, planned: usize) -> Report {
+fn finish(name: &str, seed: u64, plan: &Plan, trace: &Trace, planned: usize) -> Report {
     let mut violations = check::check_all(trace, &plan.checks, planned);
     for extra in &plan.extra {
         violations.extend(extra(trace));
     }
     let mut report = Report {
-        scenario: scenario.name.to_owned(),
+        scenario: name.to_owned(),
         seed,
         hash: trace.hash(),
         summary: conduit_sim::summarize(trace),
@@ -220,9 +226,10 @@ pub enum SimCommand {
         /// Print the report as a child-process JSON line too.
         json: bool,
     },
-    /// Run seeds `from..to` of each scenario in child processes.
+    /// Run seeds `from..to` of each scenario in child processes, then print a table per
+    /// scenario (runs, failures, seeds per second) and every failure's replay command.
     Sweep {
-        /// Scenario names (all when empty).
+        /// Scenario names (every registered scenario when empty).
         scenarios: Vec<String>,
         /// First seed.
         from: u64,
@@ -299,6 +306,77 @@ pub fn cli(command: SimCommand, out: &mut dyn std::io::Write) -> anyhow::Result<
     }
 }
 
+/// One scenario's share of a sweep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SweepRow {
+    /// The scenario.
+    pub scenario: &'static str,
+    /// Seeds run.
+    pub runs: usize,
+    /// Seeds that failed (an invariant broke, or the child produced no report).
+    pub failed: usize,
+    /// Wall time its runs took, summed over the runs (each in its own process).
+    pub wall: Duration,
+}
+
+/// A failed seed of a sweep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SweepFailure {
+    /// The scenario.
+    pub scenario: &'static str,
+    /// The seed.
+    pub seed: u64,
+    /// The first broken invariant, or why the run produced no report.
+    pub reason: String,
+}
+
+/// The sweep's summary: a row per scenario (runs, failures, seeds per second of one job's
+/// time, which does not depend on `--jobs`), a total over `wall` (the sweep's own wall time,
+/// which does), then every failure with the command that replays it.
+#[must_use]
+pub fn render_sweep(rows: &[SweepRow], failures: &[SweepFailure], wall: Duration) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+    let rate = |runs: usize, wall: Duration| runs as f64 / wall.as_secs_f64().max(1e-9);
+    let mut out = format!(
+        "{:<36} {:>7} {:>7} {:>9} {:>8}\n",
+        "scenario", "runs", "failed", "wall s", "seeds/s"
+    );
+    for row in rows {
+        out.push_str(&format!(
+            "{:<36} {:>7} {:>7} {:>9.1} {:>8.1}\n",
+            row.scenario,
+            row.runs,
+            row.failed,
+            row.wall.as_secs_f64(),
+            rate(row.runs, row.wall)
+        ));
+    }
+    let runs: usize = rows.iter().map(|r| r.runs).sum();
+    let failed: usize = rows.iter().map(|r| r.failed).sum();
+    out.push_str(&format!(
+        "{:<36} {:>7} {:>7} {:>9.1} {:>8.1}\n",
+        "total (sweep wall time)",
+        runs,
+        failed,
+        wall.as_secs_f64(),
+        rate(runs, wall)
+    ));
+    if !failures.is_empty() {
+        out.push_str("\nfailures:\n");
+        for f in failures {
+            out.push_str(&format!(
+                "{} seed {}: {}\n  replay: {}\n",
+                f.scenario,
+                f.seed,
+                f.reason,
+                conduit_sim::replay_command(f.scenario, f.seed)
+            ));
+        }
+    }
+    out.push_str(&format!("{runs} runs, {failed} failed\n"));
+    out
+}
+
 fn sweep(
     names: &[String],
     from: u64,
@@ -307,6 +385,11 @@ fn sweep(
     exe: &[String],
     out: &mut dyn std::io::Write,
 ) -> anyhow::Result<bool> {
+    type Running = (
+        &'static str,
+        u64,
+        std::thread::JoinHandle<(anyhow::Result<Report>, Duration)>,
+    );
     let selected: Vec<Scenario> = if names.is_empty() {
         scenarios::all()
     } else {
@@ -318,72 +401,92 @@ fn sweep(
     let Some((program, args)) = exe.split_first() else {
         anyhow::bail!("no executable to run seeds with");
     };
-    let runs: Vec<(&'static str, u64)> = selected
+    let mut rows: Vec<SweepRow> = selected
         .iter()
-        .flat_map(|s| (from..to).map(move |seed| (s.name, seed)))
+        .map(|s| SweepRow {
+            scenario: s.name,
+            runs: 0,
+            failed: 0,
+            wall: Duration::ZERO,
+        })
+        .collect();
+    let runs: Vec<(usize, &'static str, u64)> = selected
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (from..to).map(move |seed| (i, s.name, seed)))
         .collect();
     let total = runs.len();
-    let mut failed = 0usize;
+    let stopwatch = conduit_sim::Stopwatch::start();
+    let mut failures = Vec::new();
     let mut done = 0usize;
     let mut pending = runs.into_iter();
-    let mut running: Vec<(
-        &'static str,
-        u64,
-        std::thread::JoinHandle<anyhow::Result<Report>>,
-    )> = Vec::new();
+    let mut running: Vec<(usize, Running)> = Vec::new();
     loop {
         while running.len() < jobs {
-            let Some((name, seed)) = pending.next() else {
+            let Some((row, name, seed)) = pending.next() else {
                 break;
             };
             let mut command = Command::new(program);
             command
                 .args(args)
                 .args(["--scenario", name, "--seed", &seed.to_string(), "--json"]);
-            running.push((
-                name,
-                seed,
-                std::thread::spawn(move || process::run(command)),
-            ));
+            let handle = std::thread::spawn(move || {
+                let stopwatch = conduit_sim::Stopwatch::start();
+                let report = process::run(command);
+                (report, stopwatch.elapsed())
+            });
+            running.push((row, (name, seed, handle)));
         }
         if running.is_empty() {
             break;
         }
-        let (name, seed, handle) = running.remove(0);
-        let result = handle
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the sweep thread panicked")));
+        let (row, (name, seed, handle)) = running.remove(0);
+        let (result, wall) = handle.join().unwrap_or_else(|_| {
+            (
+                Err(anyhow::anyhow!("the sweep thread panicked")),
+                Duration::ZERO,
+            )
+        });
         done += 1;
-        match result {
-            Ok(report) if report.passed() => {}
-            Ok(report) => {
-                failed += 1;
-                writeln!(
-                    out,
-                    "\rFAIL {name} seed {seed}: {}",
+        rows[row].runs += 1;
+        rows[row].wall += wall;
+        let (reason, file) = match result {
+            Ok(report) if report.passed() => (None, None),
+            Ok(report) => (
+                Some(
                     report
                         .violations
                         .first()
                         .map(ToString::to_string)
-                        .unwrap_or_default()
-                )?;
-                writeln!(out, "  replay: {}", report.replay_command())?;
-                if let Some(file) = &report.failure_file {
-                    writeln!(out, "  schedule and trace: {file}")?;
-                }
+                        .unwrap_or_default(),
+                ),
+                report.failure_file,
+            ),
+            Err(err) => (Some(format!("{err:#}")), None),
+        };
+        if let Some(reason) = reason {
+            rows[row].failed += 1;
+            writeln!(out, "\rFAIL {name} seed {seed}: {reason}")?;
+            writeln!(out, "  replay: {}", conduit_sim::replay_command(name, seed))?;
+            if let Some(file) = file {
+                writeln!(out, "  schedule and trace: {file}")?;
             }
-            Err(err) => {
-                failed += 1;
-                writeln!(out, "\rFAIL {name} seed {seed}: {err}")?;
-                writeln!(out, "  replay: {}", conduit_sim::replay_command(name, seed))?;
-            }
+            failures.push(SweepFailure {
+                scenario: name,
+                seed,
+                reason,
+            });
         }
-        progress(done, total, failed);
+        progress(done, total, failures.len());
     }
     let mut stderr = std::io::stderr();
     let _ = writeln!(stderr);
-    writeln!(out, "{done} runs, {failed} failed")?;
-    Ok(failed == 0)
+    write!(
+        out,
+        "{}",
+        render_sweep(&rows, &failures, stopwatch.elapsed())
+    )?;
+    Ok(failures.is_empty())
 }
 
 fn progress(done: usize, total: usize, failed: usize) {
@@ -413,4 +516,47 @@ pub const fn ms(n: u64) -> Duration {
 #[must_use]
 pub const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_ends_with_a_row_per_scenario_and_every_failures_replay_command() {
+        let rows = [
+            SweepRow {
+                scenario: "endpoint_churn",
+                runs: 2000,
+                failed: 0,
+                wall: Duration::from_secs(400),
+            },
+            SweepRow {
+                scenario: "random_chaos",
+                runs: 2000,
+                failed: 1,
+                wall: Duration::from_secs(250),
+            },
+        ];
+        let failures = [SweepFailure {
+            scenario: "random_chaos",
+            seed: 17,
+            reason: "[liveness] request 9 failed".into(),
+        }];
+        let text = render_sweep(&rows, &failures, Duration::from_secs(650));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..4],
+            [
+                "scenario                                runs  failed    wall s  seeds/s",
+                "endpoint_churn                          2000       0     400.0      5.0",
+                "random_chaos                            2000       1     250.0      8.0",
+                "total (sweep wall time)                 4000       1     650.0      6.2",
+            ]
+        );
+        assert!(text.contains(
+            "random_chaos seed 17: [liveness] request 9 failed\n  replay: cargo run -p conduit-cli -- sim --scenario random_chaos --seed 17\n"
+        ));
+        assert!(text.ends_with("4000 runs, 1 failed\n"));
+    }
 }

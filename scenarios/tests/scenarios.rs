@@ -100,6 +100,25 @@ fn config_never_out_of_order() {
     scenario("config_never_out_of_order");
 }
 
+/// Seeds at which the old, inferring check failed `config_never_out_of_order` (issue 18): a
+/// request served by a replica that both the initial version and the first change list was
+/// taken for one served under the change, and the next request, still on the initial version
+/// inside the propagation delay, looked like a step back. 715, 1108 and 2008 failed that way on
+/// this revision (the issue's 5189 did on an older one); all pass now that the check reads
+/// what the proxy applied.
+#[test]
+fn config_never_out_of_order_overlapping_versions() {
+    const TEST: &str = "config_never_out_of_order_overlapping_versions";
+    if sim::child_entry() {
+        return;
+    }
+    for seed in [715, 1108, 2008, 5189] {
+        let report = sim::run_isolated(TEST, "config_never_out_of_order", seed)
+            .unwrap_or_else(|err| panic!("seed {seed} did not run: {err:#}"));
+        assert!(report.passed(), "{}", sim::describe_failure(&report));
+    }
+}
+
 /// Two services, three clients, mixed protocols, no faults.
 #[test]
 fn steady_mesh() {

@@ -1,5 +1,7 @@
 //! Invariant checkers over a run's [`Trace`]. They read only what clients, backends and the
-//! harness recorded (and the counters the proxies publish), never proxy internals.
+//! harness recorded, the counters the proxies publish, and what the proxies reported through
+//! their observers (each discovery state applied, each endpoint picked); never proxy internals,
+//! and never a guess at a proxy's state from which backend answered.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::trace::{Outcome, Proto, RequestRecord, Trace, micros};
+use crate::trace::{AppliedRecord, ConfigVersion, Outcome, Proto, RequestRecord, Trace, micros};
 
 /// A broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,8 +50,8 @@ pub struct Checks {
     /// After this sim time (the last fault healed plus the recovery bound), every request
     /// succeeds.
     pub healthy_after: Option<Duration>,
-    /// After the last configuration change plus this bound, every response comes from an
-    /// endpoint of the latest configuration.
+    /// After the last configuration change plus this bound, every proxy has applied the latest
+    /// configuration (and every response comes from one of its endpoints).
     pub converge_within: Option<Duration>,
 }
 
@@ -89,6 +91,8 @@ pub fn check_all(trace: &Trace, checks: &Checks, planned: usize) -> Vec<Violatio
     }
     out.extend(no_mixing(trace));
     out.extend(valid_endpoint(trace, checks.routing_grace));
+    out.extend(picked_endpoints(trace));
+    out.extend(monotonic_config(trace));
     out.extend(at_most_once(trace));
     if checks.metrics {
         out.extend(metrics_agree(trace));
@@ -437,21 +441,431 @@ pub fn liveness(trace: &Trace, after: Duration) -> Vec<Violation> {
     })
 }
 
-/// Proxies converge on the latest configuration: requests sent `bound` after the last change
-/// are served only by endpoints of the latest configuration.
+/// The service an authority names: the authority without its `:port`.
+fn service_of(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => name,
+        _ => authority,
+    }
+}
+
+/// One service's endpoints in one configuration version.
+#[derive(Debug)]
+struct Published<'t> {
+    version: u64,
+    at_us: u64,
+    /// The version at which the service's endpoints last changed: what they are labelled with.
+    changed: u64,
+    /// `None`: the service is not in this configuration.
+    hosts: Option<&'t [String]>,
+}
+
+/// The harness's configurations, per service, as the world published (and labelled) them.
+#[derive(Debug)]
+struct History<'t> {
+    services: BTreeMap<&'t str, Vec<Published<'t>>>,
+}
+
+impl<'t> History<'t> {
+    fn new(configs: &'t [ConfigVersion]) -> Self {
+        let mut names: Vec<&str> = configs
+            .iter()
+            .flat_map(|c| c.endpoints.keys().map(String::as_str))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut services = BTreeMap::new();
+        for name in names {
+            let mut list: Vec<Published<'t>> = Vec::with_capacity(configs.len());
+            for c in configs {
+                let hosts = c.endpoints.get(name).map(Vec::as_slice);
+                let changed = match list.last() {
+                    Some(prev) if prev.hosts == hosts => prev.changed,
+                    _ => c.version,
+                };
+                list.push(Published {
+                    version: c.version,
+                    at_us: c.at_us,
+                    changed,
+                    hosts,
+                });
+            }
+            services.insert(name, list);
+        }
+        Self { services }
+    }
+
+    fn of(&self, service: &str) -> &[Published<'t>] {
+        self.services.get(service).map_or(&[], Vec::as_slice)
+    }
+
+    /// The configuration `state` comes from, as far as its content tells: `Ok(Some(v))` for
+    /// the endpoints labelled `v` (exactly version `v`'s, plus leftovers of older versions, as
+    /// a state between two configurations holds), `Ok(None)` for a state without endpoints
+    /// (its version is told by [`empty_versions`](Self::empty_versions)), `Err` for a state
+    /// no published configuration explains.
+    fn config_of(&self, state: &AppliedRecord) -> Result<Option<u64>, String> {
+        let published = self.of(service_of(&state.authority));
+        if let Some((host, _)) = state.endpoints.iter().find(|(_, label)| label.is_none()) {
+            return Err(format!("endpoint {host} carries no configuration label"));
+        }
+        let Some(top) = state.config() else {
+            return Ok(None);
+        };
+        let hosts_of = |label: u64| {
+            published
+                .iter()
+                .find(|p| p.version == label && p.changed == label)
+                .and_then(|p| p.hosts)
+        };
+        let Some(expected) = hosts_of(top) else {
+            return Err(format!("no configuration v{top} changed these endpoints"));
+        };
+        let mut newest: Vec<&str> = state
+            .endpoints
+            .iter()
+            .filter(|(_, label)| *label == Some(top))
+            .map(|(host, _)| host.as_str())
+            .collect();
+        let mut expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+        newest.sort_unstable();
+        expected.sort_unstable();
+        if newest != expected {
+            return Err(format!(
+                "its v{top} endpoints {newest:?} are not v{top}'s {expected:?}"
+            ));
+        }
+        for (host, label) in &state.endpoints {
+            let label = label.unwrap_or(0);
+            if label != top && !hosts_of(label).is_some_and(|hosts| hosts.contains(host)) {
+                return Err(format!(
+                    "{host} is labelled v{label}, which did not list it"
+                ));
+            }
+        }
+        Ok(Some(top))
+    }
+
+    /// The configurations (by the version their endpoints changed at) published by `at_us` in
+    /// which the service of a state without endpoints had none (`found`) or was absent.
+    fn empty_versions(&self, authority: &str, found: bool, at_us: u64) -> Vec<u64> {
+        self.of(service_of(authority))
+            .iter()
+            .filter(|p| p.at_us <= at_us)
+            .filter(|p| match p.hosts {
+                Some(hosts) => found && hosts.is_empty(),
+                None => !found,
+            })
+            .map(|p| p.changed)
+            .collect()
+    }
+}
+
+/// A proxy incarnation's view of one authority: (host, incarnation, authority).
+type StateKey<'t> = (&'t str, u64, &'t str);
+
+/// Applied states per proxy incarnation and authority, in the order they were applied.
+fn applied_by_key(trace: &Trace) -> BTreeMap<StateKey<'_>, Vec<&AppliedRecord>> {
+    let mut out: BTreeMap<StateKey<'_>, Vec<&AppliedRecord>> = BTreeMap::new();
+    for a in &trace.applied {
+        out.entry((a.proxy.as_str(), a.incarnation, a.authority.as_str()))
+            .or_default()
+            .push(a);
+    }
+    out
+}
+
+/// Each request went where its proxy said it picked, under a state the proxy said it applied:
+/// a served request has picks, the last of them names the backend that answered, and every
+/// pick names an endpoint of the state (reported applied by that proxy, at or before the pick)
+/// whose version it was picked under.
+#[must_use]
+pub fn picked_endpoints(trace: &Trace) -> Vec<Violation> {
+    let applied = applied_by_key(trace);
+    let mut out = Vec::new();
+    for r in &trace.requests {
+        if let Some(host) = r.served_by() {
+            match r.picks.last() {
+                None => out.push(Violation::new(
+                    "picks",
+                    format!(
+                        "request {} was served by {host}, but its proxy reported no pick",
+                        r.id
+                    ),
+                )),
+                Some(last) if last.endpoint != host => out.push(Violation::new(
+                    "picks",
+                    format!(
+                        "request {} was served by {host}, but its proxy last picked {}",
+                        r.id, last.endpoint
+                    ),
+                )),
+                Some(_) => {}
+            }
+        }
+        for p in &r.picks {
+            let state = applied
+                .get(&(p.proxy.as_str(), p.incarnation, p.authority.as_str()))
+                .and_then(|states| {
+                    states
+                        .iter()
+                        .rev()
+                        .find(|a| a.at_us <= p.at_us && a.version == Some(p.version))
+                });
+            let problem = match state {
+                None => Some(format!(
+                    "under version {} of {}, which {} never reported applying",
+                    p.version, p.authority, p.proxy
+                )),
+                Some(state) if !state.endpoints.iter().any(|(h, _)| *h == p.endpoint) => {
+                    Some(format!(
+                        "{} under version {} of {} (config {:?}), whose endpoints are {:?}",
+                        p.endpoint,
+                        p.version,
+                        p.authority,
+                        state.config(),
+                        state.endpoints
+                    ))
+                }
+                Some(_) if p.config.is_none() => Some(format!(
+                    "under version {} of {}, which its observer had not seen applied last",
+                    p.version, p.authority
+                )),
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                out.push(Violation::new(
+                    "picks",
+                    format!("request {} was picked at {} us {problem}", r.id, p.at_us),
+                ));
+            }
+        }
+    }
+    limit(out, 10, "picks", |n| {
+        Violation::new("picks", format!("... and {n} more"))
+    })
+}
+
+/// Configuration is never applied out of order, as the proxies report it:
+/// - per proxy and authority, the proxy's own resolution versions strictly increase;
+/// - every state applied is one the harness published (its endpoints' configuration labels
+///   name versions that listed them; the newest label's endpoints are exactly that version's);
+/// - per proxy and authority, the configuration of successive states never decreases (it
+///   strictly increases between complete states; a state on the way between two, as the
+///   controller's add-then-remove diffs make, carries the newer one's version);
+/// - per client and authority, in the order its proxy picked their endpoints, the
+///   configuration each request was picked under never decreases.
+///
+/// Sound whatever endpoints successive versions share: versions are read from what the proxy
+/// applied, never from which backend answered.
+#[must_use]
+pub fn monotonic_config(trace: &Trace) -> Vec<Violation> {
+    let history = History::new(&trace.configs);
+    let mut out = Vec::new();
+    for ((proxy, incarnation, authority), states) in applied_by_key(trace) {
+        let who = if incarnation == 0 {
+            proxy.to_owned()
+        } else {
+            format!("{proxy} (incarnation {incarnation})")
+        };
+        let mut last_version: Option<u64> = None;
+        let mut floor: Option<(u64, u64)> = None; // (config, at_us)
+        for state in states {
+            if let Some(version) = state.version {
+                if let Some(last) = last_version
+                    && version <= last
+                {
+                    out.push(Violation::new(
+                        "config-order",
+                        format!(
+                            "{who} applied resolution version {version} of {authority} at {} us, after version {last}",
+                            state.at_us
+                        ),
+                    ));
+                }
+                last_version = Some(version);
+            }
+            let config = match history.config_of(state) {
+                Err(why) => {
+                    out.push(Violation::new(
+                        "config-order",
+                        format!(
+                            "{who} applied a state of {authority} at {} us that no configuration published: {why}",
+                            state.at_us
+                        ),
+                    ));
+                    continue;
+                }
+                Ok(Some(config)) => config,
+                Ok(None) => {
+                    let candidates = history.empty_versions(
+                        &state.authority,
+                        state.version.is_some(),
+                        state.at_us,
+                    );
+                    let low = floor.map_or(0, |(config, _)| config);
+                    match (
+                        candidates.iter().filter(|c| **c >= low).min(),
+                        candidates.iter().max(),
+                    ) {
+                        (Some(config), _) => *config,
+                        // Only older configurations were empty: the order check reports it.
+                        (None, Some(config)) => *config,
+                        (None, None) => {
+                            out.push(Violation::new(
+                                "config-order",
+                                format!(
+                                    "{who} applied an empty state of {authority} at {} us, which no configuration published by then had",
+                                    state.at_us
+                                ),
+                            ));
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Some((high, high_at)) = floor
+                && config < high
+            {
+                out.push(Violation::new(
+                    "config-order",
+                    format!(
+                        "{who} applied config v{config} of {authority} at {} ms after it had applied v{high} at {} ms",
+                        state.at_us / 1000,
+                        high_at / 1000
+                    ),
+                ));
+            }
+            if floor.is_none_or(|(high, _)| config > high) {
+                floor = Some((config, state.at_us));
+            }
+        }
+    }
+
+    // What clients see: per client and service, in pick order, the configurations requests
+    // were picked under never decrease.
+    // Per (client, service): (pick time, request id, configuration).
+    type Picks<'t> = BTreeMap<(usize, &'t str), Vec<(u64, u64, u64)>>;
+    let mut by_client: Picks<'_> = BTreeMap::new();
+    for r in &trace.requests {
+        if let Some(last) = r.picks.last()
+            && let Some(config) = last.config
+        {
+            by_client
+                .entry((r.client, service_of(&r.authority)))
+                .or_default()
+                .push((last.at_us, r.id, config));
+        }
+    }
+    for ((client, service), mut picks) in by_client {
+        picks.sort_unstable();
+        let mut high: Option<(u64, u64)> = None; // (config, id)
+        for (_, id, config) in picks {
+            if let Some((hv, hid)) = high
+                && config < hv
+            {
+                out.push(Violation::new(
+                    "config-order",
+                    format!(
+                        "client-{client}: request {id} for {service} was picked under config v{config} after request {hid} had been picked under v{hv}"
+                    ),
+                ));
+            }
+            if high.is_none_or(|(hv, _)| config > hv) {
+                high = Some((config, id));
+            }
+        }
+    }
+    limit(out, 10, "config-order", |n| {
+        Violation::new("config-order", format!("... and {n} more"))
+    })
+}
+
+/// Which hosts are running at `at_us`, as far as crashes and bounces in the trace tell
+/// (hosts never crashed are running).
+fn down_at(trace: &Trace, at_us: u64) -> BTreeMap<&str, bool> {
+    let mut down = BTreeMap::new();
+    for (at, event) in trace.events.iter().filter(|(at, _)| *at <= at_us) {
+        let _ = at;
+        if let Some(host) = event.strip_prefix("crash ") {
+            down.insert(host, true);
+        } else if let Some(host) = event.strip_prefix("bounce ") {
+            down.insert(host, false);
+        }
+    }
+    down
+}
+
+/// Proxies converge on the latest configuration: `bound` after the last change, every running
+/// proxy that follows a service has applied the latest configuration's endpoints for it (the
+/// state in force then, and every state applied later, is exactly that configuration's), and
+/// every request sent from then on is served by one of those endpoints.
 #[must_use]
 pub fn convergence(trace: &Trace, bound: Duration) -> Vec<Violation> {
     let Some(last) = trace.configs.last() else {
         return Vec::new();
     };
+    let history = History::new(&trace.configs);
     let after = last.at_us + micros(bound);
-    let v = trace
+    let down = down_at(trace, after);
+    let mut out = Vec::new();
+    let applied = applied_by_key(trace);
+    let latest_incarnation: BTreeMap<&str, u64> =
+        applied
+            .keys()
+            .fold(BTreeMap::new(), |mut m, (proxy, incarnation, _)| {
+                let e = m.entry(*proxy).or_insert(0);
+                *e = (*e).max(*incarnation);
+                m
+            });
+    for ((proxy, incarnation, authority), states) in &applied {
+        if latest_incarnation.get(proxy) != Some(incarnation)
+            || down.get(proxy).copied().unwrap_or(false)
+        {
+            continue;
+        }
+        let service = service_of(authority);
+        let Some(expected) = last.endpoints.get(service) else {
+            continue;
+        };
+        let changed = history
+            .of(service)
+            .last()
+            .map_or(last.version, |p| p.changed);
+        let mut expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        let is_latest = |state: &AppliedRecord| {
+            let hosts: Vec<&str> = state.endpoints.iter().map(|(h, _)| h.as_str()).collect();
+            state.version.is_some()
+                && hosts == expected
+                && state.endpoints.iter().all(|(_, l)| *l == Some(changed))
+        };
+        let in_force = states.iter().rev().find(|s| s.at_us <= after);
+        let later = states.iter().filter(|s| s.at_us > after);
+        for state in in_force.into_iter().chain(later) {
+            if !is_latest(state) {
+                out.push(Violation::new(
+                    "convergence",
+                    format!(
+                        "{proxy} had config {:?} of {authority} ({:?}, applied at {} ms) in force at or after {} ms, not v{changed} {expected:?} (the last config, v{}, was published at {} ms)",
+                        state.config(),
+                        state.endpoints,
+                        state.at_us / 1000,
+                        after / 1000,
+                        last.version,
+                        last.at_us / 1000
+                    ),
+                ));
+            }
+        }
+    }
+    let requests = trace
         .requests
         .iter()
         .filter(|r| r.start_us >= after)
         .filter_map(|r| {
             let host = r.served_by()?;
-            let current = last.endpoints.get(&r.authority)?;
+            let current = last.endpoints.get(service_of(&r.authority))?;
             (!current.iter().any(|h| h == host)).then(|| {
                 Violation::new(
                     "convergence",
@@ -464,59 +878,219 @@ pub fn convergence(trace: &Trace, bound: Duration) -> Vec<Violation> {
                     ),
                 )
             })
-        })
-        .collect();
-    limit(v, 10, "convergence", |n| {
+        });
+    out.extend(requests);
+    limit(out, 10, "convergence", |n| {
         Violation::new("convergence", format!("... and {n} more"))
     })
 }
 
-/// Configuration is never applied out of order: per client, among requests that do not
-/// overlap in time, the configuration version each was served under (the newest version whose
-/// endpoints include the serving host) never goes backwards. Meaningful when consecutive
-/// versions have disjoint endpoint sets.
-#[must_use]
-pub fn monotonic_config(trace: &Trace) -> Vec<Violation> {
-    let mut out = Vec::new();
-    let version_of = |r: &RequestRecord| -> Option<u64> {
-        let host = r.served_by()?;
-        trace
-            .configs
-            .iter()
-            .filter(|c| c.at_us <= r.end_us)
-            .filter(|c| {
-                c.endpoints
-                    .get(&r.authority)
-                    .is_some_and(|hosts| hosts.iter().any(|h| h == host))
-            })
-            .map(|c| c.version)
-            .max()
-    };
-    let mut by_client: BTreeMap<usize, Vec<&RequestRecord>> = BTreeMap::new();
-    for r in &trace.requests {
-        by_client.entry(r.client).or_default().push(r);
-    }
-    for (client, mut requests) in by_client {
-        requests.sort_by_key(|r| (r.start_us, r.id));
-        let mut high: Option<(u64, u64, u64)> = None; // (version, end_us, id)
-        for r in requests {
-            let Some(v) = version_of(r) else { continue };
-            if let Some((hv, hend, hid)) = high
-                && v < hv
-                && hend <= r.start_us
-            {
-                out.push(Violation::new(
-                    "config-order",
-                    format!(
-                        "client-{client}: request {} was served under config v{v} after request {hid} had been served under v{hv}",
-                        r.id
-                    ),
-                ));
-            }
-            if high.is_none_or(|(hv, _, _)| v >= hv) {
-                high = Some((v, r.end_us, r.id));
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::PickRecord;
+
+    const WEB: &str = "web.default";
+
+    fn config(version: u64, at_ms: u64, hosts: &[&str]) -> ConfigVersion {
+        ConfigVersion {
+            version,
+            at_us: at_ms * 1000,
+            endpoints: BTreeMap::from([(
+                WEB.to_owned(),
+                hosts.iter().map(|h| (*h).to_owned()).collect(),
+            )]),
         }
     }
-    out
+
+    fn applied(at_ms: u64, version: u64, endpoints: &[(&str, u64)]) -> AppliedRecord {
+        let mut endpoints: Vec<(String, Option<u64>)> = endpoints
+            .iter()
+            .map(|(h, l)| ((*h).to_owned(), Some(*l)))
+            .collect();
+        endpoints.sort();
+        AppliedRecord {
+            at_us: at_ms * 1000,
+            proxy: "client-0".into(),
+            incarnation: 0,
+            authority: WEB.into(),
+            version: Some(version),
+            endpoints,
+        }
+    }
+
+    /// A request sent at `start_ms`, picked then under the proxy's `version` (configuration
+    /// `config`) for `host`, and served by `host`.
+    fn request(id: u64, start_ms: u64, version: u64, config: u64, host: &str) -> RequestRecord {
+        RequestRecord {
+            id,
+            client: 0,
+            authority: WEB.into(),
+            proto: Proto::Http1,
+            method: "GET".into(),
+            path: "/echo".into(),
+            request_bytes: 0,
+            start_us: start_ms * 1000,
+            headers_us: Some(start_ms * 1000 + 6000),
+            end_us: start_ms * 1000 + 6000,
+            deadline_us: 10_000_000,
+            outcome: Outcome::Response {
+                status: 200,
+                served_by: Some(host.into()),
+                echoed_id: Some(id.to_string()),
+                proxy_error: None,
+                grpc_status: None,
+                body_bytes: 10,
+                body_ok: true,
+                body_error: None,
+            },
+            picks: vec![PickRecord {
+                at_us: start_ms * 1000,
+                proxy: "client-0".into(),
+                incarnation: 0,
+                authority: WEB.into(),
+                version,
+                config: Some(config),
+                endpoint: host.into(),
+            }],
+        }
+    }
+
+    /// v1 lists four replicas, v2 (at 500 ms) only `web-1`.
+    fn overlapping() -> Trace {
+        Trace {
+            configs: vec![
+                config(1, 0, &["web-0", "web-1", "web-2", "web-3"]),
+                config(2, 500, &["web-1"]),
+            ],
+            applied: vec![
+                applied(
+                    0,
+                    1,
+                    &[("web-0", 1), ("web-1", 1), ("web-2", 1), ("web-3", 1)],
+                ),
+                applied(503, 2, &[("web-1", 2)]),
+            ],
+            ..Trace::default()
+        }
+    }
+
+    #[test]
+    fn a_request_on_an_endpoint_both_versions_share_does_not_look_newer_than_it_was() {
+        // The seed 5189: request 40 picked web-1 under v1 before v2 arrived, request
+        // 41 picked web-3 under v1 too (inside the propagation delay), request 42 under v2.
+        let mut trace = overlapping();
+        trace.requests = vec![
+            request(40, 494, 1, 1, "web-1"),
+            request(41, 502, 1, 1, "web-3"),
+            request(42, 516, 2, 2, "web-1"),
+        ];
+        assert_eq!(monotonic_config(&trace), vec![]);
+        assert_eq!(picked_endpoints(&trace), vec![]);
+        assert_eq!(convergence(&trace, Duration::from_millis(100)), vec![]);
+    }
+
+    #[test]
+    fn a_proxy_that_applies_an_older_overlapping_version_again_is_caught() {
+        let mut trace = overlapping();
+        // After v2, the old endpoints again (under a fresh version of the proxy's own).
+        trace.applied.push(applied(
+            504,
+            3,
+            &[("web-0", 1), ("web-1", 1), ("web-2", 1), ("web-3", 1)],
+        ));
+        trace.requests = vec![
+            request(42, 503, 2, 2, "web-1"),
+            request(43, 510, 3, 1, "web-3"),
+        ];
+        let checks: Vec<String> = monotonic_config(&trace)
+            .into_iter()
+            .map(|v| v.message)
+            .collect();
+        assert_eq!(
+            checks,
+            vec![
+                "client-0 applied config v1 of web.default at 504 ms after it had applied v2 at 503 ms",
+                "client-0: request 43 for web.default was picked under config v1 after request 42 had been picked under v2",
+            ]
+        );
+        // Still on v1 at 600 ms (500 ms + the bound): not converged.
+        assert_eq!(convergence(&trace, Duration::from_millis(100)).len(), 1);
+    }
+
+    #[test]
+    fn the_proxys_own_versions_must_increase() {
+        let mut trace = overlapping();
+        trace.applied[1].version = Some(1);
+        let violations = monotonic_config(&trace);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(violations[0].message.contains("after version 1"));
+    }
+
+    #[test]
+    fn a_state_between_two_versions_counts_as_the_newer() {
+        // The controller's diff adds before it removes: the proxy holds v2's endpoints and
+        // v1's leftovers for a moment.
+        let mut trace = overlapping();
+        trace.applied.insert(
+            1,
+            applied(
+                502,
+                2,
+                &[("web-0", 1), ("web-1", 2), ("web-2", 1), ("web-3", 1)],
+            ),
+        );
+        trace.applied[2].version = Some(3);
+        trace.requests = vec![request(41, 502, 2, 2, "web-3")];
+        assert_eq!(monotonic_config(&trace), vec![]);
+        assert_eq!(picked_endpoints(&trace), vec![]);
+    }
+
+    #[test]
+    fn a_state_no_configuration_published_is_caught() {
+        let mut trace = overlapping();
+        // web-2 labelled v2, which listed only web-1.
+        trace
+            .applied
+            .push(applied(520, 3, &[("web-1", 2), ("web-2", 2)]));
+        let violations = monotonic_config(&trace);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(violations[0].message.contains("no configuration published"));
+    }
+
+    #[test]
+    fn empty_states_take_the_version_that_emptied_the_service() {
+        let mut trace = overlapping();
+        trace.configs.push(config(3, 800, &[]));
+        trace.configs.push(config(4, 900, &["web-0"]));
+        let mut empty = applied(801, 3, &[]);
+        empty.endpoints.clear();
+        trace.applied.push(empty);
+        trace.applied.push(applied(902, 4, &[("web-0", 4)]));
+        assert_eq!(monotonic_config(&trace), vec![]);
+        assert_eq!(convergence(&trace, Duration::from_millis(100)), vec![]);
+        // An empty state after v4 goes back to v3.
+        let mut stale = applied(950, 5, &[]);
+        stale.endpoints.clear();
+        trace.applied.push(stale);
+        assert_eq!(monotonic_config(&trace).len(), 1);
+        assert_eq!(convergence(&trace, Duration::from_millis(10)).len(), 1);
+    }
+
+    #[test]
+    fn a_response_from_another_endpoint_than_the_one_picked_is_caught() {
+        let mut trace = overlapping();
+        let mut r = request(42, 516, 2, 2, "web-1");
+        if let Outcome::Response { served_by, .. } = &mut r.outcome {
+            *served_by = Some("web-2".into());
+        }
+        // And a pick of an endpoint the state in force does not list.
+        let mut outside = request(43, 520, 2, 2, "web-3");
+        outside.picks[0].endpoint = "web-3".into();
+        trace.requests = vec![r, outside];
+        let violations = picked_endpoints(&trace);
+        assert_eq!(violations.len(), 2, "{violations:?}");
+        assert!(violations[0].message.contains("last picked web-1"));
+        assert!(violations[1].message.contains("web-3 under version 2"));
+    }
 }

@@ -15,6 +15,7 @@
 pub mod app;
 pub mod check;
 pub mod net;
+pub mod observe;
 pub mod process;
 pub mod trace;
 pub mod workload;
@@ -107,6 +108,12 @@ pub fn summarize(trace: &Trace) -> String {
         }
     }
     let _ = writeln!(out, "configs: {}", trace.configs.len());
+    let picks: usize = trace.requests.iter().map(|r| r.picks.len()).sum();
+    let _ = writeln!(
+        out,
+        "observed: {} applied states, {picks} picks",
+        trace.applied.len()
+    );
     let _ = writeln!(out, "faults: {}", trace.events.len());
     if let Some(err) = &trace.sim_error {
         let _ = writeln!(out, "simulation error: {err}");

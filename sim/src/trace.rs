@@ -1,12 +1,16 @@
 //! The run's trace: every request the workload sent and how it ended, every request a backend
-//! saw, every fault and every configuration version, all stamped with simulated time.
+//! saw, every fault and every configuration version, and what each proxy reported through its
+//! observer (`conduit_proxy::observe`): every discovery state it applied and every endpoint it
+//! picked for a request, all stamped with simulated time.
 //!
-//! The trace is the checkers' only input (they never look inside the proxy) and its
+//! The trace is the checkers' only input (they never look inside the proxy: what they know of
+//! a proxy's state, the proxy reported) and its
 //! [`Trace::hash`] is the run's fingerprint: the same seed gives the same hash, in any process.
 //! The hash is SHA-256 over [`Trace::render`], a canonical text form.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -130,6 +134,11 @@ pub struct RequestRecord {
     pub deadline_us: u64,
     /// How it ended.
     pub outcome: Outcome,
+    /// Every endpoint the client's proxy picked for it, in order (a request sent again after
+    /// an endpoint provably did not process it has several), each with the discovery state it
+    /// was picked under.
+    #[serde(default)]
+    pub picks: Vec<PickRecord>,
 }
 
 impl RequestRecord {
@@ -169,6 +178,61 @@ pub struct ConfigVersion {
     pub endpoints: BTreeMap<String, Vec<String>>,
 }
 
+/// The label the world puts on every endpoint it publishes: the configuration version at which
+/// the endpoint's service last changed its endpoints. It travels with the endpoints through
+/// discovery (static, or the controller's Destination stream), so what a proxy reports applying
+/// names the configuration it came from exactly, even when versions share endpoints.
+pub const CONFIG_LABEL: &str = "conduit.sim/config";
+
+/// A discovery state a proxy reported applying for an authority.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    /// Sim time, µs.
+    pub at_us: u64,
+    /// The proxy's host.
+    pub proxy: String,
+    /// Which incarnation of the host's proxy (0 first; a bounced host runs a new one).
+    pub incarnation: u64,
+    /// The authority, as the proxy keys it.
+    pub authority: String,
+    /// The proxy's own version of the resolution (per authority, independent of the
+    /// configuration's); `None` when discovery said no service has the name.
+    pub version: Option<u64>,
+    /// The endpoints in force, by host, each with its [`CONFIG_LABEL`] (`None`: unlabelled),
+    /// sorted.
+    pub endpoints: Vec<(String, Option<u64>)>,
+}
+
+impl AppliedRecord {
+    /// The configuration this state comes from: the newest label among its endpoints (a state
+    /// between two configurations, as the controller's add-then-remove diffs pass through,
+    /// holds the newer one's endpoints and leftovers of the older); `None` without endpoints.
+    #[must_use]
+    pub fn config(&self) -> Option<u64> {
+        self.endpoints.iter().filter_map(|(_, label)| *label).max()
+    }
+}
+
+/// An endpoint a proxy picked for a request, and the state it was picked under.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PickRecord {
+    /// Sim time, µs.
+    pub at_us: u64,
+    /// The proxy's host.
+    pub proxy: String,
+    /// Which incarnation of the host's proxy.
+    pub incarnation: u64,
+    /// The authority, as the proxy keys it.
+    pub authority: String,
+    /// The proxy's version of the resolution in force at the pick.
+    pub version: u64,
+    /// The configuration of that state ([`AppliedRecord::config`]), when the proxy had reported
+    /// applying a state with that version.
+    pub config: Option<u64>,
+    /// The endpoint's host.
+    pub endpoint: String,
+}
+
 /// A client proxy's outbound counters, scraped from its admin `/metrics` at the end of the run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxyCounters {
@@ -197,6 +261,9 @@ pub struct Trace {
     pub events: Vec<(u64, String)>,
     /// Configuration versions, in publication order.
     pub configs: Vec<ConfigVersion>,
+    /// Discovery states the proxies reported applying, in order.
+    #[serde(default)]
+    pub applied: Vec<AppliedRecord>,
     /// Each client proxy's counters, by client index.
     pub counters: BTreeMap<usize, ProxyCounters>,
     /// Sim time when the run ended, µs.
@@ -221,6 +288,13 @@ impl Trace {
                 config.version, config.at_us, config.endpoints
             );
         }
+        for a in &self.applied {
+            let _ = writeln!(
+                out,
+                "applied {} {}#{} {} {:?} {:?}",
+                a.at_us, a.proxy, a.incarnation, a.authority, a.version, a.endpoints
+            );
+        }
         for r in &self.requests {
             let _ = writeln!(
                 out,
@@ -237,6 +311,13 @@ impl Trace {
                 r.end_us,
                 r.outcome
             );
+            for p in &r.picks {
+                let _ = writeln!(
+                    out,
+                    "  pick {} {}#{} {} v{} {:?} {}",
+                    p.at_us, p.proxy, p.incarnation, p.authority, p.version, p.config, p.endpoint
+                );
+            }
         }
         for a in &self.arrivals {
             let _ = writeln!(
@@ -294,35 +375,82 @@ impl Trace {
 /// The trace while the run records it, shared by every host (all run on one thread, but tokio
 /// tasks must be `Send`).
 #[derive(Clone, Debug, Default)]
-pub struct Recorder(Arc<Mutex<Trace>>);
+pub struct Recorder(Arc<Mutex<Recording>>);
+
+/// What a recorder holds: the trace, the picks of requests that have not ended yet, and the
+/// hosts by address (to name endpoints).
+#[derive(Debug, Default)]
+struct Recording {
+    trace: Trace,
+    picks: BTreeMap<u64, Vec<PickRecord>>,
+    hosts: BTreeMap<IpAddr, String>,
+}
+
+/// The most picks kept per request: far above what the proxy's resend rules allow (one resend
+/// after a connect failure, one after an unprocessed failure), so a runaway loop is visible as
+/// a truncated list rather than unbounded memory.
+const MAX_PICKS_PER_REQUEST: usize = 16;
 
 impl Recorder {
     /// An empty trace for `scenario` at `seed`.
     #[must_use]
     pub fn new(scenario: &str, seed: u64) -> Self {
-        Self(Arc::new(Mutex::new(Trace {
-            scenario: scenario.to_owned(),
-            seed,
-            ..Trace::default()
+        Self(Arc::new(Mutex::new(Recording {
+            trace: Trace {
+                scenario: scenario.to_owned(),
+                seed,
+                ..Trace::default()
+            },
+            ..Recording::default()
         })))
     }
 
     /// Edits the trace.
     pub fn with<R>(&self, f: impl FnOnce(&mut Trace) -> R) -> R {
-        f(&mut self.lock())
+        f(&mut self.lock().trace)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Trace> {
+    fn lock(&self) -> MutexGuard<'_, Recording> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The finished trace (requests sorted by id).
+    /// Names the hosts by address (the world's name table), for [`host_of`](Self::host_of).
+    pub fn set_hosts(&self, hosts: BTreeMap<IpAddr, String>) {
+        self.lock().hosts = hosts;
+    }
+
+    /// The host at `addr`, or the address itself when no host has it.
+    #[must_use]
+    pub fn host_of(&self, addr: std::net::SocketAddr) -> String {
+        self.lock()
+            .hosts
+            .get(&addr.ip())
+            .cloned()
+            .unwrap_or_else(|| addr.to_string())
+    }
+
+    /// Records a pick for request `id`; it joins the request's record when the request ends.
+    pub fn pick(&self, id: u64, pick: PickRecord) {
+        let mut recording = self.lock();
+        let picks = recording.picks.entry(id).or_default();
+        if picks.len() < MAX_PICKS_PER_REQUEST {
+            picks.push(pick);
+        }
+    }
+
+    /// The finished trace (requests sorted by id, each with its picks).
     #[must_use]
     pub fn finish(&self) -> Trace {
-        let mut trace = self.lock().clone();
+        let recording = self.lock();
+        let mut trace = recording.trace.clone();
         trace.requests.sort_by_key(|r| r.id);
+        for r in &mut trace.requests {
+            if let Some(picks) = recording.picks.get(&r.id) {
+                r.picks.clone_from(picks);
+            }
+        }
         trace
     }
 }

@@ -250,6 +250,7 @@ async fn send(conns: &Conns, planned: &PlannedRequest) -> RequestRecord {
         end_us: now_us(),
         deadline_us: micros(planned.deadline),
         outcome,
+        picks: Vec::new(),
     }
 }
 

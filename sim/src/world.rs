@@ -15,6 +15,11 @@
 //!
 //! Every proxy's seed is drawn from the run's seed by host name and incarnation, turmoil's
 //! world RNG is seeded from it too, and the epoch is pinned.
+//!
+//! Every proxy reports what it applies and picks to a [`SimObserver`], which records it in the
+//! trace. Every endpoint the world publishes carries [`CONFIG_LABEL`]: the configuration
+//! version at which its service's endpoints last changed, so a state a proxy applied names the
+//! configuration it came from.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,7 +33,8 @@ use conduit_core::route::RawProfile;
 use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
 use conduit_proxy::discover::controller::ControllerDiscoverConfig;
 use conduit_proxy::net::PeerAddr;
-use conduit_proxy::{ControllerDiscover, StaticDiscover};
+use conduit_proxy::observe::Observer;
+use conduit_proxy::{ControllerDiscover, Discover, Proxy, ProxyStartError, StaticDiscover};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -36,7 +42,8 @@ use turmoil::Sim;
 
 use crate::app::{self, APP_PORT, AppControl, AppIdentity};
 use crate::net::{SimNet, SimStream};
-use crate::trace::{ConfigVersion, ProxyCounters, Recorder, Trace, micros};
+use crate::observe::SimObserver;
+use crate::trace::{CONFIG_LABEL, ConfigVersion, ProxyCounters, Recorder, Trace, micros};
 use crate::workload::{self, Workload};
 
 /// The proxy's outbound port on a client host.
@@ -123,6 +130,10 @@ pub struct WorldSpec {
     pub response_timeout: Option<Duration>,
     /// The run fails if it is not over by this sim time.
     pub time_limit: Duration,
+    /// A defect planted in every proxy, for tests that show a check catches it.
+    #[cfg(feature = "planted-faults")]
+    #[serde(skip)]
+    pub planted: Option<conduit_proxy::observe::PlantedFault>,
 }
 
 impl WorldSpec {
@@ -139,6 +150,8 @@ impl WorldSpec {
             connect_timeout: conduit_proxy::config::DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Some(conduit_proxy::config::DEFAULT_RESPONSE_TIMEOUT),
             time_limit: Duration::from_secs(120),
+            #[cfg(feature = "planted-faults")]
+            planted: None,
         }
     }
 
@@ -169,6 +182,9 @@ pub struct World<'a> {
     apps: BTreeMap<String, Arc<AppControl>>,
     drains: BTreeMap<String, Arc<tokio::sync::Notify>>,
     endpoints: BTreeMap<String, Vec<String>>,
+    /// Per service, the configuration version at which its endpoints last changed (what its
+    /// endpoints are labelled with).
+    changed: BTreeMap<String, u64>,
     profiles: BTreeMap<String, RawProfile>,
     version: u64,
 }
@@ -212,9 +228,13 @@ impl Seeds {
         }
     }
 
-    fn next(&self) -> u64 {
+    /// The next incarnation's seed, and its number (0 first).
+    fn next(&self) -> (u64, u64) {
         let n = self.incarnation.fetch_add(1, Ordering::Relaxed);
-        DetRng::new(self.base ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
+        (
+            DetRng::new(self.base ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64(),
+            n,
+        )
     }
 }
 
@@ -229,17 +249,54 @@ enum Source {
     Controller(PeerAddr),
 }
 
+/// What a proxy incarnation reports to, and the defect planted in it (if any).
+#[derive(Clone, Debug)]
+struct Hooks {
+    observer: Arc<dyn Observer>,
+    #[cfg(feature = "planted-faults")]
+    planted: Option<conduit_proxy::observe::PlantedFault>,
+}
+
+impl Hooks {
+    fn new(spec: &WorldSpec, host: &str, incarnation: u64, recorder: &Recorder) -> Self {
+        let _ = spec;
+        Self {
+            observer: Arc::new(SimObserver::new(host, incarnation, recorder.clone())),
+            #[cfg(feature = "planted-faults")]
+            planted: spec.planted,
+        }
+    }
+}
+
+/// Binds and serves one proxy, reporting to its observer.
+async fn serve<D: Discover>(
+    config: ProxyConfig,
+    seed: u64,
+    discovery: D,
+    hooks: Hooks,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ProxyStartError> {
+    let proxy = Proxy::bind(config, SimNet)
+        .await?
+        .with_observer(hooks.observer);
+    #[cfg(feature = "planted-faults")]
+    let proxy = match hooks.planted {
+        Some(fault) => proxy.with_planted_fault(fault),
+        None => proxy,
+    };
+    proxy.serve(discovery, seed, shutdown).await
+}
+
 async fn run_proxy(
     config: ProxyConfig,
     seed: u64,
     source: Source,
+    hooks: Hooks,
     drain: Arc<tokio::sync::Notify>,
 ) {
     let shutdown = async move { drain.notified().await };
     let result = match source {
-        Source::Static(discovery) => {
-            conduit_proxy::run(config, SimNet, seed, discovery, shutdown).await
-        }
+        Source::Static(discovery) => serve(config, seed, discovery, hooks, shutdown).await,
         Source::Controller(addr) => {
             // As the binary does: the proxy's settings for the client, a child of its seed for
             // the reconnect jitter. Built here, inside the host's runtime (tonic's lazy channel
@@ -249,9 +306,7 @@ async fn run_proxy(
             settings.connect_timeout = config.limits.connect_timeout;
             let rng = DetRng::new(seed).child("discovery");
             match ControllerDiscover::new(SimNet, settings, rng) {
-                Ok(discovery) => {
-                    conduit_proxy::run(config, SimNet, seed, discovery, shutdown).await
-                }
+                Ok(discovery) => serve(config, seed, discovery, hooks, shutdown).await,
                 Err(err) => {
                     tracing::error!(error = %err, "controller discovery failed");
                     return;
@@ -342,16 +397,18 @@ impl<'a> World<'a> {
                 let discover = source.clone();
                 let drain = Arc::new(tokio::sync::Notify::new());
                 drains.insert(host.clone(), Arc::clone(&drain));
+                let name = host.clone();
                 sim.host(host.as_str(), move || {
                     let drain = Arc::clone(&drain);
-                    let config = proxy_config(&spec, seeds.next(), Some(&identity.service));
-                    let seed = config.seed.unwrap_or_default();
+                    let (seed, incarnation) = seeds.next();
+                    let config = proxy_config(&spec, seed, Some(&identity.service));
+                    let hooks = Hooks::new(&spec, &name, incarnation, &recorder);
                     let discover = discover.clone();
                     let identity = identity.clone();
                     let control = Arc::clone(&control);
                     let recorder = recorder.clone();
                     async move {
-                        tokio::spawn(run_proxy(config, seed, discover, drain));
+                        tokio::spawn(run_proxy(config, seed, discover, hooks, drain));
                         app::serve(identity, control, recorder).await
                     }
                 });
@@ -361,15 +418,16 @@ impl<'a> World<'a> {
         for client in 0..spec.clients {
             let host = client_host(client);
             let seeds = Seeds::new(&mut root, &host);
-            let config = proxy_config(spec, seeds.next(), None);
-            let seed = config.seed.unwrap_or_default();
+            let (seed, incarnation) = seeds.next();
+            let config = proxy_config(spec, seed, None);
+            let hooks = Hooks::new(spec, &host, incarnation, &recorder);
             let discover = source.clone();
             let requests = workload.for_client(client);
             let recorder = recorder.clone();
             let drain = Arc::new(tokio::sync::Notify::new());
             drains.insert(host.clone(), Arc::clone(&drain));
             sim.client(host.as_str(), async move {
-                tokio::spawn(run_proxy(config, seed, discover, drain));
+                tokio::spawn(run_proxy(config, seed, discover, hooks, drain));
                 let outbound = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
                 workload::run_client(outbound, requests, recorder.clone()).await;
                 // Let the last responses settle in the proxy's counters, then read them.
@@ -379,6 +437,18 @@ impl<'a> World<'a> {
                 Ok(())
             });
         }
+
+        // Endpoints are named by host in the trace; every host is registered by now.
+        let mut names: Vec<String> = apps.keys().cloned().collect();
+        names.extend((0..spec.clients).map(client_host));
+        if spec.discovery == DiscoveryMode::Controller {
+            names.push(CONTROLLER.to_owned());
+        }
+        let hosts = names
+            .into_iter()
+            .map(|name| (sim.lookup(name.as_str()), name))
+            .collect();
+        recorder.set_hosts(hosts);
 
         let profiles = spec
             .services
@@ -392,6 +462,7 @@ impl<'a> World<'a> {
             apps,
             drains,
             endpoints,
+            changed: BTreeMap::new(),
             profiles,
             version: 0,
         };
@@ -489,6 +560,9 @@ impl<'a> World<'a> {
     ///
     /// When the resulting mesh is invalid (a harness bug).
     pub fn set_endpoints(&mut self, authority: &str, hosts: Vec<String>) -> anyhow::Result<()> {
+        if self.endpoints.get(authority) != Some(&hosts) {
+            self.changed.insert(authority.to_owned(), self.version + 1);
+        }
         self.endpoints.insert(authority.to_owned(), hosts);
         self.publish()
     }
@@ -500,12 +574,15 @@ impl<'a> World<'a> {
     }
 
     fn publish(&mut self) -> anyhow::Result<()> {
+        let next = self.version + 1;
         let mut raw = RawMesh::default();
         for (authority, hosts) in &self.endpoints {
+            let changed = *self.changed.entry(authority.clone()).or_insert(next);
             let endpoints = hosts
                 .iter()
                 .map(|host| RawEndpoint {
                     addr: SocketAddr::new(self.sim.lookup(host.as_str()), INBOUND_PORT).to_string(),
+                    labels: BTreeMap::from([(CONFIG_LABEL.to_owned(), changed.to_string())]),
                     ..RawEndpoint::default()
                 })
                 .collect();
@@ -519,7 +596,7 @@ impl<'a> World<'a> {
             );
         }
         let mesh = Mesh::try_from(raw).map_err(|err| anyhow::anyhow!("invalid mesh: {err}"))?;
-        self.version += 1;
+        self.version = next;
         match &self.discovery {
             Discovery::Static(discover) => discover.publish(mesh),
             Discovery::Controller(files) => {

@@ -31,6 +31,7 @@ use crate::clock::Clock;
 use crate::config::{BalancerSettings, QueueSettings};
 use crate::discover::{Discover, Resolution};
 use crate::errors::ProxyError;
+use crate::observe::{Hooks, Pick, RequestKey};
 
 /// The longest pause between looks for idle authorities.
 const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(10);
@@ -53,6 +54,7 @@ pub(crate) struct Router {
     balance: BalanceConfig,
     queue: QueueConfig,
     idle_timeout: Duration,
+    hooks: Hooks,
 }
 
 impl std::fmt::Debug for Router {
@@ -80,6 +82,7 @@ impl Router {
         balancer: BalancerSettings,
         queue: QueueSettings,
         idle_timeout: Duration,
+        hooks: Hooks,
     ) -> Arc<Self> {
         let balance = BalanceConfig {
             default_rtt: balancer.default_rtt,
@@ -98,7 +101,13 @@ impl Router {
             balance,
             queue,
             idle_timeout,
+            hooks,
         })
+    }
+
+    /// What the balancers report to.
+    pub(crate) fn observer(&self) -> &dyn crate::observe::Observer {
+        &*self.hooks.observer
     }
 
     /// The balancer for `authority`, created (and its resolution started) on first use, as of
@@ -274,6 +283,8 @@ pub(crate) struct ServiceBalancer {
     /// Woken when the driver's next deadline may have moved earlier.
     reschedule: Arc<Notify>,
     clock: Clock,
+    /// Told what this balancer applies and picks.
+    hooks: Hooks,
     /// Dropped with the balancer: stops its driver task (and so its resolution) at once.
     _stop: oneshot::Sender<()>,
 }
@@ -314,6 +325,7 @@ impl ServiceBalancer {
             ready: Notify::new(),
             reschedule: Arc::new(Notify::new()),
             clock: router.clock,
+            hooks: router.hooks.clone(),
             _stop: stop_tx,
         });
         let first = resolutions.borrow().clone();
@@ -370,8 +382,10 @@ impl ServiceBalancer {
             tracing::warn!(authority = %self.authority, %stale, "balancer refused an update");
         }
         self.sync(&mut state, now);
+        drop(state);
         // Requests waiting for the resolution itself look again.
         self.ready.notify_waiters();
+        self.hooks.observer.applied(&self.authority, resolution);
     }
 
     /// Waits until discovery has answered for the authority, in the core's queue, and returns
@@ -480,18 +494,22 @@ impl ServiceBalancer {
     /// [`ProxyError::FailFast`] (504) when no endpoint is ready in time,
     /// [`ProxyError::LoadShed`] (503) when the queue is full,
     /// [`ProxyError::UnknownAuthority`] (404) when the service left discovery meanwhile.
-    pub(crate) async fn acquire(&self, mut now: Instant) -> Result<Picked, ProxyError> {
+    pub(crate) async fn acquire(
+        &self,
+        mut now: Instant,
+        request: Option<RequestKey>,
+    ) -> Result<Picked, ProxyError> {
         loop {
             // Look first: the common case finds a ready endpoint and never registers for
             // wake-ups.
-            if let Some(picked) = self.try_pick(now) {
+            if let Some(picked) = self.try_pick(now, request) {
                 return picked;
             }
             let mut notified = pin!(self.ready.notified());
             // Register, then look again, so a readiness change between the looks still wakes
             // us.
             notified.as_mut().enable();
-            if let Some(picked) = self.try_pick(now) {
+            if let Some(picked) = self.try_pick(now, request) {
                 return picked;
             }
             let admit = lock(&self.state).queue.admit(now);
@@ -500,10 +518,16 @@ impl ServiceBalancer {
         }
     }
 
-    /// Picks a ready endpoint at `now`; `None` when none is ready (then [`acquire`] waits).
+    /// Picks a ready endpoint at `now` for the request the observer knows as `request` (the
+    /// pick is reported when it follows the request); `None` when none is ready (then
+    /// [`acquire`] waits).
     ///
     /// [`acquire`]: Self::acquire
-    pub(crate) fn try_pick(&self, now: Instant) -> Option<Result<Picked, ProxyError>> {
+    pub(crate) fn try_pick(
+        &self,
+        now: Instant,
+        request: Option<RequestKey>,
+    ) -> Option<Result<Picked, ProxyError>> {
         let mut state = lock(&self.state);
         state.last_used = now;
         if matches!(state.status, Status::NotFound) {
@@ -511,7 +535,17 @@ impl ServiceBalancer {
         }
         let State { balancer, rng, .. } = &mut *state;
         let picked = balancer.pick(now, rng)?;
+        let version = state.resolution_version.unwrap_or(0);
+        drop(state);
         tracing::trace!(authority = %self.authority, endpoint = %picked.addr, "picked");
+        if let Some(request) = request {
+            self.hooks.observer.picked(&Pick {
+                request,
+                authority: &self.authority,
+                version,
+                endpoint: picked.addr,
+            });
+        }
         Some(Ok(picked))
     }
 
@@ -542,6 +576,51 @@ impl ServiceBalancer {
         self.sync(&mut state, now);
     }
 
+    /// [`PlantedFault::StaleResolution`]: after `current` replaced `previous`, applies
+    /// `previous`'s endpoints again under `current`'s version when the two sets overlap, and
+    /// reports it.
+    ///
+    /// [`PlantedFault::StaleResolution`]: crate::observe::PlantedFault::StaleResolution
+    #[cfg(feature = "planted-faults")]
+    fn plant_stale(&self, previous: &Resolution, current: &Resolution) {
+        let (
+            Resolution::Service { service: old, .. },
+            Resolution::Service {
+                version,
+                service: new,
+            },
+        ) = (previous, current)
+        else {
+            return;
+        };
+        let overlap = old
+            .endpoints
+            .iter()
+            .any(|e| new.endpoints.iter().any(|n| n.addr == e.addr));
+        if self.hooks.planted != Some(crate::observe::PlantedFault::StaleResolution)
+            || !overlap
+            || old.endpoints == new.endpoints
+            || lock(&self.state).resolution_version != Some(*version)
+        {
+            return;
+        }
+        let now = self.clock.now();
+        let mut state = lock(&self.state);
+        state.updates += 1;
+        let update = Update {
+            version: state.updates,
+            change: Change::Replace(old.endpoints.clone()),
+        };
+        let _ = state.balancer.handle_update(now, update);
+        self.sync(&mut state, now);
+        drop(state);
+        let stale = Resolution::Service {
+            version: *version,
+            service: Arc::clone(old),
+        };
+        self.hooks.observer.applied(&self.authority, &stale);
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let state = lock(&self.state);
         match (state.balancer.poll_timeout(), state.queue.poll_timeout()) {
@@ -568,6 +647,8 @@ async fn drive(
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut following = true;
+    #[cfg(feature = "planted-faults")]
+    let mut previous = resolutions.borrow().clone();
     loop {
         let Some(this) = weak.upgrade() else { return };
         let deadline = this.next_deadline();
@@ -586,6 +667,11 @@ async fn drive(
                 let resolution = resolutions.borrow_and_update().clone();
                 let Some(this) = weak.upgrade() else { return };
                 this.apply(&resolution);
+                #[cfg(feature = "planted-faults")]
+                {
+                    this.plant_stale(&previous, &resolution);
+                    previous = resolution;
+                }
                 continue;
             }
             () = reschedule.notified() => {}

@@ -44,6 +44,7 @@ use crate::body::{Body, BodyEnd, OnBodyEnd};
 use crate::clock::Clock;
 use crate::discover::{Discover, Resolution};
 use crate::errors::ProxyError;
+use crate::observe::RequestKey;
 
 /// The `authority` label for outbound requests discovery does not know.
 const UNKNOWN_AUTHORITY: &str = "unknown";
@@ -365,6 +366,8 @@ pub(crate) struct Exchange<'c> {
     series: Arc<AuthorityMetrics>,
     routed: Result<Routed, ProxyError>,
     span: tracing::Span,
+    /// The observer's key for the request, when it follows the request's picks.
+    observed: Option<RequestKey>,
 }
 
 impl<'c> Exchange<'c> {
@@ -373,6 +376,10 @@ impl<'c> Exchange<'c> {
     pub(crate) async fn begin(cx: &'c Context, head: &impl Head, start: Instant) -> Self {
         let grpc = head.grpc();
         let authority = head.authority();
+        let observed = match &cx.target {
+            Target::Balanced(router) => router.observer().request(head),
+            Target::Local { .. } => None,
+        };
         let (series, routed) = match cx.resolve(authority, start).await {
             Err((series, err)) => {
                 series.request(start, None);
@@ -416,6 +423,7 @@ impl<'c> Exchange<'c> {
             series,
             routed,
             span,
+            observed,
         }
     }
 
@@ -457,7 +465,7 @@ impl<'c> Exchange<'c> {
             }
             // The common case picks at once, reading no clock; a wait in the queue is boxed so
             // its state does not weigh on every request's future.
-            let picked = match Self::pick_now(routed, repicked.take(), now) {
+            let picked = match Self::pick_now(routed, repicked.take(), now, self.observed) {
                 Some(picked) => picked.map(|(addr, in_flight)| (addr, in_flight, now)),
                 None => Box::pin(self.pick_wait(routed, now, routed.deadlines.request())).await,
             };
@@ -520,7 +528,8 @@ impl<'c> Exchange<'c> {
                     (Resend::Elsewhere, Some(service)) => {
                         // Only an endpoint ready now: a request never waits in the queue twice.
                         now = clock.now();
-                        if let Some(Ok(picked)) = service.acquire(now).now_or_never() {
+                        if let Some(Ok(picked)) = service.acquire(now, self.observed).now_or_never()
+                        {
                             tracing::debug!(endpoint = %addr, %error, next = %picked.addr, "request not processed; sending it again");
                             repicked = Some(picked);
                             continue;
@@ -546,6 +555,7 @@ impl<'c> Exchange<'c> {
         routed: &Routed,
         repicked: Option<Picked>,
         now: Instant,
+        observed: Option<RequestKey>,
     ) -> Option<Result<(SocketAddr, Option<InFlight>), ProxyError>> {
         if let Some(picked) = repicked {
             return Some(Ok((picked.addr, Some(picked.in_flight))));
@@ -559,7 +569,7 @@ impl<'c> Exchange<'c> {
         };
         Some(
             service
-                .try_pick(now)?
+                .try_pick(now, observed)?
                 .map(|picked| (picked.addr, Some(picked.in_flight))),
         )
     }
@@ -577,7 +587,7 @@ impl<'c> Exchange<'c> {
                 reason: "no target for request".into(),
             });
         };
-        let mut acquire = std::pin::pin!(service.acquire(now));
+        let mut acquire = std::pin::pin!(service.acquire(now, self.observed));
         let picked = match deadline {
             None => acquire.await?,
             Some(deadline) => tokio::select! {
