@@ -744,7 +744,7 @@ impl Budget {
             self.refilled = self.refilled.max(now);
             return;
         }
-        let elapsed = u128::from(now.saturating_duration_since(self.refilled).as_nanos());
+        let elapsed = now.saturating_duration_since(self.refilled).as_nanos();
         // `rate` retries a second are `rate` thousandths a millisecond.
         let added = elapsed * rate / 1_000_000;
         let added = u64::try_from(added).unwrap_or(u64::MAX);

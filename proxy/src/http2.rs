@@ -195,11 +195,8 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
             .send_h2(attempt.addr, request, attempt.deadline)
             .await
         {
-            Ok(sent) => {
-                // Response headers arrived: nobody sends this request again.
-                self.recorded = None;
-                Ok(sent)
-            }
+            // The copy of the body stays until the exchange decides whether to retry.
+            Ok(sent) => Ok(sent),
             Err(H2Failed { failed, unsent }) => {
                 if let Some(unsent) = unsent {
                     self.body = Some(unsent.into_body());
@@ -211,6 +208,11 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
 
     fn replayable(&self) -> bool {
         self.empty || self.body.is_some() || self.recorded.as_ref().is_some_and(Recorded::complete)
+    }
+
+    fn discard(&mut self, response: Response<Incoming>) {
+        // Dropping the body resets the stream; the connection carries on.
+        drop(response);
     }
 
     fn facts<'a>(&'a self, response: &'a Response<Incoming>) -> Facts<'a> {
@@ -225,6 +227,8 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
     }
 
     async fn respond(&mut self, response: Response<Incoming>, settle: Settle) -> Response<Body> {
+        // The caller gets this response: nobody sends the request again.
+        self.recorded = None;
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = GuardedBody::new(

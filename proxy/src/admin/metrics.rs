@@ -190,6 +190,41 @@ struct RouteSeries {
     route: Arc<str>,
     requests: Option<Series<Counter>>,
     statuses: Vec<StatusSeries>,
+    /// Every attempt's response on a route that retries (the responses above are the ones
+    /// callers got): Linkerd's `route_actual_response_total`. No latency is kept.
+    actual: Vec<StatusSeries>,
+    /// Retries sent, by what failed (a few static names).
+    retries: Vec<(&'static str, Series<Counter>)>,
+    /// Retryable failures not retried, by why not (`core::retry::Skip` names).
+    skipped: Vec<(&'static str, Series<Counter>)>,
+}
+
+/// The counter named `name` in `counters`, created if absent.
+fn named_counter<'a>(
+    counters: &'a mut Vec<(&'static str, Series<Counter>)>,
+    name: &'static str,
+    now: Instant,
+) -> &'a mut Counter {
+    let i = match counters.iter().position(|(n, _)| *n == name) {
+        Some(i) => i,
+        None => {
+            counters.push((
+                name,
+                Series {
+                    value: Counter::new(),
+                    updated: now,
+                },
+            ));
+            counters.sort_by_key(|(n, _)| *n);
+            counters
+                .iter()
+                .position(|(n, _)| *n == name)
+                .unwrap_or_default()
+        }
+    };
+    let series = &mut counters[i].1;
+    series.updated = now;
+    &mut series.value
 }
 
 #[derive(Debug)]
@@ -270,6 +305,9 @@ impl AuthoritySeries {
                         route: Arc::clone(route),
                         requests: None,
                         statuses: Vec::new(),
+                        actual: Vec::new(),
+                        retries: Vec::new(),
+                        skipped: Vec::new(),
                     },
                 );
                 i
@@ -281,8 +319,14 @@ impl AuthoritySeries {
 
     /// Drops the series idle for `retain_idle` at `now`; returns whether none is left.
     fn retire(&mut self, keep: impl Fn(Instant) -> bool) -> bool {
-        self.routes
-            .retain_mut(|route| !retire_series(&mut route.requests, &mut route.statuses, &keep));
+        self.routes.retain_mut(|route| {
+            let mut none = None;
+            let actual_gone = retire_series(&mut none, &mut route.actual, &keep);
+            route.retries.retain(|(_, series)| keep(series.updated));
+            route.skipped.retain(|(_, series)| keep(series.updated));
+            let gone = retire_series(&mut route.requests, &mut route.statuses, &keep);
+            !(gone && actual_gone && route.retries.is_empty() && route.skipped.is_empty())
+        });
         retire_series(&mut self.requests, &mut self.statuses, &keep) && self.routes.is_empty()
     }
 }
@@ -352,6 +396,29 @@ impl AuthorityMetrics {
         class: Outcome,
         route: Option<&Arc<str>>,
     ) {
+        self.end(now, status, class, route, false);
+    }
+
+    /// [`response_end`](Self::response_end) for the last attempt of a request on a route that
+    /// retries: counted as the caller's response and as an attempt's.
+    pub fn response_end_attempted(
+        &self,
+        now: Instant,
+        status: u16,
+        class: Outcome,
+        route: &Arc<str>,
+    ) {
+        self.end(now, status, class, Some(route), true);
+    }
+
+    fn end(
+        &self,
+        now: Instant,
+        status: u16,
+        class: Outcome,
+        route: Option<&Arc<str>>,
+        actual: bool,
+    ) {
         let mut series = self.lock();
         let slot = &mut status_series(&mut series.statuses, status).responses[outcome_index(class)];
         Series::touch(slot, now, Counter::new).incr();
@@ -360,7 +427,33 @@ impl AuthorityMetrics {
             let slot =
                 &mut status_series(&mut route.statuses, status).responses[outcome_index(class)];
             Series::touch(slot, now, Counter::new).incr();
+            if actual {
+                let slot =
+                    &mut status_series(&mut route.actual, status).responses[outcome_index(class)];
+                Series::touch(slot, now, Counter::new).incr();
+            }
         }
+    }
+
+    /// Counts an attempt that is not the request's last (its response was discarded for a
+    /// retry, or it failed before one) on `route`, at `now`.
+    pub fn attempt_end(&self, now: Instant, status: u16, class: Outcome, route: &Arc<str>) {
+        let mut series = self.lock();
+        let route = series.route(route);
+        let slot = &mut status_series(&mut route.actual, status).responses[outcome_index(class)];
+        Series::touch(slot, now, Counter::new).incr();
+    }
+
+    /// Counts a retry on `route` after a failure of kind `reason`, at `now`.
+    pub fn retried(&self, now: Instant, route: &Arc<str>, reason: &'static str) {
+        let mut series = self.lock();
+        named_counter(&mut series.route(route).retries, reason, now).incr();
+    }
+
+    /// Counts a retryable failure on `route` that was not retried, and why (`skip`), at `now`.
+    pub fn retry_skipped(&self, now: Instant, route: &Arc<str>, skip: &'static str) {
+        let mut series = self.lock();
+        named_counter(&mut series.route(route).skipped, skip, now).incr();
     }
 }
 
@@ -685,9 +778,92 @@ impl Families {
     }
 }
 
+/// The retry families: every attempt's responses, retries and retries not taken, per route
+/// (only routes that retry have rows; a family without rows is left out).
+#[derive(Default)]
+struct RetryFamilies {
+    actual: String,
+    retries: String,
+    skipped: String,
+    exhausted: String,
+}
+
+impl RetryFamilies {
+    fn row(&mut self, labels: &str, route: &RouteSeries) {
+        for status in &route.actual {
+            for (class, series) in [Outcome::Success, Outcome::Failure]
+                .into_iter()
+                .zip(&status.responses)
+            {
+                let Some(series) = series else { continue };
+                let _ = writeln!(
+                    self.actual,
+                    "route_actual_response_total{{{labels},status_code=\"{}\",classification=\"{}\"}} {}",
+                    StatusLabel(status.status),
+                    class.as_str(),
+                    series.value.value()
+                );
+            }
+        }
+        for (reason, series) in &route.retries {
+            let _ = writeln!(
+                self.retries,
+                "route_retries_total{{{labels},reason=\"{reason}\"}} {}",
+                series.value.value()
+            );
+        }
+        for (reason, series) in &route.skipped {
+            let _ = writeln!(
+                self.skipped,
+                "route_retry_skipped_total{{{labels},reason=\"{reason}\"}} {}",
+                series.value.value()
+            );
+            if *reason == conduit_core::retry::Skip::Budget.as_str() {
+                let _ = writeln!(
+                    self.exhausted,
+                    "route_retry_budget_exhausted_total{{{labels}}} {}",
+                    series.value.value()
+                );
+            }
+        }
+    }
+
+    fn finish(self, out: &mut String) {
+        for (name, help, rows) in [
+            (
+                "route_actual_response_total",
+                "Total count of HTTP responses per route and attempt, retried attempts included.",
+                self.actual,
+            ),
+            (
+                "route_retries_total",
+                "Total count of retries per route, by what failed.",
+                self.retries,
+            ),
+            (
+                "route_retry_skipped_total",
+                "Total count of retryable failures not retried per route, by why not.",
+                self.skipped,
+            ),
+            (
+                "route_retry_budget_exhausted_total",
+                "Total count of retries refused because the route's retry budget was spent.",
+                self.exhausted,
+            ),
+        ] {
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            out.push_str(&rows);
+        }
+    }
+}
+
 fn render_registry(series: &[(Direction, Arc<AuthorityMetrics>)], out: &mut String) {
     let mut authorities = Families::default();
     let mut routes = Families::default();
+    let mut retries = RetryFamilies::default();
     for (direction, metrics) in series {
         let labels = format!(
             "direction=\"{}\",authority=\"{}\"",
@@ -699,10 +875,12 @@ fn render_registry(series: &[(Direction, Arc<AuthorityMetrics>)], out: &mut Stri
         for route in &locked.routes {
             let labels = format!("{labels},route=\"{}\"", escape(&route.route));
             routes.row("route_", &labels, route.requests.as_ref(), &route.statuses);
+            retries.row(&labels, route);
         }
     }
     authorities.finish(out, "", "HTTP");
     routes.finish(out, "route_", "HTTP per route");
+    retries.finish(out);
 }
 
 /// Escapes a label value (backslash, quote, newline) per the exposition format.

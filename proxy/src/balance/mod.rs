@@ -23,6 +23,7 @@ use conduit_core::balance::{
     Admit, BalanceConfig, Balancer, Change, InFlight, Picked, Queue, QueueConfig, Update,
 };
 use conduit_core::rand::DetRng;
+use conduit_core::retry::{Budget, Decision, Retries};
 use conduit_core::route::Profile;
 use conduit_core::time::Instant;
 use tokio::sync::{Notify, oneshot, watch};
@@ -238,6 +239,17 @@ fn authority_key(authority: &str) -> Cow<'_, str> {
     Cow::Owned(key)
 }
 
+/// An attempt's failure, as a retry decision sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RetryFailure {
+    /// Its class may be retried.
+    pub(crate) retryable: bool,
+    /// The request is whole in hand.
+    pub(crate) replayable: bool,
+    /// The time left before the request's deadline (`None`: none).
+    pub(crate) remaining: Option<Duration>,
+}
+
 /// What the balancer's resolution says, as far as requests care.
 #[derive(Debug)]
 enum Status {
@@ -265,6 +277,46 @@ struct State {
     resolution_version: Option<u64>,
     /// Versions of the updates fed to the core balancer: one per applied resolution.
     updates: u64,
+    /// The retry budgets of the profile in force, when any of its routes retries.
+    budgets: Option<Budgets>,
+}
+
+/// One retry budget per route with a retry policy, for the profile they were made for: a
+/// profile that changes gets fresh budgets; one that stays the same across resolutions (an
+/// endpoint change) keeps them.
+#[derive(Debug)]
+struct Budgets {
+    profile: Arc<Profile>,
+    /// By route index; `None` for routes that do not retry.
+    routes: Vec<Option<Budget>>,
+}
+
+impl Budgets {
+    fn new(profile: &Arc<Profile>, now: Instant) -> Option<Self> {
+        let routes: Vec<Option<Budget>> = profile
+            .routes()
+            .iter()
+            .map(|route| {
+                route
+                    .policy
+                    .retry
+                    .as_ref()
+                    .map(|retry| Budget::new(retry.budget, now))
+            })
+            .collect();
+        routes.iter().any(Option::is_some).then(|| Self {
+            profile: Arc::clone(profile),
+            routes,
+        })
+    }
+
+    /// The budget of route `route` of `profile`, if that profile is still the one in force.
+    fn get(&mut self, profile: &Arc<Profile>, route: usize) -> Option<&mut Budget> {
+        if !Arc::ptr_eq(&self.profile, profile) {
+            return None;
+        }
+        self.routes.get_mut(route)?.as_mut()
+    }
 }
 
 /// What a resolved authority names: the service's metrics label and its route profile (`None`:
@@ -318,6 +370,7 @@ impl ServiceBalancer {
             status: Status::Unknown,
             resolution_version: None,
             updates: 0,
+            budgets: None,
         };
         let this = Arc::new(Self {
             authority,
@@ -354,10 +407,25 @@ impl ServiceBalancer {
                     return;
                 }
                 state.resolution_version = Some(*version);
+                // An unchanged profile stays the same value, so its retry budgets carry on.
+                let profile = match &state.status {
+                    _ if service.profile.is_empty() => None,
+                    Status::Found {
+                        profile: Some(profile),
+                        ..
+                    } if **profile == service.profile => Some(Arc::clone(profile)),
+                    _ => Some(Arc::new(service.profile.clone())),
+                };
+                let kept = match (&profile, &state.budgets) {
+                    (Some(profile), Some(budgets)) => Arc::ptr_eq(profile, &budgets.profile),
+                    _ => false,
+                };
+                if !kept {
+                    state.budgets = profile.as_ref().and_then(|p| Budgets::new(p, now));
+                }
                 state.status = Status::Found {
                     label: Arc::from(format!("{}:{}", service.name, service.port)),
-                    profile: (!service.profile.is_empty())
-                        .then(|| Arc::new(service.profile.clone())),
+                    profile,
                 };
                 tracing::debug!(
                     authority = %self.authority,
@@ -547,6 +615,41 @@ impl ServiceBalancer {
             });
         }
         Some(Ok(picked))
+    }
+
+    /// A request on route `route` of `profile` arrived at `now`: it adds to the route's retry
+    /// budget.
+    pub(crate) fn deposit(&self, profile: &Arc<Profile>, route: usize, now: Instant) {
+        let mut state = lock(&self.state);
+        if let Some(budget) = state.budgets.as_mut().and_then(|b| b.get(profile, route)) {
+            budget.deposit(now);
+        }
+    }
+
+    /// Decides whether a request on route `route` of `profile` whose attempt failed at `now`
+    /// goes again ([`Retries::after_failure`], paid from the route's budget and jittered with
+    /// the balancer's RNG). A profile replaced since the request was routed retries no more.
+    pub(crate) fn retry(
+        &self,
+        retries: &mut Retries,
+        profile: &Arc<Profile>,
+        route: usize,
+        failure: RetryFailure,
+        now: Instant,
+    ) -> Decision {
+        let mut state = lock(&self.state);
+        let State { budgets, rng, .. } = &mut *state;
+        match budgets.as_mut().and_then(|b| b.get(profile, route)) {
+            Some(budget) => retries.after_failure(
+                failure.retryable,
+                failure.replayable,
+                failure.remaining,
+                budget,
+                now,
+                rng,
+            ),
+            None => Decision::Skip(conduit_core::retry::Skip::Budget),
+        }
     }
 
     /// Response headers arrived: an RTT sample for the endpoint.

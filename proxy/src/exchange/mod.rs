@@ -13,10 +13,15 @@
 //!    fail-fast timeout and the request's deadline), the attempt, the balancer's feedback, and
 //!    another attempt when the endpoint provably never processed the request and the request
 //!    is still whole (`core::retry`);
-//! 4. **settling**: time to response headers and the response's class (the route's response
+//! 4. **retries** (outbound, on routes with a retry policy): a response head or an attempt
+//!    failure of a retryable class goes again after a jittered backoff when the route's
+//!    policy and budget allow it and the request is whole in hand (`core::retry::Retries`); the
+//!    discarded response never reaches the caller, and each attempt is counted in the route's
+//!    `route_actual_response_total`;
+//! 5. **settling**: time to response headers and the response's class (the route's response
 //!    classes) into the authority's and the route's metrics, the endpoint's RTT sample, and
 //!    its in-flight count released when the response ends ([`Settle`]);
-//! 5. **answers**: every error becomes the proxy's own response (`errors::respond`), counted
+//! 6. **answers**: every error becomes the proxy's own response (`errors::respond`), counted
 //!    and classified like any other.
 //!
 //! Each request gets a `request` span (debug level) carrying its authority and route.
@@ -26,8 +31,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use conduit_core::balance::{InFlight, Picked};
+use conduit_core::classify::Reason;
 use conduit_core::classify::{ResponseClass, TransportError};
-use conduit_core::retry::{Resend, Unprocessed, resend_unprocessed};
+use conduit_core::retry::{Decision, Resend, Retries, Skip, Unprocessed, resend_unprocessed};
 use conduit_core::route::{Profile, RequestView};
 use conduit_core::time::Instant;
 use conduit_core::timeout::{
@@ -39,7 +45,7 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::admin::metrics::{AuthorityMetrics, Direction, Metrics};
-use crate::balance::{Router, ServiceBalancer};
+use crate::balance::{RetryFailure, Router, ServiceBalancer};
 use crate::body::{Body, BodyEnd, OnBodyEnd};
 use crate::clock::Clock;
 use crate::discover::{Discover, Resolution};
@@ -161,6 +167,10 @@ pub(crate) trait Engine {
 
     /// Whether the whole request could be sent again now: its body unread, or kept whole.
     fn replayable(&self) -> bool;
+
+    /// Drops a response head the caller will not see (the request is retried): nothing of it
+    /// has been written to the client, and its connection or stream is given up.
+    fn discard(&mut self, response: Self::Response);
 
     /// The facts of a response head (which the engine may keep itself, rather than in
     /// `response`, so a large head and its connection are not moved through the exchange).
@@ -368,6 +378,8 @@ pub(crate) struct Exchange<'c> {
     span: tracing::Span,
     /// The observer's key for the request, when it follows the request's picks.
     observed: Option<RequestKey>,
+    /// The request's retries, on a route with a retry policy (outbound only).
+    retries: Option<Retries>,
 }
 
 impl<'c> Exchange<'c> {
@@ -380,6 +392,7 @@ impl<'c> Exchange<'c> {
             Target::Balanced(router) => router.observer().request(head),
             Target::Local { .. } => None,
         };
+        let mut retries = None;
         let (series, routed) = match cx.resolve(authority, start).await {
             Err((series, err)) => {
                 series.request(start, None);
@@ -393,6 +406,13 @@ impl<'c> Exchange<'c> {
                 let incoming = head.grpc_timeout().and_then(parse_grpc_timeout);
                 let deadlines = Deadlines::new(start, &matched.policy().timeouts, incoming);
                 let route = matched.index();
+                // Retries are the client side's: only balanced (outbound) requests have them.
+                if let (Some(policy), Some(service), Some(index)) =
+                    (&matched.policy().retry, &resolved.service, route)
+                {
+                    service.deposit(&resolved.profile, index, start);
+                    retries = Some(Retries::new(policy, head.method()));
+                }
                 (
                     resolved.series,
                     Ok(Routed {
@@ -424,6 +444,7 @@ impl<'c> Exchange<'c> {
             routed,
             span,
             observed,
+            retries,
         }
     }
 
@@ -455,6 +476,8 @@ impl<'c> Exchange<'c> {
             Err(err) => return self.answer(engine, err, false).await,
         };
         let clock = self.cx.clock;
+        // Held here, beside the borrowed route, for the decisions below.
+        let mut retries = self.retries.take();
         let mut attempts = 0u32;
         let mut repicked: Option<Picked> = None;
         let mut now = self.start;
@@ -485,7 +508,19 @@ impl<'c> Exchange<'c> {
                 first: attempts == 1,
             };
             let failed = match engine.send(&attempt).await {
-                Ok(sent) => return self.respond(engine, sent, addr, in_flight).await,
+                Ok(sent) => {
+                    let Some(after) =
+                        self.retry_response(&mut retries, engine, &sent, addr, in_flight.as_ref())
+                    else {
+                        let attempted = retries.is_some();
+                        return self.respond(engine, sent, addr, in_flight, attempted).await;
+                    };
+                    // The caller never sees this response: the request goes again.
+                    engine.discard(sent.response);
+                    drop(in_flight);
+                    now = self.backoff(after).await;
+                    continue;
+                }
                 Err(failed) => failed,
             };
             let service = routed.service.as_deref();
@@ -543,9 +578,137 @@ impl<'c> Exchange<'c> {
                     _ => {}
                 }
             }
+            if !failed.client_broken
+                && let Some(after) =
+                    self.retry_failure(&mut retries, engine.replayable(), addr, &error)
+            {
+                now = self.backoff(after).await;
+                continue;
+            }
             tracing::debug!(endpoint = %addr, %error, "proxy error");
             return self.answer(engine, &error, failed.client_broken).await;
         }
+    }
+
+    /// On a route that retries: whether the response whose head is `sent` goes back to the
+    /// caller (`None`) or the request goes again after the returned backoff. A retried
+    /// response is counted as an attempt and teaches the balancer like any other.
+    fn retry_response<E: Engine>(
+        &self,
+        retries: &mut Option<Retries>,
+        engine: &E,
+        sent: &Sent<E::Response>,
+        addr: SocketAddr,
+        in_flight: Option<&InFlight>,
+    ) -> Option<std::time::Duration> {
+        retries.as_ref()?;
+        let routed = self.routed.as_ref().ok()?;
+        let facts = engine.facts(&sent.response);
+        let classifier = &routed.profile.route_at(routed.route).policy.classifier;
+        // A class the head leaves open (a gRPC status in trailers) is known only once the
+        // response has streamed to the caller: too late to retry.
+        let ResponseClass::Final(class) =
+            classifier.classify_head(facts.status, facts.grpc, facts.grpc_status)
+        else {
+            return None;
+        };
+        if !class.retryable {
+            return None;
+        }
+        let status = facts.status.as_u16();
+        let now = self.cx.clock.now();
+        let after = self.decide(retries, now, engine.replayable(), class.reason)?;
+        let route = routed.route_label.as_ref()?;
+        self.series.attempt_end(now, status, class.outcome, route);
+        if let Some(service) = &routed.service {
+            if sent.connected {
+                service.connect_succeeded(addr);
+            }
+            if let Some(in_flight) = in_flight {
+                service.observe_at(now, in_flight);
+            }
+        }
+        tracing::debug!(endpoint = %addr, status, ?after, "retryable response; sending the request again");
+        Some(after)
+    }
+
+    /// On a route that retries: counts an attempt that failed before response headers with
+    /// `error`, and whether the request goes again after the returned backoff.
+    fn retry_failure(
+        &self,
+        retries: &mut Option<Retries>,
+        replayable: bool,
+        addr: SocketAddr,
+        error: &ProxyError,
+    ) -> Option<std::time::Duration> {
+        retries.as_ref()?;
+        let routed = self.routed.as_ref().ok()?;
+        let route = routed.route_label.clone()?;
+        let now = self.cx.clock.now();
+        let status = error.to_synthetic().http_status.as_u16();
+        self.series.attempt_end(
+            now,
+            status,
+            conduit_core::classify::Outcome::Failure,
+            &route,
+        );
+        let transport = transport_error(error)?;
+        let classifier = &routed.profile.route_at(routed.route).policy.classifier;
+        if !classifier.classify_error(transport).retryable {
+            return None;
+        }
+        let after = self.decide(retries, now, replayable, Reason::Transport(transport))?;
+        tracing::debug!(endpoint = %addr, %error, ?after, "retryable failure; sending the request again");
+        Some(after)
+    }
+
+    /// Asks the route's retry policy and budget about a retryable failure at `now` (of kind
+    /// `reason`), and counts the answer: the backoff before the retry, or why there is none.
+    fn decide(
+        &self,
+        retries: &mut Option<Retries>,
+        now: Instant,
+        replayable: bool,
+        reason: Reason,
+    ) -> Option<std::time::Duration> {
+        let retries = retries.as_mut()?;
+        let routed = self.routed.as_ref().ok()?;
+        let (service, index, route) = (
+            routed.service.as_ref()?,
+            routed.route?,
+            routed.route_label.as_ref()?,
+        );
+        let failure = RetryFailure {
+            retryable: true,
+            replayable,
+            remaining: routed
+                .deadlines
+                .request()
+                .map(|deadline| deadline.saturating_duration_since(now)),
+        };
+        match service.retry(retries, &routed.profile, index, failure, now) {
+            Decision::Retry { after } => {
+                self.series.retried(now, route, retry_reason(reason));
+                Some(after)
+            }
+            Decision::Skip(skip) => {
+                if skip != Skip::NotRetryable {
+                    tracing::debug!(reason = skip.as_str(), "not retrying");
+                    self.series.retry_skipped(now, route, skip.as_str());
+                }
+                None
+            }
+        }
+    }
+
+    /// Waits out a retry's backoff; returns when it ended. The decision made sure the
+    /// request's deadline is later.
+    async fn backoff(&self, after: std::time::Duration) -> Instant {
+        let clock = self.cx.clock;
+        if !after.is_zero() {
+            clock.sleep_until(clock.now() + after).await;
+        }
+        clock.now()
     }
 
     /// The endpoint for an attempt at `now` when one is at hand: `repicked` if a resend already
@@ -611,6 +774,7 @@ impl<'c> Exchange<'c> {
         sent: Sent<E::Response>,
         addr: SocketAddr,
         in_flight: Option<InFlight>,
+        attempted: bool,
     ) -> E::Output {
         let routed = std::mem::replace(
             &mut self.routed,
@@ -658,6 +822,7 @@ impl<'c> Exchange<'c> {
             clock: self.cx.clock,
             deadlines: routed.deadlines,
             grpc: self.grpc,
+            attempted,
         };
         engine.respond(sent.response, settle).await
     }
@@ -716,6 +881,32 @@ fn expired(expiry: Expiry, addr: Option<SocketAddr>) -> ProxyError {
     }
 }
 
+/// The transport failure an attempt's error stands for, when it is one a retry may cure.
+fn transport_error(error: &ProxyError) -> Option<TransportError> {
+    match error {
+        ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } => {
+            Some(TransportError::ConnectRefused)
+        }
+        ProxyError::ResponseTimeout { .. } | ProxyError::AttemptTimeout { .. } => {
+            Some(TransportError::Timeout)
+        }
+        ProxyError::Upstream { .. } => Some(TransportError::Reset),
+        _ => None,
+    }
+}
+
+/// The `reason` label of `route_retries_total`: what kind of failure was retried.
+fn retry_reason(reason: Reason) -> &'static str {
+    match reason {
+        Reason::HttpStatus(_) => "http_status",
+        Reason::GrpcStatus(_) | Reason::GrpcStatusMissing | Reason::GrpcStatusMalformed => {
+            "grpc_status"
+        }
+        Reason::Transport(error) => error.as_str(),
+        _ => "other",
+    }
+}
+
 /// What an attempt's failure tells the balancer.
 fn feedback(
     service: Option<&ServiceBalancer>,
@@ -756,6 +947,8 @@ pub(crate) struct Settle {
     clock: Clock,
     deadlines: Deadlines,
     grpc: bool,
+    /// The route retries: the response is counted as its request's last attempt too.
+    attempted: bool,
 }
 
 impl Settle {
@@ -792,12 +985,16 @@ impl Settle {
                 classifier.classify_error(TransportError::Reset).outcome
             }
         };
-        self.series.response_end(
-            self.clock.now(),
-            self.status,
-            outcome,
-            self.route_label.as_ref(),
-        );
+        let now = self.clock.now();
+        match (&self.route_label, self.attempted) {
+            (Some(route), true) => {
+                self.series
+                    .response_end_attempted(now, self.status, outcome, route);
+            }
+            (route, _) => self
+                .series
+                .response_end(now, self.status, outcome, route.as_ref()),
+        }
         drop(self.in_flight);
     }
 }

@@ -794,8 +794,7 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
             .await
         {
             Ok((head, upload)) => {
-                // Response headers arrived: nobody sends this request again.
-                conn.replay.release();
+                // The copy of the body stays until the exchange decides whether to retry.
                 self.response = Some(H1Response {
                     upstream,
                     head,
@@ -816,6 +815,16 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
 
     fn replayable(&self) -> bool {
         self.conn.replay.untouched() || self.conn.replay.complete().is_some()
+    }
+
+    fn discard(&mut self, _: H1Received) {
+        // The head was parsed only once the client had no output pending, so what is pending
+        // now is that head (or part of it) and nothing else.
+        self.conn.client.clear_output();
+        // The connection goes with the response's unread body.
+        if let Some(response) = self.response.take() {
+            tracing::debug!(endpoint = %response.addr, status = response.head.status, "response discarded");
+        }
     }
 
     fn facts<'r>(&'r self, _: &'r H1Received) -> Facts<'r> {
@@ -854,6 +863,8 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
         };
         let head = self.head;
         let conn = &mut *self.conn;
+        // The caller gets this response: nobody sends the request again.
+        conn.replay.release();
         upstream.rbuf.advance(response.len);
         let status = response.status;
         if (head.connect && (200..300).contains(&status)) || status == 101 {
