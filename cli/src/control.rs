@@ -159,7 +159,22 @@ pub fn render_routes(service: &str, response: &RouteSummaryResponse) -> String {
             figures: route_figures(row),
         })
         .collect();
-    let mut out = render_with(ROUTE_HEADERS, &table);
+    // The callers' view, in two more columns: what callers got (after retries) and what
+    // every attempt got.
+    let client = |row: &RouteRow| {
+        [
+            (row.effective_success_count, row.effective_failure_count),
+            (row.actual_success_count, row.actual_failure_count),
+        ]
+        .map(|(ok, failed)| rate(ok, failed))
+    };
+    let mut out = String::new();
+    let base = render_with(ROUTE_HEADERS, &table);
+    let extra = std::iter::once(["EFFECTIVE_SUCCESS".to_owned(), "ACTUAL_SUCCESS".to_owned()])
+        .chain(response.rows.iter().map(client));
+    for (line, [effective, actual]) in base.lines().zip(extra) {
+        let _ = writeln!(out, "{line}  {effective:>17}  {actual:>14}");
+    }
     if response.scraped_endpoints == 0 {
         let _ = writeln!(
             out,
@@ -169,6 +184,17 @@ pub fn render_routes(service: &str, response: &RouteSummaryResponse) -> String {
         );
     }
     out
+}
+
+/// A success rate as the tables print it (`-` without responses).
+fn rate(successes: u64, failures: u64) -> String {
+    let total = successes.saturating_add(failures);
+    if total == 0 {
+        return "-".to_owned();
+    }
+    #[expect(clippy::cast_precision_loss, reason = "ratios for display")]
+    let rate = successes as f64 / total as f64;
+    format!("{:.2}%", rate * 100.0)
 }
 
 /// One route in `conduit routes --output json`.
@@ -185,6 +211,14 @@ pub struct RouteJson {
     pub figures: Figures,
     /// The window the figures cover, in milliseconds.
     pub window_ms: u64,
+    /// What the route's callers got, after retries (their proxies' outbound view).
+    pub effective_success_count: u64,
+    /// Failures the route's callers got, after retries.
+    pub effective_failure_count: u64,
+    /// Successful attempts, retried ones included.
+    pub actual_success_count: u64,
+    /// Failed attempts, retried ones included.
+    pub actual_failure_count: u64,
 }
 
 /// The rows of a `RouteSummary` answer as `conduit routes --output json` prints them.
@@ -199,6 +233,10 @@ pub fn routes_json(response: &RouteSummaryResponse) -> Vec<RouteJson> {
             failure_count: row.failure_count,
             figures: route_figures(row),
             window_ms: row.window_ms,
+            effective_success_count: row.effective_success_count,
+            effective_failure_count: row.effective_failure_count,
+            actual_success_count: row.actual_success_count,
+            actual_failure_count: row.actual_failure_count,
         })
         .collect()
 }
@@ -376,6 +414,12 @@ mod tests {
             latency_p95_us: p50.map(|us| us * 3),
             latency_p99_us: p50.map(|us| us * 5),
             window_ms: 2000,
+            // The callers' view: every success also seen by callers, and a retried route
+            // whose attempts failed more often than its callers saw.
+            effective_success_count: ok,
+            effective_failure_count: failed / 3,
+            actual_success_count: ok,
+            actual_failure_count: failed,
         };
         RouteSummaryResponse {
             rows: vec![

@@ -10,8 +10,10 @@
 //!   moves traffic off it.
 //! - `api.demo`: two replicas, one failing 30 % of its requests; the service's success rate
 //!   drops accordingly. It has a route profile (`get-item`, `list-items`, `create-item`, one
-//!   with a request timeout), and the load generator spreads its requests over those routes
-//!   (and one path no route matches), so `conduit routes api.demo` has something to show.
+//!   with a request timeout; the GET routes retry within a budget), and the load generator
+//!   spreads its requests over those routes (and one path no route matches), so `conduit
+//!   routes api.demo` has something to show: on the retried routes, callers' effective
+//!   success near 100 % while the actual success of attempts stays near 85 %.
 //! - `store.demo`: two healthy replicas.
 //!
 //! Each replica's proxy is told which service it fronts (`CONDUIT_PROXY_SERVICE`), so it
@@ -89,13 +91,15 @@ struct DemoService {
 /// The port every demo service is addressed on.
 const DEMO_PORT: u16 = 80;
 
-/// `api.demo`'s route profile: a regex, an exact and a prefix path match, and a request
-/// timeout on one route.
+/// `api.demo`'s route profile: a regex, an exact and a prefix path match, retries (within a
+/// budget) on the two GET routes, and a request timeout on one route.
 const API_PROFILE: &[&str] = &[
     "- name: get-item",
     "  match: { method: GET, path: { regex: \"/items/[0-9]+\" } }",
+    "  retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10, ttl: 10s } }",
     "- name: list-items",
     "  match: { method: GET, path: { exact: /items } }",
+    "  retry: { max_attempts: 3 }",
     "- name: create-item",
     "  match: { method: POST, path: { prefix: /items } }",
     "  timeouts: { request: 500ms }",

@@ -163,6 +163,16 @@ fn fake_admin() -> SocketAddr {
                      route_response_latency_ms_bucket{{{labels},le=\"+Inf\"}} {count}\n"
                 ));
             }
+            // The same proxy as a caller of api.demo (outbound): every caller got a success,
+            // one attempt in five failed and was retried.
+            let labels = "direction=\"outbound\",authority=\"api.demo:80\",route=\"get-item\"";
+            body.push_str(&format!(
+                "route_response_total{{{labels},status_code=\"200\",classification=\"success\"}} {}\n\
+                 route_actual_response_total{{{labels},status_code=\"200\",classification=\"success\"}} {}\n\
+                 route_actual_response_total{{{labels},status_code=\"503\",classification=\"failure\"}} {n}\n",
+                4 * n,
+                4 * n
+            ));
             let _ = write!(
                 stream,
                 "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -225,14 +235,18 @@ async fn routes_shows_every_route_of_the_profile() {
             "RPS",
             "LATENCY_P50",
             "LATENCY_P95",
-            "LATENCY_P99"
+            "LATENCY_P99",
+            "EFFECTIVE_SUCCESS",
+            "ACTUAL_SUCCESS"
         ]
     );
-    // One scrape's growth between the two scrapes: get-item 30 successes and 10 failures.
+    // One scrape's growth between the two scrapes: get-item 30 successes and 10 failures;
+    // its callers got 40 successes out of 50 attempts.
     assert_eq!(words(lines[1])[..2], ["get-item", "75.00%"], "{stdout}");
+    assert_eq!(words(lines[1])[6..], ["100.00%", "80.00%"], "{stdout}");
     assert_eq!(
         words(lines[2]),
-        ["list-items", "-", "0.0", "-", "-", "-"],
+        ["list-items", "-", "0.0", "-", "-", "-", "-", "-"],
         "{stdout}"
     );
     assert_eq!(words(lines[3])[..2], ["default", "100.00%"], "{stdout}");
@@ -256,6 +270,10 @@ async fn routes_shows_every_route_of_the_profile() {
     assert_eq!(rows[0]["success_count"], 30);
     assert_eq!(rows[0]["failure_count"], 10);
     assert_eq!(rows[0]["success_rate"], 0.75);
+    assert_eq!(rows[0]["effective_success_count"], 40);
+    assert_eq!(rows[0]["effective_failure_count"], 0);
+    assert_eq!(rows[0]["actual_success_count"], 40);
+    assert_eq!(rows[0]["actual_failure_count"], 10);
     assert_eq!(rows[0]["window_ms"], 100);
     assert!(rows[0]["p50_ms"].as_f64().is_some_and(|p50| p50 <= 5.0));
     assert_eq!(rows[1]["success_rate"], serde_json::Value::Null);

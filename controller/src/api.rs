@@ -4,7 +4,10 @@
 //!   servers of the endpoints' proxies twice, a window apart, and reports each workload's
 //!   server-side success rate, request rate and latency percentiles over that window;
 //!   `RouteSummary` does the same per route of one workload's profile, from the proxies'
-//!   per-route families (`route_response_total`, `route_response_latency_ms`).
+//!   per-route families (`route_response_total`, `route_response_latency_ms`), and beside
+//!   it the callers' view: every meshed proxy's outbound counts for the workload, effective
+//!   (what callers got, after retries) and actual (every attempt,
+//!   `route_actual_response_total`).
 //! - [`IdentityService`] and [`TapService`] answer `UNIMPLEMENTED` with a message saying what
 //!   is missing, so a client learns why instead of getting an empty "unknown service".
 
@@ -22,7 +25,8 @@ use tonic::{Request, Response, Status};
 use crate::destination::UpdateStream;
 use crate::discovery::Discovery;
 use crate::stat::{
-    Counts, Figures, MetricsSource, counts_by_authority, counts_by_route, scrape_reduced, total,
+    ClientCounts, Counts, Figures, Group, MetricsSource, client_counts_by_route,
+    counts_by_authority, counts_by_route, scrape_reduced, total,
 };
 
 /// The window `StatSummary` uses when the request names none.
@@ -253,14 +257,28 @@ impl api::api_server::Api for ApiService {
         };
         let window = window_of(request.window_ms);
         let admins: Vec<SocketAddr> = service.endpoints.iter().filter_map(|e| e.admin).collect();
+        // Every meshed proxy may call the workload: all are read for the callers' view (the
+        // workload's own replicas among them).
+        let mut callers: Vec<SocketAddr> = self
+            .discovery
+            .services()
+            .iter()
+            .flat_map(|s| s.endpoints.iter().filter_map(|e| e.admin))
+            .collect();
+        callers.sort_unstable();
+        callers.dedup();
         let (before, after) = scrape_window(
             source.as_ref(),
-            &admins,
+            &callers,
             window,
-            |samples| counts_by_route(samples, "inbound"),
+            |samples| RouteScrape {
+                inbound: counts_by_route(samples, "inbound"),
+                outbound: client_counts_by_route(samples),
+            },
             &self.scrapes,
         )
         .await;
+        let authority = format!("{}:{}", service.name, service.port);
         // The rows: the profile's routes by name, then the default route. Series for names the
         // profile does not have (a route renamed or removed since the proxy counted it) are
         // not shown.
@@ -268,8 +286,10 @@ impl api::api_server::Api for ApiService {
         names.sort_unstable();
         names.push(DEFAULT_ROUTE);
         let mut deltas: Vec<Counts> = vec![Counts::default(); names.len()];
+        let mut clients: Vec<ClientCounts> = vec![ClientCounts::default(); names.len()];
         let mut scraped = 0u32;
         let empty = Counts::default();
+        let no_client = ClientCounts::default();
         for admin in &admins {
             let (Some(b), Some(a)) = (before.get(admin), after.get(admin)) else {
                 continue;
@@ -277,17 +297,36 @@ impl api::api_server::Api for ApiService {
             scraped += 1;
             for (name, delta) in names.iter().zip(&mut deltas) {
                 // A route's series appears with its first request: absent before is zero.
-                let now = a.get(*name).unwrap_or(&empty);
-                let then = b.get(*name).unwrap_or(&empty);
+                let now = a.inbound.get(*name).unwrap_or(&empty);
+                let then = b.inbound.get(*name).unwrap_or(&empty);
                 delta.add(&now.since(then));
+            }
+        }
+        for admin in &callers {
+            let (Some(b), Some(a)) = (before.get(admin), after.get(admin)) else {
+                continue;
+            };
+            for (name, client) in names.iter().zip(&mut clients) {
+                let group = Group {
+                    authority: authority.clone(),
+                    route: Some((*name).to_owned()),
+                };
+                let now = a.outbound.get(&group).unwrap_or(&no_client);
+                let then = b.outbound.get(&group).unwrap_or(&no_client);
+                client.add(&now.since(then));
             }
         }
         let rows = names
             .iter()
-            .zip(&deltas)
-            .map(|(name, delta)| {
+            .zip(deltas.iter().zip(&clients))
+            .map(|(name, (delta, client))| {
                 let golden = Golden::new(delta, window);
+                let failures = |c: &Counts| c.responses.saturating_sub(c.successes);
                 api::RouteRow {
+                    effective_success_count: client.effective.successes,
+                    effective_failure_count: failures(&client.effective),
+                    actual_success_count: client.actual.successes,
+                    actual_failure_count: failures(&client.actual),
                     route: (*name).to_owned(),
                     success_count: golden.success_count,
                     failure_count: golden.failure_count,
@@ -306,6 +345,13 @@ impl api::api_server::Api for ApiService {
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
         }))
     }
+}
+
+/// What `RouteSummary` keeps of one scrape: the proxy's inbound counts per route (its own
+/// service's profile), and its outbound counts per authority and route (as a caller).
+struct RouteScrape {
+    inbound: BTreeMap<String, Counts>,
+    outbound: BTreeMap<Group, ClientCounts>,
 }
 
 /// Whether `workload` names `service`: its name, or its name and port (`api.demo:80`).

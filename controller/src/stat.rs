@@ -74,6 +74,9 @@ pub enum Family {
     /// `route_response_total` and `route_response_latency_ms`, labelled by `direction`,
     /// `authority` and `route` (a route of the service's profile, or `default`).
     Route,
+    /// `route_actual_response_total`: every attempt's response on a route that retries,
+    /// labelled like [`Family::Route`] (no latency).
+    RouteAttempts,
 }
 
 impl Family {
@@ -83,6 +86,7 @@ impl Family {
         match self {
             Self::Authority => "response_total",
             Self::Route => "route_response_total",
+            Self::RouteAttempts => "route_actual_response_total",
         }
     }
 
@@ -92,6 +96,8 @@ impl Family {
         match self {
             Self::Authority => "response_latency_ms_bucket",
             Self::Route => "route_response_latency_ms_bucket",
+            // No latency is kept per attempt: a name no sample has.
+            Self::RouteAttempts => "",
         }
     }
 }
@@ -127,7 +133,7 @@ pub fn reduce(samples: &[Sample], direction: &str, family: Family) -> BTreeMap<G
         };
         let route = match family {
             Family::Authority => None,
-            Family::Route => match sample.label("route") {
+            Family::Route | Family::RouteAttempts => match sample.label("route") {
                 Some(route) => Some(route.to_owned()),
                 None => continue,
             },
@@ -180,6 +186,51 @@ pub fn counts_by_route(samples: &[Sample], direction: &str) -> BTreeMap<String, 
         }
     }
     by_route
+}
+
+/// One route of one authority as a caller's proxy saw it (outbound): the responses its callers
+/// got (effective, after retries) and every attempt's (actual; the same as effective on a
+/// route that does not retry).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientCounts {
+    /// The responses callers got.
+    pub effective: Counts,
+    /// Every attempt's response.
+    pub actual: Counts,
+}
+
+impl ClientCounts {
+    /// What happened between `earlier` and `self`.
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            effective: self.effective.since(&earlier.effective),
+            actual: self.actual.since(&earlier.actual),
+        }
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Self) {
+        self.effective.add(&other.effective);
+        self.actual.add(&other.actual);
+    }
+}
+
+/// Reduces one scrape's outbound per-route families to [`ClientCounts`] per authority and
+/// route.
+#[must_use]
+pub fn client_counts_by_route(samples: &[Sample]) -> BTreeMap<Group, ClientCounts> {
+    let attempts = reduce(samples, "outbound", Family::RouteAttempts);
+    reduce(samples, "outbound", Family::Route)
+        .into_iter()
+        .map(|(group, effective)| {
+            let actual = attempts
+                .get(&group)
+                .cloned()
+                .unwrap_or_else(|| effective.clone());
+            (group, ClientCounts { effective, actual })
+        })
+        .collect()
 }
 
 /// All authorities of one scrape merged (a replica's whole inbound traffic).
