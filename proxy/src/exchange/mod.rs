@@ -645,6 +645,7 @@ impl<'c> Exchange<'c> {
             status,
             class,
             in_flight,
+            service: routed.service,
             clock: self.cx.clock,
             deadlines: routed.deadlines,
             grpc: self.grpc,
@@ -743,6 +744,7 @@ pub(crate) struct Settle {
     /// The class as far as the head decided it.
     class: ResponseClass,
     in_flight: Option<InFlight>,
+    service: Option<Arc<ServiceBalancer>>,
     clock: Clock,
     deadlines: Deadlines,
     grpc: bool,
@@ -788,7 +790,10 @@ impl Settle {
             outcome,
             self.route_label.as_ref(),
         );
-        drop(self.in_flight);
+        // The endpoint's breaker learns the outcome; the request stops counting as in flight.
+        if let (Some(service), Some(in_flight)) = (self.service, self.in_flight) {
+            service.settle(in_flight, outcome);
+        }
     }
 }
 
