@@ -515,6 +515,7 @@ impl<'a> World<'a> {
                     port: Some(80),
                     endpoints,
                     profile: self.profiles.get(authority).cloned(),
+                    breaker: None,
                 },
             );
         }
