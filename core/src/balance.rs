@@ -879,14 +879,12 @@ impl Balancer {
         outcome: Outcome,
         rng: &mut impl Rng,
     ) -> Option<BreakerEvent> {
-        let max = self.config.breaker.max_ejected(self.slots.len());
-        let open = if outcome == Outcome::Failure && self.config.breaker.is_enabled() {
-            self.slots.iter().filter(|s| s.breaker.is_open()).count()
-        } else {
-            0
-        };
         let addr = in_flight.addr;
-        let slot = self.slot_of(&in_flight)?;
+        let index = *self.by_addr.get(&addr)?;
+        let slot = &mut self.slots[index];
+        if !Arc::ptr_eq(&slot.token, &in_flight.token) {
+            return None;
+        }
         let probe = in_flight
             .probe
             .as_ref()
@@ -896,23 +894,30 @@ impl Balancer {
         } else {
             slot.breaker.handle_outcome(now, in_flight.started, outcome)
         };
+        // Counted only on a trip (rare), so a settle costs no scan of the endpoints.
+        let room = |slots: &[Slot]| {
+            let open = slots.iter().filter(|s| s.breaker.is_open()).count();
+            (open, open < self.config.breaker.max_ejected(slots.len()))
+        };
         let event = match verdict {
             Verdict::None => None,
-            Verdict::Trip(reason) if open < max => {
-                let until = slot.breaker.eject(now, reason, rng);
-                tracing::debug!(endpoint.addr = %addr, %reason, ?until, "endpoint ejected");
-                self.ejections[reason.index()] += 1;
-                Some(BreakerEvent::Ejected {
-                    addr,
-                    reason,
-                    until,
-                })
-            }
-            Verdict::Trip(reason) => {
-                tracing::debug!(endpoint.addr = %addr, %reason, open, "breaker tripped; too many endpoints out to eject");
-                self.spared += 1;
-                Some(BreakerEvent::Spared { addr, reason })
-            }
+            Verdict::Trip(reason) => match room(&self.slots) {
+                (_, true) => {
+                    let until = self.slots[index].breaker.eject(now, reason, rng);
+                    tracing::debug!(endpoint.addr = %addr, %reason, ?until, "endpoint ejected");
+                    self.ejections[reason.index()] += 1;
+                    Some(BreakerEvent::Ejected {
+                        addr,
+                        reason,
+                        until,
+                    })
+                }
+                (open, false) => {
+                    tracing::debug!(endpoint.addr = %addr, %reason, open, "breaker tripped; too many endpoints out to eject");
+                    self.spared += 1;
+                    Some(BreakerEvent::Spared { addr, reason })
+                }
+            },
             Verdict::Recovered => Some(BreakerEvent::Readmitted { addr }),
             Verdict::Reejected { until } => Some(BreakerEvent::Reejected { addr, until }),
         };
