@@ -35,6 +35,8 @@ pub enum Action {
     AppDelay(String, Duration),
     /// An app stops answering (true) or resumes (false).
     AppStall(String, bool),
+    /// An app answers every request with a 500 (true) or heals (false).
+    AppFail(String, bool),
     /// A new configuration: the service's endpoints become these replica hosts.
     SetEndpoints(String, Vec<String>),
 }
@@ -45,7 +47,11 @@ impl Action {
     pub fn heals(&self) -> bool {
         matches!(
             self,
-            Self::Repair(..) | Self::Release(..) | Self::Bounce(_) | Self::AppStall(_, false)
+            Self::Repair(..)
+                | Self::Release(..)
+                | Self::Bounce(_)
+                | Self::AppStall(_, false)
+                | Self::AppFail(_, false)
         )
     }
 
@@ -62,6 +68,7 @@ impl Action {
             Self::LinkLatency(a, b, latency) => world.set_link_latency(a, b, *latency),
             Self::AppDelay(host, delay) => world.set_app_delay(host, *delay),
             Self::AppStall(host, stalled) => world.set_app_stalled(host, *stalled),
+            Self::AppFail(host, failing) => world.set_app_failing(host, *failing),
             Self::SetEndpoints(authority, hosts) => {
                 if let Err(err) = world.set_endpoints(authority, hosts.clone()) {
                     world
@@ -86,6 +93,7 @@ impl fmt::Display for Action {
             Self::LinkLatency(a, b, d) => write!(f, "latency {a} <-> {b} = {d:?}"),
             Self::AppDelay(h, d) => write!(f, "app {h} delay {d:?}"),
             Self::AppStall(h, s) => write!(f, "app {h} stalled={s}"),
+            Self::AppFail(h, s) => write!(f, "app {h} failing={s}"),
             Self::SetEndpoints(s, hosts) => write!(f, "endpoints {s} = {hosts:?}"),
         }
     }

@@ -431,6 +431,42 @@ async fn profile_streams_follow_the_file() {
     controller.stop().await;
 }
 
+/// A service's `breaker:` block in the mesh file reaches proxies in its profile, and an edit
+/// to it alone is a new profile.
+#[tokio::test]
+async fn circuit_breaking_is_served_from_the_file() {
+    let with_breaker = |breaker: &str| {
+        format!(
+            "services:\n  web.default:\n    endpoints:\n      - addr: 127.0.0.1:9001\n    breaker: {breaker}\n"
+        )
+    };
+    let controller = Controller::start(
+        "breaker",
+        &with_breaker("{ consecutive_failures: 3, backoff: { min: 2s, max: 20s } }"),
+    )
+    .await;
+    let mut stream = controller.get_profile("web.default:80").await;
+    let first = next_profile(&mut stream).await;
+    let breaker = first.profile.breaker();
+    assert_eq!(breaker.consecutive_failures(), Some(3));
+    assert_eq!(
+        (breaker.penalty().min(), breaker.penalty().max()),
+        (Duration::from_secs(2), Duration::from_secs(20))
+    );
+    assert!(
+        breaker.success_rate().is_some(),
+        "the rest are the defaults"
+    );
+
+    controller.write_mesh(&with_breaker("{ enabled: false }"));
+    let second = next_profile(&mut stream).await;
+    assert_eq!(second.version, 2);
+    assert!(!second.profile.breaker().is_enabled());
+
+    drop(stream);
+    controller.stop().await;
+}
+
 /// A name no service has is `no_endpoints { exists: false }` (and a profile with
 /// `exists: false`), distinct from a service without endpoints (`exists: true`); when the
 /// service appears its endpoints arrive as an add.

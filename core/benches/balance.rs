@@ -48,7 +48,7 @@ fn pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
     for policy in [Policy::PeakEwma, Policy::LeastLoaded] {
         for n in [10u16, 100, 1000] {
-            let (balancer, _held) = loaded_balancer(n, policy);
+            let (mut balancer, _held) = loaded_balancer(n, policy);
             let mut rng = DetRng::new(2);
             let now = Instant::ZERO + ms(100);
             group.bench_with_input(BenchmarkId::new(format!("{policy:?}"), n), &n, |b, _| {

@@ -31,6 +31,27 @@
 //! recently: [`Balancer::handle_connect_error`] takes it out of rotation for an exponential,
 //! jittered backoff ([`DEFAULT_CONNECT_BACKOFF_MIN`]..[`DEFAULT_CONNECT_BACKOFF_MAX`]).
 //!
+//! # Circuit breaking
+//!
+//! Each endpoint has a [`Breaker`] (`conduit_core::breaker`) under the balancer's
+//! [`BreakerConfig`] ([`Balancer::set_breaker`]). The caller reports each request's outcome
+//! with [`Balancer::handle_outcome`], which settles its [`InFlight`] handle. When a breaker
+//! trips and the service can spare the endpoint (at most [`BreakerConfig::max_ejected`] of the
+//! service's endpoints out at once, and never the last one), the endpoint is *ejected*: it
+//! leaves the ready set for its penalty, then comes back on *probation*, a candidate for
+//! exactly one request at a time (the probe, marked by [`InFlight::is_probe`]), whose outcome
+//! readmits it or ejects it again. A probe dropped without an outcome (cancelled) decides
+//! nothing: the endpoint becomes a candidate for another probe.
+//!
+//! **When the maximum share bites.** A tripped breaker whose endpoint cannot be spared leaves
+//! it in rotation (reported as [`BreakerEvent::Spared`]): callers keep reaching the failing
+//! endpoint, and see its failures, rather than piling onto too few healthy ones. If discovery
+//! shrinks the service so that more endpoints are out than the share allows, the ones whose
+//! penalty ends soonest are readmitted without a probe. And the breaker never makes the
+//! balancer refuse a request: when every endpoint that could take one is ejected or has its
+//! probe out (the others being drained or backing off after connection failures), picks fall
+//! back to all of them, as if there were no breaker.
+//!
 //! # The queue
 //!
 //! When no endpoint is ready a request asks the [`Queue`] whether it may wait
@@ -48,7 +69,9 @@
 //! 1. Feed discovery: `balancer.handle_update(now, update)`.
 //! 2. Per request: `balancer.pick(now, &mut rng)`. On `Some(picked)`, send the request to
 //!    `picked.addr`; when response headers arrive call `balancer.observe(now, &picked.in_flight)`;
-//!    drop `picked.in_flight` when the response ends (or the request is abandoned).
+//!    when the response ends and is classified, settle the handle with
+//!    `balancer.handle_outcome(now, picked.in_flight, outcome, &mut rng)` (or just drop it when
+//!    the request is abandoned without an outcome).
 //! 3. On `None`: `queue.admit(now)`; on [`Admit::Wait`] wait until an endpoint becomes ready or
 //!    the deadline passes, then call `queue.leave()` and pick again or fail.
 //! 4. Whenever `balancer.ready_len()` moves between zero and non-zero, tell the queue with
@@ -83,6 +106,8 @@ use core::time::Duration;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::breaker::{Breaker, BreakerConfig, Reason, State, Verdict};
+use crate::classify::Outcome;
 use crate::mesh::Endpoint;
 use crate::rand::Rng;
 use crate::time::Instant;
@@ -144,6 +169,9 @@ pub struct BalanceConfig {
     pub connect_backoff_min: Duration,
     /// Longest backoff after repeated failed connection attempts.
     pub connect_backoff_max: Duration,
+    /// Circuit breaking (both policies on by default; [`Balancer::set_breaker`] changes it
+    /// later).
+    pub breaker: BreakerConfig,
 }
 
 impl Default for BalanceConfig {
@@ -154,6 +182,7 @@ impl Default for BalanceConfig {
             decay: DEFAULT_DECAY,
             connect_backoff_min: DEFAULT_CONNECT_BACKOFF_MIN,
             connect_backoff_max: DEFAULT_CONNECT_BACKOFF_MAX,
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -215,6 +244,9 @@ pub struct InFlight {
     // reference count is the one piece of shared state in the core; it is what makes settling
     // on drop correct by construction, and it involves no lock and no clock.
     token: Arc<()>,
+    // For the probe of an endpoint on probation: the endpoint's probe token, counted the same
+    // way, so a probe dropped without an outcome is noticed (and another may go).
+    probe: Option<Arc<()>>,
 }
 
 impl InFlight {
@@ -229,6 +261,48 @@ impl InFlight {
     pub fn started(&self) -> Instant {
         self.started
     }
+
+    /// Whether this request is the probe of an endpoint on probation: its outcome decides
+    /// whether the endpoint returns to rotation.
+    #[must_use]
+    pub fn is_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+}
+
+/// What a request's outcome did to its endpoint's breaker, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BreakerEvent {
+    /// The endpoint was ejected from rotation.
+    Ejected {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The policy that tripped.
+        reason: Reason,
+        /// When its penalty ends.
+        until: Instant,
+    },
+    /// A policy tripped but the endpoint stays in rotation: ejecting it would put more than the
+    /// maximum share of the service's endpoints out.
+    Spared {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The policy that tripped.
+        reason: Reason,
+    },
+    /// The endpoint's probe succeeded: it is back in rotation.
+    Readmitted {
+        /// The endpoint.
+        addr: SocketAddr,
+    },
+    /// The endpoint's probe failed: it is ejected again, for a longer penalty.
+    Reejected {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// When the new penalty ends.
+        until: Instant,
+    },
 }
 
 /// The outcome of a successful pick.
@@ -248,12 +322,16 @@ pub struct EndpointView<'a> {
     pub endpoint: &'a Endpoint,
     /// Whether it is a candidate for picks now.
     pub ready: bool,
+    /// Whether it is backing off after failed connection attempts.
+    pub backing_off: bool,
     /// Requests in flight to it.
     pub in_flight: u32,
     /// Its current (decayed) RTT estimate.
     pub rtt_estimate: Duration,
     /// Consecutive failed connection attempts.
     pub connect_failures: u32,
+    /// Its circuit breaker's state.
+    pub breaker: State,
 }
 
 /// Counts describing a balancer, as plain data.
@@ -269,6 +347,16 @@ pub struct BalanceStats {
     pub updates: u64,
     /// Stale discovery updates refused.
     pub stale_updates: u64,
+    /// Endpoints out of rotation by their breaker now (ejected, or on probation).
+    pub ejected: usize,
+    /// Ejections from rotation so far, by [`Reason::index`] (a failed probe's re-ejection is
+    /// not counted again).
+    pub ejections: [u64; 2],
+    /// Trips that left their endpoint in rotation because of the maximum ejected share.
+    pub spared: u64,
+    /// Whether picks are falling back to endpoints the breaker has taken out (see the module
+    /// docs).
+    pub breaker_fallback: bool,
 }
 
 /// PeakEWMA: a latency estimate that rises at once and falls slowly.
@@ -354,6 +442,9 @@ struct Slot {
     connect_failures: u32,
     /// While set, the endpoint is backing off after a failed connection attempt.
     backoff_until: Option<Instant>,
+    breaker: Breaker,
+    /// Counts the probe out, as `token` counts requests: one reference while none is.
+    probe: Arc<()>,
 }
 
 impl Slot {
@@ -362,8 +453,19 @@ impl Slot {
         u32::try_from(Arc::strong_count(&self.token) - 1).unwrap_or(u32::MAX)
     }
 
-    fn is_ready(&self) -> bool {
+    /// Able to take requests, whatever its breaker says: not drained, not backing off.
+    fn is_eligible(&self) -> bool {
         self.endpoint.weight > 0 && self.backoff_until.is_none()
+    }
+
+    /// A candidate for picks while the breaker's word is followed.
+    fn is_ready(&self) -> bool {
+        self.is_eligible() && self.breaker.admits()
+    }
+
+    /// The breaker's probe is out (its handle not yet settled or dropped).
+    fn probe_out(&self) -> bool {
+        Arc::strong_count(&self.probe) > 1
     }
 
     /// PeakEWMA cost: `estimate x (in_flight + 1)`.
@@ -383,6 +485,13 @@ pub struct Balancer {
     /// Indices of ready slots, and the running sum of their weights (same length).
     ready: Vec<usize>,
     ready_weights: Vec<u64>,
+    /// The ready set ignores the breaker: no endpoint it admits is eligible.
+    fallback: bool,
+    /// Endpoints whose probe was handed out and not yet settled; checked for probes dropped
+    /// without an outcome. At most one entry per endpoint.
+    probing: Vec<SocketAddr>,
+    ejections: [u64; 2],
+    spared: u64,
     updates: u64,
     stale_updates: u64,
 }
@@ -404,6 +513,10 @@ impl Balancer {
             by_addr: BTreeMap::new(),
             ready: Vec::new(),
             ready_weights: Vec::new(),
+            fallback: false,
+            probing: Vec::new(),
+            ejections: [0; 2],
+            spared: 0,
             updates: 0,
             stale_updates: 0,
         }
@@ -472,6 +585,7 @@ impl Balancer {
             Change::NoEndpoints => {
                 self.slots.clear();
                 self.by_addr.clear();
+                self.probing.clear();
             }
         }
         self.discovery = if self.slots.is_empty() {
@@ -479,6 +593,7 @@ impl Balancer {
         } else {
             Discovery::Endpoints
         };
+        self.enforce_max_ejected(now);
         self.rebuild_ready();
         self.assert_invariants();
         Ok(())
@@ -496,6 +611,8 @@ impl Balancer {
             token: Arc::new(()),
             connect_failures: 0,
             backoff_until: None,
+            breaker: Breaker::new(&self.config.breaker, now),
+            probe: Arc::new(()),
         });
     }
 
@@ -507,14 +624,71 @@ impl Balancer {
         if let Some(moved) = self.slots.get(index) {
             self.by_addr.insert(moved.endpoint.addr, index);
         }
+        self.probing.retain(|probing| *probing != addr);
+    }
+
+    /// Readmits endpoints without a probe while more are out than the breaker's maximum share
+    /// of the current endpoints allows (discovery removed others): on probation first, then
+    /// those whose penalty ends soonest, ties by address.
+    fn enforce_max_ejected(&mut self, now: Instant) {
+        let max = self.config.breaker.max_ejected(self.slots.len());
+        let mut open: Vec<(Option<Instant>, SocketAddr, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.breaker.is_open())
+            .map(|(index, slot)| (slot.breaker.poll_timeout(), slot.endpoint.addr, index))
+            .collect();
+        if open.len() <= max {
+            return;
+        }
+        // `None` (probation) sorts first.
+        open.sort_unstable();
+        for &(_, addr, index) in &open[..open.len() - max] {
+            tracing::debug!(endpoint.addr = %addr, "too many endpoints out; readmitting without a probe");
+            self.slots[index].breaker.close(now);
+        }
+    }
+
+    /// Changes the circuit-breaking settings at `now`. A change starts every endpoint's breaker
+    /// afresh (closed, no penalty served); the same settings again change nothing.
+    pub fn set_breaker(&mut self, now: Instant, config: BreakerConfig) {
+        if config == self.config.breaker {
+            return;
+        }
+        self.config.breaker = config;
+        for slot in &mut self.slots {
+            slot.breaker = Breaker::new(&config, now);
+            // Probes out under the old settings become regular requests of the new breaker.
+            slot.probe = Arc::new(());
+        }
+        self.probing.clear();
+        self.rebuild_ready();
+        self.assert_invariants();
     }
 
     fn rebuild_ready(&mut self) {
+        self.fallback = false;
+        self.collect_ready(Slot::is_ready);
+        if self.ready.is_empty() {
+            // Never refuse because of the breaker: fall back to every eligible endpoint.
+            self.collect_ready(Slot::is_eligible);
+            self.fallback = !self.ready.is_empty();
+            if self.fallback {
+                tracing::debug!(
+                    endpoints = self.ready.len(),
+                    "every eligible endpoint is out by its breaker; picking among them"
+                );
+            }
+        }
+    }
+
+    fn collect_ready(&mut self, candidate: fn(&Slot) -> bool) {
         self.ready.clear();
         self.ready_weights.clear();
         let mut total = 0u64;
         for (index, slot) in self.slots.iter().enumerate() {
-            if slot.is_ready() {
+            if candidate(slot) {
                 total += u64::from(slot.endpoint.weight);
                 self.ready.push(index);
                 self.ready_weights.push(total);
@@ -553,7 +727,13 @@ impl Balancer {
     }
 
     /// Chooses the endpoint for one request, or `None` when no endpoint is ready.
-    pub fn pick(&self, now: Instant, rng: &mut impl Rng) -> Option<Picked> {
+    ///
+    /// A pick that lands on an endpoint on probation is its probe ([`InFlight::is_probe`]):
+    /// the endpoint takes no other request until the probe settles.
+    pub fn pick(&mut self, now: Instant, rng: &mut impl Rng) -> Option<Picked> {
+        if !self.probing.is_empty() {
+            self.reap_abandoned_probes();
+        }
         let index = match self.ready.len() {
             0 => return None,
             1 => self.ready[0],
@@ -562,16 +742,47 @@ impl Balancer {
                 Policy::LeastLoaded => self.pick_least_loaded(rng),
             },
         };
-        let slot = &self.slots[index];
-        tracing::trace!(endpoint.addr = %slot.endpoint.addr, in_flight = slot.in_flight(), "picked endpoint");
-        Some(Picked {
-            addr: slot.endpoint.addr,
-            in_flight: InFlight {
-                addr: slot.endpoint.addr,
-                started: now,
-                token: Arc::clone(&slot.token),
-            },
-        })
+        let slot = &mut self.slots[index];
+        let addr = slot.endpoint.addr;
+        let probe = slot.breaker.start_probe().then(|| Arc::clone(&slot.probe));
+        let in_flight = InFlight {
+            addr,
+            started: now,
+            token: Arc::clone(&slot.token),
+            probe,
+        };
+        tracing::trace!(endpoint.addr = %addr, in_flight = slot.in_flight(), probe = in_flight.is_probe(), "picked endpoint");
+        if in_flight.is_probe() {
+            // The endpoint takes nothing else until its probe settles.
+            self.probing.push(addr);
+            self.rebuild_ready();
+            self.assert_invariants();
+        }
+        Some(Picked { addr, in_flight })
+    }
+
+    /// Probes dropped without an outcome decide nothing: their endpoints may be probed again.
+    fn reap_abandoned_probes(&mut self) {
+        let mut changed = false;
+        let (slots, by_addr) = (&mut self.slots, &self.by_addr);
+        self.probing.retain(|addr| {
+            let Some(slot) = by_addr.get(addr).map(|&index| &mut slots[index]) else {
+                return false;
+            };
+            if slot.breaker.state() != (State::Probation { probing: true }) {
+                return false;
+            }
+            if slot.probe_out() {
+                return true;
+            }
+            tracing::debug!(endpoint.addr = %addr, "probe abandoned without an outcome");
+            slot.breaker.abandon_probe();
+            changed = true;
+            false
+        });
+        if changed {
+            self.rebuild_ready();
+        }
     }
 
     /// Two distinct ready endpoints drawn by weight; the cheaper wins, the first on a tie.
@@ -655,6 +866,77 @@ impl Balancer {
         }
     }
 
+    /// Settles the request holding `in_flight`, whose outcome became known at `now`: its
+    /// endpoint's breaker accrues it (or, for a probe, decides on it), and the endpoint leaves
+    /// or rejoins rotation as the breaker says, within the maximum ejected share.
+    ///
+    /// Returns what changed, if anything. Outcomes for endpoints that have since been removed
+    /// (or removed and re-added) are ignored. Allocates nothing.
+    pub fn handle_outcome(
+        &mut self,
+        now: Instant,
+        in_flight: InFlight,
+        outcome: Outcome,
+        rng: &mut impl Rng,
+    ) -> Option<BreakerEvent> {
+        let addr = in_flight.addr;
+        let index = *self.by_addr.get(&addr)?;
+        let slot = &mut self.slots[index];
+        if !Arc::ptr_eq(&slot.token, &in_flight.token) {
+            return None;
+        }
+        let probe = in_flight
+            .probe
+            .as_ref()
+            .is_some_and(|probe| Arc::ptr_eq(probe, &slot.probe));
+        let verdict = if probe {
+            slot.breaker.handle_probe_outcome(now, outcome, rng)
+        } else {
+            slot.breaker.handle_outcome(now, in_flight.started, outcome)
+        };
+        // Counted only on a trip (rare), so a settle costs no scan of the endpoints.
+        let room = |slots: &[Slot]| {
+            let open = slots.iter().filter(|s| s.breaker.is_open()).count();
+            (open, open < self.config.breaker.max_ejected(slots.len()))
+        };
+        let event = match verdict {
+            Verdict::None => None,
+            Verdict::Trip(reason) => match room(&self.slots) {
+                (_, true) => {
+                    let until = self.slots[index].breaker.eject(now, reason, rng);
+                    tracing::debug!(endpoint.addr = %addr, %reason, ?until, "endpoint ejected");
+                    self.ejections[reason.index()] += 1;
+                    Some(BreakerEvent::Ejected {
+                        addr,
+                        reason,
+                        until,
+                    })
+                }
+                (open, false) => {
+                    tracing::debug!(endpoint.addr = %addr, %reason, open, "breaker tripped; too many endpoints out to eject");
+                    self.spared += 1;
+                    Some(BreakerEvent::Spared { addr, reason })
+                }
+            },
+            Verdict::Recovered => Some(BreakerEvent::Readmitted { addr }),
+            Verdict::Reejected { until } => Some(BreakerEvent::Reejected { addr, until }),
+        };
+        // Settled: the request no longer counts, and its probe is over.
+        drop(in_flight);
+        if probe {
+            self.probing.retain(|probing| *probing != addr);
+        }
+        if matches!(
+            event,
+            Some(BreakerEvent::Ejected { .. } | BreakerEvent::Readmitted { .. })
+        ) || probe
+        {
+            self.rebuild_ready();
+        }
+        self.assert_invariants();
+        event
+    }
+
     fn slot_of(&mut self, in_flight: &InFlight) -> Option<&mut Slot> {
         let index = *self.by_addr.get(&in_flight.addr)?;
         let slot = &mut self.slots[index];
@@ -700,16 +982,18 @@ impl Balancer {
         self.assert_invariants();
     }
 
-    /// The next instant at which an endpoint's backoff ends.
+    /// The next instant at which an endpoint's connect backoff or breaker penalty ends.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.slots
             .iter()
-            .filter_map(|slot| slot.backoff_until)
+            .flat_map(|slot| [slot.backoff_until, slot.breaker.poll_timeout()])
+            .flatten()
             .min()
     }
 
-    /// Returns endpoints whose backoff has ended to rotation. Spurious calls are no-ops.
+    /// Returns endpoints whose connect backoff has ended to rotation, and puts those whose
+    /// breaker penalty has ended on probation. Spurious calls are no-ops.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut changed = false;
         for slot in &mut self.slots {
@@ -717,6 +1001,10 @@ impl Balancer {
                 slot.backoff_until = None;
                 changed = true;
             }
+            changed |= slot.breaker.handle_timeout(now);
+        }
+        if !self.probing.is_empty() {
+            self.reap_abandoned_probes();
         }
         if changed {
             self.rebuild_ready();
@@ -747,10 +1035,12 @@ impl Balancer {
             let slot = &self.slots[index];
             EndpointView {
                 endpoint: &slot.endpoint,
-                ready: slot.is_ready(),
+                ready: slot.is_ready() || (self.fallback && slot.is_eligible()),
+                backing_off: slot.backoff_until.is_some(),
                 in_flight: slot.in_flight(),
                 rtt_estimate: slot.ewma.estimate(now),
                 connect_failures: slot.connect_failures,
+                breaker: slot.breaker.state(),
             }
         })
     }
@@ -764,7 +1054,20 @@ impl Balancer {
             in_flight: self.in_flight_total(),
             updates: self.updates,
             stale_updates: self.stale_updates,
+            ejected: self.ejected_len(),
+            ejections: self.ejections,
+            spared: self.spared,
+            breaker_fallback: self.fallback,
         }
+    }
+
+    /// How many endpoints their breaker has out of rotation now (ejected, or on probation).
+    #[must_use]
+    pub fn ejected_len(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| slot.breaker.is_open())
+            .count()
     }
 
     /// Checks the internal indexes agree (debug builds only).
@@ -781,7 +1084,30 @@ impl Balancer {
         }
         assert_eq!(self.ready.len(), self.ready_weights.len());
         let ready_count = self.slots.iter().filter(|slot| slot.is_ready()).count();
-        assert_eq!(self.ready.len(), ready_count, "ready list is current");
+        let eligible_count = self.slots.iter().filter(|slot| slot.is_eligible()).count();
+        if self.fallback {
+            assert_eq!(ready_count, 0, "fallback only without a ready endpoint");
+            assert_eq!(self.ready.len(), eligible_count, "fallback list is current");
+        } else {
+            assert_eq!(self.ready.len(), ready_count, "ready list is current");
+            assert!(
+                ready_count > 0 || eligible_count == 0,
+                "never refuse for the breaker"
+            );
+        }
+        assert!(
+            self.ejected_len() <= self.config.breaker.max_ejected(self.slots.len()),
+            "no more endpoints ejected than the maximum share"
+        );
+        for slot in &self.slots {
+            slot.breaker.assert_invariants();
+            if slot.breaker.state() == (State::Probation { probing: true }) {
+                assert!(
+                    self.probing.contains(&slot.endpoint.addr),
+                    "an outstanding probe is tracked"
+                );
+            }
+        }
         assert!(
             self.ready_weights.windows(2).all(|w| w[0] < w[1]),
             "weights strictly grow"

@@ -11,15 +11,17 @@
 //! (`balancer.pick(now, &mut rng)`); state machines take `handle_*(now, input)` and give
 //! `poll_*()` / `poll_timeout()`.
 //!
-//! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`classify`],
-//! [`metrics`], [`route`] (route profiles and request matching), [`timeout`] (deadlines and
-//! their propagation), [`retry`] (sending a request again) and [`mesh`] (the mesh file model).
-//! Later issues add `breaker`, `slo`, `policy`, `identity`, `fault` and `tap`.
+//! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`breaker`] (circuit
+//! breaking per endpoint), [`classify`], [`metrics`], [`route`] (route profiles and request
+//! matching), [`timeout`] (deadlines and their propagation), [`retry`] (sending a request
+//! again) and [`mesh`] (the mesh file model). Later issues add `slo`, `policy`, `identity`,
+//! `fault` and `tap`.
 
 #![deny(missing_docs)]
 
 pub mod backoff;
 pub mod balance;
+pub mod breaker;
 pub mod classify;
 pub mod mesh;
 pub mod metrics;

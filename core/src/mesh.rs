@@ -17,6 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
+use crate::breaker::BreakerConfig;
+
 /// The weight an endpoint gets when the file does not give one.
 ///
 /// 100 rather than 1 leaves room to express small shares (a canary at 1 % of a peer's traffic)
@@ -34,6 +36,7 @@ pub const DEFAULT_PORT: u16 = 80;
 /// replicas is far beyond any single service we know of.
 pub const MAX_ENDPOINTS: usize = 10_000;
 
+pub use crate::breaker::RawBreaker;
 pub use crate::route::{MAX_ROUTES, Profile, RawProfile};
 
 // === Raw (as written) ===
@@ -56,6 +59,8 @@ pub struct RawService {
     pub endpoints: Vec<RawEndpoint>,
     /// The optional route profile.
     pub profile: Option<RawProfile>,
+    /// Circuit breaking for the service's endpoints (absent: the defaults, both policies on).
+    pub breaker: Option<RawBreaker>,
 }
 
 /// One endpoint as written.
@@ -92,7 +97,8 @@ pub struct Service {
     pub port: u16,
     /// Its endpoints, in file order, with distinct addresses.
     pub endpoints: Vec<Endpoint>,
-    /// Its route profile (empty when the file gives none).
+    /// Its route profile (empty when the file gives none), with its circuit breaking
+    /// ([`Profile::breaker`]).
     pub profile: Profile,
 }
 
@@ -294,6 +300,11 @@ fn validate_service(
         raw.profile.unwrap_or_default(),
         errors,
     );
+    let breaker = BreakerConfig::try_from(raw.breaker.unwrap_or_default()).unwrap_or_else(|e| {
+        errors.push(format!("{path}.breaker.{}", e.field), e.problem);
+        BreakerConfig::default()
+    });
+    let profile = profile.with_breaker(breaker);
     (errors.0.len() == before).then_some(Service {
         name,
         port,
@@ -456,6 +467,10 @@ mod tests {
                         ..endpoint("127.0.0.1:9004")
                     },
                 ],
+                breaker: Some(RawBreaker {
+                    max_ejected_per_mille: Some(1001),
+                    ..RawBreaker::default()
+                }),
                 profile: Some(RawProfile {
                     routes: vec![RawRoute {
                         name: "items".into(),
@@ -484,8 +499,51 @@ mod tests {
                 "services.web.default.endpoints[4].admin",
                 "services.web.default.profile.routes[0].match.method",
                 "services.web.default.profile.routes[0].match.path.exact",
+                "services.web.default.breaker.max_ejected_per_mille",
             ]
         );
+    }
+
+    #[test]
+    fn breaker_blocks_validate_and_name_their_fields() {
+        let with_breaker = |breaker: RawBreaker| {
+            mesh_with(
+                "web.default",
+                RawService {
+                    breaker: Some(breaker),
+                    ..RawService::default()
+                },
+            )
+        };
+        let mesh = Mesh::try_from(with_breaker(RawBreaker {
+            consecutive_failures: Some(3),
+            max_ejected_per_mille: Some(300),
+            ..RawBreaker::default()
+        }))
+        .unwrap();
+        let breaker = mesh.service("web.default").unwrap().profile.breaker();
+        assert_eq!(breaker.consecutive_failures(), Some(3));
+        assert_eq!(breaker.max_ejected_per_mille(), 300);
+        assert!(
+            breaker.success_rate().is_some(),
+            "unset fields keep their defaults"
+        );
+        let without = mesh_with("web.default", RawService::default());
+        let mesh = Mesh::try_from(without).unwrap();
+        assert_eq!(
+            *mesh.service("web.default").unwrap().profile.breaker(),
+            BreakerConfig::default()
+        );
+        let err = Mesh::try_from(with_breaker(RawBreaker {
+            success_rate: Some(crate::breaker::RawSuccessRate {
+                window: Some("2h".into()),
+                ..Default::default()
+            }),
+            ..RawBreaker::default()
+        }))
+        .unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["services.web.default.breaker.success_rate.window"]);
     }
 
     #[test]

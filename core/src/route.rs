@@ -52,6 +52,7 @@ use std::sync::Arc;
 use http::{HeaderName, Method};
 use serde::Deserialize;
 
+use crate::breaker::BreakerConfig;
 use crate::classify::{Classifier, ClassifyConfig, RawClassifyConfig};
 use crate::retry::{RawRetry, RetryPolicy};
 use crate::timeout::{RawTimeouts, Timeouts};
@@ -349,11 +350,13 @@ impl Route {
     }
 }
 
-/// A service's validated route profile: its routes in match order, and the default route.
+/// A service's validated route profile: its routes in match order, and the default route;
+/// and the circuit breaking of its endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Profile {
     routes: Vec<Route>,
     default: Route,
+    breaker: BreakerConfig,
 }
 
 impl Default for Profile {
@@ -361,6 +364,7 @@ impl Default for Profile {
         Self {
             routes: Vec::new(),
             default: Route::new(DEFAULT_ROUTE, RequestMatch::new(None, PathMatch::Any)),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -423,6 +427,7 @@ impl Profile {
         Ok(Self {
             routes,
             default: Self::default().default,
+            breaker: BreakerConfig::default(),
         })
     }
 
@@ -432,10 +437,22 @@ impl Profile {
         &self.routes
     }
 
-    /// Whether the profile has no routes of its own.
+    /// Whether the profile has no routes of its own (whatever its circuit breaking).
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// The circuit breaking of the service's endpoints (the defaults unless set).
+    #[must_use]
+    pub fn breaker(&self) -> &BreakerConfig {
+        &self.breaker
+    }
+
+    /// The profile with `breaker` as its circuit breaking.
+    #[must_use]
+    pub fn with_breaker(self, breaker: BreakerConfig) -> Self {
+        Self { breaker, ..self }
     }
 
     /// The default route.
@@ -572,6 +589,7 @@ impl TryFrom<RawProfile> for Profile {
             Ok(Self {
                 routes,
                 default: Self::default().default,
+                breaker: BreakerConfig::default(),
             })
         } else {
             Err(InvalidProfile { errors })

@@ -14,6 +14,7 @@
 //! | [`destination::Route`] | [`route::Route`] (its match, response classes, timeouts and retry policy) |
 //! | [`destination::RetryPolicy`] | [`retry::RetryPolicy`] (with the route's or the profile's budget) |
 //! | [`destination::DestinationProfile`] | [`ProfileUpdate`] (holding a [`route::Profile`]) |
+//! | [`destination::CircuitBreaker`] | [`BreakerConfig`] (a profile's [`Profile::breaker`]) |
 //! | [`api::Workload`] | from [`mesh::Service`] only (the CLI issue adds the reverse) |
 //!
 //! A route's retry budget travels in its `RetryPolicy`; the profile-wide `retry_budget` is read
@@ -26,6 +27,7 @@
 //! [`destination::Route`]: crate::pb::destination::Route
 //! [`destination::RetryPolicy`]: crate::pb::destination::RetryPolicy
 //! [`destination::DestinationProfile`]: crate::pb::destination::DestinationProfile
+//! [`destination::CircuitBreaker`]: crate::pb::destination::CircuitBreaker
 //! [`api::Workload`]: crate::pb::api::Workload
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -34,6 +36,12 @@ use std::collections::BTreeSet;
 
 use conduit_core::backoff::BackoffConfig;
 use conduit_core::balance;
+use conduit_core::breaker::{
+    BreakerConfig, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_MAX_EJECTED_PER_MILLE,
+    DEFAULT_PENALTY_JITTER_PER_MILLE, DEFAULT_PENALTY_MAX, DEFAULT_PENALTY_MIN,
+    DEFAULT_SUCCESS_RATE_MIN_REQUESTS, DEFAULT_SUCCESS_RATE_THRESHOLD_PER_MILLE,
+    DEFAULT_SUCCESS_RATE_WINDOW, InvalidBreaker, SuccessRate,
+};
 use conduit_core::classify::{
     Classifier, ClassifyConfig, GrpcCode, GrpcRule, HttpRule, MAX_RULES, Outcome, StatusRange,
 };
@@ -965,6 +973,10 @@ impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
             }
             routes.push(route);
         }
+        let breaker = match profile.circuit_breaker {
+            Some(wire) => breaker("circuit_breaker", wire)?,
+            None => BreakerConfig::default(),
+        };
         let profile = Profile::try_new(routes).map_err(|reason| InvalidMessage::Invalid {
             field: "routes".into(),
             reason,
@@ -973,7 +985,7 @@ impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
             version,
             exists,
             name,
-            profile,
+            profile: profile.with_breaker(breaker),
         })
     }
 }
@@ -986,6 +998,102 @@ impl From<ProfileUpdate> for dst::DestinationProfile {
             fully_qualified_name: update.name,
             routes: update.profile.routes().iter().map(Into::into).collect(),
             retry_budget: None,
+            circuit_breaker: (*update.profile.breaker() != BreakerConfig::default())
+                .then(|| update.profile.breaker().into()),
+        }
+    }
+}
+
+// === Circuit breaking ===
+
+/// Converts a profile's circuit breaking, naming it `field` in errors. Zero fields take their
+/// defaults; the fields of a policy that is off are not read.
+///
+/// # Errors
+///
+/// [`InvalidMessage::Invalid`] for a threshold above 1000, a success-rate window outside 1 s to
+/// 1 h, a penalty maximum below its minimum or above 1 h, or a jitter or share above 1000.
+pub fn breaker(field: &str, wire: dst::CircuitBreaker) -> Result<BreakerConfig, InvalidMessage> {
+    let invalid = |e: InvalidBreaker| InvalidMessage::Invalid {
+        field: format!("{field}.{}", wire_field(e.field)),
+        reason: e.problem,
+    };
+    let or = |value: u64, default: Duration| {
+        if value == 0 {
+            default
+        } else {
+            Duration::from_millis(value)
+        }
+    };
+    let nonzero = |value: u32, default: u32| if value == 0 { default } else { value };
+    let penalty = BackoffConfig::try_new(
+        or(wire.penalty_min_ms, DEFAULT_PENALTY_MIN),
+        or(wire.penalty_max_ms, DEFAULT_PENALTY_MAX),
+        wire.penalty_jitter_permille
+            .unwrap_or(DEFAULT_PENALTY_JITTER_PER_MILLE),
+    )
+    .map_err(|e| invalid(e.into()))?;
+    let consecutive_failures = (!wire.disabled && !wire.consecutive_failures_disabled)
+        .then(|| nonzero(wire.consecutive_failures, DEFAULT_CONSECUTIVE_FAILURES));
+    let success_rate = if wire.disabled || wire.success_rate_disabled {
+        None
+    } else {
+        Some(
+            SuccessRate::try_new(
+                nonzero(
+                    wire.success_rate_threshold_permille,
+                    DEFAULT_SUCCESS_RATE_THRESHOLD_PER_MILLE,
+                ),
+                or(wire.success_rate_window_ms, DEFAULT_SUCCESS_RATE_WINDOW),
+                nonzero(
+                    wire.success_rate_min_requests,
+                    DEFAULT_SUCCESS_RATE_MIN_REQUESTS,
+                ),
+            )
+            .map_err(invalid)?,
+        )
+    };
+    BreakerConfig::try_new(
+        consecutive_failures,
+        success_rate,
+        penalty,
+        wire.max_ejected_permille
+            .unwrap_or(DEFAULT_MAX_EJECTED_PER_MILLE),
+    )
+    .map_err(invalid)
+}
+
+/// The wire name of a field the core names in the mesh file's terms.
+fn wire_field(core: &str) -> &'static str {
+    match core {
+        "consecutive_failures" => "consecutive_failures",
+        "success_rate.threshold_per_mille" => "success_rate_threshold_permille",
+        "success_rate.window" => "success_rate_window_ms",
+        "success_rate.min_requests" => "success_rate_min_requests",
+        "backoff.min" => "penalty_min_ms",
+        "backoff.max" => "penalty_max_ms",
+        "backoff.jitter_per_mille" => "penalty_jitter_permille",
+        "max_ejected_per_mille" => "max_ejected_permille",
+        // A field a later core names: the message as a whole.
+        _ => "",
+    }
+}
+
+impl From<&BreakerConfig> for dst::CircuitBreaker {
+    fn from(config: &BreakerConfig) -> Self {
+        let rate = config.success_rate();
+        Self {
+            disabled: !config.is_enabled(),
+            consecutive_failures: config.consecutive_failures().unwrap_or(0),
+            consecutive_failures_disabled: config.consecutive_failures().is_none(),
+            success_rate_threshold_permille: rate.map_or(0, SuccessRate::threshold_per_mille),
+            success_rate_disabled: rate.is_none(),
+            success_rate_window_ms: rate.map_or(0, |rate| millis_of(rate.window())),
+            success_rate_min_requests: rate.map_or(0, SuccessRate::min_requests),
+            penalty_min_ms: millis_of(config.penalty().min()),
+            penalty_max_ms: millis_of(config.penalty().max()),
+            penalty_jitter_permille: Some(config.penalty().jitter_per_mille()),
+            max_ejected_permille: Some(config.max_ejected_per_mille()),
         }
     }
 }

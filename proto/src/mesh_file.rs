@@ -204,6 +204,59 @@ services:
     }
 
     #[test]
+    fn a_breaker_block_parses_and_its_errors_name_the_field() {
+        let text = "services:
+  web.default:
+    endpoints: [{ addr: 127.0.0.1:9001 }]
+    breaker:
+      consecutive_failures: 5
+      success_rate: { threshold_per_mille: 800, window: 10s, min_requests: 10 }
+      backoff: { min: 500ms, max: 30s, jitter_per_mille: 250 }
+      max_ejected_per_mille: 340
+";
+        let mesh = parse(text).unwrap();
+        let breaker = mesh.service("web.default").unwrap().profile.breaker();
+        assert_eq!(breaker.consecutive_failures(), Some(5));
+        let rate = breaker.success_rate().unwrap();
+        assert_eq!(
+            (
+                rate.threshold_per_mille(),
+                rate.window().as_secs(),
+                rate.min_requests()
+            ),
+            (800, 10, 10)
+        );
+        assert_eq!(breaker.penalty().max().as_secs(), 30);
+        assert_eq!(breaker.max_ejected_per_mille(), 340);
+        let off = parse("services:\n  web.default:\n    breaker: { enabled: false }\n").unwrap();
+        assert!(
+            !off.service("web.default")
+                .unwrap()
+                .profile
+                .breaker()
+                .is_enabled()
+        );
+        let cases = [
+            (
+                "services:\n  web.default:\n    breaker: { backoff: { min: 2s, max: 1s } }\n",
+                "services.web.default.breaker.backoff.max",
+            ),
+            (
+                "services:\n  web.default:\n    breaker: { success_rate: { window: soon } }\n",
+                "services.web.default.breaker.success_rate.window",
+            ),
+            (
+                "services:\n  web.default:\n    breaker: { trip_after: 3 }\n",
+                "services.web.default.breaker: unknown field `trip_after`",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).unwrap_err().to_string();
+            assert!(got.contains(want), "{text:?}\n got: {got}\nwant: {want}");
+        }
+    }
+
+    #[test]
     fn empty_is_an_empty_mesh() {
         assert_eq!(parse("").unwrap().services().len(), 0);
         assert_eq!(parse("  \n").unwrap().services().len(), 0);

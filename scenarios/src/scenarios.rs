@@ -119,6 +119,11 @@ pub fn all() -> Vec<Scenario> {
             plan: throughput,
         },
         Scenario {
+            name: "breaker_ejects_failing_replica",
+            doc: "one replica of three answers 500 from 1 s to 6 s: the circuit breaker ejects it (clients' success rate rises to near 100 %), probes it, and readmits it after it heals",
+            plan: breaker_ejects_failing_replica,
+        },
+        Scenario {
             name: "random_chaos",
             doc: "swarm: a seed-drawn mix of partitions, crashes and slow replicas, healed by 7 s; liveness after",
             plan: random_chaos,
@@ -485,6 +490,100 @@ fn all_replicas_gone(_seed: u64) -> Plan {
             ));
         }
         out.truncate(10);
+        out
+    })
+}
+
+/// Success rate, in thousandths, of the requests started in `[from, to)`, and how many there
+/// were.
+fn success_per_mille(trace: &Trace, from: Duration, to: Duration) -> (u64, u64) {
+    let (from, to) = (micros(from), micros(to));
+    let (mut total, mut ok) = (0u64, 0u64);
+    for r in trace
+        .requests
+        .iter()
+        .filter(|r| r.start_us >= from && r.start_us < to)
+    {
+        total += 1;
+        ok += u64::from(r.outcome.is_success());
+    }
+    (ok * 1000 / total.max(1), total)
+}
+
+/// When the client saw `host`'s seventh failure in a row from `from` on (the default breaker
+/// trips on it), if it did.
+fn seventh_failure_us(trace: &Trace, host: &str, from: Duration) -> Option<u64> {
+    let mut answers: Vec<_> = trace
+        .requests
+        .iter()
+        .filter(|r| r.start_us >= micros(from) && r.served_by() == Some(host))
+        .collect();
+    answers.sort_by_key(|r| r.end_us);
+    let mut row = 0;
+    for r in answers {
+        row = if r.outcome.is_success() { 0 } else { row + 1 };
+        if row == 7 {
+            return Some(r.end_us);
+        }
+    }
+    None
+}
+
+/// Goal: the circuit breaker takes a replica that fails every request out of rotation, so
+/// clients' success rate rises, and admits it again by a probe once it heals; it never takes
+/// more than half the replicas. Method: three replicas, 100 req/s for 16 s, the default breaker
+/// (7 failures in a row; penalties 1 s doubling to 60 s, jitter 0.5; at most half ejected);
+/// `web-2` answers every request with a 500 from 1 s to 6 s. The ejection is its seventh
+/// failure in a row as the client saw it. Of the requests sent from then (plus 5 ms for the
+/// answer to reach the client) to 6 s, `web-2` may serve only its probes: penalties of at
+/// least 1, 1 and 2 s allow at most 3 by 6 s; and at least 98 % of them succeed, more than of
+/// those sent between 1 s and the ejection. A probe that meets the failure ejects `web-2`
+/// again for a doubled penalty, so the last penalty that may start before the heal ends by
+/// 12 s (at most 1.5 + 3 + 6 s of penalties after an ejection by about 1.5 s): from 12 s on
+/// every request succeeds and `web-2` serves again.
+fn breaker_ejects_failing_replica(_seed: u64) -> Plan {
+    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(16))]);
+    plan.schedule = Schedule::new()
+        .at(secs(1), Action::AppFail("web-2".into(), true))
+        .at(secs(6), Action::AppFail("web-2".into(), false));
+    plan.checks.healthy_after = Some(secs(12));
+    plan.check(|trace| {
+        let mut out = Vec::new();
+        let Some(tripped_us) = seventh_failure_us(trace, "web-2", secs(1)) else {
+            return vec![Violation::new(
+                "ejection",
+                "web-2 never failed seven requests in a row",
+            )];
+        };
+        let ejected = Duration::from_micros(tripped_us) + ms(5);
+        let (_, out_of_rotation) = served_between(trace, ejected, secs(6));
+        let probes = out_of_rotation.get("web-2").copied().unwrap_or(0);
+        if probes > 3 {
+            out.push(Violation::new(
+                "ejection",
+                format!(
+                    "failing web-2 served {probes} requests sent from its ejection at {} ms to 6 s (at most 3 probes expected): {out_of_rotation:?}",
+                    ejected.as_millis()
+                ),
+            ));
+        }
+        let (before, before_n) = success_per_mille(trace, secs(1), ejected);
+        let (during, during_n) = success_per_mille(trace, ejected, secs(6));
+        if during < 980 || during <= before {
+            out.push(Violation::new(
+                "ejection",
+                format!(
+                    "success {during}‰ of {during_n} requests with web-2 ejected, {before}‰ of {before_n} before"
+                ),
+            ));
+        }
+        let (_, readmitted) = served_between(trace, secs(12), secs(16));
+        if readmitted.get("web-2").copied().unwrap_or(0) == 0 {
+            out.push(Violation::new(
+                "readmission",
+                format!("healed web-2 served nothing from 12 s: {readmitted:?}"),
+            ));
+        }
         out
     })
 }

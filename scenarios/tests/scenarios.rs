@@ -125,6 +125,12 @@ fn steady_mesh() {
     scenario("steady_mesh");
 }
 
+/// A replica failing every request is ejected by the breaker, then readmitted by a probe.
+#[test]
+fn breaker_ejects_failing_replica() {
+    scenario("breaker_ejects_failing_replica");
+}
+
 /// A seed-drawn mix of faults; safety throughout, liveness after healing.
 #[test]
 fn random_chaos() {

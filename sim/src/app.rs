@@ -9,7 +9,8 @@
 //! before anything else happens, so at-most-once can be checked.
 //!
 //! The harness changes an app's behaviour while it runs through its [`AppControl`]: extra
-//! latency (a slow replica) or a stall (a replica that accepts requests and never answers).
+//! latency (a slow replica), a stall (a replica that accepts requests and never answers), or
+//! failure (a replica that answers every request with a 500, its identity headers intact).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -53,6 +54,7 @@ pub fn pattern_byte(i: u64) -> u8 {
 pub struct AppControl {
     delay_us: AtomicU64,
     stalled: AtomicBool,
+    failing: AtomicBool,
 }
 
 impl AppControl {
@@ -65,6 +67,15 @@ impl AppControl {
     /// While stalled, requests are accepted and recorded but not answered.
     pub fn set_stalled(&self, stalled: bool) {
         self.stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    /// While failing, every request is answered with a 500 (after any delay or stall).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
+    }
+
+    fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     fn delay(&self) -> Duration {
@@ -230,6 +241,9 @@ async fn handle(
             .boxed()
     };
     let mut response = Response::new(body);
+    if control.failing() {
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    }
     let headers = response.headers_mut();
     let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("?"));
     headers.insert("x-served-by", value(&identity.host));

@@ -554,6 +554,14 @@ impl<'a> World<'a> {
         }
     }
 
+    /// Makes an app answer every request with a 500 (or heals it).
+    pub fn set_app_failing(&mut self, host: &str, failing: bool) {
+        self.event(format!("app-failing {host} {failing}"));
+        if let Some(app) = self.apps.get(host) {
+            app.set_failing(failing);
+        }
+    }
+
     /// Publishes a new configuration: `authority`'s endpoints become `hosts`' proxies.
     ///
     /// # Errors
@@ -592,6 +600,7 @@ impl<'a> World<'a> {
                     port: Some(80),
                     endpoints,
                     profile: self.profiles.get(authority).cloned(),
+                    breaker: None,
                 },
             );
         }

@@ -272,7 +272,7 @@ fn connect_errors_back_off_exponentially_then_recover() {
 
 #[test]
 fn least_loaded_picks_the_idlest() {
-    let b = balancer_with(3, Policy::LeastLoaded);
+    let mut b = balancer_with(3, Policy::LeastLoaded);
     let mut rng = DetRng::new(1);
     let mut held = Vec::new();
     for _ in 0..9 {
@@ -516,5 +516,428 @@ proptest! {
         let after = simulate(&mut b, seed ^ 1, recovered + Duration::from_secs(30), Duration::from_secs(10), ms(2), &latency);
         let recovered_share = share(&after, slow);
         prop_assert!(recovered_share > 0.14, "recovered share {recovered_share} (fair is 0.2)");
+    }
+}
+
+// === Circuit breaking ===
+
+fn fixed_penalty() -> BreakerConfig {
+    // No jitter: penalties of exactly 1 s, 2 s, 4 s...
+    let penalty = crate::backoff::BackoffConfig::try_new(ms(1_000), ms(60_000), 0).unwrap();
+    BreakerConfig::try_new(Some(7), None, penalty, 500).unwrap()
+}
+
+fn breaker_balancer(n: u16, breaker: BreakerConfig) -> Balancer {
+    let mut b = Balancer::new(BalanceConfig {
+        breaker,
+        ..BalanceConfig::default()
+    });
+    let change = Change::Replace(endpoints(n));
+    b.handle_update(T0, Update { version: 1, change }).unwrap();
+    b
+}
+
+/// Picks and settles one request at `now`: a failure at the endpoints in `failing`.
+fn serve(
+    b: &mut Balancer,
+    now: Instant,
+    rng: &mut DetRng,
+    failing: &[SocketAddr],
+) -> (SocketAddr, bool, Option<BreakerEvent>) {
+    let picked = b.pick(now, rng).expect("an endpoint");
+    let probe = picked.in_flight.is_probe();
+    let outcome = if failing.contains(&picked.addr) {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    let event = b.handle_outcome(now, picked.in_flight, outcome, rng);
+    (picked.addr, probe, event)
+}
+
+#[test]
+fn a_failing_endpoint_is_ejected_then_probed_back() {
+    let mut b = breaker_balancer(3, fixed_penalty());
+    let mut rng = DetRng::new(1);
+    let bad = addr(0);
+    let mut now = T0;
+    let mut events = Vec::new();
+    let mut bad_picks = 0;
+    while events.is_empty() {
+        now += ms(1);
+        let (picked, probe, event) = serve(&mut b, now, &mut rng, &[bad]);
+        assert!(!probe);
+        bad_picks += u32::from(picked == bad);
+        events.extend(event);
+    }
+    assert_eq!(bad_picks, 7, "ejected at its seventh failure in a row");
+    assert_eq!(
+        events,
+        [BreakerEvent::Ejected {
+            addr: bad,
+            reason: Reason::ConsecutiveFailures,
+            until: now + ms(1_000),
+        }]
+    );
+    let ejected_at = now;
+    assert_eq!(b.poll_timeout(), Some(ejected_at + ms(1_000)));
+    assert_eq!((b.ready_len(), b.ejected_len()), (2, 1));
+    // Out for its penalty: not one request reaches it.
+    for _ in 0..500 {
+        now += ms(1);
+        assert_ne!(serve(&mut b, now, &mut rng, &[bad]).0, bad);
+    }
+    b.handle_timeout(ejected_at + ms(999));
+    assert_eq!(b.ready_len(), 2, "not before the penalty ends");
+    now = ejected_at + ms(1_000);
+    b.handle_timeout(now);
+    assert_eq!(b.ready_len(), 3, "on probation: a candidate again");
+    // The first pick that lands on it is the probe; while the probe is out, no other
+    // request goes there.
+    let probe = loop {
+        let picked = b.pick(now, &mut rng).unwrap();
+        if picked.addr == bad {
+            break picked;
+        }
+    };
+    assert!(probe.in_flight.is_probe());
+    assert_eq!(b.ready_len(), 2);
+    for _ in 0..200 {
+        let picked = b.pick(now, &mut rng).unwrap();
+        assert_ne!(picked.addr, bad, "one probe at a time");
+        assert!(!picked.in_flight.is_probe());
+    }
+    // The endpoint healed: the probe succeeds and it is back in rotation.
+    let event = b.handle_outcome(now + ms(5), probe.in_flight, Outcome::Success, &mut rng);
+    assert_eq!(event, Some(BreakerEvent::Readmitted { addr: bad }));
+    assert_eq!((b.ready_len(), b.ejected_len()), (3, 0));
+    let back = (0..300)
+        .filter(|_| serve(&mut b, now + ms(6), &mut rng, &[]).0 == bad)
+        .count();
+    assert!(back > 50, "it takes its share again: {back} of 300");
+    let stats = b.stats();
+    assert_eq!(
+        (stats.ejections, stats.spared, stats.ejected),
+        ([1, 0], 0, 0)
+    );
+}
+
+#[test]
+fn a_failed_probe_ejects_again_for_twice_as_long() {
+    let mut b = breaker_balancer(2, fixed_penalty());
+    let mut rng = DetRng::new(2);
+    let bad = addr(1);
+    let mut now = T0;
+    let mut until = loop {
+        now += ms(1);
+        if let (_, _, Some(BreakerEvent::Ejected { until, .. })) =
+            serve(&mut b, now, &mut rng, &[bad])
+        {
+            break until;
+        }
+    };
+    let mut penalties = Vec::new();
+    for _ in 0..4 {
+        assert_eq!(b.poll_timeout(), Some(until));
+        b.handle_timeout(until);
+        let event = loop {
+            let (picked, probe, event) = serve(&mut b, until, &mut rng, &[bad]);
+            assert_eq!(picked == bad, probe, "only the probe reaches it");
+            if probe {
+                break event;
+            }
+        };
+        let Some(BreakerEvent::Reejected { addr, until: next }) = event else {
+            panic!("a failed probe ejects again: {event:?}");
+        };
+        assert_eq!(addr, bad);
+        penalties.push((next - until).as_secs());
+        until = next;
+    }
+    assert_eq!(penalties, [2, 4, 8, 16]);
+    assert_eq!(
+        b.stats().ejections,
+        [1, 0],
+        "re-ejections are not new ejections"
+    );
+}
+
+#[test]
+fn the_maximum_share_spares_endpoints_and_never_the_last() {
+    // Two endpoints, both failing: one is ejected, the other is spared and takes everything.
+    let mut b = breaker_balancer(2, fixed_penalty());
+    let mut rng = DetRng::new(3);
+    let all = [addr(0), addr(1)];
+    let mut now = T0;
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        now += ms(1);
+        events.extend(serve(&mut b, now, &mut rng, &all).2);
+    }
+    let ejected: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            BreakerEvent::Ejected { addr, .. } => Some(*addr),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ejected.len(), 1, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, BreakerEvent::Spared { addr, .. } if *addr != ejected[0]))
+    );
+    assert_eq!(b.ejected_len(), 1);
+    assert!(b.stats().spared > 0);
+    // A single endpoint is never ejected.
+    let mut one = breaker_balancer(1, fixed_penalty());
+    for i in 0..100 {
+        let event = serve(&mut one, T0 + ms(i), &mut rng, &[addr(0)]).2;
+        assert!(matches!(event, None | Some(BreakerEvent::Spared { .. })));
+    }
+    assert_eq!((one.ejected_len(), one.ready_len()), (0, 1));
+    // With the share at zero, nothing is ever ejected.
+    let none = BreakerConfig::try_new(Some(1), None, *fixed_penalty().penalty(), 0).unwrap();
+    let mut b = breaker_balancer(10, none);
+    for i in 0..200 {
+        let _ = serve(&mut b, T0 + ms(i), &mut rng, &[addr(0), addr(1)]);
+    }
+    assert_eq!(b.ejected_len(), 0);
+}
+
+#[test]
+fn an_abandoned_probe_lets_another_go() {
+    let mut b = breaker_balancer(3, fixed_penalty());
+    let mut rng = DetRng::new(4);
+    let bad = addr(2);
+    let mut now = T0;
+    let until = loop {
+        now += ms(1);
+        if let (_, _, Some(BreakerEvent::Ejected { until, .. })) =
+            serve(&mut b, now, &mut rng, &[bad])
+        {
+            break until;
+        }
+    };
+    b.handle_timeout(until);
+    let probe = loop {
+        let picked = b.pick(until, &mut rng).unwrap();
+        if picked.addr == bad {
+            break picked;
+        }
+    };
+    assert_eq!(b.ready_len(), 2);
+    // Cancelled: dropped without an outcome. The next pick notices and the endpoint may be
+    // probed again.
+    drop(probe);
+    let again = loop {
+        let picked = b.pick(until, &mut rng).unwrap();
+        if picked.addr == bad {
+            break picked;
+        }
+    };
+    assert!(again.in_flight.is_probe());
+    assert_eq!(b.endpoints(until).filter(|v| v.ready).count(), 2);
+}
+
+#[test]
+fn the_breaker_never_leaves_a_request_without_an_endpoint() {
+    let mut b = breaker_balancer(2, fixed_penalty());
+    let mut rng = DetRng::new(5);
+    let (bad, good) = (addr(0), addr(1));
+    let mut now = T0;
+    while b.ejected_len() == 0 {
+        now += ms(1);
+        let _ = serve(&mut b, now, &mut rng, &[bad]);
+    }
+    // The healthy endpoint refuses connections and backs off: picks fall back to the ejected
+    // one rather than fail.
+    b.handle_connect_error(now, good, &mut rng);
+    assert_eq!(b.ready_len(), 1);
+    assert!(b.stats().breaker_fallback);
+    let picked = b.pick(now, &mut rng).unwrap();
+    assert_eq!(picked.addr, bad);
+    assert!(!picked.in_flight.is_probe());
+    // Its outcome while ejected decides nothing.
+    assert_eq!(
+        b.handle_outcome(now, picked.in_flight, Outcome::Failure, &mut rng),
+        None
+    );
+    b.handle_connect_success(good);
+    assert!(!b.stats().breaker_fallback);
+    assert_eq!(b.pick(now, &mut rng).unwrap().addr, good);
+}
+
+#[test]
+fn discovery_shrinking_the_service_readmits_the_excess() {
+    let mut b = breaker_balancer(4, fixed_penalty());
+    let mut rng = DetRng::new(6);
+    let bad = [addr(0), addr(1)];
+    let mut now = T0;
+    while b.ejected_len() < 2 {
+        now += ms(1);
+        let _ = serve(&mut b, now, &mut rng, &bad);
+    }
+    let change = Change::Remove(vec![addr(2), addr(3)]);
+    b.handle_update(now, Update { version: 2, change }).unwrap();
+    assert_eq!(b.ejected_len(), 1, "at most half of two");
+    assert_eq!(b.ready_len(), 1);
+    assert_eq!(b.stats().ejections, [2, 0]);
+}
+
+#[test]
+fn outcomes_for_removed_endpoints_are_ignored_and_settings_restart_breakers() {
+    let mut b = breaker_balancer(3, fixed_penalty());
+    let mut rng = DetRng::new(7);
+    let held: Vec<Picked> = (0..20).map(|_| b.pick(T0, &mut rng).unwrap()).collect();
+    let gone = held[0].addr;
+    let change = Change::Remove(vec![gone]);
+    b.handle_update(T0, Update { version: 2, change }).unwrap();
+    let change = Change::Add(vec![Endpoint::new(gone)]);
+    b.handle_update(T0, Update { version: 3, change }).unwrap();
+    for picked in held {
+        let event = b.handle_outcome(T0 + ms(1), picked.in_flight, Outcome::Failure, &mut rng);
+        assert!(event.is_none() || picked.addr != gone);
+    }
+    assert_eq!(b.in_flight_total(), 0);
+    // Eject one, then turn the breaker off: every endpoint is back at once.
+    let mut now = T0 + ms(2);
+    while b.ejected_len() == 0 {
+        now += ms(1);
+        let _ = serve(&mut b, now, &mut rng, &[addr(1)]);
+    }
+    b.set_breaker(now, BreakerConfig::disabled());
+    assert_eq!((b.ejected_len(), b.ready_len()), (0, 3));
+    for i in 0..100 {
+        assert_eq!(serve(&mut b, now + ms(i), &mut rng, &[addr(1)]).2, None);
+    }
+}
+
+#[derive(Clone, Debug)]
+enum BreakerOp {
+    Replace(Vec<u16>),
+    ConnectError(u16),
+    ConnectSuccess(u16),
+    Advance(u64),
+    Pick,
+    /// Settle a held request with its endpoint's outcome (or a flipped one).
+    Settle(usize, bool),
+    /// Drop a held request without an outcome.
+    Abandon(usize),
+    /// Flip whether endpoint `i` fails.
+    Flip(u16),
+}
+
+fn breaker_op() -> impl Strategy<Value = BreakerOp> {
+    prop_oneof![
+        1 => proptest::collection::vec(0u16..8, 0..8).prop_map(BreakerOp::Replace),
+        1 => (0u16..8).prop_map(BreakerOp::ConnectError),
+        1 => (0u16..8).prop_map(BreakerOp::ConnectSuccess),
+        2 => (0u64..5_000).prop_map(BreakerOp::Advance),
+        8 => Just(BreakerOp::Pick),
+        8 => (0usize..32, any::<bool>()).prop_map(|(i, flip)| BreakerOp::Settle(i, flip)),
+        1 => (0usize..32).prop_map(BreakerOp::Abandon),
+        1 => (0u16..8).prop_map(BreakerOp::Flip),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Under any failure pattern, discovery churn, connection failures, cancellations and
+    /// time: never more endpoints ejected than the maximum share; a pick fails only when no
+    /// endpoint could take a request whatever the breakers say; an endpoint the breaker has
+    /// out is picked only as its one probe, or when picks fall back; at most one probe per
+    /// endpoint is out; and no penalty outlives its end once timeouts are handled.
+    #[test]
+    fn breaker_invariants_hold_in_the_balancer(
+        seed: u64,
+        consecutive in 1u32..5,
+        max_share in 0u32..=1000,
+        failing in proptest::collection::btree_set(0u16..8, 0..8),
+        ops in proptest::collection::vec(breaker_op(), 1..300),
+    ) {
+        let penalty = crate::backoff::BackoffConfig::try_new(ms(100), ms(2_000), 500).unwrap();
+        let rate = crate::breaker::SuccessRate::try_new(500, ms(1_000), 4).unwrap();
+        let config = BreakerConfig::try_new(Some(consecutive), Some(rate), penalty, max_share).unwrap();
+        let mut b = breaker_balancer(8, config);
+        let mut failing: BTreeSet<SocketAddr> = failing.into_iter().map(addr).collect();
+        let mut rng = DetRng::new(seed);
+        let mut now = T0;
+        let mut version = 1;
+        let mut held: Vec<Picked> = Vec::new();
+        for op in ops {
+            now += ms(1);
+            match op {
+                BreakerOp::Replace(is) => {
+                    version += 1;
+                    let set: BTreeSet<u16> = is.into_iter().collect();
+                    let change = if set.is_empty() {
+                        Change::NoEndpoints
+                    } else {
+                        Change::Replace(set.into_iter().map(|i| Endpoint::new(addr(i))).collect())
+                    };
+                    b.handle_update(now, Update { version, change }).unwrap();
+                }
+                BreakerOp::ConnectError(i) => b.handle_connect_error(now, addr(i), &mut rng),
+                BreakerOp::ConnectSuccess(i) => b.handle_connect_success(addr(i)),
+                BreakerOp::Advance(by) => {
+                    now += ms(by);
+                    b.handle_timeout(now);
+                    for view in b.endpoints(now) {
+                        if let State::Ejected { until } = view.breaker {
+                            prop_assert!(until > now, "a penalty past its end");
+                        }
+                    }
+                }
+                BreakerOp::Pick => {
+                    let before: BTreeMap<SocketAddr, State> =
+                        b.endpoints(now).map(|v| (v.endpoint.addr, v.breaker)).collect();
+                    let eligible = b
+                        .endpoints(now)
+                        .any(|v| v.endpoint.weight > 0 && !v.backing_off);
+                    match b.pick(now, &mut rng) {
+                        None => prop_assert!(!eligible, "refused with an eligible endpoint"),
+                        Some(picked) => {
+                            let state = before[&picked.addr];
+                            let fallback = b.stats().breaker_fallback;
+                            if picked.in_flight.is_probe() {
+                                prop_assert!(matches!(state, State::Probation { .. }), "a probe of {:?}", state);
+                                let probes = held
+                                    .iter()
+                                    .filter(|h| h.addr == picked.addr && h.in_flight.is_probe())
+                                    .count();
+                                prop_assert_eq!(probes, 0, "one probe at a time");
+                            } else if state != State::Closed {
+                                prop_assert!(fallback, "{:?} picked outside fallback", state);
+                            }
+                            held.push(picked);
+                        }
+                    }
+                }
+                BreakerOp::Settle(i, flip) => {
+                    if !held.is_empty() {
+                        let picked = held.swap_remove(i % held.len());
+                        let fails = failing.contains(&picked.addr) != flip;
+                        let outcome = if fails { Outcome::Failure } else { Outcome::Success };
+                        let _ = b.handle_outcome(now, picked.in_flight, outcome, &mut rng);
+                    }
+                }
+                BreakerOp::Abandon(i) => {
+                    if !held.is_empty() {
+                        drop(held.swap_remove(i % held.len()));
+                    }
+                }
+                BreakerOp::Flip(i) => {
+                    if !failing.remove(&addr(i)) {
+                        failing.insert(addr(i));
+                    }
+                }
+            }
+            prop_assert!(b.ejected_len() <= config.max_ejected(b.len()));
+            b.assert_invariants();
+        }
+        held.clear();
+        prop_assert_eq!(b.in_flight_total(), 0);
     }
 }

@@ -315,6 +315,18 @@ impl RequestWindow {
         self.assert_invariants();
     }
 
+    /// Forgets every count: the window starts counting afresh at `now` (a later time than any
+    /// seen, or the latest seen). Allocates nothing.
+    pub fn clear(&mut self, now: Instant) {
+        let now = self.ring.clamp(now);
+        self.ring.slots.fill_with(OutcomeCounts::default);
+        self.ring.head = self.ring.epoch(now);
+        self.ring.last = now;
+        self.origin = now;
+        #[cfg(debug_assertions)]
+        self.assert_invariants();
+    }
+
     /// The counts inside the window at `now`, and the time span they cover.
     ///
     /// The span is what a rate should divide by: from the later of the window's oldest slot
@@ -535,6 +547,27 @@ mod tests {
             WindowConfig::try_new(ms(1), 1).unwrap().slot(),
             WindowConfig::MIN_SLOT
         );
+    }
+
+    #[test]
+    fn clear_forgets_everything_and_restarts_the_span() {
+        let mut w = RequestWindow::new(&ten_by_ten(), T0);
+        for i in 0..50 {
+            w.record(T0 + ms(i * 100), Outcome::Failure);
+        }
+        w.clear(T0 + ms(5_000));
+        let stats = w.stats(T0 + ms(5_500));
+        assert_eq!((stats.successes, stats.failures), (0, 0));
+        assert_eq!(
+            stats.span,
+            ms(1_000),
+            "the span restarts (at least one slot)"
+        );
+        w.record(T0 + ms(5_600), Outcome::Success);
+        assert_eq!(w.stats(T0 + ms(5_600)).successes, 1);
+        // A clear at an earlier time than already seen happens at the latest time seen.
+        w.clear(T0);
+        assert_eq!(w.stats(T0 + ms(5_600)).total(), 0);
     }
 
     #[test]

@@ -546,6 +546,7 @@ fn retry_policies_convert_with_the_right_budget() {
             },
         ],
         retry_budget: Some(profile_budget),
+        circuit_breaker: None,
     };
     let update = ProfileUpdate::try_from(wire).unwrap();
     let routes = update.profile.routes();
@@ -1095,6 +1096,241 @@ proptest! {
         }
         if let Ok(profile) = dst::DestinationProfile::decode(bytes.as_slice()) {
             let _ = ProfileUpdate::try_from(profile);
+        }
+    }
+}
+
+// === Circuit breaking ===
+
+fn profile_with_breaker(breaker: dst::CircuitBreaker) -> dst::DestinationProfile {
+    dst::DestinationProfile {
+        version: 1,
+        exists: true,
+        circuit_breaker: Some(breaker),
+        ..dst::DestinationProfile::default()
+    }
+}
+
+fn breaker_of(breaker: dst::CircuitBreaker) -> Result<BreakerConfig, InvalidMessage> {
+    ProfileUpdate::try_from(profile_with_breaker(breaker)).map(|u| *u.profile.breaker())
+}
+
+#[test]
+fn a_zero_circuit_breaker_is_the_default_and_absent_is_too() {
+    assert_eq!(
+        breaker_of(dst::CircuitBreaker::default()),
+        Ok(BreakerConfig::default())
+    );
+    let absent = dst::DestinationProfile {
+        version: 1,
+        ..dst::DestinationProfile::default()
+    };
+    let update = ProfileUpdate::try_from(absent).unwrap();
+    assert_eq!(*update.profile.breaker(), BreakerConfig::default());
+    // The default is not sent at all.
+    assert_eq!(dst::DestinationProfile::from(update).circuit_breaker, None);
+}
+
+#[test]
+fn circuit_breaker_fields_convert_and_switch_policies_off() {
+    let config = breaker_of(dst::CircuitBreaker {
+        consecutive_failures: 3,
+        success_rate_threshold_permille: 800,
+        success_rate_window_ms: 10_000,
+        success_rate_min_requests: 5,
+        penalty_min_ms: 100,
+        penalty_max_ms: 2_000,
+        penalty_jitter_permille: Some(0),
+        max_ejected_permille: Some(0),
+        ..dst::CircuitBreaker::default()
+    })
+    .unwrap();
+    assert_eq!(config.consecutive_failures(), Some(3));
+    let rate = config.success_rate().unwrap();
+    assert_eq!(
+        (
+            rate.threshold_per_mille(),
+            rate.window(),
+            rate.min_requests()
+        ),
+        (800, Duration::from_secs(10), 5)
+    );
+    assert_eq!(
+        (
+            config.penalty().min(),
+            config.penalty().max(),
+            config.penalty().jitter_per_mille()
+        ),
+        (Duration::from_millis(100), Duration::from_secs(2), 0)
+    );
+    assert_eq!(config.max_ejected_per_mille(), 0);
+    let one_off = breaker_of(dst::CircuitBreaker {
+        consecutive_failures_disabled: true,
+        ..dst::CircuitBreaker::default()
+    })
+    .unwrap();
+    assert_eq!(one_off.consecutive_failures(), None);
+    assert!(one_off.success_rate().is_some());
+    let rate_off = breaker_of(dst::CircuitBreaker {
+        success_rate_disabled: true,
+        // Not read while the policy is off.
+        success_rate_window_ms: 1,
+        ..dst::CircuitBreaker::default()
+    })
+    .unwrap();
+    assert!(rate_off.success_rate().is_none());
+    let off = breaker_of(dst::CircuitBreaker {
+        disabled: true,
+        consecutive_failures: 3,
+        ..dst::CircuitBreaker::default()
+    })
+    .unwrap();
+    assert!(!off.is_enabled());
+}
+
+#[test]
+fn invalid_circuit_breakers_name_their_field() {
+    let cases = [
+        (
+            dst::CircuitBreaker {
+                success_rate_threshold_permille: 1001,
+                ..Default::default()
+            },
+            "circuit_breaker.success_rate_threshold_permille",
+        ),
+        (
+            dst::CircuitBreaker {
+                success_rate_window_ms: 999,
+                ..Default::default()
+            },
+            "circuit_breaker.success_rate_window_ms",
+        ),
+        (
+            dst::CircuitBreaker {
+                success_rate_window_ms: u64::MAX,
+                ..Default::default()
+            },
+            "circuit_breaker.success_rate_window_ms",
+        ),
+        (
+            dst::CircuitBreaker {
+                penalty_min_ms: 120_000,
+                ..Default::default()
+            },
+            "circuit_breaker.penalty_max_ms",
+        ),
+        (
+            dst::CircuitBreaker {
+                penalty_min_ms: u64::MAX,
+                penalty_max_ms: u64::MAX,
+                ..Default::default()
+            },
+            "circuit_breaker.penalty_max_ms",
+        ),
+        (
+            dst::CircuitBreaker {
+                penalty_jitter_permille: Some(1001),
+                ..Default::default()
+            },
+            "circuit_breaker.penalty_jitter_permille",
+        ),
+        (
+            dst::CircuitBreaker {
+                max_ejected_permille: Some(u32::MAX),
+                ..Default::default()
+            },
+            "circuit_breaker.max_ejected_permille",
+        ),
+    ];
+    for (wire, field) in cases {
+        let err = breaker_of(wire).unwrap_err();
+        assert_eq!(err.field(), field, "{wire:?}: {err}");
+    }
+}
+
+fn arb_breaker() -> impl Strategy<Value = BreakerConfig> {
+    (
+        proptest::option::of(1u32..100),
+        proptest::option::of((1u32..=1000, 1u64..=3600, 1u32..1000)),
+        (1u64..600_000, 0u64..3_000_000, 0u32..=1000),
+        0u32..=1000,
+    )
+        .prop_map(|(consecutive, rate, (min, extra, jitter), share)| {
+            let rate = rate.map(|(threshold, window_s, min_requests)| {
+                SuccessRate::try_new(threshold, Duration::from_secs(window_s), min_requests)
+                    .unwrap()
+            });
+            let max = (min + extra).min(3_600_000);
+            let penalty = BackoffConfig::try_new(
+                Duration::from_millis(min),
+                Duration::from_millis(max),
+                jitter,
+            )
+            .unwrap();
+            BreakerConfig::try_new(consecutive, rate, penalty, share).unwrap()
+        })
+}
+
+fn arb_pb_breaker() -> impl Strategy<Value = dst::CircuitBreaker> {
+    let small = || prop_oneof![Just(0u32), 1u32..2000, any::<u32>()];
+    let millis = || prop_oneof![Just(0u64), 1u64..4_000_000, any::<u64>()];
+    (
+        (
+            any::<bool>(),
+            small(),
+            any::<bool>(),
+            small(),
+            any::<bool>(),
+        ),
+        (millis(), small(), millis(), millis()),
+        (proptest::option::of(small()), proptest::option::of(small())),
+    )
+        .prop_map(
+            |(
+                (disabled, consecutive, consecutive_off, threshold, rate_off),
+                (window, min_requests, min, max),
+                (jitter, share),
+            )| dst::CircuitBreaker {
+                disabled,
+                consecutive_failures: consecutive,
+                consecutive_failures_disabled: consecutive_off,
+                success_rate_threshold_permille: threshold,
+                success_rate_disabled: rate_off,
+                success_rate_window_ms: window,
+                success_rate_min_requests: min_requests,
+                penalty_min_ms: min,
+                penalty_max_ms: max,
+                penalty_jitter_permille: jitter,
+                max_ejected_permille: share,
+            },
+        )
+}
+
+proptest! {
+    /// core -> wire -> core is the identity for every circuit breaker (at millisecond
+    /// resolution, the mesh file's), through bytes too.
+    #[test]
+    fn circuit_breakers_round_trip(breaker in arb_breaker()) {
+        let update = ProfileUpdate {
+            version: 1,
+            exists: true,
+            name: "web.default".into(),
+            profile: Profile::default().with_breaker(breaker),
+        };
+        let wire = dst::DestinationProfile::from(update.clone());
+        let decoded = dst::DestinationProfile::decode(wire.encode_to_vec().as_slice()).unwrap();
+        prop_assert_eq!(ProfileUpdate::try_from(decoded).unwrap(), update);
+    }
+
+    /// Arbitrary circuit breakers convert or are rejected, never panic; what converts is within
+    /// the core's bounds and survives the way back to the wire unchanged.
+    #[test]
+    fn garbage_circuit_breakers_never_panic(wire in arb_pb_breaker()) {
+        if let Ok(config) = breaker_of(wire) {
+            prop_assert!(config.penalty().max() <= conduit_core::breaker::MAX_PENALTY);
+            prop_assert!(config.max_ejected_per_mille() <= 1000);
+            let again = dst::CircuitBreaker::from(&config);
+            prop_assert_eq!(breaker_of(again), Ok(config));
         }
     }
 }

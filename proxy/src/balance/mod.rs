@@ -12,6 +12,13 @@
 //! requests for a service without ready endpoints, so they fail fast (504) or are shed (503)
 //! by the same rules. Every mesh decision (which endpoint, wait or shed or fail fast) is the
 //! core's.
+//!
+//! Circuit breaking is the core balancer's too: each resolution applies the service profile's
+//! breaker settings ([`Profile::breaker`]), the exchange reports each response's outcome
+//! ([`ServiceBalancer::settle`]), and the driver wakes when a penalty ends. Ejections are
+//! counted per service in `endpoint_ejections_total{authority, reason}` (kept by the router,
+//! so they outlive an idle service's balancer), and the endpoints out now are the gauge
+//! `balancer_endpoints{authority, state="ejected"}`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -20,8 +27,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use conduit_core::balance::{
-    Admit, BalanceConfig, Balancer, Change, InFlight, Picked, Queue, QueueConfig, Update,
+    Admit, BalanceConfig, Balancer, BreakerEvent, Change, InFlight, Picked, Queue, QueueConfig,
+    Update,
 };
+use conduit_core::breaker::Reason;
+use conduit_core::classify::Outcome;
 use conduit_core::rand::DetRng;
 use conduit_core::retry::{Budget, Decision, Retries};
 use conduit_core::route::Profile;
@@ -56,6 +66,25 @@ pub(crate) struct Router {
     queue: QueueConfig,
     idle_timeout: Duration,
     hooks: Hooks,
+    ejections: Arc<Ejections>,
+}
+
+/// Ejections per service label and [`Reason::index`]: `endpoint_ejections_total`. At most
+/// [`MAX_AUTHORITIES`] services are counted (labels come from discovery, not from requests).
+#[derive(Debug, Default)]
+struct Ejections(Mutex<BTreeMap<Arc<str>, [u64; 2]>>);
+
+impl Ejections {
+    fn count(&self, label: &Arc<str>, reason: Reason) {
+        let mut counts = lock(&self.0);
+        if let Some(count) = counts.get_mut(label) {
+            count[reason.index()] += 1;
+        } else if counts.len() < MAX_AUTHORITIES {
+            let mut count = [0; 2];
+            count[reason.index()] = 1;
+            counts.insert(Arc::clone(label), count);
+        }
+    }
 }
 
 impl std::fmt::Debug for Router {
@@ -103,6 +132,7 @@ impl Router {
             queue,
             idle_timeout,
             hooks,
+            ejections: Arc::default(),
         })
     }
 
@@ -162,12 +192,13 @@ impl Router {
         }
     }
 
-    /// Appends the balancers' gauges (Prometheus text): per service, its endpoints (all, and
-    /// ready to take requests) and its requests in flight to them.
+    /// Appends the balancers' metrics (Prometheus text): per service, its endpoints (all,
+    /// ready to take requests, and ejected by their circuit breaker), its requests in flight to
+    /// them, and its ejections so far.
     pub(crate) fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         // Authorities naming one service (`web` and `web:80`) share its label.
-        let mut by_label: BTreeMap<Arc<str>, (usize, usize, u64)> = BTreeMap::new();
+        let mut by_label: BTreeMap<Arc<str>, (usize, usize, u64, usize)> = BTreeMap::new();
         for balancer in lock(&self.services).values() {
             let state = lock(&balancer.state);
             if let Status::Found { label, .. } = &state.status {
@@ -175,24 +206,39 @@ impl Router {
                 entry.0 = entry.0.max(state.balancer.len());
                 entry.1 = entry.1.max(state.balancer.ready_len());
                 entry.2 += state.balancer.in_flight_total();
+                entry.3 = entry.3.max(state.balancer.ejected_len());
             }
         }
         let _ = writeln!(
             out,
-            "# HELP balancer_endpoints Endpoints of each outbound service, by state.\n# TYPE balancer_endpoints gauge"
+            "# HELP balancer_endpoints Endpoints of each outbound service, by state (ejected: out of rotation by their circuit breaker).\n# TYPE balancer_endpoints gauge"
         );
-        for (label, (total, ready, _)) in &by_label {
+        for (label, (total, ready, _, ejected)) in &by_label {
             let label = crate::admin::metrics::escape(label);
             let _ = writeln!(
                 out,
-                "balancer_endpoints{{authority=\"{label}\",state=\"ready\"}} {ready}\nbalancer_endpoints{{authority=\"{label}\",state=\"total\"}} {total}"
+                "balancer_endpoints{{authority=\"{label}\",state=\"ejected\"}} {ejected}\nbalancer_endpoints{{authority=\"{label}\",state=\"ready\"}} {ready}\nbalancer_endpoints{{authority=\"{label}\",state=\"total\"}} {total}"
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP endpoint_ejections_total Endpoints of each outbound service ejected by their circuit breaker, by the policy that tripped.\n# TYPE endpoint_ejections_total counter"
+        );
+        for (label, counts) in lock(&self.ejections.0).iter() {
+            let label = crate::admin::metrics::escape(label);
+            for reason in Reason::ALL {
+                let _ = writeln!(
+                    out,
+                    "endpoint_ejections_total{{authority=\"{label}\",reason=\"{reason}\"}} {}",
+                    counts[reason.index()]
+                );
+            }
         }
         let _ = writeln!(
             out,
             "# HELP balancer_requests_in_flight Requests sent to each outbound service's endpoints and not yet settled.\n# TYPE balancer_requests_in_flight gauge"
         );
-        for (label, (_, _, in_flight)) in &by_label {
+        for (label, (_, _, in_flight, _)) in &by_label {
             let _ = writeln!(
                 out,
                 "balancer_requests_in_flight{{authority=\"{}\"}} {in_flight}",
@@ -337,6 +383,7 @@ pub(crate) struct ServiceBalancer {
     clock: Clock,
     /// Told what this balancer applies and picks.
     hooks: Hooks,
+    ejections: Arc<Ejections>,
     /// Dropped with the balancer: stops its driver task (and so its resolution) at once.
     _stop: oneshot::Sender<()>,
 }
@@ -379,6 +426,7 @@ impl ServiceBalancer {
             reschedule: Arc::new(Notify::new()),
             clock: router.clock,
             hooks: router.hooks.clone(),
+            ejections: Arc::clone(&router.ejections),
             _stop: stop_tx,
         });
         let first = resolutions.borrow().clone();
@@ -423,6 +471,7 @@ impl ServiceBalancer {
                 if !kept {
                     state.budgets = profile.as_ref().and_then(|p| Budgets::new(p, now));
                 }
+                state.balancer.set_breaker(now, *service.profile.breaker());
                 state.status = Status::Found {
                     label: Arc::from(format!("{}:{}", service.name, service.port)),
                     profile,
@@ -660,6 +709,42 @@ impl ServiceBalancer {
     /// Response headers arrived at `now`: an RTT sample for the endpoint.
     pub(crate) fn observe_at(&self, now: Instant, in_flight: &InFlight) {
         lock(&self.state).balancer.observe(now, in_flight);
+    }
+
+    /// The response of the request holding `in_flight` ended with `outcome`: the endpoint's
+    /// breaker accrues it (or decides on its probe), and the request stops counting as in
+    /// flight.
+    pub(crate) fn settle(&self, in_flight: InFlight, outcome: Outcome) {
+        let now = self.clock.now();
+        let mut state = lock(&self.state);
+        let State { balancer, rng, .. } = &mut *state;
+        let Some(event) = balancer.handle_outcome(now, in_flight, outcome, rng) else {
+            return;
+        };
+        match event {
+            BreakerEvent::Ejected {
+                addr,
+                reason,
+                until,
+            } => {
+                tracing::info!(authority = %self.authority, endpoint = %addr, %reason, penalty = ?until.saturating_duration_since(now), "endpoint ejected");
+                if let Status::Found { label, .. } = &state.status {
+                    self.ejections.count(label, reason);
+                }
+            }
+            BreakerEvent::Spared { addr, reason } => {
+                tracing::debug!(authority = %self.authority, endpoint = %addr, %reason, "breaker tripped, but too many endpoints are out to eject it");
+            }
+            BreakerEvent::Readmitted { addr } => {
+                tracing::info!(authority = %self.authority, endpoint = %addr, "endpoint readmitted after a successful probe");
+            }
+            BreakerEvent::Reejected { addr, until } => {
+                tracing::debug!(authority = %self.authority, endpoint = %addr, penalty = ?until.saturating_duration_since(now), "probe failed; endpoint ejected again");
+            }
+            _ => {}
+        }
+        // The ready set and the next penalty's end may have moved.
+        self.sync(&mut state, now);
     }
 
     /// A connection attempt to `addr` failed: it backs off.

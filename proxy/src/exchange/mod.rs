@@ -509,15 +509,19 @@ impl<'c> Exchange<'c> {
             };
             let failed = match engine.send(&attempt).await {
                 Ok(sent) => {
-                    let Some(after) =
+                    let Some((after, outcome)) =
                         self.retry_response(&mut retries, engine, &sent, addr, in_flight.as_ref())
                     else {
                         let attempted = retries.is_some();
                         return self.respond(engine, sent, addr, in_flight, attempted).await;
                     };
-                    // The caller never sees this response: the request goes again.
+                    // The caller never sees this response: the request goes again. The
+                    // endpoint's breaker learns how the attempt went.
                     engine.discard(sent.response);
-                    drop(in_flight);
+                    if let (Some(service), Some(in_flight)) = (routed.service.as_deref(), in_flight)
+                    {
+                        service.settle(in_flight, outcome);
+                    }
                     now = self.backoff(after).await;
                     continue;
                 }
@@ -545,8 +549,18 @@ impl<'c> Exchange<'c> {
                 }
             };
             feedback(service, addr, in_flight.as_ref(), &error);
-            // The endpoint's load settles before another pick.
-            drop(in_flight);
+            // The endpoint's load settles before another pick; a failure the endpoint is to
+            // blame for (no answer in time, a broken exchange) counts against its breaker.
+            if let (Some(service), Some(in_flight)) = (service, in_flight)
+                && matches!(
+                    error,
+                    ProxyError::Upstream { .. }
+                        | ProxyError::ResponseTimeout { .. }
+                        | ProxyError::AttemptTimeout { .. }
+                )
+            {
+                service.settle(in_flight, conduit_core::classify::Outcome::Failure);
+            }
             if failed.unprocessed && !failed.client_broken {
                 let decision = resend_unprocessed(
                     Unprocessed {
@@ -600,7 +614,7 @@ impl<'c> Exchange<'c> {
         sent: &Sent<E::Response>,
         addr: SocketAddr,
         in_flight: Option<&InFlight>,
-    ) -> Option<std::time::Duration> {
+    ) -> Option<(std::time::Duration, conduit_core::classify::Outcome)> {
         retries.as_ref()?;
         let routed = self.routed.as_ref().ok()?;
         let facts = engine.facts(&sent.response);
@@ -629,7 +643,7 @@ impl<'c> Exchange<'c> {
             }
         }
         tracing::debug!(endpoint = %addr, status, ?after, "retryable response; sending the request again");
-        Some(after)
+        Some((after, class.outcome))
     }
 
     /// On a route that retries: counts an attempt that failed before response headers with
@@ -819,6 +833,7 @@ impl<'c> Exchange<'c> {
             status,
             class,
             in_flight,
+            service: routed.service,
             clock: self.cx.clock,
             deadlines: routed.deadlines,
             grpc: self.grpc,
@@ -944,6 +959,7 @@ pub(crate) struct Settle {
     /// The class as far as the head decided it.
     class: ResponseClass,
     in_flight: Option<InFlight>,
+    service: Option<Arc<ServiceBalancer>>,
     clock: Clock,
     deadlines: Deadlines,
     grpc: bool,
@@ -995,7 +1011,10 @@ impl Settle {
                 .series
                 .response_end(now, self.status, outcome, route.as_ref()),
         }
-        drop(self.in_flight);
+        // The endpoint's breaker learns the outcome; the request stops counting as in flight.
+        if let (Some(service), Some(in_flight)) = (self.service, self.in_flight) {
+            service.settle(in_flight, outcome);
+        }
     }
 }
 
