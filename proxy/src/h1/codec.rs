@@ -622,6 +622,14 @@ pub(crate) fn parse_response(
         (chunked, codings) = response_codings(headers);
         if chunked {
             Framing::Chunked
+        } else if codings
+            .as_deref()
+            .is_some_and(|c| tokens(c.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"chunked")))
+        {
+            // The proxy re-chunks a body read until close, naming the codings it kept: a
+            // `chunked` applied twice (RFC 9112 §6.1 forbids it) or before another coding would
+            // be named twice, and the client could not read the body it gets.
+            return Err(CodecError::Malformed("chunked applied twice or not last"));
         } else {
             reusable = false;
             Framing::Close

@@ -181,6 +181,34 @@ fn response_codings_under_chunked_are_kept() {
     );
 }
 
+/// Found by the `h1_response` fuzz target: a body read until close is re-chunked with the
+/// other codings kept, so a `chunked` among them would reach the client named twice
+/// (`transfer-encoding: chunked, chunked, chunked` over a body chunked once).
+#[test]
+fn response_chunked_twice_or_not_last_is_refused() {
+    for coding in [
+        "chunked, chunked",
+        "chunked\r\ntransfer-encoding: chunked",
+        "chunked, gzip",
+        "gzip, chunked, br",
+    ] {
+        let raw = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {coding}\r\n\r\n");
+        assert_eq!(
+            response(&raw, &get()),
+            Err(CodecError::Malformed("chunked applied twice or not last")),
+            "{coding}"
+        );
+    }
+    // Without a body, the codings do not matter.
+    let (r, _) = response(
+        "HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
+        &get(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.body, Framing::Empty);
+}
+
 #[test]
 fn http10_closes_and_needs_no_host() {
     let (head, out) = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
