@@ -48,6 +48,15 @@ install_cargo_fuzz() {
     cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 }
 
+# libFuzzer prints a line for every input it keeps (thousands a run) and a recommended
+# dictionary: drop those, keep the starting and final figures and anything else in full (a
+# crash report).
+fuzz_quiet() {
+    awk '/^###### Recommended dictionary/ { skip = 1 }
+        !skip && !/^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse) / && !/^[[:space:]]+NEW_FUNC/ { print; fflush() }
+        /^###### End of recommended dictionary/ { skip = 0 }'
+}
+
 # Every fuzz target for FUZZ_SECONDS from its checked-in corpus (fuzz/corpus/<target>). New
 # inputs go to a temporary directory, never into the checked-in corpus; a crash fails the step
 # and leaves its input in fuzz/artifacts/<target>/ (git ignores it), printed below.
@@ -75,7 +84,7 @@ fuzz_targets() {
         mkdir -p "$scratch/$target"
         # The first corpus directory receives new inputs; the checked-in one is only read.
         if ! cargo fuzz run "${build[@]}" "$target" "$scratch/$target" "fuzz/corpus/$target" -- \
-            -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1; then
+            -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 2>&1 | fuzz_quiet; then
             failed+=("$target")
         fi
     done
