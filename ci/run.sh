@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What CI runs on a clean clone (called by .ci/run). Every step prints how long it took.
-# Needs only the Rust toolchain of the machine image; installs nothing else yet.
+# Needs the Rust toolchain of the machine image and a C++ compiler (libFuzzer); installs
+# cargo-fuzz from crates.io when the machine lacks it (the fuzz step).
+# `ci/run.sh fuzz` runs the fuzz step alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,10 +35,88 @@ core_is_io_free() {
     fi
 }
 
+# cargo-fuzz from crates.io, pinned to a version that builds on the pinned toolchain.
+CARGO_FUZZ_VERSION=0.13.2
+# Seconds each fuzz target runs in CI (at most 60; README.md, "Fuzzing", runs them longer).
+FUZZ_SECONDS=${CONDUIT_FUZZ_SECONDS:-30}
+
+install_cargo_fuzz() {
+    if cargo fuzz --version >/dev/null 2>&1; then
+        cargo fuzz --version
+        return
+    fi
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+}
+
+# libFuzzer prints a line for every input it keeps (thousands a run) and a recommended
+# dictionary: drop those, keep the starting and final figures and anything else in full (a
+# crash report).
+fuzz_quiet() {
+    awk '/^###### Recommended dictionary/ { skip = 1 }
+        !skip && !/^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse) / && !/^[[:space:]]+NEW_FUNC/ { print; fflush() }
+        /^###### End of recommended dictionary/ { skip = 0 }'
+}
+
+# Every fuzz target for FUZZ_SECONDS from its checked-in corpus (fuzz/corpus/<target>). New
+# inputs go to a temporary directory, never into the checked-in corpus; a crash fails the step
+# and leaves its input in fuzz/artifacts/<target>/ (git ignores it), printed below.
+fuzz_targets() {
+    # cargo-fuzz needs nightly compiler flags (-Zsanitizer=address and sanitizer coverage):
+    # the pinned toolchain is stable, so allow them there.
+    export RUSTC_BOOTSTRAP=1
+    # Overflow checks and debug assertions on: the parsers take lengths and counts from peers.
+    local build=(--fuzz-dir fuzz --debug-assertions)
+    if ! cargo fetch --manifest-path fuzz/Cargo.toml --locked >/dev/null; then
+        echo "fuzz/Cargo.lock is out of date (did a crate gain a dependency?): run"
+        echo "  cargo fetch --manifest-path fuzz/Cargo.toml   and commit fuzz/Cargo.lock"
+        return 1
+    fi
+    cargo fuzz build "${build[@]}"
+    # Inputs the runs find go here (fuzz/target is git-ignored), emptied on every run.
+    local scratch=fuzz/target/ci-corpus marker target targets failed=()
+    rm -rf "$scratch"
+    mkdir -p "$scratch"
+    marker="$scratch/start"
+    touch "$marker"
+    mapfile -t targets < <(cargo fuzz list --fuzz-dir fuzz)
+    for target in "${targets[@]}"; do
+        echo "--- fuzz ${target} for ${FUZZ_SECONDS} s"
+        mkdir -p "$scratch/$target"
+        # The first corpus directory receives new inputs; the checked-in one is only read.
+        if ! cargo fuzz run "${build[@]}" "$target" "$scratch/$target" "fuzz/corpus/$target" -- \
+            -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 2>&1 | fuzz_quiet; then
+            failed+=("$target")
+        fi
+    done
+    if ((${#failed[@]})); then
+        echo "fuzz targets failed: ${failed[*]}"
+        echo "reproducers (RUSTC_BOOTSTRAP=1 cargo fuzz run -a <target> <file> replays one):"
+        find fuzz/artifacts -type f -newer "$marker" -print 2>/dev/null | sed 's/^/  /' || true
+        return 1
+    fi
+}
+
+# In a subshell: RUSTC_BOOTSTRAP stays out of the other steps, and the fuzz builds go to
+# fuzz/target whatever CARGO_TARGET_DIR the workspace builds use.
+fuzz() (
+    unset CARGO_TARGET_DIR
+    install_cargo_fuzz
+    fuzz_targets
+)
+
 total=$SECONDS
+if [[ ${1:-} == fuzz ]]; then
+    step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
+    echo "::: all steps passed in $((SECONDS - total)) s"
+    exit
+fi
 step "rustfmt" cargo fmt --all -- --check
+step "rustfmt (fuzz targets)" cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 step "core dependency tree is IO-free" core_is_io_free
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+# The proxy's `fuzzing` module, which only the fuzz targets enable.
+step "clippy (proxy, fuzzing feature)" cargo clippy -p conduit-proxy --features fuzzing --lib --locked -- -D warnings
 # The README's test command.
 step "tests" cargo test --workspace --locked
+step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
 echo "::: all steps passed in $((SECONDS - total)) s"

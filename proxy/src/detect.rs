@@ -12,6 +12,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::h1::codec;
+
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -128,10 +130,9 @@ async fn read_head<I: AsyncRead + Unpin>(
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
-        match request.parse(buf) {
-            Ok(httparse::Status::Complete(len)) if len > max => {
-                return Err(DetectError::TooLarge(max));
-            }
+        // Judged on the first `max` bytes only, as the HTTP/1 codec does: what lies past the
+        // limit must not turn a 431 into a 400 when one read brought it in.
+        match request.parse(codec::within(buf, max)) {
             Ok(httparse::Status::Complete(_)) => return Ok(()),
             Ok(httparse::Status::Partial) => {}
             Err(httparse::Error::TooManyHeaders) => return Err(DetectError::TooLarge(max)),
@@ -159,6 +160,51 @@ mod tests {
         };
         let mut io = input;
         detect(&mut io, &mut BytesMut::new(), limits).await
+    }
+
+    /// A client that sends `input` one byte per read.
+    struct OneByte<'a>(&'a [u8]);
+
+    impl AsyncRead for OneByte<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if let Some((first, rest)) = self.0.split_first() {
+                buf.put_slice(&[*first]);
+                self.0 = rest;
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Found by the `detect` fuzz target: the head was parsed as far as the buffer went, so an
+    /// oversized head with a bad byte past the limit was malformed (400) when one read brought
+    /// it all and too large (431) when it came in small reads. Only the first
+    /// `max_header_bytes` are judged now.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_head_is_judged_the_same_however_it_arrives() {
+        let limits = DetectLimits {
+            detect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
+            max_header_bytes: 64,
+        };
+        let mut too_large = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        too_large.extend([b'a'; 60]);
+        too_large.extend(b"\r\nbad name: 1\r\n\r\n");
+        let malformed = b"GET / HTTP/1.1\r\nbad name: 1\r\n\r\n";
+        for (input, want) in [(&too_large[..], "TooLarge(64)"), (malformed, "Malformed")] {
+            // All of it in the first read (detection reads up to 1 KiB at once).
+            let whole = detect(&mut &input[..], &mut BytesMut::new(), limits).await;
+            let trickled = detect(&mut OneByte(input), &mut BytesMut::new(), limits).await;
+            for got in [whole, trickled] {
+                assert!(
+                    format!("{got:?}").starts_with(&format!("Err({want}")),
+                    "{got:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -30,6 +30,9 @@ pub mod drain;
 pub mod entropy;
 pub mod errors;
 mod exchange;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1;
 mod http2;
 mod inbound;

@@ -300,6 +300,12 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The part of `buf` a head of at most `max` bytes can occupy: a head is judged on these bytes
+/// alone (and is too large if it does not end within them while more bytes follow).
+pub(crate) fn within(buf: &[u8], max: usize) -> &[u8] {
+    &buf[..buf.len().min(max)]
+}
+
 /// Parses the request head at the start of `buf` (`None`: incomplete), and writes the head the
 /// proxy forwards upstream into `out` (cleared first), without its final blank line (see
 /// [`finish_request_head`]).
@@ -319,8 +325,10 @@ pub(crate) fn parse_request(
     // Left uninitialized: httparse writes only the fields it finds.
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
-    let len = match request.parse_with_uninit_headers(buf, &mut fields) {
-        Ok(httparse::Status::Complete(len)) if len > max => return Err(CodecError::TooLarge(max)),
+    // Only the first `max` bytes are parsed, so the verdict on a head that does not fit is
+    // 431 however its bytes arrived, never 400 for something past the limit that one large
+    // read happened to bring in (the `detect` fuzz target found that).
+    let len = match request.parse_with_uninit_headers(within(buf, max), &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max => {
             return Err(CodecError::TooLarge(max));
@@ -564,13 +572,13 @@ pub(crate) fn parse_response(
 ) -> Result<Option<ResponseHead>, CodecError> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
+    // Only the first `max` bytes, as for requests.
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut response,
-        buf,
+        within(buf, max),
         &mut fields,
     );
     let len = match parsed {
-        Ok(httparse::Status::Complete(len)) if len > max => return Err(CodecError::TooLarge(max)),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max => {
             return Err(CodecError::TooLarge(max));
@@ -622,6 +630,14 @@ pub(crate) fn parse_response(
         (chunked, codings) = response_codings(headers);
         if chunked {
             Framing::Chunked
+        } else if codings
+            .as_deref()
+            .is_some_and(|c| tokens(c.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"chunked")))
+        {
+            // The proxy re-chunks a body read until close, naming the codings it kept: a
+            // `chunked` applied twice (RFC 9112 §6.1 forbids it) or before another coding would
+            // be named twice, and the client could not read the body it gets.
+            return Err(CodecError::Malformed("chunked applied twice or not last"));
         } else {
             reusable = false;
             Framing::Close

@@ -181,6 +181,65 @@ fn response_codings_under_chunked_are_kept() {
     );
 }
 
+/// Found by the `h1_response` fuzz target: a body read until close is re-chunked with the
+/// other codings kept, so a `chunked` among them would reach the client named twice
+/// (`transfer-encoding: chunked, chunked, chunked` over a body chunked once).
+#[test]
+fn response_chunked_twice_or_not_last_is_refused() {
+    for coding in [
+        "chunked, chunked",
+        "chunked\r\ntransfer-encoding: chunked",
+        "chunked, gzip",
+        "gzip, chunked, br",
+    ] {
+        let raw = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {coding}\r\n\r\n");
+        assert_eq!(
+            response(&raw, &get()),
+            Err(CodecError::Malformed("chunked applied twice or not last")),
+            "{coding}"
+        );
+    }
+    // Without a body, the codings do not matter.
+    let (r, _) = response(
+        "HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
+        &get(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.body, Framing::Empty);
+}
+
+/// Found by the `detect` fuzz target (which checks that detection and this codec agree): a
+/// head was parsed as far as the buffer went, so a client whose oversized head carried a bad
+/// byte past the limit got 400 when one large read brought that byte in and 431 when its bytes
+/// came in small reads. Only the first `max` bytes are judged now: 431 either way.
+#[test]
+fn a_head_is_judged_on_the_bytes_within_the_limit() {
+    let past_the_limit = format!("x: {}\r\nbad name: 1\r\n\r\n", "a".repeat(8200));
+    let raw = format!("GET / HTTP/1.1\r\n{past_the_limit}");
+    assert_eq!(request(&raw), Err(CodecError::TooLarge(8192)));
+    // The same verdict when the buffer ends one byte past the limit (a small read).
+    let mut out = Vec::new();
+    assert_eq!(
+        parse_request(&raw.as_bytes()[..8193], 8192, &mut out),
+        Err(CodecError::TooLarge(8192))
+    );
+    let raw = format!("HTTP/1.1 200 OK\r\n{past_the_limit}");
+    assert_eq!(response(&raw, &get()), Err(CodecError::TooLarge(8192)));
+    // Within the limit, the same bad field is refused as malformed.
+    assert_eq!(
+        malformed("GET / HTTP/1.1\r\nbad name: 1\r\n\r\n"),
+        "invalid header name"
+    );
+    // A head that ends exactly at the limit is accepted.
+    let fill = 8192 - "GET / HTTP/1.1\r\nhost: a\r\nx: \r\n\r\n".len();
+    let raw = format!(
+        "GET / HTTP/1.1\r\nhost: a\r\nx: {}\r\n\r\n",
+        "a".repeat(fill)
+    );
+    assert_eq!(request(&raw).unwrap().unwrap().0.len, 8192);
+}
+
 #[test]
 fn http10_closes_and_needs_no_host() {
     let (head, out) = request("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
