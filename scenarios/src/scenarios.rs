@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use conduit_chaos::{Action, Schedule};
 use conduit_core::rand::DetRng;
+use conduit_core::retry::{Ratio, RawBudget, RawRetry};
 use conduit_core::route::{Profile, RawPathMatch, RawProfile, RawRequestMatch, RawRoute};
 use conduit_core::timeout::RawTimeouts;
 use conduit_sim::check::{self, Violation};
@@ -122,6 +123,21 @@ pub fn all() -> Vec<Scenario> {
             name: "breaker_ejects_failing_replica",
             doc: "one replica of three answers 500 from 1 s to 6 s: the circuit breaker ejects it (clients' success rate rises to near 100 %), probes it, and readmits it after it heals",
             plan: breaker_ejects_failing_replica,
+        },
+        Scenario {
+            name: "retries_lift_a_failing_replica",
+            doc: "one replica of three answers 500 (breaker off): GETs on a retrying route still succeed, GETs on a plain route fail, POSTs reach a backend once",
+            plan: retries_lift_a_failing_replica,
+        },
+        Scenario {
+            name: "no_retry_storm",
+            doc: "every replica answers 500 for 4 s on a route allowing 10 attempts: the retry budget holds what the backends see to 0.2 of the requests plus 10/s over them",
+            plan: no_retry_storm,
+        },
+        Scenario {
+            name: "request_timeout_caps_retries",
+            doc: "100 ms attempts of a route allowing 10, to an app answering 2 s late: every request ends by its 400 ms request timeout",
+            plan: request_timeout_caps_retries,
         },
         Scenario {
             name: "random_chaos",
@@ -584,6 +600,221 @@ fn breaker_ejects_failing_replica(_seed: u64) -> Plan {
                 format!("healed web-2 served nothing from 12 s: {readmitted:?}"),
             ));
         }
+        out
+    })
+}
+
+/// `web.default`'s profile for the retry scenarios: `/items` retried (up to `max_attempts`,
+/// within `budget`, Linkerd's defaults where `None`), `/plain` never.
+fn retry_profile(max_attempts: u32, budget: RawBudget) -> RawProfile {
+    let mut items = route("items", None, "/items");
+    items.retry = Some(RawRetry {
+        max_attempts: Some(max_attempts),
+        budget,
+        ..RawRetry::default()
+    });
+    RawProfile {
+        routes: vec![items, route("plain", None, "/plain")],
+    }
+}
+
+/// Successes per mille among requests on paths starting with `prefix`, and how many.
+fn success_on(trace: &Trace, prefix: &str) -> (u64, u64) {
+    let on: Vec<_> = trace
+        .requests
+        .iter()
+        .filter(|r| r.path.starts_with(prefix))
+        .collect();
+    let ok = on.iter().filter(|r| r.outcome.is_success()).count() as u64;
+    let total = on.len() as u64;
+    (ok * 1000 / total.max(1), total)
+}
+
+/// Goal: retries turn a failing replica's errors into successes for callers, on the routes
+/// that allow them and only there. Method: three replicas, `web-2` answering 500 throughout
+/// (circuit breaking off, so retries act alone); client 0 sends GETs on the retrying `/items`
+/// route and client 1 the same on the plain `/plain` route, 20 req/s each over h1 and h2;
+/// client 2 POSTs to `/items` (not idempotent: never retried). Clients see at least 97 % of
+/// `/items` GETs succeed, fewer `/plain` GETs than that, and the generic at-most-once check
+/// holds every POST to one arrival.
+fn retries_lift_a_failing_replica(_seed: u64) -> Plan {
+    let world = WorldSpec::new(
+        vec![
+            ServiceSpec::new(WEB, 3)
+                .with_profile(retry_profile(3, RawBudget::default()))
+                .without_breaker(),
+        ],
+        3,
+    );
+    let protos = vec![Proto::Http1, Proto::Http2];
+    let flows = vec![
+        Flow {
+            protos: protos.clone(),
+            paths: vec!["/items/1".into()],
+            ..Flow::new(0, WEB, 20, ms(500), secs(5))
+        },
+        Flow {
+            protos: protos.clone(),
+            paths: vec!["/plain/1".into()],
+            ..Flow::new(1, WEB, 20, ms(500), secs(5))
+        },
+        Flow {
+            protos,
+            paths: vec!["/items/new".into()],
+            post_percent: 100,
+            ..Flow::new(2, WEB, 10, ms(500), secs(5))
+        },
+    ];
+    let mut plan = Plan::new(world, flows);
+    plan.schedule = Schedule::new().at(ms(100), Action::AppFail("web-2".into(), true));
+    plan.checks.healthy_after = None;
+    plan.check(|trace| {
+        let retried = trace
+            .requests
+            .iter()
+            .filter(|r| r.path.starts_with("/items/1"));
+        let (ok, n) = (
+            retried.clone().filter(|r| r.outcome.is_success()).count() as u64,
+            retried.count() as u64,
+        );
+        let items = ok * 1000 / n.max(1);
+        let (plain, plain_n) = success_on(trace, "/plain");
+        let mut out = Vec::new();
+        if items < 970 || plain >= items {
+            out.push(Violation::new(
+                "retries",
+                format!(
+                    "GETs on the retrying route succeeded {items}‰ of {n}, on the plain route {plain}‰ of {plain_n}"
+                ),
+            ));
+        }
+        out
+    })
+}
+
+/// Goal: retries never multiply the load on a service that is failing outright. Method: two
+/// replicas both answer 500 from 1 s to 5 s (breaker off) while a client sends 100 GET/s to
+/// `/items`, whose route allows 10 attempts within the default budget (0.2 of requests plus
+/// 10/s, over 10 s). Over the failure, what the backends see stays within the budget's bound
+/// (the requests, plus 0.2 of every request that deposited, plus 10/s over the run and the
+/// reserve's first second), near 1.3x the requests and far below the 10x the attempts alone
+/// would allow; once the replicas heal, every request succeeds again.
+fn no_retry_storm(_seed: u64) -> Plan {
+    let world = WorldSpec::new(
+        vec![
+            ServiceSpec::new(WEB, 2)
+                .with_profile(retry_profile(10, RawBudget::default()))
+                .without_breaker(),
+        ],
+        1,
+    );
+    let flows = vec![Flow {
+        protos: vec![Proto::Http1, Proto::Http2],
+        paths: vec!["/items/1".into()],
+        ..Flow::new(0, WEB, 100, ms(500), secs(7))
+    }];
+    let mut plan = Plan::new(world, flows);
+    plan.schedule = Schedule::new()
+        .at(secs(1), Action::AppFail("web-0".into(), true))
+        .at(secs(1), Action::AppFail("web-1".into(), true))
+        .at(secs(5), Action::AppFail("web-0".into(), false))
+        .at(secs(5), Action::AppFail("web-1".into(), false));
+    plan.checks.healthy_after = Some(ms(5_500));
+    plan.check(|trace| {
+        let attempts = trace.attempts();
+        // Requests sent while every replica failed (a retry's backoff is at most 250 ms, so
+        // those sent in the last quarter second may retry after the heal: left out).
+        let (from, to) = (micros(secs(1)), micros(ms(4_750)));
+        let failing: Vec<_> = trace
+            .requests
+            .iter()
+            .filter(|r| r.start_us >= from && r.start_us < to)
+            .collect();
+        let requests = failing.len() as u64;
+        let arrivals: u64 = failing
+            .iter()
+            .map(|r| attempts.get(&r.id).copied().unwrap_or(0))
+            .sum();
+        // What could pay for those retries: 0.2 of every request that deposited before the
+        // last of them went (all are within the 10 s ttl; a retry follows its failure by at
+        // most the 250 ms backoff), and the reserve over that time plus its first second.
+        let last_retry = to + micros(ms(250));
+        let deposits = trace
+            .requests
+            .iter()
+            .filter(|r| r.start_us < last_retry)
+            .count() as u64;
+        let first = trace.requests.iter().map(|r| r.start_us).min().unwrap_or(0);
+        let reserve = 10 * (last_retry.saturating_sub(first) / 1_000_000 + 2);
+        let bound = requests + deposits / 5 + reserve;
+        if arrivals > bound || requests == 0 {
+            vec![Violation::new(
+                "retry-storm",
+                format!(
+                    "{requests} requests sent while every replica failed reached backends {arrivals} times (x{:.2}); the budget allows {bound}",
+                    arrivals as f64 / requests.max(1) as f64
+                ),
+            )]
+        } else {
+            Vec::new()
+        }
+    })
+}
+
+/// Goal: a route's request timeout bounds all of a request's attempts together. Method: the
+/// `/items` route times attempts out after 100 ms and requests after 400 ms, and allows 10
+/// attempts; the app answers 2 s late. Every request gets the proxy's 504 within 400 ms (plus
+/// the slack of the wire), after at most four attempts.
+fn request_timeout_caps_retries(_seed: u64) -> Plan {
+    let mut profile = retry_profile(
+        10,
+        RawBudget {
+            ratio: Some(Ratio(1.0)),
+            ..RawBudget::default()
+        },
+    );
+    profile.routes[0].timeouts = RawTimeouts {
+        request: Some("400ms".into()),
+        attempt: Some("100ms".into()),
+    };
+    let world = WorldSpec::new(vec![ServiceSpec::new(WEB, 2).with_profile(profile)], 1);
+    let flows = vec![Flow {
+        protos: vec![Proto::Http1, Proto::Http2],
+        paths: vec!["/items/1".into()],
+        app_delay: Some(secs(2)),
+        ..Flow::new(0, WEB, 20, ms(100), secs(3))
+    }];
+    let mut plan = Plan::new(world, flows);
+    plan.checks.healthy_after = None;
+    plan.check(|trace| {
+        let attempts = trace.attempts();
+        let limit = micros(ms(400) + DEADLINE_SLACK);
+        let mut out = Vec::new();
+        for r in &trace.requests {
+            let took = r.headers_us.unwrap_or(r.end_us).saturating_sub(r.start_us);
+            let n = attempts.get(&r.id).copied().unwrap_or(0);
+            let answered = matches!(
+                &r.outcome,
+                conduit_sim::Outcome::Response {
+                    status: 504,
+                    proxy_error: Some(_),
+                    ..
+                }
+            );
+            if took > limit || n > 4 || !answered {
+                out.push(Violation::new(
+                    "request-timeout",
+                    format!(
+                        "request {} ({:?}): {} after {} ms and {n} attempts",
+                        r.id,
+                        r.proto,
+                        r.outcome.class(),
+                        took / 1000
+                    ),
+                ));
+            }
+        }
+        out.truncate(10);
         out
     })
 }

@@ -131,6 +131,24 @@ fn breaker_ejects_failing_replica() {
     scenario("breaker_ejects_failing_replica");
 }
 
+/// Retries turn a failing replica's errors into successes on the route that allows them.
+#[test]
+fn retries_lift_a_failing_replica() {
+    scenario("retries_lift_a_failing_replica");
+}
+
+/// The retry budget holds a failing service's load to its bound.
+#[test]
+fn no_retry_storm() {
+    scenario("no_retry_storm");
+}
+
+/// The request timeout bounds every attempt together.
+#[test]
+fn request_timeout_caps_retries() {
+    scenario("request_timeout_caps_retries");
+}
+
 /// A seed-drawn mix of faults; safety throughout, liveness after healing.
 #[test]
 fn random_chaos() {

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
+use conduit_core::breaker::RawBreaker;
 use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService};
 use conduit_core::rand::{DetRng, Rng};
 use conduit_core::route::RawProfile;
@@ -72,6 +73,10 @@ pub struct ServiceSpec {
     /// scenario rebuilds it from the seed.
     #[serde(skip)]
     pub profile: Option<RawProfile>,
+    /// Its circuit-breaking settings (`None`: the defaults). Rebuilt from the seed like the
+    /// profile.
+    #[serde(skip)]
+    pub breaker: Option<RawBreaker>,
 }
 
 impl ServiceSpec {
@@ -82,6 +87,7 @@ impl ServiceSpec {
             authority: authority.to_owned(),
             replicas,
             profile: None,
+            breaker: None,
         }
     }
 
@@ -89,6 +95,16 @@ impl ServiceSpec {
     #[must_use]
     pub fn with_profile(mut self, profile: RawProfile) -> Self {
         self.profile = Some(profile);
+        self
+    }
+
+    /// The same service with circuit breaking off (to see what other policies do alone).
+    #[must_use]
+    pub fn without_breaker(mut self) -> Self {
+        self.breaker = Some(RawBreaker {
+            enabled: Some(false),
+            ..RawBreaker::default()
+        });
         self
     }
 
@@ -186,6 +202,7 @@ pub struct World<'a> {
     /// endpoints are labelled with).
     changed: BTreeMap<String, u64>,
     profiles: BTreeMap<String, RawProfile>,
+    breakers: BTreeMap<String, RawBreaker>,
     version: u64,
 }
 
@@ -455,6 +472,11 @@ impl<'a> World<'a> {
             .iter()
             .filter_map(|s| Some((s.authority.clone(), s.profile.clone()?)))
             .collect();
+        let breakers = spec
+            .services
+            .iter()
+            .filter_map(|s| Some((s.authority.clone(), s.breaker.clone()?)))
+            .collect();
         let mut world = Self {
             sim,
             recorder,
@@ -464,6 +486,7 @@ impl<'a> World<'a> {
             endpoints,
             changed: BTreeMap::new(),
             profiles,
+            breakers,
             version: 0,
         };
         world.publish()?;
@@ -600,7 +623,7 @@ impl<'a> World<'a> {
                     port: Some(80),
                     endpoints,
                     profile: self.profiles.get(authority).cloned(),
-                    breaker: None,
+                    breaker: self.breakers.get(authority).cloned(),
                 },
             );
         }
