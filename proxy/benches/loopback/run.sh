@@ -6,7 +6,10 @@
 # its app's core; every load generator runs on CPU 1. Two conduit-proxy targets run: `proxy`
 # (the service has no route profile) and `proxy-routes` (a 10-route profile: method, exact,
 # prefix, regex and header matches, the request matching the last route, which has a request
-# timeout, so route matching, per-route metrics and a deadline are paid on every request).
+# timeout, so route matching, per-route metrics and a deadline are paid on every request;
+# circuit breaking off), and `proxy-retries` (the same profile with a retry policy and its
+# budget on the matched route, and circuit breaking on: what retries and the breaker cost when
+# nothing fails).
 # With BASELINE_BIN=path/to/an/older/conduit-proxy, a `proxy-base` target runs that binary
 # with the `proxy` setup, for before/after figures from one run. Targets are interleaved
 # within each rep (direct -> nginx -> proxy -> proxy-routes [-> proxy-base]) and each rep
@@ -38,6 +41,7 @@ cargo build --release -q -p conduit-proxy -p conduit-cli
 BIN=target/release
 
 HELLO=127.0.0.1:18080 NGINX=127.0.0.1:18081 PROXY=127.0.0.1:18085 ROUTES=127.0.0.1:18086
+RETRIES=127.0.0.1:18088
 BASE=127.0.0.1:18087
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -71,11 +75,13 @@ services:
     endpoints:
       - addr: $HELLO
 MESH
-cat >"$OUT/mesh-routes.yaml" <<MESH
+routes_mesh() { # BREAKER RETRY
+cat <<MESH
 services:
   hello:
     endpoints:
       - addr: $HELLO
+    breaker: { enabled: $1 }
     profile:
       routes:
         - { name: create-order, match: { method: POST, path: { prefix: /api/orders } } }
@@ -91,7 +97,12 @@ services:
         - name: root
           match: { method: GET, path: { exact: / } }
           timeouts: { request: 10s }
+$2
 MESH
+}
+routes_mesh false "" >"$OUT/mesh-routes.yaml"
+routes_mesh true "          retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10, ttl: 10s } }" \
+    >"$OUT/mesh-retries.yaml"
 # start_proxy NAME BINARY LISTEN ADMIN MESH
 start_proxy() {
     CONDUIT_PROXY_OUTBOUND_ADDR=$3 CONDUIT_PROXY_INBOUND_ADDR=127.0.0.1:0 \
@@ -103,8 +114,10 @@ start_proxy proxy "$BIN/conduit-proxy" $PROXY 127.0.0.1:18191 mesh.yaml
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 start_proxy proxy-routes "$BIN/conduit-proxy" $ROUTES 127.0.0.1:18192 mesh-routes.yaml
 ROUTES_PID=$!; PIDS+=("$ROUTES_PID")
-TARGETS="direct nginx proxy proxy-routes"
-ADDRS="$HELLO $NGINX $PROXY $ROUTES"
+start_proxy proxy-retries "$BIN/conduit-proxy" $RETRIES 127.0.0.1:18194 mesh-retries.yaml
+RETRIES_PID=$!; PIDS+=("$RETRIES_PID")
+TARGETS="direct nginx proxy proxy-routes proxy-retries"
+ADDRS="$HELLO $NGINX $PROXY $ROUTES $RETRIES"
 BASE_PID=""
 if [ -n "${BASELINE_BIN:-}" ]; then
     start_proxy proxy-base "$BASELINE_BIN" $BASE 127.0.0.1:18193 mesh.yaml
@@ -137,11 +150,12 @@ rss_kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
 
 target_addr() {
     case $1 in direct) echo $HELLO ;; nginx) echo $NGINX ;; proxy) echo $PROXY ;;
-        proxy-routes) echo $ROUTES ;; proxy-base) echo $BASE ;; esac
+        proxy-routes) echo $ROUTES ;; proxy-retries) echo $RETRIES ;; proxy-base) echo $BASE ;; esac
 }
 target_pid() {
     case $1 in direct) echo "" ;; nginx) echo $NGINX_PID ;; proxy) echo $PROXY_PID ;;
-        proxy-routes) echo $ROUTES_PID ;; proxy-base) echo $BASE_PID ;; esac
+        proxy-routes) echo $ROUTES_PID ;; proxy-retries) echo $RETRIES_PID ;;
+        proxy-base) echo $BASE_PID ;; esac
 }
 
 echo "[" >"$OUT/results.json"

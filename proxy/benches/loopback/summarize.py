@@ -5,7 +5,7 @@ import statistics
 import sys
 
 runs = json.load(open(sys.argv[1]))
-targets = [t for t in ["direct", "nginx", "proxy", "proxy-routes", "proxy-base"]
+targets = [t for t in ["direct", "nginx", "proxy", "proxy-routes", "proxy-retries", "proxy-base"]
            if any(r["target"] == t for r in runs)]
 
 
@@ -82,3 +82,7 @@ for rate in ("h2_open_1000", "h2_open_5000"):
 if any(r.get("h2_open_1000") or r.get("h2_open_5000") for r in runs):
     print()
     print("nginx has no h2 rows: it cannot proxy h2 to its upstream (proxy_pass speaks HTTP/1.x only).")
+if "proxy-retries" in targets and "proxy-routes" in targets:
+    ratio = med("proxy-retries", us_per_req) / med("proxy-routes", us_per_req)
+    print(f"proxy-retries (retries and breaker on, nothing failing): CPU per request "
+          f"{ratio:.3f}x proxy-routes' (the same profile without them)")

@@ -470,6 +470,18 @@ impl ServiceBalancer {
                 };
                 if !kept {
                     state.budgets = profile.as_ref().and_then(|p| Budgets::new(p, now));
+                    // Hedging is parsed and validated, but this proxy does not send hedges yet:
+                    // say so once per profile rather than ignore the setting silently.
+                    for route in profile.iter().flat_map(|p| p.routes()) {
+                        if route
+                            .policy
+                            .retry
+                            .as_ref()
+                            .is_some_and(|r| r.hedge.is_some())
+                        {
+                            tracing::warn!(authority = %self.authority, route = %route.name, "the route's hedge policy is not applied: this proxy retries failed attempts but does not send hedges yet");
+                        }
+                    }
                 }
                 state.balancer.set_breaker(now, *service.profile.breaker());
                 state.status = Status::Found {
