@@ -23,6 +23,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -384,6 +385,9 @@ pub(crate) struct ServiceBalancer {
     /// Told what this balancer applies and picks.
     hooks: Hooks,
     ejections: Arc<Ejections>,
+    /// The service's circuit breaking is on: outcomes are worth the lock. Off, a settle only
+    /// releases the request's in-flight count, as before breakers existed.
+    breaker_on: AtomicBool,
     /// Dropped with the balancer: stops its driver task (and so its resolution) at once.
     _stop: oneshot::Sender<()>,
 }
@@ -427,6 +431,7 @@ impl ServiceBalancer {
             clock: router.clock,
             hooks: router.hooks.clone(),
             ejections: Arc::clone(&router.ejections),
+            breaker_on: AtomicBool::new(false),
             _stop: stop_tx,
         });
         let first = resolutions.borrow().clone();
@@ -484,6 +489,8 @@ impl ServiceBalancer {
                     }
                 }
                 state.balancer.set_breaker(now, *service.profile.breaker());
+                self.breaker_on
+                    .store(service.profile.breaker().is_enabled(), Ordering::Relaxed);
                 state.status = Status::Found {
                     label: Arc::from(format!("{}:{}", service.name, service.port)),
                     profile,
@@ -727,6 +734,12 @@ impl ServiceBalancer {
     /// breaker accrues it (or decides on its probe), and the request stops counting as in
     /// flight.
     pub(crate) fn settle(&self, in_flight: InFlight, outcome: Outcome) {
+        if !self.breaker_on.load(Ordering::Relaxed) {
+            // No breaker to teach (set under the state lock, read without it: an outcome
+            // that races a change of setting is one outcome more or less).
+            drop(in_flight);
+            return;
+        }
         let now = self.clock.now();
         let mut state = lock(&self.state);
         let State { balancer, rng, .. } = &mut *state;
