@@ -223,8 +223,22 @@ fn topology() -> anyhow::Result<Vec<DemoService>> {
         .collect()
 }
 
-fn mesh_file(services: &[DemoService]) -> String {
+/// The load generator's own proxy, listed in the mesh as the workload `load.demo` so the
+/// controller reads its outbound metrics (the callers' view in `conduit routes`).
+#[derive(Clone, Copy, Debug)]
+struct ClientProxy {
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn mesh_file(services: &[DemoService], client: Option<ClientProxy>) -> String {
     let mut yaml = String::from("# Written by `conduit demo`.\nservices:\n");
+    if let Some(client) = client {
+        yaml.push_str(&format!(
+            "  load.demo:\n    port: {DEMO_PORT}\n    endpoints:\n      - addr: {}\n        admin: {}\n        labels: {{ role: client }}\n",
+            client.inbound, client.admin
+        ));
+    }
     for service in services {
         yaml.push_str(&format!(
             "  {}:\n    port: {DEMO_PORT}\n    endpoints:\n",
@@ -601,7 +615,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::Result<()> {
     let services = topology()?;
     let mesh_path = work.join("mesh.yaml");
-    std::fs::write(&mesh_path, mesh_file(&services)).context("writing the demo mesh file")?;
+    let client = ClientProxy {
+        inbound: free_port()?,
+        admin: free_port()?,
+    };
+    std::fs::write(&mesh_path, mesh_file(&services, Some(client)))
+        .context("writing the demo mesh file")?;
 
     // The apps run in this process; the controller and proxies are processes of their own.
     let mut apps = tokio::task::JoinSet::new();
@@ -663,13 +682,13 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         }
     }
     let client_outbound = free_port()?;
-    let client_admin = free_port()?;
+    let client_admin = client.admin;
     processes.spawn(
         "proxy-client",
         &bins.proxy,
         &[
             ("CONDUIT_PROXY_OUTBOUND_ADDR", client_outbound.to_string()),
-            ("CONDUIT_PROXY_INBOUND_ADDR", free_port()?.to_string()),
+            ("CONDUIT_PROXY_INBOUND_ADDR", client.inbound.to_string()),
             ("CONDUIT_PROXY_ADMIN_ADDR", client_admin.to_string()),
             ("CONDUIT_PROXY_DISCOVERY", discovery.clone()),
             ("CONDUIT_PROXY_LOG", "warn".to_owned()),
@@ -781,7 +800,7 @@ mod tests {
     #[test]
     fn the_load_covers_every_route_of_the_demo_profile() {
         let services = topology().unwrap();
-        let mesh = conduit_proto::mesh_file::parse(&mesh_file(&services)).unwrap();
+        let mesh = conduit_proto::mesh_file::parse(&mesh_file(&services, None)).unwrap();
         let api = mesh.lookup("api.demo:80").unwrap();
         let names: Vec<&str> = api.profile.route_names().collect();
         assert_eq!(
