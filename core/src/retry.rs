@@ -845,6 +845,13 @@ impl Retries {
         }
     }
 
+    /// Whether the request may be hedged at all: its route hedges and its method may be
+    /// repeated. (Each hedge is still decided by [`hedge`](Self::hedge).)
+    #[must_use]
+    pub fn may_hedge(&self) -> bool {
+        self.hedges_left > 0 && self.allowed
+    }
+
     /// Attempts so far, hedges included.
     #[must_use]
     pub fn attempts(&self) -> u32 {

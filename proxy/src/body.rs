@@ -467,6 +467,17 @@ impl Recorded {
         record.ended && !record.overflow
     }
 
+    /// Whether the body is kept whole: `Some(false)` once it outgrew the limit, `None` while
+    /// it is still being read within it.
+    pub(crate) fn whole(&self) -> Option<bool> {
+        let record = lock_recording(&self.0);
+        if record.overflow {
+            Some(false)
+        } else {
+            record.ended.then_some(true)
+        }
+    }
+
     /// The whole body again, if it ended within the limit.
     pub(crate) fn replay(&self) -> Option<Body> {
         let record = lock_recording(&self.0);

@@ -20,7 +20,9 @@ use hyper::body::Incoming;
 use crate::body::{self, Body, GuardedBody, Recorded};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
-use crate::exchange::{self, Attempt, Engine, Exchange, Facts, Failed, Sent, Settle};
+use crate::exchange::{
+    self, Attempt, BoxedSend, Engine, Exchange, Facts, Failed, RequestCopy, Sent, Settle,
+};
 use crate::net::Net;
 use crate::pool::Pools;
 use crate::pool::h2::H2Failed;
@@ -89,7 +91,7 @@ impl exchange::Head for H2Head<'_> {
 
 /// The HTTP/2 engine's side of one exchange.
 struct H2Exchange<'p, N: Net> {
-    pools: &'p Pools<N>,
+    pools: &'p Arc<Pools<N>>,
     clock: Clock,
     /// The head as forwarded, or why it cannot be.
     head: Result<Parts, Option<ProxyError>>,
@@ -104,7 +106,7 @@ struct H2Exchange<'p, N: Net> {
 }
 
 impl<'p, N: Net> H2Exchange<'p, N> {
-    fn new(pools: &'p Pools<N>, clock: Clock, parts: Parts, incoming: Incoming) -> Self {
+    fn new(pools: &'p Arc<Pools<N>>, clock: Clock, parts: Parts, incoming: Incoming) -> Self {
         // A request that has no body (most do not) gets the empty body, which boxes without
         // an allocation; the client's `Incoming` would cost one per request for nothing.
         let empty = http_body::Body::is_end_stream(&incoming);
@@ -216,14 +218,7 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
     }
 
     fn facts<'a>(&'a self, response: &'a Response<Incoming>) -> Facts<'a> {
-        let headers = response.headers();
-        Facts {
-            status: response.status(),
-            grpc: headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| conduit_core::classify::is_grpc_content_type(v.as_bytes())),
-            grpc_status: headers.get(GRPC_STATUS).map(HeaderValue::as_bytes),
-        }
+        facts(response)
     }
 
     async fn respond(&mut self, response: Response<Incoming>, settle: Settle) -> Response<Body> {
@@ -242,6 +237,116 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
 
     async fn answer(&mut self, response: Response<Body>, _client_broken: bool) -> Response<Body> {
         response
+    }
+
+    type Copy = H2Copy<N>;
+
+    async fn copy(&mut self) -> Option<H2Copy<N>> {
+        let head = self.head.as_ref().ok()?;
+        let body = if self.empty {
+            None
+        } else if self.recording {
+            // An attempt already took the body: only its kept copy can go again.
+            Some(self.recorded.clone()?)
+        } else {
+            // Kept from the start, so a hedge can send it once it is whole.
+            let body = self.body.take()?;
+            self.recording = true;
+            let limit = self.pools.limits.replay_body_limit;
+            let fits = http_body::Body::size_hint(&body).lower()
+                <= u64::try_from(limit).unwrap_or(u64::MAX);
+            if limit == 0 || !fits {
+                self.body = Some(body);
+                return None;
+            }
+            let (body, recorded) = body::recording(body, limit);
+            self.body = Some(body);
+            self.recorded = Some(recorded.clone());
+            Some(recorded)
+        };
+        Some(H2Copy {
+            pools: Arc::clone(self.pools),
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            version: head.version,
+            headers: head.headers.clone(),
+            body,
+        })
+    }
+
+    fn adopt(&mut self, response: Response<Incoming>) -> Response<Incoming> {
+        response
+    }
+}
+
+/// The facts of an HTTP/2 response head.
+fn facts(response: &Response<Incoming>) -> Facts<'_> {
+    let headers = response.headers();
+    Facts {
+        status: response.status(),
+        grpc: headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| conduit_core::classify::is_grpc_content_type(v.as_bytes())),
+        grpc_status: headers.get(GRPC_STATUS).map(HeaderValue::as_bytes),
+    }
+}
+
+/// A copy of an HTTP/2 request for hedges: its head as forwarded, and its body's kept copy.
+pub(crate) struct H2Copy<N: Net> {
+    pools: Arc<Pools<N>>,
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    /// `None`: the request has no body.
+    body: Option<Recorded>,
+}
+
+impl<N: Net> RequestCopy for H2Copy<N> {
+    type Response = Response<Incoming>;
+
+    fn whole(&self) -> Option<bool> {
+        match &self.body {
+            None => Some(true),
+            Some(recorded) => recorded.whole(),
+        }
+    }
+
+    fn send(&self, attempt: Attempt) -> BoxedSend<Response<Incoming>> {
+        let body = match &self.body {
+            None => body::empty(),
+            Some(recorded) => match recorded.replay() {
+                Some(body) => body,
+                None => {
+                    return Box::pin(std::future::ready(Err(Failed::new(
+                        ProxyError::Unavailable {
+                            reason: "request body cannot be sent again".into(),
+                        },
+                    ))));
+                }
+            },
+        };
+        let mut request = Request::new(body);
+        request.method_mut().clone_from(&self.method);
+        request.uri_mut().clone_from(&self.uri);
+        *request.version_mut() = self.version;
+        request.headers_mut().clone_from(&self.headers);
+        if let Some(value) = attempt.grpc_timeout
+            && let Ok(value) = HeaderValue::from_bytes(value.as_bytes())
+        {
+            request.headers_mut().insert(GRPC_TIMEOUT, value);
+        }
+        let pools = Arc::clone(&self.pools);
+        Box::pin(async move {
+            pools
+                .send_h2(attempt.addr, request, attempt.deadline)
+                .await
+                .map_err(|failed| failed.failed)
+        })
+    }
+
+    fn facts(response: &Response<Incoming>) -> Facts<'_> {
+        facts(response)
     }
 }
 

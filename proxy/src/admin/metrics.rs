@@ -197,6 +197,8 @@ struct RouteSeries {
     retries: Vec<(&'static str, Series<Counter>)>,
     /// Retryable failures not retried, by why not (`core::retry::Skip` names).
     skipped: Vec<(&'static str, Series<Counter>)>,
+    /// Hedges sent, by how each ended (`won`, `lost`, `failed`).
+    hedges: Vec<(&'static str, Series<Counter>)>,
 }
 
 /// The counter named `name` in `counters`, created if absent.
@@ -308,6 +310,7 @@ impl AuthoritySeries {
                         actual: Vec::new(),
                         retries: Vec::new(),
                         skipped: Vec::new(),
+                        hedges: Vec::new(),
                     },
                 );
                 i
@@ -324,8 +327,13 @@ impl AuthoritySeries {
             let actual_gone = retire_series(&mut none, &mut route.actual, &keep);
             route.retries.retain(|(_, series)| keep(series.updated));
             route.skipped.retain(|(_, series)| keep(series.updated));
+            route.hedges.retain(|(_, series)| keep(series.updated));
             let gone = retire_series(&mut route.requests, &mut route.statuses, &keep);
-            !(gone && actual_gone && route.retries.is_empty() && route.skipped.is_empty())
+            !(gone
+                && actual_gone
+                && route.retries.is_empty()
+                && route.skipped.is_empty()
+                && route.hedges.is_empty())
         });
         retire_series(&mut self.requests, &mut self.statuses, &keep) && self.routes.is_empty()
     }
@@ -454,6 +462,13 @@ impl AuthorityMetrics {
     pub fn retry_skipped(&self, now: Instant, route: &Arc<str>, skip: &'static str) {
         let mut series = self.lock();
         named_counter(&mut series.route(route).skipped, skip, now).incr();
+    }
+
+    /// Counts a hedge on `route` that ended with `outcome` (`won`: its response went to the
+    /// caller; `lost`: another attempt answered first and it was cancelled; `failed`), at `now`.
+    pub fn hedged(&self, now: Instant, route: &Arc<str>, outcome: &'static str) {
+        let mut series = self.lock();
+        named_counter(&mut series.route(route).hedges, outcome, now).incr();
     }
 }
 
@@ -786,6 +801,7 @@ struct RetryFamilies {
     retries: String,
     skipped: String,
     exhausted: String,
+    hedges: String,
 }
 
 impl RetryFamilies {
@@ -826,6 +842,13 @@ impl RetryFamilies {
                 );
             }
         }
+        for (outcome, series) in &route.hedges {
+            let _ = writeln!(
+                self.hedges,
+                "route_hedges_total{{{labels},outcome=\"{outcome}\"}} {}",
+                series.value.value()
+            );
+        }
     }
 
     fn finish(self, out: &mut String) {
@@ -849,6 +872,11 @@ impl RetryFamilies {
                 "route_retry_budget_exhausted_total",
                 "Total count of retries refused because the route's retry budget was spent.",
                 self.exhausted,
+            ),
+            (
+                "route_hedges_total",
+                "Total count of hedges (speculative retries) per route, by how each ended.",
+                self.hedges,
             ),
         ] {
             if rows.is_empty() {

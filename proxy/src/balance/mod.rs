@@ -33,8 +33,9 @@ use conduit_core::balance::{
 };
 use conduit_core::breaker::Reason;
 use conduit_core::classify::Outcome;
+use conduit_core::metrics::{LatencyWindow, WindowConfig};
 use conduit_core::rand::DetRng;
-use conduit_core::retry::{Budget, Decision, Retries};
+use conduit_core::retry::{Budget, Decision, HedgeDelay, HedgePolicy, Retries, Skip};
 use conduit_core::route::Profile;
 use conduit_core::time::Instant;
 use tokio::sync::{Notify, oneshot, watch};
@@ -330,12 +331,15 @@ struct State {
 
 /// One retry budget per route with a retry policy, for the profile they were made for: a
 /// profile that changes gets fresh budgets; one that stays the same across resolutions (an
-/// endpoint change) keeps them.
+/// endpoint change) keeps them. Routes that hedge after a latency quantile keep their recent
+/// latencies here too.
 #[derive(Debug)]
 struct Budgets {
     profile: Arc<Profile>,
     /// By route index; `None` for routes that do not retry.
     routes: Vec<Option<Budget>>,
+    /// By route index; `Some` for routes that hedge after a quantile of their latency.
+    latencies: Vec<Option<LatencyWindow>>,
 }
 
 impl Budgets {
@@ -351,9 +355,19 @@ impl Budgets {
                     .map(|retry| Budget::new(retry.budget, now))
             })
             .collect();
+        let latencies = profile
+            .routes()
+            .iter()
+            .map(|route| {
+                let hedge = route.policy.retry.as_ref().and_then(|r| r.hedge)?;
+                matches!(hedge.after, HedgeDelay::Quantile { .. })
+                    .then(|| LatencyWindow::new(&WindowConfig::default(), now))
+            })
+            .collect();
         routes.iter().any(Option::is_some).then(|| Self {
             profile: Arc::clone(profile),
             routes,
+            latencies,
         })
     }
 
@@ -363,6 +377,15 @@ impl Budgets {
             return None;
         }
         self.routes.get_mut(route)?.as_mut()
+    }
+
+    /// The latency window of route `route` of `profile`, if it keeps one and that profile is
+    /// still the one in force.
+    fn latencies(&mut self, profile: &Arc<Profile>, route: usize) -> Option<&mut LatencyWindow> {
+        if !Arc::ptr_eq(&self.profile, profile) {
+            return None;
+        }
+        self.latencies.get_mut(route)?.as_mut()
     }
 }
 
@@ -475,18 +498,6 @@ impl ServiceBalancer {
                 };
                 if !kept {
                     state.budgets = profile.as_ref().and_then(|p| Budgets::new(p, now));
-                    // Hedging is parsed and validated, but this proxy does not send hedges yet:
-                    // say so once per profile rather than ignore the setting silently.
-                    for route in profile.iter().flat_map(|p| p.routes()) {
-                        if route
-                            .policy
-                            .retry
-                            .as_ref()
-                            .is_some_and(|r| r.hedge.is_some())
-                        {
-                            tracing::warn!(authority = %self.authority, route = %route.name, "the route's hedge policy is not applied: this proxy retries failed attempts but does not send hedges yet");
-                        }
-                    }
                 }
                 state.balancer.set_breaker(now, *service.profile.breaker());
                 self.breaker_on
@@ -716,7 +727,68 @@ impl ServiceBalancer {
                 now,
                 rng,
             ),
-            None => Decision::Skip(conduit_core::retry::Skip::Budget),
+            None => Decision::Skip(Skip::Budget),
+        }
+    }
+
+    /// How long a request on route `route` of `profile` (hedging by `hedge`) waits at `now`
+    /// before a hedge goes out: the fixed delay, or the route's latency quantile over its
+    /// recent window (`None` until the window holds enough samples, or once the profile was
+    /// replaced).
+    pub(crate) fn hedge_delay(
+        &self,
+        hedge: &HedgePolicy,
+        profile: &Arc<Profile>,
+        route: usize,
+        now: Instant,
+    ) -> Option<Duration> {
+        match hedge.after {
+            HedgeDelay::Fixed(_) => hedge.delay(&conduit_core::metrics::LatencyHistogram::new()),
+            HedgeDelay::Quantile { .. } => {
+                let mut state = lock(&self.state);
+                let window = state.budgets.as_mut()?.latencies(profile, route)?;
+                hedge.delay(&window.snapshot(now))
+            }
+        }
+    }
+
+    /// A response head on route `route` of `profile` arrived `latency` after its request:
+    /// a sample for the route's hedge delay, when it hedges after a quantile.
+    pub(crate) fn route_latency(
+        &self,
+        profile: &Arc<Profile>,
+        route: usize,
+        now: Instant,
+        latency: Duration,
+    ) {
+        let mut state = lock(&self.state);
+        if let Some(window) = state
+            .budgets
+            .as_mut()
+            .and_then(|b| b.latencies(profile, route))
+        {
+            window.record(now, latency);
+        }
+    }
+
+    /// Whether a hedge of a request on route `route` of `profile` may go out at `now`
+    /// ([`Retries::hedge`], paid from the route's budget).
+    ///
+    /// # Errors
+    ///
+    /// Why not.
+    pub(crate) fn hedge(
+        &self,
+        retries: &mut Retries,
+        profile: &Arc<Profile>,
+        route: usize,
+        replayable: bool,
+        now: Instant,
+    ) -> Result<(), Skip> {
+        let mut state = lock(&self.state);
+        match state.budgets.as_mut().and_then(|b| b.get(profile, route)) {
+            Some(budget) => retries.hedge(replayable, budget, now),
+            None => Err(Skip::Budget),
         }
     }
 

@@ -33,7 +33,9 @@ use std::sync::Arc;
 use conduit_core::balance::{InFlight, Picked};
 use conduit_core::classify::Reason;
 use conduit_core::classify::{ResponseClass, TransportError};
-use conduit_core::retry::{Decision, Resend, Retries, Skip, Unprocessed, resend_unprocessed};
+use conduit_core::retry::{
+    Decision, HedgeDelay, Resend, Retries, Skip, Unprocessed, resend_unprocessed,
+};
 use conduit_core::route::{Profile, RequestView};
 use conduit_core::time::Instant;
 use conduit_core::timeout::{
@@ -191,7 +193,39 @@ pub(crate) trait Engine {
         response: http::Response<Body>,
         client_broken: bool,
     ) -> impl Future<Output = Self::Output> + Send;
+
+    /// A copy of the request that hedges send beside the engine's own attempt; made before the
+    /// first attempt, on routes that hedge (a small body may be read whole first). `None`: the
+    /// request cannot be copied (a body too large to keep, an upgrade), and it is not hedged.
+    fn copy(&mut self) -> impl Future<Output = Option<Self::Copy>> + Send;
+
+    /// A hedge's response head won: it becomes the response the engine streams.
+    fn adopt(&mut self, response: <Self::Copy as RequestCopy>::Response) -> Self::Response;
+
+    /// What [`copy`](Self::copy) makes.
+    type Copy: RequestCopy;
 }
+
+/// A copy of a request that goes out on its own (a hedge), beside the engine's attempt: it
+/// owns what it needs, so it sends while the engine is busy with the first attempt.
+pub(crate) trait RequestCopy: Send + Sync + 'static {
+    /// A response head as the copy holds it.
+    type Response: Send + 'static;
+
+    /// Whether the whole request is in hand now: no body, or its body read and kept whole
+    /// (`None`: not yet, and it may be later).
+    fn whole(&self) -> Option<bool>;
+
+    /// Sends the copy and waits for its response head, until the attempt's deadline.
+    fn send(&self, attempt: Attempt) -> BoxedSend<Self::Response>;
+
+    /// The facts of a response head.
+    fn facts(response: &Self::Response) -> Facts<'_>;
+}
+
+/// A copy's send in flight.
+pub(crate) type BoxedSend<R> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Sent<R>, Failed>> + Send + 'static>>;
 
 /// Where a direction's requests go.
 #[derive(Debug)]
@@ -492,7 +526,7 @@ impl<'c> Exchange<'c> {
                 Some(picked) => picked.map(|(addr, in_flight)| (addr, in_flight, now)),
                 None => Box::pin(self.pick_wait(routed, now, routed.deadlines.request())).await,
             };
-            let (addr, in_flight, dispatched) = match picked {
+            let (mut addr, mut in_flight, mut dispatched) = match picked {
                 Ok(picked) => picked,
                 Err(err) => return self.answer(engine, &err, false).await,
             };
@@ -507,7 +541,40 @@ impl<'c> Exchange<'c> {
                 grpc_timeout: budget.propagate.map(encode_grpc_timeout),
                 first: attempts == 1,
             };
-            let failed = match engine.send(&attempt).await {
+            // On a route that hedges, the first attempt races its hedges (boxed: rare, and
+            // its state would weigh on every request's future).
+            let hedging = match retries.as_mut() {
+                Some(retries) if attempts == 1 && retries.may_hedge() => {
+                    Box::pin(self.hedging(routed, engine, dispatched))
+                        .await
+                        .map(|(copy, delay)| (retries, copy, delay))
+                }
+                _ => None,
+            };
+            let result = match hedging {
+                None => engine.send(&attempt).await,
+                Some((retries, copy, delay)) => {
+                    let first = Contender {
+                        addr,
+                        in_flight,
+                        dispatched,
+                    };
+                    let race = Race {
+                        routed,
+                        copy,
+                        delay,
+                        retries,
+                    };
+                    let raced = Box::pin(self.race(engine, &attempt, first, race)).await;
+                    (addr, in_flight, dispatched) = (
+                        raced.winner.addr,
+                        raced.winner.in_flight,
+                        raced.winner.dispatched,
+                    );
+                    raced.result
+                }
+            };
+            let failed = match result {
                 Ok(sent) => {
                     let Some((after, outcome)) =
                         self.retry_response(&mut retries, engine, &sent, addr, in_flight.as_ref())
@@ -528,39 +595,14 @@ impl<'c> Exchange<'c> {
                 Err(failed) => failed,
             };
             let service = routed.service.as_deref();
-            if failed.connected
-                && let Some(service) = service
-            {
-                service.connect_succeeded(addr);
-            }
-            let error = match failed.error {
-                AttemptError::Proxy(error) => error,
-                AttemptError::Deadline => {
-                    let now = clock.now();
-                    let expiry = routed.deadlines.attempt_expiry(dispatched, now).unwrap_or(
-                        Expiry::Request {
-                            // Woken early (not with a monotonic clock): the wait was the
-                            // request's.
-                            timeout: now.saturating_duration_since(self.start),
-                            propagated: false,
-                        },
-                    );
-                    expired(expiry, Some(addr))
-                }
-            };
-            feedback(service, addr, in_flight.as_ref(), &error);
-            // The endpoint's load settles before another pick; a failure the endpoint is to
-            // blame for (no answer in time, a broken exchange) counts against its breaker.
-            if let (Some(service), Some(in_flight)) = (service, in_flight)
-                && matches!(
-                    error,
-                    ProxyError::Upstream { .. }
-                        | ProxyError::ResponseTimeout { .. }
-                        | ProxyError::AttemptTimeout { .. }
-                )
-            {
-                service.settle(in_flight, conduit_core::classify::Outcome::Failure);
-            }
+            let error = self.failure(
+                routed,
+                addr,
+                dispatched,
+                in_flight,
+                failed.connected,
+                failed.error,
+            );
             if failed.unprocessed && !failed.client_broken {
                 let decision = resend_unprocessed(
                     Unprocessed {
@@ -601,6 +643,380 @@ impl<'c> Exchange<'c> {
             }
             tracing::debug!(endpoint = %addr, %error, "proxy error");
             return self.answer(engine, &error, failed.client_broken).await;
+        }
+    }
+
+    /// Settles an attempt to `addr` (dispatched at `dispatched`) that failed before response
+    /// headers with `error`: the balancer's feedback, and the endpoint's breaker when the
+    /// endpoint is to blame (no answer in time, a broken exchange). Returns the error.
+    fn failure(
+        &self,
+        routed: &Routed,
+        addr: SocketAddr,
+        dispatched: Instant,
+        in_flight: Option<InFlight>,
+        connected: bool,
+        error: AttemptError,
+    ) -> ProxyError {
+        let service = routed.service.as_deref();
+        if connected && let Some(service) = service {
+            service.connect_succeeded(addr);
+        }
+        let error =
+            match error {
+                AttemptError::Proxy(error) => error,
+                AttemptError::Deadline => {
+                    let now = self.cx.clock.now();
+                    let expiry = routed.deadlines.attempt_expiry(dispatched, now).unwrap_or(
+                        Expiry::Request {
+                            // Woken early (not with a monotonic clock): the wait was the
+                            // request's.
+                            timeout: now.saturating_duration_since(self.start),
+                            propagated: false,
+                        },
+                    );
+                    expired(expiry, Some(addr))
+                }
+            };
+        feedback(service, addr, in_flight.as_ref(), &error);
+        // The endpoint's load settles before another pick; a failure the endpoint is to blame
+        // for counts against its breaker.
+        if let (Some(service), Some(in_flight)) = (service, in_flight)
+            && matches!(
+                error,
+                ProxyError::Upstream { .. }
+                    | ProxyError::ResponseTimeout { .. }
+                    | ProxyError::AttemptTimeout { .. }
+            )
+        {
+            service.settle(in_flight, conduit_core::classify::Outcome::Failure);
+        }
+        error
+    }
+
+    /// On a route that hedges: a copy of the request for its hedges, and how long after an
+    /// attempt goes out a hedge follows it (`None`: no hedge for this request; a route that
+    /// hedges after a latency quantile does not until it has seen enough responses).
+    async fn hedging<E: Engine>(
+        &self,
+        routed: &Routed,
+        engine: &mut E,
+        now: Instant,
+    ) -> Option<(E::Copy, std::time::Duration)> {
+        let route = routed.route?;
+        let hedge = routed
+            .profile
+            .route_at(Some(route))
+            .policy
+            .retry
+            .as_ref()?
+            .hedge?;
+        let service = routed.service.as_ref()?;
+        let delay = service.hedge_delay(&hedge, &routed.profile, route, now)?;
+        Some((engine.copy().await?, delay))
+    }
+
+    /// The first attempt, `first`, raced by hedges: every `delay` without a response, another
+    /// copy of the request goes to an endpoint the balancer offers at once, as long as the
+    /// route's policy and budget allow. The first response head that is not a retryable
+    /// failure wins; the other attempts are cancelled (dropped, which releases their in-flight
+    /// counts) and their hedges counted `lost`. Failures while another attempt is still out
+    /// are settled here; the last one (a retryable response rather than an error, when there
+    /// is one) is returned unsettled, for the request's usual retry decision.
+    async fn race<E: Engine>(
+        &self,
+        engine: &mut E,
+        attempt: &Attempt,
+        first: Contender,
+        race: Race<'_, E::Copy>,
+    ) -> Raced<E::Response> {
+        let Race {
+            routed,
+            copy,
+            delay,
+            retries,
+        } = race;
+        let clock = self.cx.clock;
+        let mut out = Hedges::new();
+        let mut next = Some(first.dispatched + delay);
+        // Phase one: the engine's own attempt is out, and holds the engine.
+        let ended = {
+            let mut primary = std::pin::pin!(engine.send(attempt));
+            loop {
+                tokio::select! {
+                    result = &mut primary => break Ok(result),
+                    Some((i, result)) = futures_util::StreamExt::next(&mut out.futures), if !out.futures.is_empty() => {
+                        let Some(hedge) = out.take(i) else { continue };
+                        match self.hedge_ended::<E::Copy>(routed, hedge, result, true) {
+                            HedgeEnd::Won(hedge, sent) => break Err((hedge, sent)),
+                            HedgeEnd::Settled | HedgeEnd::Last(..) => {}
+                        }
+                    }
+                    () = clock.sleep_until(next.unwrap_or(Instant::ZERO)), if next.is_some() => {
+                        next = self.send_hedge(routed, &copy, delay, retries, &mut out);
+                    }
+                }
+            }
+        };
+        // The engine's attempt was dropped with its future if a hedge won.
+        let held = match ended {
+            Err((hedge, sent)) => {
+                drop(first);
+                return self.hedge_won(engine, routed, hedge, sent, &out);
+            }
+            Ok(Ok(sent)) => {
+                let (retryable, ..) = self.head_class(routed, engine.facts(&sent.response));
+                if !retryable || out.futures.is_empty() {
+                    self.hedges_lost(routed, &out);
+                    return Raced {
+                        winner: first,
+                        result: Ok(sent),
+                    };
+                }
+                // A retryable failure while a hedge is out: kept, in case nothing better comes.
+                Some((first, sent))
+            }
+            Ok(Err(failed)) => {
+                if failed.client_broken || out.futures.is_empty() {
+                    self.hedges_lost(routed, &out);
+                    return Raced {
+                        winner: first,
+                        result: Err(failed),
+                    };
+                }
+                self.attempt_failed(routed, first, failed);
+                None
+            }
+        };
+        // Phase two: only hedges are out.
+        loop {
+            tokio::select! {
+                Some((i, result)) = futures_util::StreamExt::next(&mut out.futures), if !out.futures.is_empty() => {
+                    let Some(hedge) = out.take(i) else { continue };
+                    let others = !out.futures.is_empty() || held.is_some();
+                    match self.hedge_ended::<E::Copy>(routed, hedge, result, others) {
+                        HedgeEnd::Won(hedge, sent) => {
+                            if let Some((first, sent)) = held {
+                                let facts = engine.facts(&sent.response);
+                                let (_, status, outcome) = self.head_class(routed, facts);
+                                self.response_settled(routed, first, sent.connected, status, outcome);
+                                engine.discard(sent.response);
+                            }
+                            return self.hedge_won(engine, routed, hedge, sent, &out);
+                        }
+                        HedgeEnd::Last(hedge, result) => {
+                            return Raced {
+                                winner: hedge,
+                                result: result.map(|sent| Sent {
+                                    response: engine.adopt(sent.response),
+                                    connected: sent.connected,
+                                }),
+                            };
+                        }
+                        HedgeEnd::Settled => {
+                            if out.futures.is_empty()
+                                && let Some((first, sent)) = held
+                            {
+                                return Raced {
+                                    winner: first,
+                                    result: Ok(sent),
+                                };
+                            }
+                        }
+                    }
+                }
+                () = clock.sleep_until(next.unwrap_or(Instant::ZERO)), if next.is_some() => {
+                    next = self.send_hedge(routed, &copy, delay, retries, &mut out);
+                }
+            }
+        }
+    }
+
+    /// Sends a hedge now, if the route's policy and budget allow and the balancer has an
+    /// endpoint ready; returns when the next may go.
+    fn send_hedge<C: RequestCopy>(
+        &self,
+        routed: &Routed,
+        copy: &C,
+        delay: std::time::Duration,
+        retries: &mut Retries,
+        out: &mut Hedges<C::Response>,
+    ) -> Option<Instant> {
+        let (service, route, label) = (
+            routed.service.as_ref()?,
+            routed.route?,
+            routed.route_label.as_ref()?,
+        );
+        let now = self.cx.clock.now();
+        let budget = routed.deadlines.attempt(now).ok()?;
+        let Some(whole) = copy.whole() else {
+            // The body is still on its way to the first attempt: look again after a delay.
+            return Some(now + delay);
+        };
+        let Some(Ok(picked)) = service.try_pick(now, self.observed) else {
+            tracing::debug!("no endpoint ready for a hedge");
+            return None;
+        };
+        if let Err(skip) = service.hedge(retries, &routed.profile, route, whole, now) {
+            tracing::debug!(reason = skip.as_str(), "not hedging");
+            if skip != Skip::Attempts {
+                self.series.retry_skipped(now, label, skip.as_str());
+            }
+            return None;
+        }
+        tracing::debug!(endpoint = %picked.addr, "hedging");
+        let attempt = Attempt {
+            addr: picked.addr,
+            deadline: budget.deadline,
+            grpc_timeout: budget.propagate.map(encode_grpc_timeout),
+            first: false,
+        };
+        let i = out.contenders.len();
+        out.contenders.push(Some(Contender {
+            addr: picked.addr,
+            in_flight: Some(picked.in_flight),
+            dispatched: now,
+        }));
+        out.futures.push(
+            copy.send(attempt)
+                .map(Box::new(move |result| (i, result)) as Box<dyn FnOnce(_) -> _ + Send>),
+        );
+        retries.may_hedge().then_some(now + delay)
+    }
+
+    /// A hedge ended with `result`: it won (a response that is not a retryable failure), or
+    /// it failed and is settled here when `others` are still out, or it is the race's last.
+    fn hedge_ended<C: RequestCopy>(
+        &self,
+        routed: &Routed,
+        hedge: Contender,
+        result: Result<Sent<C::Response>, Failed>,
+        others: bool,
+    ) -> HedgeEnd<C::Response> {
+        let now = self.cx.clock.now();
+        let label = routed.route_label.as_ref();
+        match result {
+            Ok(sent) => {
+                let (retryable, status, outcome) =
+                    self.head_class(routed, C::facts(&sent.response));
+                if !retryable {
+                    return HedgeEnd::Won(hedge, sent);
+                }
+                if let Some(label) = label {
+                    self.series.hedged(now, label, "failed");
+                }
+                if !others {
+                    return HedgeEnd::Last(hedge, Ok(sent));
+                }
+                self.response_settled(routed, hedge, sent.connected, status, outcome);
+                HedgeEnd::Settled
+            }
+            Err(failed) => {
+                if let Some(label) = label {
+                    self.series.hedged(now, label, "failed");
+                }
+                if !others {
+                    return HedgeEnd::Last(hedge, Err(failed));
+                }
+                self.attempt_failed(routed, hedge, failed);
+                HedgeEnd::Settled
+            }
+        }
+    }
+
+    /// A hedge's response won: the engine streams it, and the hedges still out are cancelled.
+    fn hedge_won<E: Engine>(
+        &self,
+        engine: &mut E,
+        routed: &Routed,
+        hedge: Contender,
+        sent: Sent<<E::Copy as RequestCopy>::Response>,
+        out: &Hedges<<E::Copy as RequestCopy>::Response>,
+    ) -> Raced<E::Response> {
+        if let Some(label) = &routed.route_label {
+            self.series.hedged(self.cx.clock.now(), label, "won");
+        }
+        tracing::debug!(endpoint = %hedge.addr, "the hedge answered first");
+        self.hedges_lost(routed, out);
+        Raced {
+            winner: hedge,
+            result: Ok(Sent {
+                response: engine.adopt(sent.response),
+                connected: sent.connected,
+            }),
+        }
+    }
+
+    /// Counts the hedges still out as `lost`: they are cancelled with the race.
+    fn hedges_lost<R>(&self, routed: &Routed, out: &Hedges<R>) {
+        let Some(label) = &routed.route_label else {
+            return;
+        };
+        let now = self.cx.clock.now();
+        for _ in out.contenders.iter().flatten() {
+            self.series.hedged(now, label, "lost");
+        }
+    }
+
+    /// Whether a response head's class is a retryable failure, its status and its outcome.
+    fn head_class(
+        &self,
+        routed: &Routed,
+        facts: Facts<'_>,
+    ) -> (bool, u16, conduit_core::classify::Outcome) {
+        let classifier = &routed.profile.route_at(routed.route).policy.classifier;
+        let status = facts.status.as_u16();
+        match classifier.classify_head(facts.status, facts.grpc, facts.grpc_status) {
+            ResponseClass::Final(class) => (class.retryable, status, class.outcome),
+            // Decided by trailers: not a failure the race can see.
+            ResponseClass::Pending(_) => (false, status, conduit_core::classify::Outcome::Success),
+        }
+    }
+
+    /// Settles an attempt whose response the caller will not see (it lost a race): counted as
+    /// an attempt, an RTT sample, and the endpoint's breaker learns its outcome.
+    fn response_settled(
+        &self,
+        routed: &Routed,
+        contender: Contender,
+        connected: bool,
+        status: u16,
+        outcome: conduit_core::classify::Outcome,
+    ) {
+        let now = self.cx.clock.now();
+        if let Some(label) = &routed.route_label {
+            self.series.attempt_end(now, status, outcome, label);
+        }
+        if let Some(service) = &routed.service {
+            if connected {
+                service.connect_succeeded(contender.addr);
+            }
+            if let Some(in_flight) = contender.in_flight {
+                service.observe_at(now, &in_flight);
+                service.settle(in_flight, outcome);
+            }
+        }
+    }
+
+    /// Settles an attempt that failed before response headers while another was still out.
+    fn attempt_failed(&self, routed: &Routed, contender: Contender, failed: Failed) {
+        let error = self.failure(
+            routed,
+            contender.addr,
+            contender.dispatched,
+            contender.in_flight,
+            failed.connected,
+            failed.error,
+        );
+        tracing::debug!(endpoint = %contender.addr, %error, "attempt failed while another is out");
+        if let Some(label) = &routed.route_label {
+            let status = error.to_synthetic().http_status.as_u16();
+            self.series.attempt_end(
+                self.cx.clock.now(),
+                status,
+                conduit_core::classify::Outcome::Failure,
+                label,
+            );
         }
     }
 
@@ -823,6 +1239,19 @@ impl<'c> Exchange<'c> {
             }
         }
         tracing::trace!(endpoint = %addr, status, ?latency, "response headers");
+        // A route that hedges after a quantile of its latency learns it here.
+        if let (Some(service), Some(route)) = (&routed.service, routed.route)
+            && routed
+                .profile
+                .route_at(Some(route))
+                .policy
+                .retry
+                .as_ref()
+                .and_then(|retry| retry.hedge)
+                .is_some_and(|hedge| matches!(hedge.after, HedgeDelay::Quantile { .. }))
+        {
+            service.route_latency(&routed.profile, route, now, latency);
+        }
         let classifier = &routed.profile.route_at(routed.route).policy.classifier;
         let class = classifier.classify_head(facts.status, facts.grpc, facts.grpc_status);
         let settle = Settle {
@@ -872,6 +1301,63 @@ impl<'c> Exchange<'c> {
         self.series
             .response_end(now, status.as_u16(), outcome, route);
         engine.answer(response, client_broken).await
+    }
+}
+
+/// An attempt in a race: where it went, its in-flight count, and when it went out.
+struct Contender {
+    addr: SocketAddr,
+    in_flight: Option<InFlight>,
+    dispatched: Instant,
+}
+
+/// What a race needs beside the engine's attempt.
+struct Race<'r, C> {
+    routed: &'r Routed,
+    copy: C,
+    delay: std::time::Duration,
+    retries: &'r mut Retries,
+}
+
+/// How a race ended: the attempt whose result it is, and the result.
+struct Raced<R> {
+    winner: Contender,
+    result: Result<Sent<R>, Failed>,
+}
+
+/// How a hedge ended.
+enum HedgeEnd<R> {
+    /// Its response wins.
+    Won(Contender, Sent<R>),
+    /// It failed and was settled; other attempts are still out.
+    Settled,
+    /// It failed, and nothing else is out: the race's result, unsettled.
+    Last(Contender, Result<Sent<R>, Failed>),
+}
+
+/// A hedge's send, tagged with its index in [`Hedges::contenders`].
+type TaggedSend<R> = futures_util::future::Map<
+    BoxedSend<R>,
+    Box<dyn FnOnce(Result<Sent<R>, Failed>) -> (usize, Result<Sent<R>, Failed>) + Send>,
+>;
+
+/// The hedges a race sent.
+struct Hedges<R> {
+    futures: futures_util::stream::FuturesUnordered<TaggedSend<R>>,
+    /// By index; taken when the hedge ends.
+    contenders: Vec<Option<Contender>>,
+}
+
+impl<R> Hedges<R> {
+    fn new() -> Self {
+        Self {
+            futures: futures_util::stream::FuturesUnordered::new(),
+            contenders: Vec::new(),
+        }
+    }
+
+    fn take(&mut self, i: usize) -> Option<Contender> {
+        self.contenders.get_mut(i)?.take()
     }
 }
 

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 
 use super::codec::{self, CodecError, Encoding, Framing, Persistence, RequestHead, ResponseHead};
+use super::copy::{self, H1Copy, H1Hedged};
 use super::io::{Pump, PumpError, Replay, Side, Upstream};
 use crate::body::BodyEnd;
 use crate::clock::Clock;
@@ -107,7 +109,7 @@ pub(crate) async fn serve<N: Net, I: Io>(
     io: I,
     buf: BytesMut,
     cx: &exchange::Context,
-    pools: &Pools<N>,
+    pools: &Arc<Pools<N>>,
     mut drain: Drain,
 ) {
     let clock = cx.clock;
@@ -164,7 +166,7 @@ pub(crate) async fn serve<N: Net, I: Io>(
 
 struct Conn<'a, N: Net, I> {
     cx: &'a exchange::Context,
-    pools: &'a Pools<N>,
+    pools: &'a Arc<Pools<N>>,
     clock: Clock,
     limits: &'a Limits,
     client: Side<I>,
@@ -385,20 +387,36 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
         exchange.forward(&mut engine).await
     }
 
+    /// Reads until the read buffer holds `n` bytes of request body, each read within the idle
+    /// timeout. `None`: the client stopped sending or went away (the attempt then reports it).
+    async fn read_body(&mut self, n: usize) -> Option<()> {
+        let clock = self.clock;
+        let idle = self.limits.idle_timeout;
+        let client = &mut self.client;
+        let deadline = &mut self.idle;
+        let mut last = clock.now();
+        std::future::poll_fn(|cx| {
+            while client.rbuf.len() < n {
+                match client.poll_read_more(cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => last = clock.now(),
+                    Poll::Pending => {
+                        return if deadline.poll_reached(cx, clock, last + idle).is_ready() {
+                            Poll::Ready(None)
+                        } else {
+                            Poll::Pending
+                        };
+                    }
+                }
+            }
+            Poll::Ready(Some(()))
+        })
+        .await
+    }
+
     /// An idle pooled connection to `addr` that is still open.
     async fn checkout(&mut self, addr: SocketAddr, now: Instant) -> Option<Upstream<N>> {
-        while let Some(mut upstream) = self.pools.checkout_h1(addr, now) {
-            // An idle connection has nothing to say: input (or its end) means the server
-            // closed it or broke protocol. Polling costs no syscall while nothing arrived.
-            let alive =
-                std::future::poll_fn(|cx| Poll::Ready(upstream.poll_read_more(cx).is_pending()))
-                    .await;
-            if alive {
-                return Some(upstream);
-            }
-            tracing::trace!(endpoint = %addr, "pooled connection closed while idle");
-        }
-        None
+        checkout(self.pools, addr, now).await
     }
 
     /// Writes the request (head and body) and reads the response head, forwarding interim
@@ -749,6 +767,25 @@ async fn write_within<I: Io>(
     .await
 }
 
+/// An idle pooled connection to `addr` that is still open.
+pub(crate) async fn checkout<N: Net>(
+    pools: &Pools<N>,
+    addr: SocketAddr,
+    now: Instant,
+) -> Option<Upstream<N>> {
+    while let Some(mut upstream) = pools.checkout_h1(addr, now) {
+        // An idle connection has nothing to say: input (or its end) means the server closed
+        // it or broke protocol. Polling costs no syscall while nothing arrived.
+        let alive =
+            std::future::poll_fn(|cx| Poll::Ready(upstream.poll_read_more(cx).is_pending())).await;
+        if alive {
+            return Some(upstream);
+        }
+        tracing::trace!(endpoint = %addr, "pooled connection closed while idle");
+    }
+    None
+}
+
 /// The HTTP/1 engine's side of one exchange: the connection, the request's head, and what it
 /// takes to send it (again) and stream its response.
 struct H1Exchange<'c, 'a, N: Net, I> {
@@ -761,12 +798,12 @@ struct H1Exchange<'c, 'a, N: Net, I> {
 }
 
 /// A response head from the upstream, with the connection it arrived on.
-struct H1Response<N: Net> {
-    upstream: Upstream<N>,
-    head: ResponseHead,
+pub(crate) struct H1Response<N: Net> {
+    pub(crate) upstream: Upstream<N>,
+    pub(crate) head: ResponseHead,
     /// The rest of the request, when the upstream answered before it was sent whole.
-    upload: Upload,
-    addr: SocketAddr,
+    pub(crate) upload: Upload,
+    pub(crate) addr: SocketAddr,
 }
 
 /// What the exchange holds of an HTTP/1 response: the engine keeps the response itself.
@@ -961,11 +998,55 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
             _ => Next::Close,
         }
     }
+
+    type Copy = H1Copy<N>;
+
+    async fn copy(&mut self) -> Option<H1Copy<N>> {
+        let head = self.head;
+        if head.upgrade || head.connect || head.http10 {
+            return None;
+        }
+        let conn = &mut *self.conn;
+        let body = if !head.body.has_body() {
+            Vec::new()
+        } else if let Some(kept) = conn.replay.complete() {
+            kept.to_vec()
+        } else if conn.replay.untouched()
+            && let Some(n) = copy::small_body(head, conn.limits.replay_body_limit)
+        {
+            // A body that fits the replay limit is read whole before the first attempt, so
+            // every attempt sends the same copy and the client's connection is past the body
+            // whichever attempt wins.
+            conn.read_body(n).await?;
+            let body = conn.client.rbuf[..n].to_vec();
+            conn.replay.keep_whole(&body);
+            conn.client.rbuf.advance(n);
+            body
+        } else {
+            // A chunked or large body is streamed by the first attempt, and not hedged.
+            return None;
+        };
+        Some(H1Copy::new(
+            Arc::clone(conn.pools),
+            head.clone(),
+            conn.forward.clone(),
+            conn.grpc_timeout.clone(),
+            body,
+        ))
+    }
+
+    fn adopt(&mut self, hedged: H1Hedged<N>) -> H1Received {
+        // The hedge's head goes after whatever interim responses the engine's own attempt
+        // forwarded.
+        self.conn.client.wbuf.extend_from_slice(&hedged.client_head);
+        self.response = Some(hedged.response);
+        H1Received
+    }
 }
 
 /// Where the request stands when its response head arrives.
 #[derive(Debug)]
-enum Upload {
+pub(crate) enum Upload {
     /// Sent whole.
     Done,
     /// Still moving (full-duplex streaming, or an early answer).

@@ -218,6 +218,13 @@ impl Replay {
         self.buf = Vec::new();
     }
 
+    /// Keeps `body`, the request's whole body, read from the client before any attempt.
+    pub(crate) fn keep_whole(&mut self, body: &[u8]) {
+        self.buf.clear();
+        self.buf.extend_from_slice(body);
+        self.state = ReplayState::Complete;
+    }
+
     /// No body byte has been read yet: the request can be sent as it was.
     pub(crate) fn untouched(&self) -> bool {
         self.state == ReplayState::Untouched

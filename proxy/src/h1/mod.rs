@@ -10,4 +10,5 @@
 
 pub(crate) mod codec;
 pub(crate) mod conn;
+pub(crate) mod copy;
 pub(crate) mod io;
