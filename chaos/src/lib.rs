@@ -33,6 +33,10 @@ pub enum Action {
     LinkLatency(String, String, Duration),
     /// An app answers this much later.
     AppDelay(String, Duration),
+    /// An app answers this share of its requests (per mille, drawn per arrival from the
+    /// arrival's number, so the same seed slows the same arrivals) this much later: a long
+    /// latency tail. Zero per mille ends it.
+    AppTail(String, u32, Duration),
     /// An app stops answering (true) or resumes (false).
     AppStall(String, bool),
     /// An app answers every request with a 500 (true) or heals (false).
@@ -52,6 +56,7 @@ impl Action {
                 | Self::Bounce(_)
                 | Self::AppStall(_, false)
                 | Self::AppFail(_, false)
+                | Self::AppTail(_, 0, _)
         )
     }
 
@@ -67,6 +72,7 @@ impl Action {
             Self::DrainProxy(host) => world.drain_proxy(host),
             Self::LinkLatency(a, b, latency) => world.set_link_latency(a, b, *latency),
             Self::AppDelay(host, delay) => world.set_app_delay(host, *delay),
+            Self::AppTail(host, permille, delay) => world.set_app_tail(host, *permille, *delay),
             Self::AppStall(host, stalled) => world.set_app_stalled(host, *stalled),
             Self::AppFail(host, failing) => world.set_app_failing(host, *failing),
             Self::SetEndpoints(authority, hosts) => {
@@ -92,6 +98,7 @@ impl fmt::Display for Action {
             Self::DrainProxy(h) => write!(f, "drain proxy on {h}"),
             Self::LinkLatency(a, b, d) => write!(f, "latency {a} <-> {b} = {d:?}"),
             Self::AppDelay(h, d) => write!(f, "app {h} delay {d:?}"),
+            Self::AppTail(h, p, d) => write!(f, "app {h} tail {p}‰ x {d:?}"),
             Self::AppStall(h, s) => write!(f, "app {h} stalled={s}"),
             Self::AppFail(h, s) => write!(f, "app {h} failing={s}"),
             Self::SetEndpoints(s, hosts) => write!(f, "endpoints {s} = {hosts:?}"),

@@ -7,7 +7,8 @@
 //!   version and service, endpoints and their labels included;
 //! - [`picked`](Observer::picked): the balancer picked an endpoint for a request the observer
 //!   follows, under the resolution version in force at that pick. A request the proxy sends
-//!   again (after an endpoint provably did not process it) is picked again, and reported again.
+//!   again (after an endpoint provably did not process it, or a retry) is picked again, and
+//!   reported again; a hedge's pick says so, since the attempt before it may still answer.
 //!
 //! The observer chooses which requests it follows: [`request`](Observer::request) sees each
 //! outbound request's head once, when it arrives, and returns a key for it (or `None`, the
@@ -69,6 +70,9 @@ pub struct Pick<'a> {
     pub version: u64,
     /// The endpoint.
     pub endpoint: SocketAddr,
+    /// The pick is a hedge's: an earlier attempt of the request is still out and may answer
+    /// instead.
+    pub hedge: bool,
 }
 
 /// The observer that observes nothing: what the proxy uses unless given another.

@@ -149,6 +149,12 @@ fn request_timeout_caps_retries() {
     scenario("request_timeout_caps_retries");
 }
 
+/// Hedging cuts the callers' p99 under a latency tail, within the retry budget.
+#[test]
+fn hedging_cuts_the_tail() {
+    scenario("hedging_cuts_the_tail");
+}
+
 /// A seed-drawn mix of faults; safety throughout, liveness after healing.
 #[test]
 fn random_chaos() {

@@ -53,6 +53,10 @@ pub fn pattern_byte(i: u64) -> u8 {
 #[derive(Debug, Default)]
 pub struct AppControl {
     delay_us: AtomicU64,
+    /// The tail: per mille of arrivals (high 32 bits) and their extra delay in ms (low 32).
+    tail: AtomicU64,
+    /// Arrivals so far, numbering each for the tail's draw.
+    arrivals: AtomicU64,
     stalled: AtomicBool,
     failing: AtomicBool,
 }
@@ -62,6 +66,34 @@ impl AppControl {
     pub fn set_delay(&self, delay: Duration) {
         self.delay_us
             .store(crate::trace::micros(delay), Ordering::Relaxed);
+    }
+
+    /// `permille` of the requests arriving from now on wait `delay` more (whole milliseconds).
+    pub fn set_tail(&self, permille: u32, delay: Duration) {
+        let ms = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
+        self.tail
+            .store(u64::from(permille) << 32 | u64::from(ms), Ordering::Relaxed);
+    }
+
+    /// The extra delay of the next arrival: drawn from its number (a fixed mix of its bits),
+    /// so a run's arrivals in the same order are slowed the same way.
+    fn tail_delay(&self) -> Duration {
+        let tail = self.tail.load(Ordering::Relaxed);
+        let (permille, ms) = (tail >> 32, tail & u64::from(u32::MAX));
+        if permille == 0 {
+            return Duration::ZERO;
+        }
+        let n = self.arrivals.fetch_add(1, Ordering::Relaxed);
+        // SplitMix64's finalizer.
+        let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        if x % 1000 < permille {
+            Duration::from_millis(ms)
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// While stalled, requests are accepted and recorded but not answered.
@@ -211,7 +243,7 @@ async fn handle(
         }
     }
 
-    let delay = control.delay() + asked_delay.unwrap_or_default();
+    let delay = control.delay() + control.tail_delay() + asked_delay.unwrap_or_default();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

@@ -576,7 +576,8 @@ fn applied_by_key(trace: &Trace) -> BTreeMap<StateKey<'_>, Vec<&AppliedRecord>> 
 }
 
 /// Each request went where its proxy said it picked, under a state the proxy said it applied:
-/// a served request has picks, the last of them names the backend that answered, and every
+/// a served request has picks, the last of them (or, for a hedged request, one of the last
+/// attempt's and the hedges raced beside it) names the backend that answered, and every
 /// pick names an endpoint of the state (reported applied by that proxy, at or before the pick)
 /// whose version it was picked under.
 #[must_use]
@@ -593,13 +594,20 @@ pub fn picked_endpoints(trace: &Trace) -> Vec<Violation> {
                         r.id
                     ),
                 )),
-                Some(last) if last.endpoint != host => out.push(Violation::new(
-                    "picks",
-                    format!(
-                        "request {} was served by {host}, but its proxy last picked {}",
-                        r.id, last.endpoint
-                    ),
-                )),
+                // The last attempt answered, or one of the hedges raced beside it.
+                Some(last)
+                    if !r.picks[r.picks.iter().rposition(|p| !p.hedge).unwrap_or(0)..]
+                        .iter()
+                        .any(|p| p.endpoint == host) =>
+                {
+                    out.push(Violation::new(
+                        "picks",
+                        format!(
+                            "request {} was served by {host}, but its proxy last picked {}",
+                            r.id, last.endpoint
+                        ),
+                    ));
+                }
                 Some(_) => {}
             }
         }
@@ -952,6 +960,7 @@ mod tests {
                 version,
                 config: Some(config),
                 endpoint: host.into(),
+                hedge: false,
             }],
         }
     }
@@ -1075,6 +1084,23 @@ mod tests {
         trace.applied.push(stale);
         assert_eq!(monotonic_config(&trace).len(), 1);
         assert_eq!(convergence(&trace, Duration::from_millis(10)).len(), 1);
+    }
+
+    #[test]
+    fn a_hedged_request_may_be_answered_by_the_attempt_its_hedge_raced() {
+        let mut trace = overlapping();
+        // Picked web-1, then a hedge to web-2 (both under v1); web-1 answered first.
+        let mut r = request(42, 400, 1, 1, "web-1");
+        let mut hedge = r.picks[0].clone();
+        hedge.endpoint = "web-2".into();
+        hedge.hedge = true;
+        r.picks.push(hedge.clone());
+        trace.requests = vec![r.clone()];
+        assert_eq!(picked_endpoints(&trace), vec![]);
+        // Without the hedge mark, the second pick was a later attempt: web-1 cannot answer.
+        r.picks[1].hedge = false;
+        trace.requests = vec![r];
+        assert_eq!(picked_endpoints(&trace).len(), 1);
     }
 
     #[test]

@@ -114,6 +114,7 @@ impl Observer for SimObserver {
             version: pick.version,
             config,
             endpoint: self.recorder.host_of(pick.endpoint),
+            hedge: pick.hedge,
         };
         self.recorder.pick(pick.request.0, record);
     }

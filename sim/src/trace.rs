@@ -231,6 +231,9 @@ pub struct PickRecord {
     pub config: Option<u64>,
     /// The endpoint's host.
     pub endpoint: String,
+    /// A hedge's pick: the attempt before it may still have answered instead.
+    #[serde(default)]
+    pub hedge: bool,
 }
 
 /// A client proxy's outbound counters, scraped from its admin `/metrics` at the end of the run.

@@ -569,6 +569,14 @@ impl<'a> World<'a> {
         }
     }
 
+    /// Makes an app answer `permille` of its requests `delay` later (a latency tail).
+    pub fn set_app_tail(&mut self, host: &str, permille: u32, delay: Duration) {
+        self.event(format!("app-tail {host} {permille} {}us", micros(delay)));
+        if let Some(app) = self.apps.get(host) {
+            app.set_tail(permille, delay);
+        }
+    }
+
     /// Stalls (or releases) an app: it accepts requests and does not answer.
     pub fn set_app_stalled(&mut self, host: &str, stalled: bool) {
         self.event(format!("app-stalled {host} {stalled}"));

@@ -675,6 +675,25 @@ impl ServiceBalancer {
         now: Instant,
         request: Option<RequestKey>,
     ) -> Option<Result<Picked, ProxyError>> {
+        self.pick_reported(now, request, false)
+    }
+
+    /// [`try_pick`](Self::try_pick) for a hedge: reported as one, since an earlier attempt of
+    /// the request may still answer.
+    pub(crate) fn try_pick_hedge(
+        &self,
+        now: Instant,
+        request: Option<RequestKey>,
+    ) -> Option<Result<Picked, ProxyError>> {
+        self.pick_reported(now, request, true)
+    }
+
+    fn pick_reported(
+        &self,
+        now: Instant,
+        request: Option<RequestKey>,
+        hedge: bool,
+    ) -> Option<Result<Picked, ProxyError>> {
         let mut state = lock(&self.state);
         state.last_used = now;
         if matches!(state.status, Status::NotFound) {
@@ -691,6 +710,7 @@ impl ServiceBalancer {
                 authority: &self.authority,
                 version,
                 endpoint: picked.addr,
+                hedge,
             });
         }
         Some(Ok(picked))

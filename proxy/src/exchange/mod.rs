@@ -853,7 +853,7 @@ impl<'c> Exchange<'c> {
             // The body is still on its way to the first attempt: look again after a delay.
             return Some(now + delay);
         };
-        let Some(Ok(picked)) = service.try_pick(now, self.observed) else {
+        let Some(Ok(picked)) = service.try_pick_hedge(now, self.observed) else {
             tracing::debug!("no endpoint ready for a hedge");
             return None;
         };
