@@ -1094,7 +1094,7 @@ mod tests {
         let mut hedge = r.picks[0].clone();
         hedge.endpoint = "web-2".into();
         hedge.hedge = true;
-        r.picks.push(hedge.clone());
+        r.picks.push(hedge);
         trace.requests = vec![r.clone()];
         assert_eq!(picked_endpoints(&trace), vec![]);
         // Without the hedge mark, the second pick was a later attempt: web-1 cannot answer.
