@@ -30,12 +30,36 @@ pub struct AppBehaviour {
     pub failures_per_mille: u64,
     /// Seed for the failure draws.
     pub seed: u64,
+    /// A recurring outage: every request fails while it lasts.
+    pub outage: Option<Outage>,
+}
+
+/// A recurring outage of a demo replica: the last `lasts` of every `every` (counted from the
+/// replica's start), every request fails; then it heals until the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outage {
+    /// The cycle.
+    pub every: Duration,
+    /// How long each outage lasts, at the end of each cycle.
+    pub lasts: Duration,
+}
+
+impl Outage {
+    /// Whether the replica is down `elapsed` after its start.
+    #[must_use]
+    pub fn down(&self, elapsed: Duration) -> bool {
+        let every = self.every.as_nanos().max(1);
+        let into = elapsed.as_nanos() % every;
+        into >= every.saturating_sub(self.lasts.as_nanos())
+    }
 }
 
 /// Serves the demo app on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, behaviour: AppBehaviour) {
     let behaviour = Arc::new(behaviour);
     let rng = Arc::new(Mutex::new(DetRng::new(behaviour.seed)));
+    let clock = conduit_proxy::clock::Clock::new();
+    let started = clock.now();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -46,10 +70,14 @@ pub async fn serve(listener: TcpListener, behaviour: AppBehaviour) {
         tokio::spawn(async move {
             let service = service_fn(move |_request: http::Request<hyper::body::Incoming>| {
                 let behaviour = Arc::clone(&behaviour);
-                let fail = rng
-                    .lock()
-                    .map(|mut rng| rng.chance(behaviour.failures_per_mille, 1000))
-                    .unwrap_or(false);
+                let down = behaviour.outage.is_some_and(|outage| {
+                    outage.down(clock.now().saturating_duration_since(started))
+                });
+                let fail = down
+                    || rng
+                        .lock()
+                        .map(|mut rng| rng.chance(behaviour.failures_per_mille, 1000))
+                        .unwrap_or(false);
                 async move {
                     tokio::time::sleep(behaviour.latency).await;
                     let (status, text) = if fail {
@@ -144,6 +172,18 @@ async fn starts_with_h2_preface(stream: &tokio::net::TcpStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_covers_the_end_of_every_cycle() {
+        let outage = Outage {
+            every: Duration::from_secs(30),
+            lasts: Duration::from_secs(5),
+        };
+        let down = |s: u64| outage.down(Duration::from_millis(s));
+        assert!(!down(0) && !down(24_999));
+        assert!(down(25_000) && down(29_999));
+        assert!(!down(30_000) && down(55_000) && !down(60_001));
+    }
 
     /// Writes `chunks` to a hello server, pausing between them so they arrive as separate
     /// segments, and returns the first 9 bytes of its answer.

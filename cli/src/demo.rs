@@ -9,7 +9,11 @@
 //! - `web.demo`: three replicas, one ten times slower than the others; latency-aware balancing
 //!   moves traffic off it.
 //! - `api.demo`: two replicas, one failing 30 % of its requests; the service's success rate
-//!   drops accordingly. It has a route profile (`get-item`, `list-items`, `create-item`, one
+//!   drops accordingly. Every 30 s that replica also goes down outright for 5 s: the client
+//!   proxy's circuit breaker ejects it (the service row says so), probes it with a doubling
+//!   backoff, and readmits it once a probe succeeds (a probe can also meet the replica's usual
+//!   30 % of failures, and then the next waits twice as long). `proxy-client.log` in the work
+//!   directory records each ejection and readmission. It has a route profile (`get-item`, `list-items`, `create-item`, one
 //!   with a request timeout; the GET routes retry within a budget), and the load generator
 //!   spreads its requests over those routes (and one path no route matches), so `conduit
 //!   routes api.demo` has something to show: on the retried routes, callers' effective
@@ -87,6 +91,13 @@ struct DemoService {
     /// The requests the load generator sends the service, in turn.
     requests: &'static [(http::Method, &'static str)],
 }
+
+/// The failing replica's recurring outage: down outright for the last 5 s of every 30 s
+/// (short, so the breaker's probes, 1 s then 2 s then 4 s apart, find it healed soon after).
+const FAILING_OUTAGE: app::Outage = app::Outage {
+    every: Duration::from_secs(30),
+    lasts: Duration::from_secs(5),
+};
 
 /// The port every demo service is addressed on.
 const DEMO_PORT: u16 = 80;
@@ -204,6 +215,7 @@ fn topology() -> anyhow::Result<Vec<DemoService>> {
                             latency: Duration::from_millis(latency_ms),
                             failures_per_mille,
                             seed,
+                            outage: (failures_per_mille > 0).then_some(FAILING_OUTAGE),
                         },
                         role,
                         app: free_port()?,
@@ -458,6 +470,8 @@ struct Scrape {
     at: conduit_core::time::Instant,
     services: BTreeMap<String, Counts>,
     replicas: BTreeMap<SocketAddr, Counts>,
+    /// Endpoints the client proxy's breakers hold ejected now, per service.
+    ejected: BTreeMap<String, u64>,
 }
 
 async fn scrape(
@@ -473,6 +487,20 @@ async fn scrape(
         // Clients may or may not name the port; both are the same service.
         let host = authority.split(':').next().unwrap_or_default().to_owned();
         by_service.entry(host).or_default().add(&counts);
+    }
+    let mut ejected = BTreeMap::new();
+    for sample in samples.iter().filter(|s| {
+        s.name == "balancer_endpoints" && s.label("state") == Some("ejected") && s.value > 0.0
+    }) {
+        let authority = sample.label("authority").unwrap_or_default();
+        let host = authority.split(':').next().unwrap_or_default().to_owned();
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a gauge of endpoints: a small whole number"
+        )]
+        let count = sample.value as u64;
+        *ejected.entry(host).or_default() += count;
     }
     let mut replicas = BTreeMap::new();
     for service in services {
@@ -492,6 +520,7 @@ async fn scrape(
         at,
         services: by_service,
         replicas,
+        ejected,
     })
 }
 
@@ -504,8 +533,16 @@ fn rows(services: &[DemoService], from: &Scrape, to: &Scrape) -> (Vec<Row>, Vec<
         let now = to.services.get(service.name).unwrap_or(&empty);
         let before = from.services.get(service.name).unwrap_or(&empty);
         let figures = Figures::from_counts(&now.since(before), interval);
+        let name = match to.ejected.get(service.name) {
+            Some(n) => format!(
+                "{} ({n} of {} ejected)",
+                service.name,
+                service.replicas.len()
+            ),
+            None => service.name.to_owned(),
+        };
         rows.push(Row {
-            name: service.name.to_owned(),
+            name,
             depth: 0,
             figures: figures.clone(),
         });
@@ -691,7 +728,11 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
             ("CONDUIT_PROXY_INBOUND_ADDR", client.inbound.to_string()),
             ("CONDUIT_PROXY_ADMIN_ADDR", client_admin.to_string()),
             ("CONDUIT_PROXY_DISCOVERY", discovery.clone()),
-            ("CONDUIT_PROXY_LOG", "warn".to_owned()),
+            // Each ejection and readmission is logged (info) in proxy-client.log.
+            (
+                "CONDUIT_PROXY_LOG",
+                "warn,conduit_proxy::balance=info".to_owned(),
+            ),
         ],
     )?;
     admins.push(("proxy-client".to_owned(), client_admin));
