@@ -24,6 +24,7 @@ use tokio::io::AsyncWriteExt;
 use super::codec::{self, CodecError, Encoding, Framing, Persistence, RequestHead, ResponseHead};
 use super::copy::{self, H1Copy, H1Hedged};
 use super::io::{Pump, PumpError, Replay, Side, Upstream};
+use super::upstream::{H1Response, Upload, checkout};
 use crate::body::BodyEnd;
 use crate::clock::Clock;
 use crate::config::Limits;
@@ -767,25 +768,6 @@ async fn write_within<I: Io>(
     .await
 }
 
-/// An idle pooled connection to `addr` that is still open.
-pub(crate) async fn checkout<N: Net>(
-    pools: &Pools<N>,
-    addr: SocketAddr,
-    now: Instant,
-) -> Option<Upstream<N>> {
-    while let Some(mut upstream) = pools.checkout_h1(addr, now) {
-        // An idle connection has nothing to say: input (or its end) means the server closed
-        // it or broke protocol. Polling costs no syscall while nothing arrived.
-        let alive =
-            std::future::poll_fn(|cx| Poll::Ready(upstream.poll_read_more(cx).is_pending())).await;
-        if alive {
-            return Some(upstream);
-        }
-        tracing::trace!(endpoint = %addr, "pooled connection closed while idle");
-    }
-    None
-}
-
 /// The HTTP/1 engine's side of one exchange: the connection, the request's head, and what it
 /// takes to send it (again) and stream its response.
 struct H1Exchange<'c, 'a, N: Net, I> {
@@ -795,15 +777,6 @@ struct H1Exchange<'c, 'a, N: Net, I> {
     /// The response head and the connection it arrived on, kept here (not moved through the
     /// exchange) from [`Engine::send`] to [`Engine::respond`].
     response: Option<H1Response<N>>,
-}
-
-/// A response head from the upstream, with the connection it arrived on.
-pub(crate) struct H1Response<N: Net> {
-    pub(crate) upstream: Upstream<N>,
-    pub(crate) head: ResponseHead,
-    /// The rest of the request, when the upstream answered before it was sent whole.
-    pub(crate) upload: Upload,
-    pub(crate) addr: SocketAddr,
 }
 
 /// What the exchange holds of an HTTP/1 response: the engine keeps the response itself.
@@ -1042,17 +1015,6 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
         self.response = Some(hedged.response);
         H1Received
     }
-}
-
-/// Where the request stands when its response head arrives.
-#[derive(Debug)]
-pub(crate) enum Upload {
-    /// Sent whole.
-    Done,
-    /// Still moving (full-duplex streaming, or an early answer).
-    Moving(Pump),
-    /// Sending it failed: neither connection can carry another request.
-    Broken,
 }
 
 /// Serializes a response the proxy made (its body is always empty).

@@ -11,8 +11,8 @@ use bytes::{Buf, BytesMut};
 use http::StatusCode;
 
 use super::codec::{self, RequestHead, ResponseHead};
-use super::conn::{H1Response, Upload, checkout};
 use super::io::{Side, Upstream};
+use super::upstream::{H1Response, Upload, checkout};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{Attempt, BoxedSend, Facts, Failed, RequestCopy, Sent};

@@ -12,3 +12,4 @@ pub(crate) mod codec;
 pub(crate) mod conn;
 pub(crate) mod copy;
 pub(crate) mod io;
+pub(crate) mod upstream;
