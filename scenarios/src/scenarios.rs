@@ -141,7 +141,7 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "hedging_cuts_the_tail",
-            doc: "every replica answers 5 % of requests 1 s late: a route hedging after its p90 cuts the callers' p99 to under half that of the same route without hedging, within the retry budget",
+            doc: "every replica answers 3 % of requests 1 s late: a route hedging after its p90 cuts the callers' p99 to under half that of the same route without hedging, within the retry budget",
             plan: hedging_cuts_the_tail,
         },
         Scenario {
@@ -559,11 +559,14 @@ fn seventh_failure_us(trace: &Trace, host: &str, from: Duration) -> Option<u64> 
 /// answer to reach the client) to 6 s, `web-2` may serve only its probes: penalties of at
 /// least 1, 1 and 2 s allow at most 3 by 6 s; and at least 98 % of them succeed, more than of
 /// those sent between 1 s and the ejection. A probe that meets the failure ejects `web-2`
-/// again for a doubled penalty, so the last penalty that may start before the heal ends by
-/// 12 s (at most 1.5 + 3 + 6 s of penalties after an ejection by about 1.5 s): from 12 s on
-/// every request succeeds and `web-2` serves again.
+/// again for a doubled penalty: with penalties jittered by half either way and at least 1 s
+/// (1-1.5 s, 1-3 s, 2-6 s, then 4-12 s), three probes can fail before the heal (the last by
+/// about 5.1 s) and the fourth penalty end as late as about 17.1 s. From 12 s on every request
+/// succeeds, and `web-2`
+/// serves again from 18 s (the traffic runs to 20 s). (16 s and a window from 12 s, as first
+/// written, missed the fourth penalty: 9 of 2,000 seeds, e.g. 1243, failed the check.)
 fn breaker_ejects_failing_replica(_seed: u64) -> Plan {
-    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(16))]);
+    let mut plan = Plan::new(web(3, 1), vec![Flow::new(0, WEB, 100, ms(100), secs(20))]);
     plan.schedule = Schedule::new()
         .at(secs(1), Action::AppFail("web-2".into(), true))
         .at(secs(6), Action::AppFail("web-2".into(), false));
@@ -598,11 +601,11 @@ fn breaker_ejects_failing_replica(_seed: u64) -> Plan {
                 ),
             ));
         }
-        let (_, readmitted) = served_between(trace, secs(12), secs(16));
+        let (_, readmitted) = served_between(trace, secs(18), secs(20));
         if readmitted.get("web-2").copied().unwrap_or(0) == 0 {
             out.push(Violation::new(
                 "readmission",
-                format!("healed web-2 served nothing from 12 s: {readmitted:?}"),
+                format!("healed web-2 served nothing from 18 s: {readmitted:?}"),
             ));
         }
         out
@@ -639,9 +642,11 @@ fn success_on(trace: &Trace, prefix: &str) -> (u64, u64) {
 /// that allow them and only there. Method: three replicas, `web-2` answering 500 throughout
 /// (circuit breaking off, so retries act alone); client 0 sends GETs on the retrying `/items`
 /// route and client 1 the same on the plain `/plain` route, 20 req/s each over h1 and h2;
-/// client 2 POSTs to `/items` (not idempotent: never retried). Clients see at least 97 % of
-/// `/items` GETs succeed, fewer `/plain` GETs than that, and the generic at-most-once check
-/// holds every POST to one arrival.
+/// client 2 POSTs to `/items` (not idempotent: never retried). Clients see at least 90 % of
+/// `/items` GETs succeed (about 1 % fail: each attempt may meet `web-2` again), fewer `/plain`
+/// GETs than that (about a third fail), and the generic at-most-once check holds every POST to
+/// one arrival. (97 %, as first written, is three failures of 90 requests: 97 of 2,000 seeds,
+/// e.g. 1061, fell below it with retries working.)
 fn retries_lift_a_failing_replica(_seed: u64) -> Plan {
     let world = WorldSpec::new(
         vec![
@@ -685,7 +690,7 @@ fn retries_lift_a_failing_replica(_seed: u64) -> Plan {
         let items = ok * 1000 / n.max(1);
         let (plain, plain_n) = success_on(trace, "/plain");
         let mut out = Vec::new();
-        if items < 970 || plain >= items {
+        if items < 900 || plain >= items {
             out.push(Violation::new(
                 "retries",
                 format!(
@@ -825,10 +830,13 @@ fn request_timeout_caps_retries(_seed: u64) -> Plan {
 }
 
 /// Goal: hedging cuts the latency tail callers see, within the retry budget. Method: two
-/// services of three replicas each, every replica answering 5 % of its requests 1 s late (a
+/// services of three replicas each, every replica answering 3 % of its requests 1 s late (a
 /// tail the balancer cannot steer around); `web.default`'s `/items` route hedges after its p90
 /// latency (one hedge, default budget) and `api.default`'s identical route does not. Client 0
-/// sends 100 GET/s to each, over h1 and h2, for 8 s. In the same run (same seed, same tail),
+/// sends 200 GET/s to each, over h1 and h2, for 8 s (a p99 over ~1,580 requests: a request
+/// and its hedge both meet the tail 0.09 % of the time, far from the 1 % that would move it;
+/// with 5 % and 790 requests, 23 of 2,000 seeds had too many such pairs, e.g. 1004). In the
+/// same run (same seed, same tail),
 /// the p99 time to response headers on the hedged service is under half the unhedged one's;
 /// every request succeeds; the backends of the hedged service see at most the requests plus
 /// the budget's share (0.2 of them and 10/s over the run and its first second).
@@ -866,13 +874,13 @@ fn hedging_cuts_the_tail(_seed: u64) -> Plan {
         .map(|authority| Flow {
             protos: vec![Proto::Http1, Proto::Http2],
             paths: vec!["/items/1".into()],
-            ..Flow::new(0, authority, 100, ms(100), secs(8))
+            ..Flow::new(0, authority, 200, ms(100), secs(8))
         })
         .collect();
     let mut plan = Plan::new(world, flows);
     let mut schedule = Schedule::new();
     for host in ["web-0", "web-1", "web-2", "api-0", "api-1", "api-2"] {
-        schedule = schedule.at(Duration::ZERO, Action::AppTail(host.into(), 50, secs(1)));
+        schedule = schedule.at(Duration::ZERO, Action::AppTail(host.into(), 30, secs(1)));
     }
     plan.schedule = schedule;
     plan.checks.healthy_after = None;
