@@ -731,6 +731,18 @@ impl Balancer {
     /// A pick that lands on an endpoint on probation is its probe ([`InFlight::is_probe`]):
     /// the endpoint takes no other request until the probe settles.
     pub fn pick(&mut self, now: Instant, rng: &mut impl Rng) -> Option<Picked> {
+        self.pick_avoiding(now, rng, None)
+    }
+
+    /// [`pick`](Self::pick), but never `avoid` while another endpoint is ready: a retry goes
+    /// elsewhere than the attempt that just failed (an endpoint that fails fast can look like
+    /// the cheapest, and would otherwise draw its own retries).
+    pub fn pick_avoiding(
+        &mut self,
+        now: Instant,
+        rng: &mut impl Rng,
+        avoid: Option<SocketAddr>,
+    ) -> Option<Picked> {
         if !self.probing.is_empty() {
             self.reap_abandoned_probes();
         }
@@ -738,8 +750,8 @@ impl Balancer {
             0 => return None,
             1 => self.ready[0],
             _ => match self.config.policy {
-                Policy::PeakEwma => self.pick_p2c(now, rng),
-                Policy::LeastLoaded => self.pick_least_loaded(rng),
+                Policy::PeakEwma => self.pick_p2c(now, rng, avoid),
+                Policy::LeastLoaded => self.pick_least_loaded(rng, avoid),
             },
         };
         let slot = &mut self.slots[index];
@@ -786,9 +798,11 @@ impl Balancer {
     }
 
     /// Two distinct ready endpoints drawn by weight; the cheaper wins, the first on a tie.
-    fn pick_p2c(&self, now: Instant, rng: &mut impl Rng) -> usize {
+    fn pick_p2c(&self, now: Instant, rng: &mut impl Rng, avoid: Option<SocketAddr>) -> usize {
         let (a, b) = self.draw_two(rng);
-        if self.slots[a].cost(now) <= self.slots[b].cost(now) {
+        // The two are distinct: when one is to be avoided, the other goes.
+        let avoided = |i: usize| avoid == Some(self.slots[i].endpoint.addr);
+        if !avoided(a) && (avoided(b) || self.slots[a].cost(now) <= self.slots[b].cost(now)) {
             a
         } else {
             b
@@ -832,12 +846,16 @@ impl Balancer {
     }
 
     /// Fewest in flight; ties broken at random in proportion to weight.
-    fn pick_least_loaded(&self, rng: &mut impl Rng) -> usize {
+    fn pick_least_loaded(&self, rng: &mut impl Rng, avoid: Option<SocketAddr>) -> usize {
         let mut best = self.ready[0];
         let mut best_load = u32::MAX;
         let mut tied_weight = 0u64;
         for &index in &self.ready {
             let slot = &self.slots[index];
+            // Called with two or more ready: another is always there.
+            if avoid == Some(slot.endpoint.addr) {
+                continue;
+            }
             let load = slot.in_flight();
             let weight = u64::from(slot.endpoint.weight);
             if load < best_load {

@@ -941,3 +941,29 @@ proptest! {
         prop_assert_eq!(b.in_flight_total(), 0);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A pick told to avoid an endpoint never returns it while another is ready (a retry goes
+    /// elsewhere), and returns it when it is the only one.
+    #[test]
+    fn a_pick_avoids_the_endpoint_it_is_told_to(
+        seed: u64,
+        n in 1u16..6,
+        avoided in 0u16..6,
+        picks in 1usize..50,
+        policy in prop_oneof![Just(Policy::PeakEwma), Just(Policy::LeastLoaded)],
+    ) {
+        let mut b = balancer_with(n, policy);
+        let mut rng = DetRng::new(seed);
+        let avoid = addr(avoided % n);
+        let mut held = Vec::new();
+        for i in 0..picks {
+            let now = T0 + ms(i as u64);
+            let picked = b.pick_avoiding(now, &mut rng, Some(avoid)).unwrap();
+            prop_assert!(n == 1 || picked.addr != avoid, "picked {} with {n} ready", picked.addr);
+            held.push(picked);
+        }
+    }
+}

@@ -22,6 +22,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -675,7 +676,18 @@ impl ServiceBalancer {
         now: Instant,
         request: Option<RequestKey>,
     ) -> Option<Result<Picked, ProxyError>> {
-        self.pick_reported(now, request, false)
+        self.pick_reported(now, request, false, None)
+    }
+
+    /// [`try_pick`](Self::try_pick) for a retry or a hedge: never `avoid` (the endpoint of the
+    /// attempt before) while another endpoint is ready.
+    pub(crate) fn try_pick_avoiding(
+        &self,
+        now: Instant,
+        request: Option<RequestKey>,
+        avoid: SocketAddr,
+    ) -> Option<Result<Picked, ProxyError>> {
+        self.pick_reported(now, request, false, Some(avoid))
     }
 
     /// [`try_pick`](Self::try_pick) for a hedge: reported as one, since an earlier attempt of
@@ -684,8 +696,9 @@ impl ServiceBalancer {
         &self,
         now: Instant,
         request: Option<RequestKey>,
+        avoid: SocketAddr,
     ) -> Option<Result<Picked, ProxyError>> {
-        self.pick_reported(now, request, true)
+        self.pick_reported(now, request, true, Some(avoid))
     }
 
     fn pick_reported(
@@ -693,6 +706,7 @@ impl ServiceBalancer {
         now: Instant,
         request: Option<RequestKey>,
         hedge: bool,
+        avoid: Option<SocketAddr>,
     ) -> Option<Result<Picked, ProxyError>> {
         let mut state = lock(&self.state);
         state.last_used = now;
@@ -700,7 +714,7 @@ impl ServiceBalancer {
             return Some(Err(self.not_found()));
         }
         let State { balancer, rng, .. } = &mut *state;
-        let picked = balancer.pick(now, rng)?;
+        let picked = balancer.pick_avoiding(now, rng, avoid)?;
         let version = state.resolution_version.unwrap_or(0);
         drop(state);
         tracing::trace!(authority = %self.authority, endpoint = %picked.addr, "picked");
@@ -865,7 +879,7 @@ impl ServiceBalancer {
     }
 
     /// A connection attempt to `addr` failed: it backs off.
-    pub(crate) fn connect_failed(&self, addr: std::net::SocketAddr) {
+    pub(crate) fn connect_failed(&self, addr: SocketAddr) {
         let now = self.clock.now();
         let mut state = lock(&self.state);
         let State { balancer, rng, .. } = &mut *state;
@@ -874,7 +888,7 @@ impl ServiceBalancer {
     }
 
     /// A connection to `addr` was established.
-    pub(crate) fn connect_succeeded(&self, addr: std::net::SocketAddr) {
+    pub(crate) fn connect_succeeded(&self, addr: SocketAddr) {
         let now = self.clock.now();
         let mut state = lock(&self.state);
         state.balancer.handle_connect_success(addr);

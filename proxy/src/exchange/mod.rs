@@ -514,6 +514,9 @@ impl<'c> Exchange<'c> {
         let mut retries = self.retries.take();
         let mut attempts = 0u32;
         let mut repicked: Option<Picked> = None;
+        // A retry's endpoint: anywhere but the one whose attempt it follows, if another is
+        // ready.
+        let mut avoid: Option<SocketAddr> = None;
         let mut now = self.start;
         loop {
             attempts += 1;
@@ -522,10 +525,11 @@ impl<'c> Exchange<'c> {
             }
             // The common case picks at once, reading no clock; a wait in the queue is boxed so
             // its state does not weigh on every request's future.
-            let picked = match Self::pick_now(routed, repicked.take(), now, self.observed) {
-                Some(picked) => picked.map(|(addr, in_flight)| (addr, in_flight, now)),
-                None => Box::pin(self.pick_wait(routed, now, routed.deadlines.request())).await,
-            };
+            let picked =
+                match Self::pick_now(routed, repicked.take(), avoid.take(), now, self.observed) {
+                    Some(picked) => picked.map(|(addr, in_flight)| (addr, in_flight, now)),
+                    None => Box::pin(self.pick_wait(routed, now, routed.deadlines.request())).await,
+                };
             let (mut addr, mut in_flight, mut dispatched) = match picked {
                 Ok(picked) => picked,
                 Err(err) => return self.answer(engine, &err, false).await,
@@ -590,6 +594,7 @@ impl<'c> Exchange<'c> {
                         service.settle(in_flight, outcome);
                     }
                     now = self.backoff(after).await;
+                    avoid = Some(addr);
                     continue;
                 }
                 Err(failed) => failed,
@@ -639,6 +644,7 @@ impl<'c> Exchange<'c> {
                     self.retry_failure(&mut retries, engine.replayable(), addr, &error)
             {
                 now = self.backoff(after).await;
+                avoid = Some(addr);
                 continue;
             }
             tracing::debug!(endpoint = %addr, %error, "proxy error");
@@ -737,6 +743,7 @@ impl<'c> Exchange<'c> {
             retries,
         } = race;
         let clock = self.cx.clock;
+        let first_addr = first.addr;
         let mut out = Hedges::new();
         let mut next = Some(first.dispatched + delay);
         // Phase one: the engine's own attempt is out, and holds the engine.
@@ -753,7 +760,7 @@ impl<'c> Exchange<'c> {
                         }
                     }
                     () = clock.sleep_until(next.unwrap_or(Instant::ZERO)), if next.is_some() => {
-                        next = self.send_hedge(routed, &copy, delay, retries, &mut out);
+                        next = self.send_hedge(routed, &copy, delay, retries, &mut out, first_addr);
                     }
                 }
             }
@@ -826,7 +833,7 @@ impl<'c> Exchange<'c> {
                     }
                 }
                 () = clock.sleep_until(next.unwrap_or(Instant::ZERO)), if next.is_some() => {
-                    next = self.send_hedge(routed, &copy, delay, retries, &mut out);
+                    next = self.send_hedge(routed, &copy, delay, retries, &mut out, first_addr);
                 }
             }
         }
@@ -841,6 +848,7 @@ impl<'c> Exchange<'c> {
         delay: std::time::Duration,
         retries: &mut Retries,
         out: &mut Hedges<C::Response>,
+        first: SocketAddr,
     ) -> Option<Instant> {
         let (service, route, label) = (
             routed.service.as_ref()?,
@@ -853,7 +861,8 @@ impl<'c> Exchange<'c> {
             // The body is still on its way to the first attempt: look again after a delay.
             return Some(now + delay);
         };
-        let Some(Ok(picked)) = service.try_pick_hedge(now, self.observed) else {
+        // Elsewhere than the attempt it races, if another endpoint is ready.
+        let Some(Ok(picked)) = service.try_pick_hedge(now, self.observed, first) else {
             tracing::debug!("no endpoint ready for a hedge");
             return None;
         };
@@ -1147,6 +1156,7 @@ impl<'c> Exchange<'c> {
     fn pick_now(
         routed: &Routed,
         repicked: Option<Picked>,
+        avoid: Option<SocketAddr>,
         now: Instant,
         observed: Option<RequestKey>,
     ) -> Option<Result<(SocketAddr, Option<InFlight>), ProxyError>> {
@@ -1160,11 +1170,11 @@ impl<'c> Exchange<'c> {
                 }
             }));
         };
-        Some(
-            service
-                .try_pick(now, observed)?
-                .map(|picked| (picked.addr, Some(picked.in_flight))),
-        )
+        let picked = match avoid {
+            None => service.try_pick(now, observed)?,
+            Some(avoid) => service.try_pick_avoiding(now, observed, avoid)?,
+        };
+        Some(picked.map(|picked| (picked.addr, Some(picked.in_flight))))
     }
 
     /// Waits in the balancer's queue for a ready endpoint, at most until the request's
