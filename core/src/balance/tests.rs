@@ -866,12 +866,21 @@ proptest! {
         let mut now = T0;
         let mut version = 1;
         let mut held: Vec<Picked> = Vec::new();
+        let mut stale: Vec<Picked> = Vec::new();
         for op in ops {
             now += ms(1);
             match op {
                 BreakerOp::Replace(is) => {
                     version += 1;
                     let set: BTreeSet<u16> = is.into_iter().collect();
+                    // Picks of endpoints this update removes belong to an incarnation that is
+                    // gone: a re-added endpoint is a new one, with a probe of its own. They
+                    // are kept (not settled) apart from the live ones.
+                    let (live, gone): (Vec<Picked>, Vec<Picked>) = held
+                        .drain(..)
+                        .partition(|h| set.iter().any(|&i| addr(i) == h.addr));
+                    held = live;
+                    stale.extend(gone);
                     let change = if set.is_empty() {
                         Change::NoEndpoints
                     } else {
