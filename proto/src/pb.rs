@@ -2,7 +2,7 @@
 //!
 //! The `.proto` files in `proto/conduit/` are the contract and carry the documentation of every
 //! field. Nothing in here is validated: turn a received message into core types with
-//! [`crate::convert`].
+//! [`convert`](super::convert).
 
 // Generated code follows prost's and tonic's conventions, not ours.
 #![allow(

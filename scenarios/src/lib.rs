@@ -8,5 +8,6 @@
 //!   send time), used by the demo and the proxy benchmark.
 
 pub mod load;
+pub mod plan;
 pub mod scenarios;
 pub mod sim;

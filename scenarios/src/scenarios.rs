@@ -15,7 +15,7 @@ use conduit_sim::check::{self, Violation};
 use conduit_sim::trace::micros;
 use conduit_sim::{DiscoveryMode, Flow, Proto, ServiceSpec, Trace, WorldSpec};
 
-use crate::sim::{Plan, ms, secs};
+use crate::plan::{Plan, ms, secs};
 
 /// A named scenario.
 #[derive(Clone, Copy, Debug)]

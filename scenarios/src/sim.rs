@@ -6,61 +6,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use conduit_chaos::Schedule;
 use conduit_core::rand::DetRng;
-use conduit_sim::check::{self, Checks, Violation};
-use conduit_sim::{Flow, Report, Trace, Workload, World, WorldSpec, process};
+use conduit_sim::check::{self, Violation};
+use conduit_sim::{Report, Trace, Workload, World, process};
 
+pub use crate::plan::{ExtraCheck, Plan, ms, secs};
 use crate::scenarios::{self, Scenario};
-
-/// A scenario-specific invariant over the trace.
-pub type ExtraCheck = Box<dyn Fn(&Trace) -> Vec<Violation>>;
-
-/// Everything one run of a scenario needs, derived from its seed.
-pub struct Plan {
-    /// Topology and physics.
-    pub world: WorldSpec,
-    /// Request flows (planned into a schedule with the seed).
-    pub flows: Vec<Flow>,
-    /// Faults and configuration changes.
-    pub schedule: Schedule,
-    /// Generic invariants and their bounds.
-    pub checks: Checks,
-    /// Scenario-specific invariants.
-    pub extra: Vec<ExtraCheck>,
-}
-
-impl std::fmt::Debug for Plan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plan")
-            .field("world", &self.world)
-            .field("flows", &self.flows)
-            .field("schedule", &self.schedule)
-            .field("checks", &self.checks)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Plan {
-    /// A plan with the default checks, no faults and no extra invariants.
-    #[must_use]
-    pub fn new(world: WorldSpec, flows: Vec<Flow>) -> Self {
-        Self {
-            world,
-            flows,
-            schedule: Schedule::new(),
-            checks: Checks::default(),
-            extra: Vec::new(),
-        }
-    }
-
-    /// Adds a scenario-specific invariant.
-    #[must_use]
-    pub fn check(mut self, f: impl Fn(&Trace) -> Vec<Violation> + 'static) -> Self {
-        self.extra.push(Box::new(f));
-        self
-    }
-}
 
 /// Runs `scenario` at `seed` in this process. Call it at most once per process.
 #[must_use]
@@ -504,18 +455,6 @@ fn progress(done: usize, total: usize, failed: usize) {
     let bar: String = "#".repeat(filled) + &"-".repeat(WIDTH - filled);
     let _ = write!(stderr, "\r[{bar}] {done}/{total} ({failed} failed)");
     let _ = stderr.flush();
-}
-
-/// Milliseconds, for scenario definitions.
-#[must_use]
-pub const fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Seconds, for scenario definitions.
-#[must_use]
-pub const fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
 }
 
 #[cfg(test)]
