@@ -23,14 +23,6 @@ use hyper::body::Incoming;
 use support::*;
 use tokio::sync::Notify;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Engine {
-    H1,
-    H2,
-}
-
-const ENGINES: [Engine; 2] = [Engine::H1, Engine::H2];
-
 /// What the app saw: each request's path and body, in arrival order.
 type Seen = Arc<Mutex<Vec<(String, Bytes)>>>;
 
@@ -125,13 +117,6 @@ async fn send(
         Engine::H1 => h1_client(addr).await.send_request(request).await.unwrap(),
         Engine::H2 => h2_client(addr).await.send_request(request).await.unwrap(),
     }
-}
-
-/// The value of the series `series` (`name{labels}`) in a scrape, if present.
-fn sample(metrics: &str, series: &str) -> Option<u64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 fn hedges(metrics: &str, route: &str, outcome: &str) -> Option<u64> {

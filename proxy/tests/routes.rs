@@ -26,14 +26,6 @@ use tokio::net::TcpListener;
 
 const ERROR_HEADER: &str = "conduit-proxy-error";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Engine {
-    H1,
-    H2,
-}
-
-const ENGINES: [Engine; 2] = [Engine::H1, Engine::H2];
-
 /// A request as the table writes it.
 struct Req<'a> {
     method: Method,
@@ -161,13 +153,6 @@ fn mesh_with_profile(endpoints: &[SocketAddr]) -> conduit_core::mesh::Mesh {
     }
     yaml.push_str(PROFILE);
     conduit_proto::mesh_file::parse(&yaml).unwrap()
-}
-
-/// The value of the series `series` (`name{labels}`) in a scrape, if present.
-fn sample(metrics: &str, series: &str) -> Option<u64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 fn route_requests(metrics: &str, direction: &str, route: &str) -> Option<u64> {

@@ -186,3 +186,21 @@ pub async fn scrape(admin: SocketAddr) -> String {
     let response = get_once(admin, "admin", "/metrics").await;
     String::from_utf8(body_bytes(response).await.to_vec()).unwrap()
 }
+
+/// The engine a behaviour test runs over: the client speaks HTTP/1.1 or h2c (prior knowledge),
+/// and the upstream speaks what the client spoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    H1,
+    H2,
+}
+
+/// Both engines: every behaviour test of the one request path runs over each.
+pub const ENGINES: [Engine; 2] = [Engine::H1, Engine::H2];
+
+/// The value of the series `series` (`name{labels}`) in a scrape, if present.
+pub fn sample(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
