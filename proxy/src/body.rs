@@ -326,6 +326,18 @@ impl Streams {
         StreamGuard(std::sync::Arc::clone(self))
     }
 
+    /// Streams open now.
+    pub(crate) fn open_now(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// When the last stream ended (or the connection started), if none is open.
+    pub(crate) fn idle_since(&self) -> conduit_core::time::Instant {
+        conduit_core::time::Instant::from_nanos(
+            self.idle_since.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Resolves once no stream has been open for `idle`.
     pub(crate) async fn idle(&self, idle: std::time::Duration) {
         loop {
@@ -372,15 +384,15 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A body that holds a [`StreamGuard`] until it is dropped (no allocation: it wraps the body
-/// by value).
-pub(crate) struct CountedBody<B> {
+/// A body that holds a guard (a [`StreamGuard`], by default) until it is dropped (no
+/// allocation: it wraps the body by value).
+pub(crate) struct CountedBody<B, G = StreamGuard> {
     inner: B,
-    _guard: StreamGuard,
+    _guard: G,
 }
 
-impl<B> CountedBody<B> {
-    pub(crate) fn new(inner: B, guard: StreamGuard) -> Self {
+impl<B, G> CountedBody<B, G> {
+    pub(crate) fn new(inner: B, guard: G) -> Self {
         Self {
             inner,
             _guard: guard,
@@ -388,7 +400,7 @@ impl<B> CountedBody<B> {
     }
 }
 
-impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
+impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for CountedBody<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -17,7 +17,7 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 
-use crate::body::{self, Body, GuardedBody, Recorded};
+use crate::body::{self, Body, CountedBody, GuardedBody, Recorded};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{
@@ -25,7 +25,7 @@ use crate::exchange::{
 };
 use crate::net::Net;
 use crate::pool::Pools;
-use crate::pool::h2::H2Failed;
+use crate::pool::h2::{H2Failed, UpstreamStream};
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -232,7 +232,14 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
             self.clock,
             Some(self.pools.limits.idle_timeout),
         );
-        Response::from_parts(parts, body::boxed(body))
+        // The upstream stream counts as open (for the pool's choice of connection) until the
+        // body the client reads ends.
+        match parts.extensions.remove::<UpstreamStream>() {
+            Some(stream) => {
+                Response::from_parts(parts, body::boxed(CountedBody::new(body, stream)))
+            }
+            None => Response::from_parts(parts, body::boxed(body)),
+        }
     }
 
     async fn answer(&mut self, response: Response<Body>, _client_broken: bool) -> Response<Body> {

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::admin::metrics::{Direction, Peer};
@@ -21,10 +21,11 @@ use crate::drain::Drain;
 use crate::errors::ProxyError;
 use crate::errors::respond::encode_http1;
 use crate::exchange;
+use crate::h1::conn::Parked;
 use crate::http2::H2Service;
 use crate::net::{Io, Listener, Net};
 use crate::pool::Pools;
-use crate::transport::{ActivityIo, PrefixedIo};
+use crate::transport::{ActivityIo, CountingIo, PrefixedIo};
 
 /// How long to pause accepting after an accept error (EMFILE and friends), so a full fd table
 /// does not become a busy loop.
@@ -100,49 +101,74 @@ pub(crate) async fn accept_loop<N: Net>(
             }
         };
         let span = tracing::debug_span!("conn", direction, peer = %peer);
-        let ctx = Arc::clone(&ctx);
-        let drain = drain.clone();
+        let guard = ctx.cx.metrics.connection(ctx.direction(), Peer::Src);
+        let conn = Parked::new(CountingIo::new(io, guard), ctx.cx.clock.now());
         tokio::spawn(
-            async move {
-                serve_connection(io, ctx, drain).await;
-                drop(permit);
-            }
-            .instrument(span),
+            serve_connection(conn, Arc::clone(&ctx), drain.clone(), permit).instrument(span),
         );
     }
     tracing::debug!(direction, "listener closed for drain");
 }
 
-async fn serve_connection<N: Net>(io: N::Io, ctx: Arc<ServeContext<N>>, drain: Drain) {
-    let guard = ctx.cx.metrics.connection(ctx.direction(), Peer::Src);
-    let mut io = crate::transport::CountingIo::new(io, guard);
-    // TLS seam: the identity/mTLS issue detects a ClientHello here (inbound: terminate when the
-    // SNI is our identity) before HTTP detection, and hands the decrypted stream on.
-    let mut buf = BytesMut::new();
-    let limits = DetectLimits {
-        detect_timeout: ctx.limits.detect_timeout,
-        header_read_timeout: ctx.limits.header_read_timeout,
-        max_header_bytes: ctx.limits.max_header_bytes,
-    };
-    // The connection's task is sized for its largest state, which every idle kept-alive
-    // connection then pays for in memory: the states that are not the HTTP/1 connection's own
-    // (detection, HTTP/2 through hyper, opaque forwarding) are boxed, once per connection.
-    let detected = Box::pin(detect::detect(&mut io, &mut buf, limits)).await;
-    match detected {
-        Ok(Detected::Http1) => {
-            crate::h1::conn::serve(io, buf, &ctx.cx, &ctx.pools, drain).await;
+// Not an `async fn`: its arguments would be stored twice in the task (as arguments, and as
+// the locals they are moved into), and every idle connection pays for the task's size.
+fn serve_connection<N: Net>(
+    conn: Parked<CountingIo<N::Io>>,
+    ctx: Arc<ServeContext<N>>,
+    drain: Drain,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
+    // Taken by the protocol that needs the connection whole; HTTP/1 borrows it.
+    let mut conn = Some(conn);
+    async move {
+        // TLS seam: the identity/mTLS issue detects a ClientHello here (inbound: terminate when
+        // the SNI is our identity) before HTTP detection, and hands the decrypted stream on.
+        let limits = DetectLimits {
+            detect_timeout: ctx.limits.detect_timeout,
+            header_read_timeout: ctx.limits.header_read_timeout,
+            max_header_bytes: ctx.limits.max_header_bytes,
+        };
+        // The connection's task is sized for its largest state, which every idle kept-alive
+        // connection then pays for in memory: the states that are not the HTTP/1 connection's
+        // own (detection, HTTP/2 through hyper, opaque forwarding) are boxed, once per
+        // connection, and HTTP/1 boxes its busy periods.
+        let detected = match conn.as_mut() {
+            Some(parked) => Box::pin(detect::detect(&mut parked.io, &mut parked.buf, limits)).await,
+            None => return,
+        };
+        let detected = match detected {
+            Ok(detected) => detected,
+            Err(err) => {
+                let err = match err {
+                    DetectError::TooLarge(limit) => ProxyError::HeadersTooLarge { limit },
+                    DetectError::Malformed(reason) => ProxyError::Malformed { reason },
+                    err => {
+                        tracing::debug!(error = %err, "closing connection");
+                        return;
+                    }
+                };
+                if let Some(parked) = conn.as_mut() {
+                    Box::pin(reject(&mut parked.io, &err)).await;
+                }
+                return;
+            }
+        };
+        match detected {
+            Detected::Http1 => {
+                crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, drain).await;
+            }
+            Detected::Http2 => {
+                if let Some(Parked { io, buf, .. }) = conn.take() {
+                    Box::pin(serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain)).await;
+                }
+            }
+            Detected::Opaque => {
+                if let Some(Parked { io, buf, .. }) = conn.take() {
+                    Box::pin(forward_opaque(io, buf.freeze(), &ctx)).await;
+                }
+            }
         }
-        Ok(Detected::Http2) => {
-            Box::pin(serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain)).await;
-        }
-        Ok(Detected::Opaque) => Box::pin(forward_opaque(io, buf.freeze(), &ctx)).await,
-        Err(DetectError::TooLarge(limit)) => {
-            reject(&mut io, &ProxyError::HeadersTooLarge { limit }).await;
-        }
-        Err(DetectError::Malformed(reason)) => {
-            reject(&mut io, &ProxyError::Malformed { reason }).await;
-        }
-        Err(err) => tracing::debug!(error = %err, "closing connection"),
+        drop(permit);
     }
 }
 

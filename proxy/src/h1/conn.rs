@@ -41,8 +41,7 @@ use crate::transport::ActivityIo;
 /// once registered it wakes that task without being polled again.
 #[derive(Debug)]
 struct Deadline {
-    /// Allocated on first use, and released with [`Deadline::release`] when the connection
-    /// goes idle for long.
+    /// Allocated on first use.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: Option<Instant>,
     /// Polled since it was last armed: the timer holds the task's waker.
@@ -56,11 +55,6 @@ impl Deadline {
             armed: None,
             registered: false,
         }
-    }
-
-    /// Drops the timer (a connection that has been idle for long gives its memory back).
-    fn release(&mut self) {
-        *self = Self::new();
     }
 
     /// Ready once `deadline` has passed.
@@ -104,15 +98,119 @@ enum Next<N: Net> {
     Tunnel(Upstream<N>, SocketAddr),
 }
 
-/// Serves an HTTP/1 connection whose first bytes (at least one whole request head, checked
-/// by detection) are in `buf`.
-pub(crate) async fn serve<N: Net, I: Io>(
-    io: I,
-    buf: BytesMut,
+/// What a kept-alive connection holds while it waits for its next request: the socket, its
+/// idle timer and when its last response ended. Everything a request needs (buffers, the
+/// request's own state, several KiB) lives in a box that exists only while the connection is
+/// busy, so an idle connection costs little more than its socket and its task.
+pub(crate) struct Parked<I> {
+    pub(crate) io: I,
+    /// The first bytes of the next request (detection's, or read while parked).
+    pub(crate) buf: BytesMut,
+    idle: Deadline,
+    idle_since: Instant,
+}
+
+/// How a busy period ended.
+enum Busy<I> {
+    /// The connection waited long enough for its next request to give back its memory.
+    Parked(Parked<I>),
+    /// The connection is closed (or handed to a tunnel, which closed it).
+    Done,
+}
+
+impl<I: Io> Parked<I> {
+    /// A new client connection, idle since `now`.
+    pub(crate) fn new(io: I, now: Instant) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            idle: Deadline::new(),
+            idle_since: now,
+        }
+    }
+
+    /// Waits, holding only the socket and its idle timer, for the first bytes of the next
+    /// request (read into a stack buffer, then kept in `buf`). False: the connection should
+    /// close (the client closed it or failed, the idle timeout passed, or the proxy is
+    /// draining).
+    fn poll_park(
+        &mut self,
+        cx: &mut Context<'_>,
+        drain: &mut Drain,
+        clock: Clock,
+        idle_timeout: Duration,
+    ) -> Poll<bool> {
+        let mut stack = [0u8; super::io::READ_CHUNK];
+        let mut read = tokio::io::ReadBuf::new(&mut stack);
+        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                self.buf.reserve(super::io::READ_CHUNK);
+                self.buf.extend_from_slice(read.filled());
+                return Poll::Ready(true);
+            }
+            Poll::Ready(_) => return Poll::Ready(false),
+            Poll::Pending => {}
+        }
+        if drain.poll_signaled(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        let deadline = self.idle_since + idle_timeout;
+        if self.idle.poll_reached(cx, clock, deadline).is_ready() {
+            tracing::debug!("idle; closing");
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    }
+}
+
+/// Serves an HTTP/1 connection: busy periods (boxed, holding buffers and the request's state)
+/// with parked waits between them (holding only `parked`).
+/// Serves the HTTP/1 connection in `conn`: busy periods (boxed, holding buffers and the
+/// request's state) with parked waits between them (holding only the [`Parked`] state, in the
+/// caller's slot, so the connection's task stores it once).
+//
+// Not an `async fn`: its arguments would be stored twice in the connection's task (as
+// arguments, and as the locals they are moved into), and every idle connection pays for the
+// task's size.
+pub(crate) fn serve<'a, N: Net, I: Io>(
+    conn: &'a mut Option<Parked<I>>,
+    cx: &'a exchange::Context,
+    pools: &'a Arc<Pools<N>>,
+    drain: Drain,
+) -> impl Future<Output = ()> + Send + 'a {
+    let mut drain = drain;
+    async move {
+        loop {
+            // Boxed once per busy period (not per request: a box per request costs ~7 % more
+            // instructions, its allocation and the move of the future into it, measured with
+            // proxy/benches/loopback/instructions.sh). The box is made before the await, so
+            // the connection's task never holds the parked state twice.
+            let Some(parked) = conn.take() else { return };
+            let busy = Box::pin(busy(parked, cx, pools, &mut drain));
+            let Busy::Parked(next) = busy.await else {
+                return;
+            };
+            let parked = conn.insert(next);
+            let came = std::future::poll_fn(|task| {
+                parked.poll_park(task, &mut drain, cx.clock, pools.limits.idle_timeout)
+            })
+            .await;
+            if !came {
+                let _ = parked.io.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Serves requests one after another until the connection closes, or has waited
+/// [`RELEASE_AFTER`] for its next request (then it parks).
+async fn busy<N: Net, I: Io>(
+    parked: Parked<I>,
     cx: &exchange::Context,
     pools: &Arc<Pools<N>>,
-    mut drain: Drain,
-) {
+    drain: &mut Drain,
+) -> Busy<I> {
     let clock = cx.clock;
     let limits = &pools.limits;
     let mut conn = Conn {
@@ -120,36 +218,38 @@ pub(crate) async fn serve<N: Net, I: Io>(
         pools,
         clock,
         limits,
-        client: Side::new(io, buf),
-        drain: drain.clone(),
+        client: Side::new(parked.io, parked.buf),
+        drain,
         forward: Vec::new(),
-        idle: Deadline::new(),
+        idle: parked.idle,
         response: Deadline::new(),
-        idle_since: clock.now(),
+        idle_since: parked.idle_since,
         draining: false,
         replay: Replay::default(),
         grpc_timeout: Vec::new(),
-        released: false,
     };
-    let mut drained = std::pin::pin!(drain.signaled());
     loop {
-        let head = match conn.read_head(drained.as_mut()).await {
-            Ok(Some(head)) => head,
-            Ok(None) => break,
+        let head = match conn.read_head().await {
+            Ok(Read::Head(head)) => head,
+            Ok(Read::Park) => {
+                return Busy::Parked(Parked {
+                    io: conn.client.io,
+                    buf: BytesMut::new(),
+                    idle: conn.idle,
+                    idle_since: conn.idle_since,
+                });
+            }
+            Ok(Read::Close) => break,
             Err(err) => {
                 Box::pin(conn.reject(&err)).await;
                 break;
             }
         };
-        // Not boxed, although a request's future is several times the size of an idle
-        // connection's (the task is sized for it): a box per request costs ~7 % more
-        // instructions per request (its allocation and the move of the future into it),
-        // measured with proxy/benches/loopback/instructions.sh.
         match conn.request(head).await {
             Next::KeepAlive if !conn.draining => {}
             Next::KeepAlive | Next::Close => break,
             Next::Tunnel(upstream, addr) => {
-                // Boxed, like a request: rare, and larger than an idle connection.
+                // Boxed: rare, and larger than a request.
                 Box::pin(tunnel(
                     conn.client,
                     upstream,
@@ -158,11 +258,28 @@ pub(crate) async fn serve<N: Net, I: Io>(
                     limits.idle_timeout,
                 ))
                 .await;
-                return;
+                return Busy::Done;
             }
         }
     }
     let _ = conn.client.io.shutdown().await;
+    Busy::Done
+}
+
+/// How one wait for request bytes ended.
+enum Waited {
+    Read(io::Result<usize>),
+    /// The connection waited [`RELEASE_AFTER`] with nothing half-done.
+    Park,
+}
+
+/// What waiting for a request head gave.
+enum Read {
+    Head(RequestHead),
+    /// Nothing arrived for [`RELEASE_AFTER`]: park the connection.
+    Park,
+    /// Close quietly (client gone, idle, header-read timeout, draining).
+    Close,
 }
 
 struct Conn<'a, N: Net, I> {
@@ -171,8 +288,8 @@ struct Conn<'a, N: Net, I> {
     clock: Clock,
     limits: &'a Limits,
     client: Side<I>,
-    /// For a look at the drain signal between requests of a busy connection.
-    drain: Drain,
+    /// The drain signal, watched between requests.
+    drain: &'a mut Drain,
     /// The current request's head as forwarded upstream, without its framing fields.
     forward: Vec<u8>,
     /// Waiting for a request head (the idle and header-read timeouts), and for response body
@@ -187,13 +304,18 @@ struct Conn<'a, N: Net, I> {
     replay: Replay,
     /// The current request's own `grpc-timeout` value (sent on when the exchange gives none).
     grpc_timeout: Vec<u8>,
-    /// The buffers were given back while idle.
-    released: bool,
 }
 
-/// How long a kept-alive connection waits for its next request before it gives back its
-/// buffers (a busy connection keeps them from one request to the next).
-const RELEASE_AFTER: Duration = Duration::from_secs(1);
+/// How long a kept-alive connection waits for its next request before it parks, giving back
+/// its buffers and its request state (a busy connection keeps them from one request to the
+/// next). Short, because memory given back late is not given back at all: a burst of new
+/// connections interleaves their long-lived allocations with the busy state of the ones just
+/// before, and the allocator cannot return the holes those leave. Per idle connection after
+/// 8,000 connections of one request each (`proxy/benches/loopback/idle_memory.py`): 3,372
+/// bytes of RSS with 1 s, 1,340 with 50 ms, 1,190 when parking at once. Long enough that a
+/// client sending requests back to back (closed-loop load up to ~1,000 connections) never
+/// parks: parking and unparking costs ~850 instructions a request (callgrind, 12,137 -> 12,991).
+const RELEASE_AFTER: Duration = Duration::from_millis(50);
 
 /// A request head as the exchange reads it: ranges of the connection's read buffer.
 struct H1Head<'a> {
@@ -248,12 +370,8 @@ impl exchange::Head for H1Head<'_> {
 }
 
 impl<N: Net, I: Io> Conn<'_, N, I> {
-    /// Waits for the next request head. `Ok(None)`: the connection should close quietly
-    /// (client gone, idle, header-read timeout, draining).
-    async fn read_head(
-        &mut self,
-        mut drained: Pin<&mut impl Future<Output = ()>>,
-    ) -> Result<Option<RequestHead>, ProxyError> {
+    /// Waits for the next request head.
+    async fn read_head(&mut self) -> Result<Read, ProxyError> {
         let mut head_started: Option<Instant> = None;
         loop {
             if !self.client.rbuf.is_empty() {
@@ -268,7 +386,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                         if !self.draining && self.drain.is_draining() {
                             self.draining = true;
                         }
-                        return Ok(Some(head));
+                        return Ok(Read::Head(head));
                     }
                     Ok(None) => {
                         head_started.get_or_insert_with(|| self.clock.now());
@@ -295,9 +413,9 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 None => idle,
                 Some(started) => idle.min(started + self.limits.header_read_timeout),
             };
-            // A connection idle for RELEASE_AFTER gives back its buffers and its response
-            // timer: an idle kept-alive connection costs little more than its task.
-            let release = (head_started.is_none() && !self.released)
+            // A connection that waited RELEASE_AFTER with nothing half-read or unwritten parks:
+            // an idle kept-alive connection costs little more than its socket.
+            let park = (head_started.is_none() && !self.client.has_output())
                 .then_some(self.idle_since + RELEASE_AFTER)
                 .filter(|at| *at < deadline);
             let waited = std::future::poll_fn(|cx| {
@@ -306,51 +424,39 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 if !self.draining
                     && let Poll::Ready(read) = self.client.poll_read_more(cx)
                 {
-                    return Poll::Ready(read);
+                    return Poll::Ready(Waited::Read(read));
                 }
-                if !self.draining && drained.as_mut().poll(cx).is_ready() {
+                if !self.draining && self.drain.poll_signaled(cx).is_ready() {
                     self.draining = true;
                 }
                 if self.draining {
                     if head_started.is_none() {
-                        return Poll::Ready(Ok(0));
+                        return Poll::Ready(Waited::Read(Ok(0)));
                     }
                     if let Poll::Ready(read) = self.client.poll_read_more(cx) {
-                        return Poll::Ready(read);
+                        return Poll::Ready(Waited::Read(read));
                     }
                 }
-                let wake = release.unwrap_or(deadline);
+                let wake = park.unwrap_or(deadline);
                 if self.idle.poll_reached(cx, self.clock, wake).is_ready() {
-                    if release.is_some() {
-                        return Poll::Ready(Err(io::ErrorKind::WouldBlock.into()));
+                    if park.is_some() {
+                        return Poll::Ready(Waited::Park);
                     }
-                    return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                    return Poll::Ready(Waited::Read(Err(io::ErrorKind::TimedOut.into())));
                 }
                 Poll::Pending
             })
             .await;
             match waited {
-                Ok(0) => return Ok(None),
-                Ok(_) => self.released = false,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    self.release();
-                }
-                Err(err) => {
+                Waited::Park => return Ok(Read::Park),
+                Waited::Read(Ok(0)) => return Ok(Read::Close),
+                Waited::Read(Ok(_)) => {}
+                Waited::Read(Err(err)) => {
                     tracing::debug!(error = %err, "no complete request head; closing");
-                    return Ok(None);
+                    return Ok(Read::Close);
                 }
             }
         }
-    }
-
-    /// Gives back the memory an idle connection does not need.
-    fn release(&mut self) {
-        self.client.release();
-        self.forward = Vec::new();
-        self.replay.free();
-        self.grpc_timeout = Vec::new();
-        self.response.release();
-        self.released = true;
     }
 
     /// Answers a request that could not be read, and leaves the connection to close.

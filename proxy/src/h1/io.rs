@@ -18,7 +18,7 @@ pub(crate) type Upstream<N> = Side<CountingIo<<N as Net>::Io>>;
 /// Room made for a read when the buffer is short of it, at first: a request head fits, so a
 /// kept-alive connection of small exchanges holds a small buffer (memory per connection), and
 /// reads that fill it double it, up to [`MAX_READ_CHUNK`], for bodies.
-const READ_CHUNK: usize = 1024;
+pub(crate) const READ_CHUNK: usize = 1024;
 
 /// The most room made for one read: a connection moving a large body reads (and writes) in
 /// pieces that grow up to this while reads keep filling the buffer, so bulk transfers take
@@ -43,8 +43,6 @@ pub(crate) struct Side<I> {
     written: usize,
     /// Room to make for the next read.
     read_size: usize,
-    /// The read buffer was given back while idle (see [`Side::release`]).
-    released: bool,
 }
 
 impl<I: Io> Side<I> {
@@ -55,23 +53,11 @@ impl<I: Io> Side<I> {
             wbuf: Vec::new(),
             written: 0,
             read_size: READ_CHUNK,
-            released: false,
         }
     }
 
     /// Reads once into the read buffer; `Ok(0)` at end of stream.
     pub(crate) fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.released {
-            // Released while idle: nothing is allocated until bytes arrive.
-            let mut stack = [0u8; READ_CHUNK];
-            let mut read_buf = tokio::io::ReadBuf::new(&mut stack);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut read_buf))?;
-            let n = read_buf.filled().len();
-            self.released = false;
-            self.rbuf.reserve(READ_CHUNK);
-            self.rbuf.extend_from_slice(read_buf.filled());
-            return Poll::Ready(Ok(n));
-        }
         let want = self.read_size;
         if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
             self.rbuf.reserve(want);
@@ -86,20 +72,6 @@ impl<I: Io> Side<I> {
             }
         }
         Poll::Ready(read)
-    }
-
-    /// Gives both buffers' memory back, when empty (a connection idle for long): an idle
-    /// kept-alive connection then holds no buffer at all.
-    pub(crate) fn release(&mut self) {
-        if self.rbuf.is_empty() {
-            self.rbuf = BytesMut::new();
-            self.read_size = READ_CHUNK;
-            self.released = true;
-        }
-        if !self.has_output() {
-            self.wbuf = Vec::new();
-            self.written = 0;
-        }
     }
 
     /// Releases buffers grown by a large body, once they are empty.
@@ -211,11 +183,6 @@ impl Replay {
     pub(crate) fn lose(&mut self) {
         self.state = ReplayState::Lost;
         self.buf.clear();
-    }
-
-    /// Frees the buffer's memory.
-    pub(crate) fn free(&mut self) {
-        self.buf = Vec::new();
     }
 
     /// Keeps `body`, the request's whole body, read from the client before any attempt.

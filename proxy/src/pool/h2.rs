@@ -1,5 +1,9 @@
-//! Upstream HTTP/2: one multiplexed hyper connection per endpoint, re-established when it
-//! closes, shared by every request to that endpoint.
+//! Upstream HTTP/2: multiplexed hyper connections per endpoint, shared by every request to
+//! that endpoint. A request takes the first connection with a stream free under the peer's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` (a stream counts until its response body ends); when every
+//! connection is full another is opened (up to [`MAX_H2_CONNECTIONS`]), so a busy endpoint is
+//! never limited to one connection's streams while streams queue in the proxy. Connections
+//! beyond the first close once they have had no stream for the idle timeout.
 //!
 //! Every wait for response headers is bounded by the response timeout (when configured),
 //! counted from the last moment the proxy handed the upstream part of the request: the dispatch,
@@ -24,7 +28,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{Pools, lock};
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body, BoxError, StreamGuard, Streams};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{Failed, Sent};
@@ -34,14 +38,66 @@ use crate::net::Net;
 /// side allows its clients).
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The most HTTP/2 connections kept to one endpoint. Beyond, streams wait in the proxy for
+/// room on the least loaded connection (hyper opens them as others end).
+const MAX_H2_CONNECTIONS: usize = 64;
+
+/// One upstream HTTP/2 connection.
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    /// Which connection this is, so a request that timed out on one replaces only that one.
+    generation: u64,
+    /// Streams open on it: counted from dispatch until the response body ends.
+    streams: Arc<Streams>,
+    /// Reads the peer's current `SETTINGS_MAX_CONCURRENT_STREAMS` (hyper's connection state,
+    /// shared with the task that drives it).
+    max_streams: Arc<dyn Fn() -> usize + Send + Sync>,
+}
+
+impl std::fmt::Debug for H2Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Conn")
+            .field("generation", &self.generation)
+            .field("streams", &self.streams.open_now())
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Conn {
+    fn has_room(&self) -> bool {
+        self.streams.open_now() < (self.max_streams)()
+    }
+}
+
 #[derive(Debug, Default)]
 struct H2Slot {
-    sender: Option<http2::SendRequest<Body>>,
-    /// Which connection `sender` is, so a request that timed out on one replaces only that one.
+    conns: Vec<H2Conn>,
     generation: u64,
 }
 
-/// One endpoint's HTTP/2 connection.
+impl H2Slot {
+    /// Which connection a new stream should use: the first open one with room, else (all
+    /// full, and no more may be opened) the least loaded. `None`: open another.
+    fn choose(&mut self) -> Option<usize> {
+        self.conns.retain(|conn| !conn.sender.is_closed());
+        if let Some(i) = self.conns.iter().position(H2Conn::has_room) {
+            return Some(i);
+        }
+        if self.conns.len() < MAX_H2_CONNECTIONS {
+            return None;
+        }
+        (0..self.conns.len()).min_by_key(|&i| self.conns[i].streams.open_now())
+    }
+}
+
+/// A response's upstream stream, counted open until the response (or its body) is dropped;
+/// carried in the response's extensions from the pool to the engine.
+#[derive(Clone, Debug)]
+pub(crate) struct UpstreamStream {
+    _stream: Arc<StreamGuard>,
+}
+
+/// One endpoint's HTTP/2 connections.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     h2: tokio::sync::Mutex<H2Slot>,
@@ -64,13 +120,25 @@ impl Endpoint {
     /// the endpoint (in use, or its connection still open).
     pub(super) fn sweep(self: &Arc<Self>, now: Instant, timeout: Duration) -> bool {
         let idle_for = now.saturating_duration_since(*lock(&self.last_used));
-        if idle_for >= timeout
-            && let Ok(mut h2) = self.h2.try_lock()
-        {
-            // Dropping the last sender closes the connection once its streams end.
-            h2.sender = None;
+        if let Ok(mut h2) = self.h2.try_lock() {
+            if idle_for >= timeout {
+                // Dropping the last sender closes a connection once its streams end.
+                h2.conns.clear();
+            } else {
+                // Connections opened for a peak close once they have been without a stream
+                // for the idle timeout; the first stays while the endpoint is in use.
+                let mut first = true;
+                h2.conns.retain(|conn| {
+                    let keep = first || conn.streams.open_now() > 0 || {
+                        let since = conn.streams.idle_since();
+                        now.saturating_duration_since(since) < timeout
+                    };
+                    first = false;
+                    keep
+                });
+            }
         }
-        let h2_open = self.h2.try_lock().map_or(true, |h2| h2.sender.is_some());
+        let h2_open = self.h2.try_lock().map_or(true, |h2| !h2.conns.is_empty());
         Arc::strong_count(self) > 1 || h2_open
     }
 }
@@ -185,12 +253,13 @@ impl<N: Net> Pools<N> {
         let (request, progress) = self.track(request);
         let now = self.clock.now();
         let endpoint = self.endpoint(addr, now);
-        let (mut sender, connected, generation) = {
-            // Held across the connect so concurrent requests share one new connection.
+        let (mut sender, stream, connected, generation) = {
+            // Held across the connect so concurrent requests share one new connection, and
+            // while the stream is counted so concurrent requests see each other's.
             let mut slot = endpoint.h2.lock().await;
-            match slot.sender.as_ref() {
-                Some(sender) if !sender.is_closed() => (sender.clone(), false, slot.generation),
-                _ => {
+            let (i, connected) = match slot.choose() {
+                Some(i) => (i, false),
+                None => {
                     let io = match self.connect(addr).await {
                         Ok(io) => io,
                         Err(error) => {
@@ -222,16 +291,37 @@ impl<N: Net> Pools<N> {
                             failed.connected = true;
                             H2Failed::from(failed)
                         })?;
+                    // hyper keeps the peer's settings in the connection it hands back: shared
+                    // between the task that drives it and the pool that reads the stream limit.
+                    let connection = Arc::new(Mutex::new(Box::pin(connection)));
+                    let settings = Arc::clone(&connection);
+                    let max_streams: Arc<dyn Fn() -> usize + Send + Sync> =
+                        Arc::new(move || lock(&settings).current_max_send_streams());
                     tokio::spawn(async move {
-                        if let Err(err) = connection.await {
+                        let ended =
+                            std::future::poll_fn(|cx| lock(&connection).as_mut().poll(cx)).await;
+                        if let Err(err) = ended {
                             tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
                         }
                     });
                     slot.generation = slot.generation.wrapping_add(1);
-                    slot.sender = Some(sender.clone());
-                    (sender, true, slot.generation)
+                    let generation = slot.generation;
+                    slot.conns.push(H2Conn {
+                        sender,
+                        generation,
+                        streams: Streams::new(self.clock),
+                        max_streams,
+                    });
+                    (slot.conns.len() - 1, true)
                 }
-            }
+            };
+            let conn = &slot.conns[i];
+            (
+                conn.sender.clone(),
+                conn.streams.open(),
+                connected,
+                conn.generation,
+            )
         };
         let waited = self
             .headers(
@@ -240,7 +330,7 @@ impl<N: Net> Pools<N> {
                 sender.try_send_request(request),
             )
             .await;
-        let response = match waited {
+        let mut response = match waited {
             Ok(Ok(response)) => response,
             Ok(Err(mut err)) => {
                 let unsent = err.take_message();
@@ -274,6 +364,9 @@ impl<N: Net> Pools<N> {
                 return Err(failed.into());
             }
         };
+        response.extensions_mut().insert(UpstreamStream {
+            _stream: Arc::new(stream),
+        });
         Ok(Sent {
             response,
             connected,
@@ -341,9 +434,7 @@ impl<N: Net> Pools<N> {
     /// Stops offering the endpoint's h2 connection `generation` to new requests.
     async fn forget_h2(endpoint: &Endpoint, generation: u64) {
         let mut slot = endpoint.h2.lock().await;
-        if slot.generation == generation {
-            slot.sender = None;
-        }
+        slot.conns.retain(|conn| conn.generation != generation);
     }
 }
 
