@@ -163,8 +163,6 @@ impl<I: Io> Parked<I> {
     }
 }
 
-/// Serves an HTTP/1 connection: busy periods (boxed, holding buffers and the request's state)
-/// with parked waits between them (holding only `parked`).
 /// Serves the HTTP/1 connection in `conn`: busy periods (boxed, holding buffers and the
 /// request's state) with parked waits between them (holding only the [`Parked`] state, in the
 /// caller's slot, so the connection's task stores it once).

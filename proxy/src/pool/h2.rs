@@ -293,13 +293,27 @@ impl<N: Net> Pools<N> {
                         })?;
                     // hyper keeps the peer's settings in the connection it hands back: shared
                     // between the task that drives it and the pool that reads the stream limit.
-                    let connection = Arc::new(Mutex::new(Box::pin(connection)));
+                    // The task drops it when it ends, which closes its senders.
+                    let connection = Arc::new(Mutex::new(Some(Box::pin(connection))));
                     let settings = Arc::clone(&connection);
-                    let max_streams: Arc<dyn Fn() -> usize + Send + Sync> =
-                        Arc::new(move || lock(&settings).current_max_send_streams());
+                    let max_streams: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || {
+                        lock(&settings)
+                            .as_ref()
+                            .map_or(0, |connection| connection.current_max_send_streams())
+                    });
                     tokio::spawn(async move {
-                        let ended =
-                            std::future::poll_fn(|cx| lock(&connection).as_mut().poll(cx)).await;
+                        let ended = std::future::poll_fn(|cx| {
+                            let mut slot = lock(&connection);
+                            let Some(running) = slot.as_mut() else {
+                                return Poll::Ready(Ok(()));
+                            };
+                            let poll = running.as_mut().poll(cx);
+                            if poll.is_ready() {
+                                *slot = None;
+                            }
+                            poll
+                        })
+                        .await;
                         if let Err(err) = ended {
                             tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
                         }
