@@ -14,6 +14,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::net::TcpListener;
@@ -63,6 +64,15 @@ async fn limited_backend(
     (addr, accepted, arrived)
 }
 
+/// One request to `path` of the limited service over `client`'s connection.
+async fn send(client: &SendRequest<TestBody>, path: &str) -> Response<Incoming> {
+    client
+        .clone()
+        .send_request(get("limited.test", path))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn streams_beyond_the_peers_limit_go_on_new_connections_not_into_a_queue() {
     bounded(async {
@@ -71,11 +81,7 @@ async fn streams_beyond_the_peers_limit_go_on_new_connections_not_into_a_queue()
         let proxy = TestProxy::start(config(), mesh(&[("limited.test", &[app])])).await;
         let client = h2_client(proxy.addrs.outbound).await;
         // One request first, so the proxy knows the peer's settings.
-        let response = client
-            .clone()
-            .send_request(get("limited.test", "/"))
-            .await
-            .unwrap();
+        let response = send(&client, "/").await;
         assert_eq!(body_bytes(response).await, "held");
         // Five requests at once to an endpoint that takes two streams per connection, each
         // response body held open until the app has had all five: it only gets them if the
@@ -99,11 +105,7 @@ async fn streams_beyond_the_peers_limit_go_on_new_connections_not_into_a_queue()
         }
         // With every stream ended, later requests fit the connections already open.
         for _ in 0..4 {
-            let response = client
-                .clone()
-                .send_request(get("limited.test", "/"))
-                .await
-                .unwrap();
+            let response = send(&client, "/").await;
             assert_eq!(body_bytes(response).await, "held");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -120,22 +122,10 @@ async fn a_stream_counts_until_its_response_body_ends() {
         let client = h2_client(proxy.addrs.outbound).await;
         // A response whose body has not ended keeps its stream (the only one the peer allows
         // on that connection) open: the next request takes another connection.
-        let response = client
-            .clone()
-            .send_request(get("limited.test", "/"))
-            .await
-            .unwrap();
+        let response = send(&client, "/").await;
         assert_eq!(body_bytes(response).await, "held");
-        let first = client
-            .clone()
-            .send_request(get("limited.test", "/hold"))
-            .await
-            .unwrap();
-        let second = client
-            .clone()
-            .send_request(get("limited.test", "/hold"))
-            .await
-            .unwrap();
+        let first = send(&client, "/hold").await;
+        let second = send(&client, "/hold").await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         release.send_replace(true);
         assert_eq!(body_bytes(first).await, "held");
