@@ -25,7 +25,9 @@ print(f"reps: {max(r['rep'] for r in runs)}; runs above load average 1.5: {len(n
 for proto in ("h1", "h2"):
     print()
     print(f"{'HTTP/1.1 (wrk)' if proto == 'h1' else 'h2 (h2load -m1)'}: per target, CPU us per "
-          "request (x its own 50-connection figure), requests/s, resident memory")
+          "request (x its own 50-connection figure), requests/s, resident memory at the end of "
+          "the first rep's step (later reps start from the high-water mark of the largest "
+          "steps: freed memory is not given back to the system)")
     print()
     print("| connections | " + " | ".join(targets) + " | conduit / haproxy CPU |")
     print("|---|" + "---|" * (len(targets) + 1))
@@ -35,7 +37,7 @@ for proto in ("h1", "h2"):
         for t in targets:
             us = med(t, proto, level, us_per_req)
             rps = med(t, proto, level, lambda r: r["rps"])
-            rss = med(t, proto, level, lambda r: r["rss_kb"])
+            rss = med(t, proto, level, lambda r: r["rss_kb"] if r["rep"] == 1 else None)
             if us is None:
                 cells.append("-")
                 continue
