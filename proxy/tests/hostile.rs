@@ -318,6 +318,39 @@ async fn an_idle_h2_connection_is_closed() {
     .await;
 }
 
+/// Goal: a kept-alive HTTP/1 connection that waits long enough to park (giving back its
+/// buffers and request state) comes back whole for its next request, and a parked connection
+/// still closes at its idle timeout. Method: raw HTTP/1.1 over one socket; a request, a pause
+/// past the park delay (50 ms) but within the idle timeout (300 ms), a second request, then
+/// silence until the proxy closes the connection.
+#[tokio::test]
+async fn a_parked_http1_connection_serves_its_next_request_and_closes_when_idle() {
+    use tokio::io::AsyncReadExt;
+    bounded(async {
+        let app = named_backend("app").await;
+        let proxy = TestProxy::start(short_idle(), mesh(&[("web.test", &[app])])).await;
+        let mut client = TcpStream::connect(proxy.addrs.outbound).await.unwrap();
+        let request = b"GET / HTTP/1.1\r\nhost: web.test\r\n\r\n";
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..2 {
+            client.write_all(request).await.unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"app") {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the response: {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+            // Nothing arrives while the connection parks.
+            let quiet = tokio::time::timeout(Duration::from_millis(150), client.read(&mut buf));
+            assert!(quiet.await.is_err(), "the proxy sent or closed while idle");
+        }
+        // Silence from here: the proxy closes the connection at its idle timeout.
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+    })
+    .await;
+}
+
 /// Goal: h2 bodies that stop moving are ended, as on HTTP/1. Method: an app that sends a
 /// response's headers and first chunk and then nothing; the client's body fails after the
 /// idle timeout instead of hanging. And an upload that stops after its first chunk fails at
