@@ -14,8 +14,8 @@
 //! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`breaker`] (circuit
 //! breaking per endpoint), [`classify`], [`metrics`], [`route`] (route profiles and request
 //! matching), [`timeout`] (deadlines and their propagation), [`retry`] (sending a request
-//! again) and [`mesh`] (the mesh file model). Later issues add `slo`, `policy`, `identity`,
-//! `fault` and `tap`.
+//! again), [`identity`] (when to ask for a certificate) and [`mesh`] (the mesh file model).
+//! Later issues add `slo`, `policy`, `fault` and `tap`.
 
 #![deny(missing_docs)]
 
@@ -23,6 +23,7 @@ pub mod backoff;
 pub mod balance;
 pub mod breaker;
 pub mod classify;
+pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod rand;
