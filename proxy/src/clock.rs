@@ -51,6 +51,20 @@ impl Clock {
     }
 }
 
+/// Wall-clock time from the system clock, for certificate validity: the production
+/// [`crate::identity::WallClock`] (the simulation passes its own).
+#[must_use]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the clock seam is the one place that reads time"
+)]
+pub fn system_unix_time() -> conduit_core::time::UnixTime {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    conduit_core::time::UnixTime::from_secs(since.as_secs())
+}
+
 impl Default for Clock {
     fn default() -> Self {
         Self::new()

@@ -173,7 +173,16 @@ pub struct ProxyConfig {
     pub discovery_backoff: conduit_core::backoff::BackoffConfig,
     /// How long a graceful shutdown lets in-flight requests finish.
     pub shutdown_grace_period: Duration,
+    /// The proxy's workload identity (`identity_name`, `identity_token` or
+    /// `identity_token_file`, `identity_trust_anchors`): with it, the proxy gets a certificate
+    /// from the controller's CA, speaks mTLS to meshed endpoints and terminates mTLS inbound.
+    pub identity: Option<IdentitySettings>,
+    /// Refuse outbound destinations that are not meshed (fail closed) instead of reaching
+    /// them in plaintext.
+    pub outbound_require_identity: bool,
 }
+
+pub use crate::identity::IdentitySettings;
 
 /// Connection timeouts and size limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,6 +295,8 @@ impl ProxyConfig {
             discovery_idle_timeout: DEFAULT_DISCOVERY_IDLE_TIMEOUT,
             discovery_backoff: conduit_core::backoff::BackoffConfig::default(),
             shutdown_grace_period: DEFAULT_SHUTDOWN_GRACE_PERIOD,
+            identity: None,
+            outbound_require_identity: false,
         }
     }
 
@@ -424,6 +435,41 @@ impl ProxyConfig {
         }
         if let Some(log) = raw.log {
             config.log = log;
+        }
+        config.identity = identity_settings(
+            raw.identity_name,
+            raw.identity_token,
+            raw.identity_token_file,
+            raw.identity_trust_anchors,
+            &config.discovery,
+            &mut e,
+        );
+        match raw.outbound_require_identity {
+            None => {}
+            Some(RawBool::Bool(b)) => config.outbound_require_identity = b,
+            Some(RawBool::Text(text)) => match text.as_str() {
+                "true" | "1" => config.outbound_require_identity = true,
+                "false" | "0" => config.outbound_require_identity = false,
+                _ => e(
+                    "outbound_require_identity",
+                    format!("`{text}` is not `true` or `false`"),
+                ),
+            },
+            Some(RawBool::Number(n)) => match n {
+                0 => config.outbound_require_identity = false,
+                1 => config.outbound_require_identity = true,
+                _ => e(
+                    "outbound_require_identity",
+                    format!("`{n}` is not `true` or `false`"),
+                ),
+            },
+        }
+        if config.outbound_require_identity && config.identity.is_none() {
+            e(
+                "outbound_require_identity",
+                "needs an identity (identity_name): without one no destination could be reached"
+                    .into(),
+            );
         }
         config.seed = raw.seed;
         if let Some(workers) = raw.workers {
@@ -614,6 +660,94 @@ impl ProxyConfig {
 
 pub use conduit_core::time::parse_duration;
 
+/// The identity settings: all of name, token (or token file) and trust anchors, or none.
+fn identity_settings(
+    name: Option<String>,
+    token: Option<String>,
+    token_file: Option<String>,
+    anchors: Option<String>,
+    discovery: &DiscoveryConfig,
+    e: &mut impl FnMut(&str, String),
+) -> Option<IdentitySettings> {
+    let given = name.is_some() || token.is_some() || token_file.is_some() || anchors.is_some();
+    if !given {
+        return None;
+    }
+    let mut ok = true;
+    let name = match name {
+        Some(name) if check_service(&name).is_ok() && !name.contains(':') => {
+            name.to_ascii_lowercase()
+        }
+        Some(name) => {
+            e(
+                "identity_name",
+                format!("`{name}` is not a DNS-like identity name"),
+            );
+            ok = false;
+            String::new()
+        }
+        None => {
+            e(
+                "identity_name",
+                "required with the other identity settings".into(),
+            );
+            ok = false;
+            String::new()
+        }
+    };
+    let token = match (token, token_file) {
+        (Some(token), None) if !token.trim().is_empty() => {
+            crate::identity::TokenSource::Value(token.trim().to_owned())
+        }
+        (None, Some(path)) if !path.is_empty() => {
+            crate::identity::TokenSource::File(PathBuf::from(path))
+        }
+        (Some(_), Some(_)) => {
+            e(
+                "identity_token",
+                "give identity_token or identity_token_file, not both".into(),
+            );
+            ok = false;
+            crate::identity::TokenSource::Value(String::new())
+        }
+        _ => {
+            e(
+                "identity_token",
+                "required with an identity (from `conduit identity token NAME`), or \
+                 identity_token_file"
+                    .into(),
+            );
+            ok = false;
+            crate::identity::TokenSource::Value(String::new())
+        }
+    };
+    let trust_anchors = match anchors {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => {
+            e(
+                "identity_trust_anchors",
+                "required with an identity: the PEM bundle of the mesh's trust anchors".into(),
+            );
+            ok = false;
+            PathBuf::new()
+        }
+    };
+    if !matches!(discovery, DiscoveryConfig::Controller { .. }) {
+        e(
+            "identity_name",
+            "an identity comes from the controller's CA: discovery must be the controller's \
+             address"
+                .into(),
+        );
+        ok = false;
+    }
+    ok.then_some(IdentitySettings {
+        name,
+        token,
+        trust_anchors,
+    })
+}
+
 /// Checks a service authority: a DNS name, optionally with a port.
 fn check_service(service: &str) -> Result<(), String> {
     let (host, port) = match service.rsplit_once(':') {
@@ -683,6 +817,23 @@ pub struct RawProxyConfig {
     pub discovery_backoff_min: Option<String>,
     pub discovery_backoff_max: Option<String>,
     pub shutdown_grace_period: Option<String>,
+    pub identity_name: Option<String>,
+    pub identity_token: Option<String>,
+    pub identity_token_file: Option<String>,
+    pub identity_trust_anchors: Option<String>,
+    pub outbound_require_identity: Option<RawBool>,
+}
+
+/// A flag as written: a YAML boolean, or `true`/`false` (or `1`/`0`) from the environment.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawBool {
+    /// A YAML boolean.
+    Bool(bool),
+    /// A number (environment values that are digits arrive as numbers).
+    Number(u64),
+    /// Text.
+    Text(String),
 }
 
 /// A timeout as written: a duration (`30s`), or `0` / `off` for none. Environment values that

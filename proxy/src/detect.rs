@@ -4,7 +4,8 @@
 //! method token followed by a space means HTTP/1, whose whole first request head is then read
 //! and checked here, so that a malformed request gets a 400 and an oversized head a 431 from
 //! the proxy (with its error header), and a client trickling its head is cut off after the
-//! header-read timeout; anything else is opaque TCP. A client that sends nothing within the
+//! header-read timeout; a TLS ClientHello (read whole: one record of at most 16 KiB) is TLS;
+//! anything else is opaque TCP. A client that sends nothing within the
 //! detect timeout is opaque too (server-speaks-first protocols such as SMTP or MySQL).
 
 use std::time::Duration;
@@ -28,6 +29,9 @@ const MAX_HEADERS: usize = 100;
 pub(crate) enum Detected {
     Http1,
     Http2,
+    /// A TLS ClientHello, whole in `buf` (the inbound side terminates it when its SNI is the
+    /// proxy's identity; otherwise it is opaque).
+    Tls,
     Opaque,
 }
 
@@ -97,6 +101,13 @@ pub(crate) async fn detect<I: AsyncRead + Unpin>(
 fn decide(buf: &[u8]) -> Option<Detected> {
     if buf.is_empty() {
         return None;
+    }
+    if crate::tls::may_be_tls(buf) {
+        return match crate::tls::parse_client_hello(buf) {
+            crate::tls::Hello::Tls { .. } => Some(Detected::Tls),
+            crate::tls::Hello::NotTls => Some(Detected::Opaque),
+            crate::tls::Hello::Incomplete => None,
+        };
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {

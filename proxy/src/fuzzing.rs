@@ -385,6 +385,8 @@ pub enum Protocol {
     Http1,
     /// HTTP/2 with prior knowledge.
     Http2,
+    /// A whole TLS ClientHello.
+    Tls,
     /// Anything else.
     Opaque,
 }
@@ -452,6 +454,7 @@ impl Detector {
         let protocol = match result {
             Ok(Detected::Http1) => Ok(Protocol::Http1),
             Ok(Detected::Http2) => Ok(Protocol::Http2),
+            Ok(Detected::Tls) => Ok(Protocol::Tls),
             Ok(Detected::Opaque) => Ok(Protocol::Opaque),
             Err(DetectError::TooLarge(_)) => Err(DetectFailure::TooLarge),
             Err(DetectError::Malformed(_)) => Err(DetectFailure::Malformed),

@@ -35,12 +35,14 @@ mod exchange;
 pub mod fuzzing;
 mod h1;
 mod http2;
+pub mod identity;
 mod inbound;
 pub mod net;
 pub mod observe;
 mod outbound;
 mod pool;
 mod server;
+mod tls;
 pub mod transport;
 
 use std::future::Future;
@@ -70,6 +72,9 @@ pub enum ProxyStartError {
         #[source]
         source: io::Error,
     },
+    /// The identity could not be set up (unreadable or garbled trust anchors or token).
+    #[error("identity: {0}")]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// The addresses a bound proxy listens on.
@@ -93,6 +98,7 @@ pub struct Proxy<N: Net> {
     admin: N::Listener,
     addrs: Addrs,
     hooks: observe::Hooks,
+    identity: Option<Arc<identity::LocalIdentity>>,
 }
 
 impl<N: Net> Proxy<N> {
@@ -144,10 +150,19 @@ impl<N: Net> Proxy<N> {
             admin,
             addrs,
             hooks: observe::Hooks::default(),
+            identity: None,
         })
     }
 
     /// Reports what the proxy applies and picks to `observer` (instead of to nobody).
+    /// Uses `identity` (made by the caller, e.g. the simulation with its own wall clock)
+    /// instead of loading one from `config.identity`.
+    #[must_use]
+    pub fn with_identity(mut self, identity: Arc<identity::LocalIdentity>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
     #[must_use]
     pub fn with_observer(mut self, observer: Arc<dyn observe::Observer>) -> Self {
         self.hooks.observer = observer;
@@ -189,7 +204,16 @@ impl<N: Net> Proxy<N> {
             admin,
             addrs,
             hooks,
+            identity,
         } = self;
+        let identity = match (identity, &config.identity) {
+            (Some(identity), _) => Some(identity),
+            (None, Some(settings)) => Some(Arc::new(identity::LocalIdentity::load(
+                settings,
+                clock::system_unix_time,
+            )?)),
+            (None, None) => None,
+        };
         let clock = clock::Clock::new();
         let metrics = Arc::new(admin::metrics::Metrics::new(clock, config.metrics));
         let mut rng = DetRng::new(seed);
@@ -207,12 +231,43 @@ impl<N: Net> Proxy<N> {
         );
         tokio::spawn(Arc::clone(&router).run(drain.clone()));
 
-        let outbound_ctx =
-            outbound::context(&config, net.clone(), clock, &metrics, Arc::clone(&router));
+        if let Some(identity) = &identity {
+            match &config.discovery {
+                config::DiscoveryConfig::Controller { addr } => {
+                    tokio::spawn(Arc::clone(identity).certify(
+                        net.clone(),
+                        addr.clone(),
+                        config.limits.connect_timeout,
+                        clock,
+                        rng.child("identity"),
+                        drain.clone(),
+                    ));
+                }
+                _ => tracing::error!(
+                    "an identity needs the controller's CA, and discovery is not the controller"
+                ),
+            }
+        }
+        let outbound_ctx = outbound::context(
+            &config,
+            net.clone(),
+            clock,
+            &metrics,
+            Arc::clone(&router),
+            identity.clone(),
+        );
         let mut all_pools = vec![Arc::clone(&outbound_ctx.pools)];
         tokio::spawn(server::accept_loop(outbound, outbound_ctx, drain.clone()));
         if let (Some(listener), Some(app)) = (inbound, config.app_addr) {
-            let ctx = inbound::context(&config, net.clone(), clock, &metrics, app, &*discovery);
+            let ctx = inbound::context(
+                &config,
+                net.clone(),
+                clock,
+                &metrics,
+                app,
+                &*discovery,
+                identity.clone(),
+            );
             all_pools.push(Arc::clone(&ctx.pools));
             tokio::spawn(server::accept_loop(listener, ctx, drain.clone()));
         }
@@ -259,6 +314,7 @@ impl<N: Net> Proxy<N> {
             shutdown: shutdown_tx,
             limits: config.limits,
             clock,
+            identity,
         });
         let admin_task = tokio::spawn(admin::serve::<N>(admin, admin_state));
         tracing::info!(

@@ -23,6 +23,7 @@ use crate::errors::respond::encode_http1;
 use crate::exchange;
 use crate::h1::conn::Parked;
 use crate::http2::H2Service;
+use crate::identity::LocalIdentity;
 use crate::net::{Io, Listener, Net};
 use crate::pool::Pools;
 use crate::transport::{ActivityIo, CountingIo, PrefixedIo};
@@ -44,6 +45,8 @@ pub(crate) struct ServeContext<N: Net> {
     pub(crate) clock: Clock,
     /// Where opaque TCP goes (`None`: close it).
     pub(crate) opaque_target: Option<SocketAddr>,
+    /// The identity whose TLS this listener terminates (inbound, when the proxy has one).
+    pub(crate) identity: Option<Arc<LocalIdentity>>,
 }
 
 impl<N: Net> ServeContext<N> {
@@ -52,6 +55,7 @@ impl<N: Net> ServeContext<N> {
         pools: Pools<N>,
         limits: Limits,
         opaque_target: Option<SocketAddr>,
+        identity: Option<Arc<LocalIdentity>>,
     ) -> Self {
         let (cx, pools) = (Arc::new(cx), Arc::new(pools));
         Self {
@@ -64,6 +68,7 @@ impl<N: Net> ServeContext<N> {
             pools,
             limits,
             opaque_target,
+            identity,
         }
     }
 
@@ -121,38 +126,15 @@ fn serve_connection<N: Net>(
     // Taken by the protocol that needs the connection whole; HTTP/1 borrows it.
     let mut conn = Some(conn);
     async move {
-        // TLS seam: the identity/mTLS issue detects a ClientHello here (inbound: terminate when
-        // the SNI is our identity) before HTTP detection, and hands the decrypted stream on.
-        let limits = DetectLimits {
-            detect_timeout: ctx.limits.detect_timeout,
-            header_read_timeout: ctx.limits.header_read_timeout,
-            max_header_bytes: ctx.limits.max_header_bytes,
-        };
         // The connection's task is sized for its largest state, which every idle kept-alive
         // connection then pays for in memory: the states that are not the HTTP/1 connection's
-        // own (detection, HTTP/2 through hyper, opaque forwarding) are boxed, once per
+        // own (detection, TLS, HTTP/2 through hyper, opaque forwarding) are boxed, once per
         // connection, and HTTP/1 boxes its busy periods.
         let detected = match conn.as_mut() {
-            Some(parked) => Box::pin(detect::detect(&mut parked.io, &mut parked.buf, limits)).await,
+            Some(parked) => Box::pin(detect_or_reject(parked, &ctx.limits)).await,
             None => return,
         };
-        let detected = match detected {
-            Ok(detected) => detected,
-            Err(err) => {
-                let err = match err {
-                    DetectError::TooLarge(limit) => ProxyError::HeadersTooLarge { limit },
-                    DetectError::Malformed(reason) => ProxyError::Malformed { reason },
-                    err => {
-                        tracing::debug!(error = %err, "closing connection");
-                        return;
-                    }
-                };
-                if let Some(parked) = conn.as_mut() {
-                    Box::pin(reject(&mut parked.io, &err)).await;
-                }
-                return;
-            }
-        };
+        let Some(detected) = detected else { return };
         match detected {
             Detected::Http1 => {
                 crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, drain).await;
@@ -162,6 +144,11 @@ fn serve_connection<N: Net>(
                     Box::pin(serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain)).await;
                 }
             }
+            Detected::Tls => {
+                if let Some(Parked { io, buf, .. }) = conn.take() {
+                    Box::pin(serve_tls(io, buf.freeze(), &ctx, drain)).await;
+                }
+            }
             Detected::Opaque => {
                 if let Some(Parked { io, buf, .. }) = conn.take() {
                     Box::pin(forward_opaque(io, buf.freeze(), &ctx)).await;
@@ -169,6 +156,106 @@ fn serve_connection<N: Net>(
             }
         }
         drop(permit);
+    }
+}
+
+/// Detects the connection's protocol; a request head that is malformed or too large gets its
+/// answer here, and `None` means the connection is done.
+async fn detect_or_reject<I: Io>(parked: &mut Parked<I>, limits: &Limits) -> Option<Detected> {
+    let detect_limits = DetectLimits {
+        detect_timeout: limits.detect_timeout,
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+    };
+    match detect::detect(&mut parked.io, &mut parked.buf, detect_limits).await {
+        Ok(detected) => Some(detected),
+        Err(err) => {
+            let err = match err {
+                DetectError::TooLarge(limit) => ProxyError::HeadersTooLarge { limit },
+                DetectError::Malformed(reason) => ProxyError::Malformed { reason },
+                err => {
+                    tracing::debug!(error = %err, "closing connection");
+                    return None;
+                }
+            };
+            reject(&mut parked.io, &err).await;
+            None
+        }
+    }
+}
+
+/// A TLS connection: terminated when its SNI is this proxy's identity (the client must prove
+/// one from the mesh's CA; the handshake must finish within the detect timeout), then served
+/// like any other connection; passed through untouched otherwise.
+async fn serve_tls<N: Net, I: Io>(
+    io: I,
+    hello: Bytes,
+    ctx: &Arc<ServeContext<N>>,
+    mut drain: Drain,
+) {
+    let sni = match crate::tls::parse_client_hello(&hello) {
+        crate::tls::Hello::Tls { sni } => sni,
+        _ => None,
+    };
+    let Some(identity) = ctx
+        .identity
+        .as_ref()
+        .filter(|identity| sni.as_deref() == Some(identity.name()))
+    else {
+        tracing::debug!(
+            sni = sni.as_deref().unwrap_or(""),
+            "TLS for another name; passing it through"
+        );
+        forward_opaque(io, hello, ctx).await;
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(identity.server_config()));
+    let timeout = ctx.limits.detect_timeout;
+    let handshake = acceptor.accept(PrefixedIo::new(hello, io));
+    let tls = tokio::select! {
+        accepted = tokio::time::timeout(timeout, handshake) => match accepted {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                tracing::info!(error = %err, "inbound mTLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(?timeout, "inbound TLS handshake not finished in time; closing");
+                return;
+            }
+        },
+        () = drain.signaled() => return,
+    };
+    let client = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::identity::peer_identity);
+    tracing::debug!(
+        client_id = client.as_deref().unwrap_or(""),
+        "inbound mTLS accepted"
+    );
+    let mut conn = Some(Parked::new(tls, ctx.clock.now()));
+    let detected = match conn.as_mut() {
+        Some(parked) => detect_or_reject(parked, &ctx.limits).await,
+        None => return,
+    };
+    match detected {
+        None => {}
+        Some(Detected::Http1) => {
+            crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, drain).await;
+        }
+        Some(Detected::Http2) => {
+            if let Some(Parked { io, buf, .. }) = conn.take() {
+                serve_h2(PrefixedIo::new(buf.freeze(), io), ctx, drain).await;
+            }
+        }
+        Some(Detected::Tls | Detected::Opaque) => {
+            if let Some(Parked { io, buf, .. }) = conn.take() {
+                forward_opaque(io, buf.freeze(), ctx).await;
+            }
+        }
     }
 }
 

@@ -41,6 +41,8 @@ pub(crate) struct Admin {
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) limits: Limits,
     pub(crate) clock: Clock,
+    /// The proxy's identity: not ready until it holds a valid certificate.
+    pub(crate) identity: Option<Arc<crate::identity::LocalIdentity>>,
 }
 
 /// Connections served in full (every path, kept alive).
@@ -91,7 +93,12 @@ impl Admin {
             }
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => {
-                if *self.ready.borrow() {
+                if self.identity.as_ref().is_some_and(|id| !id.is_certified()) {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: no valid certificate from the identity service yet\n",
+                    )
+                } else if *self.ready.borrow() {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

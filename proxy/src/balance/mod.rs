@@ -70,6 +70,9 @@ pub(crate) struct Router {
     idle_timeout: Duration,
     hooks: Hooks,
     ejections: Arc<Ejections>,
+    /// Which endpoints are meshed, written from every resolution before its endpoints are
+    /// balanced (the outbound pools read it to open mTLS).
+    meshed: Arc<crate::tls::MeshedPeers>,
 }
 
 /// Ejections per service label and [`Reason::index`]: `endpoint_ejections_total`. At most
@@ -136,7 +139,13 @@ impl Router {
             idle_timeout,
             hooks,
             ejections: Arc::default(),
+            meshed: Arc::default(),
         })
+    }
+
+    /// Which endpoints are meshed, as discovery said.
+    pub(crate) fn meshed(&self) -> &Arc<crate::tls::MeshedPeers> {
+        &self.meshed
     }
 
     /// What the balancers report to.
@@ -409,6 +418,7 @@ pub(crate) struct ServiceBalancer {
     /// Told what this balancer applies and picks.
     hooks: Hooks,
     ejections: Arc<Ejections>,
+    meshed: Arc<crate::tls::MeshedPeers>,
     /// The service's circuit breaking is on: outcomes are worth the lock. Off, a settle only
     /// releases the request's in-flight count, as before breakers existed.
     breaker_on: AtomicBool,
@@ -455,6 +465,7 @@ impl ServiceBalancer {
             clock: router.clock,
             hooks: router.hooks.clone(),
             ejections: Arc::clone(&router.ejections),
+            meshed: Arc::clone(&router.meshed),
             breaker_on: AtomicBool::new(false),
             _stop: stop_tx,
         });
@@ -516,6 +527,9 @@ impl ServiceBalancer {
                 if service.endpoints.is_empty() {
                     Change::NoEndpoints
                 } else {
+                    // Before the balancer can pick them: a meshed endpoint is never reached
+                    // in plaintext because its identity was not known yet.
+                    self.meshed.record(&service.endpoints);
                     Change::Replace(service.endpoints.clone())
                 }
             }

@@ -68,6 +68,25 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    /// A meshed endpoint did not prove its identity over mTLS (its certificate is expired,
+    /// for another name, or from another CA; the handshake failed), or this proxy holds no
+    /// valid certificate to offer. The request never reached the endpoint in plaintext.
+    #[error("mTLS to {addr} (identity {identity}) failed: {reason}")]
+    Identity {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The identity it must prove.
+        identity: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The destination is not meshed and the proxy is configured to refuse unmeshed
+    /// destinations (`outbound_require_identity`).
+    #[error("{addr} is not meshed, and this proxy sends only mTLS (outbound_require_identity)")]
+    Unmeshed {
+        /// The endpoint.
+        addr: SocketAddr,
+    },
     /// The upstream connection failed: reset, closed early, or broke the protocol.
     #[error("upstream {addr} failed: {source}")]
     Upstream {
@@ -171,9 +190,10 @@ impl ProxyError {
             | Self::AttemptTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED, false)
             }
-            Self::Connect { .. } | Self::Upstream { .. } => {
-                (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true)
-            }
+            Self::Connect { .. }
+            | Self::Identity { .. }
+            | Self::Unmeshed { .. }
+            | Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true),
             Self::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
             Self::ClientClosed => (CLIENT_CLOSED, grpc::CANCELLED, true),
             Self::Malformed { .. } => (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT, true),

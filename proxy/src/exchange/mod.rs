@@ -614,7 +614,10 @@ impl<'c> Exchange<'c> {
                         attempts,
                         connect_failed: matches!(
                             error,
-                            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
+                            ProxyError::Connect { .. }
+                                | ProxyError::ConnectTimeout { .. }
+                                | ProxyError::Identity { .. }
+                                | ProxyError::Unmeshed { .. }
                         ),
                         replayable: engine.replayable(),
                     },
@@ -1395,9 +1398,10 @@ fn expired(expiry: Expiry, addr: Option<SocketAddr>) -> ProxyError {
 /// The transport failure an attempt's error stands for, when it is one a retry may cure.
 fn transport_error(error: &ProxyError) -> Option<TransportError> {
     match error {
-        ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } => {
-            Some(TransportError::ConnectRefused)
-        }
+        ProxyError::Connect { .. }
+        | ProxyError::ConnectTimeout { .. }
+        | ProxyError::Identity { .. }
+        | ProxyError::Unmeshed { .. } => Some(TransportError::ConnectRefused),
         ProxyError::ResponseTimeout { .. } | ProxyError::AttemptTimeout { .. } => {
             Some(TransportError::Timeout)
         }
@@ -1427,7 +1431,13 @@ fn feedback(
 ) {
     let Some(service) = service else { return };
     match (in_flight, error) {
-        (_, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) => {
+        (
+            _,
+            ProxyError::Connect { .. }
+            | ProxyError::ConnectTimeout { .. }
+            | ProxyError::Identity { .. }
+            | ProxyError::Unmeshed { .. },
+        ) => {
             service.connect_failed(addr);
         }
         // PeakEWMA-consistent: an endpoint that did not answer in time looks as slow as the

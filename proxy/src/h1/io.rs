@@ -9,11 +9,10 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 
 use super::codec::{self, ChunkedDecoder, CodecError, Decoded, Framing};
-use crate::net::{Io, Net};
-use crate::transport::CountingIo;
+use crate::net::Io;
 
 /// An upstream HTTP/1.1 connection as the pool keeps it.
-pub(crate) type Upstream<N> = Side<CountingIo<<N as Net>::Io>>;
+pub(crate) type Upstream<N> = Side<crate::pool::Conn<N>>;
 
 /// Room made for a read when the buffer is short of it, at first: a request head fits, so a
 /// kept-alive connection of small exchanges holds a small buffer (memory per connection), and

@@ -9,6 +9,8 @@
 //!    classes, timeouts and metrics), balanced per request by the core's P2C over PeakEWMA
 //!    behind its queue (504 fail-fast, 503 shed), sent over the endpoint's pooled connections
 //!    (again, when the endpoint provably never processed it), and settled;
+//!    Meshed endpoints (discovery gives their identity) are reached over mTLS only, checked to
+//!    prove that identity; with `outbound_require_identity`, unmeshed ones are refused;
 //! 4. opaque TCP: with no original destination yet (the iptables redirect arrives with the
 //!    Kubernetes issue), forwarded to `outbound_default_target` if set, else closed.
 
@@ -19,8 +21,9 @@ use crate::balance::Router;
 use crate::clock::Clock;
 use crate::config::ProxyConfig;
 use crate::exchange::{Context, Target};
+use crate::identity::LocalIdentity;
 use crate::net::Net;
-use crate::pool::Pools;
+use crate::pool::{Pools, Security};
 use crate::server::ServeContext;
 
 pub(crate) fn context<N: Net>(
@@ -29,13 +32,20 @@ pub(crate) fn context<N: Net>(
     clock: Clock,
     metrics: &Arc<Metrics>,
     router: Arc<Router>,
+    identity: Option<Arc<LocalIdentity>>,
 ) -> Arc<ServeContext<N>> {
+    let security = Security {
+        identity,
+        meshed: Some(Arc::clone(router.meshed())),
+        require_identity: config.outbound_require_identity,
+    };
     let pools = Pools::new(
         net,
         clock,
         config.limits,
         Arc::clone(metrics),
         Direction::Outbound,
+        security,
     );
     let cx = Context::new(
         Direction::Outbound,
@@ -48,5 +58,6 @@ pub(crate) fn context<N: Net>(
         pools,
         config.limits,
         config.outbound_default_target,
+        None,
     ))
 }

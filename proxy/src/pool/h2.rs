@@ -465,7 +465,14 @@ mod tests {
         let mut limits = config.limits;
         limits.response_timeout = Some(timeout);
         let metrics = Arc::new(Metrics::new(clock, config.metrics));
-        Pools::new(TokioNet, clock, limits, metrics, Direction::Outbound)
+        Pools::new(
+            TokioNet,
+            clock,
+            limits,
+            metrics,
+            Direction::Outbound,
+            crate::pool::Security::default(),
+        )
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

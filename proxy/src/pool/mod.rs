@@ -23,8 +23,24 @@ use crate::admin::metrics::{Direction, Metrics, Peer};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::errors::ProxyError;
+use crate::identity::LocalIdentity;
 use crate::net::Net;
+use crate::tls::{MeshedPeers, UpstreamIo};
 use crate::transport::CountingIo;
+
+/// A connection the pools opened: counted, and mTLS when its endpoint is meshed.
+pub(crate) type Conn<N> = UpstreamIo<CountingIo<<N as Net>::Io>>;
+
+/// How a direction secures its upstream connections.
+#[derive(Debug, Default)]
+pub(crate) struct Security {
+    /// This proxy's identity, offered to meshed endpoints.
+    pub(crate) identity: Option<Arc<LocalIdentity>>,
+    /// Which endpoints are meshed (outbound; inbound connects only to the local app).
+    pub(crate) meshed: Option<Arc<MeshedPeers>>,
+    /// Refuse endpoints that are not meshed (`outbound_require_identity`).
+    pub(crate) require_identity: bool,
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Pool state is a list of connections; a panic elsewhere cannot leave it half-updated.
@@ -41,6 +57,7 @@ pub(crate) struct Pools<N: Net> {
     pub(crate) limits: Limits,
     metrics: Arc<Metrics>,
     direction: Direction,
+    security: Security,
     endpoints: Mutex<BTreeMap<SocketAddr, Arc<h2::Endpoint>>>,
     /// Idle HTTP/1.1 connections per endpoint, most recently used last.
     idle: Mutex<BTreeMap<SocketAddr, Vec<idle::Idle<N>>>>,
@@ -53,6 +70,7 @@ impl<N: Net> Pools<N> {
         limits: Limits,
         metrics: Arc<Metrics>,
         direction: Direction,
+        security: Security,
     ) -> Self {
         Self {
             net,
@@ -60,24 +78,78 @@ impl<N: Net> Pools<N> {
             limits,
             metrics,
             direction,
+            security,
             endpoints: Mutex::default(),
             idle: Mutex::default(),
         }
     }
 
-    /// Opens a counted connection, bounded by the connect timeout.
-    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<CountingIo<N::Io>, ProxyError> {
-        let timeout = self.limits.connect_timeout;
-        match tokio::time::timeout(timeout, self.net.connect(addr)).await {
-            Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
-            Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
-            Ok(Ok(io)) => {
-                tracing::debug!(endpoint = %addr, "connected");
-                Ok(CountingIo::new(
-                    io,
-                    self.metrics.connection(self.direction, Peer::Dst),
-                ))
+    /// Opens a counted connection, bounded by the connect timeout (the TLS handshake
+    /// included): mTLS to a meshed endpoint, checked to prove the endpoint's identity, and
+    /// never plaintext to one.
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Conn<N>, ProxyError> {
+        let meshed = self.security.meshed.as_ref().and_then(|m| m.identity(addr));
+        let tls = match (meshed, &self.security.identity) {
+            (None, _) if self.security.require_identity => {
+                return Err(ProxyError::Unmeshed { addr });
             }
+            (None, _) => None,
+            (Some(identity), None) => {
+                return Err(ProxyError::Identity {
+                    addr,
+                    identity: identity.to_string(),
+                    reason: "this proxy has no identity configured (identity_name)".into(),
+                });
+            }
+            (Some(identity), Some(local)) => {
+                if !local.is_certified() {
+                    return Err(ProxyError::Identity {
+                        addr,
+                        identity: identity.to_string(),
+                        reason: "this proxy holds no valid certificate yet".into(),
+                    });
+                }
+                let Ok(name) = rustls::pki_types::ServerName::try_from(identity.to_string()) else {
+                    return Err(ProxyError::Identity {
+                        addr,
+                        reason: "not a DNS name".into(),
+                        identity: identity.to_string(),
+                    });
+                };
+                Some((identity, name, local))
+            }
+        };
+        let timeout = self.limits.connect_timeout;
+        let connect = async {
+            let io = self
+                .net
+                .connect(addr)
+                .await
+                .map_err(|source| ProxyError::Connect { addr, source })?;
+            let io = CountingIo::new(io, self.metrics.connection(self.direction, Peer::Dst));
+            let Some((identity, name, local)) = tls else {
+                tracing::debug!(endpoint = %addr, "connected");
+                return Ok(UpstreamIo::Plain(io));
+            };
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(local.client_config()));
+            match connector.connect(name, io).await {
+                Ok(tls) => {
+                    tracing::debug!(endpoint = %addr, %identity, "connected over mTLS");
+                    Ok(UpstreamIo::Tls(Box::new(tls)))
+                }
+                Err(err) => {
+                    tracing::warn!(endpoint = %addr, %identity, error = %err, "mTLS handshake failed");
+                    Err(ProxyError::Identity {
+                        addr,
+                        identity: identity.to_string(),
+                        reason: err.to_string(),
+                    })
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, connect).await {
+            Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
+            Ok(result) => result,
         }
     }
 

@@ -1,0 +1,682 @@
+//! The proxy's workload identity: a private key made at start that never leaves the process,
+//! a leaf certificate for it from the controller's CA (renewed on the core's schedule,
+//! `conduit_core::identity`), and the TLS configurations built on both.
+//!
+//! - Outbound, to an endpoint discovery marks as meshed, the proxy speaks TLS 1.3 with its
+//!   certificate as the client certificate and checks that the server proves the endpoint's
+//!   identity (the SNI and the name checked are that identity) against the trust anchors.
+//! - Inbound, a ClientHello whose SNI is this proxy's identity is terminated here, and the
+//!   client must present a certificate that chains to the trust anchors; the name it proves is
+//!   the request's client identity. Other TLS passes through untouched.
+//!
+//! Certificates are checked at the wall time of the injected [`WallClock`], so the simulation
+//! controls expiry. The one crypto provider is ring (the workspace's `Cargo.toml` says why).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use conduit_core::identity::{Refresh, RefreshConfig};
+use conduit_core::rand::DetRng;
+use conduit_core::time::UnixTime;
+use conduit_proto::pb::identity::CertifyRequest;
+use conduit_proto::pb::identity::identity_client::IdentityClient;
+use hyper_util::rt::TokioIo;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::{CertifiedKey, SigningKey};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::sync::watch;
+use tonic::transport::Endpoint as TonicEndpoint;
+
+use crate::clock::Clock;
+use crate::drain::Drain;
+use crate::net::{Net, PeerAddr};
+
+/// Wall-clock time for certificate validity: the system clock in production
+/// ([`crate::clock::system_unix_time`]), the simulated one in the simulation.
+pub type WallClock = fn() -> UnixTime;
+
+/// How long one certify request may take before it counts as failed.
+const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The identity settings (`identity_*` keys): who the proxy is, its proof, and whom it trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentitySettings {
+    /// The identity asked for (a DNS-like name).
+    pub name: String,
+    /// The bootstrap token that proves it (`conduit identity token NAME`).
+    pub token: TokenSource,
+    /// The PEM bundle of trust anchors.
+    pub trust_anchors: PathBuf,
+}
+
+/// Where the bootstrap token comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// The token itself (`identity_token`).
+    Value(String),
+    /// A file holding it (`identity_token_file`), read at start.
+    File(PathBuf),
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token is a secret: never logged.
+        match self {
+            Self::Value(_) => f.write_str("Value(<redacted>)"),
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// Why the identity cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The token file could not be read.
+    #[error("reading the identity token {path}: {source}")]
+    ReadToken {
+        /// The file.
+        path: PathBuf,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The trust anchors could not be read.
+    #[error("reading the trust anchors {path}: {source}")]
+    ReadAnchors {
+        /// The file.
+        path: PathBuf,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The trust anchors are not a PEM bundle of certificates usable as anchors.
+    #[error("trust anchors: {0}")]
+    Anchors(String),
+    /// The identity is not a DNS-like name.
+    #[error("identity `{0}` is not a DNS-like name")]
+    Name(String),
+    /// Key or CSR generation failed.
+    #[error("generating the key and CSR: {0}")]
+    Key(String),
+    /// A TLS configuration could not be built.
+    #[error("building the TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// Why a certificate from the CA was not installed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InstallError {
+    #[error("the CA returned a chain that does not verify for `{name}`: {reason}")]
+    Untrusted { name: String, reason: String },
+    #[error("the CA returned a certificate for another key")]
+    WrongKey,
+    #[error("the CA returned a certificate that cannot be read: {0}")]
+    Garbled(String),
+}
+
+/// The certificate held, with the end of its validity.
+struct Current {
+    key: Arc<CertifiedKey>,
+    valid_until: UnixTime,
+}
+
+/// Where the TLS configurations find the current certificate: replaced on renewal without
+/// rebuilding them.
+#[derive(Default)]
+struct Slot {
+    current: RwLock<Option<Current>>,
+    wall: Option<WallClock>,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    /// The certificate, while it is valid: an expired one is never offered.
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = current.as_ref()?;
+        let now = self.wall.map_or(UnixTime::from_secs(0), |wall| wall());
+        (now < current.valid_until).then(|| Arc::clone(&current.key))
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Slot {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Slot {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
+/// rustls reads wall time through the same seam as everything else.
+#[derive(Debug)]
+struct SeamTime(WallClock);
+
+impl rustls::time_provider::TimeProvider for SeamTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            Duration::from_secs((self.0)().as_secs()),
+        ))
+    }
+}
+
+/// This proxy's identity: its key, its certificate, and the TLS configurations that use them.
+pub struct LocalIdentity {
+    name: Arc<str>,
+    server_name: ServerName<'static>,
+    token: Vec<u8>,
+    csr: Vec<u8>,
+    public_key: Vec<u8>,
+    key: Arc<dyn SigningKey>,
+    slot: Arc<Slot>,
+    verifier: Arc<WebPkiServerVerifier>,
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+    wall: WallClock,
+    certified: watch::Sender<bool>,
+}
+
+impl fmt::Debug for LocalIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalIdentity")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalIdentity {
+    /// Reads the trust anchors named in `settings` and sets the identity up.
+    ///
+    /// # Errors
+    ///
+    /// [`IdentityError`] naming what is wrong (an unreadable or garbled anchor file, an
+    /// invalid name).
+    pub fn load(settings: &IdentitySettings, wall: WallClock) -> Result<Self, IdentityError> {
+        let pem = std::fs::read(&settings.trust_anchors).map_err(|source| {
+            IdentityError::ReadAnchors {
+                path: settings.trust_anchors.clone(),
+                source,
+            }
+        })?;
+        let token = match &settings.token {
+            TokenSource::Value(token) => token.clone(),
+            TokenSource::File(path) => std::fs::read_to_string(path)
+                .map_err(|source| IdentityError::ReadToken {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        };
+        Self::new(&settings.name, token.as_bytes(), &pem, wall)
+    }
+
+    /// Generates a P-256 key and a CSR for `name`, and builds the TLS configurations that trust
+    /// the anchors in `anchors_pem`. No certificate is held until [`Self::install`] (the
+    /// certify task) puts one in.
+    ///
+    /// # Errors
+    ///
+    /// [`IdentityError`] naming what is wrong.
+    pub fn new(
+        name: &str,
+        token: &[u8],
+        anchors_pem: &[u8],
+        wall: WallClock,
+    ) -> Result<Self, IdentityError> {
+        let server_name = ServerName::try_from(name.to_owned())
+            .ok()
+            .filter(|n| matches!(n, ServerName::DnsName(_)))
+            .ok_or_else(|| IdentityError::Name(name.to_owned()))?;
+        let roots = Arc::new(parse_anchors(anchors_pem)?);
+        let provider = Arc::new(provider());
+        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|err| IdentityError::Key(err.to_string()))?;
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .map_err(|err| IdentityError::Key(err.to_string()))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let csr = params
+            .serialize_request(&key_pair)
+            .map_err(|err| IdentityError::Key(err.to_string()))?
+            .der()
+            .to_vec();
+        let key = provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key_pair.serialize_der(),
+            )))
+            .map_err(|err| IdentityError::Key(err.to_string()))?;
+        let slot = Arc::new(Slot {
+            current: RwLock::new(None),
+            wall: Some(wall),
+        });
+        let time = Arc::new(SeamTime(wall));
+        let tls = |err: rustls::Error| IdentityError::Tls(err.to_string());
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+                .build()
+                .map_err(|err| IdentityError::Tls(err.to_string()))?;
+        let client = ClientConfig::builder_with_details(Arc::clone(&provider), time.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls)?
+            .with_webpki_verifier(Arc::clone(&verifier))
+            .with_client_cert_resolver(Arc::clone(&slot) as _);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+                .build()
+                .map_err(|err| IdentityError::Tls(err.to_string()))?;
+        let server = ServerConfig::builder_with_details(provider, time)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls)?
+            .with_client_cert_verifier(client_verifier)
+            .with_cert_resolver(Arc::clone(&slot) as _);
+        Ok(Self {
+            name: Arc::from(name),
+            server_name,
+            token: token.to_vec(),
+            csr,
+            public_key: key_pair.public_key_raw().to_vec(),
+            key,
+            slot,
+            verifier,
+            client: Arc::new(client),
+            server: Arc::new(server),
+            wall,
+            certified: watch::Sender::new(false),
+        })
+    }
+
+    /// The identity's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The end of the held certificate's validity, if one is held.
+    #[must_use]
+    pub fn valid_until(&self) -> Option<UnixTime> {
+        self.slot
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|c| c.valid_until)
+    }
+
+    /// Whether a valid certificate is held now.
+    #[must_use]
+    pub fn is_certified(&self) -> bool {
+        self.slot.get().is_some()
+    }
+
+    /// Completes once the first certificate is installed.
+    pub async fn certified(&self) {
+        let mut rx = self.certified.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    pub(crate) fn client_config(&self) -> &Arc<ClientConfig> {
+        &self.client
+    }
+
+    pub(crate) fn server_config(&self) -> &Arc<ServerConfig> {
+        &self.server
+    }
+
+    /// Checks a certificate from the CA (it must verify for this identity against the anchors,
+    /// now, and be for this proxy's key) and makes it the one offered. Returns its expiry.
+    pub(crate) fn install(
+        &self,
+        leaf: Vec<u8>,
+        intermediates: Vec<Vec<u8>>,
+    ) -> Result<UnixTime, InstallError> {
+        let leaf = CertificateDer::from(leaf);
+        let intermediates: Vec<CertificateDer<'static>> = intermediates
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            (self.wall)().as_secs(),
+        ));
+        self.verifier
+            .verify_server_cert(&leaf, &intermediates, &self.server_name, &[], now)
+            .map_err(|err| InstallError::Untrusted {
+                name: self.name.to_string(),
+                reason: err.to_string(),
+            })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
+            .map_err(|err| InstallError::Garbled(err.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != self.public_key.as_slice() {
+            return Err(InstallError::WrongKey);
+        }
+        let not_after = cert.validity().not_after.timestamp();
+        let valid_until = UnixTime::from_secs(u64::try_from(not_after).unwrap_or(0));
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(leaf);
+        chain.extend(intermediates);
+        let key = Arc::new(CertifiedKey::new(chain, Arc::clone(&self.key)));
+        *self
+            .slot
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Current { key, valid_until });
+        self.certified.send_replace(true);
+        Ok(valid_until)
+    }
+
+    /// Asks the controller's CA at `controller` for certificates, first at once and then on
+    /// the core's schedule, until `drain` fires.
+    pub(crate) async fn certify<N: Net>(
+        self: Arc<Self>,
+        net: N,
+        controller: PeerAddr,
+        connect_timeout: Duration,
+        clock: Clock,
+        mut rng: DetRng,
+        mut drain: Drain,
+    ) {
+        let endpoint = match TonicEndpoint::from_shared(format!("http://{controller}")) {
+            Ok(endpoint) => endpoint.connect_timeout(connect_timeout),
+            Err(err) => {
+                tracing::error!(%controller, error = %err, "identity: the controller address is not a URI");
+                return;
+            }
+        };
+        let connector = {
+            let controller = controller.clone();
+            tower::service_fn(move |_: http::Uri| {
+                let net = net.clone();
+                let controller = controller.clone();
+                async move { controller.connect(&net).await.map(TokioIo::new) }
+            })
+        };
+        let mut client = IdentityClient::new(endpoint.connect_with_connector_lazy(connector));
+        let mut refresh = Refresh::new(RefreshConfig::default(), clock.now());
+        loop {
+            tokio::select! {
+                () = clock.sleep_until(refresh.poll_timeout()) => {}
+                () = drain.signaled() => return,
+            }
+            let request = CertifyRequest {
+                identity: self.name.to_string(),
+                token: self.token.clone(),
+                certificate_signing_request: self.csr.clone(),
+            };
+            let answer = tokio::time::timeout(CERTIFY_TIMEOUT, client.certify(request)).await;
+            let now = clock.now();
+            let failure = match answer {
+                Err(_) => format!("no answer within {CERTIFY_TIMEOUT:?}"),
+                Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+                Ok(Ok(response)) => {
+                    let response = response.into_inner();
+                    match self.install(
+                        response.leaf_certificate,
+                        response.intermediate_certificates,
+                    ) {
+                        Ok(valid_until) => {
+                            let next = refresh.handle_certified(now, (self.wall)(), valid_until);
+                            tracing::info!(
+                                identity = %self.name,
+                                valid_until = valid_until.as_secs(),
+                                renew_in = ?next.saturating_duration_since(now),
+                                "certified"
+                            );
+                            continue;
+                        }
+                        Err(err) => err.to_string(),
+                    }
+                }
+            };
+            let next = refresh.handle_failed(now, &mut rng);
+            tracing::warn!(
+                identity = %self.name,
+                %controller,
+                error = %failure,
+                certified = self.is_certified(),
+                retry_in = ?next.saturating_duration_since(now),
+                "certify failed"
+            );
+        }
+    }
+}
+
+/// The crypto provider: ring's algorithms, TLS 1.3 only (set on each configuration).
+fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+fn parse_anchors(pem: &[u8]) -> Result<RootCertStore, IdentityError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    for (i, der) in CertificateDer::pem_slice_iter(pem).enumerate() {
+        let der = der.map_err(|err| {
+            IdentityError::Anchors(format!("certificate {}: not PEM: {err}", i + 1))
+        })?;
+        roots.add(der).map_err(|err| {
+            IdentityError::Anchors(format!(
+                "certificate {} is not a usable anchor: {err}",
+                i + 1
+            ))
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(IdentityError::Anchors(
+            "no `BEGIN CERTIFICATE` block found".into(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// The identity a peer's certificate proves: its first DNS subject alternative name.
+pub(crate) fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateSigningRequestParams, IsCa, Issuer, KeyPair,
+    };
+
+    use super::*;
+
+    /// The tests' wall clock: 2027-01-15.
+    fn now() -> UnixTime {
+        UnixTime::from_secs(1_800_000_000)
+    }
+
+    fn at(secs: i64) -> time::OffsetDateTime {
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap()
+    }
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    fn ca() -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_before = at(1_700_000_000);
+        params.not_after = at(1_900_000_000);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test anchor");
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Signs `identity`'s CSR as the CA would, valid over `[from, until]`.
+    fn sign(ca: &Ca, identity: &LocalIdentity, from: i64, until: i64) -> Vec<u8> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(identity.csr.clone());
+        let mut csr = CertificateSigningRequestParams::from_der(&der).unwrap();
+        csr.params.not_before = at(from);
+        csr.params.not_after = at(until);
+        csr.params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        csr.signed_by(&ca.issuer).unwrap().der().to_vec()
+    }
+
+    fn identity(ca: &Ca, name: &str) -> LocalIdentity {
+        LocalIdentity::new(name, b"token", ca.pem.as_bytes(), now).unwrap()
+    }
+
+    fn certified(ca: &Ca, name: &str) -> LocalIdentity {
+        let id = identity(ca, name);
+        let leaf = sign(ca, &id, 1_799_990_000, 1_800_086_400);
+        assert_eq!(
+            id.install(leaf, vec![]).unwrap(),
+            UnixTime::from_secs(1_800_086_400)
+        );
+        assert!(id.is_certified());
+        id
+    }
+
+    /// An mTLS handshake from `client` to `server`, the client expecting `expect`: the
+    /// identity the server saw, or the handshake's error.
+    async fn handshake(
+        client: &LocalIdentity,
+        server: &LocalIdentity,
+        expect: &str,
+    ) -> Result<Option<String>, String> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(client.client_config()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(server.server_config()));
+        let name = ServerName::try_from(expect.to_owned()).unwrap();
+        let (connected, accepted) = tokio::join!(connector.connect(name, a), acceptor.accept(b));
+        let accepted = accepted.map_err(|e| e.to_string());
+        connected.map_err(|e| e.to_string())?;
+        let accepted = accepted?;
+        Ok(accepted
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(peer_identity))
+    }
+
+    #[tokio::test]
+    async fn meshed_peers_prove_their_identities_to_each_other() {
+        let ca = ca();
+        let web = certified(&ca, "web.default.serviceaccount.identity.conduit.local");
+        let api = certified(&ca, "api.default.serviceaccount.identity.conduit.local");
+        let seen = handshake(
+            &web,
+            &api,
+            "api.default.serviceaccount.identity.conduit.local",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            seen.as_deref(),
+            Some("web.default.serviceaccount.identity.conduit.local")
+        );
+        // The client asked for another identity than the server proves: refused.
+        let err = handshake(
+            &web,
+            &api,
+            "db.default.serviceaccount.identity.conduit.local",
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_from_another_ca_or_without_a_certificate_is_refused() {
+        let ca = ca();
+        let other = ca_other();
+        let web = certified(&ca, "web.a");
+        let stranger = certified(&other, "api.a");
+        assert!(handshake(&web, &stranger, "api.a").await.is_err());
+        assert!(handshake(&stranger, &web, "web.a").await.is_err());
+        // A client holding no certificate yet: the server requires one.
+        let fresh = identity(&ca, "new.a");
+        assert!(!fresh.is_certified());
+        assert!(handshake(&fresh, &web, "web.a").await.is_err());
+    }
+
+    fn ca_other() -> Ca {
+        ca()
+    }
+
+    #[test]
+    fn certificates_that_do_not_fit_are_refused() {
+        let ca = ca();
+        let web = identity(&ca, "web.a");
+        let api = identity(&ca, "api.a");
+        // For another identity's key and name.
+        let leaf = sign(&ca, &api, 1_799_990_000, 1_800_086_400);
+        assert!(matches!(
+            web.install(leaf, vec![]),
+            Err(InstallError::Untrusted { .. })
+        ));
+        // Expired, and not yet valid, at the wall clock's time.
+        for (from, until) in [
+            (1_799_000_000, 1_799_999_999),
+            (1_800_000_100, 1_800_086_400),
+        ] {
+            let leaf = sign(&ca, &web, from, until);
+            let err = web.install(leaf, vec![]).unwrap_err();
+            assert!(matches!(err, InstallError::Untrusted { .. }), "{err}");
+        }
+        // From another CA.
+        let other = ca_other();
+        let leaf = sign(&other, &web, 1_799_990_000, 1_800_086_400);
+        assert!(web.install(leaf, vec![]).is_err());
+        // Garbage.
+        assert!(web.install(b"not a certificate".to_vec(), vec![]).is_err());
+        assert!(!web.is_certified(), "nothing was installed");
+    }
+
+    #[test]
+    fn bad_settings_get_errors_that_say_what_is_wrong() {
+        let ca = ca();
+        let err = LocalIdentity::new("not a name", b"t", ca.pem.as_bytes(), now).unwrap_err();
+        assert!(err.to_string().contains("not a DNS-like name"), "{err}");
+        let err = LocalIdentity::new("web.a", b"t", b"garbage", now).unwrap_err();
+        assert!(err.to_string().contains("no `BEGIN CERTIFICATE`"), "{err}");
+        let truncated = &ca.pem[..ca.pem.len() / 2];
+        assert!(LocalIdentity::new("web.a", b"t", truncated.as_bytes(), now).is_err());
+    }
+}
