@@ -47,6 +47,9 @@ pub(crate) struct ServeContext<N: Net> {
     pub(crate) opaque_target: Option<SocketAddr>,
     /// The identity whose TLS this listener terminates (inbound, when the proxy has one).
     pub(crate) identity: Option<Arc<LocalIdentity>>,
+    /// The request path and HTTP/2 service for connections that arrive over mTLS (the same,
+    /// counted with `tls="true"`); present with `identity`.
+    tls: Option<(Arc<exchange::Context>, Arc<H2Service<N>>)>,
 }
 
 impl<N: Net> ServeContext<N> {
@@ -58,7 +61,16 @@ impl<N: Net> ServeContext<N> {
         identity: Option<Arc<LocalIdentity>>,
     ) -> Self {
         let (cx, pools) = (Arc::new(cx), Arc::new(pools));
+        let tls = identity.as_ref().map(|_| {
+            let cx = Arc::new(cx.for_tls());
+            let h2 = Arc::new(H2Service {
+                cx: Arc::clone(&cx),
+                pools: Arc::clone(&pools),
+            });
+            (cx, h2)
+        });
         Self {
+            tls,
             clock: cx.clock,
             h2: Arc::new(H2Service {
                 cx: Arc::clone(&cx),
@@ -141,7 +153,8 @@ fn serve_connection<N: Net>(
             }
             Detected::Http2 => {
                 if let Some(Parked { io, buf, .. }) = conn.take() {
-                    Box::pin(serve_h2(PrefixedIo::new(buf.freeze(), io), &ctx, drain)).await;
+                    let io = PrefixedIo::new(buf.freeze(), io);
+                    Box::pin(serve_h2(io, &ctx.h2, &ctx, drain)).await;
                 }
             }
             Detected::Tls => {
@@ -197,11 +210,12 @@ async fn serve_tls<N: Net, I: Io>(
         crate::tls::Hello::Tls { sni } => sni,
         _ => None,
     };
-    let Some(identity) = ctx
-        .identity
-        .as_ref()
-        .filter(|identity| sni.as_deref() == Some(identity.name()))
-    else {
+    let (Some(identity), Some((tls_cx, tls_h2))) = (
+        ctx.identity
+            .as_ref()
+            .filter(|identity| sni.as_deref() == Some(identity.name())),
+        ctx.tls.as_ref(),
+    ) else {
         tracing::debug!(
             sni = sni.as_deref().unwrap_or(""),
             "TLS for another name; passing it through"
@@ -244,11 +258,11 @@ async fn serve_tls<N: Net, I: Io>(
     match detected {
         None => {}
         Some(Detected::Http1) => {
-            crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, drain).await;
+            crate::h1::conn::serve(&mut conn, tls_cx, &ctx.pools, drain).await;
         }
         Some(Detected::Http2) => {
             if let Some(Parked { io, buf, .. }) = conn.take() {
-                serve_h2(PrefixedIo::new(buf.freeze(), io), ctx, drain).await;
+                serve_h2(PrefixedIo::new(buf.freeze(), io), tls_h2, ctx, drain).await;
             }
         }
         Some(Detected::Tls | Detected::Opaque) => {
@@ -267,8 +281,13 @@ async fn reject<I: Io>(io: &mut I, err: &ProxyError) {
     let _ = io.shutdown().await;
 }
 
-async fn serve_h2<N: Net, I: Io>(io: I, ctx: &Arc<ServeContext<N>>, mut drain: Drain) {
-    let http = Arc::clone(&ctx.h2);
+async fn serve_h2<N: Net, I: Io>(
+    io: I,
+    http: &Arc<H2Service<N>>,
+    ctx: &ServeContext<N>,
+    mut drain: Drain,
+) {
+    let http = Arc::clone(http);
     let io = TokioIo::new(io);
     // A connection with no stream open for the idle timeout is closed (gracefully), even if it
     // answers pings: an idle client cannot hold its connection forever.

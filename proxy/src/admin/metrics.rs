@@ -129,25 +129,29 @@ impl Registry {
 struct Tracked {
     label: AuthorityLabel,
     used: Instant,
-    /// Indexed by [`direction_index`].
-    directions: [Option<Arc<AuthorityMetrics>>; 2],
+    /// Indexed by [`series_index`].
+    directions: [Option<Arc<AuthorityMetrics>>; 4],
 }
 
 impl Tracked {
     /// The series of `direction`, created if absent.
-    fn series(&mut self, direction: Direction, now: Instant) -> Arc<AuthorityMetrics> {
+    fn series(&mut self, direction: Direction, tls: bool, now: Instant) -> Arc<AuthorityMetrics> {
         self.used = now;
-        let metrics = self.directions[direction_index(direction)]
+        let metrics = self.directions[series_index(direction, tls)]
             .get_or_insert_with(|| Arc::new(AuthorityMetrics::new(Arc::clone(&self.label))));
         Arc::clone(metrics)
     }
 }
 
-const fn direction_index(direction: Direction) -> usize {
-    match direction {
+/// A series' slot: by direction, then by whether its requests arrived over mTLS (`tls="true"`;
+/// inbound only: outbound requests are counted before an endpoint, and so a connection, is
+/// chosen).
+const fn series_index(direction: Direction, tls: bool) -> usize {
+    let direction = match direction {
         Direction::Inbound => 0,
-        Direction::Outbound => 1,
-    }
+        Direction::Outbound => 2,
+    };
+    direction + tls as usize
 }
 
 const fn outcome_index(outcome: Outcome) -> usize {
@@ -557,9 +561,21 @@ impl Metrics {
         authority: &str,
         now: Instant,
     ) -> Arc<AuthorityMetrics> {
+        self.series_tls(direction, false, authority, now)
+    }
+
+    /// [`Self::series`] for requests that arrived over mTLS (`tls` true), counted with
+    /// `tls="true"`.
+    pub fn series_tls(
+        &self,
+        direction: Direction,
+        tls: bool,
+        authority: &str,
+        now: Instant,
+    ) -> Arc<AuthorityMetrics> {
         let mut registry = self.lock();
         if let Some(tracked) = registry.authorities.get_mut(authority) {
-            return tracked.series(direction, now);
+            return tracked.series(direction, tls, now);
         }
         let label = if registry.slots_used() < self.settings.max_authorities {
             authority
@@ -573,9 +589,9 @@ impl Metrics {
             .or_insert_with(|| Tracked {
                 label,
                 used: now,
-                directions: [None, None],
+                directions: [None, None, None, None],
             })
-            .series(direction, now)
+            .series(direction, tls, now)
     }
 
     /// Drops series idle longer than `retain_idle` now; the proxy calls it periodically, so
@@ -611,11 +627,11 @@ impl Metrics {
         // The registry lock (which every request takes to find its series) is held only to
         // retire idle series and list the rest; each series is then rendered under its own
         // lock, held for its few lines.
-        let series: Vec<(Direction, Arc<AuthorityMetrics>)> = {
+        let series: Vec<(Direction, bool, Arc<AuthorityMetrics>)> = {
             let mut registry = self.lock();
             self.retire(&mut registry, now);
             each_series(&registry)
-                .map(|(direction, metrics)| (direction, Arc::clone(metrics)))
+                .map(|(direction, tls, metrics)| (direction, tls, Arc::clone(metrics)))
                 .collect()
         };
         render_registry(&series, &mut out);
@@ -680,17 +696,25 @@ impl Metrics {
     }
 }
 
-/// Every (direction, authority) series in label order: direction first, then authority.
-fn each_series(registry: &Registry) -> impl Iterator<Item = (Direction, &Arc<AuthorityMetrics>)> {
-    [Direction::Inbound, Direction::Outbound]
-        .into_iter()
-        .flat_map(move |direction| {
-            registry.authorities.values().filter_map(move |tracked| {
-                tracked.directions[direction_index(direction)]
-                    .as_ref()
-                    .map(|metrics| (direction, metrics))
-            })
+/// Every (direction, tls, authority) series in label order: direction first, then plaintext
+/// before mTLS, then authority.
+fn each_series(
+    registry: &Registry,
+) -> impl Iterator<Item = (Direction, bool, &Arc<AuthorityMetrics>)> {
+    [
+        (Direction::Inbound, false),
+        (Direction::Inbound, true),
+        (Direction::Outbound, false),
+        (Direction::Outbound, true),
+    ]
+    .into_iter()
+    .flat_map(move |(direction, tls)| {
+        registry.authorities.values().filter_map(move |tracked| {
+            tracked.directions[series_index(direction, tls)]
+                .as_ref()
+                .map(|metrics| (direction, tls, metrics))
         })
+    })
 }
 
 /// A `status_code` label value.
@@ -888,14 +912,15 @@ impl RetryFamilies {
     }
 }
 
-fn render_registry(series: &[(Direction, Arc<AuthorityMetrics>)], out: &mut String) {
+fn render_registry(series: &[(Direction, bool, Arc<AuthorityMetrics>)], out: &mut String) {
     let mut authorities = Families::default();
     let mut routes = Families::default();
     let mut retries = RetryFamilies::default();
-    for (direction, metrics) in series {
+    for (direction, tls, metrics) in series {
         let labels = format!(
-            "direction=\"{}\",authority=\"{}\"",
+            "direction=\"{}\",{}authority=\"{}\"",
             direction.as_str(),
+            if *tls { "tls=\"true\"," } else { "" },
             escape(&metrics.label)
         );
         let locked = metrics.lock();
@@ -922,6 +947,30 @@ pub(crate) fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn requests_over_mtls_are_counted_apart_with_tls_true() {
+        let clock = Clock::new();
+        let metrics = Metrics::new(
+            clock,
+            MetricsSettings {
+                retain_idle: Duration::from_secs(60),
+                max_authorities: 1,
+            },
+        );
+        for tls in [true, true, false] {
+            let series = metrics.series_tls(Direction::Inbound, tls, "a.svc:80", clock.now());
+            series.request(clock.now(), None);
+        }
+        let text = metrics.render("");
+        let plain = text.find("request_total{direction=\"inbound\",authority=\"a.svc:80\"} 1");
+        let tls =
+            text.find("request_total{direction=\"inbound\",tls=\"true\",authority=\"a.svc:80\"} 2");
+        assert!(plain.is_some() && tls.is_some() && plain < tls, "{text}");
+        // One authority, whichever the transport: the bound counts authorities, not series.
+        let other = metrics.series_tls(Direction::Inbound, true, "b.svc:80", clock.now());
+        assert_eq!(other.label(), OVERFLOW_AUTHORITY);
+    }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn authorities_are_bounded_and_idle_series_retire() {

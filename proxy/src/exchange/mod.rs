@@ -228,7 +228,7 @@ pub(crate) type BoxedSend<R> =
     std::pin::Pin<Box<dyn Future<Output = Result<Sent<R>, Failed>> + Send + 'static>>;
 
 /// Where a direction's requests go.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Target {
     /// Routed by authority through discovery and balanced (outbound).
     Balanced(Arc<Router>),
@@ -259,6 +259,8 @@ pub(crate) struct Context {
     target: Target,
     /// The profile of services without one: only the default route.
     no_profile: Arc<Profile>,
+    /// Requests arrive over mTLS (counted with `tls="true"`).
+    tls: bool,
 }
 
 impl Context {
@@ -274,6 +276,19 @@ impl Context {
             clock,
             target,
             no_profile: Arc::new(Profile::default()),
+            tls: false,
+        }
+    }
+
+    /// The same request path for requests that arrive over mTLS.
+    pub(crate) fn for_tls(&self) -> Self {
+        Self {
+            direction: self.direction,
+            metrics: Arc::clone(&self.metrics),
+            clock: self.clock,
+            target: self.target.clone(),
+            no_profile: Arc::clone(&self.no_profile),
+            tls: true,
         }
     }
 
@@ -326,7 +341,10 @@ impl Context {
         authority: Option<&str>,
         start: Instant,
     ) -> Result<Resolved, (Arc<AuthorityMetrics>, ProxyError)> {
-        let series = |label: &str| self.metrics.series(self.direction, label, start);
+        let series = |label: &str| {
+            self.metrics
+                .series_tls(self.direction, self.tls, label, start)
+        };
         let (router, authority) = match (&self.target, authority) {
             (
                 Target::Local {
