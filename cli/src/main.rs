@@ -88,6 +88,9 @@ enum Command {
         )]
         controller_admin: SocketAddr,
     },
+    /// Workload identity: bootstrap tokens for the controller's certificate authority.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Deterministic simulation: `--list` the scenarios, replay `--scenario NAME --seed N`,
     /// or sweep `--seeds A..B` (each seed in its own process).
     Sim(sim::SimArgs),
@@ -129,6 +132,20 @@ enum Command {
         /// `table` or `json`.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// Print the bootstrap token for the workload identity NAME, made with the token key in
+    /// the controller's identity directory (a controller creates it on first start). Whoever
+    /// holds the token can be NAME: hand it to that workload as a secret.
+    Token {
+        /// The identity, a DNS-like name (e.g. `web.default.identity.conduit.local`).
+        name: String,
+        /// The controller's identity directory.
+        #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_DIR")]
+        identity_dir: PathBuf,
     },
 }
 
@@ -271,6 +288,11 @@ fn main() -> ExitCode {
                     spin_wait: true,
                 };
                 run_load(addr, config, h2, output == Output::Json).await
+            }
+            Command::Identity(IdentityCommand::Token { name, identity_dir }) => {
+                let token = conduit_controller::identity::issue_token(&identity_dir, &name)?;
+                println!("{token}");
+                Ok(())
             }
             Command::Sim(args) => sim::run(args),
         }

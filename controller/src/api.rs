@@ -8,8 +8,9 @@
 //!   it the callers' view: every meshed proxy's outbound counts for the workload, effective
 //!   (what callers got, after retries) and actual (every attempt,
 //!   `route_actual_response_total`).
-//! - [`IdentityService`] and [`TapService`] answer `UNIMPLEMENTED` with a message saying what
-//!   is missing, so a client learns why instead of getting an empty "unknown service".
+//! - [`TapService`] answers `UNIMPLEMENTED` with a message saying what is missing, so a client
+//!   learns why instead of getting an empty "unknown service". (Identity lives in
+//!   [`crate::identity`].)
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use conduit_core::mesh::Service;
 use conduit_core::route::DEFAULT_ROUTE;
-use conduit_proto::pb::{api, identity, tap};
+use conduit_proto::pb::{api, tap};
 use conduit_proto::prom::Sample;
 use tonic::{Request, Response, Status};
 
@@ -398,31 +399,6 @@ async fn scrape_all<T>(
         .filter_map(|(admin, counts)| async move { counts.map(|c| (admin, c)) })
         .collect()
         .await
-}
-
-/// `conduit.identity.v1.Identity`, not implemented yet.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct IdentityService;
-
-impl IdentityService {
-    /// Wraps the service for a tonic router.
-    #[must_use]
-    pub fn into_server(self) -> identity::identity_server::IdentityServer<Self> {
-        identity::identity_server::IdentityServer::new(self)
-    }
-}
-
-#[tonic::async_trait]
-impl identity::identity_server::Identity for IdentityService {
-    async fn certify(
-        &self,
-        _request: Request<identity::CertifyRequest>,
-    ) -> Result<Response<identity::CertifyResponse>, Status> {
-        Err(Status::unimplemented(
-            "Identity.Certify is not implemented yet: this controller has no certificate \
-             authority (it arrives with the identity issue)",
-        ))
-    }
 }
 
 /// `conduit.tap.v1.Tap`, not implemented yet.

@@ -8,6 +8,8 @@ use core::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::identity::{IdentityConfig, MAX_LEAF_LIFETIME, MIN_LEAF_LIFETIME, SuppliedCa};
+
 /// Where the gRPC API listens by default: Linkerd's destination port. Loopback, so a controller
 /// started on a host by hand is not reachable from the network until asked to be (Kubernetes
 /// manifests set `0.0.0.0:8086`).
@@ -44,6 +46,21 @@ pub struct RawControllerConfig {
     pub mesh_poll_ms: Option<String>,
     /// `CONDUIT_CONTROLLER_LOG` / `--log`: a tracing filter (`info`, `conduit_controller=debug`).
     pub log: Option<String>,
+    /// `CONDUIT_CONTROLLER_IDENTITY_DIR` / `--identity-dir`: the certificate authority's
+    /// directory (default: `identity` beside the mesh file).
+    pub identity_dir: Option<String>,
+    /// `CONDUIT_CONTROLLER_IDENTITY_TRUST_ANCHORS` / `--identity-trust-anchors`: an operator's
+    /// trust-anchor bundle (PEM). With the issuer's certificate and key, or not at all.
+    pub identity_trust_anchors: Option<String>,
+    /// `CONDUIT_CONTROLLER_IDENTITY_ISSUER_CERT` / `--identity-issuer-cert`: an operator's
+    /// issuer certificate (PEM).
+    pub identity_issuer_cert: Option<String>,
+    /// `CONDUIT_CONTROLLER_IDENTITY_ISSUER_KEY` / `--identity-issuer-key`: an operator's issuer
+    /// key (PKCS#8 PEM).
+    pub identity_issuer_key: Option<String>,
+    /// `CONDUIT_CONTROLLER_IDENTITY_LEAF_LIFETIME` / `--identity-leaf-lifetime`: how long leaf
+    /// certificates last (`24h`, `90m`).
+    pub identity_leaf_lifetime: Option<String>,
 }
 
 /// A validated controller configuration.
@@ -59,6 +76,8 @@ pub struct ControllerConfig {
     pub mesh_poll_interval: Duration,
     /// The tracing filter.
     pub log: String,
+    /// The certificate authority: its directory, an operator's CA if any, the leaf lifetime.
+    pub identity: IdentityConfig,
 }
 
 /// One invalid setting.
@@ -96,6 +115,14 @@ const GRPC_ADDR: &str = "CONDUIT_CONTROLLER_GRPC_ADDR (--grpc-addr)";
 const ADMIN_ADDR: &str = "CONDUIT_CONTROLLER_ADMIN_ADDR (--admin-addr)";
 const MESH_FILE: &str = "CONDUIT_CONTROLLER_MESH_FILE (--mesh-file)";
 const MESH_POLL_MS: &str = "CONDUIT_CONTROLLER_MESH_POLL_MS (--mesh-poll-ms)";
+const IDENTITY_DIR: &str = "CONDUIT_CONTROLLER_IDENTITY_DIR (--identity-dir)";
+const IDENTITY_TRUST_ANCHORS: &str =
+    "CONDUIT_CONTROLLER_IDENTITY_TRUST_ANCHORS (--identity-trust-anchors)";
+const IDENTITY_ISSUER_CERT: &str =
+    "CONDUIT_CONTROLLER_IDENTITY_ISSUER_CERT (--identity-issuer-cert)";
+const IDENTITY_ISSUER_KEY: &str = "CONDUIT_CONTROLLER_IDENTITY_ISSUER_KEY (--identity-issuer-key)";
+const IDENTITY_LEAF_LIFETIME: &str =
+    "CONDUIT_CONTROLLER_IDENTITY_LEAF_LIFETIME (--identity-leaf-lifetime)";
 
 impl TryFrom<RawControllerConfig> for ControllerConfig {
     type Error = InvalidConfig;
@@ -146,24 +173,98 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
                 }
             },
         };
+        let identity_dir = match raw.identity_dir {
+            Some(dir) if dir.is_empty() => {
+                error(
+                    IDENTITY_DIR,
+                    "empty: name a directory, or leave it unset".into(),
+                );
+                None
+            }
+            Some(dir) => Some(PathBuf::from(dir)),
+            None => mesh_file.as_deref().map(IdentityConfig::default_dir),
+        };
+        let supplied = match (
+            raw.identity_trust_anchors,
+            raw.identity_issuer_cert,
+            raw.identity_issuer_key,
+        ) {
+            (None, None, None) => None,
+            (Some(trust_anchors), Some(issuer_cert), Some(issuer_key)) => Some(SuppliedCa {
+                trust_anchors: trust_anchors.into(),
+                issuer_cert: issuer_cert.into(),
+                issuer_key: issuer_key.into(),
+            }),
+            (anchors, cert, key) => {
+                for (setting, value) in [
+                    (IDENTITY_TRUST_ANCHORS, anchors),
+                    (IDENTITY_ISSUER_CERT, cert),
+                    (IDENTITY_ISSUER_KEY, key),
+                ] {
+                    if value.is_none() {
+                        error(
+                            setting,
+                            "missing: an operator's CA needs the trust anchors, the issuer's \
+                             certificate and the issuer's key together (or none of them, to \
+                             bootstrap one)"
+                                .into(),
+                        );
+                    }
+                }
+                None
+            }
+        };
+        let leaf_lifetime = match raw.identity_leaf_lifetime {
+            None => Some(crate::identity::DEFAULT_LEAF_LIFETIME),
+            Some(text) => match conduit_core::time::parse_duration(&text) {
+                Some(lifetime) if (MIN_LEAF_LIFETIME..=MAX_LEAF_LIFETIME).contains(&lifetime) => {
+                    Some(lifetime)
+                }
+                _ => {
+                    error(
+                        IDENTITY_LEAF_LIFETIME,
+                        format!(
+                            "`{text}` must be a duration such as `24h` or `90m`, from 1m to 720h \
+                             (30 days)"
+                        ),
+                    );
+                    None
+                }
+            },
+        };
         if let (Some(grpc), Some(admin)) = (grpc_addr, admin_addr)
             && grpc == admin
             && grpc.port() != 0
         {
             error(ADMIN_ADDR, format!("{admin} is also the gRPC address"));
         }
-        match (grpc_addr, admin_addr, mesh_file, mesh_poll_interval) {
-            (Some(grpc_addr), Some(admin_addr), Some(mesh_file), Some(mesh_poll_interval))
-                if errors.is_empty() =>
-            {
-                Ok(Self {
-                    grpc_addr,
-                    admin_addr,
-                    mesh_file,
-                    mesh_poll_interval,
-                    log: raw.log.unwrap_or_else(|| DEFAULT_LOG.into()),
-                })
-            }
+        match (
+            grpc_addr,
+            admin_addr,
+            mesh_file,
+            mesh_poll_interval,
+            identity_dir,
+            leaf_lifetime,
+        ) {
+            (
+                Some(grpc_addr),
+                Some(admin_addr),
+                Some(mesh_file),
+                Some(mesh_poll_interval),
+                Some(identity_dir),
+                Some(leaf_lifetime),
+            ) if errors.is_empty() => Ok(Self {
+                grpc_addr,
+                admin_addr,
+                mesh_file,
+                mesh_poll_interval,
+                log: raw.log.unwrap_or_else(|| DEFAULT_LOG.into()),
+                identity: IdentityConfig {
+                    supplied,
+                    leaf_lifetime,
+                    ..IdentityConfig::new(identity_dir)
+                },
+            }),
             _ => Err(InvalidConfig { errors }),
         }
     }
@@ -184,6 +285,79 @@ mod tests {
         assert_eq!(config.admin_addr, "127.0.0.1:9996".parse().unwrap());
         assert_eq!(config.mesh_poll_interval, DEFAULT_MESH_POLL_INTERVAL);
         assert_eq!(config.log, "info");
+        assert_eq!(config.identity.dir, PathBuf::from("identity"));
+        assert_eq!(config.identity.supplied, None);
+        assert_eq!(
+            config.identity.leaf_lifetime,
+            crate::identity::DEFAULT_LEAF_LIFETIME
+        );
+    }
+
+    #[test]
+    fn the_identity_directory_defaults_to_beside_the_mesh_file() {
+        let raw = RawControllerConfig {
+            mesh_file: Some("/etc/conduit/mesh.yaml".into()),
+            identity_leaf_lifetime: Some("90m".into()),
+            ..Default::default()
+        };
+        let config = ControllerConfig::try_from(raw).unwrap();
+        assert_eq!(config.identity.dir, PathBuf::from("/etc/conduit/identity"));
+        assert_eq!(config.identity.leaf_lifetime, Duration::from_secs(90 * 60));
+    }
+
+    #[test]
+    fn an_operator_ca_needs_all_three_files() {
+        let raw = RawControllerConfig {
+            mesh_file: Some("m".into()),
+            identity_issuer_cert: Some("issuer.crt".into()),
+            ..Default::default()
+        };
+        let err = ControllerConfig::try_from(raw).unwrap_err();
+        let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();
+        assert_eq!(settings, [IDENTITY_TRUST_ANCHORS, IDENTITY_ISSUER_KEY]);
+
+        let raw = RawControllerConfig {
+            mesh_file: Some("m".into()),
+            identity_dir: Some("/var/lib/conduit".into()),
+            identity_trust_anchors: Some("a.pem".into()),
+            identity_issuer_cert: Some("i.crt".into()),
+            identity_issuer_key: Some("i.key".into()),
+            ..Default::default()
+        };
+        let config = ControllerConfig::try_from(raw).unwrap();
+        assert_eq!(config.identity.dir, PathBuf::from("/var/lib/conduit"));
+        assert_eq!(
+            config.identity.supplied,
+            Some(SuppliedCa {
+                trust_anchors: "a.pem".into(),
+                issuer_cert: "i.crt".into(),
+                issuer_key: "i.key".into(),
+            })
+        );
+        assert_eq!(config.identity.trust_anchors_path(), PathBuf::from("a.pem"));
+    }
+
+    #[test]
+    fn the_leaf_lifetime_is_bounded() {
+        for (text, ok) in [
+            ("1m", true),
+            ("720h", true),
+            ("59s", false),
+            ("721h", false),
+            ("1d", false),
+            ("soon", false),
+        ] {
+            let raw = RawControllerConfig {
+                mesh_file: Some("m".into()),
+                identity_leaf_lifetime: Some(text.into()),
+                ..Default::default()
+            };
+            let result = ControllerConfig::try_from(raw);
+            assert_eq!(result.is_ok(), ok, "{text}: {result:?}");
+            if let Err(err) = result {
+                assert_eq!(err.errors[0].setting, IDENTITY_LEAF_LIFETIME);
+            }
+        }
     }
 
     #[test]
@@ -193,7 +367,7 @@ mod tests {
             admin_addr: Some("127.0.0.1".into()),
             mesh_file: None,
             mesh_poll_ms: Some("0".into()),
-            log: None,
+            ..Default::default()
         };
         let err = ControllerConfig::try_from(raw).unwrap_err();
         let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();

@@ -1,17 +1,22 @@
 //! Conduit's control plane.
 //!
 //! The controller serves, over gRPC: Destination (endpoint and route-profile discovery; see
-//! [`destination`] for the stream protocol), the public API for the CLI ([`api`]), and Identity
-//! and Tap, which answer `UNIMPLEMENTED` until their issues land. Discovery comes from a
-//! [`discovery::Discovery`] backend; today that is a watched YAML mesh file
-//! ([`discovery::file`]). The admin port ([`admin`]) serves `/metrics`, `/ready` and `/live`.
+//! [`destination`] for the stream protocol), the public API for the CLI ([`api`]), Identity
+//! (its certificate authority signs workloads' leaf certificates in exchange for a bootstrap
+//! token and a CSR; see [`identity`]), and Tap, which answers `UNIMPLEMENTED` until its issue
+//! lands. Discovery comes from a [`discovery::Discovery`] backend; today that is a watched
+//! YAML mesh file ([`discovery::file`]). The admin port ([`admin`]) serves `/metrics`,
+//! `/ready` and `/live`.
 //!
 //! # Environment as parameters
 //!
 //! The controller opens no sockets and reads no environment: callers pass streams of accepted
 //! connections (tokio's in `main.rs` via [`net::tcp_incoming`], turmoil's in the simulation),
 //! a [`config::ControllerConfig`], and a shutdown future. Time comes from `tokio::time`, which
-//! turmoil and paused tests control. The one real-clock read left in the stack is hyper's
+//! turmoil and paused tests control. Wall-clock time for certificate validity comes from the
+//! [`identity::WallClock`] the certificate authority is given ([`identity::system_wall_clock`]
+//! in [`run_file_controller`]; the simulation passes its own through
+//! [`Controller::with_identity`]). The one real-clock read left in the stack is hyper's
 //! HTTP/2 `date` header on gRPC responses; [`Controller::with_fixed_date_header`] pins it for
 //! the simulation (turmoil.md §4.1).
 //!
@@ -41,16 +46,19 @@ pub mod config;
 pub mod date;
 pub mod destination;
 pub mod discovery;
+pub mod identity;
 pub mod metrics;
 pub mod net;
 pub mod stat;
 
 use crate::admin::AdminState;
-use crate::api::{ApiService, IdentityService, TapService};
+use crate::api::{ApiService, TapService};
 use crate::config::ControllerConfig;
 use crate::destination::DestinationService;
 use crate::discovery::Discovery;
 use crate::discovery::file::{FileDiscovery, LoadError, load_mesh_file, watch_mesh_file};
+use crate::identity::ca::{CaError, CertificateAuthority, watch_issuer_files};
+use crate::identity::{IdentityService, system_wall_clock};
 use crate::metrics::Metrics;
 
 /// How long open connections get to finish after shutdown is asked for. Destination streams
@@ -83,12 +91,14 @@ pub struct Controller {
     serving: Arc<AtomicBool>,
     date_header: Option<HeaderValue>,
     metrics_source: Option<Arc<dyn stat::MetricsSource>>,
+    identity: Option<Arc<CertificateAuthority>>,
 }
 
 impl core::fmt::Debug for Controller {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Controller")
             .field("date_header", &self.date_header)
+            .field("identity", &self.identity)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +110,9 @@ pub enum RunError {
     /// The mesh file could not be loaded at start-up (the error names the field).
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The certificate authority could not start (the error names the file).
+    #[error("identity: {0}")]
+    Identity(#[from] CaError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -115,6 +128,23 @@ impl Controller {
             serving: Arc::new(AtomicBool::new(false)),
             date_header: None,
             metrics_source: None,
+            identity: None,
+        }
+    }
+
+    /// Serves `Identity.Certify` from `ca` (without one it answers `FAILED_PRECONDITION`),
+    /// and exports the issuer's and trust anchors' expiry in the metrics. The CA carries its
+    /// own wall clock: the simulation builds one on simulated time
+    /// ([`CertificateAuthority::in_memory`]).
+    #[must_use]
+    pub fn with_identity(self, ca: Arc<CertificateAuthority>) -> Self {
+        self.metrics
+            .set_identity_issuer_expiry(ca.issuer_not_after().as_secs());
+        self.metrics
+            .set_identity_trust_anchor_expiry(ca.trust_anchors_not_after().as_secs());
+        Self {
+            identity: Some(ca),
+            ..self
         }
     }
 
@@ -172,7 +202,10 @@ impl Controller {
                     .with_metrics_source(self.metrics_source.clone())
                     .into_server(),
             )
-            .add_service(IdentityService.into_server())
+            .add_service(
+                IdentityService::new(self.identity.clone(), Arc::clone(&self.metrics))
+                    .into_server(),
+            )
             .add_service(TapService.into_server());
         self.serving.store(true, Ordering::Relaxed);
         let served = router
@@ -201,15 +234,18 @@ impl Controller {
 }
 
 /// Runs a controller whose discovery is the mesh file `config.mesh_file`: loads it (failing
-/// with an error that names the field if it is invalid), watches it for edits, and serves gRPC
-/// and admin on the given connection streams until `shutdown` completes.
+/// with an error that names the field if it is invalid), watches it for edits, opens the
+/// certificate authority in `config.identity` (bootstrapping its directory on first start; see
+/// [`identity`]) and watches its issuer, and serves gRPC and admin on the given connection
+/// streams until `shutdown` completes.
 ///
 /// After `shutdown`, open connections get [`SHUTDOWN_GRACE`] to close before they are cut.
 ///
 /// # Errors
 ///
 /// [`RunError::Load`] when the mesh file cannot be read or is invalid at start-up;
-/// [`RunError::Grpc`] when the gRPC server fails.
+/// [`RunError::Identity`] when the certificate authority cannot start (a garbled or
+/// mismatched file, an unwritable directory); [`RunError::Grpc`] when the gRPC server fails.
 pub async fn run_file_controller<G, GIO, GE, A, AIO, AE>(
     config: &ControllerConfig,
     grpc_incoming: G,
@@ -241,8 +277,21 @@ where
     // Stops the file watcher however this function returns.
     let _watcher = AbortOnDrop(watcher);
 
+    // Blocking, once, at start-up: a few small files, and on first start two key pairs.
+    let ca = Arc::new(CertificateAuthority::open(
+        &config.identity,
+        system_wall_clock(),
+    )?);
+    let issuer_watcher = tokio::spawn(watch_issuer_files(
+        Arc::clone(&ca),
+        config.identity.issuer_poll_interval,
+        Arc::clone(&metrics),
+    ));
+    let _issuer_watcher = AbortOnDrop(issuer_watcher);
+
     let controller = Controller::new(Arc::new(discovery), metrics)
-        .with_metrics_source(Arc::new(stat::HttpMetricsSource));
+        .with_metrics_source(Arc::new(stat::HttpMetricsSource))
+        .with_identity(ca);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         // An error means the sender is gone, which also means stop.

@@ -1,8 +1,10 @@
 //! `conduit-controller`: the control plane binary.
 //!
 //! Reads its settings from flags or `CONDUIT_CONTROLLER_*` variables, loads the mesh file
-//! (exiting non-zero with an error naming the field when it is invalid), binds the gRPC and
-//! admin ports on tokio's network and serves until interrupted (Ctrl-C or SIGTERM).
+//! (exiting non-zero with an error naming the field when it is invalid), opens (or
+//! bootstraps) the identity directory (exiting non-zero with an error naming the file when
+//! something there is unusable), binds the gRPC and admin ports on tokio's network and serves
+//! until interrupted (Ctrl-C or SIGTERM).
 
 use std::process::ExitCode;
 
@@ -31,6 +33,23 @@ struct Args {
     /// A tracing filter, e.g. `info` or `conduit_controller=debug` [default: info].
     #[arg(long, env = "CONDUIT_CONTROLLER_LOG")]
     log: Option<String>,
+    /// The certificate authority's directory: trust anchors, issuer, token key; created and
+    /// bootstrapped on first start [default: `identity` beside the mesh file].
+    #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_DIR")]
+    identity_dir: Option<String>,
+    /// Your own trust-anchor bundle (PEM), instead of a bootstrapped one; needs
+    /// --identity-issuer-cert and --identity-issuer-key.
+    #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_TRUST_ANCHORS")]
+    identity_trust_anchors: Option<String>,
+    /// Your own issuer certificate (PEM), chaining to one of the trust anchors.
+    #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_ISSUER_CERT")]
+    identity_issuer_cert: Option<String>,
+    /// Your own issuer key (PKCS#8 PEM), matching the issuer certificate.
+    #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_ISSUER_KEY")]
+    identity_issuer_key: Option<String>,
+    /// How long workload certificates last, from 1m to 720h [default: 24h].
+    #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_LEAF_LIFETIME")]
+    identity_leaf_lifetime: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +60,11 @@ fn main() -> ExitCode {
         mesh_file: args.mesh_file,
         mesh_poll_ms: args.mesh_poll_ms,
         log: args.log,
+        identity_dir: args.identity_dir,
+        identity_trust_anchors: args.identity_trust_anchors,
+        identity_issuer_cert: args.identity_issuer_cert,
+        identity_issuer_key: args.identity_issuer_key,
+        identity_leaf_lifetime: args.identity_leaf_lifetime,
     };
     let config = match ControllerConfig::try_from(raw) {
         Ok(config) => config,

@@ -17,6 +17,63 @@ pub struct Metrics {
     mesh_reload_rejects: AtomicU64,
     mesh_generation: AtomicU64,
     mesh_services: AtomicU64,
+    identity_certify: [AtomicU64; CertifyOutcome::ALL.len()],
+    identity_issuer_rejects: AtomicU64,
+    /// Seconds since the Unix epoch; 0 while no CA is configured.
+    identity_issuer_expiry: AtomicU64,
+    /// Seconds since the Unix epoch; 0 while no CA is configured.
+    identity_trust_anchor_expiry: AtomicU64,
+}
+
+/// How one `Identity.Certify` call ended (the `result` label of
+/// `conduit_controller_identity_certify_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertifyOutcome {
+    /// A leaf was signed.
+    Ok,
+    /// The token was missing, malformed or not this CA's (`UNAUTHENTICATED`).
+    Unauthenticated,
+    /// The token's identity is not the one asked for, in the request or the CSR
+    /// (`PERMISSION_DENIED`).
+    Denied,
+    /// The CSR was garbled, unsigned by its key, or of an unsupported kind
+    /// (`INVALID_ARGUMENT`).
+    Invalid,
+    /// No CA is configured, or signing failed.
+    Error,
+}
+
+impl CertifyOutcome {
+    /// Every outcome, in the order they are rendered.
+    pub const ALL: [Self; 5] = [
+        Self::Ok,
+        Self::Unauthenticated,
+        Self::Denied,
+        Self::Invalid,
+        Self::Error,
+    ];
+
+    /// The `result` label's value.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Denied => "denied",
+            Self::Invalid => "invalid",
+            Self::Error => "error",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Ok => 0,
+            Self::Unauthenticated => 1,
+            Self::Denied => 2,
+            Self::Invalid => 3,
+            Self::Error => 4,
+        }
+    }
 }
 
 /// Which kind of Destination stream.
@@ -94,6 +151,35 @@ impl Metrics {
         self.mesh_reload_rejects.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one `Identity.Certify` call.
+    pub fn record_certify(&self, outcome: CertifyOutcome) {
+        self.identity_certify[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `Identity.Certify` calls that ended with `outcome` so far.
+    #[must_use]
+    pub fn certify_count(&self, outcome: CertifyOutcome) -> u64 {
+        self.identity_certify[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Counts a new issuer that was rejected (the old one kept signing).
+    pub fn record_identity_issuer_reject(&self) {
+        self.identity_issuer_rejects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the end of the issuer's validity, in seconds since the Unix epoch.
+    pub fn set_identity_issuer_expiry(&self, unix_secs: u64) {
+        self.identity_issuer_expiry
+            .store(unix_secs, Ordering::Relaxed);
+    }
+
+    /// Sets the earliest end of validity among the trust anchors, in seconds since the Unix
+    /// epoch.
+    pub fn set_identity_trust_anchor_expiry(&self, unix_secs: u64) {
+        self.identity_trust_anchor_expiry
+            .store(unix_secs, Ordering::Relaxed);
+    }
+
     /// Open `Destination.Get` streams.
     #[must_use]
     pub fn destination_streams_open(&self) -> u64 {
@@ -167,7 +253,58 @@ impl Metrics {
             let _ = writeln!(text, "# TYPE conduit_controller_{name} {kind}");
             let _ = writeln!(text, "conduit_controller_{name} {value}");
         }
+        self.render_identity(&mut text);
         text
+    }
+
+    /// The identity families. The issuer families are left out while no CA is configured,
+    /// so an alert on "expires within N days" cannot fire on a controller without one.
+    fn render_identity(&self, text: &mut String) {
+        let _ = writeln!(
+            text,
+            "# HELP conduit_controller_identity_certify_total Identity.Certify calls by result."
+        );
+        let _ = writeln!(
+            text,
+            "# TYPE conduit_controller_identity_certify_total counter"
+        );
+        for outcome in CertifyOutcome::ALL {
+            let _ = writeln!(
+                text,
+                "conduit_controller_identity_certify_total{{result=\"{}\"}} {}",
+                outcome.label(),
+                self.certify_count(outcome)
+            );
+        }
+        if self.identity_issuer_expiry.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let families: [(&str, &str, &str, &AtomicU64); 3] = [
+            (
+                "identity_issuer_reload_rejects_total",
+                "counter",
+                "New issuers rejected (garbled, mismatched or not chaining to an anchor); the previous issuer kept signing.",
+                &self.identity_issuer_rejects,
+            ),
+            (
+                "identity_issuer_expiry_timestamp_seconds",
+                "gauge",
+                "End of the issuer certificate's validity, in seconds since the Unix epoch.",
+                &self.identity_issuer_expiry,
+            ),
+            (
+                "identity_trust_anchor_expiry_timestamp_seconds",
+                "gauge",
+                "Earliest end of validity among the trust anchors, in seconds since the Unix epoch.",
+                &self.identity_trust_anchor_expiry,
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let value = value.load(Ordering::Relaxed);
+            let _ = writeln!(text, "# HELP conduit_controller_{name} {help}");
+            let _ = writeln!(text, "# TYPE conduit_controller_{name} {kind}");
+            let _ = writeln!(text, "conduit_controller_{name} {value}");
+        }
     }
 }
 
@@ -204,6 +341,30 @@ mod tests {
             "conduit_controller_mesh_reload_rejects_total 1",
             "conduit_controller_mesh_generation 3",
             "conduit_controller_mesh_services 4",
+            "conduit_controller_identity_certify_total{result=\"ok\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn renders_identity_families_once_a_ca_is_configured() {
+        let metrics = Metrics::new(0);
+        assert!(!metrics.render().contains("expiry"));
+        metrics.record_certify(CertifyOutcome::Denied);
+        metrics.record_certify(CertifyOutcome::Denied);
+        metrics.set_identity_issuer_expiry(1_700_000_000);
+        metrics.set_identity_trust_anchor_expiry(1_800_000_000);
+        let text = metrics.render();
+        for line in [
+            "conduit_controller_identity_certify_total{result=\"denied\"} 2",
+            "conduit_controller_identity_certify_total{result=\"unauthenticated\"} 0",
+            "conduit_controller_identity_issuer_expiry_timestamp_seconds 1700000000",
+            "conduit_controller_identity_trust_anchor_expiry_timestamp_seconds 1800000000",
+            "conduit_controller_identity_issuer_reload_rejects_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

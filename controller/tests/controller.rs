@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use conduit_controller::RunError;
 use conduit_controller::config::ControllerConfig;
+use conduit_controller::identity::IdentityConfig;
 use conduit_controller::net::tcp_incoming;
 use conduit_core::mesh::Endpoint;
 use conduit_proto::convert::{DestinationChange, DestinationUpdate, ProfileUpdate};
@@ -65,6 +66,7 @@ impl Controller {
             mesh_file: mesh_file.clone(),
             mesh_poll_interval: POLL,
             log: "info".into(),
+            identity: IdentityConfig::new(dir.join("identity")),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -542,8 +544,7 @@ async fn admin_endpoints_respond() {
     controller.stop().await;
 }
 
-/// The public API lists the mesh's services; the services that arrive with later issues say
-/// so with `UNIMPLEMENTED`.
+/// The public API lists the mesh's services; Identity refuses a request with no token.
 #[tokio::test]
 async fn public_api_lists_workloads() {
     let controller = Controller::start(
@@ -595,11 +596,115 @@ async fn public_api_lists_workloads() {
         .certify(identity::CertifyRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
     assert!(
-        status.message().contains("not implemented yet"),
+        status.message().contains("invalid token"),
         "{}",
         status.message()
+    );
+    controller.stop().await;
+}
+
+/// The file controller bootstraps its CA in the identity directory; a workload with a token
+/// from `issue_token` gets a leaf that chains, through the returned issuer, to the anchors in
+/// `trust-anchors.pem`; refusals carry their status and every outcome is counted.
+#[tokio::test]
+async fn identity_certifies_a_workload_with_a_bootstrap_token() {
+    use conduit_controller::identity::{TRUST_ANCHORS_FILE, issue_token};
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::pem::PemObject as _;
+
+    const WEB: &str = "web.default.identity.conduit.local";
+    let controller = Controller::start("identity", &web(&[9001])).await;
+    let dir = controller.dir.join("identity");
+    // The admin port answers once the controller has started, and so has made its CA.
+    let _ = controller.admin("/ready").await;
+    let anchors = std::fs::read(dir.join(TRUST_ANCHORS_FILE)).unwrap();
+    let token = issue_token(&dir, WEB).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec![WEB.to_owned()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    let mut client = identity::identity_client::IdentityClient::new(controller.channel().await);
+    let request = identity::CertifyRequest {
+        identity: WEB.into(),
+        token: token.clone().into_bytes(),
+        certificate_signing_request: csr.der().to_vec(),
+    };
+    let response = within("Certify", client.certify(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.intermediate_certificates.len(), 1);
+    assert_eq!(response.valid_until_unix_ms % 1000, 0);
+
+    let mut roots = rustls::RootCertStore::empty();
+    for anchor in rustls::pki_types::CertificateDer::pem_slice_iter(&anchors) {
+        roots.add(anchor.unwrap()).unwrap();
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    // Checked at the last second of the leaf's validity: the answer's own figure, not a clock.
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(
+        response.valid_until_unix_ms,
+    ));
+    verifier
+        .verify_server_cert(
+            &response.leaf_certificate.clone().into(),
+            &[response.intermediate_certificates[0].clone().into()],
+            &rustls::pki_types::ServerName::try_from(WEB).unwrap(),
+            &[],
+            at,
+        )
+        .unwrap();
+
+    let refused = |mut request: identity::CertifyRequest,
+                   edit: fn(&mut identity::CertifyRequest)| {
+        edit(&mut request);
+        let mut client = client.clone();
+        async move {
+            within("Certify", client.certify(request))
+                .await
+                .unwrap_err()
+                .code()
+        }
+    };
+    assert_eq!(
+        refused(request.clone(), |r| r.token = b"ct1:web:00".to_vec()).await,
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        refused(request.clone(), |r| r.identity = "api.default".into()).await,
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        refused(request.clone(), |r| r
+            .certificate_signing_request
+            .truncate(10))
+        .await,
+        tonic::Code::InvalidArgument
+    );
+    let (_, metrics) = controller.admin("/metrics").await;
+    for (result, count) in [
+        ("ok", 1),
+        ("unauthenticated", 1),
+        ("denied", 1),
+        ("invalid", 1),
+    ] {
+        let line =
+            format!("conduit_controller_identity_certify_total{{result=\"{result}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("conduit_controller_identity_issuer_expiry_timestamp_seconds ")),
+        "{metrics}"
     );
     controller.stop().await;
 }
@@ -635,10 +740,25 @@ fn the_binary_exits_non_zero_on_a_bad_mesh_file() {
         .env("CONDUIT_CONTROLLER_LOG", "off")
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("services.web.default.port"), "{stderr}");
+
+    // A garbled file in the identity directory stops it too, naming the file.
+    std::fs::write(&mesh, "services: {}\n").unwrap();
+    std::fs::create_dir_all(dir.join("identity")).unwrap();
+    std::fs::write(dir.join("identity").join("trust-anchors.pem"), "garbage").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conduit-controller"))
+        .env("CONDUIT_CONTROLLER_MESH_FILE", &mesh)
+        .env("CONDUIT_CONTROLLER_GRPC_ADDR", "127.0.0.1:0")
+        .env("CONDUIT_CONTROLLER_ADMIN_ADDR", "127.0.0.1:0")
+        .env("CONDUIT_CONTROLLER_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("trust-anchors.pem"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_conduit-controller"))
         .env_remove("CONDUIT_CONTROLLER_MESH_FILE")
@@ -688,6 +808,17 @@ async fn the_simulation_seam_serves_without_a_file() {
     let endpoint =
         tonic::transport::Endpoint::from_shared(format!("http://{server_addr}")).unwrap();
     let channel = within("connect", endpoint.connect()).await.unwrap();
+    // Built without `with_identity`, the controller has no CA, and says so.
+    let status = identity::identity_client::IdentityClient::new(channel.clone())
+        .certify(identity::CertifyRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("identity is not configured"),
+        "{}",
+        status.message()
+    );
     let mut client = pb::destination_client::DestinationClient::new(channel);
     let request = pb::GetDestination {
         path: "web.default".into(),
