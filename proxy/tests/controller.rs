@@ -63,6 +63,9 @@ impl Controller {
             mesh_file: mesh_file.to_owned(),
             mesh_poll_interval: Duration::from_millis(5),
             log: "info".into(),
+            identity: conduit_controller::identity::IdentityConfig::new(
+                conduit_controller::identity::IdentityConfig::default_dir(mesh_file),
+            ),
         };
         runtime.spawn(async move {
             let grpc = tokio::net::TcpListener::from_std(grpc).unwrap();
