@@ -18,7 +18,9 @@
 //!   comes first, so a receiver never passes through an empty set that the file never had.
 //! - A subscriber that falls behind skips intermediate states (discovery keeps only the latest),
 //!   but applying the messages it gets, in order, always yields the latest state.
-//! - `GetProfile` sends the complete profile first and again on every change.
+//! - `GetProfile` sends the complete profile first and again on every change (its routes, the
+//!   service's circuit breaking and its inbound authorization policy: a change to any of them
+//!   is a change).
 
 use core::net::SocketAddr;
 use core::pin::Pin;

@@ -469,6 +469,57 @@ async fn circuit_breaking_is_served_from_the_file() {
     controller.stop().await;
 }
 
+/// A service's `policy:` block in the mesh file reaches proxies in its profile (as the
+/// proxies' own conversion reads it), and an edit to it alone is a new profile.
+#[tokio::test]
+async fn authorization_policy_is_served_from_the_file() {
+    use conduit_core::policy::{DefaultPolicy, IdentityMatch};
+
+    let with_policy = |policy: &str| {
+        format!(
+            "services:\n  api.demo:\n    endpoints:\n      - addr: 127.0.0.1:9001\n    policy: {policy}\n"
+        )
+    };
+    let controller = Controller::start(
+        "policy",
+        &with_policy(
+            "{ default: all-authenticated, authorizations: [ { identities: [\"*.ops.serviceaccount.identity.conduit.local\"] }, { networks: [10.0.0.0/8] } ] }",
+        ),
+    )
+    .await;
+    let mut stream = controller.get_profile("api.demo:80").await;
+    let first = next_profile(&mut stream).await;
+    let policy = first.profile.policy().unwrap();
+    assert_eq!(policy.default_policy(), DefaultPolicy::AllAuthenticated);
+    assert!(!policy.audit());
+    assert_eq!(
+        policy.authorizations()[0].identities(),
+        [IdentityMatch::Suffix(
+            "ops.serviceaccount.identity.conduit.local".into()
+        )]
+    );
+    assert_eq!(
+        policy.authorizations()[1].networks()[0].to_string(),
+        "10.0.0.0/8"
+    );
+
+    controller.write_mesh(&with_policy("{ default: deny, audit: true }"));
+    let second = next_profile(&mut stream).await;
+    assert_eq!(second.version, 2);
+    let policy = second.profile.policy().unwrap();
+    assert_eq!(
+        (
+            policy.default_policy(),
+            policy.audit(),
+            policy.authorizations().len()
+        ),
+        (DefaultPolicy::Deny, true, 0)
+    );
+
+    drop(stream);
+    controller.stop().await;
+}
+
 /// A name no service has is `no_endpoints { exists: false }` (and a profile with
 /// `exists: false`), distinct from a service without endpoints (`exists: true`); when the
 /// service appears its endpoints arrive as an add.

@@ -14,8 +14,9 @@
 //! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`breaker`] (circuit
 //! breaking per endpoint), [`classify`], [`metrics`], [`route`] (route profiles and request
 //! matching), [`timeout`] (deadlines and their propagation), [`retry`] (sending a request
-//! again), [`identity`] (when to ask for a certificate) and [`mesh`] (the mesh file model).
-//! Later issues add `slo`, `policy`, `fault` and `tap`.
+//! again), [`identity`] (when to ask for a certificate), [`policy`] (which clients a service's
+//! inbound port admits: authorization as data and a pure decision) and [`mesh`] (the mesh file
+//! model). Later issues add `slo`, `fault` and `tap`.
 
 #![deny(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod classify;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod policy;
 pub mod rand;
 pub mod retry;
 pub mod route;

@@ -1,4 +1,5 @@
-//! The mesh model: services, their endpoints and their route profiles.
+//! The mesh model: services, their endpoints, their route profiles and their authorization
+//! policies.
 //!
 //! One schema, several carriers (DESIGN.md, "Configuration"): the mesh file read by the proxy's
 //! static discovery, the controller's file backend, the demo and the simulation's topologies;
@@ -18,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
+use crate::policy::{Authorization, DefaultPolicy, IdentityMatch, Network, ServerPolicy};
 
 /// The weight an endpoint gets when the file does not give one.
 ///
@@ -37,6 +39,7 @@ pub const DEFAULT_PORT: u16 = 80;
 pub const MAX_ENDPOINTS: usize = 10_000;
 
 pub use crate::breaker::RawBreaker;
+pub use crate::policy::{MAX_AUTHORIZATIONS, MAX_IDENTITIES, MAX_NETWORKS};
 pub use crate::route::{MAX_ROUTES, Profile, RawProfile};
 
 // === Raw (as written) ===
@@ -61,6 +64,43 @@ pub struct RawService {
     pub profile: Option<RawProfile>,
     /// Circuit breaking for the service's endpoints (absent: the defaults, both policies on).
     pub breaker: Option<RawBreaker>,
+    /// Which clients the service's inbound port admits (absent: every client).
+    pub policy: Option<RawServerPolicy>,
+}
+
+/// A service's authorization policy as written (see [`crate::policy`]).
+///
+/// ```yaml
+/// policy:
+///   default: all-authenticated      # all-unauthenticated (default) | all-authenticated | deny
+///   audit: false                    # true: deny no one, count who would have been denied
+///   authorizations:                 # the first that matches allows the client
+///     - identities: ["web.demo.serviceaccount.identity.conduit.local", "*.ops.serviceaccount.identity.conduit.local"]
+///     - networks: ["10.0.0.0/8", "127.0.0.1/32"]
+///     - { identities: ["*"], networks: ["192.168.0.0/16"] }   # both must match
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServerPolicy {
+    /// What happens to clients no authorization names: `all-unauthenticated` (the default),
+    /// `all-authenticated` or `deny`.
+    pub default: Option<String>,
+    /// Only count the clients the policy would deny, and let them through.
+    pub audit: bool,
+    /// The authorizations, tried in order; at most [`MAX_AUTHORIZATIONS`].
+    pub authorizations: Vec<RawAuthorization>,
+}
+
+/// One authorization as written: clients with one of `identities` (exact names, `*.suffix`, or
+/// `*` for any authenticated client) and, if `networks` are given too, from one of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuthorization {
+    /// Client identities, at most [`MAX_IDENTITIES`]; absent or empty: any client.
+    pub identities: Vec<String>,
+    /// Client networks in CIDR notation (`10.0.0.0/8`, `fd00::/8`, or a bare address), at most
+    /// [`MAX_NETWORKS`]; absent or empty: any address.
+    pub networks: Vec<String>,
 }
 
 /// One endpoint as written.
@@ -98,7 +138,8 @@ pub struct Service {
     /// Its endpoints, in file order, with distinct addresses.
     pub endpoints: Vec<Endpoint>,
     /// Its route profile (empty when the file gives none), with its circuit breaking
-    /// ([`Profile::breaker`]).
+    /// ([`Profile::breaker`]) and the authorization policy of its inbound port
+    /// ([`Profile::policy`]).
     pub profile: Profile,
 }
 
@@ -304,7 +345,10 @@ fn validate_service(
         errors.push(format!("{path}.breaker.{}", e.field), e.problem);
         BreakerConfig::default()
     });
-    let profile = profile.with_breaker(breaker);
+    let policy = raw
+        .policy
+        .and_then(|raw| validate_policy(&format!("{path}.policy"), raw, errors));
+    let profile = profile.with_breaker(breaker).with_policy(policy);
     (errors.0.len() == before).then_some(Service {
         name,
         port,
@@ -387,6 +431,99 @@ fn validate_profile(path: &str, raw: RawProfile, errors: &mut Errors) -> Profile
         }
         Profile::default()
     })
+}
+
+/// Validates a service's policy, reporting every problem under `path`.
+fn validate_policy(path: &str, raw: RawServerPolicy, errors: &mut Errors) -> Option<ServerPolicy> {
+    let before = errors.0.len();
+    let default = match raw.default.as_deref() {
+        None => DefaultPolicy::default(),
+        Some(name) => DefaultPolicy::from_name(name).unwrap_or_else(|| {
+            errors.push(
+                format!("{path}.default"),
+                format!(
+                    "`{name}` is not a default policy (all-unauthenticated, all-authenticated \
+                     or deny)"
+                ),
+            );
+            DefaultPolicy::default()
+        }),
+    };
+    if raw.authorizations.len() > MAX_AUTHORIZATIONS {
+        errors.push(
+            format!("{path}.authorizations"),
+            format!("at most {MAX_AUTHORIZATIONS} authorizations"),
+        );
+        return None;
+    }
+    let mut authorizations = Vec::with_capacity(raw.authorizations.len());
+    for (i, raw) in raw.authorizations.into_iter().enumerate() {
+        let path = format!("{path}.authorizations[{i}]");
+        if let Some(authorization) = validate_authorization(&path, raw, errors) {
+            authorizations.push(authorization);
+        }
+    }
+    if errors.0.len() != before {
+        return None;
+    }
+    ServerPolicy::try_new(default, authorizations, raw.audit)
+        .map_err(|e| errors.push(format!("{path}.{}", e.field), e.problem))
+        .ok()
+}
+
+fn validate_authorization(
+    path: &str,
+    raw: RawAuthorization,
+    errors: &mut Errors,
+) -> Option<Authorization> {
+    let before = errors.0.len();
+    let mut identities = Vec::new();
+    if raw.identities.len() > MAX_IDENTITIES {
+        errors.push(
+            format!("{path}.identities"),
+            format!("at most {MAX_IDENTITIES} identities"),
+        );
+    } else {
+        for (i, text) in raw.identities.iter().enumerate() {
+            match IdentityMatch::parse(text) {
+                Ok(identity) => identities.push(identity),
+                Err(reason) => errors.push(
+                    format!("{path}.identities[{i}]"),
+                    format!("invalid identity `{text}`: {reason}"),
+                ),
+            }
+        }
+    }
+    let mut networks = Vec::new();
+    if raw.networks.len() > MAX_NETWORKS {
+        errors.push(
+            format!("{path}.networks"),
+            format!("at most {MAX_NETWORKS} networks"),
+        );
+    } else {
+        for (i, text) in raw.networks.iter().enumerate() {
+            match text.parse::<Network>() {
+                Ok(network) => networks.push(network),
+                Err(reason) => errors.push(
+                    format!("{path}.networks[{i}]"),
+                    format!("invalid network `{text}`: {reason}"),
+                ),
+            }
+        }
+    }
+    if errors.0.len() != before {
+        return None;
+    }
+    Authorization::try_new(identities, networks)
+        .map_err(|e| {
+            let field = if e.field.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}.{}", e.field)
+            };
+            errors.push(field, e.problem);
+        })
+        .ok()
 }
 
 /// Checks a DNS-style name: 1 to 253 bytes of labels of 1 to 63 bytes each, made of ASCII
@@ -485,6 +622,10 @@ mod tests {
                         ..RawRoute::default()
                     }],
                 }),
+                policy: Some(RawServerPolicy {
+                    default: Some("allow".into()),
+                    ..RawServerPolicy::default()
+                }),
             },
         );
         let err = Mesh::try_from(raw).unwrap_err();
@@ -500,6 +641,7 @@ mod tests {
                 "services.web.default.profile.routes[0].match.method",
                 "services.web.default.profile.routes[0].match.path.exact",
                 "services.web.default.breaker.max_ejected_per_mille",
+                "services.web.default.policy.default",
             ]
         );
     }
@@ -544,6 +686,135 @@ mod tests {
         .unwrap_err();
         let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["services.web.default.breaker.success_rate.window"]);
+    }
+
+    #[test]
+    fn policy_blocks_validate() {
+        use crate::policy::{Client, DefaultPolicy, IdentityMatch, Rule, Verdict, authorize};
+
+        let raw = mesh_with(
+            "api.demo",
+            RawService {
+                policy: Some(RawServerPolicy {
+                    default: Some("all-authenticated".into()),
+                    audit: false,
+                    authorizations: vec![
+                        RawAuthorization {
+                            identities: vec![
+                                "Web.demo.serviceaccount.identity.conduit.local".into(),
+                                "*.ops.serviceaccount.identity.conduit.local".into(),
+                            ],
+                            networks: vec![],
+                        },
+                        RawAuthorization {
+                            identities: vec![],
+                            networks: vec!["10.0.0.0/8".into(), "127.0.0.1".into()],
+                        },
+                    ],
+                }),
+                ..RawService::default()
+            },
+        );
+        let mesh = Mesh::try_from(raw).unwrap();
+        let policy = mesh.service("api.demo").unwrap().profile.policy().unwrap();
+        assert_eq!(policy.default_policy(), DefaultPolicy::AllAuthenticated);
+        assert_eq!(
+            policy.authorizations()[0].identities()[0],
+            IdentityMatch::Exact("web.demo.serviceaccount.identity.conduit.local".into()),
+            "identities are lower-cased"
+        );
+        assert_eq!(
+            policy.authorizations()[1].networks()[1].to_string(),
+            "127.0.0.1/32"
+        );
+        let local = Client {
+            identity: None,
+            addr: "127.0.0.1".parse().unwrap(),
+        };
+        assert_eq!(authorize(policy, &local).rule, Rule::Authorization(1));
+        let outside = Client {
+            identity: None,
+            addr: "192.0.2.1".parse().unwrap(),
+        };
+        assert_eq!(authorize(policy, &outside).verdict, Verdict::Deny);
+
+        let without = Mesh::try_from(mesh_with("api.demo", RawService::default())).unwrap();
+        assert!(
+            without
+                .service("api.demo")
+                .unwrap()
+                .profile
+                .policy()
+                .is_none()
+        );
+        let empty = Mesh::try_from(mesh_with(
+            "api.demo",
+            RawService {
+                policy: Some(RawServerPolicy::default()),
+                ..RawService::default()
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            empty.service("api.demo").unwrap().profile.policy(),
+            Some(&ServerPolicy::default()),
+            "an empty block is the default policy"
+        );
+    }
+
+    #[test]
+    fn policy_errors_name_their_fields() {
+        let with_policy = |policy: RawServerPolicy| {
+            mesh_with(
+                "api.demo",
+                RawService {
+                    policy: Some(policy),
+                    ..RawService::default()
+                },
+            )
+        };
+        let auth = |identities: &[&str], networks: &[&str]| RawAuthorization {
+            identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+            networks: networks.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let err = Mesh::try_from(with_policy(RawServerPolicy {
+            default: Some("Deny".into()),
+            audit: true,
+            authorizations: vec![
+                auth(
+                    &["ok.demo", "a.*.demo", "bad_name"],
+                    &["10.0.0.0/8", "10.1.0.0/8"],
+                ),
+                auth(&[], &[]),
+                auth(&["*"], &["::/129"]),
+                auth(&vec!["a.demo"; MAX_IDENTITIES + 1], &[]),
+                auth(&[], &vec!["10.0.0.0/8"; MAX_NETWORKS + 1]),
+            ],
+        }))
+        .unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "services.api.demo.policy.default",
+                "services.api.demo.policy.authorizations[0].identities[1]",
+                "services.api.demo.policy.authorizations[0].identities[2]",
+                "services.api.demo.policy.authorizations[0].networks[1]",
+                "services.api.demo.policy.authorizations[1]",
+                "services.api.demo.policy.authorizations[2].networks[0]",
+                "services.api.demo.policy.authorizations[3].identities",
+                "services.api.demo.policy.authorizations[4].networks",
+            ]
+        );
+        let err = Mesh::try_from(with_policy(RawServerPolicy {
+            authorizations: vec![auth(&["*"], &[]); MAX_AUTHORIZATIONS + 1],
+            ..RawServerPolicy::default()
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err.errors[0].path,
+            "services.api.demo.policy.authorizations"
+        );
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //!
 //! Each route carries its [`RoutePolicy`]: response classes (which responses are failures, and
 //! which may be retried, for the `classification` label and success rates), [`Timeouts`] and
-//! its [`RetryPolicy`]. Later issues add fault injection and authorization here, so both HTTP
-//! engines get them through one lookup.
+//! its [`RetryPolicy`]. Later issues add fault injection here, so both HTTP engines get it
+//! through one lookup. Beside its routes a profile carries the service-wide settings that travel
+//! with it: the circuit breaking of the service's endpoints ([`Profile::breaker`]) and the
+//! authorization policy of its inbound port ([`Profile::policy`]).
 //!
 //! Matching reads the request through [`RequestView`], which each HTTP engine implements over
 //! its own head type: nothing is copied or allocated to look a route up. Regular expressions
@@ -54,6 +56,7 @@ use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
 use crate::classify::{Classifier, ClassifyConfig, RawClassifyConfig};
+use crate::policy::ServerPolicy;
 use crate::retry::{RawRetry, RetryPolicy};
 use crate::timeout::{RawTimeouts, Timeouts};
 
@@ -351,12 +354,13 @@ impl Route {
 }
 
 /// A service's validated route profile: its routes in match order, and the default route;
-/// and the circuit breaking of its endpoints.
+/// the circuit breaking of its endpoints; and the authorization policy of its inbound port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Profile {
     routes: Vec<Route>,
     default: Route,
     breaker: BreakerConfig,
+    policy: Option<ServerPolicy>,
 }
 
 impl Default for Profile {
@@ -365,6 +369,7 @@ impl Default for Profile {
             routes: Vec::new(),
             default: Route::new(DEFAULT_ROUTE, RequestMatch::new(None, PathMatch::Any)),
             breaker: BreakerConfig::default(),
+            policy: None,
         }
     }
 }
@@ -428,6 +433,7 @@ impl Profile {
             routes,
             default: Self::default().default,
             breaker: BreakerConfig::default(),
+            policy: None,
         })
     }
 
@@ -437,7 +443,7 @@ impl Profile {
         &self.routes
     }
 
-    /// Whether the profile has no routes of its own (whatever its circuit breaking).
+    /// Whether the profile has no routes of its own (whatever its circuit breaking and policy).
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
@@ -453,6 +459,19 @@ impl Profile {
     #[must_use]
     pub fn with_breaker(self, breaker: BreakerConfig) -> Self {
         Self { breaker, ..self }
+    }
+
+    /// The authorization policy of the service's inbound port; `None` when none is set, which
+    /// admits every client (as [`ServerPolicy::default`], `all-unauthenticated`, does).
+    #[must_use]
+    pub fn policy(&self) -> Option<&ServerPolicy> {
+        self.policy.as_ref()
+    }
+
+    /// The profile with `policy` as its inbound authorization policy.
+    #[must_use]
+    pub fn with_policy(self, policy: Option<ServerPolicy>) -> Self {
+        Self { policy, ..self }
     }
 
     /// The default route.
@@ -590,6 +609,7 @@ impl TryFrom<RawProfile> for Profile {
                 routes,
                 default: Self::default().default,
                 breaker: BreakerConfig::default(),
+                policy: None,
             })
         } else {
             Err(InvalidProfile { errors })

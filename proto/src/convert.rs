@@ -15,6 +15,7 @@
 //! | [`destination::RetryPolicy`] | [`retry::RetryPolicy`] (with the route's or the profile's budget) |
 //! | [`destination::DestinationProfile`] | [`ProfileUpdate`] (holding a [`route::Profile`]) |
 //! | [`destination::CircuitBreaker`] | [`BreakerConfig`] (a profile's [`Profile::breaker`]) |
+//! | [`destination::ServerPolicy`] | [`ServerPolicy`] (a profile's [`Profile::policy`]) |
 //! | [`api::Workload`] | from [`mesh::Service`] only (the CLI issue adds the reverse) |
 //!
 //! A route's retry budget travels in its `RetryPolicy`; the profile-wide `retry_budget` is read
@@ -28,6 +29,7 @@
 //! [`destination::RetryPolicy`]: crate::pb::destination::RetryPolicy
 //! [`destination::DestinationProfile`]: crate::pb::destination::DestinationProfile
 //! [`destination::CircuitBreaker`]: crate::pb::destination::CircuitBreaker
+//! [`destination::ServerPolicy`]: crate::pb::destination::ServerPolicy
 //! [`api::Workload`]: crate::pb::api::Workload
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -46,6 +48,10 @@ use conduit_core::classify::{
     Classifier, ClassifyConfig, GrpcCode, GrpcRule, HttpRule, MAX_RULES, Outcome, StatusRange,
 };
 use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_WEIGHT};
+use conduit_core::policy::{
+    Authorization, DefaultPolicy, IdentityMatch, MAX_AUTHORIZATIONS, MAX_IDENTITIES, MAX_NETWORKS,
+    Network, ServerPolicy,
+};
 use conduit_core::retry::{self, BudgetConfig, HedgeDelay, HedgePolicy, InvalidRetry, RetryPolicy};
 use conduit_core::route::{
     self, MAX_HEADER_MATCHES, MAX_ROUTES, PathMatch, Pattern, Profile, RawHeaderMatch,
@@ -133,8 +139,9 @@ pub enum InvalidMessage {
         field: String,
         /// Its length.
         len: usize,
-        /// The bound ([`MAX_ENDPOINTS`], [`MAX_ROUTES`], [`MAX_HEADER_MATCHES`], or twice
-        /// [`MAX_RULES`] for response classes).
+        /// The bound ([`MAX_ENDPOINTS`], [`MAX_ROUTES`], [`MAX_HEADER_MATCHES`], twice
+        /// [`MAX_RULES`] for response classes, [`MAX_AUTHORIZATIONS`], [`MAX_IDENTITIES`] or
+        /// [`MAX_NETWORKS`]).
         max: usize,
     },
     /// An endpoint or address set is empty. An empty endpoint set is said with `no_endpoints`,
@@ -176,7 +183,8 @@ pub enum InvalidMessage {
         name: String,
     },
     /// A value the core refuses: a regular expression too large or invalid, a header field
-    /// name, a timeout out of range, a status range or a gRPC code.
+    /// name, a timeout out of range, a status range, a gRPC code, or in a policy a default
+    /// this receiver does not know, an identity pattern, a network or an empty authorization.
     #[error("{field}: {reason}")]
     Invalid {
         /// The field.
@@ -977,6 +985,10 @@ impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
             Some(wire) => breaker("circuit_breaker", wire)?,
             None => BreakerConfig::default(),
         };
+        let policy = profile
+            .policy
+            .map(|wire| server_policy("policy", wire))
+            .transpose()?;
         let profile = Profile::try_new(routes).map_err(|reason| InvalidMessage::Invalid {
             field: "routes".into(),
             reason,
@@ -985,7 +997,7 @@ impl TryFrom<dst::DestinationProfile> for ProfileUpdate {
             version,
             exists,
             name,
-            profile: profile.with_breaker(breaker),
+            profile: profile.with_breaker(breaker).with_policy(policy),
         })
     }
 }
@@ -1000,6 +1012,137 @@ impl From<ProfileUpdate> for dst::DestinationProfile {
             retry_budget: None,
             circuit_breaker: (*update.profile.breaker() != BreakerConfig::default())
                 .then(|| update.profile.breaker().into()),
+            policy: update.profile.policy().map(Into::into),
+        }
+    }
+}
+
+// === Authorization policy ===
+
+/// Converts a service's authorization policy, naming it `field` in errors. Lists are checked
+/// against their bounds before any entry is read.
+///
+/// # Errors
+///
+/// [`InvalidMessage::Invalid`] for a `default_policy` this receiver does not know, an identity
+/// that is not a DNS-like name, `*` or `*.suffix`, a network that is not `ADDR/LEN` with no
+/// bits past the prefix, or an authorization that names neither identities nor networks;
+/// [`InvalidMessage::TooMany`] for more than [`MAX_AUTHORIZATIONS`] authorizations or more
+/// than [`MAX_IDENTITIES`] identities or [`MAX_NETWORKS`] networks in one.
+pub fn server_policy(field: &str, wire: dst::ServerPolicy) -> Result<ServerPolicy, InvalidMessage> {
+    let default = match dst::DefaultPolicy::try_from(wire.default_policy) {
+        Ok(dst::DefaultPolicy::AllUnauthenticated) => DefaultPolicy::AllUnauthenticated,
+        Ok(dst::DefaultPolicy::AllAuthenticated) => DefaultPolicy::AllAuthenticated,
+        Ok(dst::DefaultPolicy::Deny) => DefaultPolicy::Deny,
+        // A newer sender's default must not widen to a known, perhaps more permissive one.
+        Err(_) => {
+            return Err(InvalidMessage::Invalid {
+                field: format!("{field}.default_policy"),
+                reason: format!("{} is not a known default policy", wire.default_policy),
+            });
+        }
+    };
+    let too_many = |field: String, len: usize, max: usize| {
+        if len > max {
+            Err(InvalidMessage::TooMany { field, len, max })
+        } else {
+            Ok(())
+        }
+    };
+    too_many(
+        format!("{field}.authorizations"),
+        wire.authorizations.len(),
+        MAX_AUTHORIZATIONS,
+    )?;
+    let mut authorizations = Vec::with_capacity(wire.authorizations.len());
+    for (i, authorization) in wire.authorizations.into_iter().enumerate() {
+        let field = format!("{field}.authorizations[{i}]");
+        too_many(
+            format!("{field}.identities"),
+            authorization.identities.len(),
+            MAX_IDENTITIES,
+        )?;
+        too_many(
+            format!("{field}.networks"),
+            authorization.networks.len(),
+            MAX_NETWORKS,
+        )?;
+        let identities = authorization
+            .identities
+            .iter()
+            .enumerate()
+            .map(|(j, text)| {
+                IdentityMatch::parse(text).map_err(|reason| InvalidMessage::Invalid {
+                    field: format!("{field}.identities[{j}]"),
+                    reason: format!("invalid identity `{}`: {reason}", truncated(text)),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let networks = authorization
+            .networks
+            .iter()
+            .enumerate()
+            .map(|(j, text)| {
+                text.parse::<Network>()
+                    .map_err(|reason| InvalidMessage::Invalid {
+                        field: format!("{field}.networks[{j}]"),
+                        reason: format!("invalid network `{}`: {reason}", truncated(text)),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let authorization =
+            Authorization::try_new(identities, networks).map_err(|e| InvalidMessage::Invalid {
+                field: if e.field.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{field}.{}", e.field)
+                },
+                reason: e.problem,
+            })?;
+        authorizations.push(authorization);
+    }
+    ServerPolicy::try_new(default, authorizations, wire.audit).map_err(|e| {
+        InvalidMessage::Invalid {
+            field: format!("{field}.{}", e.field),
+            reason: e.problem,
+        }
+    })
+}
+
+impl TryFrom<dst::ServerPolicy> for ServerPolicy {
+    type Error = InvalidMessage;
+
+    fn try_from(wire: dst::ServerPolicy) -> Result<Self, InvalidMessage> {
+        server_policy("policy", wire)
+    }
+}
+
+impl From<&ServerPolicy> for dst::ServerPolicy {
+    fn from(policy: &ServerPolicy) -> Self {
+        let default_policy = match policy.default_policy() {
+            DefaultPolicy::AllUnauthenticated => dst::DefaultPolicy::AllUnauthenticated,
+            DefaultPolicy::AllAuthenticated => dst::DefaultPolicy::AllAuthenticated,
+            DefaultPolicy::Deny => dst::DefaultPolicy::Deny,
+        };
+        Self {
+            default_policy: default_policy.into(),
+            authorizations: policy
+                .authorizations()
+                .iter()
+                .map(|authorization| dst::Authorization {
+                    identities: authorization
+                        .identities()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                    networks: authorization
+                        .networks()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                })
+                .collect(),
+            audit: policy.audit(),
         }
     }
 }

@@ -3,6 +3,37 @@
 //! Decoding and validation together answer with errors that name the field's path in the file
 //! (`services.web.default.endpoints[0].addr`), whether the YAML was malformed, a key unknown, a
 //! value of the wrong type, or a value out of range.
+//!
+//! The schema (each block's fields are documented on its `Raw*` type in
+//! [`conduit_core::mesh`], [`conduit_core::route`] and [`conduit_core::breaker`]):
+//!
+//! ```yaml
+//! services:
+//!   api.demo:                     # the name clients use (host part of the authority)
+//!     port: 80                    # default 80
+//!     endpoints:
+//!       - addr: 127.0.0.1:9001
+//!         weight: 100             # default 100; 0 drains
+//!         identity: api.demo.serviceaccount.identity.conduit.local
+//!         labels: { zone: a }
+//!         admin: 127.0.0.1:4191
+//!     profile:                    # routes, timeouts, retries, response classes
+//!       routes: [ { name: items, match: { path: { prefix: /items/ } } } ]
+//!     breaker: { consecutive_failures: 5 }
+//!     policy:                     # who may call the service (its proxy's inbound port)
+//!       default: all-authenticated      # all-unauthenticated (default) | all-authenticated | deny
+//!       audit: false                    # true: deny no one, count who would have been denied
+//!       authorizations:                 # the first that matches allows the client
+//!         - identities: ["web.demo.serviceaccount.identity.conduit.local", "*.ops.serviceaccount.identity.conduit.local"]
+//!         - networks: ["10.0.0.0/8", "127.0.0.1/32"]
+//!         - { identities: ["*"], networks: ["fd00::/8"] }   # both must match
+//! ```
+//!
+//! An authorization's `identities` are exact names, `*.suffix` (any name ending in `.suffix`)
+//! or `*` (any client that proved an identity), compared without regard to case; `networks`
+//! are CIDRs (or bare addresses) with no bits set past the prefix. An authorization must name
+//! at least one of the two; with both, a client must match both. See
+//! [`conduit_core::policy`] for the decision.
 
 use conduit_core::mesh::{InvalidMesh, Mesh, RawMesh};
 
@@ -248,6 +279,83 @@ services:
             (
                 "services:\n  web.default:\n    breaker: { trip_after: 3 }\n",
                 "services.web.default.breaker: unknown field `trip_after`",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).unwrap_err().to_string();
+            assert!(got.contains(want), "{text:?}\n got: {got}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn a_policy_block_parses_and_its_errors_name_the_field() {
+        use conduit_core::policy::{Client, DefaultPolicy, Rule, Verdict, authorize};
+
+        let text = r#"
+services:
+  api.demo:
+    port: 80
+    policy:
+      default: all-authenticated
+      audit: false
+      authorizations:
+        - identities: ["web.demo.serviceaccount.identity.conduit.local", "*.ops.serviceaccount.identity.conduit.local"]
+        - networks: ["10.0.0.0/8", "127.0.0.1/32"]
+"#;
+        let mesh = parse(text).unwrap();
+        let policy = mesh.service("api.demo").unwrap().profile.policy().unwrap();
+        assert_eq!(policy.default_policy(), DefaultPolicy::AllAuthenticated);
+        assert_eq!(policy.authorizations().len(), 2);
+        let decide = |identity, addr: &str| {
+            authorize(
+                policy,
+                &Client {
+                    identity,
+                    addr: addr.parse().unwrap(),
+                },
+            )
+        };
+        let web = decide(
+            Some("web.demo.serviceaccount.identity.conduit.local"),
+            "192.0.2.1",
+        );
+        assert_eq!(web.rule, Rule::Authorization(0));
+        assert_eq!(decide(None, "10.9.9.9").rule, Rule::Authorization(1));
+        assert_eq!(
+            decide(
+                Some("x.other.serviceaccount.identity.conduit.local"),
+                "192.0.2.1"
+            )
+            .verdict,
+            Verdict::Allow,
+            "all-authenticated"
+        );
+        assert_eq!(decide(None, "192.0.2.1").verdict, Verdict::Deny);
+
+        let cases = [
+            (
+                "services:\n  api.demo:\n    policy: { default: allow }\n",
+                "services.api.demo.policy.default: `allow` is not a default policy",
+            ),
+            (
+                "services:\n  api.demo:\n    policy: { authorizations: [ {} ] }\n",
+                "services.api.demo.policy.authorizations[0]: names neither identities nor networks",
+            ),
+            (
+                "services:\n  api.demo:\n    policy: { authorizations: [ { networks: [10.1.0.0/8] } ] }\n",
+                "services.api.demo.policy.authorizations[0].networks[0]: invalid network `10.1.0.0/8`",
+            ),
+            (
+                "services:\n  api.demo:\n    policy: { authorizations: [ { identities: [\"a.*\"] } ] }\n",
+                "services.api.demo.policy.authorizations[0].identities[0]: invalid identity `a.*`",
+            ),
+            (
+                "services:\n  api.demo:\n    policy: { authorizations: [ { clients: [a] } ] }\n",
+                "services.api.demo.policy.authorizations[0]: unknown field `clients`",
+            ),
+            (
+                "services:\n  api.demo:\n    policy: { audit: maybe }\n",
+                "services.api.demo.policy.audit: invalid type",
             ),
         ];
         for (text, want) in cases {

@@ -176,6 +176,35 @@ fn profiles_are_sent_whole_on_change() {
     );
 }
 
+#[test]
+fn a_policy_edit_alone_is_a_new_profile() {
+    use conduit_core::policy::{DefaultPolicy, ServerPolicy};
+
+    let with_policy = |policy: Option<ServerPolicy>| {
+        ServiceState::Found(Arc::new(Service {
+            name: "api.demo".into(),
+            port: 80,
+            endpoints: vec![],
+            profile: Profile::default().with_policy(policy),
+        }))
+    };
+    let deny = ServerPolicy::try_new(DefaultPolicy::Deny, vec![], false).unwrap();
+    let mut diff = ProfileDiff::new();
+    assert_eq!(
+        diff.handle_state(&with_policy(None))
+            .unwrap()
+            .profile
+            .policy(),
+        None
+    );
+    let second = diff.handle_state(&with_policy(Some(deny.clone()))).unwrap();
+    assert_eq!((second.version, second.profile.policy()), (2, Some(&deny)));
+    assert_eq!(diff.handle_state(&with_policy(Some(deny))), None);
+    // What is sent is what the proxies' conversion reads back.
+    let wire = pb::DestinationProfile::from(second.clone());
+    assert_eq!(ProfileUpdate::try_from(wire).unwrap(), second);
+}
+
 fn arb_endpoint() -> impl Strategy<Value = Endpoint> {
     // Few ports and weights, so successive states overlap and metadata changes are common.
     (

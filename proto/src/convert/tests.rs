@@ -547,6 +547,7 @@ fn retry_policies_convert_with_the_right_budget() {
         ],
         retry_budget: Some(profile_budget),
         circuit_breaker: None,
+        policy: None,
     };
     let update = ProfileUpdate::try_from(wire).unwrap();
     let routes = update.profile.routes();
@@ -825,8 +826,9 @@ fn arb_profile_update() -> impl Strategy<Value = ProfileUpdate> {
         any::<bool>(),
         "[a-z.]{0,20}",
         proptest::collection::vec(arb_route(), 0..6),
+        proptest::option::of(arb_policy()),
     )
-        .prop_map(|(version, exists, name, routes)| {
+        .prop_map(|(version, exists, name, routes, policy)| {
             // Route names are unique within a profile.
             let mut seen = BTreeSet::new();
             let routes = routes
@@ -837,7 +839,7 @@ fn arb_profile_update() -> impl Strategy<Value = ProfileUpdate> {
                 version,
                 exists,
                 name,
-                profile: Profile::try_new(routes).unwrap(),
+                profile: Profile::try_new(routes).unwrap().with_policy(policy),
             }
         })
 }
@@ -1331,6 +1333,282 @@ proptest! {
             prop_assert!(config.max_ejected_per_mille() <= 1000);
             let again = dst::CircuitBreaker::from(&config);
             prop_assert_eq!(breaker_of(again), Ok(config));
+        }
+    }
+}
+
+// === Authorization policy ===
+
+fn profile_with_policy(policy: dst::ServerPolicy) -> dst::DestinationProfile {
+    dst::DestinationProfile {
+        policy: Some(policy),
+        ..pb_profile(vec![])
+    }
+}
+
+fn pb_authorization(identities: &[&str], networks: &[&str]) -> dst::Authorization {
+    dst::Authorization {
+        identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+        networks: networks.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn pb_policy(
+    default: dst::DefaultPolicy,
+    authorizations: Vec<dst::Authorization>,
+) -> dst::ServerPolicy {
+    dst::ServerPolicy {
+        default_policy: default.into(),
+        authorizations,
+        audit: false,
+    }
+}
+
+#[test]
+fn a_policy_converts_and_absent_is_none() {
+    use conduit_core::policy::{Client, Rule, Verdict, authorize};
+
+    let update = ProfileUpdate::try_from(pb_profile(vec![])).unwrap();
+    assert_eq!(update.profile.policy(), None);
+
+    let wire = pb_policy(
+        dst::DefaultPolicy::AllAuthenticated,
+        vec![
+            pb_authorization(
+                &[
+                    "Web.demo.serviceaccount.identity.conduit.local",
+                    "*.ops.serviceaccount.identity.conduit.local",
+                ],
+                &[],
+            ),
+            pb_authorization(&[], &["10.0.0.0/8", "127.0.0.1", "fd00::/8"]),
+        ],
+    );
+    let update = ProfileUpdate::try_from(profile_with_policy(wire)).unwrap();
+    let policy = update.profile.policy().unwrap();
+    assert_eq!(policy.default_policy(), DefaultPolicy::AllAuthenticated);
+    assert!(!policy.audit());
+    assert_eq!(
+        policy.authorizations()[0].identities()[0],
+        IdentityMatch::Exact("web.demo.serviceaccount.identity.conduit.local".into())
+    );
+    let nets: Vec<String> = policy.authorizations()[1]
+        .networks()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "fd00::/8"]);
+    let ops = Client {
+        identity: Some("alice.ops.serviceaccount.identity.conduit.local"),
+        addr: "192.0.2.1".parse().unwrap(),
+    };
+    assert_eq!(authorize(policy, &ops).rule, Rule::Authorization(0));
+    let plaintext = Client {
+        identity: None,
+        addr: "192.0.2.1".parse().unwrap(),
+    };
+    assert_eq!(authorize(policy, &plaintext).verdict, Verdict::Deny);
+
+    // The way back writes what it read, normalised.
+    let again = dst::DestinationProfile::from(update);
+    let again = again.policy.unwrap();
+    assert_eq!(
+        again.default_policy,
+        i32::from(dst::DefaultPolicy::AllAuthenticated)
+    );
+    assert_eq!(
+        again.authorizations[0].identities,
+        [
+            "web.demo.serviceaccount.identity.conduit.local",
+            "*.ops.serviceaccount.identity.conduit.local"
+        ]
+    );
+    assert_eq!(again.authorizations[1].networks, nets);
+}
+
+#[test]
+fn invalid_policies_name_their_field() {
+    let many = |n: usize| vec!["a.demo"; n];
+    let cases = [
+        (
+            dst::ServerPolicy {
+                default_policy: 7,
+                ..dst::ServerPolicy::default()
+            },
+            "policy.default_policy",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&["*"], &[]); MAX_AUTHORIZATIONS + 1],
+            ),
+            "policy.authorizations",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&["*"], &[]), pb_authorization(&[], &[])],
+            ),
+            "policy.authorizations[1]",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&["ok.demo", "a.*.demo"], &[])],
+            ),
+            "policy.authorizations[0].identities[1]",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&["bad_name"], &[])],
+            ),
+            "policy.authorizations[0].identities[0]",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&[], &["10.0.0.0/8", "10.1.0.0/8"])],
+            ),
+            "policy.authorizations[0].networks[1]",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&[], &["::/129"])],
+            ),
+            "policy.authorizations[0].networks[0]",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&many(MAX_IDENTITIES + 1), &[])],
+            ),
+            "policy.authorizations[0].identities",
+        ),
+        (
+            pb_policy(
+                dst::DefaultPolicy::Deny,
+                vec![pb_authorization(&[], &vec!["10.0.0.0/8"; MAX_NETWORKS + 1])],
+            ),
+            "policy.authorizations[0].networks",
+        ),
+    ];
+    for (wire, field) in cases {
+        let err = ProfileUpdate::try_from(profile_with_policy(wire.clone())).unwrap_err();
+        assert_eq!(err.field(), field, "{wire:?}: {err}");
+    }
+    // A huge identity is not echoed whole.
+    let huge = "x".repeat(100_000);
+    let err = ServerPolicy::try_from(pb_policy(
+        dst::DefaultPolicy::Deny,
+        vec![pb_authorization(&[huge.as_str()], &[])],
+    ))
+    .unwrap_err();
+    assert!(err.to_string().len() < 1_000, "{}", err.to_string().len());
+}
+
+fn arb_identity_match() -> impl Strategy<Value = IdentityMatch> {
+    let name = "[a-z][a-z0-9]{0,4}(\\.[a-z][a-z0-9]{0,4}){0,3}";
+    prop_oneof![
+        name.prop_map(IdentityMatch::Exact),
+        name.prop_map(IdentityMatch::Suffix),
+        Just(IdentityMatch::Suffix(String::new())),
+    ]
+}
+
+fn arb_network() -> impl Strategy<Value = Network> {
+    let v4 = (any::<u32>(), 0u8..=32).prop_map(|(bits, len)| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        Network::try_new(IpAddr::V4(Ipv4Addr::from(bits & mask)), len).unwrap()
+    });
+    let v6 = (any::<u128>(), 0u8..=128).prop_map(|(bits, len)| {
+        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        Network::try_new(IpAddr::V6(Ipv6Addr::from(bits & mask)), len).unwrap()
+    });
+    prop_oneof![v4, v6]
+}
+
+fn arb_policy() -> impl Strategy<Value = ServerPolicy> {
+    let authorization = (
+        proptest::collection::vec(arb_identity_match(), 0..3),
+        proptest::collection::vec(arb_network(), 0..3),
+    )
+        .prop_filter("names something", |(i, n)| !i.is_empty() || !n.is_empty())
+        .prop_map(|(i, n)| Authorization::try_new(i, n).unwrap());
+    (
+        prop_oneof![
+            Just(DefaultPolicy::AllUnauthenticated),
+            Just(DefaultPolicy::AllAuthenticated),
+            Just(DefaultPolicy::Deny),
+        ],
+        proptest::collection::vec(authorization, 0..4),
+        any::<bool>(),
+    )
+        .prop_map(|(default, authorizations, audit)| {
+            ServerPolicy::try_new(default, authorizations, audit).unwrap()
+        })
+}
+
+fn arb_pb_policy() -> impl Strategy<Value = dst::ServerPolicy> {
+    let identity = prop_oneof![
+        Just("*".to_owned()),
+        "\\*?\\.?[a-zA-Z0-9*._-]{0,12}",
+        ".{0,8}",
+    ];
+    let network = prop_oneof![
+        "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}(/[0-9]{1,3})?",
+        "[0-9a-f:]{0,12}(/[0-9+-]{0,4})?",
+        ".{0,8}",
+    ];
+    let authorization = (
+        proptest::collection::vec(identity, 0..3),
+        proptest::collection::vec(network, 0..3),
+    )
+        .prop_map(|(identities, networks)| dst::Authorization {
+            identities,
+            networks,
+        });
+    (
+        -1i32..5,
+        proptest::collection::vec(authorization, 0..4),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(default_policy, authorizations, audit)| dst::ServerPolicy {
+                default_policy,
+                authorizations,
+                audit,
+            },
+        )
+}
+
+proptest! {
+    /// core -> wire -> core is the identity for every policy, through bytes too.
+    #[test]
+    fn policies_round_trip(policy in arb_policy()) {
+        let update = ProfileUpdate {
+            version: 1,
+            exists: true,
+            name: "api.demo".into(),
+            profile: Profile::default().with_policy(Some(policy)),
+        };
+        let wire = dst::DestinationProfile::from(update.clone());
+        let decoded = dst::DestinationProfile::decode(wire.encode_to_vec().as_slice()).unwrap();
+        prop_assert_eq!(ProfileUpdate::try_from(decoded).unwrap(), update);
+    }
+
+    /// Arbitrary policies convert or are rejected, never panic; what converts is within the
+    /// bounds and survives the way back to the wire unchanged.
+    #[test]
+    fn garbage_policies_never_panic(wire in arb_pb_policy()) {
+        if let Ok(policy) = ServerPolicy::try_from(wire) {
+            prop_assert!(policy.authorizations().len() <= MAX_AUTHORIZATIONS);
+            for authorization in policy.authorizations() {
+                prop_assert!(!authorization.identities().is_empty() || !authorization.networks().is_empty());
+            }
+            let again = dst::ServerPolicy::from(&policy);
+            prop_assert_eq!(ServerPolicy::try_from(again), Ok(policy));
         }
     }
 }
