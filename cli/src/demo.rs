@@ -23,6 +23,13 @@
 //! Each replica's proxy is told which service it fronts (`CONDUIT_PROXY_SERVICE`), so it
 //! applies that service's profile to the requests it receives and counts them per route.
 //!
+//! The mesh is fully meshed with mTLS: the demo bootstraps the controller's CA in its work
+//! directory (`identity/`), gives every proxy an identity (`<service>.serviceaccount.identity.
+//! conduit.local`) with a bootstrap token in a file of its own, and lists each replica's
+//! identity in the mesh file, so every hop between proxies is mutual TLS with the identity
+//! checked. Each service row shows the share of its requests that arrived over mTLS, as its
+//! replicas' proxies counted them (`tls="true"`).
+//!
 //! On a terminal the live table is redrawn in place every second; otherwise (a pipe, a file)
 //! each refresh is appended as plain lines, without escape codes. The demo prints no colour.
 //!
@@ -48,6 +55,59 @@ use tokio::process::{Child, Command};
 
 use crate::app::{self, AppBehaviour};
 use crate::stat::{self, Counts, Figures, Row};
+
+/// The demo's CA directory and each workload's bootstrap token (a file of its own, 0600, so
+/// no token shows in a process listing's environment).
+struct Identities {
+    dir: PathBuf,
+}
+
+impl Identities {
+    fn bootstrap(dir: &Path) -> anyhow::Result<Self> {
+        use conduit_controller::identity::{CertificateAuthority, IdentityConfig};
+        CertificateAuthority::open(
+            &IdentityConfig::new(dir.to_owned()),
+            conduit_controller::identity::system_wall_clock(),
+        )
+        .context("bootstrapping the demo's certificate authority")?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The proxy environment for the workload `service`: its identity name, its token file and
+    /// the trust anchors.
+    fn env(&self, service: &str) -> anyhow::Result<[(&'static str, String); 3]> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let name = identity_of(service);
+        let token = conduit_controller::identity::issue_token(&self.dir, &name)
+            .with_context(|| format!("issuing a token for {name}"))?;
+        let path = self.dir.join(format!("{service}.token"));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        file.write_all(token.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok([
+            ("CONDUIT_PROXY_IDENTITY_NAME", name),
+            (
+                "CONDUIT_PROXY_IDENTITY_TOKEN_FILE",
+                path.display().to_string(),
+            ),
+            (
+                "CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS",
+                self.dir
+                    .join(conduit_controller::identity::TRUST_ANCHORS_FILE)
+                    .display()
+                    .to_string(),
+            ),
+        ])
+    }
+}
 
 /// How often the table refreshes and the proxies are scraped.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -146,6 +206,9 @@ pub struct ServiceSummary {
     /// Client-side figures (what callers saw through their proxy).
     #[serde(flatten)]
     pub figures: Figures,
+    /// The share of the service's requests that arrived at its replicas over mTLS (`None`
+    /// without requests).
+    pub mtls_share: Option<f64>,
     /// Server-side figures per replica (what each replica's proxy saw inbound).
     pub replicas: Vec<ReplicaSummary>,
 }
@@ -243,12 +306,19 @@ struct ClientProxy {
     admin: SocketAddr,
 }
 
+/// The identity of the workload `service` (a demo service or `load.demo`).
+fn identity_of(service: &str) -> String {
+    format!("{service}.serviceaccount.identity.conduit.local")
+}
+
 fn mesh_file(services: &[DemoService], client: Option<ClientProxy>) -> String {
     let mut yaml = String::from("# Written by `conduit demo`.\nservices:\n");
     if let Some(client) = client {
         yaml.push_str(&format!(
-            "  load.demo:\n    port: {DEMO_PORT}\n    endpoints:\n      - addr: {}\n        admin: {}\n        labels: {{ role: client }}\n",
-            client.inbound, client.admin
+            "  load.demo:\n    port: {DEMO_PORT}\n    endpoints:\n      - addr: {}\n        admin: {}\n        identity: {}\n        labels: {{ role: client }}\n",
+            client.inbound,
+            client.admin,
+            identity_of("load.demo")
         ));
     }
     for service in services {
@@ -258,8 +328,12 @@ fn mesh_file(services: &[DemoService], client: Option<ClientProxy>) -> String {
         ));
         for replica in &service.replicas {
             yaml.push_str(&format!(
-                "      - addr: {}\n        admin: {}\n        labels: {{ replica: \"{}\", role: {} }}\n",
-                replica.inbound, replica.admin, replica.behaviour.replica, replica.role
+                "      - addr: {}\n        admin: {}\n        identity: {}\n        labels: {{ replica: \"{}\", role: {} }}\n",
+                replica.inbound,
+                replica.admin,
+                identity_of(service.name),
+                replica.behaviour.replica,
+                replica.role
             ));
         }
         if !service.profile.is_empty() {
@@ -470,6 +544,8 @@ struct Scrape {
     at: conduit_core::time::Instant,
     services: BTreeMap<String, Counts>,
     replicas: BTreeMap<SocketAddr, Counts>,
+    /// Responses each replica's proxy counted for requests that arrived over mTLS.
+    replicas_mtls: BTreeMap<SocketAddr, u64>,
     /// Endpoints the client proxy's breakers hold ejected now, per service.
     ejected: BTreeMap<String, u64>,
 }
@@ -503,6 +579,7 @@ async fn scrape(
         *ejected.entry(host).or_default() += count;
     }
     let mut replicas = BTreeMap::new();
+    let mut replicas_mtls = BTreeMap::new();
     for service in services {
         for replica in &service.replicas {
             // A replica that cannot be scraped this round shows no traffic for it.
@@ -513,6 +590,21 @@ async fn scrape(
                     replica.inbound,
                     stat::total(&stat::counts_by_authority(&samples, "inbound")),
                 );
+                let mtls: f64 = samples
+                    .iter()
+                    .filter(|s| {
+                        s.name == "response_total"
+                            && s.label("direction") == Some("inbound")
+                            && s.label("tls") == Some("true")
+                    })
+                    .map(|s| s.value)
+                    .sum();
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a counter: a whole number, clamped at zero"
+                )]
+                replicas_mtls.insert(replica.inbound, mtls.max(0.0) as u64);
             }
         }
     }
@@ -520,6 +612,7 @@ async fn scrape(
         at,
         services: by_service,
         replicas,
+        replicas_mtls,
         ejected,
     })
 }
@@ -533,14 +626,14 @@ fn rows(services: &[DemoService], from: &Scrape, to: &Scrape) -> (Vec<Row>, Vec<
         let now = to.services.get(service.name).unwrap_or(&empty);
         let before = from.services.get(service.name).unwrap_or(&empty);
         let figures = Figures::from_counts(&now.since(before), interval);
-        let name = match to.ejected.get(service.name) {
-            Some(n) => format!(
-                "{} ({n} of {} ejected)",
-                service.name,
-                service.replicas.len()
-            ),
-            None => service.name.to_owned(),
-        };
+        let mtls = mtls_share(service, from, to);
+        let mut name = service.name.to_owned();
+        if let Some(share) = mtls {
+            name.push_str(&format!(" (mTLS {:.0}%)", share * 100.0));
+        }
+        if let Some(n) = to.ejected.get(service.name) {
+            name.push_str(&format!(" ({n} of {} ejected)", service.replicas.len()));
+        }
         rows.push(Row {
             name,
             depth: 0,
@@ -571,10 +664,38 @@ fn rows(services: &[DemoService], from: &Scrape, to: &Scrape) -> (Vec<Row>, Vec<
         summaries.push(ServiceSummary {
             name: service.name.to_owned(),
             figures,
+            mtls_share: mtls,
             replicas,
         });
     }
     (rows, summaries)
+}
+
+/// The share of `service`'s responses between two scrapes that its replicas' proxies counted
+/// for requests over mTLS.
+fn mtls_share(service: &DemoService, from: &Scrape, to: &Scrape) -> Option<f64> {
+    let (mut all, mut mtls) = (0u64, 0u64);
+    for replica in &service.replicas {
+        let empty = Counts::default();
+        let now = to.replicas.get(&replica.inbound).unwrap_or(&empty);
+        let before = from.replicas.get(&replica.inbound).unwrap_or(&empty);
+        all += now.since(before).responses;
+        let tls_now = to.replicas_mtls.get(&replica.inbound).copied().unwrap_or(0);
+        let tls_before = from
+            .replicas_mtls
+            .get(&replica.inbound)
+            .copied()
+            .unwrap_or(0);
+        // A restarted proxy's counters start again from zero.
+        mtls += if tls_now >= tls_before {
+            tls_now - tls_before
+        } else {
+            tls_now
+        };
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a share for display")]
+    let share = (all > 0).then(|| (mtls.min(all)) as f64 / all as f64);
+    share
 }
 
 /// The lines above the live table: what runs, and the commands to try in another terminal.
@@ -672,6 +793,10 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         children: Vec::new(),
         logs: work.to_path_buf(),
     };
+    // The CA, bootstrapped here before the controller starts (which then reuses it), so every
+    // proxy's token and the trust anchors exist when the proxies are started.
+    let identity_dir = work.join("identity");
+    let identity = Identities::bootstrap(&identity_dir)?;
     let controller_grpc = free_port()?;
     let controller_admin = free_port()?;
     processes.spawn(
@@ -687,6 +812,10 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
                 "CONDUIT_CONTROLLER_MESH_FILE",
                 mesh_path.display().to_string(),
             ),
+            (
+                "CONDUIT_CONTROLLER_IDENTITY_DIR",
+                identity_dir.display().to_string(),
+            ),
             ("CONDUIT_CONTROLLER_LOG", "warn".to_owned()),
         ],
     )?;
@@ -697,10 +826,14 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     for service in &services {
         for replica in &service.replicas {
             let name = format!("proxy-{}-{}", service.name, replica.behaviour.replica);
+            let [id_name, id_token, id_anchors] = identity.env(service.name)?;
             processes.spawn(
                 &name,
                 &bins.proxy,
                 &[
+                    id_name,
+                    id_token,
+                    id_anchors,
                     ("CONDUIT_PROXY_INBOUND_ADDR", replica.inbound.to_string()),
                     ("CONDUIT_PROXY_OUTBOUND_ADDR", replica.outbound.to_string()),
                     ("CONDUIT_PROXY_ADMIN_ADDR", replica.admin.to_string()),
@@ -720,10 +853,14 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     }
     let client_outbound = free_port()?;
     let client_admin = client.admin;
+    let [id_name, id_token, id_anchors] = identity.env("load.demo")?;
     processes.spawn(
         "proxy-client",
         &bins.proxy,
         &[
+            id_name,
+            id_token,
+            id_anchors,
             ("CONDUIT_PROXY_OUTBOUND_ADDR", client_outbound.to_string()),
             ("CONDUIT_PROXY_INBOUND_ADDR", client.inbound.to_string()),
             ("CONDUIT_PROXY_ADMIN_ADDR", client_admin.to_string()),

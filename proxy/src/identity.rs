@@ -41,6 +41,9 @@ use crate::net::{Net, PeerAddr};
 /// ([`crate::clock::system_unix_time`]), the simulated one in the simulation.
 pub type WallClock = fn() -> UnixTime;
 
+/// How often the trust anchors file is checked for a new bundle (anchor rotation).
+const ANCHORS_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long one certify request may take before it counts as failed.
 const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -195,9 +198,11 @@ pub struct LocalIdentity {
     public_key: Vec<u8>,
     key: Arc<dyn SigningKey>,
     slot: Arc<Slot>,
-    verifier: Arc<WebPkiServerVerifier>,
-    client: Arc<ClientConfig>,
-    server: Arc<ServerConfig>,
+    provider: Arc<CryptoProvider>,
+    /// The configurations on the anchors in force, replaced whole when the anchors change.
+    tls: RwLock<Arc<Tls>>,
+    /// The anchors file (when loaded from one) and the bytes last read from it.
+    anchors: RwLock<(Option<PathBuf>, Vec<u8>)>,
     wall: WallClock,
     certified: watch::Sender<bool>,
 }
@@ -234,7 +239,13 @@ impl LocalIdentity {
                 .trim()
                 .to_owned(),
         };
-        Self::new(&settings.name, token.as_bytes(), &pem, wall)
+        let identity = Self::new(&settings.name, token.as_bytes(), &pem, wall)?;
+        identity
+            .anchors
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0 = Some(settings.trust_anchors.clone());
+        Ok(identity)
     }
 
     /// Generates a P-256 key and a CSR for `name`, and builds the TLS configurations that trust
@@ -278,26 +289,7 @@ impl LocalIdentity {
             current: RwLock::new(None),
             wall: Some(wall),
         });
-        let time = Arc::new(SeamTime(wall));
-        let tls = |err: rustls::Error| IdentityError::Tls(err.to_string());
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
-                .build()
-                .map_err(|err| IdentityError::Tls(err.to_string()))?;
-        let client = ClientConfig::builder_with_details(Arc::clone(&provider), time.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls)?
-            .with_webpki_verifier(Arc::clone(&verifier))
-            .with_client_cert_resolver(Arc::clone(&slot) as _);
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
-                .build()
-                .map_err(|err| IdentityError::Tls(err.to_string()))?;
-        let server = ServerConfig::builder_with_details(provider, time)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls)?
-            .with_client_cert_verifier(client_verifier)
-            .with_cert_resolver(Arc::clone(&slot) as _);
+        let tls = Tls::build(roots, &provider, &slot, wall)?;
         Ok(Self {
             name: Arc::from(name),
             server_name,
@@ -306,12 +298,64 @@ impl LocalIdentity {
             public_key: key_pair.public_key_raw().to_vec(),
             key,
             slot,
-            verifier,
-            client: Arc::new(client),
-            server: Arc::new(server),
+            provider,
+            tls: RwLock::new(Arc::new(tls)),
+            anchors: RwLock::new((None, anchors_pem.to_vec())),
             wall,
             certified: watch::Sender::new(false),
         })
+    }
+
+    /// Re-reads the trust anchors file (for a proxy made by [`Self::load`]) and, when it
+    /// changed and parses, trusts the new bundle from the next connection on (connections
+    /// already open keep theirs). A garbled new file is logged and the anchors in force stay.
+    /// Returns whether the anchors changed.
+    pub fn reload_anchors(&self) -> bool {
+        let (path, last) = {
+            let anchors = self
+                .anchors
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &anchors.0 {
+                Some(path) => (path.clone(), anchors.1.clone()),
+                None => return false,
+            }
+        };
+        let pem = match std::fs::read(&path) {
+            Ok(pem) => pem,
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot read the trust anchors; keeping those in force");
+                return false;
+            }
+        };
+        if pem == last {
+            return false;
+        }
+        let rebuilt = parse_anchors(&pem)
+            .and_then(|roots| Tls::build(Arc::new(roots), &self.provider, &self.slot, self.wall));
+        match rebuilt {
+            Ok(tls) => {
+                *self
+                    .tls
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tls);
+                self.anchors
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .1 = pem;
+                tracing::info!(path = %path.display(), "trust anchors reloaded");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "new trust anchors rejected; keeping those in force");
+                // Not reported again until the file changes once more.
+                self.anchors
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .1 = pem;
+                false
+            }
+        }
     }
 
     /// The identity's name.
@@ -343,12 +387,21 @@ impl LocalIdentity {
         let _ = rx.wait_for(|c| *c).await;
     }
 
-    pub(crate) fn client_config(&self) -> &Arc<ClientConfig> {
-        &self.client
+    fn tls(&self) -> Arc<Tls> {
+        Arc::clone(
+            &self
+                .tls
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
-    pub(crate) fn server_config(&self) -> &Arc<ServerConfig> {
-        &self.server
+    pub(crate) fn client_config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.tls().client)
+    }
+
+    pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.tls().server)
     }
 
     /// Checks a certificate from the CA (it must verify for this identity against the anchors,
@@ -366,7 +419,8 @@ impl LocalIdentity {
         let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
             (self.wall)().as_secs(),
         ));
-        self.verifier
+        self.tls()
+            .verifier
             .verify_server_cert(&leaf, &intermediates, &self.server_name, &[], now)
             .map_err(|err| InstallError::Untrusted {
                 name: self.name.to_string(),
@@ -421,9 +475,15 @@ impl LocalIdentity {
         };
         let mut client = IdentityClient::new(endpoint.connect_with_connector_lazy(connector));
         let mut refresh = Refresh::new(RefreshConfig::default(), clock.now());
+        let mut anchors = tokio::time::interval(ANCHORS_POLL_INTERVAL);
+        anchors.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = clock.sleep_until(refresh.poll_timeout()) => {}
+                _ = anchors.tick() => {
+                    self.reload_anchors();
+                    continue;
+                }
                 () = drain.signaled() => return,
             }
             let request = CertifyRequest {
@@ -466,6 +526,48 @@ impl LocalIdentity {
                 "certify failed"
             );
         }
+    }
+}
+
+/// The TLS configurations on one set of trust anchors.
+struct Tls {
+    verifier: Arc<WebPkiServerVerifier>,
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+}
+
+impl Tls {
+    fn build(
+        roots: Arc<RootCertStore>,
+        provider: &Arc<CryptoProvider>,
+        slot: &Arc<Slot>,
+        wall: WallClock,
+    ) -> Result<Self, IdentityError> {
+        let time = Arc::new(SeamTime(wall));
+        let tls = |err: rustls::Error| IdentityError::Tls(err.to_string());
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(provider))
+                .build()
+                .map_err(|err| IdentityError::Tls(err.to_string()))?;
+        let client = ClientConfig::builder_with_details(Arc::clone(provider), time.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls)?
+            .with_webpki_verifier(Arc::clone(&verifier))
+            .with_client_cert_resolver(Arc::clone(slot) as _);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(provider))
+                .build()
+                .map_err(|err| IdentityError::Tls(err.to_string()))?;
+        let server = ServerConfig::builder_with_details(Arc::clone(provider), time)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls)?
+            .with_client_cert_verifier(client_verifier)
+            .with_cert_resolver(Arc::clone(slot) as _);
+        Ok(Self {
+            verifier,
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
     }
 }
 
@@ -580,8 +682,8 @@ mod tests {
         expect: &str,
     ) -> Result<Option<String>, String> {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let connector = tokio_rustls::TlsConnector::from(Arc::clone(client.client_config()));
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(server.server_config()));
+        let connector = tokio_rustls::TlsConnector::from(client.client_config());
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config());
         let name = ServerName::try_from(expect.to_owned()).unwrap();
         let (connected, accepted) = tokio::join!(connector.connect(name, a), acceptor.accept(b));
         let accepted = accepted.map_err(|e| e.to_string());
@@ -667,6 +769,40 @@ mod tests {
         // Garbage.
         assert!(web.install(b"not a certificate".to_vec(), vec![]).is_err());
         assert!(!web.is_certified(), "nothing was installed");
+    }
+
+    #[tokio::test]
+    async fn a_new_anchor_bundle_is_trusted_after_a_reload_and_a_garbled_one_is_not() {
+        let old = ca();
+        let new = ca();
+        let dir = std::env::temp_dir().join(format!("conduit-anchors-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("trust-anchors.pem");
+        std::fs::write(&path, &old.pem).unwrap();
+        let settings = IdentitySettings {
+            name: "web.a".into(),
+            token: TokenSource::Value("t".into()),
+            trust_anchors: path.clone(),
+        };
+        let web = LocalIdentity::load(&settings, now).unwrap();
+        let leaf = sign(&old, &web, 1_799_990_000, 1_800_086_400);
+        web.install(leaf, vec![]).unwrap();
+        // A peer that already trusts both anchors, whose certificate comes from the new one.
+        let bundle = format!("{}{}", old.pem, new.pem);
+        let api = LocalIdentity::new("api.a", b"t", bundle.as_bytes(), now).unwrap();
+        api.install(sign(&new, &api, 1_799_990_000, 1_800_086_400), vec![])
+            .unwrap();
+        assert!(handshake(&web, &api, "api.a").await.is_err());
+        assert!(!web.reload_anchors(), "unchanged file");
+        // Step 1 of an anchor rotation: the bundle holds both anchors.
+        std::fs::write(&path, &bundle).unwrap();
+        assert!(web.reload_anchors());
+        assert!(handshake(&web, &api, "api.a").await.is_ok());
+        // A garbled bundle is refused and the one in force stays.
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+        assert!(!web.reload_anchors());
+        assert!(handshake(&web, &api, "api.a").await.is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

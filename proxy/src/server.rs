@@ -2,7 +2,7 @@
 //! engine, HTTP/2 through hyper (both through the one request path), or opaque TCP forwarding.
 //! Shared by the inbound and outbound listeners, which choose the target and the TLS seam.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,7 +121,8 @@ pub(crate) async fn accept_loop<N: Net>(
         let guard = ctx.cx.metrics.connection(ctx.direction(), Peer::Src);
         let conn = Parked::new(CountingIo::new(io, guard), ctx.cx.clock.now());
         tokio::spawn(
-            serve_connection(conn, Arc::clone(&ctx), drain.clone(), permit).instrument(span),
+            serve_connection(conn, peer.ip(), Arc::clone(&ctx), drain.clone(), permit)
+                .instrument(span),
         );
     }
     tracing::debug!(direction, "listener closed for drain");
@@ -131,6 +132,7 @@ pub(crate) async fn accept_loop<N: Net>(
 // the locals they are moved into), and every idle connection pays for the task's size.
 fn serve_connection<N: Net>(
     conn: Parked<CountingIo<N::Io>>,
+    peer: IpAddr,
     ctx: Arc<ServeContext<N>>,
     drain: Drain,
     permit: OwnedSemaphorePermit,
@@ -147,6 +149,17 @@ fn serve_connection<N: Net>(
             None => return,
         };
         let Some(detected) = detected else { return };
+        // TLS is authorized once terminated (its client's identity is known then), or as the
+        // opaque connection it is when passed through.
+        let http = matches!(detected, Detected::Http1 | Detected::Http2);
+        if detected != Detected::Tls
+            && let Err(denied) = authorize(&ctx, None, peer, http)
+        {
+            if let Some(Parked { io, buf, .. }) = conn.take() {
+                Box::pin(refuse(io, buf.freeze(), detected, denied, &ctx)).await;
+            }
+            return;
+        }
         match detected {
             Detected::Http1 => {
                 crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, drain).await;
@@ -159,7 +172,7 @@ fn serve_connection<N: Net>(
             }
             Detected::Tls => {
                 if let Some(Parked { io, buf, .. }) = conn.take() {
-                    Box::pin(serve_tls(io, buf.freeze(), &ctx, drain)).await;
+                    Box::pin(serve_tls(io, buf.freeze(), peer, &ctx, drain)).await;
                 }
             }
             Detected::Opaque => {
@@ -169,6 +182,87 @@ fn serve_connection<N: Net>(
             }
         }
         drop(permit);
+    }
+}
+
+/// Authorizes an inbound connection against the local service's policy (outbound connections
+/// are the local app's own and always allowed), counting the decision.
+fn authorize<N: Net>(
+    ctx: &ServeContext<N>,
+    client: Option<&str>,
+    peer: IpAddr,
+    http: bool,
+) -> Result<(), ProxyError> {
+    use conduit_core::policy::{Client, Verdict};
+    if ctx.direction() != Direction::Inbound {
+        return Ok(());
+    }
+    let Some(policy) = ctx.cx.local_policy() else {
+        ctx.cx.metrics.authorized(http, Verdict::Allow);
+        return Ok(());
+    };
+    let decision = conduit_core::policy::authorize(
+        &policy,
+        &Client {
+            identity: client,
+            addr: peer,
+        },
+    );
+    ctx.cx.metrics.authorized(http, decision.verdict);
+    let who = client.map_or_else(
+        || format!("a client without identity at {peer}"),
+        |id| format!("{id} at {peer}"),
+    );
+    match decision.verdict {
+        Verdict::Allow => Ok(()),
+        Verdict::AuditDeny => {
+            tracing::info!(client = %who, rule = %decision.rule, "the policy would deny this connection (audit only)");
+            Ok(())
+        }
+        Verdict::Deny => {
+            tracing::info!(client = %who, rule = %decision.rule, "connection denied by policy");
+            Err(ProxyError::Forbidden {
+                reason: format!("{who} is not authorized ({})", decision.rule),
+            })
+        }
+    }
+}
+
+/// Refuses a connection the policy denied: HTTP/1 gets one 403 and the connection closes,
+/// HTTP/2 gets 403 (gRPC `PERMISSION_DENIED`) on every stream until the client goes or the
+/// idle timeout, opaque TCP is closed. The app never sees any of it.
+async fn refuse<N: Net, I: Io>(
+    io: I,
+    prefix: Bytes,
+    detected: Detected,
+    denied: ProxyError,
+    ctx: &ServeContext<N>,
+) {
+    match detected {
+        Detected::Http1 => {
+            let mut io = io;
+            reject(&mut io, &denied).await;
+        }
+        Detected::Http2 => {
+            let denied = Arc::new(denied);
+            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let grpc = request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                let response = denied.to_response(grpc, false);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(ctx.limits.max_concurrent_streams)
+                .auto_date_header(false);
+            let io = TokioIo::new(PrefixedIo::new(prefix, io));
+            let connection = builder.serve_connection(io, service);
+            let _ = tokio::time::timeout(ctx.limits.idle_timeout, connection).await;
+        }
+        Detected::Tls | Detected::Opaque => drop(io),
     }
 }
 
@@ -203,6 +297,7 @@ async fn detect_or_reject<I: Io>(parked: &mut Parked<I>, limits: &Limits) -> Opt
 async fn serve_tls<N: Net, I: Io>(
     io: I,
     hello: Bytes,
+    peer: IpAddr,
     ctx: &Arc<ServeContext<N>>,
     mut drain: Drain,
 ) {
@@ -220,10 +315,14 @@ async fn serve_tls<N: Net, I: Io>(
             sni = sni.as_deref().unwrap_or(""),
             "TLS for another name; passing it through"
         );
+        if let Err(denied) = authorize(ctx, None, peer, false) {
+            tracing::debug!(error = %denied, "closing");
+            return;
+        }
         forward_opaque(io, hello, ctx).await;
         return;
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(identity.server_config()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config());
     let timeout = ctx.limits.detect_timeout;
     let handshake = acceptor.accept(PrefixedIo::new(hello, io));
     let tls = tokio::select! {
@@ -255,6 +354,15 @@ async fn serve_tls<N: Net, I: Io>(
         Some(parked) => detect_or_reject(parked, &ctx.limits).await,
         None => return,
     };
+    if let Some(detected) = detected {
+        let http = matches!(detected, Detected::Http1 | Detected::Http2);
+        if let Err(denied) = authorize(ctx, client.as_deref(), peer, http) {
+            if let Some(Parked { io, buf, .. }) = conn.take() {
+                refuse(io, buf.freeze(), detected, denied, ctx).await;
+            }
+            return;
+        }
+    }
     match detected {
         None => {}
         Some(Detected::Http1) => {

@@ -632,6 +632,7 @@ impl<'a> World<'a> {
                     endpoints,
                     profile: self.profiles.get(authority).cloned(),
                     breaker: self.breakers.get(authority).cloned(),
+                    policy: None,
                 },
             );
         }

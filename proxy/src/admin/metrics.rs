@@ -486,6 +486,9 @@ pub struct Metrics {
     tcp: [Arc<TcpMetrics>; 4],
     /// Open connections per `tcp_index`, as a gauge.
     open: [Arc<AtomicU64>; 4],
+    /// Inbound authorization decisions, per connection: HTTP then opaque TCP, each by
+    /// verdict (allow, deny, audit_deny).
+    authz: [[AtomicU64; 3]; 2],
 }
 
 const fn tcp_index(direction: Direction, peer: Peer) -> usize {
@@ -530,6 +533,7 @@ impl Metrics {
             settings,
             tcp: Default::default(),
             open: Default::default(),
+            authz: Default::default(),
         }
     }
 
@@ -539,6 +543,18 @@ impl Metrics {
         self.registry
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts an inbound authorization decision for a connection (`http`: it speaks HTTP,
+    /// else opaque TCP).
+    pub fn authorized(&self, http: bool, verdict: conduit_core::policy::Verdict) {
+        use conduit_core::policy::Verdict;
+        let i = match verdict {
+            Verdict::Allow => 0,
+            Verdict::Deny => 1,
+            Verdict::AuditDeny => 2,
+        };
+        self.authz[usize::from(!http)][i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a new TCP connection; the guard settles it when dropped.
@@ -636,8 +652,26 @@ impl Metrics {
         };
         render_registry(&series, &mut out);
         self.render_tcp(&mut out);
+        self.render_authz(&mut out);
         out.push_str(process);
         out
+    }
+
+    /// Linkerd's inbound policy families (`inbound_{http,tcp}_authz_{allow,deny}_total`), plus
+    /// `..._audit_deny_total` for connections an audit-mode policy let through that it would
+    /// have refused. Counted per connection: the decision rests on the connection's identity
+    /// and address.
+    fn render_authz(&self, out: &mut String) {
+        for (p, protocol) in ["http", "tcp"].iter().enumerate() {
+            for (v, verdict) in ["allow", "deny", "audit_deny"].iter().enumerate() {
+                let name = format!("inbound_{protocol}_authz_{verdict}_total");
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} Inbound {protocol} connections the authorization policy decided {verdict}.\n# TYPE {name} counter\n{name} {}",
+                    self.authz[p][v].load(Ordering::Relaxed)
+                );
+            }
+        }
     }
 
     fn render_tcp(&self, out: &mut String) {

@@ -30,6 +30,7 @@ mod grpc {
     pub(super) const INVALID_ARGUMENT: u32 = 3;
     pub(super) const DEADLINE_EXCEEDED: u32 = 4;
     pub(super) const NOT_FOUND: u32 = 5;
+    pub(super) const PERMISSION_DENIED: u32 = 7;
     pub(super) const RESOURCE_EXHAUSTED: u32 = 8;
     pub(super) const UNIMPLEMENTED: u32 = 12;
     pub(super) const UNAVAILABLE: u32 = 14;
@@ -78,6 +79,12 @@ pub enum ProxyError {
         /// The identity it must prove.
         identity: String,
         /// What failed.
+        reason: String,
+    },
+    /// The local service's authorization policy refuses the client (inbound).
+    #[error("unauthorized: {reason}")]
+    Forbidden {
+        /// Who was refused, and by which rule.
         reason: String,
     },
     /// The destination is not meshed and the proxy is configured to refuse unmeshed
@@ -195,6 +202,8 @@ impl ProxyError {
             | Self::Unmeshed { .. }
             | Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true),
             Self::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
+            // The decision is the connection's (its identity and address): it closes.
+            Self::Forbidden { .. } => (StatusCode::FORBIDDEN, grpc::PERMISSION_DENIED, true),
             Self::ClientClosed => (CLIENT_CLOSED, grpc::CANCELLED, true),
             Self::Malformed { .. } => (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT, true),
             // The body cannot be read, so the connection closes after the answer.
@@ -389,6 +398,15 @@ mod tests {
             ProxyError::HeadersTooLarge { limit: 65536 },
             ProxyError::Unavailable {
                 reason: "shutting down".into(),
+            },
+            ProxyError::Identity {
+                addr,
+                identity: "web.default.serviceaccount.identity.conduit.local".into(),
+                reason: "invalid peer certificate: certificate expired".into(),
+            },
+            ProxyError::Unmeshed { addr },
+            ProxyError::Forbidden {
+                reason: "client without identity from 10.0.0.9 (default(all-authenticated))".into(),
             },
         ]
     }

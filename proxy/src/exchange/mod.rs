@@ -248,6 +248,8 @@ pub(crate) enum Target {
 pub(crate) struct LocalService {
     label: Arc<str>,
     profile: Arc<Profile>,
+    /// Who may call the service (its `policy`), when it has one.
+    policy: Option<Arc<conduit_core::policy::ServerPolicy>>,
 }
 
 /// One direction's request path: where requests go and where they are counted.
@@ -280,6 +282,18 @@ impl Context {
         }
     }
 
+    /// The authorization policy of the local service (inbound), as discovery last described
+    /// it; `None` when it has none (everyone is allowed).
+    pub(crate) fn local_policy(&self) -> Option<Arc<conduit_core::policy::ServerPolicy>> {
+        match &self.target {
+            Target::Local {
+                service: Some(service),
+                ..
+            } => service.borrow().as_ref()?.policy.clone(),
+            _ => None,
+        }
+    }
+
     /// The same request path for requests that arrive over mTLS.
     pub(crate) fn for_tls(&self) -> Self {
         Self {
@@ -304,6 +318,7 @@ impl Context {
                 Resolution::Service { service, .. } => Some(Arc::new(LocalService {
                     label: Arc::from(format!("{}:{}", service.name, service.port)),
                     profile: Arc::new(service.profile.clone()),
+                    policy: service.profile.policy().cloned().map(Arc::new),
                 })),
                 Resolution::Unknown | Resolution::NotFound => None,
             }

@@ -131,7 +131,7 @@ impl<N: Net> Pools<N> {
                 tracing::debug!(endpoint = %addr, "connected");
                 return Ok(UpstreamIo::Plain(io));
             };
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(local.client_config()));
+            let connector = tokio_rustls::TlsConnector::from(local.client_config());
             match connector.connect(name, io).await {
                 Ok(tls) => {
                     tracing::debug!(endpoint = %addr, %identity, "connected over mTLS");
