@@ -337,6 +337,7 @@ pub async fn checks(controller: SocketAddr, admin: SocketAddr) -> Vec<Check> {
         what: format!("controller is ready ({admin}/ready)"),
         outcome: probe(admin).await,
     });
+    checks.extend(ca_checks(admin).await);
     for workload in workloads.unwrap_or_default() {
         for endpoint in &workload.endpoints {
             let addr = endpoint
@@ -359,9 +360,193 @@ pub async fn checks(controller: SocketAddr, admin: SocketAddr) -> Vec<Check> {
                 what: format!("proxy for {name} is ready"),
                 outcome,
             });
+            if let Some(admin) = admin
+                && !endpoint.identity.is_empty()
+            {
+                checks.push(Check {
+                    what: format!("proxy for {name} holds a certificate"),
+                    outcome: certificate_check(admin, &endpoint.identity).await,
+                });
+            }
         }
     }
     checks
+}
+
+/// The wall clock, for certificate dates.
+fn now() -> u64 {
+    conduit_proxy::clock::system_unix_time().as_secs()
+}
+
+/// `2026-12-02 10:28:06 UTC` for seconds since the Unix epoch.
+#[must_use]
+pub fn utc(secs: u64) -> String {
+    // Days to a civil date (Howard Hinnant's `civil_from_days`, proleptic Gregorian).
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `in 16h 59m` or `3h 2m ago` from now to `at`.
+fn relative(at: u64, now: u64) -> String {
+    let span = |secs: u64| {
+        if secs >= 2 * 86_400 {
+            format!("{}d", secs / 86_400)
+        } else {
+            format!("{}h {}m", secs / 3600, secs % 3600 / 60)
+        }
+    };
+    if at >= now {
+        format!("in {}", span(at - now))
+    } else {
+        format!("{} ago", span(now - at))
+    }
+}
+
+/// The value of the first sample named `name` in a scrape.
+fn gauge(samples: &[conduit_proto::prom::Sample], name: &str) -> Option<u64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && s.value.is_finite() && s.value >= 0.0)
+        .map(|s| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a timestamp in whole seconds, checked finite and positive"
+            )]
+            let v = s.value as u64;
+            v
+        })
+}
+
+async fn scrape(admin: SocketAddr) -> Result<Vec<conduit_proto::prom::Sample>, String> {
+    match crate::demo::http_get(admin, "/metrics").await {
+        Ok((200, text)) => conduit_proto::prom::parse(&text).map_err(|e| format!("{e:#}")),
+        Ok((status, _)) => Err(format!("/metrics answered {status}")),
+        Err(error) => Err(format!("{error:#}")),
+    }
+}
+
+/// The controller's CA: its trust anchors' and issuer's validity, from its metrics.
+async fn ca_checks(admin: SocketAddr) -> Vec<Check> {
+    let samples = match scrape(admin).await {
+        Ok(samples) => samples,
+        Err(reason) => {
+            return vec![Check {
+                what: "identity: the controller's CA".into(),
+                outcome: Err(reason),
+            }];
+        }
+    };
+    let now = now();
+    let mut checks = Vec::new();
+    for (what, name) in [
+        (
+            "identity: trust anchors are valid",
+            "conduit_controller_identity_trust_anchor_expiry_timestamp_seconds",
+        ),
+        (
+            "identity: the issuer is valid",
+            "conduit_controller_identity_issuer_expiry_timestamp_seconds",
+        ),
+    ] {
+        let outcome = match gauge(&samples, name) {
+            None => Ok("no certificate authority configured".to_owned()),
+            Some(until) if until <= now => Err(format!(
+                "expired at {} ({})",
+                utc(until),
+                relative(until, now)
+            )),
+            Some(until) => Ok(format!("until {} ({})", utc(until), relative(until, now))),
+        };
+        checks.push(Check {
+            what: what.into(),
+            outcome,
+        });
+    }
+    checks
+}
+
+/// A proxy's certificate for `identity`: held, for that identity, and not expired.
+async fn certificate_check(admin: SocketAddr, identity: &str) -> Result<String, String> {
+    let samples = scrape(admin).await?;
+    let certified = samples
+        .iter()
+        .find(|s| s.name == "identity_certified")
+        .ok_or("the proxy has no identity configured, but the mesh says it is meshed")?;
+    let name = certified.label("identity").unwrap_or_default();
+    if name != identity {
+        return Err(format!("the proxy is `{name}`, the mesh says `{identity}`"));
+    }
+    let now = now();
+    match gauge(&samples, "identity_cert_expiry_timestamp_seconds") {
+        None => Err("no certificate yet".into()),
+        Some(until) if until <= now || certified.value < 1.0 => Err(format!(
+            "its certificate expired at {} ({})",
+            utc(until),
+            relative(until, now)
+        )),
+        Some(until) => Ok(format!(
+            "valid until {} ({})",
+            utc(until),
+            relative(until, now)
+        )),
+    }
+}
+
+/// `conduit identity show`: a proxy's identity and its certificate's dates.
+///
+/// # Errors
+///
+/// The proxy's admin server cannot be read, or the proxy has no identity.
+pub async fn identity_show(admin: SocketAddr) -> anyhow::Result<String> {
+    let samples = scrape(admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("{admin}: {e}"))?;
+    let certified = samples
+        .iter()
+        .find(|s| s.name == "identity_certified")
+        .ok_or_else(|| anyhow::anyhow!("the proxy at {admin} has no identity configured"))?;
+    let name = certified.label("identity").unwrap_or_default();
+    let now = now();
+    let mut out = format!("identity:     {name}\n");
+    match (
+        gauge(&samples, "identity_cert_not_before_timestamp_seconds"),
+        gauge(&samples, "identity_cert_expiry_timestamp_seconds"),
+    ) {
+        (Some(from), Some(until)) => {
+            let state = if certified.value >= 1.0 && until > now {
+                "valid"
+            } else {
+                "EXPIRED"
+            };
+            out.push_str(&format!(
+                "certificate:  {state}\nnot before:   {} ({})\nnot after:    {} ({})\n",
+                utc(from),
+                relative(from, now),
+                utc(until),
+                relative(until, now)
+            ));
+        }
+        _ => {
+            out.push_str("certificate:  none yet (the proxy is waiting for the controller's CA)\n")
+        }
+    }
+    Ok(out)
 }
 
 async fn probe(admin: SocketAddr) -> Result<String, String> {
@@ -403,6 +588,15 @@ pub fn render_checks(checks: &[Check]) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_print_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_796_293_686), "2026-12-03 10:28:06 UTC");
+        assert_eq!(relative(100 + 3 * 86_400, 100), "in 3d");
+        assert_eq!(relative(100, 100 + 3_720), "1h 2m ago");
+    }
 
     fn response() -> RouteSummaryResponse {
         let row = |route: &str, ok: u64, failed: u64, rps_milli: u64, p50: Option<u64>| RouteRow {

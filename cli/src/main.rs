@@ -147,6 +147,11 @@ enum IdentityCommand {
         #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_DIR")]
         identity_dir: PathBuf,
     },
+    /// Show a proxy's identity and its certificate's dates, read from its admin server.
+    Show {
+        /// The proxy's admin address (`/metrics`).
+        admin: SocketAddr,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -292,6 +297,11 @@ fn main() -> ExitCode {
             Command::Identity(IdentityCommand::Token { name, identity_dir }) => {
                 let token = conduit_controller::identity::issue_token(&identity_dir, &name)?;
                 println!("{token}");
+                Ok(())
+            }
+            Command::Identity(IdentityCommand::Show { admin }) => {
+                let shown = conduit_cli::control::identity_show(admin).await?;
+                print!("{shown}");
                 Ok(())
             }
             Command::Sim(args) => sim::run(args),

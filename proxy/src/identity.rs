@@ -127,6 +127,7 @@ pub(crate) enum InstallError {
 /// The certificate held, with the end of its validity.
 struct Current {
     key: Arc<CertifiedKey>,
+    valid_from: UnixTime,
     valid_until: UnixTime,
 }
 
@@ -375,6 +376,36 @@ impl LocalIdentity {
             .map(|c| c.valid_until)
     }
 
+    /// Appends the identity's metrics (Prometheus text): `identity_certified{identity}` (1
+    /// while a valid certificate is held) and, once one was received, its validity as
+    /// `identity_cert_not_before_timestamp_seconds` and
+    /// `identity_cert_expiry_timestamp_seconds` (what `conduit check` and `conduit identity
+    /// show` read).
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let name = crate::admin::metrics::escape(&self.name);
+        let _ = writeln!(
+            out,
+            "# HELP identity_certified Whether the proxy holds a valid certificate for its identity.\n# TYPE identity_certified gauge\nidentity_certified{{identity=\"{name}\"}} {}",
+            u8::from(self.is_certified())
+        );
+        let validity = self
+            .slot
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|c| (c.valid_from, c.valid_until));
+        if let Some((from, until)) = validity {
+            let _ = writeln!(
+                out,
+                "# HELP identity_cert_not_before_timestamp_seconds The start of the held certificate's validity.\n# TYPE identity_cert_not_before_timestamp_seconds gauge\nidentity_cert_not_before_timestamp_seconds{{identity=\"{name}\"}} {}\n# HELP identity_cert_expiry_timestamp_seconds The end of the held certificate's validity.\n# TYPE identity_cert_expiry_timestamp_seconds gauge\nidentity_cert_expiry_timestamp_seconds{{identity=\"{name}\"}} {}",
+                from.as_secs(),
+                until.as_secs()
+            );
+        }
+    }
+
     /// Whether a valid certificate is held now.
     #[must_use]
     pub fn is_certified(&self) -> bool {
@@ -433,6 +464,8 @@ impl LocalIdentity {
         }
         let not_after = cert.validity().not_after.timestamp();
         let valid_until = UnixTime::from_secs(u64::try_from(not_after).unwrap_or(0));
+        let not_before = cert.validity().not_before.timestamp();
+        let valid_from = UnixTime::from_secs(u64::try_from(not_before).unwrap_or(0));
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(leaf);
         chain.extend(intermediates);
@@ -441,8 +474,11 @@ impl LocalIdentity {
             .slot
             .current
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(Current { key, valid_until });
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Current {
+            key,
+            valid_from,
+            valid_until,
+        });
         self.certified.send_replace(true);
         Ok(valid_until)
     }

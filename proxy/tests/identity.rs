@@ -239,6 +239,7 @@ async fn meshed_traffic_is_mtls_and_an_unidentified_proxy_never_reaches_the_app(
         let reason = response.headers()[PROXY_ERROR_HEADER].to_str().unwrap().to_owned();
         assert!(reason.contains("no identity"), "{reason}");
         assert_eq!(seen.load(Ordering::Relaxed), before, "the app saw nothing");
+        let _ = std::fs::remove_dir_all(&work);
     })
     .await;
 }
@@ -318,6 +319,7 @@ async fn outside_tls_clients_need_a_mesh_certificate_and_other_names_pass_throug
         let mut echoed = vec![0; hello.len()];
         tcp.read_exact(&mut echoed).await.unwrap();
         assert_eq!(echoed, hello);
+        let _ = std::fs::remove_dir_all(&work);
     })
     .await;
 }
@@ -447,6 +449,7 @@ async fn the_policy_admits_listed_identities_denies_others_with_403_and_audits()
             counter(&metrics, "inbound_http_authz_audit_deny_total") >= 1,
             "{metrics}"
         );
+        let _ = std::fs::remove_dir_all(&work);
     })
     .await;
 }

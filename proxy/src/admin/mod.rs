@@ -81,6 +81,9 @@ impl Admin {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let mut extra = process::render();
+                if let Some(identity) = &self.identity {
+                    identity.render_metrics(&mut extra);
+                }
                 self.router.render_metrics(&mut extra);
                 self.discovery.render_metrics(&mut extra);
                 let text = self.metrics.render(&extra);
