@@ -329,10 +329,13 @@ async fn serve_tls<N: Net, I: Io>(
         accepted = tokio::time::timeout(timeout, handshake) => match accepted {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => {
-                tracing::info!(error = %err, "inbound mTLS handshake failed");
+                let reason = crate::admin::metrics::tls_failure_reason(&err);
+                ctx.cx.metrics.tls_handshake_failed(Direction::Inbound, reason);
+                tracing::info!(error = %err, reason, "inbound mTLS handshake failed");
                 return;
             }
             Err(_) => {
+                ctx.cx.metrics.tls_handshake_failed(Direction::Inbound, "timeout");
                 tracing::info!(?timeout, "inbound TLS handshake not finished in time; closing");
                 return;
             }

@@ -270,6 +270,7 @@ async fn outside_tls_clients_need_a_mesh_certificate_and_other_names_pass_throug
         });
         let mut config = proxy_config(controller, Some((WEB_ID, &identity_dir)));
         config.app_addr = Some(app);
+        config.limits.detect_timeout = Duration::from_millis(300);
         let (server, _stop) = Bound::new(config).await.serve();
         wait_ready(server.admin).await;
         let inbound = server.inbound.unwrap();
@@ -300,6 +301,45 @@ async fn outside_tls_clients_need_a_mesh_certificate_and_other_names_pass_throug
             }
         };
         assert!(refused, "a client without a certificate was served");
+        loop {
+            let metrics = scrape(server.admin).await;
+            if counter(
+                &metrics,
+                "tls_handshake_failures_total{direction=\"inbound\",reason=\"no_certificate\"}",
+            ) >= 1
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // A client that sends a ClientHello for the proxy's identity and then stalls is cut off
+        // by the handshake timeout (the detect timeout, short here).
+        let mut stalled = tokio::net::TcpStream::connect(inbound).await.unwrap();
+        let mut hello = Vec::new();
+        {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            let ours = rustls::pki_types::ServerName::try_from(WEB_ID).unwrap();
+            let mut conn = rustls::ClientConnection::new(Arc::new(config), ours).unwrap();
+            conn.write_tls(&mut hello).unwrap();
+        }
+        stalled.write_all(&hello).await.unwrap();
+        // The server's flight arrives, then the connection closes once the timeout passes.
+        let mut sink = Vec::new();
+        let _ = stalled.read_to_end(&mut sink).await;
+        let metrics = scrape(server.admin).await;
+        assert!(
+            counter(
+                &metrics,
+                "tls_handshake_failures_total{direction=\"inbound\",reason=\"timeout\"}"
+            ) >= 1,
+            "{metrics}"
+        );
 
         // TLS for another name goes to the app as it is, byte for byte.
         let mut hello = Vec::new();

@@ -489,6 +489,56 @@ pub struct Metrics {
     /// Inbound authorization decisions, per connection: HTTP then opaque TCP, each by
     /// verdict (allow, deny, audit_deny).
     authz: [[AtomicU64; 3]; 2],
+    /// Failed mTLS handshakes: inbound then outbound, by [`TLS_FAILURE_REASONS`].
+    tls_failures: [[AtomicU64; TLS_FAILURE_REASONS.len()]; 2],
+}
+
+/// The `reason` label of `tls_handshake_failures_total`, from [`tls_failure_reason`].
+pub const TLS_FAILURE_REASONS: [&str; 7] = [
+    "expired",
+    "not_yet_valid",
+    "unknown_issuer",
+    "wrong_name",
+    "no_certificate",
+    "timeout",
+    "other",
+];
+
+/// Why a TLS handshake failed, as a [`TLS_FAILURE_REASONS`] label: the certificate the peer
+/// presented (expired, not yet valid, from another CA or self-signed, for another name), or
+/// none at all, read from rustls' error inside the IO error (a refusal the peer sent us is
+/// read from its alert).
+#[must_use]
+pub fn tls_failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::{AlertDescription, CertificateError, Error};
+    let Some(error) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+        return if error.kind() == std::io::ErrorKind::TimedOut {
+            "timeout"
+        } else {
+            "other"
+        };
+    };
+    match error {
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )
+        | Error::AlertReceived(AlertDescription::CertificateExpired) => "expired",
+        Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "not_yet_valid",
+        Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        )
+        | Error::AlertReceived(AlertDescription::UnknownCA | AlertDescription::BadCertificate) => {
+            "unknown_issuer"
+        }
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "wrong_name",
+        Error::NoCertificatesPresented
+        | Error::AlertReceived(AlertDescription::CertificateRequired) => "no_certificate",
+        _ => "other",
+    }
 }
 
 const fn tcp_index(direction: Direction, peer: Peer) -> usize {
@@ -534,6 +584,7 @@ impl Metrics {
             tcp: Default::default(),
             open: Default::default(),
             authz: Default::default(),
+            tls_failures: Default::default(),
         }
     }
 
@@ -555,6 +606,16 @@ impl Metrics {
             Verdict::AuditDeny => 2,
         };
         self.authz[usize::from(!http)][i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed mTLS handshake (`reason` from [`tls_failure_reason`], or `timeout`).
+    pub fn tls_handshake_failed(&self, direction: Direction, reason: &str) {
+        let i = TLS_FAILURE_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(TLS_FAILURE_REASONS.len() - 1);
+        let d = usize::from(direction == Direction::Outbound);
+        self.tls_failures[d][i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a new TCP connection; the guard settles it when dropped.
@@ -653,6 +714,7 @@ impl Metrics {
         render_registry(&series, &mut out);
         self.render_tcp(&mut out);
         self.render_authz(&mut out);
+        self.render_tls(&mut out);
         out.push_str(process);
         out
     }
@@ -661,6 +723,26 @@ impl Metrics {
     /// `..._audit_deny_total` for connections an audit-mode policy let through that it would
     /// have refused. Counted per connection: the decision rests on the connection's identity
     /// and address.
+    fn render_tls(&self, out: &mut String) {
+        let name = "tls_handshake_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} mTLS handshakes that failed, by direction and reason.\n# TYPE {name} counter"
+        );
+        for (d, direction) in [Direction::Inbound, Direction::Outbound].iter().enumerate() {
+            for (r, reason) in TLS_FAILURE_REASONS.iter().enumerate() {
+                let value = self.tls_failures[d][r].load(Ordering::Relaxed);
+                if value > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{direction=\"{}\",reason=\"{reason}\"}} {value}",
+                        direction.as_str()
+                    );
+                }
+            }
+        }
+    }
+
     fn render_authz(&self, out: &mut String) {
         for (p, protocol) in ["http", "tcp"].iter().enumerate() {
             for (v, verdict) in ["allow", "deny", "audit_deny"].iter().enumerate() {
@@ -981,6 +1063,44 @@ pub(crate) fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_failures_are_named_by_what_was_wrong() {
+        use rustls::{AlertDescription, CertificateError, Error};
+        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                io(Error::InvalidCertificate(CertificateError::Expired)),
+                "expired",
+            ),
+            (
+                io(Error::InvalidCertificate(CertificateError::NotValidYet)),
+                "not_yet_valid",
+            ),
+            (
+                io(Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+                "unknown_issuer",
+            ),
+            (
+                io(Error::AlertReceived(AlertDescription::UnknownCA)),
+                "unknown_issuer",
+            ),
+            (
+                io(Error::InvalidCertificate(CertificateError::NotValidForName)),
+                "wrong_name",
+            ),
+            (io(Error::NoCertificatesPresented), "no_certificate"),
+            (
+                io(Error::AlertReceived(AlertDescription::CertificateRequired)),
+                "no_certificate",
+            ),
+            (std::io::ErrorKind::TimedOut.into(), "timeout"),
+            (std::io::ErrorKind::ConnectionReset.into(), "other"),
+        ];
+        for (error, want) in cases {
+            assert_eq!(tls_failure_reason(&error), want, "{error}");
+        }
+    }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn requests_over_mtls_are_counted_apart_with_tls_true() {

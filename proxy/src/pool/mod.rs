@@ -138,7 +138,9 @@ impl<N: Net> Pools<N> {
                     Ok(UpstreamIo::Tls(Box::new(tls)))
                 }
                 Err(err) => {
-                    tracing::warn!(endpoint = %addr, %identity, error = %err, "mTLS handshake failed");
+                    let reason = crate::admin::metrics::tls_failure_reason(&err);
+                    self.metrics.tls_handshake_failed(self.direction, reason);
+                    tracing::warn!(endpoint = %addr, %identity, error = %err, reason, "mTLS handshake failed");
                     Err(ProxyError::Identity {
                         addr,
                         identity: identity.to_string(),
