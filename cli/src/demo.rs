@@ -27,7 +27,8 @@
 //! directory (`identity/`), gives every proxy an identity (`<service>.serviceaccount.identity.
 //! conduit.local`) with a bootstrap token in a file of its own, and lists each replica's
 //! identity in the mesh file, so every hop between proxies is mutual TLS with the identity
-//! checked. Each service row shows the share of its requests that arrived over mTLS, as its
+//! checked, and every proxy reaches the controller over mTLS as well (checking the controller's
+//! identity). Each service row shows the share of its requests that arrived over mTLS, as its
 //! replicas' proxies counted them (`tls="true"`).
 //!
 //! On a terminal the live table is redrawn in place every second; otherwise (a pipe, a file)
@@ -77,21 +78,26 @@ impl Identities {
 
     /// The proxy environment for the workload `service`: its identity name, its token file and
     /// the trust anchors.
-    fn env(&self, service: &str) -> anyhow::Result<[(&'static str, String); 3]> {
+    fn env(&self, service: &str) -> anyhow::Result<[(&'static str, String); 4]> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let name = identity_of(service);
         let token = conduit_controller::identity::issue_token(&self.dir, &name)
             .with_context(|| format!("issuing a token for {name}"))?;
         let path = self.dir.join(format!("{service}.token"));
+        // Written aside and renamed into place: a proxy of another replica of the service
+        // may be reading the file as it is written again.
+        let aside = self.dir.join(format!(".{service}.token.tmp"));
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
+            .open(&aside)
+            .with_context(|| format!("writing {}", aside.display()))?;
         file.write_all(token.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+            .with_context(|| format!("writing {}", aside.display()))?;
+        drop(file);
+        std::fs::rename(&aside, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok([
             ("CONDUIT_PROXY_IDENTITY_NAME", name),
             (
@@ -104,6 +110,11 @@ impl Identities {
                     .join(conduit_controller::identity::TRUST_ANCHORS_FILE)
                     .display()
                     .to_string(),
+            ),
+            // The control plane is reached over mTLS too.
+            (
+                "CONDUIT_PROXY_CONTROLLER_IDENTITY",
+                conduit_controller::identity::tls::CONTROLLER_IDENTITY.to_owned(),
             ),
         ])
     }
@@ -826,7 +837,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     for service in &services {
         for replica in &service.replicas {
             let name = format!("proxy-{}-{}", service.name, replica.behaviour.replica);
-            let [id_name, id_token, id_anchors] = identity.env(service.name)?;
+            let [id_name, id_token, id_anchors, id_controller] = identity.env(service.name)?;
             processes.spawn(
                 &name,
                 &bins.proxy,
@@ -834,6 +845,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
                     id_name,
                     id_token,
                     id_anchors,
+                    id_controller,
                     ("CONDUIT_PROXY_INBOUND_ADDR", replica.inbound.to_string()),
                     ("CONDUIT_PROXY_OUTBOUND_ADDR", replica.outbound.to_string()),
                     ("CONDUIT_PROXY_ADMIN_ADDR", replica.admin.to_string()),
@@ -853,7 +865,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     }
     let client_outbound = free_port()?;
     let client_admin = client.admin;
-    let [id_name, id_token, id_anchors] = identity.env("load.demo")?;
+    let [id_name, id_token, id_anchors, id_controller] = identity.env("load.demo")?;
     processes.spawn(
         "proxy-client",
         &bins.proxy,
@@ -861,6 +873,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
             id_name,
             id_token,
             id_anchors,
+            id_controller,
             ("CONDUIT_PROXY_OUTBOUND_ADDR", client_outbound.to_string()),
             ("CONDUIT_PROXY_INBOUND_ADDR", client.inbound.to_string()),
             ("CONDUIT_PROXY_ADMIN_ADDR", client_admin.to_string()),

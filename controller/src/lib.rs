@@ -113,6 +113,9 @@ pub enum RunError {
     /// The certificate authority could not start (the error names the file).
     #[error("identity: {0}")]
     Identity(#[from] CaError),
+    /// The controller could not certify itself for its TLS port.
+    #[error(transparent)]
+    Tls(#[from] identity::tls::ControllerTlsError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -289,6 +292,14 @@ where
     ));
     let _issuer_watcher = AbortOnDrop(issuer_watcher);
 
+    // The controller's own certificate, for proxies that reach it over mTLS; plaintext
+    // clients (the CLI, proxies without an identity) are served as before.
+    let tls = Arc::new(identity::tls::ControllerTls::new(Arc::clone(&ca))?);
+    let renewer = tokio::spawn(
+        Arc::clone(&tls).keep_renewed(ca.leaf_lifetime().mul_f64(0.7).max(Duration::from_secs(10))),
+    );
+    let _renewer = AbortOnDrop(renewer);
+    let grpc_incoming = tls.incoming(grpc_incoming);
     let controller = Controller::new(Arc::new(discovery), metrics)
         .with_metrics_source(Arc::new(stat::HttpMetricsSource))
         .with_identity(ca);

@@ -180,6 +180,9 @@ pub struct ProxyConfig {
     /// Refuse outbound destinations that are not meshed (fail closed) instead of reaching
     /// them in plaintext.
     pub outbound_require_identity: bool,
+    /// The identity the controller proves (`controller_identity`): with it (and an identity),
+    /// the proxy reaches the controller over mTLS and checks that name; without it, plaintext.
+    pub controller_identity: Option<String>,
 }
 
 pub use crate::identity::IdentitySettings;
@@ -297,6 +300,7 @@ impl ProxyConfig {
             shutdown_grace_period: DEFAULT_SHUTDOWN_GRACE_PERIOD,
             identity: None,
             outbound_require_identity: false,
+            controller_identity: None,
         }
     }
 
@@ -463,6 +467,21 @@ impl ProxyConfig {
                     format!("`{n}` is not `true` or `false`"),
                 ),
             },
+        }
+        if let Some(name) = raw.controller_identity {
+            if config.identity.is_none() {
+                e(
+                    "controller_identity",
+                    "needs an identity (identity_name): mTLS to the controller presents it".into(),
+                );
+            } else if check_service(&name).is_ok() && !name.contains(':') {
+                config.controller_identity = Some(name.to_ascii_lowercase());
+            } else {
+                e(
+                    "controller_identity",
+                    format!("`{name}` is not a DNS-like identity name"),
+                );
+            }
         }
         if config.outbound_require_identity && config.identity.is_none() {
             e(
@@ -822,6 +841,7 @@ pub struct RawProxyConfig {
     pub identity_token_file: Option<String>,
     pub identity_trust_anchors: Option<String>,
     pub outbound_require_identity: Option<RawBool>,
+    pub controller_identity: Option<String>,
 }
 
 /// A flag as written: a YAML boolean, or `true`/`false` (or `1`/`0`) from the environment.

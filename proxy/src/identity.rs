@@ -90,6 +90,9 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
+    /// The token is empty.
+    #[error("the identity token is empty (from `conduit identity token NAME`)")]
+    EmptyToken,
     /// The trust anchors could not be read.
     #[error("reading the trust anchors {path}: {source}")]
     ReadAnchors {
@@ -240,6 +243,9 @@ impl LocalIdentity {
                 .trim()
                 .to_owned(),
         };
+        if token.is_empty() {
+            return Err(IdentityError::EmptyToken);
+        }
         let identity = Self::new(&settings.name, token.as_bytes(), &pem, wall)?;
         identity
             .anchors
@@ -483,12 +489,12 @@ impl LocalIdentity {
         Ok(valid_until)
     }
 
-    /// Asks the controller's CA at `controller` for certificates, first at once and then on
-    /// the core's schedule, until `drain` fires.
+    /// Asks the controller's CA at `controller` (over mTLS when its identity is given) for
+    /// certificates, first at once and then on the core's schedule, until `drain` fires.
     pub(crate) async fn certify<N: Net>(
         self: Arc<Self>,
         net: N,
-        controller: PeerAddr,
+        (controller, controller_identity): (PeerAddr, Option<String>),
         connect_timeout: Duration,
         clock: Clock,
         mut rng: DetRng,
@@ -501,12 +507,24 @@ impl LocalIdentity {
                 return;
             }
         };
+        let tls = match controller_identity
+            .as_deref()
+            .map(|name| ControllerTls::new(Arc::clone(&self), name))
+            .transpose()
+        {
+            Ok(tls) => tls,
+            Err(err) => {
+                tracing::error!(error = %err, "identity: controller_identity");
+                return;
+            }
+        };
         let connector = {
             let controller = controller.clone();
             tower::service_fn(move |_: http::Uri| {
                 let net = net.clone();
                 let controller = controller.clone();
-                async move { controller.connect(&net).await.map(TokioIo::new) }
+                let tls = tls.clone();
+                async move { connect_controller(&net, &controller, tls.as_ref()).await }
             })
         };
         let mut client = IdentityClient::new(endpoint.connect_with_connector_lazy(connector));
@@ -605,6 +623,62 @@ impl Tls {
             server: Arc::new(server),
         })
     }
+}
+
+/// How a proxy with an identity reaches the controller over mTLS: it checks that the
+/// controller proves `name` (the controller's identity, `controller_identity`) and presents its
+/// own certificate once it holds one (its first `Certify` goes without).
+#[derive(Clone, Debug)]
+pub struct ControllerTls {
+    identity: Arc<LocalIdentity>,
+    name: ServerName<'static>,
+}
+
+impl PartialEq for ControllerTls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.identity, &other.identity) && self.name == other.name
+    }
+}
+
+impl Eq for ControllerTls {}
+
+impl ControllerTls {
+    /// mTLS to a controller that proves `controller_identity`, as `identity`.
+    ///
+    /// # Errors
+    ///
+    /// [`IdentityError::Name`] when `controller_identity` is not a DNS-like name.
+    pub fn new(
+        identity: Arc<LocalIdentity>,
+        controller_identity: &str,
+    ) -> Result<Self, IdentityError> {
+        let name = ServerName::try_from(controller_identity.to_owned())
+            .ok()
+            .filter(|n| matches!(n, ServerName::DnsName(_)))
+            .ok_or_else(|| IdentityError::Name(controller_identity.to_owned()))?;
+        Ok(Self { identity, name })
+    }
+}
+
+/// Connects to the controller at `addr`: over mTLS with `tls`, else plaintext.
+pub(crate) async fn connect_controller<N: Net>(
+    net: &N,
+    addr: &PeerAddr,
+    tls: Option<&ControllerTls>,
+) -> std::io::Result<TokioIo<crate::tls::UpstreamIo<N::Io>>> {
+    let io = addr.connect(net).await?;
+    let Some(tls) = tls else {
+        return Ok(TokioIo::new(crate::tls::UpstreamIo::Plain(io)));
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.identity.client_config());
+    let io = connector
+        .connect(tls.name.clone(), io)
+        .await
+        .map_err(|err| {
+            tracing::warn!(controller = %addr, error = %err, "mTLS to the controller failed");
+            err
+        })?;
+    Ok(TokioIo::new(crate::tls::UpstreamIo::Tls(Box::new(io))))
 }
 
 /// The crypto provider: ring's algorithms, TLS 1.3 only (set on each configuration).

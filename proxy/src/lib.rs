@@ -236,7 +236,7 @@ impl<N: Net> Proxy<N> {
                 config::DiscoveryConfig::Controller { addr } => {
                     tokio::spawn(Arc::clone(identity).certify(
                         net.clone(),
-                        addr.clone(),
+                        (addr.clone(), config.controller_identity.clone()),
                         config.limits.connect_timeout,
                         clock,
                         rng.child("identity"),

@@ -105,9 +105,34 @@ async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
             // The reconnect jitter draws from its own generator, derived from the proxy's seed
             // but not from the proxy's own generator, so it does not shift the proxy's draws.
             let rng = DetRng::new(seed).child("discovery");
+            // The identity is made first when the controller is reached over mTLS: discovery
+            // presents its certificate.
+            let identity = match &config.identity {
+                Some(settings) => Some(std::sync::Arc::new(
+                    conduit_proxy::identity::LocalIdentity::load(
+                        settings,
+                        conduit_proxy::clock::system_unix_time,
+                    )
+                    .context("identity")?,
+                )),
+                None => None,
+            };
+            if let (Some(identity), Some(name)) = (&identity, &config.controller_identity) {
+                settings.tls = Some(
+                    conduit_proxy::identity::ControllerTls::new(
+                        std::sync::Arc::clone(identity),
+                        name,
+                    )
+                    .context("controller_identity")?,
+                );
+            }
             let discovery = ControllerDiscover::new(TokioNet, settings, rng)
                 .context("starting controller discovery")?;
-            conduit_proxy::run(config, TokioNet, seed, discovery, shutdown_signal()).await?;
+            let mut proxy = conduit_proxy::Proxy::bind(config, TokioNet).await?;
+            if let Some(identity) = identity {
+                proxy = proxy.with_identity(identity);
+            }
+            proxy.serve(discovery, seed, shutdown_signal()).await?;
         }
         other => anyhow::bail!("unsupported discovery {other:?}"),
     }

@@ -19,13 +19,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use conduit_controller::config::ControllerConfig;
+use conduit_controller::identity::tls::CONTROLLER_IDENTITY;
 use conduit_controller::identity::{IdentityConfig, TRUST_ANCHORS_FILE, issue_token};
 use conduit_controller::net::tcp_incoming;
 use conduit_core::rand::DetRng;
 use conduit_proxy::config::{DiscoveryConfig, IdentitySettings};
 use conduit_proxy::discover::controller::ControllerDiscoverConfig;
 use conduit_proxy::errors::respond::PROXY_ERROR_HEADER;
-use conduit_proxy::identity::TokenSource;
+use conduit_proxy::identity::{ControllerTls, LocalIdentity, TokenSource};
 use conduit_proxy::net::PeerAddr;
 use conduit_proxy::{Addrs, ControllerDiscover, Proxy, ProxyConfig, TokioNet};
 use hyper::Response;
@@ -115,6 +116,8 @@ fn proxy_config(controller: SocketAddr, identity: Option<(&str, &Path)>) -> Prox
 struct Bound {
     proxy: Proxy<TokioNet>,
     controller: SocketAddr,
+    /// mTLS to the controller (with `controller_identity`), as the binary sets it up.
+    tls: Option<ControllerTls>,
 }
 
 impl Bound {
@@ -125,9 +128,23 @@ impl Bound {
         else {
             unreachable!("the tests' proxies discover through the controller")
         };
+        let identity = config.identity.as_ref().map(|settings| {
+            Arc::new(LocalIdentity::load(settings, conduit_proxy::clock::system_unix_time).unwrap())
+        });
+        let tls = match (&identity, &config.controller_identity) {
+            (Some(identity), Some(name)) => {
+                Some(ControllerTls::new(Arc::clone(identity), name).unwrap())
+            }
+            _ => None,
+        };
+        let mut proxy = Proxy::bind(config, TokioNet).await.unwrap();
+        if let Some(identity) = identity {
+            proxy = proxy.with_identity(identity);
+        }
         Self {
-            proxy: Proxy::bind(config, TokioNet).await.unwrap(),
+            proxy,
             controller,
+            tls,
         }
     }
 
@@ -138,12 +155,9 @@ impl Bound {
     /// Serves until the returned sender is dropped.
     fn serve(self) -> (Addrs, oneshot::Sender<()>) {
         let addrs = self.proxy.addrs();
-        let discovery = ControllerDiscover::new(
-            TokioNet,
-            ControllerDiscoverConfig::new(self.controller),
-            DetRng::new(5),
-        )
-        .unwrap();
+        let mut settings = ControllerDiscoverConfig::new(self.controller);
+        settings.tls = self.tls;
+        let discovery = ControllerDiscover::new(TokioNet, settings, DetRng::new(5)).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(self.proxy.serve(discovery, 7, async move {
             let _ = rx.await;
@@ -200,10 +214,15 @@ async fn meshed_traffic_is_mtls_and_an_unidentified_proxy_never_reaches_the_app(
         std::fs::write(&tmp, mesh).unwrap();
         std::fs::rename(&tmp, &mesh_file).unwrap();
         let (server, _server_stop) = server.serve();
-        let (client, _client_stop) =
-            Bound::new(proxy_config(controller, Some((CLIENT_ID, &identity_dir))))
-                .await
-                .serve();
+        // The client proxy reaches the controller over mTLS (discovery and Certify), checking
+        // the controller's identity.
+        let mut client_config = proxy_config(controller, Some((CLIENT_ID, &identity_dir)));
+        client_config.controller_identity = Some(CONTROLLER_IDENTITY.into());
+        let (client, _client_stop) = Bound::new(client_config).await.serve();
+        // One that expects the controller to prove another name never certifies.
+        let mut misled = proxy_config(controller, Some((CLIENT_ID, &identity_dir)));
+        misled.controller_identity = Some("impostor.conduit.identity.conduit.local".into());
+        let (misled, _misled_stop) = Bound::new(misled).await.serve();
         wait_ready(server.admin).await;
         wait_ready(client.admin).await;
 
@@ -239,6 +258,12 @@ async fn meshed_traffic_is_mtls_and_an_unidentified_proxy_never_reaches_the_app(
         let reason = response.headers()[PROXY_ERROR_HEADER].to_str().unwrap().to_owned();
         assert!(reason.contains("no identity"), "{reason}");
         assert_eq!(seen.load(Ordering::Relaxed), before, "the app saw nothing");
+        // Every other proxy got its certificate meanwhile; the misled one holds none.
+        let response = get_once(misled.admin, "admin", "/ready").await;
+        assert_eq!(response.status(), 503);
+        let metrics = scrape(misled.admin).await;
+        let certified = format!("identity_certified{{identity=\"{CLIENT_ID}\"}} 0");
+        assert!(metrics.lines().any(|l| l == certified), "{metrics}");
         let _ = std::fs::remove_dir_all(&work);
     })
     .await;

@@ -359,7 +359,13 @@ impl CertificateAuthority {
         self.current_issuer().not_after
     }
 
-    /// How long leaves last.
+    /// The CA's wall-clock time (its injected clock).
+    #[must_use]
+    pub fn now(&self) -> UnixTime {
+        (self.clock)()
+    }
+
+    /// How long each leaf lasts.
     #[must_use]
     pub fn leaf_lifetime(&self) -> Duration {
         self.leaf_lifetime

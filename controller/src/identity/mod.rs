@@ -43,6 +43,7 @@ pub mod ca;
 mod der;
 mod files;
 pub mod service;
+pub mod tls;
 pub mod token;
 
 pub use ca::{CaError, CertificateAuthority, Certified, CertifyError, IssuerReload, rotate_issuer};

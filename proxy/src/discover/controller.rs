@@ -45,7 +45,6 @@ use conduit_core::rand::DetRng;
 use conduit_proto::convert::{DestinationChange, DestinationUpdate, ProfileUpdate};
 use conduit_proto::pb::destination as pb;
 use conduit_proto::pb::destination::destination_client::DestinationClient;
-use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
@@ -81,6 +80,9 @@ pub struct ControllerDiscoverConfig {
     pub backoff: BackoffConfig,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// mTLS to the controller (a proxy with an identity and `controller_identity`); plaintext
+    /// when `None`.
+    pub tls: Option<crate::identity::ControllerTls>,
 }
 
 impl ControllerDiscoverConfig {
@@ -92,6 +94,7 @@ impl ControllerDiscoverConfig {
             addr: addr.into(),
             backoff: BackoffConfig::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -168,10 +171,12 @@ impl ControllerDiscover {
             .keep_alive_while_idle(true);
         let connector = {
             let addr = addr.clone();
+            let tls = config.tls.clone();
             tower::service_fn(move |_: http::Uri| {
                 let net = net.clone();
                 let addr = addr.clone();
-                async move { addr.connect(&net).await.map(TokioIo::new) }
+                let tls = tls.clone();
+                async move { crate::identity::connect_controller(&net, &addr, tls.as_ref()).await }
             })
         };
         let channel = endpoint.connect_with_connector_lazy(connector);
