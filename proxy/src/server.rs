@@ -47,9 +47,10 @@ pub(crate) struct ServeContext<N: Net> {
     pub(crate) opaque_target: Option<SocketAddr>,
     /// The identity whose TLS this listener terminates (inbound, when the proxy has one).
     pub(crate) identity: Option<Arc<LocalIdentity>>,
-    /// The request path and HTTP/2 service for connections that arrive over mTLS (the same,
-    /// counted with `tls="true"`); present with `identity`.
-    tls: Option<(Arc<exchange::Context>, Arc<H2Service<N>>)>,
+    /// The request path for connections that arrive over mTLS (the same, counted with
+    /// `tls="true"`), which each such connection copies with its client's identity; present
+    /// with `identity`.
+    tls: Option<Arc<exchange::Context>>,
 }
 
 impl<N: Net> ServeContext<N> {
@@ -61,14 +62,7 @@ impl<N: Net> ServeContext<N> {
         identity: Option<Arc<LocalIdentity>>,
     ) -> Self {
         let (cx, pools) = (Arc::new(cx), Arc::new(pools));
-        let tls = identity.as_ref().map(|_| {
-            let cx = Arc::new(cx.for_tls());
-            let h2 = Arc::new(H2Service {
-                cx: Arc::clone(&cx),
-                pools: Arc::clone(&pools),
-            });
-            (cx, h2)
-        });
+        let tls = identity.as_ref().map(|_| Arc::new(cx.for_tls(None)));
         Self {
             tls,
             clock: cx.clock,
@@ -305,7 +299,7 @@ async fn serve_tls<N: Net, I: Io>(
         crate::tls::Hello::Tls { sni } => sni,
         _ => None,
     };
-    let (Some(identity), Some((tls_cx, tls_h2))) = (
+    let (Some(identity), Some(tls_cx)) = (
         ctx.identity
             .as_ref()
             .filter(|identity| sni.as_deref() == Some(identity.name())),
@@ -352,6 +346,8 @@ async fn serve_tls<N: Net, I: Io>(
         client_id = client.as_deref().unwrap_or(""),
         "inbound mTLS accepted"
     );
+    // The connection's own request path: counted under its client's identity.
+    let tls_cx = Arc::new(tls_cx.for_tls(client.as_deref().map(Arc::from)));
     let mut conn = Some(Parked::new(tls, ctx.clock.now()));
     let detected = match conn.as_mut() {
         Some(parked) => detect_or_reject(parked, &ctx.limits).await,
@@ -369,11 +365,15 @@ async fn serve_tls<N: Net, I: Io>(
     match detected {
         None => {}
         Some(Detected::Http1) => {
-            crate::h1::conn::serve(&mut conn, tls_cx, &ctx.pools, drain).await;
+            crate::h1::conn::serve(&mut conn, &tls_cx, &ctx.pools, drain).await;
         }
         Some(Detected::Http2) => {
             if let Some(Parked { io, buf, .. }) = conn.take() {
-                serve_h2(PrefixedIo::new(buf.freeze(), io), tls_h2, ctx, drain).await;
+                let h2 = Arc::new(H2Service {
+                    cx: tls_cx,
+                    pools: Arc::clone(&ctx.pools),
+                });
+                serve_h2(PrefixedIo::new(buf.freeze(), io), &h2, ctx, drain).await;
             }
         }
         Some(Detected::Tls | Detected::Opaque) => {

@@ -244,6 +244,14 @@ async fn meshed_traffic_is_mtls_and_an_unidentified_proxy_never_reaches_the_app(
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>();
         assert!(over_mtls >= 3, "{metrics}");
+        // Counted under the identity the client proved.
+        let from_client = format!(
+            "request_total{{direction=\"inbound\",tls=\"true\",client_id=\"{CLIENT_ID}\","
+        );
+        assert!(
+            metrics.lines().any(|l| l.starts_with(&from_client)),
+            "{metrics}"
+        );
         assert!(
             !metrics.lines().any(|l| l.starts_with("request_total{direction=\"inbound\",authority=")),
             "no request arrived in plaintext: {metrics}"

@@ -131,12 +131,42 @@ struct Tracked {
     used: Instant,
     /// Indexed by [`series_index`].
     directions: [Option<Arc<AuthorityMetrics>>; 4],
+    /// Inbound series of requests over mTLS from a client that proved an identity, by that
+    /// identity (`client_id`); at most [`MAX_CLIENT_IDS`], further ones under
+    /// [`OVERFLOW_AUTHORITY`].
+    clients: BTreeMap<Arc<str>, Arc<AuthorityMetrics>>,
 }
+
+/// The most `client_id` values counted per authority: identities come from certificates the
+/// mesh's CA signed, but a mesh can have many workloads.
+pub const MAX_CLIENT_IDS: usize = 100;
 
 impl Tracked {
     /// The series of `direction`, created if absent.
-    fn series(&mut self, direction: Direction, tls: bool, now: Instant) -> Arc<AuthorityMetrics> {
+    fn series(
+        &mut self,
+        direction: Direction,
+        tls: bool,
+        client: Option<&Arc<str>>,
+        now: Instant,
+    ) -> Arc<AuthorityMetrics> {
         self.used = now;
+        if let (Direction::Inbound, true, Some(client)) = (direction, tls, client) {
+            if let Some(metrics) = self.clients.get(client) {
+                return Arc::clone(metrics);
+            }
+            let key = if self.clients.len() < MAX_CLIENT_IDS {
+                Arc::clone(client)
+            } else {
+                Arc::from(OVERFLOW_AUTHORITY)
+            };
+            let label = &self.label;
+            return Arc::clone(
+                self.clients
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(AuthorityMetrics::new(Arc::clone(label)))),
+            );
+        }
         let metrics = self.directions[series_index(direction, tls)]
             .get_or_insert_with(|| Arc::new(AuthorityMetrics::new(Arc::clone(&self.label))));
         Arc::clone(metrics)
@@ -638,21 +668,22 @@ impl Metrics {
         authority: &str,
         now: Instant,
     ) -> Arc<AuthorityMetrics> {
-        self.series_tls(direction, false, authority, now)
+        self.series_tls(direction, false, None, authority, now)
     }
 
     /// [`Self::series`] for requests that arrived over mTLS (`tls` true), counted with
-    /// `tls="true"`.
+    /// `tls="true"` and, inbound, the identity the client proved (`client_id`).
     pub fn series_tls(
         &self,
         direction: Direction,
         tls: bool,
+        client: Option<&Arc<str>>,
         authority: &str,
         now: Instant,
     ) -> Arc<AuthorityMetrics> {
         let mut registry = self.lock();
         if let Some(tracked) = registry.authorities.get_mut(authority) {
-            return tracked.series(direction, tls, now);
+            return tracked.series(direction, tls, client, now);
         }
         let label = if registry.slots_used() < self.settings.max_authorities {
             authority
@@ -667,8 +698,9 @@ impl Metrics {
                 label,
                 used: now,
                 directions: [None, None, None, None],
+                clients: BTreeMap::new(),
             })
-            .series(direction, tls, now)
+            .series(direction, tls, client, now)
     }
 
     /// Drops series idle longer than `retain_idle` now; the proxy calls it periodically, so
@@ -692,7 +724,12 @@ impl Metrics {
                     *slot = None;
                 }
             }
-            keep(tracked.used) || tracked.directions.iter().any(Option::is_some)
+            tracked.clients.retain(|_, metrics| {
+                !(metrics.lock().retire(keep) && Arc::strong_count(metrics) == 1)
+            });
+            keep(tracked.used)
+                || tracked.directions.iter().any(Option::is_some)
+                || !tracked.clients.is_empty()
         });
     }
 
@@ -704,12 +741,10 @@ impl Metrics {
         // The registry lock (which every request takes to find its series) is held only to
         // retire idle series and list the rest; each series is then rendered under its own
         // lock, held for its few lines.
-        let series: Vec<(Direction, bool, Arc<AuthorityMetrics>)> = {
+        let series: Vec<SeriesRef> = {
             let mut registry = self.lock();
             self.retire(&mut registry, now);
             each_series(&registry)
-                .map(|(direction, tls, metrics)| (direction, tls, Arc::clone(metrics)))
-                .collect()
         };
         render_registry(&series, &mut out);
         self.render_tcp(&mut out);
@@ -812,25 +847,45 @@ impl Metrics {
     }
 }
 
-/// Every (direction, tls, authority) series in label order: direction first, then plaintext
-/// before mTLS, then authority.
-fn each_series(
-    registry: &Registry,
-) -> impl Iterator<Item = (Direction, bool, &Arc<AuthorityMetrics>)> {
-    [
+/// One series to render: its direction, whether over mTLS, the client's identity (inbound
+/// mTLS), and its counts.
+type SeriesRef = (Direction, bool, Option<Arc<str>>, Arc<AuthorityMetrics>);
+
+/// Every series in label order: direction first, then plaintext before mTLS (without a client
+/// identity, then by client identity), then authority.
+fn each_series(registry: &Registry) -> Vec<SeriesRef> {
+    let mut out = Vec::new();
+    for (direction, tls) in [
         (Direction::Inbound, false),
         (Direction::Inbound, true),
         (Direction::Outbound, false),
         (Direction::Outbound, true),
-    ]
-    .into_iter()
-    .flat_map(move |(direction, tls)| {
-        registry.authorities.values().filter_map(move |tracked| {
-            tracked.directions[series_index(direction, tls)]
-                .as_ref()
-                .map(|metrics| (direction, tls, metrics))
-        })
-    })
+    ] {
+        for tracked in registry.authorities.values() {
+            if let Some(metrics) = &tracked.directions[series_index(direction, tls)] {
+                out.push((direction, tls, None, Arc::clone(metrics)));
+            }
+        }
+        if (direction, tls) == (Direction::Inbound, true) {
+            let mut clients: Vec<SeriesRef> = registry
+                .authorities
+                .values()
+                .flat_map(|tracked| {
+                    tracked.clients.iter().map(|(client, metrics)| {
+                        (
+                            direction,
+                            tls,
+                            Some(Arc::clone(client)),
+                            Arc::clone(metrics),
+                        )
+                    })
+                })
+                .collect();
+            clients.sort_by(|a, b| (&a.2, &a.3.label).cmp(&(&b.2, &b.3.label)));
+            out.extend(clients);
+        }
+    }
+    out
 }
 
 /// A `status_code` label value.
@@ -1028,13 +1083,17 @@ impl RetryFamilies {
     }
 }
 
-fn render_registry(series: &[(Direction, bool, Arc<AuthorityMetrics>)], out: &mut String) {
+fn render_registry(series: &[SeriesRef], out: &mut String) {
     let mut authorities = Families::default();
     let mut routes = Families::default();
     let mut retries = RetryFamilies::default();
-    for (direction, tls, metrics) in series {
+    for (direction, tls, client, metrics) in series {
+        let client = client
+            .as_ref()
+            .map(|c| format!("client_id=\"{}\",", escape(c)))
+            .unwrap_or_default();
         let labels = format!(
-            "direction=\"{}\",{}authority=\"{}\"",
+            "direction=\"{}\",{}{client}authority=\"{}\"",
             direction.as_str(),
             if *tls { "tls=\"true\"," } else { "" },
             escape(&metrics.label)
@@ -1113,7 +1172,7 @@ mod tests {
             },
         );
         for tls in [true, true, false] {
-            let series = metrics.series_tls(Direction::Inbound, tls, "a.svc:80", clock.now());
+            let series = metrics.series_tls(Direction::Inbound, tls, None, "a.svc:80", clock.now());
             series.request(clock.now(), None);
         }
         let text = metrics.render("");
@@ -1122,8 +1181,34 @@ mod tests {
             text.find("request_total{direction=\"inbound\",tls=\"true\",authority=\"a.svc:80\"} 2");
         assert!(plain.is_some() && tls.is_some() && plain < tls, "{text}");
         // One authority, whichever the transport: the bound counts authorities, not series.
-        let other = metrics.series_tls(Direction::Inbound, true, "b.svc:80", clock.now());
+        let other = metrics.series_tls(Direction::Inbound, true, None, "b.svc:80", clock.now());
         assert_eq!(other.label(), OVERFLOW_AUTHORITY);
+        // A client's proved identity labels its own series; a flood of identities is bounded.
+        let web: Arc<str> = Arc::from("web.ns.serviceaccount.identity.conduit.local");
+        metrics
+            .series_tls(
+                Direction::Inbound,
+                true,
+                Some(&web),
+                "a.svc:80",
+                clock.now(),
+            )
+            .request(clock.now(), None);
+        for i in 0..MAX_CLIENT_IDS + 5 {
+            let id: Arc<str> = Arc::from(format!("c{i}.ns.serviceaccount.identity.conduit.local"));
+            metrics
+                .series_tls(Direction::Inbound, true, Some(&id), "a.svc:80", clock.now())
+                .request(clock.now(), None);
+        }
+        let text = metrics.render("");
+        assert!(
+            text.contains("request_total{direction=\"inbound\",tls=\"true\",client_id=\"web.ns.serviceaccount.identity.conduit.local\",authority=\"a.svc:80\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("request_total{direction=\"inbound\",tls=\"true\",client_id=\"overflow\",authority=\"a.svc:80\"} 6"),
+            "{text}"
+        );
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -263,6 +263,8 @@ pub(crate) struct Context {
     no_profile: Arc<Profile>,
     /// Requests arrive over mTLS (counted with `tls="true"`).
     tls: bool,
+    /// The identity the client proved over mTLS (counted as `client_id`).
+    client: Option<Arc<str>>,
 }
 
 impl Context {
@@ -279,6 +281,7 @@ impl Context {
             target,
             no_profile: Arc::new(Profile::default()),
             tls: false,
+            client: None,
         }
     }
 
@@ -294,8 +297,9 @@ impl Context {
         }
     }
 
-    /// The same request path for requests that arrive over mTLS.
-    pub(crate) fn for_tls(&self) -> Self {
+    /// The same request path for requests that arrive over mTLS from `client` (the identity
+    /// it proved, if its certificate names one).
+    pub(crate) fn for_tls(&self, client: Option<Arc<str>>) -> Self {
         Self {
             direction: self.direction,
             metrics: Arc::clone(&self.metrics),
@@ -303,6 +307,7 @@ impl Context {
             target: self.target.clone(),
             no_profile: Arc::clone(&self.no_profile),
             tls: true,
+            client,
         }
     }
 
@@ -358,7 +363,7 @@ impl Context {
     ) -> Result<Resolved, (Arc<AuthorityMetrics>, ProxyError)> {
         let series = |label: &str| {
             self.metrics
-                .series_tls(self.direction, self.tls, label, start)
+                .series_tls(self.direction, self.tls, self.client.as_ref(), label, start)
         };
         let (router, authority) = match (&self.target, authority) {
             (
