@@ -43,6 +43,8 @@ fuzz_target!(|input: &[u8]| {
                 "detection read a whole head, the codec says {parsed:?}"
             );
         }
+        // A TLS ClientHello is recognised only whole, from its handshake record on.
+        Ok(Protocol::Tls) => assert_eq!(whole.buffered.first(), Some(&0x16)),
         _ => {}
     }
 });
