@@ -178,3 +178,15 @@ fn deadline_through_two_proxies() {
 fn route_metrics_agree() {
     scenario("route_metrics_agree");
 }
+
+/// A meshed mesh: proxies certified over the Identity API, every request over mTLS.
+#[test]
+fn mtls_mesh() {
+    scenario("mtls_mesh");
+}
+
+/// A client proxy without an identity is refused a meshed service; the app never sees it.
+#[test]
+fn mtls_unidentified_client_denied() {
+    scenario("mtls_unidentified_client_denied");
+}

@@ -307,6 +307,103 @@ pub fn metrics_agree(trace: &Trace) -> Vec<Violation> {
     out
 }
 
+/// In a meshed world, every request that reached a server-side proxy arrived over mTLS: per
+/// replica, its proxy's inbound counters (read at the end of the run, `Trace::inbound`) show no
+/// plaintext request and as many mTLS requests as its app recorded arrivals (every arrival came
+/// through the proxy over mTLS, and the proxy answered none itself). Fails when no replica's
+/// counters were read (the world must scrape them: `WorldSpec::scrape_inbound`).
+#[must_use]
+pub fn inbound_over_mtls(trace: &Trace) -> Vec<Violation> {
+    let mut out = Vec::new();
+    if trace.inbound.is_empty() {
+        out.push(Violation::new(
+            "mtls",
+            "no replica proxy's inbound counters were read",
+        ));
+    }
+    let mut arrivals: BTreeMap<&str, u64> = BTreeMap::new();
+    for a in &trace.arrivals {
+        *arrivals.entry(a.host.as_str()).or_insert(0) += 1;
+    }
+    for (host, counters) in &trace.inbound {
+        if let Some(err) = &counters.error {
+            out.push(Violation::new(
+                "mtls",
+                format!("{host}: scraping its proxy failed: {err}"),
+            ));
+            continue;
+        }
+        if counters.plain > 0 {
+            out.push(Violation::new(
+                "mtls",
+                format!(
+                    "{host}: {} inbound requests arrived in plaintext ({} over mTLS)",
+                    counters.plain, counters.tls
+                ),
+            ));
+        }
+        let seen = arrivals.get(host.as_str()).copied().unwrap_or(0);
+        if counters.tls != seen {
+            out.push(Violation::new(
+                "mtls",
+                format!(
+                    "{host}: its proxy counted {} inbound requests over mTLS, its app saw {seen}",
+                    counters.tls
+                ),
+            ));
+        }
+    }
+    for host in arrivals.keys() {
+        if !trace.inbound.contains_key(*host) {
+            out.push(Violation::new(
+                "mtls",
+                format!("{host}: its app saw requests, and its proxy's counters were not read"),
+            ));
+        }
+    }
+    out
+}
+
+/// In a meshed world, the servers saw the clients they should: every request that reached a
+/// replica proxy over mTLS carries a client identity (`client_id`) in `expected`, and every
+/// identity in `expected` was seen. Reads the same counters as [`inbound_over_mtls`] (whose
+/// violations it does not repeat).
+#[must_use]
+pub fn inbound_client_identities(trace: &Trace, expected: &[String]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+    for (host, counters) in trace.inbound.iter().filter(|(_, c)| c.error.is_none()) {
+        let proven: u64 = counters.clients.values().sum();
+        if proven != counters.tls {
+            out.push(Violation::new(
+                "mtls-identity",
+                format!(
+                    "{host}: {} requests over mTLS, {proven} of them with a client identity",
+                    counters.tls
+                ),
+            ));
+        }
+        for (client, n) in &counters.clients {
+            if !expected.iter().any(|e| e == client) {
+                out.push(Violation::new(
+                    "mtls-identity",
+                    format!("{host}: {n} requests from the unexpected client identity `{client}`"),
+                ));
+            }
+            *seen.entry(client.as_str()).or_insert(0) += n;
+        }
+    }
+    for identity in expected {
+        if !seen.contains_key(identity.as_str()) {
+            out.push(Violation::new(
+                "mtls-identity",
+                format!("no replica saw a request from `{identity}`"),
+            ));
+        }
+    }
+    out
+}
+
 /// A request record as a route lookup reads it (method and path; the workload sends no header
 /// a route could match on).
 struct RecordView<'a>(&'a RequestRecord);
@@ -1118,5 +1215,74 @@ mod tests {
         assert_eq!(violations.len(), 2, "{violations:?}");
         assert!(violations[0].message.contains("last picked web-1"));
         assert!(violations[1].message.contains("web-3 under version 2"));
+    }
+
+    #[test]
+    fn inbound_requests_must_all_arrive_over_mtls_and_match_the_apps() {
+        use crate::trace::{Arrival, InboundCounters};
+        let arrival = |id: u64, host: &str| Arrival {
+            id: Some(id),
+            host: host.into(),
+            service: "web.default".into(),
+            at_us: 1000 * id,
+            grpc_timeout_us: None,
+        };
+        let counters = |tls: u64, plain: u64| InboundCounters {
+            tls,
+            plain,
+            clients: BTreeMap::from([("c.id".to_owned(), tls)]),
+            error: None,
+        };
+        let mut trace = Trace {
+            arrivals: vec![
+                arrival(1, "web-0"),
+                arrival(2, "web-1"),
+                arrival(3, "web-0"),
+            ],
+            inbound: BTreeMap::from([
+                ("web-0".to_owned(), counters(2, 0)),
+                ("web-1".to_owned(), counters(1, 0)),
+            ]),
+            ..Trace::default()
+        };
+        assert_eq!(inbound_over_mtls(&trace), vec![]);
+        let expected = ["c.id".to_owned()];
+        assert_eq!(inbound_client_identities(&trace, &expected), vec![]);
+        let violations = inbound_client_identities(&trace, &["c.id".into(), "d.id".into()]);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(
+            violations[0]
+                .message
+                .contains("no replica saw a request from `d.id`")
+        );
+        trace
+            .inbound
+            .get_mut("web-0")
+            .unwrap()
+            .clients
+            .insert("e.id".into(), 1);
+        let violations = inbound_client_identities(&trace, &expected);
+        assert_eq!(violations.len(), 2, "{violations:?}");
+        assert!(violations[0].message.contains("with a client identity"));
+        assert!(
+            violations[1]
+                .message
+                .contains("unexpected client identity `e.id`")
+        );
+        // One in plaintext (the app saw it too).
+        trace.inbound.insert("web-1".into(), counters(1, 1));
+        trace.arrivals.push(arrival(4, "web-1"));
+        let violations = inbound_over_mtls(&trace);
+        assert_eq!(violations.len(), 2, "{violations:?}");
+        assert!(
+            violations[0]
+                .message
+                .contains("1 inbound requests arrived in plaintext")
+        );
+        assert!(violations[1].message.contains("its app saw 2"));
+        // Counters never read.
+        trace.inbound.clear();
+        let violations = inbound_over_mtls(&trace);
+        assert_eq!(violations.len(), 3, "{violations:?}");
     }
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use check::{Checks, Violation};
 pub use trace::{Outcome, Proto, Trace};
 pub use workload::{Flow, Workload};
-pub use world::{DiscoveryMode, ServiceSpec, World, WorldSpec};
+pub use world::{DiscoveryMode, MtlsSpec, ServiceSpec, World, WorldSpec};
 
 /// The result of one run, as printed and as passed from a child process to its parent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +106,20 @@ pub fn summarize(trace: &Trace) -> String {
                 q(100)
             );
         }
+    }
+    if !trace.inbound.is_empty() {
+        let tls: BTreeMap<&str, u64> = trace
+            .inbound
+            .iter()
+            .map(|(host, c)| (host.as_str(), c.tls))
+            .collect();
+        let plain: u64 = trace.inbound.values().map(|c| c.plain).sum();
+        let _ = writeln!(out, "inbound over mTLS: {tls:?}; plaintext: {plain}");
+        let mut clients: BTreeMap<&str, u64> = BTreeMap::new();
+        for (client, n) in trace.inbound.values().flat_map(|c| &c.clients) {
+            *clients.entry(client.as_str()).or_insert(0) += n;
+        }
+        let _ = writeln!(out, "inbound client identities: {clients:?}");
     }
     let _ = writeln!(out, "configs: {}", trace.configs.len());
     let picks: usize = trace.requests.iter().map(|r| r.picks.len()).sum();

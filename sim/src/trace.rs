@@ -249,6 +249,23 @@ pub struct ProxyCounters {
     pub error: Option<String>,
 }
 
+/// A replica proxy's inbound request counters, scraped from its admin `/metrics` at the end of
+/// a run whose world asks for them (`WorldSpec::scrape_inbound`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundCounters {
+    /// `request_total{direction="inbound",tls="true"}`, summed over authorities: requests that
+    /// arrived over mTLS.
+    pub tls: u64,
+    /// `request_total{direction="inbound"}` without `tls="true"`: requests that arrived in
+    /// plaintext.
+    pub plain: u64,
+    /// The mTLS requests by the identity their client proved (`client_id`).
+    #[serde(default)]
+    pub clients: BTreeMap<String, u64>,
+    /// Why the scrape failed, if it did.
+    pub error: Option<String>,
+}
+
 /// Everything a run recorded.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
@@ -269,6 +286,9 @@ pub struct Trace {
     pub applied: Vec<AppliedRecord>,
     /// Each client proxy's counters, by client index.
     pub counters: BTreeMap<usize, ProxyCounters>,
+    /// Each replica proxy's inbound counters, by host (only when the world scrapes them).
+    #[serde(default)]
+    pub inbound: BTreeMap<String, InboundCounters>,
     /// Sim time when the run ended, µs.
     pub end_us: u64,
     /// The simulation's own error, if it stopped abnormally (a host failed, time ran out).
@@ -334,6 +354,13 @@ impl Trace {
                 out,
                 "counters c{client} {:?} {:?} {:?} {:?}",
                 c.requests, c.responses, c.routes, c.error
+            );
+        }
+        for (host, c) in &self.inbound {
+            let _ = writeln!(
+                out,
+                "inbound {host} tls {} plain {} {:?} {:?}",
+                c.tls, c.plain, c.clients, c.error
             );
         }
         let _ = writeln!(out, "end {} {:?}", self.end_us, self.sim_error);

@@ -8,13 +8,23 @@
 //!   the simulation, in place of a file on disk); every proxy then discovers through the real
 //!   Destination client (`conduit_proxy::ControllerDiscover`) over turmoil, built inside its
 //!   host's runtime;
-//! - per service, `<name>-<i>` replicas: the [`app`](crate::app) on port 8080 behind its own
+//! - per service, `<name>-<i>` replicas: the [`app`] on port 8080 behind its own
 //!   proxy (`conduit_proxy::run`, inbound 4143 forwarding to `127.0.0.1:8080`);
 //! - `client-<i>` hosts: a proxy (outbound on `127.0.0.1:4140`) and the workload client, which
 //!   sends its share of the schedule through it and scrapes the proxy's `/metrics` at the end.
 //!
 //! Every proxy's seed is drawn from the run's seed by host name and incarnation, turmoil's
-//! world RNG is seeded from it too, and the epoch is pinned.
+//! world RNG is seeded from it too, and the epoch is pinned ([`EPOCH_SECS`]).
+//!
+//! A meshed world ([`WorldSpec::mtls`], [`WorldSpec::meshed`]) adds workload identity: the
+//! controller runs the real certificate authority (`CertificateAuthority::in_memory`, on
+//! simulated wall time, [`sim_wall`]) behind its Identity gRPC service; every proxy (each
+//! replica's and each client's, unless the spec leaves a client out) gets an identity
+//! ([`identity_name`]), a bootstrap token from that CA and its trust anchors, and certifies
+//! itself through the real Identity client over turmoil; every endpoint the world publishes
+//! carries its service's identity, so proxies speak mTLS to each other. Key generation and
+//! handshakes draw OS randomness (ring), so certificate and handshake bytes differ from run to
+//! run; nothing the trace records depends on them.
 //!
 //! Every proxy reports what it applies and picks to a [`SimObserver`], which records it in the
 //! trace. Every endpoint the world publishes carries [`CONFIG_LABEL`]: the configuration
@@ -24,15 +34,18 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
+use conduit_controller::identity::CertificateAuthority;
 use conduit_core::breaker::RawBreaker;
-use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService};
+use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawServerPolicy, RawService};
 use conduit_core::rand::{DetRng, Rng};
 use conduit_core::route::RawProfile;
+use conduit_core::time::UnixTime;
 use conduit_proxy::config::{DiscoveryConfig, ProxyConfig};
 use conduit_proxy::discover::controller::ControllerDiscoverConfig;
+use conduit_proxy::identity::LocalIdentity;
 use conduit_proxy::net::PeerAddr;
 use conduit_proxy::observe::Observer;
 use conduit_proxy::{ControllerDiscover, Discover, Proxy, ProxyStartError, StaticDiscover};
@@ -44,7 +57,9 @@ use turmoil::Sim;
 use crate::app::{self, APP_PORT, AppControl, AppIdentity};
 use crate::net::{SimNet, SimStream};
 use crate::observe::SimObserver;
-use crate::trace::{CONFIG_LABEL, ConfigVersion, ProxyCounters, Recorder, Trace, micros};
+use crate::trace::{
+    CONFIG_LABEL, ConfigVersion, InboundCounters, ProxyCounters, Recorder, Trace, micros,
+};
 use crate::workload::{self, Workload};
 
 /// The proxy's outbound port on a client host.
@@ -60,6 +75,33 @@ pub const CONTROLLER: &str = "controller";
 
 /// A fixed `date` for the controller's gRPC responses (turmoil.md §4.1).
 const FIXED_DATE: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
+
+/// The pinned epoch of every run, in seconds since 1970 (2026-01-01T00:00:00Z).
+pub const EPOCH_SECS: u64 = 1_767_225_600;
+
+/// Simulated wall-clock time: the pinned epoch plus the simulated time of the host that asks
+/// (the epoch itself outside a host). The wall clock of every proxy's identity and of the
+/// controller's certificate authority, so certificate validity runs on simulated time.
+#[must_use]
+pub fn sim_wall() -> UnixTime {
+    UnixTime::from_secs(turmoil::since_epoch().map_or(EPOCH_SECS, |since| since.as_secs()))
+}
+
+/// The suffix of every identity in a meshed world.
+pub const IDENTITY_SUFFIX: &str = "serviceaccount.identity.conduit.local";
+
+/// The identity of `service`'s proxies (and what its endpoints are published with):
+/// `<service>.serviceaccount.identity.conduit.local`.
+#[must_use]
+pub fn identity_name(service: &str) -> String {
+    format!("{service}.{IDENTITY_SUFFIX}")
+}
+
+/// The identity of client host `i`'s proxy: `client-<i>.default.serviceaccount.identity.conduit.local`.
+#[must_use]
+pub fn client_identity(i: usize) -> String {
+    identity_name(&format!("{}.default", client_host(i)))
+}
 
 /// One service and its replicas.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +119,11 @@ pub struct ServiceSpec {
     /// profile.
     #[serde(skip)]
     pub breaker: Option<RawBreaker>,
+    /// Its authorization policy, published with its endpoints and enforced by its replicas'
+    /// proxies on inbound requests (`None`: every client admitted). Rebuilt from the seed like
+    /// the profile.
+    #[serde(skip)]
+    pub policy: Option<RawServerPolicy>,
 }
 
 impl ServiceSpec {
@@ -88,6 +135,7 @@ impl ServiceSpec {
             replicas,
             profile: None,
             breaker: None,
+            policy: None,
         }
     }
 
@@ -95,6 +143,13 @@ impl ServiceSpec {
     #[must_use]
     pub fn with_profile(mut self, profile: RawProfile) -> Self {
         self.profile = Some(profile);
+        self
+    }
+
+    /// The same service with an authorization policy.
+    #[must_use]
+    pub fn with_policy(mut self, policy: RawServerPolicy) -> Self {
+        self.policy = Some(policy);
         self
     }
 
@@ -125,6 +180,25 @@ pub enum DiscoveryMode {
     Controller,
 }
 
+/// Workload identity and mTLS for a whole world (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MtlsSpec {
+    /// How long the CA's leaf certificates last.
+    pub leaf_lifetime: Duration,
+    /// Client hosts (by index) whose proxies run without an identity: they cannot reach a
+    /// meshed endpoint (they refuse to send it plaintext).
+    pub unidentified_clients: Vec<usize>,
+}
+
+impl Default for MtlsSpec {
+    fn default() -> Self {
+        Self {
+            leaf_lifetime: conduit_controller::identity::DEFAULT_LEAF_LIFETIME,
+            unidentified_clients: Vec::new(),
+        }
+    }
+}
+
 /// A topology and the world's physics.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorldSpec {
@@ -146,6 +220,14 @@ pub struct WorldSpec {
     pub response_timeout: Option<Duration>,
     /// The run fails if it is not over by this sim time.
     pub time_limit: Duration,
+    /// Workload identity and mTLS (`None`: a plaintext mesh). Needs
+    /// [`DiscoveryMode::Controller`]: the controller is the CA.
+    #[serde(default)]
+    pub mtls: Option<MtlsSpec>,
+    /// At the end of the run, the last client to finish reads every replica proxy's inbound
+    /// request counters into [`Trace::inbound`].
+    #[serde(default)]
+    pub scrape_inbound: bool,
     /// A defect planted in every proxy, for tests that show a check catches it.
     #[cfg(feature = "planted-faults")]
     #[serde(skip)]
@@ -166,9 +248,22 @@ impl WorldSpec {
             connect_timeout: conduit_proxy::config::DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Some(conduit_proxy::config::DEFAULT_RESPONSE_TIMEOUT),
             time_limit: Duration::from_secs(120),
+            mtls: None,
+            scrape_inbound: false,
             #[cfg(feature = "planted-faults")]
             planted: None,
         }
+    }
+
+    /// The same world meshed: discovery through the controller, which is the CA; every proxy
+    /// with an identity; every endpoint published with its service's identity; the replica
+    /// proxies' inbound counters read at the end.
+    #[must_use]
+    pub fn meshed(mut self) -> Self {
+        self.discovery = DiscoveryMode::Controller;
+        self.mtls = Some(MtlsSpec::default());
+        self.scrape_inbound = true;
+        self
     }
 
     /// Every replica host, in order.
@@ -203,6 +298,9 @@ pub struct World<'a> {
     changed: BTreeMap<String, u64>,
     profiles: BTreeMap<String, RawProfile>,
     breakers: BTreeMap<String, RawBreaker>,
+    policies: BTreeMap<String, RawServerPolicy>,
+    /// Whether endpoints are published with their service's identity.
+    meshed: bool,
     version: u64,
 }
 
@@ -217,7 +315,15 @@ impl std::fmt::Debug for World<'_> {
 
 /// A proxy's configuration: a replica's (in front of the app of `service`) or a client's.
 fn proxy_config(spec: &WorldSpec, seed: u64, service: Option<&str>) -> ProxyConfig {
-    let mut config = ProxyConfig::with_discovery(DiscoveryConfig::File("sim".into()));
+    let discovery = match spec.discovery {
+        DiscoveryMode::Static => DiscoveryConfig::File("sim".into()),
+        // What the binary would be given; the proxy reads it only to certify its identity
+        // (discovery itself is built by the harness).
+        DiscoveryMode::Controller => DiscoveryConfig::Controller {
+            addr: controller_addr(),
+        },
+    };
+    let mut config = ProxyConfig::with_discovery(discovery);
     config.outbound_addr = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
     config.inbound_addr = SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT));
     config.admin_addr = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT));
@@ -228,6 +334,44 @@ fn proxy_config(spec: &WorldSpec, seed: u64, service: Option<&str>) -> ProxyConf
     config.limits.connect_timeout = spec.connect_timeout;
     config.limits.response_timeout = spec.response_timeout;
     config
+}
+
+/// The controller's gRPC address, by host name (resolved through turmoil's DNS at every
+/// connect, as a cluster's service name is).
+fn controller_addr() -> PeerAddr {
+    PeerAddr::Name {
+        host: CONTROLLER.to_owned(),
+        port: CONTROLLER_PORT,
+    }
+}
+
+/// What a proxy needs to set up its identity: its name, its bootstrap token and the CA's trust
+/// anchors. Each incarnation makes a fresh key from it ([`Self::local`]).
+#[derive(Clone, Debug)]
+struct IdentityMaterial {
+    name: String,
+    token: String,
+    anchors: Arc<[u8]>,
+}
+
+impl IdentityMaterial {
+    fn new(ca: &CertificateAuthority, name: String) -> anyhow::Result<Self> {
+        let token = ca
+            .issue_token(&name)
+            .map_err(|err| anyhow::anyhow!("a token for {name}: {err}"))?;
+        Ok(Self {
+            name,
+            token,
+            anchors: Arc::from(ca.trust_anchors_pem()),
+        })
+    }
+
+    /// A new key and CSR for the identity, on simulated wall time.
+    fn local(&self) -> Result<Arc<LocalIdentity>, Box<dyn std::error::Error>> {
+        LocalIdentity::new(&self.name, self.token.as_bytes(), &self.anchors, sim_wall)
+            .map(Arc::new)
+            .map_err(|err| format!("identity {}: {err}", self.name).into())
+    }
 }
 
 /// Seeds for a host's successive incarnations (a bounced host is a new process: new seed).
@@ -270,6 +414,7 @@ enum Source {
 #[derive(Clone, Debug)]
 struct Hooks {
     observer: Arc<dyn Observer>,
+    identity: Option<Arc<LocalIdentity>>,
     #[cfg(feature = "planted-faults")]
     planted: Option<conduit_proxy::observe::PlantedFault>,
 }
@@ -279,9 +424,16 @@ impl Hooks {
         let _ = spec;
         Self {
             observer: Arc::new(SimObserver::new(host, incarnation, recorder.clone())),
+            identity: None,
             #[cfg(feature = "planted-faults")]
             planted: spec.planted,
         }
+    }
+
+    /// The same hooks with the proxy's identity.
+    fn with_identity(mut self, identity: Option<Arc<LocalIdentity>>) -> Self {
+        self.identity = identity;
+        self
     }
 }
 
@@ -296,6 +448,10 @@ async fn serve<D: Discover>(
     let proxy = Proxy::bind(config, SimNet)
         .await?
         .with_observer(hooks.observer);
+    let proxy = match hooks.identity {
+        Some(identity) => proxy.with_identity(identity),
+        None => proxy,
+    };
     #[cfg(feature = "planted-faults")]
     let proxy = match hooks.planted {
         Some(fault) => proxy.with_planted_fault(fault),
@@ -352,13 +508,25 @@ impl<'a> World<'a> {
         let mut builder = turmoil::Builder::new();
         builder
             .rng_seed(root.child("turmoil").next_u64())
-            .epoch(UNIX_EPOCH + Duration::from_secs(1_767_225_600))
+            .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
             .simulation_duration(spec.time_limit)
             .tick_duration(Duration::from_millis(1))
             .min_message_latency(spec.min_latency)
             .max_message_latency(spec.max_latency);
         let mut sim = builder.build();
         let recorder = Recorder::new(scenario, seed);
+
+        // The CA outlives controller crashes (as its directory would): made once, here.
+        let ca = match &spec.mtls {
+            Some(_) if spec.discovery != DiscoveryMode::Controller => {
+                anyhow::bail!("a meshed world needs the controller (DiscoveryMode::Controller)")
+            }
+            Some(mtls) => Some(Arc::new(
+                CertificateAuthority::in_memory(mtls.leaf_lifetime, Arc::new(sim_wall))
+                    .map_err(|err| anyhow::anyhow!("the certificate authority: {err}"))?,
+            )),
+            None => None,
+        };
 
         let static_discover = Arc::new(StaticDiscover::new(Mesh::default()));
         let discovery = match spec.discovery {
@@ -368,8 +536,10 @@ impl<'a> World<'a> {
                     conduit_controller::discovery::file::FileDiscovery::new(Mesh::default());
                 let backend = files.clone();
                 let services = spec.services.len();
+                let ca = ca.clone();
                 sim.host(CONTROLLER, move || {
                     let backend = backend.clone();
+                    let ca = ca.clone();
                     async move {
                         let listener =
                             crate::net::bind(SocketAddr::from(([0, 0, 0, 0], CONTROLLER_PORT)))
@@ -379,6 +549,10 @@ impl<'a> World<'a> {
                             Arc::new(conduit_controller::metrics::Metrics::new(services)),
                         )
                         .with_fixed_date_header(http::HeaderValue::from_static(FIXED_DATE));
+                        let controller = match ca {
+                            Some(ca) => controller.with_identity(ca),
+                            None => controller,
+                        };
                         controller
                             .serve_grpc(crate::net::incoming(listener), std::future::pending())
                             .await?;
@@ -390,10 +564,7 @@ impl<'a> World<'a> {
         };
         let source = match spec.discovery {
             DiscoveryMode::Static => Source::Static(Arc::clone(&static_discover)),
-            DiscoveryMode::Controller => Source::Controller(PeerAddr::Name {
-                host: CONTROLLER.to_owned(),
-                port: CONTROLLER_PORT,
-            }),
+            DiscoveryMode::Controller => Source::Controller(controller_addr()),
         };
 
         let mut apps = BTreeMap::new();
@@ -415,6 +586,10 @@ impl<'a> World<'a> {
                 let drain = Arc::new(tokio::sync::Notify::new());
                 drains.insert(host.clone(), Arc::clone(&drain));
                 let name = host.clone();
+                let material = ca
+                    .as_deref()
+                    .map(|ca| IdentityMaterial::new(ca, identity_name(&service.authority)))
+                    .transpose()?;
                 sim.host(host.as_str(), move || {
                     let drain = Arc::clone(&drain);
                     let (seed, incarnation) = seeds.next();
@@ -424,7 +599,11 @@ impl<'a> World<'a> {
                     let identity = identity.clone();
                     let control = Arc::clone(&control);
                     let recorder = recorder.clone();
+                    // Every incarnation makes a new key and certifies it.
+                    let local = material.as_ref().map(IdentityMaterial::local);
                     async move {
+                        let local = local.transpose()?;
+                        let hooks = hooks.with_identity(local);
                         tokio::spawn(run_proxy(config, seed, discover, hooks, drain));
                         app::serve(identity, control, recorder).await
                     }
@@ -432,18 +611,36 @@ impl<'a> World<'a> {
             }
         }
 
+        // Clients done so far: the last to finish reads the replicas' inbound counters.
+        let finished = Arc::new(AtomicUsize::new(0));
+        let inbound_hosts = if spec.scrape_inbound {
+            spec.replica_hosts()
+        } else {
+            Vec::new()
+        };
         for client in 0..spec.clients {
             let host = client_host(client);
             let seeds = Seeds::new(&mut root, &host);
             let (seed, incarnation) = seeds.next();
             let config = proxy_config(spec, seed, None);
+            let material = match (&ca, &spec.mtls) {
+                (Some(ca), Some(mtls)) if !mtls.unidentified_clients.contains(&client) => {
+                    Some(IdentityMaterial::new(ca, client_identity(client))?)
+                }
+                _ => None,
+            };
             let hooks = Hooks::new(spec, &host, incarnation, &recorder);
             let discover = source.clone();
             let requests = workload.for_client(client);
             let recorder = recorder.clone();
             let drain = Arc::new(tokio::sync::Notify::new());
             drains.insert(host.clone(), Arc::clone(&drain));
+            let finished = Arc::clone(&finished);
+            let clients = spec.clients;
+            let inbound_hosts = inbound_hosts.clone();
             sim.client(host.as_str(), async move {
+                let local = material.as_ref().map(IdentityMaterial::local).transpose()?;
+                let hooks = hooks.with_identity(local);
                 tokio::spawn(run_proxy(config, seed, discover, hooks, drain));
                 let outbound = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
                 workload::run_client(outbound, requests, recorder.clone()).await;
@@ -451,6 +648,15 @@ impl<'a> World<'a> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let counters = scrape(SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT))).await;
                 recorder.with(|t| t.counters.insert(client, counters));
+                // Every host runs on this one thread, so which client is last is as
+                // deterministic as the rest of the run; by then every request has ended.
+                if finished.fetch_add(1, Ordering::Relaxed) + 1 == clients {
+                    for replica in inbound_hosts {
+                        let admin = SocketAddr::new(turmoil::lookup(replica.as_str()), ADMIN_PORT);
+                        let counters = scrape_inbound(admin).await;
+                        recorder.with(|t| t.inbound.insert(replica, counters));
+                    }
+                }
                 Ok(())
             });
         }
@@ -477,6 +683,11 @@ impl<'a> World<'a> {
             .iter()
             .filter_map(|s| Some((s.authority.clone(), s.breaker.clone()?)))
             .collect();
+        let policies = spec
+            .services
+            .iter()
+            .filter_map(|s| Some((s.authority.clone(), s.policy.clone()?)))
+            .collect();
         let mut world = Self {
             sim,
             recorder,
@@ -487,6 +698,8 @@ impl<'a> World<'a> {
             changed: BTreeMap::new(),
             profiles,
             breakers,
+            policies,
+            meshed: spec.mtls.is_some(),
             version: 0,
         };
         world.publish()?;
@@ -622,6 +835,7 @@ impl<'a> World<'a> {
                 .map(|host| RawEndpoint {
                     addr: SocketAddr::new(self.sim.lookup(host.as_str()), INBOUND_PORT).to_string(),
                     labels: BTreeMap::from([(CONFIG_LABEL.to_owned(), changed.to_string())]),
+                    identity: self.meshed.then(|| identity_name(authority)),
                     ..RawEndpoint::default()
                 })
                 .collect();
@@ -632,7 +846,7 @@ impl<'a> World<'a> {
                     endpoints,
                     profile: self.profiles.get(authority).cloned(),
                     breaker: self.breakers.get(authority).cloned(),
-                    policy: None,
+                    policy: self.policies.get(authority).cloned(),
                 },
             );
         }
@@ -673,6 +887,43 @@ impl<'a> World<'a> {
         let end = micros(self.sim.elapsed());
         self.recorder.with(|t| t.end_us = end);
         self.recorder.finish()
+    }
+}
+
+/// Reads a proxy's inbound request counters from its admin `/metrics`: those that arrived over
+/// mTLS (`tls="true"`) and the others.
+async fn scrape_inbound(admin: SocketAddr) -> InboundCounters {
+    let samples = match scrape_text(admin).await {
+        Ok(text) => conduit_proto::prom::parse(&text).map_err(|err| err.to_string()),
+        Err(err) => Err(err.to_string()),
+    };
+    match samples {
+        Ok(samples) => {
+            let mut counters = InboundCounters::default();
+            for sample in samples {
+                if sample.name != "request_total" || sample.label("direction") != Some("inbound") {
+                    continue;
+                }
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "counters are small non-negative integers"
+                )]
+                let value = sample.value as u64;
+                if sample.label("tls") == Some("true") {
+                    counters.tls += value;
+                    let client = sample.label("client_id").unwrap_or("").to_owned();
+                    *counters.clients.entry(client).or_insert(0) += value;
+                } else {
+                    counters.plain += value;
+                }
+            }
+            counters
+        }
+        Err(error) => InboundCounters {
+            error: Some(error),
+            ..InboundCounters::default()
+        },
     }
 }
 
