@@ -87,6 +87,19 @@ pub enum ProxyError {
         /// Who was refused, and by which rule.
         reason: String,
     },
+    /// The endpoint is meshed, but this proxy has no certificate to offer it (no identity
+    /// configured, or none certified yet, or the one held expired). Not the endpoint's fault:
+    /// it is neither backed off nor tried again elsewhere (every meshed endpoint would refuse
+    /// the same way).
+    #[error("mTLS to {addr} (identity {identity}) impossible: {reason}")]
+    NoIdentity {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The identity it must prove.
+        identity: String,
+        /// Why this proxy cannot speak mTLS.
+        reason: String,
+    },
     /// The destination is not meshed and the proxy is configured to refuse unmeshed
     /// destinations (`outbound_require_identity`).
     #[error("{addr} is not meshed, and this proxy sends only mTLS (outbound_require_identity)")]
@@ -199,6 +212,7 @@ impl ProxyError {
             }
             Self::Connect { .. }
             | Self::Identity { .. }
+            | Self::NoIdentity { .. }
             | Self::Unmeshed { .. }
             | Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, grpc::UNAVAILABLE, true),
             Self::UnknownAuthority { .. } => (StatusCode::NOT_FOUND, grpc::NOT_FOUND, false),
@@ -403,6 +417,11 @@ mod tests {
                 addr,
                 identity: "web.default.serviceaccount.identity.conduit.local".into(),
                 reason: "invalid peer certificate: certificate expired".into(),
+            },
+            ProxyError::NoIdentity {
+                addr,
+                identity: "web.default.serviceaccount.identity.conduit.local".into(),
+                reason: "this proxy has no identity configured (identity_name)".into(),
             },
             ProxyError::Unmeshed { addr },
             ProxyError::Forbidden {

@@ -646,7 +646,11 @@ impl<'c> Exchange<'c> {
                 failed.connected,
                 failed.error,
             );
-            if failed.unprocessed && !failed.client_broken {
+            // This proxy's own lack of a certificate would fail the same way anywhere.
+            if failed.unprocessed
+                && !failed.client_broken
+                && !matches!(error, ProxyError::NoIdentity { .. })
+            {
                 let decision = resend_unprocessed(
                     Unprocessed {
                         attempts,
@@ -1469,12 +1473,13 @@ fn feedback(
 ) {
     let Some(service) = service else { return };
     match (in_flight, error) {
+        // The endpoint refused the connection or failed its handshake: it backs off. (This
+        // proxy's own refusals, `NoIdentity` and `Unmeshed`, say nothing about the endpoint.)
         (
             _,
             ProxyError::Connect { .. }
             | ProxyError::ConnectTimeout { .. }
-            | ProxyError::Identity { .. }
-            | ProxyError::Unmeshed { .. },
+            | ProxyError::Identity { .. },
         ) => {
             service.connect_failed(addr);
         }

@@ -95,7 +95,7 @@ impl<N: Net> Pools<N> {
             }
             (None, _) => None,
             (Some(identity), None) => {
-                return Err(ProxyError::Identity {
+                return Err(ProxyError::NoIdentity {
                     addr,
                     identity: identity.to_string(),
                     reason: "this proxy has no identity configured (identity_name)".into(),
@@ -103,7 +103,7 @@ impl<N: Net> Pools<N> {
             }
             (Some(identity), Some(local)) => {
                 if !local.is_certified() {
-                    return Err(ProxyError::Identity {
+                    return Err(ProxyError::NoIdentity {
                         addr,
                         identity: identity.to_string(),
                         reason: "this proxy holds no valid certificate yet".into(),
