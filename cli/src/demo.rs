@@ -29,7 +29,10 @@
 //! identity in the mesh file, so every hop between proxies is mutual TLS with the identity
 //! checked, and every proxy reaches the controller over mTLS as well (checking the controller's
 //! identity). Each service row shows the share of its requests that arrived over mTLS, as its
-//! replicas' proxies counted them (`tls="true"`).
+//! replicas' proxies counted them (`tls="true"`). `api.demo` admits only authenticated clients
+//! (`policy: { default: all-authenticated }`): an outsider without an identity sends it a
+//! request a second in plaintext, straight to a replica's inbound port, and the line under
+//! the table counts the 403s its proxy answers (none of them reaches the app).
 //!
 //! On a terminal the live table is redrawn in place every second; otherwise (a pipe, a file)
 //! each refresh is appended as plain lines, without escape codes. The demo prints no colour.
@@ -42,6 +45,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -207,6 +211,58 @@ pub struct DemoSummary {
     pub seconds: f64,
     /// One entry per service.
     pub services: Vec<ServiceSummary>,
+    /// The outsider without an identity that `api.demo`'s policy refuses.
+    pub outsider: OutsiderSummary,
+}
+
+/// What the outsider without an identity got from `api.demo`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OutsiderSummary {
+    /// Requests sent.
+    pub sent: u64,
+    /// Answered 403 by the replica's proxy (its policy).
+    pub denied: u64,
+    /// Answered otherwise (served, or any other status or error).
+    pub other: u64,
+}
+
+/// The outsider's counts, shared with its task.
+#[derive(Debug, Default)]
+struct Outsider {
+    sent: std::sync::atomic::AtomicU64,
+    denied: std::sync::atomic::AtomicU64,
+    other: std::sync::atomic::AtomicU64,
+}
+
+impl Outsider {
+    async fn send(&self, target: SocketAddr) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.sent.fetch_add(1, Relaxed);
+        let denied = matches!(http_get(target, "/items").await, Ok((403, _)));
+        if denied {
+            self.denied.fetch_add(1, Relaxed);
+        } else {
+            self.other.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn summary(&self) -> OutsiderSummary {
+        use std::sync::atomic::Ordering::Relaxed;
+        OutsiderSummary {
+            sent: self.sent.load(Relaxed),
+            denied: self.denied.load(Relaxed),
+            other: self.other.load(Relaxed),
+        }
+    }
+
+    fn line(&self) -> String {
+        let s = self.summary();
+        format!(
+            "An outsider without an identity -> api.demo (plaintext, 1 req/s): {} sent, {} denied \
+             with 403 by api.demo's policy (all-authenticated), {} otherwise\n",
+            s.sent, s.denied, s.other
+        )
+    }
 }
 
 /// One service in the final report.
@@ -322,6 +378,9 @@ fn identity_of(service: &str) -> String {
     format!("{service}.serviceaccount.identity.conduit.local")
 }
 
+/// `api.demo`'s authorization policy: only clients that prove an identity from the mesh's CA.
+const API_POLICY: &[&str] = &["default: all-authenticated"];
+
 fn mesh_file(services: &[DemoService], client: Option<ClientProxy>) -> String {
     let mut yaml = String::from("# Written by `conduit demo`.\nservices:\n");
     if let Some(client) = client {
@@ -351,6 +410,12 @@ fn mesh_file(services: &[DemoService], client: Option<ClientProxy>) -> String {
             yaml.push_str("    profile:\n      routes:\n");
             for line in service.profile {
                 yaml.push_str(&format!("        {line}\n"));
+            }
+        }
+        if service.name == "api.demo" {
+            yaml.push_str("    policy:\n");
+            for line in API_POLICY {
+                yaml.push_str(&format!("      {line}\n"));
             }
         }
     }
@@ -903,6 +968,25 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     let clock = Clock::new();
     let load = tokio::spawn(load::run(TokioNet, client_outbound, load_config, clock));
 
+    // An outsider without an identity: plaintext, straight to an api.demo replica.
+    let outsider = Arc::new(Outsider::default());
+    let outsider_task = {
+        let outsider = Arc::clone(&outsider);
+        let target = services
+            .iter()
+            .find(|s| s.name == "api.demo")
+            .and_then(|s| s.replicas.first())
+            .map(|r| r.inbound);
+        tokio::spawn(async move {
+            let Some(target) = target else { return };
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                outsider.send(target).await;
+            }
+        })
+    };
+
     let first = scrape(clock, client_admin, &services).await?;
     let mut window: VecDeque<Scrape> = VecDeque::from([first.clone()]);
     let end = options.duration.map(|d| first.at + d);
@@ -926,7 +1010,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
             let (table, _) = rows(&services, &window[0], &latest);
             let elapsed = latest.at.saturating_duration_since(first.at).as_secs();
             let frame = format!(
-                "{}{}",
+                "{}{}\n{}",
                 header(
                     &services,
                     controller_grpc,
@@ -934,7 +1018,8 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
                     window.len().saturating_sub(1),
                     elapsed
                 ),
-                stat::render(&table)
+                stat::render(&table),
+                outsider.line()
             );
             print!("{}", redraw(first_frame, &frame, interactive));
             let _ = std::io::stdout().flush();
@@ -945,19 +1030,22 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         }
     }
     load.abort();
+    outsider_task.abort();
     let last = scrape(clock, client_admin, &services).await?;
     let (table, summaries) = rows(&services, &first, &last);
     let summary = DemoSummary {
         seconds: last.at.saturating_duration_since(first.at).as_secs_f64(),
         services: summaries,
+        outsider: outsider.summary(),
     };
     if options.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "\nWhole run ({:.0}s):\n{}",
+            "\nWhole run ({:.0}s):\n{}\n{}",
             summary.seconds,
-            stat::render(&table)
+            stat::render(&table),
+            outsider.line()
         );
     }
     drop(processes);
