@@ -156,6 +156,16 @@ pub fn all() -> Vec<Scenario> {
             plan: mtls_unidentified_client_denied,
         },
         Scenario {
+            name: "mtls_leaf_rotation_under_load",
+            doc: "30 s leaves under 60 s of load: every proxy renews its certificate at least twice, each time before it expires, every request succeeds over mTLS, and clients that join after the first and second leaves expired handshake on the renewed ones",
+            plan: mtls_leaf_rotation_under_load,
+        },
+        Scenario {
+            name: "mtls_expiry_while_controller_down",
+            doc: "the controller (the CA) is down from 3 s to 40 s and 30 s leaves expire meanwhile: requests succeed while the leaves last, then get the client proxy's own 502 at once; after the controller returns every proxy re-certifies within 12 s and requests succeed again",
+            plan: mtls_expiry_while_controller_down,
+        },
+        Scenario {
             name: "random_chaos",
             doc: "swarm: a seed-drawn mix of partitions, crashes and slow replicas, healed by 7 s; liveness after",
             plan: random_chaos,
@@ -1516,4 +1526,304 @@ fn mtls_unidentified_client_denied(_seed: u64) -> Plan {
         out.truncate(10);
         out
     })
+}
+
+/// The leaf lifetime of the certificate rotation and expiry scenarios: short enough that
+/// renewals (at 70 % of it, 21 s) and expiry fall inside a run. The in-memory CA takes any
+/// lifetime; the controller's configuration would not go below `MIN_LEAF_LIFETIME` (60 s),
+/// but the proxies' schedule is proportional (the 10 s floor is not reached), so a 30 s leaf
+/// lives the same life as a 60 s one in half the simulated time.
+const SHORT_LEAF_LIFETIME: Duration = Duration::from_secs(30);
+
+/// A meshed world whose leaves last [`SHORT_LEAF_LIFETIME`] and whose proxies' certificates
+/// are watched (`Trace::certificates`).
+fn short_leaves(world: WorldSpec) -> WorldSpec {
+    let mut world = world.meshed();
+    if let Some(mtls) = &mut world.mtls {
+        mtls.leaf_lifetime = SHORT_LEAF_LIFETIME;
+        mtls.watch_certificates = true;
+    }
+    world
+}
+
+/// Every proxy host of `world`: the replicas' and the clients'.
+fn proxy_hosts(world: &WorldSpec) -> Vec<String> {
+    let mut hosts = world.replica_hosts();
+    hosts.extend((0..world.clients).map(conduit_sim::world::client_host));
+    hosts
+}
+
+/// h1, h2 and gRPC GETs (and 20 % POSTs) from `client` to `authority` at `rate` in
+/// `[start, end)`.
+fn mixed_flow(client: usize, authority: &str, rate: u32, start: Duration, end: Duration) -> Flow {
+    Flow {
+        protos: vec![Proto::Http1, Proto::Http2, Proto::Grpc],
+        post_percent: 20,
+        ..Flow::new(client, authority, rate, start, end)
+    }
+}
+
+/// The `n`-th certificate (0 first) of every proxy's first incarnation, by host; a host
+/// without one is left out.
+fn nth_certificates(trace: &Trace, n: usize) -> std::collections::BTreeMap<String, u64> {
+    trace
+        .certificates_by_proxy()
+        .into_iter()
+        .filter(|((_, incarnation), _)| *incarnation == 0)
+        .filter_map(|((host, _), certs)| Some((host, certs.get(n)?.valid_until_us())))
+        .collect()
+}
+
+/// When `client` sent its first request, µs.
+fn first_request_us(trace: &Trace, client: usize) -> Option<u64> {
+    requests_of(trace, client).map(|r| r.start_us).min()
+}
+
+/// Goal: proxies rotate their leaf certificates under load without failing a request, and
+/// connections made after a leaf expired use the renewed one. Method: a meshed world (`web`
+/// with three replicas, `api` with two, three clients) whose CA issues
+/// [`SHORT_LEAF_LIFETIME`] (30 s) leaves; every proxy certifies at start, renews 21 s later
+/// (70 % of 30 s) and again at 42 s. `client-0` sends h1, h2 and gRPC to both services at
+/// 20 req/s each for 60 s (its pooled connections, made on the first leaves, outlive them:
+/// TLS checks certificates at the handshake only). `client-1` starts at 33 s, after every
+/// first leaf expired, and `client-2` at 53 s, after every second one did, so their proxies'
+/// handshakes, and the replicas' answers to them, need the renewed leaves. Checks: every
+/// request succeeds (the generic checks), every request reached its replica over mTLS from one
+/// of the three client identities, all three seen; every proxy (the harness reads its
+/// certificate every 10 ms) renewed at least twice, each time before the certificate it held
+/// expired; and the late clients did start after those expiries (the scenario's premise,
+/// checked on the watched certificates).
+fn mtls_leaf_rotation_under_load(_seed: u64) -> Plan {
+    let world = short_leaves(WorldSpec::new(
+        vec![ServiceSpec::new(WEB, 3), ServiceSpec::new("api.default", 2)],
+        3,
+    ));
+    let mut flows = Vec::new();
+    for (client, start) in [(0, ms(100)), (1, secs(33)), (2, secs(53))] {
+        for authority in [WEB, "api.default"] {
+            flows.push(mixed_flow(client, authority, 20, start, secs(60)));
+        }
+    }
+    let proxies = proxy_hosts(&world);
+    let clients: Vec<String> = (0..3).map(conduit_sim::world::client_identity).collect();
+    Plan::new(world, flows)
+        .check(check::inbound_over_mtls)
+        .check(move |trace| check::inbound_client_identities(trace, &clients))
+        .check(move |trace| check::certificates_renewed(trace, &proxies, 2))
+        .check(|trace| {
+            let mut out = Vec::new();
+            for (client, n) in [(1, 0), (2, 1)] {
+                let expired = nth_certificates(trace, n).values().copied().max();
+                let first = first_request_us(trace, client);
+                match (expired, first) {
+                    (Some(expired), Some(first)) if first >= expired => {}
+                    _ => out.push(Violation::new(
+                        "rotation",
+                        format!(
+                            "client-{client} was to start after every proxy's certificate {} expired: its first request at {:?} µs, the last of those expired at {expired:?} µs",
+                            n + 1,
+                            first
+                        ),
+                    )),
+                }
+            }
+            out
+        })
+}
+
+/// When the controller goes down in `mtls_expiry_while_controller_down`: after every proxy's
+/// first certificate, before any renewal (21 s).
+const CA_DOWN_AT: Duration = Duration::from_secs(3);
+
+/// When the controller returns in `mtls_expiry_while_controller_down`: 10 s after the leaves
+/// (30 s) expired.
+const CA_BACK_AT: Duration = Duration::from_secs(40);
+
+/// How soon after the controller returns every proxy holds a new certificate: the proxies'
+/// retry backoff is capped at 10 s (`conduit_core::identity::DEFAULT_RETRY_MAX`), plus a
+/// connect timeout (1 s) for an attempt still trying the dead controller, plus the round trip.
+const RECERTIFY_WITHIN: Duration = Duration::from_secs(12);
+
+/// Whether `record` got its client proxy's own `502` (gRPC: UNAVAILABLE) naming a failed or
+/// impossible mTLS connection, and, with `no_certificate`, saying it holds no valid
+/// certificate.
+fn mtls_refused(record: &conduit_sim::trace::RequestRecord, no_certificate: bool) -> bool {
+    match &record.outcome {
+        conduit_sim::Outcome::Response {
+            status,
+            grpc_status,
+            proxy_error: Some(reason),
+            ..
+        } => {
+            let status_ok = if record.proto == Proto::Grpc {
+                *grpc_status == Some(14)
+            } else {
+                *status == 502
+            };
+            status_ok
+                && reason.contains("mTLS to")
+                && (!no_certificate || reason.contains("holds no valid certificate"))
+        }
+        _ => false,
+    }
+}
+
+/// Goal: when the CA is unreachable, proxies serve on their certificates until these expire,
+/// then fail fast with their own error (never a hang, never plaintext), and recover by
+/// themselves once the CA returns. Method: a meshed world (`web` with three replicas, two
+/// clients) whose leaves last [`SHORT_LEAF_LIFETIME`] (30 s); the controller, which is the CA,
+/// crashes at [`CA_DOWN_AT`] (3 s, before any renewal is due at 21 s) and restarts at
+/// [`CA_BACK_AT`] (40 s) with the same CA. Both clients send h1, h2 and gRPC at 20 req/s from
+/// 100 ms to 7 s, pause, and send again from 32 s to 62 s. The pause is longer than the pool
+/// idle timeout (20 s), so the requests after expiry need new connections: established ones
+/// would carry on (TLS checks certificates at the handshake only). Checks, on the certificates
+/// the harness watched: every proxy got its first certificate before the crash, none got one
+/// while the controller was down, all had expired before it returned, and each got a new one
+/// within [`RECERTIFY_WITHIN`] of its return. Requests: every one sent before the first expiry
+/// succeeds (from 3 s to 7 s with the controller down); every one sent after the last expiry
+/// and before the controller returned gets, within 100 ms, its client proxy's own 502 (gRPC:
+/// UNAVAILABLE) saying it holds no valid certificate, and no app sees it; between the
+/// controller's return and recovery a request succeeds or gets a proxy's mTLS 502; every
+/// request ends before its deadline (generic), and every request from 15 s after the return to
+/// the end (the last 7 s) succeeds.
+fn mtls_expiry_while_controller_down(_seed: u64) -> Plan {
+    let world = short_leaves(web(3, 2));
+    let mut flows = Vec::new();
+    for client in 0..2 {
+        flows.push(mixed_flow(client, WEB, 20, ms(100), secs(7)));
+        flows.push(mixed_flow(client, WEB, 20, secs(32), secs(62)));
+    }
+    let proxies = proxy_hosts(&world);
+    let clients: Vec<String> = (0..2).map(conduit_sim::world::client_identity).collect();
+    let mut plan = Plan::new(world, flows);
+    plan.schedule = Schedule::new()
+        .at(
+            CA_DOWN_AT,
+            Action::Crash(conduit_sim::world::CONTROLLER.into()),
+        )
+        .at(
+            CA_BACK_AT,
+            Action::Bounce(conduit_sim::world::CONTROLLER.into()),
+        );
+    plan.checks.healthy_after = Some(CA_BACK_AT + secs(15));
+    plan.check(check::inbound_over_mtls)
+        .check(move |trace| check::inbound_client_identities(trace, &clients))
+        .check(move |trace| expiry_certificates(trace, &proxies))
+        .check(expiry_requests)
+}
+
+/// The certificate half of `mtls_expiry_while_controller_down`'s checks.
+fn expiry_certificates(trace: &Trace, proxies: &[String]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let by_proxy = trace.certificates_by_proxy();
+    let (down, back) = (micros(CA_DOWN_AT), micros(CA_BACK_AT));
+    for proxy in proxies {
+        let certs = by_proxy
+            .get(&(proxy.clone(), 0))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let Some(first) = certs.first() else {
+            out.push(Violation::new(
+                "expiry",
+                format!("{proxy}: never held a certificate"),
+            ));
+            continue;
+        };
+        if first.at_us >= down || first.valid_until_us() > back {
+            out.push(Violation::new(
+                "expiry",
+                format!(
+                    "{proxy}: its first certificate, seen at {} ms, valid until {} s, was to come before the controller went down and expire before it returned",
+                    first.at_us / 1000,
+                    first.valid_until_s
+                ),
+            ));
+        }
+        match certs.get(1) {
+            Some(next) if next.at_us >= back && next.at_us < back + micros(RECERTIFY_WITHIN) => {}
+            other => out.push(Violation::new(
+                "expiry",
+                format!(
+                    "{proxy}: its next certificate was to come within {RECERTIFY_WITHIN:?} after the controller returned at {} ms; seen at {:?} ms",
+                    back / 1000,
+                    other.map(|c| c.at_us / 1000)
+                ),
+            )),
+        }
+    }
+    out.truncate(10);
+    out
+}
+
+/// The request half of `mtls_expiry_while_controller_down`'s checks.
+fn expiry_requests(trace: &Trace) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let first = nth_certificates(trace, 0);
+    let (Some(&expiry_min), Some(&expiry_max)) = (first.values().min(), first.values().max())
+    else {
+        return vec![Violation::new("expiry", "no certificate was seen")];
+    };
+    let (down, back) = (micros(CA_DOWN_AT), micros(CA_BACK_AT));
+    let (mut down_ok, mut refused) = (0, 0);
+    for r in &trace.requests {
+        let t = r.start_us;
+        let took = r.end_us.saturating_sub(r.start_us);
+        let fault = if t < expiry_min {
+            down_ok += u64::from(t >= down && r.outcome.is_success());
+            (!r.outcome.is_success()).then_some("success: every certificate was still valid")
+        } else if t >= expiry_max && t < back {
+            refused += 1;
+            (!mtls_refused(r, true) || took > micros(REFUSAL_WITHIN)).then_some(
+                "the client proxy's own 502 at once: its certificate had expired, the CA was down",
+            )
+        } else {
+            (!r.outcome.is_success() && !mtls_refused(r, false))
+                .then_some("success or a proxy's mTLS 502: certificates were being renewed")
+        };
+        if let Some(expected) = fault {
+            out.push(Violation::new(
+                "expiry",
+                format!(
+                    "request {} ({:?}) of client-{} sent at {} ms, ended {} ms later: {:?} (expected {expected})",
+                    r.id,
+                    r.proto,
+                    r.client,
+                    t / 1000,
+                    took / 1000,
+                    r.outcome
+                ),
+            ));
+        }
+    }
+    if down_ok == 0 || refused == 0 {
+        out.push(Violation::new(
+            "expiry",
+            format!(
+                "{down_ok} requests succeeded with the controller down and certificates valid, {refused} were sent with certificates expired: both were to be some"
+            ),
+        ));
+    }
+    let refused_ids: std::collections::BTreeSet<u64> = trace
+        .requests
+        .iter()
+        .filter(|r| r.start_us >= expiry_max && r.start_us < back)
+        .map(|r| r.id)
+        .collect();
+    out.extend(
+        trace
+            .arrivals
+            .iter()
+            .filter(|a| a.id.is_some_and(|id| refused_ids.contains(&id)))
+            .map(|a| {
+                Violation::new(
+                    "expiry",
+                    format!(
+                        "request {:?}, sent with every certificate expired, reached {}",
+                        a.id, a.host
+                    ),
+                )
+            }),
+    );
+    out.truncate(10);
+    out
 }

@@ -5,10 +5,12 @@
 //! binary re-executed); the hashes must be equal. Seeds 1 and 2 of each scenario must differ.
 //! The scenarios chosen cover every protocol, host crashes and restarts, GOAWAY, the
 //! seed-drawn fault mix, the real controller and Destination client (with a controller crash
-//! and reconnect), and a meshed world (identities certified by the controller's CA over the
-//! Identity API, mTLS between every pair of proxies). Key generation, certificates and TLS
-//! handshakes draw OS randomness (ring), so the bytes on the wire differ from run to run; the
-//! trace, which records what clients, apps and proxies did and when, does not.
+//! and reconnect), a meshed world (identities certified by the controller's CA over the
+//! Identity API, mTLS between every pair of proxies), and short-lived certificates expiring
+//! while the controller is down, then renewed through the proxies' jittered retry backoff.
+//! Key generation, certificates and TLS handshakes draw OS randomness (ring), so the bytes on
+//! the wire differ from run to run; the trace, which records what clients, apps and proxies
+//! did and when, does not.
 
 use conduit_scenarios::sim;
 
@@ -25,6 +27,7 @@ fn same_seed_same_trace_in_separate_processes() {
         "random_chaos",
         "controller_crash",
         "mtls_mesh",
+        "mtls_expiry_while_controller_down",
     ];
     let mut failures = Vec::new();
     for scenario in scenarios {

@@ -190,3 +190,15 @@ fn mtls_mesh() {
 fn mtls_unidentified_client_denied() {
     scenario("mtls_unidentified_client_denied");
 }
+
+/// 30 s leaves renewed at least twice by every proxy under load; every request succeeds.
+#[test]
+fn mtls_leaf_rotation_under_load() {
+    scenario("mtls_leaf_rotation_under_load");
+}
+
+/// The CA is down while the leaves expire: success, then the proxies' own 502, then recovery.
+#[test]
+fn mtls_expiry_while_controller_down() {
+    scenario("mtls_expiry_while_controller_down");
+}

@@ -404,6 +404,56 @@ pub fn inbound_client_identities(trace: &Trace, expected: &[String]) -> Vec<Viol
     out
 }
 
+/// In a meshed world that watches certificates (`MtlsSpec::watch_certificates`), every proxy
+/// of `proxies` (host names) renewed its certificate at least `renewals` times, and each time
+/// before the one it held expired (it never went without a valid certificate once it had one):
+/// each new certificate lasts longer than the one before and was seen before that one's end.
+/// Every incarnation of a host is held to it.
+#[must_use]
+pub fn certificates_renewed(trace: &Trace, proxies: &[String], renewals: usize) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let by_proxy = trace.certificates_by_proxy();
+    for proxy in proxies {
+        if !by_proxy.keys().any(|(host, _)| host == proxy) {
+            out.push(Violation::new(
+                "renewal",
+                format!("{proxy}: no certificate was seen"),
+            ));
+        }
+    }
+    for ((host, incarnation), certs) in by_proxy
+        .iter()
+        .filter(|((host, _), _)| proxies.contains(host))
+    {
+        let renewed = certs.len().saturating_sub(1);
+        if renewed < renewals {
+            out.push(Violation::new(
+                "renewal",
+                format!(
+                    "{host}#{incarnation}: renewed {renewed} times, at least {renewals} expected (certificates seen at {:?} ms)",
+                    certs.iter().map(|c| c.at_us / 1000).collect::<Vec<_>>()
+                ),
+            ));
+        }
+        for pair in certs.windows(2) {
+            let (old, new) = (pair[0], pair[1]);
+            if new.valid_until_s <= old.valid_until_s || new.at_us >= old.valid_until_us() {
+                out.push(Violation::new(
+                    "renewal",
+                    format!(
+                        "{host}#{incarnation}: the certificate valid until {} s was replaced at {} ms by one valid until {} s (a renewal comes before expiry and lasts longer)",
+                        old.valid_until_s,
+                        new.at_us / 1000,
+                        new.valid_until_s
+                    ),
+                ));
+            }
+        }
+    }
+    out.truncate(10);
+    out
+}
+
 /// A request record as a route lookup reads it (method and path; the workload sends no header
 /// a route could match on).
 struct RecordView<'a>(&'a RequestRecord);
@@ -1284,5 +1334,44 @@ mod tests {
         trace.inbound.clear();
         let violations = inbound_over_mtls(&trace);
         assert_eq!(violations.len(), 3, "{violations:?}");
+    }
+
+    #[test]
+    fn renewals_are_counted_and_must_come_before_expiry() {
+        let cert = |at_ms: u64, proxy: &str, until_s: u64| crate::trace::CertificateRecord {
+            at_us: at_ms * 1000,
+            proxy: proxy.into(),
+            incarnation: 0,
+            valid_until_s: until_s,
+        };
+        let mut trace = Trace {
+            certificates: vec![
+                cert(10, "web-0", 30),
+                cert(20, "client-0", 30),
+                cert(21_010, "web-0", 51),
+                cert(21_020, "client-0", 51),
+                cert(42_010, "web-0", 72),
+            ],
+            ..Trace::default()
+        };
+        let proxies = ["web-0".to_owned(), "client-0".to_owned()];
+        assert_eq!(certificates_renewed(&trace, &proxies, 1), vec![]);
+        let violations = certificates_renewed(&trace, &proxies, 2);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(
+            violations[0]
+                .message
+                .contains("client-0#0: renewed 1 times")
+        );
+        // A proxy never seen, and a renewal after the certificate had expired.
+        trace.certificates.push(cert(51_500, "client-0", 81));
+        let violations = certificates_renewed(&trace, &[proxies[1].clone(), "web-1".to_owned()], 2);
+        assert_eq!(violations.len(), 2, "{violations:?}");
+        assert!(
+            violations[0]
+                .message
+                .contains("web-1: no certificate was seen")
+        );
+        assert!(violations[1].message.contains("replaced at 51500 ms"));
     }
 }

@@ -121,6 +121,14 @@ pub fn summarize(trace: &Trace) -> String {
         }
         let _ = writeln!(out, "inbound client identities: {clients:?}");
     }
+    if !trace.certificates.is_empty() {
+        let certificates: BTreeMap<String, usize> = trace
+            .certificates_by_proxy()
+            .into_iter()
+            .map(|((host, incarnation), certs)| (format!("{host}#{incarnation}"), certs.len()))
+            .collect();
+        let _ = writeln!(out, "certificates held: {certificates:?}");
+    }
     let _ = writeln!(out, "configs: {}", trace.configs.len());
     let picks: usize = trace.requests.iter().map(|r| r.picks.len()).sum();
     let _ = writeln!(

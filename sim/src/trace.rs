@@ -266,6 +266,35 @@ pub struct InboundCounters {
     pub error: Option<String>,
 }
 
+/// A certificate a proxy was seen holding (a meshed world that watches certificates,
+/// `MtlsSpec::watch_certificates`): the harness reads each proxy's
+/// `LocalIdentity::valid_until` (what its `identity_cert_expiry_timestamp_seconds` reports)
+/// every [`CERTIFICATE_WATCH_INTERVAL`] and records each change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRecord {
+    /// Sim time it was first seen, µs (at most one watch interval after it was installed).
+    pub at_us: u64,
+    /// The proxy's host.
+    pub proxy: String,
+    /// Which incarnation of the host's proxy.
+    pub incarnation: u64,
+    /// The end of its validity, in seconds of simulated time since the run started (the
+    /// certificate's `notAfter` minus the pinned epoch): the proxy offers it while the
+    /// simulated wall clock, in whole seconds, is below this.
+    pub valid_until_s: u64,
+}
+
+impl CertificateRecord {
+    /// The end of its validity in sim time, µs.
+    #[must_use]
+    pub fn valid_until_us(&self) -> u64 {
+        self.valid_until_s.saturating_mul(1_000_000)
+    }
+}
+
+/// How often a watched proxy's certificate is read (see [`CertificateRecord`]).
+pub const CERTIFICATE_WATCH_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Everything a run recorded.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
@@ -289,6 +318,10 @@ pub struct Trace {
     /// Each replica proxy's inbound counters, by host (only when the world scrapes them).
     #[serde(default)]
     pub inbound: BTreeMap<String, InboundCounters>,
+    /// The certificates each watched proxy held, in the order they were seen (only when the
+    /// world watches them).
+    #[serde(default)]
+    pub certificates: Vec<CertificateRecord>,
     /// Sim time when the run ended, µs.
     pub end_us: u64,
     /// The simulation's own error, if it stopped abnormally (a host failed, time ran out).
@@ -363,6 +396,13 @@ impl Trace {
                 c.tls, c.plain, c.clients, c.error
             );
         }
+        for c in &self.certificates {
+            let _ = writeln!(
+                out,
+                "certificate {} {}#{} until {}s",
+                c.at_us, c.proxy, c.incarnation, c.valid_until_s
+            );
+        }
         let _ = writeln!(out, "end {} {:?}", self.end_us, self.sim_error);
         out
     }
@@ -385,6 +425,18 @@ impl Trace {
             if let Some(id) = arrival.id {
                 *out.entry(id).or_insert(0) += 1;
             }
+        }
+        out
+    }
+
+    /// The certificates each watched proxy incarnation held, in order, by `(host, incarnation)`.
+    #[must_use]
+    pub fn certificates_by_proxy(&self) -> BTreeMap<(String, u64), Vec<&CertificateRecord>> {
+        let mut out: BTreeMap<(String, u64), Vec<&CertificateRecord>> = BTreeMap::new();
+        for c in &self.certificates {
+            out.entry((c.proxy.clone(), c.incarnation))
+                .or_default()
+                .push(c);
         }
         out
     }

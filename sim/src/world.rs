@@ -22,9 +22,12 @@
 //! replica's and each client's, unless the spec leaves a client out) gets an identity
 //! ([`identity_name`]), a bootstrap token from that CA and its trust anchors, and certifies
 //! itself through the real Identity client over turmoil; every endpoint the world publishes
-//! carries its service's identity, so proxies speak mTLS to each other. Key generation and
-//! handshakes draw OS randomness (ring), so certificate and handshake bytes differ from run to
-//! run; nothing the trace records depends on them.
+//! carries its service's identity, so proxies speak mTLS to each other. With
+//! [`MtlsSpec::watch_certificates`] the harness reads every proxy's certificate every 10 ms
+//! and records each new one (when it was seen, when it expires) in [`Trace::certificates`], to
+//! see renewals and expiry. Key generation and handshakes draw OS randomness (ring), so
+//! certificate and handshake bytes differ from run to run; nothing the trace records depends
+//! on them.
 //!
 //! Every proxy reports what it applies and picks to a [`SimObserver`], which records it in the
 //! trace. Every endpoint the world publishes carries [`CONFIG_LABEL`]: the configuration
@@ -58,7 +61,8 @@ use crate::app::{self, APP_PORT, AppControl, AppIdentity};
 use crate::net::{SimNet, SimStream};
 use crate::observe::SimObserver;
 use crate::trace::{
-    CONFIG_LABEL, ConfigVersion, InboundCounters, ProxyCounters, Recorder, Trace, micros,
+    CERTIFICATE_WATCH_INTERVAL, CONFIG_LABEL, CertificateRecord, ConfigVersion, InboundCounters,
+    ProxyCounters, Recorder, Trace, micros, now_us,
 };
 use crate::workload::{self, Workload};
 
@@ -188,6 +192,10 @@ pub struct MtlsSpec {
     /// Client hosts (by index) whose proxies run without an identity: they cannot reach a
     /// meshed endpoint (they refuse to send it plaintext).
     pub unidentified_clients: Vec<usize>,
+    /// Every proxy's certificate is read every [`CERTIFICATE_WATCH_INTERVAL`] and each change
+    /// recorded in [`Trace::certificates`] (to see renewals and expiry).
+    #[serde(default)]
+    pub watch_certificates: bool,
 }
 
 impl Default for MtlsSpec {
@@ -195,6 +203,7 @@ impl Default for MtlsSpec {
         Self {
             leaf_lifetime: conduit_controller::identity::DEFAULT_LEAF_LIFETIME,
             unidentified_clients: Vec::new(),
+            watch_certificates: false,
         }
     }
 }
@@ -492,6 +501,55 @@ async fn run_proxy(
     }
 }
 
+/// Reads `identity`'s certificate every [`CERTIFICATE_WATCH_INTERVAL`] and records each new
+/// one (its end of validity, as its `identity_cert_expiry_timestamp_seconds` reports it) in
+/// [`Trace::certificates`]. Runs until the host goes down.
+async fn watch_certificate(
+    identity: Arc<LocalIdentity>,
+    proxy: String,
+    incarnation: u64,
+    recorder: Recorder,
+) {
+    let mut last = None;
+    let mut tick = tokio::time::interval(CERTIFICATE_WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let until = identity.valid_until();
+        if until == last {
+            continue;
+        }
+        last = until;
+        if let Some(until) = until {
+            let record = CertificateRecord {
+                at_us: now_us(),
+                proxy: proxy.clone(),
+                incarnation,
+                valid_until_s: until.as_secs().saturating_sub(EPOCH_SECS),
+            };
+            recorder.with(|t| t.certificates.push(record));
+        }
+    }
+}
+
+/// Starts watching `identity` (see [`watch_certificate`]) when the world asks for it.
+fn spawn_watch(
+    watch: bool,
+    identity: Option<&Arc<LocalIdentity>>,
+    proxy: &str,
+    incarnation: u64,
+    recorder: &Recorder,
+) {
+    if let Some(identity) = identity.filter(|_| watch) {
+        tokio::spawn(watch_certificate(
+            Arc::clone(identity),
+            proxy.to_owned(),
+            incarnation,
+            recorder.clone(),
+        ));
+    }
+}
+
 impl<'a> World<'a> {
     /// Builds the world for `spec` at `seed`, with `workload` split over the client hosts.
     ///
@@ -567,6 +625,7 @@ impl<'a> World<'a> {
             DiscoveryMode::Controller => Source::Controller(controller_addr()),
         };
 
+        let watch = spec.mtls.as_ref().is_some_and(|m| m.watch_certificates);
         let mut apps = BTreeMap::new();
         let mut drains = BTreeMap::new();
         let mut endpoints = BTreeMap::new();
@@ -601,8 +660,10 @@ impl<'a> World<'a> {
                     let recorder = recorder.clone();
                     // Every incarnation makes a new key and certifies it.
                     let local = material.as_ref().map(IdentityMaterial::local);
+                    let name = name.clone();
                     async move {
                         let local = local.transpose()?;
+                        spawn_watch(watch, local.as_ref(), &name, incarnation, &recorder);
                         let hooks = hooks.with_identity(local);
                         tokio::spawn(run_proxy(config, seed, discover, hooks, drain));
                         app::serve(identity, control, recorder).await
@@ -638,8 +699,10 @@ impl<'a> World<'a> {
             let finished = Arc::clone(&finished);
             let clients = spec.clients;
             let inbound_hosts = inbound_hosts.clone();
+            let name = host.clone();
             sim.client(host.as_str(), async move {
                 let local = material.as_ref().map(IdentityMaterial::local).transpose()?;
+                spawn_watch(watch, local.as_ref(), &name, incarnation, &recorder);
                 let hooks = hooks.with_identity(local);
                 tokio::spawn(run_proxy(config, seed, discover, hooks, drain));
                 let outbound = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
