@@ -145,13 +145,12 @@ fn serve_connection<N: Net>(
         let Some(detected) = detected else { return };
         // TLS is authorized once terminated (its client's identity is known then), or as the
         // opaque connection it is when passed through.
-        let http = matches!(detected, Detected::Http1 | Detected::Http2);
+        // A plain fn returning the boxed refusal: the denial and the connection it takes are
+        // held in the box, not in every connection's task.
         if detected != Detected::Tls
-            && let Err(denied) = authorize(&ctx, None, peer, http)
+            && let Some(refusal) = refusal(&mut conn, detected, peer, &ctx)
         {
-            if let Some(Parked { io, buf, .. }) = conn.take() {
-                Box::pin(refuse(io, buf.freeze(), detected, denied, &ctx)).await;
-            }
+            refusal.await;
             return;
         }
         match detected {
@@ -177,6 +176,19 @@ fn serve_connection<N: Net>(
         }
         drop(permit);
     }
+}
+
+/// The refusal of a connection the policy denies (taking it), or `None` when it is allowed.
+fn refusal<'a, N: Net>(
+    conn: &mut Option<Parked<CountingIo<N::Io>>>,
+    detected: Detected,
+    peer: IpAddr,
+    ctx: &'a ServeContext<N>,
+) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>> {
+    let http = matches!(detected, Detected::Http1 | Detected::Http2);
+    let denied = authorize(ctx, None, peer, http).err()?;
+    let Parked { io, buf, .. } = conn.take()?;
+    Some(Box::pin(refuse(io, buf.freeze(), detected, denied, ctx)))
 }
 
 /// Authorizes an inbound connection against the local service's policy (outbound connections
