@@ -25,7 +25,7 @@
 //! # Drive loop
 //!
 //! There is no state to drive: the caller holds the service's current policy (from the mesh
-//! file or the Destination profile stream, [`crate::route::Profile::policy`]), calls
+//! file or the Destination profile stream, carried in the route profile's `policy()`), calls
 //! [`authorize`] once per inbound connection or request with what it knows of the client, and
 //! acts on [`Decision::allowed`]. It counts [`Verdict::as_str`] (`allow`, `deny`,
 //! `audit_deny`) and may log the [`Rule`] that decided.

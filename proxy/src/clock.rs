@@ -51,8 +51,8 @@ impl Clock {
     }
 }
 
-/// Wall-clock time from the system clock, for certificate validity: the production
-/// [`crate::identity::WallClock`] (the simulation passes its own).
+/// Wall-clock time from the system clock, for certificate validity: the production wall
+/// clock of the proxy's identity (the simulation passes its own).
 #[must_use]
 #[expect(
     clippy::disallowed_methods,

@@ -382,34 +382,15 @@ impl LocalIdentity {
             .map(|c| c.valid_until)
     }
 
-    /// Appends the identity's metrics (Prometheus text): `identity_certified{identity}` (1
-    /// while a valid certificate is held) and, once one was received, its validity as
-    /// `identity_cert_not_before_timestamp_seconds` and
-    /// `identity_cert_expiry_timestamp_seconds` (what `conduit check` and `conduit identity
-    /// show` read).
-    pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let name = crate::admin::metrics::escape(&self.name);
-        let _ = writeln!(
-            out,
-            "# HELP identity_certified Whether the proxy holds a valid certificate for its identity.\n# TYPE identity_certified gauge\nidentity_certified{{identity=\"{name}\"}} {}",
-            u8::from(self.is_certified())
-        );
-        let validity = self
-            .slot
+    /// The held certificate's validity (not before, not after), once one was received.
+    #[must_use]
+    pub fn validity(&self) -> Option<(UnixTime, UnixTime)> {
+        self.slot
             .current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
-            .map(|c| (c.valid_from, c.valid_until));
-        if let Some((from, until)) = validity {
-            let _ = writeln!(
-                out,
-                "# HELP identity_cert_not_before_timestamp_seconds The start of the held certificate's validity.\n# TYPE identity_cert_not_before_timestamp_seconds gauge\nidentity_cert_not_before_timestamp_seconds{{identity=\"{name}\"}} {}\n# HELP identity_cert_expiry_timestamp_seconds The end of the held certificate's validity.\n# TYPE identity_cert_expiry_timestamp_seconds gauge\nidentity_cert_expiry_timestamp_seconds{{identity=\"{name}\"}} {}",
-                from.as_secs(),
-                until.as_secs()
-            );
-        }
+            .map(|c| (c.valid_from, c.valid_until))
     }
 
     /// Whether a valid certificate is held now.

@@ -45,6 +45,28 @@ pub(crate) struct Admin {
     pub(crate) identity: Option<Arc<crate::identity::LocalIdentity>>,
 }
 
+/// Appends the identity's metrics (Prometheus text): `identity_certified{identity}` (1 while a
+/// valid certificate is held) and, once one was received, its validity as
+/// `identity_cert_not_before_timestamp_seconds` and `identity_cert_expiry_timestamp_seconds`
+/// (what `conduit check` and `conduit identity show` read).
+fn render_identity(identity: &crate::identity::LocalIdentity, out: &mut String) {
+    use std::fmt::Write as _;
+    let name = metrics::escape(identity.name());
+    let _ = writeln!(
+        out,
+        "# HELP identity_certified Whether the proxy holds a valid certificate for its identity.\n# TYPE identity_certified gauge\nidentity_certified{{identity=\"{name}\"}} {}",
+        u8::from(identity.is_certified())
+    );
+    if let Some((from, until)) = identity.validity() {
+        let _ = writeln!(
+            out,
+            "# HELP identity_cert_not_before_timestamp_seconds The start of the held certificate's validity.\n# TYPE identity_cert_not_before_timestamp_seconds gauge\nidentity_cert_not_before_timestamp_seconds{{identity=\"{name}\"}} {}\n# HELP identity_cert_expiry_timestamp_seconds The end of the held certificate's validity.\n# TYPE identity_cert_expiry_timestamp_seconds gauge\nidentity_cert_expiry_timestamp_seconds{{identity=\"{name}\"}} {}",
+            from.as_secs(),
+            until.as_secs()
+        );
+    }
+}
+
 /// Connections served in full (every path, kept alive).
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -82,7 +104,7 @@ impl Admin {
             (&Method::GET, "/metrics") => {
                 let mut extra = process::render();
                 if let Some(identity) = &self.identity {
-                    identity.render_metrics(&mut extra);
+                    render_identity(identity, &mut extra);
                 }
                 self.router.render_metrics(&mut extra);
                 self.discovery.render_metrics(&mut extra);
