@@ -359,8 +359,12 @@ impl From<&Endpoint> for dst::WeightedAddr {
 
 /// Checks an identity: a DNS-like name of 1 to 253 bytes, made of labels of 1 to 63 bytes of
 /// ASCII lower-case letters, digits and `-`, not starting or ending with `-`. The same rule the
-/// mesh file applies to `identity`.
-fn check_identity(name: &str) -> Result<(), &'static str> {
+/// mesh file applies to `identity`, and the controller's CA to the identities it certifies.
+///
+/// # Errors
+///
+/// What is wrong, for a message.
+pub fn check_identity(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");
     }

@@ -180,33 +180,9 @@ impl IdentityConfig {
     }
 }
 
-/// Checks an identity: a DNS-like name of 1 to [`MAX_IDENTITY_BYTES`] bytes, made of labels of
-/// 1 to 63 bytes of ASCII lower-case letters, digits and `-`, not starting or ending with `-`
-/// (the rule the mesh file and the Destination API apply to identities).
-///
-/// # Errors
-///
-/// What is wrong, for a message.
-pub fn check_identity(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("empty");
-    }
-    if name.len() > MAX_IDENTITY_BYTES {
-        return Err("longer than 253 bytes");
-    }
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err("each dot-separated label must be 1 to 63 bytes");
-        }
-        let valid = label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid || label.starts_with('-') || label.ends_with('-') {
-            return Err("labels may hold only a-z, 0-9 and `-`, and not start or end with `-`");
-        }
-    }
-    Ok(())
-}
+/// Checks an identity name: a DNS-like name of 1 to 253 bytes of lower-case labels (the rule
+/// the mesh file and the Destination API apply to identities, from `conduit-proto`).
+pub use conduit_proto::convert::check_identity;
 
 /// At most [`MAX_IDENTITY_BYTES`] of a string a client sent, for an error message.
 fn truncated(text: &str) -> String {
