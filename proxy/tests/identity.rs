@@ -94,6 +94,36 @@ fn start_controller(mesh_file: &Path, identity_dir: &Path) -> (SocketAddr, Contr
     (addr, ControllerRuntime(Some(runtime)))
 }
 
+/// A controller with an empty mesh file and its CA bootstrapped in a temporary directory.
+struct TestMesh {
+    work: PathBuf,
+    identity_dir: PathBuf,
+    mesh_file: PathBuf,
+    controller: SocketAddr,
+    _runtime: ControllerRuntime,
+}
+
+impl TestMesh {
+    async fn start(name: &str) -> Self {
+        let work = temp_dir(name);
+        let identity_dir = work.join("identity");
+        let mesh_file = work.join("mesh.yaml");
+        std::fs::write(&mesh_file, "services: {}\n").unwrap();
+        let (controller, runtime) = start_controller(&mesh_file, &identity_dir);
+        // The CA is bootstrapped before the controller serves: poll for its anchors.
+        while !identity_dir.join(TRUST_ANCHORS_FILE).exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Self {
+            work,
+            identity_dir,
+            mesh_file,
+            controller,
+            _runtime: runtime,
+        }
+    }
+}
+
 /// A proxy's configuration, with `identity` (its name, proved by a token from the CA in
 /// `dir`) or none.
 fn proxy_config(controller: SocketAddr, identity: Option<(&str, &Path)>) -> ProxyConfig {
@@ -191,36 +221,28 @@ async fn counting_app() -> (SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshed_traffic_is_mtls_and_an_unidentified_proxy_never_reaches_the_app() {
     bounded(async {
-        let work = temp_dir("mesh");
-        let identity_dir = work.join("identity");
-        let (app, seen) = counting_app().await;
         // The controller's address is needed by the proxies' configuration, and the server
-        // proxy's inbound address by the mesh file: bind first, then write, then start.
-        let mesh_file = work.join("mesh.yaml");
-        std::fs::write(&mesh_file, "services: {}\n").unwrap();
-        let (controller, _runtime) = start_controller(&mesh_file, &identity_dir);
-        // The CA is bootstrapped before the controller serves: poll for its anchors.
-        while !identity_dir.join(TRUST_ANCHORS_FILE).exists() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let mut server_config = proxy_config(controller, Some((WEB_ID, &identity_dir)));
+        // proxy's inbound address by the mesh file: bind first, then write the mesh.
+        let mesh = TestMesh::start("mesh").await;
+        let (work, identity_dir, mesh_file, controller) =
+            (&mesh.work, &mesh.identity_dir, &mesh.mesh_file, mesh.controller);
+        let (app, seen) = counting_app().await;
+        let mut server_config = proxy_config(controller, Some((WEB_ID, identity_dir)));
         server_config.app_addr = Some(app);
         let server = Bound::new(server_config).await;
         let inbound = server.addrs().inbound.unwrap();
-        let mesh = format!(
+        let yaml = format!(
             "services:\n  web.test:\n    port: 80\n    endpoints:\n      - addr: {inbound}\n        identity: {WEB_ID}\n"
         );
-        let tmp = mesh_file.with_extension("tmp");
-        std::fs::write(&tmp, mesh).unwrap();
-        std::fs::rename(&tmp, &mesh_file).unwrap();
+        write_atomically(mesh_file, &yaml);
         let (server, _server_stop) = server.serve();
         // The client proxy reaches the controller over mTLS (discovery and Certify), checking
         // the controller's identity.
-        let mut client_config = proxy_config(controller, Some((CLIENT_ID, &identity_dir)));
+        let mut client_config = proxy_config(controller, Some((CLIENT_ID, identity_dir)));
         client_config.controller_identity = Some(CONTROLLER_IDENTITY.into());
         let (client, _client_stop) = Bound::new(client_config).await.serve();
         // One that expects the controller to prove another name never certifies.
-        let mut misled = proxy_config(controller, Some((CLIENT_ID, &identity_dir)));
+        let mut misled = proxy_config(controller, Some((CLIENT_ID, identity_dir)));
         misled.controller_identity = Some("impostor.conduit.identity.conduit.local".into());
         let (misled, _misled_stop) = Bound::new(misled).await.serve();
         wait_ready(server.admin).await;
@@ -272,7 +294,7 @@ async fn meshed_traffic_is_mtls_and_an_unidentified_proxy_never_reaches_the_app(
         let metrics = scrape(misled.admin).await;
         let certified = format!("identity_certified{{identity=\"{CLIENT_ID}\"}} 0");
         assert!(metrics.lines().any(|l| l == certified), "{metrics}");
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = std::fs::remove_dir_all(work);
     })
     .await;
 }
@@ -280,14 +302,8 @@ async fn meshed_traffic_is_mtls_and_an_unidentified_proxy_never_reaches_the_app(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outside_tls_clients_need_a_mesh_certificate_and_other_names_pass_through() {
     bounded(async {
-        let work = temp_dir("outside");
-        let identity_dir = work.join("identity");
-        let mesh_file = work.join("mesh.yaml");
-        std::fs::write(&mesh_file, "services: {}\n").unwrap();
-        let (controller, _runtime) = start_controller(&mesh_file, &identity_dir);
-        while !identity_dir.join(TRUST_ANCHORS_FILE).exists() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let mesh = TestMesh::start("outside").await;
+        let (work, identity_dir, controller) = (&mesh.work, &mesh.identity_dir, mesh.controller);
         // The "app" echoes the first bytes it gets, so pass-through is visible byte for byte.
         let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = echo.local_addr().unwrap();
@@ -301,7 +317,7 @@ async fn outside_tls_clients_need_a_mesh_certificate_and_other_names_pass_throug
                 });
             }
         });
-        let mut config = proxy_config(controller, Some((WEB_ID, &identity_dir)));
+        let mut config = proxy_config(controller, Some((WEB_ID, identity_dir)));
         config.app_addr = Some(app);
         config.limits.detect_timeout = Duration::from_millis(300);
         let (server, _stop) = Bound::new(config).await.serve();
@@ -392,7 +408,7 @@ async fn outside_tls_clients_need_a_mesh_certificate_and_other_names_pass_throug
         let mut echoed = vec![0; hello.len()];
         tcp.read_exact(&mut echoed).await.unwrap();
         assert_eq!(echoed, hello);
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = std::fs::remove_dir_all(work);
     })
     .await;
 }
@@ -421,16 +437,15 @@ fn counter(metrics: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_policy_admits_listed_identities_denies_others_with_403_and_audits() {
     bounded(async {
-        let work = temp_dir("policy");
-        let identity_dir = work.join("identity");
+        let mesh = TestMesh::start("policy").await;
+        let (work, identity_dir, mesh_file, controller) = (
+            &mesh.work,
+            &mesh.identity_dir,
+            &mesh.mesh_file,
+            mesh.controller,
+        );
         let (app, seen) = counting_app().await;
-        let mesh_file = work.join("mesh.yaml");
-        std::fs::write(&mesh_file, "services: {}\n").unwrap();
-        let (controller, _runtime) = start_controller(&mesh_file, &identity_dir);
-        while !identity_dir.join(TRUST_ANCHORS_FILE).exists() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let mut server_config = proxy_config(controller, Some((WEB_ID, &identity_dir)));
+        let mut server_config = proxy_config(controller, Some((WEB_ID, identity_dir)));
         server_config.app_addr = Some(app);
         // The proxy follows its own service: its profile carries the policy.
         server_config.service = Some("web.test:80".into());
@@ -439,15 +454,15 @@ async fn the_policy_admits_listed_identities_denies_others_with_403_and_audits()
         let enforced = format!(
             "      default: deny\n      authorizations:\n        - identities: [\"{CLIENT_ID}\"]\n"
         );
-        write_atomically(&mesh_file, &mesh_with_policy(inbound, &enforced));
+        write_atomically(mesh_file, &mesh_with_policy(inbound, &enforced));
         let (server, _server_stop) = server.serve();
         let (client, _client_stop) =
-            Bound::new(proxy_config(controller, Some((CLIENT_ID, &identity_dir))))
+            Bound::new(proxy_config(controller, Some((CLIENT_ID, identity_dir))))
                 .await
                 .serve();
         const OTHER_ID: &str = "other.test.serviceaccount.identity.conduit.local";
         let (other, _other_stop) =
-            Bound::new(proxy_config(controller, Some((OTHER_ID, &identity_dir))))
+            Bound::new(proxy_config(controller, Some((OTHER_ID, identity_dir))))
                 .await
                 .serve();
         for admin in [server.admin, client.admin, other.admin] {
@@ -509,7 +524,7 @@ async fn the_policy_admits_listed_identities_denies_others_with_403_and_audits()
 
         // Audit mode: the same policy only records; the plaintext client reaches the app.
         let audited = format!("{enforced}      audit: true\n");
-        write_atomically(&mesh_file, &mesh_with_policy(inbound, &audited));
+        write_atomically(mesh_file, &mesh_with_policy(inbound, &audited));
         loop {
             let response = get_once(inbound, "web.test:80", "/").await;
             if response.status() == 200 {
@@ -522,7 +537,7 @@ async fn the_policy_admits_listed_identities_denies_others_with_403_and_audits()
             counter(&metrics, "inbound_http_authz_audit_deny_total") >= 1,
             "{metrics}"
         );
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = std::fs::remove_dir_all(work);
     })
     .await;
 }
