@@ -21,9 +21,6 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The longest method token we wait for before deciding "not HTTP".
 const MAX_METHOD_LEN: usize = 24;
 
-/// The most headers a request may carry (hyper's default limit).
-const MAX_HEADERS: usize = 100;
-
 /// What the connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Detected {
@@ -133,21 +130,29 @@ fn is_tchar(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
+/// Whether `buf` starts with a whole request head. A plain function, so that its field array
+/// (3 KB) lives on the stack while it runs rather than in the connection's future.
+fn head_complete(buf: &[u8], max: usize) -> Result<bool, DetectError> {
+    let mut headers = [httparse::EMPTY_HEADER; codec::FIELD_SLOTS];
+    let mut request = httparse::Request::new(&mut headers);
+    // Judged on the first `max` bytes only, as the HTTP/1 codec does: what lies past the
+    // limit must not turn a 431 into a 400 when one read brought it in.
+    match request.parse(codec::within(buf, max)) {
+        Ok(httparse::Status::Complete(_)) => Ok(true),
+        Ok(httparse::Status::Partial) => Ok(false),
+        Err(httparse::Error::TooManyHeaders) => Err(DetectError::TooLarge(max)),
+        Err(err) => Err(DetectError::Malformed(err.to_string())),
+    }
+}
+
 async fn read_head<I: AsyncRead + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<(), DetectError> {
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        // Judged on the first `max` bytes only, as the HTTP/1 codec does: what lies past the
-        // limit must not turn a 431 into a 400 when one read brought it in.
-        match request.parse(codec::within(buf, max)) {
-            Ok(httparse::Status::Complete(_)) => return Ok(()),
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => return Err(DetectError::TooLarge(max)),
-            Err(err) => return Err(DetectError::Malformed(err.to_string())),
+        if head_complete(buf, max)? {
+            return Ok(());
         }
         if buf.len() > max {
             return Err(DetectError::TooLarge(max));

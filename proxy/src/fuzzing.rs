@@ -121,7 +121,7 @@ pub fn parse_request(input: &[u8], max_head_bytes: usize) -> Result<Option<Reque
     // As route header conditions read them: a head without fields has an empty field block
     // (`fields` is its end), which httparse would call incomplete.
     let block = &input[head.fields..head.len];
-    let mut headers = [httparse::EMPTY_HEADER; codec::MAX_HEADERS];
+    let mut headers = [httparse::EMPTY_HEADER; codec::FIELD_SLOTS];
     let fields = if block.is_empty() {
         Some(Vec::new())
     } else if let Ok(httparse::Status::Complete((_, parsed))) =

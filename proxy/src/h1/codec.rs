@@ -15,8 +15,17 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-/// The most header fields a head may carry (hyper's default).
+/// The most end-to-end header fields a head may carry (hyper's default), counted as the proxy
+/// forwards them.
 pub(crate) const MAX_HEADERS: usize = 100;
+
+/// Fields a head may carry beyond [`MAX_HEADERS`]: hop-by-hop fields, which the proxy drops,
+/// and the framing, connection, `te`, `host` and `grpc-timeout` fields it writes itself (at
+/// most five on a request, three on a response). A head the proxy forwards therefore always
+/// fits in what its next hop accepts, so two proxies in a row never refuse what the first one
+/// sent (the `h1_response` fuzz target found a 100-field, close-delimited response that came
+/// out re-chunked with 101 and was refused by the next proxy).
+pub(crate) const FIELD_SLOTS: usize = MAX_HEADERS + 8;
 
 /// The longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
@@ -25,7 +34,7 @@ const MAX_CHUNK_LINE: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum CodecError {
     /// The head is larger than the limit (bytes or fields).
-    #[error("head larger than {0} bytes or {MAX_HEADERS} fields")]
+    #[error("head larger than {0} bytes or {MAX_HEADERS} end-to-end fields")]
     TooLarge(usize),
     /// The bytes are not a valid HTTP/1 message.
     #[error("{0}")]
@@ -315,7 +324,7 @@ pub(crate) fn within(buf: &[u8], max: usize) -> &[u8] {
 ///
 /// # Errors
 ///
-/// [`CodecError::TooLarge`] past `max` bytes or [`MAX_HEADERS`] fields,
+/// [`CodecError::TooLarge`] past `max` bytes or [`MAX_HEADERS`] end-to-end fields,
 /// [`CodecError::Malformed`] for a bad head or ambiguous framing.
 pub(crate) fn parse_request(
     buf: &[u8],
@@ -323,7 +332,7 @@ pub(crate) fn parse_request(
     out: &mut Vec<u8>,
 ) -> Result<Option<RequestHead>, CodecError> {
     // Left uninitialized: httparse writes only the fields it finds.
-    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; FIELD_SLOTS];
     let mut request = httparse::Request::new(&mut []);
     // Only the first `max` bytes are parsed, so the verdict on a head that does not fit is
     // 431 however its bytes arrived, never 400 for something past the limit that one large
@@ -442,8 +451,11 @@ pub(crate) fn parse_request(
         _ => out.extend_from_slice(path),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    // End-to-end fields forwarded (`host` included), held to `MAX_HEADERS`.
+    let mut kept = 0usize;
     if let Some(authority) = uri_authority.filter(|_| !connect) {
         push_field(out, "host", authority);
+        kept += 1;
     }
     let upgrade = connection.upgrade && upgrade_field;
     let mut te_trailers = false;
@@ -464,7 +476,11 @@ pub(crate) fn parse_request(
         {
             continue;
         }
+        kept += 1;
         push_field(out, name, field.value);
+    }
+    if kept > MAX_HEADERS {
+        return Err(CodecError::TooLarge(max));
     }
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
@@ -563,14 +579,15 @@ pub(crate) enum Encoding {
 ///
 /// # Errors
 ///
-/// [`CodecError::TooLarge`] past `max` bytes, [`CodecError::Malformed`] otherwise.
+/// [`CodecError::TooLarge`] past `max` bytes or [`MAX_HEADERS`] end-to-end fields,
+/// [`CodecError::Malformed`] otherwise.
 pub(crate) fn parse_response(
     buf: &[u8],
     max: usize,
     request: &RequestHead,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, CodecError> {
-    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; FIELD_SLOTS];
     let mut response = httparse::Response::new(&mut []);
     // Only the first `max` bytes, as for requests.
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -662,6 +679,8 @@ pub(crate) fn parse_response(
     out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let reframed = body == Framing::Chunked || body == Framing::Close;
+    // End-to-end fields forwarded, held to `MAX_HEADERS`.
+    let mut kept = 0usize;
     for field in headers {
         let name = field.name;
         if is_hop_by_hop(name) {
@@ -675,7 +694,11 @@ pub(crate) fn parse_response(
         {
             continue;
         }
+        kept += 1;
         push_field(out, name, field.value);
+    }
+    if kept > MAX_HEADERS {
+        return Err(CodecError::TooLarge(max));
     }
     Ok(Some(ResponseHead {
         len,
@@ -996,7 +1019,7 @@ impl ChunkedDecoder {
         let mut block = Vec::with_capacity(self.trailers.len() + 2);
         block.extend_from_slice(&self.trailers);
         block.extend_from_slice(b"\r\n");
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut fields = [httparse::EMPTY_HEADER; FIELD_SLOTS];
         match httparse::parse_headers(&block, &mut fields) {
             Ok(httparse::Status::Complete((_, fields))) => {
                 let mut kept = Vec::with_capacity(self.trailers.len());
@@ -1024,7 +1047,7 @@ impl ChunkedDecoder {
         }
         let mut block = self.trailers.clone();
         block.extend_from_slice(b"\r\n");
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut fields = [httparse::EMPTY_HEADER; FIELD_SLOTS];
         httparse::parse_headers(&block, &mut fields).ok()?;
         let mut map = http::HeaderMap::new();
         for field in fields.iter().take_while(|f| !f.name.is_empty()) {

@@ -336,7 +336,7 @@ impl RequestView for H1Head<'_> {
     fn any_header(&self, name: &http::HeaderName, matches: &mut dyn FnMut(&[u8]) -> bool) -> bool {
         // Parsed again only for a route with header conditions: the head is valid, so this
         // cannot fail, and most requests never get here.
-        let mut fields = [httparse::EMPTY_HEADER; codec::MAX_HEADERS];
+        let mut fields = [httparse::EMPTY_HEADER; codec::FIELD_SLOTS];
         let block = &self.buf[self.head.fields..self.head.len];
         let Ok(httparse::Status::Complete((_, fields))) =
             httparse::parse_headers(block, &mut fields)

@@ -335,6 +335,59 @@ fn forwarded_responses_lose_hop_by_hop_and_reframed_lengths() {
     assert!(out.ends_with(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"));
 }
 
+/// A head of `n` end-to-end fields plus `extra` (hop-by-hop or framing) lines.
+fn fields(first: &str, n: usize, extra: &str) -> String {
+    let mut raw = String::from(first);
+    for i in 0..n {
+        raw.push_str(&format!("x-f{i}: v\r\n"));
+    }
+    raw.push_str(extra);
+    raw.push_str("\r\n");
+    raw
+}
+
+#[test]
+fn what_is_forwarded_fits_the_next_hops_field_limit() {
+    // A close-delimited response with the most end-to-end fields, from behind hop-by-hop
+    // ones: forwarded re-chunked, and the next proxy accepts what this one wrote.
+    let req = get();
+    let raw = fields(
+        "HTTP/1.1 200 OK\r\n",
+        MAX_HEADERS,
+        "connection: close\r\nkeep-alive: 5\r\n",
+    );
+    let (head, out) = response(&raw, &req).unwrap().unwrap();
+    assert_eq!(head.body, Framing::Close);
+    let mut out = out.into_bytes();
+    finish_response_head(&mut out, Encoding::Chunked, None, Persistence::Close, false);
+    let mut again = Vec::new();
+    let next = parse_response(&out, out.len(), &req, &mut again)
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.body, Framing::Chunked);
+
+    // One end-to-end field more is too large, on either side.
+    let raw = fields("HTTP/1.1 200 OK\r\n", MAX_HEADERS + 1, "");
+    assert_eq!(response(&raw, &req), Err(CodecError::TooLarge(8192)));
+    let raw = fields("GET / HTTP/1.1\r\nhost: a\r\n", MAX_HEADERS, "");
+    assert_eq!(request(&raw), Err(CodecError::TooLarge(8192)));
+
+    // A request with the most fields (host among them), from an HTTP/1.0 client in absolute
+    // form with a body, `te` and a deadline: forwarded and accepted again.
+    let raw = fields(
+        "POST http://a/ HTTP/1.1\r\nhost: a\r\n",
+        MAX_HEADERS - 1,
+        "te: trailers\r\ncontent-length: 3\r\nconnection: te\r\n",
+    );
+    let (head, _) = request(&raw).unwrap().unwrap();
+    let mut out = Vec::new();
+    parse_request(raw.as_bytes(), 8192, &mut out).unwrap();
+    finish_request_head(&mut out, &head, Some(b"1S"));
+    let mut again = Vec::new();
+    let next = parse_request(&out, out.len(), &mut again).unwrap().unwrap();
+    assert_eq!(next.body, Framing::Length(3));
+}
+
 #[test]
 fn a_101_needs_an_upgrade_request() {
     assert_eq!(
