@@ -104,6 +104,30 @@ fuzz() (
     fuzz_targets
 )
 
+# The simulation's seeded crypto (sim/src/crypto.rs, not cryptographically secure) must never
+# reach a production binary: the release proxy and controller must not carry its marker. The
+# CLI, which runs simulations, must (so the check can fail); `cargo test` built it.
+no_simulation_code_in_release() {
+    local marker target=${CARGO_TARGET_DIR:-target} bin
+    marker=$(sed -n 's/^pub const MARKER: &str = "\(.*\)";$/\1/p' sim/src/crypto.rs)
+    if [[ -z $marker ]]; then
+        echo "no MARKER constant found in sim/src/crypto.rs"
+        return 1
+    fi
+    if ! grep -qaF "$marker" "$target/debug/conduit"; then
+        echo "the simulation's marker is missing from $target/debug/conduit: the check below would prove nothing"
+        return 1
+    fi
+    cargo build --release --locked -p conduit-proxy -p conduit-controller
+    for bin in conduit-proxy conduit-controller; do
+        if grep -qaF "$marker" "$target/release/$bin"; then
+            echo "$target/release/$bin contains the simulation's seeded crypto (\"$marker\")"
+            return 1
+        fi
+        echo "$bin: no simulation-only code"
+    done
+}
+
 total=$SECONDS
 if [[ ${1:-} == fuzz ]]; then
     step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
@@ -118,5 +142,6 @@ step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "clippy (proxy, fuzzing feature)" cargo clippy -p conduit-proxy --features fuzzing --lib --locked -- -D warnings
 # The README's test command.
 step "tests" cargo test --workspace --locked
+step "release binaries carry no simulation-only code" no_simulation_code_in_release
 step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
 echo "::: all steps passed in $((SECONDS - total)) s"

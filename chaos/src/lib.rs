@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::Duration;
 
 use conduit_core::rand::{DetRng, Rng};
-use conduit_sim::World;
+use conduit_sim::{AnchorStep, World};
 use serde::{Deserialize, Serialize};
 
 /// One fault or harness action.
@@ -43,6 +43,11 @@ pub enum Action {
     AppFail(String, bool),
     /// A new configuration: the service's endpoints become these replica hosts.
     SetEndpoints(String, Vec<String>),
+    /// The controller's CA rotates its issuer (signed by its newest anchor); a meshed world
+    /// only.
+    RotateIssuer,
+    /// A trust-anchor rotation step: a new anchor joins every bundle, or the old ones leave.
+    Anchor(AnchorStep),
 }
 
 impl Action {
@@ -82,6 +87,8 @@ impl Action {
                         .with(|t| t.sim_error = Some(format!("harness: {err}")));
                 }
             }
+            Self::RotateIssuer => world.rotate_issuer(),
+            Self::Anchor(step) => world.anchor_step(*step),
         }
     }
 }
@@ -102,6 +109,8 @@ impl fmt::Display for Action {
             Self::AppStall(h, s) => write!(f, "app {h} stalled={s}"),
             Self::AppFail(h, s) => write!(f, "app {h} failing={s}"),
             Self::SetEndpoints(s, hosts) => write!(f, "endpoints {s} = {hosts:?}"),
+            Self::RotateIssuer => f.write_str("rotate the CA's issuer"),
+            Self::Anchor(step) => write!(f, "anchor rotation: {step:?}"),
         }
     }
 }

@@ -147,6 +147,31 @@ enum IdentityCommand {
         #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_DIR")]
         identity_dir: PathBuf,
     },
+    /// Sign a new issuer with the bootstrapped anchor's key in the identity directory and
+    /// write it there (key first, then certificate, each atomically). A running controller
+    /// loads it within its issuer poll interval and signs every new leaf with it; leaves
+    /// already issued stay valid, as they chain to the same anchor.
+    RotateIssuer {
+        /// The controller's identity directory.
+        #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_DIR")]
+        identity_dir: PathBuf,
+    },
+    /// Step 1 of a trust-anchor rotation: make a new anchor in the identity directory, add it
+    /// to the trust-anchor bundle (the controller and proxies trust both from their next poll)
+    /// and sign the next issuer with it. Then, once every proxy has the bundle, run
+    /// `rotate-issuer`; once every leaf has renewed, `retire-anchors`.
+    AddAnchor {
+        /// The controller's identity directory.
+        #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_DIR")]
+        identity_dir: PathBuf,
+    },
+    /// The last step of a trust-anchor rotation: keep in the bundle only the anchor the issuer
+    /// chains to (refused while the issuer still chains to an older one).
+    RetireAnchors {
+        /// The controller's identity directory.
+        #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_DIR")]
+        identity_dir: PathBuf,
+    },
     /// Show a proxy's identity and its certificate's dates, read from its admin server.
     Show {
         /// The proxy's admin address (`/metrics`).
@@ -297,6 +322,37 @@ fn main() -> ExitCode {
             Command::Identity(IdentityCommand::Token { name, identity_dir }) => {
                 let token = conduit_controller::identity::issue_token(&identity_dir, &name)?;
                 println!("{token}");
+                Ok(())
+            }
+            Command::Identity(IdentityCommand::RotateIssuer { identity_dir }) => {
+                let clock = conduit_controller::identity::system_wall_clock();
+                let not_after = conduit_controller::identity::rotate_issuer(&identity_dir, &clock)?;
+                println!(
+                    "wrote a new issuer to {} (valid until {} s after the Unix epoch); a \
+                     running controller signs with it from its next poll",
+                    identity_dir.display(),
+                    not_after.as_secs()
+                );
+                Ok(())
+            }
+            Command::Identity(IdentityCommand::AddAnchor { identity_dir }) => {
+                let clock = conduit_controller::identity::system_wall_clock();
+                let not_after = conduit_controller::identity::add_anchor(&identity_dir, &clock)?;
+                println!(
+                    "added a new trust anchor (valid until {} s after the Unix epoch) to {}; \
+                     once every proxy loaded the bundle (within 5 s of seeing it), run \
+                     `conduit identity rotate-issuer`",
+                    not_after.as_secs(),
+                    identity_dir
+                        .join(conduit_controller::identity::TRUST_ANCHORS_FILE)
+                        .display()
+                );
+                Ok(())
+            }
+            Command::Identity(IdentityCommand::RetireAnchors { identity_dir }) => {
+                let clock = conduit_controller::identity::system_wall_clock();
+                let removed = conduit_controller::identity::retire_anchors(&identity_dir, &clock)?;
+                println!("removed {removed} old trust anchor(s) from the bundle");
                 Ok(())
             }
             Command::Identity(IdentityCommand::Show { admin }) => {

@@ -263,3 +263,35 @@ mod tests {
         }
     }
 }
+
+/// The kind of private key a workload or CA makes for itself.
+///
+/// Production makes ECDSA P-256 keys (Linkerd's choice; every TLS stack speaks it). The
+/// simulation makes Ed25519 keys from its seeded randomness ([`ed25519_pkcs8`]): Ed25519
+/// signatures are deterministic, where ECDSA draws a fresh nonce for every signature inside the
+/// crypto library, so only Ed25519 keeps the bytes on the wire a function of the seed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyKind {
+    /// ECDSA on P-256 with SHA-256, from the operating system's randomness.
+    #[default]
+    EcdsaP256,
+    /// Ed25519, from 32 bytes of the crypto provider's randomness.
+    Ed25519,
+}
+
+/// The PKCS#8 (v1, RFC 8410) document of the Ed25519 private key with `seed`: a fixed
+/// 16-byte prefix (the `PrivateKeyInfo` header, the Ed25519 algorithm identifier and the
+/// `CurvePrivateKey` octet string's header) followed by the seed.
+#[must_use]
+pub fn ed25519_pkcs8(seed: &[u8; 32]) -> [u8; 48] {
+    const PREFIX: [u8; 16] = [
+        0x30, 0x2e, // SEQUENCE, 46 bytes
+        0x02, 0x01, 0x00, // INTEGER 0 (v1)
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, // SEQUENCE { OID 1.3.101.112 (Ed25519) }
+        0x04, 0x22, 0x04, 0x20, // OCTET STRING { OCTET STRING (32 bytes) }
+    ];
+    let mut der = [0u8; 48];
+    der[..16].copy_from_slice(&PREFIX);
+    der[16..].copy_from_slice(seed);
+    der
+}

@@ -20,6 +20,7 @@ use std::time::Duration;
 use conduit_core::identity::{Refresh, RefreshConfig};
 use conduit_core::rand::DetRng;
 use conduit_core::time::UnixTime;
+pub use conduit_proto::crypto::Crypto;
 use conduit_proto::pb::identity::CertifyRequest;
 use conduit_proto::pb::identity::identity_client::IdentityClient;
 use hyper_util::rt::TokioIo;
@@ -246,7 +247,13 @@ impl LocalIdentity {
         if token.is_empty() {
             return Err(IdentityError::EmptyToken);
         }
-        let identity = Self::new(&settings.name, token.as_bytes(), &pem, wall)?;
+        let identity = Self::new(
+            &settings.name,
+            token.as_bytes(),
+            &pem,
+            wall,
+            &Crypto::system(),
+        )?;
         identity
             .anchors
             .write()
@@ -255,9 +262,9 @@ impl LocalIdentity {
         Ok(identity)
     }
 
-    /// Generates a P-256 key and a CSR for `name`, and builds the TLS configurations that trust
-    /// the anchors in `anchors_pem`. No certificate is held until [`Self::install`] (the
-    /// certify task) puts one in.
+    /// Generates a key (of `crypto`'s kind: P-256 in production) and a CSR for `name`, and
+    /// builds the TLS configurations that trust the anchors in `anchors_pem`. No certificate is
+    /// held until [`Self::install`] (the certify task) puts one in.
     ///
     /// # Errors
     ///
@@ -267,15 +274,15 @@ impl LocalIdentity {
         token: &[u8],
         anchors_pem: &[u8],
         wall: WallClock,
+        crypto: &Crypto,
     ) -> Result<Self, IdentityError> {
         let server_name = ServerName::try_from(name.to_owned())
             .ok()
             .filter(|n| matches!(n, ServerName::DnsName(_)))
             .ok_or_else(|| IdentityError::Name(name.to_owned()))?;
         let roots = Arc::new(parse_anchors(anchors_pem)?);
-        let provider = Arc::new(provider());
-        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|err| IdentityError::Key(err.to_string()))?;
+        let provider = Arc::clone(&crypto.provider);
+        let key_pair = crypto.new_key().map_err(IdentityError::Key)?;
         let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])
             .map_err(|err| IdentityError::Key(err.to_string()))?;
         params
@@ -338,31 +345,39 @@ impl LocalIdentity {
         if pem == last {
             return false;
         }
-        let rebuilt = parse_anchors(&pem)
-            .and_then(|roots| Tls::build(Arc::new(roots), &self.provider, &self.slot, self.wall));
-        match rebuilt {
-            Ok(tls) => {
-                *self
-                    .tls
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tls);
-                self.anchors
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .1 = pem;
+        match self.set_anchors(pem) {
+            Ok(()) => {
                 tracing::info!(path = %path.display(), "trust anchors reloaded");
                 true
             }
             Err(err) => {
                 tracing::warn!(path = %path.display(), error = %err, "new trust anchors rejected; keeping those in force");
-                // Not reported again until the file changes once more.
-                self.anchors
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .1 = pem;
                 false
             }
         }
+    }
+
+    /// Trusts the anchors of the PEM bundle `pem` from the next connection on (connections
+    /// already open keep theirs): what a reload of the anchors file does with the file's new
+    /// contents (the simulation, which has no files, calls it directly).
+    ///
+    /// # Errors
+    ///
+    /// [`IdentityError`] for a garbled bundle; the anchors in force stay, and the same bytes
+    /// are not reported again by [`Self::reload_anchors`].
+    pub fn set_anchors(&self, pem: Vec<u8>) -> Result<(), IdentityError> {
+        let rebuilt = parse_anchors(&pem)
+            .and_then(|roots| Tls::build(Arc::new(roots), &self.provider, &self.slot, self.wall));
+        self.anchors
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1 = pem;
+        let tls = rebuilt?;
+        *self
+            .tls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tls);
+        Ok(())
     }
 
     /// The identity's name.
@@ -391,6 +406,19 @@ impl LocalIdentity {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .map(|c| (c.valid_from, c.valid_until))
+    }
+
+    /// The certificate chain held (DER, the leaf first, then its issuer), expired or not;
+    /// empty before the first certificate.
+    #[must_use]
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.slot
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|c| c.key.cert.clone())
+            .unwrap_or_default()
     }
 
     /// Whether a valid certificate is held now.
@@ -662,11 +690,6 @@ pub(crate) async fn connect_controller<N: Net>(
     Ok(TokioIo::new(crate::tls::UpstreamIo::Tls(Box::new(io))))
 }
 
-/// The crypto provider: ring's algorithms, TLS 1.3 only (set on each configuration).
-fn provider() -> CryptoProvider {
-    rustls::crypto::ring::default_provider()
-}
-
 fn parse_anchors(pem: &[u8]) -> Result<RootCertStore, IdentityError> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = RootCertStore::empty();
@@ -751,7 +774,7 @@ mod tests {
     }
 
     fn identity(ca: &Ca, name: &str) -> LocalIdentity {
-        LocalIdentity::new(name, b"token", ca.pem.as_bytes(), now).unwrap()
+        LocalIdentity::new(name, b"token", ca.pem.as_bytes(), now, &Crypto::system()).unwrap()
     }
 
     fn certified(ca: &Ca, name: &str) -> LocalIdentity {
@@ -813,6 +836,28 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.contains("certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_ed25519_identity_speaks_mtls_with_a_p256_one() {
+        // The simulation's key kind: certified by the same CA, and interoperable both ways.
+        let ca = ca();
+        let crypto = Crypto {
+            keys: conduit_proto::crypto::KeyKind::Ed25519,
+            ..Crypto::system()
+        };
+        let web = LocalIdentity::new("web.a", b"t", ca.pem.as_bytes(), now, &crypto).unwrap();
+        web.install(sign(&ca, &web, 1_799_990_000, 1_800_086_400), vec![])
+            .unwrap();
+        let api = certified(&ca, "api.a");
+        assert_eq!(
+            handshake(&web, &api, "api.a").await.unwrap().as_deref(),
+            Some("web.a")
+        );
+        assert_eq!(
+            handshake(&api, &web, "web.a").await.unwrap().as_deref(),
+            Some("api.a")
+        );
     }
 
     #[tokio::test]
@@ -880,7 +925,8 @@ mod tests {
         web.install(leaf, vec![]).unwrap();
         // A peer that already trusts both anchors, whose certificate comes from the new one.
         let bundle = format!("{}{}", old.pem, new.pem);
-        let api = LocalIdentity::new("api.a", b"t", bundle.as_bytes(), now).unwrap();
+        let api =
+            LocalIdentity::new("api.a", b"t", bundle.as_bytes(), now, &Crypto::system()).unwrap();
         api.install(sign(&new, &api, 1_799_990_000, 1_800_086_400), vec![])
             .unwrap();
         assert!(handshake(&web, &api, "api.a").await.is_err());
@@ -899,11 +945,22 @@ mod tests {
     #[test]
     fn bad_settings_get_errors_that_say_what_is_wrong() {
         let ca = ca();
-        let err = LocalIdentity::new("not a name", b"t", ca.pem.as_bytes(), now).unwrap_err();
+        let err = LocalIdentity::new(
+            "not a name",
+            b"t",
+            ca.pem.as_bytes(),
+            now,
+            &Crypto::system(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not a DNS-like name"), "{err}");
-        let err = LocalIdentity::new("web.a", b"t", b"garbage", now).unwrap_err();
+        let err =
+            LocalIdentity::new("web.a", b"t", b"garbage", now, &Crypto::system()).unwrap_err();
         assert!(err.to_string().contains("no `BEGIN CERTIFICATE`"), "{err}");
         let truncated = &ca.pem[..ca.pem.len() / 2];
-        assert!(LocalIdentity::new("web.a", b"t", truncated.as_bytes(), now).is_err());
+        assert!(
+            LocalIdentity::new("web.a", b"t", truncated.as_bytes(), now, &Crypto::system())
+                .is_err()
+        );
     }
 }

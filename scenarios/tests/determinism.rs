@@ -8,9 +8,10 @@
 //! and reconnect), a meshed world (identities certified by the controller's CA over the
 //! Identity API, mTLS between every pair of proxies), and short-lived certificates expiring
 //! while the controller is down, then renewed through the proxies' jittered retry backoff.
-//! Key generation, certificates and TLS handshakes draw OS randomness (ring), so the bytes on
-//! the wire differ from run to run; the trace, which records what clients, apps and proxies
-//! did and when, does not.
+//! Key generation, certificates and TLS handshakes draw from the world's seeded crypto
+//! (`conduit_sim::crypto`): the certificates each proxy held, fingerprints included, are in the
+//! trace, so a key, serial or signature drawn from the OS would fail this test (the bytes of a
+//! whole handshake are checked in that module's own tests).
 
 use conduit_scenarios::sim;
 

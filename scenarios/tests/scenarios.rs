@@ -197,6 +197,18 @@ fn mtls_leaf_rotation_under_load() {
     scenario("mtls_leaf_rotation_under_load");
 }
 
+/// The CA's issuer rotates under load; old leaves keep working, renewals come from the new one.
+#[test]
+fn mtls_issuer_rotation_under_load() {
+    scenario("mtls_issuer_rotation_under_load");
+}
+
+/// The trust anchor rotates under load through a bundle of old and new anchors.
+#[test]
+fn mtls_anchor_rotation_under_load() {
+    scenario("mtls_anchor_rotation_under_load");
+}
+
 /// The CA is down while the leaves expire: success, then the proxies' own 502, then recovery.
 #[test]
 fn mtls_expiry_while_controller_down() {

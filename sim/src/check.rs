@@ -1343,6 +1343,8 @@ mod tests {
             proxy: proxy.into(),
             incarnation: 0,
             valid_until_s: until_s,
+            fingerprint: format!("{until_s:016x}"),
+            issuer: String::new(),
         };
         let mut trace = Trace {
             certificates: vec![

@@ -14,6 +14,7 @@
 
 pub mod app;
 pub mod check;
+pub mod crypto;
 pub mod net;
 pub mod observe;
 pub mod process;
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use check::{Checks, Violation};
 pub use trace::{Outcome, Proto, Trace};
 pub use workload::{Flow, Workload};
-pub use world::{DiscoveryMode, MtlsSpec, ServiceSpec, World, WorldSpec};
+pub use world::{AnchorStep, DiscoveryMode, MtlsSpec, ServiceSpec, World, WorldSpec};
 
 /// The result of one run, as printed and as passed from a child process to its parent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

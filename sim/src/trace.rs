@@ -282,6 +282,14 @@ pub struct CertificateRecord {
     /// certificate's `notAfter` minus the pinned epoch): the proxy offers it while the
     /// simulated wall clock, in whole seconds, is below this.
     pub valid_until_s: u64,
+    /// The first 16 hex digits of the leaf's SHA-256: the key, serial and CA signature in it
+    /// come from the world's seeded crypto, so the same seed gives the same certificate.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// The same for the issuer's certificate that came with it (changes when the CA's
+    /// issuer rotates).
+    #[serde(default)]
+    pub issuer: String,
 }
 
 impl CertificateRecord {
@@ -399,8 +407,8 @@ impl Trace {
         for c in &self.certificates {
             let _ = writeln!(
                 out,
-                "certificate {} {}#{} until {}s",
-                c.at_us, c.proxy, c.incarnation, c.valid_until_s
+                "certificate {} {}#{} until {}s {} issuer {}",
+                c.at_us, c.proxy, c.incarnation, c.valid_until_s, c.fingerprint, c.issuer
             );
         }
         let _ = writeln!(out, "end {} {:?}", self.end_us, self.sim_error);

@@ -36,8 +36,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use conduit_controller::identity::CertificateAuthority;
@@ -310,6 +310,10 @@ pub struct World<'a> {
     policies: BTreeMap<String, RawServerPolicy>,
     /// Whether endpoints are published with their service's identity.
     meshed: bool,
+    /// The controller's CA, in a meshed world.
+    ca: Option<Arc<CertificateAuthority>>,
+    /// The anchors every proxy trusts.
+    anchors: Arc<Mutex<AnchorBoard>>,
     version: u64,
 }
 
@@ -360,26 +364,66 @@ fn controller_addr() -> PeerAddr {
 struct IdentityMaterial {
     name: String,
     token: String,
-    anchors: Arc<[u8]>,
+    anchors: Arc<Mutex<AnchorBoard>>,
+}
+
+/// The trust-anchor bundle every proxy is given (what a shared anchors file would hold), and
+/// the identities of the proxies running now, which take a new bundle at once (as a reload of
+/// that file would, within its poll interval).
+#[derive(Debug, Default)]
+struct AnchorBoard {
+    pem: Vec<u8>,
+    running: Vec<std::sync::Weak<LocalIdentity>>,
+}
+
+impl AnchorBoard {
+    /// Publishes `pem` to every running proxy; returns how many took it.
+    fn publish(&mut self, pem: Vec<u8>) -> Result<usize, String> {
+        self.running.retain(|identity| identity.strong_count() > 0);
+        for identity in self.running.iter().filter_map(std::sync::Weak::upgrade) {
+            identity
+                .set_anchors(pem.clone())
+                .map_err(|err| format!("{}: {err}", identity.name()))?;
+        }
+        self.pem = pem;
+        Ok(self.running.len())
+    }
 }
 
 impl IdentityMaterial {
-    fn new(ca: &CertificateAuthority, name: String) -> anyhow::Result<Self> {
+    fn new(
+        ca: &CertificateAuthority,
+        name: String,
+        anchors: &Arc<Mutex<AnchorBoard>>,
+    ) -> anyhow::Result<Self> {
         let token = ca
             .issue_token(&name)
             .map_err(|err| anyhow::anyhow!("a token for {name}: {err}"))?;
         Ok(Self {
             name,
             token,
-            anchors: Arc::from(ca.trust_anchors_pem()),
+            anchors: Arc::clone(anchors),
         })
     }
 
-    /// A new key and CSR for the identity, on simulated wall time.
+    /// A new key and CSR for the identity, on simulated wall time, trusting the bundle in
+    /// force (and the ones published after).
     fn local(&self) -> Result<Arc<LocalIdentity>, Box<dyn std::error::Error>> {
-        LocalIdentity::new(&self.name, self.token.as_bytes(), &self.anchors, sim_wall)
-            .map(Arc::new)
-            .map_err(|err| format!("identity {}: {err}", self.name).into())
+        let mut board = self
+            .anchors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let identity = LocalIdentity::new(
+            &self.name,
+            self.token.as_bytes(),
+            &board.pem,
+            sim_wall,
+            &crate::crypto::seeded(),
+        )
+        .map(Arc::new)
+        .map_err(|err| format!("identity {}: {err}", self.name))?;
+        board.running.push(Arc::downgrade(&identity));
+        Ok(identity)
     }
 }
 
@@ -510,26 +554,43 @@ async fn watch_certificate(
     incarnation: u64,
     recorder: Recorder,
 ) {
-    let mut last = None;
+    let mut last = Vec::new();
     let mut tick = tokio::time::interval(CERTIFICATE_WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let until = identity.valid_until();
-        if until == last {
+        let chain = identity.chain();
+        if chain == last {
             continue;
         }
-        last = until;
-        if let Some(until) = until {
+        last.clone_from(&chain);
+        if let (Some(leaf), Some(until)) = (chain.first(), identity.valid_until()) {
             let record = CertificateRecord {
                 at_us: now_us(),
                 proxy: proxy.clone(),
                 incarnation,
                 valid_until_s: until.as_secs().saturating_sub(EPOCH_SECS),
+                fingerprint: fingerprint(leaf),
+                issuer: chain.get(1).map(|c| fingerprint(c)).unwrap_or_default(),
             };
             recorder.with(|t| t.certificates.push(record));
         }
     }
+}
+
+/// A step of a trust-anchor rotation ([`World::anchor_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AnchorStep {
+    /// A new anchor joins the bundle; the CA's next issuer is signed by it.
+    Add,
+    /// Only the anchor the CA signs with stays in the bundle.
+    Retire,
+}
+
+/// The first 16 hex digits of a certificate's SHA-256.
+fn fingerprint(der: &[u8]) -> String {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(der);
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Starts watching `identity` (see [`watch_certificate`]) when the world asks for it.
@@ -573,6 +634,9 @@ impl<'a> World<'a> {
             .max_message_latency(spec.max_latency);
         let mut sim = builder.build();
         let recorder = Recorder::new(scenario, seed);
+        // Keys, certificates and TLS bytes from the seed too (the CA below is the first to
+        // draw). Not a child of `root`, so that worlds without identity draw as before.
+        crate::crypto::reseed(DetRng::new(seed).child("crypto").next_u64());
 
         // The CA outlives controller crashes (as its directory would): made once, here.
         let ca = match &spec.mtls {
@@ -580,11 +644,22 @@ impl<'a> World<'a> {
                 anyhow::bail!("a meshed world needs the controller (DiscoveryMode::Controller)")
             }
             Some(mtls) => Some(Arc::new(
-                CertificateAuthority::in_memory(mtls.leaf_lifetime, Arc::new(sim_wall))
-                    .map_err(|err| anyhow::anyhow!("the certificate authority: {err}"))?,
+                CertificateAuthority::in_memory(
+                    mtls.leaf_lifetime,
+                    Arc::new(sim_wall),
+                    crate::crypto::seeded(),
+                )
+                .map_err(|err| anyhow::anyhow!("the certificate authority: {err}"))?,
             )),
             None => None,
         };
+        let anchors = Arc::new(Mutex::new(AnchorBoard {
+            pem: ca
+                .as_ref()
+                .map(|ca| ca.trust_anchors_pem())
+                .unwrap_or_default(),
+            running: Vec::new(),
+        }));
 
         let static_discover = Arc::new(StaticDiscover::new(Mesh::default()));
         let discovery = match spec.discovery {
@@ -647,7 +722,9 @@ impl<'a> World<'a> {
                 let name = host.clone();
                 let material = ca
                     .as_deref()
-                    .map(|ca| IdentityMaterial::new(ca, identity_name(&service.authority)))
+                    .map(|ca| {
+                        IdentityMaterial::new(ca, identity_name(&service.authority), &anchors)
+                    })
                     .transpose()?;
                 sim.host(host.as_str(), move || {
                     let drain = Arc::clone(&drain);
@@ -685,9 +762,9 @@ impl<'a> World<'a> {
             let (seed, incarnation) = seeds.next();
             let config = proxy_config(spec, seed, None);
             let material = match (&ca, &spec.mtls) {
-                (Some(ca), Some(mtls)) if !mtls.unidentified_clients.contains(&client) => {
-                    Some(IdentityMaterial::new(ca, client_identity(client))?)
-                }
+                (Some(ca), Some(mtls)) if !mtls.unidentified_clients.contains(&client) => Some(
+                    IdentityMaterial::new(ca, client_identity(client), &anchors)?,
+                ),
                 _ => None,
             };
             let hooks = Hooks::new(spec, &host, incarnation, &recorder);
@@ -763,10 +840,63 @@ impl<'a> World<'a> {
             breakers,
             policies,
             meshed: spec.mtls.is_some(),
+            ca,
+            anchors,
             version: 0,
         };
         world.publish()?;
         Ok(world)
+    }
+
+    /// Rotates the CA's issuer: a new one, signed by the same anchor, signs every leaf from
+    /// now on (what `conduit identity rotate-issuer` and the controller's issuer watcher do
+    /// with a directory). A world without a CA records a harness error.
+    pub fn rotate_issuer(&mut self) {
+        let rotated = match &self.ca {
+            Some(ca) => ca.rotate_issuer_in_memory().map_err(|err| err.to_string()),
+            None => Err("rotate the issuer: the world has no CA (not meshed)".to_owned()),
+        };
+        match rotated {
+            Ok(not_after) => self.event(format!(
+                "issuer rotated, valid until {} s",
+                not_after.as_secs().saturating_sub(EPOCH_SECS)
+            )),
+            Err(err) => self
+                .recorder
+                .with(|t| t.sim_error = Some(format!("harness: {err}"))),
+        }
+    }
+
+    /// An anchor rotation's step on the CA (`step` adds a new anchor to the bundle, or retires
+    /// the old ones), then the CA's new bundle published to every proxy, running or started
+    /// later, as a shared anchors file would be. A world without a CA, or a step the CA
+    /// refuses, records a harness error.
+    pub fn anchor_step(&mut self, step: AnchorStep) {
+        let done = match &self.ca {
+            Some(ca) => match step {
+                AnchorStep::Add => ca.add_anchor_in_memory(),
+                AnchorStep::Retire => ca.retire_anchors_in_memory(),
+            }
+            .map_err(|err| err.to_string())
+            .and_then(|()| {
+                let pem = ca.trust_anchors_pem();
+                let anchors = ca.trust_anchors().len();
+                self.anchors
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .publish(pem)
+                    .map(|proxies| (anchors, proxies))
+            }),
+            None => Err("anchor rotation: the world has no CA (not meshed)".to_owned()),
+        };
+        match done {
+            Ok((anchors, proxies)) => self.event(format!(
+                "{step:?} anchor: {anchors} anchor(s) in the bundle, published to {proxies} proxies"
+            )),
+            Err(err) => self
+                .recorder
+                .with(|t| t.sim_error = Some(format!("harness: {err}"))),
+        }
     }
 
     /// Sim time since the start.

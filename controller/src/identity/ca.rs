@@ -24,16 +24,17 @@
 
 use core::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use conduit_core::time::UnixTime;
+use conduit_proto::crypto::Crypto;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
     SanType, SerialNumber,
 };
-use ring::rand::{SecureRandom as _, SystemRandom};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier as _;
 use rustls::pki_types::pem::PemObject as _;
@@ -42,9 +43,9 @@ use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, ServerName
 use super::files::{self, CERT_MODE, KEY_MODE, ReadError};
 use super::token::{TOKEN_KEY_BYTES, TokenError, TokenKey};
 use super::{
-    ANCHOR_COMMON_NAME, ANCHOR_KEY_FILE, CA_VALIDITY, CLOCK_SKEW_ALLOWANCE, ISSUER_CERT_FILE,
-    ISSUER_COMMON_NAME, ISSUER_KEY_FILE, IdentityConfig, TOKEN_KEY_FILE, TRUST_ANCHORS_FILE,
-    WallClock, der, truncated,
+    ANCHOR_COMMON_NAME, ANCHOR_KEY_FILE, ANCHOR_KEY_PREVIOUS_FILE, CA_VALIDITY,
+    CLOCK_SKEW_ALLOWANCE, ISSUER_CERT_FILE, ISSUER_COMMON_NAME, ISSUER_KEY_FILE, IdentityConfig,
+    TOKEN_KEY_FILE, TRUST_ANCHORS_FILE, WallClock, der, truncated,
 };
 use crate::metrics::{CertifyOutcome, Metrics};
 
@@ -176,7 +177,25 @@ pub enum IssuerReload {
     Rejected(CaError),
 }
 
-/// The trust anchors, read once at start.
+/// What [`CertificateAuthority::reload_anchors`] did.
+#[derive(Debug)]
+pub enum AnchorsReload {
+    /// The bundle is as before (or was already refused).
+    Unchanged,
+    /// A new bundle is in force.
+    Replaced {
+        /// How many anchors it holds.
+        count: usize,
+        /// The earliest end of validity among them.
+        not_after: UnixTime,
+    },
+    /// The bundle changed but is unusable, or the current issuer does not chain to it; the
+    /// anchors in force stay. Reported once per distinct bad bundle.
+    Rejected(CaError),
+}
+
+/// The trust anchors: read at start, replaced whole when their bundle changes (an anchor
+/// rotation).
 struct Anchors {
     certs: Vec<CertificateDer<'static>>,
     /// The bundle as PEM text.
@@ -213,19 +232,35 @@ enum Seen {
 /// Shared by the gRPC service and the issuer watcher behind an `Arc`; the current issuer is
 /// swapped under a lock that signing holds only long enough to clone an `Arc`.
 pub struct CertificateAuthority {
-    anchors: Anchors,
+    anchors: RwLock<Arc<Anchors>>,
+    /// Bumped whenever the anchors are replaced (the controller's own TLS rebuilds on it).
+    anchors_version: AtomicU64,
+    /// The last bundle [`Self::reload_anchors`] read (so a refused one is reported once).
+    anchors_seen: Mutex<Vec<u8>>,
     issuer: RwLock<Arc<SigningIssuer>>,
     tokens: TokenKey,
     clock: WallClock,
     leaf_lifetime: Duration,
     files: Option<IssuerFiles>,
+    crypto: Crypto,
+    /// The signing anchor's key and certificate, kept by an in-memory CA only (to rotate its
+    /// issuer and anchors, for the simulation); a directory keeps them in its files.
+    anchor: Mutex<Option<MemoryAnchor>>,
+}
+
+/// An in-memory CA's signing anchor: its key, certificate and the certificate's PEM.
+#[derive(Clone)]
+struct MemoryAnchor {
+    key: Arc<KeyPair>,
+    cert: CertificateDer<'static>,
+    pem: String,
 }
 
 impl fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertificateAuthority")
-            .field("anchors", &self.anchors.path)
-            .field("anchors_not_after", &self.anchors.not_after)
+            .field("anchors", &self.current_anchors().path)
+            .field("anchors_not_after", &self.current_anchors().not_after)
             .field("issuer_not_after", &self.current_issuer().not_after)
             .field("leaf_lifetime", &self.leaf_lifetime)
             .finish_non_exhaustive()
@@ -277,7 +312,8 @@ impl CertificateAuthority {
                 tracing::warn!(path = %path.display(), "a private key is readable by other users (chmod 600)");
             }
         }
-        let issuer = parse_issuer(&cert_path, &cert, &key_path, &key, &anchors, now)?;
+        let crypto = Crypto::system();
+        let issuer = parse_issuer(&cert_path, &cert, &key_path, &key, &anchors, now, &crypto)?;
         tracing::info!(
             dir = %dir.display(),
             trust_anchors = anchors.certs.len(),
@@ -285,7 +321,9 @@ impl CertificateAuthority {
             "certificate authority ready"
         );
         Ok(Self {
-            anchors,
+            anchors: RwLock::new(Arc::new(anchors)),
+            anchors_version: AtomicU64::new(0),
+            anchors_seen: Mutex::new(Vec::new()),
             issuer: RwLock::new(Arc::new(issuer)),
             tokens,
             clock,
@@ -295,20 +333,27 @@ impl CertificateAuthority {
                 key: key_path,
                 seen: Mutex::new(Seen::Contents { cert, key }),
             }),
+            crypto,
+            anchor: Mutex::new(None),
         })
     }
 
     /// A CA with a fresh anchor, issuer and token key held in memory only (for the
-    /// simulation, which has no files): [`Self::trust_anchors_pem`] and [`Self::issue_token`]
-    /// hand out what a directory would.
+    /// simulation, which has no files), made with `crypto` (the simulation's is seeded):
+    /// [`Self::trust_anchors_pem`] and [`Self::issue_token`] hand out what a directory would.
     ///
     /// # Errors
     ///
     /// [`CaError::Generate`] if a key or certificate cannot be made.
-    pub fn in_memory(leaf_lifetime: Duration, clock: WallClock) -> Result<Self, CaError> {
+    pub fn in_memory(
+        leaf_lifetime: Duration,
+        clock: WallClock,
+        crypto: Crypto,
+    ) -> Result<Self, CaError> {
         let now = clock();
-        let (anchor_key, anchor_cert) = generate_anchor(now)?;
-        let (issuer_key, issuer_cert) = generate_issuer(anchor_cert.der(), anchor_key, now)?;
+        let (anchor_key, anchor_cert) = generate_anchor(now, &crypto)?;
+        let (issuer_key, issuer_cert) =
+            generate_issuer(anchor_cert.der(), &anchor_key, now, &crypto)?;
         let memory = PathBuf::from("<memory>");
         let anchors = parse_anchors(&memory, anchor_cert.pem().into_bytes())?;
         let issuer = parse_issuer(
@@ -318,33 +363,61 @@ impl CertificateAuthority {
             issuer_key.serialize_pem().as_bytes(),
             &anchors,
             now,
+            &crypto,
         )?;
+        let anchor = MemoryAnchor {
+            key: Arc::new(anchor_key),
+            cert: anchor_cert.der().clone(),
+            pem: anchor_cert.pem(),
+        };
         Ok(Self {
-            anchors,
+            anchors: RwLock::new(Arc::new(anchors)),
+            anchors_version: AtomicU64::new(0),
+            anchors_seen: Mutex::new(Vec::new()),
             issuer: RwLock::new(Arc::new(issuer)),
-            tokens: TokenKey::from_bytes(&random_bytes()?),
+            tokens: TokenKey::from_bytes(&random_bytes(&crypto)?),
             clock,
             leaf_lifetime,
             files: None,
+            crypto,
+            anchor: Mutex::new(Some(anchor)),
         })
+    }
+
+    /// The crypto the CA was made with (the controller's own TLS uses it too).
+    #[must_use]
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+
+    /// The wall clock the CA reads (the controller's own TLS checks certificates on it).
+    #[must_use]
+    pub fn clock(&self) -> &WallClock {
+        &self.clock
     }
 
     /// The trust anchors (DER).
     #[must_use]
-    pub fn trust_anchors(&self) -> &[CertificateDer<'static>] {
-        &self.anchors.certs
+    pub fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+        self.current_anchors().certs.clone()
     }
 
     /// The trust-anchor bundle as PEM, as proxies load it.
     #[must_use]
-    pub fn trust_anchors_pem(&self) -> &[u8] {
-        &self.anchors.pem
+    pub fn trust_anchors_pem(&self) -> Vec<u8> {
+        self.current_anchors().pem.clone()
     }
 
     /// The earliest end of validity among the trust anchors.
     #[must_use]
     pub fn trust_anchors_not_after(&self) -> UnixTime {
-        self.anchors.not_after
+        self.current_anchors().not_after
+    }
+
+    /// How many times the trust anchors were replaced since start.
+    #[must_use]
+    pub fn trust_anchors_version(&self) -> u64 {
+        self.anchors_version.load(Ordering::Acquire)
     }
 
     /// The current issuer's certificate (DER).
@@ -424,8 +497,14 @@ impl CertificateAuthority {
         }
         let issuer = self.current_issuer();
         let now = (self.clock)();
-        let (params, valid_until) = leaf_params(&proven, now, self.leaf_lifetime, issuer.not_after)
-            .map_err(|reason| CertifyError::Sign { reason })?;
+        let (params, valid_until) = leaf_params(
+            &proven,
+            now,
+            self.leaf_lifetime,
+            issuer.not_after,
+            &self.crypto,
+        )
+        .map_err(|reason| CertifyError::Sign { reason })?;
         let leaf = params
             .signed_by(&request.public_key, &issuer.issuer)
             .map_err(|err| CertifyError::Sign {
@@ -457,8 +536,9 @@ impl CertificateAuthority {
                     &cert,
                     &files.key,
                     &key,
-                    &self.anchors,
+                    &self.current_anchors(),
                     (self.clock)(),
+                    &self.crypto,
                 );
                 *seen = Seen::Contents { cert, key };
                 match checked {
@@ -482,6 +562,149 @@ impl CertificateAuthority {
         }
     }
 
+    /// For an in-memory CA ([`Self::in_memory`]): signs a new issuer with the anchor's key and
+    /// makes it the issuer at once, as a directory's watcher does with a rotated issuer's files.
+    /// Leaves already issued stay valid (they chain to the same anchor); new ones come from
+    /// the new issuer. Returns the new issuer's end of validity.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::Invalid`] for a CA opened from a directory (rotate its files instead), or
+    /// [`CaError::Generate`] if the key or certificate cannot be made.
+    pub fn rotate_issuer_in_memory(&self) -> Result<UnixTime, CaError> {
+        let memory = PathBuf::from("<memory>");
+        let anchor = self.memory_anchor("its issuer", "rotate-issuer")?;
+        let now = (self.clock)();
+        let (key, cert) = generate_issuer(&anchor.cert, &anchor.key, now, &self.crypto)?;
+        let issuer = parse_issuer(
+            &memory,
+            cert.pem().as_bytes(),
+            &memory,
+            key.serialize_pem().as_bytes(),
+            &self.current_anchors(),
+            now,
+            &self.crypto,
+        )?;
+        let not_after = issuer.not_after;
+        *self.issuer.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(issuer);
+        Ok(not_after)
+    }
+
+    /// For an in-memory CA: makes a new trust anchor, adds it to the bundle (old anchors
+    /// first) and signs with it from the next issuer rotation on. Step 1 of an anchor rotation,
+    /// as `conduit identity add-anchor` is for a directory.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::Invalid`] for a CA opened from a directory, or [`CaError::Generate`].
+    pub fn add_anchor_in_memory(&self) -> Result<(), CaError> {
+        self.memory_anchor("its anchors", "add-anchor")?;
+        let (key, cert) = generate_anchor((self.clock)(), &self.crypto)?;
+        let mut bundle = self.current_anchors().pem.clone();
+        bundle.extend_from_slice(cert.pem().as_bytes());
+        self.swap_anchors(parse_anchors(Path::new("<memory>"), bundle)?);
+        *self.anchor.lock().unwrap_or_else(PoisonError::into_inner) = Some(MemoryAnchor {
+            key: Arc::new(key),
+            cert: cert.der().clone(),
+            pem: cert.pem(),
+        });
+        Ok(())
+    }
+
+    /// For an in-memory CA: keeps only the anchor it signs with in the bundle. The last step
+    /// of an anchor rotation, as `conduit identity retire-anchors` is for a directory.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::Invalid`] for a CA opened from a directory, or when the current issuer does
+    /// not chain to that anchor (rotate the issuer first).
+    pub fn retire_anchors_in_memory(&self) -> Result<(), CaError> {
+        let anchor = self.memory_anchor("its anchors", "retire-anchors")?;
+        let anchors = parse_anchors(Path::new("<memory>"), anchor.pem.into_bytes())?;
+        self.check_issuer_chains(&anchors)?;
+        self.swap_anchors(anchors);
+        Ok(())
+    }
+
+    /// Re-reads the trust-anchor bundle of a CA opened from a directory and, when it changed,
+    /// parses and the current issuer still chains to it, makes it the anchors (an anchor
+    /// rotation's added or retired anchor). The controller's issuer watcher calls it on every
+    /// poll, before [`Self::reload_issuer`], so an issuer signed by a just-added anchor is
+    /// accepted on the same poll.
+    ///
+    /// Blocking (it reads a small file); run it off the async threads.
+    pub fn reload_anchors(&self) -> AnchorsReload {
+        let current = self.current_anchors();
+        if self.files.is_none() {
+            return AnchorsReload::Unchanged;
+        }
+        let pem = match read(&current.path) {
+            Ok(pem) if pem == current.pem => return AnchorsReload::Unchanged,
+            Ok(pem) => pem,
+            Err(err) => return AnchorsReload::Rejected(err),
+        };
+        let mut seen = self
+            .anchors_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *seen == pem {
+            // Already refused (reported once).
+            return AnchorsReload::Unchanged;
+        }
+        seen.clone_from(&pem);
+        let checked = parse_anchors(&current.path, pem).and_then(|anchors| {
+            self.check_issuer_chains(&anchors)?;
+            Ok(anchors)
+        });
+        match checked {
+            Ok(anchors) => {
+                let count = anchors.certs.len();
+                let not_after = anchors.not_after;
+                self.swap_anchors(anchors);
+                AnchorsReload::Replaced { count, not_after }
+            }
+            Err(err) => AnchorsReload::Rejected(err),
+        }
+    }
+
+    /// Refuses `anchors` unless the current issuer's leaves verify against them.
+    fn check_issuer_chains(&self, anchors: &Anchors) -> Result<(), CaError> {
+        self.current_issuer()
+            .probe(anchors, (self.clock)(), &self.crypto)
+            .map_err(|reason| CaError::Invalid {
+                path: anchors.path.clone(),
+                reason: format!(
+                    "the current issuer does not chain to these anchors ({reason}): rotate the \
+                     issuer to one signed by an anchor in the bundle first"
+                ),
+            })
+    }
+
+    fn swap_anchors(&self, anchors: Anchors) {
+        *self.anchors.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(anchors);
+        self.anchors_version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn current_anchors(&self) -> Arc<Anchors> {
+        Arc::clone(&self.anchors.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// An in-memory CA's signing anchor; for a directory's CA, an error naming the command
+    /// that does `what` to it.
+    fn memory_anchor(&self, what: &str, command: &str) -> Result<MemoryAnchor, CaError> {
+        self.anchor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| CaError::Invalid {
+                path: PathBuf::from("<memory>"),
+                reason: format!(
+                    "only an in-memory CA changes {what} itself; for a directory run \
+                     `conduit identity {command} --identity-dir DIR`"
+                ),
+            })
+    }
+
     fn current_issuer(&self) -> Arc<SigningIssuer> {
         // The lock guards a single `Arc` swap, which cannot be left half-done by a panic.
         Arc::clone(&self.issuer.read().unwrap_or_else(PoisonError::into_inner))
@@ -502,7 +725,32 @@ pub async fn watch_issuer_files(
     loop {
         ticks.tick().await;
         let polled = Arc::clone(&ca);
-        match tokio::task::spawn_blocking(move || polled.reload_issuer()).await {
+        // Anchors first: an issuer signed by a just-added anchor is taken on the same poll.
+        let reloaded =
+            tokio::task::spawn_blocking(move || (polled.reload_anchors(), polled.reload_issuer()))
+                .await;
+        let issuer = match reloaded {
+            Ok((anchors, issuer)) => {
+                match anchors {
+                    AnchorsReload::Unchanged => {}
+                    AnchorsReload::Replaced { count, not_after } => {
+                        metrics.set_identity_trust_anchor_expiry(not_after.as_secs());
+                        tracing::info!(
+                            anchors = count,
+                            not_after = not_after.as_secs(),
+                            "new trust-anchor bundle loaded; the controller trusts it from its next connection"
+                        );
+                    }
+                    AnchorsReload::Rejected(err) => {
+                        metrics.record_identity_issuer_reject();
+                        tracing::warn!(error = %err, "new trust-anchor bundle rejected; the anchors in force stay");
+                    }
+                }
+                Ok(issuer)
+            }
+            Err(err) => Err(err),
+        };
+        match issuer {
             Ok(IssuerReload::Unchanged) => {}
             Ok(IssuerReload::Replaced { not_after }) => {
                 metrics.set_identity_issuer_expiry(not_after.as_secs());
@@ -533,6 +781,127 @@ pub fn rotate_issuer(dir: &Path, clock: &WallClock) -> Result<UnixTime, CaError>
     write_new_issuer(dir, clock())
 }
 
+/// Step 1 of an anchor rotation in the bootstrapped directory `dir`: makes a new trust
+/// anchor, appends it to the bundle (proxies and a running controller trust both from their
+/// next poll) and makes its key the anchor key (the old one is kept as `anchor.key.previous`),
+/// so the next [`rotate_issuer`] signs with it. Returns the new anchor's end of validity.
+///
+/// # Errors
+///
+/// [`CaError`] naming the file: no anchor key (supplied anchors rotate by hand), an
+/// unreadable bundle, or a write that failed.
+pub fn add_anchor(dir: &Path, clock: &WallClock) -> Result<UnixTime, CaError> {
+    let anchors_path = dir.join(TRUST_ANCHORS_FILE);
+    let key_path = dir.join(ANCHOR_KEY_FILE);
+    let old_key = read_anchor_key(&key_path)?;
+    let mut bundle = read(&anchors_path)?;
+    parse_anchors(&anchors_path, bundle.clone())?;
+    let (key, cert) = generate_anchor(clock(), &Crypto::system())?;
+    if !bundle.ends_with(b"\n") && !bundle.is_empty() {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(cert.pem().as_bytes());
+    // The bundle first: a crash before the key is written leaves the old key signing, and the
+    // new anchor merely trusted.
+    write(&anchors_path, &bundle, CERT_MODE)?;
+    write(&dir.join(ANCHOR_KEY_PREVIOUS_FILE), &old_key, KEY_MODE)?;
+    write(&key_path, key.serialize_pem().as_bytes(), KEY_MODE)?;
+    let not_after = der::read_certificate(cert.der())
+        .map_err(|reason| CaError::Generate {
+            what: "the trust anchor",
+            reason: reason.to_owned(),
+        })?
+        .not_after;
+    Ok(not_after)
+}
+
+/// The last step of an anchor rotation in the bootstrapped directory `dir`: keeps in the
+/// bundle only the anchor whose key is `anchor.key`, once the issuer chains to it (after
+/// [`rotate_issuer`], and after every leaf signed by the old issuer has expired or been
+/// renewed). Returns how many anchors were removed.
+///
+/// # Errors
+///
+/// [`CaError`] naming the file: no anchor key, an anchor key matching no certificate in the
+/// bundle, or an issuer that does not chain to that anchor (rotate it first).
+pub fn retire_anchors(dir: &Path, clock: &WallClock) -> Result<usize, CaError> {
+    let anchors_path = dir.join(TRUST_ANCHORS_FILE);
+    let key_path = dir.join(ANCHOR_KEY_FILE);
+    let key = parse_key(&key_path, &read_anchor_key(&key_path)?)?;
+    let spki = key.subject_public_key_info();
+    let bundle = read(&anchors_path)?;
+    let blocks = pem_blocks(&bundle);
+    let total = blocks.len();
+    let kept = blocks
+        .into_iter()
+        .find(|block| {
+            CertificateDer::from_pem_slice(block)
+                .ok()
+                .and_then(|cert| der::read_certificate(&cert).ok().map(|f| f.spki == spki))
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| CaError::Invalid {
+            path: key_path.clone(),
+            reason: format!("matches no certificate in {}", anchors_path.display()),
+        })?
+        .to_vec();
+    let mut kept = kept;
+    kept.push(b'\n');
+    let anchors = parse_anchors(&anchors_path, kept.clone())?;
+    let (cert_path, issuer_key_path) = (dir.join(ISSUER_CERT_FILE), dir.join(ISSUER_KEY_FILE));
+    parse_issuer(
+        &cert_path,
+        &read(&cert_path)?,
+        &issuer_key_path,
+        &read(&issuer_key_path)?,
+        &anchors,
+        clock(),
+        &Crypto::system(),
+    )
+    .map_err(|err| CaError::Invalid {
+        path: cert_path.clone(),
+        reason: format!(
+            "the issuer does not chain to the anchor being kept ({err}): run \
+             `conduit identity rotate-issuer` first"
+        ),
+    })?;
+    if total > 1 {
+        write(&anchors_path, &kept, CERT_MODE)?;
+    }
+    Ok(total - 1)
+}
+
+/// The anchor key file's contents, or an error saying the anchors were not bootstrapped.
+fn read_anchor_key(key_path: &Path) -> Result<Vec<u8>, CaError> {
+    if !files::exists(key_path) {
+        return Err(CaError::Invalid {
+            path: key_path.to_owned(),
+            reason: "missing: only a bootstrapped CA (one that made its own anchor) rotates \
+                     its anchors here; rotate supplied anchors with the tools that made them"
+                .into(),
+        });
+    }
+    read(key_path)
+}
+
+/// The `BEGIN CERTIFICATE` blocks of a PEM bundle, each with its END line.
+fn pem_blocks(pem: &[u8]) -> Vec<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = find(rest, BEGIN) {
+        let Some(end) = find(&rest[start..], END) else {
+            break;
+        };
+        let stop = start + end + END.len();
+        blocks.push(&rest[start..stop]);
+        rest = &rest[stop..];
+    }
+    blocks
+}
+
 // === Start-up ===
 
 fn open_token_key(dir: &Path) -> Result<TokenKey, CaError> {
@@ -540,7 +909,7 @@ fn open_token_key(dir: &Path) -> Result<TokenKey, CaError> {
         Ok(key) => return Ok(key),
         Err(TokenError::NoKey { path }) => {
             tracing::info!(path = %path.display(), "no bootstrap-token key: generating one");
-            let bytes = random_bytes::<TOKEN_KEY_BYTES>()?;
+            let bytes = random_bytes::<TOKEN_KEY_BYTES>(&Crypto::system())?;
             write(&path, TokenKey::file_contents(&bytes).as_bytes(), KEY_MODE)?;
         }
         Err(err) => return Err(token_file_error(err)),
@@ -573,7 +942,7 @@ fn bootstrap(dir: &Path, now: UnixTime) -> Result<(), CaError> {
     let anchors_path = dir.join(TRUST_ANCHORS_FILE);
     if !files::exists(&anchors_path) {
         tracing::info!(dir = %dir.display(), "no trust anchors: generating a trust anchor and an issuer");
-        let (anchor_key, anchor_cert) = generate_anchor(now)?;
+        let (anchor_key, anchor_cert) = generate_anchor(now, &Crypto::system())?;
         // The key first: a crash before the bundle is written leaves no anchors, so the next
         // start generates both again.
         write(
@@ -582,7 +951,8 @@ fn bootstrap(dir: &Path, now: UnixTime) -> Result<(), CaError> {
             KEY_MODE,
         )?;
         write(&anchors_path, anchor_cert.pem().as_bytes(), CERT_MODE)?;
-        let (issuer_key, issuer_cert) = generate_issuer(anchor_cert.der(), anchor_key, now)?;
+        let (issuer_key, issuer_cert) =
+            generate_issuer(anchor_cert.der(), &anchor_key, now, &Crypto::system())?;
         return write_issuer(dir, &issuer_key, &issuer_cert);
     }
     if !files::exists(&dir.join(ISSUER_CERT_FILE)) {
@@ -615,7 +985,8 @@ fn write_new_issuer(dir: &Path, now: UnixTime) -> Result<UnixTime, CaError> {
             path: key_path.clone(),
             reason: format!("matches no certificate in {}", anchors_path.display()),
         })?;
-    let (issuer_key, issuer_cert) = generate_issuer(anchor_cert, anchor_key, now)?;
+    let (issuer_key, issuer_cert) =
+        generate_issuer(anchor_cert, &anchor_key, now, &Crypto::system())?;
     write_issuer(dir, &issuer_key, &issuer_cert)?;
     Ok(UnixTime::from_secs(
         now.as_secs().saturating_add(CA_VALIDITY.as_secs()),
@@ -722,6 +1093,7 @@ fn parse_issuer(
     key_pem: &[u8],
     anchors: &Anchors,
     now: UnixTime,
+    crypto: &Crypto,
 ) -> Result<SigningIssuer, CaError> {
     let invalid_cert = |reason: String| CaError::Invalid {
         path: cert_path.to_owned(),
@@ -749,7 +1121,7 @@ fn parse_issuer(
         issuer,
         not_after,
     };
-    signing.probe(anchors, now).map_err(|reason| {
+    signing.probe(anchors, now, crypto).map_err(|reason| {
         invalid_cert(format!(
             "leaves it signs do not verify against the trust anchors in {}: {reason}",
             anchors.path.display()
@@ -761,8 +1133,8 @@ fn parse_issuer(
 impl SigningIssuer {
     /// Signs a short probe leaf (over the issuer's own public key, so no key is generated)
     /// and verifies it against the anchors at `now`.
-    fn probe(&self, anchors: &Anchors, now: UnixTime) -> Result<(), String> {
-        let (params, _) = leaf_params(PROBE_IDENTITY, now, PROBE_LIFETIME, self.not_after)?;
+    fn probe(&self, anchors: &Anchors, now: UnixTime, crypto: &Crypto) -> Result<(), String> {
+        let (params, _) = leaf_params(PROBE_IDENTITY, now, PROBE_LIFETIME, self.not_after, crypto)?;
         let leaf = params
             .signed_by(self.issuer.key(), &self.issuer)
             .map_err(|err| format!("cannot sign: {err}"))?;
@@ -843,6 +1215,7 @@ fn leaf_params(
     now: UnixTime,
     lifetime: Duration,
     issuer_not_after: UnixTime,
+    crypto: &Crypto,
 ) -> Result<(CertificateParams, UnixTime), String> {
     let mut params = CertificateParams::default();
     params.distinguished_name = common_name(identity);
@@ -856,7 +1229,7 @@ fn leaf_params(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial().map_err(|err| err.to_string())?);
+    params.serial_number = Some(random_serial(crypto).map_err(|err| err.to_string())?);
     let not_before =
         UnixTime::from_secs(now.as_secs().saturating_sub(CLOCK_SKEW_ALLOWANCE.as_secs()));
     let not_after =
@@ -871,6 +1244,7 @@ fn ca_params(
     name: &str,
     path_len: Option<u8>,
     now: UnixTime,
+    crypto: &Crypto,
 ) -> Result<CertificateParams, CaError> {
     let generate = |reason: String| CaError::Generate {
         what: "a CA certificate",
@@ -888,7 +1262,7 @@ fn ca_params(
         KeyUsagePurpose::DigitalSignature,
     ];
     params.use_authority_key_identifier_extension = path_len.is_some();
-    params.serial_number = Some(random_serial()?);
+    params.serial_number = Some(random_serial(crypto)?);
     params.not_before = date(UnixTime::from_secs(
         now.as_secs().saturating_sub(CLOCK_SKEW_ALLOWANCE.as_secs()),
     ))
@@ -900,9 +1274,12 @@ fn ca_params(
     Ok(params)
 }
 
-fn generate_anchor(now: UnixTime) -> Result<(KeyPair, rcgen::Certificate), CaError> {
-    let key = generate_key("the trust anchor's key")?;
-    let cert = ca_params(ANCHOR_COMMON_NAME, None, now)?
+fn generate_anchor(
+    now: UnixTime,
+    crypto: &Crypto,
+) -> Result<(KeyPair, rcgen::Certificate), CaError> {
+    let key = generate_key("the trust anchor's key", crypto)?;
+    let cert = ca_params(ANCHOR_COMMON_NAME, None, now, crypto)?
         .self_signed(&key)
         .map_err(|err| CaError::Generate {
             what: "the trust anchor",
@@ -913,26 +1290,26 @@ fn generate_anchor(now: UnixTime) -> Result<(KeyPair, rcgen::Certificate), CaErr
 
 fn generate_issuer(
     anchor_cert: &CertificateDer<'_>,
-    anchor_key: KeyPair,
+    anchor_key: &KeyPair,
     now: UnixTime,
+    crypto: &Crypto,
 ) -> Result<(KeyPair, rcgen::Certificate), CaError> {
     let generate = |err: rcgen::Error| CaError::Generate {
         what: "the issuer",
         reason: err.to_string(),
     };
     let anchor = Issuer::from_ca_cert_der(anchor_cert, anchor_key).map_err(generate)?;
-    let key = generate_key("the issuer's key")?;
-    let cert = ca_params(ISSUER_COMMON_NAME, Some(0), now)?
+    let key = generate_key("the issuer's key", crypto)?;
+    let cert = ca_params(ISSUER_COMMON_NAME, Some(0), now, crypto)?
         .signed_by(&key, &anchor)
         .map_err(generate)?;
     Ok((key, cert))
 }
 
-fn generate_key(what: &'static str) -> Result<KeyPair, CaError> {
-    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|err| CaError::Generate {
-        what,
-        reason: err.to_string(),
-    })
+fn generate_key(what: &'static str, crypto: &Crypto) -> Result<KeyPair, CaError> {
+    crypto
+        .new_key()
+        .map_err(|reason| CaError::Generate { what, reason })
 }
 
 fn common_name(name: &str) -> DistinguishedName {
@@ -950,20 +1327,20 @@ fn date(time: UnixTime) -> Result<time::OffsetDateTime, String> {
 
 /// A random positive 128-bit serial number (RFC 5280 allows up to 20 bytes; random serials
 /// keep two certificates from ever sharing one).
-fn random_serial() -> Result<SerialNumber, CaError> {
-    let mut bytes = random_bytes::<16>()?;
+fn random_serial(crypto: &Crypto) -> Result<SerialNumber, CaError> {
+    let mut bytes = random_bytes::<16>(crypto)?;
     // Positive, and with no leading zero byte to be dropped by the DER encoding.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from(bytes.to_vec()))
 }
 
-fn random_bytes<const N: usize>() -> Result<[u8; N], CaError> {
+fn random_bytes<const N: usize>(crypto: &Crypto) -> Result<[u8; N], CaError> {
     let mut bytes = [0u8; N];
-    SystemRandom::new()
+    crypto
         .fill(&mut bytes)
-        .map_err(|_| CaError::Generate {
+        .map_err(|reason| CaError::Generate {
             what: "random bytes",
-            reason: "the operating system's random source failed".into(),
+            reason,
         })?;
     Ok(bytes)
 }

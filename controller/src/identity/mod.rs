@@ -18,6 +18,7 @@
 //! |---|---|---|
 //! | [`TRUST_ANCHORS_FILE`] | 0644 | PEM bundle of the trust anchors (old and new during a rotation) |
 //! | [`ANCHOR_KEY_FILE`] | 0600 | the bootstrapped anchor's PKCS#8 key, only when the controller made the anchor |
+//! | [`ANCHOR_KEY_PREVIOUS_FILE`] | 0600 | the anchor key before the last `conduit identity add-anchor` |
 //! | [`ISSUER_CERT_FILE`] | 0644 | the issuer's certificate (PEM) |
 //! | [`ISSUER_KEY_FILE`] | 0600 | the issuer's PKCS#8 key (PEM) |
 //! | [`TOKEN_KEY_FILE`] | 0600 | 32 random bytes, hex, the bootstrap tokens' HMAC key |
@@ -46,7 +47,10 @@ pub mod service;
 pub mod tls;
 pub mod token;
 
-pub use ca::{CaError, CertificateAuthority, Certified, CertifyError, IssuerReload, rotate_issuer};
+pub use ca::{
+    AnchorsReload, CaError, CertificateAuthority, Certified, CertifyError, IssuerReload,
+    add_anchor, retire_anchors, rotate_issuer,
+};
 pub use service::IdentityService;
 pub use token::{TokenError, issue_token};
 
@@ -56,6 +60,9 @@ pub const TRUST_ANCHORS_FILE: &str = "trust-anchors.pem";
 
 /// The bootstrapped anchor's private key (PKCS#8 PEM), kept to sign a new issuer on rotation.
 pub const ANCHOR_KEY_FILE: &str = "anchor.key";
+
+/// The anchor key that [`add_anchor`] replaced (kept until the rotation is over).
+pub const ANCHOR_KEY_PREVIOUS_FILE: &str = "anchor.key.previous";
 
 /// The issuer's certificate (PEM).
 pub const ISSUER_CERT_FILE: &str = "issuer.crt";

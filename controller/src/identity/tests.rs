@@ -13,6 +13,8 @@ use rustls::client::danger::ServerCertVerifier as _;
 use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
 
+use conduit_proto::crypto::{Crypto, KeyKind};
+
 use super::*;
 
 /// 2023-11-14T22:13:20Z: every test's "now".
@@ -51,9 +53,15 @@ fn csr(names: &[&str]) -> Vec<u8> {
 }
 
 fn verifier(ca: &CertificateAuthority) -> Arc<WebPkiServerVerifier> {
+    verifier_for(ca.trust_anchors())
+}
+
+fn verifier_for(
+    anchors: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Arc<WebPkiServerVerifier> {
     let mut roots = rustls::RootCertStore::empty();
-    for anchor in ca.trust_anchors() {
-        roots.add(anchor.clone()).unwrap();
+    for anchor in anchors {
+        roots.add(anchor).unwrap();
     }
     WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
@@ -200,7 +208,8 @@ fn the_leaf_lifetime_and_the_clock_skew_allowance_are_honoured() {
 #[test]
 fn a_leaf_never_outlives_its_issuer() {
     let (clock, now) = clock();
-    let ca = CertificateAuthority::in_memory(DEFAULT_LEAF_LIFETIME, clock).unwrap();
+    let ca =
+        CertificateAuthority::in_memory(DEFAULT_LEAF_LIFETIME, clock, Crypto::system()).unwrap();
     let issuer_end = ca.issuer_not_after().as_secs();
     now.store(issuer_end - 60, Ordering::Relaxed);
     assert_eq!(
@@ -210,15 +219,46 @@ fn a_leaf_never_outlives_its_issuer() {
 }
 
 #[test]
+fn an_in_memory_ca_rotates_its_issuer_and_old_leaves_stay_valid() {
+    // Ed25519 keys throughout, as the simulation makes them.
+    let crypto = Crypto {
+        keys: KeyKind::Ed25519,
+        ..Crypto::system()
+    };
+    let ca = CertificateAuthority::in_memory(
+        DEFAULT_LEAF_LIFETIME,
+        fixed_wall_clock(UnixTime::from_secs(T0)),
+        crypto,
+    )
+    .unwrap();
+    let before = certify(&ca, WEB);
+    let old_issuer = ca.issuer_certificate();
+    ca.rotate_issuer_in_memory().unwrap();
+    assert_ne!(ca.issuer_certificate(), old_issuer);
+    let after = certify(&ca, WEB);
+    assert_eq!(after.intermediates, vec![ca.issuer_certificate()]);
+    for certified in [&before, &after] {
+        verifies(&ca, certified, WEB, T0 + 60).unwrap();
+    }
+    // A directory's CA rotates through its files, not in memory.
+    let dir = temp_dir("rotate-in-memory");
+    let err = open(&dir).rotate_issuer_in_memory().unwrap_err();
+    assert!(err.to_string().contains("rotate-issuer"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn refusals_say_why() {
     let ca = CertificateAuthority::in_memory(
         DEFAULT_LEAF_LIFETIME,
         fixed_wall_clock(UnixTime::from_secs(T0)),
+        Crypto::system(),
     )
     .unwrap();
     let other = CertificateAuthority::in_memory(
         DEFAULT_LEAF_LIFETIME,
         fixed_wall_clock(UnixTime::from_secs(T0)),
+        Crypto::system(),
     )
     .unwrap();
     let token = ca.issue_token(WEB).unwrap();
@@ -431,6 +471,124 @@ fn the_issuer_reload_takes_a_new_issuer_signed_by_the_same_anchor() {
     std::fs::remove_dir_all(&other).unwrap();
 }
 
+/// Whether webpki accepts `certified` for `name` at `at` against exactly `anchors`.
+fn verifies_with(
+    anchors: &[rustls::pki_types::CertificateDer<'static>],
+    certified: &Certified,
+    name: &str,
+    at: u64,
+) -> bool {
+    verifier_for(anchors.to_vec())
+        .verify_server_cert(
+            &certified.leaf,
+            &certified.intermediates,
+            &ServerName::try_from(name.to_owned()).unwrap(),
+            &[],
+            rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(at)),
+        )
+        .is_ok()
+}
+
+#[test]
+fn an_anchor_rotates_through_a_bundle_without_a_leaf_failing() {
+    let dir = temp_dir("anchor-rotation");
+    let (clock, now) = clock();
+    let ca =
+        CertificateAuthority::open(&IdentityConfig::new(dir.clone()), Arc::clone(&clock)).unwrap();
+    let old_anchors = ca.trust_anchors();
+    let old_leaf = certify(&ca, WEB);
+    // Retiring before any new anchor is a no-op for the bundle's one anchor.
+    assert_eq!(retire_anchors(&dir, &clock).unwrap(), 0);
+    assert!(matches!(ca.reload_anchors(), AnchorsReload::Unchanged));
+
+    // 1. A new anchor joins the bundle; the controller trusts both.
+    now.store(T0 + 60, Ordering::Relaxed);
+    add_anchor(&dir, &clock).unwrap();
+    assert!(dir.join(ANCHOR_KEY_PREVIOUS_FILE).exists());
+    let version = ca.trust_anchors_version();
+    match ca.reload_anchors() {
+        AnchorsReload::Replaced { count, .. } => assert_eq!(count, 2),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ca.trust_anchors_version(), version + 1);
+    let bundle = ca.trust_anchors();
+    assert_eq!(bundle[0], old_anchors[0], "the old anchor stays first");
+    // Retiring now would strand the issuer, which the old anchor signed.
+    let err = retire_anchors(&dir, &clock).unwrap_err();
+    assert!(err.to_string().contains("rotate-issuer"), "{err}");
+
+    // 2. The issuer moves to the new anchor; old and new leaves verify against the bundle.
+    now.store(T0 + 120, Ordering::Relaxed);
+    rotate_issuer(&dir, &clock).unwrap();
+    assert!(matches!(ca.reload_anchors(), AnchorsReload::Unchanged));
+    assert!(matches!(ca.reload_issuer(), IssuerReload::Replaced { .. }));
+    let new_leaf = certify(&ca, WEB);
+    for leaf in [&old_leaf, &new_leaf] {
+        assert!(verifies_with(&bundle, leaf, WEB, T0 + 130));
+    }
+    // A proxy still on the old bundle alone does not trust the new leaves: why step 1 must
+    // reach every proxy before step 2.
+    assert!(!verifies_with(&old_anchors, &new_leaf, WEB, T0 + 130));
+
+    // 3. Once the old leaves are gone, the old anchor is retired.
+    assert_eq!(retire_anchors(&dir, &clock).unwrap(), 1);
+    match ca.reload_anchors() {
+        AnchorsReload::Replaced { count, .. } => assert_eq!(count, 1),
+        other => panic!("{other:?}"),
+    }
+    let retired = ca.trust_anchors();
+    assert_eq!(retired, [bundle[1].clone()]);
+    assert!(verifies_with(&retired, &new_leaf, WEB, T0 + 130));
+    assert!(!verifies_with(&retired, &old_leaf, WEB, T0 + 130));
+
+    // A bundle the issuer does not chain to is refused once, and the anchors stay.
+    std::fs::write(dir.join(TRUST_ANCHORS_FILE), {
+        let other = temp_dir("anchor-rotation-other");
+        let _ = open(&other);
+        let pem = std::fs::read(other.join(TRUST_ANCHORS_FILE)).unwrap();
+        std::fs::remove_dir_all(&other).unwrap();
+        pem
+    })
+    .unwrap();
+    match ca.reload_anchors() {
+        AnchorsReload::Rejected(err) => {
+            assert!(err.to_string().contains("does not chain"), "{err}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(ca.reload_anchors(), AnchorsReload::Unchanged));
+    assert_eq!(ca.trust_anchors(), retired);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_in_memory_ca_rotates_its_anchor() {
+    let ca = CertificateAuthority::in_memory(
+        DEFAULT_LEAF_LIFETIME,
+        fixed_wall_clock(UnixTime::from_secs(T0)),
+        Crypto {
+            keys: KeyKind::Ed25519,
+            ..Crypto::system()
+        },
+    )
+    .unwrap();
+    let old_leaf = certify(&ca, WEB);
+    ca.add_anchor_in_memory().unwrap();
+    assert_eq!(ca.trust_anchors().len(), 2);
+    assert!(
+        ca.retire_anchors_in_memory().is_err(),
+        "the issuer is still the old anchor's"
+    );
+    ca.rotate_issuer_in_memory().unwrap();
+    let new_leaf = certify(&ca, WEB);
+    let bundle = ca.trust_anchors();
+    assert!(verifies_with(&bundle, &old_leaf, WEB, T0 + 1));
+    assert!(verifies_with(&bundle, &new_leaf, WEB, T0 + 1));
+    ca.retire_anchors_in_memory().unwrap();
+    assert_eq!(ca.trust_anchors(), [bundle[1].clone()]);
+    assert!(!verifies_with(&ca.trust_anchors(), &old_leaf, WEB, T0 + 1));
+}
+
 #[test]
 fn issue_token_needs_a_bootstrapped_directory_and_a_valid_name() {
     let dir = temp_dir("token");
@@ -498,6 +656,7 @@ fn shared_ca() -> &'static CertificateAuthority {
         CertificateAuthority::in_memory(
             DEFAULT_LEAF_LIFETIME,
             fixed_wall_clock(UnixTime::from_secs(T0)),
+            Crypto::system(),
         )
         .unwrap()
     })

@@ -47,12 +47,58 @@ impl rustls::server::ResolvesServerCert for Slot {
     }
 }
 
+/// The TLS configuration trusting `ca`'s anchors and offering the certificate in `slot`.
+fn build_config(
+    ca: &CertificateAuthority,
+    slot: &Arc<Slot>,
+) -> Result<Arc<ServerConfig>, ControllerTlsError> {
+    let error = |e: &dyn std::fmt::Display| ControllerTlsError(e.to_string());
+    let provider = Arc::clone(&ca.crypto().provider);
+    let mut roots = RootCertStore::empty();
+    for anchor in ca.trust_anchors() {
+        roots.add(anchor).map_err(|e| error(&e))?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| error(&e))?;
+    // Client certificates are checked at the CA's wall time (the simulated one in the
+    // simulation), as the proxies check theirs.
+    let time = Arc::new(CaTime(Arc::clone(ca.clock())));
+    let config = ServerConfig::builder_with_details(provider, time)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| error(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::clone(slot) as _);
+    Ok(Arc::new(config))
+}
+
+/// rustls reads wall time from the CA's clock.
+struct CaTime(super::WallClock);
+
+impl std::fmt::Debug for CaTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaTime")
+    }
+}
+
+impl rustls::time_provider::TimeProvider for CaTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            Duration::from_secs((self.0)().as_secs()),
+        ))
+    }
+}
+
 /// The controller's TLS server side.
 #[derive(Debug)]
 pub struct ControllerTls {
     ca: Arc<CertificateAuthority>,
     slot: Arc<Slot>,
-    config: Arc<ServerConfig>,
+    /// The configuration, and the version of the CA's anchors it trusts (rebuilt when they
+    /// change: an anchor rotation).
+    config: RwLock<(u64, Arc<ServerConfig>)>,
 }
 
 /// Why the controller could not certify itself.
@@ -67,30 +113,48 @@ impl ControllerTls {
     ///
     /// [`ControllerTlsError`] when a key, the certificate or the configuration cannot be made.
     pub fn new(ca: Arc<CertificateAuthority>) -> Result<Self, ControllerTlsError> {
-        let error = |e: &dyn std::fmt::Display| ControllerTlsError(e.to_string());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        for anchor in ca.trust_anchors() {
-            roots.add(anchor.clone()).map_err(|e| error(&e))?;
-        }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| error(&e))?;
         let slot = Arc::new(Slot(RwLock::new(None)));
-        let config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| error(&e))?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::clone(&slot) as _);
+        let version = ca.trust_anchors_version();
+        let config = build_config(&ca, &slot)?;
         let this = Self {
             ca,
             slot,
-            config: Arc::new(config),
+            config: RwLock::new((version, config)),
         };
         this.renew()?;
         Ok(this)
+    }
+
+    /// The configuration on the CA's current anchors.
+    fn config(&self) -> Arc<ServerConfig> {
+        let version = self.ca.trust_anchors_version();
+        {
+            let config = self
+                .config
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if config.0 == version {
+                return Arc::clone(&config.1);
+            }
+        }
+        let mut config = self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match build_config(&self.ca, &self.slot) {
+            Ok(rebuilt) => {
+                tracing::info!(
+                    "trust anchors changed: client certificates are checked against the new bundle"
+                );
+                *config = (version, rebuilt);
+            }
+            Err(err) => {
+                // The CA parsed these anchors already; keep the old configuration if not.
+                tracing::warn!(error = %err, "the new trust anchors are unusable for TLS; keeping the old ones");
+                config.0 = version;
+            }
+        }
+        Arc::clone(&config.1)
     }
 
     /// Issues the controller a fresh certificate; returns how long until it should renew (70 %
@@ -101,8 +165,8 @@ impl ControllerTls {
     /// [`ControllerTlsError`] when the key or the certificate cannot be made.
     pub fn renew(&self) -> Result<Duration, ControllerTlsError> {
         let error = |e: &dyn std::fmt::Display| ControllerTlsError(e.to_string());
-        let key =
-            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| error(&e))?;
+        let crypto = self.ca.crypto();
+        let key = crypto.new_key().map_err(|e| error(&e))?;
         let params = rcgen::CertificateParams::new(vec![CONTROLLER_IDENTITY.to_owned()])
             .map_err(|e| error(&e))?;
         let csr = params.serialize_request(&key).map_err(|e| error(&e))?;
@@ -114,10 +178,13 @@ impl ControllerTls {
             .ca
             .certify(CONTROLLER_IDENTITY, token.as_bytes(), csr.der())
             .map_err(|e| error(&e))?;
-        let signing = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
-            PrivatePkcs8KeyDer::from(key.serialize_der()),
-        ))
-        .map_err(|e| error(&e))?;
+        let signing = crypto
+            .provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )))
+            .map_err(|e| error(&e))?;
         let mut chain = vec![certified.leaf];
         chain.extend(certified.intermediates);
         *self
@@ -202,7 +269,7 @@ impl ControllerTls {
             io,
         };
         if n == 1 && first[0] == 0x16 {
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config));
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.config());
             Ok(MaybeTls::Tls(Box::new(acceptor.accept(prefixed).await?)))
         } else {
             Ok(MaybeTls::Plain(prefixed))
