@@ -7,7 +7,9 @@
 #
 # Usage: proxy/benches/loopback/instructions.sh [DUR] [BINARY]   (defaults 10 s, this tree's
 #        release conduit-proxy). PROFILE=routes gives the proxy the benchmark's 10-route
-#        profile. Sends traffic only to 127.0.0.1 and ends every process it started.
+#        profile. LOAD=h2 drives h2c instead (h2load -c10 -m10, prior knowledge; the proxy
+#        speaks h2 upstream), the shape of the h2 row of concurrency.sh and issue #16.
+#        Sends traffic only to 127.0.0.1 and ends every process it started.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 DUR=${1:-10}
@@ -15,6 +17,9 @@ OUT=target/bench/instructions/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 command -v valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+if [ "${LOAD:-h1}" = h2 ] && ! command -v h2load >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
+fi
 cargo build --release -q -p conduit-proxy -p conduit-cli
 BINARY=${2:-target/release/conduit-proxy}
 HELLO=127.0.0.1:18180 PROXY=127.0.0.1:18185 ADMIN=127.0.0.1:18291
@@ -60,14 +65,21 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 requests() { curl -fsS "http://$ADMIN/metrics" | awk '/^request_total\{direction="outbound"/ {s += $2} END {print s + 0}'; }
-wrk -t1 -c50 -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" >/dev/null
+load() {
+    if [ "${LOAD:-h1}" = h2 ]; then
+        h2load -t1 -c10 -m10 -D "$DUR" -H 'Host: hello' "http://$PROXY/" >/dev/null
+    else
+        wrk -t1 -c50 -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" >/dev/null
+    fi
+}
+load
 callgrind_control -i on "$PROXY_PID" >/dev/null
 r0=$(requests)
-wrk -t1 -c50 -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" >/dev/null
+load
 r1=$(requests)
 callgrind_control -i off "$PROXY_PID" >/dev/null
 curl -fsS -X POST "http://$ADMIN/shutdown" >/dev/null
 wait "$PROXY_PID" || true
 # The scrape between the two reads is one request the proxy did not count as outbound.
 ir=$(awk '/^totals:/ {t = $2} END {print t + 0}' "$OUT/callgrind.out")
-echo "binary $BINARY profile ${PROFILE:-none}: $((r1 - r0)) requests, $ir instructions, $((ir / (r1 - r0))) per request"
+echo "binary $BINARY profile ${PROFILE:-none} load ${LOAD:-h1}: $((r1 - r0)) requests, $ir instructions, $((ir / (r1 - r0))) per request"
