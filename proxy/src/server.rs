@@ -421,7 +421,10 @@ async fn serve_h2<N: Net, I: Io>(
             let http = Arc::clone(&http);
             let guard = streams.open();
             async move {
-                let response = http.handle(request).await;
+                // Boxed: hyper spawns a task per stream, and a task's future is copied into
+                // its cell whole, so the exchange's state (several KB) would be copied on
+                // every request; a box is written once, in place.
+                let response = Box::pin(http.handle(request)).await;
                 Ok::<_, std::convert::Infallible>(
                     response.map(|body| crate::body::CountedBody::new(body, guard)),
                 )

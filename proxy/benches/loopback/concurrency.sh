@@ -137,11 +137,14 @@ for rep in $(seq 1 "$REPS"); do
                     out=$(taskset -c 1 wrk -t1 -c"$level" -d"${DUR}s" -H 'Host: hello' "http://${ADDR[$t]}/" 2>&1)
                     requests=$(echo "$out" | awk '/requests in/ {print $1}')
                     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+                    errors=$(echo "$out" | awk '/Non-2xx or 3xx responses/ {print $5}')
                 else
-                    out=$(taskset -c 1 h2load -t1 -c"$level" -m1 -D "$DUR" -H 'Host: hello' "http://${H2ADDR[$t]}/" 2>&1)
+                    out=$(taskset -c 1 h2load -t1 -c"$level" -m1 -D "$DUR" -H ':authority: hello' "http://${H2ADDR[$t]}/" 2>&1)
                     rps=$(echo "$out" | awk '/^finished in/ {print $4}')
                     # In timed mode h2load's totals can read 0; its rate is over the run.
                     requests=$(echo "$out" | awk '/^requests:/ {print $8}')
+                    # A proxy's own errors are not the path being measured: count them.
+                    errors=$(echo "$out" | awk '/^status codes:/ {print $7 + $9}')
                     if [ "${requests:-0}" = 0 ]; then
                         requests=$(awk -v r="$rps" -v d="$DUR" 'BEGIN { printf "%d", r * d }')
                     fi
@@ -151,8 +154,9 @@ for rep in $(seq 1 "$REPS"); do
                 [ $first = 1 ] || echo "," >>"$OUT/results.json"
                 first=0
                 cpu_s=$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN { printf "%.4f", (b - a) / t }')
-                echo "{\"rep\": $rep, \"target\": \"$t\", \"proto\": \"$proto\", \"connections\": $level, \"loadavg\": $load, \"requests\": ${requests:-0}, \"rps\": ${rps:-0}, \"cpu_s\": $cpu_s, \"rss_kb\": $rss}" >>"$OUT/results.json"
+                echo "{\"rep\": $rep, \"target\": \"$t\", \"proto\": \"$proto\", \"connections\": $level, \"loadavg\": $load, \"requests\": ${requests:-0}, \"rps\": ${rps:-0}, \"cpu_s\": $cpu_s, \"rss_kb\": $rss, \"errors\": ${errors:-0}}" >>"$OUT/results.json"
                 echo "rep $rep $proto c=$level $t: ${rps:-?} req/s, ${cpu_s} s CPU, RSS ${rss} kB (load $load)"
+                if [ "${errors:-0}" != 0 ]; then echo "  WARNING: ${errors} responses were not 2xx"; fi
             done
         done
     done

@@ -65,11 +65,17 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 requests() { curl -fsS "http://$ADMIN/metrics" | awk '/^request_total\{direction="outbound"/ {s += $2} END {print s + 0}'; }
+# Every response must be a 2xx from the hello server: a run of the proxy's own errors would
+# count the wrong path. h2load's `Host` header does not set `:authority` (the proxy routes h2
+# by `:authority`, RFC 9113 §8.3.1), so it is given as the pseudo-header.
 load() {
+    local out
     if [ "${LOAD:-h1}" = h2 ]; then
-        h2load -t1 -c10 -m10 -D "$DUR" -H 'Host: hello' "http://$PROXY/" >/dev/null
+        out=$(h2load -t1 -c10 -m10 -D "$DUR" -H ':authority: hello' "http://$PROXY/" 2>&1)
+        echo "$out" | grep -q ' 0 4xx, 0 5xx' || { echo "non-2xx responses: $out"; exit 1; }
     else
-        wrk -t1 -c50 -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" >/dev/null
+        out=$(wrk -t1 -c50 -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" 2>&1)
+        if echo "$out" | grep -q 'Non-2xx'; then echo "non-2xx responses: $out"; exit 1; fi
     fi
 }
 load
