@@ -14,9 +14,10 @@
 //! Modules present today: [`time`], [`rand`], [`backoff`], [`balance`], [`breaker`] (circuit
 //! breaking per endpoint), [`classify`], [`metrics`], [`route`] (route profiles and request
 //! matching), [`timeout`] (deadlines and their propagation), [`retry`] (sending a request
-//! again), [`identity`] (when to ask for a certificate), [`policy`] (which clients a service's
-//! inbound port admits: authorization as data and a pure decision) and [`mesh`] (the mesh file
-//! model). Later issues add `slo`, `fault` and `tap`.
+//! again), [`fault`] (failures injected on purpose, drawn per request), [`identity`] (when to
+//! ask for a certificate), [`policy`] (which clients a service's inbound port admits:
+//! authorization as data and a pure decision) and [`mesh`] (the mesh file model). Later issues
+//! add `slo` and `tap`.
 
 #![deny(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod backoff;
 pub mod balance;
 pub mod breaker;
 pub mod classify;
+pub mod fault;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;

@@ -56,6 +56,7 @@ use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
 use crate::classify::{Classifier, ClassifyConfig, RawClassifyConfig};
+use crate::fault::{FaultPolicy, RawFault};
 use crate::policy::ServerPolicy;
 use crate::retry::{RawRetry, RetryPolicy};
 use crate::timeout::{RawTimeouts, Timeouts};
@@ -102,6 +103,7 @@ pub trait RequestView {
 ///           - { name: x-tenant, exact: beta }  # or regex
 ///       timeouts: { request: 2s, attempt: 500ms }
 ///       retry: { max_attempts: 3, budget: { ratio: 0.2 } }   # see retry::RawRetry
+///       fault: { abort: { status: 503, percent: 1 } }       # see fault::RawFault
 ///       response_classes:
 ///         http: [ { status: { min: 500 }, failure: true } ]
 /// ```
@@ -128,6 +130,8 @@ pub struct RawRoute {
     /// Whether and how the route retries failed requests (absent: never, beyond resending
     /// requests no endpoint processed).
     pub retry: Option<RawRetry>,
+    /// Failures injected on purpose (absent: none); see [`crate::fault`].
+    pub fault: Option<RawFault>,
 }
 
 /// A route's request match as written.
@@ -327,6 +331,8 @@ pub struct RoutePolicy {
     pub timeouts: Timeouts,
     /// The route's retries (`None`: failed requests are not retried).
     pub retry: Option<RetryPolicy>,
+    /// Failures injected into the route's requests by the client's proxy (`None`: none).
+    pub fault: Option<FaultPolicy>,
 }
 
 /// A validated route.
@@ -590,8 +596,15 @@ impl TryFrom<RawProfile> for Profile {
                         .map_err(|e| errors.push((format!("{path}.retry.{}", e.field), e.problem)))
                 })
                 .transpose();
-            if let (true, Some(timeouts), Some(classes), Ok(retry)) =
-                (errors.len() == before, timeouts, classes, retry)
+            let fault = raw_route
+                .fault
+                .map(|raw| {
+                    FaultPolicy::try_from(raw)
+                        .map_err(|e| errors.push((format!("{path}.fault.{}", e.field), e.problem)))
+                })
+                .transpose();
+            if let (true, Some(timeouts), Some(classes), Ok(retry), Ok(fault)) =
+                (errors.len() == before, timeouts, classes, retry, fault)
             {
                 routes.push(Route {
                     name: Arc::from(raw_route.name),
@@ -600,6 +613,7 @@ impl TryFrom<RawProfile> for Profile {
                         classifier: Classifier::new(&classes),
                         timeouts,
                         retry,
+                        fault,
                     },
                 });
             }

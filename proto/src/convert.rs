@@ -47,12 +47,15 @@ use conduit_core::breaker::{
 use conduit_core::classify::{
     Classifier, ClassifyConfig, GrpcCode, GrpcRule, HttpRule, MAX_RULES, Outcome, StatusRange,
 };
+use conduit_core::fault::{FaultPolicy, RawAbort, RawDelay, RawFault};
 use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_WEIGHT};
 use conduit_core::policy::{
     Authorization, DefaultPolicy, IdentityMatch, MAX_AUTHORIZATIONS, MAX_IDENTITIES, MAX_NETWORKS,
     Network, ServerPolicy,
 };
-use conduit_core::retry::{self, BudgetConfig, HedgeDelay, HedgePolicy, InvalidRetry, RetryPolicy};
+use conduit_core::retry::{
+    self, BudgetConfig, HedgeDelay, HedgePolicy, InvalidRetry, Ratio, RetryPolicy,
+};
 use conduit_core::route::{
     self, MAX_HEADER_MATCHES, MAX_ROUTES, PathMatch, Pattern, Profile, RawHeaderMatch,
     RequestMatch, Route, RoutePolicy, ValueMatch,
@@ -698,6 +701,10 @@ fn route_with_budget(
         None => None,
         Some(policy) => retry_policy(&format!("{field}.retry_policy"), policy, budget)?,
     };
+    let fault = route
+        .fault
+        .map(|policy| fault_policy(&format!("{field}.fault"), policy))
+        .transpose()?;
     Ok(Route {
         name: route.name.into(),
         matches: RequestMatch {
@@ -709,8 +716,50 @@ fn route_with_budget(
             classifier,
             timeouts,
             retry,
+            fault,
         },
     })
+}
+
+/// Converts a route's fault policy, checked as the mesh file's is.
+///
+/// # Errors
+///
+/// [`InvalidMessage::Invalid`] naming the field out of bounds.
+pub fn fault_policy(field: &str, policy: dst::FaultPolicy) -> Result<FaultPolicy, InvalidMessage> {
+    let percent = |per_million: u32| Some(Ratio(f64::from(per_million) / 10_000.0));
+    let raw = RawFault {
+        abort: policy.abort.map(|abort| RawAbort {
+            status: (abort.http_status != 0)
+                .then(|| u16::try_from(abort.http_status).unwrap_or(u16::MAX)),
+            grpc: (abort.grpc_status != 0).then_some(abort.grpc_status),
+            percent: percent(abort.per_million),
+        }),
+        delay: policy.delay.map(|delay| RawDelay {
+            duration: Some(format!("{}ms", delay.duration_ms)),
+            percent: percent(delay.per_million),
+        }),
+    };
+    FaultPolicy::try_from(raw).map_err(|e| InvalidMessage::Invalid {
+        field: format!("{field}.{}", e.field),
+        reason: e.problem,
+    })
+}
+
+impl From<&FaultPolicy> for dst::FaultPolicy {
+    fn from(policy: &FaultPolicy) -> Self {
+        Self {
+            abort: policy.abort.map(|abort| dst::FaultAbort {
+                http_status: u32::from(abort.status),
+                grpc_status: abort.grpc,
+                per_million: abort.per_million,
+            }),
+            delay: policy.delay.map(|delay| dst::FaultDelay {
+                duration_ms: millis_of(delay.duration),
+                per_million: delay.per_million,
+            }),
+        }
+    }
 }
 
 /// Converts a route's retry policy (`None`: one that allows a single attempt), with the
@@ -955,6 +1004,7 @@ impl From<&Route> for dst::Route {
             timeout_ms: route.policy.timeouts.request.map(millis_of),
             attempt_timeout_ms: route.policy.timeouts.attempt.map(millis_of),
             retry_policy: route.policy.retry.as_ref().map(Into::into),
+            fault: route.policy.fault.as_ref().map(Into::into),
         }
     }
 }

@@ -17,7 +17,7 @@
 //!         identity: api.demo.serviceaccount.identity.conduit.local
 //!         labels: { zone: a }
 //!         admin: 127.0.0.1:4191
-//!     profile:                    # routes, timeouts, retries, response classes
+//!     profile:                    # routes, timeouts, retries, response classes, faults
 //!       routes: [ { name: items, match: { path: { prefix: /items/ } } } ]
 //!     breaker: { consecutive_failures: 5 }
 //!     policy:                     # who may call the service (its proxy's inbound port)
@@ -111,6 +111,7 @@ services:
       routes:
         - name: items
           match: { method: GET, path: { prefix: /items/ } }
+          fault: { abort: { status: 503, percent: 2.5 }, delay: { duration: 100ms, percent: 10 } }
         - name: get-item
           match:
             method: GET
@@ -142,6 +143,16 @@ services:
         let names: Vec<&str> = web.profile.route_names().collect();
         assert_eq!(names, ["items", "get-item", "default"]);
         assert_eq!(routes[0].matches.path, PathMatch::Prefix("/items/".into()));
+        let fault = routes[0].policy.fault.clone().unwrap();
+        assert_eq!(
+            fault.abort.map(|a| (a.status, a.grpc, a.per_million)),
+            Some((503, 14, 25_000))
+        );
+        assert_eq!(
+            fault.delay.map(|d| (d.duration, d.per_million)),
+            Some((Duration::from_millis(100), 100_000))
+        );
+        assert_eq!(routes[1].policy.fault, None);
 
         let get_item = &routes[1];
         assert!(
@@ -226,6 +237,14 @@ services:
             (
                 "services:\n  web.default:\n    profile:\n      routes:\n        - name: default\n",
                 "services.web.default.profile.routes[0].name: `default` is reserved",
+            ),
+            (
+                "services:\n  web.default:\n    profile:\n      routes:\n        - name: a\n          fault: { abort: { status: 503, percent: 150 } }\n",
+                "services.web.default.profile.routes[0].fault.abort.percent: 150 is not a share above 0 and at most 100",
+            ),
+            (
+                "services:\n  web.default:\n    profile:\n      routes:\n        - name: a\n          fault: { delay: { percent: 5 } }\n",
+                "services.web.default.profile.routes[0].fault.delay.duration: required",
             ),
         ];
         for (text, want) in cases {

@@ -179,6 +179,12 @@ fn route_metrics_agree() {
     scenario("route_metrics_agree");
 }
 
+/// A route's fault policy aborts and delays the shares it says, and nothing else.
+#[test]
+fn fault_injection() {
+    scenario("fault_injection");
+}
+
 /// A meshed mesh: proxies certified over the Identity API, every request over mTLS.
 #[test]
 fn mtls_mesh() {

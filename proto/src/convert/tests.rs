@@ -458,6 +458,7 @@ fn a_full_route_converts() {
         timeout_ms: Some(500),
         attempt_timeout_ms: Some(100),
         retry_policy: None,
+        fault: None,
     };
     let route = Route::try_from(wire).unwrap();
     assert_eq!(&*route.name, "get-item");
@@ -571,6 +572,72 @@ fn retry_policies_convert_with_the_right_budget() {
         Some(profile_budget)
     );
     assert_eq!(ProfileUpdate::try_from(back).unwrap(), update);
+}
+
+/// A fault policy converts both ways (zeros meaning the defaults), and a bad one names its
+/// field.
+#[test]
+fn fault_policies_convert_and_bad_ones_name_their_field() {
+    let route = |fault: dst::FaultPolicy| dst::Route {
+        name: "r".into(),
+        fault: Some(fault),
+        ..dst::Route::default()
+    };
+    let wire = route(dst::FaultPolicy {
+        abort: Some(dst::FaultAbort {
+            http_status: 0,
+            grpc_status: 0,
+            per_million: 25_000,
+        }),
+        delay: Some(dst::FaultDelay {
+            duration_ms: 150,
+            per_million: 1_000_000,
+        }),
+    });
+    let converted = Route::try_from(wire).unwrap();
+    let fault = converted.policy.fault.clone().unwrap();
+    let abort = fault.abort.unwrap();
+    assert_eq!(
+        (abort.status, abort.grpc, abort.per_million),
+        (503, 14, 25_000)
+    );
+    let delay = fault.delay.unwrap();
+    assert_eq!(delay.duration, Duration::from_millis(150));
+    assert_eq!(delay.per_million, 1_000_000);
+    let back = dst::Route::from(&converted);
+    assert_eq!(back.fault.as_ref().unwrap().abort.unwrap().http_status, 503);
+    assert_eq!(Route::try_from(back).unwrap(), converted);
+
+    let field = |fault: dst::FaultPolicy| {
+        Route::try_from(route(fault))
+            .unwrap_err()
+            .field()
+            .to_owned()
+    };
+    assert_eq!(field(dst::FaultPolicy::default()), "route.fault.abort");
+    let abort = |http_status, grpc_status, per_million| dst::FaultPolicy {
+        abort: Some(dst::FaultAbort {
+            http_status,
+            grpc_status,
+            per_million,
+        }),
+        delay: None,
+    };
+    assert_eq!(field(abort(200, 0, 1)), "route.fault.abort.status");
+    assert_eq!(field(abort(70_000, 0, 1)), "route.fault.abort.status");
+    assert_eq!(field(abort(503, 17, 1)), "route.fault.abort.grpc");
+    assert_eq!(field(abort(503, 0, 0)), "route.fault.abort.percent");
+    assert_eq!(field(abort(503, 0, 1_000_001)), "route.fault.abort.percent");
+    let delay = |duration_ms, per_million| dst::FaultPolicy {
+        abort: None,
+        delay: Some(dst::FaultDelay {
+            duration_ms,
+            per_million,
+        }),
+    };
+    assert_eq!(field(delay(0, 1)), "route.fault.delay.duration");
+    assert_eq!(field(delay(3_600_001, 1)), "route.fault.delay.duration");
+    assert_eq!(field(delay(10, 0)), "route.fault.delay.percent");
 }
 
 #[test]
@@ -766,13 +833,19 @@ fn arb_route() -> impl Strategy<Value = Route> {
             path,
             headers,
         });
-    let policy = (arb_classifier(), arb_timeout(), arb_timeout(), arb_retry()).prop_map(
-        |(classifier, request, attempt, retry)| RoutePolicy {
+    let policy = (
+        arb_classifier(),
+        arb_timeout(),
+        arb_timeout(),
+        arb_retry(),
+        arb_fault(),
+    )
+        .prop_map(|(classifier, request, attempt, retry, fault)| RoutePolicy {
             classifier,
             timeouts: Timeouts { request, attempt },
             retry,
-        },
-    );
+            fault,
+        });
     (
         "[a-z][a-z0-9-]{0,10}".prop_filter("`default` is reserved", |n| n != route::DEFAULT_ROUTE),
         matches,
@@ -783,6 +856,28 @@ fn arb_route() -> impl Strategy<Value = Route> {
             matches,
             policy,
         })
+}
+
+fn arb_fault() -> impl Strategy<Value = Option<FaultPolicy>> {
+    use conduit_core::fault::{Abort, Delay};
+    let abort = proptest::option::of((400u16..=599, 1u32..=16, 1u32..=1_000_000).prop_map(
+        |(status, grpc, per_million)| Abort {
+            status,
+            grpc,
+            per_million,
+        },
+    ));
+    let delay = proptest::option::of((1u64..=3_600_000, 1u32..=1_000_000).prop_map(
+        |(ms, per_million)| Delay {
+            duration: Duration::from_millis(ms),
+            per_million,
+        },
+    ));
+    proptest::option::of(
+        (abort, delay)
+            .prop_filter("at least one fault", |(a, d)| a.is_some() || d.is_some())
+            .prop_map(|(abort, delay)| FaultPolicy { abort, delay }),
+    )
 }
 
 fn arb_retry() -> impl Strategy<Value = Option<RetryPolicy>> {
@@ -985,6 +1080,7 @@ fn arb_pb_route() -> impl Strategy<Value = dst::Route> {
                     timeout_ms,
                     attempt_timeout_ms,
                     retry_policy,
+                    fault: None,
                 }
             },
         )

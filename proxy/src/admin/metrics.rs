@@ -233,6 +233,8 @@ struct RouteSeries {
     skipped: Vec<(&'static str, Series<Counter>)>,
     /// Hedges sent, by how each ended (`won`, `lost`, `failed`).
     hedges: Vec<(&'static str, Series<Counter>)>,
+    /// Failures injected by the route's fault policy, by kind (`abort`, `delay`).
+    faults: Vec<(&'static str, Series<Counter>)>,
 }
 
 /// The counter named `name` in `counters`, created if absent.
@@ -345,6 +347,7 @@ impl AuthoritySeries {
                         retries: Vec::new(),
                         skipped: Vec::new(),
                         hedges: Vec::new(),
+                        faults: Vec::new(),
                     },
                 );
                 i
@@ -362,12 +365,14 @@ impl AuthoritySeries {
             route.retries.retain(|(_, series)| keep(series.updated));
             route.skipped.retain(|(_, series)| keep(series.updated));
             route.hedges.retain(|(_, series)| keep(series.updated));
+            route.faults.retain(|(_, series)| keep(series.updated));
             let gone = retire_series(&mut route.requests, &mut route.statuses, &keep);
             !(gone
                 && actual_gone
                 && route.retries.is_empty()
                 && route.skipped.is_empty()
-                && route.hedges.is_empty())
+                && route.hedges.is_empty()
+                && route.faults.is_empty())
         });
         retire_series(&mut self.requests, &mut self.statuses, &keep) && self.routes.is_empty()
     }
@@ -503,6 +508,13 @@ impl AuthorityMetrics {
     pub fn hedged(&self, now: Instant, route: &Arc<str>, outcome: &'static str) {
         let mut series = self.lock();
         named_counter(&mut series.route(route).hedges, outcome, now).incr();
+    }
+
+    /// Counts a failure of kind `fault` (`abort`, `delay`) injected into a request on `route`
+    /// by its fault policy, at `now`.
+    pub fn fault_injected(&self, now: Instant, route: &Arc<str>, fault: &'static str) {
+        let mut series = self.lock();
+        named_counter(&mut series.route(route).faults, fault, now).incr();
     }
 }
 
@@ -997,6 +1009,7 @@ struct RetryFamilies {
     skipped: String,
     exhausted: String,
     hedges: String,
+    faults: String,
 }
 
 impl RetryFamilies {
@@ -1044,6 +1057,13 @@ impl RetryFamilies {
                 series.value.value()
             );
         }
+        for (fault, series) in &route.faults {
+            let _ = writeln!(
+                self.faults,
+                "route_fault_injections_total{{{labels},fault=\"{fault}\"}} {}",
+                series.value.value()
+            );
+        }
     }
 
     fn finish(self, out: &mut String) {
@@ -1072,6 +1092,11 @@ impl RetryFamilies {
                 "route_hedges_total",
                 "Total count of hedges (speculative retries) per route, by how each ended.",
                 self.hedges,
+            ),
+            (
+                "route_fault_injections_total",
+                "Total count of failures injected on purpose by the route's fault policy, by kind.",
+                self.faults,
             ),
         ] {
             if rows.is_empty() {

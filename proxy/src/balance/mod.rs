@@ -779,6 +779,15 @@ impl ServiceBalancer {
         }
     }
 
+    /// The failures `policy` (a route's fault policy) injects into one request, drawn from
+    /// the balancer's seeded RNG, so a simulation replays them.
+    pub(crate) fn draw_fault(
+        &self,
+        policy: &conduit_core::fault::FaultPolicy,
+    ) -> conduit_core::fault::Injected {
+        policy.draw(&mut lock(&self.state).rng)
+    }
+
     /// How long a request on route `route` of `profile` (hedging by `hedge`) waits at `now`
     /// before a hedge goes out: the fixed delay, or the route's latency quantile over its
     /// recent window (`None` until the window holds enough samples, or once the profile was

@@ -87,6 +87,15 @@ pub enum ProxyError {
         /// Who was refused, and by which rule.
         reason: String,
     },
+    /// The route's fault policy aborted the request on purpose (failure injection): no
+    /// endpoint saw it.
+    #[error("fault injected by the route's fault policy (abort with {status}, gRPC {grpc})")]
+    FaultInjected {
+        /// The HTTP status plain HTTP requests get.
+        status: u16,
+        /// The gRPC status code gRPC requests get.
+        grpc: u32,
+    },
     /// The endpoint is meshed, but this proxy has no certificate to offer it (no identity
     /// configured, or none certified yet, or the one held expired). Not the endpoint's fault:
     /// it is neither backed off nor tried again elsewhere (every meshed endpoint would refuse
@@ -228,6 +237,12 @@ impl ProxyError {
                 true,
             ),
             Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, grpc::UNAVAILABLE, true),
+            // As the route's policy says; the connection carries on.
+            Self::FaultInjected { status, grpc } => (
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                *grpc,
+                false,
+            ),
         };
         SyntheticResponse {
             http_status,
@@ -426,6 +441,10 @@ mod tests {
             ProxyError::Unmeshed { addr },
             ProxyError::Forbidden {
                 reason: "client without identity from 10.0.0.9 (default(all-authenticated))".into(),
+            },
+            ProxyError::FaultInjected {
+                status: 418,
+                grpc: 8,
             },
         ]
     }

@@ -556,6 +556,15 @@ impl<'c> Exchange<'c> {
         // ready.
         let mut avoid: Option<SocketAddr> = None;
         let mut now = self.start;
+        // The route's fault policy, applied where a balancer holds the service's seeded RNG
+        // (outbound): a delay before the first attempt, an abort instead of any. Boxed: few
+        // routes inject faults, and the wait would weigh on every request's future.
+        if let (Some(service), Some(policy)) = (routed.service.as_deref(), routed.fault()) {
+            match Box::pin(self.inject(routed, service, policy)).await {
+                Ok(after) => now = after,
+                Err(err) => return self.answer(engine, &err, false).await,
+            }
+        }
         loop {
             attempts += 1;
             if let Some(expiry) = routed.deadlines.expiry(now) {
@@ -1327,6 +1336,45 @@ impl<'c> Exchange<'c> {
     }
 
     /// The proxy's own response for `err`, counted and classified like any other.
+    /// Applies `policy`, the route's fault policy, to this request: waits out an injected
+    /// delay (the request's deadline cuts it short) and returns when the request goes on, or
+    /// the error that answers it (the injected abort, or the deadline). Each injected fault is
+    /// counted on the route.
+    async fn inject(
+        &self,
+        routed: &Routed,
+        service: &ServiceBalancer,
+        policy: &conduit_core::fault::FaultPolicy,
+    ) -> Result<Instant, ProxyError> {
+        let injected = service.draw_fault(policy);
+        let mut now = self.start;
+        let count = |now: Instant, fault: &'static str| {
+            if let Some(label) = &routed.route_label {
+                self.series.fault_injected(now, label, fault);
+            }
+        };
+        if let Some(delay) = injected.delay {
+            count(now, "delay");
+            let until = match routed.deadlines.request() {
+                Some(deadline) => (now + delay).min(deadline),
+                None => now + delay,
+            };
+            self.cx.clock.sleep_until(until).await;
+            now = self.cx.clock.now();
+            if let Some(expiry) = routed.deadlines.expiry(now) {
+                return Err(expired(expiry, None));
+            }
+        }
+        if let Some(abort) = injected.abort {
+            count(now, "abort");
+            return Err(ProxyError::FaultInjected {
+                status: abort.status,
+                grpc: abort.grpc,
+            });
+        }
+        Ok(now)
+    }
+
     async fn answer<E: Engine>(
         &self,
         engine: &mut E,
@@ -1417,6 +1465,18 @@ impl<R> Hedges<R> {
 }
 
 /// The error for a deadline that passed (at `addr`, when an attempt was waiting).
+impl Routed {
+    /// The matched route's fault policy, if it has one.
+    fn fault(&self) -> Option<&conduit_core::fault::FaultPolicy> {
+        self.profile
+            .routes()
+            .get(self.route?)?
+            .policy
+            .fault
+            .as_ref()
+    }
+}
+
 fn expired(expiry: Expiry, addr: Option<SocketAddr>) -> ProxyError {
     match (expiry, addr) {
         (Expiry::Attempt { timeout }, Some(addr)) => ProxyError::AttemptTimeout { addr, timeout },
