@@ -1751,25 +1751,35 @@ const ISSUER_ROTATES_AT: Duration = Duration::from_secs(12);
 /// twice, before expiry; exactly two issuers were seen; every proxy's first certificate came
 /// from the first issuer and every certificate seen after the rotation from the second.
 fn mtls_issuer_rotation_under_load(_seed: u64) -> Plan {
+    let schedule = Schedule::new().at(ISSUER_ROTATES_AT, Action::RotateIssuer);
+    ca_rotation(secs(33), secs(50), schedule, ISSUER_ROTATES_AT)
+}
+
+/// The world and checks of the CA rotation scenarios: 30 s leaves, `web` (three replicas) and
+/// `api` (two), `client-0` sending h1, h2 and gRPC to both from the start and `client-1` from
+/// `joins`, until `end`, under `schedule`; every request succeeds over mTLS from the two
+/// client identities, every proxy renews twice before expiry, and the issuer changes once, at
+/// `issuer_at`.
+fn ca_rotation(joins: Duration, end: Duration, schedule: Schedule, issuer_at: Duration) -> Plan {
     let world = short_leaves(WorldSpec::new(
         vec![ServiceSpec::new(WEB, 3), ServiceSpec::new("api.default", 2)],
         2,
     ));
     let mut flows = Vec::new();
-    for (client, start) in [(0, ms(100)), (1, secs(33))] {
+    for (client, start) in [(0, ms(100)), (1, joins)] {
         for authority in [WEB, "api.default"] {
-            flows.push(mixed_flow(client, authority, 20, start, secs(50)));
+            flows.push(mixed_flow(client, authority, 20, start, end));
         }
     }
     let proxies = proxy_hosts(&world);
     let clients: Vec<String> = (0..2).map(conduit_sim::world::client_identity).collect();
     let mut plan = Plan::new(world, flows);
-    plan.schedule = Schedule::new().at(ISSUER_ROTATES_AT, Action::RotateIssuer);
+    plan.schedule = schedule;
     let renewed = proxies.clone();
     plan.check(check::inbound_over_mtls)
         .check(move |trace| check::inbound_client_identities(trace, &clients))
         .check(move |trace| check::certificates_renewed(trace, &renewed, 2))
-        .check(move |trace| issuers_rotated(trace, &proxies, ISSUER_ROTATES_AT))
+        .check(move |trace| issuers_rotated(trace, &proxies, issuer_at))
 }
 
 /// The steps of `mtls_anchor_rotation_under_load`: a new anchor joins every bundle, the issuer
@@ -1789,28 +1799,11 @@ const ANCHOR_RETIRED_AT: Duration = Duration::from_secs(45);
 /// succeeds over mTLS from the expected identities; every proxy renewed twice before expiry;
 /// two issuers, the second for every certificate after 8 s.
 fn mtls_anchor_rotation_under_load(_seed: u64) -> Plan {
-    let world = short_leaves(WorldSpec::new(
-        vec![ServiceSpec::new(WEB, 3), ServiceSpec::new("api.default", 2)],
-        2,
-    ));
-    let mut flows = Vec::new();
-    for (client, start) in [(0, ms(100)), (1, secs(47))] {
-        for authority in [WEB, "api.default"] {
-            flows.push(mixed_flow(client, authority, 20, start, secs(60)));
-        }
-    }
-    let proxies = proxy_hosts(&world);
-    let clients: Vec<String> = (0..2).map(conduit_sim::world::client_identity).collect();
-    let mut plan = Plan::new(world, flows);
-    plan.schedule = Schedule::new()
+    let schedule = Schedule::new()
         .at(ANCHOR_ADDED_AT, Action::Anchor(AnchorStep::Add))
         .at(ANCHOR_ISSUER_AT, Action::RotateIssuer)
         .at(ANCHOR_RETIRED_AT, Action::Anchor(AnchorStep::Retire));
-    let renewed = proxies.clone();
-    plan.check(check::inbound_over_mtls)
-        .check(move |trace| check::inbound_client_identities(trace, &clients))
-        .check(move |trace| check::certificates_renewed(trace, &renewed, 2))
-        .check(move |trace| issuers_rotated(trace, &proxies, ANCHOR_ISSUER_AT))
+    ca_rotation(secs(47), secs(60), schedule, ANCHOR_ISSUER_AT)
 }
 
 /// Every proxy's certificates seen before `rotated_at` came from the first issuer and all
