@@ -89,6 +89,20 @@ fn verifies(
         .map(|_| ())
 }
 
+/// An in-memory CA at [`T0`] making keys of kind `keys` (the simulation's is Ed25519).
+fn memory_ca(keys: KeyKind) -> CertificateAuthority {
+    let crypto = Crypto {
+        keys,
+        ..Crypto::system()
+    };
+    CertificateAuthority::in_memory(
+        DEFAULT_LEAF_LIFETIME,
+        fixed_wall_clock(UnixTime::from_secs(T0)),
+        crypto,
+    )
+    .unwrap()
+}
+
 fn certify(ca: &CertificateAuthority, identity: &str) -> Certified {
     let token = ca.issue_token(identity).unwrap();
     ca.certify(identity, token.as_bytes(), &csr(&[identity]))
@@ -221,16 +235,7 @@ fn a_leaf_never_outlives_its_issuer() {
 #[test]
 fn an_in_memory_ca_rotates_its_issuer_and_old_leaves_stay_valid() {
     // Ed25519 keys throughout, as the simulation makes them.
-    let crypto = Crypto {
-        keys: KeyKind::Ed25519,
-        ..Crypto::system()
-    };
-    let ca = CertificateAuthority::in_memory(
-        DEFAULT_LEAF_LIFETIME,
-        fixed_wall_clock(UnixTime::from_secs(T0)),
-        crypto,
-    )
-    .unwrap();
+    let ca = memory_ca(KeyKind::Ed25519);
     let before = certify(&ca, WEB);
     let old_issuer = ca.issuer_certificate();
     ca.rotate_issuer_in_memory().unwrap();
@@ -249,18 +254,8 @@ fn an_in_memory_ca_rotates_its_issuer_and_old_leaves_stay_valid() {
 
 #[test]
 fn refusals_say_why() {
-    let ca = CertificateAuthority::in_memory(
-        DEFAULT_LEAF_LIFETIME,
-        fixed_wall_clock(UnixTime::from_secs(T0)),
-        Crypto::system(),
-    )
-    .unwrap();
-    let other = CertificateAuthority::in_memory(
-        DEFAULT_LEAF_LIFETIME,
-        fixed_wall_clock(UnixTime::from_secs(T0)),
-        Crypto::system(),
-    )
-    .unwrap();
+    let ca = memory_ca(KeyKind::EcdsaP256);
+    let other = memory_ca(KeyKind::EcdsaP256);
     let token = ca.issue_token(WEB).unwrap();
     let good_csr = csr(&[WEB]);
 
@@ -563,15 +558,7 @@ fn an_anchor_rotates_through_a_bundle_without_a_leaf_failing() {
 
 #[test]
 fn an_in_memory_ca_rotates_its_anchor() {
-    let ca = CertificateAuthority::in_memory(
-        DEFAULT_LEAF_LIFETIME,
-        fixed_wall_clock(UnixTime::from_secs(T0)),
-        Crypto {
-            keys: KeyKind::Ed25519,
-            ..Crypto::system()
-        },
-    )
-    .unwrap();
+    let ca = memory_ca(KeyKind::Ed25519);
     let old_leaf = certify(&ca, WEB);
     ca.add_anchor_in_memory().unwrap();
     assert_eq!(ca.trust_anchors().len(), 2);
@@ -652,14 +639,7 @@ proptest! {
 
 fn shared_ca() -> &'static CertificateAuthority {
     static CA: std::sync::OnceLock<CertificateAuthority> = std::sync::OnceLock::new();
-    CA.get_or_init(|| {
-        CertificateAuthority::in_memory(
-            DEFAULT_LEAF_LIFETIME,
-            fixed_wall_clock(UnixTime::from_secs(T0)),
-            Crypto::system(),
-        )
-        .unwrap()
-    })
+    CA.get_or_init(|| memory_ca(KeyKind::EcdsaP256))
 }
 
 fn good_csr() -> &'static Vec<u8> {
