@@ -36,6 +36,7 @@ pub mod fuzzing;
 mod h1;
 mod http2;
 pub mod identity;
+mod idle;
 mod inbound;
 pub mod net;
 pub mod observe;

@@ -24,6 +24,7 @@ use crate::exchange;
 use crate::h1::conn::Parked;
 use crate::http2::H2Service;
 use crate::identity::LocalIdentity;
+use crate::idle::IdleTimers;
 use crate::net::{Io, Listener, Net};
 use crate::pool::Pools;
 use crate::transport::{ActivityIo, CountingIo, PrefixedIo};
@@ -51,6 +52,8 @@ pub(crate) struct ServeContext<N: Net> {
     /// `tls="true"`), which each such connection copies with its client's identity; present
     /// with `identity`.
     tls: Option<Arc<exchange::Context>>,
+    /// The idle deadlines of parked HTTP/1 connections.
+    idle: Arc<IdleTimers>,
 }
 
 impl<N: Net> ServeContext<N> {
@@ -66,6 +69,7 @@ impl<N: Net> ServeContext<N> {
         Self {
             tls,
             clock: cx.clock,
+            idle: IdleTimers::new(cx.clock, limits.idle_timeout),
             h2: Arc::new(H2Service {
                 cx: Arc::clone(&cx),
                 pools: Arc::clone(&pools),
@@ -153,28 +157,42 @@ fn serve_connection<N: Net>(
             refusal.await;
             return;
         }
-        match detected {
-            Detected::Http1 => {
-                crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, drain).await;
-            }
-            Detected::Http2 => {
-                if let Some(Parked { io, buf, .. }) = conn.take() {
-                    let io = PrefixedIo::new(buf.freeze(), io);
-                    Box::pin(serve_h2(io, &ctx.h2, &ctx, drain)).await;
-                }
-            }
-            Detected::Tls => {
-                if let Some(Parked { io, buf, .. }) = conn.take() {
-                    Box::pin(serve_tls(io, buf.freeze(), peer, &ctx, drain)).await;
-                }
-            }
-            Detected::Opaque => {
-                if let Some(Parked { io, buf, .. }) = conn.take() {
-                    Box::pin(forward_opaque(io, buf.freeze(), &ctx)).await;
-                }
-            }
+        if detected == Detected::Http1 {
+            crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, &ctx.idle, drain).await;
+        } else if let Some(whole) = whole_connection(&mut conn, detected, peer, &ctx, drain) {
+            whole.await;
         }
         drop(permit);
+    }
+}
+
+/// The boxed service of a connection taken whole (HTTP/2, TLS, opaque TCP). A plain fn: the
+/// parked state the connection is taken from is not held across the service's await, in
+/// every connection's task.
+fn whole_connection<'a, N: Net>(
+    conn: &mut Option<Parked<CountingIo<N::Io>>>,
+    detected: Detected,
+    peer: IpAddr,
+    ctx: &'a Arc<ServeContext<N>>,
+    drain: Drain,
+) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>> {
+    let mut take = || conn.take().map(|Parked { io, buf, .. }| (io, buf.freeze()));
+    match detected {
+        // Served in place: it borrows the parked state.
+        Detected::Http1 => None,
+        Detected::Http2 => {
+            let (io, prefix) = take()?;
+            let io = PrefixedIo::new(prefix, io);
+            Some(Box::pin(serve_h2(io, &ctx.h2, ctx, drain)))
+        }
+        Detected::Tls => {
+            let (io, prefix) = take()?;
+            Some(Box::pin(serve_tls(io, prefix, peer, ctx, drain)))
+        }
+        Detected::Opaque => {
+            let (io, prefix) = take()?;
+            Some(Box::pin(forward_opaque(io, prefix, ctx)))
+        }
     }
 }
 
@@ -377,7 +395,7 @@ async fn serve_tls<N: Net, I: Io>(
     match detected {
         None => {}
         Some(Detected::Http1) => {
-            crate::h1::conn::serve(&mut conn, &tls_cx, &ctx.pools, drain).await;
+            crate::h1::conn::serve(&mut conn, &tls_cx, &ctx.pools, &ctx.idle, drain).await;
         }
         Some(Detected::Http2) => {
             if let Some(Parked { io, buf, .. }) = conn.take() {

@@ -31,6 +31,7 @@ use crate::config::Limits;
 use crate::drain::Drain;
 use crate::errors::ProxyError;
 use crate::exchange::{self, Attempt, Engine, Exchange, Facts, Failed, Sent, Settle};
+use crate::idle::{IdleTimer, IdleTimers};
 use crate::net::{Io, Net};
 use crate::pool::Pools;
 use crate::transport::ActivityIo;
@@ -106,7 +107,8 @@ pub(crate) struct Parked<I> {
     pub(crate) io: I,
     /// The first bytes of the next request (detection's, or read while parked).
     pub(crate) buf: BytesMut,
-    idle: Deadline,
+    /// The idle deadline's entry in the listener's [`IdleTimers`], while parked.
+    timer: Option<IdleTimer>,
     idle_since: Instant,
 }
 
@@ -124,7 +126,7 @@ impl<I: Io> Parked<I> {
         Self {
             io,
             buf: BytesMut::new(),
-            idle: Deadline::new(),
+            timer: None,
             idle_since: now,
         }
     }
@@ -137,7 +139,7 @@ impl<I: Io> Parked<I> {
         &mut self,
         cx: &mut Context<'_>,
         drain: &mut Drain,
-        clock: Clock,
+        timers: &Arc<IdleTimers>,
         idle_timeout: Duration,
     ) -> Poll<bool> {
         let mut stack = [0u8; super::io::READ_CHUNK];
@@ -155,7 +157,10 @@ impl<I: Io> Parked<I> {
             return Poll::Ready(false);
         }
         let deadline = self.idle_since + idle_timeout;
-        if self.idle.poll_reached(cx, clock, deadline).is_ready() {
+        if timers
+            .poll_expired(cx, &mut self.timer, deadline)
+            .is_ready()
+        {
             tracing::debug!("idle; closing");
             return Poll::Ready(false);
         }
@@ -174,6 +179,7 @@ pub(crate) fn serve<'a, N: Net, I: Io>(
     conn: &'a mut Option<Parked<I>>,
     cx: &'a exchange::Context,
     pools: &'a Arc<Pools<N>>,
+    timers: &'a Arc<IdleTimers>,
     drain: Drain,
 ) -> impl Future<Output = ()> + Send + 'a {
     let mut drain = drain;
@@ -190,7 +196,7 @@ pub(crate) fn serve<'a, N: Net, I: Io>(
             };
             let parked = conn.insert(next);
             let came = std::future::poll_fn(|task| {
-                parked.poll_park(task, &mut drain, cx.clock, pools.limits.idle_timeout)
+                parked.poll_park(task, &mut drain, timers, pools.limits.idle_timeout)
             })
             .await;
             if !came {
@@ -211,17 +217,27 @@ async fn busy<N: Net, I: Io>(
 ) -> Busy<I> {
     let clock = cx.clock;
     let limits = &pools.limits;
+    let Parked {
+        io,
+        buf,
+        timer,
+        idle_since,
+    } = parked;
+    // Busy: the parked deadline's slot is freed now, not when the busy period ends.
+    drop(timer);
     let mut conn = Conn {
         cx,
         pools,
         clock,
         limits,
-        client: Side::new(parked.io, parked.buf),
+        client: Side::new(io, buf),
         drain,
         forward: Vec::new(),
-        idle: parked.idle,
+        // A busy period's own timer (the parked one is a slot in the listener's table, freed
+        // with `parked`), allocated when it first has to wait.
+        idle: Deadline::new(),
         response: Deadline::new(),
-        idle_since: parked.idle_since,
+        idle_since,
         draining: false,
         replay: Replay::default(),
         grpc_timeout: Vec::new(),
@@ -233,7 +249,7 @@ async fn busy<N: Net, I: Io>(
                 return Busy::Parked(Parked {
                     io: conn.client.io,
                     buf: BytesMut::new(),
-                    idle: conn.idle,
+                    timer: None,
                     idle_since: conn.idle_since,
                 });
             }
