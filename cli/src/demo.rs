@@ -292,7 +292,12 @@ pub struct ReplicaSummary {
     pub figures: Figures,
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
+/// A free loopback port below the kernel's ephemeral range.
+///
+/// # Errors
+///
+/// No port could be bound.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
     // A port below the kernel's ephemeral range (ip_local_port_range, 32768-60999 by default):
     // port 0 would hand out a port from that range, which the kernel may then give to one of
     // the demo's own outgoing connections before the proxy binds it. Bind to check, release;
@@ -454,9 +459,13 @@ fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-struct Binaries {
-    proxy: PathBuf,
-    controller: PathBuf,
+/// The proxy and controller binaries the demo and `conduit redline` start.
+#[derive(Debug)]
+pub struct Binaries {
+    /// `conduit-proxy`.
+    pub proxy: PathBuf,
+    /// `conduit-controller`.
+    pub controller: PathBuf,
 }
 
 /// The `cargo` arguments that build the demo's sibling binaries (see [`Binaries::build`]).
@@ -471,7 +480,13 @@ const BUILD_ARGS: [&str; 7] = [
 ];
 
 impl Binaries {
-    fn locate(bin_dir: Option<&Path>) -> anyhow::Result<Self> {
+    /// Finds the binaries in `bin_dir`, or next to this executable (building them first under
+    /// `cargo run`).
+    ///
+    /// # Errors
+    ///
+    /// A binary is missing, or the build failed.
+    pub fn locate(bin_dir: Option<&Path>) -> anyhow::Result<Self> {
         let dir = match bin_dir {
             Some(dir) => dir.to_path_buf(),
             None => std::env::current_exe()
@@ -530,18 +545,54 @@ impl Binaries {
     }
 }
 
-/// The processes the demo started; each is killed when this is dropped.
-struct Processes {
+/// The processes a command started; each is killed when this is dropped.
+#[derive(Debug)]
+pub struct Processes {
     children: Vec<(String, Child)>,
     logs: PathBuf,
 }
 
 impl Processes {
-    fn spawn(&mut self, name: &str, program: &Path, env: &[(&str, String)]) -> anyhow::Result<()> {
+    /// No processes yet; each one's output goes to `<logs>/<name>.log`.
+    #[must_use]
+    pub fn new(logs: PathBuf) -> Self {
+        Self {
+            children: Vec::new(),
+            logs,
+        }
+    }
+
+    /// Starts `program` with `env` added to its environment.
+    ///
+    /// # Errors
+    ///
+    /// The log file or the process could not be made.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        program: &Path,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        self.spawn_with_args(name, program, &[], env)
+    }
+
+    /// Starts `program` with arguments and `env` added to its environment.
+    ///
+    /// # Errors
+    ///
+    /// The log file or the process could not be made.
+    pub fn spawn_with_args(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.logs.join(format!("{name}.log")))
             .with_context(|| format!("creating the log file for {name}"))?;
         let mut command = Command::new(program);
         command
+            .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -555,7 +606,11 @@ impl Processes {
     }
 
     /// Fails if any child has exited.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    ///
+    /// # Errors
+    ///
+    /// Names the first child that exited, with its status and log.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait()? {
                 bail!(
@@ -865,10 +920,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         apps.spawn(app::serve(listener, replica.behaviour.clone()));
     }
 
-    let mut processes = Processes {
-        children: Vec::new(),
-        logs: work.to_path_buf(),
-    };
+    let mut processes = Processes::new(work.to_path_buf());
     // The CA, bootstrapped here before the controller starts (which then reuses it), so every
     // proxy's token and the trust anchors exist when the proxies are started.
     let identity_dir = work.join("identity");
@@ -962,7 +1014,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         connections: 32,
         timeout: Duration::from_secs(10),
         targets: load_targets(&services),
-        record_samples: false,
+        arrivals: load::Arrivals::Constant,
         spin_wait: false,
     };
     let clock = Clock::new();

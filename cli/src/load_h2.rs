@@ -32,7 +32,7 @@ type Sender = http2::SendRequest<Empty<Bytes>>;
 ///
 /// [`InvalidLoad`] for a configuration that cannot run, or a target whose authority and path
 /// do not form a URI; nothing is sent then.
-pub(crate) async fn run<N: Net>(
+pub async fn run<N: Net>(
     net: N,
     addr: std::net::SocketAddr,
     config: LoadConfig,
@@ -193,7 +193,7 @@ mod tests {
                 path: "/".into(),
                 method: http::Method::GET,
             }],
-            record_samples: true,
+            arrivals: load::Arrivals::Constant,
             spin_wait: true,
         }
     }
@@ -202,7 +202,7 @@ mod tests {
     async fn h2_load_against_hello_answers_every_request() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(conduit_cli::app::serve_hello(listener));
+        let server = tokio::spawn(crate::app::serve_hello(listener));
         let report = run(conduit_proxy::TokioNet, addr, config(400), Clock::new())
             .await
             .unwrap();
@@ -211,7 +211,7 @@ mod tests {
         assert_eq!(report.scheduled, 200);
         assert_eq!(overall.statuses.get(&200), Some(&200), "{overall:?}");
         assert!(overall.errors.is_empty(), "{overall:?}");
-        assert_eq!(report.samples.len(), 200);
+        assert_eq!(report.latencies.len(), 200);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -227,7 +227,7 @@ mod tests {
         let overall = report.overall();
         assert_eq!(overall.total(), 50);
         assert_eq!(overall.errors.get(&LoadError::Connect), Some(&50));
-        assert!(report.samples.is_empty());
+        assert!(report.latencies.is_empty());
     }
 
     #[tokio::test(flavor = "current_thread")]

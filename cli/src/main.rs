@@ -3,9 +3,8 @@
 
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
 
-use conduit_cli::demo;
+use conduit_cli::{demo, load_h2};
 
-mod load_h2;
 mod sim;
 
 use std::net::SocketAddr;
@@ -101,6 +100,58 @@ enum Command {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+    },
+    /// Find the red line: the highest request rate a service holds within its objectives
+    /// (open-loop steps of rising rate, bisection near the knee, the best rate confirmed by a
+    /// repeat). `--target URL` searches one service; `--compare` starts a backend, a
+    /// conduit-proxy and (where installed) nginx and haproxy on loopback and searches each,
+    /// interleaved. Writes a table, redline.json and redline.svg.
+    Redline {
+        /// The service to search, `http://host:port/path`.
+        #[arg(long, conflicts_with = "compare")]
+        target: Option<String>,
+        /// Start a backend, conduit-proxy, nginx and haproxy and compare their red lines.
+        #[arg(long)]
+        compare: bool,
+        /// The objectives, e.g. `p99<50ms,success>99.9%`.
+        #[arg(long, default_value = "p99<100ms,success>99.9%")]
+        slo: conduit_scenarios::redline::Slo,
+        /// The first rate tried (requests/s).
+        #[arg(long, default_value_t = 500)]
+        start: u32,
+        /// The highest rate tried.
+        #[arg(long, default_value_t = 200_000)]
+        max: u32,
+        /// How long each step sends for.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        step: Duration,
+        /// The most steps per target.
+        #[arg(long, default_value_t = 20)]
+        max_steps: usize,
+        /// Bisection stops when the bracket is within this fraction of the rate.
+        #[arg(long, default_value_t = 0.05)]
+        precision: f64,
+        /// Keep-alive connections (multiplexed ones with --h2).
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
+        /// Per-request timeout (a request past it fails).
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        timeout: Duration,
+        /// Speak HTTP/2 with prior knowledge (h2c).
+        #[arg(long)]
+        h2: bool,
+        /// Poisson arrivals with this seed instead of evenly spaced ones.
+        #[arg(long)]
+        poisson: Option<u64>,
+        /// The rate of the probe step that measures the latency each target adds (0: none).
+        #[arg(long, default_value_t = 1000)]
+        probe_rate: u32,
+        /// Where the report, the plot and the started processes' logs go.
+        #[arg(long, default_value = "redline")]
+        out: PathBuf,
+        /// Directory holding `conduit-proxy` (default: next to this executable).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
     },
     /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
     /// HTTP/1.1 address (h2c with `--h2`) and print what came back.
@@ -218,11 +269,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
-    // `conduit load` runs on one thread so its pacing spin and its connections share the core
+    // `conduit load` (and `conduit redline`, which drives it) runs on one thread so its pacing spin and its connections share the core
     // cooperatively (with two threads on one pinned core the OS would time-slice them and add
     // its own jitter to the measurement); `conduit hello` is a one-thread backend like the
     // perf baselines' (shared/reference/perf.md §3); everything else gets two workers.
-    let runtime = if matches!(cli.command, Command::Load { .. } | Command::Hello { .. }) {
+    let runtime = if matches!(
+        cli.command,
+        Command::Load { .. } | Command::Hello { .. } | Command::Redline { .. }
+    ) {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -314,10 +368,49 @@ fn main() -> ExitCode {
                         path,
                         method: http::Method::GET,
                     }],
-                    record_samples: true,
+                    arrivals: conduit_scenarios::load::Arrivals::Constant,
                     spin_wait: true,
                 };
                 run_load(addr, config, h2, output == Output::Json).await
+            }
+            Command::Redline {
+                target,
+                compare,
+                slo,
+                start,
+                max,
+                step,
+                max_steps,
+                precision,
+                connections,
+                timeout,
+                h2,
+                poisson,
+                probe_rate,
+                out,
+                bin_dir,
+            } => {
+                let options = conduit_cli::redline::RedlineOptions {
+                    target,
+                    compare,
+                    slo,
+                    search: conduit_scenarios::redline::SearchConfig {
+                        start,
+                        max,
+                        max_steps,
+                        precision,
+                        ..conduit_scenarios::redline::SearchConfig::default()
+                    },
+                    step,
+                    connections,
+                    timeout,
+                    h2,
+                    poisson,
+                    probe_rate,
+                    out,
+                    bin_dir,
+                };
+                conduit_cli::redline::run(options).await
             }
             Command::Identity(IdentityCommand::Token { name, identity_dir }) => {
                 let token = conduit_controller::identity::issue_token(&identity_dir, &name)?;
@@ -397,7 +490,7 @@ async fn run_load(
     };
     let overall = report.overall();
     if json {
-        let us = |q| report.exact_quantile(q).map(|d| d.as_secs_f64() * 1e6);
+        let us = |q| report.quantile(q).map(|d| d.as_secs_f64() * 1e6);
         let summary = serde_json::json!({
             "scheduled": report.scheduled,
             "ended": overall.total(),
@@ -413,7 +506,7 @@ async fn run_load(
         return Ok(());
     }
     let ms = |q| {
-        report.exact_quantile(q).map_or_else(
+        report.quantile(q).map_or_else(
             || "-".to_owned(),
             |d| format!("{:.3}ms", d.as_secs_f64() * 1000.0),
         )

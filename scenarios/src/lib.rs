@@ -5,9 +5,14 @@
 //! - [`sim`]: running a scenario in this process or in a child process (one seed per process),
 //!   sweeps, failure files, and the `conduit sim` command;
 //! - [`load`]: the open-loop load generator (constant arrival rate, latency from the intended
-//!   send time), used by the demo and the proxy benchmark.
+//!   send time), used by the demo and the proxy benchmark;
+//! - [`redline`]: the red-line search (the highest rate a service holds within its
+//!   objectives), a state machine driven by `conduit redline` and the simulation, and
+//!   [`plot`], its SVG chart.
 
 pub mod load;
 pub mod plan;
+pub mod plot;
+pub mod redline;
 pub mod scenarios;
 pub mod sim;

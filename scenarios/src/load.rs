@@ -60,9 +60,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// The requests to send, in turn. Must not be empty.
     pub targets: Vec<Target>,
-    /// Keep every response's exact latency (up to [`MAX_SAMPLES`]) for exact percentiles; the
-    /// histogram's millisecond buckets cannot resolve a proxy's tens of microseconds.
-    pub record_samples: bool,
+    /// How requests are spaced.
+    pub arrivals: Arrivals,
     /// Pace requests to the microsecond by yielding through the last millisecond before each
     /// is due, instead of trusting the timer alone (tokio's timer wheel has millisecond
     /// granularity, which would add up to a millisecond of the generator's own lateness to
@@ -71,11 +70,104 @@ pub struct LoadConfig {
     pub spin_wait: bool,
 }
 
+/// How requests are spaced in time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arrivals {
+    /// Evenly: request `i` is due at `start + i / rate`.
+    #[default]
+    Constant,
+    /// A Poisson process at the rate: exponentially distributed gaps, drawn from a generator
+    /// seeded with `seed` (the same seed gives the same schedule), so bursts arrive as they do
+    /// from many independent clients.
+    Poisson {
+        /// The schedule's seed.
+        seed: u64,
+    },
+}
+
 /// How far ahead of a request's due time a spin-waiting generator stops sleeping.
 const SPIN_WINDOW: Duration = Duration::from_millis(1);
 
-/// The most exact latency samples a run keeps (8 MiB).
-pub const MAX_SAMPLES: usize = 1 << 20;
+/// Latencies of responses: an HDR histogram over nanoseconds (3 significant digits, from 1 ns
+/// to an hour; longer latencies count as an hour), so a proxy's tens of microseconds and a
+/// stall of seconds are both read to 0.1 %.
+#[derive(Clone)]
+pub struct Latencies(hdrhistogram::Histogram<u64>);
+
+/// The longest latency recorded as itself.
+const LATENCY_CEILING: Duration = Duration::from_secs(3600);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "an hour in nanoseconds fits a u64"
+        )]
+        let high = LATENCY_CEILING.as_nanos() as u64;
+        Self(
+            hdrhistogram::Histogram::new_with_bounds(1, high, 3)
+                .expect("1 ns to an hour at 3 digits is a valid histogram"),
+        )
+    }
+}
+
+impl Latencies {
+    /// Counts one latency.
+    pub fn record(&mut self, latency: Duration) {
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.0.saturating_record(nanos.max(1));
+    }
+
+    /// Latencies counted.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// Whether none were counted.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The latency at quantile `q` (0..=1), or `None` when none were counted.
+    #[must_use]
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        (!self.is_empty())
+            .then(|| Duration::from_nanos(self.0.value_at_quantile(q.clamp(0.0, 1.0))))
+    }
+
+    /// The largest latency counted, or `None`.
+    #[must_use]
+    pub fn max(&self) -> Option<Duration> {
+        (!self.is_empty()).then(|| Duration::from_nanos(self.0.max()))
+    }
+
+    /// Adds another run's latencies.
+    pub fn merge(&mut self, other: &Self) {
+        // Both have the same bounds, so adding cannot fail.
+        let _ = self.0.add(&other.0);
+    }
+}
+
+impl PartialEq for Latencies {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Latencies {}
+
+impl std::fmt::Debug for Latencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Latencies")
+            .field("len", &self.len())
+            .field("p50", &self.quantile(0.5))
+            .field("p99", &self.quantile(0.99))
+            .field("max", &self.max())
+            .finish()
+    }
+}
 
 /// A [`LoadConfig`] that cannot be run.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -202,29 +294,15 @@ pub struct LoadReport {
     pub targets: BTreeMap<(String, String), TargetReport>,
     /// From the first intended send to the last response.
     pub elapsed: Duration,
-    /// Exact latencies of responses, in arrival order, when [`LoadConfig::record_samples`]
-    /// was set (at most [`MAX_SAMPLES`]).
-    pub samples: Vec<Duration>,
+    /// Latencies of every response (all targets), to 0.1 %.
+    pub latencies: Latencies,
 }
 
 impl LoadReport {
-    /// The exact `q`-quantile of the recorded samples (nearest rank), if any were kept.
+    /// The latency of responses at quantile `q` (0..=1), to 0.1 %, if any response came.
     #[must_use]
-    pub fn exact_quantile(&self, q: f64) -> Option<Duration> {
-        if self.samples.is_empty() {
-            return None;
-        }
-        let mut sorted = self.samples.clone();
-        sorted.sort_unstable();
-        #[expect(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "an index into a bounded vector"
-        )]
-        let rank =
-            ((q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-        Some(sorted[rank - 1])
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        self.latencies.quantile(q)
     }
 }
 
@@ -309,9 +387,9 @@ pub async fn pace(
     mut dispatch: impl FnMut(Job) -> bool,
 ) -> Instant {
     let start = clock.now();
-    let interval_nanos = 1_000_000_000u64 / u64::from(config.rate);
+    let mut schedule = Schedule::new(config);
     for index in 0..config.request_count() {
-        let due = start + Duration::from_nanos(index.saturating_mul(interval_nanos));
+        let due = start + schedule.offset(index);
         if config.spin_wait {
             clock.sleep_until(due - SPIN_WINDOW).await;
             while clock.now() < due {
@@ -327,6 +405,56 @@ pub async fn pace(
     start
 }
 
+/// When each request of a run is due, from the run's start.
+struct Schedule {
+    arrivals: Arrivals,
+    rate: u32,
+    /// The Poisson schedule's generator state (SplitMix64) and its running offset.
+    state: u64,
+    offset: Duration,
+}
+
+impl Schedule {
+    fn new(config: &LoadConfig) -> Self {
+        let state = match config.arrivals {
+            Arrivals::Constant => 0,
+            Arrivals::Poisson { seed } => seed,
+        };
+        Self {
+            arrivals: config.arrivals,
+            rate: config.rate,
+            state,
+            offset: Duration::ZERO,
+        }
+    }
+
+    /// The offset of request `index`; called for indexes in order.
+    fn offset(&mut self, index: u64) -> Duration {
+        match self.arrivals {
+            Arrivals::Constant => {
+                Duration::from_nanos(index.saturating_mul(1_000_000_000 / u64::from(self.rate)))
+            }
+            Arrivals::Poisson { .. } => {
+                if index > 0 {
+                    // Exponential gaps with mean 1/rate: -ln(U) / rate, U uniform in (0, 1].
+                    let uniform = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                    let gap = -(1.0 - uniform).ln() / f64::from(self.rate);
+                    self.offset += Duration::from_secs_f64(gap.min(3600.0));
+                }
+                self.offset
+            }
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
 /// Counts every request's end, as senders report them, into a report (until every sender has
 /// hung up); `elapsed` runs from `start` to the last end.
 pub async fn collect(
@@ -340,8 +468,8 @@ pub async fn collect(
         ..LoadReport::default()
     };
     while let Some((index, outcome, latency)) = done.recv().await {
-        if config.record_samples && outcome.is_ok() && report.samples.len() < MAX_SAMPLES {
-            report.samples.push(latency);
+        if outcome.is_ok() {
+            report.latencies.record(latency);
         }
         let target = target_of(config, index);
         report
@@ -460,9 +588,61 @@ mod tests {
                 path: "/".into(),
                 method: http::Method::GET,
             }],
-            record_samples: false,
+            arrivals: Arrivals::Constant,
             spin_wait: false,
         }
+    }
+
+    #[test]
+    fn poisson_arrivals_keep_the_rate_and_follow_the_seed() {
+        let poisson = |seed| LoadConfig {
+            rate: 1_000,
+            arrivals: Arrivals::Poisson { seed },
+            ..config()
+        };
+        let offsets = |config: &LoadConfig| {
+            let mut schedule = Schedule::new(config);
+            (0..10_000).map(|i| schedule.offset(i)).collect::<Vec<_>>()
+        };
+        let (a, b, c) = (
+            offsets(&poisson(7)),
+            offsets(&poisson(7)),
+            offsets(&poisson(8)),
+        );
+        assert_eq!(a, b, "the same seed gives the same schedule");
+        assert_ne!(a, c);
+        assert!(a.windows(2).all(|w| w[0] <= w[1]), "offsets only grow");
+        // 10,000 gaps of mean 1 ms: within 5 % of 10 s (the standard deviation is 1 %).
+        let total = a[9_999].as_secs_f64();
+        assert!((9.5..10.5).contains(&total), "{total}");
+        // Bursty, unlike the constant schedule: some gaps are under a tenth of the mean.
+        let short = a
+            .windows(2)
+            .filter(|w| w[1] - w[0] < Duration::from_micros(100))
+            .count();
+        assert!(short > 500, "{short} short gaps");
+        let constant = offsets(&config());
+        assert_eq!(constant[3], Duration::from_millis(30));
+    }
+
+    #[test]
+    fn latencies_read_to_a_tenth_of_a_percent() {
+        let mut latencies = Latencies::default();
+        assert_eq!(latencies.quantile(0.5), None);
+        for micros in 1..=1_000u64 {
+            latencies.record(Duration::from_micros(micros));
+        }
+        latencies.record(Duration::from_secs(7_200));
+        // The median of 1,001 latencies is the 501st, read to within 0.1 %.
+        let p50 = latencies.quantile(0.5).unwrap().as_secs_f64() * 1e6;
+        assert!((p50 - 501.0).abs() <= 0.501, "{p50}");
+        assert!(
+            latencies.max().unwrap() >= Duration::from_secs(3_599),
+            "saturates at an hour"
+        );
+        let mut merged = Latencies::default();
+        merged.merge(&latencies);
+        assert_eq!(merged, latencies);
     }
 
     #[test]

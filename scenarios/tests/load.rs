@@ -61,7 +61,7 @@ async fn every_request_is_accounted_for() {
                 method: http::Method::GET,
             },
         ],
-        record_samples: true,
+        arrivals: load::Arrivals::Constant,
         spin_wait: true,
     };
     let report = tokio::time::timeout(
@@ -80,11 +80,11 @@ async fn every_request_is_accounted_for() {
     assert_eq!(report.overall().success_rate(), Some(0.5));
     assert_eq!(ok.latency.count(), 100);
     assert_eq!(
-        report.samples.len(),
+        report.latencies.len(),
         200,
         "every response's exact latency is kept"
     );
-    assert!(report.exact_quantile(0.5) <= report.exact_quantile(0.99));
+    assert!(report.quantile(0.5) <= report.quantile(0.99));
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -104,7 +104,7 @@ async fn a_dead_server_gives_connect_errors_not_silence() {
             path: "/".into(),
             method: http::Method::GET,
         }],
-        record_samples: false,
+        arrivals: load::Arrivals::Constant,
         spin_wait: false,
     };
     let report = tokio::time::timeout(
