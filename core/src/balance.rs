@@ -154,6 +154,24 @@ pub enum Policy {
     PeakEwma,
     /// The ready endpoint with the fewest requests in flight.
     LeastLoaded,
+    /// Ready endpoints in turn, each as often as its weight (spread out: smooth weighted
+    /// round robin), whatever their latency or load:
+    /// the baseline the latency-aware policies are measured against (a red-line comparison),
+    /// not a policy to run in production.
+    RoundRobin,
+}
+
+impl Policy {
+    /// The policy named `peak_ewma`, `least_loaded` or `round_robin`.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "peak_ewma" => Some(Self::PeakEwma),
+            "least_loaded" => Some(Self::LeastLoaded),
+            "round_robin" => Some(Self::RoundRobin),
+            _ => None,
+        }
+    }
 }
 
 /// A balancer's settings.
@@ -445,6 +463,8 @@ struct Slot {
     breaker: Breaker,
     /// Counts the probe out, as `token` counts requests: one reference while none is.
     probe: Arc<()>,
+    /// Round robin's running credit (smooth weighted round robin).
+    credit: i64,
 }
 
 impl Slot {
@@ -613,6 +633,7 @@ impl Balancer {
             backoff_until: None,
             breaker: Breaker::new(&self.config.breaker, now),
             probe: Arc::new(()),
+            credit: 0,
         });
     }
 
@@ -752,6 +773,7 @@ impl Balancer {
             _ => match self.config.policy {
                 Policy::PeakEwma => self.pick_p2c(now, rng, avoid),
                 Policy::LeastLoaded => self.pick_least_loaded(rng, avoid),
+                Policy::RoundRobin => self.pick_round_robin(avoid),
             },
         };
         let slot = &mut self.slots[index];
@@ -843,6 +865,31 @@ impl Balancer {
     fn position_of_weight(&self, point: u64) -> usize {
         self.ready_weights
             .partition_point(|&cumulative| cumulative <= point)
+    }
+
+    /// Smooth weighted round robin (as nginx does it): every ready endpoint gains its weight in
+    /// credit, the one with the most (the first on a tie, never `avoid`) is picked and pays
+    /// the total. Each endpoint takes turns in proportion to its weight, spread out rather
+    /// than in runs.
+    fn pick_round_robin(&mut self, avoid: Option<SocketAddr>) -> usize {
+        let mut total = 0i64;
+        let mut best: Option<(usize, i64)> = None;
+        for &index in &self.ready {
+            let slot = &mut self.slots[index];
+            let weight = i64::from(slot.endpoint.weight);
+            slot.credit = slot.credit.saturating_add(weight);
+            total = total.saturating_add(weight);
+            if avoid != Some(slot.endpoint.addr)
+                && best.is_none_or(|(_, credit)| slot.credit > credit)
+            {
+                best = Some((index, slot.credit));
+            }
+        }
+        let best = best.map(|(index, _)| index);
+        // Called with two or more ready: one that is not avoided is always there.
+        let best = best.unwrap_or(self.ready[0]);
+        self.slots[best].credit = self.slots[best].credit.saturating_sub(total);
+        best
     }
 
     /// Fewest in flight; ties broken at random in proportion to weight.

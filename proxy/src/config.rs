@@ -231,6 +231,9 @@ pub struct QueueSettings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BalancerSettings {
+    /// How endpoints are chosen (`balancer_policy`: `peak_ewma`, the default; `least_loaded`;
+    /// `round_robin`, a baseline for comparisons that ignores latency and load).
+    pub policy: conduit_core::balance::Policy,
     /// Initial RTT estimate.
     pub default_rtt: Duration,
     /// PeakEWMA decay time constant.
@@ -287,6 +290,7 @@ impl ProxyConfig {
                 failfast_timeout: DEFAULT_FAILFAST_TIMEOUT,
             },
             balancer: BalancerSettings {
+                policy: conduit_core::balance::Policy::PeakEwma,
                 default_rtt: DEFAULT_BALANCER_DEFAULT_RTT,
                 decay: DEFAULT_BALANCER_DECAY,
             },
@@ -495,6 +499,16 @@ impl ProxyConfig {
             match usize::try_from(workers).ok().and_then(NonZeroUsize::new) {
                 Some(w) if w.get() <= 1024 => config.workers = w,
                 _ => e("workers", format!("`{workers}` must be between 1 and 1024")),
+            }
+        }
+
+        if let Some(name) = raw.balancer_policy.as_deref() {
+            match conduit_core::balance::Policy::from_name(name) {
+                Some(policy) => config.balancer.policy = policy,
+                None => e(
+                    "balancer_policy",
+                    format!("`{name}` is not one of `peak_ewma`, `least_loaded`, `round_robin`"),
+                ),
             }
         }
 
@@ -827,6 +841,7 @@ pub struct RawProxyConfig {
     pub replay_body_limit: Option<u64>,
     pub queue_capacity: Option<u64>,
     pub failfast_timeout: Option<String>,
+    pub balancer_policy: Option<String>,
     pub balancer_default_rtt: Option<String>,
     pub balancer_decay: Option<String>,
     pub metrics_retain_idle: Option<String>,

@@ -288,6 +288,26 @@ fn least_loaded_picks_the_idlest() {
 }
 
 #[test]
+fn round_robin_takes_turns_whatever_the_latency() {
+    let mut b = balancer_with(3, Policy::RoundRobin);
+    let mut rng = DetRng::new(1);
+    // Endpoint 0 is far slower than the others: round robin does not care.
+    let slow = b.pick(T0, &mut rng).unwrap();
+    assert_eq!(slow.addr, addr(0));
+    b.observe(T0 + Duration::from_secs(1), &slow.in_flight);
+    let picks: Vec<_> = (0..6).map(|_| b.pick(T0, &mut rng).unwrap().addr).collect();
+    assert_eq!(
+        picks,
+        [addr(1), addr(2), addr(0), addr(1), addr(2), addr(0)]
+    );
+    // A retry avoiding the endpoint whose turn it is goes to the next.
+    let retry = b.pick_avoiding(T0, &mut rng, Some(addr(1))).unwrap();
+    assert_eq!(retry.addr, addr(2));
+    assert_eq!(Policy::from_name("round_robin"), Some(Policy::RoundRobin));
+    assert_eq!(Policy::from_name("random"), None);
+}
+
+#[test]
 fn weights_shape_the_share() {
     // Among four equally healthy endpoints, one of weight 400 is considered in most picks and
     // takes more than its unweighted quarter.
@@ -434,7 +454,7 @@ proptest! {
     #[test]
     fn picks_are_live_and_ready_and_in_flight_settles(
         seed: u64,
-        policy in prop_oneof![Just(Policy::PeakEwma), Just(Policy::LeastLoaded)],
+        policy in prop_oneof![Just(Policy::PeakEwma), Just(Policy::LeastLoaded), Just(Policy::RoundRobin)],
         ops in proptest::collection::vec(op(), 1..200),
     ) {
         let mut b = Balancer::new(BalanceConfig { policy, ..BalanceConfig::default() });
@@ -962,7 +982,7 @@ proptest! {
         n in 1u16..6,
         avoided in 0u16..6,
         picks in 1usize..50,
-        policy in prop_oneof![Just(Policy::PeakEwma), Just(Policy::LeastLoaded)],
+        policy in prop_oneof![Just(Policy::PeakEwma), Just(Policy::LeastLoaded), Just(Policy::RoundRobin)],
     ) {
         let mut b = balancer_with(n, policy);
         let mut rng = DetRng::new(seed);

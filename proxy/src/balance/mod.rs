@@ -121,6 +121,7 @@ impl Router {
         hooks: Hooks,
     ) -> Arc<Self> {
         let balance = BalanceConfig {
+            policy: balancer.policy,
             default_rtt: balancer.default_rtt,
             decay: balancer.decay,
             ..BalanceConfig::default()
