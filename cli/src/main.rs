@@ -152,6 +152,29 @@ enum Command {
         /// Directory holding `conduit-proxy` (default: next to this executable).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Search in the deterministic simulation instead: a service of --replicas replicas,
+        /// each serving --concurrency requests at once in --service-time, behind the real
+        /// client proxy (the same seed gives the same red line).
+        #[arg(long, conflicts_with_all = ["target", "compare"])]
+        sim: bool,
+        /// Simulated replicas.
+        #[arg(long, default_value_t = 3, requires = "sim")]
+        replicas: usize,
+        /// Requests a simulated replica serves at once.
+        #[arg(long, default_value_t = 4, requires = "sim")]
+        concurrency: usize,
+        /// A simulated request's service time.
+        #[arg(long, value_parser = parse_duration, default_value = "10ms", requires = "sim")]
+        service_time: Duration,
+        /// One simulated replica's service time instead (a slow replica).
+        #[arg(long, value_parser = parse_duration, requires = "sim")]
+        slow_replica: Option<Duration>,
+        /// Search once per balancer policy (peak_ewma, least_loaded, round_robin).
+        #[arg(long, requires = "sim")]
+        policies: bool,
+        /// The simulation's seed.
+        #[arg(long, default_value_t = 1, requires = "sim")]
+        seed: u64,
     },
     /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
     /// HTTP/1.1 address (h2c with `--h2`) and print what came back.
@@ -389,7 +412,22 @@ fn main() -> ExitCode {
                 probe_rate,
                 out,
                 bin_dir,
+                sim,
+                replicas,
+                concurrency,
+                service_time,
+                slow_replica,
+                policies,
+                seed,
             } => {
+                let sim = sim.then_some(conduit_cli::redline::SimService {
+                    replicas,
+                    concurrency,
+                    service_time,
+                    slow: slow_replica,
+                    policies,
+                    seed,
+                });
                 let options = conduit_cli::redline::RedlineOptions {
                     target,
                     compare,
@@ -409,6 +447,7 @@ fn main() -> ExitCode {
                     probe_rate,
                     out,
                     bin_dir,
+                    sim,
                 };
                 conduit_cli::redline::run(options).await
             }

@@ -24,10 +24,11 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use conduit_proxy::TokioNet;
 use conduit_proxy::clock::Clock;
-use conduit_scenarios::load::{self, Arrivals, LoadConfig, LoadReport, Target};
+use conduit_scenarios::load::{self, Arrivals, LoadConfig, Target};
 use conduit_scenarios::plot::{self, Series};
 use conduit_scenarios::redline::{
-    Ending, Judged, Outcome, Quantile, Search, SearchConfig, Slo, Step, format_duration,
+    Ending, Judged, Outcome, Quantile, Search, SearchConfig, Slo, Step, cooldown, format_duration,
+    step_of,
 };
 
 use crate::demo::{Binaries, Processes, free_port};
@@ -59,14 +60,27 @@ pub struct RedlineOptions {
     pub out: PathBuf,
     /// Where `conduit-proxy` is (default: next to this executable).
     pub bin_dir: Option<PathBuf>,
+    /// Search in the simulation instead, against this modelled service.
+    pub sim: Option<SimService>,
 }
 
-/// Quantiles every step reports (the objective's are added).
-const REPORTED: [Quantile; 4] = [Quantile::P50, Quantile::P90, Quantile::P99, Quantile::P999];
-
-/// The pause between steps, so one step's stragglers and connection teardown do not land in
-/// the next.
-const COOLDOWN: Duration = Duration::from_millis(500);
+/// The service a simulated search runs against (`conduit redline --sim`).
+#[derive(Clone, Debug)]
+pub struct SimService {
+    /// Replicas.
+    pub replicas: usize,
+    /// Requests each replica serves at once.
+    pub concurrency: usize,
+    /// Each request's service time.
+    pub service_time: Duration,
+    /// One replica's service time instead (a slow replica).
+    pub slow: Option<Duration>,
+    /// Search once per balancer policy (PeakEWMA, least loaded, round robin) instead of
+    /// PeakEWMA alone.
+    pub policies: bool,
+    /// The world's seed.
+    pub seed: u64,
+}
 
 /// How long the started processes have to answer before the run gives up.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -87,6 +101,7 @@ pub struct Endpoint {
 /// A target's search and its probe step.
 #[derive(Debug)]
 struct Run {
+    /// Where it ran (its address is unspecified in the simulation).
     endpoint: Endpoint,
     search: Search,
     probe: Option<Step>,
@@ -101,12 +116,19 @@ struct Run {
 pub async fn run(options: RedlineOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("creating {}", options.out.display()))?;
+    if let Some(service) = options.sim.clone() {
+        // The simulation runs its own runtimes, so not on this one's thread.
+        let simulated = std::thread::spawn(move || run_sim(&options, &service));
+        return simulated
+            .join()
+            .map_err(|_| anyhow::anyhow!("the simulated search panicked"))?;
+    }
     let mut processes = Processes::new(options.out.clone());
     let endpoints = match (&options.target, options.compare) {
         (Some(url), false) => vec![endpoint_of(url).await?],
         (None, true) => start_compare(&options, &mut processes).await?,
         (Some(_), true) => bail!("--compare starts its own backend: give it no --target"),
-        (None, false) => bail!("give --target URL, or --compare"),
+        (None, false) => bail!("give --target URL, --compare or --sim"),
     };
     let mut runs = endpoints
         .into_iter()
@@ -143,6 +165,76 @@ pub async fn run(options: RedlineOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--sim`: the search in the simulation, once per policy asked for, each printed as it ends.
+fn run_sim(options: &RedlineOptions, service: &SimService) -> anyhow::Result<()> {
+    use conduit_core::balance::Policy;
+    use conduit_scenarios::redline_sim::{self, SimRedline};
+    let mut spec = SimRedline::new(service.replicas, service.concurrency, service.service_time);
+    if let Some(slow) = service.slow {
+        spec.service_times = vec![slow, service.service_time];
+    }
+    spec.slo = options.slo.clone();
+    spec.search = options.search.clone();
+    spec.step = options.step;
+    spec.connections = options.connections;
+    if let Some(seed) = options.poisson {
+        spec.arrivals = Arrivals::Poisson { seed };
+    }
+    let policies: &[(&str, Policy)] = if service.policies {
+        &[
+            ("peak_ewma", Policy::PeakEwma),
+            ("least_loaded", Policy::LeastLoaded),
+            ("round_robin", Policy::RoundRobin),
+        ]
+    } else {
+        &[("peak_ewma", Policy::PeakEwma)]
+    };
+    println!(
+        "simulated red-line search, seed {}: {} replicas of {} at once at {}{}; modelled \
+         capacity {:.0} requests/s; objective {}",
+        service.seed,
+        service.replicas,
+        service.concurrency,
+        format_duration(service.service_time),
+        service
+            .slow
+            .map(|slow| format!(" (one at {})", format_duration(slow)))
+            .unwrap_or_default(),
+        spec.capacity(),
+        options.slo,
+    );
+    println!(
+        "{:<14} {:<8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}  verdict",
+        "policy", "phase", "offered", "answered", "success", "p50", "p99", "p99.9"
+    );
+    let mut runs = Vec::new();
+    for (name, policy) in policies {
+        spec.policy = *policy;
+        let found = redline_sim::run(&spec, service.seed)?;
+        for judged in &found.steps {
+            print_step(name, judged.phase.as_str(), &judged.step, &judged.verdict);
+        }
+        runs.push(Run {
+            endpoint: Endpoint {
+                name: (*name).to_owned(),
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                authority: "web.default (simulated)".to_owned(),
+                path: "/".to_owned(),
+            },
+            search: found.search,
+            probe: None,
+        });
+    }
+    write_reports(options, &runs)?;
+    print!("{}", summary(options, &runs));
+    println!(
+        "report: {}  plot: {}",
+        options.out.join("redline.json").display(),
+        options.out.join("redline.svg").display()
+    );
+    Ok(())
+}
+
 async fn search_all(
     options: &RedlineOptions,
     runs: &mut [Run],
@@ -163,14 +255,10 @@ async fn search_all(
         for run in runs.iter_mut() {
             processes.check_alive()?;
             let step = measure(options, &run.endpoint, options.probe_rate).await?;
-            print_step(
-                &run.endpoint.name,
-                "probe",
-                &step,
-                &options.slo.judge(&step),
-            );
+            let verdict = options.slo.judge(&step);
+            print_step(&run.endpoint.name, "probe", &step, &verdict);
             run.probe = Some(step);
-            tokio::time::sleep(COOLDOWN).await;
+            tokio::time::sleep(cooldown(options.step, verdict.is_err())).await;
         }
     }
     loop {
@@ -181,15 +269,11 @@ async fn search_all(
             };
             processes.check_alive()?;
             let step = measure(options, &run.endpoint, rate).await?;
-            print_step(
-                &run.endpoint.name,
-                phase.as_str(),
-                &step,
-                &options.slo.judge(&step),
-            );
+            let verdict = options.slo.judge(&step);
+            print_step(&run.endpoint.name, phase.as_str(), &step, &verdict);
             run.search.record(step);
             ran = true;
-            tokio::time::sleep(COOLDOWN).await;
+            tokio::time::sleep(cooldown(options.step, verdict.is_err())).await;
         }
         if !ran {
             return Ok(());
@@ -221,30 +305,6 @@ async fn measure(options: &RedlineOptions, endpoint: &Endpoint, rate: u32) -> an
         load::run(TokioNet, endpoint.addr, config, Clock::new()).await?
     };
     Ok(step_of(rate, &report, &options.slo))
-}
-
-/// What a load run measured, as a step of the search.
-#[must_use]
-pub fn step_of(rate: u32, report: &LoadReport, slo: &Slo) -> Step {
-    let overall = report.overall();
-    let mut quantiles: Vec<Quantile> = REPORTED.to_vec();
-    quantiles.extend(slo.latency.iter().map(|(q, _)| *q));
-    quantiles.sort();
-    quantiles.dedup();
-    let latency = quantiles
-        .into_iter()
-        .filter_map(|q| report.quantile(q.fraction()).map(|d| (q, d)))
-        .collect();
-    let answered = overall.statuses.values().sum::<u64>();
-    #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
-    let throughput = answered as f64 / report.elapsed.as_secs_f64().max(1e-9);
-    Step {
-        rate,
-        requests: report.scheduled,
-        successes: overall.successes(),
-        throughput,
-        latency,
-    }
 }
 
 fn print_step(name: &str, phase: &str, step: &Step, verdict: &Result<(), impl std::fmt::Display>) {
@@ -611,10 +671,13 @@ fn write_reports(options: &RedlineOptions, runs: &[Run]) -> anyhow::Result<()> {
             red_line: run.search.outcome().and_then(|o| o.red_line),
         })
         .collect();
-    let title = format!(
-        "red line, {} on loopback",
-        if options.h2 { "h2c" } else { "HTTP/1.1" }
-    );
+    let title = match &options.sim {
+        Some(service) => format!("red line, simulated (seed {})", service.seed),
+        None => format!(
+            "red line, {} on loopback",
+            if options.h2 { "h2c" } else { "HTTP/1.1" }
+        ),
+    };
     std::fs::write(
         options.out.join("redline.svg"),
         plot::svg(&title, &options.slo.to_string(), &series),
@@ -650,6 +713,7 @@ mod tests {
             probe_rate: 100,
             out: out.clone(),
             bin_dir: None,
+            sim: None,
         };
         tokio::time::timeout(Duration::from_secs(60), run(options))
             .await

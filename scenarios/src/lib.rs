@@ -8,11 +8,13 @@
 //!   send time), used by the demo and the proxy benchmark;
 //! - [`redline`]: the red-line search (the highest rate a service holds within its
 //!   objectives), a state machine driven by `conduit redline` and the simulation, and
-//!   [`plot`], its SVG chart.
+//!   [`plot`], its SVG chart, and [`redline_sim`], the search in the simulation against
+//!   replicas with a modelled capacity.
 
 pub mod load;
 pub mod plan;
 pub mod plot;
 pub mod redline;
+pub mod redline_sim;
 pub mod scenarios;
 pub mod sim;

@@ -222,6 +222,43 @@ impl Step {
     }
 }
 
+/// The pause after a step before the next: half a second, or after a step that broke an
+/// objective, as long as the step itself, so the queues it built (in the service, and in
+/// proxies, after clients gave up on their requests) drain before the next step measures.
+#[must_use]
+pub fn cooldown(step: Duration, broke: bool) -> Duration {
+    let pause = Duration::from_millis(500);
+    if broke { pause.max(step) } else { pause }
+}
+
+/// Quantiles every step reports (the objective's are added).
+const REPORTED: [Quantile; 4] = [Quantile::P50, Quantile::P90, Quantile::P99, Quantile::P999];
+
+/// What a load run at `rate` measured, as a step of a search judged by `slo`: every request
+/// scheduled counts, and only responses below 500 succeed (errors and timeouts fail).
+#[must_use]
+pub fn step_of(rate: u32, report: &crate::load::LoadReport, slo: &Slo) -> Step {
+    let overall = report.overall();
+    let mut quantiles: Vec<Quantile> = REPORTED.to_vec();
+    quantiles.extend(slo.latency.iter().map(|(q, _)| *q));
+    quantiles.sort();
+    quantiles.dedup();
+    let latency = quantiles
+        .into_iter()
+        .filter_map(|q| report.quantile(q.fraction()).map(|d| (q, d)))
+        .collect();
+    let answered = overall.statuses.values().sum::<u64>();
+    #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+    let throughput = answered as f64 / report.elapsed.as_secs_f64().max(1e-9);
+    Step {
+        rate,
+        requests: report.scheduled,
+        successes: overall.successes(),
+        throughput,
+        latency,
+    }
+}
+
 /// The objective a step broke, with what was measured.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Breach {

@@ -10,7 +10,8 @@
 //!
 //! The harness changes an app's behaviour while it runs through its [`AppControl`]: extra
 //! latency (a slow replica), a stall (a replica that accepts requests and never answers), or
-//! failure (a replica that answers every request with a 500, its identity headers intact).
+//! failure (a replica that answers every request with a 500, its identity headers intact), or
+//! a capacity (requests served at once and each one's service time, for red-line searches).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -59,6 +60,9 @@ pub struct AppControl {
     arrivals: AtomicU64,
     stalled: AtomicBool,
     failing: AtomicBool,
+    /// The capacity model: at most this many requests are served at once (the rest wait in
+    /// arrival order), each taking the service time. `None`: unlimited and instant.
+    capacity: std::sync::Mutex<Option<(Arc<tokio::sync::Semaphore>, Duration)>>,
 }
 
 impl AppControl {
@@ -94,6 +98,30 @@ impl AppControl {
         } else {
             Duration::ZERO
         }
+    }
+
+    /// Models the replica's capacity: at most `concurrency` requests are served at once (later
+    /// ones wait their turn, in arrival order), each taking `service_time` before the rest of
+    /// its handling (so the replica serves at most `concurrency / service_time` requests per
+    /// second). A `concurrency` of 0 removes the model.
+    pub fn set_capacity(&self, concurrency: usize, service_time: Duration) {
+        let model = (concurrency > 0).then(|| {
+            (
+                Arc::new(tokio::sync::Semaphore::new(concurrency)),
+                service_time,
+            )
+        });
+        *self
+            .capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = model;
+    }
+
+    fn capacity(&self) -> Option<(Arc<tokio::sync::Semaphore>, Duration)> {
+        self.capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// While stalled, requests are accepted and recorded but not answered.
@@ -243,6 +271,16 @@ async fn handle(
         }
     }
 
+    // Wait for a free slot of the replica's capacity, then take the service time (the slot is
+    // held until the response is handed back).
+    let _slot = match control.capacity() {
+        Some((slots, service_time)) => {
+            let slot = slots.acquire_owned().await.ok();
+            tokio::time::sleep(service_time).await;
+            slot
+        }
+        None => None,
+    };
     let delay = control.delay() + control.tail_delay() + asked_delay.unwrap_or_default();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

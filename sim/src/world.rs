@@ -237,11 +237,20 @@ pub struct WorldSpec {
     /// request counters into [`Trace::inbound`].
     #[serde(default)]
     pub scrape_inbound: bool,
+    /// How every proxy chooses endpoints (`balancer_policy`); PeakEWMA unless a scenario
+    /// compares policies.
+    #[serde(skip)]
+    pub balancer_policy: conduit_core::balance::Policy,
     /// A defect planted in every proxy, for tests that show a check catches it.
     #[cfg(feature = "planted-faults")]
     #[serde(skip)]
     pub planted: Option<conduit_proxy::observe::PlantedFault>,
 }
+
+/// A client's own traffic in place of its planned requests: given the outbound address of the
+/// client's proxy, a future run on the client's host (the red-line search drives the load
+/// generator this way). The run ends when every client's future has.
+pub type Driver = Arc<dyn Fn(SocketAddr) -> std::pin::Pin<Box<dyn Future<Output = ()>>>>;
 
 impl WorldSpec {
     /// One service, one client, static discovery, 1–5 ms links.
@@ -259,6 +268,7 @@ impl WorldSpec {
             time_limit: Duration::from_secs(120),
             mtls: None,
             scrape_inbound: false,
+            balancer_policy: conduit_core::balance::Policy::PeakEwma,
             #[cfg(feature = "planted-faults")]
             planted: None,
         }
@@ -346,6 +356,7 @@ fn proxy_config(spec: &WorldSpec, seed: u64, service: Option<&str>) -> ProxyConf
     config.queue.failfast_timeout = spec.failfast_timeout;
     config.limits.connect_timeout = spec.connect_timeout;
     config.limits.response_timeout = spec.response_timeout;
+    config.balancer.policy = spec.balancer_policy;
     config
 }
 
@@ -623,6 +634,22 @@ impl<'a> World<'a> {
         seed: u64,
         workload: &Workload,
     ) -> anyhow::Result<Self> {
+        Self::build_driven(scenario, spec, seed, workload, None)
+    }
+
+    /// [`World::build`], with every client's traffic coming from `driver` instead of its
+    /// planned requests when one is given.
+    ///
+    /// # Errors
+    ///
+    /// When the initial mesh is invalid (a harness bug).
+    pub fn build_driven(
+        scenario: &str,
+        spec: &WorldSpec,
+        seed: u64,
+        workload: &Workload,
+        driver: Option<Driver>,
+    ) -> anyhow::Result<Self> {
         let mut root = DetRng::new(seed);
         let mut builder = turmoil::Builder::new();
         builder
@@ -777,13 +804,17 @@ impl<'a> World<'a> {
             let clients = spec.clients;
             let inbound_hosts = inbound_hosts.clone();
             let name = host.clone();
+            let driver = driver.clone();
             sim.client(host.as_str(), async move {
                 let local = material.as_ref().map(IdentityMaterial::local).transpose()?;
                 spawn_watch(watch, local.as_ref(), &name, incarnation, &recorder);
                 let hooks = hooks.with_identity(local);
                 tokio::spawn(run_proxy(config, seed, discover, hooks, drain));
                 let outbound = SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT));
-                workload::run_client(outbound, requests, recorder.clone()).await;
+                match driver {
+                    Some(driver) => driver(outbound).await,
+                    None => workload::run_client(outbound, requests, recorder.clone()).await,
+                }
                 // Let the last responses settle in the proxy's counters, then read them.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let counters = scrape(SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT))).await;
@@ -988,6 +1019,18 @@ impl<'a> World<'a> {
         self.event(format!("app-stalled {host} {stalled}"));
         if let Some(app) = self.apps.get(host) {
             app.set_stalled(stalled);
+        }
+    }
+
+    /// Gives an app a capacity: `concurrency` requests at once, each taking `service_time`
+    /// ([`AppControl::set_capacity`]).
+    pub fn set_app_capacity(&mut self, host: &str, concurrency: usize, service_time: Duration) {
+        self.event(format!(
+            "app-capacity {host} {concurrency} {}us",
+            service_time.as_micros()
+        ));
+        if let Some(app) = self.apps.get(host) {
+            app.set_capacity(concurrency, service_time);
         }
     }
 
