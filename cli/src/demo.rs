@@ -1015,6 +1015,7 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
         timeout: Duration::from_secs(10),
         targets: load_targets(&services),
         arrivals: load::Arrivals::Constant,
+        protocol: load::Protocol::Http1,
         spin_wait: false,
     };
     let clock = Clock::new();

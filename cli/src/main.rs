@@ -3,7 +3,7 @@
 
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
 
-use conduit_cli::{demo, load_h2};
+use conduit_cli::demo;
 
 mod sim;
 
@@ -131,15 +131,19 @@ enum Command {
         /// Bisection stops when the bracket is within this fraction of the rate.
         #[arg(long, default_value_t = 0.05)]
         precision: f64,
-        /// Keep-alive connections (multiplexed ones with --h2).
+        /// Keep-alive connections (multiplexed ones with --h2 or --grpc).
         #[arg(long, default_value_t = 50)]
         connections: usize,
         /// Per-request timeout (a request past it fails).
         #[arg(long, value_parser = parse_duration, default_value = "2s")]
         timeout: Duration,
         /// Speak HTTP/2 with prior knowledge (h2c).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "grpc")]
         h2: bool,
+        /// Send unary gRPC calls (over h2c) to the target's path, e.g.
+        /// `http://host:port/pkg.Service/Method`; a call succeeds only with grpc-status 0.
+        #[arg(long)]
+        grpc: bool,
         /// Poisson arrivals with this seed instead of evenly spaced ones.
         #[arg(long)]
         poisson: Option<u64>,
@@ -201,8 +205,12 @@ enum Command {
         timeout: Duration,
         /// Speak HTTP/2 with prior knowledge (h2c): requests are multiplexed over the
         /// `--connections` connections (in turn) instead of one at a time on each.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "grpc")]
         h2: bool,
+        /// Send unary gRPC calls with an empty message (over h2c) to `--path`
+        /// (`/pkg.Service/Method`); a call succeeds only with grpc-status 0.
+        #[arg(long)]
+        grpc: bool,
         /// `table` or `json`.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -379,6 +387,7 @@ fn main() -> ExitCode {
                 connections,
                 timeout,
                 h2,
+                grpc,
                 output,
             } => {
                 let config = conduit_scenarios::load::LoadConfig {
@@ -392,9 +401,10 @@ fn main() -> ExitCode {
                         method: http::Method::GET,
                     }],
                     arrivals: conduit_scenarios::load::Arrivals::Constant,
+                    protocol: protocol(h2, grpc),
                     spin_wait: true,
                 };
-                run_load(addr, config, h2, output == Output::Json).await
+                run_load(addr, config, output == Output::Json).await
             }
             Command::Redline {
                 target,
@@ -408,6 +418,7 @@ fn main() -> ExitCode {
                 connections,
                 timeout,
                 h2,
+                grpc,
                 poisson,
                 probe_rate,
                 out,
@@ -442,7 +453,7 @@ fn main() -> ExitCode {
                     step,
                     connections,
                     timeout,
-                    h2,
+                    protocol: protocol(h2, grpc),
                     poisson,
                     probe_rate,
                     out,
@@ -504,29 +515,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// The protocol the `--h2` and `--grpc` flags choose.
+fn protocol(h2: bool, grpc: bool) -> conduit_scenarios::load::Protocol {
+    use conduit_scenarios::load::Protocol;
+    match (h2, grpc) {
+        (_, true) => Protocol::Grpc,
+        (true, false) => Protocol::H2,
+        (false, false) => Protocol::Http1,
+    }
+}
+
 async fn run_load(
     addr: SocketAddr,
     config: conduit_scenarios::load::LoadConfig,
-    h2: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let report = if h2 {
-        load_h2::run(
-            conduit_proxy::TokioNet,
-            addr,
-            config,
-            conduit_proxy::clock::Clock::new(),
-        )
-        .await?
-    } else {
-        conduit_scenarios::load::run(
-            conduit_proxy::TokioNet,
-            addr,
-            config,
-            conduit_proxy::clock::Clock::new(),
-        )
-        .await?
-    };
+    let report = conduit_scenarios::load::run(
+        conduit_proxy::TokioNet,
+        addr,
+        config,
+        conduit_proxy::clock::Clock::new(),
+    )
+    .await?;
     let overall = report.overall();
     if json {
         let us = |q| report.quantile(q).map(|d| d.as_secs_f64() * 1e6);

@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use conduit_proxy::TokioNet;
 use conduit_proxy::clock::Clock;
-use conduit_scenarios::load::{self, Arrivals, LoadConfig, Target};
+use conduit_scenarios::load::{self, Arrivals, LoadConfig, Protocol, Target};
 use conduit_scenarios::plot::{self, Series};
 use conduit_scenarios::redline::{
     Ending, Judged, Outcome, Quantile, Search, SearchConfig, Slo, Step, cooldown, format_duration,
@@ -50,8 +50,8 @@ pub struct RedlineOptions {
     pub connections: usize,
     /// The longest a request may take before it counts as failed.
     pub timeout: Duration,
-    /// Speak h2 with prior knowledge instead of HTTP/1.1.
-    pub h2: bool,
+    /// What the requests speak (h2c and gRPC multiplex over the connections).
+    pub protocol: Protocol,
     /// Poisson arrivals with this seed, instead of evenly spaced ones.
     pub poisson: Option<u64>,
     /// The rate of the probe step each target runs first (0: none).
@@ -126,6 +126,9 @@ pub async fn run(options: RedlineOptions) -> anyhow::Result<()> {
     let mut processes = Processes::new(options.out.clone());
     let endpoints = match (&options.target, options.compare) {
         (Some(url), false) => vec![endpoint_of(url).await?],
+        (None, true) if options.protocol == Protocol::Grpc => {
+            bail!("--compare's backend answers HTTP, not gRPC: use --grpc with --target")
+        }
         (None, true) => start_compare(&options, &mut processes).await?,
         (Some(_), true) => bail!("--compare starts its own backend: give it no --target"),
         (None, false) => bail!("give --target URL, --compare or --sim"),
@@ -245,7 +248,7 @@ async fn search_all(
         options.slo,
         options.search.max_steps,
         format_duration(options.step),
-        if options.h2 { "h2c" } else { "HTTP/1.1" }
+        options.protocol.as_str()
     );
     println!(
         "{:<14} {:<8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}  verdict",
@@ -297,13 +300,10 @@ async fn measure(options: &RedlineOptions, endpoint: &Endpoint, rate: u32) -> an
         arrivals: options
             .poisson
             .map_or(Arrivals::Constant, |seed| Arrivals::Poisson { seed }),
+        protocol: options.protocol,
         spin_wait: true,
     };
-    let report = if options.h2 {
-        crate::load_h2::run(TokioNet, endpoint.addr, config, Clock::new()).await?
-    } else {
-        load::run(TokioNet, endpoint.addr, config, Clock::new()).await?
-    };
+    let report = load::run(TokioNet, endpoint.addr, config, Clock::new()).await?;
     Ok(step_of(rate, &report, &options.slo))
 }
 
@@ -334,7 +334,7 @@ async fn endpoint_of(url: &str) -> anyhow::Result<Endpoint> {
         .parse()
         .with_context(|| format!("--target {url:?} is not a URL"))?;
     if uri.scheme_str().is_some_and(|s| s != "http") {
-        bail!("--target {url:?}: only http:// targets are supported (h2c with --h2)");
+        bail!("--target {url:?}: only http:// targets are supported (h2c with --h2 or --grpc)");
     }
     let authority = uri
         .authority()
@@ -431,7 +431,7 @@ async fn start_compare(
     if let Some(nginx) = on_path("nginx").or_else(|| on_path("/usr/sbin/nginx")) {
         let addr = free_port()?;
         let conf = options.out.join("nginx.conf");
-        let listen = if options.h2 {
+        let listen = if options.protocol == Protocol::H2 {
             format!("{addr} http2")
         } else {
             addr.to_string()
@@ -459,8 +459,9 @@ async fn start_compare(
     if let Some(haproxy) = on_path("haproxy").or_else(|| on_path("/usr/sbin/haproxy")) {
         let addr = free_port()?;
         let conf = options.out.join("haproxy.cfg");
-        let proto = if options.h2 { " proto h2" } else { "" };
-        let server_proto = if options.h2 { " proto h2" } else { "" };
+        let h2 = options.protocol == Protocol::H2;
+        let proto = if h2 { " proto h2" } else { "" };
+        let server_proto = if h2 { " proto h2" } else { "" };
         std::fs::write(
             &conf,
             format!(
@@ -478,7 +479,7 @@ async fn start_compare(
         )?;
         endpoints.push(endpoint("haproxy", addr));
     }
-    wait_answering(&endpoints, processes, options.h2).await?;
+    wait_answering(&endpoints, processes, options.protocol).await?;
     Ok(endpoints)
 }
 
@@ -486,7 +487,7 @@ async fn start_compare(
 async fn wait_answering(
     endpoints: &[Endpoint],
     processes: &mut Processes,
-    h2: bool,
+    protocol: Protocol,
 ) -> anyhow::Result<()> {
     let wait = async {
         for endpoint in endpoints {
@@ -503,13 +504,10 @@ async fn wait_answering(
                         method: http::Method::GET,
                     }],
                     arrivals: Arrivals::Constant,
+                    protocol,
                     spin_wait: false,
                 };
-                let report = if h2 {
-                    crate::load_h2::run(TokioNet, endpoint.addr, config, Clock::new()).await?
-                } else {
-                    load::run(TokioNet, endpoint.addr, config, Clock::new()).await?
-                };
+                let report = load::run(TokioNet, endpoint.addr, config, Clock::new()).await?;
                 if report.overall().statuses.get(&200) == Some(&1) {
                     break;
                 }
@@ -631,7 +629,7 @@ fn outcome_json(outcome: Option<&Outcome>) -> serde_json::Value {
 fn report_json(options: &RedlineOptions, runs: &[Run]) -> serde_json::Value {
     serde_json::json!({
         "objective": options.slo.to_string(),
-        "protocol": if options.h2 { "h2c" } else { "http/1.1" },
+        "protocol": options.protocol.as_str(),
         "step_s": options.step.as_secs_f64(),
         "connections": options.connections,
         "arrivals": options.poisson.map_or_else(|| "constant".to_owned(), |s| format!("poisson (seed {s})")),
@@ -673,10 +671,7 @@ fn write_reports(options: &RedlineOptions, runs: &[Run]) -> anyhow::Result<()> {
         .collect();
     let title = match &options.sim {
         Some(service) => format!("red line, simulated (seed {})", service.seed),
-        None => format!(
-            "red line, {} on loopback",
-            if options.h2 { "h2c" } else { "HTTP/1.1" }
-        ),
+        None => format!("red line, {} on loopback", options.protocol.as_str()),
     };
     std::fs::write(
         options.out.join("redline.svg"),
@@ -708,7 +703,7 @@ mod tests {
             step: Duration::from_millis(200),
             connections: 4,
             timeout: Duration::from_secs(2),
-            h2: false,
+            protocol: Protocol::Http1,
             poisson: Some(1),
             probe_rate: 100,
             out: out.clone(),

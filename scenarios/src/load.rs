@@ -62,12 +62,40 @@ pub struct LoadConfig {
     pub targets: Vec<Target>,
     /// How requests are spaced.
     pub arrivals: Arrivals,
+    /// What the requests speak.
+    pub protocol: Protocol,
     /// Pace requests to the microsecond by yielding through the last millisecond before each
     /// is due, instead of trusting the timer alone (tokio's timer wheel has millisecond
     /// granularity, which would add up to a millisecond of the generator's own lateness to
     /// every latency). Costs the generator's core; for benchmarks on the real clock only,
     /// never in the simulation, whose virtual clock does not move while a task spins.
     pub spin_wait: bool,
+}
+
+/// What a run's requests speak.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 over a pool of keep-alive connections, one request at a time on each.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), requests multiplexed over the connections
+    /// ([`crate::load_h2`]).
+    H2,
+    /// gRPC over h2c: each request a unary call with one empty message, a success only with
+    /// `grpc-status: 0`.
+    Grpc,
+}
+
+impl Protocol {
+    /// A name for reports.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http/1.1",
+            Self::H2 => "h2c",
+            Self::Grpc => "grpc",
+        }
+    }
 }
 
 /// How requests are spaced in time.
@@ -185,6 +213,9 @@ pub enum InvalidLoad {
     /// A zero timeout.
     #[error("timeout: must be above zero")]
     Timeout,
+    /// A target's authority and path do not form a request URI (h2 and gRPC send one).
+    #[error("targets: `{0}` is not a request URI")]
+    Uri(String),
 }
 
 impl LoadConfig {
@@ -227,6 +258,8 @@ pub enum LoadError {
     Timeout,
     /// The connection failed mid-request (reset, protocol error).
     Connection,
+    /// A gRPC response without `grpc-status: 0`.
+    Grpc,
 }
 
 impl LoadError {
@@ -237,6 +270,7 @@ impl LoadError {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::Connection => "connection",
+            Self::Grpc => "grpc-status",
         }
     }
 }
@@ -336,7 +370,8 @@ pub struct Job {
 /// One request's end: its index, status or error, and latency from its intended send time.
 pub type Done = (u64, Result<u16, LoadError>, Duration);
 
-/// Runs one load test against `addr` and reports every request's outcome.
+/// Runs one load test against `addr` in the configuration's protocol and reports every
+/// request's outcome.
 ///
 /// # Errors
 ///
@@ -347,6 +382,9 @@ pub async fn run<N: Net>(
     config: LoadConfig,
     clock: Clock,
 ) -> Result<LoadReport, InvalidLoad> {
+    if config.protocol != Protocol::Http1 {
+        return crate::load_h2::run(net, addr, config, clock).await;
+    }
     config.validate()?;
     let config = Arc::new(config);
     // The queue holds at most every request of the run, which the rate and duration bound.
@@ -589,6 +627,7 @@ mod tests {
                 method: http::Method::GET,
             }],
             arrivals: Arrivals::Constant,
+            protocol: Protocol::Http1,
             spin_wait: false,
         }
     }

@@ -18,7 +18,7 @@ use conduit_sim::net::SimNet;
 use conduit_sim::workload::Workload;
 use conduit_sim::world::{Driver, ServiceSpec, World, WorldSpec};
 
-use crate::load::{self, Arrivals, LoadConfig, Target};
+use crate::load::{self, Arrivals, LoadConfig, Protocol, Target};
 use crate::redline::{Judged, Outcome, Search, SearchConfig, Slo, cooldown, step_of};
 
 /// The service searched, as the client addresses it.
@@ -46,6 +46,8 @@ pub struct SimRedline {
     pub connections: usize,
     /// How requests are spaced.
     pub arrivals: Arrivals,
+    /// What the requests speak (gRPC calls get the simulated app's gRPC answer).
+    pub protocol: Protocol,
 }
 
 impl SimRedline {
@@ -69,6 +71,7 @@ impl SimRedline {
             step: Duration::from_secs(2),
             connections: 64,
             arrivals: Arrivals::Constant,
+            protocol: Protocol::Http1,
         }
     }
 
@@ -143,6 +146,7 @@ pub fn run(spec: &SimRedline, seed: u64) -> anyhow::Result<SimOutcome> {
                             method: http::Method::GET,
                         }],
                         arrivals: spec.arrivals,
+                        protocol: spec.protocol,
                         spin_wait: false,
                     };
                     let Ok(report) = load::run(SimNet, outbound, config, clock).await else {

@@ -62,6 +62,7 @@ async fn every_request_is_accounted_for() {
             },
         ],
         arrivals: load::Arrivals::Constant,
+        protocol: load::Protocol::Http1,
         spin_wait: true,
     };
     let report = tokio::time::timeout(
@@ -105,6 +106,7 @@ async fn a_dead_server_gives_connect_errors_not_silence() {
             method: http::Method::GET,
         }],
         arrivals: load::Arrivals::Constant,
+        protocol: load::Protocol::Http1,
         spin_wait: false,
     };
     let report = tokio::time::timeout(
@@ -117,4 +119,133 @@ async fn a_dead_server_gives_connect_errors_not_silence() {
     let overall = report.overall();
     assert_eq!(overall.total(), 50);
     assert_eq!(overall.errors.get(&LoadError::Connect), Some(&50));
+}
+
+/// An h2c server: `hello` for plain requests; for gRPC calls, one message and
+/// `grpc-status: 0` on `/ok.Service/Call`, `grpc-status: 14` (UNAVAILABLE) elsewhere.
+async fn serve_h2(listener: tokio::net::TcpListener) {
+    use http_body_util::BodyExt as _;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let grpc = req
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                let ok = req.uri().path() == "/ok.Service/Call";
+                let body = if grpc {
+                    let mut trailers = http::HeaderMap::new();
+                    let code = if ok { "0" } else { "14" };
+                    trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+                    let frames = vec![
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(&[
+                            0, 0, 0, 0, 0,
+                        ]))),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+                } else {
+                    Full::new(Bytes::from_static(b"hello\n")).boxed()
+                };
+                Ok::<_, Infallible>(http::Response::new(body))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn h2_config(protocol: load::Protocol, paths: &[&str]) -> LoadConfig {
+    LoadConfig {
+        rate: 400,
+        duration: Duration::from_millis(500),
+        connections: 4,
+        timeout: Duration::from_secs(2),
+        targets: paths
+            .iter()
+            .map(|path| Target {
+                authority: "hello".into(),
+                path: (*path).into(),
+                method: http::Method::GET,
+            })
+            .collect(),
+        arrivals: load::Arrivals::Poisson { seed: 3 },
+        protocol,
+        spin_wait: true,
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn h2_and_grpc_requests_are_accounted_for() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve_h2(listener));
+    let h2 = load::run(
+        TokioNet,
+        addr,
+        h2_config(load::Protocol::H2, &["/"]),
+        Clock::new(),
+    )
+    .await
+    .unwrap();
+    let overall = h2.overall();
+    assert_eq!(h2.scheduled, 200);
+    assert_eq!(overall.statuses.get(&200), Some(&200), "{overall:?}");
+    assert_eq!(h2.latencies.len(), 200);
+
+    let grpc = load::run(
+        TokioNet,
+        addr,
+        h2_config(
+            load::Protocol::Grpc,
+            &["/ok.Service/Call", "/down.Service/Call"],
+        ),
+        Clock::new(),
+    )
+    .await
+    .unwrap();
+    server.abort();
+    let ok = &grpc.targets[&("hello".to_string(), "/ok.Service/Call".to_string())];
+    let down = &grpc.targets[&("hello".to_string(), "/down.Service/Call".to_string())];
+    assert_eq!(ok.statuses.get(&200), Some(&100), "{ok:?}");
+    assert_eq!(
+        down.errors.get(&LoadError::Grpc),
+        Some(&100),
+        "a call without grpc-status 0 fails: {down:?}"
+    );
+    assert_eq!(grpc.overall().success_rate(), Some(0.5));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn h2_load_counts_refused_connections_and_refuses_bad_targets() {
+    // A port nobody listens on: bind, note the address, close.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let report = load::run(
+        TokioNet,
+        addr,
+        h2_config(load::Protocol::H2, &["/"]),
+        Clock::new(),
+    )
+    .await
+    .unwrap();
+    let overall = report.overall();
+    assert_eq!(overall.total(), 200);
+    assert_eq!(overall.errors.get(&LoadError::Connect), Some(&200));
+    assert!(report.latencies.is_empty());
+    let bad = load::run(
+        TokioNet,
+        addr,
+        h2_config(load::Protocol::Grpc, &["no slash"]),
+        Clock::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(bad, load::InvalidLoad::Uri(_)), "{bad}");
 }

@@ -64,3 +64,27 @@ fn latency_aware_balancing_holds_a_higher_red_line_than_round_robin() {
         spec.capacity()
     );
 }
+
+/// Goal: the generator's h2 and gRPC paths run in the simulation too, and measure the same
+/// capacity. Method: the three-replica service of the first test, searched with unary gRPC
+/// calls over h2c (the simulated app answers them with grpc-status 0); the red line is within
+/// the same bounds of 1,200 requests/s.
+#[test]
+fn grpc_calls_find_the_same_capacity() {
+    let mut spec = SimRedline::new(3, 4, Duration::from_millis(10));
+    spec.protocol = conduit_scenarios::load::Protocol::Grpc;
+    let found = redline_sim::run(&spec, 3).unwrap();
+    assert_eq!(found.outcome.ending, Ending::Knee, "{:#?}", found.steps);
+    let red_line = f64::from(found.outcome.red_line.unwrap());
+    let capacity = spec.capacity();
+    assert!(
+        (0.9 * capacity..=1.05 * capacity).contains(&red_line),
+        "red line {red_line} for a capacity of {capacity}: {:#?}",
+        found.steps
+    );
+    let first = &found.steps[0].step;
+    assert_eq!(
+        first.successes, first.requests,
+        "every call succeeded: {first:?}"
+    );
+}

@@ -1,4 +1,5 @@
-//! `conduit load --h2`: the open-loop load generator over HTTP/2 with prior knowledge (h2c).
+//! The open-loop load generator over HTTP/2 with prior knowledge (h2c), and gRPC over it
+//! ([`Protocol::H2`] and [`Protocol::Grpc`], run by [`load::run`]).
 //!
 //! Pacing and accounting are the HTTP/1.1 generator's own ([`load::pace`] and
 //! [`load::collect`]): request `i` is due at `start + i / rate`, paced to the microsecond with
@@ -10,35 +11,44 @@
 //! latency just the same. A connection that fails is replaced by the next request given to it;
 //! a stream that fails or times out is reset on its own and leaves its connection alone.
 //!
+//! gRPC requests are POSTs with `content-type: application/grpc`, `te: trailers` and one
+//! empty message; a response succeeds only with `grpc-status: 0` in its trailers (or its
+//! headers, for a trailers-only answer), and any other code, or none, counts as
+//! [`LoadError::Grpc`].
+//!
 //! The report is a [`LoadReport`], so `conduit load` prints the same table and JSON for both.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::load::{self, Done, InvalidLoad, Job, LoadConfig, LoadError, LoadReport, Protocol};
 use bytes::Bytes;
 use conduit_proxy::clock::Clock;
 use conduit_proxy::net::Net;
-use conduit_scenarios::load::{self, Done, Job, LoadConfig, LoadError, LoadReport};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
 
-type Sender = http2::SendRequest<Empty<Bytes>>;
+type Sender = http2::SendRequest<Full<Bytes>>;
 
-/// Runs one h2c load test against `addr` and reports every request's outcome.
+/// One empty gRPC message: uncompressed, zero bytes long.
+const GRPC_EMPTY_MESSAGE: &[u8] = &[0, 0, 0, 0, 0];
+
+/// Runs one h2c (or gRPC) load test against `addr` and reports every request's outcome.
 ///
 /// # Errors
 ///
 /// [`InvalidLoad`] for a configuration that cannot run, or a target whose authority and path
 /// do not form a URI; nothing is sent then.
-pub async fn run<N: Net>(
+pub(crate) async fn run<N: Net>(
     net: N,
     addr: std::net::SocketAddr,
     config: LoadConfig,
     clock: Clock,
-) -> anyhow::Result<LoadReport> {
+) -> Result<LoadReport, InvalidLoad> {
     config.validate()?;
+    let grpc = config.protocol == Protocol::Grpc;
     // h2 names the service in `:authority`, which comes from an absolute URI.
     let uris: Arc<[(http::Method, http::Uri)]> = config
         .targets
@@ -47,10 +57,15 @@ pub async fn run<N: Net>(
             let uri = format!("http://{}{}", target.authority, target.path);
             let parsed = uri
                 .parse::<http::Uri>()
-                .map_err(|error| anyhow::anyhow!("`{uri}` is not a request URI: {error}"))?;
-            Ok((target.method.clone(), parsed))
+                .map_err(|_| InvalidLoad::Uri(uri.clone()))?;
+            let method = if grpc {
+                http::Method::POST
+            } else {
+                target.method.clone()
+            };
+            Ok((method, parsed))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?
+        .collect::<Result<Vec<_>, InvalidLoad>>()?
         .into();
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
 
@@ -64,6 +79,7 @@ pub async fn run<N: Net>(
             net: net.clone(),
             addr,
             timeout: config.timeout,
+            grpc,
             uris: Arc::clone(&uris),
             clock,
             done: done_tx.clone(),
@@ -92,6 +108,7 @@ struct Lane<N> {
     net: N,
     addr: std::net::SocketAddr,
     timeout: Duration,
+    grpc: bool,
     uris: Arc<[(http::Method, http::Uri)]>,
     clock: Clock,
     done: mpsc::UnboundedSender<Done>,
@@ -128,8 +145,10 @@ impl<N: Net> Lane<N> {
                 self.uris[usize::try_from(job.index % self.uris.len() as u64).unwrap_or(0)].clone();
             let clock = self.clock;
             let done = self.done.clone();
+            let grpc = self.grpc;
             tokio::spawn(async move {
-                let outcome = tokio::time::timeout_at(deadline, send(stream_sender, method, uri))
+                let sent = send(stream_sender, method, uri, grpc);
+                let outcome = tokio::time::timeout_at(deadline, sent)
                     .await
                     .unwrap_or(Err(LoadError::Timeout));
                 let latency = clock.now() - job.due;
@@ -156,93 +175,42 @@ impl<N: Net> Lane<N> {
     }
 }
 
-async fn send(mut sender: Sender, method: http::Method, uri: http::Uri) -> Result<u16, LoadError> {
-    let request = http::Request::builder()
+async fn send(
+    mut sender: Sender,
+    method: http::Method,
+    uri: http::Uri,
+    grpc: bool,
+) -> Result<u16, LoadError> {
+    let mut request = http::Request::builder()
         .version(http::Version::HTTP_2)
         .method(method)
-        .uri(uri)
-        .body(Empty::<Bytes>::new())
-        .map_err(|_| LoadError::Connection)?;
+        .uri(uri);
+    let body = if grpc {
+        request = request
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers");
+        Full::new(Bytes::from_static(GRPC_EMPTY_MESSAGE))
+    } else {
+        Full::new(Bytes::new())
+    };
+    let request = request.body(body).map_err(|_| LoadError::Connection)?;
     let response = sender
         .send_request(request)
         .await
         .map_err(|_| LoadError::Connection)?;
     let status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
     // The latency runs to the end of the body, as a client experiences it.
-    response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|_| LoadError::Connection)?;
-    Ok(status)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use conduit_scenarios::load::{InvalidLoad, Target};
-
-    fn config(rate: u32) -> LoadConfig {
-        LoadConfig {
-            rate,
-            duration: Duration::from_millis(500),
-            connections: 4,
-            timeout: Duration::from_secs(2),
-            targets: vec![Target {
-                authority: "hello".into(),
-                path: "/".into(),
-                method: http::Method::GET,
-            }],
-            arrivals: load::Arrivals::Constant,
-            spin_wait: true,
+    let collected = body.collect().await.map_err(|_| LoadError::Connection)?;
+    if grpc {
+        // A trailers-only answer carries grpc-status in its headers.
+        let code = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| parts.headers.get("grpc-status"));
+        if code.is_none_or(|code| code.as_bytes() != b"0") {
+            return Err(LoadError::Grpc);
         }
     }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn h2_load_against_hello_answers_every_request() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(crate::app::serve_hello(listener));
-        let report = run(conduit_proxy::TokioNet, addr, config(400), Clock::new())
-            .await
-            .unwrap();
-        server.abort();
-        let overall = report.overall();
-        assert_eq!(report.scheduled, 200);
-        assert_eq!(overall.statuses.get(&200), Some(&200), "{overall:?}");
-        assert!(overall.errors.is_empty(), "{overall:?}");
-        assert_eq!(report.latencies.len(), 200);
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn h2_load_counts_refused_connections_as_errors() {
-        // A port nobody listens on: bind, note the address, close.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let report = run(conduit_proxy::TokioNet, addr, config(100), Clock::new())
-            .await
-            .unwrap();
-        let overall = report.overall();
-        assert_eq!(overall.total(), 50);
-        assert_eq!(overall.errors.get(&LoadError::Connect), Some(&50));
-        assert!(report.latencies.is_empty());
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn invalid_configs_are_refused() {
-        let addr = "127.0.0.1:9".parse().unwrap();
-        let bad = LoadConfig {
-            connections: 0,
-            ..config(100)
-        };
-        let error = run(conduit_proxy::TokioNet, addr, bad, Clock::new())
-            .await
-            .unwrap_err();
-        assert_eq!(
-            error.downcast_ref::<InvalidLoad>(),
-            Some(&InvalidLoad::Connections(0))
-        );
-    }
+    Ok(status)
 }
