@@ -257,7 +257,9 @@ async fn search_all(
     if options.probe_rate > 0 {
         for run in runs.iter_mut() {
             processes.check_alive()?;
-            let step = measure(options, &run.endpoint, options.probe_rate).await?;
+            let label = format!("{} probe {}/s", run.endpoint.name, options.probe_rate);
+            let measuring = measure(options, &run.endpoint, options.probe_rate);
+            let step = with_progress(&label, options.step, measuring).await?;
             let verdict = options.slo.judge(&step);
             print_step(&run.endpoint.name, "probe", &step, &verdict);
             run.probe = Some(step);
@@ -271,7 +273,15 @@ async fn search_all(
                 continue;
             };
             processes.check_alive()?;
-            let step = measure(options, &run.endpoint, rate).await?;
+            let label = format!(
+                "{} {} {rate}/s, step {} of at most {}",
+                run.endpoint.name,
+                phase.as_str(),
+                run.search.steps().len() + 1,
+                options.search.max_steps
+            );
+            let measuring = measure(options, &run.endpoint, rate);
+            let step = with_progress(&label, options.step, measuring).await?;
             let verdict = options.slo.judge(&step);
             print_step(&run.endpoint.name, phase.as_str(), &step, &verdict);
             run.search.record(step);
@@ -282,6 +292,50 @@ async fn search_all(
             return Ok(());
         }
         write_reports(options, runs)?;
+    }
+}
+
+/// Awaits a step, drawing a progress bar for it on a terminal (cleared when it ends, so the
+/// step's line takes its place); elsewhere just awaits it.
+async fn with_progress<T>(
+    label: &str,
+    length: Duration,
+    step: impl Future<Output = T>,
+) -> T {
+    use std::io::IsTerminal as _;
+    if !std::io::stdout().is_terminal() {
+        return step.await;
+    }
+    const WIDTH: usize = 30;
+    let clock = Clock::new();
+    let start = clock.now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(250));
+    let mut step = std::pin::pin!(step);
+    loop {
+        tokio::select! {
+            done = &mut step => {
+                print!("\r\x1b[2K");
+                let _ = std::io::stdout().flush();
+                return done;
+            }
+            _ = ticks.tick() => {
+                let elapsed = clock.now() - start;
+                let share = (elapsed.as_secs_f64() / length.as_secs_f64().max(1e-9)).min(1.0);
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a share of a small width"
+                )]
+                let filled = (share * WIDTH as f64).round() as usize;
+                let status = if share >= 1.0 { "waiting for the last responses" } else { "" };
+                print!(
+                    "\r\x1b[2K[{}{}] {label} {status}",
+                    "#".repeat(filled),
+                    " ".repeat(WIDTH - filled)
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
     }
 }
 
