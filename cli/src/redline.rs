@@ -297,11 +297,7 @@ async fn search_all(
 
 /// Awaits a step, drawing a progress bar for it on a terminal (cleared when it ends, so the
 /// step's line takes its place); elsewhere just awaits it.
-async fn with_progress<T>(
-    label: &str,
-    length: Duration,
-    step: impl Future<Output = T>,
-) -> T {
+async fn with_progress<T>(label: &str, length: Duration, step: impl Future<Output = T>) -> T {
     use std::io::IsTerminal as _;
     if !std::io::stdout().is_terminal() {
         return step.await;
