@@ -509,16 +509,19 @@ async fn start_compare(
     if let Some(haproxy) = on_path("haproxy").or_else(|| on_path("/usr/sbin/haproxy")) {
         let addr = free_port()?;
         let conf = options.out.join("haproxy.cfg");
-        let h2 = options.protocol == Protocol::H2;
-        let proto = if h2 { " proto h2" } else { "" };
-        let server_proto = if h2 { " proto h2" } else { "" };
+        // h2 on both sides, as conduit-proxy speaks it upstream for h2 clients.
+        let proto = if options.protocol == Protocol::H2 {
+            " proto h2"
+        } else {
+            ""
+        };
         std::fs::write(
             &conf,
             format!(
                 "global\n    nbthread 1\n    maxconn 8192\ndefaults\n    mode http\n    http-reuse always\n\
                  \x20   timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
                  frontend front\n    bind {addr}{proto}\n    default_backend hello\n\
-                 backend hello\n    server hello {backend}{server_proto}\n"
+                 backend hello\n    server hello {backend}{proto}\n"
             ),
         )?;
         spawn(

@@ -5,7 +5,7 @@
 //! - [`sim`]: running a scenario in this process or in a child process (one seed per process),
 //!   sweeps, failure files, and the `conduit sim` command;
 //! - [`load`]: the open-loop load generator (constant arrival rate, latency from the intended
-//!   send time) over HTTP/1.1, h2c ([`load_h2`]) or gRPC, used by the demo, the proxy
+//!   send time) over HTTP/1.1, h2c ([`load::h2`]) or gRPC, used by the demo, the proxy
 //!   benchmark and the red-line search;
 //! - [`redline`]: the red-line search (the highest rate a service holds within its
 //!   objectives), a state machine driven by `conduit redline` and the simulation, and
@@ -13,7 +13,6 @@
 //!   replicas with a modelled capacity.
 
 pub mod load;
-pub mod load_h2;
 pub mod plan;
 pub mod plot;
 pub mod redline;

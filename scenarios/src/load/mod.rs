@@ -29,6 +29,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{Mutex, mpsc};
 
+pub mod h2;
+
 /// The most connections one generator opens: a bound on sockets and tasks.
 pub const MAX_CONNECTIONS: usize = 1024;
 
@@ -79,7 +81,7 @@ pub enum Protocol {
     #[default]
     Http1,
     /// HTTP/2 with prior knowledge (h2c), requests multiplexed over the connections
-    /// ([`crate::load_h2`]).
+    /// ([`h2`]).
     H2,
     /// gRPC over h2c: each request a unary call with one empty message, a success only with
     /// `grpc-status: 0`.
@@ -383,7 +385,7 @@ pub async fn run<N: Net>(
     clock: Clock,
 ) -> Result<LoadReport, InvalidLoad> {
     if config.protocol != Protocol::Http1 {
-        return crate::load_h2::run(net, addr, config, clock).await;
+        return h2::run(net, addr, config, clock).await;
     }
     config.validate()?;
     let config = Arc::new(config);

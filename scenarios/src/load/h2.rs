@@ -1,8 +1,8 @@
 //! The open-loop load generator over HTTP/2 with prior knowledge (h2c), and gRPC over it
-//! ([`Protocol::H2`] and [`Protocol::Grpc`], run by [`load::run`]).
+//! ([`Protocol::H2`] and [`Protocol::Grpc`], run by [`super::run`]).
 //!
-//! Pacing and accounting are the HTTP/1.1 generator's own ([`load::pace`] and
-//! [`load::collect`]): request `i` is due at `start + i / rate`, paced to the microsecond with
+//! Pacing and accounting are the HTTP/1.1 generator's own ([`super::pace`] and
+//! [`super::collect`]): request `i` is due at `start + i / rate`, paced to the microsecond with
 //! `spin_wait`, and its latency runs from that intended send time to the end of its response
 //! body, bounded by the timeout, so a stall shows in every request scheduled behind it. What differs is the connection model: HTTP/1.1
 //! sends one request at a time per connection, so a request waits for a free connection; h2
@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::load::{self, Done, InvalidLoad, Job, LoadConfig, LoadError, LoadReport, Protocol};
+use super::{Done, InvalidLoad, Job, LoadConfig, LoadError, LoadReport, Protocol};
 use bytes::Bytes;
 use conduit_proxy::clock::Clock;
 use conduit_proxy::net::Net;
@@ -89,13 +89,13 @@ pub(crate) async fn run<N: Net>(
     drop(done_tx);
 
     let lane_count = lanes.len() as u64;
-    let start = load::pace(&config, clock, |job| {
+    let start = super::pace(&config, clock, |job| {
         let lane = usize::try_from(job.index % lane_count).unwrap_or(0);
         lanes[lane].send(job).is_ok()
     })
     .await;
     drop(lanes);
-    let report = load::collect(&config, done_rx, start, clock).await;
+    let report = super::collect(&config, done_rx, start, clock).await;
     while tasks.join_next().await.is_some() {}
     Ok(LoadReport {
         elapsed: clock.now() - start,
