@@ -179,32 +179,30 @@ fn h2_config(protocol: load::Protocol, paths: &[&str]) -> LoadConfig {
     }
 }
 
+/// Runs the h2 configuration for `protocol` and `paths` against `addr`.
+async fn run_h2(
+    addr: SocketAddr,
+    protocol: load::Protocol,
+    paths: &[&str],
+) -> Result<load::LoadReport, load::InvalidLoad> {
+    load::run(TokioNet, addr, h2_config(protocol, paths), Clock::new()).await
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn h2_and_grpc_requests_are_accounted_for() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve_h2(listener));
-    let h2 = load::run(
-        TokioNet,
-        addr,
-        h2_config(load::Protocol::H2, &["/"]),
-        Clock::new(),
-    )
-    .await
-    .unwrap();
+    let h2 = run_h2(addr, load::Protocol::H2, &["/"]).await.unwrap();
     let overall = h2.overall();
     assert_eq!(h2.scheduled, 200);
     assert_eq!(overall.statuses.get(&200), Some(&200), "{overall:?}");
     assert_eq!(h2.latencies.len(), 200);
 
-    let grpc = load::run(
-        TokioNet,
+    let grpc = run_h2(
         addr,
-        h2_config(
-            load::Protocol::Grpc,
-            &["/ok.Service/Call", "/down.Service/Call"],
-        ),
-        Clock::new(),
+        load::Protocol::Grpc,
+        &["/ok.Service/Call", "/down.Service/Call"],
     )
     .await
     .unwrap();
@@ -227,25 +225,13 @@ async fn h2_load_counts_refused_connections_and_refuses_bad_targets() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let report = load::run(
-        TokioNet,
-        addr,
-        h2_config(load::Protocol::H2, &["/"]),
-        Clock::new(),
-    )
-    .await
-    .unwrap();
+    let report = run_h2(addr, load::Protocol::H2, &["/"]).await.unwrap();
     let overall = report.overall();
     assert_eq!(overall.total(), 200);
     assert_eq!(overall.errors.get(&LoadError::Connect), Some(&200));
     assert!(report.latencies.is_empty());
-    let bad = load::run(
-        TokioNet,
-        addr,
-        h2_config(load::Protocol::Grpc, &["no slash"]),
-        Clock::new(),
-    )
-    .await
-    .unwrap_err();
+    let bad = run_h2(addr, load::Protocol::Grpc, &["no slash"])
+        .await
+        .unwrap_err();
     assert!(matches!(bad, load::InvalidLoad::Uri(_)), "{bad}");
 }
