@@ -5,10 +5,14 @@
 //! (turmoil.md §6). Being plain data, a schedule is printed with every failing run, written to
 //! its failure file, and can be shrunk by dropping entries.
 
+pub mod shrink;
+pub mod swarm;
+
 use std::fmt;
 use std::time::Duration;
 
 use conduit_core::rand::{DetRng, Rng};
+use conduit_sim::app::Failure;
 use conduit_sim::{AnchorStep, World};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +23,10 @@ pub enum Action {
     Partition(String, String),
     /// Restore the link between two hosts.
     Repair(String, String),
+    /// Cut the link from the first host to the second only.
+    PartitionOneWay(String, String),
+    /// Restore the link from the first host to the second.
+    RepairOneWay(String, String),
     /// Hold messages between two hosts.
     Hold(String, String),
     /// Deliver held messages.
@@ -41,6 +49,13 @@ pub enum Action {
     AppStall(String, bool),
     /// An app answers every request with a 500 (true) or heals (false).
     AppFail(String, bool),
+    /// An app fails this share (per mille) of its requests as [`Failure`] says; 0 heals.
+    AppFailures(String, u32, Failure),
+    /// An app closes this share (per mille) of its kept-alive HTTP/1.1 connections right
+    /// after a response, unannounced; 0 heals.
+    AppCloseRace(String, u32),
+    /// The proxy's fault points stop firing (armed for the run by the harness).
+    DisarmFaultPoints,
     /// A new configuration: the service's endpoints become these replica hosts.
     SetEndpoints(String, Vec<String>),
     /// The controller's CA rotates its issuer (signed by its newest anchor); a meshed world
@@ -57,6 +72,10 @@ impl Action {
         matches!(
             self,
             Self::Repair(..)
+                | Self::RepairOneWay(..)
+                | Self::AppFailures(_, 0, _)
+                | Self::AppCloseRace(_, 0)
+                | Self::DisarmFaultPoints
                 | Self::Release(..)
                 | Self::Bounce(_)
                 | Self::AppStall(_, false)
@@ -65,11 +84,46 @@ impl Action {
         )
     }
 
+    /// The hosts the action names.
+    #[must_use]
+    pub fn hosts(&self) -> Vec<&str> {
+        match self {
+            Self::Partition(a, b)
+            | Self::Repair(a, b)
+            | Self::PartitionOneWay(a, b)
+            | Self::RepairOneWay(a, b)
+            | Self::Hold(a, b)
+            | Self::Release(a, b)
+            | Self::LinkLatency(a, b, _) => vec![a, b],
+            Self::Crash(h)
+            | Self::Bounce(h)
+            | Self::DrainProxy(h)
+            | Self::AppDelay(h, _)
+            | Self::AppTail(h, _, _)
+            | Self::AppStall(h, _)
+            | Self::AppFail(h, _)
+            | Self::AppFailures(h, _, _)
+            | Self::AppCloseRace(h, _) => vec![h],
+            Self::SetEndpoints(_, hosts) => hosts.iter().map(String::as_str).collect(),
+            Self::DisarmFaultPoints | Self::RotateIssuer | Self::Anchor(_) => Vec::new(),
+        }
+    }
+
     /// Applies the action to the world.
     pub fn apply(&self, world: &mut World<'_>) {
         match self {
             Self::Partition(a, b) => world.partition(a, b),
             Self::Repair(a, b) => world.repair(a, b),
+            Self::PartitionOneWay(a, b) => world.partition_oneway(a, b),
+            Self::RepairOneWay(a, b) => world.repair_oneway(a, b),
+            Self::AppFailures(host, permille, failure) => {
+                world.set_app_failures(host, *permille, *failure);
+            }
+            Self::AppCloseRace(host, permille) => world.set_app_close_race(host, *permille),
+            Self::DisarmFaultPoints => {
+                world.event("fault points disarmed".to_owned());
+                conduit_proxy::fault_points::disarm();
+            }
             Self::Hold(a, b) => world.hold(a, b),
             Self::Release(a, b) => world.release(a, b),
             Self::Crash(host) => world.crash(host),
@@ -98,6 +152,11 @@ impl fmt::Display for Action {
         match self {
             Self::Partition(a, b) => write!(f, "partition {a} <-> {b}"),
             Self::Repair(a, b) => write!(f, "repair {a} <-> {b}"),
+            Self::PartitionOneWay(a, b) => write!(f, "partition {a} -> {b}"),
+            Self::RepairOneWay(a, b) => write!(f, "repair {a} -> {b}"),
+            Self::AppFailures(h, p, how) => write!(f, "app {h} fails {p}‰ with {how:?}"),
+            Self::AppCloseRace(h, p) => write!(f, "app {h} closes {p}‰ of connections after a response"),
+            Self::DisarmFaultPoints => f.write_str("disarm fault points"),
             Self::Hold(a, b) => write!(f, "hold {a} <-> {b}"),
             Self::Release(a, b) => write!(f, "release {a} <-> {b}"),
             Self::Crash(h) => write!(f, "crash {h}"),

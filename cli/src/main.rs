@@ -5,6 +5,7 @@
 
 use conduit_cli::demo;
 
+mod chaos;
 mod sim;
 
 use std::net::SocketAddr;
@@ -93,6 +94,9 @@ enum Command {
     /// Deterministic simulation: `--list` the scenarios, replay `--scenario NAME --seed N`,
     /// or sweep `--seeds A..B` (each seed in its own process).
     Sim(sim::SimArgs),
+    /// Swarm chaos in the simulation: every seed draws a topology and a mix of faults; sweep
+    /// `--seeds A..B` (failures shrunk, a report written), run `--seed N`, or `--replay FILE`.
+    Chaos(chaos::ChaosArgs),
     /// Serve `200 hello world` on one thread: the backend for proxy benchmarks. HTTP/1.1 and
     /// h2 with prior knowledge (h2c) on the same port.
     #[command(hide = true)]
@@ -504,6 +508,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Sim(args) => sim::run(args),
+            Command::Chaos(args) => chaos::run(args),
         }
     });
     match result {

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use crate::body::{self, Body, CountedBody, GuardedBody, Recorded};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
+use crate::fault_points::FaultPoint;
 use crate::exchange::{
     self, Attempt, BoxedSend, Engine, Exchange, Facts, Failed, RequestCopy, Sent, Settle,
 };
@@ -197,6 +198,14 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
             .send_h2(attempt.addr, request, attempt.deadline)
             .await
         {
+            Ok(sent) if crate::fault_points::fire(FaultPoint::StreamReset) => {
+                // Dropping the response resets its stream.
+                drop(sent);
+                Err(Failed::new(ProxyError::Upstream {
+                    addr: attempt.addr,
+                    source: "fault point: the stream was reset after its response head".into(),
+                }))
+            }
             // The copy of the body stays until the exchange decides whether to retry.
             Ok(sent) => Ok(sent),
             Err(H2Failed { failed, unsent }) => {

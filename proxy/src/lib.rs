@@ -30,6 +30,7 @@ pub mod drain;
 pub mod entropy;
 pub mod errors;
 mod exchange;
+pub mod fault_points;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -90,6 +90,10 @@ pub enum PlantedFault {
     /// it replaces, it then applies the replaced endpoints again under the new version, as if
     /// two applications had raced and the older had won, and reports that it did.
     StaleResolution,
+    /// An attempt whose upstream connection failed after the request was written (reset,
+    /// closed before the response) is taken as never processed and sent again, although the
+    /// endpoint may have processed it: a non-idempotent request can then reach an app twice.
+    ResendMaybeProcessed,
 }
 
 /// What the proxy's balancers report to, and (with `planted-faults`) the defect planted in

@@ -1,5 +1,7 @@
 //! The scenario library, the open-loop load generator and the red-line search.
 //!
+//! - [`chaos`]: swarm chaos runs (a topology, fault kinds and schedule drawn per seed), their
+//!   sweeps with shrinking and report, and the `conduit chaos` command;
 //! - [`scenarios`]: the named deterministic scenarios (topology, workload, fault schedule,
 //!   invariants), run by `cargo test` (`tests/scenarios.rs`) on fixed seeds and by `conduit sim`;
 //! - [`sim`]: running a scenario in this process or in a child process (one seed per process),
@@ -12,6 +14,7 @@
 //!   [`plot`], its SVG chart, and [`redline_sim`], the search in the simulation against
 //!   replicas with a modelled capacity.
 
+pub mod chaos;
 pub mod load;
 pub mod plan;
 pub mod plot;

@@ -10,12 +10,16 @@
 //!
 //! The harness changes an app's behaviour while it runs through its [`AppControl`]: extra
 //! latency (a slow replica), a stall (a replica that accepts requests and never answers), or
-//! failure (a replica that answers every request with a 500, its identity headers intact), or
-//! a capacity (requests served at once and each one's service time, for red-line searches).
+//! failure (a replica that answers every request with a 500, its identity headers intact, or a
+//! share of them with a status or a reset), a close race (a replica that closes a kept-alive
+//! HTTP/1.1 connection, without saying so, right after a response: the next request written
+//! to it is never read), or a capacity (requests served at once and each one's service time,
+//! for red-line searches).
 
-use std::convert::Infallible;
 use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -25,7 +29,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::trace::{Arrival, Recorder, now_us};
 
@@ -60,6 +65,15 @@ pub struct AppControl {
     arrivals: AtomicU64,
     stalled: AtomicBool,
     failing: AtomicBool,
+    /// A share of failures: per mille (high 32 bits) and the [`Failure`] (low 32: 0 a reset,
+    /// else the status).
+    failures: AtomicU64,
+    /// Arrivals drawn for `failures` so far.
+    failure_draws: AtomicU64,
+    /// Per mille of HTTP/1.1 responses after which the app closes the connection.
+    close_race: AtomicU64,
+    /// Responses drawn for `close_race` so far.
+    close_draws: AtomicU64,
     /// The capacity model: at most this many requests are served at once (the rest wait in
     /// arrival order), each taking the service time. `None`: unlimited and instant.
     capacity: std::sync::Mutex<Option<(Arc<tokio::sync::Semaphore>, Duration)>>,
@@ -88,16 +102,54 @@ impl AppControl {
             return Duration::ZERO;
         }
         let n = self.arrivals.fetch_add(1, Ordering::Relaxed);
-        // SplitMix64's finalizer.
-        let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^= x >> 31;
-        if x % 1000 < permille {
+        if drawn(n, permille) {
             Duration::from_millis(ms)
         } else {
             Duration::ZERO
         }
+    }
+
+    /// `permille` of the requests arriving from now on fail as `failure` says (after their
+    /// delays); 0 ends it.
+    pub fn set_failures(&self, permille: u32, failure: Failure) {
+        let kind = match failure {
+            Failure::Reset => 0,
+            Failure::Status(code) => u64::from(code.max(1)),
+        };
+        self.failures
+            .store(u64::from(permille) << 32 | kind, Ordering::Relaxed);
+    }
+
+    /// How the next arrival fails, if it does (drawn from its number, as the tail is).
+    fn failure(&self) -> Option<Failure> {
+        let packed = self.failures.load(Ordering::Relaxed);
+        let (permille, kind) = (packed >> 32, packed & u64::from(u32::MAX));
+        if permille == 0 {
+            return None;
+        }
+        let n = self.failure_draws.fetch_add(1, Ordering::Relaxed);
+        drawn(n ^ 0x5bd1_e995, permille).then(|| match u16::try_from(kind) {
+            Ok(0) | Err(_) => Failure::Reset,
+            Ok(code) => Failure::Status(code),
+        })
+    }
+
+    /// After `permille` of HTTP/1.1 responses from now on, the app closes the connection
+    /// without announcing it (no `Connection: close`): whatever the proxy writes to it next is
+    /// never read. 0 ends it.
+    pub fn set_close_race(&self, permille: u32) {
+        self.close_race
+            .store(u64::from(permille), Ordering::Relaxed);
+    }
+
+    /// Whether to close the connection after this response.
+    fn close_after(&self) -> bool {
+        let permille = self.close_race.load(Ordering::Relaxed);
+        if permille == 0 {
+            return false;
+        }
+        let n = self.close_draws.fetch_add(1, Ordering::Relaxed);
+        drawn(n ^ 0x2545_f491, permille)
     }
 
     /// Models the replica's capacity: at most `concurrency` requests are served at once (later
@@ -145,6 +197,26 @@ impl AppControl {
     fn stalled(&self) -> bool {
         self.stalled.load(Ordering::Relaxed)
     }
+}
+
+/// Whether draw `n` falls in the `permille` share: a fixed mix of its bits (SplitMix64's
+/// finalizer), so the same sequence of draws picks the same ones.
+fn drawn(n: u64, permille: u64) -> bool {
+    let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    x % 1000 < permille
+}
+
+/// How a failing replica fails a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Failure {
+    /// It answers with this status (its identity headers intact).
+    Status(u16),
+    /// It drops the request without an answer: an HTTP/1.1 connection closes, an h2 stream is
+    /// reset.
+    Reset,
 }
 
 /// Who an app is.
@@ -196,15 +268,24 @@ async fn connection(
         prefix.extend_from_slice(&byte);
     }
     let h2 = prefix[..] == *H2_PREFACE;
-    let io = TokioIo::new(conduit_proxy::transport::PrefixedIo::new(
-        prefix.freeze(),
-        stream,
-    ));
+    let closing = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(RaceIo {
+        inner: conduit_proxy::transport::PrefixedIo::new(prefix.freeze(), stream),
+        closing: Arc::clone(&closing),
+        wrote: false,
+    });
     let service = service_fn(move |request| {
         let identity = identity.clone();
         let control = Arc::clone(&control);
         let recorder = recorder.clone();
-        async move { Ok::<_, Infallible>(handle(request, identity, control, recorder).await) }
+        let closing = Arc::clone(&closing);
+        async move {
+            let response = handle(request, identity, &control, recorder).await;
+            if response.is_some() && !h2 && control.close_after() {
+                closing.store(true, Ordering::Relaxed);
+            }
+            response.ok_or(Reset)
+        }
     });
     if h2 {
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -227,12 +308,74 @@ fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     request.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The error a service returns to drop a request unanswered (hyper closes an HTTP/1.1
+/// connection, resets an h2 stream).
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the app reset the request (a failure the harness asked for)")
+    }
+}
+
+impl std::error::Error for Reset {}
+
+/// An app connection's IO that, once `closing` is set (after a response the close race picked),
+/// reads end-of-file as soon as that response has been written: hyper then closes the
+/// connection the proxy still holds as kept alive.
+struct RaceIo<T> {
+    inner: T,
+    closing: Arc<AtomicBool>,
+    /// Written since `closing` was set.
+    wrote: bool,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for RaceIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.wrote {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for RaceIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(_))) && self.closing.load(Ordering::Relaxed) {
+            self.wrote = true;
+        }
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Answers one request; `None` drops it unanswered (a [`Failure::Reset`]).
 async fn handle(
     request: Request<Incoming>,
     identity: AppIdentity,
-    control: Arc<AppControl>,
+    control: &AppControl,
     recorder: Recorder,
-) -> Response<AppBody> {
+) -> Option<Response<AppBody>> {
     let id_text = header(&request, "x-request-id").map(str::to_owned);
     let id = id_text.as_deref().and_then(|t| t.parse::<u64>().ok());
     let grpc_timeout_us = header(&request, "grpc-timeout")
@@ -267,7 +410,7 @@ async fn handle(
                     received += data.len() as u64;
                 }
             }
-            Err(_) => return status(StatusCode::BAD_REQUEST),
+            Err(_) => return Some(status(StatusCode::BAD_REQUEST)),
         }
     }
 
@@ -314,6 +457,14 @@ async fn handle(
     if control.failing() {
         *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     }
+    match control.failure() {
+        Some(Failure::Reset) => return None,
+        Some(Failure::Status(code)) => {
+            *response.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        None => {}
+    }
     let headers = response.headers_mut();
     let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("?"));
     headers.insert("x-served-by", value(&identity.host));
@@ -325,7 +476,7 @@ async fn handle(
     } else if response_bytes > 0 {
         headers.insert("content-length", HeaderValue::from(response_bytes));
     }
-    response
+    Some(response)
 }
 
 /// `total` bytes of [`pattern_byte`], in chunks with a pause between them.

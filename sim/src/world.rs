@@ -229,6 +229,12 @@ pub struct WorldSpec {
     pub response_timeout: Option<Duration>,
     /// The run fails if it is not over by this sim time.
     pub time_limit: Duration,
+    /// turmoil's per-host TCP capacity: segments a socket buffers, and connections a listener
+    /// queues before it accepts them. turmoil panics when a listener's queue overflows (a
+    /// kernel would queue up to its backlog, 4,096 on Linux by default), so worlds where held
+    /// or partitioned links release many connection attempts at once raise it.
+    #[serde(default = "default_tcp_capacity")]
+    pub tcp_capacity: usize,
     /// Workload identity and mTLS (`None`: a plaintext mesh). Needs
     /// [`DiscoveryMode::Controller`]: the controller is the CA.
     #[serde(default)]
@@ -266,6 +272,7 @@ impl WorldSpec {
             connect_timeout: conduit_proxy::config::DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Some(conduit_proxy::config::DEFAULT_RESPONSE_TIMEOUT),
             time_limit: Duration::from_secs(120),
+            tcp_capacity: default_tcp_capacity(),
             mtls: None,
             scrape_inbound: false,
             balancer_policy: conduit_core::balance::Policy::PeakEwma,
@@ -290,6 +297,11 @@ impl WorldSpec {
     pub fn replica_hosts(&self) -> Vec<String> {
         self.services.iter().flat_map(ServiceSpec::hosts).collect()
     }
+}
+
+/// turmoil's default TCP capacity (what every world used before it was a setting).
+const fn default_tcp_capacity() -> usize {
+    64
 }
 
 /// The name of client host `i`.
@@ -657,6 +669,7 @@ impl<'a> World<'a> {
             .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
             .simulation_duration(spec.time_limit)
             .tick_duration(Duration::from_millis(1))
+            .tcp_capacity(spec.tcp_capacity)
             .min_message_latency(spec.min_latency)
             .max_message_latency(spec.max_latency);
         let mut sim = builder.build();
@@ -942,7 +955,8 @@ impl<'a> World<'a> {
         &self.recorder
     }
 
-    fn event(&self, text: String) {
+    /// Records a harness event in the trace at the current sim time.
+    pub fn event(&self, text: String) {
         let at = micros(self.sim.elapsed());
         self.recorder.with(|t| t.events.push((at, text)));
     }
@@ -951,6 +965,19 @@ impl<'a> World<'a> {
     pub fn partition(&mut self, a: &str, b: &str) {
         self.event(format!("partition {a} {b}"));
         self.sim.partition(a, b);
+    }
+
+    /// Cuts the link from `from` to `to` only: what `from` sends is lost, what `to` sends
+    /// still arrives (a one-way partition: connections half-work and stall).
+    pub fn partition_oneway(&mut self, from: &str, to: &str) {
+        self.event(format!("partition-oneway {from} {to}"));
+        self.sim.partition_oneway(from, to);
+    }
+
+    /// Restores the link from `from` to `to`.
+    pub fn repair_oneway(&mut self, from: &str, to: &str) {
+        self.event(format!("repair-oneway {from} {to}"));
+        self.sim.repair_oneway(from, to);
     }
 
     /// Restores the links between two hosts.
@@ -1039,6 +1066,24 @@ impl<'a> World<'a> {
         self.event(format!("app-failing {host} {failing}"));
         if let Some(app) = self.apps.get(host) {
             app.set_failing(failing);
+        }
+    }
+
+    /// `permille` of the requests arriving at a replica's app from now on fail as `failure`
+    /// says (0 ends it).
+    pub fn set_app_failures(&mut self, host: &str, permille: u32, failure: app::Failure) {
+        self.event(format!("app-failures {host} {permille} {failure:?}"));
+        if let Some(app) = self.apps.get(host) {
+            app.set_failures(permille, failure);
+        }
+    }
+
+    /// After `permille` of its HTTP/1.1 responses from now on, a replica's app closes the
+    /// connection unannounced (0 ends it).
+    pub fn set_app_close_race(&mut self, host: &str, permille: u32) {
+        self.event(format!("app-close-race {host} {permille}"));
+        if let Some(app) = self.apps.get(host) {
+            app.set_close_race(permille);
         }
     }
 

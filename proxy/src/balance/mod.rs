@@ -44,6 +44,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use crate::clock::Clock;
 use crate::config::{BalancerSettings, QueueSettings};
 use crate::discover::{Discover, Resolution};
+use crate::fault_points::FaultPoint;
 use crate::errors::ProxyError;
 use crate::observe::{Hooks, Pick, RequestKey};
 
@@ -152,6 +153,12 @@ impl Router {
     /// What the balancers report to.
     pub(crate) fn observer(&self) -> &dyn crate::observe::Observer {
         &*self.hooks.observer
+    }
+
+    /// The defect planted in this proxy, if any.
+    #[cfg(feature = "planted-faults")]
+    pub(crate) fn planted(&self) -> Option<crate::observe::PlantedFault> {
+        self.hooks.planted
     }
 
     /// The balancer for `authority`, created (and its resolution started) on first use, as of
@@ -1008,6 +1015,9 @@ async fn drive(
                     continue;
                 }
                 let resolution = resolutions.borrow_and_update().clone();
+                if let Some(late) = crate::fault_points::delay(FaultPoint::SlowDiscovery) {
+                    clock.sleep_until(clock.now() + late).await;
+                }
                 let Some(this) = weak.upgrade() else { return };
                 this.apply(&resolution);
                 #[cfg(feature = "planted-faults")]

@@ -52,6 +52,7 @@ use crate::body::{Body, BodyEnd, OnBodyEnd};
 use crate::clock::Clock;
 use crate::discover::{Discover, Resolution};
 use crate::errors::ProxyError;
+use crate::fault_points::FaultPoint;
 use crate::observe::RequestKey;
 
 /// The `authority` label for outbound requests discovery does not know.
@@ -457,7 +458,11 @@ pub(crate) struct Exchange<'c> {
 impl<'c> Exchange<'c> {
     /// Routes the request whose head is `head`, arrived at `start`, and counts it. Errors are
     /// kept for [`forward`](Self::forward) to answer.
-    pub(crate) async fn begin(cx: &'c Context, head: &impl Head, start: Instant) -> Self {
+    pub(crate) async fn begin(cx: &'c Context, head: &impl Head, mut start: Instant) -> Self {
+        if let Some(late) = crate::fault_points::delay(FaultPoint::SlowRequestHead) {
+            start += late;
+            cx.clock.sleep_until(start).await;
+        }
         let grpc = head.grpc();
         let authority = head.authority();
         let observed = match &cx.target {
@@ -603,6 +608,11 @@ impl<'c> Exchange<'c> {
                 _ => None,
             };
             let result = match hedging {
+                None if crate::fault_points::fire(FaultPoint::Upstream503) => {
+                    Err(Failed::unprocessed(ProxyError::Unavailable {
+                        reason: "fault point: the endpoint refused the request (503)".into(),
+                    }))
+                }
                 None => engine.send(&attempt).await,
                 Some((retries, copy, delay)) => {
                     let first = Contender {
@@ -646,6 +656,8 @@ impl<'c> Exchange<'c> {
                 }
                 Err(failed) => failed,
             };
+            #[cfg(feature = "planted-faults")]
+            let failed = self.plant_resend(failed);
             let service = routed.service.as_deref();
             let error = self.failure(
                 routed,
@@ -704,6 +716,20 @@ impl<'c> Exchange<'c> {
             tracing::debug!(endpoint = %addr, %error, "proxy error");
             return self.answer(engine, &error, failed.client_broken).await;
         }
+    }
+
+    /// The planted [`ResendMaybeProcessed`](crate::observe::PlantedFault::ResendMaybeProcessed):
+    /// an attempt whose upstream connection failed after the request was written counts as
+    /// unprocessed, so it is sent again although the endpoint may have processed it.
+    #[cfg(feature = "planted-faults")]
+    fn plant_resend(&self, mut failed: Failed) -> Failed {
+        if let Target::Balanced(router) = &self.cx.target
+            && router.planted() == Some(crate::observe::PlantedFault::ResendMaybeProcessed)
+            && matches!(failed.error, AttemptError::Proxy(ProxyError::Upstream { .. }))
+        {
+            failed.unprocessed = true;
+        }
+        failed
     }
 
     /// Settles an attempt to `addr` (dispatched at `dispatched`) that failed before response

@@ -27,6 +27,10 @@ impl<N: Net> Pools<N> {
         let mut idle = lock(&self.idle);
         let conns = idle.get_mut(&addr)?;
         while let Some(conn) = conns.pop() {
+            if crate::fault_points::fire(crate::fault_points::FaultPoint::PoolEviction) {
+                // Dropped: closed, as an eviction would.
+                continue;
+            }
             if now.saturating_duration_since(conn.since) < self.limits.pool_idle_timeout {
                 return Some(conn.conn);
             }
