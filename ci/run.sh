@@ -104,27 +104,34 @@ fuzz() (
     fuzz_targets
 )
 
-# The simulation's seeded crypto (sim/src/crypto.rs, not cryptographically secure) must never
-# reach a production binary: the release proxy and controller must not carry its marker. The
-# CLI, which runs simulations, must (so the check can fail); `cargo test` built it.
+# The simulation's seeded crypto (sim/src/crypto.rs, not cryptographically secure) and the
+# proxy's fault points (proxy/src/fault_points.rs, compiled in only by the simulation's
+# `fault-points` feature) must never reach a production binary: the release proxy and
+# controller must carry neither marker. The CLI, which runs simulations, must carry both (so
+# the check can fail); `cargo test` built it.
 no_simulation_code_in_release() {
-    local marker target=${CARGO_TARGET_DIR:-target} bin
-    marker=$(sed -n 's/^pub const MARKER: &str = "\(.*\)";$/\1/p' sim/src/crypto.rs)
-    if [[ -z $marker ]]; then
-        echo "no MARKER constant found in sim/src/crypto.rs"
-        return 1
-    fi
-    if ! grep -qaF "$marker" "$target/debug/conduit"; then
-        echo "the simulation's marker is missing from $target/debug/conduit: the check below would prove nothing"
-        return 1
-    fi
-    cargo build --release --locked -p conduit-proxy -p conduit-controller
-    for bin in conduit-proxy conduit-controller; do
-        if grep -qaF "$marker" "$target/release/$bin"; then
-            echo "$target/release/$bin contains the simulation's seeded crypto (\"$marker\")"
+    local target=${CARGO_TARGET_DIR:-target} bin marker markers=()
+    markers+=("$(sed -n 's/^pub const MARKER: &str = "\(.*\)";$/\1/p' sim/src/crypto.rs)")
+    markers+=("$(sed -n 's/^ *pub const MARKER: &str = "\(.*\)";$/\1/p' proxy/src/fault_points.rs)")
+    for marker in "${markers[@]}"; do
+        if [[ -z $marker ]]; then
+            echo "a MARKER constant is missing from sim/src/crypto.rs or proxy/src/fault_points.rs"
             return 1
         fi
-        echo "$bin: no simulation-only code"
+        if ! grep -qaF "$marker" "$target/debug/conduit"; then
+            echo "the marker \"$marker\" is missing from $target/debug/conduit: the check below would prove nothing"
+            return 1
+        fi
+    done
+    cargo build --release --locked -p conduit-proxy -p conduit-controller
+    for bin in conduit-proxy conduit-controller; do
+        for marker in "${markers[@]}"; do
+            if grep -qaF "$marker" "$target/release/$bin"; then
+                echo "$target/release/$bin contains simulation-only code (\"$marker\")"
+                return 1
+            fi
+        done
+        echo "$bin: no simulation-only code (seeded crypto, fault points)"
     done
 }
 

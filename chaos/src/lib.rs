@@ -155,7 +155,9 @@ impl fmt::Display for Action {
             Self::PartitionOneWay(a, b) => write!(f, "partition {a} -> {b}"),
             Self::RepairOneWay(a, b) => write!(f, "repair {a} -> {b}"),
             Self::AppFailures(h, p, how) => write!(f, "app {h} fails {p}‰ with {how:?}"),
-            Self::AppCloseRace(h, p) => write!(f, "app {h} closes {p}‰ of connections after a response"),
+            Self::AppCloseRace(h, p) => {
+                write!(f, "app {h} closes {p}‰ of connections after a response")
+            }
             Self::DisarmFaultPoints => f.write_str("disarm fault points"),
             Self::Hold(a, b) => write!(f, "hold {a} <-> {b}"),
             Self::Release(a, b) => write!(f, "release {a} <-> {b}"),

@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::swarm::{Case, FaultKind};
 
 /// The outcome of a shrink.
@@ -22,14 +24,26 @@ pub struct Shrunk {
     pub kept: usize,
 }
 
-/// How big a case is: (fault actions and fault points, hosts, requests planned).
+/// How big a case is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Size {
+    /// Fault actions and fault points.
+    pub faults: usize,
+    /// Hosts.
+    pub hosts: usize,
+    /// Requests planned.
+    pub requests: u64,
+}
+
+/// How big `case` is.
 #[must_use]
-pub fn size(case: &Case) -> (usize, usize, u64) {
-    (
-        case.faults.iter().map(|f| f.actions.len()).sum::<usize>() + case.fault_points.len(),
-        case.topology.hosts(),
-        case.planned_requests(),
-    )
+pub fn size(case: &Case) -> Size {
+    Size {
+        faults: case.faults.iter().map(|f| f.actions.len()).sum::<usize>()
+            + case.fault_points.len(),
+        hosts: case.topology.hosts(),
+        requests: case.planned_requests(),
+    }
 }
 
 /// Shrinks `case` while `fails` says a candidate still fails the same way, within `budget`
@@ -205,8 +219,16 @@ mod tests {
         for seed in 0..100 {
             let case = Case::draw(seed);
             for candidate in candidates(&case) {
-                let (a, h, r) = size(&candidate);
-                let (a0, h0, r0) = size(&case);
+                let Size {
+                    faults: a,
+                    hosts: h,
+                    requests: r,
+                } = size(&candidate);
+                let Size {
+                    faults: a0,
+                    hosts: h0,
+                    requests: r0,
+                } = size(&case);
                 assert!(
                     a < a0 || h < h0 || r < r0,
                     "seed {seed}: {:?} is not smaller than {:?}",
@@ -225,7 +247,12 @@ mod tests {
                         }
                     }
                 }
-                assert!(candidate.flows.iter().all(|f| f.client < candidate.topology.clients));
+                assert!(
+                    candidate
+                        .flows
+                        .iter()
+                        .all(|f| f.client < candidate.topology.clients)
+                );
             }
         }
     }

@@ -191,9 +191,7 @@ impl Case {
     #[must_use]
     pub fn draw(seed: u64) -> Self {
         let mut rng = DetRng::new(seed).child("swarm");
-        let pick = |rng: &mut DetRng, n: usize| {
-            usize::try_from(rng.below(n as u64)).unwrap_or(0)
-        };
+        let pick = |rng: &mut DetRng, n: usize| usize::try_from(rng.below(n as u64)).unwrap_or(0);
         let service_count = if rng.chance(1, 3) { 2 } else { 1 };
         let services: Vec<(String, usize)> = ["web.default", "api.default"]
             .iter()
@@ -389,13 +387,14 @@ impl Case {
     /// non-empty subset of its replicas every 20-200 ms, and all of them again at `to`.
     fn churn(&mut self, rng: &mut DetRng, from: Duration, to: Duration) {
         let world = self.topology.world();
-        let service = &world.services
-            [usize::try_from(rng.below(world.services.len() as u64)).unwrap_or(0)];
+        let service =
+            &world.services[usize::try_from(rng.below(world.services.len() as u64)).unwrap_or(0)];
         let all = service.hosts();
         let mut actions = Vec::new();
         let mut at = from;
         while at < to {
-            let mut subset: Vec<String> = all.iter().filter(|_| rng.chance(1, 2)).cloned().collect();
+            let mut subset: Vec<String> =
+                all.iter().filter(|_| rng.chance(1, 2)).cloned().collect();
             if subset.is_empty() {
                 subset.push(all[usize::try_from(rng.below(all.len() as u64)).unwrap_or(0)].clone());
             }
@@ -451,7 +450,10 @@ impl Case {
                 "traffic: {} flow(s), {} requests/s in all, {:?} POST {}%",
                 self.flows.len(),
                 self.flows.iter().map(|f| f.rate).sum::<u32>(),
-                self.flows.first().map(|f| f.protos.clone()).unwrap_or_default(),
+                self.flows
+                    .first()
+                    .map(|f| f.protos.clone())
+                    .unwrap_or_default(),
                 self.flows.first().map_or(0, |f| f.post_percent),
             ),
             format!(
@@ -486,9 +488,9 @@ impl Case {
     pub fn checks(&self) -> Checks {
         let mut checks = Checks {
             healthy_after: Some(self.heal_at + self.recovery),
-            // Partitions and crashes lose the responses of requests the proxy had counted;
-            // counters are compared in the scenarios built for it.
-            metrics: false,
+            // Proxy counters against what clients saw (for every client whose requests all
+            // ended in a whole response: a lost response leaves nothing to compare).
+            metrics: true,
             ..Checks::default()
         };
         let slow_discovery = self

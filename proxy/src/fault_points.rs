@@ -113,7 +113,9 @@ mod armed {
     static ARMED: Mutex<Option<Armed>> = Mutex::new(None);
 
     fn armed() -> std::sync::MutexGuard<'static, Option<Armed>> {
-        ARMED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        ARMED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Arms `points` (each with its per-mille rate) for this process, drawing from `seed`.
@@ -137,7 +139,10 @@ mod armed {
     /// How often each point fired since [`arm`].
     #[must_use]
     pub fn fired() -> BTreeMap<FaultPoint, u64> {
-        armed().as_ref().map(|a| a.fired.clone()).unwrap_or_default()
+        armed()
+            .as_ref()
+            .map(|a| a.fired.clone())
+            .unwrap_or_default()
     }
 
     pub(crate) fn fire(point: FaultPoint) -> bool {
@@ -160,7 +165,9 @@ mod armed {
         if !fire(point) {
             return None;
         }
-        let max = u64::try_from(point.max_delay().as_millis()).unwrap_or(1).max(1);
+        let max = u64::try_from(point.max_delay().as_millis())
+            .unwrap_or(1)
+            .max(1);
         let ms = armed().as_mut().map_or(1, |a| a.rng.between(1, max));
         Some(Duration::from_millis(ms))
     }

@@ -20,10 +20,10 @@ use hyper::body::Incoming;
 use crate::body::{self, Body, CountedBody, GuardedBody, Recorded};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
-use crate::fault_points::FaultPoint;
 use crate::exchange::{
     self, Attempt, BoxedSend, Engine, Exchange, Facts, Failed, RequestCopy, Sent, Settle,
 };
+use crate::fault_points::FaultPoint;
 use crate::net::Net;
 use crate::pool::Pools;
 use crate::pool::h2::{H2Failed, UpstreamStream};

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use conduit_chaos::shrink::{self, Shrunk};
+use conduit_chaos::shrink::{self, Shrunk, Size};
 use conduit_chaos::swarm::{Case, FaultKind};
 use conduit_core::rand::{DetRng, Rng};
 use conduit_sim::{Report, Trace, process};
@@ -132,7 +132,11 @@ pub enum Runner {
 
 impl Runner {
     /// Runs the case `target` names (`seed:N` or a file) and reads its report.
-    fn run(&self, target: &str) -> anyhow::Result<Report> {
+    ///
+    /// # Errors
+    ///
+    /// When the child cannot run or prints no report.
+    pub fn run(&self, target: &str) -> anyhow::Result<Report> {
         let command = match self {
             Self::Exe(exe) => {
                 let (program, args) = exe
@@ -190,8 +194,10 @@ pub struct Failure {
     pub case_file: String,
     /// The shrunk case, when shrinking found a smaller one that fails the same way.
     pub shrunk_file: Option<String>,
-    /// Size before and after shrinking: (fault actions and points, hosts, requests).
-    pub size: ((usize, usize, u64), Option<(usize, usize, u64)>),
+    /// Size as drawn.
+    pub size: Size,
+    /// Size after shrinking, when shrinking found a smaller failing case.
+    pub shrunk_size: Option<Size>,
     /// Shrink candidates run.
     pub shrink_tries: usize,
     /// The command that replays the failure (the shrunk case when there is one).
@@ -258,10 +264,17 @@ impl SweepReport {
                     out.push_str(&format!("    {v}\n"));
                 }
                 out.push_str(&format!("  case: {}\n", f.case_file));
-                if let (Some(file), (before, Some(after))) = (&f.shrunk_file, f.size) {
+                if let (Some(file), Some(after)) = (&f.shrunk_file, f.shrunk_size) {
+                    let before = f.size;
                     out.push_str(&format!(
                         "  shrunk in {} runs: {} fault actions, {} hosts, {} requests (from {}, {}, {}): {file}\n",
-                        f.shrink_tries, after.0, after.1, after.2, before.0, before.1, before.2
+                        f.shrink_tries,
+                        after.faults,
+                        after.hosts,
+                        after.requests,
+                        before.faults,
+                        before.hosts,
+                        before.requests
                     ));
                 }
                 out.push_str(&format!("  replay: {}\n", f.replay));
@@ -274,17 +287,19 @@ impl SweepReport {
     }
 }
 
-/// A topology in words, for the report's coverage table.
+/// A topology in words, for the report's coverage table: services, replicas in all (in
+/// buckets), clients, discovery.
 fn topology_label(case: &Case) -> String {
-    let services: Vec<String> = case
-        .topology
-        .services
-        .iter()
-        .map(|(_, r)| r.to_string())
-        .collect();
+    let replicas: usize = case.topology.services.iter().map(|(_, r)| r).sum();
+    let replicas = match replicas {
+        1 => "1 replica",
+        2..=3 => "2-3 replicas",
+        4..=6 => "4-6 replicas",
+        _ => "7+ replicas",
+    };
     format!(
-        "replicas {}, clients {}, {}",
-        services.join("+"),
+        "{} service(s), {replicas}, {} client(s), {}",
+        case.topology.services.len(),
         case.topology.clients,
         if case.topology.controller {
             "controller"
@@ -399,7 +414,12 @@ pub fn sweep(sweep: &Sweep, runner: &Runner) -> anyhow::Result<SweepReport> {
 
 /// Writes a failing seed's case, shrinks it while the same invariant fails, writes the
 /// smallest.
-fn investigate(sweep: &Sweep, runner: &Runner, case: &Case, run: &Report) -> anyhow::Result<Failure> {
+fn investigate(
+    sweep: &Sweep,
+    runner: &Runner,
+    case: &Case,
+    run: &Report,
+) -> anyhow::Result<Failure> {
     let check = run
         .violations
         .first()
@@ -409,10 +429,16 @@ fn investigate(sweep: &Sweep, runner: &Runner, case: &Case, run: &Report) -> any
     let mut failure = Failure {
         seed: case.seed,
         check: check.clone(),
-        violations: run.violations.iter().take(20).map(ToString::to_string).collect(),
+        violations: run
+            .violations
+            .iter()
+            .take(20)
+            .map(ToString::to_string)
+            .collect(),
         case_file: case_file.display().to_string(),
         shrunk_file: None,
-        size: (shrink::size(case), None),
+        size: shrink::size(case),
+        shrunk_size: None,
         shrink_tries: 0,
         replay: replay_command(&case_file),
         trace_file: run.failure_file.clone(),
@@ -436,7 +462,7 @@ fn investigate(sweep: &Sweep, runner: &Runner, case: &Case, run: &Report) -> any
     if kept > 0 {
         let shrunk_file = sweep.out.join(format!("seed-{}.shrunk.json", case.seed));
         write_case(&shrunk_file, &shrunk)?;
-        failure.size.1 = Some(shrink::size(&shrunk));
+        failure.shrunk_size = Some(shrink::size(&shrunk));
         failure.replay = replay_command(&shrunk_file);
         failure.shrunk_file = Some(shrunk_file.display().to_string());
     }
@@ -554,14 +580,26 @@ mod tests {
             requests: 4_000,
             kinds: BTreeMap::from([("crash".to_owned(), 6), ("hold".to_owned(), 4)]),
             faults: BTreeMap::from([("crash".to_owned(), 11), ("hold".to_owned(), 7)]),
-            topologies: BTreeMap::from([("replicas 3, clients 2, static".to_owned(), 10)]),
+            topologies: BTreeMap::from([(
+                "1 service(s), 2-3 replicas, 2 client(s), static".to_owned(),
+                10,
+            )]),
             failures: vec![Failure {
                 seed: 7,
                 check: "at-most-once".into(),
                 violations: vec!["[at-most-once] request 12 reached apps twice".into()],
                 case_file: "out/seed-7.case.json".into(),
                 shrunk_file: Some("out/seed-7.shrunk.json".into()),
-                size: ((14, 7, 900), Some((2, 2, 56))),
+                size: Size {
+                    faults: 14,
+                    hosts: 7,
+                    requests: 900,
+                },
+                shrunk_size: Some(Size {
+                    faults: 2,
+                    hosts: 2,
+                    requests: 56,
+                }),
                 shrink_tries: 31,
                 replay: "conduit chaos --replay out/seed-7.shrunk.json".into(),
                 trace_file: None,

@@ -44,8 +44,8 @@ use tokio::sync::{Notify, oneshot, watch};
 use crate::clock::Clock;
 use crate::config::{BalancerSettings, QueueSettings};
 use crate::discover::{Discover, Resolution};
-use crate::fault_points::FaultPoint;
 use crate::errors::ProxyError;
+use crate::fault_points::FaultPoint;
 use crate::observe::{Hooks, Pick, RequestKey};
 
 /// The longest pause between looks for idle authorities.

@@ -725,7 +725,10 @@ impl<'c> Exchange<'c> {
     fn plant_resend(&self, mut failed: Failed) -> Failed {
         if let Target::Balanced(router) = &self.cx.target
             && router.planted() == Some(crate::observe::PlantedFault::ResendMaybeProcessed)
-            && matches!(failed.error, AttemptError::Proxy(ProxyError::Upstream { .. }))
+            && matches!(
+                failed.error,
+                AttemptError::Proxy(ProxyError::Upstream { .. })
+            )
         {
             failed.unprocessed = true;
         }
