@@ -5,6 +5,7 @@
 //! The work is `conduit_scenarios::chaos::cli`; this module parses arguments and runs it on a
 //! plain thread (each simulation builds its own runtimes). A sweep re-executes this binary once
 //! per seed or shrink candidate, with `--json` so the child's report can be read back.
+//! `--real` breaks real processes on loopback instead ([`crate::chaos_real`]).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -38,6 +39,21 @@ pub(crate) struct ChaosArgs {
     /// Print the report as one JSON line (what a sweep reads from its children).
     #[arg(long, hide = true)]
     json: bool,
+    /// Break real processes on loopback instead: a controller, three replicas (an app and its
+    /// proxy each) and a client proxy, with a seeded TCP fault proxy on each link (kills and
+    /// restarts, SIGSTOP and SIGCONT, latency, bandwidth, drops, resets, black holes), under
+    /// open-loop traffic; `--seed` picks the schedule. Writes `<out>/real/report.json`.
+    #[arg(long, conflicts_with_all = ["seeds", "replay"])]
+    real: bool,
+    /// How long a `--real` run sends traffic (faults strike in its first 60 %).
+    #[arg(long, value_parser = crate::parse_duration, default_value = "20s", requires = "real")]
+    duration: std::time::Duration,
+    /// Requests per second a `--real` run sends through the client proxy.
+    #[arg(long, default_value_t = 200, requires = "real")]
+    rate: u32,
+    /// Where `conduit-proxy` and `conduit-controller` are (default: beside this executable).
+    #[arg(long, requires = "real")]
+    bin_dir: Option<PathBuf>,
 }
 
 fn parse_seeds(text: &str) -> Result<(u64, u64), String> {
@@ -52,8 +68,23 @@ fn parse_seeds(text: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
-/// Runs the command on its own thread.
-pub(crate) fn run(args: ChaosArgs) -> anyhow::Result<()> {
+/// Runs the command: `--real` on this runtime, a simulation on its own thread.
+pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    if args.real {
+        let passed = crate::chaos_real::run(crate::chaos_real::RealOptions {
+            seed: args.seed.unwrap_or(1),
+            duration: args.duration,
+            rate: args.rate,
+            out: args.out.join("real"),
+            bin_dir: args.bin_dir,
+        })
+        .await?;
+        return if passed {
+            Ok(())
+        } else {
+            anyhow::bail!("invariants failed (see above)")
+        };
+    }
     std::thread::spawn(move || run_here(args))
         .join()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the simulation thread panicked")))

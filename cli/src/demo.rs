@@ -548,8 +548,18 @@ impl Binaries {
 /// The processes a command started; each is killed when this is dropped.
 #[derive(Debug)]
 pub struct Processes {
-    children: Vec<(String, Child)>,
+    children: Vec<Running>,
     logs: PathBuf,
+}
+
+/// A started process and how it was started (to start it again).
+#[derive(Debug)]
+struct Running {
+    name: String,
+    child: Child,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Processes {
@@ -588,20 +598,100 @@ impl Processes {
         args: &[String],
         env: &[(&str, String)],
     ) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let child = self.start(name, program, args, &env, false)?;
+        self.children.push(Running {
+            name: name.to_owned(),
+            child,
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            env,
+        });
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        append: bool,
+    ) -> anyhow::Result<Child> {
+        let path = self.logs.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
             .with_context(|| format!("creating the log file for {name}"))?;
         let mut command = Command::new(program);
         command
             .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        let child = command
+        command
             .spawn()
-            .with_context(|| format!("starting {name} ({})", program.display()))?;
-        self.children.push((name.to_owned(), child));
+            .with_context(|| format!("starting {name} ({})", program.display()))
+    }
+
+    fn find(&mut self, name: &str) -> anyhow::Result<&mut Running> {
+        self.children
+            .iter_mut()
+            .find(|r| r.name == name)
+            .with_context(|| format!("no process named {name}"))
+    }
+
+    /// The process id of `name`, while it runs.
+    #[must_use]
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.child.id())
+    }
+
+    /// Kills `name` (SIGKILL) and waits for it to exit.
+    ///
+    /// # Errors
+    ///
+    /// No such process, or it could not be killed.
+    pub async fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let running = self.find(name)?;
+        running.child.start_kill().ok();
+        running.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts `name` again as it was started first (its log appended to), killing what is left
+    /// of it.
+    ///
+    /// # Errors
+    ///
+    /// No such process, or it could not be started.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        self.kill(name).await?;
+        let index = self
+            .children
+            .iter()
+            .position(|r| r.name == name)
+            .with_context(|| format!("no process named {name}"))?;
+        let running = &self.children[index];
+        let child = self.start(
+            name,
+            &running.program.clone(),
+            &running.args.clone(),
+            &running.env.clone(),
+            true,
+        )?;
+        self.children[index].child = child;
         Ok(())
     }
 
@@ -611,11 +701,12 @@ impl Processes {
     ///
     /// Names the first child that exited, with its status and log.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (name, child) in &mut self.children {
-            if let Some(status) = child.try_wait()? {
+        for running in &mut self.children {
+            if let Some(status) = running.child.try_wait()? {
                 bail!(
-                    "{name} exited ({status}); see {}",
-                    self.logs.join(format!("{name}.log")).display()
+                    "{} exited ({status}); see {}",
+                    running.name,
+                    self.logs.join(format!("{}.log", running.name)).display()
                 );
             }
         }

@@ -6,6 +6,7 @@
 use conduit_cli::demo;
 
 mod chaos;
+mod chaos_real;
 mod sim;
 
 use std::net::SocketAddr;
@@ -508,7 +509,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Sim(args) => sim::run(args),
-            Command::Chaos(args) => chaos::run(args),
+            Command::Chaos(args) => chaos::run(args).await,
         }
     });
     match result {

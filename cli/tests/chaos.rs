@@ -1,0 +1,105 @@
+//! `conduit chaos` end to end: a swarm sweep over a few seeds with its report, a case file
+//! replayed, and a bounded `--real` run against real controller and proxy processes on
+//! loopback that writes its report.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn conduit() -> &'static str {
+    env!("CARGO_BIN_EXE_conduit")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("conduit-cli-chaos-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn run(args: &[&str], out: &Path) -> (bool, String, String) {
+    let output = Command::new(conduit())
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("conduit runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_sweep_writes_its_report_and_a_case_file_replays() {
+    let out = scratch("sweep");
+    let (ok, stdout, stderr) = run(&["chaos", "--seeds", "0..4", "--jobs", "2"], &out);
+    assert!(ok, "the sweep failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("4 runs, 0 failed"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["runs"], 4);
+    assert!(report["requests"].as_u64().unwrap() > 100, "{report}");
+    assert!(
+        std::fs::read_to_string(out.join("report.txt"))
+            .unwrap()
+            .contains("fault kinds")
+    );
+
+    // A case file (what a failing seed leaves) runs again with --replay, the same way.
+    let case = conduit_chaos::swarm::Case::draw(2);
+    let file = out.join("seed-2.case.json");
+    conduit_scenarios::chaos::write_case(&file, &case).unwrap();
+    let replay = |file: &Path| {
+        let output = Command::new(conduit())
+            .args(["chaos", "--replay"])
+            .arg(file)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "{stdout}");
+        stdout
+            .lines()
+            .find(|l| l.starts_with("trace hash: "))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(replay(&file), replay(&file), "same case, same trace");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_real_run_breaks_processes_and_reports() {
+    let bin_dir = Path::new(conduit()).parent().unwrap();
+    for bin in ["conduit-proxy", "conduit-controller"] {
+        assert!(
+            bin_dir.join(bin).exists(),
+            "{bin} is not built next to conduit; run `cargo test --workspace` (or build it first)"
+        );
+    }
+    let out = scratch("real");
+    let (ok, stdout, stderr) = run(
+        &[
+            "chaos",
+            "--real",
+            "--duration",
+            "20s",
+            "--seed",
+            "3",
+            "--rate",
+            "100",
+            "--bin-dir",
+            bin_dir.to_str().unwrap(),
+        ],
+        &out,
+    );
+    assert!(ok, "the run failed:\n{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("real/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["violations"], serde_json::json!([]), "{stdout}");
+    assert_eq!(report["requests"], 2_000, "{stdout}");
+    assert_eq!(report["proxy_counted"], 2_000, "{stdout}");
+    assert!(report["faults"].as_array().unwrap().len() >= 4, "{stdout}");
+    assert_eq!(report["processes"].as_array().unwrap().len(), 8, "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}
