@@ -281,7 +281,7 @@ impl Case {
                 }
                 continue;
             }
-            for _ in 0..rng.between(1, 4) {
+            for _ in 0..rng.between(1, 3) {
                 // A window inside the chaos phase.
                 let from_ms = rng.below(span * 3 / 4);
                 let length_ms = rng.between(100, (span - from_ms).max(101));

@@ -112,7 +112,7 @@ fn schedule(seed: u64, duration: Duration) -> Vec<Scheduled> {
     let chaos_ms = u64::try_from(duration.as_millis()).unwrap_or(20_000) * 6 / 10;
     let start_ms = chaos_ms / 10;
     let mut out = Vec::new();
-    for _ in 0..rng.between(4, 9) {
+    for _ in 0..rng.between(4, 8) {
         let at_ms = start_ms + rng.below((chaos_ms - start_ms) * 3 / 4);
         let heal_ms = (at_ms + rng.between(500, 3_000)).min(chaos_ms);
         let replica = usize::try_from(rng.below(REPLICAS as u64)).unwrap_or(0);
