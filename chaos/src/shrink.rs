@@ -54,7 +54,15 @@ pub fn shrink(case: &Case, budget: usize, mut fails: impl FnMut(&Case) -> bool) 
     let mut kept = 0;
     loop {
         let mut progressed = false;
-        for candidate in candidates(&best) {
+        // After a kept candidate, go on from the same place in the new best's list: the
+        // cuts tried before it (bigger ones, which did not fail) are rarely worth retrying
+        // in the same pass.
+        let mut at = 0;
+        loop {
+            let list = candidates(&best);
+            let Some(candidate) = list.into_iter().nth(at) else {
+                break;
+            };
             if tries >= budget {
                 return Shrunk {
                     case: best,
@@ -67,8 +75,8 @@ pub fn shrink(case: &Case, budget: usize, mut fails: impl FnMut(&Case) -> bool) 
                 best = candidate;
                 kept += 1;
                 progressed = true;
-                // Candidates were derived from the old best: start over from the new one.
-                break;
+            } else {
+                at += 1;
             }
         }
         if !progressed {
@@ -85,16 +93,17 @@ pub fn shrink(case: &Case, budget: usize, mut fails: impl FnMut(&Case) -> bool) 
 #[must_use]
 pub fn candidates(case: &Case) -> Vec<Case> {
     let mut out = Vec::new();
-    // Half the faults, either half.
+    // Whole chunks of faults first (delta debugging): either half, then each quarter, each
+    // eighth, removed.
     let n = case.faults.len();
-    if n >= 2 {
-        for keep_first in [true, false] {
+    for parts in [2, 4, 8] {
+        let chunk = n.div_ceil(parts);
+        if chunk < 2 && parts > 2 || n < 2 {
+            break;
+        }
+        for start in (0..n).step_by(chunk) {
             let mut c = case.clone();
-            c.faults = if keep_first {
-                case.faults[..n / 2].to_vec()
-            } else {
-                case.faults[n / 2..].to_vec()
-            };
+            c.faults.drain(start..(start + chunk).min(n));
             out.push(c);
         }
     }
@@ -104,7 +113,33 @@ pub fn candidates(case: &Case) -> Vec<Case> {
         c.faults.remove(i);
         out.push(c);
     }
-    // One fault point fewer.
+    // Within an endpoint storm (each action sets a whole endpoint list, so any subset is a
+    // storm too; the last, which restores every endpoint, stays): either half of the others,
+    // then one fewer.
+    for (i, fault) in case.faults.iter().enumerate() {
+        let storm = fault.actions.len().saturating_sub(1);
+        if fault.kind != FaultKind::EndpointChurn || storm == 0 {
+            continue;
+        }
+        if storm >= 2 {
+            for range in [0..storm / 2, storm / 2..storm] {
+                let mut c = case.clone();
+                c.faults[i].actions.drain(range);
+                out.push(c);
+            }
+        }
+        for j in 0..storm {
+            let mut c = case.clone();
+            c.faults[i].actions.remove(j);
+            out.push(c);
+        }
+    }
+    // No fault point, then one fault point fewer.
+    if case.fault_points.len() > 1 {
+        let mut c = case.clone();
+        c.fault_points.clear();
+        out.push(c);
+    }
     for i in 0..case.fault_points.len() {
         let mut c = case.clone();
         c.fault_points.remove(i);
@@ -162,10 +197,11 @@ pub fn candidates(case: &Case) -> Vec<Case> {
         && !case
             .faults
             .iter()
-            .any(|f| f.kind == FaultKind::ControllerOutage)
+            .any(|f| matches!(f.kind, FaultKind::ControllerOutage | FaultKind::CertExpiry))
     {
         let mut c = case.clone();
         c.topology.controller = false;
+        c.topology.meshed = false;
         c.kinds.remove(&FaultKind::ControllerOutage);
         out.push(c);
     }

@@ -54,11 +54,14 @@ pub enum FaultKind {
     EndpointChurn,
     /// Fault points in the proxy's code fire (see `conduit_proxy::fault_points`).
     FaultPoints,
+    /// Certificates expire: leaves last 10 s and the controller (the CA) is down for 12 s
+    /// (meshed worlds).
+    CertExpiry,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Partition,
         Self::OneWayPartition,
         Self::Hold,
@@ -72,6 +75,7 @@ impl FaultKind {
         Self::ControllerOutage,
         Self::EndpointChurn,
         Self::FaultPoints,
+        Self::CertExpiry,
     ];
 }
 
@@ -111,6 +115,13 @@ pub struct Topology {
     pub clients: usize,
     /// Discovery through the controller (else static, from the harness).
     pub controller: bool,
+    /// Workload identity and mTLS between every pair of proxies, the controller the CA
+    /// (worlds that discover through it).
+    #[serde(default)]
+    pub meshed: bool,
+    /// How long certificates last (`None`: the CA's default, a day).
+    #[serde(default)]
+    pub leaf_lifetime: Option<Duration>,
 }
 
 impl Topology {
@@ -125,6 +136,12 @@ impl Topology {
         let mut world = WorldSpec::new(services, self.clients);
         if self.controller {
             world.discovery = DiscoveryMode::Controller;
+        }
+        if self.controller && self.meshed {
+            world = world.meshed();
+            if let (Some(mtls), Some(lifetime)) = (&mut world.mtls, self.leaf_lifetime) {
+                mtls.leaf_lifetime = lifetime;
+            }
         }
         // Partitions and stalls cost one response timeout per request caught on them.
         world.response_timeout = Some(Duration::from_secs(1));
@@ -177,6 +194,12 @@ pub struct Case {
     pub recovery: Duration,
 }
 
+/// How long after the CA returns every proxy holds a valid certificate again: the retry
+/// backoff's ceiling (10 s), a connect timeout and the round trip, with margin.
+const CERT_RECOVERY: Duration = Duration::from_secs(14);
+/// How long the CA stays down in a certificate-expiry fault (leaves last 10 s).
+const CERT_OUTAGE: Duration = Duration::from_secs(12);
+
 /// The chaos phase starts here (connections warm first).
 const CHAOS_START: Duration = Duration::from_secs(1);
 /// Traffic continues this long after the chaos phase.
@@ -203,15 +226,20 @@ impl Case {
                 )
             })
             .collect();
+        let clients = usize::try_from(rng.between(1, 4)).unwrap_or(1);
+        let controller = rng.chance(1, 2);
         let topology = Topology {
             services,
-            clients: usize::try_from(rng.between(1, 4)).unwrap_or(1),
-            controller: rng.chance(1, 2),
+            clients,
+            controller,
+            meshed: controller && rng.chance(1, 2),
+            leaf_lifetime: None,
         };
         // Swarm testing: each kind on with probability 1/2, at least one.
         let mut kinds: BTreeSet<FaultKind> = FaultKind::ALL
             .into_iter()
             .filter(|kind| *kind != FaultKind::ControllerOutage || topology.controller)
+            .filter(|kind| *kind != FaultKind::CertExpiry || topology.meshed)
             .filter(|_| rng.chance(1, 2))
             .collect();
         if kinds.is_empty() {
@@ -254,6 +282,11 @@ impl Case {
             recovery: RECOVERY,
         };
         case.draw_faults(&mut rng);
+        // Traffic runs past the recovery bound (a certificate expiry lengthens both).
+        let end = case.heal_at + case.recovery + (HEAL_PHASE - RECOVERY);
+        for flow in &mut case.flows {
+            flow.end = end;
+        }
         case.picked = case.describe();
         case
     }
@@ -268,6 +301,24 @@ impl Case {
             hosts[usize::try_from(rng.below(hosts.len() as u64)).unwrap_or(0)].clone()
         };
         for kind in self.kinds.clone() {
+            if kind == FaultKind::CertExpiry {
+                // Leaves issued at the start expire 10 s later, while the CA is down; the
+                // proxies get new ones within their retry backoff (at most 10 s) plus a
+                // connect timeout once it is back.
+                self.topology.leaf_lifetime = Some(Duration::from_secs(10));
+                let down = CHAOS_START + Duration::from_millis(rng.below(1_000));
+                let back = down + CERT_OUTAGE;
+                self.faults.push(Fault {
+                    kind,
+                    actions: vec![
+                        (down, Action::Crash(CONTROLLER.to_owned())),
+                        (back, Action::Bounce(CONTROLLER.to_owned())),
+                    ],
+                });
+                self.heal_at = self.heal_at.max(back);
+                self.recovery = CERT_RECOVERY;
+                continue;
+            }
             if kind == FaultKind::FaultPoints {
                 self.fault_points.clear();
                 for point in FaultPoint::ALL {
@@ -374,7 +425,7 @@ impl Case {
                         self.churn(rng, from, to);
                         continue;
                     }
-                    FaultKind::FaultPoints => continue,
+                    FaultKind::FaultPoints | FaultKind::CertExpiry => continue,
                 };
                 let mut actions = vec![(from, strike)];
                 actions.extend(heal.into_iter().map(|action| (to, action)));
@@ -439,10 +490,10 @@ impl Case {
                 "topology: {}; {} client(s); discovery {}",
                 services.join(", "),
                 self.topology.clients,
-                if self.topology.controller {
-                    "through the controller"
-                } else {
-                    "static"
+                match (self.topology.controller, self.topology.meshed) {
+                    (true, true) => "through the controller, meshed (mTLS)",
+                    (true, false) => "through the controller",
+                    _ => "static",
                 }
             ),
             format!("faults on: {}", kinds.join(", ")),
@@ -506,11 +557,20 @@ impl Case {
             checks.routing_grace += late;
             checks.converge_within = checks.converge_within.map(|c| c + late);
         }
-        if self.topology.controller && self.kinds.contains(&FaultKind::ControllerOutage) {
+        if self.topology.controller
+            && (self.kinds.contains(&FaultKind::ControllerOutage)
+                || self.kinds.contains(&FaultKind::CertExpiry))
+        {
             // A proxy learns of changes made while the controller was down when it comes
             // back and the proxy reconnects (backoff up to its ceiling).
             checks.converge_within = Some(Duration::from_secs(5));
             checks.routing_grace = Duration::from_secs(5);
+        }
+        if self.kinds.contains(&FaultKind::CertExpiry) {
+            // Changes published while the CA was down (12 s) reach a proxy once it holds a
+            // certificate again and reconnects: the outage plus the certificate recovery.
+            checks.converge_within = Some(CERT_OUTAGE + CERT_RECOVERY);
+            checks.routing_grace = CERT_OUTAGE + CERT_RECOVERY;
         }
         checks
     }

@@ -103,7 +103,9 @@ mod armed {
     pub const MARKER: &str = "conduit-fault-points-compiled-in";
 
     struct Armed {
-        rng: DetRng,
+        /// One stream per point: a point removed from a case (when shrinking) leaves the
+        /// draws of the others as they were.
+        rngs: BTreeMap<FaultPoint, DetRng>,
         /// Per mille of chances at which each point fires.
         rates: BTreeMap<FaultPoint, u32>,
         /// How often each fired.
@@ -123,7 +125,16 @@ mod armed {
     pub fn arm(seed: u64, points: &[(FaultPoint, u32)]) {
         tracing::debug!(marker = MARKER, ?points, "fault points armed");
         *armed() = Some(Armed {
-            rng: DetRng::new(seed),
+            rngs: FaultPoint::ALL
+                .into_iter()
+                .zip(1u64..)
+                .map(|(point, n)| {
+                    (
+                        point,
+                        DetRng::new(seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                    )
+                })
+                .collect(),
             rates: points.iter().copied().filter(|(_, r)| *r > 0).collect(),
             fired: BTreeMap::new(),
         });
@@ -153,7 +164,10 @@ mod armed {
         let Some(&rate) = armed.rates.get(&point) else {
             return false;
         };
-        if !armed.rng.chance(u64::from(rate), 1000) {
+        let Some(rng) = armed.rngs.get_mut(&point) else {
+            return false;
+        };
+        if !rng.chance(u64::from(rate), 1000) {
             return false;
         }
         *armed.fired.entry(point).or_insert(0) += 1;
@@ -168,7 +182,10 @@ mod armed {
         let max = u64::try_from(point.max_delay().as_millis())
             .unwrap_or(1)
             .max(1);
-        let ms = armed().as_mut().map_or(1, |a| a.rng.between(1, max));
+        let ms = armed()
+            .as_mut()
+            .and_then(|a| a.rngs.get_mut(&point))
+            .map_or(1, |rng| rng.between(1, max));
         Some(Duration::from_millis(ms))
     }
 }

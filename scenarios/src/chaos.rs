@@ -35,6 +35,10 @@ pub fn plan(case: &Case) -> Plan {
     let mut plan = Plan::new(case.world(), case.flows.clone());
     plan.schedule = case.schedule();
     plan.checks = case.checks();
+    if case.topology.meshed {
+        // No request reached a replica's proxy in plaintext (counts restart with a crashed host).
+        plan = plan.check(conduit_sim::check::inbound_never_plaintext);
+    }
     plan
 }
 
@@ -301,10 +305,10 @@ fn topology_label(case: &Case) -> String {
         "{} service(s), {replicas}, {} client(s), {}",
         case.topology.services.len(),
         case.topology.clients,
-        if case.topology.controller {
-            "controller"
-        } else {
-            "static"
+        match (case.topology.controller, case.topology.meshed) {
+            (true, true) => "controller, mTLS",
+            (true, false) => "controller",
+            _ => "static",
         }
     )
 }
