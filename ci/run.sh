@@ -135,6 +135,25 @@ no_simulation_code_in_release() {
     done
 }
 
+# `conduit chaos --real --netns` (a test in cli/tests/chaos.rs) needs root, iproute2 and
+# iptables; install iptables where we are root and apt can (the test says why it skipped
+# otherwise).
+netns_tools() {
+    if [[ $(id -u) != 0 ]]; then
+        echo "not root: the --netns chaos test will skip"
+    elif ! command -v ip >/dev/null; then
+        echo "no iproute2: the --netns chaos test will skip"
+    elif command -v iptables >/dev/null; then
+        iptables -V
+    elif command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables >/dev/null || echo "could not install iptables: the --netns chaos test will skip"
+        command -v iptables >/dev/null && iptables -V
+    else
+        echo "no iptables and no apt-get: the --netns chaos test will skip"
+    fi
+    return 0
+}
+
 total=$SECONDS
 if [[ ${1:-} == fuzz ]]; then
     step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
@@ -147,6 +166,7 @@ step "core dependency tree is IO-free" core_is_io_free
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # The proxy's `fuzzing` module, which only the fuzz targets enable.
 step "clippy (proxy, fuzzing feature)" cargo clippy -p conduit-proxy --features fuzzing --lib --locked -- -D warnings
+step "tools for the namespace chaos test (iptables)" netns_tools
 # The README's test command.
 step "tests" cargo test --workspace --locked
 step "release binaries carry no simulation-only code" no_simulation_code_in_release

@@ -54,6 +54,12 @@ pub(crate) struct ChaosArgs {
     /// Where `conduit-proxy` and `conduit-controller` are (default: beside this executable).
     #[arg(long, requires = "real")]
     bin_dir: Option<PathBuf>,
+    /// Also put each host of a `--real` run (the client, the controller, each replica) in a
+    /// network namespace of its own behind a router namespace, and add partitions (both ways
+    /// and one way), packet loss and TCP resets made with iptables. Needs root, iproute2 and
+    /// iptables; every namespace is deleted at the end.
+    #[arg(long, requires = "real")]
+    netns: bool,
 }
 
 fn parse_seeds(text: &str) -> Result<(u64, u64), String> {
@@ -77,6 +83,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             rate: args.rate,
             out: args.out.join("real"),
             bin_dir: args.bin_dir,
+            netns: args.netns,
         })
         .await?;
         return if passed {

@@ -14,9 +14,17 @@
 //! does not), every request of the last 20 % succeeded (recovery), and the client proxy's
 //! request counter equals the requests sent. It writes `report.json` and `report.txt`.
 //!
+//! With `--netns` (root, iproute2 and iptables), each host (the client, the controller, each
+//! replica with its app) runs in a network namespace of its own behind a router namespace
+//! ([`crate::netns`]); the client's traffic, readiness checks and metric reads run on a thread
+//! inside the client's namespace. The schedule then also draws partitions between hosts (both
+//! ways and one way), random packet loss at a host and TCP resets, each an iptables rule in the
+//! router added at the strike and removed at the heal.
+//!
 //! Bounded: the run lasts `--duration` plus start-up and at most a few seconds of draining,
-//! sends traffic only to 127.0.0.1, and every process it started is killed when it ends, on
-//! failure and on Ctrl-C (a frozen process is killed too: SIGKILL needs no thaw).
+//! sends traffic only to 127.0.0.1 (or to its own namespaces), and every process it started is
+//! killed when it ends, on failure and on Ctrl-C (a frozen process is killed too: SIGKILL
+//! needs no thaw), and every namespace it made is deleted.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,6 +43,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use conduit_cli::demo::{Binaries, Processes, free_port, http_get};
 
+use crate::netns::Netns;
+
 /// The service the run's replicas serve.
 const SERVICE: &str = "web.chaos";
 /// Replicas of it.
@@ -48,6 +58,8 @@ pub(crate) struct RealOptions {
     pub(crate) rate: u32,
     pub(crate) out: PathBuf,
     pub(crate) bin_dir: Option<PathBuf>,
+    /// Hosts in network namespaces, with iptables faults between them.
+    pub(crate) netns: bool,
 }
 
 /// What a link's fault proxy does to the bytes it carries.
@@ -78,6 +90,15 @@ enum RealFault {
     Freeze(String),
     /// A link's fault proxy changes mode, back to `Pass` at the heal.
     Link(usize, LinkMode),
+    /// Packets between two hosts are dropped, both ways (`--netns`).
+    Partition(String, String),
+    /// Packets from the first host to the second are dropped; the other way passes
+    /// (`--netns`).
+    OneWay(String, String),
+    /// This percentage of packets to and from a host is dropped (`--netns`).
+    Loss(String, u64),
+    /// TCP segments from the first host to the second are answered with a reset (`--netns`).
+    TcpReset(String, String),
 }
 
 impl RealFault {
@@ -93,6 +114,10 @@ impl RealFault {
             Self::Link(_, LinkMode::Reset) => "link_reset",
             Self::Link(_, LinkMode::Blackhole) => "link_blackhole",
             Self::Link(_, LinkMode::Pass) => "link_pass",
+            Self::Partition(..) => "partition",
+            Self::OneWay(..) => "one_way_partition",
+            Self::Loss(..) => "packet_loss",
+            Self::TcpReset(..) => "tcp_reset",
         }
     }
 }
@@ -105,9 +130,27 @@ struct Scheduled {
     fault: RealFault,
 }
 
+/// The hosts of a `--netns` run, each a namespace.
+const HOSTS: [&str; 2 + REPLICAS] = [
+    "client",
+    "controller",
+    "replica-0",
+    "replica-1",
+    "replica-2",
+];
+
+/// The host (namespace) a process runs on.
+fn host_of(process: &str) -> String {
+    match process {
+        "controller" => "controller".to_owned(),
+        "proxy-client" => "client".to_owned(),
+        other => format!("replica-{}", other.rsplit('-').next().unwrap_or("0")),
+    }
+}
+
 /// The seeded schedule: 4-8 faults, each striking inside the first 60 % of the run and healed
-/// by then.
-fn schedule(seed: u64, duration: Duration) -> Vec<Scheduled> {
+/// by then. With `netns`, network faults between hosts are drawn too.
+fn schedule(seed: u64, duration: Duration, netns: bool) -> Vec<Scheduled> {
     let mut rng = DetRng::new(seed).child("chaos-real");
     let chaos_ms = u64::try_from(duration.as_millis()).unwrap_or(20_000) * 6 / 10;
     let start_ms = chaos_ms / 10;
@@ -116,7 +159,7 @@ fn schedule(seed: u64, duration: Duration) -> Vec<Scheduled> {
         let at_ms = start_ms + rng.below((chaos_ms - start_ms) * 3 / 4);
         let heal_ms = (at_ms + rng.between(500, 3_000)).min(chaos_ms);
         let replica = usize::try_from(rng.below(REPLICAS as u64)).unwrap_or(0);
-        let fault = match rng.below(9) {
+        let fault = match rng.below(if netns { 13 } else { 9 }) {
             0 => RealFault::Kill(format!("proxy-{replica}")),
             1 => RealFault::Kill("controller".to_owned()),
             2 => RealFault::Freeze(format!("proxy-{replica}")),
@@ -141,7 +184,24 @@ fn schedule(seed: u64, duration: Duration) -> Vec<Scheduled> {
                 },
             ),
             7 => RealFault::Link(replica, LinkMode::Reset),
-            _ => RealFault::Link(replica, LinkMode::Blackhole),
+            8 => RealFault::Link(replica, LinkMode::Blackhole),
+            kind => {
+                let replica = format!("replica-{replica}");
+                // Which pair: the client and a replica, a replica and the controller, or the
+                // client and the controller.
+                let (a, b) = match rng.below(3) {
+                    0 => ("client".to_owned(), replica.clone()),
+                    1 => (replica.clone(), "controller".to_owned()),
+                    _ => ("client".to_owned(), "controller".to_owned()),
+                };
+                let (a, b) = if rng.chance(1, 2) { (a, b) } else { (b, a) };
+                match kind {
+                    9 => RealFault::Partition(a, b),
+                    10 => RealFault::OneWay(a, b),
+                    11 => RealFault::Loss(a, rng.between(5, 40)),
+                    _ => RealFault::TcpReset("client".to_owned(), replica),
+                }
+            }
         };
         out.push(Scheduled {
             at_ms,
@@ -275,6 +335,8 @@ struct RealReport {
     seed: u64,
     duration_ms: u64,
     rate: u32,
+    /// `loopback`, or the namespace of each host (`--netns`).
+    network: String,
     processes: Vec<String>,
     faults: Vec<Scheduled>,
     faults_by_kind: BTreeMap<String, usize>,
@@ -320,6 +382,7 @@ impl RealReport {
             self.rate,
             self.requests
         );
+        out.push_str(&format!("network: {}\n", self.network));
         out.push_str(&format!("processes: {}\n", self.processes.join(", ")));
         out.push_str("faults:\n");
         for s in &self.faults {
@@ -360,15 +423,25 @@ pub(crate) async fn run(options: RealOptions) -> anyhow::Result<bool> {
         .with_context(|| format!("creating {}", options.out.display()))?;
     let bins = Binaries::locate(options.bin_dir.as_deref())?;
     let hello = std::env::current_exe().context("locating this executable")?;
-    let mut processes = Processes::new(options.out.clone());
-    let run = run_in(&options, &bins, &hello, &mut processes);
-    let report = tokio::select! {
-        report = run => report?,
-        _ = tokio::signal::ctrl_c() => {
-            anyhow::bail!("interrupted; every process started was killed");
-        }
+    let report = if options.netns {
+        let netns = tokio::task::spawn_blocking(|| Netns::create(&HOSTS))
+            .await
+            .context("making the namespaces")??;
+        // Dropped (every namespace deleted) however this ends.
+        let netns = Arc::new(netns);
+        on_client_host(options.clone(), bins, hello, netns).await?
+    } else {
+        let mut processes = Processes::new(options.out.clone());
+        let run = run_in(&options, &bins, &hello, &mut processes, None);
+        let report = tokio::select! {
+            report = run => report?,
+            _ = tokio::signal::ctrl_c() => {
+                anyhow::bail!("interrupted; every process started was killed");
+            }
+        };
+        drop(processes);
+        report
     };
-    drop(processes);
     let text = report.render();
     std::fs::write(
         options.out.join("report.json"),
@@ -380,22 +453,124 @@ pub(crate) async fn run(options: RealOptions) -> anyhow::Result<bool> {
     Ok(report.violations.is_empty())
 }
 
+/// Runs the whole run on a thread inside the client's namespace (a network namespace is per
+/// thread: its sockets, the load's and the checks', are the client host's), on a runtime of
+/// its own. Ctrl-C here stops it; its processes are killed as its run is dropped, and the
+/// namespaces go when the last holder of `netns` lets go, after the thread ends.
+async fn on_client_host(
+    options: RealOptions,
+    bins: Binaries,
+    hello: PathBuf,
+    netns: Arc<Netns>,
+) -> anyhow::Result<RealReport> {
+    let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("chaos-client-host".to_owned())
+        .spawn(move || {
+            let result = (|| {
+                netns.enter("client")?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the client host's runtime")?;
+                runtime.block_on(async {
+                    let mut processes = Processes::new(options.out.clone());
+                    let result = tokio::select! {
+                        report = run_in(&options, &bins, &hello, &mut processes, Some(&netns)) => report,
+                        _ = cancelled => Err(anyhow::anyhow!(
+                            "interrupted; every process started was killed and every namespace deleted"
+                        )),
+                    };
+                    drop(processes);
+                    result
+                })
+            })();
+            let _ = done.send(result);
+        })
+        .context("starting the client host's thread")?;
+    let result = tokio::select! {
+        result = finished => result.unwrap_or_else(|_| Err(anyhow::anyhow!("the client host's thread stopped"))),
+        _ = tokio::signal::ctrl_c() => {
+            let _ = cancel.send(());
+            Err(anyhow::anyhow!(
+                "interrupted; every process started was killed and every namespace deleted"
+            ))
+        }
+    };
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("waiting for the client host's thread")?
+        .map_err(|_| anyhow::anyhow!("the client host's thread panicked"))?;
+    result
+}
+
+/// Where a run's processes go and how they reach each other: loopback with free ports, or a
+/// namespace per host with fixed ports on each host's address.
+struct Place<'a> {
+    netns: Option<&'a Netns>,
+}
+
+impl Place<'_> {
+    /// An address for `host` to listen on that the others reach (`port` in a namespace).
+    fn addr(&self, host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+        match self.netns {
+            Some(netns) => Ok(SocketAddr::from((netns.host(host)?.ip, port))),
+            None => free_port(),
+        }
+    }
+
+    /// An address only its own host reaches (an app behind its proxy).
+    fn local(&self, port: u16) -> anyhow::Result<SocketAddr> {
+        match self.netns {
+            Some(_) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+            None => free_port(),
+        }
+    }
+
+    /// Starts `program` as process `name` on its host.
+    fn spawn(
+        &self,
+        processes: &mut Processes,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        match self.netns {
+            Some(netns) => {
+                // `ip netns exec` enters the namespace and execs the program: the process id
+                // is the program's own, for signals.
+                let mut all = netns.exec_prefix(&host_of(name))?;
+                all.push(program.display().to_string());
+                all.extend_from_slice(args);
+                processes.spawn_with_args(name, Path::new("ip"), &all, env)
+            }
+            None => processes.spawn_with_args(name, program, args, env),
+        }
+    }
+}
+
 async fn run_in(
     options: &RealOptions,
     bins: &Binaries,
     hello: &Path,
     processes: &mut Processes,
+    netns: Option<&Netns>,
 ) -> anyhow::Result<RealReport> {
+    let place = Place { netns };
     let mut names = Vec::new();
     // Apps and their proxies.
     let mut links = Vec::new();
     let mut admins = Vec::new();
     let mut endpoints = Vec::new();
     for i in 0..REPLICAS {
-        let app = free_port()?;
-        let inbound = free_port()?;
-        let admin = free_port()?;
-        processes.spawn_with_args(
+        let host = format!("replica-{i}");
+        let app = place.local(8080)?;
+        let inbound = place.addr(&host, 4143)?;
+        let admin = place.addr(&host, 4191)?;
+        place.spawn(
+            processes,
             &format!("app-{i}"),
             hello,
             &["hello".to_owned(), "--listen".to_owned(), app.to_string()],
@@ -412,7 +587,7 @@ async fn run_in(
         };
         tokio::spawn(link.clone().serve(link_listener, inbound));
         links.push(link);
-        admins.push((format!("proxy-{i}"), admin, inbound, app));
+        admins.push((format!("proxy-{i}"), admin, inbound, app, host));
     }
     let mesh_path = options.out.join("mesh.yaml");
     let mut mesh = format!("services:\n  {SERVICE}:\n    endpoints:\n");
@@ -420,11 +595,13 @@ async fn run_in(
         mesh.push_str(&format!("      - addr: {endpoint}\n"));
     }
     std::fs::write(&mesh_path, mesh).context("writing the mesh file")?;
-    let controller_grpc = free_port()?;
-    let controller_admin = free_port()?;
-    processes.spawn(
+    let controller_grpc = place.addr("controller", 8086)?;
+    let controller_admin = place.addr("controller", 9990)?;
+    place.spawn(
+        processes,
         "controller",
         &bins.controller,
+        &[],
         &[
             ("CONDUIT_CONTROLLER_GRPC_ADDR", controller_grpc.to_string()),
             (
@@ -440,13 +617,18 @@ async fn run_in(
     )?;
     names.push("controller".to_owned());
     let mut ready = vec![controller_admin];
-    for (name, admin, inbound, app) in &admins {
-        processes.spawn(
+    for (name, admin, inbound, app, host) in &admins {
+        place.spawn(
+            processes,
             name,
             &bins.proxy,
+            &[],
             &[
                 ("CONDUIT_PROXY_INBOUND_ADDR", inbound.to_string()),
-                ("CONDUIT_PROXY_OUTBOUND_ADDR", free_port()?.to_string()),
+                (
+                    "CONDUIT_PROXY_OUTBOUND_ADDR",
+                    place.addr(host, 4140)?.to_string(),
+                ),
                 ("CONDUIT_PROXY_ADMIN_ADDR", admin.to_string()),
                 ("CONDUIT_PROXY_APP_ADDR", app.to_string()),
                 ("CONDUIT_PROXY_DISCOVERY", controller_grpc.to_string()),
@@ -457,14 +639,19 @@ async fn run_in(
         names.push(name.clone());
         ready.push(*admin);
     }
-    let outbound = free_port()?;
-    let client_admin = free_port()?;
-    processes.spawn(
+    let outbound = place.addr("client", 4140)?;
+    let client_admin = place.addr("client", 4191)?;
+    place.spawn(
+        processes,
         "proxy-client",
         &bins.proxy,
+        &[],
         &[
             ("CONDUIT_PROXY_OUTBOUND_ADDR", outbound.to_string()),
-            ("CONDUIT_PROXY_INBOUND_ADDR", free_port()?.to_string()),
+            (
+                "CONDUIT_PROXY_INBOUND_ADDR",
+                place.addr("client", 4143)?.to_string(),
+            ),
             ("CONDUIT_PROXY_ADMIN_ADDR", client_admin.to_string()),
             ("CONDUIT_PROXY_DISCOVERY", controller_grpc.to_string()),
             // A frozen or black-holed replica costs a request this long, then a 504.
@@ -496,7 +683,7 @@ async fn run_in(
             )
         })??;
 
-    let faults = schedule(options.seed, options.duration);
+    let faults = schedule(options.seed, options.duration, netns.is_some());
     let total_ms = u64::try_from(options.duration.as_millis()).unwrap_or(20_000);
     let phases = [
         ("chaos", total_ms * 6 / 10),
@@ -541,7 +728,15 @@ async fn run_in(
         let mut frozen: BTreeMap<String, usize> = BTreeMap::new();
         for (at, strike, scheduled) in events {
             clock.sleep_until(start + Duration::from_millis(at)).await;
-            apply(processes, &links, &scheduled.fault, strike, &mut frozen).await?;
+            apply(
+                processes,
+                &links,
+                netns,
+                &scheduled.fault,
+                strike,
+                &mut frozen,
+            )
+            .await?;
         }
         anyhow::Ok(())
     };
@@ -585,6 +780,17 @@ async fn run_in(
         seed: options.seed,
         duration_ms: total_ms,
         rate: options.rate,
+        network: netns.map_or_else(
+            || "loopback".to_owned(),
+            |netns| {
+                HOSTS
+                    .iter()
+                    .filter_map(|h| netns.host(h).ok())
+                    .map(|h| format!("{} {} ({})", h.name, h.ip, h.ns))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
         processes: names,
         faults,
         faults_by_kind,
@@ -599,6 +805,7 @@ async fn run_in(
 async fn apply(
     processes: &mut Processes,
     links: &[FaultLink],
+    netns: Option<&Netns>,
     fault: &RealFault,
     strike: bool,
     frozen: &mut BTreeMap<String, usize>,
@@ -637,6 +844,26 @@ async fn apply(
                 link.set(if strike { *mode } else { LinkMode::Pass });
             }
         }
+        RealFault::Partition(a, b) => {
+            let netns = netns.context("a partition needs --netns")?;
+            netns.drop_between(strike, a, b)?;
+            netns.drop_between(strike, b, a)?;
+        }
+        RealFault::OneWay(a, b) => {
+            netns
+                .context("a partition needs --netns")?
+                .drop_between(strike, a, b)?;
+        }
+        RealFault::Loss(host, percent) => {
+            netns
+                .context("packet loss needs --netns")?
+                .loss(strike, host, *percent)?;
+        }
+        RealFault::TcpReset(a, b) => {
+            netns
+                .context("resets between hosts need --netns")?
+                .reset_between(strike, a, b)?;
+        }
     }
     Ok(())
 }
@@ -667,14 +894,14 @@ mod tests {
     fn every_fault_heals_before_the_settle_phase() {
         for seed in 0..100 {
             let duration = Duration::from_secs(20);
-            let faults = schedule(seed, duration);
+            let faults = schedule(seed, duration, seed % 2 == 0);
             assert!((4..=8).contains(&faults.len()));
             for s in &faults {
                 assert!(s.at_ms < s.heal_ms && s.heal_ms <= 12_000, "{s:?}");
             }
             assert_eq!(
                 format!("{faults:?}"),
-                format!("{:?}", schedule(seed, duration))
+                format!("{:?}", schedule(seed, duration, seed % 2 == 0))
             );
         }
     }

@@ -460,7 +460,7 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 /// The proxy and controller binaries the demo and `conduit redline` start.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Binaries {
     /// `conduit-proxy`.
     pub proxy: PathBuf,

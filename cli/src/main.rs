@@ -7,6 +7,7 @@ use conduit_cli::demo;
 
 mod chaos;
 mod chaos_real;
+mod netns;
 mod sim;
 
 use std::net::SocketAddr;

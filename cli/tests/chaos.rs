@@ -1,6 +1,7 @@
 //! `conduit chaos` end to end: a swarm sweep over a few seeds with its report, a case file
-//! replayed, and a bounded `--real` run against real controller and proxy processes on
-//! loopback that writes its report.
+//! replayed, a bounded `--real` run against real controller and proxy processes on loopback
+//! that writes its report, and the same with each host in a network namespace (`--netns`,
+//! where root, iproute2 and iptables are present).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -101,5 +102,90 @@ fn a_real_run_breaks_processes_and_reports() {
     assert_eq!(report["proxy_counted"], 2_000, "{stdout}");
     assert!(report["faults"].as_array().unwrap().len() >= 4, "{stdout}");
     assert_eq!(report["processes"].as_array().unwrap().len(), 8, "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// What `--netns` needs and this machine lacks, if anything.
+fn netns_missing() -> Option<String> {
+    let on_path = |tool: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+    };
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    });
+    let mut missing: Vec<&str> = Vec::new();
+    if !root {
+        missing.push("root");
+    }
+    if !on_path("ip") {
+        missing.push("ip (iproute2)");
+    }
+    if !on_path("iptables") {
+        missing.push("iptables");
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+#[test]
+fn a_real_run_in_namespaces_partitions_hosts_and_cleans_up() {
+    if let Some(missing) = netns_missing() {
+        eprintln!(
+            "skipped: `conduit chaos --real --netns` needs {missing} (.ci/run installs iptables and runs as root)"
+        );
+        return;
+    }
+    let bin_dir = Path::new(conduit()).parent().unwrap();
+    let out = scratch("netns");
+    // Seed 3 partitions the client from the controller and resets the client's connections
+    // to a replica, besides the process and link faults.
+    let (ok, stdout, stderr) = run(
+        &[
+            "chaos",
+            "--real",
+            "--netns",
+            "--duration",
+            "20s",
+            "--seed",
+            "3",
+            "--rate",
+            "100",
+            "--bin-dir",
+            bin_dir.to_str().unwrap(),
+        ],
+        &out,
+    );
+    assert!(ok, "the run failed:\n{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("real/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["violations"], serde_json::json!([]), "{stdout}");
+    assert_eq!(report["requests"], 2_000, "{stdout}");
+    assert_eq!(report["proxy_counted"], 2_000, "{stdout}");
+    let kinds = &report["faults_by_kind"];
+    assert!(kinds["partition"].as_u64().unwrap_or(0) >= 1, "{stdout}");
+    assert!(kinds["tcp_reset"].as_u64().unwrap_or(0) >= 1, "{stdout}");
+    // Each host had a namespace of its own, and none is left.
+    let network = report["network"].as_str().unwrap();
+    for host in [
+        "client",
+        "controller",
+        "replica-0",
+        "replica-1",
+        "replica-2",
+    ] {
+        assert!(network.contains(&format!("{host} 10.213.")), "{network}");
+    }
+    let left: Vec<String> = std::fs::read_dir("/var/run/netns")
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| network.contains(name.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
     let _ = std::fs::remove_dir_all(&out);
 }
