@@ -4,7 +4,7 @@
 //!
 //! A [`Case`] is plain data: what the seed picked, the topology, the traffic, the fault
 //! schedule and the fault points to arm. It is what a failure file holds, what
-//! [`shrink`](crate::shrink) makes smaller and what `conduit chaos --replay FILE` runs again.
+//! the `shrink` module makes smaller and what `conduit chaos --replay FILE` runs again.
 //!
 //! Every run has a chaos phase (faults strike and heal within it) and a heal phase (no fault,
 //! traffic continues): safety invariants are checked throughout, liveness (every request

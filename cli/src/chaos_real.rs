@@ -846,23 +846,26 @@ async fn apply(
         }
         RealFault::Partition(a, b) => {
             let netns = netns.context("a partition needs --netns")?;
-            netns.drop_between(strike, a, b)?;
-            netns.drop_between(strike, b, a)?;
+            netns.drop_between(strike, a, b).await?;
+            netns.drop_between(strike, b, a).await?;
         }
         RealFault::OneWay(a, b) => {
             netns
                 .context("a partition needs --netns")?
-                .drop_between(strike, a, b)?;
+                .drop_between(strike, a, b)
+                .await?;
         }
         RealFault::Loss(host, percent) => {
             netns
                 .context("packet loss needs --netns")?
-                .loss(strike, host, *percent)?;
+                .loss(strike, host, *percent)
+                .await?;
         }
         RealFault::TcpReset(a, b) => {
             netns
                 .context("resets between hosts need --netns")?
-                .reset_between(strike, a, b)?;
+                .reset_between(strike, a, b)
+                .await?;
         }
     }
     Ok(())

@@ -225,11 +225,28 @@ impl Netns {
 
     /// Adds (`on`) or removes one instance of `rule` (iptables arguments after the chain) in
     /// the router's FORWARD chain. Overlapping faults add a rule each, and each heal removes
-    /// its own.
-    fn forward_rule(&self, on: bool, rule: &[String]) -> anyhow::Result<()> {
-        let mut args: Vec<&str> = vec!["iptables", "-w", if on { "-A" } else { "-D" }, "FORWARD"];
-        args.extend(rule.iter().map(String::as_str));
-        in_ns(&self.router, &args)
+    /// its own. Asynchronous: the run's traffic shares the thread.
+    async fn forward_rule(&self, on: bool, rule: &[String]) -> anyhow::Result<()> {
+        let output = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &self.router, "iptables", "-w"])
+            .arg(if on { "-A" } else { "-D" })
+            .arg("FORWARD")
+            .args(rule)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running iptables")?;
+        if !output.status.success() {
+            bail!(
+                "`iptables {} FORWARD {}` in {} failed ({}): {}",
+                if on { "-A" } else { "-D" },
+                rule.join(" "),
+                self.router,
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Drops every packet from `from` to `to` (on) or stops (off).
@@ -237,7 +254,7 @@ impl Netns {
     /// # Errors
     ///
     /// iptables failed.
-    pub(crate) fn drop_between(&self, on: bool, from: &str, to: &str) -> anyhow::Result<()> {
+    pub(crate) async fn drop_between(&self, on: bool, from: &str, to: &str) -> anyhow::Result<()> {
         let (from, to) = (self.host(from)?.ip, self.host(to)?.ip);
         self.forward_rule(
             on,
@@ -250,6 +267,7 @@ impl Netns {
                 "DROP".into(),
             ],
         )
+        .await
     }
 
     /// Answers every TCP segment from `from` to `to` with a reset (on) or stops (off).
@@ -257,7 +275,7 @@ impl Netns {
     /// # Errors
     ///
     /// iptables failed.
-    pub(crate) fn reset_between(&self, on: bool, from: &str, to: &str) -> anyhow::Result<()> {
+    pub(crate) async fn reset_between(&self, on: bool, from: &str, to: &str) -> anyhow::Result<()> {
         let (from, to) = (self.host(from)?.ip, self.host(to)?.ip);
         self.forward_rule(
             on,
@@ -274,6 +292,7 @@ impl Netns {
                 "tcp-reset".into(),
             ],
         )
+        .await
     }
 
     /// Drops each packet to or from `host` with probability `percent` / 100 (on) or stops.
@@ -281,7 +300,7 @@ impl Netns {
     /// # Errors
     ///
     /// iptables failed.
-    pub(crate) fn loss(&self, on: bool, host: &str, percent: u64) -> anyhow::Result<()> {
+    pub(crate) async fn loss(&self, on: bool, host: &str, percent: u64) -> anyhow::Result<()> {
         let ip = self.host(host)?.ip.to_string();
         let probability = if percent >= 100 {
             "1".to_owned()
@@ -303,7 +322,8 @@ impl Netns {
                     "-j".into(),
                     "DROP".into(),
                 ],
-            )?;
+            )
+            .await?;
         }
         Ok(())
     }

@@ -68,40 +68,58 @@ fn a_sweep_writes_its_report_and_a_case_file_replays() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-#[test]
-fn a_real_run_breaks_processes_and_reports() {
-    let bin_dir = Path::new(conduit()).parent().unwrap();
+/// Runs `conduit chaos --real` (seed 3, 20 s at 100 requests per second) with `extra`
+/// arguments, asserts the checks held and the counts, and returns its report, its stdout and
+/// its output directory.
+fn real_run(name: &str, extra: &[&str]) -> (serde_json::Value, String, PathBuf) {
+    let bin_dir = Path::new(conduit())
+        .parent()
+        .expect("conduit has a directory");
     for bin in ["conduit-proxy", "conduit-controller"] {
         assert!(
             bin_dir.join(bin).exists(),
             "{bin} is not built next to conduit; run `cargo test --workspace` (or build it first)"
         );
     }
-    let out = scratch("real");
-    let (ok, stdout, stderr) = run(
-        &[
-            "chaos",
-            "--real",
-            "--duration",
-            "20s",
-            "--seed",
-            "3",
-            "--rate",
-            "100",
-            "--bin-dir",
-            bin_dir.to_str().unwrap(),
-        ],
-        &out,
-    );
+    let out = scratch(name);
+    let mut args = vec![
+        "chaos",
+        "--real",
+        "--duration",
+        "20s",
+        "--seed",
+        "3",
+        "--rate",
+        "100",
+        "--bin-dir",
+        bin_dir.to_str().expect("a UTF-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = run(&args, &out);
     assert!(ok, "the run failed:\n{stdout}\n{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("real/report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("real/report.json")).expect("the report is written"),
+    )
+    .expect("the report is JSON");
     assert_eq!(report["violations"], serde_json::json!([]), "{stdout}");
     assert_eq!(report["requests"], 2_000, "{stdout}");
     assert_eq!(report["proxy_counted"], 2_000, "{stdout}");
-    assert!(report["faults"].as_array().unwrap().len() >= 4, "{stdout}");
-    assert_eq!(report["processes"].as_array().unwrap().len(), 8, "{stdout}");
+    assert!(
+        report["faults"].as_array().expect("faults").len() >= 4,
+        "{stdout}"
+    );
+    assert_eq!(
+        report["processes"].as_array().expect("processes").len(),
+        8,
+        "{stdout}"
+    );
+    (report, stdout, out)
+}
+
+#[test]
+fn a_real_run_breaks_processes_and_reports() {
+    let (report, stdout, out) = real_run("real", &[]);
+    assert_eq!(report["network"], "loopback", "{stdout}");
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -137,33 +155,9 @@ fn a_real_run_in_namespaces_partitions_hosts_and_cleans_up() {
         );
         return;
     }
-    let bin_dir = Path::new(conduit()).parent().unwrap();
-    let out = scratch("netns");
     // Seed 3 partitions the client from the controller and resets the client's connections
     // to a replica, besides the process and link faults.
-    let (ok, stdout, stderr) = run(
-        &[
-            "chaos",
-            "--real",
-            "--netns",
-            "--duration",
-            "20s",
-            "--seed",
-            "3",
-            "--rate",
-            "100",
-            "--bin-dir",
-            bin_dir.to_str().unwrap(),
-        ],
-        &out,
-    );
-    assert!(ok, "the run failed:\n{stdout}\n{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("real/report.json")).unwrap())
-            .unwrap();
-    assert_eq!(report["violations"], serde_json::json!([]), "{stdout}");
-    assert_eq!(report["requests"], 2_000, "{stdout}");
-    assert_eq!(report["proxy_counted"], 2_000, "{stdout}");
+    let (report, stdout, out) = real_run("netns", &["--netns"]);
     let kinds = &report["faults_by_kind"];
     assert!(kinds["partition"].as_u64().unwrap_or(0) >= 1, "{stdout}");
     assert!(kinds["tcp_reset"].as_u64().unwrap_or(0) >= 1, "{stdout}");
