@@ -231,6 +231,10 @@ pub struct SweepReport {
     pub faults: BTreeMap<String, usize>,
     /// Seeds per topology (`services x replicas, clients, discovery`).
     pub topologies: BTreeMap<String, usize>,
+    /// Seeds with each fault kind on, by discovery (`static`, `controller`, `mtls`) and by
+    /// size (`small`: at most three replicas in all, `large`: more).
+    #[serde(default)]
+    pub coverage: BTreeMap<String, BTreeMap<String, usize>>,
     /// The failures.
     pub failures: Vec<Failure>,
 }
@@ -253,6 +257,22 @@ impl SweepReport {
         for (kind, seeds) in &self.kinds {
             let struck = self.faults.get(kind).copied().unwrap_or(0);
             out.push_str(&format!("  {kind:<20} {seeds:>6} {struck:>7}\n"));
+        }
+        out.push_str(&format!(
+            "\nfault kinds x topologies (seeds):\n  {:<20} {:>7} {:>7} {:>11} {:>11} {:>7} {:>7}\n",
+            "", "static", "static", "controller", "controller", "mTLS", "mTLS"
+        ));
+        out.push_str(&format!(
+            "  {:<20} {:>7} {:>7} {:>11} {:>11} {:>7} {:>7}\n",
+            "", "small", "large", "small", "large", "small", "large"
+        ));
+        for (kind, columns) in &self.coverage {
+            out.push_str(&format!("  {kind:<20}"));
+            for (column, width) in COVERAGE_COLUMNS.iter().zip([7, 7, 11, 11, 7, 7]) {
+                let n = columns.get(*column).copied().unwrap_or(0);
+                out.push_str(&format!(" {n:>width$}"));
+            }
+            out.push('\n');
         }
         out.push_str("\ntopologies (seeds):\n");
         for (topology, seeds) in &self.topologies {
@@ -289,6 +309,28 @@ impl SweepReport {
         }
         out
     }
+}
+
+/// The columns of the report's fault kinds x topologies table: discovery, then size.
+const COVERAGE_COLUMNS: [&str; 6] = [
+    "static/small",
+    "static/large",
+    "controller/small",
+    "controller/large",
+    "mtls/small",
+    "mtls/large",
+];
+
+/// The column of `case` in the coverage table.
+fn coverage_column(case: &Case) -> String {
+    let discovery = match (case.topology.controller, case.topology.meshed) {
+        (true, true) => "mtls",
+        (true, false) => "controller",
+        _ => "static",
+    };
+    let replicas: usize = case.topology.services.iter().map(|(_, r)| r).sum();
+    let size = if replicas <= 3 { "small" } else { "large" };
+    format!("{discovery}/{size}")
 }
 
 /// A topology in words, for the report's coverage table: services, replicas in all (in
@@ -372,12 +414,20 @@ pub fn sweep(sweep: &Sweep, runner: &Runner) -> anyhow::Result<SweepReport> {
         kinds: BTreeMap::new(),
         faults: BTreeMap::new(),
         topologies: BTreeMap::new(),
+        coverage: BTreeMap::new(),
         failures: Vec::new(),
     };
     for (seed, result) in results {
         let case = Case::draw(seed);
+        let column = coverage_column(&case);
         for kind in &case.kinds {
             *report.kinds.entry(kind.to_string()).or_insert(0) += 1;
+            *report
+                .coverage
+                .entry(kind.to_string())
+                .or_default()
+                .entry(column.clone())
+                .or_insert(0) += 1;
         }
         for fault in &case.faults {
             *report.faults.entry(fault.kind.to_string()).or_insert(0) += 1;
@@ -588,6 +638,16 @@ mod tests {
                 "1 service(s), 2-3 replicas, 2 client(s), static".to_owned(),
                 10,
             )]),
+            coverage: BTreeMap::from([
+                (
+                    "crash".to_owned(),
+                    BTreeMap::from([("static/small".to_owned(), 6)]),
+                ),
+                (
+                    "hold".to_owned(),
+                    BTreeMap::from([("static/small".to_owned(), 4)]),
+                ),
+            ]),
             failures: vec![Failure {
                 seed: 7,
                 check: "at-most-once".into(),
