@@ -1,5 +1,5 @@
 //! Accepting connections and serving them: detection, then HTTP/1 through the proxy's own
-//! engine, HTTP/2 through hyper (both through the one request path), or opaque TCP forwarding.
+//! engine, HTTP/2 through h2 (both through the one request path), or opaque TCP forwarding.
 //! Shared by the inbound and outbound listeners, which choose the target and the TLS seam.
 
 use std::net::{IpAddr, SocketAddr};
@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -140,7 +138,7 @@ fn serve_connection<N: Net>(
     async move {
         // The connection's task is sized for its largest state, which every idle kept-alive
         // connection then pays for in memory: the states that are not the HTTP/1 connection's
-        // own (detection, TLS, HTTP/2 through hyper, opaque forwarding) are boxed, once per
+        // own (detection, TLS, HTTP/2, opaque forwarding) are boxed, once per
         // connection, and HTTP/1 boxes its busy periods.
         let detected = match conn.as_mut() {
             Some(parked) => Box::pin(detect_or_reject(parked, &ctx.limits)).await,
@@ -268,23 +266,17 @@ async fn refuse<N: Net, I: Io>(
             reject(&mut io, &denied).await;
         }
         Detected::Http2 => {
-            let denied = Arc::new(denied);
-            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let denied = &denied;
+            let handle = |request: http::Request<crate::http2::stream::RecvBody>| {
                 let grpc = request
                     .headers()
                     .get(http::header::CONTENT_TYPE)
-                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                let response = denied.to_response(grpc, false);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(ctx.limits.max_concurrent_streams)
-                .auto_date_header(false);
-            let io = TokioIo::new(PrefixedIo::new(prefix, io));
-            let connection = builder.serve_connection(io, service);
-            let _ = tokio::time::timeout(ctx.limits.idle_timeout, connection).await;
+                    .is_some_and(|v| conduit_core::classify::is_grpc_content_type(v.as_bytes()));
+                std::future::ready(denied.to_response(grpc, false))
+            };
+            let io = PrefixedIo::new(prefix, io);
+            let serving = crate::http2::conn::serve(io, &ctx.limits, ctx.clock, None, handle);
+            let _ = tokio::time::timeout(ctx.limits.idle_timeout, serving).await;
         }
         Detected::Tls | Detected::Opaque => drop(io),
     }
@@ -426,53 +418,13 @@ async fn serve_h2<N: Net, I: Io>(
     io: I,
     http: &Arc<H2Service<N>>,
     ctx: &ServeContext<N>,
-    mut drain: Drain,
+    drain: Drain,
 ) {
-    let http = Arc::clone(http);
-    let io = TokioIo::new(io);
     // A connection with no stream open for the idle timeout is closed (gracefully), even if it
     // answers pings: an idle client cannot hold its connection forever.
-    let streams = crate::body::Streams::new(ctx.clock);
-    let service = {
-        let streams = Arc::clone(&streams);
-        service_fn(move |request| {
-            let http = Arc::clone(&http);
-            let guard = streams.open();
-            async move {
-                // Boxed: hyper spawns a task per stream, and a task's future is copied into
-                // its cell whole, so the exchange's state (several KB) would be copied on
-                // every request; a box is written once, in place.
-                let response = Box::pin(http.handle(request)).await;
-                Ok::<_, std::convert::Infallible>(
-                    response.map(|body| crate::body::CountedBody::new(body, guard)),
-                )
-            }
-        })
-    };
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(ctx.limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(ctx.limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(ctx.limits.idle_timeout / 4)
-        .keep_alive_timeout(Duration::from_secs(20))
-        .adaptive_window(true)
-        .auto_date_header(false);
-    let connection = builder.serve_connection(io, service);
-    let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = drain.signaled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-        () = streams.idle(ctx.limits.idle_timeout) => {
-            tracing::debug!(idle = ?ctx.limits.idle_timeout, "h2 connection idle; closing");
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(err) = result {
+    let handle = |request| Arc::clone(http).handle(request);
+    let served = crate::http2::conn::serve(io, &ctx.limits, ctx.clock, Some(drain), handle).await;
+    if let Err(err) = served {
         tracing::debug!(error = %err, "connection ended with error");
     }
 }

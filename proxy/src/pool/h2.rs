@@ -1,4 +1,5 @@
-//! Upstream HTTP/2: multiplexed hyper connections per endpoint, shared by every request to
+//! Upstream HTTP/2: multiplexed connections per endpoint (h2, driven directly), shared by every
+//! request to
 //! that endpoint. A request takes the first connection with a stream free under the peer's
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` (a stream counts until its response body ends); when every
 //! connection is full another is opened (up to [`MAX_H2_CONNECTIONS`]), so a busy endpoint is
@@ -17,41 +18,36 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use conduit_core::time::Instant;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{Pools, lock};
 use crate::body::{self, Body, BoxError, StreamGuard, Streams};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{Failed, Sent};
+use crate::http2::conn::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, drive_client};
+use crate::http2::stream::{RecvBody, send_body};
 use crate::net::Net;
 
-/// How long an upstream h2 connection may leave a keep-alive ping unanswered (as the server
-/// side allows its clients).
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// The most HTTP/2 connections kept to one endpoint. Beyond, streams wait in the proxy for
-/// room on the least loaded connection (hyper opens them as others end).
+/// room on the least loaded connection (h2 opens them as others end).
 const MAX_H2_CONNECTIONS: usize = 64;
 
 /// One upstream HTTP/2 connection.
 struct H2Conn {
-    sender: http2::SendRequest<Body>,
+    sender: h2::client::SendRequest<Bytes>,
     /// Which connection this is, so a request that timed out on one replaces only that one.
     generation: u64,
     /// Streams open on it: counted from dispatch until the response body ends.
     streams: Arc<Streams>,
-    /// Reads the peer's current `SETTINGS_MAX_CONCURRENT_STREAMS` (hyper's connection state,
-    /// shared with the task that drives it).
-    max_streams: Arc<dyn Fn() -> usize + Send + Sync>,
+    /// The task driving the connection has ended.
+    closed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for H2Conn {
@@ -65,7 +61,12 @@ impl std::fmt::Debug for H2Conn {
 
 impl H2Conn {
     fn has_room(&self) -> bool {
-        self.streams.open_now() < (self.max_streams)()
+        // The peer's current `SETTINGS_MAX_CONCURRENT_STREAMS`.
+        self.streams.open_now() < self.sender.current_max_send_streams()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -79,7 +80,7 @@ impl H2Slot {
     /// Which connection a new stream should use: the first open one with room, else (all
     /// full, and no more may be opened) the least loaded. `None`: open another.
     fn choose(&mut self) -> Option<usize> {
-        self.conns.retain(|conn| !conn.sender.is_closed());
+        self.conns.retain(|conn| !conn.is_closed());
         if let Some(i) = self.conns.iter().position(H2Conn::has_room) {
             return Some(i);
         }
@@ -166,13 +167,13 @@ struct ProgressBody {
 }
 
 impl http_body::Body for ProgressBody {
-    type Data = bytes::Bytes;
+    type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let poll = Pin::new(&mut self.inner).poll_frame(cx);
         if poll.is_ready() {
             self.progress
@@ -191,12 +192,12 @@ impl http_body::Body for ProgressBody {
     }
 }
 
-/// An HTTP/2 attempt that failed before response headers, with the request handed back when
-/// hyper never sent it (the connection closed before the stream was opened).
+/// An HTTP/2 attempt that failed before response headers, with the request's body handed
+/// back when no stream was opened for it (the connection had closed).
 #[derive(Debug)]
 pub(crate) struct H2Failed {
     pub(crate) failed: Failed,
-    pub(crate) unsent: Option<Request<Body>>,
+    pub(crate) unsent: Option<Body>,
 }
 
 impl From<Failed> for H2Failed {
@@ -213,15 +214,11 @@ impl From<Failed> for H2Failed {
 /// streams above the GOAWAY's last stream id with that error; streams the server kept are cut
 /// by a connection error or EOF instead). Such a request is safe to send again, whatever its
 /// method.
-fn never_processed(err: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    let Some(h2) = err.source().and_then(|e| e.downcast_ref::<h2::Error>()) else {
-        return false;
-    };
-    h2.is_remote()
-        && match h2.reason() {
-            Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
-            Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+fn never_processed(err: &h2::Error) -> bool {
+    err.is_remote()
+        && match err.reason() {
+            Some(h2::Reason::REFUSED_STREAM) => err.is_reset(),
+            Some(h2::Reason::NO_ERROR) => err.is_go_away(),
             _ => false,
         }
 }
@@ -243,13 +240,13 @@ impl<N: Net> Pools<N> {
     ///
     /// Connect failures and timeouts, upstream failures before response headers,
     /// [`ProxyError::ResponseTimeout`] and the deadline; marked unprocessed when the endpoint
-    /// provably did nothing with the request, with the request when hyper handed it back.
+    /// provably did nothing with the request, with the request's body when no stream was opened.
     pub(crate) async fn send_h2(
         &self,
         addr: SocketAddr,
         request: Request<Body>,
         deadline: Option<Instant>,
-    ) -> Result<Sent<Response<Incoming>>, H2Failed> {
+    ) -> Result<Sent<Response<RecvBody>>, H2Failed> {
         let (request, progress) = self.track(request);
         let now = self.clock.now();
         let endpoint = self.endpoint(addr, now);
@@ -259,75 +256,26 @@ impl<N: Net> Pools<N> {
             let mut slot = endpoint.h2.lock().await;
             let (i, connected) = match slot.choose() {
                 Some(i) => (i, false),
-                None => {
-                    let io = match self.connect(addr).await {
-                        Ok(io) => io,
-                        Err(error) => {
-                            return Err(H2Failed {
-                                failed: Failed::unprocessed(error),
-                                unsent: Some(request),
-                            });
-                        }
-                    };
-                    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .max_header_list_size(
-                            u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX),
-                        )
-                        .adaptive_window(true)
-                        // Pings find a peer that vanished without closing (a partition, a
-                        // crashed host), whether or not streams are open; hyper then closes
-                        // the connection and the next request opens another.
-                        .keep_alive_interval(self.limits.idle_timeout / 4)
-                        .keep_alive_timeout(H2_PING_TIMEOUT)
-                        .keep_alive_while_idle(true)
-                        .handshake::<_, Body>(TokioIo::new(io))
-                        .await
-                        .map_err(|source| {
-                            let mut failed = Failed::new(ProxyError::Upstream {
-                                addr,
-                                source: source.into(),
-                            });
-                            failed.connected = true;
-                            H2Failed::from(failed)
-                        })?;
-                    // hyper keeps the peer's settings in the connection it hands back: shared
-                    // between the task that drives it and the pool that reads the stream limit.
-                    // The task drops it when it ends, which closes its senders.
-                    let connection = Arc::new(Mutex::new(Some(Box::pin(connection))));
-                    let settings = Arc::clone(&connection);
-                    let max_streams: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || {
-                        lock(&settings)
-                            .as_ref()
-                            .map_or(0, |connection| connection.current_max_send_streams())
-                    });
-                    tokio::spawn(async move {
-                        let ended = std::future::poll_fn(|cx| {
-                            let mut slot = lock(&connection);
-                            let Some(running) = slot.as_mut() else {
-                                return Poll::Ready(Ok(()));
-                            };
-                            let poll = running.as_mut().poll(cx);
-                            if poll.is_ready() {
-                                *slot = None;
-                            }
-                            poll
-                        })
-                        .await;
-                        if let Err(err) = ended {
-                            tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
-                        }
-                    });
-                    slot.generation = slot.generation.wrapping_add(1);
-                    let generation = slot.generation;
-                    slot.conns.push(H2Conn {
-                        sender,
-                        generation,
-                        streams: Streams::new(self.clock),
-                        max_streams,
-                    });
-                    (slot.conns.len() - 1, true)
-                }
+                None => match self.connect_h2(addr).await {
+                    Ok(conn) => {
+                        slot.generation = slot.generation.wrapping_add(1);
+                        let generation = slot.generation;
+                        let (sender, closed) = conn;
+                        slot.conns.push(H2Conn {
+                            sender,
+                            generation,
+                            streams: Streams::new(self.clock),
+                            closed,
+                        });
+                        (slot.conns.len() - 1, true)
+                    }
+                    Err(failed) => {
+                        return Err(H2Failed {
+                            failed,
+                            unsent: Some(request.into_body()),
+                        });
+                    }
+                },
             };
             let conn = &slot.conns[i];
             (
@@ -337,31 +285,70 @@ impl<N: Net> Pools<N> {
                 conn.generation,
             )
         };
+        let (head, body) = request.into_parts();
+        let end = http_body::Body::is_end_stream(&body);
+        // A fresh handle has no stream of its own waiting to open, so this is ready at once
+        // unless the connection has closed; streams beyond the peer's limit queue in h2.
+        let opened = match std::future::poll_fn(|cx| sender.poll_ready(cx)).await {
+            Ok(()) => sender.send_request(Request::from_parts(head, ()), end),
+            Err(err) => Err(err),
+        };
+        let (response, send) = match opened {
+            Ok(opened) => opened,
+            Err(err) => {
+                // No stream was opened: the request is whole, and may go on another
+                // connection.
+                Self::forget_h2(&endpoint, generation).await;
+                let mut failed = Failed::unprocessed(ProxyError::Upstream {
+                    addr,
+                    source: err.into(),
+                });
+                failed.connected = connected;
+                return Err(H2Failed {
+                    failed,
+                    unsent: Some(body),
+                });
+            }
+        };
+        // The request body goes out while the response head is awaited; a body still going
+        // when the head comes (a stream both ways, an early answer) carries on in a task of its
+        // own.
+        let mut pump = (!end).then(|| Box::pin(send_body(body, send)));
+        let mut response = std::pin::pin!(response);
         let waited = self
             .headers(
                 progress.as_ref(),
                 deadline,
-                sender.try_send_request(request),
+                std::future::poll_fn(|cx| {
+                    if let Some(sending) = pump.as_mut()
+                        && let Poll::Ready(sent) = sending.as_mut().poll(cx)
+                    {
+                        if let Err(err) = sent {
+                            tracing::debug!(endpoint = %addr, error = %err, "request body ended early");
+                        }
+                        pump = None;
+                    }
+                    response.as_mut().poll(cx)
+                }),
             )
             .await;
-        let mut response = match waited {
+        let response = match waited {
             Ok(Ok(response)) => response,
-            Ok(Err(mut err)) => {
-                let unsent = err.take_message();
-                let unprocessed = unsent.is_some() || never_processed(err.error());
+            Ok(Err(err)) => {
+                let unprocessed = never_processed(&err);
                 if unprocessed {
-                    // The connection closed before the stream opened, or the server refused
-                    // the stream (going away, or at its stream limit): later requests get a new
-                    // connection, and this one may be sent on it or elsewhere.
+                    // The server refused the stream (going away, or at its stream limit):
+                    // later requests get a new connection, and this one may be sent on it or
+                    // elsewhere.
                     Self::forget_h2(&endpoint, generation).await;
                 }
                 let mut failed = Failed::new(ProxyError::Upstream {
                     addr,
-                    source: err.into_error().into(),
+                    source: err.into(),
                 });
                 failed.unprocessed = unprocessed;
                 failed.connected = connected;
-                return Err(H2Failed { failed, unsent });
+                return Err(failed.into());
             }
             Err(waited) => {
                 // Later requests get a new connection; this one closes when its last stream
@@ -378,13 +365,63 @@ impl<N: Net> Pools<N> {
                 return Err(failed.into());
             }
         };
-        response.extensions_mut().insert(UpstreamStream {
+        if let Some(sending) = pump {
+            tokio::spawn(async move {
+                if let Err(err) = sending.await {
+                    tracing::debug!(error = %err, "request body ended early");
+                }
+            });
+        }
+        let (mut parts, stream_body) = response.into_parts();
+        let body = RecvBody::new(stream_body, &parts.headers);
+        parts.extensions.insert(UpstreamStream {
             _stream: Arc::new(stream),
         });
         Ok(Sent {
-            response,
+            response: Response::from_parts(parts, body),
             connected,
         })
+    }
+
+    /// Opens an HTTP/2 connection to `addr` and starts the task that drives it; its handle,
+    /// and the flag that task sets when the connection has ended.
+    async fn connect_h2(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), Failed> {
+        let io = self.connect(addr).await.map_err(Failed::unprocessed)?;
+        let (sender, connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_send_buffer_size(SEND_BUFFER)
+            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|source| {
+                let mut failed = Failed::new(ProxyError::Upstream {
+                    addr,
+                    source: source.into(),
+                });
+                failed.connected = true;
+                failed
+            })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        // Pings find a peer that vanished without closing (a partition, a crashed host),
+        // whether or not streams are open; the connection then ends and the next request
+        // opens another.
+        let driving = drive_client(
+            connection,
+            self.clock,
+            self.limits.idle_timeout / 4,
+            Arc::clone(&closed),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = driving.await {
+                tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
+            }
+        });
+        Ok((sender, closed))
     }
 
     /// Wraps a request body that is still to be sent so its frames push the response deadline

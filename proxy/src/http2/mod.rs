@@ -1,5 +1,6 @@
-//! The HTTP/2 engine: hyper serves the client's connection, and each request goes through the
-//! one request path ([`Exchange`]) with this module moving its bytes: the request (and a copy
+//! The HTTP/2 engine: h2 serves the client's connection ([`conn::serve`], every stream on the
+//! connection's task), and each request goes through the one request path ([`Exchange`]) with
+//! this module moving its bytes: the request (and a copy
 //! of its body, within the replay limit) to an endpoint's shared HTTP/2 connection, the
 //! response back with a body that settles the exchange when it ends.
 //!
@@ -15,7 +16,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 
 use crate::body::{self, Body, CountedBody, GuardedBody, Recorded};
 use crate::clock::Clock;
@@ -27,6 +27,11 @@ use crate::fault_points::FaultPoint;
 use crate::net::Net;
 use crate::pool::Pools;
 use crate::pool::h2::{H2Failed, UpstreamStream};
+
+pub(crate) mod conn;
+pub(crate) mod stream;
+
+use stream::RecvBody;
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -40,7 +45,7 @@ pub(crate) struct H2Service<N: Net> {
 
 impl<N: Net> H2Service<N> {
     /// Serves one HTTP/2 request; never fails (errors become responses).
-    pub(crate) async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+    pub(crate) async fn handle(self: Arc<Self>, request: Request<RecvBody>) -> Response<Body> {
         let start = self.cx.clock.now();
         let (parts, incoming) = request.into_parts();
         let mut exchange = Exchange::begin(&self.cx, &H2Head(&parts), start).await;
@@ -96,7 +101,7 @@ struct H2Exchange<'p, N: Net> {
     clock: Clock,
     /// The head as forwarded, or why it cannot be.
     head: Result<Parts, Option<ProxyError>>,
-    /// The client's body, until an attempt takes it (or hyper hands it back unsent).
+    /// The client's body, until an attempt takes it (or gets it back unsent).
     body: Option<Body>,
     /// The request has no body.
     empty: bool,
@@ -107,9 +112,9 @@ struct H2Exchange<'p, N: Net> {
 }
 
 impl<'p, N: Net> H2Exchange<'p, N> {
-    fn new(pools: &'p Arc<Pools<N>>, clock: Clock, parts: Parts, incoming: Incoming) -> Self {
+    fn new(pools: &'p Arc<Pools<N>>, clock: Clock, parts: Parts, incoming: RecvBody) -> Self {
         // A request that has no body (most do not) gets the empty body, which boxes without
-        // an allocation; the client's `Incoming` would cost one per request for nothing.
+        // an allocation; the client's stream would cost one per request for nothing.
         let empty = http_body::Body::is_end_stream(&incoming);
         // An upload that stops moving fails after the idle timeout, as on HTTP/1.
         let body = if empty {
@@ -159,11 +164,11 @@ impl<'p, N: Net> H2Exchange<'p, N> {
 }
 
 impl<N: Net> Engine for H2Exchange<'_, N> {
-    type Response = Response<Incoming>;
+    type Response = Response<RecvBody>;
     type Output = Response<Body>;
     const HTTP1: bool = false;
 
-    async fn send(&mut self, attempt: &Attempt) -> Result<Sent<Response<Incoming>>, Failed> {
+    async fn send(&mut self, attempt: &Attempt) -> Result<Sent<Response<RecvBody>>, Failed> {
         let parts = match &mut self.head {
             Ok(head) => {
                 if let Some(value) = attempt.grpc_timeout
@@ -210,7 +215,7 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
             Ok(sent) => Ok(sent),
             Err(H2Failed { failed, unsent }) => {
                 if let Some(unsent) = unsent {
-                    self.body = Some(unsent.into_body());
+                    self.body = Some(unsent);
                 }
                 Err(failed)
             }
@@ -221,16 +226,16 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
         self.empty || self.body.is_some() || self.recorded.as_ref().is_some_and(Recorded::complete)
     }
 
-    fn discard(&mut self, response: Response<Incoming>) {
+    fn discard(&mut self, response: Response<RecvBody>) {
         // Dropping the body resets the stream; the connection carries on.
         drop(response);
     }
 
-    fn facts<'a>(&'a self, response: &'a Response<Incoming>) -> Facts<'a> {
+    fn facts<'a>(&'a self, response: &'a Response<RecvBody>) -> Facts<'a> {
         facts(response)
     }
 
-    async fn respond(&mut self, response: Response<Incoming>, settle: Settle) -> Response<Body> {
+    async fn respond(&mut self, response: Response<RecvBody>, settle: Settle) -> Response<Body> {
         // The caller gets this response: nobody sends the request again.
         self.recorded = None;
         let (mut parts, incoming) = response.into_parts();
@@ -290,13 +295,13 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
         })
     }
 
-    fn adopt(&mut self, response: Response<Incoming>) -> Response<Incoming> {
+    fn adopt(&mut self, response: Response<RecvBody>) -> Response<RecvBody> {
         response
     }
 }
 
 /// The facts of an HTTP/2 response head.
-fn facts(response: &Response<Incoming>) -> Facts<'_> {
+fn facts(response: &Response<RecvBody>) -> Facts<'_> {
     let headers = response.headers();
     Facts {
         status: response.status(),
@@ -319,7 +324,7 @@ pub(crate) struct H2Copy<N: Net> {
 }
 
 impl<N: Net> RequestCopy for H2Copy<N> {
-    type Response = Response<Incoming>;
+    type Response = Response<RecvBody>;
 
     fn whole(&self) -> Option<bool> {
         match &self.body {
@@ -328,7 +333,7 @@ impl<N: Net> RequestCopy for H2Copy<N> {
         }
     }
 
-    fn send(&self, attempt: Attempt) -> BoxedSend<Response<Incoming>> {
+    fn send(&self, attempt: Attempt) -> BoxedSend<Response<RecvBody>> {
         let body = match &self.body {
             None => body::empty(),
             Some(recorded) => match recorded.replay() {
@@ -361,7 +366,7 @@ impl<N: Net> RequestCopy for H2Copy<N> {
         })
     }
 
-    fn facts(response: &Response<Incoming>) -> Facts<'_> {
+    fn facts(response: &Response<RecvBody>) -> Facts<'_> {
         facts(response)
     }
 }
