@@ -107,7 +107,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `200 hello world\n` to every request, as fast as possible (benchmark backend).
+/// Serves `200 hello world\n` to every request, as fast as possible (benchmark backend); a
+/// gRPC call (`content-type: application/grpc`) gets a unary answer: an empty message and
+/// `grpc-status: 0` in the trailers.
 ///
 /// HTTP/1.1 and h2 with prior knowledge share the port: each accepted connection is peeked
 /// once for the HTTP/2 connection preface and served by hyper's http2 server if it starts
@@ -120,10 +122,18 @@ pub async fn serve_hello(listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = service_fn(|_request: http::Request<hyper::body::Incoming>| async {
-                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                    b"hello world\n",
-                ))))
+            let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                let grpc = request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                Ok::<_, Infallible>(if grpc {
+                    grpc_ok()
+                } else {
+                    http::Response::new(HelloBody::Hello(Some(Bytes::from_static(
+                        b"hello world\n",
+                    ))))
+                })
             });
             if starts_with_h2_preface(&stream).await {
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -135,6 +145,62 @@ pub async fn serve_hello(listener: TcpListener) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The hello server's bodies: the greeting, or a gRPC answer (one empty message, then the
+/// trailers).
+enum HelloBody {
+    Hello(Option<Bytes>),
+    Grpc(Option<Bytes>, Option<http::HeaderMap>),
+}
+
+/// A unary gRPC success: one empty length-prefixed message, `grpc-status: 0`.
+fn grpc_ok() -> http::Response<HelloBody> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let mut response = http::Response::new(HelloBody::Grpc(
+        Some(Bytes::from_static(&[0, 0, 0, 0, 0])),
+        Some(trailers),
+    ));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+impl http_body::Body for HelloBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let frame = match self.get_mut() {
+            Self::Hello(data) => data.take().map(http_body::Frame::data),
+            Self::Grpc(data, trailers) => match data.take() {
+                Some(data) => Some(http_body::Frame::data(data)),
+                None => trailers.take().map(http_body::Frame::trailers),
+            },
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hello(data) => data.is_none(),
+            Self::Grpc(data, trailers) => data.is_none() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Hello(Some(data)) => http_body::SizeHint::with_exact(data.len() as u64),
+            Self::Hello(None) => http_body::SizeHint::with_exact(0),
+            Self::Grpc(..) => http_body::SizeHint::default(),
+        }
     }
 }
 

@@ -110,7 +110,10 @@ where
                 Some(Ok((request, respond))) => {
                     let (parts, stream) = request.into_parts();
                     let body = RecvBody::new(stream, &parts.headers);
-                    let response = handle(Request::from_parts(parts, body));
+                    // Boxed: the request's future (the exchange's whole state, several KB)
+                    // is written once into its box; the stream's own future, which the set
+                    // moves on each push, stays a few words.
+                    let response = Box::pin(handle(Request::from_parts(parts, body)));
                     streams.push(serve_stream(respond, response, open.open()));
                 }
                 Some(Err(err)) => return Poll::Ready(Err(err.into())),
@@ -123,12 +126,14 @@ where
 
 /// One stream of a client's connection: its response (unless the client resets the stream
 /// first), then the response's body. The stream counts as open until its body is sent.
-async fn serve_stream<Fut>(mut respond: SendResponse<Bytes>, response: Fut, _open: StreamGuard)
-where
+async fn serve_stream<Fut>(
+    mut respond: SendResponse<Bytes>,
+    mut response: Pin<Box<Fut>>,
+    _open: StreamGuard,
+) where
     Fut: Future<Output = Response<Body>>,
 {
     let response = {
-        let mut response = std::pin::pin!(response);
         let answered = std::future::poll_fn(|cx| {
             if let Poll::Ready(response) = response.as_mut().poll(cx) {
                 return Poll::Ready(Some(response));
