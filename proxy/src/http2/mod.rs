@@ -426,6 +426,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// in the URI (from `:authority`, else `Host`) and no `host` field beside it.
 fn prepare(mut parts: Parts) -> Result<Parts, ProxyError> {
     strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_2;
+    let whole = parts.uri.scheme().is_some()
+        && parts.uri.authority().is_some()
+        && parts.uri.path_and_query().is_some();
+    if whole {
+        // What h2 hands over for every request with `:authority`: forwarded as it is.
+        if parts.headers.contains_key(header::HOST) {
+            parts.headers.remove(header::HOST);
+        }
+        return Ok(parts);
+    }
     let authority = match parts.uri.authority() {
         Some(authority) => authority.clone(),
         None => parts
