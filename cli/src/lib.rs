@@ -9,5 +9,6 @@
 pub mod app;
 pub mod control;
 pub mod demo;
+pub mod inject;
 pub mod redline;
 pub mod stat;

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Conduit: a service mesh whose every behaviour is proven in deterministic simulation.
@@ -185,6 +186,34 @@ enum Command {
         /// The simulation's seed.
         #[arg(long, default_value_t = 1, requires = "sim")]
         seed: u64,
+    },
+    /// Add the proxy to the workloads of a Kubernetes YAML file (`-`: stdin) and print the
+    /// result, for `kubectl apply -f -`: the `conduit-init` init container that redirects the
+    /// pod's TCP through the proxy, and the `conduit-proxy` container. Pods that opt out
+    /// (`conduit.io/inject: disabled`), use the host's network, already have a proxy, or
+    /// declare no port (and no `conduit.io/app-port` annotation) are left alone; what happened
+    /// to each workload goes to stderr.
+    Inject {
+        /// The YAML file, or `-` for stdin.
+        file: PathBuf,
+        /// The controller's Destination API the proxies use, `HOST:PORT`.
+        #[arg(
+            long,
+            default_value = "conduit-controller.conduit.svc.cluster.local:8086"
+        )]
+        controller: String,
+        /// The proxy's image (default: this version's).
+        #[arg(long)]
+        proxy_image: Option<String>,
+        /// The init container's image (default: this version's).
+        #[arg(long)]
+        init_image: Option<String>,
+        /// Inbound ports of the pod that TCP reaches directly (besides the admin port 4191).
+        #[arg(long, value_delimiter = ',')]
+        skip_inbound_ports: Vec<u16>,
+        /// Destination ports the pod's apps reach directly, past the proxy.
+        #[arg(long, value_delimiter = ',')]
+        skip_outbound_ports: Vec<u16>,
     },
     /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
     /// HTTP/1.1 address (h2c with `--h2`) and print what came back.
@@ -507,6 +536,45 @@ fn main() -> ExitCode {
             Command::Identity(IdentityCommand::Show { admin }) => {
                 let shown = conduit_cli::control::identity_show(admin).await?;
                 print!("{shown}");
+                Ok(())
+            }
+            Command::Inject {
+                file,
+                controller,
+                proxy_image,
+                init_image,
+                skip_inbound_ports,
+                skip_outbound_ports,
+            } => {
+                let input = if file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+                } else {
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                };
+                let mut options =
+                    conduit_cli::inject::InjectOptions::for_version(env!("CARGO_PKG_VERSION"));
+                options.controller = controller;
+                if let Some(image) = proxy_image {
+                    options.proxy_image = image;
+                }
+                if let Some(image) = init_image {
+                    options.init_image = image;
+                }
+                options.skip_inbound_ports = skip_inbound_ports;
+                options.skip_outbound_ports = skip_outbound_ports;
+                let (out, reports) = conduit_cli::inject::inject_yaml(&input, &options)?;
+                print!("{out}");
+                for report in reports {
+                    match report.outcome {
+                        conduit_cli::inject::Outcome::Injected => {
+                            eprintln!("{}: injected", report.workload);
+                        }
+                        conduit_cli::inject::Outcome::Skipped(why) => {
+                            eprintln!("{}: skipped ({why})", report.workload);
+                        }
+                    }
+                }
                 Ok(())
             }
             Command::Sim(args) => sim::run(args),

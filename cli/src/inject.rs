@@ -1,0 +1,484 @@
+//! `conduit inject`: adds the proxy to workloads' pod templates, offline, in YAML a user
+//! applies with `kubectl apply -f -`.
+//!
+//! [`inject_pod`] is the one place that decides and applies the patch to a pod (its metadata
+//! and spec); the admission webhook is to call the same function on the pods it admits. It
+//! adds:
+//! - the `conduit-init` init container, which redirects the pod's TCP through the proxy
+//!   (iptables; it needs `NET_ADMIN` and `NET_RAW` and runs as root, once, before the apps);
+//! - the `conduit-proxy` container: inbound on 4143 (to the app's port), outbound on
+//!   127.0.0.1:4140, admin on 4191 (`/ready` and `/live` as its probes), discovery from the
+//!   controller, running as uid 2102 (the uid the redirect spares);
+//! - the annotation `conduit.io/proxy-version`.
+//!
+//! A pod is left alone, with the reason reported, when it opts out
+//! (`conduit.io/inject: disabled` on the workload or its pod template), already has a proxy
+//! (injecting twice changes nothing), uses the host's network (the redirect would capture
+//! the node's traffic), or declares no port and has no `conduit.io/app-port` annotation (the
+//! proxy would not know where the app listens, and inbound traffic would go nowhere).
+
+use anyhow::{Context as _, bail};
+use serde_yaml_ng::{Mapping, Value};
+
+/// The annotation that opts a workload in or out (`enabled` / `disabled`).
+pub const INJECT_ANNOTATION: &str = "conduit.io/inject";
+/// The annotation naming the app's port when the pod declares none (or another one).
+pub const APP_PORT_ANNOTATION: &str = "conduit.io/app-port";
+/// The annotation an injected pod carries: the version of the proxy it got.
+pub const VERSION_ANNOTATION: &str = "conduit.io/proxy-version";
+/// The proxy container's name.
+pub const PROXY_CONTAINER: &str = "conduit-proxy";
+/// The init container's name.
+pub const INIT_CONTAINER: &str = "conduit-init";
+
+/// What the injected containers are and where they connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectOptions {
+    /// The proxy's image.
+    pub proxy_image: String,
+    /// The init container's image.
+    pub init_image: String,
+    /// The controller's Destination API, `HOST:PORT`.
+    pub controller: String,
+    /// The uid the proxy runs as (and the redirect spares).
+    pub proxy_uid: u32,
+    /// Inbound ports of the pod that TCP reaches directly, besides the admin port.
+    pub skip_inbound_ports: Vec<u16>,
+    /// Destination ports the pod's apps reach directly.
+    pub skip_outbound_ports: Vec<u16>,
+}
+
+impl InjectOptions {
+    /// The defaults for this version: images tagged with it, the controller at its
+    /// in-cluster name.
+    #[must_use]
+    pub fn for_version(version: &str) -> Self {
+        Self {
+            proxy_image: format!("ghcr.io/conduit-mesh/proxy:{version}"),
+            init_image: format!("ghcr.io/conduit-mesh/init:{version}"),
+            controller: "conduit-controller.conduit.svc.cluster.local:8086".to_owned(),
+            proxy_uid: 2102,
+            skip_inbound_ports: Vec::new(),
+            skip_outbound_ports: Vec::new(),
+        }
+    }
+}
+
+const INBOUND_PORT: u16 = 4143;
+const OUTBOUND_PORT: u16 = 4140;
+const ADMIN_PORT: u16 = 4191;
+
+/// What happened to one pod template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The proxy was added.
+    Injected,
+    /// Left alone, and why.
+    Skipped(String),
+}
+
+/// One workload of the input and what happened to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// `Kind/name`.
+    pub workload: String,
+    pub outcome: Outcome,
+}
+
+/// Injects the proxy into every workload of a YAML stream (documents separated by `---`;
+/// `List`s are walked), leaving every other document as it was. Returns the YAML to apply
+/// and a report per workload.
+///
+/// # Errors
+///
+/// A document is not YAML, or a workload's pod template is not a mapping where Kubernetes
+/// puts one.
+pub fn inject_yaml(input: &str, options: &InjectOptions) -> anyhow::Result<(String, Vec<Report>)> {
+    let mut out = Vec::new();
+    let mut reports = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
+        let mut value: Value = serde::Deserialize::deserialize(document)
+            .with_context(|| format!("document {} is not YAML", index + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        inject_object(&mut value, options, &mut reports)?;
+        out.push(serde_yaml_ng::to_string(&value).context("writing YAML")?);
+    }
+    Ok((out.join("---\n"), reports))
+}
+
+/// Injects one Kubernetes object (or the items of a `List`).
+fn inject_object(
+    object: &mut Value,
+    options: &InjectOptions,
+    reports: &mut Vec<Report>,
+) -> anyhow::Result<()> {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if kind == "List" {
+        if let Some(Value::Sequence(items)) = object.get_mut("items") {
+            for item in items {
+                inject_object(item, options, reports)?;
+            }
+        }
+        return Ok(());
+    }
+    let name = object
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    let workload = format!("{kind}/{name}");
+    // Where each kind keeps its pod: the object itself, or its template.
+    let path: &[&str] = match kind.as_str() {
+        "Pod" => &[],
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => &["spec", "template"],
+        "CronJob" => &["spec", "jobTemplate", "spec", "template"],
+        _ => return Ok(()),
+    };
+    let opted_out = annotation(object, INJECT_ANNOTATION) == Some("disabled");
+    let mut pod = &mut *object;
+    for key in path {
+        pod = pod
+            .get_mut(*key)
+            .with_context(|| format!("{workload} has no {}", path.join(".")))?;
+    }
+    let outcome = if opted_out {
+        Outcome::Skipped(format!("{INJECT_ANNOTATION}: disabled on the workload"))
+    } else {
+        inject_pod(pod, options).with_context(|| format!("injecting {workload}"))?
+    };
+    reports.push(Report { workload, outcome });
+    Ok(())
+}
+
+/// An annotation of an object (a workload, a pod or a pod template).
+fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
+    object
+        .get("metadata")?
+        .get("annotations")?
+        .get(key)?
+        .as_str()
+}
+
+/// Adds the proxy and the init container to a pod (or pod template: `metadata` and `spec`),
+/// unless it must be left alone (see the module's documentation).
+///
+/// # Errors
+///
+/// The pod's `spec` is missing or not shaped as Kubernetes has it.
+pub fn inject_pod(pod: &mut Value, options: &InjectOptions) -> anyhow::Result<Outcome> {
+    if annotation(pod, INJECT_ANNOTATION) == Some("disabled") {
+        return Ok(Outcome::Skipped(format!(
+            "{INJECT_ANNOTATION}: disabled on the pod template"
+        )));
+    }
+    let app_port_annotation = annotation(pod, APP_PORT_ANNOTATION).map(str::to_owned);
+    let spec = pod.get("spec").context("no spec")?;
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Outcome::Skipped(
+            "hostNetwork: the redirect would capture the node's traffic".to_owned(),
+        ));
+    }
+    let containers = spec
+        .get("containers")
+        .and_then(Value::as_sequence)
+        .context("spec.containers is not a list")?;
+    let named = |c: &Value, name: &str| c.get("name").and_then(Value::as_str) == Some(name);
+    if containers.iter().any(|c| named(c, PROXY_CONTAINER)) {
+        return Ok(Outcome::Skipped("already injected".to_owned()));
+    }
+    let app_port = match app_port_annotation {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("{APP_PORT_ANNOTATION}: `{port}` is not a port"))?,
+        None => match containers.iter().find_map(first_tcp_port) {
+            Some(port) => port,
+            None => {
+                return Ok(Outcome::Skipped(format!(
+                    "no containerPort and no {APP_PORT_ANNOTATION} annotation: the proxy \
+                     would not know where the app listens"
+                )));
+            }
+        },
+    };
+    if [INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT].contains(&app_port) {
+        bail!("the app's port {app_port} is one of the proxy's (4140, 4143, 4191)");
+    }
+    let spec = pod.get_mut("spec").context("no spec")?;
+    push(spec, "initContainers", init_container(options), false)?;
+    // First: the kubelet starts containers in order, so the proxy is up (or starting) before
+    // the apps whose connections the redirect sends to it.
+    push(spec, "containers", proxy_container(options, app_port), true)?;
+    let metadata = mapping_at(pod, "metadata")?;
+    let annotations = mapping_in(metadata, "annotations")?;
+    annotations.insert(
+        VERSION_ANNOTATION.into(),
+        env!("CARGO_PKG_VERSION").to_owned().into(),
+    );
+    Ok(Outcome::Injected)
+}
+
+/// The first TCP `containerPort` a container declares.
+fn first_tcp_port(container: &Value) -> Option<u16> {
+    container
+        .get("ports")?
+        .as_sequence()?
+        .iter()
+        .filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP")
+        .find_map(|p| p.get("containerPort")?.as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+}
+
+/// Adds `item` to the list at `key` of `parent` (made when missing), at its end or `first`.
+fn push(parent: &mut Value, key: &str, item: Value, first: bool) -> anyhow::Result<()> {
+    let map = parent.as_mapping_mut().context("not a mapping")?;
+    let list = map
+        .entry(key.into())
+        .or_insert_with(|| Value::Sequence(Vec::new()));
+    if list.is_null() {
+        *list = Value::Sequence(Vec::new());
+    }
+    let list = list
+        .as_sequence_mut()
+        .with_context(|| format!("{key} is not a list"))?;
+    if first {
+        list.insert(0, item);
+    } else {
+        list.push(item);
+    }
+    Ok(())
+}
+
+/// The mapping at `key` of `parent` (made when missing).
+fn mapping_at<'a>(parent: &'a mut Value, key: &str) -> anyhow::Result<&'a mut Mapping> {
+    let map = parent.as_mapping_mut().context("not a mapping")?;
+    mapping_in(map, key)
+}
+
+fn mapping_in<'a>(map: &'a mut Mapping, key: &str) -> anyhow::Result<&'a mut Mapping> {
+    let entry = map
+        .entry(key.into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    if entry.is_null() {
+        *entry = Value::Mapping(Mapping::new());
+    }
+    entry
+        .as_mapping_mut()
+        .with_context(|| format!("{key} is not a mapping"))
+}
+
+fn ports(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The init container: `conduit-init` with the ports and uid the proxy container uses.
+fn init_container(options: &InjectOptions) -> Value {
+    let mut skip_inbound = vec![ADMIN_PORT];
+    skip_inbound.extend(&options.skip_inbound_ports);
+    let mut args = vec![
+        "--inbound-port".to_owned(),
+        INBOUND_PORT.to_string(),
+        "--outbound-port".to_owned(),
+        OUTBOUND_PORT.to_string(),
+        "--proxy-uid".to_owned(),
+        options.proxy_uid.to_string(),
+        "--skip-inbound-ports".to_owned(),
+        ports(&skip_inbound),
+    ];
+    if !options.skip_outbound_ports.is_empty() {
+        args.push("--skip-outbound-ports".to_owned());
+        args.push(ports(&options.skip_outbound_ports));
+    }
+    yaml(&format!(
+        "name: {INIT_CONTAINER}
+image: {image}
+args: {args}
+securityContext:
+  capabilities: {{add: [NET_ADMIN, NET_RAW], drop: [ALL]}}
+  runAsUser: 0
+  runAsNonRoot: false
+  privileged: false
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+resources:
+  requests: {{cpu: 10m, memory: 10Mi}}
+  limits: {{cpu: 100m, memory: 20Mi}}
+",
+        image = options.init_image,
+        args = serde_json::to_string(&args).unwrap_or_default(),
+    ))
+}
+
+/// The proxy container.
+fn proxy_container(options: &InjectOptions, app_port: u16) -> Value {
+    yaml(&format!(
+        "name: {PROXY_CONTAINER}
+image: {image}
+env:
+  - {{name: CONDUIT_PROXY_INBOUND_ADDR, value: '0.0.0.0:{INBOUND_PORT}'}}
+  - {{name: CONDUIT_PROXY_OUTBOUND_ADDR, value: '127.0.0.1:{OUTBOUND_PORT}'}}
+  - {{name: CONDUIT_PROXY_ADMIN_ADDR, value: '0.0.0.0:{ADMIN_PORT}'}}
+  - {{name: CONDUIT_PROXY_APP_ADDR, value: '127.0.0.1:{app_port}'}}
+  - {{name: CONDUIT_PROXY_DISCOVERY, value: '{controller}'}}
+ports:
+  - {{name: conduit-proxy, containerPort: {INBOUND_PORT}}}
+  - {{name: conduit-admin, containerPort: {ADMIN_PORT}}}
+readinessProbe:
+  httpGet: {{path: /ready, port: {ADMIN_PORT}}}
+  initialDelaySeconds: 2
+livenessProbe:
+  httpGet: {{path: /live, port: {ADMIN_PORT}}}
+  initialDelaySeconds: 10
+securityContext:
+  runAsUser: {uid}
+  runAsNonRoot: true
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities: {{drop: [ALL]}}
+",
+        image = options.proxy_image,
+        controller = options.controller,
+        uid = options.proxy_uid,
+    ))
+}
+
+/// Parses YAML this module writes itself (so it always parses).
+fn yaml(text: &str) -> Value {
+    serde_yaml_ng::from_str(text).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> InjectOptions {
+        InjectOptions::for_version("0.1.0")
+    }
+
+    const DEPLOYMENT: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+        - name: web
+          image: example/web:1
+          ports:
+            - containerPort: 8080
+";
+
+    #[test]
+    fn a_deployment_gets_the_proxy_and_the_redirect() {
+        let (out, reports) = inject_yaml(DEPLOYMENT, &options()).unwrap();
+        assert_eq!(
+            reports,
+            vec![Report {
+                workload: "Deployment/web".into(),
+                outcome: Outcome::Injected
+            }]
+        );
+        insta::assert_snapshot!(out);
+    }
+
+    #[test]
+    fn injecting_twice_changes_nothing() {
+        let (once, _) = inject_yaml(DEPLOYMENT, &options()).unwrap();
+        let (twice, reports) = inject_yaml(&once, &options()).unwrap();
+        assert_eq!(once, twice);
+        assert_eq!(
+            reports[0].outcome,
+            Outcome::Skipped("already injected".into())
+        );
+    }
+
+    #[test]
+    fn pods_that_must_be_left_alone_are_and_other_documents_pass_through() {
+        let input = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: opted-out
+  annotations: {conduit.io/inject: disabled}
+spec:
+  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: node-agent}
+spec:
+  hostNetwork: true
+  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec:
+  schedule: '0 3 * * *'
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers: [{name: job, image: job}]
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: v1
+    kind: Pod
+    metadata:
+      name: annotated
+      annotations: {conduit.io/app-port: '9090'}
+    spec:
+      containers: [{name: a, image: a}]
+";
+        let (out, reports) = inject_yaml(input, &options()).unwrap();
+        let outcomes: Vec<String> = reports
+            .iter()
+            .map(|r| format!("{}: {:?}", r.workload, r.outcome))
+            .collect();
+        insta::assert_snapshot!(outcomes.join("\n"));
+        // The Service comes through as it was, first.
+        assert!(out.starts_with("apiVersion: v1\nkind: Service\n"), "{out}");
+        // The annotated pod's proxy forwards to the annotated port.
+        assert!(out.contains("value: 127.0.0.1:9090"), "{out}");
+    }
+
+    #[test]
+    fn an_app_port_that_is_the_proxys_is_refused() {
+        let input = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, ports: [{containerPort: 4143}]}]\n";
+        let err = inject_yaml(input, &options()).unwrap_err();
+        assert!(format!("{err:#}").contains("4143"), "{err:#}");
+    }
+}
