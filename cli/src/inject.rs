@@ -11,6 +11,10 @@
 //!   controller, running as uid 2102 (the uid the redirect spares);
 //! - the annotation `conduit.io/proxy-version`.
 //!
+//! The proxy forwards inbound traffic to one port of the app (its first declared TCP port, or
+//! `conduit.io/app-port`); the pod's other declared ports are left out of the redirect, so
+//! they are reached directly (unmeshed) instead of landing on the app's port.
+//!
 //! A pod is left alone, with the reason reported, when it opts out
 //! (`conduit.io/inject: disabled` on the workload or its pod template), already has a proxy
 //! (injecting twice changes nothing), uses the host's network (the redirect would capture
@@ -217,6 +221,18 @@ pub fn inject_pod(pod: &mut Value, options: &InjectOptions) -> anyhow::Result<Ou
     if [INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT].contains(&app_port) {
         bail!("the app's port {app_port} is one of the proxy's (4140, 4143, 4191)");
     }
+    // The proxy forwards what it receives inbound to the app's port alone, so the pod's other
+    // ports are reached directly, outside the mesh, rather than landing on the app's port.
+    let mut other_ports: Vec<u16> = containers
+        .iter()
+        .flat_map(tcp_ports)
+        .filter(|p| *p != app_port)
+        .collect();
+    other_ports.sort_unstable();
+    other_ports.dedup();
+    let mut options = options.clone();
+    options.skip_inbound_ports.extend(other_ports);
+    let options = &options;
     let spec = pod.get_mut("spec").context("no spec")?;
     push(spec, "initContainers", init_container(options), false)?;
     // First: the kubelet starts containers in order, so the proxy is up (or starting) before
@@ -233,13 +249,19 @@ pub fn inject_pod(pod: &mut Value, options: &InjectOptions) -> anyhow::Result<Ou
 
 /// The first TCP `containerPort` a container declares.
 fn first_tcp_port(container: &Value) -> Option<u16> {
+    tcp_ports(container).next()
+}
+
+/// The TCP `containerPort`s a container declares.
+fn tcp_ports(container: &Value) -> impl Iterator<Item = u16> + '_ {
     container
-        .get("ports")?
-        .as_sequence()?
-        .iter()
+        .get("ports")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
         .filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP")
-        .find_map(|p| p.get("containerPort")?.as_u64())
-        .and_then(|p| u16::try_from(p).ok())
+        .filter_map(|p| p.get("containerPort")?.as_u64())
+        .filter_map(|p| u16::try_from(p).ok())
 }
 
 /// Adds `item` to the list at `key` of `parent` (made when missing), at its end or `first`.
@@ -473,6 +495,14 @@ items:
         assert!(out.starts_with("apiVersion: v1\nkind: Service\n"), "{out}");
         // The annotated pod's proxy forwards to the annotated port.
         assert!(out.contains("value: 127.0.0.1:9090"), "{out}");
+    }
+
+    #[test]
+    fn the_pods_other_ports_are_reached_directly() {
+        let input = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n    - {name: a, ports: [{containerPort: 8080}, {containerPort: 9090}]}\n    - {name: b, ports: [{containerPort: 53, protocol: UDP}, {containerPort: 7000}]}\n";
+        let (out, _) = inject_yaml(input, &options()).unwrap();
+        assert!(out.contains("value: 127.0.0.1:8080"), "{out}");
+        assert!(out.contains("- 4191,7000,9090\n"), "{out}");
     }
 
     #[test]
