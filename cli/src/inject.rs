@@ -2,8 +2,8 @@
 //! applies with `kubectl apply -f -`.
 //!
 //! [`inject_pod`] is the one place that decides and applies the patch to a pod (its metadata
-//! and spec); the admission webhook is to call the same function on the pods it admits. It
-//! adds:
+//! and spec); [`admission_review`], the mutating webhook's answer to the API server, turns
+//! what it makes of a pod into a JSON Patch, so both give the same pod. It adds:
 //! - the `conduit-init` init container, which redirects the pod's TCP through the proxy
 //!   (iptables; it needs `NET_ADMIN` and `NET_RAW` and runs as root, once, before the apps);
 //! - the `conduit-proxy` container: inbound on 4143 (to the app's port), outbound on
@@ -386,6 +386,112 @@ fn yaml(text: &str) -> Value {
     serde_yaml_ng::from_str(text).unwrap_or(Value::Null)
 }
 
+/// Answers a Kubernetes `AdmissionReview` (`admission.k8s.io/v1`) for the mutating webhook: a
+/// pod being created gets the proxy as a JSON Patch, decided and built by [`inject_pod`], the
+/// function `conduit inject` uses, so the webhook and offline injection give the same pod.
+/// Anything else (another kind or operation, a pod left alone) is allowed unchanged; a pod
+/// whose annotations are wrong (an app port that is not one) is refused with the reason, which
+/// `kubectl` shows.
+///
+/// # Errors
+///
+/// The review has no `request.uid` (nothing an API server sends).
+pub fn admission_review(
+    review: &serde_json::Value,
+    options: &InjectOptions,
+) -> anyhow::Result<serde_json::Value> {
+    let request = review.get("request").context("no request")?;
+    let uid = request
+        .get("uid")
+        .and_then(serde_json::Value::as_str)
+        .context("no request.uid")?;
+    let mut response = serde_json::json!({ "uid": uid, "allowed": true });
+    let is_pod = request
+        .pointer("/kind/kind")
+        .and_then(serde_json::Value::as_str)
+        == Some("Pod");
+    let create = request.get("operation").and_then(serde_json::Value::as_str) == Some("CREATE");
+    if let (true, true, Some(original)) = (is_pod, create, request.get("object")) {
+        let mut pod: Value = serde_yaml_ng::to_value(original).context("reading the pod")?;
+        match inject_pod(&mut pod, options) {
+            Ok(Outcome::Injected) => {
+                let injected = serde_json::to_value(&pod).context("writing the pod")?;
+                let patch = serde_json::to_vec(&pod_patch(original, &injected))
+                    .context("writing the patch")?;
+                response["patchType"] = "JSONPatch".into();
+                response["patch"] =
+                    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, patch)
+                        .into();
+            }
+            Ok(Outcome::Skipped(why)) => {
+                tracing::debug!(uid, why, "pod left alone");
+            }
+            Err(err) => {
+                response["allowed"] = false.into();
+                response["status"] = serde_json::json!({
+                    "code": 400,
+                    "message": format!("conduit: {err:#}"),
+                });
+            }
+        }
+    }
+    Ok(serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": response,
+    }))
+}
+
+/// The JSON Patch (RFC 6902) from a pod to the pod [`inject_pod`] made of it: the init
+/// container appended, the proxy first among the containers, the version annotation.
+fn pod_patch(original: &serde_json::Value, injected: &serde_json::Value) -> serde_json::Value {
+    use serde_json::json;
+    let named = |list: Option<&serde_json::Value>, name: &str| {
+        list.and_then(serde_json::Value::as_array)
+            .and_then(|l| {
+                l.iter()
+                    .find(|c| c.get("name").and_then(serde_json::Value::as_str) == Some(name))
+            })
+            .cloned()
+            .unwrap_or_default()
+    };
+    let init = named(injected.pointer("/spec/initContainers"), INIT_CONTAINER);
+    let proxy = named(injected.pointer("/spec/containers"), PROXY_CONTAINER);
+    let version = injected
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(VERSION_ANNOTATION))
+        .cloned()
+        .unwrap_or_default();
+    let mut ops = Vec::new();
+    if original
+        .pointer("/spec/initContainers")
+        .is_some_and(serde_json::Value::is_array)
+    {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers/-", "value": init}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init]}));
+    }
+    ops.push(json!({"op": "add", "path": "/spec/containers/0", "value": proxy}));
+    // A `/` in a key is `~1` in a JSON Pointer (RFC 6901).
+    let key = VERSION_ANNOTATION.replace('~', "~0").replace('/', "~1");
+    if original
+        .pointer("/metadata/annotations")
+        .is_some_and(serde_json::Value::is_object)
+    {
+        ops.push(
+            json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": version}),
+        );
+    } else if original
+        .get("metadata")
+        .is_some_and(serde_json::Value::is_object)
+    {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {VERSION_ANNOTATION: version}}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/metadata", "value": {"annotations": {VERSION_ANNOTATION: version}}}));
+    }
+    serde_json::Value::Array(ops)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,5 +616,92 @@ items:
         let input = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, ports: [{containerPort: 4143}]}]\n";
         let err = inject_yaml(input, &options()).unwrap_err();
         assert!(format!("{err:#}").contains("4143"), "{err:#}");
+    }
+
+    /// Applies the `add` operations of a JSON Patch (all `pod_patch` makes).
+    fn apply_adds(doc: &mut serde_json::Value, patch: &serde_json::Value) {
+        for op in patch.as_array().unwrap() {
+            assert_eq!(op["op"], "add");
+            let path = op["path"].as_str().unwrap();
+            let (parent, last) = path.rsplit_once('/').unwrap();
+            let last = last.replace("~1", "/").replace("~0", "~");
+            let value = op["value"].clone();
+            match doc.pointer_mut(parent).unwrap() {
+                serde_json::Value::Array(list) if last == "-" => list.push(value),
+                serde_json::Value::Array(list) => list.insert(last.parse().unwrap(), value),
+                serde_json::Value::Object(map) => {
+                    map.insert(last, value);
+                }
+                other => panic!("cannot add under {other}"),
+            }
+        }
+    }
+
+    fn review(pod: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "operation": "CREATE",
+                "namespace": "shop",
+                "object": pod,
+            }
+        })
+    }
+
+    #[test]
+    fn the_webhook_patches_a_pod_into_what_inject_makes_of_it() {
+        use base64::Engine as _;
+        let pods = [
+            serde_json::json!({"metadata": {"name": "web"},
+                "spec": {"containers": [{"name": "web", "ports": [{"containerPort": 8080}]}]}}),
+            serde_json::json!({"metadata": {"name": "web", "annotations": {"team": "shop"}},
+                "spec": {"initContainers": [{"name": "migrate"}],
+                         "containers": [{"name": "web", "ports": [{"containerPort": 8080}]}]}}),
+        ];
+        for pod in pods {
+            let answer = admission_review(&review(pod.clone()), &options()).unwrap();
+            let response = &answer["response"];
+            assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+            assert_eq!(response["allowed"], true);
+            assert_eq!(response["patchType"], "JSONPatch");
+            let patch = base64::engine::general_purpose::STANDARD
+                .decode(response["patch"].as_str().unwrap())
+                .unwrap();
+            let patch: serde_json::Value = serde_json::from_slice(&patch).unwrap();
+            let mut patched = pod.clone();
+            apply_adds(&mut patched, &patch);
+            let mut offline: Value = serde_yaml_ng::to_value(&pod).unwrap();
+            assert_eq!(
+                inject_pod(&mut offline, &options()).unwrap(),
+                Outcome::Injected
+            );
+            assert_eq!(patched, serde_json::to_value(&offline).unwrap());
+        }
+    }
+
+    #[test]
+    fn the_webhook_allows_what_it_leaves_alone_and_refuses_bad_annotations() {
+        let opted_out = serde_json::json!({
+            "metadata": {"annotations": {"conduit.io/inject": "disabled"}},
+            "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 80}]}]}});
+        let answer = admission_review(&review(opted_out), &options()).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none());
+        let mut service = review(serde_json::json!({"spec": {}}));
+        service["request"]["kind"]["kind"] = "Service".into();
+        let answer = admission_review(&service, &options()).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none());
+        let bad = serde_json::json!({
+            "metadata": {"annotations": {"conduit.io/app-port": "http"}},
+            "spec": {"containers": [{"name": "a"}]}});
+        let answer = admission_review(&review(bad), &options()).unwrap();
+        assert_eq!(answer["response"]["allowed"], false);
+        let message = answer["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains("conduit.io/app-port"), "{message}");
+        assert!(admission_review(&serde_json::json!({}), &options()).is_err());
     }
 }
