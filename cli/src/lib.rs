@@ -12,3 +12,4 @@ pub mod demo;
 pub mod inject;
 pub mod redline;
 pub mod stat;
+pub mod webhook;

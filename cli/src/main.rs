@@ -196,24 +196,23 @@ enum Command {
     Inject {
         /// The YAML file, or `-` for stdin.
         file: PathBuf,
-        /// The controller's Destination API the proxies use, `HOST:PORT`.
-        #[arg(
-            long,
-            default_value = "conduit-controller.conduit.svc.cluster.local:8086"
-        )]
-        controller: String,
-        /// The proxy's image (default: this version's).
+        #[command(flatten)]
+        inject: InjectArgs,
+    },
+    /// Serve the mutating admission webhook over HTTPS: every pod the API server admits gets
+    /// what `conduit inject` would add, as a JSON Patch (`POST` any path; `GET /ready`).
+    InjectWebhook {
+        /// Where to listen.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// The serving certificate chain (PEM), for the webhook's service name.
         #[arg(long)]
-        proxy_image: Option<String>,
-        /// The init container's image (default: this version's).
+        cert: PathBuf,
+        /// Its private key (PEM).
         #[arg(long)]
-        init_image: Option<String>,
-        /// Inbound ports of the pod that TCP reaches directly (besides the admin port 4191).
-        #[arg(long, value_delimiter = ',')]
-        skip_inbound_ports: Vec<u16>,
-        /// Destination ports the pod's apps reach directly, past the proxy.
-        #[arg(long, value_delimiter = ',')]
-        skip_outbound_ports: Vec<u16>,
+        key: PathBuf,
+        #[command(flatten)]
+        inject: InjectArgs,
     },
     /// Send open-loop load (constant arrival rate, latency from the intended send time) to an
     /// HTTP/1.1 address (h2c with `--h2`) and print what came back.
@@ -250,6 +249,46 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+}
+
+/// What `conduit inject` and the webhook add, and where the proxies connect.
+#[derive(Debug, clap::Args)]
+struct InjectArgs {
+    /// The controller's Destination API the proxies use, `HOST:PORT`.
+    #[arg(
+        long,
+        default_value = "conduit-controller.conduit.svc.cluster.local:8086"
+    )]
+    controller: String,
+    /// The proxy's image (default: this version's).
+    #[arg(long)]
+    proxy_image: Option<String>,
+    /// The init container's image (default: this version's).
+    #[arg(long)]
+    init_image: Option<String>,
+    /// Inbound ports of the pod that TCP reaches directly (besides the admin port 4191).
+    #[arg(long, value_delimiter = ',')]
+    skip_inbound_ports: Vec<u16>,
+    /// Destination ports the pod's apps reach directly, past the proxy.
+    #[arg(long, value_delimiter = ',')]
+    skip_outbound_ports: Vec<u16>,
+}
+
+impl InjectArgs {
+    fn options(self) -> conduit_cli::inject::InjectOptions {
+        let mut options =
+            conduit_cli::inject::InjectOptions::for_version(env!("CARGO_PKG_VERSION"));
+        options.controller = self.controller;
+        if let Some(image) = self.proxy_image {
+            options.proxy_image = image;
+        }
+        if let Some(image) = self.init_image {
+            options.init_image = image;
+        }
+        options.skip_inbound_ports = self.skip_inbound_ports;
+        options.skip_outbound_ports = self.skip_outbound_ports;
+        options
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -538,31 +577,20 @@ fn main() -> ExitCode {
                 print!("{shown}");
                 Ok(())
             }
-            Command::Inject {
-                file,
-                controller,
-                proxy_image,
-                init_image,
-                skip_inbound_ports,
-                skip_outbound_ports,
-            } => {
+            Command::InjectWebhook {
+                listen,
+                cert,
+                key,
+                inject,
+            } => conduit_cli::webhook::run(listen, &cert, &key, inject.options()).await,
+            Command::Inject { file, inject } => {
                 let input = if file.as_os_str() == "-" {
                     std::io::read_to_string(std::io::stdin()).context("reading stdin")?
                 } else {
                     std::fs::read_to_string(&file)
                         .with_context(|| format!("reading {}", file.display()))?
                 };
-                let mut options =
-                    conduit_cli::inject::InjectOptions::for_version(env!("CARGO_PKG_VERSION"));
-                options.controller = controller;
-                if let Some(image) = proxy_image {
-                    options.proxy_image = image;
-                }
-                if let Some(image) = init_image {
-                    options.init_image = image;
-                }
-                options.skip_inbound_ports = skip_inbound_ports;
-                options.skip_outbound_ports = skip_outbound_ports;
+                let options = inject.options();
                 let (out, reports) = conduit_cli::inject::inject_yaml(&input, &options)?;
                 print!("{out}");
                 for report in reports {
