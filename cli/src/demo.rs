@@ -1175,7 +1175,9 @@ async fn run_in(options: &DemoOptions, bins: &Binaries, work: &Path) -> anyhow::
     }
     load.abort();
     outsider_task.abort();
-    let last = scrape(clock, client_admin, &services).await?;
+    // The whole run is summed up to the last scrape of the loop: a Ctrl-C in a terminal reaches
+    // the proxies too, so a scrape after it would race their shutdown.
+    let last = window.back().cloned().unwrap_or_else(|| first.clone());
     let (table, summaries) = rows(&services, &first, &last);
     let summary = DemoSummary {
         seconds: last.at.saturating_duration_since(first.at).as_secs_f64(),
