@@ -40,8 +40,14 @@ pub struct RawControllerConfig {
     pub grpc_addr: Option<String>,
     /// `CONDUIT_CONTROLLER_ADMIN_ADDR` / `--admin-addr`: `IP:PORT` of the admin port.
     pub admin_addr: Option<String>,
-    /// `CONDUIT_CONTROLLER_MESH_FILE` / `--mesh-file`: the mesh file to serve. Required.
+    /// `CONDUIT_CONTROLLER_DISCOVERY` / `--discovery`: `file` (the default) or `kubernetes`.
+    pub discovery: Option<String>,
+    /// `CONDUIT_CONTROLLER_MESH_FILE` / `--mesh-file`: the mesh file to serve. Required with
+    /// file discovery.
     pub mesh_file: Option<String>,
+    /// `CONDUIT_CONTROLLER_CLUSTER_DOMAIN` / `--cluster-domain`: the cluster's DNS domain, with
+    /// Kubernetes discovery (default `cluster.local`).
+    pub cluster_domain: Option<String>,
     /// `CONDUIT_CONTROLLER_MESH_POLL_MS` / `--mesh-poll-ms`: how often to check the file.
     pub mesh_poll_ms: Option<String>,
     /// `CONDUIT_CONTROLLER_LOG` / `--log`: a tracing filter (`info`, `conduit_controller=debug`).
@@ -70,14 +76,30 @@ pub struct ControllerConfig {
     pub grpc_addr: SocketAddr,
     /// Where the admin port (`/metrics`, `/ready`, `/live`) listens.
     pub admin_addr: SocketAddr,
-    /// The mesh file served by the file discovery backend.
-    pub mesh_file: PathBuf,
-    /// How often the mesh file is checked for edits.
-    pub mesh_poll_interval: Duration,
+    /// Where services, endpoints and profiles come from.
+    pub discovery: DiscoverySource,
     /// The tracing filter.
     pub log: String,
     /// The certificate authority: its directory, an operator's CA if any, the leaf lifetime.
     pub identity: IdentityConfig,
+}
+
+/// The discovery backend and its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiscoverySource {
+    /// A watched mesh file.
+    File {
+        /// The mesh file.
+        path: PathBuf,
+        /// How often it is checked for edits.
+        poll_interval: Duration,
+    },
+    /// The Kubernetes API (the client's configuration comes from `KUBECONFIG` or the pod's
+    /// service account).
+    Kubernetes {
+        /// The cluster's DNS domain (`cluster.local`).
+        cluster_domain: String,
+    },
 }
 
 /// One invalid setting.
@@ -113,7 +135,9 @@ impl fmt::Display for InvalidConfig {
 
 const GRPC_ADDR: &str = "CONDUIT_CONTROLLER_GRPC_ADDR (--grpc-addr)";
 const ADMIN_ADDR: &str = "CONDUIT_CONTROLLER_ADMIN_ADDR (--admin-addr)";
+const DISCOVERY: &str = "CONDUIT_CONTROLLER_DISCOVERY (--discovery)";
 const MESH_FILE: &str = "CONDUIT_CONTROLLER_MESH_FILE (--mesh-file)";
+const CLUSTER_DOMAIN: &str = "CONDUIT_CONTROLLER_CLUSTER_DOMAIN (--cluster-domain)";
 const MESH_POLL_MS: &str = "CONDUIT_CONTROLLER_MESH_POLL_MS (--mesh-poll-ms)";
 const IDENTITY_DIR: &str = "CONDUIT_CONTROLLER_IDENTITY_DIR (--identity-dir)";
 const IDENTITY_TRUST_ANCHORS: &str =
@@ -142,14 +166,49 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
         };
         let grpc_addr = addr(GRPC_ADDR, raw.grpc_addr, DEFAULT_GRPC_ADDR);
         let admin_addr = addr(ADMIN_ADDR, raw.admin_addr, DEFAULT_ADMIN_ADDR);
+        let kubernetes = match raw.discovery.as_deref() {
+            None | Some("file") => false,
+            Some("kubernetes") => true,
+            Some(other) => {
+                error(
+                    DISCOVERY,
+                    format!("`{other}` is not a backend: `file` or `kubernetes`"),
+                );
+                false
+            }
+        };
         let mesh_file = match raw.mesh_file {
-            Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+            Some(path) if !path.is_empty() && !kubernetes => Some(PathBuf::from(path)),
+            Some(_) if kubernetes => {
+                error(
+                    MESH_FILE,
+                    "set with Kubernetes discovery, which reads no mesh file: drop one of the two"
+                        .into(),
+                );
+                None
+            }
+            _ if kubernetes => None,
             _ => {
                 error(
                     MESH_FILE,
-                    "missing: the controller serves discovery from a mesh file".into(),
+                    "missing: the controller serves discovery from a mesh file (or set \
+                     CONDUIT_CONTROLLER_DISCOVERY=kubernetes)"
+                        .into(),
                 );
                 None
+            }
+        };
+        let cluster_domain = match raw.cluster_domain {
+            None => crate::discovery::kubernetes::DEFAULT_CLUSTER_DOMAIN.to_owned(),
+            Some(domain) if is_dns_name(domain.trim_end_matches('.')) => {
+                domain.trim_end_matches('.').to_ascii_lowercase()
+            }
+            Some(domain) => {
+                error(
+                    CLUSTER_DOMAIN,
+                    format!("`{domain}` is not a DNS name such as `cluster.local`"),
+                );
+                String::new()
             }
         };
         let mesh_poll_interval = match raw.mesh_poll_ms {
@@ -182,6 +241,15 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
                 None
             }
             Some(dir) => Some(PathBuf::from(dir)),
+            None if kubernetes => {
+                error(
+                    IDENTITY_DIR,
+                    "missing: with Kubernetes discovery, name the certificate authority's \
+                     directory (a volume that outlives the pod)"
+                        .into(),
+                );
+                None
+            }
             None => mesh_file.as_deref().map(IdentityConfig::default_dir),
         };
         let supplied = match (
@@ -238,26 +306,31 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
         {
             error(ADMIN_ADDR, format!("{admin} is also the gRPC address"));
         }
+        let discovery = match (kubernetes, mesh_file, mesh_poll_interval) {
+            (true, _, _) => Some(DiscoverySource::Kubernetes { cluster_domain }),
+            (false, Some(path), Some(poll_interval)) => Some(DiscoverySource::File {
+                path,
+                poll_interval,
+            }),
+            _ => None,
+        };
         match (
             grpc_addr,
             admin_addr,
-            mesh_file,
-            mesh_poll_interval,
+            discovery,
             identity_dir,
             leaf_lifetime,
         ) {
             (
                 Some(grpc_addr),
                 Some(admin_addr),
-                Some(mesh_file),
-                Some(mesh_poll_interval),
+                Some(discovery),
                 Some(identity_dir),
                 Some(leaf_lifetime),
             ) if errors.is_empty() => Ok(Self {
                 grpc_addr,
                 admin_addr,
-                mesh_file,
-                mesh_poll_interval,
+                discovery,
                 log: raw.log.unwrap_or_else(|| DEFAULT_LOG.into()),
                 identity: IdentityConfig {
                     supplied,
@@ -268,6 +341,22 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
             _ => Err(InvalidConfig { errors }),
         }
     }
+}
+
+/// Whether `name` is a DNS name: dot-separated labels of 1 to 63 letters, digits and
+/// hyphens, not starting or ending with a hyphen, 253 bytes at most.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 #[cfg(test)]
@@ -283,7 +372,13 @@ mod tests {
         let config = ControllerConfig::try_from(raw).unwrap();
         assert_eq!(config.grpc_addr, "127.0.0.1:8086".parse().unwrap());
         assert_eq!(config.admin_addr, "127.0.0.1:9996".parse().unwrap());
-        assert_eq!(config.mesh_poll_interval, DEFAULT_MESH_POLL_INTERVAL);
+        assert_eq!(
+            config.discovery,
+            DiscoverySource::File {
+                path: "mesh.yaml".into(),
+                poll_interval: DEFAULT_MESH_POLL_INTERVAL
+            }
+        );
         assert_eq!(config.log, "info");
         assert_eq!(config.identity.dir, PathBuf::from("identity"));
         assert_eq!(config.identity.supplied, None);
@@ -377,6 +472,48 @@ mod tests {
                 .contains("CONDUIT_CONTROLLER_GRPC_ADDR (--grpc-addr): `nope`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kubernetes_discovery_needs_no_mesh_file_but_an_identity_directory() {
+        let raw = RawControllerConfig {
+            discovery: Some("kubernetes".into()),
+            identity_dir: Some("/var/lib/conduit/identity".into()),
+            ..Default::default()
+        };
+        let config = ControllerConfig::try_from(raw).unwrap();
+        assert_eq!(
+            config.discovery,
+            DiscoverySource::Kubernetes {
+                cluster_domain: "cluster.local".into()
+            }
+        );
+
+        let raw = RawControllerConfig {
+            discovery: Some("kubernetes".into()),
+            mesh_file: Some("mesh.yaml".into()),
+            ..Default::default()
+        };
+        let err = ControllerConfig::try_from(raw).unwrap_err();
+        let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();
+        assert_eq!(settings, [MESH_FILE, IDENTITY_DIR]);
+
+        let raw = RawControllerConfig {
+            discovery: Some("kubernetes".into()),
+            identity_dir: Some("i".into()),
+            cluster_domain: Some("bad_domain".into()),
+            ..Default::default()
+        };
+        let err = ControllerConfig::try_from(raw).unwrap_err();
+        assert_eq!(err.errors[0].setting, CLUSTER_DOMAIN);
+
+        let raw = RawControllerConfig {
+            discovery: Some("consul".into()),
+            mesh_file: Some("mesh.yaml".into()),
+            ..Default::default()
+        };
+        let err = ControllerConfig::try_from(raw).unwrap_err();
+        assert_eq!(err.errors[0].setting, DISCOVERY);
     }
 
     #[test]

@@ -15,18 +15,18 @@
 //! a [`config::ControllerConfig`], and a shutdown future. Time comes from `tokio::time`, which
 //! turmoil and paused tests control. Wall-clock time for certificate validity comes from the
 //! [`identity::WallClock`] the certificate authority is given ([`identity::system_wall_clock`]
-//! in [`run_file_controller`]; the simulation passes its own through
+//! in [`run_controller`]; the simulation passes its own through
 //! [`Controller::with_identity`]). The one real-clock read left in the stack is hyper's
 //! HTTP/2 `date` header on gRPC responses; [`Controller::with_fixed_date_header`] pins it for
 //! the simulation (turmoil.md §4.1).
 //!
 //! ```no_run
 //! # async fn example(config: conduit_controller::config::ControllerConfig) -> anyhow::Result<()> {
-//! use conduit_controller::{net::tcp_incoming, run_file_controller};
+//! use conduit_controller::{net::tcp_incoming, run_controller};
 //! let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await?;
 //! let admin = tokio::net::TcpListener::bind(config.admin_addr).await?;
 //! let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
-//! run_file_controller(&config, tcp_incoming(grpc), tcp_incoming(admin), shutdown).await?;
+//! run_controller(&config, tcp_incoming(grpc), tcp_incoming(admin), shutdown).await?;
 //! # Ok(()) }
 //! ```
 
@@ -43,6 +43,7 @@ use tonic::transport::server::Connected;
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod crd;
 pub mod date;
 pub mod destination;
 pub mod discovery;
@@ -53,10 +54,11 @@ pub mod stat;
 
 use crate::admin::AdminState;
 use crate::api::{ApiService, TapService};
-use crate::config::ControllerConfig;
+use crate::config::{ControllerConfig, DiscoverySource};
 use crate::destination::DestinationService;
 use crate::discovery::Discovery;
 use crate::discovery::file::{FileDiscovery, LoadError, load_mesh_file, watch_mesh_file};
+use crate::discovery::kubernetes::KubeDiscovery;
 use crate::identity::ca::{CaError, CertificateAuthority, watch_issuer_files};
 use crate::identity::{IdentityService, system_wall_clock};
 use crate::metrics::Metrics;
@@ -110,6 +112,9 @@ pub enum RunError {
     /// The mesh file could not be loaded at start-up (the error names the field).
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// No Kubernetes client could be configured.
+    #[error(transparent)]
+    Kube(#[from] discovery::kubernetes::KubeError),
     /// The certificate authority could not start (the error names the file).
     #[error("identity: {0}")]
     Identity(#[from] CaError),
@@ -236,8 +241,9 @@ impl Controller {
     }
 }
 
-/// Runs a controller whose discovery is the mesh file `config.mesh_file`: loads it (failing
-/// with an error that names the field if it is invalid), watches it for edits, opens the
+/// Runs a controller whose discovery is `config.discovery`: a mesh file (loaded, failing with
+/// an error that names the field if it is invalid, then watched for edits) or the Kubernetes
+/// API ([`discovery::kubernetes`]); opens the
 /// certificate authority in `config.identity` (bootstrapping its directory on first start; see
 /// [`identity`]) and watches its issuer, and serves gRPC and admin on the given connection
 /// streams until `shutdown` completes.
@@ -249,7 +255,7 @@ impl Controller {
 /// [`RunError::Load`] when the mesh file cannot be read or is invalid at start-up;
 /// [`RunError::Identity`] when the certificate authority cannot start (a garbled or
 /// mismatched file, an unwritable directory); [`RunError::Grpc`] when the gRPC server fails.
-pub async fn run_file_controller<G, GIO, GE, A, AIO, AE>(
+pub async fn run_controller<G, GIO, GE, A, AIO, AE>(
     config: &ControllerConfig,
     grpc_incoming: G,
     admin_incoming: A,
@@ -263,22 +269,40 @@ where
     AIO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     AE: core::fmt::Display,
 {
-    let (mesh, tracker) = load_mesh_file(&config.mesh_file).await?;
-    let metrics = Arc::new(Metrics::new(mesh.services().len()));
-    tracing::info!(
-        path = %config.mesh_file.display(),
-        services = mesh.services().len(),
-        "mesh file loaded"
-    );
-    let discovery = FileDiscovery::new(mesh);
-    let watcher = tokio::spawn(watch_mesh_file(
-        tracker,
-        config.mesh_poll_interval,
-        discovery.clone(),
-        Arc::clone(&metrics),
-    ));
-    // Stops the file watcher however this function returns.
-    let _watcher = AbortOnDrop(watcher);
+    let (discovery, metrics, _watcher): (Arc<dyn Discovery>, _, _) = match &config.discovery {
+        DiscoverySource::File {
+            path,
+            poll_interval,
+        } => {
+            let (mesh, tracker) = load_mesh_file(path).await?;
+            let metrics = Arc::new(Metrics::new(mesh.services().len()));
+            tracing::info!(
+                path = %path.display(),
+                services = mesh.services().len(),
+                "mesh file loaded"
+            );
+            let discovery = FileDiscovery::new(mesh);
+            let watcher = tokio::spawn(watch_mesh_file(
+                tracker,
+                *poll_interval,
+                discovery.clone(),
+                Arc::clone(&metrics),
+            ));
+            (Arc::new(discovery), metrics, AbortOnDrop(watcher))
+        }
+        DiscoverySource::Kubernetes { cluster_domain } => {
+            let client = discovery::kubernetes::client().await?;
+            let metrics = Arc::new(Metrics::new(0));
+            let discovery = KubeDiscovery::new(cluster_domain);
+            let watcher = tokio::spawn(discovery::kubernetes::run(
+                client,
+                discovery.clone(),
+                Arc::clone(&metrics),
+            ));
+            (Arc::new(discovery), metrics, AbortOnDrop(watcher))
+        }
+    };
+    // The watcher stops however this function returns (`_watcher` is dropped).
 
     // Blocking, once, at start-up: a few small files, and on first start two key pairs.
     let ca = Arc::new(CertificateAuthority::open(
@@ -300,7 +324,7 @@ where
     );
     let _renewer = AbortOnDrop(renewer);
     let grpc_incoming = tls.incoming(grpc_incoming);
-    let controller = Controller::new(Arc::new(discovery), metrics)
+    let controller = Controller::new(discovery, metrics)
         .with_metrics_source(Arc::new(stat::HttpMetricsSource))
         .with_identity(ca);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -1,7 +1,8 @@
 //! `conduit-controller`: the control plane binary.
 //!
 //! Reads its settings from flags or `CONDUIT_CONTROLLER_*` variables, loads the mesh file
-//! (exiting non-zero with an error naming the field when it is invalid), opens (or
+//! (exiting non-zero with an error naming the field when it is invalid) or connects to the
+//! Kubernetes API, opens (or
 //! bootstraps) the identity directory (exiting non-zero with an error naming the file when
 //! something there is unusable), binds the gRPC and admin ports on tokio's network and serves
 //! until interrupted (Ctrl-C or SIGTERM).
@@ -12,9 +13,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use conduit_controller::config::{ControllerConfig, RawControllerConfig};
 use conduit_controller::net::tcp_incoming;
-use conduit_controller::run_file_controller;
+use conduit_controller::run_controller;
 
-/// Conduit's control plane: destination discovery from a mesh file, and the public API.
+/// Conduit's control plane: destination discovery from a mesh file or Kubernetes, identity,
+/// and the public API.
 #[derive(Debug, Parser)]
 #[command(name = "conduit-controller", version)]
 struct Args {
@@ -24,9 +26,16 @@ struct Args {
     /// IP:PORT for /metrics, /ready and /live [default: 127.0.0.1:9996].
     #[arg(long, env = "CONDUIT_CONTROLLER_ADMIN_ADDR")]
     admin_addr: Option<String>,
+    /// Where services come from: `file` (a mesh file) or `kubernetes` (the API server, through
+    /// KUBECONFIG or the pod's service account) [default: file].
+    #[arg(long, env = "CONDUIT_CONTROLLER_DISCOVERY")]
+    discovery: Option<String>,
     /// The mesh file (YAML) to serve; edits are picked up while running.
     #[arg(long, env = "CONDUIT_CONTROLLER_MESH_FILE")]
     mesh_file: Option<String>,
+    /// The cluster's DNS domain, with Kubernetes discovery [default: cluster.local].
+    #[arg(long, env = "CONDUIT_CONTROLLER_CLUSTER_DOMAIN")]
+    cluster_domain: Option<String>,
     /// How often to check the mesh file for edits, in milliseconds [default: 1000].
     #[arg(long, env = "CONDUIT_CONTROLLER_MESH_POLL_MS")]
     mesh_poll_ms: Option<String>,
@@ -57,7 +66,9 @@ fn main() -> ExitCode {
     let raw = RawControllerConfig {
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
+        discovery: args.discovery,
         mesh_file: args.mesh_file,
+        cluster_domain: args.cluster_domain,
         mesh_poll_ms: args.mesh_poll_ms,
         log: args.log,
         identity_dir: args.identity_dir,
@@ -119,7 +130,7 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
     tracing::info!(grpc = %config.grpc_addr, admin = %config.admin_addr, "listening");
-    run_file_controller(
+    run_controller(
         &config,
         tcp_incoming(grpc),
         tcp_incoming(admin),

@@ -1,5 +1,5 @@
 //! The controller end to end over real loopback sockets: a mesh file on disk, the controller
-//! as `main.rs` runs it (`run_file_controller`), and tonic clients.
+//! as `main.rs` runs it (`run_controller`), and tonic clients.
 //!
 //! Method: every test rewrites the mesh file atomically (write, then rename) and waits for the
 //! stream message the edit must cause, so nothing depends on how long anything takes. The file
@@ -63,8 +63,10 @@ impl Controller {
         let config = ControllerConfig {
             grpc_addr,
             admin_addr,
-            mesh_file: mesh_file.clone(),
-            mesh_poll_interval: POLL,
+            discovery: conduit_controller::config::DiscoverySource::File {
+                path: mesh_file.clone(),
+                poll_interval: POLL,
+            },
             log: "info".into(),
             identity: IdentityConfig::new(dir.join("identity")),
         };
@@ -73,7 +75,7 @@ impl Controller {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            conduit_controller::run_file_controller(
+            conduit_controller::run_controller(
                 &config,
                 tcp_incoming(grpc),
                 tcp_incoming(admin),

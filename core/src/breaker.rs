@@ -402,6 +402,7 @@ impl From<InvalidBackoff> for InvalidBreaker {
 ///   max_ejected_per_mille: 500  # at most half the endpoints out at once (never all)
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBreaker {
     /// `false` turns both policies off.
@@ -418,6 +419,7 @@ pub struct RawBreaker {
 
 /// The success-rate policy as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSuccessRate {
     /// See [`SuccessRate::threshold_per_mille`]; 0 turns the policy off.
@@ -430,6 +432,7 @@ pub struct RawSuccessRate {
 
 /// The ejection penalty as written: durations such as `500ms`, `1s`, `1m`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawPenalty {
     /// The first penalty.

@@ -421,6 +421,7 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 ///     retryable: true
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawClassifyConfig {
     /// HTTP status rules, in priority order.
@@ -431,6 +432,7 @@ pub struct RawClassifyConfig {
 
 /// Serde form of [`HttpRule`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHttpRule {
     /// The statuses the rule matches. Required.
@@ -444,6 +446,7 @@ pub struct RawHttpRule {
 
 /// Serde form of [`StatusRange`].
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawStatusRange {
     /// The lowest matching status. Defaults to `100`.
@@ -461,6 +464,7 @@ impl Default for RawStatusRange {
 
 /// Serde form of [`GrpcRule`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawGrpcRule {
     /// The code the rule matches. Required.
@@ -473,12 +477,33 @@ pub struct RawGrpcRule {
 
 /// A gRPC code as written in configuration: its number or its name.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize))]
 #[serde(untagged)]
 pub enum RawGrpcCode {
     /// A number, `0..=16`.
     Number(u64),
     /// A name such as `UNAVAILABLE` or `deadline-exceeded` (see [`GrpcCode::from_name`]).
     Name(String),
+}
+
+/// A number or a name: in a Kubernetes schema that is `x-kubernetes-int-or-string` (a
+/// structural schema allows no `anyOf` of two types).
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for RawGrpcCode {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GrpcCode".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A gRPC code: its number (0-16) or its name (UNAVAILABLE, deadline-exceeded).",
+            "x-kubernetes-int-or-string": true,
+        })
+    }
 }
 
 /// Why a response-class configuration was rejected, naming the field at fault.

@@ -32,6 +32,7 @@ pub const MAX_DELAY: Duration = Duration::from_secs(3600);
 
 /// A route's fault policy as written (see the [module docs](self)).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawFault {
     /// Answer a share of the requests with an error instead of sending them.
@@ -42,6 +43,7 @@ pub struct RawFault {
 
 /// An abort as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAbort {
     /// The HTTP status (400 to 599; default 503).
@@ -55,6 +57,7 @@ pub struct RawAbort {
 
 /// A delay as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawDelay {
     /// How long (`200ms`; above zero, at most an hour). Required.

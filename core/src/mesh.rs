@@ -46,6 +46,7 @@ pub use crate::route::{MAX_ROUTES, Profile, RawProfile};
 
 /// The mesh file as written: `services` keyed by the authority clients use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMesh {
     /// Services keyed by name (the host part of the authority clients use).
@@ -54,6 +55,7 @@ pub struct RawMesh {
 
 /// One service as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawService {
     /// The port clients address the service on (default [`DEFAULT_PORT`]).
@@ -80,6 +82,7 @@ pub struct RawService {
 ///     - { identities: ["*"], networks: ["192.168.0.0/16"] }   # both must match
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawServerPolicy {
     /// What happens to clients no authorization names: `all-unauthenticated` (the default),
@@ -94,6 +97,7 @@ pub struct RawServerPolicy {
 /// One authorization as written: clients with one of `identities` (exact names, `*.suffix`, or
 /// `*` for any authenticated client) and, if `networks` are given too, from one of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAuthorization {
     /// Client identities, at most [`MAX_IDENTITIES`]; absent or empty: any client.
@@ -105,6 +109,7 @@ pub struct RawAuthorization {
 
 /// One endpoint as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawEndpoint {
     /// `IP:PORT` of the replica (its proxy's inbound port when meshed).

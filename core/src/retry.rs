@@ -387,6 +387,7 @@ impl HedgePolicy {
 ///   hedge: { after: p95, max: 1 }   # or after: 50ms
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRetry {
     /// See [`RetryPolicy::max_attempts`].
@@ -403,6 +404,7 @@ pub struct RawRetry {
 
 /// A retry backoff as written (durations like `25ms`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRetryBackoff {
     /// The shortest wait (default [`DEFAULT_BACKOFF_MIN`]).
@@ -413,6 +415,7 @@ pub struct RawRetryBackoff {
 
 /// A budget as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBudget {
     /// The share of requests retries may add (`0.2`).
@@ -426,6 +429,7 @@ pub struct RawBudget {
 /// A non-negative decimal as written (`0.2`), compared by its bits so that the raw types stay
 /// `Eq`.
 #[derive(Clone, Copy, Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(transparent)]
 pub struct Ratio(pub f64);
 
@@ -439,6 +443,7 @@ impl Eq for Ratio {}
 
 /// A hedging policy as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHedge {
     /// A duration (`50ms`) or a latency quantile of the route (`p95`, `p99.9`). Required.

@@ -108,6 +108,7 @@ pub trait RequestView {
 ///         http: [ { status: { min: 500 }, failure: true } ]
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawProfile {
     /// Routes, matched in order.
@@ -116,6 +117,7 @@ pub struct RawProfile {
 
 /// One route as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRoute {
     /// The route's name, unique within its profile; it labels per-route metrics.
@@ -136,6 +138,7 @@ pub struct RawRoute {
 
 /// A route's request match as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRequestMatch {
     /// An HTTP method; any method when absent.
@@ -148,6 +151,7 @@ pub struct RawRequestMatch {
 
 /// A path match as written: exactly one of `exact`, `prefix` or `regex`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawPathMatch {
     /// The whole path must equal this.
@@ -160,6 +164,7 @@ pub struct RawPathMatch {
 
 /// A header condition as written: the field's name and exactly one of `exact` or `regex`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHeaderMatch {
     /// The field name (any case).

@@ -86,6 +86,7 @@ pub struct Timeouts {
 ///   attempt: 500ms   # each attempt, until its response headers
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawTimeouts {
     /// See [`Timeouts::request`].

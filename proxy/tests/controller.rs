@@ -60,8 +60,10 @@ impl Controller {
         let config = ControllerConfig {
             grpc_addr: addr,
             admin_addr: admin.local_addr().unwrap(),
-            mesh_file: mesh_file.to_owned(),
-            mesh_poll_interval: Duration::from_millis(5),
+            discovery: conduit_controller::config::DiscoverySource::File {
+                path: mesh_file.to_owned(),
+                poll_interval: Duration::from_millis(5),
+            },
             log: "info".into(),
             identity: conduit_controller::identity::IdentityConfig::new(
                 conduit_controller::identity::IdentityConfig::default_dir(mesh_file),
@@ -70,7 +72,7 @@ impl Controller {
         runtime.spawn(async move {
             let grpc = tokio::net::TcpListener::from_std(grpc).unwrap();
             let admin = tokio::net::TcpListener::from_std(admin).unwrap();
-            let served = conduit_controller::run_file_controller(
+            let served = conduit_controller::run_controller(
                 &config,
                 tcp_incoming(grpc),
                 tcp_incoming(admin),

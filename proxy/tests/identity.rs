@@ -74,15 +74,17 @@ fn start_controller(mesh_file: &Path, identity_dir: &Path) -> (SocketAddr, Contr
     let config = ControllerConfig {
         grpc_addr: addr,
         admin_addr: admin.local_addr().unwrap(),
-        mesh_file: mesh_file.to_owned(),
-        mesh_poll_interval: Duration::from_millis(5),
+        discovery: conduit_controller::config::DiscoverySource::File {
+            path: mesh_file.to_owned(),
+            poll_interval: Duration::from_millis(5),
+        },
         log: "info".into(),
         identity: IdentityConfig::new(identity_dir.to_owned()),
     };
     runtime.spawn(async move {
         let grpc = tokio::net::TcpListener::from_std(grpc).unwrap();
         let admin = tokio::net::TcpListener::from_std(admin).unwrap();
-        conduit_controller::run_file_controller(
+        conduit_controller::run_controller(
             &config,
             tcp_incoming(grpc),
             tcp_incoming(admin),

@@ -19,59 +19,52 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use conduit_core::mesh::{Mesh, Service};
 use conduit_proto::mesh_file::{self, MAX_MESH_FILE_BYTES, MeshFileError};
 use tokio::io::AsyncReadExt as _;
-use tokio::sync::watch;
 
-use super::{Discovery, ServiceSnapshot, ServiceState, ServiceWatch, WatchError, check_authority};
+use super::publish::{Publisher, View};
+use super::{Discovery, ServiceWatch, WatchError};
 use crate::metrics::Metrics;
 
-/// The most distinct names of known services watched with a channel of their own at once
-/// (names nobody watches any more are pruned). Names no service has take no entry: their
-/// watches share one channel and work their state out on every change, so clients asking for
-/// any number of made-up names cannot fill this table and keep other proxies from resolving
-/// real services.
-pub const MAX_WATCHED_NAMES: usize = 10_000;
+pub use super::publish::MAX_WATCHED_NAMES;
 
 /// Discovery from a mesh file: the last good mesh, published to per-name watches.
 ///
 /// Cloning is cheap and clones share state.
 #[derive(Clone, Debug)]
 pub struct FileDiscovery {
-    shared: Arc<Mutex<State>>,
+    publisher: Publisher<MeshView>,
 }
 
+/// A mesh as a [`View`]: its services by name, shared with the snapshots that hold them.
 #[derive(Debug)]
-struct State {
+struct MeshView {
     mesh: Mesh,
-    /// The mesh's services by name, shared with the snapshots that hold them.
     services: BTreeMap<String, Arc<Service>>,
-    generation: u64,
-    /// Watched authorities (lower-cased) of known services, and their channels.
-    watches: BTreeMap<String, watch::Sender<ServiceSnapshot>>,
-    /// Bumped (to the generation) on every change: the shared channel of watches of names no
-    /// service had when they were asked for.
-    changes: watch::Sender<u64>,
 }
 
-impl State {
-    fn project(&self, authority: &str) -> ServiceState {
-        match self
-            .mesh
-            .lookup(authority)
-            .and_then(|s| self.services.get(&s.name))
-        {
-            Some(service) => ServiceState::Found(Arc::clone(service)),
-            None => ServiceState::NotFound,
-        }
+impl MeshView {
+    fn new(mesh: Mesh) -> Self {
+        let services = mesh
+            .services()
+            .map(|s| (s.name.clone(), Arc::new(s.clone())))
+            .collect();
+        Self { mesh, services }
+    }
+}
+
+impl View for MeshView {
+    fn lookup(&self, authority: &str) -> Option<Arc<Service>> {
+        let service = self.mesh.lookup(authority)?;
+        self.services.get(&service.name).cloned()
     }
 
-    fn prune(&mut self) {
-        self.watches.retain(|_, tx| tx.receiver_count() > 0);
+    fn services(&self) -> Vec<Arc<Service>> {
+        self.services.values().cloned().collect()
     }
 }
 
@@ -79,125 +72,47 @@ impl FileDiscovery {
     /// Starts serving `mesh` as generation 1.
     #[must_use]
     pub fn new(mesh: Mesh) -> Self {
-        let services = index(&mesh);
-        let state = State {
-            mesh,
-            services,
-            generation: 1,
-            watches: BTreeMap::new(),
-            changes: watch::Sender::new(1),
-        };
         Self {
-            shared: Arc::new(Mutex::new(state)),
+            publisher: Publisher::new(MeshView::new(mesh)),
         }
     }
 
     /// Publishes a new mesh and returns its generation.
     ///
     /// Only watches whose service changed are woken; a watch of a name that disappeared sees
-    /// [`ServiceState::NotFound`].
+    /// [`ServiceState::NotFound`](super::ServiceState::NotFound).
     pub fn replace(&self, mesh: Mesh) -> u64 {
-        let mut state = self.lock();
-        state.generation += 1;
-        state.services = index(&mesh);
-        state.mesh = mesh;
-        state.prune();
-        let generation = state.generation;
-        for (authority, tx) in &state.watches {
-            let next = state.project(authority);
-            tx.send_if_modified(|snapshot| {
-                if snapshot.state == next {
-                    false
-                } else {
-                    *snapshot = ServiceSnapshot {
-                        generation,
-                        state: next,
-                    };
-                    true
-                }
-            });
-        }
-        state.changes.send_replace(generation);
-        tracing::debug!(
-            generation,
-            services = state.services.len(),
-            "published mesh"
-        );
+        let services = mesh.services().len();
+        let generation = self.publisher.replace(MeshView::new(mesh));
+        tracing::debug!(generation, services, "published mesh");
         generation
     }
 
     /// The generation of the mesh being served (1 for the initial one).
     #[must_use]
     pub fn generation(&self) -> u64 {
-        self.lock().generation
+        self.publisher.generation()
     }
 
     /// The number of distinct names being watched (including ones whose last watcher left
     /// since the last prune).
     #[must_use]
     pub fn watched_names(&self) -> usize {
-        self.lock().watches.len()
+        self.publisher.watched_names()
     }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every critical section leaves the state consistent, so a panic elsewhere while the
-        // lock was held cannot have left it half-updated.
-        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn index(mesh: &Mesh) -> BTreeMap<String, Arc<Service>> {
-    mesh.services()
-        .map(|s| (s.name.clone(), Arc::new(s.clone())))
-        .collect()
 }
 
 impl Discovery for FileDiscovery {
     fn watch(&self, authority: &str) -> Result<ServiceWatch, WatchError> {
-        check_authority(authority)?;
-        let key = authority.to_ascii_lowercase();
-        let mut state = self.lock();
-        if let Some(tx) = state.watches.get(&key) {
-            return Ok(ServiceWatch::new(tx.subscribe()));
-        }
-        if matches!(state.project(&key), ServiceState::NotFound) {
-            let shared = Arc::clone(&self.shared);
-            let project: super::Project = Arc::new(move |authority: &str| {
-                let state = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                ServiceSnapshot {
-                    generation: state.generation,
-                    state: state.project(authority),
-                }
-            });
-            return Ok(ServiceWatch::shared(
-                state.changes.subscribe(),
-                key,
-                project,
-            ));
-        }
-        if state.watches.len() >= MAX_WATCHED_NAMES {
-            state.prune();
-            if state.watches.len() >= MAX_WATCHED_NAMES {
-                return Err(WatchError::TooManyWatches {
-                    max: MAX_WATCHED_NAMES,
-                });
-            }
-        }
-        let snapshot = ServiceSnapshot {
-            generation: state.generation,
-            state: state.project(&key),
-        };
-        let (tx, rx) = watch::channel(snapshot);
-        state.watches.insert(key, tx);
-        Ok(ServiceWatch::new(rx))
+        self.publisher.watch(authority)
     }
 
     fn services(&self) -> Vec<Arc<Service>> {
-        self.lock().services.values().cloned().collect()
+        self.publisher.services()
     }
 
     fn is_ready(&self) -> bool {
-        true
+        self.publisher.is_ready()
     }
 }
 
@@ -401,6 +316,7 @@ pub async fn watch_mesh_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::ServiceState;
 
     fn mesh(text: &str) -> Mesh {
         mesh_file::parse(text).unwrap()

@@ -7,8 +7,9 @@
 //! never sees an older state after a newer one, and each snapshot carries the backend's
 //! `generation`, which only grows.
 //!
-//! Backends today: [`file`](mod@file) (a watched YAML mesh file, for hosts without Kubernetes and the
-//! demo). The Kubernetes backend arrives with its issue and implements the same trait.
+//! Backends: [`file`](mod@file) (a watched YAML mesh file, for hosts without Kubernetes and the
+//! demo) and [`kubernetes`] (watches on the API server). Both publish through
+//! [`publish::Publisher`].
 
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ use conduit_core::mesh::Service;
 use tokio::sync::watch;
 
 pub mod file;
+pub mod kubernetes;
+pub mod publish;
 
 /// The longest authority a subscriber may ask for: a 253-byte DNS name, `:` and a port.
 pub const MAX_AUTHORITY_BYTES: usize = 253 + 6;

@@ -1,0 +1,631 @@
+//! The Kubernetes backend: services, endpoints, pods and `ServiceProfile`s from the API server.
+//!
+//! Two parts, so that only the second touches IO:
+//!
+//! - [`KubeView::build`] turns the objects the API server last reported ([`Objects`]) into the
+//!   services proxies resolve: one per Service port, named `NAME.NAMESPACE`, its endpoints the
+//!   ready addresses of the Service's EndpointSlices (`discovery.k8s.io/v1`) or, on servers
+//!   without them, its Endpoints, at the port the Service port maps to; its profile from the
+//!   `ServiceProfile` of the same name. Every piece goes through the mesh file's validation,
+//!   so a bad profile is refused with the field named, and only that profile.
+//! - [`run`] keeps a reflector (a watch that re-lists and resumes after the API server goes
+//!   away) on each kind and publishes a new view after every burst of changes. Until every
+//!   reflector has synced once the backend is not ready; once it has, an API server that goes
+//!   away leaves the last known state serving.
+//!
+//! Names resolve as clients write them: `NAME.NAMESPACE.svc.CLUSTER_DOMAIN`, `NAME.NAMESPACE.svc`
+//! and `NAME.NAMESPACE`, each with or without `:PORT` (without: port 80 if the Service has it,
+//! else its first port). A bare `NAME` would need the client's namespace, which the Destination
+//! API does not carry: proxies resolve names fully qualified.
+//!
+//! An endpoint whose pod carries the proxy (the `conduit.io/proxy-version` annotation the
+//! injector adds) gets the proxy's admin address (`POD_IP:4191`), so `conduit stat` reads it;
+//! its identity is the pod's `conduit.io/identity` annotation when present.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService, Service};
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Endpoints, Pod, Service as KService, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+
+use super::publish::{Publisher, View};
+use super::{Discovery, ServiceWatch, WatchError};
+use crate::crd::ServiceProfile;
+use crate::metrics::Metrics;
+
+/// The cluster's DNS domain unless configured otherwise.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// The port of an injected proxy's admin server.
+pub const PROXY_ADMIN_PORT: u16 = 4191;
+
+/// The annotation of a pod that has the proxy (added by the injector).
+pub const PROXY_VERSION_ANNOTATION: &str = "conduit.io/proxy-version";
+
+/// The annotation naming the workload identity a meshed pod's proxy proves.
+pub const IDENTITY_ANNOTATION: &str = "conduit.io/identity";
+
+/// The label EndpointSlices carry naming their Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// How long changes are gathered before a new view is published: a rollout changes many
+/// objects at once, and one view for the burst costs proxies one update instead of dozens.
+pub const PUBLISH_DELAY: Duration = Duration::from_millis(20);
+
+/// The objects a view is built from, as the API server last reported them.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// Services of every namespace.
+    pub services: Vec<Arc<KService>>,
+    /// Endpoints, used when the server has no `discovery.k8s.io/v1` EndpointSlices.
+    pub endpoints: Vec<Arc<Endpoints>>,
+    /// EndpointSlices (when the server has them; then `endpoints` is ignored).
+    pub slices: Option<Vec<Arc<EndpointSlice>>>,
+    /// Pods, for each endpoint's proxy admin address and identity.
+    pub pods: Vec<Arc<Pod>>,
+    /// ServiceProfiles.
+    pub profiles: Vec<Arc<ServiceProfile>>,
+}
+
+/// Services as proxies resolve them: by namespace, then name, one [`Service`] per port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeView {
+    namespaces: BTreeMap<String, BTreeMap<String, Vec<Arc<Service>>>>,
+    /// `.svc.CLUSTER_DOMAIN`, the suffix fully qualified names carry.
+    suffix: String,
+}
+
+/// Something in the cluster that could not be used as written, for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `namespace/name` of the object.
+    pub object: String,
+    /// What is wrong, naming the field.
+    pub reason: String,
+}
+
+impl core::fmt::Display for Problem {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+impl KubeView {
+    /// A view with no services.
+    #[must_use]
+    pub fn empty(cluster_domain: &str) -> Self {
+        Self {
+            namespaces: BTreeMap::new(),
+            suffix: format!(
+                ".svc.{}",
+                cluster_domain.trim_matches('.').to_ascii_lowercase()
+            ),
+        }
+    }
+
+    /// Builds the view from the cluster's objects, with what could not be used.
+    #[must_use]
+    pub fn build(objects: &Objects, cluster_domain: &str) -> (Self, Vec<Problem>) {
+        let mut view = Self::empty(cluster_domain);
+        let mut problems = Vec::new();
+        let pods: BTreeMap<(&str, &str), &Pod> = objects
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                Some((
+                    (
+                        pod.metadata.namespace.as_deref()?,
+                        pod.metadata.name.as_deref()?,
+                    ),
+                    &**pod,
+                ))
+            })
+            .collect();
+        let mut profiles: BTreeMap<(&str, String), &ServiceProfile> = BTreeMap::new();
+        for profile in &objects.profiles {
+            let (Some(ns), Some(name)) = (
+                profile.metadata.namespace.as_deref(),
+                profile.metadata.name.as_deref(),
+            ) else {
+                continue;
+            };
+            // `web` or `web.NAMESPACE.svc.CLUSTER_DOMAIN` (Linkerd's form) name Service `web`.
+            let service = name
+                .to_ascii_lowercase()
+                .strip_suffix(&view.suffix)
+                .and_then(|rest| rest.strip_suffix(&format!(".{ns}")).map(str::to_owned))
+                .unwrap_or_else(|| name.to_ascii_lowercase());
+            profiles.insert((ns, service), profile);
+        }
+        let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+        for slice in objects.slices.iter().flatten() {
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if let (Some(ns), Some(service)) = (slice.metadata.namespace.as_deref(), service) {
+                slices
+                    .entry((ns, service.as_str()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        let endpoints: BTreeMap<(&str, &str), &Endpoints> = objects
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    (
+                        e.metadata.namespace.as_deref()?,
+                        e.metadata.name.as_deref()?,
+                    ),
+                    &**e,
+                ))
+            })
+            .collect();
+
+        for service in &objects.services {
+            let (Some(ns), Some(name)) = (
+                service.metadata.namespace.as_deref(),
+                service.metadata.name.as_deref(),
+            ) else {
+                continue;
+            };
+            let Some(spec) = &service.spec else { continue };
+            if spec.type_.as_deref() == Some("ExternalName") {
+                continue;
+            }
+            let object = format!("{ns}/{name}");
+            let profile = profiles.get(&(ns, name.to_owned())).copied();
+            let mut built = Vec::new();
+            for port in spec.ports.iter().flatten() {
+                if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                    continue;
+                }
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
+                let addrs = if objects.slices.is_some() {
+                    slice_addrs(slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice), port)
+                } else {
+                    endpoints_addrs(endpoints.get(&(ns, name)).copied(), port)
+                };
+                let raw_endpoints = addrs
+                    .into_iter()
+                    .map(|(addr, pod)| {
+                        raw_endpoint(addr, pod.and_then(|p| pods.get(&(ns, p)).copied()))
+                    })
+                    .collect();
+                let mesh_name =
+                    format!("{}.{}", name.to_ascii_lowercase(), ns.to_ascii_lowercase());
+                let mut raw = profile.map_or_else(RawService::default, |p| p.spec.to_raw(number));
+                raw.port = Some(number);
+                raw.endpoints = raw_endpoints;
+                match validate(&mesh_name, raw.clone()) {
+                    Ok(service) => built.push(service),
+                    Err(reason) if profile.is_some() => {
+                        // The profile is at fault (the endpoints come from the API server):
+                        // serve the service without it rather than not at all.
+                        problems.push(Problem {
+                            object: format!("ServiceProfile {object}"),
+                            reason,
+                        });
+                        raw.profile = None;
+                        raw.breaker = None;
+                        match validate(&mesh_name, raw) {
+                            Ok(service) => built.push(service),
+                            Err(reason) => problems.push(Problem {
+                                object: format!("Service {object}"),
+                                reason,
+                            }),
+                        }
+                    }
+                    Err(reason) => problems.push(Problem {
+                        object: format!("Service {object}"),
+                        reason,
+                    }),
+                }
+            }
+            view.namespaces
+                .entry(ns.to_ascii_lowercase())
+                .or_default()
+                .insert(name.to_ascii_lowercase(), built);
+        }
+        (view, problems)
+    }
+
+    /// The number of services (Service ports) in the view.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.namespaces
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Whether the view has no services.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Validates one service as the mesh file would, naming the field of a problem.
+fn validate(name: &str, raw: RawService) -> Result<Arc<Service>, String> {
+    let mesh = Mesh::try_from(RawMesh {
+        services: BTreeMap::from([(name.to_owned(), raw)]),
+    })
+    .map_err(|err| err.to_string())?;
+    mesh.services()
+        .next()
+        .map(|s| Arc::new(s.clone()))
+        .ok_or_else(|| "no service".to_owned())
+}
+
+fn raw_endpoint(addr: SocketAddr, pod: Option<&Pod>) -> RawEndpoint {
+    let mut endpoint = RawEndpoint {
+        addr: addr.to_string(),
+        ..RawEndpoint::default()
+    };
+    if let Some(pod) = pod {
+        if let Some(name) = &pod.metadata.name {
+            endpoint.labels.insert("pod".into(), name.clone());
+        }
+        let annotations = pod.metadata.annotations.as_ref();
+        if annotations.is_some_and(|a| a.contains_key(PROXY_VERSION_ANNOTATION)) {
+            endpoint.admin = Some(SocketAddr::new(addr.ip(), PROXY_ADMIN_PORT).to_string());
+            endpoint.identity = annotations
+                .and_then(|a| a.get(IDENTITY_ANNOTATION))
+                .cloned();
+        }
+    }
+    endpoint
+}
+
+/// Whether an endpoint port serves a Service port: the same name (Kubernetes names every
+/// port of a multi-port Service, and the endpoints controllers copy the name).
+fn same_port_name(endpoint_port: Option<&str>, service: &ServicePort) -> bool {
+    endpoint_port.unwrap_or("") == service.name.as_deref().unwrap_or("")
+}
+
+/// Ready addresses, with their pods, of a Service port in its EndpointSlices.
+fn slice_addrs<'a>(
+    slices: &[&'a EndpointSlice],
+    port: &ServicePort,
+) -> Vec<(SocketAddr, Option<&'a str>)> {
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            continue;
+        }
+        let Some(target) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| same_port_name(p.name.as_deref(), port))
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            // `ready` absent means ready (the API's documented reading).
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let pod = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.as_deref());
+            for address in &endpoint.addresses {
+                if let Ok(ip) = address.parse::<IpAddr>() {
+                    out.insert((SocketAddr::new(ip, target), pod));
+                }
+            }
+        }
+    }
+    dedupe(out)
+}
+
+/// Ready addresses, with their pods, of a Service port in its Endpoints.
+fn endpoints_addrs<'a>(
+    endpoints: Option<&'a Endpoints>,
+    port: &ServicePort,
+) -> Vec<(SocketAddr, Option<&'a str>)> {
+    let mut out = BTreeSet::new();
+    for subset in endpoints
+        .and_then(|e| e.subsets.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let Some(target) = subset
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| same_port_name(p.name.as_deref(), port))
+            .and_then(|p| u16::try_from(p.port).ok())
+        else {
+            continue;
+        };
+        for address in subset.addresses.iter().flatten() {
+            let pod = address
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.as_deref());
+            if let Ok(ip) = address.ip.parse::<IpAddr>() {
+                out.insert((SocketAddr::new(ip, target), pod));
+            }
+        }
+    }
+    dedupe(out)
+}
+
+/// One entry per address (an address in two slices during a move counts once).
+fn dedupe<'a>(
+    addrs: BTreeSet<(SocketAddr, Option<&'a str>)>,
+) -> Vec<(SocketAddr, Option<&'a str>)> {
+    let mut seen = BTreeSet::new();
+    addrs
+        .into_iter()
+        .filter(|(addr, _)| seen.insert(*addr))
+        .collect()
+}
+
+/// Splits `host[:port]`; service names have no brackets.
+fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        None => Some((authority, None)),
+    }
+}
+
+impl View for KubeView {
+    fn lookup(&self, authority: &str) -> Option<Arc<Service>> {
+        let (host, port) = split_authority(authority)?;
+        let host = host.trim_end_matches('.');
+        let short = host
+            .strip_suffix(self.suffix.as_str())
+            .or_else(|| host.strip_suffix(".svc"))
+            .unwrap_or(host);
+        let (name, namespace) = short.split_once('.')?;
+        if namespace.contains('.') {
+            return None;
+        }
+        let ports = self.namespaces.get(namespace)?.get(name)?;
+        let found = match port {
+            Some(port) => ports.iter().find(|s| s.port == port),
+            None => ports
+                .iter()
+                .find(|s| s.port == 80)
+                .or_else(|| ports.first()),
+        };
+        found.cloned()
+    }
+
+    fn services(&self) -> Vec<Arc<Service>> {
+        self.namespaces
+            .values()
+            .flat_map(BTreeMap::values)
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Discovery from the Kubernetes API. Cloning is cheap and clones share state.
+#[derive(Clone, Debug)]
+pub struct KubeDiscovery {
+    publisher: Publisher<KubeView>,
+    cluster_domain: String,
+}
+
+impl KubeDiscovery {
+    /// A backend that is not ready until [`run`] has synced with the API server.
+    #[must_use]
+    pub fn new(cluster_domain: &str) -> Self {
+        Self {
+            publisher: Publisher::unready(KubeView::empty(cluster_domain)),
+            cluster_domain: cluster_domain.to_owned(),
+        }
+    }
+
+    /// Publishes a view built from `objects` and returns its generation and the problems found.
+    pub fn publish(&self, objects: &Objects) -> (u64, usize, Vec<Problem>) {
+        let (view, problems) = KubeView::build(objects, &self.cluster_domain);
+        let services = view.len();
+        (self.publisher.replace(view), services, problems)
+    }
+}
+
+impl Discovery for KubeDiscovery {
+    fn watch(&self, authority: &str) -> Result<ServiceWatch, WatchError> {
+        self.publisher.watch(authority)
+    }
+
+    fn services(&self) -> Vec<Arc<Service>> {
+        self.publisher.services()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.publisher.is_ready()
+    }
+}
+
+/// Why the backend could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KubeError {
+    /// No usable configuration for a client (no kubeconfig and not in a cluster).
+    #[error("Kubernetes client configuration: {0}")]
+    Config(String),
+}
+
+/// A client from the environment: `KUBECONFIG` (or `~/.kube/config`), else the pod's service
+/// account when running in a cluster.
+///
+/// # Errors
+///
+/// [`KubeError::Config`] when neither is there.
+pub async fn client() -> Result<Client, KubeError> {
+    Client::try_default()
+        .await
+        .map_err(|err| KubeError::Config(err.to_string()))
+}
+
+/// Follows the API server and publishes to `discovery`, forever (abort the task to stop).
+///
+/// Every watch re-lists and resumes after errors with backoff; errors are logged and counted
+/// and the last good view keeps serving.
+pub async fn run(client: Client, discovery: KubeDiscovery, metrics: Arc<Metrics>) {
+    let use_slices = has_resource(&client, "discovery.k8s.io/v1", "endpointslices").await;
+    let has_profiles = has_resource(&client, "conduit.io/v1alpha1", "serviceprofiles").await;
+    tracing::info!(
+        endpoints = if use_slices {
+            "EndpointSlices (discovery.k8s.io/v1)"
+        } else {
+            "Endpoints (v1)"
+        },
+        profiles = has_profiles,
+        "Kubernetes discovery starting"
+    );
+    if !has_profiles {
+        tracing::warn!(
+            "the ServiceProfile CRD is not installed: services get no routes (install the CRDs, then restart the controller)"
+        );
+    }
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let (services, services_task) = follow::<KService>(&client, &changed, "services");
+    let (pods, pods_task) = follow::<Pod>(&client, &changed, "pods");
+    let (endpoints, endpoints_task, slices, slices_task) = if use_slices {
+        let (slices, task) = follow::<EndpointSlice>(&client, &changed, "endpointslices");
+        (None, None, Some(slices), Some(task))
+    } else {
+        let (endpoints, task) = follow::<Endpoints>(&client, &changed, "endpoints");
+        (Some(endpoints), Some(task), None, None)
+    };
+    let (profiles, profiles_task) = if has_profiles {
+        let (store, task) = follow::<ServiceProfile>(&client, &changed, "serviceprofiles");
+        (Some(store), Some(task))
+    } else {
+        (None, None)
+    };
+    let publisher = async {
+        let ready = async {
+            let _ = services.wait_until_ready().await;
+            let _ = pods.wait_until_ready().await;
+            if let Some(store) = &endpoints {
+                let _ = store.wait_until_ready().await;
+            }
+            if let Some(store) = &slices {
+                let _ = store.wait_until_ready().await;
+            }
+            if let Some(store) = &profiles {
+                let _ = store.wait_until_ready().await;
+            }
+        };
+        ready.await;
+        tracing::info!("Kubernetes discovery synced");
+        loop {
+            let objects = Objects {
+                services: services.state(),
+                endpoints: endpoints.as_ref().map(Store::state).unwrap_or_default(),
+                slices: slices.as_ref().map(Store::state),
+                pods: pods.state(),
+                profiles: profiles.as_ref().map(Store::state).unwrap_or_default(),
+            };
+            let (generation, count, problems) = discovery.publish(&objects);
+            metrics.record_mesh_reload(generation, count);
+            for problem in &problems {
+                metrics.record_mesh_reject();
+                tracing::warn!(%problem, "not used as written");
+            }
+            tracing::debug!(generation, services = count, "published Kubernetes view");
+            changed.notified().await;
+            tokio::time::sleep(PUBLISH_DELAY).await;
+        }
+    };
+    let tasks = futures_util::future::join_all(
+        [
+            Some(services_task),
+            Some(pods_task),
+            endpoints_task,
+            slices_task,
+            profiles_task,
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    tokio::select! {
+        () = publisher => {}
+        _ = tasks => {}
+    }
+}
+
+type Task = core::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A reflector on every object of kind `K`, cluster-wide, waking `changed` on each event.
+fn follow<K>(
+    client: &Client,
+    changed: &Arc<tokio::sync::Notify>,
+    what: &'static str,
+) -> (Store<K>, Task)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + core::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let (store, writer) = reflector::store();
+    let changed = Arc::clone(changed);
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default())
+            // Nothing reads managedFields; they are often most of an object.
+            .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+            .default_backoff(),
+    );
+    let task = Box::pin(async move {
+        let mut stream = core::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(err) => {
+                    tracing::warn!(what, error = %err, "Kubernetes watch failed; retrying (the last known state keeps serving)")
+                }
+            }
+        }
+    });
+    (store, task)
+}
+
+/// Whether the API server serves `resource` in `group_version`; asked until it answers.
+async fn has_resource(client: &Client, group_version: &str, resource: &str) -> bool {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match client.list_api_group_resources(group_version).await {
+            Ok(list) => return list.resources.iter().any(|r| r.name == resource),
+            Err(kube::Error::Api(status)) if status.code == 404 => return false,
+            Err(err) => {
+                tracing::warn!(group_version, error = %err, "cannot reach the Kubernetes API; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
