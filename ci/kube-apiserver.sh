@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real Kubernetes control plane on loopback for the Kubernetes integration tests: etcd,
-# kube-apiserver v1.20.2 and kube-controller-manager (its endpoints controller only, so a
-# Service's Endpoints follow its pods as in a cluster). There is no scheduler and no kubelet:
+# kube-apiserver v1.20.2 and kube-controller-manager (only its endpoints controllers, so a
+# Service's Endpoints follow its pods as in a cluster, and its namespace controller, so a
+# deleted namespace goes away). There is no scheduler and no kubelet:
 # tests patch a pod's status (phase, IP, Ready) to stand in for the kubelet.
 #
 # The two Kubernetes binaries are built from Debian bookworm's `kubernetes` source package
@@ -115,6 +116,13 @@ start() {
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     stop "$dir" 2>/dev/null || true
+    local port
+    for port in $ETCD_CLIENT $ETCD_PEER $APISERVER $KCM; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            log "port $port is in use (another API server? \`$0 stop ITS_DIR\` stops one this script started)"
+            return 1
+        fi
+    done
     rm -rf "$dir/etcd" "$dir/certs"
     [[ -f $dir/sa.key ]] || openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
     openssl rsa -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
@@ -150,7 +158,7 @@ EOF
         --endpoint-reconciler-type=none >"$dir/kube-apiserver.log" 2>&1 &
     echo $! >"$dir/kube-apiserver.pid"
     wait_ready "$dir"
-    "$BIN/kube-controller-manager" --kubeconfig="$dir/kubeconfig" --controllers=endpoint,endpointslice \
+    "$BIN/kube-controller-manager" --kubeconfig="$dir/kubeconfig" --controllers=endpoint,endpointslice,namespace \
         --leader-elect=false --bind-address=127.0.0.1 --secure-port="$KCM" --port=0 \
         >"$dir/kube-controller-manager.log" 2>&1 &
     echo $! >"$dir/kube-controller-manager.pid"

@@ -154,6 +154,21 @@ netns_tools() {
     return 0
 }
 
+# A real Kubernetes API server on loopback for the Kubernetes integration tests
+# (ci/kube-apiserver.sh: built once per machine into ~/.cache/conduit, then reused), stopped
+# when this script exits however it exits.
+KUBE_DIR=$(mktemp -d /tmp/conduit-ci-kube.XXXXXX)
+kube_apiserver() {
+    ci/kube-apiserver.sh build
+    ci/kube-apiserver.sh start "$KUBE_DIR"
+    export CONDUIT_TEST_KUBECONFIG="$KUBE_DIR/kubeconfig"
+}
+kube_stop() {
+    ci/kube-apiserver.sh stop "$KUBE_DIR" 2>/dev/null || true
+    rm -rf "$KUBE_DIR"
+}
+trap kube_stop EXIT
+
 total=$SECONDS
 if [[ ${1:-} == fuzz ]]; then
     step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
@@ -167,6 +182,7 @@ step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # The proxy's `fuzzing` module, which only the fuzz targets enable.
 step "clippy (proxy, fuzzing feature)" cargo clippy -p conduit-proxy --features fuzzing --lib --locked -- -D warnings
 step "tools for the namespace chaos test (iptables)" netns_tools
+step "Kubernetes API server for the integration tests (build once per machine, start)" kube_apiserver
 # The README's test command.
 step "tests" cargo test --workspace --locked
 step "release binaries carry no simulation-only code" no_simulation_code_in_release

@@ -99,6 +99,9 @@ pub enum DiscoverySource {
     Kubernetes {
         /// The cluster's DNS domain (`cluster.local`).
         cluster_domain: String,
+        /// A kubeconfig file to use instead of the environment's (`KUBECONFIG`, then the
+        /// pod's service account).
+        kubeconfig: Option<PathBuf>,
     },
 }
 
@@ -307,7 +310,10 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
             error(ADMIN_ADDR, format!("{admin} is also the gRPC address"));
         }
         let discovery = match (kubernetes, mesh_file, mesh_poll_interval) {
-            (true, _, _) => Some(DiscoverySource::Kubernetes { cluster_domain }),
+            (true, _, _) => Some(DiscoverySource::Kubernetes {
+                cluster_domain,
+                kubeconfig: None,
+            }),
             (false, Some(path), Some(poll_interval)) => Some(DiscoverySource::File {
                 path,
                 poll_interval,
@@ -485,7 +491,8 @@ mod tests {
         assert_eq!(
             config.discovery,
             DiscoverySource::Kubernetes {
-                cluster_domain: "cluster.local".into()
+                cluster_domain: "cluster.local".into(),
+                kubeconfig: None,
             }
         );
 

@@ -290,8 +290,11 @@ where
             ));
             (Arc::new(discovery), metrics, AbortOnDrop(watcher))
         }
-        DiscoverySource::Kubernetes { cluster_domain } => {
-            let client = discovery::kubernetes::client().await?;
+        DiscoverySource::Kubernetes {
+            cluster_domain,
+            kubeconfig,
+        } => {
+            let client = discovery::kubernetes::client(kubeconfig.as_deref()).await?;
             let metrics = Arc::new(Metrics::new(0));
             let discovery = KubeDiscovery::new(cluster_domain);
             let watcher = tokio::spawn(discovery::kubernetes::run(

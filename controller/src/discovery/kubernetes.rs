@@ -373,9 +373,7 @@ fn endpoints_addrs<'a>(
 }
 
 /// One entry per address (an address in two slices during a move counts once).
-fn dedupe<'a>(
-    addrs: BTreeSet<(SocketAddr, Option<&'a str>)>,
-) -> Vec<(SocketAddr, Option<&'a str>)> {
+fn dedupe(addrs: BTreeSet<(SocketAddr, Option<&str>)>) -> Vec<(SocketAddr, Option<&str>)> {
     let mut seen = BTreeSet::new();
     addrs
         .into_iter()
@@ -472,16 +470,26 @@ pub enum KubeError {
     Config(String),
 }
 
-/// A client from the environment: `KUBECONFIG` (or `~/.kube/config`), else the pod's service
-/// account when running in a cluster.
+/// A client from `kubeconfig`, or from the environment: `KUBECONFIG` (or `~/.kube/config`),
+/// else the pod's service account when running in a cluster.
 ///
 /// # Errors
 ///
-/// [`KubeError::Config`] when neither is there.
-pub async fn client() -> Result<Client, KubeError> {
-    Client::try_default()
-        .await
-        .map_err(|err| KubeError::Config(err.to_string()))
+/// [`KubeError::Config`] when the file is unusable, or nothing is configured.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        None => kube::Config::infer()
+            .await
+            .map_err(|err| KubeError::Config(err.to_string()))?,
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|err| KubeError::Config(format!("{}: {err}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|err| KubeError::Config(format!("{}: {err}", path.display())))?
+        }
+    };
+    Client::try_from(config).map_err(|err| KubeError::Config(err.to_string()))
 }
 
 /// Follows the API server and publishes to `discovery`, forever (abort the task to stop).
@@ -627,5 +635,235 @@ async fn has_resource(client: &Client, group_version: &str, resource: &str) -> b
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn object<K: serde::de::DeserializeOwned>(value: serde_json::Value) -> Arc<K> {
+        Arc::new(serde_json::from_value(value).expect("a valid object"))
+    }
+
+    /// Service `web` in `shop`: `http` 80 -> `web` 8080 and `admin` 9000 -> 9090.
+    fn web_service() -> Arc<KService> {
+        object(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"ports": [
+                {"name": "http", "port": 80, "targetPort": "web"},
+                {"name": "admin", "port": 9000, "targetPort": 9090},
+            ]},
+        }))
+    }
+
+    fn pod(name: &str, meshed: bool) -> Arc<Pod> {
+        let annotations = if meshed {
+            json!({PROXY_VERSION_ANNOTATION: "v1", IDENTITY_ANNOTATION: "web.shop.serviceaccount.identity.conduit.local"})
+        } else {
+            json!({})
+        };
+        object(json!({"metadata": {"name": name, "namespace": "shop", "annotations": annotations}}))
+    }
+
+    fn endpoints() -> Arc<Endpoints> {
+        object(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "subsets": [{
+                "addresses": [
+                    {"ip": "10.0.0.1", "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
+                    {"ip": "10.0.0.2", "targetRef": {"kind": "Pod", "name": "web-2", "namespace": "shop"}},
+                ],
+                "notReadyAddresses": [{"ip": "10.0.0.3"}],
+                "ports": [{"name": "http", "port": 8080}, {"name": "admin", "port": 9090}],
+            }],
+        }))
+    }
+
+    fn objects() -> Objects {
+        Objects {
+            services: vec![web_service()],
+            endpoints: vec![endpoints()],
+            pods: vec![pod("web-1", true), pod("web-2", false)],
+            ..Objects::default()
+        }
+    }
+
+    fn addrs(service: &Service) -> Vec<String> {
+        service
+            .endpoints
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn each_service_port_resolves_to_its_ready_endpoints_at_the_target_port() {
+        let (view, problems) = KubeView::build(&objects(), DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        assert_eq!(view.len(), 2);
+        let http = view.lookup("web.shop.svc.cluster.local:80").expect("found");
+        assert_eq!(http.name, "web.shop");
+        assert_eq!(addrs(&http), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        let admin = view.lookup("web.shop:9000").expect("found");
+        assert_eq!(addrs(&admin), ["10.0.0.1:9090", "10.0.0.2:9090"]);
+        // The meshed pod's endpoint carries its proxy's admin address and identity.
+        let meshed = &http.endpoints[0];
+        assert_eq!(meshed.admin, Some("10.0.0.1:4191".parse().expect("addr")));
+        assert_eq!(
+            meshed.identity.as_deref(),
+            Some("web.shop.serviceaccount.identity.conduit.local")
+        );
+        assert_eq!(meshed.labels.get("pod").map(String::as_str), Some("web-1"));
+        assert_eq!(http.endpoints[1].admin, None);
+        assert_eq!(http.endpoints[1].identity, None);
+    }
+
+    #[test]
+    fn names_resolve_in_every_qualified_form() {
+        let (view, _) = KubeView::build(&objects(), "Example.Org.");
+        for found in [
+            "web.shop.svc.example.org:80",
+            "web.shop.svc.example.org.:80",
+            "web.shop.svc:80",
+            "web.shop:80",
+            "web.shop",
+            "web.shop.svc.example.org",
+        ] {
+            assert_eq!(view.lookup(found).map(|s| s.port), Some(80), "{found}");
+        }
+        for missing in [
+            "web.shop.svc.cluster.local:80",
+            "web.shop:81",
+            "web",
+            "web.other",
+            "api.shop",
+            "web.shop.svc.example.org:x",
+        ] {
+            assert_eq!(view.lookup(missing), None, "{missing}");
+        }
+    }
+
+    #[test]
+    fn endpoint_slices_are_used_when_the_server_has_them() {
+        let slice = |name: &str, ip: &str, ready: Option<bool>| -> Arc<EndpointSlice> {
+            object(json!({
+                "metadata": {"name": name, "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": "web-1"}}],
+                "ports": [{"name": "http", "port": 8080}],
+            }))
+        };
+        let objects = Objects {
+            slices: Some(vec![
+                slice("web-a", "10.0.1.1", Some(true)),
+                slice("web-b", "10.0.1.2", None),
+                slice("web-c", "10.0.1.3", Some(false)),
+                // The same address in two slices (a move between slices) counts once.
+                slice("web-d", "10.0.1.1", Some(true)),
+            ]),
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        let http = view.lookup("web.shop:80").expect("found");
+        assert_eq!(addrs(&http), ["10.0.1.1:8080", "10.0.1.2:8080"]);
+        // No slice serves the admin port: the service exists with no endpoints.
+        assert_eq!(
+            addrs(&view.lookup("web.shop:9000").expect("found")),
+            Vec::<String>::new()
+        );
+    }
+
+    fn profile(name: &str, spec: serde_json::Value) -> Arc<ServiceProfile> {
+        object(json!({
+            "apiVersion": "conduit.io/v1alpha1",
+            "kind": "ServiceProfile",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": spec,
+        }))
+    }
+
+    #[test]
+    fn a_profile_applies_by_service_name_or_fully_qualified_name() {
+        for name in ["web", "web.shop.svc.cluster.local"] {
+            let objects = Objects {
+                profiles: vec![profile(
+                    name,
+                    json!({"routes": [{"name": "items", "match": {"path": {"prefix": "/items/"}}}]}),
+                )],
+                ..objects()
+            };
+            let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+            assert_eq!(problems, [], "{name}");
+            for port in [80, 9000] {
+                let service = view.lookup(&format!("web.shop:{port}")).expect("found");
+                assert_eq!(service.profile.routes().len(), 1, "{name} {port}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_profile_is_reported_and_the_service_still_served() {
+        let objects = Objects {
+            profiles: vec![profile(
+                "web",
+                json!({"routes": [{"name": "items", "match": {"path": {"regex": "("}}}]}),
+            )],
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        // One problem per Service port, naming the object and the field.
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].object, "ServiceProfile shop/web");
+        assert!(
+            problems[0].reason.contains("routes[0].match.path.regex"),
+            "{}",
+            problems[0]
+        );
+        let service = view.lookup("web.shop:80").expect("still served");
+        assert_eq!(service.profile.routes().len(), 0);
+        assert_eq!(service.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn external_names_and_non_tcp_ports_are_not_services() {
+        let objects = Objects {
+            services: vec![
+                object(json!({
+                    "metadata": {"name": "db", "namespace": "shop"},
+                    "spec": {"type": "ExternalName", "externalName": "db.example.org"},
+                })),
+                object(json!({
+                    "metadata": {"name": "dns", "namespace": "shop"},
+                    "spec": {"ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
+                })),
+            ],
+            ..Objects::default()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        assert!(view.is_empty());
+        assert_eq!(view.lookup("db.shop"), None);
+        assert_eq!(view.lookup("dns.shop:53"), None);
+    }
+
+    #[test]
+    fn the_backend_is_not_ready_until_its_first_view() {
+        let discovery = KubeDiscovery::new(DEFAULT_CLUSTER_DOMAIN);
+        assert!(!discovery.is_ready());
+        let mut watch = discovery.watch("web.shop:80").expect("watch");
+        assert_eq!(watch.latest().state, super::super::ServiceState::NotFound);
+        let (generation, services, problems) = discovery.publish(&objects());
+        assert_eq!((generation, services, problems.len()), (2, 2, 0));
+        assert!(discovery.is_ready());
+        assert!(watch.has_changed());
+        assert!(matches!(
+            watch.latest().state,
+            super::super::ServiceState::Found(_)
+        ));
+        assert_eq!(discovery.services().len(), 2);
     }
 }

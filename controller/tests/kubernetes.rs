@@ -1,0 +1,533 @@
+//! The controller's Kubernetes discovery against a real API server (kube-apiserver v1.20 with
+//! etcd and the endpoints controllers, on loopback: `ci/kube-apiserver.sh start DIR`, then
+//! `CONDUIT_TEST_KUBECONFIG=DIR/kubeconfig`). Without that variable every test here says it
+//! skipped and why, and passes.
+//!
+//! There is no scheduler and no kubelet: a test places its pods on a Node object of its own
+//! and patches their status (Running, an IP, Ready) as a kubelet would. Each test works in a
+//! namespace of its own and deletes it at the end. Every wait is bounded by [`WAIT`] and driven
+//! by what the controller streams, never by sleeping.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: any failed step fails the test"
+)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conduit_controller::RunError;
+use conduit_controller::config::{ControllerConfig, DiscoverySource};
+use conduit_controller::crd::{ServiceProfile, crds};
+use conduit_controller::identity::IdentityConfig;
+use conduit_controller::net::tcp_incoming;
+use conduit_proto::convert::{DestinationChange, DestinationUpdate, ProfileUpdate};
+use conduit_proto::pb::destination as pb;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tonic::Streaming;
+
+/// The longest any single wait may take (the endpoints controller batches for up to a
+/// second; the watch then carries the change).
+const WAIT: Duration = Duration::from_secs(30);
+
+const NODE: &str = "conduit-test-node";
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// The test API server's kubeconfig, or `None` (having said why) when there is none.
+fn kubeconfig(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("CONDUIT_TEST_KUBECONFIG") {
+        Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+        _ => {
+            eprintln!(
+                "{test}: skipped: CONDUIT_TEST_KUBECONFIG is not set (start a local API server \
+                 with `ci/kube-apiserver.sh start DIR` and set it to DIR/kubeconfig; .ci/run does)"
+            );
+            None
+        }
+    }
+}
+
+/// A namespace of the test's own, the CRDs installed and the test Node present.
+struct Cluster {
+    client: Client,
+    namespace: String,
+}
+
+impl Cluster {
+    async fn new(kubeconfig: &Path, test: &str) -> Self {
+        let client = conduit_controller::discovery::kubernetes::client(Some(kubeconfig))
+            .await
+            .unwrap();
+        let apply = PatchParams::apply("conduit-tests").force();
+        let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in crds() {
+            let name = crd.metadata.name.clone().unwrap();
+            crd_api
+                .patch(&name, &apply, &Patch::Apply(&crd))
+                .await
+                .unwrap();
+            within(
+                "the CRD to be established",
+                await_condition(crd_api.clone(), &name, conditions::is_crd_established()),
+            )
+            .await
+            .unwrap();
+        }
+        let nodes: Api<Node> = Api::all(client.clone());
+        nodes
+            .patch(
+                NODE,
+                &apply,
+                &Patch::Apply(
+                    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}),
+                ),
+            )
+            .await
+            .unwrap();
+        // Random per run (std's hasher keys are), so a namespace left from an earlier run,
+        // or one still being deleted, is never reused.
+        let random = {
+            use std::hash::{BuildHasher as _, Hasher as _};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
+        let namespace = format!("{test}-{:08x}", random & 0xffff_ffff);
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        Self { client, namespace }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn apply<K>(&self, object: serde_json::Value) -> Result<K, kube::Error>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + core::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+        self.api::<K>()
+            .patch(
+                &name,
+                &PatchParams::apply("conduit-tests").force(),
+                &Patch::Apply(object),
+            )
+            .await
+    }
+
+    /// A pod of `app` placed on the test node and made Running and Ready at `ip`.
+    async fn running_pod(&self, name: &str, app: &str, ip: &str) {
+        self.apply::<Pod>(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": app}, "annotations": {"conduit.io/proxy-version": "test"}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app", "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]},
+        }))
+        .await
+        .unwrap();
+        let status = json!({"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }});
+        self.api::<Pod>()
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .unwrap();
+    }
+
+    async fn delete_pod(&self, name: &str) {
+        // Grace period 0: with no kubelet to confirm, a graceful delete would wait forever.
+        self.api::<Pod>()
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await
+            .unwrap();
+    }
+
+    async fn cleanup(self) {
+        // Pods first, at once: with no kubelet to confirm a graceful delete, the namespace
+        // would stay Terminating forever.
+        let _ = self
+            .api::<Pod>()
+            .delete_collection(
+                &DeleteParams::default().grace_period(0),
+                &kube::api::ListParams::default(),
+            )
+            .await;
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let _ = namespaces
+            .delete(&self.namespace, &DeleteParams::default())
+            .await;
+    }
+}
+
+/// The controller as `main.rs` runs it, with Kubernetes discovery.
+struct Controller {
+    dir: PathBuf,
+    grpc_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), RunError>>>,
+}
+
+impl Controller {
+    async fn start(kubeconfig: &Path, name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "conduit-controller-kube-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        let config = ControllerConfig {
+            grpc_addr,
+            admin_addr: admin.local_addr().unwrap(),
+            discovery: DiscoverySource::Kubernetes {
+                cluster_domain: "cluster.local".into(),
+                kubeconfig: Some(kubeconfig.to_owned()),
+            },
+            log: "info".into(),
+            identity: IdentityConfig::new(dir.join("identity")),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            conduit_controller::run_controller(
+                &config,
+                tcp_incoming(grpc),
+                tcp_incoming(admin),
+                shutdown,
+            )
+            .await
+        });
+        Self {
+            dir,
+            grpc_addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn client(&self) -> pb::destination_client::DestinationClient<tonic::transport::Channel> {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr)).unwrap();
+        // The controller may still be starting: connecting is retried within the bound.
+        let channel = within("connect", async {
+            loop {
+                match endpoint.connect().await {
+                    Ok(channel) => return channel,
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            }
+        })
+        .await;
+        pb::destination_client::DestinationClient::new(channel)
+    }
+
+    async fn get(&self, path: &str) -> Streaming<pb::Update> {
+        let request = pb::GetDestination {
+            path: path.into(),
+            context_token: String::new(),
+        };
+        within("Get", self.client().await.get(request))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn get_profile(&self, path: &str) -> Streaming<pb::DestinationProfile> {
+        let request = pb::GetDestination {
+            path: path.into(),
+            context_token: String::new(),
+        };
+        within("GetProfile", self.client().await.get_profile(request))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("running");
+        within("shutdown", task).await.unwrap().unwrap();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Follows an endpoint stream until the set of addresses is `want`.
+async fn until_endpoints(
+    stream: &mut Streaming<pb::Update>,
+    set: &mut BTreeSet<SocketAddr>,
+    want: &[&str],
+) {
+    let want: BTreeSet<SocketAddr> = want.iter().map(|a| a.parse().unwrap()).collect();
+    within(&format!("endpoints {want:?}"), async {
+        while *set != want {
+            let message = stream.message().await.unwrap().expect("stream open");
+            let update = DestinationUpdate::try_from(message).expect("valid on the wire");
+            match update.change {
+                DestinationChange::Replace(endpoints) => {
+                    *set = endpoints.iter().map(|e| e.addr).collect();
+                }
+                DestinationChange::Add(endpoints) => set.extend(endpoints.iter().map(|e| e.addr)),
+                DestinationChange::Remove(addrs) => {
+                    for addr in addrs {
+                        set.remove(&addr);
+                    }
+                }
+                DestinationChange::NoEndpoints { .. } => set.clear(),
+            }
+        }
+    })
+    .await;
+}
+
+/// Follows a profile stream until a profile with these route names arrives.
+async fn until_routes(
+    stream: &mut Streaming<pb::DestinationProfile>,
+    want: &[&str],
+) -> ProfileUpdate {
+    within(&format!("routes {want:?}"), async {
+        loop {
+            let message = stream.message().await.unwrap().expect("stream open");
+            let update = ProfileUpdate::try_from(message).expect("valid on the wire");
+            let names: Vec<&str> = update.profile.routes().iter().map(|r| &*r.name).collect();
+            if names == want {
+                return update;
+            }
+        }
+    })
+    .await
+}
+
+/// A Service with two running pods resolves to both (through the real endpoints controller);
+/// deleting a pod removes it; a ServiceProfile applied later reaches the profile stream; an
+/// invalid ServiceProfile is refused by the API server's schema.
+#[tokio::test]
+async fn endpoints_and_profiles_follow_the_api_server() {
+    let Some(kubeconfig) = kubeconfig("endpoints_and_profiles_follow_the_api_server") else {
+        return;
+    };
+    let cluster = Cluster::new(&kubeconfig, "follow").await;
+    let ns = cluster.namespace.clone();
+    cluster
+        .apply::<Service>(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .await
+        .unwrap();
+    cluster.running_pod("web-1", "web", "10.9.0.1").await;
+    cluster.running_pod("web-2", "web", "10.9.0.2").await;
+
+    let controller = Controller::start(&kubeconfig, "follow").await;
+    let authority = format!("web.{ns}.svc.cluster.local:80");
+    let mut endpoints = controller.get(&authority).await;
+    let mut set = BTreeSet::new();
+    until_endpoints(
+        &mut endpoints,
+        &mut set,
+        &["10.9.0.1:8080", "10.9.0.2:8080"],
+    )
+    .await;
+
+    cluster.delete_pod("web-2").await;
+    until_endpoints(&mut endpoints, &mut set, &["10.9.0.1:8080"]).await;
+
+    let mut profile = controller.get_profile(&authority).await;
+    until_routes(&mut profile, &[]).await;
+    cluster
+        .apply::<ServiceProfile>(json!({
+            "apiVersion": "conduit.io/v1alpha1", "kind": "ServiceProfile",
+            "metadata": {"name": "web"},
+            "spec": {"routes": [{"name": "items", "match": {"method": "GET", "path": {"prefix": "/items/"}}, "timeouts": {"request": "2s"}}]},
+        }))
+        .await
+        .unwrap();
+    let update = until_routes(&mut profile, &["items"]).await;
+    assert_eq!(update.name, format!("web.{ns}"));
+
+    // The API server's schema (generated from the serde types) refuses a wrong type.
+    let refused = cluster
+        .apply::<ServiceProfile>(json!({
+            "apiVersion": "conduit.io/v1alpha1", "kind": "ServiceProfile",
+            "metadata": {"name": "bad"},
+            "spec": {"routes": [{"name": "items", "match": {"method": 7}}]},
+        }))
+        .await
+        .expect_err("refused by the schema");
+    let kube::Error::Api(status) = refused else {
+        panic!("an API error, not {refused:?}")
+    };
+    assert_eq!(status.code, 422, "{status:?}");
+    assert!(
+        status.message.contains("spec.routes.match.method"),
+        "{status:?}"
+    );
+
+    controller.stop().await;
+    cluster.cleanup().await;
+}
+
+/// A TCP forwarder to the API server that the test can cut (every connection dropped, new ones
+/// refused) and restore: the API server going away, as the controller sees it.
+struct Forwarder {
+    addr: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(to: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = {
+            let up = std::sync::Arc::clone(&up);
+            let connections = std::sync::Arc::clone(&connections);
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is closed at once
+                    }
+                    let to = to.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().unwrap().push(task.abort_handle());
+                }
+            })
+        };
+        Self {
+            addr,
+            up,
+            connections,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// While the API server is unreachable the controller keeps serving what it last knew (a new
+/// subscriber gets it too); when the server is back, the watches resume and a change made
+/// meanwhile arrives.
+#[tokio::test]
+async fn the_last_known_state_serves_while_the_api_server_is_away() {
+    let Some(kubeconfig) = kubeconfig("the_last_known_state_serves_while_the_api_server_is_away")
+    else {
+        return;
+    };
+    let cluster = Cluster::new(&kubeconfig, "away").await;
+    let ns = cluster.namespace.clone();
+    cluster
+        .apply::<Service>(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "api"},
+            "spec": {"selector": {"app": "api"}, "ports": [{"name": "grpc", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .await
+        .unwrap();
+    cluster.running_pod("api-1", "api", "10.9.1.1").await;
+
+    // The controller reaches the API server through the forwarder.
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    let server = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server: https://"))
+        .expect("the kubeconfig names an https server")
+        .to_owned();
+    let forwarder = Forwarder::start(server.clone()).await;
+    let dir = std::env::temp_dir().join(format!("conduit-kube-away-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let through = dir.join("kubeconfig");
+    std::fs::write(&through, text.replace(&server, &forwarder.addr.to_string())).unwrap();
+
+    let controller = Controller::start(&through, "away").await;
+    let authority = format!("api.{ns}.svc.cluster.local:8080");
+    let mut endpoints = controller.get(&authority).await;
+    let mut set = BTreeSet::new();
+    until_endpoints(&mut endpoints, &mut set, &["10.9.1.1:8080"]).await;
+
+    forwarder.cut();
+    cluster.running_pod("api-2", "api", "10.9.1.2").await;
+    // A subscriber arriving now gets the last known state, not an error or an empty set.
+    let mut late = controller.get(&authority).await;
+    let mut late_set = BTreeSet::new();
+    until_endpoints(&mut late, &mut late_set, &["10.9.1.1:8080"]).await;
+
+    forwarder.restore();
+    until_endpoints(
+        &mut endpoints,
+        &mut set,
+        &["10.9.1.1:8080", "10.9.1.2:8080"],
+    )
+    .await;
+
+    controller.stop().await;
+    drop(forwarder);
+    let _ = std::fs::remove_dir_all(&dir);
+    cluster.cleanup().await;
+}
