@@ -1,0 +1,218 @@
+//! The injecting admission webhook called by a real API server (kube-apiserver v1.20 on
+//! loopback: `ci/kube-apiserver.sh start DIR`, then `CONDUIT_TEST_KUBECONFIG=DIR/kubeconfig`).
+//! Without that variable the test says it skipped and why, and passes.
+//!
+//! The API server calls the webhook at `https://127.0.0.1:PORT/inject` with the test's own
+//! self-signed certificate as the configuration's `caBundle`. The configuration selects only
+//! the test's namespace (by a label), so nothing else on the server is affected.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test steps: any failed step fails the test"
+)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use conduit_cli::inject::{INIT_CONTAINER, PROXY_CONTAINER};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn kubeconfig(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("CONDUIT_TEST_KUBECONFIG") {
+        Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+        _ => {
+            eprintln!(
+                "{test}: skipped: CONDUIT_TEST_KUBECONFIG is not set (start a local API server \
+                 with `ci/kube-apiserver.sh start DIR` and set it to DIR/kubeconfig; .ci/run does)"
+            );
+            None
+        }
+    }
+}
+
+fn random_suffix() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{:08x}", random & 0xffff_ffff)
+}
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "app", "image": "app", "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]},
+    }))
+    .unwrap()
+}
+
+fn container_names(pod: &Pod) -> (Vec<String>, Vec<String>) {
+    let spec = pod.spec.as_ref().unwrap();
+    let names = |list: &[k8s_openapi::api::core::v1::Container]| {
+        list.iter().map(|c| c.name.clone()).collect::<Vec<_>>()
+    };
+    (
+        names(&spec.containers),
+        names(spec.init_containers.as_deref().unwrap_or_default()),
+    )
+}
+
+/// A pod created in a selected namespace comes back with the proxy and init containers; with
+/// the webhook down, `failurePolicy: Fail` refuses the pod and `Ignore` admits it unmodified.
+#[tokio::test]
+async fn the_api_server_injects_pods_through_the_webhook() {
+    let Some(kubeconfig) = kubeconfig("the_api_server_injects_pods_through_the_webhook") else {
+        return;
+    };
+    let client: Client = conduit_controller::discovery::kubernetes::client(Some(&kubeconfig))
+        .await
+        .unwrap();
+
+    // The webhook process (`conduit inject-webhook`), over TLS with a certificate for
+    // 127.0.0.1, on a port picked free just before.
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("conduit-kube-webhook-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // kill_on_drop: the process ends with the test however the test ends.
+    let mut webhook = tokio::process::Command::new(env!("CARGO_BIN_EXE_conduit"))
+        .arg("inject-webhook")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    within("the webhook to listen", async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let suffix = random_suffix();
+    let ns = format!("inject-{suffix}");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": ns, "labels": {"conduit-test-webhook": ns}}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let config_name = format!("conduit-test-{suffix}");
+    let config = |failure_policy: &str| {
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": config_name},
+            "webhooks": [{
+                "name": "inject.conduit.io",
+                "clientConfig": {
+                    "url": format!("https://127.0.0.1:{port}/inject"),
+                    "caBundle": base64::engine::general_purpose::STANDARD.encode(certified.cert.pem()),
+                },
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+                "namespaceSelector": {"matchLabels": {"conduit-test-webhook": ns}},
+                "failurePolicy": failure_policy,
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 5,
+            }],
+        })
+    };
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let apply = PatchParams::apply("conduit-tests").force();
+    configs
+        .patch(&config_name, &apply, &Patch::Apply(config("Fail")))
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    // Injected: the API server stored what the webhook's patch made of the pod.
+    let created = within(
+        "an injected pod",
+        pods.create(&PostParams::default(), &pod("web")),
+    )
+    .await
+    .unwrap();
+    let (containers, init) = container_names(&created);
+    assert_eq!(containers, [PROXY_CONTAINER, "app"]);
+    assert_eq!(init, [INIT_CONTAINER]);
+    let annotations = created.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("conduit.io/proxy-version")
+            .map(String::as_str),
+        Some("0.1.0")
+    );
+
+    // The webhook process killed, failurePolicy Fail: refused, saying why.
+    webhook.kill().await.unwrap();
+    let refused = within(
+        "a refusal",
+        pods.create(&PostParams::default(), &pod("refused")),
+    )
+    .await
+    .expect_err("no webhook, failurePolicy Fail");
+    assert!(
+        refused.to_string().contains("failed calling webhook"),
+        "{refused}"
+    );
+
+    // failurePolicy Ignore: admitted as written.
+    configs
+        .patch(&config_name, &apply, &Patch::Apply(config("Ignore")))
+        .await
+        .unwrap();
+    let admitted = within(
+        "an admitted pod",
+        pods.create(&PostParams::default(), &pod("plain")),
+    )
+    .await
+    .unwrap();
+    let (containers, init) = container_names(&admitted);
+    assert_eq!(containers, ["app"]);
+    assert_eq!(init, Vec::<String>::new());
+
+    let _ = configs.delete(&config_name, &DeleteParams::default()).await;
+    let _ = pods
+        .delete_collection(
+            &DeleteParams::default().grace_period(0),
+            &kube::api::ListParams::default(),
+        )
+        .await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}
