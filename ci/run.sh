@@ -162,6 +162,10 @@ kube_apiserver() {
     ci/kube-apiserver.sh build
     ci/kube-apiserver.sh start "$KUBE_DIR"
     export CONDUIT_TEST_KUBECONFIG="$KUBE_DIR/kubeconfig"
+    # Helm, for the chart's lint and `helm template` comparison (cli/tests/install.rs).
+    local helm_bin
+    helm_bin=$(ci/helm.sh)
+    export CONDUIT_TEST_HELM="$helm_bin/helm"
 }
 kube_stop() {
     ci/kube-apiserver.sh stop "$KUBE_DIR" 2>/dev/null || true
@@ -182,7 +186,7 @@ step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # The proxy's `fuzzing` module, which only the fuzz targets enable.
 step "clippy (proxy, fuzzing feature)" cargo clippy -p conduit-proxy --features fuzzing --lib --locked -- -D warnings
 step "tools for the namespace chaos test (iptables)" netns_tools
-step "Kubernetes API server for the integration tests (build once per machine, start)" kube_apiserver
+step "Kubernetes API server and Helm for the integration tests (fetched and built once per machine)" kube_apiserver
 # The README's test command.
 step "tests" cargo test --workspace --locked
 step "release binaries carry no simulation-only code" no_simulation_code_in_release

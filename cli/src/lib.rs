@@ -10,6 +10,7 @@ pub mod app;
 pub mod control;
 pub mod demo;
 pub mod inject;
+pub mod install;
 pub mod redline;
 pub mod stat;
 pub mod webhook;

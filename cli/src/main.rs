@@ -199,6 +199,31 @@ enum Command {
         #[command(flatten)]
         inject: InjectArgs,
     },
+    /// Print the Kubernetes manifests that install Conduit (the Helm chart charts/conduit,
+    /// rendered, with a new certificate authority and webhook certificate): apply them with
+    /// `conduit install | kubectl apply -f -`.
+    Install {
+        /// The control plane's namespace.
+        #[arg(long, default_value = "conduit")]
+        namespace: String,
+        /// High availability: 3 controller replicas on distinct nodes, a PodDisruptionBudget,
+        /// 2 webhook replicas (the chart's values-ha.yaml).
+        #[arg(long)]
+        ha: bool,
+        /// What the API server does with a pod when the webhook cannot be reached: `Fail`
+        /// (refuse it) or `Ignore` (admit it without the proxy).
+        #[arg(long, default_value = "Fail")]
+        webhook_failure_policy: String,
+        /// The cluster's DNS domain.
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
+        /// The PodDisruptionBudget's API version (`policy/v1beta1` for Kubernetes 1.20).
+        #[arg(long, default_value = "policy/v1")]
+        pdb_api_version: String,
+        /// Print only the CustomResourceDefinitions.
+        #[arg(long)]
+        crds: bool,
+    },
     /// Serve the mutating admission webhook over HTTPS: every pod the API server admits gets
     /// what `conduit inject` would add, as a JSON Patch (`POST` any path; `GET /ready`).
     InjectWebhook {
@@ -575,6 +600,32 @@ fn main() -> ExitCode {
             Command::Identity(IdentityCommand::Show { admin }) => {
                 let shown = conduit_cli::control::identity_show(admin).await?;
                 print!("{shown}");
+                Ok(())
+            }
+            Command::Install {
+                namespace,
+                ha,
+                webhook_failure_policy,
+                cluster_domain,
+                pdb_api_version,
+                crds,
+            } => {
+                if crds {
+                    print!("{}", conduit_controller::crd::crds_yaml()?);
+                    return Ok(());
+                }
+                let options = conduit_cli::install::InstallOptions {
+                    namespace,
+                    ha,
+                    webhook_failure_policy,
+                    cluster_domain,
+                    pdb_api_version,
+                };
+                let pki = conduit_cli::install::generate_pki(
+                    &options.namespace,
+                    &options.cluster_domain,
+                )?;
+                print!("{}", conduit_cli::install::install(&options, &pki)?);
                 Ok(())
             }
             Command::InjectWebhook {
