@@ -166,7 +166,10 @@ pub fn generate_pki(namespace: &str, cluster_domain: &str) -> anyhow::Result<Pki
         ISSUER_CERT_FILE, ISSUER_KEY_FILE, IdentityConfig, TRUST_ANCHORS_FILE, ca,
         system_wall_clock,
     };
-    let dir = std::env::temp_dir().join(format!("conduit-install-{}", std::process::id()));
+    // One directory per call: callers may run at once (tests do).
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("conduit-install-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let result = (|| {
         let authority =

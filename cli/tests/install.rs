@@ -40,6 +40,17 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Clears the identity issuer from the values: the controller then bootstraps one.
+fn without_issuer(values: &mut serde_yaml_ng::Value) {
+    install::merge(
+        values,
+        serde_yaml_ng::from_str(
+            "identity: {trustAnchorsPEM: '', issuer: {crtPEM: '', keyPEM: ''}}",
+        )
+        .unwrap(),
+    );
+}
+
 fn options(ha: bool) -> InstallOptions {
     InstallOptions {
         ha,
@@ -121,9 +132,14 @@ fn helm_template_renders_what_conduit_install_renders() {
     };
     let dir = scratch("helm");
     let pki = install::generate_pki("conduit", "cluster.local").unwrap();
-    for ha in [false, true] {
-        let values = install::values(&options(ha), &pki).unwrap();
-        let values_file = dir.join(format!("values-{ha}.yaml"));
+    // Default and HA values, with the issuer given (as `conduit install` does) or left to the
+    // controller to bootstrap under its Lease.
+    for (ha, supplied) in [(false, true), (true, true), (false, false), (true, false)] {
+        let mut values = install::values(&options(ha), &pki).unwrap();
+        if !supplied {
+            without_issuer(&mut values);
+        }
+        let values_file = dir.join(format!("values-{ha}-{supplied}.yaml"));
         std::fs::write(&values_file, serde_yaml_ng::to_string(&values).unwrap()).unwrap();
         let helm_cmd = |args: &[&str]| {
             let output = Command::new(&helm)
@@ -153,14 +169,23 @@ fn helm_template_renders_what_conduit_install_renders() {
         assert_eq!(
             helm_objects.keys().collect::<Vec<_>>(),
             our_objects.keys().collect::<Vec<_>>(),
-            "ha: {ha}"
+            "ha: {ha}, issuer given: {supplied}"
         );
         for (key, object) in &helm_objects {
-            assert_eq!(Some(object), our_objects.get(key), "{key} (ha: {ha})");
+            assert_eq!(
+                Some(object),
+                our_objects.get(key),
+                "{key} (ha: {ha}, issuer given: {supplied})"
+            );
         }
-        if ha {
-            assert!(our_objects.contains_key("PodDisruptionBudget/conduit/conduit-controller"));
-        }
+        assert_eq!(
+            our_objects.contains_key("PodDisruptionBudget/conduit/conduit-controller"),
+            ha
+        );
+        assert_eq!(
+            our_objects.contains_key("Role/conduit/conduit-controller"),
+            !supplied
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -190,7 +215,7 @@ async fn the_api_server_accepts_every_object_of_the_install() {
         format!("conduit-{:08x}", random & 0xffff_ffff)
     };
     let pki = install::generate_pki(&namespace, "cluster.local").unwrap();
-    for ha in [false, true] {
+    for (ha, supplied) in [(false, true), (true, true), (true, false)] {
         let options = InstallOptions {
             namespace: namespace.clone(),
             ha,
@@ -198,7 +223,15 @@ async fn the_api_server_accepts_every_object_of_the_install() {
             pdb_api_version: "policy/v1beta1".into(),
             ..InstallOptions::default()
         };
-        let stream = install::install(&options, &pki).unwrap();
+        let mut stream = install::install(&options, &pki).unwrap();
+        if !supplied {
+            let mut values = install::values(&options, &pki).unwrap();
+            without_issuer(&mut values);
+            stream = install::render(&values, &namespace).unwrap();
+            stream.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n"
+            ));
+        }
         let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
         let objects = install::objects(&stream).unwrap();
         // The namespace and the CRDs first, for real (the rest lives in them); the rest as
@@ -238,7 +271,7 @@ async fn the_api_server_accepts_every_object_of_the_install() {
                 params = params.dry_run();
             }
             if let Err(err) = api.patch(name, &params, &Patch::Apply(&json)).await {
-                panic!("{key} (ha: {ha}) refused: {err}");
+                panic!("{key} (ha: {ha}, issuer given: {supplied}) refused: {err}");
             }
         }
     }

@@ -67,6 +67,17 @@ pub struct RawControllerConfig {
     /// `CONDUIT_CONTROLLER_IDENTITY_LEAF_LIFETIME` / `--identity-leaf-lifetime`: how long leaf
     /// certificates last (`24h`, `90m`).
     pub identity_leaf_lifetime: Option<String>,
+    /// `CONDUIT_CONTROLLER_IDENTITY_SECRET` / `--identity-secret`: with Kubernetes discovery,
+    /// the Secret that holds the CA's files, bootstrapped by the replica holding the Lease.
+    pub identity_secret: Option<String>,
+    /// `CONDUIT_CONTROLLER_NAMESPACE` / `--namespace`: the controller's namespace (the Lease's
+    /// and the identity Secret's).
+    pub namespace: Option<String>,
+    /// `CONDUIT_CONTROLLER_POD_NAME` / `--pod-name`: this replica's name in the Lease.
+    pub pod_name: Option<String>,
+    /// `CONDUIT_CONTROLLER_LEASE_DURATION` / `--lease-duration`: how long the Lease lasts
+    /// unrenewed (`15s`).
+    pub lease_duration: Option<String>,
 }
 
 /// A validated controller configuration.
@@ -102,8 +113,29 @@ pub enum DiscoverySource {
         /// A kubeconfig file to use instead of the environment's (`KUBECONFIG`, then the
         /// pod's service account).
         kubeconfig: Option<PathBuf>,
+        /// Singleton work under a Lease (the CA kept in a Secret), if configured.
+        singleton: Option<Singleton>,
     },
 }
+
+/// The Lease and the identity Secret of replicated controllers (see [`crate::lease`] and
+/// [`crate::identity::secret`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Singleton {
+    /// The controller's namespace, where the Lease and the Secret live.
+    pub namespace: String,
+    /// This replica's name in the Lease (its pod's name).
+    pub me: String,
+    /// The Lease's name.
+    pub lease: String,
+    /// How long the Lease lasts without renewal.
+    pub lease_duration: Duration,
+    /// The Secret holding the CA's files.
+    pub identity_secret: String,
+}
+
+/// The Lease's name.
+pub const LEASE_NAME: &str = "conduit-controller";
 
 /// One invalid setting.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -150,6 +182,10 @@ const IDENTITY_ISSUER_CERT: &str =
 const IDENTITY_ISSUER_KEY: &str = "CONDUIT_CONTROLLER_IDENTITY_ISSUER_KEY (--identity-issuer-key)";
 const IDENTITY_LEAF_LIFETIME: &str =
     "CONDUIT_CONTROLLER_IDENTITY_LEAF_LIFETIME (--identity-leaf-lifetime)";
+const IDENTITY_SECRET: &str = "CONDUIT_CONTROLLER_IDENTITY_SECRET (--identity-secret)";
+const NAMESPACE: &str = "CONDUIT_CONTROLLER_NAMESPACE (--namespace)";
+const POD_NAME: &str = "CONDUIT_CONTROLLER_POD_NAME (--pod-name)";
+const LEASE_DURATION: &str = "CONDUIT_CONTROLLER_LEASE_DURATION (--lease-duration)";
 
 impl TryFrom<RawControllerConfig> for ControllerConfig {
     type Error = InvalidConfig;
@@ -309,10 +345,73 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
         {
             error(ADMIN_ADDR, format!("{admin} is also the gRPC address"));
         }
+        let singleton = match raw.identity_secret {
+            None => None,
+            Some(_) if !kubernetes => {
+                error(
+                    IDENTITY_SECRET,
+                    "only with Kubernetes discovery (CONDUIT_CONTROLLER_DISCOVERY=kubernetes)"
+                        .into(),
+                );
+                None
+            }
+            Some(_) if supplied.is_some() => {
+                error(
+                    IDENTITY_SECRET,
+                    "set with an operator's CA: the Secret holds a bootstrapped CA; drop one"
+                        .into(),
+                );
+                None
+            }
+            Some(secret) => {
+                let mut required = |setting, value: Option<String>| match value {
+                    Some(value) if !value.is_empty() => Some(value),
+                    _ => {
+                        error(
+                            setting,
+                            "missing: the Lease guarding the identity Secret needs it (in a pod, \
+                             from the downward API)"
+                                .into(),
+                        );
+                        None
+                    }
+                };
+                let namespace = required(NAMESPACE, raw.namespace);
+                let me = required(POD_NAME, raw.pod_name);
+                let lease_duration = match raw.lease_duration {
+                    None => Some(crate::lease::DEFAULT_LEASE_DURATION),
+                    Some(text) => match conduit_core::time::parse_duration(&text) {
+                        Some(d)
+                            if (Duration::from_secs(1)..=Duration::from_secs(300)).contains(&d) =>
+                        {
+                            Some(d)
+                        }
+                        _ => {
+                            error(
+                                LEASE_DURATION,
+                                format!("`{text}` must be a duration from 1s to 300s"),
+                            );
+                            None
+                        }
+                    },
+                };
+                match (namespace, me, lease_duration) {
+                    (Some(namespace), Some(me), Some(lease_duration)) => Some(Singleton {
+                        namespace,
+                        me,
+                        lease: LEASE_NAME.into(),
+                        lease_duration,
+                        identity_secret: secret,
+                    }),
+                    _ => None,
+                }
+            }
+        };
         let discovery = match (kubernetes, mesh_file, mesh_poll_interval) {
             (true, _, _) => Some(DiscoverySource::Kubernetes {
                 cluster_domain,
                 kubeconfig: None,
+                singleton,
             }),
             (false, Some(path), Some(poll_interval)) => Some(DiscoverySource::File {
                 path,
@@ -493,6 +592,7 @@ mod tests {
             DiscoverySource::Kubernetes {
                 cluster_domain: "cluster.local".into(),
                 kubeconfig: None,
+                singleton: None,
             }
         );
 
@@ -504,6 +604,41 @@ mod tests {
         let err = ControllerConfig::try_from(raw).unwrap_err();
         let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();
         assert_eq!(settings, [MESH_FILE, IDENTITY_DIR]);
+
+        let raw = RawControllerConfig {
+            discovery: Some("kubernetes".into()),
+            identity_dir: Some("i".into()),
+            identity_secret: Some("conduit-identity".into()),
+            namespace: Some("conduit".into()),
+            pod_name: Some("controller-0".into()),
+            lease_duration: Some("5s".into()),
+            ..Default::default()
+        };
+        let DiscoverySource::Kubernetes { singleton, .. } =
+            ControllerConfig::try_from(raw).unwrap().discovery
+        else {
+            panic!("kubernetes")
+        };
+        assert_eq!(
+            singleton,
+            Some(Singleton {
+                namespace: "conduit".into(),
+                me: "controller-0".into(),
+                lease: LEASE_NAME.into(),
+                lease_duration: Duration::from_secs(5),
+                identity_secret: "conduit-identity".into(),
+            })
+        );
+        let raw = RawControllerConfig {
+            discovery: Some("kubernetes".into()),
+            identity_dir: Some("i".into()),
+            identity_secret: Some("conduit-identity".into()),
+            lease_duration: Some("0s".into()),
+            ..Default::default()
+        };
+        let err = ControllerConfig::try_from(raw).unwrap_err();
+        let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();
+        assert_eq!(settings, [NAMESPACE, POD_NAME, LEASE_DURATION]);
 
         let raw = RawControllerConfig {
             discovery: Some("kubernetes".into()),

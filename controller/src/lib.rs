@@ -48,6 +48,7 @@ pub mod date;
 pub mod destination;
 pub mod discovery;
 pub mod identity;
+pub mod lease;
 pub mod metrics;
 pub mod net;
 pub mod stat;
@@ -115,6 +116,9 @@ pub enum RunError {
     /// No Kubernetes client could be configured.
     #[error(transparent)]
     Kube(#[from] discovery::kubernetes::KubeError),
+    /// The identity Secret could not be used.
+    #[error("identity Secret: {0}")]
+    IdentitySecret(#[from] identity::secret::SecretError),
     /// The certificate authority could not start (the error names the file).
     #[error("identity: {0}")]
     Identity(#[from] CaError),
@@ -269,6 +273,7 @@ where
     AIO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     AE: core::fmt::Display,
 {
+    let mut singleton_client = None;
     let (discovery, metrics, _watcher): (Arc<dyn Discovery>, _, _) = match &config.discovery {
         DiscoverySource::File {
             path,
@@ -293,8 +298,12 @@ where
         DiscoverySource::Kubernetes {
             cluster_domain,
             kubeconfig,
+            singleton,
         } => {
             let client = discovery::kubernetes::client(kubeconfig.as_deref()).await?;
+            if let Some(singleton) = singleton {
+                singleton_client = Some((client.clone(), singleton.clone()));
+            }
             let metrics = Arc::new(Metrics::new(0));
             let discovery = KubeDiscovery::new(cluster_domain);
             let watcher = tokio::spawn(discovery::kubernetes::run(
@@ -306,6 +315,36 @@ where
         }
     };
     // The watcher stops however this function returns (`_watcher` is dropped).
+
+    // Replicated controllers: the Lease, and the CA's files from the Secret it guards
+    // (bootstrapped by the Lease's holder when there is none yet).
+    let (lease_stop, lease_task) = match singleton_client {
+        None => (None, None),
+        Some((client, singleton)) => {
+            let (leading_tx, leading) = tokio::sync::watch::channel(false);
+            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(lease::run(
+                kube::Api::namespaced(client.clone(), &singleton.namespace),
+                singleton.lease.clone(),
+                lease::Elector::new(singleton.me.clone(), singleton.lease_duration),
+                system_wall_clock(),
+                leading_tx,
+                async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                },
+            ));
+            let secrets = kube::Api::namespaced(client, &singleton.namespace);
+            identity::secret::materialize(
+                &secrets,
+                &singleton.identity_secret,
+                &config.identity,
+                &system_wall_clock(),
+                leading,
+            )
+            .await?;
+            (Some(stop_tx), Some(ReleaseOnDrop(Some(task))))
+        }
+    };
 
     // Blocking, once, at start-up: a few small files, and on first start two key pairs.
     let ca = Arc::new(CertificateAuthority::open(
@@ -352,11 +391,31 @@ where
     }
     tracing::info!(grace = ?SHUTDOWN_GRACE, "shutting down");
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {
         Ok(served) => served.map_err(RunError::from),
         Err(_) => {
             tracing::info!("connections still open after the grace period were closed");
             Ok(())
+        }
+    };
+    // A leader releases the Lease, so a successor takes it at once.
+    if let (Some(stop), Some(mut lease)) = (lease_stop, lease_task) {
+        let _ = stop.send(true);
+        if let Some(task) = lease.0.take() {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+        }
+    }
+    served
+}
+
+/// The Lease's task, aborted if the controller stops without releasing it.
+#[derive(Debug)]
+struct ReleaseOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
         }
     }
 }

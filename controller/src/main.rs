@@ -59,6 +59,19 @@ struct Args {
     /// How long workload certificates last, from 1m to 720h [default: 24h].
     #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_LEAF_LIFETIME")]
     identity_leaf_lifetime: Option<String>,
+    /// With Kubernetes discovery: the Secret holding the CA's files, so every replica signs
+    /// with one CA (the replica holding the Lease bootstraps it when the Secret is absent).
+    #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_SECRET")]
+    identity_secret: Option<String>,
+    /// The controller's namespace (the Lease's and the identity Secret's).
+    #[arg(long, env = "CONDUIT_CONTROLLER_NAMESPACE")]
+    namespace: Option<String>,
+    /// This replica's name in the Lease (its pod's name).
+    #[arg(long, env = "CONDUIT_CONTROLLER_POD_NAME")]
+    pod_name: Option<String>,
+    /// How long the Lease lasts unrenewed, from 1s to 300s [default: 15s].
+    #[arg(long, env = "CONDUIT_CONTROLLER_LEASE_DURATION")]
+    lease_duration: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +89,10 @@ fn main() -> ExitCode {
         identity_issuer_cert: args.identity_issuer_cert,
         identity_issuer_key: args.identity_issuer_key,
         identity_leaf_lifetime: args.identity_leaf_lifetime,
+        identity_secret: args.identity_secret,
+        namespace: args.namespace,
+        pod_name: args.pod_name,
+        lease_duration: args.lease_duration,
     };
     let config = match ControllerConfig::try_from(raw) {
         Ok(config) => config,

@@ -19,13 +19,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use conduit_controller::RunError;
-use conduit_controller::config::{ControllerConfig, DiscoverySource};
+use conduit_controller::config::{ControllerConfig, DiscoverySource, LEASE_NAME, Singleton};
 use conduit_controller::crd::{ServiceProfile, crds};
 use conduit_controller::identity::IdentityConfig;
 use conduit_controller::net::tcp_incoming;
 use conduit_proto::convert::{DestinationChange, DestinationUpdate, ProfileUpdate};
 use conduit_proto::pb::destination as pb;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
@@ -198,6 +199,10 @@ struct Controller {
 
 impl Controller {
     async fn start(kubeconfig: &Path, name: &str) -> Self {
+        Self::start_with(kubeconfig, name, None).await
+    }
+
+    async fn start_with(kubeconfig: &Path, name: &str, singleton: Option<Singleton>) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "conduit-controller-kube-{}-{name}",
             std::process::id()
@@ -212,6 +217,7 @@ impl Controller {
             discovery: DiscoverySource::Kubernetes {
                 cluster_domain: "cluster.local".into(),
                 kubeconfig: Some(kubeconfig.to_owned()),
+                singleton,
             },
             log: "info".into(),
             identity: IdentityConfig::new(dir.join("identity")),
@@ -529,5 +535,96 @@ async fn the_last_known_state_serves_while_the_api_server_is_away() {
     controller.stop().await;
     drop(forwarder);
     let _ = std::fs::remove_dir_all(&dir);
+    cluster.cleanup().await;
+}
+
+/// Waits until the controller serves gRPC (it starts serving once its CA is ready).
+async fn serving(controller: &Controller) {
+    let mut stream = controller.get("nothing.here:80").await;
+    within("the first answer", stream.message())
+        .await
+        .unwrap()
+        .expect("stream open");
+}
+
+async fn holder(leases: &Api<Lease>, want: Option<&str>) -> String {
+    let lease = within(
+        &format!("the Lease held by {want:?}"),
+        await_condition(leases.clone(), LEASE_NAME, |lease: Option<&Lease>| {
+            let holder = lease
+                .and_then(|l| l.spec.as_ref())
+                .and_then(|s| s.holder_identity.as_deref());
+            match want {
+                Some(want) => holder == Some(want),
+                None => holder.is_some_and(|h| !h.is_empty()),
+            }
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    lease.spec.unwrap().holder_identity.unwrap()
+}
+
+/// Two replicas: the Lease's holder bootstraps the CA into a Secret and both load it; killed
+/// (no release), its Lease passes to the other within the Lease's duration and the CA is not
+/// regenerated; a replica started later loads the same CA; a holder stopped gracefully
+/// releases the Lease to the remaining replica at once.
+#[tokio::test]
+async fn replicas_share_one_ca_and_the_lease_moves_when_its_holder_dies() {
+    use conduit_controller::identity::TRUST_ANCHORS_FILE;
+    let Some(kubeconfig) =
+        kubeconfig("replicas_share_one_ca_and_the_lease_moves_when_its_holder_dies")
+    else {
+        return;
+    };
+    let cluster = Cluster::new(&kubeconfig, "lease").await;
+    let singleton = |me: &str| Singleton {
+        namespace: cluster.namespace.clone(),
+        me: me.into(),
+        lease: LEASE_NAME.into(),
+        lease_duration: Duration::from_secs(2),
+        identity_secret: "conduit-identity".into(),
+    };
+    let a = Controller::start_with(&kubeconfig, "lease-a", Some(singleton("a"))).await;
+    let b = Controller::start_with(&kubeconfig, "lease-b", Some(singleton("b"))).await;
+    serving(&a).await;
+    serving(&b).await;
+
+    let secrets: Api<Secret> = cluster.api();
+    let secret = secrets.get("conduit-identity").await.unwrap();
+    let anchors = secret.data.as_ref().unwrap()[TRUST_ANCHORS_FILE].0.clone();
+    let on_disk = |controller: &Controller| {
+        std::fs::read(controller.dir.join("identity").join(TRUST_ANCHORS_FILE)).unwrap()
+    };
+    assert_eq!(on_disk(&a), anchors);
+    assert_eq!(on_disk(&b), anchors);
+
+    let leases: Api<Lease> = cluster.api();
+    let first = holder(&leases, None).await;
+    let (dead, alive, alive_name) = match first.as_str() {
+        "a" => (a, b, "b"),
+        "b" => (b, a, "a"),
+        other => panic!("held by {other}"),
+    };
+    // Killed: its task is dropped mid-flight, and the Lease is not released.
+    drop(dead);
+    holder(&leases, Some(alive_name)).await;
+
+    let after = secrets.get("conduit-identity").await.unwrap();
+    assert_eq!(
+        after.metadata.uid, secret.metadata.uid,
+        "the Secret was not replaced"
+    );
+    assert_eq!(after.data.as_ref().unwrap()[TRUST_ANCHORS_FILE].0, anchors);
+
+    let c = Controller::start_with(&kubeconfig, "lease-c", Some(singleton("c"))).await;
+    serving(&c).await;
+    assert_eq!(on_disk(&c), anchors);
+
+    // Stopped gracefully, the holder releases the Lease and the other replica takes it.
+    alive.stop().await;
+    holder(&leases, Some("c")).await;
+    c.stop().await;
     cluster.cleanup().await;
 }

@@ -43,6 +43,7 @@ use conduit_core::time::UnixTime;
 pub mod ca;
 mod der;
 mod files;
+pub mod secret;
 pub mod service;
 pub mod tls;
 pub mod token;
