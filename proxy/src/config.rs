@@ -153,8 +153,8 @@ pub struct ProxyConfig {
     pub seed: Option<u64>,
     /// Runtime worker threads (1 = a current-thread runtime).
     pub workers: NonZeroUsize,
-    /// Where outbound opaque (non-HTTP) TCP goes. Without a transparent redirect there is no
-    /// original destination to recover, so opaque outbound connections are closed when unset.
+    /// Where outbound opaque (non-HTTP) TCP goes when it has no original destination (it was
+    /// not redirected to the proxy by iptables); such connections are closed when unset.
     pub outbound_default_target: Option<SocketAddr>,
     /// Timeouts and limits for connections.
     pub limits: Limits,

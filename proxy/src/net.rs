@@ -67,6 +67,14 @@ pub trait Net: Clone + Send + Sync + 'static {
         host: &str,
         port: u16,
     ) -> impl Future<Output = io::Result<Vec<SocketAddr>>> + Send;
+
+    /// Where an accepted connection was headed before a transparent redirect sent it to us
+    /// (iptables `REDIRECT`, as `conduit-init` sets up: `SO_ORIGINAL_DST`), or `None` when it
+    /// was not redirected (it was addressed to us) or the network cannot tell.
+    fn original_dst(io: &Self::Io) -> Option<SocketAddr> {
+        let _ = io;
+        None
+    }
 }
 
 /// Where a peer is: a socket address, or a host name and port resolved through the [`Net`] at
@@ -188,6 +196,18 @@ impl Listener for TokioListener {
 impl Net for TokioNet {
     type Io = tokio::net::TcpStream;
     type Listener = TokioListener;
+
+    #[cfg(target_os = "linux")]
+    fn original_dst(io: &Self::Io) -> Option<SocketAddr> {
+        use rustix::net::sockopt;
+        let local = io.local_addr().ok()?;
+        let original = match local {
+            SocketAddr::V4(_) => sockopt::ip_original_dst(io).ok().map(SocketAddr::V4),
+            SocketAddr::V6(_) => sockopt::ipv6_original_dst(io).ok().map(SocketAddr::V6),
+        }?;
+        // Without a redirect the kernel reports the address the connection reached: us.
+        (original != local).then_some(original)
+    }
 
     async fn bind(&self, addr: SocketAddr) -> io::Result<Self::Listener> {
         tokio::net::TcpListener::bind(addr).await.map(TokioListener)

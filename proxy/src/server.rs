@@ -175,6 +175,12 @@ fn whole_connection<'a, N: Net>(
     drain: Drain,
 ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>> {
     let mut take = || conn.take().map(|Parked { io, buf, .. }| (io, buf.freeze()));
+    // Outbound, a connection the pod's redirect sent here was headed elsewhere: non-HTTP
+    // traffic goes on to where it was headed. (Inbound traffic goes to the app's port.)
+    let original = |io: &CountingIo<N::Io>| match ctx.direction() {
+        Direction::Outbound => N::original_dst(io.get_ref()),
+        Direction::Inbound => None,
+    };
     match detected {
         // Served in place: it borrows the parked state.
         Detected::Http1 => None,
@@ -185,11 +191,13 @@ fn whole_connection<'a, N: Net>(
         }
         Detected::Tls => {
             let (io, prefix) = take()?;
-            Some(Box::pin(serve_tls(io, prefix, peer, ctx, drain)))
+            let original = original(&io);
+            Some(Box::pin(serve_tls(io, prefix, peer, ctx, drain, original)))
         }
         Detected::Opaque => {
             let (io, prefix) = take()?;
-            Some(Box::pin(forward_opaque(io, prefix, ctx)))
+            let original = original(&io);
+            Some(Box::pin(forward_opaque(io, prefix, ctx, original)))
         }
     }
 }
@@ -316,6 +324,7 @@ async fn serve_tls<N: Net, I: Io>(
     peer: IpAddr,
     ctx: &Arc<ServeContext<N>>,
     mut drain: Drain,
+    original: Option<SocketAddr>,
 ) {
     let sni = match crate::tls::parse_client_hello(&hello) {
         crate::tls::Hello::Tls { sni } => sni,
@@ -335,7 +344,7 @@ async fn serve_tls<N: Net, I: Io>(
             tracing::debug!(error = %denied, "closing");
             return;
         }
-        forward_opaque(io, hello, ctx).await;
+        forward_opaque(io, hello, ctx, original).await;
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config());
@@ -398,9 +407,10 @@ async fn serve_tls<N: Net, I: Io>(
                 serve_h2(PrefixedIo::new(buf.freeze(), io), &h2, ctx, drain).await;
             }
         }
+        // Inside mTLS, the client named this proxy: there is no other destination.
         Some(Detected::Tls | Detected::Opaque) => {
             if let Some(Parked { io, buf, .. }) = conn.take() {
-                forward_opaque(io, buf.freeze(), ctx).await;
+                forward_opaque(io, buf.freeze(), ctx, None).await;
             }
         }
     }
@@ -429,9 +439,15 @@ async fn serve_h2<N: Net, I: Io>(
     }
 }
 
-/// Forwards an opaque connection to `ctx.opaque_target`, closing it when none is configured.
-async fn forward_opaque<N: Net, I: Io>(io: I, prefix: Bytes, ctx: &ServeContext<N>) {
-    let Some(target) = ctx.opaque_target else {
+/// Forwards an opaque connection to where it was headed before a redirect (`original`), else
+/// to `ctx.opaque_target`, closing it when there is neither.
+async fn forward_opaque<N: Net, I: Io>(
+    io: I,
+    prefix: Bytes,
+    ctx: &ServeContext<N>,
+    original: Option<SocketAddr>,
+) {
+    let Some(target) = original.or(ctx.opaque_target) else {
         tracing::debug!(
             "opaque TCP on the outbound listener with no original destination and no \
              outbound_default_target; closing"

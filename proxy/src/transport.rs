@@ -22,6 +22,11 @@ impl<T> CountingIo<T> {
     pub fn new(inner: T, guard: ConnectionGuard) -> Self {
         Self { inner, guard }
     }
+
+    /// The wrapped IO.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {

@@ -11,8 +11,9 @@
 //!    (again, when the endpoint provably never processed it), and settled;
 //!    Meshed endpoints (discovery gives their identity) are reached over mTLS only, checked to
 //!    prove that identity; with `outbound_require_identity`, unmeshed ones are refused;
-//! 4. opaque TCP: with no original destination yet (the iptables redirect arrives with the
-//!    Kubernetes issue), forwarded to `outbound_default_target` if set, else closed.
+//! 4. opaque TCP (and TLS the proxy does not terminate): forwarded to where the connection was
+//!    headed before the pod's iptables redirect sent it here (`SO_ORIGINAL_DST`), else to
+//!    `outbound_default_target` if set, else closed.
 
 use std::sync::Arc;
 
