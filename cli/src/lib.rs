@@ -11,6 +11,7 @@ pub mod control;
 pub mod demo;
 pub mod inject;
 pub mod install;
+pub mod kube_check;
 pub mod redline;
 pub mod stat;
 pub mod webhook;

@@ -90,6 +90,17 @@ enum Command {
             env = "CONDUIT_CONTROLLER_ADMIN"
         )]
         controller_admin: SocketAddr,
+        /// Check the installation in a Kubernetes cluster instead (the API server, the CRDs,
+        /// the control plane, the webhook and its certificate, the meshed pods), through
+        /// KUBECONFIG or --kubeconfig.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: the control plane's namespace.
+        #[arg(long, default_value = "conduit")]
+        namespace: String,
+        /// With --kubernetes: a kubeconfig file instead of the environment's.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
     },
     /// Workload identity: bootstrap tokens for the controller's certificate authority.
     #[command(subcommand)]
@@ -467,8 +478,18 @@ fn main() -> ExitCode {
             Command::Check {
                 controller,
                 controller_admin,
+                kubernetes,
+                namespace,
+                kubeconfig,
             } => {
-                let checks = conduit_cli::control::checks(controller, controller_admin).await;
+                let checks = if kubernetes {
+                    let client =
+                        conduit_controller::discovery::kubernetes::client(kubeconfig.as_deref())
+                            .await?;
+                    conduit_cli::kube_check::checks(&client, &namespace).await
+                } else {
+                    conduit_cli::control::checks(controller, controller_admin).await
+                };
                 let (text, passed) = conduit_cli::control::render_checks(&checks);
                 print!("{text}");
                 if passed {

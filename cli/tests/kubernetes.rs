@@ -216,3 +216,140 @@ async fn the_api_server_injects_pods_through_the_webhook() {
         .await;
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
 }
+
+/// Applies every object of a YAML stream for real: namespaces and CRDs first.
+async fn apply_all(client: &Client, namespace: &str, stream: &str) {
+    use kube::core::GroupVersionKind;
+    use kube::discovery::Scope;
+    let objects = conduit_cli::install::objects(stream).unwrap();
+    let first = |object: &serde_yaml_ng::Value| {
+        matches!(
+            object.get("kind").and_then(serde_yaml_ng::Value::as_str),
+            Some("Namespace" | "CustomResourceDefinition")
+        )
+    };
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    let ordered = objects
+        .values()
+        .filter(|o| first(o))
+        .chain(objects.values().filter(|o| !first(o)));
+    for object in ordered {
+        let json = serde_json::to_value(object).unwrap();
+        let api_version = json["apiVersion"].as_str().unwrap();
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, json["kind"].as_str().unwrap());
+        let (resource, capabilities) = discovery.resolve_gvk(&gvk).unwrap();
+        let api: Api<kube::api::DynamicObject> = match capabilities.scope {
+            Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &resource),
+            Scope::Cluster => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(
+            json["metadata"]["name"].as_str().unwrap(),
+            &PatchParams::apply("conduit-tests").force(),
+            &Patch::Apply(&json),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+fn outcome<'a>(
+    checks: &'a [conduit_cli::control::Check],
+    what: &str,
+) -> &'a Result<String, String> {
+    &checks
+        .iter()
+        .find(|c| c.what == what)
+        .unwrap_or_else(|| panic!("no check {what}"))
+        .outcome
+}
+
+/// `conduit check --kubernetes` on an install: the API, the CRDs and the webhook's
+/// certificate pass; the Deployments fail until their replicas are available (status patched
+/// as the Deployment controller would); a webhook certificate the configuration does not
+/// trust fails, saying so.
+#[tokio::test]
+async fn check_reports_the_installation_as_it_is() {
+    let Some(kubeconfig) = kubeconfig("check_reports_the_installation_as_it_is") else {
+        return;
+    };
+    let client: Client = conduit_controller::discovery::kubernetes::client(Some(&kubeconfig))
+        .await
+        .unwrap();
+    let namespace = format!("check-{}", random_suffix());
+    let options = conduit_cli::install::InstallOptions {
+        namespace: namespace.clone(),
+        pdb_api_version: "policy/v1beta1".into(),
+        ..conduit_cli::install::InstallOptions::default()
+    };
+    let pki = conduit_cli::install::generate_pki(&namespace, "cluster.local").unwrap();
+    apply_all(
+        &client,
+        &namespace,
+        &conduit_cli::install::install(&options, &pki).unwrap(),
+    )
+    .await;
+
+    let checks = conduit_cli::kube_check::checks(&client, &namespace).await;
+    let (text, passed) = conduit_cli::control::render_checks(&checks);
+    assert!(!passed, "{text}");
+    assert!(outcome(&checks, "kubernetes-api").is_ok(), "{text}");
+    assert!(outcome(&checks, "crds").is_ok(), "{text}");
+    assert!(outcome(&checks, "webhook-certificate").is_ok(), "{text}");
+    let Err(reason) = outcome(&checks, "control-plane") else {
+        panic!("{text}")
+    };
+    assert!(reason.contains("0 of 1 replicas available"), "{text}");
+
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), &namespace);
+    for name in ["conduit-controller", "conduit-webhook"] {
+        deployments
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"status": {"replicas": 1, "availableReplicas": 1, "readyReplicas": 1}}),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    let checks = conduit_cli::kube_check::checks(&client, &namespace).await;
+    let (text, _) = conduit_cli::control::render_checks(&checks);
+    assert!(outcome(&checks, "control-plane").is_ok(), "{text}");
+    assert!(outcome(&checks, "webhook").is_ok(), "{text}");
+
+    // A serving certificate the webhook configuration does not trust.
+    let stranger =
+        rcgen::generate_simple_self_signed(vec![format!("conduit-webhook.{namespace}.svc")])
+            .unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &namespace);
+    secrets
+        .patch(
+            "conduit-webhook-tls",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"tls.crt": stranger.cert.pem()}})),
+        )
+        .await
+        .unwrap();
+    let checks = conduit_cli::kube_check::checks(&client, &namespace).await;
+    let (text, _) = conduit_cli::control::render_checks(&checks);
+    let Err(reason) = outcome(&checks, "webhook-certificate") else {
+        panic!("{text}")
+    };
+    assert!(reason.contains("does not verify"), "{text}");
+
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let _ = configs
+        .delete(
+            &format!("conduit-proxy-injector-{namespace}"),
+            &DeleteParams::default(),
+        )
+        .await;
+    let namespaces: Api<Namespace> = Api::all(client);
+    let _ = namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await;
+}
