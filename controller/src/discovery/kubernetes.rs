@@ -79,6 +79,9 @@ pub struct Objects {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KubeView {
     namespaces: BTreeMap<String, BTreeMap<String, Vec<Arc<Service>>>>,
+    /// Services by cluster IP (`namespace`, `name`): clients that address a Service by its
+    /// IP, as a redirected connection's original destination does.
+    cluster_ips: BTreeMap<IpAddr, (String, String)>,
     /// `.svc.CLUSTER_DOMAIN`, the suffix fully qualified names carry.
     suffix: String,
 }
@@ -104,6 +107,7 @@ impl KubeView {
     pub fn empty(cluster_domain: &str) -> Self {
         Self {
             namespaces: BTreeMap::new(),
+            cluster_ips: BTreeMap::new(),
             suffix: format!(
                 ".svc.{}",
                 cluster_domain.trim_matches('.').to_ascii_lowercase()
@@ -234,6 +238,17 @@ impl KubeView {
                         reason,
                     }),
                 }
+            }
+            // `None` (headless) and absent cluster IPs parse as no address.
+            for ip in spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+                .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            {
+                view.cluster_ips
+                    .insert(ip, (ns.to_ascii_lowercase(), name.to_ascii_lowercase()));
             }
             view.namespaces
                 .entry(ns.to_ascii_lowercase())
@@ -381,8 +396,16 @@ fn dedupe(addrs: BTreeSet<(SocketAddr, Option<&str>)>) -> Vec<(SocketAddr, Optio
         .collect()
 }
 
-/// Splits `host[:port]`; service names have no brackets.
+/// Splits `host[:port]` (an IPv6 host in brackets).
 fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after.strip_prefix(':') {
+            Some(port) => Some((host, Some(port.parse().ok()?))),
+            None if after.is_empty() => Some((host, None)),
+            None => None,
+        };
+    }
     match authority.rsplit_once(':') {
         Some((host, port)) => Some((host, Some(port.parse().ok()?))),
         None => Some((authority, None)),
@@ -393,14 +416,13 @@ impl View for KubeView {
     fn lookup(&self, authority: &str) -> Option<Arc<Service>> {
         let (host, port) = split_authority(authority)?;
         let host = host.trim_end_matches('.');
-        let short = host
-            .strip_suffix(self.suffix.as_str())
-            .or_else(|| host.strip_suffix(".svc"))
-            .unwrap_or(host);
-        let (name, namespace) = short.split_once('.')?;
-        if namespace.contains('.') {
-            return None;
-        }
+        let (namespace, name) = match host.parse::<IpAddr>() {
+            Ok(ip) => {
+                let (namespace, name) = self.cluster_ips.get(&ip)?;
+                (namespace.as_str(), name.as_str())
+            }
+            Err(_) => self.split_name(host)?,
+        };
         let ports = self.namespaces.get(namespace)?.get(name)?;
         let found = match port {
             Some(port) => ports.iter().find(|s| s.port == port),
@@ -419,6 +441,21 @@ impl View for KubeView {
             .flatten()
             .cloned()
             .collect()
+    }
+}
+
+impl KubeView {
+    /// `(namespace, name)` of a Service's DNS name in any of its qualified forms.
+    fn split_name<'a>(&self, host: &'a str) -> Option<(&'a str, &'a str)> {
+        let short = host
+            .strip_suffix(self.suffix.as_str())
+            .or_else(|| host.strip_suffix(".svc"))
+            .unwrap_or(host);
+        let (name, namespace) = short.split_once('.')?;
+        if namespace.contains('.') {
+            return None;
+        }
+        Some((namespace, name))
     }
 }
 
@@ -652,7 +689,7 @@ mod tests {
     fn web_service() -> Arc<KService> {
         object(json!({
             "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"ports": [
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"], "ports": [
                 {"name": "http", "port": 80, "targetPort": "web"},
                 {"name": "admin", "port": 9000, "targetPort": 9090},
             ]},
@@ -734,7 +771,15 @@ mod tests {
         ] {
             assert_eq!(view.lookup(found).map(|s| s.port), Some(80), "{found}");
         }
+        // By cluster IP too (IPv6 in brackets).
+        for found in ["10.96.0.10:80", "10.96.0.10", "[fd00::10]:80", "[fd00::10]"] {
+            assert_eq!(view.lookup(found).map(|s| s.port), Some(80), "{found}");
+        }
+        assert_eq!(view.lookup("10.96.0.10:9000").map(|s| s.port), Some(9000));
         for missing in [
+            "10.96.0.11:80",
+            "10.96.0.10:81",
+            "[fd00::10",
             "web.shop.svc.cluster.local:80",
             "web.shop:81",
             "web",
