@@ -214,7 +214,8 @@ impl Mesh {
 }
 
 /// Splits `host[:port]` (IPv6 hosts in brackets). `None` for a malformed authority.
-fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+#[must_use]
+pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     if authority.is_empty() {
         return None;
     }

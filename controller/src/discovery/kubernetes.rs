@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService, Service};
+use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService, Service, split_authority};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service as KService, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -394,22 +394,6 @@ fn dedupe(addrs: BTreeSet<(SocketAddr, Option<&str>)>) -> Vec<(SocketAddr, Optio
         .into_iter()
         .filter(|(addr, _)| seen.insert(*addr))
         .collect()
-}
-
-/// Splits `host[:port]` (an IPv6 host in brackets).
-fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        return match after.strip_prefix(':') {
-            Some(port) => Some((host, Some(port.parse().ok()?))),
-            None if after.is_empty() => Some((host, None)),
-            None => None,
-        };
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
-        None => Some((authority, None)),
-    }
 }
 
 impl View for KubeView {
