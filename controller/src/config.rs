@@ -239,15 +239,20 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
         };
         let cluster_domain = match raw.cluster_domain {
             None => crate::discovery::kubernetes::DEFAULT_CLUSTER_DOMAIN.to_owned(),
-            Some(domain) if is_dns_name(domain.trim_end_matches('.')) => {
-                domain.trim_end_matches('.').to_ascii_lowercase()
-            }
             Some(domain) => {
-                error(
-                    CLUSTER_DOMAIN,
-                    format!("`{domain}` is not a DNS name such as `cluster.local`"),
-                );
-                String::new()
+                let lower = domain.trim_end_matches('.').to_ascii_lowercase();
+                match conduit_core::mesh::check_dns_name(&lower) {
+                    Ok(()) => lower,
+                    Err(reason) => {
+                        error(
+                            CLUSTER_DOMAIN,
+                            format!(
+                                "`{domain}` is not a DNS name such as `cluster.local`: {reason}"
+                            ),
+                        );
+                        String::new()
+                    }
+                }
             }
         };
         let mesh_poll_interval = match raw.mesh_poll_ms {
@@ -446,22 +451,6 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
             _ => Err(InvalidConfig { errors }),
         }
     }
-}
-
-/// Whether `name` is a DNS name: dot-separated labels of 1 to 63 letters, digits and
-/// hyphens, not starting or ending with a hyphen, 253 bytes at most.
-fn is_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 #[cfg(test)]

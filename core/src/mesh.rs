@@ -534,7 +534,11 @@ fn validate_authorization(
 
 /// Checks a DNS-style name: 1 to 253 bytes of labels of 1 to 63 bytes each, made of ASCII
 /// lower-case letters, digits and `-`, not starting or ending with `-`.
-fn check_dns_name(name: &str) -> Result<(), String> {
+///
+/// # Errors
+///
+/// What is wrong with the name, for a person.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty".into());
     }
