@@ -60,6 +60,30 @@ fn pod(name: &str) -> Pod {
     .unwrap()
 }
 
+/// Creates pods `NAME-0`, `NAME-1`, ... until one's outcome is what the webhook
+/// configuration just applied calls for (`configured`): the API server picks up a changed
+/// configuration asynchronously, so a pod created at once may still meet the previous one.
+/// Bounded by [`WAIT`]; a short pause between attempts keeps the API server from a busy loop.
+async fn create_once_configured(
+    pods: &Api<Pod>,
+    name: &str,
+    configured: impl Fn(&Result<Pod, kube::Error>) -> bool,
+) -> Result<Pod, kube::Error> {
+    within(&format!("pod {name} admitted as configured"), async {
+        for attempt in 0.. {
+            let created = pods
+                .create(&PostParams::default(), &pod(&format!("{name}-{attempt}")))
+                .await;
+            if configured(&created) {
+                return created;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unreachable!("the loop only ends by returning")
+    })
+    .await
+}
+
 fn container_names(pod: &Pod) -> (Vec<String>, Vec<String>) {
     let spec = pod.spec.as_ref().unwrap();
     let names = |list: &[k8s_openapi::api::core::v1::Container]| {
@@ -162,10 +186,11 @@ async fn the_api_server_injects_pods_through_the_webhook() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     // Injected: the API server stored what the webhook's patch made of the pod.
-    let created = within(
-        "an injected pod",
-        pods.create(&PostParams::default(), &pod("web")),
-    )
+    let created = create_once_configured(&pods, "web", |created| {
+        created
+            .as_ref()
+            .is_ok_and(|pod| container_names(pod).0.len() == 2)
+    })
     .await
     .unwrap();
     let (containers, init) = container_names(&created);
@@ -197,12 +222,9 @@ async fn the_api_server_injects_pods_through_the_webhook() {
         .patch(&config_name, &apply, &Patch::Apply(config("Ignore")))
         .await
         .unwrap();
-    let admitted = within(
-        "an admitted pod",
-        pods.create(&PostParams::default(), &pod("plain")),
-    )
-    .await
-    .unwrap();
+    let admitted = create_once_configured(&pods, "plain", Result::is_ok)
+        .await
+        .unwrap();
     let (containers, init) = container_names(&admitted);
     assert_eq!(containers, ["app"]);
     assert_eq!(init, Vec::<String>::new());
