@@ -44,6 +44,29 @@ use crate::backoff::{Backoff, BackoffConfig};
 use crate::rand::Rng;
 use crate::time::{Instant, UnixTime};
 
+/// The identity of a Kubernetes ServiceAccount: `NAME.NAMESPACE.serviceaccount.identity.conduit.
+/// CLUSTER_DOMAIN` (Linkerd's shape, with `conduit` for its control plane's namespace), lower
+/// case. What the controller certifies for a proxy that proves the account with its token,
+/// what discovery says a meshed pod of that account proves, and what authorization policies
+/// name, so the three always agree.
+///
+/// ```
+/// use conduit_core::identity::service_account_identity;
+/// assert_eq!(
+///     service_account_identity("shop", "web", "cluster.local"),
+///     "web.shop.serviceaccount.identity.conduit.cluster.local"
+/// );
+/// ```
+#[must_use]
+pub fn service_account_identity(namespace: &str, name: &str, cluster_domain: &str) -> String {
+    let mut identity = format!(
+        "{name}.{namespace}.serviceaccount.identity.conduit.{}",
+        cluster_domain.trim_end_matches('.')
+    );
+    identity.make_ascii_lowercase();
+    identity
+}
+
 /// Renew after this many thousandths of the remaining lifetime.
 pub const REFRESH_PER_MILLE: u64 = 700;
 
