@@ -95,6 +95,7 @@ pub struct Controller {
     date_header: Option<HeaderValue>,
     metrics_source: Option<Arc<dyn stat::MetricsSource>>,
     identity: Option<Arc<CertificateAuthority>>,
+    service_accounts: Option<Arc<identity::serviceaccount::ServiceAccountTokens>>,
 }
 
 impl core::fmt::Debug for Controller {
@@ -141,7 +142,19 @@ impl Controller {
             date_header: None,
             metrics_source: None,
             identity: None,
+            service_accounts: None,
         }
+    }
+
+    /// Lets workloads prove their identity with Kubernetes ServiceAccount tokens, reviewed by
+    /// the API server (beside the controller's own tokens).
+    #[must_use]
+    pub fn with_service_accounts(
+        mut self,
+        tokens: identity::serviceaccount::ServiceAccountTokens,
+    ) -> Self {
+        self.service_accounts = Some(Arc::new(tokens));
+        self
     }
 
     /// Serves `Identity.Certify` from `ca` (without one it answers `FAILED_PRECONDITION`),
@@ -216,6 +229,7 @@ impl Controller {
             )
             .add_service(
                 IdentityService::new(self.identity.clone(), Arc::clone(&self.metrics))
+                    .with_service_accounts(self.service_accounts.clone())
                     .into_server(),
             )
             .add_service(TapService.into_server());
@@ -274,6 +288,7 @@ where
     AE: core::fmt::Display,
 {
     let mut singleton_client = None;
+    let mut service_accounts = None;
     let (discovery, metrics, _watcher): (Arc<dyn Discovery>, _, _) = match &config.discovery {
         DiscoverySource::File {
             path,
@@ -301,6 +316,10 @@ where
             singleton,
         } => {
             let client = discovery::kubernetes::client(kubeconfig.as_deref()).await?;
+            service_accounts = Some(identity::serviceaccount::ServiceAccountTokens::new(
+                client.clone(),
+                cluster_domain,
+            ));
             if let Some(singleton) = singleton {
                 singleton_client = Some((client.clone(), singleton.clone()));
             }
@@ -366,9 +385,12 @@ where
     );
     let _renewer = AbortOnDrop(renewer);
     let grpc_incoming = tls.incoming(grpc_incoming);
-    let controller = Controller::new(discovery, metrics)
+    let mut controller = Controller::new(discovery, metrics)
         .with_metrics_source(Arc::new(stat::HttpMetricsSource))
         .with_identity(ca);
+    if let Some(tokens) = service_accounts {
+        controller = controller.with_service_accounts(tokens);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         // An error means the sender is gone, which also means stop.

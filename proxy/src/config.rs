@@ -185,7 +185,7 @@ pub struct ProxyConfig {
     pub controller_identity: Option<String>,
 }
 
-pub use crate::identity::IdentitySettings;
+pub use crate::identity::{IdentitySettings, TrustAnchors};
 
 /// Connection timeouts and size limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -449,6 +449,7 @@ impl ProxyConfig {
             raw.identity_token,
             raw.identity_token_file,
             raw.identity_trust_anchors,
+            raw.identity_trust_anchors_pem,
             &config.discovery,
             &mut e,
         );
@@ -699,10 +700,15 @@ fn identity_settings(
     token: Option<String>,
     token_file: Option<String>,
     anchors: Option<String>,
+    anchors_pem: Option<String>,
     discovery: &DiscoveryConfig,
     e: &mut impl FnMut(&str, String),
 ) -> Option<IdentitySettings> {
-    let given = name.is_some() || token.is_some() || token_file.is_some() || anchors.is_some();
+    let given = name.is_some()
+        || token.is_some()
+        || token_file.is_some()
+        || anchors.is_some()
+        || anchors_pem.is_some();
     if !given {
         return None;
     }
@@ -754,15 +760,36 @@ fn identity_settings(
             crate::identity::TokenSource::Value(String::new())
         }
     };
-    let trust_anchors = match anchors {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
+    let trust_anchors = match (anchors, anchors_pem) {
+        (Some(path), None) if !path.is_empty() => TrustAnchors::File(PathBuf::from(path)),
+        (None, Some(pem)) if pem.contains("-----BEGIN CERTIFICATE-----") => {
+            TrustAnchors::Pem(pem)
+        }
+        (None, Some(_)) => {
+            e(
+                "identity_trust_anchors_pem",
+                "holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)".into(),
+            );
+            ok = false;
+            TrustAnchors::Pem(String::new())
+        }
+        (Some(_), Some(_)) => {
+            e(
+                "identity_trust_anchors",
+                "give identity_trust_anchors or identity_trust_anchors_pem, not both".into(),
+            );
+            ok = false;
+            TrustAnchors::Pem(String::new())
+        }
         _ => {
             e(
                 "identity_trust_anchors",
-                "required with an identity: the PEM bundle of the mesh's trust anchors".into(),
+                "required with an identity: the PEM bundle of the mesh's trust anchors (a file, \
+                 or the bundle itself in identity_trust_anchors_pem)"
+                    .into(),
             );
             ok = false;
-            PathBuf::new()
+            TrustAnchors::Pem(String::new())
         }
     };
     if !matches!(discovery, DiscoveryConfig::Controller { .. }) {
@@ -855,6 +882,7 @@ pub struct RawProxyConfig {
     pub identity_token: Option<String>,
     pub identity_token_file: Option<String>,
     pub identity_trust_anchors: Option<String>,
+    pub identity_trust_anchors_pem: Option<String>,
     pub outbound_require_identity: Option<RawBool>,
     pub controller_identity: Option<String>,
 }
@@ -1072,6 +1100,52 @@ mod tests {
             err.contains("response_timeout (CONDUIT_PROXY_RESPONSE_TIMEOUT): `30` needs a unit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn trust_anchors_come_from_a_file_or_the_bundle_itself() {
+        let base = [
+            ("CONDUIT_PROXY_DISCOVERY", "127.0.0.1:8086"),
+            (
+                "CONDUIT_PROXY_IDENTITY_NAME",
+                "web.shop.serviceaccount.identity.conduit.cluster.local",
+            ),
+            (
+                "CONDUIT_PROXY_IDENTITY_TOKEN_FILE",
+                "/var/run/secrets/conduit.io/serviceaccount/token",
+            ),
+        ];
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let with = |extra: &[(&str, &str)]| {
+            let mut vars = base.to_vec();
+            vars.extend_from_slice(extra);
+            ProxyConfig::load(None, env(&vars))
+        };
+        let config = with(&[("CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS_PEM", pem)]).unwrap();
+        let identity = config.identity.unwrap();
+        assert_eq!(identity.trust_anchors, TrustAnchors::Pem(pem.into()));
+        assert_eq!(
+            identity.token,
+            crate::identity::TokenSource::File(PathBuf::from(
+                "/var/run/secrets/conduit.io/serviceaccount/token"
+            ))
+        );
+        let config = with(&[("CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS", "/etc/anchors.pem")]).unwrap();
+        assert_eq!(
+            config.identity.unwrap().trust_anchors,
+            TrustAnchors::File("/etc/anchors.pem".into())
+        );
+        let err = with(&[
+            ("CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS_PEM", pem),
+            ("CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS", "/etc/anchors.pem"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not both"), "{err}");
+        let err = with(&[("CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS_PEM", "garbage")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("identity_trust_anchors_pem") && err.contains("no PEM"), "{err}");
     }
 
     #[test]

@@ -53,10 +53,23 @@ const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct IdentitySettings {
     /// The identity asked for (a DNS-like name).
     pub name: String,
-    /// The bootstrap token that proves it (`conduit identity token NAME`).
+    /// The token that proves it: the controller's (`conduit identity token NAME`), or in
+    /// Kubernetes the pod's projected ServiceAccount token.
     pub token: TokenSource,
-    /// The PEM bundle of trust anchors.
-    pub trust_anchors: PathBuf,
+    /// The trust anchors.
+    pub trust_anchors: TrustAnchors,
+}
+
+/// Where the trust anchors come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustAnchors {
+    /// A PEM bundle file (`identity_trust_anchors`), re-read every few seconds so a rotated
+    /// bundle is trusted without a restart.
+    File(PathBuf),
+    /// The PEM bundle itself (`identity_trust_anchors_pem`: what the Kubernetes injector
+    /// sets, since a pod cannot mount a ConfigMap of the control plane's namespace); fixed for
+    /// the process's life.
+    Pem(String),
 }
 
 /// Where the bootstrap token comes from.
@@ -64,7 +77,8 @@ pub struct IdentitySettings {
 pub enum TokenSource {
     /// The token itself (`identity_token`).
     Value(String),
-    /// A file holding it (`identity_token_file`), read at start.
+    /// A file holding it (`identity_token_file`), read at start and again before every
+    /// certify request (the kubelet rotates a projected ServiceAccount token in place).
     File(PathBuf),
 }
 
@@ -199,6 +213,8 @@ pub struct LocalIdentity {
     name: Arc<str>,
     server_name: ServerName<'static>,
     token: Vec<u8>,
+    /// The token's file, re-read before each certify request.
+    token_file: Option<PathBuf>,
     csr: Vec<u8>,
     public_key: Vec<u8>,
     key: Arc<dyn SigningKey>,
@@ -228,12 +244,15 @@ impl LocalIdentity {
     /// [`IdentityError`] naming what is wrong (an unreadable or garbled anchor file, an
     /// invalid name).
     pub fn load(settings: &IdentitySettings, wall: WallClock) -> Result<Self, IdentityError> {
-        let pem = std::fs::read(&settings.trust_anchors).map_err(|source| {
-            IdentityError::ReadAnchors {
-                path: settings.trust_anchors.clone(),
-                source,
+        let pem = match &settings.trust_anchors {
+            TrustAnchors::File(path) => {
+                std::fs::read(path).map_err(|source| IdentityError::ReadAnchors {
+                    path: path.clone(),
+                    source,
+                })?
             }
-        })?;
+            TrustAnchors::Pem(pem) => pem.clone().into_bytes(),
+        };
         let token = match &settings.token {
             TokenSource::Value(token) => token.clone(),
             TokenSource::File(path) => std::fs::read_to_string(path)
@@ -247,19 +266,45 @@ impl LocalIdentity {
         if token.is_empty() {
             return Err(IdentityError::EmptyToken);
         }
-        let identity = Self::new(
+        let mut identity = Self::new(
             &settings.name,
             token.as_bytes(),
             &pem,
             wall,
             &Crypto::system(),
         )?;
-        identity
-            .anchors
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0 = Some(settings.trust_anchors.clone());
+        if let TokenSource::File(path) = &settings.token {
+            identity.token_file = Some(path.clone());
+        }
+        if let TrustAnchors::File(path) = &settings.trust_anchors {
+            identity
+                .anchors
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0 = Some(path.clone());
+        }
         Ok(identity)
+    }
+
+    /// The token to send with a certify request: the token file's contents now when the
+    /// token comes from a file (the kubelet replaces a projected ServiceAccount token before
+    /// it expires), else, or when the file cannot be read or is empty, the token read at
+    /// start.
+    fn current_token(&self) -> Vec<u8> {
+        let Some(path) = &self.token_file else {
+            return self.token.clone();
+        };
+        match std::fs::read_to_string(path) {
+            Ok(token) if !token.trim().is_empty() => token.trim().as_bytes().to_vec(),
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "the identity token file is empty; sending the token read at start");
+                self.token.clone()
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot read the identity token file; sending the token read at start");
+                self.token.clone()
+            }
+        }
     }
 
     /// Generates a key (of `crypto`'s kind: P-256 in production) and a CSR for `name`, and
@@ -308,6 +353,7 @@ impl LocalIdentity {
             name: Arc::from(name),
             server_name,
             token: token.to_vec(),
+            token_file: None,
             csr,
             public_key: key_pair.public_key_raw().to_vec(),
             key,
@@ -551,7 +597,7 @@ impl LocalIdentity {
             }
             let request = CertifyRequest {
                 identity: self.name.to_string(),
-                token: self.token.clone(),
+                token: self.current_token(),
                 certificate_signing_request: self.csr.clone(),
             };
             let answer = tokio::time::timeout(CERTIFY_TIMEOUT, client.certify(request)).await;
@@ -918,7 +964,7 @@ mod tests {
         let settings = IdentitySettings {
             name: "web.a".into(),
             token: TokenSource::Value("t".into()),
-            trust_anchors: path.clone(),
+            trust_anchors: TrustAnchors::File(path.clone()),
         };
         let web = LocalIdentity::load(&settings, now).unwrap();
         let leaf = sign(&old, &web, 1_799_990_000, 1_800_086_400);

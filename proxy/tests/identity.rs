@@ -23,7 +23,7 @@ use conduit_controller::identity::tls::CONTROLLER_IDENTITY;
 use conduit_controller::identity::{IdentityConfig, TRUST_ANCHORS_FILE, issue_token};
 use conduit_controller::net::tcp_incoming;
 use conduit_core::rand::DetRng;
-use conduit_proxy::config::{DiscoveryConfig, IdentitySettings};
+use conduit_proxy::config::{DiscoveryConfig, IdentitySettings, TrustAnchors};
 use conduit_proxy::discover::controller::ControllerDiscoverConfig;
 use conduit_proxy::errors::respond::PROXY_ERROR_HEADER;
 use conduit_proxy::identity::{ControllerTls, LocalIdentity, TokenSource};
@@ -138,7 +138,7 @@ fn proxy_config(controller: SocketAddr, identity: Option<(&str, &Path)>) -> Prox
         config.identity = Some(IdentitySettings {
             name: name.to_owned(),
             token: TokenSource::Value(issue_token(dir, name).unwrap()),
-            trust_anchors: dir.join(TRUST_ANCHORS_FILE),
+            trust_anchors: TrustAnchors::File(dir.join(TRUST_ANCHORS_FILE)),
         });
     }
     config

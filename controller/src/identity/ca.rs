@@ -477,6 +477,22 @@ impl CertificateAuthority {
             .tokens
             .verify(token)
             .map_err(CertifyError::Unauthenticated)?;
+        self.certify_proven(identity, proven, csr)
+    }
+
+    /// Signs a leaf for `proven`, an identity the caller has already proven (a ServiceAccount
+    /// token the API server reviewed, [`super::serviceaccount`]), which must be `identity`,
+    /// over the public key of `csr`: the rest of [`Self::certify`], with the same checks.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::certify`], except [`CertifyError::Unauthenticated`].
+    pub fn certify_proven(
+        &self,
+        identity: &str,
+        proven: String,
+        csr: &[u8],
+    ) -> Result<Certified, CertifyError> {
         if identity != proven {
             return Err(CertifyError::IdentityMismatch {
                 token: proven,

@@ -10,6 +10,8 @@
 //!   change.
 //! - [`token`]: bootstrap tokens, `ct1:<identity>:<hex HMAC-SHA256>`, and [`issue_token`] for
 //!   the `conduit identity token` command.
+//! - [`serviceaccount`]: Kubernetes ServiceAccount tokens, reviewed by the API server, as
+//!   the other proof a workload may give (in a cluster).
 //! - [`service`]: the gRPC service, mapping each outcome to a status and a metric.
 //!
 //! # The identity directory
@@ -45,6 +47,7 @@ mod der;
 mod files;
 pub mod secret;
 pub mod service;
+pub mod serviceaccount;
 pub mod tls;
 pub mod token;
 

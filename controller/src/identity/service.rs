@@ -3,7 +3,8 @@
 //! | outcome | status | `result` label |
 //! |---|---|---|
 //! | a leaf | `OK` | `ok` |
-//! | bad or missing token | `UNAUTHENTICATED` | `unauthenticated` |
+//! | bad or missing token, a ServiceAccount token the API server rejects | `UNAUTHENTICATED` | `unauthenticated` |
+//! | the API server cannot review a ServiceAccount token | `UNAVAILABLE` | `error` |
 //! | the token's identity is not the one asked for (request or CSR) | `PERMISSION_DENIED` | `denied` |
 //! | garbled CSR, bad CSR signature, unsupported key | `INVALID_ARGUMENT` | `invalid` |
 //! | no CA configured | `FAILED_PRECONDITION` | `error` |
@@ -15,21 +16,39 @@ use conduit_proto::pb::identity;
 use tonic::{Request, Response, Status};
 
 use super::ca::{CertificateAuthority, CertifyError};
+use super::serviceaccount::{ReviewError, ServiceAccountTokens};
+use super::token::TOKEN_PREFIX;
 use crate::metrics::{CertifyOutcome, Metrics};
 
 /// The Identity service over an optional CA (without one, every call is
 /// `FAILED_PRECONDITION`).
+///
+/// A request's token is the controller's own (`ct1:…`), or, when the service has
+/// [`ServiceAccountTokens`] (a controller in Kubernetes), any other token is taken for a
+/// ServiceAccount's and reviewed by the API server.
 #[derive(Clone, Debug)]
 pub struct IdentityService {
     ca: Option<Arc<CertificateAuthority>>,
     metrics: Arc<Metrics>,
+    service_accounts: Option<Arc<ServiceAccountTokens>>,
 }
 
 impl IdentityService {
     /// The service signing with `ca`, counting into `metrics`.
     #[must_use]
     pub fn new(ca: Option<Arc<CertificateAuthority>>, metrics: Arc<Metrics>) -> Self {
-        Self { ca, metrics }
+        Self {
+            ca,
+            metrics,
+            service_accounts: None,
+        }
+    }
+
+    /// Also accepts ServiceAccount tokens, reviewed with `tokens`.
+    #[must_use]
+    pub fn with_service_accounts(mut self, tokens: Option<Arc<ServiceAccountTokens>>) -> Self {
+        self.service_accounts = tokens;
+        self
     }
 
     /// The tonic server for this service.
@@ -38,7 +57,7 @@ impl IdentityService {
         identity::identity_server::IdentityServer::new(self)
     }
 
-    fn answer(
+    async fn answer(
         &self,
         request: &identity::CertifyRequest,
     ) -> Result<identity::CertifyResponse, (CertifyOutcome, Status)> {
@@ -48,13 +67,31 @@ impl IdentityService {
                 Status::failed_precondition("identity is not configured on this controller"),
             ));
         };
-        let certified = ca
-            .certify(
-                &request.identity,
-                &request.token,
-                &request.certificate_signing_request,
-            )
-            .map_err(|err| (err.outcome(), status(&err)))?;
+        let csr = &request.certificate_signing_request;
+        let certified = match &self.service_accounts {
+            Some(tokens) if !request.token.starts_with(TOKEN_PREFIX.as_bytes()) => {
+                let token = core::str::from_utf8(&request.token).map_err(|_| {
+                    (
+                        CertifyOutcome::Unauthenticated,
+                        Status::unauthenticated("the token is not UTF-8"),
+                    )
+                })?;
+                let proven = tokens.verify(token.trim()).await.map_err(|err| {
+                    let outcome = match err {
+                        ReviewError::Unavailable { .. } => CertifyOutcome::Error,
+                        _ => CertifyOutcome::Unauthenticated,
+                    };
+                    let status = match err {
+                        ReviewError::Unavailable { .. } => Status::unavailable(err.to_string()),
+                        _ => Status::unauthenticated(err.to_string()),
+                    };
+                    (outcome, status)
+                })?;
+                ca.certify_proven(&request.identity, proven, csr)
+            }
+            _ => ca.certify(&request.identity, &request.token, csr),
+        }
+        .map_err(|err| (err.outcome(), status(&err)))?;
         Ok(identity::CertifyResponse {
             leaf_certificate: certified.leaf.to_vec(),
             intermediate_certificates: certified
@@ -86,7 +123,7 @@ impl identity::identity_server::Identity for IdentityService {
         request: Request<identity::CertifyRequest>,
     ) -> Result<Response<identity::CertifyResponse>, Status> {
         let request = request.into_inner();
-        match self.answer(&request) {
+        match self.answer(&request).await {
             Ok(response) => {
                 self.metrics.record_certify(CertifyOutcome::Ok);
                 tracing::debug!(identity = %request.identity, valid_until_unix_ms = response.valid_until_unix_ms, "certified");
