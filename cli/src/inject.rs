@@ -9,7 +9,15 @@
 //! - the `conduit-proxy` container: inbound on 4143 (to the app's port), outbound on
 //!   127.0.0.1:4140, admin on 4191 (`/ready` and `/live` as its probes), discovery from the
 //!   controller, running as uid 2102 (the uid the redirect spares);
-//! - the annotation `conduit.io/proxy-version`.
+//! - the annotation `conduit.io/proxy-version`;
+//! - with the mesh's trust anchors ([`InjectOptions::identity`]), the proxy's workload
+//!   identity: its pod's ServiceAccount (`NAME.NAMESPACE.serviceaccount.identity.conduit.
+//!   DOMAIN`, from the pod's own fields, so a template injected offline gets the namespace it
+//!   lands in), proven with a ServiceAccount token the kubelet projects for the audience
+//!   `identity.conduit.io` and renews, the trust anchors themselves, and mTLS to the
+//!   controller; the pod is annotated `conduit.io/identity-mode: default`, which tells
+//!   discovery its endpoints prove that identity. Without trust anchors the proxies run
+//!   without identity (plaintext between pods).
 //!
 //! The proxy forwards inbound traffic to one port of the app (its first declared TCP port, or
 //! `conduit.io/app-port`); the pod's other declared ports are left out of the redirect, so
@@ -34,6 +42,15 @@ pub const VERSION_ANNOTATION: &str = "conduit.io/proxy-version";
 pub const PROXY_CONTAINER: &str = "conduit-proxy";
 /// The init container's name.
 pub const INIT_CONTAINER: &str = "conduit-init";
+/// The annotation saying how an injected pod's proxy gets its identity (`default`: its
+/// ServiceAccount's), read by discovery.
+pub const IDENTITY_MODE_ANNOTATION: &str = "conduit.io/identity-mode";
+/// The projected ServiceAccount token volume.
+pub const TOKEN_VOLUME: &str = "conduit-identity-token";
+/// Where the proxy container finds the token.
+pub const TOKEN_DIR: &str = "/var/run/secrets/conduit.io/serviceaccount";
+/// How long each projected token lasts (the kubelet renews it at 80 % of that).
+const TOKEN_EXPIRATION_SECONDS: u32 = 24 * 3600;
 
 /// What the injected containers are and where they connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +67,52 @@ pub struct InjectOptions {
     pub skip_inbound_ports: Vec<u16>,
     /// Destination ports the pod's apps reach directly.
     pub skip_outbound_ports: Vec<u16>,
+    /// The proxies' workload identity, or `None`: no identity, plaintext between pods.
+    pub identity: Option<InjectIdentity>,
+}
+
+/// Where the trust anchors come from: a file read for each use (the webhook's is a mounted
+/// ConfigMap, which the kubelet updates in place when the anchors rotate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchors {
+    /// The PEM bundle's file.
+    pub file: std::path::PathBuf,
+    /// The cluster's DNS domain.
+    pub cluster_domain: String,
+}
+
+impl Anchors {
+    /// The identity settings with the file's anchors as they are now.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read or holds no PEM certificate.
+    pub fn read(&self) -> anyhow::Result<InjectIdentity> {
+        let pem = std::fs::read_to_string(&self.file)
+            .with_context(|| format!("reading the trust anchors {}", self.file.display()))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            bail!(
+                "{} holds no PEM certificate: not a trust anchor bundle",
+                self.file.display()
+            );
+        }
+        Ok(InjectIdentity {
+            trust_anchors_pem: pem,
+            cluster_domain: self.cluster_domain.clone(),
+            controller_identity: conduit_controller::identity::tls::CONTROLLER_IDENTITY.to_owned(),
+        })
+    }
+}
+
+/// What an injected proxy needs for its identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectIdentity {
+    /// The mesh's trust anchors (PEM bundle), given to the proxy as they are.
+    pub trust_anchors_pem: String,
+    /// The cluster's DNS domain, the suffix of every identity.
+    pub cluster_domain: String,
+    /// The identity the controller proves (the proxy reaches it over mTLS and checks it).
+    pub controller_identity: String,
 }
 
 impl InjectOptions {
@@ -64,6 +127,7 @@ impl InjectOptions {
             proxy_uid: 2102,
             skip_inbound_ports: Vec::new(),
             skip_outbound_ports: Vec::new(),
+            identity: None,
         }
     }
 }
@@ -238,12 +302,18 @@ pub fn inject_pod(pod: &mut Value, options: &InjectOptions) -> anyhow::Result<Ou
     // First: the kubelet starts containers in order, so the proxy is up (or starting) before
     // the apps whose connections the redirect sends to it.
     push(spec, "containers", proxy_container(options, app_port), true)?;
+    if options.identity.is_some() {
+        push(spec, "volumes", token_volume(), false)?;
+    }
     let metadata = mapping_at(pod, "metadata")?;
     let annotations = mapping_in(metadata, "annotations")?;
     annotations.insert(
         VERSION_ANNOTATION.into(),
         env!("CARGO_PKG_VERSION").to_owned().into(),
     );
+    if options.identity.is_some() {
+        annotations.insert(IDENTITY_MODE_ANNOTATION.into(), "default".into());
+    }
     Ok(Outcome::Injected)
 }
 
@@ -350,7 +420,7 @@ resources:
 
 /// The proxy container.
 fn proxy_container(options: &InjectOptions, app_port: u16) -> Value {
-    yaml(&format!(
+    let mut container = yaml(&format!(
         "name: {PROXY_CONTAINER}
 image: {image}
 env:
@@ -378,12 +448,107 @@ securityContext:
         image = options.proxy_image,
         controller = options.controller,
         uid = options.proxy_uid,
+    ));
+    if let Some(identity) = &options.identity
+        && let Some(container) = container.as_mapping_mut()
+    {
+        if let Some(env) = container.get_mut("env").and_then(Value::as_sequence_mut) {
+            env.extend(identity_env(identity));
+        }
+        container.insert(
+            "volumeMounts".into(),
+            yaml(&format!(
+                "[{{name: {TOKEN_VOLUME}, mountPath: {TOKEN_DIR}, readOnly: true}}]"
+            )),
+        );
+    }
+    container
+}
+
+/// The proxy's identity settings: its name from the pod's own namespace and ServiceAccount
+/// (Kubernetes expands `$(VAR)` from variables listed before it), the projected token, the
+/// trust anchors and the controller's identity.
+fn identity_env(identity: &InjectIdentity) -> Vec<Value> {
+    let name = format!(
+        "$(_CONDUIT_POD_SA).$(_CONDUIT_POD_NS).serviceaccount.identity.conduit.{}",
+        identity.cluster_domain.trim_end_matches('.')
+    );
+    let field = |name: &str, path: &str| {
+        yaml(&format!(
+            "{{name: {name}, valueFrom: {{fieldRef: {{fieldPath: {path}}}}}}}"
+        ))
+    };
+    let value = |name: &str, value: &str| {
+        let mut map = Mapping::new();
+        map.insert("name".into(), name.into());
+        map.insert("value".into(), value.into());
+        Value::Mapping(map)
+    };
+    vec![
+        field("_CONDUIT_POD_NS", "metadata.namespace"),
+        field("_CONDUIT_POD_SA", "spec.serviceAccountName"),
+        value("CONDUIT_PROXY_IDENTITY_NAME", &name),
+        value(
+            "CONDUIT_PROXY_IDENTITY_TOKEN_FILE",
+            &format!("{TOKEN_DIR}/token"),
+        ),
+        value(
+            "CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS_PEM",
+            &identity.trust_anchors_pem,
+        ),
+        value(
+            "CONDUIT_PROXY_CONTROLLER_IDENTITY",
+            &identity.controller_identity,
+        ),
+    ]
+}
+
+/// The projected ServiceAccount token the proxy proves its identity with: bound to the pod,
+/// for the audience the controller asks the API server to check, renewed by the kubelet.
+fn token_volume() -> Value {
+    yaml(&format!(
+        "name: {TOKEN_VOLUME}
+projected:
+  sources:
+    - serviceAccountToken:
+        audience: {audience}
+        expirationSeconds: {TOKEN_EXPIRATION_SECONDS}
+        path: token
+",
+        audience = conduit_controller::identity::serviceaccount::AUDIENCE,
     ))
 }
 
 /// Parses YAML this module writes itself (so it always parses).
 fn yaml(text: &str) -> Value {
     serde_yaml_ng::from_str(text).unwrap_or(Value::Null)
+}
+
+/// The answer refusing the pod of `review` with `code` and `message` (which `kubectl` shows),
+/// whatever the pod is: the webhook's answer when it cannot decide (its trust anchors cannot be
+/// read), so no pod is admitted without what it should get.
+///
+/// # Errors
+///
+/// The review has no `request.uid` (nothing an API server sends).
+pub fn admission_refusal(
+    review: &serde_json::Value,
+    code: u16,
+    message: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let uid = review
+        .pointer("/request/uid")
+        .and_then(serde_json::Value::as_str)
+        .context("no request.uid")?;
+    Ok(serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": uid,
+            "allowed": false,
+            "status": {"code": code, "message": format!("conduit: {message}")},
+        },
+    }))
 }
 
 /// Answers a Kubernetes `AdmissionReview` (`admission.k8s.io/v1`) for the mutating webhook: a
@@ -532,6 +697,30 @@ spec:
             }]
         );
         insta::assert_snapshot!(out);
+    }
+
+    #[test]
+    fn with_the_trust_anchors_the_proxy_proves_its_service_account() {
+        let mut options = options();
+        options.identity = Some(InjectIdentity {
+            trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+                .into(),
+            cluster_domain: "cluster.local".into(),
+            controller_identity: "controller.conduit.serviceaccount.identity.conduit.local".into(),
+        });
+        let (out, _) = inject_yaml(DEPLOYMENT, &options).unwrap();
+        insta::assert_snapshot!(out);
+        // The identity named in the pod is the one the controller certifies for its account.
+        let name =
+            "$(_CONDUIT_POD_SA).$(_CONDUIT_POD_NS).serviceaccount.identity.conduit.cluster.local";
+        assert_eq!(
+            name.replace("$(_CONDUIT_POD_SA)", "web")
+                .replace("$(_CONDUIT_POD_NS)", "shop"),
+            conduit_core::identity::service_account_identity("shop", "web", "cluster.local")
+        );
+        assert!(out.contains(name));
+        let (twice, _) = inject_yaml(&out, &options).unwrap();
+        assert_eq!(out, twice);
     }
 
     #[test]

@@ -308,6 +308,16 @@ struct InjectArgs {
     /// Destination ports the pod's apps reach directly, past the proxy.
     #[arg(long, value_delimiter = ',')]
     skip_outbound_ports: Vec<u16>,
+    /// The mesh's trust anchors (PEM file; in a cluster, the ConfigMap
+    /// `conduit-identity-trust-anchors`, key `ca.crt`): with them every injected proxy proves
+    /// its pod's ServiceAccount identity and speaks mTLS to other meshed pods. Without them
+    /// the proxies run without identity. The webhook re-reads the file for every pod, so a
+    /// rotated bundle reaches new pods.
+    #[arg(long)]
+    identity_trust_anchors: Option<PathBuf>,
+    /// The cluster's DNS domain (the suffix of every identity).
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 impl InjectArgs {
@@ -324,6 +334,16 @@ impl InjectArgs {
         options.skip_inbound_ports = self.skip_inbound_ports;
         options.skip_outbound_ports = self.skip_outbound_ports;
         options
+    }
+
+    /// The options with the trust anchors read from their file now (when one is given).
+    fn anchors(&self) -> Option<conduit_cli::inject::Anchors> {
+        self.identity_trust_anchors
+            .clone()
+            .map(|file| conduit_cli::inject::Anchors {
+                file,
+                cluster_domain: self.cluster_domain.clone(),
+            })
     }
 }
 
@@ -654,7 +674,10 @@ fn main() -> ExitCode {
                 cert,
                 key,
                 inject,
-            } => conduit_cli::webhook::run(listen, &cert, &key, inject.options()).await,
+            } => {
+                let anchors = inject.anchors();
+                conduit_cli::webhook::run(listen, &cert, &key, inject.options(), anchors).await
+            }
             Command::Inject { file, inject } => {
                 let input = if file.as_os_str() == "-" {
                     std::io::read_to_string(std::io::stdin()).context("reading stdin")?
@@ -662,7 +685,17 @@ fn main() -> ExitCode {
                     std::fs::read_to_string(&file)
                         .with_context(|| format!("reading {}", file.display()))?
                 };
-                let options = inject.options();
+                let anchors = inject.anchors();
+                let mut options = inject.options();
+                match anchors {
+                    Some(anchors) => options.identity = Some(anchors.read()?),
+                    None => eprintln!(
+                        "no --identity-trust-anchors: the injected proxies run without identity \
+                         (plaintext between pods); pass the mesh's anchors, e.g. from \
+                         `kubectl -n conduit get configmap conduit-identity-trust-anchors -o \
+                         jsonpath='{{.data.ca\\.crt}}'`"
+                    ),
+                }
                 let (out, reports) = conduit_cli::inject::inject_yaml(&input, &options)?;
                 print!("{out}");
                 for report in reports {

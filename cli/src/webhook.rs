@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::inject::{InjectOptions, admission_review};
+use crate::inject::{Anchors, InjectOptions, admission_refusal, admission_review};
 
 /// The largest `AdmissionReview` read (a pod with its whole spec is a few KB; the API server
 /// caps request bodies at 3 MB).
@@ -55,10 +55,18 @@ pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfi
     Ok(config)
 }
 
-/// Serves the webhook on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, options: InjectOptions) {
+/// Serves the webhook on `listener` until the task is dropped. With `anchors`, every pod's
+/// proxy gets an identity and the trust anchors as the file holds them when the pod is
+/// admitted; a pod arriving while the file cannot be read is refused with the reason, never
+/// admitted without identity.
+pub async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    options: InjectOptions,
+    anchors: Option<Anchors>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let options = Arc::new(options);
+    let options = Arc::new((options, anchors));
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
@@ -94,17 +102,25 @@ pub async fn run(
     cert: &Path,
     key: &Path,
     options: InjectOptions,
+    anchors: Option<Anchors>,
 ) -> anyhow::Result<()> {
     let tls = tls_config(cert, key)?;
+    if let Some(anchors) = &anchors {
+        // Checked once at start, so a wrong path fails the deployment visibly.
+        anchors.read()?;
+    }
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "admission webhook listening");
-    serve(listener, tls, options).await;
+    serve(listener, tls, options, anchors).await;
     Ok(())
 }
 
-async fn answer(request: Request<Incoming>, options: &InjectOptions) -> Response<Full<Bytes>> {
+async fn answer(
+    request: Request<Incoming>,
+    options: &(InjectOptions, Option<Anchors>),
+) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/ready") => return text(StatusCode::OK, "ready\n".into()),
         (&Method::POST, _) => {}
@@ -131,7 +147,27 @@ async fn answer(request: Request<Incoming>, options: &InjectOptions) -> Response
             );
         }
     };
-    match admission_review(&review, options).and_then(|r| Ok(serde_json::to_vec(&r)?)) {
+    let (options, anchors) = options;
+    let with_identity;
+    let answered = match anchors.as_ref().map(Anchors::read) {
+        None => admission_review(&review, options),
+        Some(Ok(identity)) => {
+            with_identity = InjectOptions {
+                identity: Some(identity),
+                ..options.clone()
+            };
+            admission_review(&review, &with_identity)
+        }
+        Some(Err(err)) => {
+            tracing::warn!(error = %format!("{err:#}"), "cannot read the trust anchors; refusing the pod");
+            admission_refusal(
+                &review,
+                500,
+                &format!("the webhook cannot read the mesh's trust anchors: {err:#}"),
+            )
+        }
+    };
+    match answered.and_then(|r| Ok(serde_json::to_vec(&r)?)) {
         Ok(json) => {
             let mut response = Response::new(Full::new(Bytes::from(json)));
             response.headers_mut().insert(

@@ -114,6 +114,14 @@ async fn the_api_server_injects_pods_through_the_webhook() {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    // The mesh's trust anchors, as the chart mounts them: every injected proxy gets an
+    // identity.
+    let anchors = dir.join("ca.crt");
+    let anchors_pem = rcgen::generate_simple_self_signed(vec!["root.conduit.test".to_owned()])
+        .unwrap()
+        .cert
+        .pem();
+    std::fs::write(&anchors, &anchors_pem).unwrap();
     let port = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
@@ -129,6 +137,8 @@ async fn the_api_server_injects_pods_through_the_webhook() {
         .arg(&cert)
         .arg("--key")
         .arg(&key)
+        .arg("--identity-trust-anchors")
+        .arg(&anchors)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -141,7 +151,6 @@ async fn the_api_server_injects_pods_through_the_webhook() {
         }
     })
     .await;
-    std::fs::remove_dir_all(&dir).unwrap();
 
     let suffix = random_suffix();
     let ns = format!("inject-{suffix}");
@@ -203,6 +212,61 @@ async fn the_api_server_injects_pods_through_the_webhook() {
             .map(String::as_str),
         Some("0.1.0")
     );
+    // Its identity: the pod's ServiceAccount, proven with a token the kubelet projects for the
+    // controller's audience; the anchors as the file held them; discovery told by the
+    // annotation.
+    assert_eq!(
+        annotations
+            .get("conduit.io/identity-mode")
+            .map(String::as_str),
+        Some("default")
+    );
+    let spec = created.spec.as_ref().unwrap();
+    let proxy = &spec.containers[0];
+    let env = |name: &str| {
+        proxy
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        env("CONDUIT_PROXY_IDENTITY_NAME").as_deref(),
+        Some("$(_CONDUIT_POD_SA).$(_CONDUIT_POD_NS).serviceaccount.identity.conduit.cluster.local")
+    );
+    assert_eq!(
+        env("CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS_PEM").as_deref(),
+        Some(anchors_pem.as_str())
+    );
+    let token = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "conduit-identity-token")
+        .and_then(|v| v.projected.as_ref())
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s[0].service_account_token.clone())
+        .expect("a projected ServiceAccount token");
+    assert_eq!(token.audience.as_deref(), Some("identity.conduit.io"));
+    let mount = proxy.volume_mounts.iter().flatten().next().unwrap();
+    assert_eq!(mount.name, "conduit-identity-token");
+    assert_eq!(
+        env("CONDUIT_PROXY_IDENTITY_TOKEN_FILE"),
+        Some(format!("{}/token", mount.mount_path))
+    );
+
+    // The anchors unreadable: the webhook refuses rather than admit a proxy without identity
+    // (failurePolicy Fail refuses the pod).
+    std::fs::remove_file(&anchors).unwrap();
+    let refused = within(
+        "a refusal",
+        pods.create(&PostParams::default(), &pod("no-anchors")),
+    )
+    .await
+    .expect_err("the anchors cannot be read");
+    assert!(refused.to_string().contains("trust anchors"), "{refused}");
+    std::fs::remove_dir_all(&dir).unwrap();
 
     // The webhook process killed, failurePolicy Fail: refused, saying why.
     webhook.kill().await.unwrap();

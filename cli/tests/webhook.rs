@@ -28,6 +28,7 @@ async fn start() -> (std::net::SocketAddr, rustls::ClientConfig) {
         listener,
         tls,
         InjectOptions::for_version("0.1.0"),
+        None,
     ));
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone()).expect("a root");

@@ -352,7 +352,7 @@ where
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                 },
             ));
-            let secrets = kube::Api::namespaced(client, &singleton.namespace);
+            let secrets = kube::Api::namespaced(client.clone(), &singleton.namespace);
             identity::secret::materialize(
                 &secrets,
                 &singleton.identity_secret,
@@ -361,6 +361,16 @@ where
                 leading,
             )
             .await?;
+            // The anchors, public, for the injecting webhook (which may not read the Secret).
+            let anchors = config.identity.dir.join(identity::TRUST_ANCHORS_FILE);
+            if let Ok(pem) = std::fs::read_to_string(&anchors) {
+                identity::secret::publish_anchors(
+                    &kube::Api::namespaced(client, &singleton.namespace),
+                    identity::secret::TRUST_ANCHORS_CONFIG_MAP,
+                    &pem,
+                )
+                .await;
+            }
             (Some(stop_tx), Some(ReleaseOnDrop(Some(task))))
         }
     };

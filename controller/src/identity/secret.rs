@@ -8,16 +8,21 @@
 //! in its directory as a controller always has, then creates the Secret from those files. Two
 //! leaders at once cannot both win: creating a Secret that exists fails, and the loser loads
 //! the winner's files instead of its own. Other replicas wait for the Secret.
+//!
+//! The trust anchors, which are public, are also published in the ConfigMap
+//! [`TRUST_ANCHORS_CONFIG_MAP`] (key [`TRUST_ANCHORS_KEY`]) by [`publish_anchors`]: the
+//! injecting webhook mounts it and gives the anchors to every proxy it injects, without access
+//! to the Secret's keys.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 
 use super::files::{self, CERT_MODE, KEY_MODE};
@@ -34,6 +39,12 @@ pub const SECRET_FILES: [(&str, u32); 5] = [
     (ISSUER_KEY_FILE, KEY_MODE),
     (TOKEN_KEY_FILE, KEY_MODE),
 ];
+
+/// The ConfigMap holding the trust anchors (PEM) in the control plane's namespace.
+pub const TRUST_ANCHORS_CONFIG_MAP: &str = "conduit-identity-trust-anchors";
+
+/// Its key.
+pub const TRUST_ANCHORS_KEY: &str = "ca.crt";
 
 /// How the identity directory got its files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,4 +182,58 @@ fn secret_from_dir(name: &str, dir: &Path) -> Result<Secret, SecretError> {
         type_: Some("Opaque".into()),
         ..Secret::default()
     })
+}
+
+/// Makes the ConfigMap `name` hold `pem` as [`TRUST_ANCHORS_KEY`] (created, or updated when
+/// it holds other anchors), retrying while the API server cannot be reached (a refusal, such as
+/// missing rights, is logged and not retried). Every replica may call it: the writes are
+/// idempotent.
+pub async fn publish_anchors(api: &Api<ConfigMap>, name: &str, pem: &str) {
+    let map = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "conduit"}},
+        "data": {TRUST_ANCHORS_KEY: pem},
+    });
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let current = api.get_opt(name).await;
+        let same = |m: &ConfigMap| {
+            m.data
+                .as_ref()
+                .and_then(|d| d.get(TRUST_ANCHORS_KEY))
+                .is_some_and(|p| p == pem)
+        };
+        let written = match current {
+            Ok(Some(m)) if same(&m) => return,
+            Ok(_) => api
+                .patch(
+                    name,
+                    &PatchParams::apply("conduit-controller").force(),
+                    &Patch::Apply(&map),
+                )
+                .await
+                .map(drop),
+            Err(err) => Err(err),
+        };
+        match written {
+            Ok(()) => {
+                tracing::info!(config_map = name, "trust anchors published");
+                return;
+            }
+            Err(kube::Error::Api(status))
+                if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) =>
+            {
+                // Refused (RBAC, a bad object): retrying changes nothing, and discovery and
+                // identity need not wait for it; the webhook reports the missing anchors.
+                tracing::error!(config_map = name, error = %status.message, "cannot publish the trust anchors");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(config_map = name, error = %err, "cannot publish the trust anchors; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }

@@ -223,7 +223,11 @@ mod tests {
             identity_of(None, "cluster.local"),
             Err(ReviewError::Rejected { .. })
         ));
-        let other_audience = status(true, &["https://kubernetes.default.svc"], "system:serviceaccount:shop:web");
+        let other_audience = status(
+            true,
+            &["https://kubernetes.default.svc"],
+            "system:serviceaccount:shop:web",
+        );
         assert!(matches!(
             identity_of(Some(&other_audience), "cluster.local"),
             Err(ReviewError::Rejected { reason }) if reason.contains(AUDIENCE)
@@ -238,7 +242,10 @@ mod tests {
         ] {
             let s = status(true, &[AUDIENCE], user);
             assert!(
-                matches!(identity_of(Some(&s), "cluster.local"), Err(ReviewError::NotServiceAccount { .. })),
+                matches!(
+                    identity_of(Some(&s), "cluster.local"),
+                    Err(ReviewError::NotServiceAccount { .. })
+                ),
                 "{user}"
             );
         }
