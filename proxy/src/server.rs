@@ -93,6 +93,9 @@ pub(crate) async fn accept_loop<N: Net>(
 ) {
     let permits = Arc::new(Semaphore::new(ctx.limits.max_connections));
     let direction = ctx.direction().as_str();
+    // The listener's own address: a connection whose original destination is this address
+    // was addressed to the proxy itself, and has no other destination.
+    let own = listener.local_addr().ok();
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => match permit {
@@ -113,15 +116,38 @@ pub(crate) async fn accept_loop<N: Net>(
                 continue;
             }
         };
+        let original_dst = original_dst::<N>(ctx.direction(), &io, own);
         let span = tracing::debug_span!("conn", direction, peer = %peer);
         let guard = ctx.cx.metrics.connection(ctx.direction(), Peer::Src);
         let conn = Parked::new(CountingIo::new(io, guard), ctx.cx.clock.now());
-        tokio::spawn(
-            serve_connection(conn, peer.ip(), Arc::clone(&ctx), drain.clone(), permit)
-                .instrument(span),
+        let serve = serve_connection(
+            conn,
+            peer.ip(),
+            original_dst,
+            Arc::clone(&ctx),
+            drain.clone(),
+            permit,
         );
+        tokio::spawn(serve.instrument(span));
     }
     tracing::debug!(direction, "listener closed for drain");
+}
+
+/// Where an accepted outbound connection was headed before the pod's redirect sent it here
+/// (`SO_ORIGINAL_DST`), read once per connection: HTTP for an authority discovery does not
+/// know goes there (the exchange decides), and so does opaque TCP. `None` inbound (its traffic
+/// goes to the app), when the connection was not redirected, and when it was headed to `own`,
+/// the listener itself (a client of the proxy as an explicit proxy, on a network that reports
+/// the address a connection reached): forwarding there would only come back.
+fn original_dst<N: Net>(
+    direction: Direction,
+    io: &N::Io,
+    own: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    match direction {
+        Direction::Outbound => N::original_dst(io).filter(|original| Some(*original) != own),
+        Direction::Inbound => None,
+    }
 }
 
 // Not an `async fn`: its arguments would be stored twice in the task (as arguments, and as
@@ -129,6 +155,7 @@ pub(crate) async fn accept_loop<N: Net>(
 fn serve_connection<N: Net>(
     conn: Parked<CountingIo<N::Io>>,
     peer: IpAddr,
+    original_dst: Option<SocketAddr>,
     ctx: Arc<ServeContext<N>>,
     drain: Drain,
     permit: OwnedSemaphorePermit,
@@ -156,8 +183,11 @@ fn serve_connection<N: Net>(
             return;
         }
         if detected == Detected::Http1 {
-            crate::h1::conn::serve(&mut conn, &ctx.cx, &ctx.pools, &ctx.idle, drain).await;
-        } else if let Some(whole) = whole_connection(&mut conn, detected, peer, &ctx, drain) {
+            let cx = &ctx.cx;
+            crate::h1::conn::serve(&mut conn, cx, &ctx.pools, &ctx.idle, drain, original_dst).await;
+        } else if let Some(whole) =
+            whole_connection(&mut conn, detected, peer, original_dst, &ctx, drain)
+        {
             whole.await;
         }
         drop(permit);
@@ -166,38 +196,40 @@ fn serve_connection<N: Net>(
 
 /// The boxed service of a connection taken whole (HTTP/2, TLS, opaque TCP). A plain fn: the
 /// parked state the connection is taken from is not held across the service's await, in
-/// every connection's task.
+/// every connection's task. `original_dst`: where the connection was headed before a redirect
+/// (outbound); its requests for authorities discovery does not know, or its non-HTTP bytes,
+/// go there.
 fn whole_connection<'a, N: Net>(
     conn: &mut Option<Parked<CountingIo<N::Io>>>,
     detected: Detected,
     peer: IpAddr,
+    original_dst: Option<SocketAddr>,
     ctx: &'a Arc<ServeContext<N>>,
     drain: Drain,
 ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>> {
     let mut take = || conn.take().map(|Parked { io, buf, .. }| (io, buf.freeze()));
-    // Outbound, a connection the pod's redirect sent here was headed elsewhere: non-HTTP
-    // traffic goes on to where it was headed. (Inbound traffic goes to the app's port.)
-    let original = |io: &CountingIo<N::Io>| match ctx.direction() {
-        Direction::Outbound => N::original_dst(io.get_ref()),
-        Direction::Inbound => None,
-    };
     match detected {
         // Served in place: it borrows the parked state.
         Detected::Http1 => None,
         Detected::Http2 => {
             let (io, prefix) = take()?;
             let io = PrefixedIo::new(prefix, io);
-            Some(Box::pin(serve_h2(io, &ctx.h2, ctx, drain)))
+            Some(Box::pin(serve_h2(io, &ctx.h2, ctx, drain, original_dst)))
         }
         Detected::Tls => {
             let (io, prefix) = take()?;
-            let original = original(&io);
-            Some(Box::pin(serve_tls(io, prefix, peer, ctx, drain, original)))
+            Some(Box::pin(serve_tls(
+                io,
+                prefix,
+                peer,
+                ctx,
+                drain,
+                original_dst,
+            )))
         }
         Detected::Opaque => {
             let (io, prefix) = take()?;
-            let original = original(&io);
-            Some(Box::pin(forward_opaque(io, prefix, ctx, original)))
+            Some(Box::pin(forward_opaque(io, prefix, ctx, original_dst)))
         }
     }
 }
@@ -396,7 +428,8 @@ async fn serve_tls<N: Net, I: Io>(
     match detected {
         None => {}
         Some(Detected::Http1) => {
-            crate::h1::conn::serve(&mut conn, &tls_cx, &ctx.pools, &ctx.idle, drain).await;
+            // Inside mTLS, the client named this proxy: there is no original destination.
+            crate::h1::conn::serve(&mut conn, &tls_cx, &ctx.pools, &ctx.idle, drain, None).await;
         }
         Some(Detected::Http2) => {
             if let Some(Parked { io, buf, .. }) = conn.take() {
@@ -404,7 +437,7 @@ async fn serve_tls<N: Net, I: Io>(
                     cx: tls_cx,
                     pools: Arc::clone(&ctx.pools),
                 });
-                serve_h2(PrefixedIo::new(buf.freeze(), io), &h2, ctx, drain).await;
+                serve_h2(PrefixedIo::new(buf.freeze(), io), &h2, ctx, drain, None).await;
             }
         }
         // Inside mTLS, the client named this proxy: there is no other destination.
@@ -424,15 +457,18 @@ async fn reject<I: Io>(io: &mut I, err: &ProxyError) {
     let _ = io.shutdown().await;
 }
 
+/// Serves an HTTP/2 connection; each request carries the connection's `original_dst` into the
+/// exchange.
 async fn serve_h2<N: Net, I: Io>(
     io: I,
     http: &Arc<H2Service<N>>,
     ctx: &ServeContext<N>,
     drain: Drain,
+    original_dst: Option<SocketAddr>,
 ) {
     // A connection with no stream open for the idle timeout is closed (gracefully), even if it
     // answers pings: an idle client cannot hold its connection forever.
-    let handle = |request| Arc::clone(http).handle(request);
+    let handle = |request| Arc::clone(http).handle(request, original_dst);
     let served = crate::http2::conn::serve(io, &ctx.limits, ctx.clock, Some(drain), handle).await;
     if let Err(err) = served {
         tracing::debug!(error = %err, "connection ended with error");

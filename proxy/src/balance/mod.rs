@@ -638,6 +638,12 @@ impl ServiceBalancer {
         }
     }
 
+    /// The authority as the router keys it (lower-cased, bounded): the metrics label of its
+    /// requests when it names no service and they go to their original destination.
+    pub(crate) fn authority(&self) -> &str {
+        &self.authority
+    }
+
     fn not_found(&self) -> ProxyError {
         ProxyError::UnknownAuthority {
             authority: self.authority.chars().take(256).collect(),

@@ -3,7 +3,8 @@
 //! Resolution is per authority and on demand, as Linkerd's is: the first request for an
 //! authority asks its [`Discover`] to [`resolve`](Discover::resolve) it and gets a watch of
 //! that authority's [`Resolution`]: [`Unknown`](Resolution::Unknown) until discovery answers,
-//! then [`NotFound`](Resolution::NotFound) (the proxy answers 404) or a
+//! then [`NotFound`](Resolution::NotFound) (the proxy answers 404, or sends a request that
+//! came on a redirected connection to where that connection was headed) or a
 //! [`Service`](Resolution::Service) with its endpoints and route profile, updated as they
 //! change. Requests for an authority that is still unknown wait in the core's queue and fail
 //! fast (504) if no answer comes in time. When the proxy stops using an authority (the router
@@ -36,7 +37,8 @@ pub use file::FileDiscover;
 pub enum Resolution {
     /// Discovery has not answered yet: requests wait (and fail fast with 504).
     Unknown,
-    /// No service has this name: requests get 404.
+    /// No service has this name: requests get 404, or go to their connection's original
+    /// destination when a redirect sent it to the proxy.
     NotFound,
     /// The authority names this service.
     Service {

@@ -6,7 +6,13 @@
 //! answer with the proxy's own response. Everything else happens here, once:
 //!
 //! 1. **route**: the authority's service through discovery (outbound) or the local service
-//!    (inbound), then the request's route in that service's profile (`core::route`);
+//!    (inbound), then the request's route in that service's profile (`core::route`). An
+//!    outbound authority discovery does not know (it answered `NotFound`) goes, on a
+//!    connection that a redirect sent to the proxy, to where that connection was headed (its
+//!    original destination, which the engines carry here): one plain endpoint, without a
+//!    profile, counted under the request's authority (Linkerd's forwarding of traffic to hosts
+//!    outside the mesh); without an original destination it gets 404. [`Context::resolve`]
+//!    decides it, for both engines;
 //! 2. **deadlines**: the route's request and attempt timeouts and the caller's `grpc-timeout`
 //!    (`core::timeout`), enforced by the engine at the instants given here;
 //! 3. **attempts**: an endpoint from the balancer (waiting in its queue, bounded by the
@@ -350,17 +356,20 @@ impl Context {
         rx
     }
 
-    fn balanced(&self) -> bool {
-        matches!(self.target, Target::Balanced(_))
-    }
-
     /// Routes a request for `authority` that arrived at `start`: its series, its service's
     /// balancer (outbound) and its profile, waiting (bounded by the fail-fast timeout) until
-    /// discovery has answered for the service.
+    /// discovery has answered for the service. An outbound authority discovery says no service
+    /// has goes to `original_dst` when the request's connection has one (a redirect sent it
+    /// here), and is answered 404 otherwise.
+    ///
+    /// Only an answer decides: while discovery has not answered, the request waits (and fails
+    /// fast) as for any authority, since the name may well be a meshed service, whose traffic
+    /// must not leave in plaintext to wherever the client was headed.
     async fn resolve(
         &self,
         authority: Option<&str>,
         start: Instant,
+        original_dst: Option<SocketAddr>,
     ) -> Result<Resolved, (Arc<AuthorityMetrics>, ProxyError)> {
         let series = |label: &str| {
             self.metrics
@@ -383,7 +392,7 @@ impl Context {
                 return Ok(Resolved {
                     series,
                     service: None,
-                    app: Some(*app),
+                    fixed: Some(*app),
                     profile,
                 });
             }
@@ -405,16 +414,28 @@ impl Context {
             Some(resolved) => resolved,
             None => Box::pin(service.resolved(start)).await,
         };
-        match resolved {
-            Ok((label, profile)) => Ok(Resolved {
+        match (resolved, original_dst) {
+            (Ok((label, profile)), _) => Ok(Resolved {
                 series: series(&label),
                 service: Some(service),
-                app: None,
+                fixed: None,
                 profile: profile.unwrap_or_else(|| Arc::clone(&self.no_profile)),
             }),
+            // Not a service: the host the client was headed for, outside the mesh. Counted
+            // under the authority (as the router keys it: bounded in length, and in number
+            // by the router's table and the metrics' own bound on authorities).
+            (Err(ProxyError::UnknownAuthority { .. }), Some(original_dst)) => {
+                tracing::trace!(%original_dst, "not in discovery; to the original destination");
+                Ok(Resolved {
+                    series: series(service.authority()),
+                    service: None,
+                    fixed: Some(original_dst),
+                    profile: Arc::clone(&self.no_profile),
+                })
+            }
             // Unresolved authorities share one label, so arbitrary names cannot grow the
             // metrics.
-            Err(err) => Err((series(UNKNOWN_AUTHORITY), err)),
+            (Err(err), _) => Err((series(UNKNOWN_AUTHORITY), err)),
         }
     }
 }
@@ -423,15 +444,17 @@ impl Context {
 struct Resolved {
     series: Arc<AuthorityMetrics>,
     service: Option<Arc<ServiceBalancer>>,
-    app: Option<SocketAddr>,
+    fixed: Option<SocketAddr>,
     profile: Arc<Profile>,
 }
 
 /// What routing decided for a request.
 struct Routed {
+    /// The service's balancer: the request is balanced over its endpoints (outbound).
     service: Option<Arc<ServiceBalancer>>,
-    /// The fixed target (inbound).
-    app: Option<SocketAddr>,
+    /// Else the one fixed target: the local app (inbound), or the original destination of an
+    /// outbound request for an authority discovery does not know.
+    fixed: Option<SocketAddr>,
     profile: Arc<Profile>,
     /// The route's position in the profile (`None`: the default route).
     route: Option<usize>,
@@ -456,9 +479,15 @@ pub(crate) struct Exchange<'c> {
 }
 
 impl<'c> Exchange<'c> {
-    /// Routes the request whose head is `head`, arrived at `start`, and counts it. Errors are
-    /// kept for [`forward`](Self::forward) to answer.
-    pub(crate) async fn begin(cx: &'c Context, head: &impl Head, mut start: Instant) -> Self {
+    /// Routes the request whose head is `head`, arrived at `start` on a connection headed for
+    /// `original_dst` before a redirect sent it to the proxy (`None`: not redirected, or
+    /// inbound), and counts it. Errors are kept for [`forward`](Self::forward) to answer.
+    pub(crate) async fn begin(
+        cx: &'c Context,
+        head: &impl Head,
+        mut start: Instant,
+        original_dst: Option<SocketAddr>,
+    ) -> Self {
         if let Some(late) = crate::fault_points::delay(FaultPoint::SlowRequestHead) {
             start += late;
             cx.clock.sleep_until(start).await;
@@ -470,7 +499,7 @@ impl<'c> Exchange<'c> {
             Target::Local { .. } => None,
         };
         let mut retries = None;
-        let (series, routed) = match cx.resolve(authority, start).await {
+        let (series, routed) = match cx.resolve(authority, start, original_dst).await {
             Err((series, err)) => {
                 series.request(start, None);
                 (series, Err(err))
@@ -494,7 +523,7 @@ impl<'c> Exchange<'c> {
                     resolved.series,
                     Ok(Routed {
                         service: resolved.service,
-                        app: resolved.app,
+                        fixed: resolved.fixed,
                         route,
                         route_label,
                         deadlines,
@@ -684,7 +713,8 @@ impl<'c> Exchange<'c> {
                         ),
                         replayable: engine.replayable(),
                     },
-                    self.cx.balanced(),
+                    // A fixed target is tried again (on a new connection), never elsewhere.
+                    routed.service.is_some(),
                 );
                 match (decision, service) {
                     (Resend::Elsewhere, Some(service)) => {
@@ -1234,7 +1264,7 @@ impl<'c> Exchange<'c> {
     }
 
     /// The endpoint for an attempt at `now` when one is at hand: `repicked` if a resend already
-    /// chose one, else the balancer's ready pick, else the local app. `None`: the balancer has
+    /// chose one, else the balancer's ready pick, else the fixed target. `None`: the balancer has
     /// no ready endpoint, and [`pick_wait`](Self::pick_wait) waits for one.
     fn pick_now(
         routed: &Routed,
@@ -1247,7 +1277,7 @@ impl<'c> Exchange<'c> {
             return Some(Ok((picked.addr, Some(picked.in_flight))));
         }
         let Some(service) = &routed.service else {
-            return Some(routed.app.map(|app| (app, None)).ok_or_else(|| {
+            return Some(routed.fixed.map(|fixed| (fixed, None)).ok_or_else(|| {
                 ProxyError::Unavailable {
                     reason: "no target for request".into(),
                 }

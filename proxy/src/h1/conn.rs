@@ -170,7 +170,9 @@ impl<I: Io> Parked<I> {
 
 /// Serves the HTTP/1 connection in `conn`: busy periods (boxed, holding buffers and the
 /// request's state) with parked waits between them (holding only the [`Parked`] state, in the
-/// caller's slot, so the connection's task stores it once).
+/// caller's slot, so the connection's task stores it once). `original_dst`: where the
+/// connection was headed before a redirect sent it to the proxy, which each request carries
+/// into the exchange.
 //
 // Not an `async fn`: its arguments would be stored twice in the connection's task (as
 // arguments, and as the locals they are moved into), and every idle connection pays for the
@@ -181,6 +183,7 @@ pub(crate) fn serve<'a, N: Net, I: Io>(
     pools: &'a Arc<Pools<N>>,
     timers: &'a Arc<IdleTimers>,
     drain: Drain,
+    original_dst: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send + 'a {
     let mut drain = drain;
     async move {
@@ -190,7 +193,7 @@ pub(crate) fn serve<'a, N: Net, I: Io>(
             // proxy/benches/loopback/instructions.sh). The box is made before the await, so
             // the connection's task never holds the parked state twice.
             let Some(parked) = conn.take() else { return };
-            let busy = Box::pin(busy(parked, cx, pools, &mut drain));
+            let busy = Box::pin(busy(parked, cx, pools, &mut drain, original_dst));
             let Busy::Parked(next) = busy.await else {
                 return;
             };
@@ -214,6 +217,7 @@ async fn busy<N: Net, I: Io>(
     cx: &exchange::Context,
     pools: &Arc<Pools<N>>,
     drain: &mut Drain,
+    original_dst: Option<SocketAddr>,
 ) -> Busy<I> {
     let clock = cx.clock;
     let limits = &pools.limits;
@@ -241,6 +245,7 @@ async fn busy<N: Net, I: Io>(
         draining: false,
         replay: Replay::default(),
         grpc_timeout: Vec::new(),
+        original_dst,
     };
     loop {
         let head = match conn.read_head().await {
@@ -318,6 +323,8 @@ struct Conn<'a, N: Net, I> {
     replay: Replay,
     /// The current request's own `grpc-timeout` value (sent on when the exchange gives none).
     grpc_timeout: Vec<u8>,
+    /// Where the connection was headed before a redirect (the exchange's to use).
+    original_dst: Option<SocketAddr>,
 }
 
 /// How long a kept-alive connection waits for its next request before it parks, giving back
@@ -490,7 +497,7 @@ impl<N: Net, I: Io> Conn<'_, N, I> {
                 head: &head,
                 buf: &self.client.rbuf,
             };
-            Exchange::begin(self.cx, &view, start).await
+            Exchange::begin(self.cx, &view, start, self.original_dst).await
         };
         self.grpc_timeout.clear();
         if let Some(range) = head.grpc_timeout.clone() {

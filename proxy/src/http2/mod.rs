@@ -9,6 +9,7 @@
 //! routed and forwarded by its `:authority`; a `host` field that says otherwise is dropped, so
 //! the upstream sees the authority the request was routed by.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use conduit_core::route::RequestView;
@@ -44,11 +45,16 @@ pub(crate) struct H2Service<N: Net> {
 }
 
 impl<N: Net> H2Service<N> {
-    /// Serves one HTTP/2 request; never fails (errors become responses).
-    pub(crate) async fn handle(self: Arc<Self>, request: Request<RecvBody>) -> Response<Body> {
+    /// Serves one HTTP/2 request that came on a connection headed for `original_dst` before a
+    /// redirect sent it to the proxy; never fails (errors become responses).
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        request: Request<RecvBody>,
+        original_dst: Option<SocketAddr>,
+    ) -> Response<Body> {
         let start = self.cx.clock.now();
         let (parts, incoming) = request.into_parts();
-        let mut exchange = Exchange::begin(&self.cx, &H2Head(&parts), start).await;
+        let mut exchange = Exchange::begin(&self.cx, &H2Head(&parts), start, original_dst).await;
         let mut engine = H2Exchange::new(&self.pools, self.cx.clock, parts, incoming);
         exchange.forward(&mut engine).await
     }

@@ -5,15 +5,20 @@
 //! 2. detect the protocol (h2 preface, HTTP/1 request head, else opaque);
 //! 3. HTTP: the proxy's own HTTP/1 engine or hyper's HTTP/2 server moves the bytes, and every
 //!    request goes through the one request path (`exchange`): routed by authority through
-//!    discovery (404 when unknown), matched to a route of the service's profile (its response
-//!    classes, timeouts and metrics), balanced per request by the core's P2C over PeakEWMA
-//!    behind its queue (504 fail-fast, 503 shed), sent over the endpoint's pooled connections
-//!    (again, when the endpoint provably never processed it), and settled;
+//!    discovery, matched to a route of the service's profile (its response classes, timeouts
+//!    and metrics), balanced per request by the core's P2C over PeakEWMA behind its queue (504
+//!    fail-fast, 503 shed), sent over the endpoint's pooled connections (again, when the
+//!    endpoint provably never processed it), and settled;
 //!    Meshed endpoints (discovery gives their identity) are reached over mTLS only, checked to
-//!    prove that identity; with `outbound_require_identity`, unmeshed ones are refused;
-//! 4. opaque TCP (and TLS the proxy does not terminate): forwarded to where the connection was
-//!    headed before the pod's iptables redirect sent it here (`SO_ORIGINAL_DST`), else to
-//!    `outbound_default_target` if set, else closed.
+//!    prove that identity; with `outbound_require_identity`, unmeshed ones are refused.
+//!    An authority discovery does not know (a host outside the mesh) goes to where its
+//!    connection was headed before the pod's iptables redirect sent it here
+//!    (`SO_ORIGINAL_DST`, read once per connection), as one plain endpoint through the same
+//!    exchange (its metrics under the request's authority, its timeouts, its errors, the same
+//!    pools); a connection that was not redirected (the proxy used as an explicit proxy) has
+//!    nowhere else to go, and such a request gets 404;
+//! 4. opaque TCP (and TLS the proxy does not terminate): forwarded to that original
+//!    destination, else to `outbound_default_target` if set, else closed.
 
 use std::sync::Arc;
 
