@@ -622,11 +622,6 @@ fn pod_patch(original: &serde_json::Value, injected: &serde_json::Value) -> serd
     };
     let init = named(injected.pointer("/spec/initContainers"), INIT_CONTAINER);
     let proxy = named(injected.pointer("/spec/containers"), PROXY_CONTAINER);
-    let version = injected
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(VERSION_ANNOTATION))
-        .cloned()
-        .unwrap_or_default();
     let mut ops = Vec::new();
     if original
         .pointer("/spec/initContainers")
@@ -637,22 +632,42 @@ fn pod_patch(original: &serde_json::Value, injected: &serde_json::Value) -> serd
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init]}));
     }
     ops.push(json!({"op": "add", "path": "/spec/containers/0", "value": proxy}));
-    // A `/` in a key is `~1` in a JSON Pointer (RFC 6901).
-    let key = VERSION_ANNOTATION.replace('~', "~0").replace('/', "~1");
-    if original
+    let token = named(injected.pointer("/spec/volumes"), TOKEN_VOLUME);
+    if !token.is_null() {
+        if original
+            .pointer("/spec/volumes")
+            .is_some_and(serde_json::Value::is_array)
+        {
+            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": token}));
+        } else {
+            ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [token]}));
+        }
+    }
+    // The annotations the injection added (or changed).
+    let before = original.pointer("/metadata/annotations");
+    let added: serde_json::Map<String, serde_json::Value> = injected
         .pointer("/metadata/annotations")
-        .is_some_and(serde_json::Value::is_object)
-    {
-        ops.push(
-            json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": version}),
-        );
+        .and_then(serde_json::Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter(|(key, value)| before.and_then(|b| b.get(key.as_str())) != Some(*value))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    if before.is_some_and(serde_json::Value::is_object) {
+        for (key, value) in added {
+            // A `/` in a key is `~1` in a JSON Pointer (RFC 6901).
+            let key = key.replace('~', "~0").replace('/', "~1");
+            ops.push(
+                json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": value}),
+            );
+        }
     } else if original
         .get("metadata")
         .is_some_and(serde_json::Value::is_object)
     {
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {VERSION_ANNOTATION: version}}));
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": added}));
     } else {
-        ops.push(json!({"op": "add", "path": "/metadata", "value": {"annotations": {VERSION_ANNOTATION: version}}}));
+        ops.push(json!({"op": "add", "path": "/metadata", "value": {"annotations": added}}));
     }
     serde_json::Value::Array(ops)
 }
@@ -699,8 +714,7 @@ spec:
         insta::assert_snapshot!(out);
     }
 
-    #[test]
-    fn with_the_trust_anchors_the_proxy_proves_its_service_account() {
+    fn identity_options() -> InjectOptions {
         let mut options = options();
         options.identity = Some(InjectIdentity {
             trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -708,6 +722,12 @@ spec:
             cluster_domain: "cluster.local".into(),
             controller_identity: "controller.conduit.serviceaccount.identity.conduit.local".into(),
         });
+        options
+    }
+
+    #[test]
+    fn with_the_trust_anchors_the_proxy_proves_its_service_account() {
+        let options = identity_options();
         let (out, _) = inject_yaml(DEPLOYMENT, &options).unwrap();
         insta::assert_snapshot!(out);
         // The identity named in the pod is the one the controller certifies for its account.
@@ -848,10 +868,14 @@ items:
                 "spec": {"containers": [{"name": "web", "ports": [{"containerPort": 8080}]}]}}),
             serde_json::json!({"metadata": {"name": "web", "annotations": {"team": "shop"}},
                 "spec": {"initContainers": [{"name": "migrate"}],
+                         "volumes": [{"name": "data", "emptyDir": {}}],
                          "containers": [{"name": "web", "ports": [{"containerPort": 8080}]}]}}),
         ];
-        for pod in pods {
-            let answer = admission_review(&review(pod.clone()), &options()).unwrap();
+        for (pod, options) in pods
+            .iter()
+            .flat_map(|pod| [(pod, options()), (pod, identity_options())])
+        {
+            let answer = admission_review(&review(pod.clone()), &options).unwrap();
             let response = &answer["response"];
             assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
             assert_eq!(response["allowed"], true);
@@ -862,9 +886,9 @@ items:
             let patch: serde_json::Value = serde_json::from_slice(&patch).unwrap();
             let mut patched = pod.clone();
             apply_adds(&mut patched, &patch);
-            let mut offline: Value = serde_yaml_ng::to_value(&pod).unwrap();
+            let mut offline: Value = serde_yaml_ng::to_value(pod).unwrap();
             assert_eq!(
-                inject_pod(&mut offline, &options()).unwrap(),
+                inject_pod(&mut offline, &options).unwrap(),
                 Outcome::Injected
             );
             assert_eq!(patched, serde_json::to_value(&offline).unwrap());

@@ -53,9 +53,11 @@ fn random_suffix() -> String {
 }
 
 fn pod(name: &str) -> Pod {
+    // The ServiceAccount is named as a cluster's ServiceAccount admission plugin (off on the
+    // test server) names it before any webhook sees the pod.
     serde_json::from_value(json!({
         "metadata": {"name": name},
-        "spec": {"containers": [{"name": "app", "image": "app", "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]},
+        "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "app", "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]},
     }))
     .unwrap()
 }
