@@ -543,3 +543,34 @@ async fn the_policy_admits_listed_identities_denies_others_with_403_and_audits()
     })
     .await;
 }
+
+/// A token file is read again before every certify request, as the kubelet replaces a
+/// projected ServiceAccount token in place: a proxy whose first token is refused certifies
+/// with the token the file holds at its next attempt, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_replaced_in_place_is_sent_on_the_next_certify() {
+    bounded(async {
+        let mesh = TestMesh::start("token-file").await;
+        let token_file = mesh.work.join("token");
+        // A token the CA made, but for another identity: refused (PERMISSION_DENIED).
+        write_atomically(
+            &token_file,
+            &issue_token(&mesh.identity_dir, CLIENT_ID).unwrap(),
+        );
+        let mut config = proxy_config(mesh.controller, Some((WEB_ID, &mesh.identity_dir)));
+        if let Some(identity) = &mut config.identity {
+            identity.token = TokenSource::File(token_file.clone());
+        }
+        let (proxy, _stop) = Bound::new(config).await.serve();
+        // Not ready with the token it started with (read at start: were the file not read
+        // again, the proxy would never certify, and the wait below would time out).
+        assert_eq!(get_once(proxy.admin, "admin", "/ready").await.status(), 503);
+        // The file now holds the right token: the next attempt certifies.
+        write_atomically(
+            &token_file,
+            &issue_token(&mesh.identity_dir, WEB_ID).unwrap(),
+        );
+        wait_ready(proxy.admin).await;
+    })
+    .await;
+}
