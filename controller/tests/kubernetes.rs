@@ -20,15 +20,18 @@ use std::time::Duration;
 
 use conduit_controller::RunError;
 use conduit_controller::config::{ControllerConfig, DiscoverySource, LEASE_NAME, Singleton};
-use conduit_controller::crd::{ServiceProfile, crds};
+use conduit_controller::crd::{AuthorizationPolicy, Server, ServiceProfile, crds};
 use conduit_controller::identity::IdentityConfig;
 use conduit_controller::net::tcp_incoming;
+use conduit_core::policy::{DefaultPolicy, IdentityMatch, ServerPolicy};
 use conduit_proto::convert::{DestinationChange, DestinationUpdate, ProfileUpdate};
 use conduit_proto::pb::destination as pb;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
 use serde_json::json;
@@ -410,6 +413,209 @@ async fn endpoints_and_profiles_follow_the_api_server() {
         status.message.contains("spec.routes.match.method"),
         "{status:?}"
     );
+
+    controller.stop().await;
+    cluster.cleanup().await;
+}
+
+/// Follows a profile stream until its policy satisfies `want`.
+async fn until_policy(
+    stream: &mut Streaming<pb::DestinationProfile>,
+    what: &str,
+    want: impl Fn(Option<&ServerPolicy>) -> bool,
+) -> ProfileUpdate {
+    within(&format!("the policy: {what}"), async {
+        loop {
+            let message = stream.message().await.unwrap().expect("stream open");
+            let update = ProfileUpdate::try_from(message).expect("valid on the wire");
+            if want(update.profile.policy()) {
+                return update;
+            }
+        }
+    })
+    .await
+}
+
+/// The exact identities of each authorization of a policy.
+fn authorized(policy: &ServerPolicy) -> Vec<Vec<String>> {
+    policy
+        .authorizations()
+        .iter()
+        .map(|a| {
+            a.identities()
+                .iter()
+                .map(|i| match i {
+                    IdentityMatch::Exact(name) => name.clone(),
+                    IdentityMatch::Suffix(suffix) => format!("*.{suffix}"),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A Server and an AuthorizationPolicy applied reach the policy in the profile stream of the
+/// Service's port and of a pod's address (what an injected proxy follows); an
+/// AuthorizationPolicy the schema takes but the controller cannot use (a bad CIDR) makes the
+/// port deny everyone until it goes; deleting the AuthorizationPolicy removes its
+/// authorization; objects of the wrong shape are refused by the API server's schema.
+#[tokio::test]
+async fn authorization_policies_follow_the_api_server() {
+    let Some(kubeconfig) = kubeconfig("authorization_policies_follow_the_api_server") else {
+        return;
+    };
+    let cluster = Cluster::new(&kubeconfig, "authz").await;
+    let ns = cluster.namespace.clone();
+    cluster
+        .apply::<Service>(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .await
+        .unwrap();
+    // An address of this run's own: a pod address resolves to the first Service by namespace
+    // that has it, and a namespace a failed run left behind must not be that Service.
+    let suffix = u32::from_str_radix(ns.rsplit('-').next().unwrap(), 16).unwrap();
+    let [_, a, b, c] = suffix.to_be_bytes();
+    let ip = format!("10.{a}.{b}.{}", c.clamp(1, 254));
+    cluster.running_pod("web-1", "web", &ip).await;
+
+    let controller = Controller::start(&kubeconfig, "authz").await;
+    let authority = format!("web.{ns}.svc.cluster.local:80");
+    let mut service = controller.get_profile(&authority).await;
+    until_policy(&mut service, "none yet", |p| p.is_none()).await;
+
+    cluster
+        .apply::<Server>(json!({
+            "apiVersion": "conduit.io/v1alpha1", "kind": "Server",
+            "metadata": {"name": "web-http"},
+            "spec": {"service": "web", "port": "http", "default": "all-authenticated"},
+        }))
+        .await
+        .unwrap();
+    cluster
+        .apply::<AuthorizationPolicy>(json!({
+            "apiVersion": "conduit.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "from-gateway"},
+            "spec": {"server": "web-http", "serviceAccounts": [{"name": "gateway"}]},
+        }))
+        .await
+        .unwrap();
+    let gateway = vec![vec![format!(
+        "gateway.{ns}.serviceaccount.identity.conduit.cluster.local"
+    )]];
+    let allows_gateway = |p: Option<&ServerPolicy>| {
+        p.is_some_and(|p| {
+            p.default_policy() == DefaultPolicy::AllAuthenticated && authorized(p) == gateway
+        })
+    };
+    until_policy(&mut service, "the gateway allowed", allows_gateway).await;
+    // The pod's own address (`POD_IP:TARGET_PORT`) has its Service port's policy.
+    let mut pod = controller.get_profile(&format!("{ip}:8080")).await;
+    let update = until_policy(&mut pod, "the gateway allowed, by the pod", allows_gateway).await;
+    assert!(update.exists);
+
+    // Valid to the schema, not to the controller: the port fails closed while it exists.
+    cluster
+        .apply::<AuthorizationPolicy>(json!({
+            "apiVersion": "conduit.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "typo"},
+            "spec": {"server": "web-http", "networks": ["10.0.0.0/33"]},
+        }))
+        .await
+        .unwrap();
+    let denies_everyone = |p: Option<&ServerPolicy>| {
+        p.is_some_and(|p| {
+            p.default_policy() == DefaultPolicy::Deny && p.authorizations().is_empty()
+        })
+    };
+    until_policy(&mut service, "everyone denied", denies_everyone).await;
+    until_policy(&mut pod, "everyone denied, by the pod", denies_everyone).await;
+    cluster
+        .api::<AuthorizationPolicy>()
+        .delete("typo", &DeleteParams::default())
+        .await
+        .unwrap();
+    until_policy(&mut service, "the gateway allowed again", allows_gateway).await;
+
+    cluster
+        .api::<AuthorizationPolicy>()
+        .delete("from-gateway", &DeleteParams::default())
+        .await
+        .unwrap();
+    until_policy(&mut service, "no authorization left", |p| {
+        p.is_some_and(|p| {
+            p.default_policy() == DefaultPolicy::AllAuthenticated && p.authorizations().is_empty()
+        })
+    })
+    .await;
+
+    // The API server's schema refuses what the controller could not decode.
+    for (kind, spec, field) in [
+        (
+            "Server",
+            json!({"service": "web", "default": "maybe"}),
+            "spec.default",
+        ),
+        ("Server", json!({"service": "web", "port": 0}), "spec.port"),
+        (
+            "Server",
+            json!({"service": "web", "port": 70000}),
+            "spec.port",
+        ),
+        (
+            "Server",
+            json!({"service": "web", "port": "Not_A_Name"}),
+            "spec.port",
+        ),
+        (
+            "Server",
+            json!({"service": "web", "audit": "yes"}),
+            "spec.audit",
+        ),
+        ("Server", json!({"port": 80}), "spec.service"),
+        (
+            "AuthorizationPolicy",
+            json!({"server": "web-http", "networks": "10.0.0.0/8"}),
+            "spec.networks",
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"server": "web-http", "networks": [7]}),
+            "spec.networks",
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"server": "web-http", "serviceAccounts": [{"namespace": "x"}]}),
+            "spec.serviceAccounts",
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"identities": ["*"]}),
+            "spec.server",
+        ),
+    ] {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "conduit.io/v1alpha1", "kind": kind,
+            "metadata": {"name": "bad"}, "spec": spec,
+        }))
+        .unwrap();
+        // Created, as `kubectl create` would: a server-side apply of a wrongly typed field is
+        // refused before the schema sees it (1.20 answers 500, "expected list").
+        let resource =
+            ApiResource::from_gvk(&GroupVersionKind::gvk("conduit.io", "v1alpha1", kind));
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(cluster.client.clone(), &cluster.namespace, &resource);
+        let refused = api
+            .create(&PostParams::default(), &object)
+            .await
+            .expect_err(&format!("{kind} {spec} refused by the schema"));
+        let kube::Error::Api(status) = refused else {
+            panic!("an API error, not {refused:?}")
+        };
+        assert_eq!(status.code, 422, "{kind} {spec}: {status:?}");
+        assert!(status.message.contains(field), "{kind} {spec}: {status:?}");
+    }
 
     controller.stop().await;
     cluster.cleanup().await;

@@ -439,6 +439,35 @@ fn validate_profile(path: &str, raw: RawProfile, errors: &mut Errors) -> Profile
     })
 }
 
+/// Validates a policy block on its own, as the carriers that assemble one from pieces do (the
+/// Kubernetes `Server` and its `AuthorizationPolicy`s), so they can name the piece at fault.
+/// Every error's path is relative to the block: `default`, `authorizations`,
+/// `authorizations[1].networks[0]`.
+///
+/// # Errors
+///
+/// [`InvalidMesh`] with every problem found.
+pub fn validate_server_policy(raw: RawServerPolicy) -> Result<ServerPolicy, InvalidMesh> {
+    let mut errors = Errors::default();
+    let policy = validate_policy("", raw, &mut errors);
+    match policy {
+        Some(policy) if errors.0.is_empty() => Ok(policy),
+        _ => {
+            let mut errors = errors.0;
+            for error in &mut errors {
+                error.path = error.path.trim_start_matches('.').to_owned();
+            }
+            if errors.is_empty() {
+                errors.push(FieldError {
+                    path: String::new(),
+                    reason: "invalid policy".into(),
+                });
+            }
+            Err(InvalidMesh { errors })
+        }
+    }
+}
+
 /// Validates a service's policy, reporting every problem under `path`.
 fn validate_policy(path: &str, raw: RawServerPolicy, errors: &mut Errors) -> Option<ServerPolicy> {
     let before = errors.0.len();
@@ -824,6 +853,42 @@ mod tests {
         assert_eq!(
             err.errors[0].path,
             "services.api.demo.policy.authorizations"
+        );
+    }
+
+    #[test]
+    fn a_policy_block_validates_on_its_own_with_relative_paths() {
+        let policy = validate_server_policy(RawServerPolicy {
+            default: Some("deny".into()),
+            audit: true,
+            authorizations: vec![RawAuthorization {
+                identities: vec!["*".into()],
+                networks: vec![],
+            }],
+        })
+        .unwrap();
+        assert_eq!(policy.default_policy(), DefaultPolicy::Deny);
+        assert!(policy.audit());
+        let err = validate_server_policy(RawServerPolicy {
+            default: Some("maybe".into()),
+            audit: false,
+            authorizations: vec![
+                RawAuthorization::default(),
+                RawAuthorization {
+                    identities: vec![],
+                    networks: vec!["10.0.0.0/33".into()],
+                },
+            ],
+        })
+        .unwrap_err();
+        let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "default",
+                "authorizations[0]",
+                "authorizations[1].networks[0]"
+            ]
         );
     }
 

@@ -21,13 +21,27 @@
 //! An endpoint whose pod carries the proxy (the `conduit.io/proxy-version` annotation the
 //! injector adds) gets the proxy's admin address (`POD_IP:4191`), so `conduit stat` reads it;
 //! its identity is the pod's `conduit.io/identity` annotation when present.
+//!
+//! Authorization policy: a Service port governed by a `Server` gets the policy its
+//! `AuthorizationPolicy`s assemble ([`crate::crd`]), in the profile, so the proxy in front of
+//! each of its pods enforces it. A policy that does not validate fails closed: the port denies
+//! every client (audit mode, when the Server asks for it, stays) and the object at fault is
+//! reported with its field. A pod address (`POD_IP:TARGET_PORT`, what an endpoint of a Service
+//! is, ready or not) resolves too: to that one endpoint, with its Service port's profile and
+//! policy, so an injected proxy finds the policy of its own pod by its own address, and a
+//! client dialling a pod directly reaches that pod (with mTLS when it is meshed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use conduit_core::mesh::{Mesh, RawEndpoint, RawMesh, RawService, Service, split_authority};
+use conduit_core::identity::service_account_identity;
+use conduit_core::mesh::{
+    Endpoint, Mesh, RawAuthorization, RawEndpoint, RawMesh, RawServerPolicy, RawService, Service,
+    split_authority, validate_server_policy,
+};
+use conduit_core::policy::DefaultPolicy;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service as KService, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -38,7 +52,9 @@ use kube::{Api, Client, Resource};
 
 use super::publish::{Publisher, View};
 use super::{Discovery, ServiceWatch, WatchError};
-use crate::crd::ServiceProfile;
+use crate::crd::{
+    AuthorizationPolicy, AuthorizationPolicySpec, Server, ServerPort, ServiceProfile,
+};
 use crate::metrics::Metrics;
 
 /// The cluster's DNS domain unless configured otherwise.
@@ -73,6 +89,10 @@ pub struct Objects {
     pub pods: Vec<Arc<Pod>>,
     /// ServiceProfiles.
     pub profiles: Vec<Arc<ServiceProfile>>,
+    /// Servers: which Service ports have an authorization policy.
+    pub servers: Vec<Arc<Server>>,
+    /// AuthorizationPolicies: the clients each Server admits.
+    pub authorizations: Vec<Arc<AuthorizationPolicy>>,
 }
 
 /// Services as proxies resolve them: by namespace, then name, one [`Service`] per port.
@@ -82,8 +102,23 @@ pub struct KubeView {
     /// Services by cluster IP (`namespace`, `name`): clients that address a Service by its
     /// IP, as a redirected connection's original destination does.
     cluster_ips: BTreeMap<IpAddr, (String, String)>,
+    /// Endpoint addresses (`POD_IP:TARGET_PORT`, ready or not) and the Service port whose
+    /// endpoints include them: how a pod's proxy finds the policy of its own pod.
+    pod_addrs: BTreeMap<SocketAddr, PodAddr>,
     /// `.svc.CLUSTER_DOMAIN`, the suffix fully qualified names carry.
     suffix: String,
+}
+
+/// The Service port an endpoint address belongs to, and the endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodAddr {
+    /// `(namespace, name, index of the port in the Service)`: when several Service ports have
+    /// the address, the least wins, so the choice does not depend on the order objects come in.
+    rank: (String, String, usize),
+    /// The Service port (the port of the service as the view names it).
+    port: u16,
+    /// The endpoint, as the Service's endpoints have it.
+    endpoint: Endpoint,
 }
 
 /// Something in the cluster that could not be used as written, for the log.
@@ -108,6 +143,7 @@ impl KubeView {
         Self {
             namespaces: BTreeMap::new(),
             cluster_ips: BTreeMap::new(),
+            pod_addrs: BTreeMap::new(),
             suffix: format!(
                 ".svc.{}",
                 cluster_domain.trim_matches('.').to_ascii_lowercase()
@@ -177,6 +213,9 @@ impl KubeView {
             })
             .collect();
 
+        let policies = PolicyIndex::build(objects, cluster_domain, &mut problems);
+        let mut governing = BTreeSet::new();
+
         for service in &objects.services {
             let (Some(ns), Some(name)) = (
                 service.metadata.namespace.as_deref(),
@@ -191,7 +230,7 @@ impl KubeView {
             let object = format!("{ns}/{name}");
             let profile = profiles.get(&(ns, name.to_owned())).copied();
             let mut built = Vec::new();
-            for port in spec.ports.iter().flatten() {
+            for (index, port) in spec.ports.iter().flatten().enumerate() {
                 if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
                     continue;
                 }
@@ -203,8 +242,11 @@ impl KubeView {
                 } else {
                     endpoints_addrs(endpoints.get(&(ns, name)).copied(), port)
                 };
+                let ready: BTreeSet<SocketAddr> = addrs.ready.iter().map(|(a, _)| *a).collect();
                 let raw_endpoints = addrs
+                    .ready
                     .into_iter()
+                    .chain(addrs.not_ready)
                     .map(|(addr, pod)| {
                         raw_endpoint(addr, pod.and_then(|p| pods.get(&(ns, p)).copied()))
                     })
@@ -214,8 +256,9 @@ impl KubeView {
                 let mut raw = profile.map_or_else(RawService::default, |p| p.spec.to_raw(number));
                 raw.port = Some(number);
                 raw.endpoints = raw_endpoints;
-                match validate(&mesh_name, raw.clone()) {
-                    Ok(service) => built.push(service),
+                raw.policy = policies.port_policy(ns, name, port, &mut governing, &mut problems);
+                let validated = match validate(&mesh_name, raw.clone()) {
+                    Ok(service) => Some(service),
                     Err(reason) if profile.is_some() => {
                         // The profile is at fault (the endpoints come from the API server):
                         // serve the service without it rather than not at all.
@@ -225,18 +268,28 @@ impl KubeView {
                         });
                         raw.profile = None;
                         raw.breaker = None;
-                        match validate(&mesh_name, raw) {
-                            Ok(service) => built.push(service),
-                            Err(reason) => problems.push(Problem {
-                                object: format!("Service {object}"),
-                                reason,
-                            }),
-                        }
+                        validate(&mesh_name, raw)
+                            .map_err(|reason| {
+                                problems.push(Problem {
+                                    object: format!("Service {object}"),
+                                    reason,
+                                });
+                            })
+                            .ok()
                     }
-                    Err(reason) => problems.push(Problem {
-                        object: format!("Service {object}"),
-                        reason,
-                    }),
+                    Err(reason) => {
+                        problems.push(Problem {
+                            object: format!("Service {object}"),
+                            reason,
+                        });
+                        None
+                    }
+                };
+                if let Some(service) = validated {
+                    let (service, all) = only_ready(&service, &ready);
+                    let rank = (ns.to_ascii_lowercase(), name.to_ascii_lowercase(), index);
+                    view.add_pod_addrs(&rank, number, all);
+                    built.push(service);
                 }
             }
             // `None` (headless) and absent cluster IPs parse as no address.
@@ -255,6 +308,7 @@ impl KubeView {
                 .or_default()
                 .insert(name.to_ascii_lowercase(), built);
         }
+        policies.report_idle(objects, &governing, &mut problems);
         (view, problems)
     }
 
@@ -272,6 +326,272 @@ impl KubeView {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The cluster's `Server`s, each with the policy its `AuthorizationPolicy`s assemble, by the
+/// Service they govern.
+struct PolicyIndex<'a> {
+    /// Servers by `(namespace, Service name)`, in name order.
+    by_service: BTreeMap<(&'a str, &'a str), Vec<Governor<'a>>>,
+}
+
+/// One `Server` and the policy of the ports it governs.
+struct Governor<'a> {
+    name: &'a str,
+    port: Option<&'a ServerPort>,
+    /// Valid, or the deny-everyone policy it failed closed to.
+    policy: RawServerPolicy,
+}
+
+impl<'a> PolicyIndex<'a> {
+    /// Assembles each Server's policy, reporting every AuthorizationPolicy that names no
+    /// Server and every policy that fails closed.
+    fn build(objects: &'a Objects, cluster_domain: &str, problems: &mut Vec<Problem>) -> Self {
+        let mut servers: BTreeMap<(&str, &str), &Server> = BTreeMap::new();
+        for server in &objects.servers {
+            if let (Some(ns), Some(name)) = (
+                server.metadata.namespace.as_deref(),
+                server.metadata.name.as_deref(),
+            ) {
+                servers.insert((ns, name), server);
+            }
+        }
+        // Each Server's authorizations in AuthorizationPolicy name order; `None` for one that
+        // does not validate.
+        let mut named: BTreeMap<(&str, &str), BTreeMap<&str, Option<RawAuthorization>>> =
+            BTreeMap::new();
+        for policy in &objects.authorizations {
+            let (Some(ns), Some(name)) = (
+                policy.metadata.namespace.as_deref(),
+                policy.metadata.name.as_deref(),
+            ) else {
+                continue;
+            };
+            let server = policy.spec.server.as_str();
+            let object = format!("AuthorizationPolicy {ns}/{name}");
+            if !servers.contains_key(&(ns, server)) {
+                problems.push(Problem {
+                    object,
+                    reason: format!("spec.server: no Server `{server}` in namespace {ns}; ignored"),
+                });
+                continue;
+            }
+            let raw = authorization(ns, &policy.spec, cluster_domain);
+            let one = RawServerPolicy {
+                authorizations: vec![raw.clone()],
+                ..RawServerPolicy::default()
+            };
+            let valid = match validate_server_policy(one) {
+                Ok(_) => Some(raw),
+                Err(invalid) => {
+                    let reasons: Vec<String> = invalid
+                        .errors
+                        .iter()
+                        .map(|e| format!("{}: {}", spec_field(&policy.spec, &e.path), e.reason))
+                        .collect();
+                    problems.push(Problem {
+                        object,
+                        reason: format!(
+                            "{}; Server `{server}` denies every client until this is fixed",
+                            reasons.join("; ")
+                        ),
+                    });
+                    None
+                }
+            };
+            named.entry((ns, server)).or_default().insert(name, valid);
+        }
+        let mut by_service: BTreeMap<(&str, &str), Vec<Governor<'a>>> = BTreeMap::new();
+        for ((ns, name), server) in servers {
+            let spec = &server.spec;
+            let authorizations: Option<Vec<RawAuthorization>> = named
+                .remove(&(ns, name))
+                .unwrap_or_default()
+                .into_values()
+                .collect();
+            let policy = match authorizations {
+                // An AuthorizationPolicy at fault, reported above.
+                None => deny_everyone(spec.audit),
+                Some(authorizations) => {
+                    let raw = RawServerPolicy {
+                        default: Some(spec.default_policy().as_str().to_owned()),
+                        audit: spec.audit,
+                        authorizations,
+                    };
+                    match validate_server_policy(raw.clone()) {
+                        Ok(_) => raw,
+                        Err(invalid) => {
+                            let reasons: Vec<String> = invalid
+                                .errors
+                                .iter()
+                                .map(|e| match e.path.as_str() {
+                                    "authorizations" => format!(
+                                        "more AuthorizationPolicies name it than the {} a \
+                                         Server may have",
+                                        conduit_core::policy::MAX_AUTHORIZATIONS
+                                    ),
+                                    path => format!("spec ({path}): {}", e.reason),
+                                })
+                                .collect();
+                            problems.push(Problem {
+                                object: format!("Server {ns}/{name}"),
+                                reason: format!(
+                                    "{}; it denies every client until this is fixed",
+                                    reasons.join("; ")
+                                ),
+                            });
+                            deny_everyone(spec.audit)
+                        }
+                    }
+                }
+            };
+            by_service
+                .entry((ns, spec.service.as_str()))
+                .or_default()
+                .push(Governor {
+                    name,
+                    port: spec.port.as_ref(),
+                    policy,
+                });
+        }
+        Self { by_service }
+    }
+
+    /// The policy of one Service port: its Server's. A Server naming the port comes before one
+    /// for every port; among equals the first by name governs, and the others are reported.
+    /// Every Server considered is added to `seen`.
+    fn port_policy(
+        &self,
+        ns: &'a str,
+        service: &str,
+        port: &ServicePort,
+        seen: &mut BTreeSet<(&'a str, &'a str)>,
+        problems: &mut Vec<Problem>,
+    ) -> Option<RawServerPolicy> {
+        let governors = self.by_service.get(&(ns, service))?;
+        let named = |g: &&Governor<'_>| match g.port {
+            Some(ServerPort::Number(number)) => i32::from(*number) == port.port,
+            Some(ServerPort::Name(name)) => port.name.as_deref() == Some(name.as_str()),
+            None => false,
+        };
+        let every_port: Vec<&Governor<'_>> =
+            governors.iter().filter(|g| g.port.is_none()).collect();
+        for governor in &every_port {
+            // Considered, even when a Server naming this port takes precedence.
+            seen.insert((ns, governor.name));
+        }
+        let mut candidates: Vec<&Governor<'_>> = governors.iter().filter(named).collect();
+        if candidates.is_empty() {
+            candidates = every_port;
+        }
+        let (first, others) = candidates.split_first()?;
+        seen.insert((ns, first.name));
+        for other in others {
+            seen.insert((ns, other.name));
+            problems.push(Problem {
+                object: format!("Server {ns}/{}", other.name),
+                reason: format!(
+                    "spec.port: port {} of Service `{service}` is governed by Server `{}` (the \
+                     first by name); this Server is ignored there",
+                    port.port, first.name
+                ),
+            });
+        }
+        Some(first.policy.clone())
+    }
+
+    /// Reports the Servers that govern no port: their Service or port does not exist.
+    fn report_idle(
+        &self,
+        objects: &Objects,
+        seen: &BTreeSet<(&str, &str)>,
+        problems: &mut Vec<Problem>,
+    ) {
+        for ((ns, service), governors) in &self.by_service {
+            let exists = objects.services.iter().any(|s| {
+                s.metadata.namespace.as_deref() == Some(*ns)
+                    && s.metadata.name.as_deref() == Some(*service)
+            });
+            for governor in governors {
+                if seen.contains(&(*ns, governor.name)) {
+                    continue;
+                }
+                let reason = match (exists, governor.port) {
+                    (false, _) => format!("spec.service: no Service `{service}` in namespace {ns}"),
+                    (true, Some(port)) => {
+                        format!("spec.port: Service `{service}` has no TCP port `{port}`")
+                    }
+                    (true, None) => format!("spec.service: Service `{service}` has no TCP port"),
+                };
+                problems.push(Problem {
+                    object: format!("Server {ns}/{}", governor.name),
+                    reason: format!("{reason}; it governs nothing"),
+                });
+            }
+        }
+    }
+}
+
+/// What a port whose policy does not validate gets: no client is admitted. Audit mode stays
+/// when the Server asks for it: audit is the operator saying "deny no one yet", and a policy
+/// that would have let everyone through in audit mode opens nothing by staying so (every
+/// client is then counted as one the policy would deny).
+fn deny_everyone(audit: bool) -> RawServerPolicy {
+    RawServerPolicy {
+        default: Some(DefaultPolicy::Deny.as_str().to_owned()),
+        audit,
+        authorizations: Vec::new(),
+    }
+}
+
+/// An AuthorizationPolicy as a mesh file policy's authorization: its identities, then its
+/// ServiceAccounts' identities (a ServiceAccount without a namespace is in the policy's).
+fn authorization(
+    namespace: &str,
+    spec: &AuthorizationPolicySpec,
+    cluster_domain: &str,
+) -> RawAuthorization {
+    let accounts = spec.service_accounts.iter().map(|account| {
+        service_account_identity(
+            account.namespace.as_deref().unwrap_or(namespace),
+            &account.name,
+            cluster_domain,
+        )
+    });
+    RawAuthorization {
+        identities: spec.identities.iter().cloned().chain(accounts).collect(),
+        networks: spec.networks.clone(),
+    }
+}
+
+/// The AuthorizationPolicy field a path of its one-authorization policy names:
+/// `authorizations[0].identities[i]` is `spec.identities[i]` or, past those, a ServiceAccount.
+fn spec_field(spec: &AuthorizationPolicySpec, path: &str) -> String {
+    let Some(field) = path.strip_prefix("authorizations[0]") else {
+        return "spec".into();
+    };
+    let indexed = |prefix: &str| -> Option<usize> {
+        field
+            .strip_prefix(prefix)?
+            .strip_prefix('[')?
+            .strip_suffix(']')?
+            .parse()
+            .ok()
+    };
+    if let Some(i) = indexed(".identities") {
+        return match i.checked_sub(spec.identities.len()) {
+            None => format!("spec.identities[{i}]"),
+            Some(j) => format!("spec.serviceAccounts[{j}]"),
+        };
+    }
+    if let Some(i) = indexed(".networks") {
+        return format!("spec.networks[{i}]");
+    }
+    match field {
+        ".identities" => "spec.identities and spec.serviceAccounts".into(),
+        ".networks" => "spec.networks".into(),
+        _ => "spec".into(),
     }
 }
 
@@ -313,11 +633,17 @@ fn same_port_name(endpoint_port: Option<&str>, service: &ServicePort) -> bool {
     endpoint_port.unwrap_or("") == service.name.as_deref().unwrap_or("")
 }
 
-/// Ready addresses, with their pods, of a Service port in its EndpointSlices.
-fn slice_addrs<'a>(
-    slices: &[&'a EndpointSlice],
-    port: &ServicePort,
-) -> Vec<(SocketAddr, Option<&'a str>)> {
+/// The addresses of a Service port's endpoints, with their pods.
+#[derive(Debug, Default)]
+struct Addrs<'a> {
+    /// Ready: the Service's endpoints.
+    ready: Vec<(SocketAddr, Option<&'a str>)>,
+    /// Not ready: no client is sent there, but the pod's own proxy still resolves its address.
+    not_ready: Vec<(SocketAddr, Option<&'a str>)>,
+}
+
+/// The addresses, with their pods, of a Service port in its EndpointSlices.
+fn slice_addrs<'a>(slices: &[&'a EndpointSlice], port: &ServicePort) -> Addrs<'a> {
     let mut out = BTreeSet::new();
     for slice in slices {
         if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
@@ -335,9 +661,7 @@ fn slice_addrs<'a>(
         };
         for endpoint in &slice.endpoints {
             // `ready` absent means ready (the API's documented reading).
-            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
+            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
             let pod = endpoint
                 .target_ref
                 .as_ref()
@@ -345,7 +669,7 @@ fn slice_addrs<'a>(
                 .and_then(|r| r.name.as_deref());
             for address in &endpoint.addresses {
                 if let Ok(ip) = address.parse::<IpAddr>() {
-                    out.insert((SocketAddr::new(ip, target), pod));
+                    out.insert((!ready, SocketAddr::new(ip, target), pod));
                 }
             }
         }
@@ -353,11 +677,8 @@ fn slice_addrs<'a>(
     dedupe(out)
 }
 
-/// Ready addresses, with their pods, of a Service port in its Endpoints.
-fn endpoints_addrs<'a>(
-    endpoints: Option<&'a Endpoints>,
-    port: &ServicePort,
-) -> Vec<(SocketAddr, Option<&'a str>)> {
+/// The addresses, with their pods, of a Service port in its Endpoints.
+fn endpoints_addrs<'a>(endpoints: Option<&'a Endpoints>, port: &ServicePort) -> Addrs<'a> {
     let mut out = BTreeSet::new();
     for subset in endpoints
         .and_then(|e| e.subsets.as_ref())
@@ -373,27 +694,102 @@ fn endpoints_addrs<'a>(
         else {
             continue;
         };
-        for address in subset.addresses.iter().flatten() {
+        let ready = subset.addresses.iter().flatten().map(|a| (true, a));
+        let not_ready = subset
+            .not_ready_addresses
+            .iter()
+            .flatten()
+            .map(|a| (false, a));
+        for (ready, address) in ready.chain(not_ready) {
             let pod = address
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| r.name.as_deref());
             if let Ok(ip) = address.ip.parse::<IpAddr>() {
-                out.insert((SocketAddr::new(ip, target), pod));
+                out.insert((!ready, SocketAddr::new(ip, target), pod));
             }
         }
     }
     dedupe(out)
 }
 
-/// One entry per address (an address in two slices during a move counts once).
-fn dedupe(addrs: BTreeSet<(SocketAddr, Option<&str>)>) -> Vec<(SocketAddr, Option<&str>)> {
+/// One entry per address (an address in two slices during a move counts once, and ready if
+/// either says so). The entries are `(not ready, address, pod)`, so ready ones come first.
+fn dedupe(addrs: BTreeSet<(bool, SocketAddr, Option<&str>)>) -> Addrs<'_> {
     let mut seen = BTreeSet::new();
-    addrs
-        .into_iter()
-        .filter(|(addr, _)| seen.insert(*addr))
-        .collect()
+    let mut out = Addrs::default();
+    for (not_ready, addr, pod) in addrs {
+        if seen.insert(addr) {
+            if not_ready {
+                out.not_ready.push((addr, pod));
+            } else {
+                out.ready.push((addr, pod));
+            }
+        }
+    }
+    out
+}
+
+/// The service with only its ready endpoints (what clients are balanced over), and every
+/// endpoint it was validated with (what pod addresses resolve to).
+fn only_ready(service: &Service, ready: &BTreeSet<SocketAddr>) -> (Arc<Service>, Vec<Endpoint>) {
+    let all = service.endpoints.clone();
+    let service = Service {
+        endpoints: all
+            .iter()
+            .filter(|e| ready.contains(&e.addr))
+            .cloned()
+            .collect(),
+        ..service.clone()
+    };
+    (Arc::new(service), all)
+}
+
+impl KubeView {
+    /// Records the endpoint addresses of a Service port, unless a Service port that ranks
+    /// first already has them.
+    fn add_pod_addrs(&mut self, rank: &(String, String, usize), port: u16, all: Vec<Endpoint>) {
+        for endpoint in all {
+            match self.pod_addrs.entry(endpoint.addr) {
+                std::collections::btree_map::Entry::Occupied(mut entry) => {
+                    if *rank < entry.get().rank {
+                        entry.insert(PodAddr {
+                            rank: rank.clone(),
+                            port,
+                            endpoint,
+                        });
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    entry.insert(PodAddr {
+                        rank: rank.clone(),
+                        port,
+                        endpoint,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The service a pod address resolves to: its one endpoint, with the profile (and policy)
+    /// of the Service port whose endpoints include it.
+    fn pod_addr(&self, addr: SocketAddr) -> Option<Arc<Service>> {
+        let found = self.pod_addrs.get(&addr)?;
+        let (namespace, name, _) = &found.rank;
+        let service = self
+            .namespaces
+            .get(namespace)?
+            .get(name)?
+            .iter()
+            .find(|s| s.port == found.port)?;
+        Some(Arc::new(Service {
+            name: service.name.clone(),
+            port: service.port,
+            endpoints: vec![found.endpoint.clone()],
+            profile: service.profile.clone(),
+        }))
+    }
 }
 
 impl View for KubeView {
@@ -402,7 +798,10 @@ impl View for KubeView {
         let host = host.trim_end_matches('.');
         let (namespace, name) = match host.parse::<IpAddr>() {
             Ok(ip) => {
-                let (namespace, name) = self.cluster_ips.get(&ip)?;
+                let Some((namespace, name)) = self.cluster_ips.get(&ip) else {
+                    // Not a Service's: a pod's, with the port it serves on.
+                    return self.pod_addr(SocketAddr::new(ip, port?));
+                };
                 (namespace.as_str(), name.as_str())
             }
             Err(_) => self.split_name(host)?,
@@ -520,6 +919,9 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
 pub async fn run(client: Client, discovery: KubeDiscovery, metrics: Arc<Metrics>) {
     let use_slices = has_resource(&client, "discovery.k8s.io/v1", "endpointslices").await;
     let has_profiles = has_resource(&client, "conduit.io/v1alpha1", "serviceprofiles").await;
+    let has_servers = has_resource(&client, "conduit.io/v1alpha1", "servers").await;
+    let has_authorizations =
+        has_resource(&client, "conduit.io/v1alpha1", "authorizationpolicies").await;
     tracing::info!(
         endpoints = if use_slices {
             "EndpointSlices (discovery.k8s.io/v1)"
@@ -527,11 +929,18 @@ pub async fn run(client: Client, discovery: KubeDiscovery, metrics: Arc<Metrics>
             "Endpoints (v1)"
         },
         profiles = has_profiles,
+        servers = has_servers,
+        authorization_policies = has_authorizations,
         "Kubernetes discovery starting"
     );
     if !has_profiles {
         tracing::warn!(
             "the ServiceProfile CRD is not installed: services get no routes (install the CRDs, then restart the controller)"
+        );
+    }
+    if !has_servers || !has_authorizations {
+        tracing::warn!(
+            "the Server or AuthorizationPolicy CRD is not installed: no port gets an authorization policy (install the CRDs, then restart the controller)"
         );
     }
     let changed = Arc::new(tokio::sync::Notify::new());
@@ -550,6 +959,21 @@ pub async fn run(client: Client, discovery: KubeDiscovery, metrics: Arc<Metrics>
     } else {
         (None, None)
     };
+    // Both or neither: AuthorizationPolicies without their Servers would only be reported.
+    let (servers, servers_task, authorizations, authorizations_task) =
+        if has_servers && has_authorizations {
+            let (servers, servers_task) = follow::<Server>(&client, &changed, "servers");
+            let (authorizations, authorizations_task) =
+                follow::<AuthorizationPolicy>(&client, &changed, "authorizationpolicies");
+            (
+                Some(servers),
+                Some(servers_task),
+                Some(authorizations),
+                Some(authorizations_task),
+            )
+        } else {
+            (None, None, None, None)
+        };
     let publisher = async {
         let ready = async {
             let _ = services.wait_until_ready().await;
@@ -563,6 +987,14 @@ pub async fn run(client: Client, discovery: KubeDiscovery, metrics: Arc<Metrics>
             if let Some(store) = &profiles {
                 let _ = store.wait_until_ready().await;
             }
+            // No view before the policies are known: one without them would admit every
+            // client of a governed port until the next.
+            if let Some(store) = &servers {
+                let _ = store.wait_until_ready().await;
+            }
+            if let Some(store) = &authorizations {
+                let _ = store.wait_until_ready().await;
+            }
         };
         ready.await;
         tracing::info!("Kubernetes discovery synced");
@@ -573,6 +1005,11 @@ pub async fn run(client: Client, discovery: KubeDiscovery, metrics: Arc<Metrics>
                 slices: slices.as_ref().map(Store::state),
                 pods: pods.state(),
                 profiles: profiles.as_ref().map(Store::state).unwrap_or_default(),
+                servers: servers.as_ref().map(Store::state).unwrap_or_default(),
+                authorizations: authorizations
+                    .as_ref()
+                    .map(Store::state)
+                    .unwrap_or_default(),
             };
             let (generation, count, problems) = discovery.publish(&objects);
             metrics.record_mesh_reload(generation, count);
@@ -592,6 +1029,8 @@ pub async fn run(client: Client, discovery: KubeDiscovery, metrics: Arc<Metrics>
             endpoints_task,
             slices_task,
             profiles_task,
+            servers_task,
+            authorizations_task,
         ]
         .into_iter()
         .flatten(),
@@ -877,6 +1316,340 @@ mod tests {
         assert!(view.is_empty());
         assert_eq!(view.lookup("db.shop"), None);
         assert_eq!(view.lookup("dns.shop:53"), None);
+    }
+
+    fn server(name: &str, spec: serde_json::Value) -> Arc<Server> {
+        object(json!({
+            "apiVersion": "conduit.io/v1alpha1",
+            "kind": "Server",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": spec,
+        }))
+    }
+
+    fn authorization_policy(name: &str, spec: serde_json::Value) -> Arc<AuthorizationPolicy> {
+        object(json!({
+            "apiVersion": "conduit.io/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": spec,
+        }))
+    }
+
+    fn policy_of(view: &KubeView, authority: &str) -> Option<conduit_core::policy::ServerPolicy> {
+        view.lookup(authority)
+            .expect("found")
+            .profile
+            .policy()
+            .cloned()
+    }
+
+    fn identities(policy: &conduit_core::policy::ServerPolicy) -> Vec<Vec<String>> {
+        use conduit_core::policy::IdentityMatch;
+        policy
+            .authorizations()
+            .iter()
+            .map(|a| {
+                a.identities()
+                    .iter()
+                    .map(|i| match i {
+                        IdentityMatch::Exact(name) => name.clone(),
+                        IdentityMatch::Suffix(suffix) => format!("*.{suffix}"),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_server_gives_its_port_the_policy_its_authorization_policies_assemble() {
+        use conduit_core::policy::{Client, Verdict, authorize};
+        let objects = Objects {
+            servers: vec![server(
+                "web-http",
+                json!({"service": "web", "port": "http", "default": "all-authenticated"}),
+            )],
+            // Out of name order: the policy lists them by name.
+            authorizations: vec![
+                authorization_policy(
+                    "b-office",
+                    json!({"server": "web-http", "networks": ["192.0.2.0/24"]}),
+                ),
+                authorization_policy(
+                    "a-gateway",
+                    json!({"server": "web-http", "serviceAccounts": [{"name": "gateway", "namespace": "edge"}, {"name": "cron"}], "identities": ["*.ops.serviceaccount.identity.conduit.cluster.local"]}),
+                ),
+            ],
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        let policy = policy_of(&view, "web.shop:80").expect("governed");
+        assert_eq!(policy.default_policy(), DefaultPolicy::AllAuthenticated);
+        assert!(!policy.audit());
+        assert_eq!(
+            identities(&policy),
+            [
+                vec![
+                    "*.ops.serviceaccount.identity.conduit.cluster.local".to_owned(),
+                    "gateway.edge.serviceaccount.identity.conduit.cluster.local".to_owned(),
+                    "cron.shop.serviceaccount.identity.conduit.cluster.local".to_owned(),
+                ],
+                vec![],
+            ]
+        );
+        assert_eq!(
+            policy.authorizations()[1].networks()[0].to_string(),
+            "192.0.2.0/24"
+        );
+        let gateway = Client {
+            identity: Some("gateway.edge.serviceaccount.identity.conduit.cluster.local"),
+            addr: "10.1.0.1".parse().expect("ip"),
+        };
+        assert!(authorize(&policy, &gateway).allowed());
+        let stranger = Client {
+            identity: None,
+            addr: "10.1.0.1".parse().expect("ip"),
+        };
+        assert_eq!(authorize(&policy, &stranger).verdict, Verdict::Deny);
+        // The other port has no Server: no policy.
+        assert_eq!(policy_of(&view, "web.shop:9000"), None);
+    }
+
+    #[test]
+    fn a_server_without_a_default_denies_what_no_authorization_allows() {
+        let objects = Objects {
+            servers: vec![server("web", json!({"service": "web", "port": 9000}))],
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        let policy = policy_of(&view, "web.shop:9000").expect("governed by number");
+        assert_eq!(policy.default_policy(), DefaultPolicy::Deny);
+        assert!(policy.authorizations().is_empty());
+        assert_eq!(policy_of(&view, "web.shop:80"), None);
+    }
+
+    #[test]
+    fn a_bad_authorization_policy_fails_closed_and_is_reported_with_its_field() {
+        for audit in [false, true] {
+            let objects = Objects {
+                servers: vec![server(
+                    "web",
+                    json!({"service": "web", "default": "all-unauthenticated", "audit": audit}),
+                )],
+                authorizations: vec![
+                    authorization_policy("good", json!({"server": "web", "identities": ["*"]})),
+                    authorization_policy(
+                        "typo",
+                        json!({"server": "web", "networks": ["10.0.0.0/8", "10.0.0.0/33"]}),
+                    ),
+                ],
+                ..objects()
+            };
+            let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].object, "AuthorizationPolicy shop/typo");
+            assert!(
+                problems[0]
+                    .reason
+                    .starts_with("spec.networks[1]: invalid network `10.0.0.0/33`"),
+                "{}",
+                problems[0]
+            );
+            assert!(
+                problems[0]
+                    .reason
+                    .ends_with("Server `web` denies every client until this is fixed")
+            );
+            // Every port of the Service denies everyone: never the Server's permissive default.
+            for port in [80, 9000] {
+                let policy = policy_of(&view, &format!("web.shop:{port}")).expect("governed");
+                assert_eq!(policy.default_policy(), DefaultPolicy::Deny);
+                assert!(policy.authorizations().is_empty());
+                assert_eq!(policy.audit(), audit, "audit mode stays as the Server says");
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_authorization_policies_fail_closed() {
+        let max = conduit_core::policy::MAX_AUTHORIZATIONS;
+        let objects = Objects {
+            servers: vec![server(
+                "web",
+                json!({"service": "web", "default": "all-unauthenticated"}),
+            )],
+            authorizations: (0..=max)
+                .map(|i| {
+                    authorization_policy(
+                        &format!("a{i:03}"),
+                        json!({"server": "web", "identities": ["*"]}),
+                    )
+                })
+                .collect(),
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object, "Server shop/web");
+        assert!(
+            problems[0]
+                .reason
+                .contains(&format!("the {max} a Server may have")),
+            "{}",
+            problems[0]
+        );
+        let policy = policy_of(&view, "web.shop:80").expect("governed");
+        assert_eq!(policy.default_policy(), DefaultPolicy::Deny);
+        assert!(policy.authorizations().is_empty());
+    }
+
+    #[test]
+    fn bad_service_accounts_are_reported_as_service_accounts() {
+        let objects = Objects {
+            servers: vec![server("web", json!({"service": "web"}))],
+            authorizations: vec![authorization_policy(
+                "bad",
+                json!({"server": "web", "identities": ["ok.shop"], "serviceAccounts": [{"name": "fine"}, {"name": "under_score"}]}),
+            )],
+            ..objects()
+        };
+        let (_, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].reason.starts_with("spec.serviceAccounts[1]: "),
+            "{}",
+            problems[0]
+        );
+    }
+
+    #[test]
+    fn the_first_server_by_name_governs_a_port_and_one_naming_it_comes_first() {
+        let objects = Objects {
+            servers: vec![
+                server(
+                    "b-http",
+                    json!({"service": "web", "port": 80, "default": "deny"}),
+                ),
+                server(
+                    "a-http",
+                    json!({"service": "web", "port": "http", "default": "all-authenticated"}),
+                ),
+                server(
+                    "all",
+                    json!({"service": "web", "default": "all-unauthenticated", "audit": true}),
+                ),
+            ],
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        let http = policy_of(&view, "web.shop:80").expect("governed");
+        assert_eq!(
+            http.default_policy(),
+            DefaultPolicy::AllAuthenticated,
+            "a-http"
+        );
+        let admin = policy_of(&view, "web.shop:9000").expect("governed");
+        assert_eq!(
+            admin.default_policy(),
+            DefaultPolicy::AllUnauthenticated,
+            "all"
+        );
+        assert!(admin.audit());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object, "Server shop/b-http");
+        assert!(
+            problems[0]
+                .reason
+                .starts_with("spec.port: port 80 of Service `web` is governed by Server `a-http`"),
+            "{}",
+            problems[0]
+        );
+    }
+
+    #[test]
+    fn policies_that_attach_to_nothing_are_reported_and_ignored() {
+        let objects = Objects {
+            servers: vec![
+                server("no-service", json!({"service": "api"})),
+                server("no-port", json!({"service": "web", "port": 8443})),
+            ],
+            authorizations: vec![authorization_policy(
+                "orphan",
+                json!({"server": "missing", "identities": ["*"]}),
+            )],
+            ..objects()
+        };
+        let (view, mut problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        problems.sort_by(|a, b| a.object.cmp(&b.object));
+        let got: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "AuthorizationPolicy shop/orphan: spec.server: no Server `missing` in namespace shop; ignored",
+                "Server shop/no-port: spec.port: Service `web` has no TCP port `8443`; it governs nothing",
+                "Server shop/no-service: spec.service: no Service `api` in namespace shop; it governs nothing",
+            ]
+        );
+        assert_eq!(policy_of(&view, "web.shop:80"), None);
+    }
+
+    #[test]
+    fn a_pod_address_resolves_to_its_endpoint_with_its_service_ports_profile() {
+        // A second Service selecting the same pods, in another order than its name ranks.
+        let other: Arc<KService> = object(json!({
+            "metadata": {"name": "zz-web", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 8000, "targetPort": 8080}]},
+        }));
+        let other_endpoints: Arc<Endpoints> = object(json!({
+            "metadata": {"name": "zz-web", "namespace": "shop"},
+            "subsets": [{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"name": "http", "port": 8080}]}],
+        }));
+        for services in [
+            vec![Arc::clone(&other), web_service()],
+            vec![web_service(), Arc::clone(&other)],
+        ] {
+            let objects = Objects {
+                services,
+                endpoints: vec![Arc::clone(&other_endpoints), endpoints()],
+                servers: vec![server("web", json!({"service": "web", "port": 80}))],
+                ..objects()
+            };
+            let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+            assert_eq!(problems, []);
+            let pod = view.lookup("10.0.0.1:8080").expect("the pod's address");
+            assert_eq!(
+                (pod.name.as_str(), pod.port),
+                ("web.shop", 80),
+                "the first by name"
+            );
+            assert_eq!(addrs(&pod), ["10.0.0.1:8080"], "that endpoint only");
+            assert_eq!(
+                pod.endpoints[0].identity.as_deref(),
+                Some("web.shop.serviceaccount.identity.conduit.local")
+            );
+            assert_eq!(
+                pod.profile.policy().map(|p| p.default_policy()),
+                Some(DefaultPolicy::Deny)
+            );
+            // Not ready: not among the Service's endpoints, but its own address resolves.
+            assert_eq!(
+                addrs(&view.lookup("web.shop:80").expect("found")),
+                ["10.0.0.1:8080", "10.0.0.2:8080"]
+            );
+            let starting = view.lookup("10.0.0.3:8080").expect("a pod not ready yet");
+            assert_eq!(addrs(&starting), ["10.0.0.3:8080"]);
+            assert!(starting.profile.policy().is_some());
+            let admin = view.lookup("10.0.0.1:9090").expect("the admin port");
+            assert_eq!((admin.name.as_str(), admin.port), ("web.shop", 9000));
+            assert_eq!(admin.profile.policy(), None);
+            for missing in ["10.0.0.1", "10.0.0.1:8081", "10.0.0.9:8080"] {
+                assert_eq!(view.lookup(missing), None, "{missing}");
+            }
+            // Pod addresses are not services of their own.
+            assert_eq!(view.len(), 3);
+        }
     }
 
     #[test]
