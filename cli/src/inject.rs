@@ -8,7 +8,9 @@
 //!   (iptables; it needs `NET_ADMIN` and `NET_RAW` and runs as root, once, before the apps);
 //! - the `conduit-proxy` container: inbound on 4143 (to the app's port), outbound on
 //!   127.0.0.1:4140, admin on 4191 (`/ready` and `/live` as its probes), discovery from the
-//!   controller, running as uid 2102 (the uid the redirect spares);
+//!   controller, running as uid 2102 (the uid the redirect spares); its local service is the
+//!   pod's own address at the app's port, which discovery resolves to the Service port whose
+//!   endpoint it is (its inbound route profile and authorization policy);
 //! - the annotation `conduit.io/proxy-version`;
 //! - with the mesh's trust anchors ([`InjectOptions::identity`]), the proxy's workload
 //!   identity: its pod's ServiceAccount (`NAME.NAMESPACE.serviceaccount.identity.conduit.
@@ -429,6 +431,8 @@ env:
   - {{name: CONDUIT_PROXY_ADMIN_ADDR, value: '0.0.0.0:{ADMIN_PORT}'}}
   - {{name: CONDUIT_PROXY_APP_ADDR, value: '127.0.0.1:{app_port}'}}
   - {{name: CONDUIT_PROXY_DISCOVERY, value: '{controller}'}}
+  - {{name: _CONDUIT_POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
+  - {{name: CONDUIT_PROXY_SERVICE, value: '$(_CONDUIT_POD_IP):{app_port}'}}
 ports:
   - {{name: conduit-proxy, containerPort: {INBOUND_PORT}}}
   - {{name: conduit-admin, containerPort: {ADMIN_PORT}}}

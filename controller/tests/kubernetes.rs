@@ -805,6 +805,21 @@ async fn replicas_share_one_ca_and_the_lease_moves_when_its_holder_dies() {
     };
     assert_eq!(on_disk(&a), anchors);
     assert_eq!(on_disk(&b), anchors);
+    // The anchors, public, are published for the injecting webhook.
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = cluster.api();
+    let published = within("the trust anchors ConfigMap", async {
+        loop {
+            if let Ok(Some(map)) = maps.get_opt("conduit-identity-trust-anchors").await {
+                return map;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(
+        published.data.unwrap()["ca.crt"].as_bytes(),
+        anchors.as_slice()
+    );
 
     let leases: Api<Lease> = cluster.api();
     let first = holder(&leases, None).await;
@@ -832,5 +847,163 @@ async fn replicas_share_one_ca_and_the_lease_moves_when_its_holder_dies() {
     alive.stop().await;
     holder(&leases, Some("c")).await;
     c.stop().await;
+    cluster.cleanup().await;
+}
+
+/// A token for the ServiceAccount `account`, for `audience`, from the API server's TokenRequest
+/// API (what the kubelet projects into a pod).
+async fn service_account_token(cluster: &Cluster, account: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = cluster.api();
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+/// A proxy in a pod proves its ServiceAccount with the token the kubelet projects for the
+/// audience `identity.conduit.io`: the controller has the API server review it and certifies
+/// that account's identity, and no other; a token for another audience, a forged token and a
+/// deleted account's token prove nothing; the controller's own tokens still work beside them.
+#[tokio::test]
+async fn service_account_tokens_prove_their_accounts_identity() {
+    use conduit_controller::identity::serviceaccount::AUDIENCE;
+    use conduit_proto::pb::identity;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::pem::PemObject as _;
+    let Some(kubeconfig) = kubeconfig("service_account_tokens_prove_their_accounts_identity")
+    else {
+        return;
+    };
+    let cluster = Cluster::new(&kubeconfig, "satoken").await;
+    for account in ["web", "api"] {
+        cluster
+            .apply::<ServiceAccount>(json!({
+                "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account},
+            }))
+            .await
+            .unwrap();
+    }
+    let web_token = service_account_token(&cluster, "web", AUDIENCE).await;
+    let web = conduit_core::identity::service_account_identity(
+        &cluster.namespace,
+        "web",
+        "cluster.local",
+    );
+    let api = conduit_core::identity::service_account_identity(
+        &cluster.namespace,
+        "api",
+        "cluster.local",
+    );
+
+    let controller = Controller::start(&kubeconfig, "satoken").await;
+    let _ = controller.client().await;
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", controller.grpc_addr))
+            .unwrap();
+    let mut client = identity::identity_client::IdentityClient::new(endpoint.connect_lazy());
+    let mut certify = async |name: &str, token: &[u8]| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap();
+        let request = identity::CertifyRequest {
+            identity: name.to_owned(),
+            token: token.to_vec(),
+            certificate_signing_request: csr.der().to_vec(),
+        };
+        within("Certify", client.certify(request))
+            .await
+            .map(tonic::Response::into_inner)
+    };
+
+    // The account's own identity: a leaf naming it.
+    let certified = certify(&web, web_token.as_bytes()).await.unwrap();
+    let anchors = std::fs::read(
+        controller
+            .dir
+            .join("identity")
+            .join(conduit_controller::identity::TRUST_ANCHORS_FILE),
+    )
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for anchor in rustls::pki_types::CertificateDer::pem_slice_iter(&anchors) {
+        roots.add(anchor.unwrap()).unwrap();
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    // Checked at the last second of the leaf's validity: the answer's own figure, not a clock.
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(
+        certified.valid_until_unix_ms,
+    ));
+    verifier
+        .verify_server_cert(
+            &certified.leaf_certificate.clone().into(),
+            &[certified.intermediate_certificates[0].clone().into()],
+            &rustls::pki_types::ServerName::try_from(web.as_str()).unwrap(),
+            &[],
+            at,
+        )
+        .expect("a leaf for the account's identity");
+    // Another account's identity with this token: refused, naming both.
+    let denied = certify(&api, web_token.as_bytes()).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains(&web), "{}", denied.message());
+    // A token for another audience (the API server's own), a forged one, and the token of an
+    // account since deleted: not authenticated.
+    let other_audience =
+        service_account_token(&cluster, "web", "https://kubernetes.default.svc").await;
+    let mut forged = web_token.clone();
+    forged.truncate(forged.len() - 4);
+    forged.push_str("AAAA");
+    for (what, token) in [("another audience", other_audience), ("forged", forged)] {
+        let refused = certify(&web, token.as_bytes()).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {refused:?}"
+        );
+    }
+    let api_token = service_account_token(&cluster, "api", AUDIENCE).await;
+    assert!(certify(&api, api_token.as_bytes()).await.is_ok());
+    let accounts: Api<ServiceAccount> = cluster.api();
+    accounts
+        .delete("api", &DeleteParams::default())
+        .await
+        .unwrap();
+    let refused = within("the deleted account's token to be refused", async {
+        loop {
+            match certify(&api, api_token.as_bytes()).await {
+                Err(status) => return status,
+                Ok(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // The controller's own tokens are still accepted.
+    let own =
+        conduit_controller::identity::issue_token(&controller.dir.join("identity"), &web).unwrap();
+    assert!(certify(&web, own.as_bytes()).await.is_ok());
+
+    controller.stop().await;
     cluster.cleanup().await;
 }

@@ -140,10 +140,11 @@ pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
     /// The local app; inbound traffic goes here. No inbound listener when unset.
     pub app_addr: Option<SocketAddr>,
-    /// The service the local app serves (`name[:port]`, as clients address it). Inbound
+    /// The service the local app serves (`name[:port]`, as clients address it, or in
+    /// Kubernetes the pod's own `IP:PORT`, which discovery resolves to its Service). Inbound
     /// requests then take that service's route profile (per-route classes, timeouts and
-    /// metrics) and are counted under its name; unset, they take the default route and are
-    /// counted under the `Host` they carry.
+    /// metrics) and authorization policy, and are counted under it; unset, they take the
+    /// default route and are counted under the `Host` they carry.
     pub service: Option<String>,
     /// Where services and endpoints come from.
     pub discovery: DiscoveryConfig,
@@ -436,8 +437,8 @@ impl ProxyConfig {
         }
 
         if let Some(service) = raw.service {
-            match check_service(&service) {
-                Ok(()) => config.service = Some(service.to_ascii_lowercase()),
+            match local_service(&service) {
+                Ok(service) => config.service = Some(service),
                 Err(reason) => e("service", reason),
             }
         }
@@ -762,9 +763,7 @@ fn identity_settings(
     };
     let trust_anchors = match (anchors, anchors_pem) {
         (Some(path), None) if !path.is_empty() => TrustAnchors::File(PathBuf::from(path)),
-        (None, Some(pem)) if pem.contains("-----BEGIN CERTIFICATE-----") => {
-            TrustAnchors::Pem(pem)
-        }
+        (None, Some(pem)) if pem.contains("-----BEGIN CERTIFICATE-----") => TrustAnchors::Pem(pem),
         (None, Some(_)) => {
             e(
                 "identity_trust_anchors_pem",
@@ -806,6 +805,26 @@ fn identity_settings(
         token,
         trust_anchors,
     })
+}
+
+/// The local service as the proxy follows it: a service name (lower case), or a pod's own
+/// address `IP:PORT` (what the Kubernetes injector sets, from the pod's IP), which Kubernetes
+/// discovery resolves to the Service whose endpoint it is. An IPv6 address comes bracketed or
+/// bare (`fd00::1:8080`: the injector cannot bracket what the kubelet substitutes); either way
+/// it is followed as `[fd00::1]:8080`.
+fn local_service(service: &str) -> Result<String, String> {
+    if let Ok(addr) = service.parse::<std::net::SocketAddr>() {
+        return Ok(addr.to_string());
+    }
+    if let Some((ip, port)) = service.rsplit_once(':')
+        && let Ok(ip) = ip.parse::<std::net::Ipv6Addr>()
+    {
+        return match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(std::net::SocketAddr::from((ip, port)).to_string()),
+            _ => Err(format!("`{service}`: `{port}` is not a port")),
+        };
+    }
+    check_service(service).map(|()| service.to_ascii_lowercase())
 }
 
 /// Checks a service authority: a DNS name, optionally with a port.
@@ -1103,6 +1122,28 @@ mod tests {
     }
 
     #[test]
+    fn the_local_service_is_a_name_or_the_pods_own_address() {
+        let service = |value: &str| {
+            ProxyConfig::load(
+                None,
+                env(&[
+                    ("CONDUIT_PROXY_DISCOVERY", "127.0.0.1:8086"),
+                    ("CONDUIT_PROXY_SERVICE", value),
+                ]),
+            )
+            .map(|c| c.service)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(service("Web.Shop:80"), Ok(Some("web.shop:80".into())));
+        assert_eq!(service("10.1.2.3:8080"), Ok(Some("10.1.2.3:8080".into())));
+        // IPv6 pods: the injector's `$(POD_IP):PORT` comes unbracketed.
+        assert_eq!(service("fd00::1:8080"), Ok(Some("[fd00::1]:8080".into())));
+        assert_eq!(service("[fd00::1]:8080"), Ok(Some("[fd00::1]:8080".into())));
+        assert!(service("fd00::1:0").is_err());
+        assert!(service(":8080").is_err());
+    }
+
+    #[test]
     fn trust_anchors_come_from_a_file_or_the_bundle_itself() {
         let base = [
             ("CONDUIT_PROXY_DISCOVERY", "127.0.0.1:8086"),
@@ -1145,7 +1186,10 @@ mod tests {
         let err = with(&[("CONDUIT_PROXY_IDENTITY_TRUST_ANCHORS_PEM", "garbage")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("identity_trust_anchors_pem") && err.contains("no PEM"), "{err}");
+        assert!(
+            err.contains("identity_trust_anchors_pem") && err.contains("no PEM"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //!
 //! An endpoint whose pod carries the proxy (the `conduit.io/proxy-version` annotation the
 //! injector adds) gets the proxy's admin address (`POD_IP:4191`), so `conduit stat` reads it;
-//! its identity is the pod's `conduit.io/identity` annotation when present.
+//! its identity is the pod's `conduit.io/identity` annotation when present, else, for a pod
+//! the injector gave an identity (`conduit.io/identity-mode: default`), its ServiceAccount's
+//! (`NAME.NAMESPACE.serviceaccount.identity.conduit.CLUSTER_DOMAIN`, what the controller
+//! certifies for a proxy presenting that account's token).
 //!
 //! Authorization policy: a Service port governed by a `Server` gets the policy its
 //! `AuthorizationPolicy`s assemble ([`crate::crd`]), in the profile, so the proxy in front of
@@ -68,6 +71,10 @@ pub const PROXY_VERSION_ANNOTATION: &str = "conduit.io/proxy-version";
 
 /// The annotation naming the workload identity a meshed pod's proxy proves.
 pub const IDENTITY_ANNOTATION: &str = "conduit.io/identity";
+
+/// The annotation of an injected pod whose proxy proves its ServiceAccount's identity
+/// (`default`; the injector adds it with the trust anchors).
+pub const IDENTITY_MODE_ANNOTATION: &str = "conduit.io/identity-mode";
 
 /// The label EndpointSlices carry naming their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -248,7 +255,11 @@ impl KubeView {
                     .into_iter()
                     .chain(addrs.not_ready)
                     .map(|(addr, pod)| {
-                        raw_endpoint(addr, pod.and_then(|p| pods.get(&(ns, p)).copied()))
+                        raw_endpoint(
+                            addr,
+                            pod.and_then(|p| pods.get(&(ns, p)).copied()),
+                            cluster_domain,
+                        )
                     })
                     .collect();
                 let mesh_name =
@@ -607,7 +618,7 @@ fn validate(name: &str, raw: RawService) -> Result<Arc<Service>, String> {
         .ok_or_else(|| "no service".to_owned())
 }
 
-fn raw_endpoint(addr: SocketAddr, pod: Option<&Pod>) -> RawEndpoint {
+fn raw_endpoint(addr: SocketAddr, pod: Option<&Pod>, cluster_domain: &str) -> RawEndpoint {
     let mut endpoint = RawEndpoint {
         addr: addr.to_string(),
         ..RawEndpoint::default()
@@ -621,7 +632,21 @@ fn raw_endpoint(addr: SocketAddr, pod: Option<&Pod>) -> RawEndpoint {
             endpoint.admin = Some(SocketAddr::new(addr.ip(), PROXY_ADMIN_PORT).to_string());
             endpoint.identity = annotations
                 .and_then(|a| a.get(IDENTITY_ANNOTATION))
-                .cloned();
+                .cloned()
+                .or_else(|| {
+                    // The injector gave the proxy its ServiceAccount's identity (and told so).
+                    let mode = annotations.and_then(|a| a.get(IDENTITY_MODE_ANNOTATION));
+                    (mode.map(String::as_str) == Some("default")).then(|| {
+                        let account = pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.service_account_name.as_deref())
+                            .filter(|a| !a.is_empty())
+                            .unwrap_or("default");
+                        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+                        service_account_identity(namespace, account, cluster_domain)
+                    })
+                });
         }
     }
     endpoint
@@ -1179,6 +1204,43 @@ mod tests {
         assert_eq!(meshed.labels.get("pod").map(String::as_str), Some("web-1"));
         assert_eq!(http.endpoints[1].admin, None);
         assert_eq!(http.endpoints[1].identity, None);
+    }
+
+    #[test]
+    fn an_injected_pods_endpoint_proves_its_service_accounts_identity() {
+        let injected = |name: &str, account: Option<&str>| -> Arc<Pod> {
+            let mut spec = json!({"containers": []});
+            if let Some(account) = account {
+                spec["serviceAccountName"] = account.into();
+            }
+            object(json!({
+                "metadata": {"name": name, "namespace": "shop", "annotations": {
+                    PROXY_VERSION_ANNOTATION: "v1", IDENTITY_MODE_ANNOTATION: "default",
+                }},
+                "spec": spec,
+            }))
+        };
+        let objects = Objects {
+            pods: vec![injected("web-1", Some("web")), injected("web-2", None)],
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        let http = view.lookup("web.shop:80").expect("found");
+        let identities: Vec<_> = http
+            .endpoints
+            .iter()
+            .map(|e| e.identity.as_deref())
+            .collect();
+        // What the controller certifies for a token of that account (a pod without one runs
+        // as `default`).
+        assert_eq!(
+            identities,
+            [
+                Some("web.shop.serviceaccount.identity.conduit.cluster.local"),
+                Some("default.shop.serviceaccount.identity.conduit.cluster.local"),
+            ]
+        );
     }
 
     #[test]
