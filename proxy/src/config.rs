@@ -813,14 +813,14 @@ fn identity_settings(
 /// bare (`fd00::1:8080`: the injector cannot bracket what the kubelet substitutes); either way
 /// it is followed as `[fd00::1]:8080`.
 fn local_service(service: &str) -> Result<String, String> {
-    if let Ok(addr) = service.parse::<std::net::SocketAddr>() {
+    if let Ok(addr) = service.parse::<SocketAddr>() {
         return Ok(addr.to_string());
     }
     if let Some((ip, port)) = service.rsplit_once(':')
         && let Ok(ip) = ip.parse::<std::net::Ipv6Addr>()
     {
         return match port.parse::<u16>() {
-            Ok(port) if port > 0 => Ok(std::net::SocketAddr::from((ip, port)).to_string()),
+            Ok(port) if port > 0 => Ok(SocketAddr::from((ip, port)).to_string()),
             _ => Err(format!("`{service}`: `{port}` is not a port")),
         };
     }
