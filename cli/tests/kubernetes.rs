@@ -384,6 +384,12 @@ async fn check_reports_the_installation_as_it_is() {
     assert!(outcome(&checks, "kubernetes-api").is_ok(), "{text}");
     assert!(outcome(&checks, "crds").is_ok(), "{text}");
     assert!(outcome(&checks, "webhook-certificate").is_ok(), "{text}");
+    assert!(
+        outcome(&checks, "trust-anchors")
+            .as_ref()
+            .is_ok_and(|ok| ok.contains("1 trust anchor published")),
+        "{text}"
+    );
     let Err(reason) = outcome(&checks, "control-plane") else {
         panic!("{text}")
     };
@@ -428,6 +434,19 @@ async fn check_reports_the_installation_as_it_is() {
         panic!("{text}")
     };
     assert!(reason.contains("does not verify"), "{text}");
+
+    // No published trust anchors: the webhook could not give proxies an identity.
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), &namespace);
+    maps.delete("conduit-identity-trust-anchors", &DeleteParams::default())
+        .await
+        .unwrap();
+    let checks = conduit_cli::kube_check::checks(&client, &namespace).await;
+    let (text, _) = conduit_cli::control::render_checks(&checks);
+    let Err(reason) = outcome(&checks, "trust-anchors") else {
+        panic!("{text}")
+    };
+    assert!(reason.contains("no ConfigMap"), "{text}");
 
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let _ = configs
