@@ -308,6 +308,13 @@ impl<N: Net> Proxy<N> {
 
         let (ready_tx, ready_rx) = watch::channel(true);
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+        // The inbound side's local service: the proxy is ready once discovery has answered
+        // for it (its authorization policy is then known).
+        let local_service = config
+            .service
+            .as_ref()
+            .filter(|_| config.app_addr.is_some())
+            .map(|service| (service.clone(), discovery.resolve(service)));
         let admin_state = Arc::new(admin::Admin {
             metrics: Arc::clone(&metrics),
             discovery,
@@ -317,6 +324,7 @@ impl<N: Net> Proxy<N> {
             limits: config.limits,
             clock,
             identity,
+            local_service,
         });
         let admin_task = tokio::spawn(admin::serve::<N>(admin, admin_state));
         tracing::info!(

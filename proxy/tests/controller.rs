@@ -151,9 +151,19 @@ impl TestProxy {
         failfast: Duration,
         idle: Duration,
     ) -> Self {
+        Self::start_configured(controller, |config| {
+            config.queue.failfast_timeout = failfast;
+            config.discovery_idle_timeout = idle;
+        })
+        .await
+    }
+
+    async fn start_configured(
+        controller: impl Into<PeerAddr>,
+        configure: impl FnOnce(&mut conduit_proxy::ProxyConfig),
+    ) -> Self {
         let mut config = config();
-        config.queue.failfast_timeout = failfast;
-        config.discovery_idle_timeout = idle;
+        configure(&mut config);
         let proxy = Proxy::bind(config, TokioNet).await.unwrap();
         let addrs = proxy.addrs();
         let mut settings = ControllerDiscoverConfig::new(controller);
@@ -342,6 +352,47 @@ async fn a_controller_that_never_answers_means_504_after_fail_fast() {
         let proxy = TestProxy::start(closed, Duration::from_millis(200)).await;
         assert_eq!(proxy.get("web.test").await.0, 504);
         drop(silent);
+    })
+    .await;
+}
+
+/// A proxy with a local service is not ready until discovery has answered for it (so no
+/// client is sent to it before it knows the service's authorization policy), and is ready once
+/// the controller answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_is_not_ready_until_discovery_answers_for_its_local_service() {
+    bounded(async {
+        let dir = temp_dir("local-ready");
+        let app = named_backend("app").await;
+        let file = dir.join("mesh.yaml");
+        write_atomically(&file, &mesh(&[app]));
+        // The controller's address, with no controller there yet.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let proxy = TestProxy::start_configured(addr, |config| {
+            config.service = Some("web.test".into());
+            config.app_addr = Some(app);
+        })
+        .await;
+        let response = get_once(proxy.addrs.admin, "admin", "/ready").await;
+        assert_eq!(response.status(), 503);
+        let body = String::from_utf8_lossy(&body_bytes(response).await).into_owned();
+        assert!(body.contains("local service web.test"), "{body}");
+
+        let _controller = Controller::start(&file, addr);
+        loop {
+            if get_once(proxy.addrs.admin, "admin", "/ready")
+                .await
+                .status()
+                == 200
+            {
+                break;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+        let _ = std::fs::remove_dir_all(dir);
     })
     .await;
 }

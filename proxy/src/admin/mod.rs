@@ -43,6 +43,10 @@ pub(crate) struct Admin {
     pub(crate) clock: Clock,
     /// The proxy's identity: not ready until it holds a valid certificate.
     pub(crate) identity: Option<Arc<crate::identity::LocalIdentity>>,
+    /// The local service (`service`) and its resolution: not ready until discovery has
+    /// answered for it, so no client is sent here (a Kubernetes Service lists only ready
+    /// pods) before the proxy knows the service's authorization policy and inbound profile.
+    pub(crate) local_service: Option<(String, watch::Receiver<crate::discover::Resolution>)>,
 }
 
 /// Appends the identity's metrics (Prometheus text): `identity_certified{identity}` (1 while a
@@ -123,6 +127,16 @@ impl Admin {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: no valid certificate from the identity service yet\n",
                     )
+                } else if let Some((service, resolution)) = &self.local_service
+                    && matches!(*resolution.borrow(), crate::discover::Resolution::Unknown)
+                {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "not ready: discovery has not answered for the local service \
+                             {service} yet (its policy is not known)\n"
+                        ),
+                    )
                 } else if *self.ready.borrow() {
                     text(StatusCode::OK, "ready\n")
                 } else {
@@ -149,7 +163,7 @@ impl Admin {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut response = Response::new(body::full(body));
     *response.status_mut() = status;
     response
