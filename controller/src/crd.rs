@@ -26,8 +26,8 @@
 //! scale of a Service port): a `Server` says which port of a Service a policy governs and what
 //! happens to clients no authorization names; each `AuthorizationPolicy` naming the `Server`
 //! adds one authorization (a mesh file policy's `authorizations[i]`, plus ServiceAccounts).
-//! Discovery assembles them into the port's policy (see
-//! [`crate::discovery::kubernetes`]).
+//! Kubernetes discovery (`discovery::kubernetes`, which depends on this module, not the other
+//! way round) assembles them into the port's policy.
 //!
 //! ```yaml
 //! apiVersion: conduit.io/v1alpha1
