@@ -16,6 +16,9 @@ fi
 export CARGO_TERM_COLOR=never
 export CI=true            # insta: never write snapshots, fail on a mismatch
 export INSTA_UPDATE=no
+# A clean clone builds everything once: incremental caches would only take disk (tens of GB on
+# this workspace) on a machine whose disk other checkouts share.
+export CARGO_INCREMENTAL=0
 
 step() {
     local name=$1
@@ -173,7 +176,13 @@ kube_stop() {
 }
 trap kube_stop EXIT
 
+# Free disk space where the builds go, printed so a run that dies of a full disk says so early.
+disk_free() {
+    df -h "${CARGO_TARGET_DIR:-.}" | tail -n 1
+}
+
 total=$SECONDS
+disk_free
 if [[ ${1:-} == fuzz ]]; then
     step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
     echo "::: all steps passed in $((SECONDS - total)) s"
@@ -190,5 +199,7 @@ step "Kubernetes API server and Helm for the integration tests (fetched and buil
 # The README's test command.
 step "tests" cargo test --workspace --locked
 step "release binaries carry no simulation-only code" no_simulation_code_in_release
+disk_free
 step "fuzz (install cargo-fuzz, build, ${FUZZ_SECONDS} s per target)" fuzz
+disk_free
 echo "::: all steps passed in $((SECONDS - total)) s"
