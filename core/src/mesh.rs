@@ -19,7 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
-use crate::policy::{Authorization, DefaultPolicy, IdentityMatch, Network, ServerPolicy};
+use crate::policy::{
+    Authorization, DefaultPolicy, IdentityMatch, Network, ProbePath, ServerPolicy,
+};
 
 /// The weight an endpoint gets when the file does not give one.
 ///
@@ -39,7 +41,9 @@ pub const DEFAULT_PORT: u16 = 80;
 pub const MAX_ENDPOINTS: usize = 10_000;
 
 pub use crate::breaker::RawBreaker;
-pub use crate::policy::{MAX_AUTHORIZATIONS, MAX_IDENTITIES, MAX_NETWORKS};
+pub use crate::policy::{
+    MAX_AUTHORIZATIONS, MAX_IDENTITIES, MAX_NETWORKS, MAX_PROBE_PATH_BYTES, MAX_PROBE_PATHS,
+};
 pub use crate::route::{MAX_ROUTES, Profile, RawProfile};
 
 // === Raw (as written) ===
@@ -80,6 +84,7 @@ pub struct RawService {
 ///     - identities: ["web.demo.serviceaccount.identity.conduit.local", "*.ops.serviceaccount.identity.conduit.local"]
 ///     - networks: ["10.0.0.0/8", "127.0.0.1/32"]
 ///     - { identities: ["*"], networks: ["192.168.0.0/16"] }   # both must match
+///   probe_paths: ["/healthz", "/ready"]   # GET/HEAD of exactly these paths pass all the same
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema, serde::Serialize))]
@@ -92,6 +97,13 @@ pub struct RawServerPolicy {
     pub audit: bool,
     /// The authorizations, tried in order; at most [`MAX_AUTHORIZATIONS`].
     pub authorizations: Vec<RawAuthorization>,
+    /// The app's HTTP probe paths (`/healthz`; a query is ignored): on a plaintext or mTLS
+    /// HTTP connection the policy does not allow, a `GET` or `HEAD` of exactly one of these
+    /// paths still reaches the app, and every other request gets 403 (see
+    /// [`crate::policy::authorize_request`]). At most [`MAX_PROBE_PATHS`], each at most
+    /// [`MAX_PROBE_PATH_BYTES`]. Kubernetes discovery fills them in from the pod's `httpGet`
+    /// probes.
+    pub probe_paths: Vec<String>,
 }
 
 /// One authorization as written: clients with one of `identities` (exact names, `*.suffix`, or
@@ -498,10 +510,25 @@ fn validate_policy(path: &str, raw: RawServerPolicy, errors: &mut Errors) -> Opt
             authorizations.push(authorization);
         }
     }
+    let mut probe_paths = Vec::new();
+    if raw.probe_paths.len() > MAX_PROBE_PATHS {
+        errors.push(
+            format!("{path}.probe_paths"),
+            format!("at most {MAX_PROBE_PATHS} probe paths"),
+        );
+    } else {
+        for (i, text) in raw.probe_paths.iter().enumerate() {
+            match ProbePath::parse(text) {
+                Ok(probe) => probe_paths.push(probe),
+                Err(reason) => errors.push(format!("{path}.probe_paths[{i}]"), reason),
+            }
+        }
+    }
     if errors.0.len() != before {
         return None;
     }
     ServerPolicy::try_new(default, authorizations, raw.audit)
+        .and_then(|policy| policy.with_probe_paths(probe_paths))
         .map_err(|e| errors.push(format!("{path}.{}", e.field), e.problem))
         .ok()
 }
@@ -750,6 +777,7 @@ mod tests {
                             networks: vec!["10.0.0.0/8".into(), "127.0.0.1".into()],
                         },
                     ],
+                    probe_paths: vec!["/healthz".into()],
                 }),
                 ..RawService::default()
             },
@@ -775,7 +803,10 @@ mod tests {
             identity: None,
             addr: "192.0.2.1".parse().unwrap(),
         };
-        assert_eq!(authorize(policy, &outside).verdict, Verdict::Deny);
+        let denied = authorize(policy, &outside);
+        assert_eq!(denied.verdict, Verdict::Deny);
+        let probe = crate::policy::authorize_request(policy, denied, b"GET", b"/healthz");
+        assert_eq!((probe.verdict, probe.rule), (Verdict::Allow, Rule::Probe));
 
         let without = Mesh::try_from(mesh_with("api.demo", RawService::default())).unwrap();
         assert!(
@@ -829,6 +860,7 @@ mod tests {
                 auth(&vec!["a.demo"; MAX_IDENTITIES + 1], &[]),
                 auth(&[], &vec!["10.0.0.0/8"; MAX_NETWORKS + 1]),
             ],
+            probe_paths: vec!["/ok".into(), "healthz".into(), "/a b".into()],
         }))
         .unwrap_err();
         let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
@@ -843,8 +875,16 @@ mod tests {
                 "services.api.demo.policy.authorizations[2].networks[0]",
                 "services.api.demo.policy.authorizations[3].identities",
                 "services.api.demo.policy.authorizations[4].networks",
+                "services.api.demo.policy.probe_paths[1]",
+                "services.api.demo.policy.probe_paths[2]",
             ]
         );
+        let err = Mesh::try_from(with_policy(RawServerPolicy {
+            probe_paths: vec!["/ready".into(); MAX_PROBE_PATHS + 1],
+            ..RawServerPolicy::default()
+        }))
+        .unwrap_err();
+        assert_eq!(err.errors[0].path, "services.api.demo.policy.probe_paths");
         let err = Mesh::try_from(with_policy(RawServerPolicy {
             authorizations: vec![auth(&["*"], &[]); MAX_AUTHORIZATIONS + 1],
             ..RawServerPolicy::default()
@@ -865,10 +905,13 @@ mod tests {
                 identities: vec!["*".into()],
                 networks: vec![],
             }],
+            probe_paths: vec!["/ready?full=1".into(), "/live".into()],
         })
         .unwrap();
         assert_eq!(policy.default_policy(), DefaultPolicy::Deny);
         assert!(policy.audit());
+        let probes: Vec<&str> = policy.probe_paths().iter().map(ProbePath::as_str).collect();
+        assert_eq!(probes, ["/live", "/ready"]);
         let err = validate_server_policy(RawServerPolicy {
             default: Some("maybe".into()),
             audit: false,
@@ -879,6 +922,7 @@ mod tests {
                     networks: vec!["10.0.0.0/33".into()],
                 },
             ],
+            probe_paths: vec!["ready".into()],
         })
         .unwrap_err();
         let paths: Vec<&str> = err.errors.iter().map(|e| e.path.as_str()).collect();
@@ -887,7 +931,8 @@ mod tests {
             [
                 "default",
                 "authorizations[0]",
-                "authorizations[1].networks[0]"
+                "authorizations[1].networks[0]",
+                "probe_paths[0]"
             ]
         );
     }

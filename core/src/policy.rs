@@ -18,6 +18,18 @@
 //!    lets the client through and counts what the policy would have refused, so a policy can be
 //!    tried on live traffic before it is enforced.
 //!
+//! Probes: a policy may list the exact paths of its pod's HTTP probes ([`ProbePath`], from
+//! the kubelet's `httpGet` liveness, readiness and startup probes, or written in the mesh file).
+//! The kubelet sends them in plaintext from the node, so a port that denies unauthenticated
+//! clients would fail its own pod's probes (Linkerd authorizes them by default for the same
+//! reason). [`authorize_request`] admits, on an HTTP connection [`authorize`] denied (or
+//! denied in audit), a `GET` or `HEAD` request whose path is byte for byte one of them
+//! ([`Rule::Probe`]); any other request on that connection keeps the connection's decision.
+//! The path is compared without its query, as route matching does: a probe written
+//! `/healthz?verbose` admits `GET /healthz` with any query or none. Nothing is normalized:
+//! a path that differs in percent-encoding (`/health%7A`), case, a trailing slash or a dot
+//! segment is another path, and is not a probe.
+//!
 //! Identities are DNS-like names, compared without regard to ASCII case. Client addresses that
 //! are IPv4-mapped IPv6 (`::ffff:10.0.0.1`, what a dual-stack listener reports) are compared
 //! as the IPv4 address they carry.
@@ -28,13 +40,17 @@
 //! file or the Destination profile stream, carried in the route profile's `policy()`), calls
 //! [`authorize`] once per inbound connection or request with what it knows of the client, and
 //! acts on [`Decision::allowed`]. It counts [`Verdict::as_str`] (`allow`, `deny`,
-//! `audit_deny`) and may log the [`Rule`] that decided.
+//! `audit_deny`) and may log the [`Rule`] that decided. When the policy lists probe paths
+//! ([`ServerPolicy::admits_probes`]) and the connection speaks HTTP, a connection it does not
+//! allow is served all the same, and each of its requests is decided by [`authorize_request`]
+//! with the connection's decision: the caller answers a denied request as it would have
+//! refused the connection.
 //!
 //! ```
 //! use core::net::IpAddr;
 //! use conduit_core::policy::{
-//!     authorize, Authorization, Client, DefaultPolicy, IdentityMatch, Network, Rule,
-//!     ServerPolicy, Verdict,
+//!     authorize, authorize_request, Authorization, Client, DefaultPolicy, IdentityMatch,
+//!     Network, ProbePath, Rule, ServerPolicy, Verdict,
 //! };
 //!
 //! let ops = Authorization::try_new(
@@ -65,6 +81,16 @@
 //! let decision = authorize(&audit, &stranger);
 //! assert!(decision.allowed());
 //! assert_eq!(decision.verdict.as_str(), "audit_deny");
+//!
+//! // With its probe paths, the enforcing policy admits the stranger's probes, and only them.
+//! let probes = vec![ProbePath::parse("/healthz").unwrap()];
+//! let policy = policy.with_probe_paths(probes).unwrap();
+//! let connection = authorize(&policy, &stranger);
+//! assert_eq!(connection.verdict, Verdict::Deny);
+//! let probe = authorize_request(&policy, connection, b"GET", b"/healthz");
+//! assert_eq!((probe.verdict, probe.rule), (Verdict::Allow, Rule::Probe));
+//! assert_eq!(authorize_request(&policy, connection, b"POST", b"/healthz"), connection);
+//! assert_eq!(authorize_request(&policy, connection, b"GET", b"/healthz/"), connection);
 //! ```
 
 use core::fmt;
@@ -83,6 +109,15 @@ pub const MAX_NETWORKS: usize = 256;
 
 /// The longest identity name, as for any DNS name.
 pub const MAX_IDENTITY_BYTES: usize = 253;
+
+/// The most probe paths one policy may list. A pod has at most three probes per container
+/// (liveness, readiness, startup), usually sharing one or two paths; 16 covers pods of
+/// several containers probing one port, and keeps the per-request check a short scan.
+pub const MAX_PROBE_PATHS: usize = 16;
+
+/// The longest probe path, query included, as written. Health check paths are short; the
+/// bound keeps a policy's size (and its wire message) small whatever a pod spec says.
+pub const MAX_PROBE_PATH_BYTES: usize = 512;
 
 /// What a policy does with a client no authorization names.
 ///
@@ -326,6 +361,58 @@ impl fmt::Display for Network {
     }
 }
 
+// === Probe paths ===
+
+/// The path of one HTTP probe the port admits: a `GET` or `HEAD` request for exactly this
+/// path (its query aside) is a probe. Held without its query.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbePath(String);
+
+impl ProbePath {
+    /// Reads a probe's path as the kubelet requests it: `/` then visible ASCII (percent-encode
+    /// anything else, as the kubelet does on the wire), at most [`MAX_PROBE_PATH_BYTES`]. A
+    /// query (`?` and what follows) may be written and is dropped: requests are matched on
+    /// their path alone, so `/healthz?verbose` is the probe path `/healthz`.
+    ///
+    /// # Errors
+    ///
+    /// A text saying what is wrong (without echoing the input, which may be large): empty,
+    /// too long, not starting with `/`, or holding a byte outside visible ASCII or a `#`
+    /// (a fragment is never sent).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() > MAX_PROBE_PATH_BYTES {
+            return Err(format!("longer than {MAX_PROBE_PATH_BYTES} bytes"));
+        }
+        if !text.starts_with('/') {
+            return Err("a probe path starts with `/`".into());
+        }
+        if let Some(bad) = text.bytes().find(|b| !b.is_ascii_graphic() || *b == b'#') {
+            return Err(if bad == b'#' {
+                "a probe path has no fragment (`#`)".into()
+            } else {
+                "a probe path holds only visible ASCII (percent-encode anything else, as \
+                 the request carries it)"
+                    .into()
+            });
+        }
+        let path = text.split_once('?').map_or(text, |(path, _)| path);
+        Ok(Self(path.to_owned()))
+    }
+
+    /// The path, without a query, as requests are compared with it.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProbePath {
+    /// The path, as [`ProbePath::parse`] reads it back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 // === Policies ===
 
 /// One rule that allows clients: those with a listed identity, from a listed network, or both.
@@ -404,6 +491,8 @@ pub struct ServerPolicy {
     default: DefaultPolicy,
     authorizations: Vec<Authorization>,
     audit: bool,
+    /// Sorted, without duplicates.
+    probe_paths: Vec<ProbePath>,
 }
 
 impl ServerPolicy {
@@ -424,6 +513,25 @@ impl ServerPolicy {
             default,
             authorizations,
             audit,
+            probe_paths: Vec::new(),
+        })
+    }
+
+    /// The same policy, admitting the probes `paths` on connections it does not allow
+    /// ([`authorize_request`]); duplicates count once, and no paths admit no probes.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidPolicy`] naming `probe_paths` when there are more than [`MAX_PROBE_PATHS`]
+    /// distinct paths.
+    pub fn with_probe_paths(self, paths: Vec<ProbePath>) -> Result<Self, InvalidPolicy> {
+        let mut paths = paths;
+        paths.sort_unstable();
+        paths.dedup();
+        check_count("probe_paths", paths.len(), MAX_PROBE_PATHS)?;
+        Ok(Self {
+            probe_paths: paths,
+            ..self
         })
     }
 
@@ -444,6 +552,29 @@ impl ServerPolicy {
     pub fn audit(&self) -> bool {
         self.audit
     }
+
+    /// The probe paths it admits, sorted.
+    #[must_use]
+    pub fn probe_paths(&self) -> &[ProbePath] {
+        &self.probe_paths
+    }
+
+    /// Whether it lists probe paths: an HTTP connection it does not allow is then decided
+    /// request by request ([`authorize_request`]) rather than refused whole.
+    #[must_use]
+    pub fn admits_probes(&self) -> bool {
+        !self.probe_paths.is_empty()
+    }
+
+    /// Whether a request with `method` and `path` (without its query, as
+    /// [`RequestView::path`](crate::route::RequestView::path) gives it) is one of the
+    /// policy's probes: `GET` or `HEAD` (methods are case-sensitive), and the path byte for
+    /// byte one of [`probe_paths`](Self::probe_paths).
+    #[must_use]
+    pub fn is_probe(&self, method: &[u8], path: &[u8]) -> bool {
+        matches!(method, b"GET" | b"HEAD")
+            && self.probe_paths.iter().any(|p| p.0.as_bytes() == path)
+    }
 }
 
 /// Why a policy was rejected.
@@ -451,7 +582,7 @@ impl ServerPolicy {
 #[error("{}{}{problem}", .field, if .field.is_empty() { "" } else { ": " })]
 pub struct InvalidPolicy {
     /// The field at fault, relative to the part being built: `authorizations`, `identities`,
-    /// `networks`, or empty for the authorization as a whole.
+    /// `networks`, `probe_paths`, or empty for the authorization as a whole.
     pub field: &'static str,
     /// What is wrong.
     pub problem: String,
@@ -515,14 +646,18 @@ pub enum Rule {
     Authorization(usize),
     /// No authorization matched; the default policy decided.
     Default(DefaultPolicy),
+    /// The request is one of the policy's probes ([`authorize_request`]), admitted on a
+    /// connection the policy does not allow.
+    Probe,
 }
 
 impl fmt::Display for Rule {
-    /// `authorizations[2]` or `default(deny)`, for logs.
+    /// `authorizations[2]`, `default(deny)` or `probe`, for logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Authorization(i) => write!(f, "authorizations[{i}]"),
             Self::Default(default) => write!(f, "default({default})"),
+            Self::Probe => f.write_str("probe"),
         }
     }
 }
@@ -571,6 +706,29 @@ pub fn authorize(policy: &ServerPolicy, client: &Client<'_>) -> Decision {
     Decision {
         verdict,
         rule: Rule::Default(policy.default),
+    }
+}
+
+/// Decides one request with `method` and `path` (without its query) on a connection
+/// [`authorize`] decided `connection`: a connection the policy allows keeps its decision for
+/// every request; on one it denies, or denies in audit, a probe of the policy
+/// ([`ServerPolicy::is_probe`]) is allowed by [`Rule::Probe`], and any other request keeps the
+/// connection's decision (the caller answers it as it would have refused the connection, or,
+/// in audit, lets it through and counts it). A policy without probe paths never changes a
+/// decision, so callers only need this where [`ServerPolicy::admits_probes`].
+#[must_use]
+pub fn authorize_request(
+    policy: &ServerPolicy,
+    connection: Decision,
+    method: &[u8],
+    path: &[u8],
+) -> Decision {
+    if connection.verdict == Verdict::Allow || !policy.is_probe(method, path) {
+        return connection;
+    }
+    Decision {
+        verdict: Verdict::Allow,
+        rule: Rule::Probe,
     }
 }
 
@@ -849,6 +1007,144 @@ mod tests {
         assert_eq!(DefaultPolicy::from_name("allow"), None);
     }
 
+    fn probes(paths: &[&str]) -> Vec<ProbePath> {
+        paths.iter().map(|p| ProbePath::parse(p).unwrap()).collect()
+    }
+
+    fn deny_with_probes(paths: &[&str], audit: bool) -> ServerPolicy {
+        ServerPolicy::try_new(DefaultPolicy::Deny, vec![], audit)
+            .unwrap()
+            .with_probe_paths(probes(paths))
+            .unwrap()
+    }
+
+    #[test]
+    fn probe_paths_parse_without_their_query() {
+        for (text, want) in [
+            ("/healthz", "/healthz"),
+            ("/", "/"),
+            ("/healthz?verbose", "/healthz"),
+            ("/ready?a=1&b=%20", "/ready"),
+            ("/?", "/"),
+            ("/health%7Az", "/health%7Az"),
+            ("/a/b/", "/a/b/"),
+        ] {
+            let path = ProbePath::parse(text).unwrap();
+            assert_eq!(path.as_str(), want, "{text:?}");
+            assert_eq!(ProbePath::parse(&path.to_string()), Ok(path));
+        }
+        for bad in [
+            "",
+            "healthz",
+            "?x",
+            "/health z",
+            "/health\tz",
+            "/h\u{e9}alth",
+            "/healthz#top",
+            "http://example.com/healthz",
+        ] {
+            assert!(ProbePath::parse(bad).is_err(), "{bad:?}");
+        }
+        let longest = format!("/{}", "a".repeat(MAX_PROBE_PATH_BYTES - 1));
+        assert!(ProbePath::parse(&longest).is_ok());
+        let err = ProbePath::parse(&format!("{longest}a")).unwrap_err();
+        assert!(err.len() < 100, "not echoed: {err}");
+    }
+
+    #[test]
+    fn probe_paths_are_bounded_sorted_and_deduplicated() {
+        let policy = deny_with_probes(&["/ready", "/live", "/ready?x=1"], false);
+        let held: Vec<&str> = policy.probe_paths().iter().map(ProbePath::as_str).collect();
+        assert_eq!(held, ["/live", "/ready"]);
+        assert!(policy.admits_probes());
+        assert!(!ServerPolicy::default().admits_probes());
+
+        let many: Vec<ProbePath> = (0..=MAX_PROBE_PATHS)
+            .map(|i| ProbePath::parse(&format!("/p{i}")).unwrap())
+            .collect();
+        let base = ServerPolicy::try_new(DefaultPolicy::Deny, vec![], false).unwrap();
+        assert!(
+            base.clone()
+                .with_probe_paths(many[..MAX_PROBE_PATHS].to_vec())
+                .is_ok()
+        );
+        let err = base.with_probe_paths(many).unwrap_err();
+        assert_eq!(err.field, "probe_paths");
+    }
+
+    #[test]
+    fn probes_are_admitted_on_denied_connections_and_nothing_else() {
+        let policy = deny_with_probes(&["/healthz", "/ready?full=1"], false);
+        let connection = authorize(&policy, &client(None, "10.0.0.1"));
+        assert_eq!(connection.verdict, Verdict::Deny);
+        let probe = Decision {
+            verdict: Verdict::Allow,
+            rule: Rule::Probe,
+        };
+        assert_eq!(Rule::Probe.to_string(), "probe");
+        for (method, path) in [("GET", "/healthz"), ("HEAD", "/healthz"), ("GET", "/ready")] {
+            let decision =
+                authorize_request(&policy, connection, method.as_bytes(), path.as_bytes());
+            assert_eq!(decision, probe, "{method} {path}");
+        }
+        for (method, path) in [
+            ("POST", "/healthz"),
+            ("PUT", "/healthz"),
+            ("OPTIONS", "/healthz"),
+            ("get", "/healthz"),
+            ("GET ", "/healthz"),
+            ("GET", "/healthz/"),
+            ("GET", "/Healthz"),
+            ("GET", "/health%7Az"),
+            ("GET", "/%68ealthz"),
+            ("GET", "//healthz"),
+            ("GET", "/healthz/../admin"),
+            ("GET", "/healthz?x"),
+            ("GET", "/healthzz"),
+            ("GET", "/health"),
+            ("GET", "/"),
+            ("GET", ""),
+            ("GET", "/admin"),
+        ] {
+            let decision =
+                authorize_request(&policy, connection, method.as_bytes(), path.as_bytes());
+            assert_eq!(decision, connection, "{method} {path:?}");
+        }
+
+        // An allowed connection keeps its decision (and its rule) for every request.
+        let open = ServerPolicy::try_new(DefaultPolicy::AllUnauthenticated, vec![], false)
+            .unwrap()
+            .with_probe_paths(probes(&["/healthz"]))
+            .unwrap();
+        let allowed = authorize(&open, &client(None, "10.0.0.1"));
+        assert_eq!(
+            authorize_request(&open, allowed, b"GET", b"/healthz"),
+            allowed
+        );
+        assert_eq!(authorize_request(&open, allowed, b"POST", b"/x"), allowed);
+
+        // In audit mode a probe counts as allowed, anything else as the audit denial it is.
+        let audited = deny_with_probes(&["/healthz"], true);
+        let connection = authorize(&audited, &client(None, "10.0.0.1"));
+        assert_eq!(connection.verdict, Verdict::AuditDeny);
+        assert_eq!(
+            authorize_request(&audited, connection, b"GET", b"/healthz"),
+            probe
+        );
+        assert_eq!(
+            authorize_request(&audited, connection, b"GET", b"/other"),
+            connection
+        );
+
+        // No probe paths: nothing is a probe.
+        let bare = ServerPolicy::try_new(DefaultPolicy::Deny, vec![], false).unwrap();
+        let connection = authorize(&bare, &client(None, "10.0.0.1"));
+        assert_eq!(
+            authorize_request(&bare, connection, b"GET", b"/"),
+            connection
+        );
+    }
+
     // === Properties ===
 
     fn arb_ip() -> impl Strategy<Value = IpAddr> {
@@ -911,8 +1207,54 @@ mod tests {
             arb_default(),
             proptest::collection::vec(arb_authorization(), 0..4),
             any::<bool>(),
+            proptest::collection::vec(arb_probe_path(), 0..4),
         )
-            .prop_map(|(d, a, audit)| ServerPolicy::try_new(d, a, audit).unwrap())
+            .prop_map(|(d, a, audit, probes)| {
+                ServerPolicy::try_new(d, a, audit)
+                    .unwrap()
+                    .with_probe_paths(probes)
+                    .unwrap()
+            })
+    }
+
+    /// Probe paths as written: short, from a small alphabet (so requests often hit them),
+    /// sometimes with a query.
+    fn arb_probe_path() -> impl Strategy<Value = ProbePath> {
+        "/[a-c/%.]{0,6}(\\?[a-c=&]{0,4})?".prop_map(|text| ProbePath::parse(&text).unwrap())
+    }
+
+    /// Request paths: arbitrary bytes, near-misses of probe paths, and probe paths exactly.
+    fn arb_request_path() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..10),
+            "/[a-cA-C/%.0-9]{0,7}".prop_map(String::into_bytes),
+            arb_probe_path().prop_map(|p| p.as_str().as_bytes().to_vec()),
+        ]
+    }
+
+    fn arb_method() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"GET".to_vec()),
+            Just(b"HEAD".to_vec()),
+            Just(b"POST".to_vec()),
+            Just(b"get".to_vec()),
+            Just(b"PUT".to_vec()),
+            Just(b"CONNECT".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..6),
+        ]
+    }
+
+    fn arb_decision() -> impl Strategy<Value = Decision> {
+        let verdict = prop_oneof![
+            Just(Verdict::Allow),
+            Just(Verdict::Deny),
+            Just(Verdict::AuditDeny),
+        ];
+        let rule = prop_oneof![
+            (0usize..4).prop_map(Rule::Authorization),
+            arb_default().prop_map(Rule::Default),
+        ];
+        (verdict, rule).prop_map(|(verdict, rule)| Decision { verdict, rule })
     }
 
     /// The containment of the definition: the first `len` bits agree.
@@ -1013,7 +1355,75 @@ mod tests {
                     };
                     prop_assert_eq!(decision.verdict == Verdict::Allow, allowed);
                 }
+                Rule::Probe => prop_assert!(false, "authorize never decides by probe"),
             }
+        }
+
+        /// Probe paths never widen a policy beyond GET and HEAD of exactly those paths: a
+        /// request the connection's decision refused is admitted only as such a probe, and
+        /// any other request keeps the connection's decision unchanged.
+        #[test]
+        fn probes_admit_only_get_and_head_of_exactly_their_paths(
+            policy in arb_policy(),
+            connection in arb_decision(),
+            method in arb_method(),
+            path in arb_request_path(),
+        ) {
+            let decision = authorize_request(&policy, connection, &method, &path);
+            let exact = policy.probe_paths().iter().any(|p| p.as_str().as_bytes() == path.as_slice());
+            let probe = (method == b"GET" || method == b"HEAD") && exact;
+            if decision != connection {
+                prop_assert!(probe, "{:?} {:?}", String::from_utf8_lossy(&method), String::from_utf8_lossy(&path));
+                prop_assert_ne!(connection.verdict, Verdict::Allow);
+                prop_assert_eq!(decision, Decision { verdict: Verdict::Allow, rule: Rule::Probe });
+            }
+            // Never narrower than the connection.
+            prop_assert!(decision.allowed() || !connection.allowed());
+            if connection.verdict != Verdict::Allow && probe {
+                prop_assert_eq!(decision.rule, Rule::Probe);
+            }
+            if !policy.admits_probes() {
+                prop_assert_eq!(decision, connection);
+            }
+        }
+
+        /// A path that differs from a probe path only by a trailing slash, one octet
+        /// percent-encoded, a query, or ASCII case is not a probe (unless it is itself one of
+        /// the policy's paths).
+        #[test]
+        fn near_misses_are_not_probes(policy in arb_policy(), which in any::<prop::sample::Index>(), at in any::<prop::sample::Index>()) {
+            prop_assume!(policy.admits_probes());
+            let probe = which.get(policy.probe_paths()).as_str();
+            let bytes = probe.as_bytes();
+            let i = at.index(bytes.len());
+            let encoded = format!("{}%{:02X}{}", &probe[..i], bytes[i], &probe[i + 1..]);
+            let upper = probe.to_ascii_uppercase();
+            let misses = [
+                format!("{probe}/"),
+                encoded,
+                format!("{probe}?x=1"),
+                upper,
+                format!("/{probe}"),
+            ];
+            let connection = Decision { verdict: Verdict::Deny, rule: Rule::Default(DefaultPolicy::Deny) };
+            for miss in misses {
+                if policy.probe_paths().iter().any(|p| p.as_str() == miss) {
+                    continue;
+                }
+                let decision = authorize_request(&policy, connection, b"GET", miss.as_bytes());
+                prop_assert_eq!(decision, connection, "{}", miss);
+            }
+            let hit = authorize_request(&policy, connection, b"GET", bytes);
+            prop_assert_eq!(hit.rule, Rule::Probe);
+        }
+
+        /// A probe path written with a query is the path without it; what is read prints back
+        /// as itself.
+        #[test]
+        fn probe_paths_drop_their_query(path in "/[a-z/%.]{0,8}", query in "[a-z=&?/]{0,6}") {
+            let bare = ProbePath::parse(&path).unwrap();
+            prop_assert_eq!(ProbePath::parse(&format!("{path}?{query}")), Ok(bare.clone()));
+            prop_assert_eq!(ProbePath::parse(&bare.to_string()), Ok(bare));
         }
     }
 }

@@ -51,7 +51,7 @@ use conduit_core::fault::{FaultPolicy, RawAbort, RawDelay, RawFault};
 use conduit_core::mesh::{self, Endpoint, MAX_ENDPOINTS, MAX_WEIGHT};
 use conduit_core::policy::{
     Authorization, DefaultPolicy, IdentityMatch, MAX_AUTHORIZATIONS, MAX_IDENTITIES, MAX_NETWORKS,
-    Network, ServerPolicy,
+    MAX_PROBE_PATHS, Network, ProbePath, ServerPolicy,
 };
 use conduit_core::retry::{
     self, BudgetConfig, HedgeDelay, HedgePolicy, InvalidRetry, Ratio, RetryPolicy,
@@ -1080,9 +1080,10 @@ impl From<ProfileUpdate> for dst::DestinationProfile {
 ///
 /// [`InvalidMessage::Invalid`] for a `default_policy` this receiver does not know, an identity
 /// that is not a DNS-like name, `*` or `*.suffix`, a network that is not `ADDR/LEN` with no
-/// bits past the prefix, or an authorization that names neither identities nor networks;
-/// [`InvalidMessage::TooMany`] for more than [`MAX_AUTHORIZATIONS`] authorizations or more
-/// than [`MAX_IDENTITIES`] identities or [`MAX_NETWORKS`] networks in one.
+/// bits past the prefix, an authorization that names neither identities nor networks, or a
+/// probe path [`ProbePath::parse`] refuses; [`InvalidMessage::TooMany`] for more than
+/// [`MAX_AUTHORIZATIONS`] authorizations, more than [`MAX_IDENTITIES`] identities or
+/// [`MAX_NETWORKS`] networks in one, or more than [`MAX_PROBE_PATHS`] probe paths.
 pub fn server_policy(field: &str, wire: dst::ServerPolicy) -> Result<ServerPolicy, InvalidMessage> {
     let default = match dst::DefaultPolicy::try_from(wire.default_policy) {
         Ok(dst::DefaultPolicy::AllUnauthenticated) => DefaultPolicy::AllUnauthenticated,
@@ -1155,12 +1156,28 @@ pub fn server_policy(field: &str, wire: dst::ServerPolicy) -> Result<ServerPolic
             })?;
         authorizations.push(authorization);
     }
-    ServerPolicy::try_new(default, authorizations, wire.audit).map_err(|e| {
-        InvalidMessage::Invalid {
+    too_many(
+        format!("{field}.probe_paths"),
+        wire.probe_paths.len(),
+        MAX_PROBE_PATHS,
+    )?;
+    let probe_paths = wire
+        .probe_paths
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            ProbePath::parse(text).map_err(|reason| InvalidMessage::Invalid {
+                field: format!("{field}.probe_paths[{i}]"),
+                reason: format!("invalid probe path `{}`: {reason}", truncated(text)),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    ServerPolicy::try_new(default, authorizations, wire.audit)
+        .and_then(|policy| policy.with_probe_paths(probe_paths))
+        .map_err(|e| InvalidMessage::Invalid {
             field: format!("{field}.{}", e.field),
             reason: e.problem,
-        }
-    })
+        })
 }
 
 impl TryFrom<dst::ServerPolicy> for ServerPolicy {
@@ -1197,6 +1214,11 @@ impl From<&ServerPolicy> for dst::ServerPolicy {
                 })
                 .collect(),
             audit: policy.audit(),
+            probe_paths: policy
+                .probe_paths()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
     }
 }

@@ -27,12 +27,18 @@
 //!         - identities: ["web.demo.serviceaccount.identity.conduit.local", "*.ops.serviceaccount.identity.conduit.local"]
 //!         - networks: ["10.0.0.0/8", "127.0.0.1/32"]
 //!         - { identities: ["*"], networks: ["fd00::/8"] }   # both must match
+//!       probe_paths: ["/healthz", "/ready"]   # the app's HTTP probes (at most 16)
 //! ```
 //!
 //! An authorization's `identities` are exact names, `*.suffix` (any name ending in `.suffix`)
 //! or `*` (any client that proved an identity), compared without regard to case; `networks`
 //! are CIDRs (or bare addresses) with no bits set past the prefix. An authorization must name
-//! at least one of the two; with both, a client must match both. See
+//! at least one of the two; with both, a client must match both. `probe_paths` are the app's
+//! HTTP health check paths: on an HTTP connection the policy does not allow, a `GET` or `HEAD`
+//! of exactly one of them (its query aside; no normalization: `/healthz/` or `/health%7Az` is
+//! another path) still reaches the app and every other request gets 403, so a kubelet (or a
+//! load balancer) probing in plaintext passes under `default: deny`. Each starts with `/`,
+//! holds visible ASCII only, is at most 512 bytes; a query written after `?` is ignored. See
 //! [`conduit_core::policy`] for the decision.
 
 use conduit_core::mesh::{InvalidMesh, Mesh, RawMesh};
@@ -320,11 +326,18 @@ services:
       authorizations:
         - identities: ["web.demo.serviceaccount.identity.conduit.local", "*.ops.serviceaccount.identity.conduit.local"]
         - networks: ["10.0.0.0/8", "127.0.0.1/32"]
+      probe_paths: [/ready, "/live?verbose"]
 "#;
         let mesh = parse(text).unwrap();
         let policy = mesh.service("api.demo").unwrap().profile.policy().unwrap();
         assert_eq!(policy.default_policy(), DefaultPolicy::AllAuthenticated);
         assert_eq!(policy.authorizations().len(), 2);
+        let probes: Vec<String> = policy
+            .probe_paths()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(probes, ["/live", "/ready"]);
         let decide = |identity, addr: &str| {
             authorize(
                 policy,
@@ -375,6 +388,14 @@ services:
             (
                 "services:\n  api.demo:\n    policy: { audit: maybe }\n",
                 "services.api.demo.policy.audit: invalid type",
+            ),
+            (
+                "services:\n  api.demo:\n    policy: { probe_paths: [/ok, healthz] }\n",
+                "services.api.demo.policy.probe_paths[1]: a probe path starts with `/`",
+            ),
+            (
+                "services:\n  api.demo:\n    policy: { probe_paths: /healthz }\n",
+                "services.api.demo.policy.probe_paths: invalid type",
             ),
         ];
         for (text, want) in cases {

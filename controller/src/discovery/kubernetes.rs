@@ -429,6 +429,7 @@ impl<'a> PolicyIndex<'a> {
                         default: Some(spec.default_policy().as_str().to_owned()),
                         audit: spec.audit,
                         authorizations,
+                        probe_paths: Vec::new(),
                     };
                     match validate_server_policy(raw.clone()) {
                         Ok(_) => raw,
@@ -553,6 +554,7 @@ fn deny_everyone(audit: bool) -> RawServerPolicy {
         default: Some(DefaultPolicy::Deny.as_str().to_owned()),
         audit,
         authorizations: Vec::new(),
+        probe_paths: Vec::new(),
     }
 }
 

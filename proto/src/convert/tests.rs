@@ -1457,6 +1457,7 @@ fn pb_policy(
         default_policy: default.into(),
         authorizations,
         audit: false,
+        probe_paths: vec![],
     }
 }
 
@@ -1520,6 +1521,19 @@ fn a_policy_converts_and_absent_is_none() {
         ]
     );
     assert_eq!(again.authorizations[1].networks, nets);
+    assert!(again.probe_paths.is_empty());
+
+    // Probe paths: read without their query, sorted, once each; written back as held.
+    let wire = dst::ServerPolicy {
+        probe_paths: vec!["/ready?full=1".into(), "/live".into(), "/ready".into()],
+        ..pb_policy(dst::DefaultPolicy::Deny, vec![])
+    };
+    let update = ProfileUpdate::try_from(profile_with_policy(wire)).unwrap();
+    let policy = update.profile.policy().unwrap();
+    assert!(policy.admits_probes());
+    assert!(policy.is_probe(b"GET", b"/ready"));
+    let again = dst::DestinationProfile::from(update).policy.unwrap();
+    assert_eq!(again.probe_paths, ["/live", "/ready"]);
 }
 
 #[test]
@@ -1589,6 +1603,27 @@ fn invalid_policies_name_their_field() {
             ),
             "policy.authorizations[0].networks",
         ),
+        (
+            dst::ServerPolicy {
+                probe_paths: vec!["/ok".into(), "healthz".into()],
+                ..pb_policy(dst::DefaultPolicy::Deny, vec![])
+            },
+            "policy.probe_paths[1]",
+        ),
+        (
+            dst::ServerPolicy {
+                probe_paths: vec!["/a b".into()],
+                ..pb_policy(dst::DefaultPolicy::Deny, vec![])
+            },
+            "policy.probe_paths[0]",
+        ),
+        (
+            dst::ServerPolicy {
+                probe_paths: (0..=MAX_PROBE_PATHS).map(|i| format!("/p{i}")).collect(),
+                ..pb_policy(dst::DefaultPolicy::Deny, vec![])
+            },
+            "policy.probe_paths",
+        ),
     ];
     for (wire, field) in cases {
         let err = ProfileUpdate::try_from(profile_with_policy(wire.clone())).unwrap_err();
@@ -1600,6 +1635,12 @@ fn invalid_policies_name_their_field() {
         dst::DefaultPolicy::Deny,
         vec![pb_authorization(&[huge.as_str()], &[])],
     ))
+    .unwrap_err();
+    assert!(err.to_string().len() < 1_000, "{}", err.to_string().len());
+    let err = ServerPolicy::try_from(dst::ServerPolicy {
+        probe_paths: vec![format!("/{huge}")],
+        ..pb_policy(dst::DefaultPolicy::Deny, vec![])
+    })
     .unwrap_err();
     assert!(err.to_string().len() < 1_000, "{}", err.to_string().len());
 }
@@ -1640,9 +1681,17 @@ fn arb_policy() -> impl Strategy<Value = ServerPolicy> {
         ],
         proptest::collection::vec(authorization, 0..4),
         any::<bool>(),
+        proptest::collection::vec("/[a-z0-9/%.-]{0,8}(\\?[a-z=]{0,4})?", 0..4),
     )
-        .prop_map(|(default, authorizations, audit)| {
-            ServerPolicy::try_new(default, authorizations, audit).unwrap()
+        .prop_map(|(default, authorizations, audit, probes)| {
+            let probes = probes
+                .iter()
+                .map(|p| ProbePath::parse(p).unwrap())
+                .collect();
+            ServerPolicy::try_new(default, authorizations, audit)
+                .unwrap()
+                .with_probe_paths(probes)
+                .unwrap()
         })
 }
 
@@ -1665,16 +1714,19 @@ fn arb_pb_policy() -> impl Strategy<Value = dst::ServerPolicy> {
             identities,
             networks,
         });
+    let probe_path = prop_oneof!["/[a-z/%?#. ]{0,8}", ".{0,8}"];
     (
         -1i32..5,
         proptest::collection::vec(authorization, 0..4),
         any::<bool>(),
+        proptest::collection::vec(probe_path, 0..4),
     )
         .prop_map(
-            |(default_policy, authorizations, audit)| dst::ServerPolicy {
+            |(default_policy, authorizations, audit, probe_paths)| dst::ServerPolicy {
                 default_policy,
                 authorizations,
                 audit,
+                probe_paths,
             },
         )
 }
@@ -1703,6 +1755,7 @@ proptest! {
             for authorization in policy.authorizations() {
                 prop_assert!(!authorization.identities().is_empty() || !authorization.networks().is_empty());
             }
+            prop_assert!(policy.probe_paths().len() <= MAX_PROBE_PATHS);
             let again = dst::ServerPolicy::from(&policy);
             prop_assert_eq!(ServerPolicy::try_from(again), Ok(policy));
         }
