@@ -181,37 +181,23 @@ pub fn generate_pki(namespace: &str, cluster_domain: &str) -> anyhow::Result<Pki
         let trust_anchors_pem = read(TRUST_ANCHORS_FILE)?;
         let issuer_crt_pem = read(ISSUER_CERT_FILE)?;
         let issuer_key_pem = read(ISSUER_KEY_FILE)?;
-        let issuer_key = rcgen::KeyPair::from_pem(&issuer_key_pem).context("the issuer's key")?;
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&issuer_crt_pem, issuer_key)
-            .context("the issuer's certificate")?;
-        let service = format!("conduit-webhook.{namespace}.svc");
-        let mut params = rcgen::CertificateParams::new(vec![
-            service.clone(),
-            format!("{service}.{cluster_domain}"),
-        ])
-        .context("the webhook's names")?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, service);
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let seconds = |t: conduit_core::time::UnixTime| {
-            time::OffsetDateTime::from_unix_timestamp(
-                i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-            )
-        };
-        params.not_before = seconds(authority.now()).context("the current time")?;
-        params.not_after = seconds(authority.issuer_not_after()).context("the issuer's expiry")?;
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .context("the webhook's key")?;
-        let cert = params
-            .signed_by(&key, &issuer)
-            .context("signing the webhook's certificate")?;
+        // The same certificate the controller issues when the values give none, but lasting
+        // as long as the issuer: nothing renews it.
+        let names = conduit_controller::identity::webhook::WebhookCertificate {
+            secret: String::new(),
+            configuration: String::new(),
+            service: "conduit-webhook".into(),
+        }
+        .names(namespace, cluster_domain);
+        let webhook = authority
+            .certify_server(&names, conduit_controller::identity::CA_VALIDITY)
+            .context("the webhook's certificate")?;
         Ok(Pki {
             trust_anchors_pem,
-            webhook_crt_pem: format!("{}{issuer_crt_pem}", cert.pem()),
+            webhook_crt_pem: webhook.chain_pem,
             issuer_crt_pem,
             issuer_key_pem,
-            webhook_key_pem: key.serialize_pem(),
+            webhook_key_pem: webhook.key_pem,
         })
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -416,6 +402,20 @@ fn evaluate(pipeline: &str, values: &Value, namespace: &str) -> anyhow::Result<V
                     to_text(v).replace('\n', &format!("\n{pad}"))
                 ))
             }
+            ("not", [v]) => Value::Bool(!truthy(v)),
+            // As Helm's: the first argument that decides, else the last.
+            ("and", [_, _, ..]) => args
+                .iter()
+                .find(|v| !truthy(v))
+                .or(args.last())
+                .cloned()
+                .unwrap_or(Value::Null),
+            ("or", [_, _, ..]) => args
+                .iter()
+                .find(|v| truthy(v))
+                .or(args.last())
+                .cloned()
+                .unwrap_or(Value::Null),
             ("required", [Value::String(why), v]) => {
                 if !truthy(v) {
                     bail!("{why}");
@@ -431,11 +431,18 @@ fn evaluate(pipeline: &str, values: &Value, namespace: &str) -> anyhow::Result<V
 }
 
 fn is_function(word: &str) -> bool {
-    matches!(word, "quote" | "b64enc" | "indent" | "required")
+    matches!(
+        word,
+        "quote" | "b64enc" | "indent" | "required" | "not" | "and" | "or"
+    )
 }
 
-/// A literal (`"text"`, `4`) or a reference (`.Values.a.b`, `.Release.Namespace`).
+/// A literal (`"text"`, `4`), a reference (`.Values.a.b`, `.Release.Namespace`) or a
+/// parenthesized pipeline (`(not .Values.a)`).
 fn operand(word: &str, values: &Value, namespace: &str) -> anyhow::Result<Value> {
+    if let Some(inner) = word.strip_prefix('(').and_then(|w| w.strip_suffix(')')) {
+        return evaluate(inner, values, namespace);
+    }
     if let Some(text) = word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
         return Ok(Value::String(text.replace("\\\"", "\"")));
     }
@@ -463,11 +470,14 @@ fn split_outside_quotes(text: &str, separator: char) -> Vec<&str> {
     let mut start = 0;
     let mut quoted = false;
     let mut escaped = false;
+    let mut depth = 0usize;
     for (i, c) in text.char_indices() {
         match c {
             '\\' if quoted => escaped = !escaped,
             '"' if !escaped => quoted = !quoted,
-            c if c == separator && !quoted => {
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth = depth.saturating_sub(1),
+            c if c == separator && !quoted && depth == 0 => {
                 parts.push(&text[start..i]);
                 start = i + c.len_utf8();
             }
@@ -592,6 +602,21 @@ mod tests {
             render("{{ .Release.Namespace }}-{{ .Values.missing }}"),
             "ns-"
         );
+        // Boolean functions, as Helm's: `and` / `or` give the deciding argument.
+        assert_eq!(render("{{ not .Values.off }}"), "true");
+        assert_eq!(render("{{ not .Values.name }}"), "false");
+        assert_eq!(render("{{ and .Values.on .Values.name }}"), "web");
+        assert_eq!(render("{{ and .Values.off .Values.name }}"), "false");
+        assert_eq!(render("{{ or .Values.missing .Values.name }}"), "web");
+        assert_eq!(
+            render("{{ if or (not .Values.on) (not .Values.name) }}a{{ else }}b{{ end }}"),
+            "b"
+        );
+        assert_eq!(
+            render("{{ if or (not .Values.on) (not .Values.off) }}a{{ else }}b{{ end }}"),
+            "a"
+        );
+        assert_eq!(render("{{ (.Values.name | quote) }}"), "\"web\"");
         for unsupported in [
             "{{ .Values.name | upper }}",
             "{{ include \"x\" . }}",

@@ -51,6 +51,32 @@ fn without_issuer(values: &mut serde_yaml_ng::Value) {
     );
 }
 
+/// Clears the webhook's certificate from the values: the controller then issues one.
+fn without_webhook_certificate(values: &mut serde_yaml_ng::Value) {
+    install::merge(
+        values,
+        serde_yaml_ng::from_str("webhook: {crtPEM: '', keyPEM: '', caBundlePEM: ''}").unwrap(),
+    );
+}
+
+/// The values of `conduit install`, with the issuer and the webhook's certificate each given
+/// or left to the controller.
+fn values_with(
+    options: &InstallOptions,
+    pki: &Pki,
+    issuer: bool,
+    webhook: bool,
+) -> serde_yaml_ng::Value {
+    let mut values = install::values(options, pki).unwrap();
+    if !issuer {
+        without_issuer(&mut values);
+    }
+    if !webhook {
+        without_webhook_certificate(&mut values);
+    }
+    values
+}
+
 fn options(ha: bool) -> InstallOptions {
     InstallOptions {
         ha,
@@ -132,14 +158,18 @@ fn helm_template_renders_what_conduit_install_renders() {
     };
     let dir = scratch("helm");
     let pki = install::generate_pki("conduit", "cluster.local").unwrap();
-    // Default and HA values, with the issuer given (as `conduit install` does) or left to the
-    // controller to bootstrap under its Lease.
-    for (ha, supplied) in [(false, true), (true, true), (false, false), (true, false)] {
-        let mut values = install::values(&options(ha), &pki).unwrap();
-        if !supplied {
-            without_issuer(&mut values);
-        }
-        let values_file = dir.join(format!("values-{ha}-{supplied}.yaml"));
+    // Default and HA values, with the issuer and the webhook's certificate given (as `conduit
+    // install` does) or left to the controller to make under its Lease.
+    for (ha, supplied, webhook) in [
+        (false, true, true),
+        (true, true, true),
+        (false, false, true),
+        (true, false, true),
+        (false, true, false),
+        (true, false, false),
+    ] {
+        let values = values_with(&options(ha), &pki, supplied, webhook);
+        let values_file = dir.join(format!("values-{ha}-{supplied}-{webhook}.yaml"));
         std::fs::write(&values_file, serde_yaml_ng::to_string(&values).unwrap()).unwrap();
         let helm_cmd = |args: &[&str]| {
             let output = Command::new(&helm)
@@ -169,13 +199,13 @@ fn helm_template_renders_what_conduit_install_renders() {
         assert_eq!(
             helm_objects.keys().collect::<Vec<_>>(),
             our_objects.keys().collect::<Vec<_>>(),
-            "ha: {ha}, issuer given: {supplied}"
+            "ha: {ha}, issuer given: {supplied}, webhook certificate given: {webhook}"
         );
         for (key, object) in &helm_objects {
             assert_eq!(
                 Some(object),
                 our_objects.get(key),
-                "{key} (ha: {ha}, issuer given: {supplied})"
+                "{key} (ha: {ha}, issuer given: {supplied}, webhook certificate given: {webhook})"
             );
         }
         assert_eq!(
@@ -184,7 +214,20 @@ fn helm_template_renders_what_conduit_install_renders() {
         );
         assert_eq!(
             our_objects.contains_key("Role/conduit/conduit-controller"),
-            !supplied
+            !supplied || !webhook
+        );
+        // The webhook's Secret comes from the values, or from the controller, which is told
+        // to issue it.
+        assert_eq!(
+            our_objects.contains_key("Secret/conduit/conduit-webhook-tls"),
+            webhook
+        );
+        let controller =
+            serde_json::to_string(&our_objects["Deployment/conduit/conduit-controller"]).unwrap();
+        assert_eq!(
+            controller.contains("--webhook-secret=conduit-webhook-tls"),
+            !webhook,
+            "{controller}"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -215,7 +258,13 @@ async fn the_api_server_accepts_every_object_of_the_install() {
         format!("conduit-{:08x}", random & 0xffff_ffff)
     };
     let pki = install::generate_pki(&namespace, "cluster.local").unwrap();
-    for (ha, supplied) in [(false, true), (true, true), (true, false)] {
+    for (ha, supplied, webhook) in [
+        (false, true, true),
+        (true, true, true),
+        (true, false, true),
+        (false, true, false),
+        (true, false, false),
+    ] {
         let options = InstallOptions {
             namespace: namespace.clone(),
             ha,
@@ -224,9 +273,8 @@ async fn the_api_server_accepts_every_object_of_the_install() {
             ..InstallOptions::default()
         };
         let mut stream = install::install(&options, &pki).unwrap();
-        if !supplied {
-            let mut values = install::values(&options, &pki).unwrap();
-            without_issuer(&mut values);
+        if !supplied || !webhook {
+            let values = values_with(&options, &pki, supplied, webhook);
             stream = install::render(&values, &namespace).unwrap();
             stream.push_str(&format!(
                 "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n"
@@ -271,7 +319,10 @@ async fn the_api_server_accepts_every_object_of_the_install() {
                 params = params.dry_run();
             }
             if let Err(err) = api.patch(name, &params, &Patch::Apply(&json)).await {
-                panic!("{key} (ha: {ha}, issuer given: {supplied}) refused: {err}");
+                panic!(
+                    "{key} (ha: {ha}, issuer given: {supplied}, webhook certificate given: \
+                     {webhook}) refused: {err}"
+                );
             }
         }
     }

@@ -8,6 +8,7 @@ use core::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::identity::webhook::WebhookCertificate;
 use crate::identity::{IdentityConfig, MAX_LEAF_LIFETIME, MIN_LEAF_LIFETIME, SuppliedCa};
 
 /// Where the gRPC API listens by default: Linkerd's destination port. Loopback, so a controller
@@ -70,6 +71,18 @@ pub struct RawControllerConfig {
     /// `CONDUIT_CONTROLLER_IDENTITY_SECRET` / `--identity-secret`: with Kubernetes discovery,
     /// the Secret that holds the CA's files, bootstrapped by the replica holding the Lease.
     pub identity_secret: Option<String>,
+    /// `CONDUIT_CONTROLLER_WEBHOOK_SECRET` / `--webhook-secret`: with Kubernetes discovery, the
+    /// Secret (type `kubernetes.io/tls`) in which the replica holding the Lease keeps the
+    /// injecting webhook's serving certificate. With `webhook_configuration`.
+    pub webhook_secret: Option<String>,
+    /// `CONDUIT_CONTROLLER_WEBHOOK_CONFIGURATION` / `--webhook-configuration`: the
+    /// MutatingWebhookConfiguration whose `caBundle` the Lease's holder keeps set to the trust
+    /// anchors. With `webhook_secret`.
+    pub webhook_configuration: Option<String>,
+    /// `CONDUIT_CONTROLLER_WEBHOOK_SERVICE` / `--webhook-service`: the webhook's Service in the
+    /// controller's namespace, whose names the certificate carries (default
+    /// `conduit-webhook`).
+    pub webhook_service: Option<String>,
     /// `CONDUIT_CONTROLLER_NAMESPACE` / `--namespace`: the controller's namespace (the Lease's
     /// and the identity Secret's).
     pub namespace: Option<String>,
@@ -113,13 +126,15 @@ pub enum DiscoverySource {
         /// A kubeconfig file to use instead of the environment's (`KUBECONFIG`, then the
         /// pod's service account).
         kubeconfig: Option<PathBuf>,
-        /// Singleton work under a Lease (the CA kept in a Secret), if configured.
+        /// Singleton work under a Lease (the CA kept in a Secret, the webhook's certificate), if
+        /// configured.
         singleton: Option<Singleton>,
     },
 }
 
-/// The Lease and the identity Secret of replicated controllers (see [`crate::lease`] and
-/// [`crate::identity::secret`]).
+/// The Lease of replicated controllers ([`crate::lease`]) and the work only its holder does:
+/// bootstrapping the CA into the identity Secret ([`crate::identity::secret`]) and keeping the
+/// webhook's certificate ([`crate::identity::webhook`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Singleton {
     /// The controller's namespace, where the Lease and the Secret live.
@@ -130,8 +145,10 @@ pub struct Singleton {
     pub lease: String,
     /// How long the Lease lasts without renewal.
     pub lease_duration: Duration,
-    /// The Secret holding the CA's files.
-    pub identity_secret: String,
+    /// The Secret holding the CA's files, when the CA is bootstrapped (not an operator's).
+    pub identity_secret: Option<String>,
+    /// The webhook's serving certificate, when the controller issues it.
+    pub webhook: Option<WebhookCertificate>,
 }
 
 /// The Lease's name.
@@ -183,6 +200,10 @@ const IDENTITY_ISSUER_KEY: &str = "CONDUIT_CONTROLLER_IDENTITY_ISSUER_KEY (--ide
 const IDENTITY_LEAF_LIFETIME: &str =
     "CONDUIT_CONTROLLER_IDENTITY_LEAF_LIFETIME (--identity-leaf-lifetime)";
 const IDENTITY_SECRET: &str = "CONDUIT_CONTROLLER_IDENTITY_SECRET (--identity-secret)";
+const WEBHOOK_SECRET: &str = "CONDUIT_CONTROLLER_WEBHOOK_SECRET (--webhook-secret)";
+const WEBHOOK_CONFIGURATION: &str =
+    "CONDUIT_CONTROLLER_WEBHOOK_CONFIGURATION (--webhook-configuration)";
+const WEBHOOK_SERVICE: &str = "CONDUIT_CONTROLLER_WEBHOOK_SERVICE (--webhook-service)";
 const NAMESPACE: &str = "CONDUIT_CONTROLLER_NAMESPACE (--namespace)";
 const POD_NAME: &str = "CONDUIT_CONTROLLER_POD_NAME (--pod-name)";
 const LEASE_DURATION: &str = "CONDUIT_CONTROLLER_LEASE_DURATION (--lease-duration)";
@@ -350,7 +371,7 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
         {
             error(ADMIN_ADDR, format!("{admin} is also the gRPC address"));
         }
-        let singleton = match raw.identity_secret {
+        let identity_secret = match raw.identity_secret {
             None => None,
             Some(_) if !kubernetes => {
                 error(
@@ -368,48 +389,106 @@ impl TryFrom<RawControllerConfig> for ControllerConfig {
                 );
                 None
             }
-            Some(secret) => {
-                let mut required = |setting, value: Option<String>| match value {
-                    Some(value) if !value.is_empty() => Some(value),
+            Some(secret) => Some(secret),
+        };
+        let webhook = match (raw.webhook_secret, raw.webhook_configuration) {
+            (None, None) => {
+                if raw.webhook_service.is_some() {
+                    error(
+                        WEBHOOK_SERVICE,
+                        "set without CONDUIT_CONTROLLER_WEBHOOK_SECRET (--webhook-secret)".into(),
+                    );
+                }
+                None
+            }
+            _ if !kubernetes => {
+                error(
+                    WEBHOOK_SECRET,
+                    "only with Kubernetes discovery (CONDUIT_CONTROLLER_DISCOVERY=kubernetes)"
+                        .into(),
+                );
+                None
+            }
+            (Some(secret), Some(configuration))
+                if !secret.is_empty() && !configuration.is_empty() =>
+            {
+                let service = raw
+                    .webhook_service
+                    .unwrap_or_else(|| "conduit-webhook".to_owned());
+                match conduit_core::mesh::check_dns_name(&service) {
+                    Ok(()) if !service.contains('.') => Some(WebhookCertificate {
+                        secret,
+                        configuration,
+                        service,
+                    }),
                     _ => {
                         error(
-                            setting,
-                            "missing: the Lease guarding the identity Secret needs it (in a pod, \
-                             from the downward API)"
-                                .into(),
+                            WEBHOOK_SERVICE,
+                            format!("`{service}` is not a Service's name"),
                         );
                         None
                     }
-                };
-                let namespace = required(NAMESPACE, raw.namespace);
-                let me = required(POD_NAME, raw.pod_name);
-                let lease_duration = match raw.lease_duration {
-                    None => Some(crate::lease::DEFAULT_LEASE_DURATION),
-                    Some(text) => match conduit_core::time::parse_duration(&text) {
-                        Some(d)
-                            if (Duration::from_secs(1)..=Duration::from_secs(300)).contains(&d) =>
-                        {
-                            Some(d)
-                        }
-                        _ => {
-                            error(
-                                LEASE_DURATION,
-                                format!("`{text}` must be a duration from 1s to 300s"),
-                            );
-                            None
-                        }
-                    },
-                };
-                match (namespace, me, lease_duration) {
-                    (Some(namespace), Some(me), Some(lease_duration)) => Some(Singleton {
-                        namespace,
-                        me,
-                        lease: LEASE_NAME.into(),
-                        lease_duration,
-                        identity_secret: secret,
-                    }),
-                    _ => None,
                 }
+            }
+            (secret, configuration) => {
+                for (setting, value) in [
+                    (WEBHOOK_SECRET, secret),
+                    (WEBHOOK_CONFIGURATION, configuration),
+                ] {
+                    if value.is_none_or(|v| v.is_empty()) {
+                        error(
+                            setting,
+                            "missing: the webhook's certificate needs its Secret and its \
+                             webhook configuration together"
+                                .into(),
+                        );
+                    }
+                }
+                None
+            }
+        };
+        let singleton = if identity_secret.is_none() && webhook.is_none() {
+            None
+        } else {
+            let mut required = |setting, value: Option<String>| match value {
+                Some(value) if !value.is_empty() => Some(value),
+                _ => {
+                    error(
+                        setting,
+                        "missing: the Lease guarding the identity Secret and the webhook's \
+                         certificate needs it (in a pod, from the downward API)"
+                            .into(),
+                    );
+                    None
+                }
+            };
+            let namespace = required(NAMESPACE, raw.namespace);
+            let me = required(POD_NAME, raw.pod_name);
+            let lease_duration = match raw.lease_duration {
+                None => Some(crate::lease::DEFAULT_LEASE_DURATION),
+                Some(text) => match conduit_core::time::parse_duration(&text) {
+                    Some(d) if (Duration::from_secs(1)..=Duration::from_secs(300)).contains(&d) => {
+                        Some(d)
+                    }
+                    _ => {
+                        error(
+                            LEASE_DURATION,
+                            format!("`{text}` must be a duration from 1s to 300s"),
+                        );
+                        None
+                    }
+                },
+            };
+            match (namespace, me, lease_duration) {
+                (Some(namespace), Some(me), Some(lease_duration)) => Some(Singleton {
+                    namespace,
+                    me,
+                    lease: LEASE_NAME.into(),
+                    lease_duration,
+                    identity_secret,
+                    webhook,
+                }),
+                _ => None,
             }
         };
         let discovery = match (kubernetes, mesh_file, mesh_poll_interval) {
@@ -615,7 +694,8 @@ mod tests {
                 me: "controller-0".into(),
                 lease: LEASE_NAME.into(),
                 lease_duration: Duration::from_secs(5),
-                identity_secret: "conduit-identity".into(),
+                identity_secret: Some("conduit-identity".into()),
+                webhook: None,
             })
         );
         let raw = RawControllerConfig {
@@ -628,6 +708,52 @@ mod tests {
         let err = ControllerConfig::try_from(raw).unwrap_err();
         let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();
         assert_eq!(settings, [NAMESPACE, POD_NAME, LEASE_DURATION]);
+
+        // The webhook's certificate alone also runs the Lease (an operator's CA, no webhook
+        // certificate in the values).
+        let raw = RawControllerConfig {
+            discovery: Some("kubernetes".into()),
+            identity_dir: Some("i".into()),
+            webhook_secret: Some("conduit-webhook-tls".into()),
+            webhook_configuration: Some("conduit-proxy-injector-conduit".into()),
+            namespace: Some("conduit".into()),
+            pod_name: Some("controller-0".into()),
+            ..Default::default()
+        };
+        let DiscoverySource::Kubernetes { singleton, .. } =
+            ControllerConfig::try_from(raw).unwrap().discovery
+        else {
+            panic!("kubernetes")
+        };
+        let singleton = singleton.unwrap();
+        assert_eq!(singleton.identity_secret, None);
+        assert_eq!(
+            singleton.webhook,
+            Some(WebhookCertificate {
+                secret: "conduit-webhook-tls".into(),
+                configuration: "conduit-proxy-injector-conduit".into(),
+                service: "conduit-webhook".into(),
+            })
+        );
+        let raw = RawControllerConfig {
+            discovery: Some("kubernetes".into()),
+            identity_dir: Some("i".into()),
+            webhook_secret: Some("conduit-webhook-tls".into()),
+            webhook_service: Some("a.b".into()),
+            ..Default::default()
+        };
+        let err = ControllerConfig::try_from(raw).unwrap_err();
+        let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();
+        assert_eq!(settings, [WEBHOOK_CONFIGURATION]);
+        let raw = RawControllerConfig {
+            mesh_file: Some("mesh.yaml".into()),
+            webhook_secret: Some("s".into()),
+            webhook_configuration: Some("c".into()),
+            ..Default::default()
+        };
+        let err = ControllerConfig::try_from(raw).unwrap_err();
+        let settings: Vec<_> = err.errors.iter().map(|e| e.setting).collect();
+        assert_eq!(settings, [WEBHOOK_SECRET]);
 
         let raw = RawControllerConfig {
             discovery: Some("kubernetes".into()),

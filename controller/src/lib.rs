@@ -337,6 +337,7 @@ where
 
     // Replicated controllers: the Lease, and the CA's files from the Secret it guards
     // (bootstrapped by the Lease's holder when there is none yet).
+    let mut webhook_keeper = None;
     let (lease_stop, lease_task) = match singleton_client {
         None => (None, None),
         Some((client, singleton)) => {
@@ -352,24 +353,38 @@ where
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                 },
             ));
-            let secrets = kube::Api::namespaced(client.clone(), &singleton.namespace);
-            identity::secret::materialize(
-                &secrets,
-                &singleton.identity_secret,
-                &config.identity,
-                &system_wall_clock(),
-                leading,
-            )
-            .await?;
-            // The anchors, public, for the injecting webhook (which may not read the Secret).
-            let anchors = config.identity.dir.join(identity::TRUST_ANCHORS_FILE);
-            if let Ok(pem) = std::fs::read_to_string(&anchors) {
-                identity::secret::publish_anchors(
-                    &kube::Api::namespaced(client, &singleton.namespace),
-                    identity::secret::TRUST_ANCHORS_CONFIG_MAP,
-                    &pem,
+            if let Some(identity_secret) = &singleton.identity_secret {
+                let secrets = kube::Api::namespaced(client.clone(), &singleton.namespace);
+                identity::secret::materialize(
+                    &secrets,
+                    identity_secret,
+                    &config.identity,
+                    &system_wall_clock(),
+                    leading.clone(),
                 )
-                .await;
+                .await?;
+                // The anchors, public, for the injecting webhook (which may not read the
+                // Secret).
+                let anchors = config.identity.dir.join(identity::TRUST_ANCHORS_FILE);
+                if let Ok(pem) = std::fs::read_to_string(&anchors) {
+                    identity::secret::publish_anchors(
+                        &kube::Api::namespaced(client.clone(), &singleton.namespace),
+                        identity::secret::TRUST_ANCHORS_CONFIG_MAP,
+                        &pem,
+                    )
+                    .await;
+                }
+            }
+            if let (Some(webhook), DiscoverySource::Kubernetes { cluster_domain, .. }) =
+                (&singleton.webhook, &config.discovery)
+            {
+                webhook_keeper = Some((
+                    client,
+                    singleton.namespace.clone(),
+                    cluster_domain.clone(),
+                    webhook.clone(),
+                    leading,
+                ));
             }
             (Some(stop_tx), Some(ReleaseOnDrop(Some(task))))
         }
@@ -386,6 +401,18 @@ where
         Arc::clone(&metrics),
     ));
     let _issuer_watcher = AbortOnDrop(issuer_watcher);
+    // The webhook's serving certificate and caBundle, kept by the Lease's holder.
+    let _webhook_keeper = webhook_keeper.map(|(client, namespace, domain, spec, leading)| {
+        AbortOnDrop(tokio::spawn(identity::webhook::keep_issued(
+            kube::Api::namespaced(client.clone(), &namespace),
+            kube::Api::all(client),
+            Arc::clone(&ca),
+            spec,
+            namespace,
+            domain,
+            leading,
+        )))
+    });
 
     // The controller's own certificate, for proxies that reach it over mTLS; plaintext
     // clients (the CLI, proxies without an identity) are served as before.

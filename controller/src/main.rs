@@ -63,6 +63,18 @@ struct Args {
     /// with one CA (the replica holding the Lease bootstraps it when the Secret is absent).
     #[arg(long, env = "CONDUIT_CONTROLLER_IDENTITY_SECRET")]
     identity_secret: Option<String>,
+    /// With Kubernetes discovery: the Secret (kubernetes.io/tls) in which the replica holding
+    /// the Lease keeps the injecting webhook's serving certificate, signed by the identity
+    /// issuer and renewed before it expires; needs --webhook-configuration.
+    #[arg(long, env = "CONDUIT_CONTROLLER_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
+    /// The MutatingWebhookConfiguration whose caBundle is kept set to the trust anchors.
+    #[arg(long, env = "CONDUIT_CONTROLLER_WEBHOOK_CONFIGURATION")]
+    webhook_configuration: Option<String>,
+    /// The webhook's Service in the controller's namespace: the certificate's names
+    /// [default: conduit-webhook].
+    #[arg(long, env = "CONDUIT_CONTROLLER_WEBHOOK_SERVICE")]
+    webhook_service: Option<String>,
     /// The controller's namespace (the Lease's and the identity Secret's).
     #[arg(long, env = "CONDUIT_CONTROLLER_NAMESPACE")]
     namespace: Option<String>,
@@ -90,6 +102,9 @@ fn main() -> ExitCode {
         identity_issuer_key: args.identity_issuer_key,
         identity_leaf_lifetime: args.identity_leaf_lifetime,
         identity_secret: args.identity_secret,
+        webhook_secret: args.webhook_secret,
+        webhook_configuration: args.webhook_configuration,
+        webhook_service: args.webhook_service,
         namespace: args.namespace,
         pod_name: args.pod_name,
         lease_duration: args.lease_duration,

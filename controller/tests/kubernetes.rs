@@ -790,7 +790,8 @@ async fn replicas_share_one_ca_and_the_lease_moves_when_its_holder_dies() {
         me: me.into(),
         lease: LEASE_NAME.into(),
         lease_duration: Duration::from_secs(2),
-        identity_secret: "conduit-identity".into(),
+        identity_secret: Some("conduit-identity".into()),
+        webhook: None,
     };
     let a = Controller::start_with(&kubeconfig, "lease-a", Some(singleton("a"))).await;
     let b = Controller::start_with(&kubeconfig, "lease-b", Some(singleton("b"))).await;
@@ -847,6 +848,229 @@ async fn replicas_share_one_ca_and_the_lease_moves_when_its_holder_dies() {
     alive.stop().await;
     holder(&leases, Some("c")).await;
     c.stop().await;
+    cluster.cleanup().await;
+}
+
+/// The webhook's serving certificate as the API server sees it: the MutatingWebhookConfiguration's
+/// `caBundle` for the webhook calling `service`, and the Secret's chain and key.
+async fn webhook_certificate(
+    cluster: &Cluster,
+    configuration: &str,
+    service: &str,
+) -> (Option<Vec<u8>>, Option<Secret>) {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    let bundle = configurations
+        .get(configuration)
+        .await
+        .unwrap()
+        .webhooks
+        .unwrap_or_default()
+        .into_iter()
+        .find(|w| {
+            w.client_config
+                .service
+                .as_ref()
+                .is_some_and(|s| s.name == service)
+        })
+        .and_then(|w| w.client_config.ca_bundle)
+        .map(|b| b.0);
+    let secret = cluster
+        .api::<Secret>()
+        .get_opt("conduit-webhook-tls")
+        .await
+        .unwrap();
+    (bundle, secret)
+}
+
+/// Whether the Secret holds a pair whose chain verifies for `host` against `bundle` now.
+fn trusted(secret: &Secret, bundle: &[u8], host: &str) -> bool {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let data = secret.data.clone().unwrap_or_default();
+    let (Some(crt), Some(key)) = (data.get("tls.crt"), data.get("tls.key")) else {
+        return false;
+    };
+    if rustls::pki_types::PrivateKeyDer::from_pem_slice(&key.0).is_err() {
+        return false;
+    }
+    let Ok(chain) = CertificateDer::pem_slice_iter(&crt.0).collect::<Result<Vec<_>, _>>() else {
+        return false;
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    !chain.is_empty()
+        && verifier
+            .verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &ServerName::try_from(host.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_ok()
+}
+
+/// Waits (on watches) until the webhook configuration has a `caBundle` for our webhook and the
+/// Secret holds a certificate that verifies against it for the webhook's Service name, and
+/// returns that Secret.
+async fn until_webhook_trusted(cluster: &Cluster, configuration: &str) -> Secret {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    within(
+        "the webhook's caBundle",
+        await_condition(
+            configurations,
+            configuration,
+            |c: Option<&MutatingWebhookConfiguration>| {
+                c.and_then(|c| c.webhooks.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .any(|w| w.name == "inject.conduit.io" && w.client_config.ca_bundle.is_some())
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    let (bundle, _) = webhook_certificate(cluster, configuration, "conduit-webhook").await;
+    let bundle = bundle.unwrap();
+    let host = format!("conduit-webhook.{}.svc", cluster.namespace);
+    let secret = within(
+        "the webhook's certificate",
+        await_condition(
+            cluster.api::<Secret>(),
+            "conduit-webhook-tls",
+            |s: Option<&Secret>| s.is_some_and(|s| trusted(s, &bundle, &host)),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    secret
+}
+
+/// With `--webhook-secret`, the Lease's holder issues the injecting webhook's serving
+/// certificate into a `kubernetes.io/tls` Secret and sets the webhook configuration's
+/// `caBundle` to the trust anchors (touching no other webhook); a new holder keeps a good
+/// certificate and restores a cleared `caBundle`, and replaces a Secret whose key is garbled.
+#[tokio::test]
+async fn the_lease_holder_keeps_the_webhooks_certificate() {
+    use conduit_controller::identity::TRUST_ANCHORS_FILE;
+    use conduit_controller::identity::webhook::WebhookCertificate;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let Some(kubeconfig) = kubeconfig("the_lease_holder_keeps_the_webhooks_certificate") else {
+        return;
+    };
+    let cluster = Cluster::new(&kubeconfig, "webhook-cert").await;
+    let namespace = cluster.namespace.clone();
+    let configuration = format!("conduit-proxy-injector-{namespace}");
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    // Two webhooks: ours, without a caBundle (as the chart renders it without a certificate),
+    // and another Service's, which must be left alone. Neither can ever be called: they
+    // select no namespace, and would be ignored if they were.
+    let webhook = |name: &str, service: &str| {
+        json!({
+            "name": name,
+            "clientConfig": {"service": {"name": service, "namespace": namespace, "path": "/inject", "port": 443}},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"conduit-test": "never"}},
+            "failurePolicy": "Ignore",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+        })
+    };
+    configurations
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": configuration},
+                "webhooks": [webhook("inject.conduit.io", "conduit-webhook"), webhook("other.example.com", "other")],
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let singleton = |me: &str| Singleton {
+        namespace: namespace.clone(),
+        me: me.into(),
+        lease: LEASE_NAME.into(),
+        lease_duration: Duration::from_secs(2),
+        identity_secret: Some("conduit-identity".into()),
+        webhook: Some(WebhookCertificate {
+            secret: "conduit-webhook-tls".into(),
+            configuration: configuration.clone(),
+            service: "conduit-webhook".into(),
+        }),
+    };
+
+    let a = Controller::start_with(&kubeconfig, "webhook-a", Some(singleton("a"))).await;
+    serving(&a).await;
+    let issued = until_webhook_trusted(&cluster, &configuration).await;
+    let (bundle, _) = webhook_certificate(&cluster, &configuration, "conduit-webhook").await;
+    let identity = cluster
+        .api::<Secret>()
+        .get("conduit-identity")
+        .await
+        .unwrap();
+    assert_eq!(
+        bundle.unwrap(),
+        identity.data.unwrap()[TRUST_ANCHORS_FILE].0,
+        "the caBundle is the mesh's trust anchors"
+    );
+    let (other, _) = webhook_certificate(&cluster, &configuration, "other").await;
+    assert_eq!(other, None, "another Service's webhook was touched");
+    a.stop().await;
+
+    // A new holder keeps the good certificate, and puts back a caBundle someone cleared.
+    configurations
+        .patch(
+            &configuration,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"webhooks": [{"name": "inject.conduit.io", "clientConfig": {"caBundle": null}}]})),
+        )
+        .await
+        .unwrap();
+    let b = Controller::start_with(&kubeconfig, "webhook-b", Some(singleton("b"))).await;
+    let kept = until_webhook_trusted(&cluster, &configuration).await;
+    assert_eq!(
+        kept.metadata.resource_version, issued.metadata.resource_version,
+        "a good certificate was replaced"
+    );
+    b.stop().await;
+
+    // A garbled key: the next holder issues a new pair.
+    cluster
+        .api::<Secret>()
+        .patch(
+            "conduit-webhook-tls",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"tls.key": "garbage"}})),
+        )
+        .await
+        .unwrap();
+    let c = Controller::start_with(&kubeconfig, "webhook-c", Some(singleton("c"))).await;
+    // `until_webhook_trusted` accepts only a usable key.
+    let replaced = until_webhook_trusted(&cluster, &configuration).await;
+    assert_ne!(
+        replaced.data.unwrap()["tls.crt"].0,
+        issued.data.unwrap()["tls.crt"].0
+    );
+    c.stop().await;
+    let _ = configurations
+        .delete(&configuration, &DeleteParams::default())
+        .await;
     cluster.cleanup().await;
 }
 

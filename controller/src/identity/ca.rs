@@ -161,6 +161,29 @@ pub struct Certified {
     pub valid_until: UnixTime,
 }
 
+/// A serving certificate for DNS names ([`CertificateAuthority::certify_server`]), as PEM for
+/// a `kubernetes.io/tls` Secret.
+#[derive(Clone)]
+pub struct ServerCertificate {
+    /// The chain: the leaf, then the issuer.
+    pub chain_pem: String,
+    /// The leaf's private key (PKCS#8).
+    pub key_pem: String,
+    /// The start of the leaf's validity (with the clock-skew allowance).
+    pub not_before: UnixTime,
+    /// The end of the leaf's validity.
+    pub not_after: UnixTime,
+}
+
+impl fmt::Debug for ServerCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerCertificate")
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What one poll of the issuer's files found.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -531,6 +554,83 @@ impl CertificateAuthority {
             intermediates: vec![issuer.cert.clone()],
             valid_until,
         })
+    }
+
+    /// A serving certificate for `names` (DNS names, the first also its common name) with a
+    /// fresh key, signed by the current issuer, valid for `lifetime` or until the issuer
+    /// expires, whichever comes first. For servers that are not workloads, such as the
+    /// injecting webhook, whose clients (the Kubernetes API server) trust the anchors: it is
+    /// good for server authentication only.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::Generate`] when a name is not a DNS name or the key or signature fails.
+    pub fn certify_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<ServerCertificate, CaError> {
+        let generate = |reason: String| CaError::Generate {
+            what: "a serving certificate",
+            reason,
+        };
+        let first = names
+            .first()
+            .ok_or_else(|| generate("no name to certify".into()))?;
+        let issuer = self.current_issuer();
+        let now = (self.clock)();
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(|err| generate(format!("{err}")))?;
+        params.distinguished_name = common_name(first);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial(&self.crypto)?);
+        let not_before =
+            UnixTime::from_secs(now.as_secs().saturating_sub(CLOCK_SKEW_ALLOWANCE.as_secs()));
+        let not_after = UnixTime::from_secs(now.as_secs().saturating_add(lifetime.as_secs()))
+            .min(issuer.not_after);
+        params.not_before = date(not_before).map_err(generate)?;
+        params.not_after = date(not_after).map_err(generate)?;
+        let key = generate_key("a serving certificate's key", &self.crypto)?;
+        let leaf = params
+            .signed_by(&key, &issuer.issuer)
+            .map_err(|err| generate(err.to_string()))?;
+        let issuer_pem = certificate_pem(&issuer.cert);
+        Ok(ServerCertificate {
+            chain_pem: format!("{}{issuer_pem}", leaf.pem()),
+            key_pem: key.serialize_pem(),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Whether `chain` (a leaf, then its intermediates) is good now for the server `name`
+    /// against the current trust anchors: the check a TLS client trusting them makes.
+    ///
+    /// # Errors
+    ///
+    /// Why not, for a message.
+    pub fn verify_server_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        name: &str,
+    ) -> Result<(), String> {
+        let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
+        let name = ServerName::try_from(name).map_err(|err| err.to_string())?;
+        let now = (self.clock)();
+        self.current_anchors()
+            .verifier
+            .verify_server_cert(
+                leaf,
+                intermediates,
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs())),
+            )
+            .map(|_| ())
+            .map_err(|err| err.to_string())
     }
 
     /// Reads the issuer's files and, if they changed and are good, makes them the issuer.
@@ -1326,6 +1426,21 @@ fn generate_key(what: &'static str, crypto: &Crypto) -> Result<KeyPair, CaError>
     crypto
         .new_key()
         .map_err(|reason| CaError::Generate { what, reason })
+}
+
+/// One certificate as a PEM block (RFC 7468: base64 in lines of 64 characters).
+fn certificate_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::with_capacity(text.len() + text.len() / 64 + 64);
+    pem.push_str("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        // Base64 is ASCII.
+        pem.push_str(core::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 fn common_name(name: &str) -> DistinguishedName {

@@ -26,6 +26,8 @@ const GENERALIZED_TIME: u8 = 0x18;
 /// The fields of a certificate this module reads.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct CertFields<'a> {
+    /// The start of the validity period.
+    pub(super) not_before: UnixTime,
     /// The end of the validity period.
     pub(super) not_after: UnixTime,
     /// The whole SubjectPublicKeyInfo element (tag and length included).
@@ -96,10 +98,12 @@ pub(super) fn read_certificate(der: &[u8]) -> Result<CertFields<'_>, &'static st
     let validity = expect(fields, SEQUENCE, "no validity")?;
     let not_before = element(validity.contents)?;
     let not_after = element(not_before.rest)?;
+    let not_before = time(not_before.tag, not_before.contents)?;
     let not_after = time(not_after.tag, not_after.contents)?;
     fields = expect(validity.rest, SEQUENCE, "no subject name")?.rest;
     let spki = expect(fields, SEQUENCE, "no subject public key info")?;
     Ok(CertFields {
+        not_before,
         not_after,
         spki: spki.whole,
     })

@@ -50,6 +50,7 @@ pub mod service;
 pub mod serviceaccount;
 pub mod tls;
 pub mod token;
+pub mod webhook;
 
 pub use ca::{
     AnchorsReload, CaError, CertificateAuthority, Certified, CertifyError, IssuerReload,
