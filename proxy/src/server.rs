@@ -19,6 +19,7 @@ use crate::drain::Drain;
 use crate::errors::ProxyError;
 use crate::errors::respond::encode_http1;
 use crate::exchange;
+use crate::exchange::gate::ProbeGate;
 use crate::h1::conn::Parked;
 use crate::http2::H2Service;
 use crate::identity::LocalIdentity;
@@ -174,12 +175,12 @@ fn serve_connection<N: Net>(
         let Some(detected) = detected else { return };
         // TLS is authorized once terminated (its client's identity is known then), or as the
         // opaque connection it is when passed through.
-        // A plain fn returning the boxed refusal: the denial and the connection it takes are
-        // held in the box, not in every connection's task.
+        // A plain fn returning the boxed refusal (or gated service): the denial and the
+        // connection it takes are held in the box, not in every connection's task.
         if detected != Detected::Tls
-            && let Some(refusal) = refusal(&mut conn, detected, peer, &ctx)
+            && let Some(screened) = screened(&mut conn, detected, peer, &ctx, &drain)
         {
-            refusal.await;
+            screened.await;
             return;
         }
         if detected == Detected::Http1 {
@@ -234,34 +235,65 @@ fn whole_connection<'a, N: Net>(
     }
 }
 
-/// The refusal of a connection the policy denies (taking it), or `None` when it is allowed.
-fn refusal<'a, N: Net>(
+/// The service of a plaintext connection the policy does not simply allow (taking it): its
+/// refusal, or, for HTTP under a policy that admits probes, the connection served with each
+/// request decided on its own. `None` when it is allowed.
+fn screened<'a, N: Net>(
     conn: &mut Option<Parked<CountingIo<N::Io>>>,
     detected: Detected,
     peer: IpAddr,
     ctx: &'a ServeContext<N>,
+    drain: &Drain,
 ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>> {
     let http = matches!(detected, Detected::Http1 | Detected::Http2);
-    let denied = authorize(ctx, None, peer, http).err()?;
-    let Parked { io, buf, .. } = conn.take()?;
-    Some(Box::pin(refuse(io, buf.freeze(), detected, denied, ctx)))
+    match authorize(ctx, None, peer, http) {
+        Admission::Serve => None,
+        Admission::Refuse(denied) => {
+            let Parked { io, buf, .. } = conn.take()?;
+            Some(Box::pin(refuse(io, buf.freeze(), detected, denied, ctx)))
+        }
+        Admission::Gate(gate) => {
+            let cx = Arc::new(ctx.cx.gated(gate));
+            let conn = conn.take()?;
+            Some(Box::pin(serve_gated(
+                conn,
+                detected,
+                cx,
+                ctx,
+                drain.clone(),
+            )))
+        }
+    }
+}
+
+/// What the policy makes of an inbound connection.
+#[derive(Debug)]
+enum Admission {
+    /// Served like any other.
+    Serve,
+    /// Refused: its requests (if it speaks HTTP) are answered with this error.
+    Refuse(ProxyError),
+    /// An HTTP connection the policy does not allow, under a policy that admits probes:
+    /// served, its requests decided one by one by the gate (which counts them).
+    Gate(Arc<ProbeGate>),
 }
 
 /// Authorizes an inbound connection against the local service's policy (outbound connections
-/// are the local app's own and always allowed), counting the decision.
+/// are the local app's own and always allowed), counting the decision, except for a gated
+/// connection, whose requests are counted instead.
 fn authorize<N: Net>(
     ctx: &ServeContext<N>,
     client: Option<&str>,
     peer: IpAddr,
     http: bool,
-) -> Result<(), ProxyError> {
+) -> Admission {
     use conduit_core::policy::{Client, Verdict};
     if ctx.direction() != Direction::Inbound {
-        return Ok(());
+        return Admission::Serve;
     }
     let Some(policy) = ctx.cx.local_policy() else {
         ctx.cx.metrics.authorized(http, Verdict::Allow);
-        return Ok(());
+        return Admission::Serve;
     };
     let decision = conduit_core::policy::authorize(
         &policy,
@@ -270,23 +302,53 @@ fn authorize<N: Net>(
             addr: peer,
         },
     );
-    ctx.cx.metrics.authorized(http, decision.verdict);
     let who = client.map_or_else(
         || format!("a client without identity at {peer}"),
         |id| format!("{id} at {peer}"),
     );
+    if http && decision.verdict != Verdict::Allow && policy.admits_probes() {
+        tracing::debug!(client = %who, rule = %decision.rule, "the policy does not allow this connection; deciding its requests, to admit probes");
+        return Admission::Gate(Arc::new(ProbeGate::new(policy, decision, who)));
+    }
+    ctx.cx.metrics.authorized(http, decision.verdict);
     match decision.verdict {
-        Verdict::Allow => Ok(()),
+        Verdict::Allow => Admission::Serve,
         Verdict::AuditDeny => {
             tracing::info!(client = %who, rule = %decision.rule, "the policy would deny this connection (audit only)");
-            Ok(())
+            Admission::Serve
         }
         Verdict::Deny => {
             tracing::info!(client = %who, rule = %decision.rule, "connection denied by policy");
-            Err(ProxyError::Forbidden {
-                reason: format!("{who} is not authorized ({})", decision.rule),
-            })
+            Admission::Refuse(ProbeGate::refusal(&who, decision))
         }
+    }
+}
+
+/// Serves an HTTP connection whose requests its gated request path `cx` decides one by one
+/// (the exchange answers those the policy refuses).
+async fn serve_gated<N: Net, I: Io>(
+    conn: Parked<I>,
+    detected: Detected,
+    cx: Arc<exchange::Context>,
+    ctx: &ServeContext<N>,
+    drain: Drain,
+) {
+    // Inbound: there is no original destination.
+    match detected {
+        Detected::Http1 => {
+            let mut conn = Some(conn);
+            crate::h1::conn::serve(&mut conn, &cx, &ctx.pools, &ctx.idle, drain, None).await;
+        }
+        Detected::Http2 => {
+            let Parked { io, buf, .. } = conn;
+            let h2 = Arc::new(H2Service {
+                cx,
+                pools: Arc::clone(&ctx.pools),
+            });
+            serve_h2(PrefixedIo::new(buf.freeze(), io), &h2, ctx, drain, None).await;
+        }
+        // Never gated: there is no request to decide.
+        Detected::Tls | Detected::Opaque => {}
     }
 }
 
@@ -372,8 +434,11 @@ async fn serve_tls<N: Net, I: Io>(
             sni = sni.as_deref().unwrap_or(""),
             "TLS for another name; passing it through"
         );
-        if let Err(denied) = authorize(ctx, None, peer, false) {
-            tracing::debug!(error = %denied, "closing");
+        // Opaque: never gated, so anything but a plain allow closes it.
+        if let admission @ (Admission::Refuse(_) | Admission::Gate(_)) =
+            authorize(ctx, None, peer, false)
+        {
+            tracing::debug!(?admission, "closing");
             return;
         }
         forward_opaque(io, hello, ctx, original).await;
@@ -410,7 +475,7 @@ async fn serve_tls<N: Net, I: Io>(
         "inbound mTLS accepted"
     );
     // The connection's own request path: counted under its client's identity.
-    let tls_cx = Arc::new(tls_cx.for_tls(client.as_deref().map(Arc::from)));
+    let mut tls_cx = Arc::new(tls_cx.for_tls(client.as_deref().map(Arc::from)));
     let mut conn = Some(Parked::new(tls, ctx.clock.now()));
     let detected = match conn.as_mut() {
         Some(parked) => detect_or_reject(parked, &ctx.limits).await,
@@ -418,11 +483,16 @@ async fn serve_tls<N: Net, I: Io>(
     };
     if let Some(detected) = detected {
         let http = matches!(detected, Detected::Http1 | Detected::Http2);
-        if let Err(denied) = authorize(ctx, client.as_deref(), peer, http) {
-            if let Some(Parked { io, buf, .. }) = conn.take() {
-                refuse(io, buf.freeze(), detected, denied, ctx).await;
+        match authorize(ctx, client.as_deref(), peer, http) {
+            Admission::Serve => {}
+            Admission::Refuse(denied) => {
+                if let Some(Parked { io, buf, .. }) = conn.take() {
+                    refuse(io, buf.freeze(), detected, denied, ctx).await;
+                }
+                return;
             }
-            return;
+            // Served below like any other, each request decided by the gate.
+            Admission::Gate(gate) => tls_cx = Arc::new(tls_cx.gated(gate)),
         }
     }
     match detected {

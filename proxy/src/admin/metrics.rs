@@ -639,7 +639,8 @@ impl Metrics {
     }
 
     /// Counts an inbound authorization decision for a connection (`http`: it speaks HTTP,
-    /// else opaque TCP).
+    /// else opaque TCP), or for a request on a connection the policy decides request by
+    /// request (`exchange::gate`).
     pub fn authorized(&self, http: bool, verdict: conduit_core::policy::Verdict) {
         use conduit_core::policy::Verdict;
         let i = match verdict {
@@ -766,10 +767,7 @@ impl Metrics {
         out
     }
 
-    /// Linkerd's inbound policy families (`inbound_{http,tcp}_authz_{allow,deny}_total`), plus
-    /// `..._audit_deny_total` for connections an audit-mode policy let through that it would
-    /// have refused. Counted per connection: the decision rests on the connection's identity
-    /// and address.
+    /// `tls_handshake_failures_total`, by direction and reason (only those seen).
     fn render_tls(&self, out: &mut String) {
         let name = "tls_handshake_failures_total";
         let _ = writeln!(
@@ -790,13 +788,24 @@ impl Metrics {
         }
     }
 
+    /// Linkerd's inbound policy families (`inbound_{http,tcp}_authz_{allow,deny}_total`), plus
+    /// `..._audit_deny_total` for connections an audit-mode policy let through that it would
+    /// have refused. Counted per connection: the decision rests on the connection's identity
+    /// and address. Except on a port whose policy lists probe paths: there an HTTP connection
+    /// the policy does not allow is decided request by request (a probe is allowed, anything
+    /// else keeps the connection's verdict), and each request is counted.
     fn render_authz(&self, out: &mut String) {
         for (p, protocol) in ["http", "tcp"].iter().enumerate() {
+            let per_request = if p == 0 {
+                " (requests, on a connection it does not allow on a port that admits probes)"
+            } else {
+                ""
+            };
             for (v, verdict) in ["allow", "deny", "audit_deny"].iter().enumerate() {
                 let name = format!("inbound_{protocol}_authz_{verdict}_total");
                 let _ = writeln!(
                     out,
-                    "# HELP {name} Inbound {protocol} connections the authorization policy decided {verdict}.\n# TYPE {name} counter\n{name} {}",
+                    "# HELP {name} Inbound {protocol} connections the authorization policy decided {verdict}{per_request}.\n# TYPE {name} counter\n{name} {}",
                     self.authz[p][v].load(Ordering::Relaxed)
                 );
             }

@@ -30,6 +30,11 @@
 //! 6. **answers**: every error becomes the proxy's own response (`errors::respond`), counted
 //!    and classified like any other.
 //!
+//! Before routing, a request on an inbound connection the local service's policy does not
+//! allow, served because the policy admits its app's probes, is decided on its own
+//! ([`gate`]): a probe goes on, anything else is answered 403 as the refused connection would
+//! have been.
+//!
 //! Each request gets a `request` span (debug level) carrying its authority and route.
 
 use std::future::Future;
@@ -60,6 +65,10 @@ use crate::discover::{Discover, Resolution};
 use crate::errors::ProxyError;
 use crate::fault_points::FaultPoint;
 use crate::observe::RequestKey;
+
+pub(crate) mod gate;
+
+use gate::ProbeGate;
 
 /// The `authority` label for outbound requests discovery does not know.
 const UNKNOWN_AUTHORITY: &str = "unknown";
@@ -272,6 +281,9 @@ pub(crate) struct Context {
     tls: bool,
     /// The identity the client proved over mTLS (counted as `client_id`).
     client: Option<Arc<str>>,
+    /// The connection's policy decides each request ([`gate`]): an inbound connection the
+    /// policy does not allow, admitted for its probes. `None` for every other connection.
+    gate: Option<Arc<ProbeGate>>,
 }
 
 impl Context {
@@ -289,6 +301,7 @@ impl Context {
             no_profile: Arc::new(Profile::default()),
             tls: false,
             client: None,
+            gate: None,
         }
     }
 
@@ -315,6 +328,21 @@ impl Context {
             no_profile: Arc::clone(&self.no_profile),
             tls: true,
             client,
+            gate: None,
+        }
+    }
+
+    /// The same request path for one connection whose requests `gate` decides.
+    pub(crate) fn gated(&self, gate: Arc<ProbeGate>) -> Self {
+        Self {
+            direction: self.direction,
+            metrics: Arc::clone(&self.metrics),
+            clock: self.clock,
+            target: self.target.clone(),
+            no_profile: Arc::clone(&self.no_profile),
+            tls: self.tls,
+            client: self.client.clone(),
+            gate: Some(gate),
         }
     }
 
@@ -499,12 +527,25 @@ impl<'c> Exchange<'c> {
             Target::Local { .. } => None,
         };
         let mut retries = None;
-        let (series, routed) = match cx.resolve(authority, start, original_dst).await {
-            Err((series, err)) => {
+        let resolved = cx.resolve(authority, start, original_dst).await;
+        // On a connection the policy does not allow, admitted for its probes, this request is
+        // decided on its own; every other connection pays this one branch. (Decided after the
+        // await, so that no request's future holds the answer across it.)
+        let refused = match &cx.gate {
+            None => None,
+            Some(gate) => gate.admit(&cx.metrics, head),
+        };
+        let (series, routed) = match (resolved, refused) {
+            (Err((series, err)), _) => {
                 series.request(start, None);
                 (series, Err(err))
             }
-            Ok(resolved) => {
+            // Counted under the local service, without a route: the app never sees it.
+            (Ok(resolved), Some(refused)) => {
+                resolved.series.request(start, None);
+                (resolved.series, Err(refused))
+            }
+            (Ok(resolved), None) => {
                 let matched = resolved.profile.find(head);
                 let route_label =
                     (!resolved.profile.is_empty()).then(|| Arc::clone(&matched.route().name));
