@@ -621,6 +621,93 @@ async fn authorization_policies_follow_the_api_server() {
     cluster.cleanup().await;
 }
 
+/// The kubelet's probes pass a Server that denies them: the profile an injected proxy follows
+/// for its pod's own address carries, in its policy, the paths of that pod's `httpGet` probes
+/// on the port (by name or number), and no others; the Service's own profile carries none.
+#[tokio::test]
+async fn a_pods_probe_paths_reach_the_policy_of_its_own_address() {
+    let Some(kubeconfig) = kubeconfig("a_pods_probe_paths_reach_the_policy_of_its_own_address")
+    else {
+        return;
+    };
+    let cluster = Cluster::new(&kubeconfig, "probes").await;
+    let ns = cluster.namespace.clone();
+    cluster
+        .apply::<Service>(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .await
+        .unwrap();
+    cluster
+        .apply::<Server>(json!({
+            "apiVersion": "conduit.io/v1alpha1", "kind": "Server",
+            "metadata": {"name": "web-http"},
+            "spec": {"service": "web", "port": "http", "default": "deny"},
+        }))
+        .await
+        .unwrap();
+    // An address of this run's own (see `authorization_policies_follow_the_api_server`).
+    let suffix = u32::from_str_radix(ns.rsplit('-').next().unwrap(), 16).unwrap();
+    let [_, a, b, c] = suffix.to_be_bytes();
+    let ip = format!("10.{a}.{b}.{}", c.clamp(1, 254));
+    cluster
+        .apply::<Pod>(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "labels": {"app": "web"}, "annotations": {"conduit.io/proxy-version": "test"}},
+            "spec": {"nodeName": NODE, "containers": [{
+                "name": "app", "image": "app",
+                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}, {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                "livenessProbe": {"httpGet": {"path": "/live?verbose=1", "port": 8080}},
+                "startupProbe": {"httpGet": {"path": "/started", "port": "metrics"}},
+            }]},
+        }))
+        .await
+        .unwrap();
+    let status = json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    cluster
+        .api::<Pod>()
+        .patch_status("web-1", &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+
+    let controller = Controller::start(&kubeconfig, "probes").await;
+    let probe_paths = |p: &ServerPolicy| -> Vec<String> {
+        p.probe_paths().iter().map(ToString::to_string).collect()
+    };
+    // What the pod's proxy follows: its own address, POD_IP:APP_PORT.
+    let mut pod = controller.get_profile(&format!("{ip}:8080")).await;
+    let update = until_policy(&mut pod, "the pod's probes admitted", |p| {
+        p.is_some_and(|p| {
+            p.default_policy() == DefaultPolicy::Deny && probe_paths(p) == ["/live", "/ready"]
+        })
+    })
+    .await;
+    let policy = update.profile.policy().unwrap();
+    assert!(policy.is_probe(b"GET", b"/ready"));
+    assert!(!policy.is_probe(b"POST", b"/ready"));
+    assert!(
+        !policy.is_probe(b"GET", b"/started"),
+        "another port's probe"
+    );
+    // The Service's own name: the same policy, without one pod's probes.
+    let mut service = controller
+        .get_profile(&format!("web.{ns}.svc.cluster.local:80"))
+        .await;
+    until_policy(&mut service, "denied, without probes", |p| {
+        p.is_some_and(|p| p.default_policy() == DefaultPolicy::Deny && !p.admits_probes())
+    })
+    .await;
+
+    controller.stop().await;
+    cluster.cleanup().await;
+}
+
 /// A TCP forwarder to the API server that the test can cut (every connection dropped, new ones
 /// refused) and restore: the API server going away, as the controller sees it.
 struct Forwarder {

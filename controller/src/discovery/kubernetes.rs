@@ -33,6 +33,17 @@
 //! is, ready or not) resolves too: to that one endpoint, with its Service port's profile and
 //! policy, so an injected proxy finds the policy of its own pod by its own address, and a
 //! client dialling a pod directly reaches that pod (with mTLS when it is meshed).
+//!
+//! Probes: the kubelet probes a pod in plaintext from its node, through the pod's proxy, so a
+//! port whose policy denies unauthenticated clients would fail its own pod's probes. A pod
+//! address on a governed port therefore resolves with the pod's HTTP probe paths in its policy
+//! (Linkerd authorizes them by default too): the `httpGet` liveness, readiness and startup
+//! probes of its containers whose port (a number, or the name of one of that container's
+//! ports) is the address's port, with scheme HTTP and no `host` other than the pod's address.
+//! The proxy admits `GET`/`HEAD` of exactly those paths and nothing more
+//! ([`conduit_core::policy::authorize_request`]). A path the policy cannot hold (not visible
+//! ASCII, too long, more than the policy's bound) is reported and not admitted. The Service's
+//! own name resolves without them: probes are one pod's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -44,10 +55,13 @@ use conduit_core::mesh::{
     Endpoint, Mesh, RawAuthorization, RawEndpoint, RawMesh, RawServerPolicy, RawService, Service,
     split_authority, validate_server_policy,
 };
-use conduit_core::policy::DefaultPolicy;
+use conduit_core::policy::{DefaultPolicy, MAX_PROBE_PATHS, ProbePath};
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service as KService, ServicePort};
+use k8s_openapi::api::core::v1::{
+    Container, Endpoints, HTTPGetAction, Pod, Service as KService, ServicePort,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
@@ -126,6 +140,9 @@ struct PodAddr {
     port: u16,
     /// The endpoint, as the Service's endpoints have it.
     endpoint: Endpoint,
+    /// The pod's HTTP probe paths on this port, when the Service port has a policy (sorted,
+    /// at most [`MAX_PROBE_PATHS`]).
+    probe_paths: Vec<ProbePath>,
 }
 
 /// Something in the cluster that could not be used as written, for the log.
@@ -250,6 +267,20 @@ impl KubeView {
                     endpoints_addrs(endpoints.get(&(ns, name)).copied(), port)
                 };
                 let ready: BTreeSet<SocketAddr> = addrs.ready.iter().map(|(a, _)| *a).collect();
+                let policy = policies.port_policy(ns, name, port, &mut governing, &mut problems);
+                // Each pod's probes, on a governed port only: without a policy every client,
+                // the kubelet included, is allowed.
+                let mut probes = BTreeMap::new();
+                if policy.is_some() {
+                    for (addr, pod) in addrs.ready.iter().chain(&addrs.not_ready) {
+                        if let Some(pod) = pod.and_then(|p| pods.get(&(ns, p)).copied()) {
+                            let paths = pod_probe_paths(pod, *addr, &mut problems);
+                            if !paths.is_empty() {
+                                probes.insert(*addr, paths);
+                            }
+                        }
+                    }
+                }
                 let raw_endpoints = addrs
                     .ready
                     .into_iter()
@@ -267,7 +298,7 @@ impl KubeView {
                 let mut raw = profile.map_or_else(RawService::default, |p| p.spec.to_raw(number));
                 raw.port = Some(number);
                 raw.endpoints = raw_endpoints;
-                raw.policy = policies.port_policy(ns, name, port, &mut governing, &mut problems);
+                raw.policy = policy;
                 let validated = match validate(&mesh_name, raw.clone()) {
                     Ok(service) => Some(service),
                     Err(reason) if profile.is_some() => {
@@ -299,7 +330,7 @@ impl KubeView {
                 if let Some(service) = validated {
                     let (service, all) = only_ready(&service, &ready);
                     let rank = (ns.to_ascii_lowercase(), name.to_ascii_lowercase(), index);
-                    view.add_pod_addrs(&rank, number, all);
+                    view.add_pod_addrs(&rank, number, all, &mut probes);
                     built.push(service);
                 }
             }
@@ -654,6 +685,109 @@ fn raw_endpoint(addr: SocketAddr, pod: Option<&Pod>, cluster_domain: &str) -> Ra
     endpoint
 }
 
+/// The paths of `pod`'s HTTP probes that the kubelet sends to `addr` (through the pod's
+/// proxy): the `httpGet` liveness, readiness and startup probes of its containers (and of its
+/// sidecar init containers) whose port is `addr`'s, by number or by the name of one of that
+/// container's ports; not those over HTTPS (TLS the proxy cannot look into) or to another
+/// `host`. A path is as the kubelet requests it: `/` when empty, with a `/` put first when it
+/// has none. Sorted, once each, at most [`MAX_PROBE_PATHS`]; a path a policy cannot hold, and
+/// those past the bound, are reported in `problems` and left out (their probes then fail
+/// under a policy that denies the kubelet, as they did before probes were admitted).
+fn pod_probe_paths(pod: &Pod, addr: SocketAddr, problems: &mut Vec<Problem>) -> Vec<ProbePath> {
+    let Some(spec) = &pod.spec else {
+        return Vec::new();
+    };
+    let object = || {
+        format!(
+            "Pod {}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or(""),
+            pod.metadata.name.as_deref().unwrap_or("")
+        )
+    };
+    let containers = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.containers[{i}]"), c))
+        .chain(
+            spec.init_containers
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| (format!("spec.initContainers[{i}]"), c)),
+        );
+    let mut paths = BTreeSet::new();
+    for (field, container) in containers {
+        let probes = [
+            ("livenessProbe", &container.liveness_probe),
+            ("readinessProbe", &container.readiness_probe),
+            ("startupProbe", &container.startup_probe),
+        ];
+        for (kind, probe) in probes {
+            let Some(get) = probe.as_ref().and_then(|p| p.http_get.as_ref()) else {
+                continue;
+            };
+            if !probes_addr(get, container, addr) {
+                continue;
+            }
+            let path = get.path.as_deref().unwrap_or("");
+            let path = if path.starts_with('/') {
+                path.to_owned()
+            } else {
+                format!("/{path}")
+            };
+            match ProbePath::parse(&path) {
+                Ok(path) => {
+                    paths.insert(path);
+                }
+                Err(reason) => problems.push(Problem {
+                    object: object(),
+                    reason: format!(
+                        "{field}.{kind}.httpGet.path: {reason}; the proxy does not admit this \
+                         probe past a policy that denies the kubelet"
+                    ),
+                }),
+            }
+        }
+    }
+    if paths.len() > MAX_PROBE_PATHS {
+        problems.push(Problem {
+            object: object(),
+            reason: format!(
+                "{} HTTP probe paths on port {}, above the {MAX_PROBE_PATHS} a policy admits; \
+                 only the first {MAX_PROBE_PATHS} in byte order are admitted",
+                paths.len(),
+                addr.port()
+            ),
+        });
+    }
+    paths.into_iter().take(MAX_PROBE_PATHS).collect()
+}
+
+/// Whether the kubelet sends an `httpGet` probe of `container` to `addr` in plaintext.
+fn probes_addr(get: &HTTPGetAction, container: &Container, addr: SocketAddr) -> bool {
+    let port = match &get.port {
+        IntOrString::Int(number) => Some(*number),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map(|p| p.container_port),
+    };
+    let https = get
+        .scheme
+        .as_deref()
+        .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
+    // The kubelet sends to `host` when set (the pod's IP otherwise).
+    let elsewhere = get
+        .host
+        .as_deref()
+        .filter(|h| !h.is_empty())
+        .is_some_and(|h| h.parse::<IpAddr>().ok() != Some(addr.ip()));
+    port == Some(i32::from(addr.port())) && !https && !elsewhere
+}
+
 /// Whether an endpoint port serves a Service port: the same name (Kubernetes names every
 /// port of a multi-port Service, and the endpoints controllers copy the name).
 fn same_port_name(endpoint_port: Option<&str>, service: &ServicePort) -> bool {
@@ -774,33 +908,38 @@ fn only_ready(service: &Service, ready: &BTreeSet<SocketAddr>) -> (Arc<Service>,
 }
 
 impl KubeView {
-    /// Records the endpoint addresses of a Service port, unless a Service port that ranks
-    /// first already has them.
-    fn add_pod_addrs(&mut self, rank: &(String, String, usize), port: u16, all: Vec<Endpoint>) {
+    /// Records the endpoint addresses of a Service port, with their pods' probe paths (taken
+    /// from `probes`), unless a Service port that ranks first already has them.
+    fn add_pod_addrs(
+        &mut self,
+        rank: &(String, String, usize),
+        port: u16,
+        all: Vec<Endpoint>,
+        probes: &mut BTreeMap<SocketAddr, Vec<ProbePath>>,
+    ) {
         for endpoint in all {
-            match self.pod_addrs.entry(endpoint.addr) {
+            let probe_paths = probes.remove(&endpoint.addr).unwrap_or_default();
+            let found = PodAddr {
+                rank: rank.clone(),
+                port,
+                endpoint,
+                probe_paths,
+            };
+            match self.pod_addrs.entry(found.endpoint.addr) {
                 std::collections::btree_map::Entry::Occupied(mut entry) => {
                     if *rank < entry.get().rank {
-                        entry.insert(PodAddr {
-                            rank: rank.clone(),
-                            port,
-                            endpoint,
-                        });
+                        entry.insert(found);
                     }
                 }
                 std::collections::btree_map::Entry::Vacant(entry) => {
-                    entry.insert(PodAddr {
-                        rank: rank.clone(),
-                        port,
-                        endpoint,
-                    });
+                    entry.insert(found);
                 }
             }
         }
     }
 
     /// The service a pod address resolves to: its one endpoint, with the profile (and policy)
-    /// of the Service port whose endpoints include it.
+    /// of the Service port whose endpoints include it, the policy admitting the pod's probes.
     fn pod_addr(&self, addr: SocketAddr) -> Option<Arc<Service>> {
         let found = self.pod_addrs.get(&addr)?;
         let (namespace, name, _) = &found.rank;
@@ -810,11 +949,19 @@ impl KubeView {
             .get(name)?
             .iter()
             .find(|s| s.port == found.port)?;
+        let mut profile = service.profile.clone();
+        if let Some(policy) = profile.policy().filter(|_| !found.probe_paths.is_empty()) {
+            // Within the bound (checked when the view was built); were it not, the port keeps
+            // its policy without probes rather than fail open.
+            if let Ok(policy) = policy.clone().with_probe_paths(found.probe_paths.clone()) {
+                profile = profile.with_policy(Some(policy));
+            }
+        }
         Some(Arc::new(Service {
             name: service.name.clone(),
             port: service.port,
             endpoints: vec![found.endpoint.clone()],
-            profile: service.profile.clone(),
+            profile,
         }))
     }
 }
@@ -1714,6 +1861,135 @@ mod tests {
             // Pod addresses are not services of their own.
             assert_eq!(view.len(), 3);
         }
+    }
+
+    /// Pod `web-1` (at 10.0.0.1 in [`endpoints`]) with probes of every kind: those the
+    /// kubelet sends to 8080 in plaintext are `/ready` (by port name), `/live` (by number,
+    /// written without `/` and with a query) and `/sidecar` (a sidecar init container's).
+    fn probed_pod(extra: serde_json::Value) -> Arc<Pod> {
+        let get =
+            |path: &str, port: serde_json::Value| json!({"httpGet": {"path": path, "port": port}});
+        let mut containers = vec![
+            json!({"name": "app", "ports": [{"name": "web", "containerPort": 8080}, {"name": "metrics", "containerPort": 9090}],
+                "readinessProbe": get("/ready", json!("web")),
+                "livenessProbe": get("live?verbose=1", json!(8080)),
+                "startupProbe": get("/started", json!(9090))}),
+            json!({"name": "side", "ports": [{"name": "web", "containerPort": 7000}],
+                "readinessProbe": get("/side", json!("web")),
+                "livenessProbe": {"httpGet": {"path": "/tls", "port": 8080, "scheme": "HTTPS"}},
+                "startupProbe": {"httpGet": {"path": "/elsewhere", "port": 8080, "host": "10.9.9.9"}}}),
+            json!({"name": "other", "readinessProbe": {"tcpSocket": {"port": 8080}},
+                "livenessProbe": {"exec": {"command": ["true"]}},
+                "startupProbe": {"httpGet": {"path": "/ready", "port": 8080, "host": "10.0.0.1"}}}),
+        ];
+        if let serde_json::Value::Array(more) = extra {
+            containers.extend(more);
+        }
+        object(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "annotations": {PROXY_VERSION_ANNOTATION: "v1"}},
+            "spec": {
+                "containers": containers,
+                "initContainers": [{"name": "sidecar", "restartPolicy": "Always",
+                    "readinessProbe": get("/sidecar", json!(8080))}],
+            },
+        }))
+    }
+
+    fn probe_paths(view: &KubeView, authority: &str) -> Option<Vec<String>> {
+        let policy = policy_of(view, authority)?;
+        Some(
+            policy
+                .probe_paths()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_pod_address_on_a_governed_port_admits_the_pods_probes_on_that_port() {
+        let objects = Objects {
+            pods: vec![probed_pod(json!([])), pod("web-2", false)],
+            servers: vec![server("web", json!({"service": "web", "port": "http"}))],
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        assert_eq!(
+            probe_paths(&view, "10.0.0.1:8080"),
+            Some(vec!["/live".into(), "/ready".into(), "/sidecar".into()])
+        );
+        let policy = policy_of(&view, "10.0.0.1:8080").expect("governed");
+        assert_eq!(policy.default_policy(), DefaultPolicy::Deny);
+        assert!(policy.is_probe(b"GET", b"/ready"));
+        assert!(
+            !policy.is_probe(b"GET", b"/started"),
+            "another port's probe"
+        );
+        // The Service's name, and another pod of it, have none: probes are one pod's.
+        assert_eq!(probe_paths(&view, "web.shop:80"), Some(vec![]));
+        assert_eq!(probe_paths(&view, "10.0.0.2:8080"), Some(vec![]));
+        // A port without a Server has no policy to add them to.
+        assert_eq!(probe_paths(&view, "10.0.0.1:9090"), None);
+
+        // A Server for every port: each port gets the probes sent to it.
+        let objects = Objects {
+            servers: vec![server("web", json!({"service": "web"}))],
+            ..objects
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(problems, []);
+        assert_eq!(
+            probe_paths(&view, "10.0.0.1:9090"),
+            Some(vec!["/started".into()])
+        );
+
+        // No Server: no policy at all.
+        let objects = Objects {
+            servers: vec![],
+            ..objects
+        };
+        let (view, _) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        assert_eq!(probe_paths(&view, "10.0.0.1:8080"), None);
+    }
+
+    #[test]
+    fn probe_paths_a_policy_cannot_hold_are_reported_and_left_out() {
+        let get = |path: String| json!({"httpGet": {"path": path, "port": 8080}});
+        let mut extra = vec![json!({"name": "bad", "readinessProbe": get("/a b".into())})];
+        // Enough containers for more distinct paths than a policy holds.
+        for i in 0..6 {
+            extra.push(json!({"name": format!("c{i}"),
+                "readinessProbe": get(format!("/r{i}")),
+                "livenessProbe": get(format!("/l{i}")),
+                "startupProbe": get(format!("/s{i}"))}));
+        }
+        let objects = Objects {
+            pods: vec![
+                probed_pod(serde_json::Value::Array(extra)),
+                pod("web-2", false),
+            ],
+            servers: vec![server("web", json!({"service": "web", "port": 80}))],
+            ..objects()
+        };
+        let (view, problems) = KubeView::build(&objects, DEFAULT_CLUSTER_DOMAIN);
+        let got: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("Pod shop/web-1: spec.containers[3].readinessProbe.httpGet.path: "),
+            "{}",
+            got[0]
+        );
+        assert!(
+            got[1].starts_with(&format!(
+                "Pod shop/web-1: 21 HTTP probe paths on port 8080, above the {MAX_PROBE_PATHS}"
+            )),
+            "{}",
+            got[1]
+        );
+        let paths = probe_paths(&view, "10.0.0.1:8080").expect("governed");
+        assert_eq!(paths.len(), MAX_PROBE_PATHS);
+        assert_eq!(paths[0], "/l0", "the first in byte order");
     }
 
     #[test]
