@@ -204,7 +204,28 @@ impl MalformedMessage {
     /// The stream error a malformed message is (§8.1.1).
     #[must_use]
     pub fn into_error(self, stream_id: StreamId) -> Error {
-        Error::stream(stream_id, ErrorCode::PROTOCOL_ERROR, "malformed message")
+        Error::stream(stream_id, ErrorCode::PROTOCOL_ERROR, self.reason())
+    }
+
+    /// What is wrong, without the field's name (see `Display` for that).
+    #[must_use]
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::UppercaseName => "malformed message: uppercase header field name",
+            Self::InvalidName => "malformed message: invalid header field name",
+            Self::InvalidValue => "malformed message: invalid header field value",
+            Self::PseudoAfterRegular(_) => "malformed message: pseudo-header after a regular field",
+            Self::UnknownPseudo => "malformed message: unknown pseudo-header field",
+            Self::PseudoNotAllowed(_) => "malformed message: pseudo-header field not allowed",
+            Self::DuplicatePseudo(_) => "malformed message: duplicate pseudo-header field",
+            Self::MissingPseudo(_) => "malformed message: missing pseudo-header field",
+            Self::ConnectionSpecific(_) => "malformed message: connection-specific header field",
+            Self::TeNotTrailers => "malformed message: te other than trailers",
+            Self::InvalidPath => "malformed message: invalid :path",
+            Self::InvalidAuthority => "malformed message: invalid :authority",
+            Self::InvalidStatus => "malformed message: invalid :status",
+            Self::EmptyPseudo(_) => "malformed message: empty pseudo-header field",
+        }
     }
 }
 
