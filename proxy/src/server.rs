@@ -173,6 +173,24 @@ fn serve_connection<N: Net>(
             None => return,
         };
         let Some(detected) = detected else { return };
+        // Inbound, before discovery's first answer for the local service: its policy is not
+        // known, so the connection waits for it (boxed: nearly always there is no wait).
+        if let Some(known) = ctx.cx.until_local_known()
+            && !Box::pin(known).await
+        {
+            if let Some(Parked { io, buf, .. }) = conn.take() {
+                let err = ProxyError::Unavailable {
+                    reason: "the local service's authorization policy is not known yet \
+                             (discovery has not answered within the fail-fast timeout)"
+                        .into(),
+                };
+                tracing::info!(
+                    "connection refused: discovery has not answered for the local service, so its policy is unknown"
+                );
+                Box::pin(refuse(io, buf.freeze(), detected, err, &ctx)).await;
+            }
+            return;
+        }
         // TLS is authorized once terminated (its client's identity is known then), or as the
         // opaque connection it is when passed through.
         // A plain fn returning the boxed refusal (or gated service): the denial and the

@@ -15,7 +15,9 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
+use conduit_proxy::{Addrs, Discover, Proxy, Resolution, TokioNet};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use support::*;
@@ -355,6 +357,109 @@ async fn an_allowed_client_reaches_every_path_and_audit_lets_everything_through(
                 Some(2),
                 "{metrics}"
             );
+        }
+    })
+    .await;
+}
+
+/// Discovery that answers only when the test says: `publish` hands every follower of an
+/// authority its resolution.
+#[derive(Debug, Default)]
+struct Held(std::sync::Mutex<Vec<(String, tokio::sync::watch::Sender<Resolution>)>>);
+
+impl Held {
+    fn following(&self, authority: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|(a, _)| a == authority)
+    }
+
+    fn publish(&self, authority: &str, resolution: &Resolution) {
+        for (followed, tx) in self.0.lock().unwrap().iter() {
+            if followed == authority {
+                tx.send_replace(resolution.clone());
+            }
+        }
+    }
+}
+
+impl Discover for Held {
+    fn resolve(&self, authority: &str) -> tokio::sync::watch::Receiver<Resolution> {
+        let (tx, rx) = tokio::sync::watch::channel(Resolution::Unknown);
+        self.0.lock().unwrap().push((authority.to_owned(), tx));
+        rx
+    }
+}
+
+async fn start_held(config: conduit_proxy::config::ProxyConfig, held: &Arc<Held>) -> Addrs {
+    let proxy = Proxy::bind(config, TokioNet).await.unwrap();
+    let addrs = proxy.addrs();
+    let discovery = Arc::clone(held);
+    tokio::spawn(async move {
+        proxy
+            .serve(discovery, 7, std::future::pending())
+            .await
+            .unwrap();
+    });
+    addrs
+}
+
+/// Before discovery has answered for the local service its policy is unknown: a connection
+/// waits for the answer and is then decided by it (here refused), and one that the answer
+/// does not reach within the fail-fast timeout is refused with 503 saying why. The app sees
+/// neither.
+#[tokio::test]
+async fn no_connection_is_served_before_the_local_policy_is_known() {
+    bounded(async {
+        for engine in ENGINES {
+            let (app, seen) = app(engine).await;
+            let mut config = config();
+            config.app_addr = Some(app);
+            config.service = Some("web.test".into());
+            config.queue.failfast_timeout = Duration::from_millis(200);
+            let held = Arc::new(Held::default());
+            let addrs = start_held(config.clone(), &held).await;
+            let inbound = addrs.inbound.unwrap();
+            let response = send(engine, inbound, &Method::GET, "/").await;
+            assert_eq!(
+                response.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{engine:?}"
+            );
+            let reason = response.headers()[ERROR_HEADER].to_str().unwrap();
+            assert!(
+                reason.contains("authorization policy is not known yet"),
+                "{engine:?}: {reason}"
+            );
+
+            // A connection that arrives first waits for the answer, which decides it.
+            config.queue.failfast_timeout = Duration::from_secs(20);
+            let held = Arc::new(Held::default());
+            let addrs = start_held(config, &held).await;
+            let inbound = addrs.inbound.unwrap();
+            while !held.following("web.test") {
+                tokio::task::yield_now().await;
+            }
+            let waiting = tokio::spawn(send(engine, inbound, &Method::GET, "/"));
+            // Accepted, and held: the proxy counts the open connection.
+            let open = "tcp_open_connections{direction=\"inbound\"";
+            while !scrape(addrs.admin)
+                .await
+                .lines()
+                .any(|l| l.starts_with(open) && l.ends_with(" 1"))
+            {
+                tokio::task::yield_now().await;
+            }
+            let mesh = mesh_with_policy(app, "      default: deny\n");
+            let service = Arc::new(mesh.service("web.test").unwrap().clone());
+            held.publish(
+                "web.test",
+                &Resolution::Service {
+                    version: 1,
+                    service,
+                },
+            );
+            let response = waiting.await.unwrap();
+            assert!(refused(&response), "{engine:?}: {response:?}");
+            assert_eq!(seen.load(Ordering::SeqCst), 0, "{engine:?}");
         }
     })
     .await;

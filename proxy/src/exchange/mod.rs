@@ -40,6 +40,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use conduit_core::balance::{InFlight, Picked};
 use conduit_core::classify::Reason;
@@ -251,7 +252,13 @@ pub(crate) enum Target {
     /// Always the local app (inbound), under the local service's profile when known.
     Local {
         app: SocketAddr,
+        /// The local service as discovery describes it: `None` until discovery has answered
+        /// (then always `Some`, a service discovery does not know having no profile or
+        /// policy).
         service: Option<watch::Receiver<Option<Arc<LocalService>>>>,
+        /// How long a connection that arrives before that answer waits for it (the
+        /// fail-fast timeout) before it is refused: its policy is not known yet.
+        wait: Duration,
         /// The `authority` label while the local service is not resolved: its configured
         /// name, else the app's address. Never the client's `Host`, which a peer could vary
         /// to add series.
@@ -317,6 +324,33 @@ impl Context {
         }
     }
 
+    /// While discovery has not answered for the local service (inbound, with one configured):
+    /// a future that says, within the fail-fast timeout, whether it has; a connection must
+    /// not be served before the policy that decides it is known. `None` when there is
+    /// nothing to wait for, as nearly always: no future is built.
+    pub(crate) fn until_local_known(
+        &self,
+    ) -> Option<impl Future<Output = bool> + Send + 'static + use<>> {
+        let Target::Local {
+            service: Some(service),
+            wait,
+            ..
+        } = &self.target
+        else {
+            return None;
+        };
+        if service.borrow().is_some() {
+            return None;
+        }
+        let (mut service, wait) = (service.clone(), *wait);
+        Some(async move {
+            matches!(
+                tokio::time::timeout(wait, service.wait_for(Option::is_some)).await,
+                Ok(Ok(_))
+            )
+        })
+    }
+
     /// The same request path for requests that arrive over mTLS from `client` (the identity
     /// it proved, if its certificate names one).
     pub(crate) fn for_tls(&self, client: Option<Arc<str>>) -> Self {
@@ -353,18 +387,24 @@ impl Context {
         discovery: &dyn Discover,
         authority: &str,
     ) -> watch::Receiver<Option<Arc<LocalService>>> {
-        fn local(resolution: &Resolution) -> Option<Arc<LocalService>> {
+        fn local(resolution: &Resolution, authority: &str) -> Option<Arc<LocalService>> {
             match resolution {
                 Resolution::Service { service, .. } => Some(Arc::new(LocalService {
                     label: Arc::from(format!("{}:{}", service.name, service.port)),
                     profile: Arc::new(service.profile.clone()),
                     policy: service.profile.policy().cloned().map(Arc::new),
                 })),
-                Resolution::Unknown | Resolution::NotFound => None,
+                // No such service: known to have no profile and no policy.
+                Resolution::NotFound => Some(Arc::new(LocalService {
+                    label: Arc::from(authority),
+                    profile: Arc::new(Profile::default()),
+                    policy: None,
+                })),
+                Resolution::Unknown => None,
             }
         }
         let mut resolutions = discovery.resolve(authority);
-        let (tx, rx) = watch::channel(local(&resolutions.borrow_and_update()));
+        let (tx, rx) = watch::channel(local(&resolutions.borrow_and_update(), authority));
         let authority = authority.to_owned();
         tokio::spawn(async move {
             loop {
@@ -376,7 +416,7 @@ impl Context {
                     },
                     () = tx.closed() => return,
                 }
-                let next = local(&resolutions.borrow_and_update());
+                let next = local(&resolutions.borrow_and_update(), &authority);
                 tracing::debug!(service = %authority, known = next.is_some(), "local service updated");
                 tx.send_replace(next);
             }
@@ -409,6 +449,7 @@ impl Context {
                     app,
                     service,
                     label,
+                    ..
                 },
                 _,
             ) => {
@@ -862,7 +903,7 @@ impl<'c> Exchange<'c> {
         routed: &Routed,
         engine: &mut E,
         now: Instant,
-    ) -> Option<(E::Copy, std::time::Duration)> {
+    ) -> Option<(E::Copy, Duration)> {
         let route = routed.route?;
         let hedge = routed
             .profile
@@ -999,7 +1040,7 @@ impl<'c> Exchange<'c> {
         &self,
         routed: &Routed,
         copy: &C,
-        delay: std::time::Duration,
+        delay: Duration,
         retries: &mut Retries,
         out: &mut Hedges<C::Response>,
         first: SocketAddr,
@@ -1193,7 +1234,7 @@ impl<'c> Exchange<'c> {
         sent: &Sent<E::Response>,
         addr: SocketAddr,
         in_flight: Option<&InFlight>,
-    ) -> Option<(std::time::Duration, conduit_core::classify::Outcome)> {
+    ) -> Option<(Duration, conduit_core::classify::Outcome)> {
         retries.as_ref()?;
         let routed = self.routed.as_ref().ok()?;
         let facts = engine.facts(&sent.response);
@@ -1233,7 +1274,7 @@ impl<'c> Exchange<'c> {
         replayable: bool,
         addr: SocketAddr,
         error: &ProxyError,
-    ) -> Option<std::time::Duration> {
+    ) -> Option<Duration> {
         retries.as_ref()?;
         let routed = self.routed.as_ref().ok()?;
         let route = routed.route_label.clone()?;
@@ -1263,7 +1304,7 @@ impl<'c> Exchange<'c> {
         now: Instant,
         replayable: bool,
         reason: Reason,
-    ) -> Option<std::time::Duration> {
+    ) -> Option<Duration> {
         let retries = retries.as_mut()?;
         let routed = self.routed.as_ref().ok()?;
         let (service, index, route) = (
@@ -1296,7 +1337,7 @@ impl<'c> Exchange<'c> {
 
     /// Waits out a retry's backoff; returns when it ended. The decision made sure the
     /// request's deadline is later.
-    async fn backoff(&self, after: std::time::Duration) -> Instant {
+    async fn backoff(&self, after: Duration) -> Instant {
         let clock = self.cx.clock;
         if !after.is_zero() {
             clock.sleep_until(clock.now() + after).await;
@@ -1518,7 +1559,7 @@ struct Contender {
 struct Race<'r, C> {
     routed: &'r Routed,
     copy: C,
-    delay: std::time::Duration,
+    delay: Duration,
     retries: &'r mut Retries,
 }
 
@@ -1688,7 +1729,7 @@ impl Settle {
             .deadline()
             .and_then(|d| self.deadlines.expiry(d))
             .unwrap_or(Expiry::Request {
-                timeout: std::time::Duration::ZERO,
+                timeout: Duration::ZERO,
                 propagated: false,
             });
         expired(expiry, None)

@@ -57,6 +57,7 @@ pub(crate) fn context<N: Net>(
             app,
             service,
             label,
+            wait: config.queue.failfast_timeout,
         },
     );
     Arc::new(ServeContext::new(
