@@ -177,8 +177,11 @@ kube_stop() {
 trap kube_stop EXIT
 
 # Free disk space where the builds go, printed so a run that dies of a full disk says so early.
+# Never fails: the target directory may not exist yet.
 disk_free() {
-    df -h "${CARGO_TARGET_DIR:-.}" | tail -n 1
+    local dir=${CARGO_TARGET_DIR:-.}
+    [[ -d $dir ]] || dir=.
+    df -h "$dir" | tail -n 1 || true
 }
 
 total=$SECONDS
