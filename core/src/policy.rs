@@ -567,7 +567,7 @@ impl ServerPolicy {
     }
 
     /// Whether a request with `method` and `path` (without its query, as
-    /// [`RequestView::path`](crate::route::RequestView::path) gives it) is one of the
+    /// the route module's `RequestView::path` gives it) is one of the
     /// policy's probes: `GET` or `HEAD` (methods are case-sensitive), and the path byte for
     /// byte one of [`probe_paths`](Self::probe_paths).
     #[must_use]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::frame::StreamId;
+use crate::id::StreamId;
 
 /// An HTTP/2 error code (RFC 9113 §7), as carried by `RST_STREAM` and `GOAWAY`.
 ///

@@ -16,6 +16,7 @@ use std::fmt;
 use bytes::BufMut;
 
 use crate::error::{Error, ErrorCode};
+pub use crate::id::StreamId;
 
 /// What a client sends first (RFC 9113 §3.4), before its SETTINGS frame.
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -71,53 +72,6 @@ pub mod flag {
     pub const PADDED: u8 = 0x8;
     /// HEADERS: a stream dependency and weight precede the fragment.
     pub const PRIORITY: u8 = 0x20;
-}
-
-/// A stream identifier: 31 bits (the reserved high bit is dropped on receipt, §4.1).
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StreamId(u32);
-
-impl StreamId {
-    /// Stream 0: the connection itself.
-    pub const ZERO: Self = Self(0);
-    /// The largest stream identifier.
-    pub const MAX: Self = Self(MAX_WINDOW_SIZE);
-
-    /// The identifier in the low 31 bits of `value`.
-    #[must_use]
-    pub const fn new(value: u32) -> Self {
-        Self(value & MAX_WINDOW_SIZE)
-    }
-
-    /// The identifier as a number.
-    #[must_use]
-    pub const fn value(self) -> u32 {
-        self.0
-    }
-
-    /// Whether this is stream 0.
-    #[must_use]
-    pub const fn is_zero(self) -> bool {
-        self.0 == 0
-    }
-
-    /// Whether a client opened it (odd identifiers, §5.1.1).
-    #[must_use]
-    pub const fn is_client_initiated(self) -> bool {
-        self.0 % 2 == 1
-    }
-}
-
-impl fmt::Debug for StreamId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StreamId({})", self.0)
-    }
-}
-
-impl From<u32> for StreamId {
-    fn from(value: u32) -> Self {
-        Self::new(value)
-    }
 }
 
 /// The 9-byte header of every frame (§4.1).

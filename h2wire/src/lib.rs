@@ -146,6 +146,7 @@ pub mod block;
 pub mod error;
 pub mod frame;
 pub mod hpack;
+mod id;
 pub mod message;
 
 pub use error::{Error, ErrorCode};

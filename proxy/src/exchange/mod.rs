@@ -276,7 +276,7 @@ pub(crate) struct LocalService {
 }
 
 /// One direction's request path: where requests go and where they are counted.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Context {
     pub(crate) direction: Direction,
     pub(crate) metrics: Arc<Metrics>,
@@ -355,28 +355,18 @@ impl Context {
     /// it proved, if its certificate names one).
     pub(crate) fn for_tls(&self, client: Option<Arc<str>>) -> Self {
         Self {
-            direction: self.direction,
-            metrics: Arc::clone(&self.metrics),
-            clock: self.clock,
-            target: self.target.clone(),
-            no_profile: Arc::clone(&self.no_profile),
             tls: true,
             client,
             gate: None,
+            ..self.clone()
         }
     }
 
     /// The same request path for one connection whose requests `gate` decides.
     pub(crate) fn gated(&self, gate: Arc<ProbeGate>) -> Self {
         Self {
-            direction: self.direction,
-            metrics: Arc::clone(&self.metrics),
-            clock: self.clock,
-            target: self.target.clone(),
-            no_profile: Arc::clone(&self.no_profile),
-            tls: self.tls,
-            client: self.client.clone(),
             gate: Some(gate),
+            ..self.clone()
         }
     }
 
