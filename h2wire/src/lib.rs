@@ -143,6 +143,7 @@
 #![deny(missing_docs)]
 
 pub mod block;
+pub mod conn;
 pub mod error;
 pub mod frame;
 pub mod hpack;

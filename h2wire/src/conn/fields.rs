@@ -1,0 +1,201 @@
+//! A decoded header list, owned: one buffer for every name and value, so that values can be
+//! handed on as slices of it without a copy each.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::hpack::Field;
+use crate::message::{FieldChecker, FieldKind, MalformedMessage, MessageKind, Pseudo};
+
+/// One field's place in the buffer: its name, then its value right after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Place {
+    start: u32,
+    name_end: u32,
+    end: u32,
+}
+
+impl Place {
+    fn name(self) -> Range<usize> {
+        self.start as usize..self.name_end as usize
+    }
+
+    fn value(self) -> Range<usize> {
+        self.name_end as usize..self.end as usize
+    }
+}
+
+/// The fields of one header block (a request's or response's head, or trailers), checked
+/// (RFC 9113 §8.2, §8.3): pseudo-header fields by name, then the regular fields in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderList {
+    buf: Bytes,
+    /// `:method`, `:scheme`, `:authority`, `:path`, `:status`.
+    pseudo: [Option<Place>; 5],
+    regular: Vec<Place>,
+    sensitive: Vec<bool>,
+    content_length: Option<u64>,
+}
+
+fn pseudo_index(pseudo: Pseudo) -> usize {
+    match pseudo {
+        Pseudo::Method => 0,
+        Pseudo::Scheme => 1,
+        Pseudo::Authority => 2,
+        Pseudo::Path => 3,
+        Pseudo::Status => 4,
+    }
+}
+
+impl HeaderList {
+    fn pseudo(&self, pseudo: Pseudo) -> Option<&[u8]> {
+        let place = (*self.pseudo.get(pseudo_index(pseudo))?)?;
+        self.buf.get(place.value())
+    }
+
+    /// `:method`.
+    #[must_use]
+    pub fn method(&self) -> Option<&[u8]> {
+        self.pseudo(Pseudo::Method)
+    }
+
+    /// `:scheme`.
+    #[must_use]
+    pub fn scheme(&self) -> Option<&[u8]> {
+        self.pseudo(Pseudo::Scheme)
+    }
+
+    /// `:authority`.
+    #[must_use]
+    pub fn authority(&self) -> Option<&[u8]> {
+        self.pseudo(Pseudo::Authority)
+    }
+
+    /// `:path`.
+    #[must_use]
+    pub fn path(&self) -> Option<&[u8]> {
+        self.pseudo(Pseudo::Path)
+    }
+
+    /// `:status`, as a number.
+    #[must_use]
+    pub fn status(&self) -> Option<u16> {
+        let value = self.pseudo(Pseudo::Status)?;
+        std::str::from_utf8(value).ok()?.parse().ok()
+    }
+
+    /// `content-length`, when present (every copy of it agreed).
+    #[must_use]
+    pub fn content_length(&self) -> Option<u64> {
+        self.content_length
+    }
+
+    /// How many regular fields there are.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.regular.len()
+    }
+
+    /// Whether there are no regular fields.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.regular.is_empty()
+    }
+
+    /// The regular fields in order: name (lower case, checked), value (as a slice of the
+    /// list's buffer: no copy), and whether the peer marked it never-indexed.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Bytes, bool)> + '_ {
+        self.regular
+            .iter()
+            .zip(self.sensitive.iter())
+            .map(|(place, &sensitive)| {
+                let name = self.buf.get(place.name()).unwrap_or_default();
+                (name, self.buf.slice(place.value()), sensitive)
+            })
+    }
+}
+
+/// Collects a block's fields into a [`HeaderList`] as the decoder lends them, checking each.
+pub(crate) struct Collector {
+    checker: FieldChecker,
+    buf: BytesMut,
+    list: HeaderList,
+    pub(crate) malformed: Option<MalformedMessage>,
+}
+
+impl Collector {
+    pub(crate) fn new(kind: MessageKind, block_len: usize) -> Self {
+        Self {
+            checker: FieldChecker::new(kind),
+            buf: BytesMut::with_capacity(block_len.saturating_mul(2).saturating_add(32)),
+            list: HeaderList::default(),
+            malformed: None,
+        }
+    }
+
+    pub(crate) fn field(&mut self, field: Field<'_>) {
+        if self.malformed.is_some() {
+            return;
+        }
+        let kind = match self.checker.check(field.name, field.value) {
+            Ok(kind) => kind,
+            Err(err) => {
+                self.malformed = Some(err);
+                return;
+            }
+        };
+        let start = self.buf.len();
+        self.buf.extend_from_slice(field.name);
+        let name_end = self.buf.len();
+        self.buf.extend_from_slice(field.value);
+        let (Ok(start), Ok(name_end), Ok(end)) = (
+            u32::try_from(start),
+            u32::try_from(name_end),
+            u32::try_from(self.buf.len()),
+        ) else {
+            self.malformed = Some(MalformedMessage::InvalidValue);
+            return;
+        };
+        let place = Place {
+            start,
+            name_end,
+            end,
+        };
+        match kind {
+            FieldKind::Pseudo(pseudo) => {
+                if let Some(slot) = self.list.pseudo.get_mut(pseudo_index(pseudo)) {
+                    *slot = Some(place);
+                }
+            }
+            FieldKind::Regular => {
+                if field.name == b"content-length" {
+                    let parsed = std::str::from_utf8(field.value)
+                        .ok()
+                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|v| v.parse::<u64>().ok());
+                    match (parsed, self.list.content_length) {
+                        (Some(len), None) => self.list.content_length = Some(len),
+                        (Some(len), Some(before)) if len == before => {}
+                        _ => {
+                            self.malformed = Some(MalformedMessage::InvalidValue);
+                            return;
+                        }
+                    }
+                }
+                self.list.regular.push(place);
+                self.list.sensitive.push(field.sensitive);
+            }
+        }
+    }
+
+    /// The list, or why the message is malformed.
+    pub(crate) fn finish(mut self) -> Result<HeaderList, MalformedMessage> {
+        if let Some(err) = self.malformed {
+            return Err(err);
+        }
+        self.checker.finish()?;
+        self.list.buf = self.buf.freeze();
+        Ok(self.list)
+    }
+}
