@@ -387,7 +387,7 @@ async fn refuse<N: Net, I: Io>(
         }
         Detected::Http2 => {
             let denied = &denied;
-            let handle = |request: http::Request<crate::http2::stream::RecvBody>| {
+            let handle = |request: http::Request<crate::http2::server::RequestBody>| {
                 let grpc = request
                     .headers()
                     .get(http::header::CONTENT_TYPE)
@@ -395,7 +395,7 @@ async fn refuse<N: Net, I: Io>(
                 std::future::ready(denied.to_response(grpc, false))
             };
             let io = PrefixedIo::new(prefix, io);
-            let serving = crate::http2::conn::serve(io, &ctx.limits, ctx.clock, None, handle);
+            let serving = crate::http2::server::serve(io, &ctx.limits, ctx.clock, None, handle);
             let _ = tokio::time::timeout(ctx.limits.idle_timeout, serving).await;
         }
         Detected::Tls | Detected::Opaque => drop(io),
@@ -557,7 +557,7 @@ async fn serve_h2<N: Net, I: Io>(
     // A connection with no stream open for the idle timeout is closed (gracefully), even if it
     // answers pings: an idle client cannot hold its connection forever.
     let handle = |request| Arc::clone(http).handle(request, original_dst);
-    let served = crate::http2::conn::serve(io, &ctx.limits, ctx.clock, Some(drain), handle).await;
+    let served = crate::http2::server::serve(io, &ctx.limits, ctx.clock, Some(drain), handle).await;
     if let Err(err) = served {
         tracing::debug!(error = %err, "connection ended with error");
     }

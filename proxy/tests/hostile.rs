@@ -425,3 +425,81 @@ async fn h2_bodies_that_stop_moving_are_ended() {
     })
     .await;
 }
+
+/// Goal: a client that opens streams and resets them at once (the "rapid reset" attack,
+/// CVE-2023-44487) cannot make the proxy work for nothing without end. Method: raw frames
+/// over one socket: 2,000 requests, each reset right after its HEADERS, all written at once.
+/// The proxy ends the connection with GOAWAY `ENHANCE_YOUR_CALM`; requests reset before the
+/// proxy read past them never reach the app; a new client is served as before.
+#[tokio::test]
+async fn an_h2_rapid_reset_flood_ends_the_connection() {
+    use conduit_h2::frame::{self, Frame, StreamId};
+    use conduit_h2::hpack::{Encoder, Field};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+    bounded(async {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&seen);
+        let app = backend(
+            true,
+            move |_request: http::Request<hyper::body::Incoming>| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                async { http::Response::new(full("app")) }
+            },
+        )
+        .await;
+        let proxy = TestProxy::start(config(), mesh(&[("web.test", &[app])])).await;
+
+        let mut flood = frame::PREFACE.to_vec();
+        frame::write_settings(&mut flood, &[]);
+        let mut encoder = Encoder::new(4096);
+        let mut block = Vec::new();
+        for i in 0..2000u32 {
+            let id = StreamId::new(2 * i + 1);
+            block.clear();
+            encoder.encode(
+                [
+                    Field::new(b":method", b"GET"),
+                    Field::new(b":scheme", b"http"),
+                    Field::new(b":authority", b"web.test"),
+                    Field::new(b":path", b"/"),
+                ],
+                &mut block,
+            );
+            frame::write_header_block(&mut flood, id, &block, true, 16_384);
+            frame::write_rst_stream(&mut flood, id, conduit_h2::ErrorCode::CANCEL);
+        }
+        let mut client = TcpStream::connect(proxy.addrs.outbound).await.unwrap();
+        // The proxy may close before it has read all of it.
+        let _ = client.write_all(&flood).await;
+
+        let mut input = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let goaway = 'read: loop {
+            let n = client.read(&mut buf).await.unwrap_or(0);
+            assert!(n > 0, "closed without GOAWAY");
+            input.extend_from_slice(&buf[..n]);
+            let mut rest = &input[..];
+            while let Some((frame, len)) =
+                frame::parse_frame(rest, frame::MAX_MAX_FRAME_SIZE).unwrap()
+            {
+                if let Frame::GoAway(goaway) = frame {
+                    break 'read goaway.code;
+                }
+                rest = &rest[len..];
+            }
+        };
+        assert_eq!(goaway, conduit_h2::ErrorCode::ENHANCE_YOUR_CALM);
+        let reached = seen.load(Ordering::Relaxed);
+        assert!(reached < 50, "{reached} reset requests reached the app");
+
+        let response = h2_client(proxy.addrs.outbound)
+            .await
+            .send_request(get("web.test", "/"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    })
+    .await;
+}

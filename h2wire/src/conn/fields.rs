@@ -54,6 +54,13 @@ impl HeaderList {
         self.buf.get(place.value())
     }
 
+    /// A pseudo-header field's value as a slice of the list's buffer (no copy).
+    #[must_use]
+    pub fn pseudo_bytes(&self, pseudo: Pseudo) -> Option<Bytes> {
+        let place = (*self.pseudo.get(pseudo_index(pseudo))?)?;
+        Some(self.buf.slice(place.value()))
+    }
+
     /// `:method`.
     #[must_use]
     pub fn method(&self) -> Option<&[u8]> {

@@ -29,10 +29,12 @@ use crate::net::Net;
 use crate::pool::Pools;
 use crate::pool::h2::{H2Failed, UpstreamStream};
 
+pub(crate) mod client;
 pub(crate) mod conn;
-pub(crate) mod stream;
+pub(crate) mod server;
 
-use stream::RecvBody;
+use client::RecvBody;
+use server::RequestBody;
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -49,7 +51,7 @@ impl<N: Net> H2Service<N> {
     /// redirect sent it to the proxy; never fails (errors become responses).
     pub(crate) async fn handle(
         self: Arc<Self>,
-        request: Request<RecvBody>,
+        request: Request<RequestBody>,
         original_dst: Option<SocketAddr>,
     ) -> Response<Body> {
         let start = self.cx.clock.now();
@@ -118,7 +120,7 @@ struct H2Exchange<'p, N: Net> {
 }
 
 impl<'p, N: Net> H2Exchange<'p, N> {
-    fn new(pools: &'p Arc<Pools<N>>, clock: Clock, parts: Parts, incoming: RecvBody) -> Self {
+    fn new(pools: &'p Arc<Pools<N>>, clock: Clock, parts: Parts, incoming: RequestBody) -> Self {
         // A request that has no body (most do not) gets the empty body, which boxes without
         // an allocation; the client's stream would cost one per request for nothing.
         let empty = http_body::Body::is_end_stream(&incoming);
@@ -375,6 +377,22 @@ impl<N: Net> RequestCopy for H2Copy<N> {
     fn facts(response: &Response<RecvBody>) -> Facts<'_> {
         facts(response)
     }
+}
+
+/// The code to reset a stream with when the body it carried failed: the reset an upstream or a
+/// client sent, passed on (found anywhere in the error's chain), else `INTERNAL_ERROR`.
+pub(crate) fn reset_code(err: &(dyn std::error::Error + 'static)) -> conduit_h2::ErrorCode {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if let Some(reset) = err.downcast_ref::<server::StreamReset>() {
+            return reset.code;
+        }
+        if let Some(failed) = err.downcast_ref::<client::StreamFailed>() {
+            return failed.code();
+        }
+        source = err.source();
+    }
+    conduit_h2::ErrorCode::INTERNAL_ERROR
 }
 
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field it names,

@@ -1,6 +1,5 @@
-//! Upstream HTTP/2: multiplexed connections per endpoint (h2, driven directly), shared by every
-//! request to
-//! that endpoint. A request takes the first connection with a stream free under the peer's
+//! Upstream HTTP/2: multiplexed connections per endpoint (our own engine,
+//! [`crate::http2::client`]), shared by every request to that endpoint. A request takes the first connection with a stream free under the peer's
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` (a stream counts until its response body ends); when every
 //! connection is full another is opened (up to [`MAX_H2_CONNECTIONS`]), so a busy endpoint is
 //! never limited to one connection's streams while streams queue in the proxy. Connections
@@ -31,8 +30,7 @@ use crate::body::{self, Body, BoxError, StreamGuard, Streams};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{Failed, Sent};
-use crate::http2::conn::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, drive_client};
-use crate::http2::stream::{RecvBody, send_body};
+use crate::http2::client::{self, Handle, RecvBody, RequestHead};
 use crate::net::Net;
 
 /// The most HTTP/2 connections kept to one endpoint. Beyond, streams wait in the proxy for
@@ -41,7 +39,7 @@ const MAX_H2_CONNECTIONS: usize = 64;
 
 /// One upstream HTTP/2 connection.
 struct H2Conn {
-    sender: h2::client::SendRequest<Bytes>,
+    sender: Handle,
     /// Which connection this is, so a request that timed out on one replaces only that one.
     generation: u64,
     /// Streams open on it: counted from dispatch until the response body ends.
@@ -62,7 +60,7 @@ impl std::fmt::Debug for H2Conn {
 impl H2Conn {
     fn has_room(&self) -> bool {
         // The peer's current `SETTINGS_MAX_CONCURRENT_STREAMS`.
-        self.streams.open_now() < self.sender.current_max_send_streams()
+        self.streams.open_now() < self.sender.max_streams()
     }
 
     fn is_closed(&self) -> bool {
@@ -209,20 +207,6 @@ impl From<Failed> for H2Failed {
     }
 }
 
-/// Whether the server said it did not process the stream (RFC 9113 §8.7): it reset it with
-/// `REFUSED_STREAM`, or a graceful `GOAWAY` (`NO_ERROR`) excluded it (h2 fails exactly the
-/// streams above the GOAWAY's last stream id with that error; streams the server kept are cut
-/// by a connection error or EOF instead). Such a request is safe to send again, whatever its
-/// method.
-fn never_processed(err: &h2::Error) -> bool {
-    err.is_remote()
-        && match err.reason() {
-            Some(h2::Reason::REFUSED_STREAM) => err.is_reset(),
-            Some(h2::Reason::NO_ERROR) => err.is_go_away(),
-            _ => false,
-        }
-}
-
 /// How a wait for response headers ended without them.
 #[derive(Debug)]
 enum Waited {
@@ -250,7 +234,7 @@ impl<N: Net> Pools<N> {
         let (request, progress) = self.track(request);
         let now = self.clock.now();
         let endpoint = self.endpoint(addr, now);
-        let (mut sender, stream, connected, generation) = {
+        let (sender, stream, connected, generation) = {
             // Held across the connect so concurrent requests share one new connection, and
             // while the stream is counted so concurrent requests see each other's.
             let mut slot = endpoint.h2.lock().await;
@@ -287,14 +271,18 @@ impl<N: Net> Pools<N> {
         };
         let (head, body) = request.into_parts();
         let end = http_body::Body::is_end_stream(&body);
-        // A fresh handle has no stream of its own waiting to open, so this is ready at once
-        // unless the connection has closed; streams beyond the peer's limit queue in h2.
-        let opened = match std::future::poll_fn(|cx| sender.poll_ready(cx)).await {
-            Ok(()) => sender.send_request(Request::from_parts(head, ()), end),
-            Err(err) => Err(err),
-        };
-        let (response, send) = match opened {
-            Ok(opened) => opened,
+        let opened = sender
+            .open(
+                RequestHead {
+                    method: &head.method,
+                    uri: &head.uri,
+                    headers: &head.headers,
+                },
+                end,
+            )
+            .await;
+        let id = match opened {
+            Ok(id) => id,
             Err(err) => {
                 // No stream was opened: the request is whole, and may go on another
                 // connection.
@@ -313,29 +301,32 @@ impl<N: Net> Pools<N> {
         // The request body goes out while the response head is awaited; a body still going
         // when the head comes (a stream both ways, an early answer) carries on in a task of its
         // own.
-        let mut pump = (!end).then(|| Box::pin(send_body(body, send)));
-        let mut response = std::pin::pin!(response);
+        let mut pump = (!end).then(|| sender.send_body(id, body));
+        let mut response = sender.response(id);
         let waited = self
             .headers(
                 progress.as_ref(),
                 deadline,
                 std::future::poll_fn(|cx| {
                     if let Some(sending) = pump.as_mut()
-                        && let Poll::Ready(sent) = sending.as_mut().poll(cx)
+                        && let Poll::Ready(sent) = Pin::new(sending).poll(cx)
                     {
                         if let Err(err) = sent {
                             tracing::debug!(endpoint = %addr, error = %err, "request body ended early");
                         }
                         pump = None;
                     }
-                    response.as_mut().poll(cx)
+                    Pin::new(&mut response).poll(cx)
                 }),
             )
             .await;
         let response = match waited {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
-                let unprocessed = never_processed(&err);
+                // The server said it did not process the stream (RFC 9113 §8.7): it reset it
+                // with `REFUSED_STREAM`, or its GOAWAY excluded it. Safe to send again,
+                // whatever the method.
+                let unprocessed = err.unprocessed();
                 if unprocessed {
                     // The server refused the stream (going away, or at its stream limit):
                     // later requests get a new connection, and this one may be sent on it or
@@ -372,8 +363,7 @@ impl<N: Net> Pools<N> {
                 }
             });
         }
-        let (mut parts, stream_body) = response.into_parts();
-        let body = RecvBody::new(stream_body, &parts.headers);
+        let (mut parts, body) = response.into_parts();
         parts.extensions.insert(UpstreamStream {
             _stream: Arc::new(stream),
         });
@@ -385,43 +375,27 @@ impl<N: Net> Pools<N> {
 
     /// Opens an HTTP/2 connection to `addr` and starts the task that drives it; its handle,
     /// and the flag that task sets when the connection has ended.
-    async fn connect_h2(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), Failed> {
+    async fn connect_h2(&self, addr: SocketAddr) -> Result<(Handle, Arc<AtomicBool>), Failed> {
         let io = self.connect(addr).await.map_err(Failed::unprocessed)?;
-        let (sender, connection) = h2::client::Builder::new()
-            .enable_push(false)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_send_buffer_size(SEND_BUFFER)
-            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|source| {
-                let mut failed = Failed::new(ProxyError::Upstream {
-                    addr,
-                    source: source.into(),
-                });
-                failed.connected = true;
-                failed
-            })?;
-        let closed = Arc::new(AtomicBool::new(false));
         // Pings find a peer that vanished without closing (a partition, a crashed host),
         // whether or not streams are open; the connection then ends and the next request
-        // opens another.
-        let driving = drive_client(
-            connection,
+        // opens another. Requests go out at once, before the server's SETTINGS (RFC 9113
+        // §3.4 allows it): a server that does not speak HTTP/2 fails them.
+        let (handle, driving) = client::handshake(
+            io,
             self.clock,
             self.limits.idle_timeout / 4,
-            Arc::clone(&closed),
+            u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX),
         );
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&closed);
         tokio::spawn(async move {
             if let Err(err) = driving.await {
                 tracing::debug!(endpoint = %addr, error = %err, "upstream h2 connection ended");
             }
+            flag.store(true, Ordering::Release);
         });
-        Ok((sender, closed))
+        Ok((handle, closed))
     }
 
     /// Wraps a request body that is still to be sent so its frames push the response deadline

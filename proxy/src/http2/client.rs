@@ -1,0 +1,892 @@
+//! An upstream HTTP/2 connection on our own engine: the sans-IO state machine of `conduit-h2`
+//! shared by every request sent on the connection, and one task ([`drive`]) that owns the
+//! socket.
+//!
+//! Requests come from many tasks (every client connection's exchanges), so the state machine
+//! sits behind one lock per connection. A request opens its stream and writes its head under
+//! the lock, its body's frames are written as the peer's windows allow, and the driver is
+//! woken to write what was queued; the driver reads, hands what it read to the state machine,
+//! and wakes whoever waits on a stream (its response head, its body, room to send). Wakers are
+//! always called after the lock is released.
+//!
+//! Dropping a response before its body ends (or the wait for a response head) resets the
+//! stream with `CANCEL`; the connection carries on. When the last [`Handle`] is dropped the
+//! connection closes gracefully once its streams end.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use conduit_h2::conn::{Config, Connection, Event, OpenError, Role};
+use conduit_h2::frame::StreamId;
+use conduit_h2::hpack::Field;
+use conduit_h2::{Error as H2Error, ErrorCode};
+use http::header::HeaderMap;
+use http::{Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::ReadBuf;
+
+use super::conn::{CONNECTION_WINDOW, PING_TIMEOUT, SEND_BUFFER, STREAM_WINDOW};
+use super::server::header_map;
+use crate::body::{Body, BoxError};
+use crate::clock::Clock;
+use crate::net::Io;
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Output beyond which the driver stops reading: the server is not reading.
+const MAX_UNWRITTEN: usize = 1024 * 1024;
+
+/// Why a stream failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub(crate) enum StreamFailed {
+    /// The server reset it (or its GOAWAY excluded it: `unprocessed`).
+    #[error("the server reset the stream ({code})")]
+    Reset {
+        code: ErrorCode,
+        /// The server did not process it (RFC 9113 §8.7): safe to send again.
+        unprocessed: bool,
+    },
+    /// The connection ended.
+    #[error("the connection ended: {0}")]
+    Connection(Arc<str>),
+}
+
+impl StreamFailed {
+    /// Whether the server provably did nothing with the request.
+    pub(crate) fn unprocessed(&self) -> bool {
+        matches!(
+            self,
+            Self::Reset {
+                unprocessed: true,
+                ..
+            }
+        )
+    }
+
+    /// The code to reset a downstream stream with, passing the upstream's on.
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Self::Reset { code, .. } => *code,
+            Self::Connection(_) => ErrorCode::INTERNAL_ERROR,
+        }
+    }
+}
+
+/// Why a request could not be opened on the connection.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream HTTP/2 connection is closed: {0}")]
+pub(crate) struct Closed(Arc<str>);
+
+/// One stream's response side, waiting for its reader.
+#[derive(Debug, Default)]
+struct Slot {
+    head: Option<Result<Response<()>, StreamFailed>>,
+    /// The response head has come (it may have been taken since).
+    head_arrived: bool,
+    /// The response head has come with `END_STREAM` (no body).
+    head_end: bool,
+    content_length: Option<u64>,
+    head_waker: Option<Waker>,
+    data: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    end: bool,
+    failed: Option<StreamFailed>,
+    body_waker: Option<Waker>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    conn: Connection,
+    slots: HashMap<u32, Slot>,
+    /// Request bodies waiting for room to send.
+    send_wakers: HashMap<u32, Waker>,
+    /// Requests waiting for a stream under the server's limit.
+    open_wakers: Vec<Waker>,
+    driver: Option<Waker>,
+    ended: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Live [`Handle`]s: at 0, the connection closes once its streams end.
+    handles: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Wakers to call once the lock is released.
+#[derive(Default)]
+struct Wake(Vec<Waker>);
+
+impl Wake {
+    fn add(&mut self, waker: Option<Waker>) {
+        self.0.extend(waker);
+    }
+
+    fn run(self) {
+        for waker in self.0 {
+            waker.wake();
+        }
+    }
+}
+
+impl Inner {
+    /// Stream `id` failed: its waiters learn why.
+    fn fail(&mut self, id: u32, failed: &StreamFailed, wake: &mut Wake) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            if !slot.head_arrived && slot.head.is_none() {
+                slot.head = Some(Err(failed.clone()));
+            }
+            if !slot.end && slot.failed.is_none() {
+                slot.failed = Some(failed.clone());
+            }
+            wake.add(slot.head_waker.take());
+            wake.add(slot.body_waker.take());
+        }
+    }
+
+    /// The driver has something to write.
+    fn driver_if_output(&mut self, wake: &mut Wake) {
+        if self.conn.wants_write() {
+            wake.add(self.driver.clone());
+        }
+    }
+}
+
+/// A handle to send requests on one connection; cheap to clone.
+#[derive(Debug)]
+pub(crate) struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Clone for Handle {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let driver = self.shared.lock().driver.clone();
+            if let Some(driver) = driver {
+                driver.wake();
+            }
+        }
+    }
+}
+
+/// A request's head, as sent.
+pub(crate) struct RequestHead<'a> {
+    pub(crate) method: &'a http::Method,
+    pub(crate) uri: &'a http::Uri,
+    pub(crate) headers: &'a HeaderMap,
+}
+
+impl Handle {
+    /// How many streams the server allows now; 0 once the connection is going away.
+    pub(crate) fn max_streams(&self) -> usize {
+        let inner = self.shared.lock();
+        if inner.ended.is_some() || inner.conn.is_going_away() {
+            return 0;
+        }
+        usize::try_from(inner.conn.peer_max_streams()).unwrap_or(usize::MAX)
+    }
+
+    /// Opens a stream with `head` (`end`: the request has no body), waiting for room under
+    /// the server's stream limit.
+    ///
+    /// # Errors
+    ///
+    /// The connection is closed or going away: no stream was opened, the request may go
+    /// elsewhere.
+    pub(crate) async fn open(&self, head: RequestHead<'_>, end: bool) -> Result<StreamId, Closed> {
+        std::future::poll_fn(|cx| self.poll_open(cx, &head, end)).await
+    }
+
+    fn poll_open(
+        &self,
+        cx: &mut Context<'_>,
+        head: &RequestHead<'_>,
+        end: bool,
+    ) -> Poll<Result<StreamId, Closed>> {
+        let mut inner = self.shared.lock();
+        if let Some(reason) = &inner.ended {
+            return Poll::Ready(Err(Closed(Arc::clone(reason))));
+        }
+        let scheme = head.uri.scheme_str().unwrap_or("http");
+        let authority = head.uri.authority().map_or("", |a| a.as_str());
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let pseudo = [
+            Field::new(b":method", head.method.as_str().as_bytes()),
+            Field::new(b":scheme", scheme.as_bytes()),
+            Field::new(b":authority", authority.as_bytes()),
+            Field::new(b":path", path.as_bytes()),
+        ];
+        // A request without an authority sends none (its `Host` field stays).
+        let pseudo = pseudo
+            .into_iter()
+            .filter(|f| !(f.name == b":authority" && f.value.is_empty()));
+        let regular = head.headers.iter().map(|(name, value)| Field {
+            name: name.as_str().as_bytes(),
+            value: value.as_bytes(),
+            sensitive: value.is_sensitive(),
+        });
+        match inner.conn.open(pseudo.chain(regular), end) {
+            Ok(id) => {
+                inner.slots.insert(id.value(), Slot::default());
+                let driver = inner.driver.clone();
+                drop(inner);
+                if let Some(driver) = driver {
+                    driver.wake();
+                }
+                Poll::Ready(Ok(id))
+            }
+            Err(OpenError::Full) => {
+                inner.open_wakers.push(cx.waker().clone());
+                Poll::Pending
+            }
+            Err(OpenError::Closed) => {
+                Poll::Ready(Err(Closed("the connection is going away".into())))
+            }
+        }
+    }
+
+    /// The response to stream `id`: a future that resets the stream if dropped first.
+    pub(crate) fn response(&self, id: StreamId) -> ResponseFuture {
+        ResponseFuture {
+            shared: Arc::clone(&self.shared),
+            id: id.value(),
+            done: false,
+        }
+    }
+
+    /// Sends `body` on stream `id` (a future): each frame once the server's windows have
+    /// room for it, then the end (or the trailers). A body that fails resets the stream with
+    /// the reason its error carries; a stream the server reset stops it at once.
+    pub(crate) fn send_body(&self, id: StreamId, body: Body) -> BodyPump {
+        BodyPump {
+            shared: Arc::clone(&self.shared),
+            id,
+            body,
+        }
+    }
+}
+
+/// How a request body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendEnd {
+    #[error("the stream ended before the request body did")]
+    Gone,
+    #[error("the body failed: {0}")]
+    Body(BoxError),
+}
+
+/// A request body being sent; the pump owns the body (the stream may outlive the exchange's
+/// wait for its head).
+pub(crate) struct BodyPump {
+    shared: Arc<Shared>,
+    id: StreamId,
+    body: Body,
+}
+
+impl Future for BodyPump {
+    type Output = Result<(), SendEnd>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), SendEnd>> {
+        let this = &mut *self;
+        this.pump(cx)
+    }
+}
+
+impl BodyPump {
+    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendEnd>> {
+        loop {
+            {
+                let mut inner = self.shared.lock();
+                if inner.conn.send_capacity(self.id) == 0 {
+                    if !inner.conn.is_open(self.id) {
+                        return Poll::Ready(Err(SendEnd::Gone));
+                    }
+                    inner
+                        .send_wakers
+                        .insert(self.id.value(), cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(frame) => frame,
+            };
+            // Asked before the lock: the body may be a client's, behind its own lock.
+            let end = self.body.is_end_stream();
+            let mut wake = Wake::default();
+            let mut inner = self.shared.lock();
+            let done = match frame {
+                None => {
+                    inner.conn.send_data(self.id, Bytes::new(), true);
+                    Some(Ok(()))
+                }
+                Some(Err(err)) => {
+                    let code = super::reset_code(&*err);
+                    inner.conn.reset(self.id, code);
+                    // Whoever waits for the response learns that it will not come.
+                    let failed = StreamFailed::Reset {
+                        code,
+                        unprocessed: false,
+                    };
+                    inner.fail(self.id.value(), &failed, &mut wake);
+                    Some(Err(SendEnd::Body(err)))
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        inner.conn.send_data(self.id, data, end);
+                        end.then_some(Ok(()))
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => {
+                            let fields = trailers.iter().map(|(name, value)| Field {
+                                name: name.as_str().as_bytes(),
+                                value: value.as_bytes(),
+                                sensitive: value.is_sensitive(),
+                            });
+                            inner.conn.send_trailers(self.id, fields);
+                            Some(Ok(()))
+                        }
+                        Err(_) => None,
+                    },
+                },
+            };
+            inner.driver_if_output(&mut wake);
+            drop(inner);
+            wake.run();
+            if let Some(done) = done {
+                return Poll::Ready(done);
+            }
+        }
+    }
+}
+
+/// The wait for a stream's response head.
+#[derive(Debug)]
+pub(crate) struct ResponseFuture {
+    shared: Arc<Shared>,
+    id: u32,
+    done: bool,
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<RecvBody>, StreamFailed>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Self { shared, id, done } = &mut *self;
+        let mut inner = shared.lock();
+        let Some(slot) = inner.slots.get_mut(id) else {
+            *done = true;
+            return Poll::Ready(Err(StreamFailed::Connection("the stream is gone".into())));
+        };
+        let Some(head) = slot.head.take() else {
+            if !slot
+                .head_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                slot.head_waker = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        };
+        let (end, remaining) = (slot.head_end, slot.content_length);
+        if head.is_err() {
+            inner.slots.remove(id);
+        }
+        drop(inner);
+        *done = true;
+        let head = head?;
+        let body = RecvBody {
+            shared: Arc::clone(shared),
+            id: *id,
+            remaining,
+            done: end,
+            end_at_head: end,
+        };
+        Poll::Ready(Ok(head.map(|()| body)))
+    }
+}
+
+impl Drop for ResponseFuture {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Nobody wants the response any more.
+        cancel(&self.shared, self.id);
+    }
+}
+
+/// Resets stream `id` (if still open) and forgets its response side.
+fn cancel(shared: &Shared, id: u32) {
+    let mut wake = Wake::default();
+    let mut inner = shared.lock();
+    if let Some(slot) = inner.slots.remove(&id) {
+        let unread: usize = slot.data.iter().map(Bytes::len).sum();
+        inner.conn.release(StreamId::new(id), unread);
+    }
+    inner.conn.reset(StreamId::new(id), ErrorCode::CANCEL);
+    wake.add(inner.send_wakers.remove(&id));
+    inner.driver_if_output(&mut wake);
+    // A stream fewer: a request waiting for room may open one.
+    wake.0.append(&mut inner.open_wakers);
+    drop(inner);
+    wake.run();
+}
+
+/// A response's body as the stream delivers it.
+#[derive(Debug)]
+pub(crate) struct RecvBody {
+    shared: Arc<Shared>,
+    id: u32,
+    remaining: Option<u64>,
+    done: bool,
+    /// The head ended the stream: the body is empty.
+    end_at_head: bool,
+}
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = StreamFailed;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let mut wake = Wake::default();
+        let mut inner = self.shared.lock();
+        let id = self.id;
+        let Inner { slots, conn, .. } = &mut *inner;
+        let Some(slot) = slots.get_mut(&id) else {
+            drop(inner);
+            self.done = true;
+            return Poll::Ready(Some(Err(StreamFailed::Connection(
+                "the stream is gone".into(),
+            ))));
+        };
+        if let Some(data) = slot.data.pop_front() {
+            // Handed on: the server may send as much again.
+            conn.release(StreamId::new(id), data.len());
+            inner.driver_if_output(&mut wake);
+            drop(inner);
+            wake.run();
+            if let Some(remaining) = &mut self.remaining {
+                *remaining = remaining.saturating_sub(data.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(trailers) = slot.trailers.take() {
+            drop(inner);
+            self.done = true;
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        if slot.end {
+            drop(inner);
+            self.done = true;
+            return Poll::Ready(None);
+        }
+        if let Some(failed) = slot.failed.clone() {
+            drop(inner);
+            self.done = true;
+            return Poll::Ready(Some(Err(failed)));
+        }
+        if !slot
+            .body_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            slot.body_waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.done || self.end_at_head {
+            return true;
+        }
+        let inner = self.shared.lock();
+        inner
+            .slots
+            .get(&self.id)
+            .is_some_and(|slot| slot.end && slot.data.is_empty() && slot.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.done || self.end_at_head {
+            return SizeHint::with_exact(0);
+        }
+        match self.remaining {
+            Some(remaining) => SizeHint::with_exact(remaining),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RecvBody {
+    fn drop(&mut self) {
+        let finished = {
+            let inner = self.shared.lock();
+            inner
+                .slots
+                .get(&self.id)
+                .is_none_or(|slot| slot.end && slot.data.is_empty() && slot.trailers.is_none())
+                && !inner.conn.is_open(StreamId::new(self.id))
+        };
+        if finished {
+            self.shared.lock().slots.remove(&self.id);
+        } else {
+            // Dropped before its end: the stream is reset; the connection carries on.
+            cancel(&self.shared, self.id);
+        }
+    }
+}
+
+/// Keep-alive pings on the connection.
+struct Keepalive {
+    clock: Clock,
+    interval: Duration,
+    sent: bool,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Keepalive {
+    fn rearm(&mut self, after: Duration) {
+        let at = self.clock.to_tokio(self.clock.now() + after);
+        self.timer.as_mut().reset(at);
+    }
+}
+
+/// Why the connection ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Ended {
+    #[error("{0}")]
+    Protocol(H2Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no answer to a keep-alive ping within {0:?}")]
+    PingTimeout(Duration),
+}
+
+/// Starts a client connection on `io`: its handle, and the future that drives it (spawn it).
+/// The connection ends when the server closes it, fails, stops answering pings (one every
+/// `interval`), or when every handle is gone and its streams have ended.
+pub(crate) fn handshake<I: Io>(
+    io: I,
+    clock: Clock,
+    interval: Duration,
+    max_header_list_size: u32,
+) -> (Handle, impl Future<Output = Result<(), Ended>> + Send) {
+    let config = Config {
+        role: Role::Client,
+        max_concurrent_streams: 0,
+        stream_window: STREAM_WINDOW,
+        connection_window: CONNECTION_WINDOW,
+        max_header_list_size,
+        send_buffer: SEND_BUFFER,
+        max_abuse: 1000,
+    };
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            conn: Connection::new(config),
+            slots: HashMap::new(),
+            send_wakers: HashMap::new(),
+            open_wakers: Vec::new(),
+            driver: None,
+            ended: None,
+        }),
+        handles: AtomicUsize::new(1),
+    });
+    let handle = Handle {
+        shared: Arc::clone(&shared),
+    };
+    let keepalive = Keepalive {
+        clock,
+        interval,
+        sent: false,
+        timer: Box::pin(tokio::time::sleep_until(
+            clock.to_tokio(clock.now() + interval),
+        )),
+    };
+    let mut driver = Driver {
+        io,
+        shared,
+        read: BytesMut::with_capacity(READ_CHUNK),
+        write: BytesMut::new(),
+        keepalive,
+        closing: false,
+    };
+    let driving = async move {
+        let ended = std::future::poll_fn(|cx| driver.poll(cx)).await;
+        driver.end(match &ended {
+            Ok(()) => "the connection closed".into(),
+            Err(err) => err.to_string().into(),
+        });
+        ended
+    };
+    (handle, driving)
+}
+
+struct Driver<I> {
+    io: I,
+    shared: Arc<Shared>,
+    read: BytesMut,
+    /// Taken from the state machine, not yet written.
+    write: BytesMut,
+    keepalive: Keepalive,
+    closing: bool,
+}
+
+impl<I: Io> Driver<I> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Ended>> {
+        {
+            let mut inner = self.shared.lock();
+            if !inner
+                .driver
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                inner.driver = Some(cx.waker().clone());
+            }
+        }
+        loop {
+            let mut progress = false;
+            // Keep-alive.
+            while self.keepalive.timer.as_mut().poll(cx).is_ready() {
+                if self.keepalive.sent {
+                    return Poll::Ready(Err(Ended::PingTimeout(PING_TIMEOUT)));
+                }
+                self.shared.lock().conn.ping(*b"conduit!");
+                self.keepalive.sent = true;
+                self.keepalive.rearm(PING_TIMEOUT);
+                progress = true;
+            }
+            // Read.
+            if self.write.len() < MAX_UNWRITTEN {
+                let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut buf = ReadBuf::uninit(&mut stack);
+                match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                    Poll::Pending => {}
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Ok(())) => {
+                        self.read.extend_from_slice(buf.filled());
+                        if let Err(err) = self.receive() {
+                            let _ = self.poll_write(cx);
+                            return Poll::Ready(Err(Ended::Protocol(err)));
+                        }
+                        progress = true;
+                    }
+                }
+            }
+            // Close once nobody can send and nothing is open.
+            if !self.closing && self.shared.handles.load(Ordering::Acquire) == 0 {
+                let mut inner = self.shared.lock();
+                if inner.conn.open_streams() == 0 {
+                    inner.conn.go_away(ErrorCode::NO_ERROR);
+                    self.closing = true;
+                }
+            }
+            // Write.
+            match self.poll_write(cx) {
+                Ok(wrote) => progress |= wrote,
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+            let done = {
+                let inner = self.shared.lock();
+                inner.conn.is_done() && !inner.conn.wants_write()
+            };
+            if done && self.write.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Hands what was read to the state machine and tells the streams.
+    fn receive(&mut self) -> Result<(), H2Error> {
+        let mut wake = Wake::default();
+        let mut pong = false;
+        let mut inner = self.shared.lock();
+        let Inner {
+            conn,
+            slots,
+            send_wakers,
+            open_wakers,
+            ..
+        } = &mut *inner;
+        let mut release = Vec::new();
+        let received = conn.recv(&mut self.read, &mut |event| match event {
+            Event::Headers {
+                stream,
+                fields,
+                end_stream,
+            } => {
+                let Some(slot) = slots.get_mut(&stream.value()) else {
+                    return;
+                };
+                let mut response = Response::new(());
+                *response.status_mut() = fields
+                    .status()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                *response.version_mut() = Version::HTTP_2;
+                *response.headers_mut() = header_map(&fields);
+                slot.head = Some(Ok(response));
+                slot.head_arrived = true;
+                slot.head_end = end_stream;
+                slot.end = end_stream;
+                slot.content_length = fields.content_length();
+                wake.add(slot.head_waker.take());
+            }
+            Event::Data {
+                stream,
+                data,
+                end_stream,
+            } => match slots.get_mut(&stream.value()) {
+                Some(slot) => {
+                    if !data.is_empty() {
+                        slot.data.push_back(data);
+                    }
+                    slot.end = end_stream;
+                    wake.add(slot.body_waker.take());
+                }
+                None => release.push((stream, data.len())),
+            },
+            Event::Trailers { stream, fields } => {
+                if let Some(slot) = slots.get_mut(&stream.value()) {
+                    slot.trailers = Some(header_map(&fields));
+                    slot.end = true;
+                    wake.add(slot.body_waker.take());
+                }
+            }
+            Event::Reset {
+                stream,
+                code,
+                unprocessed,
+                ..
+            } => {
+                let failed = StreamFailed::Reset { code, unprocessed };
+                if let Some(slot) = slots.get_mut(&stream.value()) {
+                    if !slot.head_arrived && slot.head.is_none() {
+                        slot.head = Some(Err(failed.clone()));
+                    }
+                    slot.failed.get_or_insert(failed);
+                    wake.add(slot.head_waker.take());
+                    wake.add(slot.body_waker.take());
+                }
+                wake.add(send_wakers.remove(&stream.value()));
+                wake.0.append(open_wakers);
+            }
+            Event::SendReady { stream } => wake.add(send_wakers.remove(&stream.value())),
+            Event::Pong { .. } => pong = true,
+            Event::GoAway { .. } | Event::Settings => wake.0.append(open_wakers),
+        });
+        for (stream, len) in release {
+            conn.release(stream, len);
+        }
+        // Streams that ended make room for requests waiting under the limit.
+        if !open_wakers.is_empty() && conn.can_open() {
+            wake.0.append(open_wakers);
+        }
+        drop(inner);
+        wake.run();
+        if pong && self.keepalive.sent {
+            self.keepalive.sent = false;
+            let interval = self.keepalive.interval;
+            self.keepalive.rearm(interval);
+        }
+        received
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, Ended> {
+        let mut wrote = false;
+        loop {
+            if self.write.is_empty() {
+                let mut inner = self.shared.lock();
+                if !inner.conn.wants_write() {
+                    break;
+                }
+                self.write = inner.conn.output().split();
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &self.write) {
+                Poll::Ready(Ok(0)) => {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.write.advance(n);
+                    wrote = true;
+                }
+                Poll::Ready(Err(err)) => return Err(err.into()),
+                Poll::Pending => break,
+            }
+        }
+        if wrote {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Err(err)) => return Err(err.into()),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// The connection is over: every stream still waiting learns why.
+    fn end(&self, reason: Arc<str>) {
+        let mut wake = Wake::default();
+        let mut inner = self.shared.lock();
+        inner.ended = Some(Arc::clone(&reason));
+        inner.driver = None;
+        let Inner {
+            slots,
+            send_wakers,
+            open_wakers,
+            ..
+        } = &mut *inner;
+        for slot in slots.values_mut() {
+            let failed = StreamFailed::Connection(Arc::clone(&reason));
+            // A stream that already failed keeps its own reason (an unprocessed one stays
+            // safe to send again).
+            if !slot.head_arrived && slot.head.is_none() {
+                slot.head = Some(Err(failed.clone()));
+            }
+            if !slot.end && slot.failed.is_none() {
+                slot.failed = Some(failed);
+            }
+            wake.add(slot.head_waker.take());
+            wake.add(slot.body_waker.take());
+        }
+        wake.0.extend(send_wakers.drain().map(|(_, w)| w));
+        wake.0.append(open_wakers);
+        drop(inner);
+        wake.run();
+    }
+}
