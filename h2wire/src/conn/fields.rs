@@ -14,6 +14,7 @@ struct Place {
     start: u32,
     name_end: u32,
     end: u32,
+    sensitive: bool,
 }
 
 impl Place {
@@ -34,7 +35,6 @@ pub struct HeaderList {
     /// `:method`, `:scheme`, `:authority`, `:path`, `:status`.
     pseudo: [Option<Place>; 5],
     regular: Vec<Place>,
-    sensitive: Vec<bool>,
     content_length: Option<u64>,
 }
 
@@ -113,13 +113,10 @@ impl HeaderList {
     /// The regular fields in order: name (lower case, checked), value (as a slice of the
     /// list's buffer: no copy), and whether the peer marked it never-indexed.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], Bytes, bool)> + '_ {
-        self.regular
-            .iter()
-            .zip(self.sensitive.iter())
-            .map(|(place, &sensitive)| {
-                let name = self.buf.get(place.name()).unwrap_or_default();
-                (name, self.buf.slice(place.value()), sensitive)
-            })
+        self.regular.iter().map(|place| {
+            let name = self.buf.get(place.name()).unwrap_or_default();
+            (name, self.buf.slice(place.value()), place.sensitive)
+        })
     }
 }
 
@@ -133,10 +130,16 @@ pub(crate) struct Collector {
 
 impl Collector {
     pub(crate) fn new(kind: MessageKind, block_len: usize) -> Self {
+        // Sized once for the common block, so that filling it does not reallocate: a field
+        // indexed in a table takes one or two bytes in the block and dozens decoded.
+        let capacity = block_len.saturating_mul(8).clamp(256, 16 * 1024);
         Self {
             checker: FieldChecker::new(kind),
-            buf: BytesMut::with_capacity(block_len.saturating_mul(2).saturating_add(32)),
-            list: HeaderList::default(),
+            buf: BytesMut::with_capacity(capacity),
+            list: HeaderList {
+                regular: Vec::with_capacity(16),
+                ..HeaderList::default()
+            },
             malformed: None,
         }
     }
@@ -168,6 +171,7 @@ impl Collector {
             start,
             name_end,
             end,
+            sensitive: field.sensitive,
         };
         match kind {
             FieldKind::Pseudo(pseudo) => {
@@ -191,7 +195,6 @@ impl Collector {
                     }
                 }
                 self.list.regular.push(place);
-                self.list.sensitive.push(field.sensitive);
             }
         }
     }

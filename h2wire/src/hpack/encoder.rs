@@ -4,7 +4,7 @@ use std::fmt;
 
 use bytes::BufMut;
 
-use super::primitive::{encode_integer, encode_string};
+use super::primitive::{encode_integer, encode_raw, encode_string};
 use super::table::{DynamicTable, STATIC_LEN, StaticMatch, entry_size, static_find};
 use super::{DEFAULT_TABLE_SIZE, Field};
 
@@ -126,10 +126,14 @@ impl Encoder {
             (false, false) => (0x00, 4),
         };
         encode_integer(name_index.unwrap_or(0), prefix_bits, flags, dst);
+        // Huffman coding pays for strings sent once and then referenced from the table; a
+        // string sent with every message is written as it is (the CPU matters more than
+        // the few bytes).
+        let string = if insert { encode_string } else { encode_raw };
         if name_index.is_none() {
-            encode_string(name, dst);
+            string(name, dst);
         }
-        encode_string(value, dst);
+        string(value, dst);
         if insert {
             self.table.insert(name, value);
         }

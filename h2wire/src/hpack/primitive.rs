@@ -139,6 +139,12 @@ fn low_seven(x: usize) -> u8 {
 
 /// Writes a string literal, Huffman-coded when that is shorter (§5.2).
 #[inline]
+pub(crate) fn encode_raw(value: &[u8], dst: &mut impl BufMut) {
+    encode_integer(value.len(), 7, 0, dst);
+    dst.put_slice(value);
+}
+
+/// Writes a string literal, Huffman-coded when that is shorter (§5.2).
 pub(crate) fn encode_string(value: &[u8], dst: &mut impl BufMut) {
     let huffman_len = huffman::encoded_len(value);
     if huffman_len < value.len() {

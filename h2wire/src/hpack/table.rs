@@ -106,7 +106,8 @@ pub(crate) fn static_name_index(name: &[u8]) -> Option<usize> {
     candidates
         .iter()
         .copied()
-        .find(|&i| static_entry(i).is_some_and(|(n, _)| n == name))
+        // The first byte tells most candidates apart without a call to compare the rest.
+        .find(|&i| static_entry(i).is_some_and(|(n, _)| n.first() == name.first() && n == name))
 }
 
 /// How a field matches the static table.

@@ -13,7 +13,7 @@
 //! stream with `CANCEL`; the connection carries on. When the last [`Handle`] is dropped the
 //! connection closes gracefully once its streams end.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -23,7 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use conduit_h2::conn::{Config, Connection, Event, OpenError, Role};
+use conduit_h2::conn::{Config, Connection, Event, OpenError, Role, StreamMap};
 use conduit_h2::frame::StreamId;
 use conduit_h2::hpack::Field;
 use conduit_h2::{Error as H2Error, ErrorCode};
@@ -104,9 +104,9 @@ struct Slot {
 #[derive(Debug)]
 struct Inner {
     conn: Connection,
-    slots: HashMap<u32, Slot>,
+    slots: StreamMap<Slot>,
     /// Request bodies waiting for room to send.
-    send_wakers: HashMap<u32, Waker>,
+    send_wakers: StreamMap<Waker>,
     /// Requests waiting for a stream under the server's limit.
     open_wakers: Vec<Waker>,
     driver: Option<Waker>,
@@ -614,8 +614,8 @@ pub(crate) fn handshake<I: Io>(
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             conn: Connection::new(config),
-            slots: HashMap::new(),
-            send_wakers: HashMap::new(),
+            slots: StreamMap::default(),
+            send_wakers: StreamMap::default(),
             open_wakers: Vec::new(),
             driver: None,
             ended: None,

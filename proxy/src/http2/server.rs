@@ -15,7 +15,7 @@
 //! unanswered for [`super::conn::PING_TIMEOUT`]), and a graceful GOAWAY once no stream has
 //! been open for the idle timeout or draining starts; open streams then finish.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use conduit_h2::conn::{Config, Connection, Event, HeaderList, Role};
+use conduit_h2::conn::{Config, Connection, Event, HeaderList, Role, StreamMap};
 use conduit_h2::frame::StreamId;
 use conduit_h2::hpack::Field;
 use conduit_h2::message::Pseudo;
@@ -87,7 +87,7 @@ struct Incoming {
 struct Inner {
     /// Streams woken since the task last polled them.
     ready: Vec<u32>,
-    bodies: HashMap<u32, Incoming>,
+    bodies: StreamMap<Incoming>,
     /// Data handed on by body readers: window to give back.
     released: Vec<(u32, usize)>,
     /// The connection's task.
@@ -357,7 +357,7 @@ where
         read_closed: false,
         events: Vec::new(),
         shared: Arc::new(Shared::default()),
-        tasks: HashMap::new(),
+        tasks: StreamMap::default(),
         keepalive: Keepalive::new(clock, limits.idle_timeout / 4),
         drain,
         handle,
@@ -391,7 +391,7 @@ struct Server<I, F, Fut> {
     /// The events of one read (kept to reuse its allocation).
     events: Vec<Event>,
     shared: Arc<Shared>,
-    tasks: HashMap<u32, Task<Fut>>,
+    tasks: StreamMap<Task<Fut>>,
     keepalive: Keepalive,
     drain: Option<Drain>,
     handle: F,
