@@ -13,16 +13,14 @@
 //! stream with `CANCEL`; the connection carries on. When the last [`Handle`] is dropped the
 //! connection closes gracefully once its streams end.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use conduit_h2::conn::{Config, Connection, Event, OpenError, Role, StreamMap};
 use conduit_h2::frame::StreamId;
 use conduit_h2::hpack::Field;
@@ -30,18 +28,15 @@ use conduit_h2::{Error as H2Error, ErrorCode};
 use http::header::HeaderMap;
 use http::{Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::ReadBuf;
 
-use super::conn::{CONNECTION_WINDOW, PING_TIMEOUT, SEND_BUFFER, STREAM_WINDOW};
-use super::server::header_map;
+use super::conn::{
+    CONNECTION_WINDOW, Incoming, Keepalive, MAX_UNWRITTEN, PING_DATA, READ_CHUNK, SEND_BUFFER,
+    STREAM_WINDOW, fields_of, header_map,
+};
+
 use crate::body::{Body, BoxError};
 use crate::clock::Clock;
 use crate::net::Io;
-
-const READ_CHUNK: usize = 16 * 1024;
-
-/// Output beyond which the driver stops reading: the server is not reading.
-const MAX_UNWRITTEN: usize = 1024 * 1024;
 
 /// Why a stream failed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -94,11 +89,7 @@ struct Slot {
     head_end: bool,
     content_length: Option<u64>,
     head_waker: Option<Waker>,
-    data: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
-    end: bool,
-    failed: Option<StreamFailed>,
-    body_waker: Option<Waker>,
+    body: Incoming<StreamFailed>,
 }
 
 #[derive(Debug)]
@@ -151,11 +142,8 @@ impl Inner {
             if !slot.head_arrived && slot.head.is_none() {
                 slot.head = Some(Err(failed.clone()));
             }
-            if !slot.end && slot.failed.is_none() {
-                slot.failed = Some(failed.clone());
-            }
             wake.add(slot.head_waker.take());
-            wake.add(slot.body_waker.take());
+            wake.add(slot.body.fail(failed.clone()));
         }
     }
 
@@ -244,11 +232,7 @@ impl Handle {
         let pseudo = pseudo
             .into_iter()
             .filter(|f| !(f.name == b":authority" && f.value.is_empty()));
-        let regular = head.headers.iter().map(|(name, value)| Field {
-            name: name.as_str().as_bytes(),
-            value: value.as_bytes(),
-            sensitive: value.is_sensitive(),
-        });
+        let regular = fields_of(head.headers);
         match inner.conn.open(pseudo.chain(regular), end) {
             Ok(id) => {
                 inner.slots.insert(id.value(), Slot::default());
@@ -362,12 +346,7 @@ impl BodyPump {
                     }
                     Err(frame) => match frame.into_trailers() {
                         Ok(trailers) => {
-                            let fields = trailers.iter().map(|(name, value)| Field {
-                                name: name.as_str().as_bytes(),
-                                value: value.as_bytes(),
-                                sensitive: value.is_sensitive(),
-                            });
-                            inner.conn.send_trailers(self.id, fields);
+                            inner.conn.send_trailers(self.id, fields_of(&trailers));
                             Some(Ok(()))
                         }
                         Err(_) => None,
@@ -445,7 +424,7 @@ fn cancel(shared: &Shared, id: u32) {
     let mut wake = Wake::default();
     let mut inner = shared.lock();
     if let Some(slot) = inner.slots.remove(&id) {
-        let unread: usize = slot.data.iter().map(Bytes::len).sum();
+        let unread = slot.body.unread();
         inner.conn.release(StreamId::new(id), unread);
     }
     inner.conn.reset(StreamId::new(id), ErrorCode::CANCEL);
@@ -490,40 +469,30 @@ impl http_body::Body for RecvBody {
                 "the stream is gone".into(),
             ))));
         };
-        if let Some(data) = slot.data.pop_front() {
-            // Handed on: the server may send as much again.
-            conn.release(StreamId::new(id), data.len());
-            inner.driver_if_output(&mut wake);
-            drop(inner);
-            wake.run();
-            if let Some(remaining) = &mut self.remaining {
-                *remaining = remaining.saturating_sub(data.len() as u64);
+        let frame = match ready!(slot.body.poll_next(cx)) {
+            Some(Ok(frame)) => frame,
+            end => {
+                drop(inner);
+                self.done = true;
+                return Poll::Ready(end);
             }
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        if let Some(trailers) = slot.trailers.take() {
+        };
+        let Some(data) = frame.data_ref() else {
+            // The trailers, which end the body.
             drop(inner);
             self.done = true;
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        // Handed on: the server may send as much again.
+        let len = data.len();
+        conn.release(StreamId::new(id), len);
+        inner.driver_if_output(&mut wake);
+        drop(inner);
+        wake.run();
+        if let Some(remaining) = &mut self.remaining {
+            *remaining = remaining.saturating_sub(len as u64);
         }
-        if slot.end {
-            drop(inner);
-            self.done = true;
-            return Poll::Ready(None);
-        }
-        if let Some(failed) = slot.failed.clone() {
-            drop(inner);
-            self.done = true;
-            return Poll::Ready(Some(Err(failed)));
-        }
-        if !slot
-            .body_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            slot.body_waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -534,7 +503,7 @@ impl http_body::Body for RecvBody {
         inner
             .slots
             .get(&self.id)
-            .is_some_and(|slot| slot.end && slot.data.is_empty() && slot.trailers.is_none())
+            .is_some_and(|slot| slot.body.is_end())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -555,7 +524,7 @@ impl Drop for RecvBody {
             inner
                 .slots
                 .get(&self.id)
-                .is_none_or(|slot| slot.end && slot.data.is_empty() && slot.trailers.is_none())
+                .is_none_or(|slot| slot.body.is_end())
                 && !inner.conn.is_open(StreamId::new(self.id))
         };
         if finished {
@@ -564,21 +533,6 @@ impl Drop for RecvBody {
             // Dropped before its end: the stream is reset; the connection carries on.
             cancel(&self.shared, self.id);
         }
-    }
-}
-
-/// Keep-alive pings on the connection.
-struct Keepalive {
-    clock: Clock,
-    interval: Duration,
-    sent: bool,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Keepalive {
-    fn rearm(&mut self, after: Duration) {
-        let at = self.clock.to_tokio(self.clock.now() + after);
-        self.timer.as_mut().reset(at);
     }
 }
 
@@ -625,14 +579,7 @@ pub(crate) fn handshake<I: Io>(
     let handle = Handle {
         shared: Arc::clone(&shared),
     };
-    let keepalive = Keepalive {
-        clock,
-        interval,
-        sent: false,
-        timer: Box::pin(tokio::time::sleep_until(
-            clock.to_tokio(clock.now() + interval),
-        )),
-    };
+    let keepalive = Keepalive::new(clock, interval);
     let mut driver = Driver {
         io,
         shared,
@@ -677,27 +624,20 @@ impl<I: Io> Driver<I> {
         loop {
             let mut progress = false;
             // Keep-alive.
-            while self.keepalive.timer.as_mut().poll(cx).is_ready() {
-                if self.keepalive.sent {
-                    return Poll::Ready(Err(Ended::PingTimeout(PING_TIMEOUT)));
+            while let Poll::Ready(due) = self.keepalive.poll_due(cx) {
+                if let Err(timeout) = due {
+                    return Poll::Ready(Err(Ended::PingTimeout(timeout)));
                 }
-                self.shared.lock().conn.ping(*b"conduit!");
-                self.keepalive.sent = true;
-                self.keepalive.rearm(PING_TIMEOUT);
+                self.shared.lock().conn.ping(PING_DATA);
                 progress = true;
             }
             // Read.
             if self.write.len() < MAX_UNWRITTEN {
-                let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-                let mut buf = ReadBuf::uninit(&mut stack);
-                match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                match super::conn::poll_read(&mut self.io, cx, &mut self.read) {
                     Poll::Pending => {}
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
-                    Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                        return Poll::Ready(Ok(()));
-                    }
-                    Poll::Ready(Ok(())) => {
-                        self.read.extend_from_slice(buf.filled());
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(_)) => {
                         if let Err(err) = self.receive() {
                             let _ = self.poll_write(cx);
                             return Poll::Ready(Err(Ended::Protocol(err)));
@@ -764,7 +704,9 @@ impl<I: Io> Driver<I> {
                 slot.head = Some(Ok(response));
                 slot.head_arrived = true;
                 slot.head_end = end_stream;
-                slot.end = end_stream;
+                if end_stream {
+                    wake.add(slot.body.push_data(Bytes::new(), true));
+                }
                 slot.content_length = fields.content_length();
                 wake.add(slot.head_waker.take());
             }
@@ -773,20 +715,12 @@ impl<I: Io> Driver<I> {
                 data,
                 end_stream,
             } => match slots.get_mut(&stream.value()) {
-                Some(slot) => {
-                    if !data.is_empty() {
-                        slot.data.push_back(data);
-                    }
-                    slot.end = end_stream;
-                    wake.add(slot.body_waker.take());
-                }
+                Some(slot) => wake.add(slot.body.push_data(data, end_stream)),
                 None => release.push((stream, data.len())),
             },
             Event::Trailers { stream, fields } => {
                 if let Some(slot) = slots.get_mut(&stream.value()) {
-                    slot.trailers = Some(header_map(&fields));
-                    slot.end = true;
-                    wake.add(slot.body_waker.take());
+                    wake.add(slot.body.push_trailers(header_map(&fields)));
                 }
             }
             Event::Reset {
@@ -800,9 +734,8 @@ impl<I: Io> Driver<I> {
                     if !slot.head_arrived && slot.head.is_none() {
                         slot.head = Some(Err(failed.clone()));
                     }
-                    slot.failed.get_or_insert(failed);
                     wake.add(slot.head_waker.take());
-                    wake.add(slot.body_waker.take());
+                    wake.add(slot.body.fail(failed));
                 }
                 wake.add(send_wakers.remove(&stream.value()));
                 wake.0.append(open_wakers);
@@ -820,10 +753,8 @@ impl<I: Io> Driver<I> {
         }
         drop(inner);
         wake.run();
-        if pong && self.keepalive.sent {
-            self.keepalive.sent = false;
-            let interval = self.keepalive.interval;
-            self.keepalive.rearm(interval);
+        if pong {
+            self.keepalive.pong();
         }
         received
     }
@@ -834,29 +765,15 @@ impl<I: Io> Driver<I> {
             if self.write.is_empty() {
                 let mut inner = self.shared.lock();
                 if !inner.conn.wants_write() {
-                    break;
+                    return Ok(wrote);
                 }
                 self.write = inner.conn.output().split();
             }
-            match Pin::new(&mut self.io).poll_write(cx, &self.write) {
-                Poll::Ready(Ok(0)) => {
-                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-                }
-                Poll::Ready(Ok(n)) => {
-                    self.write.advance(n);
-                    wrote = true;
-                }
-                Poll::Ready(Err(err)) => return Err(err.into()),
-                Poll::Pending => break,
+            if !super::conn::write_some(&mut self.io, cx, &mut self.write)? {
+                return Ok(wrote);
             }
+            wrote = true;
         }
-        if wrote {
-            match Pin::new(&mut self.io).poll_flush(cx) {
-                Poll::Ready(Err(err)) => return Err(err.into()),
-                Poll::Ready(Ok(())) | Poll::Pending => {}
-            }
-        }
-        Ok(wrote)
     }
 
     /// The connection is over: every stream still waiting learns why.
@@ -878,11 +795,8 @@ impl<I: Io> Driver<I> {
             if !slot.head_arrived && slot.head.is_none() {
                 slot.head = Some(Err(failed.clone()));
             }
-            if !slot.end && slot.failed.is_none() {
-                slot.failed = Some(failed);
-            }
             wake.add(slot.head_waker.take());
-            wake.add(slot.body_waker.take());
+            wake.add(slot.body.fail(failed));
         }
         wake.0.extend(send_wakers.drain().map(|(_, w)| w));
         wake.0.append(open_wakers);

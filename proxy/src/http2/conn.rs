@@ -1,11 +1,26 @@
 //! What both directions' HTTP/2 connections (the server and client modules beside this one)
-//! share: their windows, and the keep-alive ping timeout.
+//! share: their windows, keep-alive pings, socket reads and writes, the conversions between
+//! header lists and header maps, and the queue an incoming body waits in for its reader.
 //!
 //! Both directions send keep-alive pings so a peer that vanished without closing (a partition,
 //! a crashed host) is found: a ping every interval, and the connection ends when one goes
 //! unanswered for [`PING_TIMEOUT`].
 
+use std::collections::VecDeque;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use conduit_h2::conn::HeaderList;
+use conduit_h2::hpack::Field;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use tokio::io::ReadBuf;
+
+use crate::clock::Clock;
+use crate::net::Io;
 
 /// How long a keep-alive ping may go unanswered before the connection is given up.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(20);
@@ -19,3 +34,225 @@ pub(crate) const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// The most a stream queues to send beyond what the peer's window takes.
 pub(crate) const SEND_BUFFER: usize = 256 * 1024;
+
+/// The data a PING carries; any answer counts.
+pub(crate) const PING_DATA: [u8; 8] = *b"conduit!";
+
+/// How much is read from a socket at once.
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
+
+/// Output beyond which a connection stops reading: the peer is not reading what the proxy
+/// writes, and everything it sends would only add to it.
+pub(crate) const MAX_UNWRITTEN: usize = 1024 * 1024;
+
+/// Keep-alive pings on one connection: due every `interval`; a ping unanswered for
+/// [`PING_TIMEOUT`] gives the connection up.
+pub(crate) struct Keepalive {
+    clock: Clock,
+    interval: Duration,
+    /// A ping is out, unanswered.
+    sent: bool,
+    /// The next ping, or the unanswered one's timeout.
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Keepalive {
+    pub(crate) fn new(clock: Clock, interval: Duration) -> Self {
+        Self {
+            clock,
+            interval,
+            sent: false,
+            timer: Box::pin(tokio::time::sleep_until(
+                clock.to_tokio(clock.now() + interval),
+            )),
+        }
+    }
+
+    fn rearm(&mut self, after: Duration) {
+        let at = self.clock.to_tokio(self.clock.now() + after);
+        self.timer.as_mut().reset(at);
+    }
+
+    /// Ready with `Ok` when a ping is due (the caller sends it; its answer is awaited from
+    /// then on), with `Err` when the last one went unanswered for [`PING_TIMEOUT`].
+    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Duration>> {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if self.sent {
+            return Poll::Ready(Err(PING_TIMEOUT));
+        }
+        self.sent = true;
+        self.rearm(PING_TIMEOUT);
+        Poll::Ready(Ok(()))
+    }
+
+    /// The peer answered: the next ping is due an interval from now.
+    pub(crate) fn pong(&mut self) {
+        if self.sent {
+            self.sent = false;
+            self.rearm(self.interval);
+        }
+    }
+}
+
+impl std::fmt::Debug for Keepalive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keepalive")
+            .field("interval", &self.interval)
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads what `io` has into `buf` (at most [`READ_CHUNK`]): `Ready(Ok(0))` at the end of the
+/// stream.
+pub(crate) fn poll_read<I: Io>(
+    io: &mut I,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut read = ReadBuf::uninit(&mut stack);
+    ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
+}
+
+/// Writes as much of `buf` as `io` takes now, then flushes (TLS holds what it encrypted until
+/// flushed); whether anything was written.
+pub(crate) fn write_some<I: Io>(
+    io: &mut I,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> std::io::Result<bool> {
+    let mut wrote = false;
+    while !buf.is_empty() {
+        match Pin::new(&mut *io).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(err)) => return Err(err),
+            Poll::Pending => break,
+        }
+    }
+    if wrote && let Poll::Ready(Err(err)) = Pin::new(io).poll_flush(cx) {
+        return Err(err);
+    }
+    Ok(wrote)
+}
+
+/// A header map's fields for the HPACK encoder.
+pub(crate) fn fields_of(headers: &HeaderMap) -> impl Iterator<Item = Field<'_>> {
+    headers.iter().map(|(name, value)| Field {
+        name: name.as_str().as_bytes(),
+        value: value.as_bytes(),
+        sensitive: value.is_sensitive(),
+    })
+}
+
+/// A decoded header list's regular fields as a header map. Values are slices of the list's
+/// buffer (no copy); names the `http` crate knows cost nothing either.
+pub(crate) fn header_map(fields: &HeaderList) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, value, sensitive) in fields.iter() {
+        // The state machine checked both already (RFC 9113 §8.2); these cannot fail, but a
+        // field the `http` crate refuses is dropped rather than trusted.
+        let (Ok(name), Ok(mut value)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_maybe_shared(value),
+        ) else {
+            continue;
+        };
+        value.set_sensitive(sensitive);
+        headers.append(name, value);
+    }
+    headers
+}
+
+/// A stream's incoming body (a client's request, an upstream's response) as the connection
+/// delivers it, waiting for its reader: data, then trailers, then the end, or the failure
+/// that cut it short. `E` says how it failed.
+#[derive(Debug)]
+pub(crate) struct Incoming<E> {
+    data: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// The peer has sent all of it.
+    end: bool,
+    failed: Option<E>,
+    waker: Option<Waker>,
+}
+
+impl<E> Default for Incoming<E> {
+    fn default() -> Self {
+        Self {
+            data: VecDeque::new(),
+            trailers: None,
+            end: false,
+            failed: None,
+            waker: None,
+        }
+    }
+}
+
+impl<E: Clone> Incoming<E> {
+    /// Data came (`end`: the last of it); the reader's waker, to call without the lock.
+    pub(crate) fn push_data(&mut self, data: Bytes, end: bool) -> Option<Waker> {
+        if !data.is_empty() {
+            self.data.push_back(data);
+        }
+        self.end |= end;
+        self.waker.take()
+    }
+
+    /// The trailers came, which end the body.
+    pub(crate) fn push_trailers(&mut self, trailers: HeaderMap) -> Option<Waker> {
+        self.trailers = Some(trailers);
+        self.end = true;
+        self.waker.take()
+    }
+
+    /// The stream ended short of the body's end (a body already whole keeps its end, and a
+    /// body that already failed keeps its first reason).
+    pub(crate) fn fail(&mut self, failed: E) -> Option<Waker> {
+        if !self.end && self.failed.is_none() {
+            self.failed = Some(failed);
+        }
+        self.waker.take()
+    }
+
+    /// The next frame, or `Pending` with the reader's waker kept. `None`: the body ended.
+    pub(crate) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+        if let Some(data) = self.data.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        if self.end {
+            return Poll::Ready(None);
+        }
+        if let Some(failed) = self.failed.clone() {
+            return Poll::Ready(Some(Err(failed)));
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Whether nothing is left to read.
+    pub(crate) fn is_end(&self) -> bool {
+        self.end && self.data.is_empty() && self.trailers.is_none()
+    }
+
+    /// Data delivered but never read: window to give back when the reader goes away.
+    pub(crate) fn unread(&self) -> usize {
+        self.data.iter().map(Bytes::len).sum()
+    }
+}

@@ -15,39 +15,32 @@
 //! unanswered for [`super::conn::PING_TIMEOUT`]), and a graceful GOAWAY once no stream has
 //! been open for the idle timeout or draining starts; open streams then finish.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use conduit_h2::conn::{Config, Connection, Event, HeaderList, Role, StreamMap};
 use conduit_h2::frame::StreamId;
 use conduit_h2::hpack::Field;
 use conduit_h2::message::Pseudo;
 use conduit_h2::{Error as H2Error, ErrorCode};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderMap;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::ReadBuf;
 
-use super::conn::{CONNECTION_WINDOW, PING_TIMEOUT, SEND_BUFFER, STREAM_WINDOW};
+use super::conn::{
+    CONNECTION_WINDOW, Incoming, Keepalive, MAX_UNWRITTEN, PING_DATA, READ_CHUNK, SEND_BUFFER,
+    STREAM_WINDOW, fields_of, header_map,
+};
 use crate::body::{Body, StreamGuard, Streams};
 use crate::clock::Clock;
 use crate::config::Limits;
 use crate::drain::Drain;
 use crate::net::Io;
-
-/// How much is read from the socket at once.
-const READ_CHUNK: usize = 16 * 1024;
-
-/// Output beyond which the connection stops reading: the client is not reading what the
-/// proxy writes, and everything it sends would only add to it.
-const MAX_UNWRITTEN: usize = 1024 * 1024;
 
 /// Stream polls per wake-up before the task yields to others.
 const POLL_BUDGET: usize = 256;
@@ -70,24 +63,12 @@ pub(crate) struct StreamReset {
     pub(crate) code: ErrorCode,
 }
 
-/// A request body's arrivals, shared between the connection and the body's reader.
-#[derive(Debug, Default)]
-struct Incoming {
-    data: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
-    /// The client has sent all of it.
-    end: bool,
-    /// The stream ended before the body did.
-    reset: Option<ErrorCode>,
-    waker: Option<Waker>,
-}
-
 /// What the connection's task shares with stream wakers and request body readers.
 #[derive(Debug, Default)]
 struct Inner {
     /// Streams woken since the task last polled them.
     ready: Vec<u32>,
-    bodies: StreamMap<Incoming>,
+    bodies: StreamMap<Incoming<ErrorCode>>,
     /// Data handed on by body readers: window to give back.
     released: Vec<(u32, usize)>,
     /// The connection's task.
@@ -178,43 +159,38 @@ impl http_body::Body for RequestBody {
                 code: ErrorCode::CANCEL,
             })));
         };
-        if let Some(data) = incoming.data.pop_front() {
-            // Handed on: the client may send as much again.
-            if released.is_empty()
-                && let Some(waker) = waker
-            {
-                waker.wake_by_ref();
+        let frame = match ready!(incoming.poll_next(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(code)) => {
+                drop(inner);
+                self.done = true;
+                return Poll::Ready(Some(Err(StreamReset { code })));
             }
-            released.push((id, data.len()));
-            drop(inner);
-            if let Some(remaining) = &mut self.remaining {
-                *remaining = remaining.saturating_sub(data.len() as u64);
+            None => {
+                drop(inner);
+                self.done = true;
+                return Poll::Ready(None);
             }
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        if let Some(trailers) = incoming.trailers.take() {
+        };
+        let Some(data) = frame.data_ref() else {
+            // The trailers, which end the body.
             drop(inner);
             self.done = true;
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-        }
-        if incoming.end {
-            drop(inner);
-            self.done = true;
-            return Poll::Ready(None);
-        }
-        if let Some(code) = incoming.reset {
-            drop(inner);
-            self.done = true;
-            return Poll::Ready(Some(Err(StreamReset { code })));
-        }
-        if !incoming
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        // Handed on: the client may send as much again.
+        let len = data.len();
+        if released.is_empty()
+            && let Some(waker) = waker
         {
-            incoming.waker = Some(cx.waker().clone());
+            waker.wake_by_ref();
         }
-        Poll::Pending
+        released.push((id, len));
+        drop(inner);
+        if let Some(remaining) = &mut self.remaining {
+            *remaining = remaining.saturating_sub(len as u64);
+        }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -225,9 +201,7 @@ impl http_body::Body for RequestBody {
             return true;
         };
         let inner = shared.lock();
-        inner.bodies.get(&self.id).is_some_and(|incoming| {
-            incoming.end && incoming.data.is_empty() && incoming.trailers.is_none()
-        })
+        inner.bodies.get(&self.id).is_some_and(Incoming::is_end)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -249,7 +223,7 @@ impl Drop for RequestBody {
         let mut inner = shared.lock();
         if let Some(incoming) = inner.bodies.remove(&self.id) {
             // What was never read is the connection's window again.
-            let unread: usize = incoming.data.iter().map(Bytes::len).sum();
+            let unread = incoming.unread();
             if unread > 0 {
                 inner.released.push((self.id, unread));
                 if let Some(waker) = &inner.waker {
@@ -272,52 +246,6 @@ enum TaskState<Fut> {
     Respond(Pin<Box<Fut>>),
     /// The response body, sent as the client's windows allow.
     Send(Body),
-}
-
-/// Keep-alive pings.
-struct Keepalive {
-    clock: Clock,
-    interval: Duration,
-    sent: bool,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Keepalive {
-    fn new(clock: Clock, interval: Duration) -> Self {
-        Self {
-            clock,
-            interval,
-            sent: false,
-            timer: Box::pin(tokio::time::sleep_until(
-                clock.to_tokio(clock.now() + interval),
-            )),
-        }
-    }
-
-    fn rearm(&mut self, after: Duration) {
-        let at = self.clock.to_tokio(self.clock.now() + after);
-        self.timer.as_mut().reset(at);
-    }
-
-    /// Sends a ping when one is due; an error when the last went unanswered.
-    fn poll(&mut self, cx: &mut Context<'_>, conn: &mut Connection) -> Result<(), ServeError> {
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if self.sent {
-                return Err(ServeError::PingTimeout(PING_TIMEOUT));
-            }
-            conn.ping(*b"conduit!");
-            self.sent = true;
-            self.rearm(PING_TIMEOUT);
-        }
-        Ok(())
-    }
-
-    fn pong(&mut self) {
-        if self.sent {
-            self.sent = false;
-            self.rearm(self.interval);
-        }
-    }
 }
 
 /// Serves a client's HTTP/2 connection: each request to `handle`, its response back (a
@@ -406,10 +334,7 @@ impl<I, F, Fut> Drop for Server<I, F, Fut> {
         inner.waker = None;
         let mut wakers = Vec::new();
         for incoming in inner.bodies.values_mut() {
-            if !incoming.end && incoming.reset.is_none() {
-                incoming.reset = Some(ErrorCode::CANCEL);
-            }
-            wakers.extend(incoming.waker.take());
+            wakers.extend(incoming.fail(ErrorCode::CANCEL));
         }
         drop(inner);
         for waker in wakers {
@@ -435,8 +360,11 @@ where
                 inner.waker = Some(cx.waker().clone());
             }
         }
-        if let Err(err) = self.keepalive.poll(cx, &mut self.conn) {
-            return Poll::Ready(Err(err));
+        while let Poll::Ready(due) = self.keepalive.poll_due(cx) {
+            if let Err(timeout) = due {
+                return Poll::Ready(Err(ServeError::PingTimeout(timeout)));
+            }
+            self.conn.ping(PING_DATA);
         }
         let mut budget = POLL_BUDGET;
         loop {
@@ -477,21 +405,16 @@ where
         if self.read_closed || self.conn.output().len() > MAX_UNWRITTEN {
             return Ok(false);
         }
-        let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut buf = ReadBuf::uninit(&mut stack);
-        match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+        let read = match super::conn::poll_read(&mut self.io, cx, &mut self.read) {
             Poll::Pending => return Ok(false),
-            Poll::Ready(Err(err)) => return Err(err.into()),
-            Poll::Ready(Ok(())) => {}
-        }
-        let filled = buf.filled();
-        if filled.is_empty() {
+            Poll::Ready(read) => read?,
+        };
+        if read == 0 {
             self.read_closed = true;
             // Streams still answering are cancelled: the client cannot read their answers.
             self.tasks.clear();
             return Ok(true);
         }
-        self.read.extend_from_slice(filled);
         let mut events = std::mem::take(&mut self.events);
         let received = self
             .conn
@@ -520,11 +443,7 @@ where
                 let mut inner = self.shared.lock();
                 match inner.bodies.get_mut(&id) {
                     Some(incoming) => {
-                        if !data.is_empty() {
-                            incoming.data.push_back(data);
-                        }
-                        incoming.end = end_stream;
-                        let waker = incoming.waker.take();
+                        let waker = incoming.push_data(data, end_stream);
                         // Woken without the lock: the reader may be one of this
                         // connection's own streams, whose waker takes it.
                         drop(inner);
@@ -542,11 +461,10 @@ where
             Event::Trailers { stream, fields } => {
                 let trailers = header_map(&fields);
                 let mut inner = self.shared.lock();
-                let waker = inner.bodies.get_mut(&stream.value()).and_then(|incoming| {
-                    incoming.trailers = Some(trailers);
-                    incoming.end = true;
-                    incoming.waker.take()
-                });
+                let waker = inner
+                    .bodies
+                    .get_mut(&stream.value())
+                    .and_then(|incoming| incoming.push_trailers(trailers));
                 drop(inner);
                 if let Some(waker) = waker {
                     waker.wake();
@@ -567,13 +485,10 @@ where
     /// The request body of `id` ends with the stream, short of its end.
     fn end_body(&self, id: u32, code: ErrorCode) {
         let mut inner = self.shared.lock();
-        let waker = match inner.bodies.get_mut(&id) {
-            Some(incoming) if !incoming.end => {
-                incoming.reset = Some(code);
-                incoming.waker.take()
-            }
-            _ => None,
-        };
+        let waker = inner
+            .bodies
+            .get_mut(&id)
+            .and_then(|incoming| incoming.fail(code));
         drop(inner);
         if let Some(waker) = waker {
             waker.wake();
@@ -659,29 +574,11 @@ where
 
     /// Writes what the state machine has to say; whether anything was written.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, ServeError> {
-        let mut wrote = false;
-        while self.conn.wants_write() {
-            let out = self.conn.output();
-            match Pin::new(&mut self.io).poll_write(cx, out) {
-                Poll::Ready(Ok(0)) => {
-                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-                }
-                Poll::Ready(Ok(n)) => {
-                    out.advance(n);
-                    wrote = true;
-                }
-                Poll::Ready(Err(err)) => return Err(err.into()),
-                Poll::Pending => break,
-            }
-        }
-        if wrote {
-            // TLS holds what it encrypted until flushed.
-            match Pin::new(&mut self.io).poll_flush(cx) {
-                Poll::Ready(Err(err)) => return Err(err.into()),
-                Poll::Ready(Ok(())) | Poll::Pending => {}
-            }
-        }
-        Ok(wrote)
+        Ok(super::conn::write_some(
+            &mut self.io,
+            cx,
+            self.conn.output(),
+        )?)
     }
 }
 
@@ -748,34 +645,6 @@ where
             }
         }
     }
-}
-
-/// A header map's fields for the encoder.
-fn fields_of(headers: &HeaderMap) -> impl Iterator<Item = Field<'_>> {
-    headers.iter().map(|(name, value)| Field {
-        name: name.as_str().as_bytes(),
-        value: value.as_bytes(),
-        sensitive: value.is_sensitive(),
-    })
-}
-
-/// A decoded header list's regular fields as a header map. Values are slices of the list's
-/// buffer (no copy); names the `http` crate knows cost nothing either.
-pub(crate) fn header_map(fields: &HeaderList) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for (name, value, sensitive) in fields.iter() {
-        // The state machine checked both already (RFC 9113 §8.2); these cannot fail, but a
-        // field the `http` crate refuses is dropped rather than trusted.
-        let (Ok(name), Ok(mut value)) = (
-            HeaderName::from_bytes(name),
-            HeaderValue::from_maybe_shared(value),
-        ) else {
-            continue;
-        };
-        value.set_sensitive(sensitive);
-        headers.append(name, value);
-    }
-    headers
 }
 
 /// A request head as the `http` crate holds it.
