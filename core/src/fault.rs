@@ -340,29 +340,65 @@ mod tests {
         );
     }
 
+    /// The share drawn follows the policy's within sampling error, for both kinds at once.
+    ///
+    /// A statistical bound checked on arbitrary seeds fails now and then by chance (CI met a
+    /// 5.3-sigma draw), so the seeds here are fixed: the check is exact and repeatable, and
+    /// the properties that hold for every seed are the proptest below.
+    #[test]
+    fn draws_follow_the_shares() {
+        let n = 20_000u32;
+        for seed in 0..8u64 {
+            for (abort_pct, delay_pct) in [(1, 17), (10, 20), (50, 50), (99, 3), (100, 1)] {
+                let policy = FaultPolicy {
+                    abort: Some(Abort {
+                        status: 503,
+                        grpc: 14,
+                        per_million: abort_pct * 10_000,
+                    }),
+                    delay: Some(Delay {
+                        duration: Duration::from_millis(5),
+                        per_million: delay_pct * 10_000,
+                    }),
+                };
+                let mut rng = DetRng::new(seed);
+                let draws: Vec<Injected> = (0..n).map(|_| policy.draw(&mut rng)).collect();
+                let aborts = draws.iter().filter(|d| d.abort.is_some()).count();
+                let delays = draws.iter().filter(|d| d.delay.is_some()).count();
+                let both = draws
+                    .iter()
+                    .filter(|d| d.abort.is_some() && d.delay.is_some())
+                    .count();
+                let expect = |share: f64| f64::from(n) * share;
+                // Five standard deviations of a binomial, plus one.
+                let slack = |p: f64| 5.0 * (f64::from(n) * p * (1.0 - p)).sqrt() + 1.0;
+                let near = |got: usize, p: f64| (got as f64 - expect(p)).abs() <= slack(p);
+                let (pa, pd) = (f64::from(abort_pct) / 100.0, f64::from(delay_pct) / 100.0);
+                let case = format!("seed {seed}, abort {abort_pct} %, delay {delay_pct} %");
+                assert!(near(aborts, pa), "{case}: {aborts} aborts");
+                assert!(near(delays, pd), "{case}: {delays} delays");
+                // Drawn independently: both land together at the product of the shares.
+                assert!(near(both, pa * pd), "{case}: {both} with both");
+            }
+        }
+    }
+
     proptest! {
-        /// The share drawn follows the policy's within sampling error, both kinds are drawn
-        /// independently, 100 % always hits, and the same seed draws the same faults.
+        /// For every seed: 100 % always hits, 0 % (no such fault) never does, and the same
+        /// seed draws the same faults.
         #[test]
-        fn draws_follow_the_shares(seed: u64, abort_pct in 1u32..=100, delay_pct in 1u32..=100) {
+        fn draws_are_exact_at_the_ends_and_repeatable(seed: u64, abort_pct in 1u32..=100, delay_pct in 0u32..=100) {
             let policy = FaultPolicy {
                 abort: Some(Abort { status: 503, grpc: 14, per_million: abort_pct * 10_000 }),
-                delay: Some(Delay { duration: Duration::from_millis(5), per_million: delay_pct * 10_000 }),
+                delay: (delay_pct > 0).then_some(Delay { duration: Duration::from_millis(5), per_million: delay_pct * 10_000 }),
             };
-            let n = 20_000u32;
+            let n = 2_000u32;
             let mut rng = DetRng::new(seed);
             let draws: Vec<Injected> = (0..n).map(|_| policy.draw(&mut rng)).collect();
             let aborts = draws.iter().filter(|d| d.abort.is_some()).count();
-            let delays = draws.iter().filter(|d| d.delay.is_some()).count();
-            let expect = |pct: u32| f64::from(n) * f64::from(pct) / 100.0;
-            // Five standard deviations of a binomial, plus one.
-            let slack = |pct: u32| {
-                let p = f64::from(pct) / 100.0;
-                5.0 * (f64::from(n) * p * (1.0 - p)).sqrt() + 1.0
-            };
-            prop_assert!((aborts as f64 - expect(abort_pct)).abs() <= slack(abort_pct));
-            prop_assert!((delays as f64 - expect(delay_pct)).abs() <= slack(delay_pct));
             if abort_pct == 100 { prop_assert_eq!(aborts, n as usize); }
+            if delay_pct == 0 { prop_assert!(draws.iter().all(|d| d.delay.is_none())); }
+            if delay_pct == 100 { prop_assert!(draws.iter().all(|d| d.delay.is_some())); }
             let mut again = DetRng::new(seed);
             let replay: Vec<Injected> = (0..n).map(|_| policy.draw(&mut again)).collect();
             prop_assert_eq!(replay, draws);
