@@ -61,9 +61,11 @@ pub struct Config {
     /// Our `SETTINGS_MAX_CONCURRENT_STREAMS`: how many streams the peer may have open.
     pub max_concurrent_streams: u32,
     /// Our `SETTINGS_INITIAL_WINDOW_SIZE`: what the peer may send on a stream before the
-    /// caller hands any of it on.
+    /// caller hands any of it on. Below the protocol's 65,535, it applies once the peer has
+    /// acknowledged our SETTINGS (it may send up to 65,535 before it has read them).
     pub stream_window: u32,
-    /// The connection's receive window: what the peer may send on all streams together.
+    /// The connection's receive window: what the peer may send on all streams together (at
+    /// least the protocol's 65,535, where every connection starts and which only grows).
     pub connection_window: u32,
     /// Our `SETTINGS_MAX_HEADER_LIST_SIZE`.
     pub max_header_list_size: u32,
@@ -314,6 +316,10 @@ pub struct Connection {
     peer_max_streams: u32,
     peer_stream_window: u32,
     peer_max_frame_size: u32,
+    /// What a new stream may receive: the protocol's 65,535 until the peer acknowledges our
+    /// SETTINGS (it may send that much before it has read them), then our
+    /// `SETTINGS_INITIAL_WINDOW_SIZE`.
+    local_stream_window: u32,
     /// Connection windows: what we may send, what the peer may send, and what the caller has
     /// handed on but we have not yet given back.
     send_window: i64,
@@ -380,6 +386,7 @@ impl Connection {
             local_open: 0,
             peer_max_streams: u32::MAX,
             peer_stream_window: frame::DEFAULT_INITIAL_WINDOW_SIZE,
+            local_stream_window: config.stream_window.max(frame::DEFAULT_INITIAL_WINDOW_SIZE),
             peer_max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
             send_window: i64::from(frame::DEFAULT_INITIAL_WINDOW_SIZE),
             recv_window: i64::from(connection_window.max(frame::DEFAULT_INITIAL_WINDOW_SIZE)),
@@ -625,6 +632,7 @@ impl Connection {
                     local_open: &mut self.local_open,
                     sent_goaway: self.sent_goaway,
                     peer_stream_window: self.peer_stream_window,
+                    local_stream_window: self.local_stream_window,
                     peer_max_frame_size: self.peer_max_frame_size,
                     abuse: &mut self.abuse,
                     pending: &mut self.pending,
@@ -644,6 +652,7 @@ impl Connection {
             Frame::Unknown(_) => Ok(()),
             Frame::Settings(settings) => {
                 if settings.ack {
+                    self.settings_acked();
                     return Ok(());
                 }
                 self.spend(1)?;
@@ -743,6 +752,21 @@ impl Connection {
                     unprocessed: reset.code == ErrorCode::REFUSED_STREAM,
                 });
                 Ok(())
+            }
+        }
+    }
+
+    /// The peer has applied our SETTINGS (we send one, so the first acknowledgement is the
+    /// one): a stream window below the protocol's default takes effect now, on the streams
+    /// already open too, as the peer has shrunk its view of them by as much (RFC 9113,
+    /// section 6.9.2).
+    fn settings_acked(&mut self) {
+        let shrink =
+            self.local_stream_window - self.config.stream_window.min(self.local_stream_window);
+        if shrink > 0 {
+            self.local_stream_window -= shrink;
+            for s in self.streams.values_mut() {
+                s.recv_window -= i64::from(shrink);
             }
         }
     }
@@ -901,7 +925,7 @@ impl Connection {
         let id = self.next_local;
         self.next_local += 2;
         self.local_open += 1;
-        let mut stream = Stream::new(false, self.config.stream_window, self.peer_stream_window);
+        let mut stream = Stream::new(false, self.local_stream_window, self.peer_stream_window);
         stream.head_sent = true;
         stream.send_closed = end_stream;
         self.streams.insert(id, stream);
@@ -1216,6 +1240,7 @@ struct Parts<'c> {
     local_open: &'c mut u32,
     sent_goaway: Option<u32>,
     peer_stream_window: u32,
+    local_stream_window: u32,
     peer_max_frame_size: u32,
     abuse: &'c mut u32,
     pending: &'c mut VecDeque<u32>,
@@ -1340,7 +1365,7 @@ fn recv_block(
             frame::write_rst_stream(p.out, stream_id, ErrorCode::PROTOCOL_ERROR);
             return Ok(());
         }
-        let mut stream = Stream::new(true, p.config.stream_window, p.peer_stream_window);
+        let mut stream = Stream::new(true, p.local_stream_window, p.peer_stream_window);
         stream.head_received = true;
         stream.recv_closed = end_stream;
         stream.expect_len = fields.content_length();

@@ -209,6 +209,51 @@ fn a_peer_never_sends_more_than_the_windows_and_resumes_as_data_is_released() {
     assert!(!server.conn.is_open(id));
 }
 
+/// A server that allows streams less than the protocol's 65,535 must take what a client
+/// sends before it has read that setting, and holds it to the smaller window after.
+#[test]
+fn a_stream_window_below_the_default_applies_once_the_peer_has_it() {
+    let server_config = Config {
+        stream_window: 300,
+        ..Config::new(Role::Server)
+    };
+    let mut client = End::new(Config::new(Role::Client));
+    let mut server = End::new(server_config);
+    // The client sends its preface, a request and 1,000 bytes before hearing from the server.
+    let id = client.conn.open(post(b"4000"), false).unwrap();
+    client
+        .conn
+        .send_data(id, Bytes::from(vec![1u8; 1000]), false);
+    let early = client.conn.output().split();
+    server.feed(&early);
+    assert!(server.error.is_none(), "{:?}", server.error);
+    let events = server.take_events();
+    assert_eq!(data_len(&events), 1000, "{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Reset { .. })),
+        "{events:?}"
+    );
+
+    // Now both have the other's settings: the stream may take 300 bytes once the 1,000 are
+    // handed on, and no more.
+    pump(&mut client, &mut server);
+    client
+        .conn
+        .send_data(id, Bytes::from(vec![2u8; 3000]), false);
+    pump(&mut client, &mut server);
+    assert_eq!(
+        data_len(&server.take_events()),
+        0,
+        "nothing until data is released"
+    );
+    server.conn.release(id, 1000);
+    pump(&mut client, &mut server);
+    let events = server.take_events();
+    assert_eq!(data_len(&events), 300, "{events:?}");
+    assert!(server.error.is_none() && client.error.is_none());
+    assert!(server.conn.is_open(id));
+}
+
 #[test]
 fn a_stream_that_queued_past_its_buffer_is_told_when_it_may_queue_again() {
     let (mut client, mut server) = pair();
