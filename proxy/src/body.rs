@@ -384,42 +384,6 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A body that holds a guard (a [`StreamGuard`], by default) until it is dropped (no
-/// allocation: it wraps the body by value).
-pub(crate) struct CountedBody<B, G = StreamGuard> {
-    inner: B,
-    _guard: G,
-}
-
-impl<B, G> CountedBody<B, G> {
-    pub(crate) fn new(inner: B, guard: G) -> Self {
-        Self {
-            inner,
-            _guard: guard,
-        }
-    }
-}
-
-impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for CountedBody<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// What a [`RecordingBody`] has yielded so far.
 #[derive(Debug, Default)]
 struct Recording {

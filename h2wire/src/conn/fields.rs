@@ -1,5 +1,6 @@
 //! A decoded header list, owned: one buffer for every name and value, so that values can be
-//! handed on as slices of it without a copy each.
+//! handed on as slices of it without a copy each, and the regular fields' places after them
+//! in the same buffer (one allocation per list).
 
 use std::ops::Range;
 
@@ -17,7 +18,36 @@ struct Place {
     sensitive: bool,
 }
 
+/// The bytes of one place record after the fields: start, end of name, end of value (its top
+/// bit the sensitive flag), each a little-endian `u32`.
+const RECORD: usize = 12;
+const SENSITIVE: u32 = 1 << 31;
+
 impl Place {
+    fn write(self, buf: &mut BytesMut) {
+        buf.extend_from_slice(&self.start.to_le_bytes());
+        buf.extend_from_slice(&self.name_end.to_le_bytes());
+        let end = self.end | if self.sensitive { SENSITIVE } else { 0 };
+        buf.extend_from_slice(&end.to_le_bytes());
+    }
+
+    fn read(record: &[u8]) -> Self {
+        let word = |i: usize| {
+            let mut bytes = [0; 4];
+            if let Some(slice) = record.get(i * 4..i * 4 + 4) {
+                bytes.copy_from_slice(slice);
+            }
+            u32::from_le_bytes(bytes)
+        };
+        let end = word(2);
+        Self {
+            start: word(0),
+            name_end: word(1),
+            end: end & !SENSITIVE,
+            sensitive: end & SENSITIVE != 0,
+        }
+    }
+
     fn name(self) -> Range<usize> {
         self.start as usize..self.name_end as usize
     }
@@ -31,10 +61,12 @@ impl Place {
 /// (RFC 9113 §8.2, §8.3): pseudo-header fields by name, then the regular fields in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeaderList {
+    /// Every name and value, then the regular fields' places (`RECORD` bytes each).
     buf: Bytes,
+    /// Where the places begin.
+    fields_end: usize,
     /// `:method`, `:scheme`, `:authority`, `:path`, `:status`.
     pseudo: [Option<Place>; 5],
-    regular: Vec<Place>,
     content_length: Option<u64>,
 }
 
@@ -101,19 +133,24 @@ impl HeaderList {
     /// How many regular fields there are.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.regular.len()
+        self.records().len() / RECORD
     }
 
     /// Whether there are no regular fields.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.regular.is_empty()
+        self.records().is_empty()
+    }
+
+    fn records(&self) -> &[u8] {
+        self.buf.get(self.fields_end..).unwrap_or_default()
     }
 
     /// The regular fields in order: name (lower case, checked), value (as a slice of the
     /// list's buffer: no copy), and whether the peer marked it never-indexed.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], Bytes, bool)> + '_ {
-        self.regular.iter().map(|place| {
+        self.records().chunks_exact(RECORD).map(|record| {
+            let place = Place::read(record);
             let name = self.buf.get(place.name()).unwrap_or_default();
             (name, self.buf.slice(place.value()), place.sensitive)
         })
@@ -125,21 +162,35 @@ pub(crate) struct Collector {
     checker: FieldChecker,
     buf: BytesMut,
     list: HeaderList,
+    /// The regular fields' places until the list is finished: the first `INLINE` here, the
+    /// rest spilled (a block with that many fields is rare).
+    inline: [Place; INLINE],
+    count: usize,
+    spilled: Vec<Place>,
     pub(crate) malformed: Option<MalformedMessage>,
 }
+
+const INLINE: usize = 24;
 
 impl Collector {
     pub(crate) fn new(kind: MessageKind, block_len: usize) -> Self {
         // Sized once for the common block, so that filling it does not reallocate: a field
-        // indexed in a table takes one or two bytes in the block and dozens decoded.
+        // indexed in a table takes one or two bytes in the block and dozens decoded, and
+        // its place takes `RECORD` more.
         let capacity = block_len.saturating_mul(8).clamp(256, 16 * 1024);
+        let unset = Place {
+            start: 0,
+            name_end: 0,
+            end: 0,
+            sensitive: false,
+        };
         Self {
             checker: FieldChecker::new(kind),
             buf: BytesMut::with_capacity(capacity),
-            list: HeaderList {
-                regular: Vec::with_capacity(16),
-                ..HeaderList::default()
-            },
+            list: HeaderList::default(),
+            inline: [unset; INLINE],
+            count: 0,
+            spilled: Vec::new(),
             malformed: None,
         }
     }
@@ -167,6 +218,11 @@ impl Collector {
             self.malformed = Some(MalformedMessage::InvalidValue);
             return;
         };
+        // The top bit of a record's end is the sensitive flag.
+        if end & SENSITIVE != 0 {
+            self.malformed = Some(MalformedMessage::InvalidValue);
+            return;
+        }
         let place = Place {
             start,
             name_end,
@@ -194,7 +250,11 @@ impl Collector {
                         }
                     }
                 }
-                self.list.regular.push(place);
+                match self.inline.get_mut(self.count) {
+                    Some(slot) => *slot = place,
+                    None => self.spilled.push(place),
+                }
+                self.count += 1;
             }
         }
     }
@@ -205,6 +265,12 @@ impl Collector {
             return Err(err);
         }
         self.checker.finish()?;
+        self.list.fields_end = self.buf.len();
+        self.buf.reserve(self.count * RECORD);
+        let inline = self.inline.get(..self.count).unwrap_or(&self.inline);
+        for &place in inline.iter().chain(&self.spilled) {
+            place.write(&mut self.buf);
+        }
         self.list.buf = self.buf.freeze();
         Ok(self.list)
     }

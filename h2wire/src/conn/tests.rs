@@ -209,6 +209,44 @@ fn a_peer_never_sends_more_than_the_windows_and_resumes_as_data_is_released() {
     assert!(!server.conn.is_open(id));
 }
 
+/// A head with more fields than fit inline comes out whole, in order, with each field's
+/// never-indexed mark.
+#[test]
+fn many_fields_arrive_in_order_with_their_marks() {
+    let (mut client, mut server) = pair();
+    let names: Vec<Vec<u8>> = (0..40)
+        .map(|i| format!("x-field-{i}").into_bytes())
+        .collect();
+    let values: Vec<Vec<u8>> = (0..40).map(|i| format!("value {i}").into_bytes()).collect();
+    let mut fields = get(b"/many").to_vec();
+    for (i, (name, value)) in names.iter().zip(&values).enumerate() {
+        fields.push(if i % 7 == 3 {
+            Field::sensitive(name, value)
+        } else {
+            Field::new(name, value)
+        });
+    }
+    client.conn.open(fields, true).unwrap();
+    pump(&mut client, &mut server);
+    let events = server.take_events();
+    let Some(Event::Headers { fields: list, .. }) = events.first() else {
+        panic!("{events:?}");
+    };
+    assert_eq!(list.path(), Some(&b"/many"[..]));
+    assert_eq!(list.len(), 40);
+    let got: Vec<(Vec<u8>, Vec<u8>, bool)> = list
+        .iter()
+        .map(|(name, value, sensitive)| (name.to_vec(), value.to_vec(), sensitive))
+        .collect();
+    let want: Vec<(Vec<u8>, Vec<u8>, bool)> = names
+        .into_iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, (name, value))| (name, value, i % 7 == 3))
+        .collect();
+    assert_eq!(got, want);
+}
+
 /// A server that allows streams less than the protocol's 65,535 must take what a client
 /// sends before it has read that setting, and holds it to the smaller window after.
 #[test]

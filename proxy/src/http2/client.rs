@@ -34,7 +34,7 @@ use super::conn::{
     STREAM_WINDOW, fields_of, header_map,
 };
 
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BoxError, StreamGuard};
 use crate::clock::Clock;
 use crate::net::Io;
 
@@ -181,7 +181,9 @@ impl Drop for Handle {
     }
 }
 
-/// A request's head, as sent.
+/// A request's head, as sent: borrowed, as it is encoded when the stream opens, and the
+/// caller keeps it to send again if the stream is refused.
+#[derive(Clone, Copy)]
 pub(crate) struct RequestHead<'a> {
     pub(crate) method: &'a http::Method,
     pub(crate) uri: &'a http::Uri,
@@ -404,6 +406,7 @@ impl Future for ResponseFuture {
             remaining,
             done: end,
             end_at_head: end,
+            guard: None,
         };
         Poll::Ready(Ok(head.map(|()| body)))
     }
@@ -445,6 +448,16 @@ pub(crate) struct RecvBody {
     done: bool,
     /// The head ended the stream: the body is empty.
     end_at_head: bool,
+    /// The pool's count of the stream, held until the body is dropped.
+    guard: Option<StreamGuard>,
+}
+
+impl RecvBody {
+    /// Keeps the pool's count of this stream (its connection's load) until the body is
+    /// dropped: the stream is open upstream until the client has read the response.
+    pub(crate) fn hold(&mut self, guard: StreamGuard) {
+        self.guard = Some(guard);
+    }
 }
 
 impl http_body::Body for RecvBody {

@@ -18,7 +18,7 @@ use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 
-use crate::body::{self, Body, CountedBody, GuardedBody, Recorded};
+use crate::body::{self, Body, GuardedBody, Recorded};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{
@@ -27,13 +27,13 @@ use crate::exchange::{
 use crate::fault_points::FaultPoint;
 use crate::net::Net;
 use crate::pool::Pools;
-use crate::pool::h2::{H2Failed, UpstreamStream};
+use crate::pool::h2::H2Failed;
 
 pub(crate) mod client;
 pub(crate) mod conn;
 pub(crate) mod server;
 
-use client::RecvBody;
+use client::{RecvBody, RequestHead};
 use server::RequestBody;
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -177,38 +177,35 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
     const HTTP1: bool = false;
 
     async fn send(&mut self, attempt: &Attempt) -> Result<Sent<Response<RecvBody>>, Failed> {
-        let parts = match &mut self.head {
-            Ok(head) => {
-                if let Some(value) = attempt.grpc_timeout
-                    && let Ok(value) = HeaderValue::from_bytes(value.as_bytes())
-                {
-                    head.headers.insert(GRPC_TIMEOUT, value);
-                }
-                // A copy of the head, to send again if the server refuses the stream
-                // unprocessed. Extensions are not copied: the proxy sets none.
-                let mut copy = Request::new(());
-                copy.method_mut().clone_from(&head.method);
-                copy.uri_mut().clone_from(&head.uri);
-                *copy.version_mut() = head.version;
-                copy.headers_mut().clone_from(&head.headers);
-                copy.into_parts().0
-            }
-            Err(err) => {
-                return Err(Failed::new(err.take().unwrap_or(ProxyError::Malformed {
-                    reason: "invalid request".into(),
-                })));
-            }
-        };
+        if let Err(err) = &mut self.head {
+            return Err(Failed::new(err.take().unwrap_or(ProxyError::Malformed {
+                reason: "invalid request".into(),
+            })));
+        }
         let Some(body) = self.take_body() else {
             // The exchange sends again only whole requests.
             return Err(Failed::new(ProxyError::Unavailable {
                 reason: "request body cannot be sent again".into(),
             }));
         };
-        let request = Request::from_parts(parts, body);
+        let Ok(head) = &mut self.head else {
+            unreachable!("checked above")
+        };
+        if let Some(value) = attempt.grpc_timeout
+            && let Ok(value) = HeaderValue::from_bytes(value.as_bytes())
+        {
+            head.headers.insert(GRPC_TIMEOUT, value);
+        }
+        // The head is encoded from here when the stream opens, and stays to be sent again
+        // if the server refuses the stream unprocessed: no copy.
+        let head = RequestHead {
+            method: &head.method,
+            uri: &head.uri,
+            headers: &head.headers,
+        };
         match self
             .pools
-            .send_h2(attempt.addr, request, attempt.deadline)
+            .send_h2(attempt.addr, head, body, attempt.deadline)
             .await
         {
             Ok(sent) if crate::fault_points::fire(FaultPoint::StreamReset) => {
@@ -255,13 +252,8 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
             Some(self.pools.limits.idle_timeout),
         );
         // The upstream stream counts as open (for the pool's choice of connection) until the
-        // body the client reads ends.
-        match parts.extensions.remove::<UpstreamStream>() {
-            Some(stream) => {
-                Response::from_parts(parts, body::boxed(CountedBody::new(body, stream)))
-            }
-            None => Response::from_parts(parts, body::boxed(body)),
-        }
+        // body the client reads is dropped: the body holds the pool's guard.
+        Response::from_parts(parts, body::boxed(body))
     }
 
     async fn answer(&mut self, response: Response<Body>, _client_broken: bool) -> Response<Body> {
@@ -297,7 +289,6 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
             pools: Arc::clone(self.pools),
             method: head.method.clone(),
             uri: head.uri.clone(),
-            version: head.version,
             headers: head.headers.clone(),
             body,
         })
@@ -325,7 +316,6 @@ pub(crate) struct H2Copy<N: Net> {
     pools: Arc<Pools<N>>,
     method: http::Method,
     uri: Uri,
-    version: Version,
     headers: HeaderMap,
     /// `None`: the request has no body.
     body: Option<Recorded>,
@@ -355,20 +345,24 @@ impl<N: Net> RequestCopy for H2Copy<N> {
                 }
             },
         };
-        let mut request = Request::new(body);
-        request.method_mut().clone_from(&self.method);
-        request.uri_mut().clone_from(&self.uri);
-        *request.version_mut() = self.version;
-        request.headers_mut().clone_from(&self.headers);
+        // A hedge's future outlives this borrow: it owns its copy of the head.
+        let method = self.method.clone();
+        let uri = self.uri.clone();
+        let mut headers = self.headers.clone();
         if let Some(value) = attempt.grpc_timeout
             && let Ok(value) = HeaderValue::from_bytes(value.as_bytes())
         {
-            request.headers_mut().insert(GRPC_TIMEOUT, value);
+            headers.insert(GRPC_TIMEOUT, value);
         }
         let pools = Arc::clone(&self.pools);
         Box::pin(async move {
+            let head = RequestHead {
+                method: &method,
+                uri: &uri,
+                headers: &headers,
+            };
             pools
-                .send_h2(attempt.addr, request, attempt.deadline)
+                .send_h2(attempt.addr, head, body, attempt.deadline)
                 .await
                 .map_err(|failed| failed.failed)
         })

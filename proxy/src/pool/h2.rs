@@ -23,10 +23,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use conduit_core::time::Instant;
-use http::{Request, Response};
+use http::Response;
 
 use super::{Pools, lock};
-use crate::body::{self, Body, BoxError, StreamGuard, Streams};
+use crate::body::{self, Body, BoxError, Streams};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{Failed, Sent};
@@ -87,13 +87,6 @@ impl H2Slot {
         }
         (0..self.conns.len()).min_by_key(|&i| self.conns[i].streams.open_now())
     }
-}
-
-/// A response's upstream stream, counted open until the response (or its body) is dropped;
-/// carried in the response's extensions from the pool to the engine.
-#[derive(Clone, Debug)]
-pub(crate) struct UpstreamStream {
-    _stream: Arc<StreamGuard>,
 }
 
 /// One endpoint's HTTP/2 connections.
@@ -228,10 +221,11 @@ impl<N: Net> Pools<N> {
     pub(crate) async fn send_h2(
         &self,
         addr: SocketAddr,
-        request: Request<Body>,
+        head: RequestHead<'_>,
+        body: Body,
         deadline: Option<Instant>,
     ) -> Result<Sent<Response<RecvBody>>, H2Failed> {
-        let (request, progress) = self.track(request);
+        let (body, progress) = self.track(body);
         let now = self.clock.now();
         let endpoint = self.endpoint(addr, now);
         let (sender, stream, connected, generation) = {
@@ -256,7 +250,7 @@ impl<N: Net> Pools<N> {
                     Err(failed) => {
                         return Err(H2Failed {
                             failed,
-                            unsent: Some(request.into_body()),
+                            unsent: Some(body),
                         });
                     }
                 },
@@ -269,18 +263,8 @@ impl<N: Net> Pools<N> {
                 conn.generation,
             )
         };
-        let (head, body) = request.into_parts();
         let end = http_body::Body::is_end_stream(&body);
-        let opened = sender
-            .open(
-                RequestHead {
-                    method: &head.method,
-                    uri: &head.uri,
-                    headers: &head.headers,
-                },
-                end,
-            )
-            .await;
+        let opened = sender.open(head, end).await;
         let id = match opened {
             Ok(id) => id,
             Err(err) => {
@@ -363,12 +347,10 @@ impl<N: Net> Pools<N> {
                 }
             });
         }
-        let (mut parts, body) = response.into_parts();
-        parts.extensions.insert(UpstreamStream {
-            _stream: Arc::new(stream),
-        });
+        let mut response = response;
+        response.body_mut().hold(stream);
         Ok(Sent {
-            response: Response::from_parts(parts, body),
+            response,
             connected,
         })
     }
@@ -400,20 +382,18 @@ impl<N: Net> Pools<N> {
 
     /// Wraps a request body that is still to be sent so its frames push the response deadline
     /// back. Requests without a body (or without a response timeout) are left alone.
-    fn track(&self, request: Request<Body>) -> (Request<Body>, Option<Progress>) {
+    fn track(&self, body: Body) -> (Body, Option<Progress>) {
         use http_body::Body as _;
-        if self.limits.response_timeout.is_none() || request.body().is_end_stream() {
-            return (request, None);
+        if self.limits.response_timeout.is_none() || body.is_end_stream() {
+            return (body, None);
         }
         let progress = Progress::new(self.clock);
-        let request = request.map(|inner| {
-            body::boxed(ProgressBody {
-                inner,
-                progress: progress.clone(),
-                clock: self.clock,
-            })
+        let body = body::boxed(ProgressBody {
+            inner: body,
+            progress: progress.clone(),
+            clock: self.clock,
         });
-        (request, Some(progress))
+        (body, Some(progress))
     }
 
     /// Waits for `response` (an upstream's response headers) within the response timeout,
