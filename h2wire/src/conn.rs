@@ -1002,6 +1002,27 @@ impl Connection {
             return;
         }
         let was_queued = !s.queue.is_empty();
+        if !was_queued {
+            // Most data fits the windows and one frame as it comes: written at once, never
+            // queued (a queue costs an allocation per stream).
+            let window = s.send_window.min(self.send_window).max(0);
+            let room = usize::try_from(window)
+                .unwrap_or(usize::MAX)
+                .min(self.peer_max_frame_size as usize);
+            if data.len() <= room {
+                let flow = i64::try_from(data.len()).unwrap_or(i64::MAX);
+                s.send_window -= flow;
+                self.send_window -= flow;
+                if !data.is_empty() || end_stream {
+                    frame::write_data(&mut self.out, stream, &data, end_stream);
+                }
+                if end_stream {
+                    s.send_closed = true;
+                    self.finish_send(id);
+                }
+                return;
+            }
+        }
         if !data.is_empty() {
             s.queued += data.len();
             s.queue.push_back(data);

@@ -177,7 +177,7 @@ pub(crate) fn header_map(fields: &HeaderList) -> HeaderMap {
 /// that cut it short. `E` says how it failed.
 #[derive(Debug)]
 pub(crate) struct Incoming<E> {
-    data: VecDeque<Bytes>,
+    data: Chunks,
     trailers: Option<HeaderMap>,
     /// The peer has sent all of it.
     end: bool,
@@ -188,7 +188,7 @@ pub(crate) struct Incoming<E> {
 impl<E> Default for Incoming<E> {
     fn default() -> Self {
         Self {
-            data: VecDeque::new(),
+            data: Chunks::default(),
             trailers: None,
             end: false,
             failed: None,
@@ -253,6 +253,40 @@ impl<E: Clone> Incoming<E> {
 
     /// Data delivered but never read: window to give back when the reader goes away.
     pub(crate) fn unread(&self) -> usize {
-        self.data.iter().map(Bytes::len).sum()
+        self.data.len()
+    }
+}
+
+/// Data waiting for its reader, oldest first: the first chunk inline, as a reader keeping up
+/// has at most one waiting (a queue costs an allocation per body).
+#[derive(Debug, Default)]
+struct Chunks {
+    /// The oldest; `None` only when `rest` is empty too.
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Chunks {
+    fn push_back(&mut self, data: Bytes) {
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.rest.push_back(data);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        let first = self.first.take()?;
+        self.first = self.rest.pop_front();
+        Some(first)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// The bytes waiting.
+    fn len(&self) -> usize {
+        self.first.iter().chain(&self.rest).map(Bytes::len).sum()
     }
 }

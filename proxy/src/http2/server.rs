@@ -285,6 +285,7 @@ where
         read_closed: false,
         events: Vec::new(),
         shared: Arc::new(Shared::default()),
+        polling: Vec::new(),
         tasks: StreamMap::default(),
         keepalive: Keepalive::new(clock, limits.idle_timeout / 4),
         drain,
@@ -319,6 +320,8 @@ struct Server<I, F, Fut> {
     /// The events of one read (kept to reuse its allocation).
     events: Vec<Event>,
     shared: Arc<Shared>,
+    /// The woken streams being polled (swapped with the shared list to reuse both).
+    polling: Vec<u32>,
     tasks: StreamMap<Task<Fut>>,
     keepalive: Keepalive,
     drain: Option<Drain>,
@@ -546,11 +549,14 @@ where
 
     /// Polls the streams that were woken; whether any was.
     fn poll_streams(&mut self, budget: &mut usize) -> bool {
-        let ready = std::mem::take(&mut self.shared.lock().ready);
+        // Swapped with a list kept for the purpose, so neither loses its capacity.
+        let mut ready = std::mem::take(&mut self.polling);
+        std::mem::swap(&mut self.shared.lock().ready, &mut ready);
         if ready.is_empty() {
+            self.polling = ready;
             return false;
         }
-        for id in ready {
+        for id in ready.drain(..) {
             if *budget == 0 {
                 // Polled on the next pass.
                 self.shared.lock().ready.push(id);
@@ -569,6 +575,7 @@ where
                 }
             }
         }
+        self.polling = ready;
         true
     }
 
