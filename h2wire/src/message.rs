@@ -289,14 +289,40 @@ fn check_name(name: &[u8]) -> Result<(), MalformedMessage> {
 
 fn check_value(value: &[u8]) -> Result<(), MalformedMessage> {
     let edge = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
-    // Every byte, without an early exit, so the compiler can compare many at once.
-    let forbidden = value.iter().fold(false, |seen, &b| {
-        seen | (b == 0) | (b == b'\r') | (b == b'\n')
-    });
-    if edge(value.first()) || edge(value.last()) || forbidden {
+    if edge(value.first()) || edge(value.last()) || has_forbidden(value) {
         return Err(MalformedMessage::InvalidValue);
     }
     Ok(())
+}
+
+/// Whether `value` holds NUL, CR or LF: eight bytes at a time, as one word (the checks ran
+/// a byte at a time at some 20 instructions per field before; every value of every head
+/// passes here).
+fn has_forbidden(value: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Whether any byte of `word` is zero (exact: a borrow only runs past a zero byte).
+    let has_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS != 0;
+    let has_any = |word: u64| {
+        has_zero(word)
+            | has_zero(word ^ u64::from_ne_bytes([b'\r'; 8]))
+            | has_zero(word ^ u64::from_ne_bytes([b'\n'; 8]))
+    };
+    let mut chunks = value.chunks_exact(8);
+    let mut found = false;
+    for chunk in &mut chunks {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(chunk);
+        found |= has_any(u64::from_ne_bytes(bytes));
+    }
+    // The tail, padded with spaces (allowed).
+    let mut bytes = [b' '; 8];
+    let tail = chunks.remainder();
+    bytes
+        .get_mut(..tail.len())
+        .unwrap_or_default()
+        .copy_from_slice(tail);
+    found | has_any(u64::from_ne_bytes(bytes))
 }
 
 /// Checks a header list field by field (see the module documentation).
@@ -452,7 +478,29 @@ impl FieldChecker {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// The word-at-a-time scan finds NUL, CR and LF wherever they are, and nothing else.
+        #[test]
+        fn forbidden_bytes_are_found_anywhere(value in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let expected = value.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n');
+            prop_assert_eq!(has_forbidden(&value), expected);
+        }
+
+        #[test]
+        fn one_forbidden_byte_in_clean_text_is_found(len in 1usize..40, at in 0usize..40, pick in 0usize..3) {
+            let mut value = vec![b'a'; len];
+            let at = at % len;
+            value[at] = [0, b'\r', b'\n'][pick];
+            prop_assert!(has_forbidden(&value));
+            // Neighbours of the forbidden bytes are not mistaken for them.
+            value[at] = [1, b'\r' + 1, b'\n' - 1][pick];
+            prop_assert!(!has_forbidden(&value));
+        }
+    }
 
     fn check(kind: MessageKind, fields: &[(&str, &str)]) -> Result<(), MalformedMessage> {
         let mut checker = FieldChecker::new(kind);

@@ -191,6 +191,6 @@ for row in ("open1000", "open5000"):
     direct = med([r["p50_us"] for r in rows if r["row"] == row and r["target"] == "direct"])
     for t in ["direct"] + targets:
         p = med([r["p50_us"] for r in rows if r["row"] == row and r["target"] == t])
-        added = "" if p is None or direct is None or t == "direct" else f"+{p - direct:.0f}"
+        added = "" if p is None or direct is None or t == "direct" else f"{p - direct:+.0f}"
         print(f"| {row} | {t} | {p} | {added} |")
 PY
