@@ -302,12 +302,17 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
 /// The facts of an HTTP/2 response head.
 fn facts(response: &Response<RecvBody>) -> Facts<'_> {
     let headers = response.headers();
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| conduit_core::classify::is_grpc_content_type(v.as_bytes()));
     Facts {
         status: response.status(),
-        grpc: headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| conduit_core::classify::is_grpc_content_type(v.as_bytes())),
-        grpc_status: headers.get(GRPC_STATUS).map(HeaderValue::as_bytes),
+        grpc,
+        // Read only for gRPC, whose classification it decides (a hashed lookup saved on every
+        // other response).
+        grpc_status: grpc
+            .then(|| headers.get(GRPC_STATUS).map(HeaderValue::as_bytes))
+            .flatten(),
     }
 }
 
