@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use super::codec::{self, CodecError, Encoding, Framing, Persistence, RequestHead, ResponseHead};
 use super::copy::{self, H1Copy, H1Hedged};
 use super::io::{Pump, PumpError, Replay, Side, Upstream};
-use super::upstream::{H1Response, Upload, checkout};
+use super::upstream::{H1Response, Upload, checkout, connect_or_returned};
 use crate::body::BodyEnd;
 use crate::clock::Clock;
 use crate::config::Limits;
@@ -921,8 +921,8 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
         let (mut upstream, reused) = match conn.checkout(addr, self.start).await {
             Some(upstream) => (upstream, true),
             // Boxed: a connect is rare on kept-alive traffic, and its future is large.
-            None => match Box::pin(conn.pools.connect(addr)).await {
-                Ok(io) => (Side::new(io, BytesMut::new()), false),
+            None => match Box::pin(connect_or_returned(conn.pools, addr)).await {
+                Ok(acquired) => acquired,
                 Err(error) => return Err(Failed::unprocessed(error)),
             },
         };

@@ -7,12 +7,12 @@ use std::io;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 use http::StatusCode;
 
 use super::codec::{self, RequestHead, ResponseHead};
-use super::io::{Side, Upstream};
-use super::upstream::{H1Response, Upload, checkout};
+use super::io::Upstream;
+use super::upstream::{H1Response, Upload, acquire};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
 use crate::exchange::{Attempt, BoxedSend, Facts, Failed, RequestCopy, Sent};
@@ -91,12 +91,9 @@ async fn send<N: Net>(copy: Arc<Copied<N>>, attempt: Attempt) -> Result<Sent<H1H
     let addr = attempt.addr;
     let pools = &copy.pools;
     let clock = copy.clock;
-    let (mut upstream, reused) = match checkout(pools, addr, clock.now()).await {
-        Some(upstream) => (upstream, true),
-        None => match pools.connect(addr).await {
-            Ok(io) => (Side::new(io, BytesMut::new()), false),
-            Err(error) => return Err(Failed::unprocessed(error)),
-        },
+    let (mut upstream, reused) = match acquire(pools, addr, clock.now()).await {
+        Ok(acquired) => acquired,
+        Err(error) => return Err(Failed::unprocessed(error)),
     };
     upstream.wbuf.extend_from_slice(&copy.forward);
     let grpc_timeout = match (&attempt.grpc_timeout, copy.grpc_timeout.is_empty()) {

@@ -2,7 +2,8 @@
 //!
 //! - [`idle`]: idle HTTP/1.1 connections, which the HTTP/1 engine checks out per request and
 //!   back in once a response has ended cleanly (at most `pool_max_idle_per_endpoint` per
-//!   endpoint, closed after `pool_idle_timeout`);
+//!   endpoint, closed after `pool_idle_timeout`); an attempt that finds none connects and takes
+//!   whichever comes first, its connection or one another attempt returns;
 //! - [`h2`]: one multiplexed HTTP/2 connection per endpoint (hyper's client), re-established
 //!   when it closes.
 //!
@@ -60,7 +61,7 @@ pub(crate) struct Pools<N: Net> {
     security: Security,
     endpoints: Mutex<BTreeMap<SocketAddr, Arc<h2::Endpoint>>>,
     /// Idle HTTP/1.1 connections per endpoint, most recently used last.
-    idle: Mutex<BTreeMap<SocketAddr, Vec<idle::Idle<N>>>>,
+    idle: Mutex<BTreeMap<SocketAddr, idle::Endpoint<N>>>,
 }
 
 impl<N: Net> Pools<N> {
