@@ -9,6 +9,8 @@
 #        release conduit-proxy). PROFILE=routes gives the proxy the benchmark's 10-route
 #        profile. LOAD=h2 drives h2c instead (h2load -c10 -m10, prior knowledge; the proxy
 #        speaks h2 upstream), the shape of the h2 row of concurrency.sh and issue #16.
+#        CONNS=N and STREAMS=M change the load's connections (and h2 streams per connection),
+#        to see whether instructions per request grow with concurrency.
 #        Sends traffic only to 127.0.0.1 and ends every process it started.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -71,10 +73,10 @@ requests() { curl -fsS "http://$ADMIN/metrics" | awk '/^request_total\{direction
 load() {
     local out
     if [ "${LOAD:-h1}" = h2 ]; then
-        out=$(h2load -t1 -c10 -m10 -D "$DUR" -H ':authority: hello' "http://$PROXY/" 2>&1)
+        out=$(h2load -t1 -c${CONNS:-10} -m${STREAMS:-10} -D "$DUR" -H ':authority: hello' "http://$PROXY/" 2>&1)
         echo "$out" | grep -q ' 0 4xx, 0 5xx' || { echo "non-2xx responses: $out"; exit 1; }
     else
-        out=$(wrk -t1 -c50 -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" 2>&1)
+        out=$(wrk -t1 -c${CONNS:-50} -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" 2>&1)
         if echo "$out" | grep -q 'Non-2xx'; then echo "non-2xx responses: $out"; exit 1; fi
     fi
 }

@@ -522,8 +522,8 @@ where
         *request.version_mut() = Version::HTTP_2;
         *request.headers_mut() = parts.headers;
         // Boxed: the request's future (the exchange's whole state, several KB) is written
-        // once into its box.
-        let respond = Box::pin((self.handle)(request));
+        // once into its box, built in place rather than on the stack and copied.
+        let respond = Box::into_pin(Box::write(Box::new_uninit(), (self.handle)(request)));
         let waker = Waker::from(Arc::new(StreamWaker {
             id,
             shared: Arc::clone(&self.shared),
