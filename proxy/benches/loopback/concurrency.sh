@@ -40,6 +40,8 @@ trap cleanup EXIT
 
 taskset -c 0 "$BIN/conduit" hello --listen "$HELLO" >"$OUT/hello.log" 2>&1 &
 HELLO_PID=$!; PIDS+=("$HELLO_PID")
+HELLO_FD_LIMIT=$(ulimit -n)
+echo "descriptor limit per process: $HELLO_FD_LIMIT"
 
 cat >"$OUT/nginx.conf" <<CONF
 worker_processes 1;
@@ -151,12 +153,18 @@ for rep in $(seq 1 "$REPS"); do
                 fi
                 c1=$(cpu_ticks "$pid")
                 rss=$(rss_kb "$pid")
+                hello_fds=$(ls "/proc/$HELLO_PID/fd" | wc -l)
                 [ $first = 1 ] || echo "," >>"$OUT/results.json"
                 first=0
                 cpu_s=$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN { printf "%.4f", (b - a) / t }')
-                echo "{\"rep\": $rep, \"target\": \"$t\", \"proto\": \"$proto\", \"connections\": $level, \"loadavg\": $load, \"requests\": ${requests:-0}, \"rps\": ${rps:-0}, \"cpu_s\": $cpu_s, \"rss_kb\": $rss, \"errors\": ${errors:-0}}" >>"$OUT/results.json"
-                echo "rep $rep $proto c=$level $t: ${rps:-?} req/s, ${cpu_s} s CPU, RSS ${rss} kB (load $load)"
+                echo "{\"rep\": $rep, \"target\": \"$t\", \"proto\": \"$proto\", \"connections\": $level, \"loadavg\": $load, \"requests\": ${requests:-0}, \"rps\": ${rps:-0}, \"cpu_s\": $cpu_s, \"rss_kb\": $rss, \"hello_fds\": $hello_fds, \"errors\": ${errors:-0}}" >>"$OUT/results.json"
+                echo "rep $rep $proto c=$level $t: ${rps:-?} req/s, ${cpu_s} s CPU, RSS ${rss} kB, hello fds $hello_fds (load $load)"
                 if [ "${errors:-0}" != 0 ]; then echo "  WARNING: ${errors} responses were not 2xx"; fi
+                # The hello server holds every proxy's upstream pool; near its descriptor limit
+                # its accepts fail and the proxies' new upstream connects with them.
+                if [ $((hello_fds * 10)) -ge $((HELLO_FD_LIMIT * 9)) ]; then
+                    echo "  WARNING: the hello server holds $hello_fds descriptors of its limit $HELLO_FD_LIMIT"
+                fi
             done
         done
     done
