@@ -57,26 +57,24 @@ pub(crate) async fn connect_or_returned<N: Net>(
     tokio::select! {
         biased;
         upstream = waiter.returned() => Ok((upstream, true)),
-        result = &mut connected => {
-            // Taken out of the queue first: a connection handed over meanwhile is used if this
-            // connect failed, and otherwise goes to the next attempt waiting or the pool.
-            let returned = waiter.leave();
-            match (result, returned) {
-                (Ok(Ok(io)), returned) => {
-                    if let Some(spare) = returned {
-                        pools.checkin_h1(addr, spare, pools.clock.now());
-                    }
-                    Ok((Upstream::<N>::new(io, BytesMut::new()), false))
-                }
-                (_, Some(upstream)) => Ok((upstream, true)),
-                (Ok(Err(error)), None) => Err(error),
-                // The connect task ends without sending only if the runtime is shutting down.
-                (Err(_), None) => Err(ProxyError::Connect {
-                    addr,
-                    source: std::io::Error::other("the connect was cancelled"),
+        result = &mut connected => match result {
+            // Dropped on return, the waiter gives a connection handed over meanwhile to the
+            // next attempt waiting or to the pool.
+            Ok(Ok(io)) => Ok((Upstream::<N>::new(io, BytesMut::new()), false)),
+            // A connection handed over meanwhile serves instead of the failed connect.
+            failed => match waiter.leave() {
+                Some(upstream) => Ok((upstream, true)),
+                None => Err(match failed {
+                    Ok(Err(error)) => error,
+                    // The connect task ends without sending only if the runtime is shutting
+                    // down.
+                    _ => ProxyError::Connect {
+                        addr,
+                        source: std::io::Error::other("the connect was cancelled"),
+                    },
                 }),
-            }
-        }
+            },
+        },
     }
 }
 
@@ -188,6 +186,16 @@ mod tests {
         (addr, Arc::new(pools), net)
     }
 
+    /// An attempt on its own task: whether it got a pooled connection.
+    fn spawn_acquire(
+        pools: &Arc<Pools<GatedNet>>,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> tokio::task::JoinHandle<Result<bool, ProxyError>> {
+        let pools = Arc::clone(pools);
+        tokio::spawn(async move { acquire(&pools, addr, now).await.map(|(_, r)| r) })
+    }
+
     /// Runs other tasks (and the IO driver) until `done` holds, or fails after 10 s.
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -207,10 +215,7 @@ mod tests {
         assert!(!reused, "the pool was empty: a new connection");
 
         // The second attempt's connect is held at the gate: it queues for a returned one.
-        let waiting = {
-            let pools = Arc::clone(&pools);
-            tokio::spawn(async move { acquire(&pools, addr, now).await.map(|(_, r)| r) })
-        };
+        let waiting = spawn_acquire(&pools, addr, now);
         until("the second attempt waits", || pools.idle_h1(addr) == (0, 1)).await;
         pools.checkin_h1(addr, first, now);
         assert!(
@@ -235,10 +240,7 @@ mod tests {
     async fn an_attempt_whose_connect_wins_leaves_the_queue() {
         let (addr, pools, net) = setup(0).await;
         let now = pools.clock.now();
-        let attempt = {
-            let pools = Arc::clone(&pools);
-            tokio::spawn(async move { acquire(&pools, addr, now).await.map(|(_, r)| r) })
-        };
+        let attempt = spawn_acquire(&pools, addr, now);
         until("the attempt waits", || pools.idle_h1(addr) == (0, 1)).await;
         net.gate.add_permits(1);
         assert!(!attempt.await.unwrap().unwrap(), "its own new connection");
@@ -249,10 +251,7 @@ mod tests {
     async fn a_cancelled_attempt_leaves_the_queue() {
         let (addr, pools, _net) = setup(0).await;
         let now = pools.clock.now();
-        let attempt = {
-            let pools = Arc::clone(&pools);
-            tokio::spawn(async move { acquire(&pools, addr, now).await.map(|(_, r)| r) })
-        };
+        let attempt = spawn_acquire(&pools, addr, now);
         until("the attempt waits", || pools.idle_h1(addr) == (0, 1)).await;
         attempt.abort();
         assert!(attempt.await.unwrap_err().is_cancelled());
