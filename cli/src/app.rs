@@ -61,9 +61,7 @@ pub async fn serve(listener: TcpListener, behaviour: AppBehaviour) {
     let clock = conduit_proxy::clock::Clock::new();
     let started = clock.now();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) = crate::accept::accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let behaviour = Arc::clone(&behaviour);
         let rng = Arc::clone(&rng);
@@ -117,9 +115,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// request).
 pub async fn serve_hello(listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) = crate::accept::accept(&listener).await;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {

@@ -244,9 +244,7 @@ impl FaultLink {
 
     async fn serve(self, listener: TcpListener, upstream: SocketAddr) {
         loop {
-            let Ok((client, _)) = listener.accept().await else {
-                continue;
-            };
+            let (client, _) = conduit_cli::accept::accept(&listener).await;
             let link = self.clone();
             tokio::spawn(async move {
                 let _ = link.carry(client, upstream).await;

@@ -6,6 +6,7 @@
 
 #![allow(clippy::print_stdout, reason = "a command-line tool prints its output")]
 
+pub mod accept;
 pub mod app;
 pub mod control;
 pub mod demo;

@@ -194,9 +194,7 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let options = Arc::new((options, anchors));
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
+        let (tcp, peer) = crate::accept::accept(&listener).await;
         let acceptor = acceptor.clone();
         let options = Arc::clone(&options);
         tokio::spawn(async move {

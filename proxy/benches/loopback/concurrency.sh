@@ -2,8 +2,11 @@
 # Cost as concurrency grows: conduit-proxy against nginx and haproxy at 50, 500, 1,000 and
 # 5,000 client connections, HTTP/1.1 (wrk) and h2 (h2load), one run, targets interleaved.
 #
-# The hello server (`conduit hello`) and the proxy under test share CPU 0; load generators run
-# on CPU 1. Every proxy has one worker; nginx and haproxy keep upstream connections alive.
+# Each proxy has a hello server (`conduit hello`) of its own; they and the proxy under test
+# share CPU 0, load generators run on CPU 1. One hello server per proxy, because each holds
+# its proxy's upstream pool (up to 5,000 connections, kept after a step until the pool's idle
+# timeout): one server behind four proxies reached the 20,000-descriptor limit these machines
+# set per process, failed its accepts, and the proxies' requests with them. Every proxy has one worker; nginx and haproxy keep upstream connections alive.
 # Upstream protocols: conduit-proxy and haproxy speak h2 upstream for h2 clients (to the hello
 # server, which answers h2c); nginx cannot proxy h2 upstream, so its h2 rows use HTTP/1.1
 # upstream. Per point it records requests/s, the proxy's CPU per request (from /proc) and its
@@ -32,14 +35,20 @@ fi
 cargo build --release -q -p conduit-proxy -p conduit-cli
 BIN=target/release
 
-HELLO=127.0.0.1:18480
-declare -A ADDR H2ADDR PID
+declare -A ADDR H2ADDR PID HELLO HELLO_PID
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-taskset -c 0 "$BIN/conduit" hello --listen "$HELLO" >"$OUT/hello.log" 2>&1 &
-HELLO_PID=$!; PIDS+=("$HELLO_PID")
+# start_hello TARGET PORT: the hello server behind TARGET.
+start_hello() {
+    HELLO[$1]=127.0.0.1:$2
+    taskset -c 0 "$BIN/conduit" hello --listen "${HELLO[$1]}" >"$OUT/hello-$1.log" 2>&1 &
+    HELLO_PID[$1]=$!; PIDS+=("${HELLO_PID[$1]}")
+}
+start_hello conduit 18480
+start_hello nginx 18487
+start_hello haproxy 18488
 HELLO_FD_LIMIT=$(ulimit -n)
 echo "descriptor limit per process: $HELLO_FD_LIMIT"
 
@@ -53,7 +62,7 @@ error_log $PWD/$OUT/nginx.log warn;
 events { worker_connections 19000; }
 http {
     access_log off;
-    upstream hello { server $HELLO; keepalive 10000; keepalive_requests 1000000; }
+    upstream hello { server ${HELLO[nginx]}; keepalive 10000; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:18481;
         listen 127.0.0.1:18491 http2;
@@ -82,24 +91,24 @@ frontend h2
     bind 127.0.0.1:18492 proto h2
     default_backend hello2
 backend hello
-    server s1 $HELLO
+    server s1 ${HELLO[haproxy]}
 backend hello2
-    server s1 $HELLO proto h2
+    server s1 ${HELLO[haproxy]} proto h2
 CONF
 taskset -c 0 haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
 PID[haproxy]=$!; PIDS+=("${PID[haproxy]}")
 ADDR[haproxy]=127.0.0.1:18482; H2ADDR[haproxy]=127.0.0.1:18492
 
-cat >"$OUT/mesh.yaml" <<MESH
+# start_proxy NAME BINARY PORT ADMIN (after start_hello NAME)
+start_proxy() {
+    cat >"$OUT/mesh-$1.yaml" <<MESH
 services:
   hello:
     endpoints:
-      - addr: $HELLO
+      - addr: ${HELLO[$1]}
 MESH
-# start_proxy NAME BINARY PORT ADMIN
-start_proxy() {
     CONDUIT_PROXY_OUTBOUND_ADDR=127.0.0.1:$3 CONDUIT_PROXY_ADMIN_ADDR=127.0.0.1:$4 \
-    CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh.yaml" CONDUIT_PROXY_WORKERS=1 \
+    CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh-$1.yaml" CONDUIT_PROXY_WORKERS=1 \
     CONDUIT_PROXY_LOG=warn CONDUIT_PROXY_MAX_CONNECTIONS=9000 \
         taskset -c 0 "$2" >"$OUT/$1.log" 2>&1 &
 }
@@ -108,6 +117,7 @@ PID[conduit]=$!; PIDS+=("${PID[conduit]}")
 ADDR[conduit]=127.0.0.1:18485; H2ADDR[conduit]=127.0.0.1:18485
 TARGETS="conduit nginx haproxy"
 if [ -n "${BASELINE_BIN:-}" ]; then
+    start_hello conduit-base 18489
     start_proxy conduit-base "$BASELINE_BIN" 18486 18592
     PID[conduit-base]=$!; PIDS+=("${PID[conduit-base]}")
     ADDR[conduit-base]=127.0.0.1:18486; H2ADDR[conduit-base]=127.0.0.1:18486
@@ -153,17 +163,17 @@ for rep in $(seq 1 "$REPS"); do
                 fi
                 c1=$(cpu_ticks "$pid")
                 rss=$(rss_kb "$pid")
-                hello_fds=$(ls "/proc/$HELLO_PID/fd" | wc -l)
+                hello_fds=$(ls "/proc/${HELLO_PID[$t]}/fd" | wc -l)
                 [ $first = 1 ] || echo "," >>"$OUT/results.json"
                 first=0
                 cpu_s=$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN { printf "%.4f", (b - a) / t }')
                 echo "{\"rep\": $rep, \"target\": \"$t\", \"proto\": \"$proto\", \"connections\": $level, \"loadavg\": $load, \"requests\": ${requests:-0}, \"rps\": ${rps:-0}, \"cpu_s\": $cpu_s, \"rss_kb\": $rss, \"hello_fds\": $hello_fds, \"errors\": ${errors:-0}}" >>"$OUT/results.json"
                 echo "rep $rep $proto c=$level $t: ${rps:-?} req/s, ${cpu_s} s CPU, RSS ${rss} kB, hello fds $hello_fds (load $load)"
                 if [ "${errors:-0}" != 0 ]; then echo "  WARNING: ${errors} responses were not 2xx"; fi
-                # The hello server holds every proxy's upstream pool; near its descriptor limit
-                # its accepts fail and the proxies' new upstream connects with them.
+                # The hello server holds its proxy's upstream pool; near its descriptor limit its
+                # accepts fail and the proxy's new upstream connects with them.
                 if [ $((hello_fds * 10)) -ge $((HELLO_FD_LIMIT * 9)) ]; then
-                    echo "  WARNING: the hello server holds $hello_fds descriptors of its limit $HELLO_FD_LIMIT"
+                    echo "  WARNING: $t's hello server holds $hello_fds descriptors of its limit $HELLO_FD_LIMIT"
                 fi
             done
         done
