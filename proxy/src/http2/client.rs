@@ -12,7 +12,17 @@
 //! Dropping a response before its body ends (or the wait for a response head) resets the
 //! stream with `CANCEL`; the connection carries on. When the last [`Handle`] is dropped the
 //! connection closes gracefully once its streams end.
+//!
+//! The response timeout of a stream whose request was whole when it opened is kept here, not
+//! by a timer per request: every such stream's deadline is its opening plus the one timeout,
+//! so deadlines come in stream order, and the connection keeps them in a queue ([`Awaiting`])
+//! behind one timer. The timer is not moved as heads arrive: when it fires at a deadline
+//! whose stream has since been answered, it is set again for the oldest stream still waiting.
+//! On a healthy connection it fires about once a timeout, however many requests pass; a
+//! stream still without its head at its deadline fails with
+//! [`StreamFailed::ResponseTimeout`] and is reset with `CANCEL`, exactly on time.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +31,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use conduit_core::time::Instant;
 use conduit_h2::conn::{Config, Connection, Event, OpenError, Role, StreamMap};
 use conduit_h2::frame::StreamId;
 use conduit_h2::hpack::Field;
@@ -51,6 +62,10 @@ pub(crate) enum StreamFailed {
     /// The connection ended.
     #[error("the connection ended: {0}")]
     Connection(Arc<str>),
+    /// No response head within the connection's response timeout of the stream opening
+    /// (streams opened `timed`); the stream was reset with `CANCEL`.
+    #[error("no response head within {0:?}")]
+    ResponseTimeout(Duration),
 }
 
 impl StreamFailed {
@@ -69,7 +84,7 @@ impl StreamFailed {
     pub(crate) fn code(&self) -> ErrorCode {
         match self {
             Self::Reset { code, .. } => *code,
-            Self::Connection(_) => ErrorCode::INTERNAL_ERROR,
+            Self::Connection(_) | Self::ResponseTimeout(_) => ErrorCode::INTERNAL_ERROR,
         }
     }
 }
@@ -102,6 +117,8 @@ struct Inner {
     open_wakers: Vec<Waker>,
     driver: Option<Waker>,
     ended: Option<Arc<str>>,
+    /// Streams waiting for their head under the connection's response timeout.
+    awaiting: Awaiting,
 }
 
 #[derive(Debug)]
@@ -109,6 +126,51 @@ struct Shared {
     inner: Mutex<Inner>,
     /// Live [`Handle`]s: at 0, the connection closes once its streams end.
     handles: AtomicUsize,
+    clock: Clock,
+    /// The response timeout of streams opened `timed`.
+    response_timeout: Option<Duration>,
+}
+
+/// The streams opened `timed` whose response head has not come, with their deadlines, in
+/// stream order, which is deadline order (one timeout, counted from each opening, and streams
+/// open in order under the connection's lock). A stream leaves when its head comes, it is
+/// reset or cancelled, or its deadline passes; so the queue holds at most the streams open.
+#[derive(Debug, Default)]
+struct Awaiting(VecDeque<(u32, Instant)>);
+
+impl Awaiting {
+    fn push(&mut self, id: u32, deadline: Instant) {
+        debug_assert!(self.0.back().is_none_or(|&(last, _)| last < id));
+        self.0.push_back((id, deadline));
+    }
+
+    /// Stream `id` no longer waits (most often the oldest, answered first).
+    fn remove(&mut self, id: u32) {
+        match self.0.front() {
+            Some(&(front, _)) if front == id => {
+                self.0.pop_front();
+            }
+            None => {}
+            Some(_) => {
+                if let Ok(i) = self.0.binary_search_by_key(&id, |&(id, _)| id) {
+                    self.0.remove(i);
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.0.front().map(|&(_, deadline)| deadline)
+    }
+
+    /// The oldest stream, if its deadline is at or before `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<u32> {
+        let &(id, deadline) = self.0.front()?;
+        (deadline <= now).then(|| {
+            self.0.pop_front();
+            id
+        })
+    }
 }
 
 impl Shared {
@@ -145,6 +207,23 @@ impl Inner {
             wake.add(slot.head_waker.take());
             wake.add(slot.body.fail(failed.clone()));
         }
+    }
+
+    /// Fails every stream whose response deadline is at or before `now`, resetting it; whether
+    /// there was one.
+    fn expire(&mut self, now: Instant, timeout: Duration, wake: &mut Wake) -> bool {
+        let mut expired = false;
+        while let Some(id) = self.awaiting.pop_due(now) {
+            expired = true;
+            self.fail(id, &StreamFailed::ResponseTimeout(timeout), wake);
+            self.conn.reset(StreamId::new(id), ErrorCode::CANCEL);
+            wake.add(self.send_wakers.remove(&id));
+        }
+        if expired {
+            // Streams fewer: requests waiting for room may open theirs.
+            wake.0.append(&mut self.open_wakers);
+        }
+        expired
     }
 
     /// The driver has something to write.
@@ -201,14 +280,27 @@ impl Handle {
     }
 
     /// Opens a stream with `head` (`end`: the request has no body), waiting for room under
-    /// the server's stream limit.
+    /// the server's stream limit. `timed`: the connection fails the stream with
+    /// [`StreamFailed::ResponseTimeout`] if its response head has not come within the
+    /// connection's response timeout of its opening (for a request whose body, if any, is
+    /// whole; the caller times one still sending itself, from its last frame).
     ///
     /// # Errors
     ///
     /// The connection is closed or going away: no stream was opened, the request may go
     /// elsewhere.
-    pub(crate) async fn open(&self, head: RequestHead<'_>, end: bool) -> Result<StreamId, Closed> {
-        std::future::poll_fn(|cx| self.poll_open(cx, &head, end)).await
+    pub(crate) async fn open(
+        &self,
+        head: RequestHead<'_>,
+        end: bool,
+        timed: bool,
+    ) -> Result<StreamId, Closed> {
+        std::future::poll_fn(|cx| self.poll_open(cx, &head, end, timed)).await
+    }
+
+    /// Whether streams opened `timed` have a response timeout here.
+    pub(crate) fn times_responses(&self) -> bool {
+        self.shared.response_timeout.is_some()
     }
 
     fn poll_open(
@@ -216,6 +308,7 @@ impl Handle {
         cx: &mut Context<'_>,
         head: &RequestHead<'_>,
         end: bool,
+        timed: bool,
     ) -> Poll<Result<StreamId, Closed>> {
         let mut inner = self.shared.lock();
         if let Some(reason) = &inner.ended {
@@ -238,6 +331,10 @@ impl Handle {
         match inner.conn.open(pseudo.chain(regular), end) {
             Ok(id) => {
                 inner.slots.insert(id.value(), Slot::default());
+                if timed && let Some(timeout) = self.shared.response_timeout {
+                    let deadline = self.shared.clock.now() + timeout;
+                    inner.awaiting.push(id.value(), deadline);
+                }
                 let driver = inner.driver.clone();
                 drop(inner);
                 if let Some(driver) = driver {
@@ -430,6 +527,7 @@ fn cancel(shared: &Shared, id: u32) {
         let unread = slot.body.unread();
         inner.conn.release(StreamId::new(id), unread);
     }
+    inner.awaiting.remove(id);
     inner.conn.reset(StreamId::new(id), ErrorCode::CANCEL);
     wake.add(inner.send_wakers.remove(&id));
     inner.driver_if_output(&mut wake);
@@ -563,11 +661,14 @@ pub(crate) enum Ended {
 /// Starts a client connection on `io`: its handle, and the future that drives it (spawn it).
 /// The connection ends when the server closes it, fails, stops answering pings (one every
 /// `interval`), or when every handle is gone and its streams have ended.
+///
+/// `response_timeout`: how long a stream opened `timed` may wait for its response head.
 pub(crate) fn handshake<I: Io>(
     io: I,
     clock: Clock,
     interval: Duration,
     max_header_list_size: u32,
+    response_timeout: Option<Duration>,
 ) -> (Handle, impl Future<Output = Result<(), Ended>> + Send) {
     let config = Config {
         role: Role::Client,
@@ -586,8 +687,11 @@ pub(crate) fn handshake<I: Io>(
             open_wakers: Vec::new(),
             driver: None,
             ended: None,
+            awaiting: Awaiting::default(),
         }),
         handles: AtomicUsize::new(1),
+        clock,
+        response_timeout,
     });
     let handle = Handle {
         shared: Arc::clone(&shared),
@@ -600,6 +704,10 @@ pub(crate) fn handshake<I: Io>(
         write: BytesMut::new(),
         keepalive,
         closing: false,
+        deadline: response_timeout.map(|_| ResponseDeadline {
+            timer: Box::pin(tokio::time::sleep_until(clock.to_tokio(clock.now()))),
+            armed: false,
+        }),
     };
     let driving = async move {
         let ended = std::future::poll_fn(|cx| driver.poll(cx)).await;
@@ -620,6 +728,16 @@ struct Driver<I> {
     write: BytesMut,
     keepalive: Keepalive,
     closing: bool,
+    /// The timer of the oldest response deadline (with a response timeout).
+    deadline: Option<ResponseDeadline>,
+}
+
+/// The one timer behind a connection's [`Awaiting`] streams.
+struct ResponseDeadline {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Set for some deadline at or before the oldest waiting stream's; not moved as heads
+    /// arrive (see the module's docs).
+    armed: bool,
 }
 
 impl<I: Io> Driver<I> {
@@ -644,6 +762,8 @@ impl<I: Io> Driver<I> {
                 self.shared.lock().conn.ping(PING_DATA);
                 progress = true;
             }
+            // Response deadlines (their resets are written below).
+            progress |= self.poll_deadlines(cx);
             // Read.
             if self.write.len() < MAX_UNWRITTEN {
                 match super::conn::poll_read(&mut self.io, cx, &mut self.read) {
@@ -685,6 +805,37 @@ impl<I: Io> Driver<I> {
         }
     }
 
+    /// Fails the streams whose response deadline has passed, and keeps the timer set for the
+    /// oldest still waiting; whether any failed.
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>) -> bool {
+        let (Some(deadline), Some(timeout)) = (&mut self.deadline, self.shared.response_timeout)
+        else {
+            return false;
+        };
+        let clock = self.shared.clock;
+        let mut expired = false;
+        loop {
+            let mut wake = Wake::default();
+            let next = if deadline.armed {
+                if deadline.timer.as_mut().poll(cx).is_pending() {
+                    return expired;
+                }
+                deadline.armed = false;
+                let mut inner = self.shared.lock();
+                expired |= inner.expire(clock.now(), timeout, &mut wake);
+                inner.awaiting.next_deadline()
+            } else {
+                self.shared.lock().awaiting.next_deadline()
+            };
+            wake.run();
+            let Some(next) = next else {
+                return expired;
+            };
+            deadline.timer.as_mut().reset(clock.to_tokio(next));
+            deadline.armed = true;
+        }
+    }
+
     /// Hands what was read to the state machine and tells the streams.
     fn receive(&mut self) -> Result<(), H2Error> {
         let mut wake = Wake::default();
@@ -695,6 +846,7 @@ impl<I: Io> Driver<I> {
             slots,
             send_wakers,
             open_wakers,
+            awaiting,
             ..
         } = &mut *inner;
         let mut release = Vec::new();
@@ -707,6 +859,9 @@ impl<I: Io> Driver<I> {
                 let Some(slot) = slots.get_mut(&stream.value()) else {
                     return;
                 };
+                if !slot.head_arrived {
+                    awaiting.remove(stream.value());
+                }
                 let mut response = Response::new(());
                 *response.status_mut() = fields
                     .status()
@@ -743,6 +898,7 @@ impl<I: Io> Driver<I> {
                 ..
             } => {
                 let failed = StreamFailed::Reset { code, unprocessed };
+                awaiting.remove(stream.value());
                 if let Some(slot) = slots.get_mut(&stream.value()) {
                     if !slot.head_arrived && slot.head.is_none() {
                         slot.head = Some(Err(failed.clone()));
@@ -795,6 +951,7 @@ impl<I: Io> Driver<I> {
         let mut inner = self.shared.lock();
         inner.ended = Some(Arc::clone(&reason));
         inner.driver = None;
+        inner.awaiting = Awaiting::default();
         let Inner {
             slots,
             send_wakers,
@@ -815,5 +972,135 @@ impl<I: Io> Driver<I> {
         wake.0.append(open_wakers);
         drop(inner);
         wake.run();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(100);
+
+    /// An h2 server on `io` that answers requests to `/answer` at once, holds every other
+    /// unanswered, and reports each held stream's reset code.
+    fn server(io: tokio::io::DuplexStream) -> tokio::sync::mpsc::UnboundedReceiver<h2::Reason> {
+        let (resets, reported) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(io).await.unwrap();
+            while let Some(Ok((request, mut respond))) = conn.accept().await {
+                if request.uri().path() == "/answer" {
+                    respond.send_response(Response::new(()), true).unwrap();
+                    continue;
+                }
+                let resets = resets.clone();
+                tokio::spawn(async move {
+                    if let Ok(reason) = std::future::poll_fn(|cx| respond.poll_reset(cx)).await {
+                        let _ = resets.send(reason);
+                    }
+                });
+            }
+        });
+        reported
+    }
+
+    fn connect(clock: Clock) -> (Handle, tokio::sync::mpsc::UnboundedReceiver<h2::Reason>) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let resets = server(theirs);
+        let (handle, driving) = handshake(
+            ours,
+            clock,
+            Duration::from_secs(3600),
+            16 * 1024,
+            Some(TIMEOUT),
+        );
+        tokio::spawn(driving);
+        (handle, resets)
+    }
+
+    async fn open(handle: &Handle, path: &'static str, timed: bool) -> ResponseFuture {
+        let uri = http::Uri::from_static(path);
+        let uri = http::Uri::builder()
+            .scheme("http")
+            .authority("upstream")
+            .path_and_query(uri.path())
+            .build()
+            .unwrap();
+        let head = RequestHead {
+            method: &http::Method::GET,
+            uri: &uri,
+            headers: &HeaderMap::new(),
+        };
+        let id = handle.open(head, true, timed).await.unwrap();
+        handle.response(id)
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn each_timed_stream_fails_at_its_own_deadline_while_others_are_answered() {
+        let clock = Clock::new();
+        let (handle, mut resets) = connect(clock);
+        let start = clock.now();
+        let first = tokio::spawn(open(&handle, "/hold", true).await);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Streams answered in between move the oldest deadline on; the timer is not moved
+        // with it, and must still fire for each held stream at its own deadline.
+        for _ in 0..50 {
+            let answered = open(&handle, "/answer", true).await.await.unwrap();
+            assert_eq!(answered.status(), StatusCode::OK);
+        }
+        let second = tokio::spawn(open(&handle, "/hold", true).await);
+
+        let failed = first.await.unwrap().unwrap_err();
+        assert!(
+            matches!(failed, StreamFailed::ResponseTimeout(TIMEOUT)),
+            "{failed:?}"
+        );
+        assert_eq!(clock.now() - start, TIMEOUT);
+        assert_eq!(resets.recv().await, Some(h2::Reason::CANCEL));
+
+        let failed = second.await.unwrap().unwrap_err();
+        assert!(
+            matches!(failed, StreamFailed::ResponseTimeout(TIMEOUT)),
+            "{failed:?}"
+        );
+        assert_eq!(clock.now() - start, Duration::from_millis(130));
+        assert_eq!(resets.recv().await, Some(h2::Reason::CANCEL));
+
+        // The connection carries on.
+        let answered = open(&handle, "/answer", true).await.await.unwrap();
+        assert_eq!(answered.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_untimed_stream_is_left_to_its_caller() {
+        let clock = Clock::new();
+        let (handle, _resets) = connect(clock);
+        let untimed = open(&handle, "/hold", false).await;
+        // A timed stream behind it expires; the untimed one is still waiting well after.
+        let timed = open(&handle, "/hold", true).await;
+        assert!(matches!(
+            timed.await,
+            Err(StreamFailed::ResponseTimeout(TIMEOUT))
+        ));
+        let waited = tokio::time::timeout(TIMEOUT * 10, untimed).await;
+        assert!(waited.is_err(), "the untimed stream ended: {waited:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_cancelled_wait_leaves_the_queue() {
+        let clock = Clock::new();
+        let (handle, mut resets) = connect(clock);
+        let start = clock.now();
+        drop(open(&handle, "/hold", true).await);
+        assert_eq!(resets.recv().await, Some(h2::Reason::CANCEL));
+        assert!(handle.shared.lock().awaiting.0.is_empty());
+        // A later stream still times out at its own deadline.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let timed = open(&handle, "/hold", true).await;
+        assert!(matches!(
+            timed.await,
+            Err(StreamFailed::ResponseTimeout(TIMEOUT))
+        ));
+        assert_eq!(clock.now() - start, Duration::from_millis(110));
     }
 }

@@ -12,6 +12,11 @@
 //! that stops answering (dead, or partitioned) then costs one 504 per request caught on it
 //! instead of a hang, and its connection is replaced for later requests (its other streams
 //! keep their own timeouts).
+//!
+//! A request whose body is whole when its stream opens (most: every one without a body) has
+//! its response timeout kept by the connection, one timer for all its streams
+//! ([`client`]'s `Awaiting`); only a request still sending its body, or with a deadline of its
+//! own, arms a timer of its own here.
 
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -264,7 +269,10 @@ impl<N: Net> Pools<N> {
             )
         };
         let end = http_body::Body::is_end_stream(&body);
-        let opened = sender.open(head, end).await;
+        // The connection times the response from the stream's opening unless the body is still
+        // to be sent (its frames push the deadline back: timed here).
+        let timed = progress.is_none() && sender.times_responses();
+        let opened = sender.open(head, end, timed).await;
         let id = match opened {
             Ok(id) => id,
             Err(err) => {
@@ -289,6 +297,11 @@ impl<N: Net> Pools<N> {
         let mut response = sender.response(id);
         let waited = self
             .headers(
+                if timed {
+                    None
+                } else {
+                    self.limits.response_timeout
+                },
                 progress.as_ref(),
                 deadline,
                 std::future::poll_fn(|cx| {
@@ -306,6 +319,14 @@ impl<N: Net> Pools<N> {
             .await;
         let response = match waited {
             Ok(Ok(response)) => response,
+            Ok(Err(client::StreamFailed::ResponseTimeout(timeout))) => {
+                // As below: later requests get a new connection.
+                Self::forget_h2(&endpoint, generation).await;
+                tracing::debug!(endpoint = %addr, ?timeout, "no response headers in time; discarding the connection");
+                let mut failed = Failed::new(ProxyError::ResponseTimeout { addr, timeout });
+                failed.connected = connected;
+                return Err(failed.into());
+            }
             Ok(Err(err)) => {
                 // The server said it did not process the stream (RFC 9113 §8.7): it reset it
                 // with `REFUSED_STREAM`, or its GOAWAY excluded it. Safe to send again,
@@ -368,6 +389,7 @@ impl<N: Net> Pools<N> {
             self.clock,
             self.limits.idle_timeout / 4,
             u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX),
+            self.limits.response_timeout,
         );
         let closed = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&closed);
@@ -396,16 +418,16 @@ impl<N: Net> Pools<N> {
         (body, Some(progress))
     }
 
-    /// Waits for `response` (an upstream's response headers) within the response timeout,
-    /// counted from now or from the request's last body frame, whichever is later, and until
-    /// `deadline` at the latest.
+    /// Waits for `response` (an upstream's response headers) within `timeout` (the response
+    /// timeout, when this request's connection does not keep it), counted from now or from
+    /// the request's last body frame, whichever is later, and until `deadline` at the latest.
     async fn headers<T>(
         &self,
+        timeout: Option<Duration>,
         progress: Option<&Progress>,
         deadline: Option<Instant>,
         response: impl Future<Output = T>,
     ) -> Result<T, Waited> {
-        let timeout = self.limits.response_timeout;
         if timeout.is_none() && deadline.is_none() {
             return Ok(response.await);
         }
@@ -484,7 +506,12 @@ mod tests {
         tokio::spawn(body);
         let start = clock.now();
         let waited = pools
-            .headers(Some(&progress), None, std::future::pending::<()>())
+            .headers(
+                pools.limits.response_timeout,
+                Some(&progress),
+                None,
+                std::future::pending::<()>(),
+            )
             .await;
         assert!(matches!(waited, Err(Waited::ResponseTimeout(_))));
         assert_eq!(clock.now() - start, Duration::from_millis(260));
@@ -496,16 +523,24 @@ mod tests {
         let pools = pools(clock, Duration::from_millis(100));
         let start = clock.now();
         let waited = pools
-            .headers(None, None, std::future::pending::<()>())
+            .headers(
+                pools.limits.response_timeout,
+                None,
+                None,
+                std::future::pending::<()>(),
+            )
             .await;
         assert!(matches!(waited, Err(Waited::ResponseTimeout(_))));
         assert_eq!(clock.now() - start, Duration::from_millis(100));
-        let answered = pools.headers(None, None, async { 7 }).await;
+        let answered = pools
+            .headers(pools.limits.response_timeout, None, None, async { 7 })
+            .await;
         assert!(matches!(answered, Ok(7)));
         // An earlier deadline wins over the response timeout.
         let start = clock.now();
         let waited = pools
             .headers(
+                pools.limits.response_timeout,
                 None,
                 Some(start + Duration::from_millis(30)),
                 std::future::pending::<()>(),
