@@ -127,19 +127,16 @@ pub(crate) fn static_find(name: &[u8], value: &[u8]) -> StaticMatch {
     let Some(first) = static_name_index(name) else {
         return StaticMatch::None;
     };
-    // Entries of one name are adjacent (`:method`, `:path`, `:scheme`, `:status`); values
-    // are short, so comparing is cheap.
-    let mut index = first;
-    while let Some((n, v)) = static_entry(index) {
-        if n != name {
-            break;
-        }
-        if v == value {
-            return StaticMatch::Field(index);
-        }
-        index += 1;
-    }
-    StaticMatch::Name(first)
+    // Entries of one name are adjacent: `:method` (2, 3), `:path` (4, 5), `:scheme` (6, 7) and
+    // `:status` (8 to 14); every other name has one. Only their values are compared.
+    let entries = match first {
+        2 | 4 | 6 => 2,
+        8 => 7,
+        _ => 1,
+    };
+    (first..first + entries)
+        .find(|&index| static_entry(index).is_some_and(|(_, v)| v == value))
+        .map_or(StaticMatch::Name(first), StaticMatch::Field)
 }
 
 /// The size the RFC accounts an entry at: its name and value lengths plus 32 (§4.1).
@@ -457,10 +454,16 @@ mod tests {
         assert_eq!(static_find(b"accept", b""), StaticMatch::Field(19));
         assert_eq!(static_find(b"grpc-status", b"0"), StaticMatch::None);
         assert_eq!(static_find(b"Content-Type", b"x"), StaticMatch::None);
-        // The length-first index agrees with a plain scan for every name.
-        for (i, (name, _)) in STATIC.iter().enumerate() {
+        // The length-first index agrees with a plain scan for every name, and the lookup for
+        // every entry, and for each name with a value no entry has.
+        for (i, (name, value)) in STATIC.iter().enumerate() {
             let first = STATIC.iter().position(|(n, _)| n == name).unwrap() + 1;
             assert_eq!(static_name_index(name), Some(first), "entry {}", i + 1);
+            assert_eq!(static_find(name, value), StaticMatch::Field(i + 1));
+            assert_eq!(
+                static_find(name, b"none-has-this"),
+                StaticMatch::Name(first)
+            );
         }
     }
 

@@ -7,9 +7,12 @@
 //! unanswered for [`PING_TIMEOUT`].
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker, ready};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -45,6 +48,81 @@ pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// writes, and everything it sends would only add to it.
 pub(crate) const MAX_UNWRITTEN: usize = 1024 * 1024;
 
+/// A timer a connection's task polls on every wake, polled itself only once it has woken the
+/// task (or is new, or was changed through [`Gated::get_mut`]).
+///
+/// A connection's task is woken for everything that happens on it (twice a request at one
+/// stream a connection: the request, then its response) and polls each of its timers every
+/// time: some 150 instructions for a registered tokio `Sleep`, against a few to read a flag.
+/// The inner future is polled with a waker of the gate's own, which sets the flag and wakes
+/// the task; so it must wait only on what it registers that waker with (a `Sleep`, or a
+/// future that awaits only timers). Once it has been ready it is not polled again until it is
+/// changed: a caller rearms the timer, or stops polling it.
+pub(crate) struct Gated<F> {
+    inner: F,
+    gate: Arc<Gate>,
+    /// Wakes `gate`: the waker the inner future registers.
+    waker: Waker,
+}
+
+struct Gate {
+    /// The inner future has been woken (or changed) since it was last polled.
+    open: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.open.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> Gated<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        let gate = Arc::new(Gate {
+            open: AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        Self {
+            inner,
+            waker: Waker::from(Arc::clone(&gate)),
+            gate,
+        }
+    }
+
+    /// The inner future, to change (a timer to reset): it is polled on the next poll.
+    pub(crate) fn get_mut(&mut self) -> &mut F {
+        self.gate.open.store(true, Ordering::Release);
+        &mut self.inner
+    }
+}
+
+impl<F: Future + Unpin> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        this.gate.task.register(cx.waker());
+        if !this.gate.open.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.inner).poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+impl<F> std::fmt::Debug for Gated<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gated")
+            .field("open", &self.gate.open.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
 /// Keep-alive pings on one connection: due every `interval`; a ping unanswered for
 /// [`PING_TIMEOUT`] gives the connection up.
 pub(crate) struct Keepalive {
@@ -53,7 +131,7 @@ pub(crate) struct Keepalive {
     /// A ping is out, unanswered.
     sent: bool,
     /// The next ping, or the unanswered one's timeout.
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: Gated<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Keepalive {
@@ -62,21 +140,21 @@ impl Keepalive {
             clock,
             interval,
             sent: false,
-            timer: Box::pin(tokio::time::sleep_until(
+            timer: Gated::new(Box::pin(tokio::time::sleep_until(
                 clock.to_tokio(clock.now() + interval),
-            )),
+            ))),
         }
     }
 
     fn rearm(&mut self, after: Duration) {
         let at = self.clock.to_tokio(self.clock.now() + after);
-        self.timer.as_mut().reset(at);
+        self.timer.get_mut().as_mut().reset(at);
     }
 
     /// Ready with `Ok` when a ping is due (the caller sends it; its answer is awaited from
     /// then on), with `Err` when the last one went unanswered for [`PING_TIMEOUT`].
     pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Duration>> {
-        if self.timer.as_mut().poll(cx).is_pending() {
+        if Pin::new(&mut self.timer).poll(cx).is_pending() {
             return Poll::Pending;
         }
         if self.sent {
@@ -288,5 +366,51 @@ impl Chunks {
     /// The bytes waiting.
     fn len(&self) -> usize {
         self.first.iter().chain(&self.rest).map(Bytes::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits for the keep-alive's next event, failing (not hanging) if none comes in a day.
+    async fn next(keepalive: &mut Keepalive) -> Result<(), Duration> {
+        let due = std::future::poll_fn(|cx| keepalive.poll_due(cx));
+        tokio::time::timeout(Duration::from_secs(86_400), due)
+            .await
+            .expect("the keep-alive timer never fired")
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn keepalive_pings_every_interval_and_gives_up_on_a_silent_peer() {
+        let clock = Clock::new();
+        let start = clock.now();
+        let interval = Duration::from_secs(10);
+        let mut keepalive = Keepalive::new(clock, interval);
+        assert_eq!(next(&mut keepalive).await, Ok(()));
+        assert_eq!(clock.now() - start, interval);
+        keepalive.pong();
+        assert_eq!(next(&mut keepalive).await, Ok(()));
+        assert_eq!(clock.now() - start, interval * 2);
+        // No answer to that one.
+        assert_eq!(next(&mut keepalive).await, Err(PING_TIMEOUT));
+        assert_eq!(clock.now() - start, interval * 2 + PING_TIMEOUT);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_gated_timer_fires_at_its_deadline_and_again_once_reset() {
+        let clock = Clock::new();
+        let start = clock.now();
+        let at = |ms| clock.to_tokio(start + Duration::from_millis(ms));
+        let mut timer = Gated::new(Box::pin(tokio::time::sleep_until(at(50))));
+        // Polled before its deadline it is pending, and stays so when polled again unwoken.
+        for _ in 0..3 {
+            assert!(futures_util::poll!(&mut timer).is_pending());
+        }
+        (&mut timer).await;
+        assert_eq!(clock.now() - start, Duration::from_millis(50));
+        timer.get_mut().as_mut().reset(at(80));
+        (&mut timer).await;
+        assert_eq!(clock.now() - start, Duration::from_millis(80));
     }
 }

@@ -293,14 +293,15 @@ where
         open: Arc::clone(&open),
         closing: false,
     };
-    let mut idle = std::pin::pin!(open.idle(limits.idle_timeout));
+    // Boxed to be polled through its gate (only when its timer has fired).
+    let mut idle = super::conn::Gated::new(Box::pin(open.idle(limits.idle_timeout)));
     std::future::poll_fn(|cx| {
         if !server.closing {
             let drained = server
                 .drain
                 .as_mut()
                 .is_some_and(|d| d.poll_signaled(cx).is_ready());
-            if drained || idle.as_mut().poll(cx).is_ready() {
+            if drained || Pin::new(&mut idle).poll(cx).is_ready() {
                 tracing::debug!(drained, "h2 connection closing gracefully");
                 server.conn.go_away(ErrorCode::NO_ERROR);
                 server.closing = true;
