@@ -132,9 +132,14 @@ pub async fn serve_hello(listener: TcpListener) {
                 })
             });
             if starts_with_h2_preface(&stream).await {
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                // A connection that ends in error is logged: a proxy that trips hyper's
+                // defences (too many streams reset before they were served, say) shows here.
+                if let Err(err) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                    .await
+                {
+                    tracing::warn!(error = %err, "h2 connection ended in error");
+                }
                 return;
             }
             let _ = hyper::server::conn::http1::Builder::new()

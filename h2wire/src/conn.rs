@@ -53,6 +53,16 @@ pub enum Role {
     Server,
 }
 
+/// How many streams a client opens before the server's first SETTINGS say how many it allows.
+///
+/// RFC 9113 leaves the limit unbounded until then (§6.5.2) and recommends servers allow no
+/// fewer than 100 (§6.5.2, `SETTINGS_MAX_CONCURRENT_STREAMS`). A client that opens a burst
+/// on a new connection before the SETTINGS arrive, past what the server allows, has the
+/// excess refused (`REFUSED_STREAM`); at 1,000 concurrent requests through the proxy this
+/// turned into 502s when those requests, sent again, met the same burst on the next new
+/// connection. So at most this many until the server has spoken (as the h2 crate does).
+pub const INITIAL_PEER_MAX_STREAMS: u32 = 100;
+
 /// What one end of a connection allows and promises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -384,7 +394,7 @@ impl Connection {
             },
             remote_open: 0,
             local_open: 0,
-            peer_max_streams: u32::MAX,
+            peer_max_streams: INITIAL_PEER_MAX_STREAMS,
             peer_stream_window: frame::DEFAULT_INITIAL_WINDOW_SIZE,
             local_stream_window: config.stream_window.max(frame::DEFAULT_INITIAL_WINDOW_SIZE),
             peer_max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -423,7 +433,8 @@ impl Connection {
         self.open_check().is_ok()
     }
 
-    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS` (unbounded until it says).
+    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`: [`INITIAL_PEER_MAX_STREAMS`] until its
+    /// first SETTINGS, then what that says (unbounded if nothing).
     #[must_use]
     pub fn peer_max_streams(&self) -> u32 {
         self.peer_max_streams
@@ -541,7 +552,12 @@ impl Connection {
             };
             if self.phase == Phase::Settings {
                 match frame {
-                    Frame::Settings(settings) if !settings.ack => self.phase = Phase::Open,
+                    Frame::Settings(settings) if !settings.ack => {
+                        self.phase = Phase::Open;
+                        // The peer has said its limit, if it has one: unlimited unless this
+                        // frame holds it (applied below).
+                        self.peer_max_streams = u32::MAX;
+                    }
                     _ => {
                         return Err(Error::connection(
                             ErrorCode::PROTOCOL_ERROR,

@@ -603,3 +603,26 @@ proptest! {
         client.feed(&noise);
     }
 }
+
+#[test]
+fn a_client_opens_at_most_100_streams_until_the_server_states_its_limit() {
+    let mut client = End::new(Config::new(Role::Client));
+    for i in 0..INITIAL_PEER_MAX_STREAMS {
+        assert!(client.conn.open(get(b"/"), true).is_ok(), "stream {i}");
+    }
+    assert_eq!(client.conn.open(get(b"/"), true), Err(OpenError::Full));
+    // The server's first SETTINGS states no limit: there is none.
+    let mut settings = BytesMut::new();
+    frame::write_settings(&mut settings, &[]);
+    client.feed(&settings);
+    assert!(client.error.is_none());
+    assert_eq!(client.conn.peer_max_streams(), u32::MAX);
+    assert!(client.conn.open(get(b"/"), true).is_ok());
+
+    // One that states a limit above 100 raises it at once.
+    let mut client = End::new(Config::new(Role::Client));
+    let mut settings = BytesMut::new();
+    frame::write_settings(&mut settings, &[Setting::MaxConcurrentStreams(200)]);
+    client.feed(&settings);
+    assert_eq!(client.conn.peer_max_streams(), 200);
+}

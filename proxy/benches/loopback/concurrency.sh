@@ -35,7 +35,7 @@ fi
 cargo build --release -q -p conduit-proxy -p conduit-cli
 BIN=target/release
 
-declare -A ADDR H2ADDR PID HELLO HELLO_PID
+declare -A ADDR H2ADDR PID HELLO HELLO_PID ADMIN
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -109,16 +109,18 @@ services:
 MESH
     CONDUIT_PROXY_OUTBOUND_ADDR=127.0.0.1:$3 CONDUIT_PROXY_ADMIN_ADDR=127.0.0.1:$4 \
     CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh-$1.yaml" CONDUIT_PROXY_WORKERS=1 \
-    CONDUIT_PROXY_LOG=warn CONDUIT_PROXY_MAX_CONNECTIONS=9000 \
+    CONDUIT_PROXY_LOG=${PROXY_LOG:-warn} CONDUIT_PROXY_MAX_CONNECTIONS=9000 \
         taskset -c 0 "$2" >"$OUT/$1.log" 2>&1 &
 }
 start_proxy conduit "$BIN/conduit-proxy" 18485 18591
+ADMIN[conduit]=127.0.0.1:18591
 PID[conduit]=$!; PIDS+=("${PID[conduit]}")
 ADDR[conduit]=127.0.0.1:18485; H2ADDR[conduit]=127.0.0.1:18485
 TARGETS="conduit nginx haproxy"
 if [ -n "${BASELINE_BIN:-}" ]; then
     start_hello conduit-base 18489
     start_proxy conduit-base "$BASELINE_BIN" 18486 18592
+    ADMIN[conduit-base]=127.0.0.1:18592
     PID[conduit-base]=$!; PIDS+=("${PID[conduit-base]}")
     ADDR[conduit-base]=127.0.0.1:18486; H2ADDR[conduit-base]=127.0.0.1:18486
     TARGETS="$TARGETS conduit-base"
@@ -180,4 +182,12 @@ for rep in $(seq 1 "$REPS"); do
     done
 done
 echo "]" >>"$OUT/results.json"
+# What each conduit answered, by status: a proxy's own errors (502, 503, 504) show here with
+# the reason's status, where the load generators only count them.
+for t in "${!ADMIN[@]}"; do
+    curl -fsS "http://${ADMIN[$t]}/metrics" | grep '^response_total' >"$OUT/$t.responses" || true
+    if grep -v 'status_code="200"' "$OUT/$t.responses" | grep -q .; then
+        echo "$t answered, besides 200s:"; grep -v 'status_code="200"' "$OUT/$t.responses"
+    fi
+done
 python3 proxy/benches/loopback/summarize_concurrency.py "$OUT/results.json" | tee "$OUT/summary.md"

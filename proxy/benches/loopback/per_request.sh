@@ -11,8 +11,10 @@
 # Without perf (or without tracepoint access) the syscall columns are left out.
 #
 # Usage: proxy/benches/loopback/per_request.sh [DUR] [LEVELS]   (defaults 5 s, "50 1000 5000");
-#        PROTOS="h1 h2" picks the protocols. Sends traffic only to 127.0.0.1, ends every
-#        process it started (by PID), stops by itself.
+#        PROTOS="h1 h2" picks the protocols; TARGETS="conduit haproxy" measures haproxy the
+#        same way (one thread, h2 upstream for h2 clients, a hello server of its own, as in
+#        concurrency.sh), to see where the two differ. Sends traffic only to 127.0.0.1, ends
+#        every process it started (by PID), stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 DUR=${1:-5}
@@ -21,8 +23,9 @@ OUT=target/bench/per_request/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need h2load; then
-    apt-get update -qq && apt-get install -y -qq wrk nghttp2-client >/dev/null
+TARGETS=${TARGETS:-conduit}
+if ! need wrk || ! need h2load || { [[ " $TARGETS " == *" haproxy "* ]] && ! need haproxy; }; then
+    apt-get update -qq && apt-get install -y -qq wrk nghttp2-client haproxy >/dev/null
 fi
 cargo build --release -q -p conduit-proxy -p conduit-cli
 BIN=target/release
@@ -44,11 +47,44 @@ CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh.yaml" CONDUIT_PROXY_WORKERS=1 \
 CONDUIT_PROXY_LOG=warn CONDUIT_PROXY_MAX_CONNECTIONS=9000 \
     taskset -c 0 "$BIN/conduit-proxy" >"$OUT/proxy.log" 2>&1 &
 PP=$!; PIDS+=("$PP")
-for _ in $(seq 1 100); do
-    curl -fsS -H 'Host: hello' "http://$PROXY/" >/dev/null 2>&1 && break
-    sleep 0.1
+declare -A PID H1ADDR H2ADDR
+PID[conduit]=$PP; H1ADDR[conduit]=$PROXY; H2ADDR[conduit]=$PROXY
+if [[ " $TARGETS " == *" haproxy "* ]]; then
+    HAPROXY_HELLO=127.0.0.1:18681
+    taskset -c 0 "$BIN/conduit" hello --listen "$HAPROXY_HELLO" >"$OUT/hello-haproxy.log" 2>&1 &
+    PIDS+=($!)
+    cat >"$OUT/haproxy.cfg" <<CONF
+global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode http
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend h1
+    bind 127.0.0.1:18682
+    default_backend hello
+frontend h2
+    bind 127.0.0.1:18692 proto h2
+    default_backend hello2
+backend hello
+    server s1 $HAPROXY_HELLO
+backend hello2
+    server s1 $HAPROXY_HELLO proto h2
+CONF
+    taskset -c 0 haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
+    PID[haproxy]=$!; PIDS+=("${PID[haproxy]}")
+    H1ADDR[haproxy]=127.0.0.1:18682; H2ADDR[haproxy]=127.0.0.1:18692
+fi
+for t in $TARGETS; do
+    for _ in $(seq 1 100); do
+        curl -fsS -H 'Host: hello' "http://${H1ADDR[$t]}/" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -fsS -H 'Host: hello' "http://${H1ADDR[$t]}/" >/dev/null || { echo "$t did not answer"; exit 1; }
 done
-curl -fsS -H 'Host: hello' "http://$PROXY/" >/dev/null || { echo "the proxy did not answer"; exit 1; }
 
 EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_accept4,syscalls:sys_enter_close
 PERF=0
@@ -56,31 +92,35 @@ if need perf && perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then P
 TICK=$(getconf CLK_TCK)
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 # load PROTO LEVEL SECONDS: prints the requests completed.
+# load TARGET PROTO CONNECTIONS SECONDS: the requests it completed.
 load() {
-    if [ "$1" = h1 ]; then
-        taskset -c 1 wrk -t1 -c"$2" -d"$3s" -H 'Host: hello' "http://$PROXY/" 2>&1 | awk '/requests in/ {print $1}'
+    if [ "$2" = h1 ]; then
+        taskset -c 1 wrk -t1 -c"$3" -d"$4s" -H 'Host: hello' "http://${H1ADDR[$1]}/" 2>&1 | awk '/requests in/ {print $1}'
     else
-        taskset -c 1 h2load -t1 -c"$2" -m1 -D "$3" -H ':authority: hello' "http://$PROXY/" 2>&1 | awk '/^requests:/ {print $8}'
+        taskset -c 1 h2load -t1 -c"$3" -m1 -D "$4" -H ':authority: hello' "http://${H2ADDR[$1]}/" 2>&1 | awk '/^requests:/ {print $8}'
     fi
 }
-printf '| load | connections | requests | user us/req | kernel us/req | syscalls/req | recvfrom | sendto | epoll_wait | epoll_ctl | accept4 | close |\n'
-printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| target | load | connections | requests | user us/req | kernel us/req | syscalls/req | recvfrom | sendto | epoll_wait | epoll_ctl | accept4 | close |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 for proto in ${PROTOS:-h1 h2}; do
     for level in $LEVELS; do
-        load "$proto" "$level" 2 >/dev/null
+      for t in $TARGETS; do
+        PP=${PID[$t]}
+        load "$t" "$proto" "$level" 2 >/dev/null
         # Times first, in a window of their own: counting tracepoints slows every syscall.
         read -r u0 s0 < <(ticks "$PP")
-        requests=$(load "$proto" "$level" "$DUR")
+        requests=$(load "$t" "$proto" "$level" "$DUR")
         read -r u1 s1 < <(ticks "$PP")
         counts="| | | | | | |"
         if [ $PERF = 1 ]; then
-            perf stat -x, -e "$EVENTS" -p "$PP" -o "$OUT/perf.$proto.$level" &
+            perf stat -x, -e "$EVENTS" -p "$PP" -o "$OUT/perf.$t.$proto.$level" &
             PERF_PID=$!
-            counted=$(load "$proto" "$level" "$DUR")
+            counted=$(load "$t" "$proto" "$level" "$DUR")
             kill -INT "$PERF_PID"; wait "$PERF_PID" || true
-            counts=$(awk -F, -v r="$counted" '$1 ~ /^[0-9]+$/ { printf "%s%.2f", (n++ ? " | " : "| "), $1 / r } END { print " |" }' "$OUT/perf.$proto.$level")
+            counts=$(awk -F, -v r="$counted" '$1 ~ /^[0-9]+$/ { printf "%s%.2f", (n++ ? " | " : "| "), $1 / r } END { print " |" }' "$OUT/perf.$t.$proto.$level")
         fi
-        awk -v p="$proto" -v l="$level" -v r="$requests" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$TICK" -v c="$counts" \
-            'BEGIN { printf "| %s | %d | %d | %.2f | %.2f %s\n", p, l, r, u / t * 1e6 / r, s / t * 1e6 / r, c }'
+        awk -v n="$t" -v p="$proto" -v l="$level" -v r="$requests" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$TICK" -v c="$counts" \
+            'BEGIN { printf "| %s | %s | %d | %d | %.2f | %.2f %s\n", n, p, l, r, u / t * 1e6 / r, s / t * 1e6 / r, c }'
+      done
     done
 done | tee "$OUT/summary.md"
