@@ -19,6 +19,7 @@
 # Sends traffic only to 127.0.0.1, ends every process it started (by PID), stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. proxy/benches/loopback/common.sh
 REPS=${1:-3}
 DUR=${2:-10}
 LEVELS=${3:-"50 500 1000 5000"}
@@ -74,16 +75,7 @@ taskset -c 0 nginx -c "$PWD/$OUT/nginx.conf" &
 PID[nginx]=$!; PIDS+=("${PID[nginx]}")
 ADDR[nginx]=127.0.0.1:18481; H2ADDR[nginx]=127.0.0.1:18491
 
-cat >"$OUT/haproxy.cfg" <<CONF
-global
-    nbthread 1
-    maxconn 9000
-defaults
-    mode http
-    http-reuse always
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+{ haproxy_defaults; cat <<CONF
 frontend h1
     bind 127.0.0.1:18482
     default_backend hello
@@ -95,6 +87,7 @@ backend hello
 backend hello2
     server s1 ${HELLO[haproxy]} proto h2
 CONF
+} >"$OUT/haproxy.cfg"
 taskset -c 0 haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
 PID[haproxy]=$!; PIDS+=("${PID[haproxy]}")
 ADDR[haproxy]=127.0.0.1:18482; H2ADDR[haproxy]=127.0.0.1:18492

@@ -19,6 +19,7 @@
 # Sends traffic only to 127.0.0.1, ends every process it started (by PID), stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. proxy/benches/loopback/common.sh
 REPS=${1:-3}
 N=${2:-200000}
 OUT=target/bench/h2/$(date +%Y%m%d-%H%M%S)
@@ -46,16 +47,7 @@ PIDS+=($!)
 # An empty gRPC message: no compression, length 0.
 printf '\0\0\0\0\0' >"$OUT/grpc-message"
 
-cat >"$OUT/haproxy.cfg" <<CONF
-global
-    nbthread 1
-    maxconn 9000
-defaults
-    mode http
-    http-reuse always
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+{ haproxy_defaults; cat <<CONF
 frontend h2
     bind 127.0.0.1:18682 proto h2
     use_backend grpc if { req.hdr(content-type) -m beg application/grpc }
@@ -65,6 +57,7 @@ backend nghttpd
 backend grpc
     server s1 $GRPC proto h2
 CONF
+} >"$OUT/haproxy.cfg"
 taskset -c 0 haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
 PID[haproxy]=$!; PIDS+=("${PID[haproxy]}")
 ADDR[haproxy]=127.0.0.1:18682

@@ -17,6 +17,7 @@
 #        every process it started (by PID), stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. proxy/benches/loopback/common.sh
 DUR=${1:-5}
 LEVELS=${2:-"50 1000 5000"}
 OUT=target/bench/per_request/$(date +%Y%m%d-%H%M%S)
@@ -53,16 +54,7 @@ if [[ " $TARGETS " == *" haproxy "* ]]; then
     HAPROXY_HELLO=127.0.0.1:18681
     taskset -c 0 "$BIN/conduit" hello --listen "$HAPROXY_HELLO" >"$OUT/hello-haproxy.log" 2>&1 &
     PIDS+=($!)
-    cat >"$OUT/haproxy.cfg" <<CONF
-global
-    nbthread 1
-    maxconn 9000
-defaults
-    mode http
-    http-reuse always
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+    { haproxy_defaults; cat <<CONF
 frontend h1
     bind 127.0.0.1:18682
     default_backend hello
@@ -74,6 +66,7 @@ backend hello
 backend hello2
     server s1 $HAPROXY_HELLO proto h2
 CONF
+    } >"$OUT/haproxy.cfg"
     taskset -c 0 haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
     PID[haproxy]=$!; PIDS+=("${PID[haproxy]}")
     H1ADDR[haproxy]=127.0.0.1:18682; H2ADDR[haproxy]=127.0.0.1:18692
