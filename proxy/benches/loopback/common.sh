@@ -15,3 +15,13 @@ defaults
     timeout server 30s
 CONF
 }
+
+# await_answer NAME ADDR: waits up to 10 s for an HTTP/1.1 request to ADDR (Host: hello) to
+# succeed, and ends the benchmark if it never does.
+await_answer() {
+    for _ in $(seq 1 100); do
+        curl -fsS -H 'Host: hello' "http://$2/" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    curl -fsS -H 'Host: hello' "http://$2/" >/dev/null || { echo "$1 did not answer"; exit 1; }
+}

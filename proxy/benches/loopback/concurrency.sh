@@ -120,11 +120,7 @@ if [ -n "${BASELINE_BIN:-}" ]; then
 fi
 
 for t in $TARGETS; do
-    for _ in $(seq 1 100); do
-        curl -fsS -H 'Host: hello' "http://${ADDR[$t]}/" >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    curl -fsS -H 'Host: hello' "http://${ADDR[$t]}/" >/dev/null || { echo "$t did not answer"; exit 1; }
+    await_answer "$t" "${ADDR[$t]}"
 done
 
 TICK=$(getconf CLK_TCK)

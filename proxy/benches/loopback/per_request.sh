@@ -72,11 +72,7 @@ CONF
     H1ADDR[haproxy]=127.0.0.1:18682; H2ADDR[haproxy]=127.0.0.1:18692
 fi
 for t in $TARGETS; do
-    for _ in $(seq 1 100); do
-        curl -fsS -H 'Host: hello' "http://${H1ADDR[$t]}/" >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    curl -fsS -H 'Host: hello' "http://${H1ADDR[$t]}/" >/dev/null || { echo "$t did not answer"; exit 1; }
+    await_answer "$t" "${H1ADDR[$t]}"
 done
 
 EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_accept4,syscalls:sys_enter_close

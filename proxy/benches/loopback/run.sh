@@ -28,6 +28,7 @@
 # Sends traffic only to 127.0.0.1, ends every process it started (by PID), and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. proxy/benches/loopback/common.sh
 REPS=${1:-3}
 DUR=${2:-10}
 OUT=target/bench/loopback/$(date +%Y%m%d-%H%M%S)
@@ -128,11 +129,7 @@ fi
 
 # Wait (bounded) for all of them to answer.
 for addr in $ADDRS; do
-    for _ in $(seq 1 100); do
-        curl -fsS -H 'Host: hello' "http://$addr/" >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    curl -fsS -H 'Host: hello' "http://$addr/" >/dev/null || { echo "$addr did not answer"; exit 1; }
+    await_answer "$addr" "$addr"
 done
 # And h2 with prior knowledge where it is measured (when this curl speaks HTTP/2).
 if curl -V | grep -qw HTTP2; then
