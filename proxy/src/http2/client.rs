@@ -13,6 +13,18 @@
 //! stream with `CANCEL`; the connection carries on. When the last [`Handle`] is dropped the
 //! connection closes gracefully once its streams end.
 //!
+//! Resets of streams the server has not answered are paced ([`Resets`]). Servers defend
+//! against reset floods (CVE-2023-44487): the `h2` crate under hyper and tonic closes a
+//! connection once more than 20 streams are reset before its accept loop took them up, failing
+//! every other stream on it. One upstream connection carries many clients' requests, so a
+//! crowd of clients leaving at once (a client restarting, a load balancer draining, lost
+//! hedges) would otherwise cost the clients who stay. At most [`RESET_BUDGET`] resets of
+//! unanswered streams are in doubt at a time; a response head on a later stream shows that
+//! the server has taken up the earlier ones (servers accept streams in order), which clears
+//! the doubt. Past the budget a stream is left open and reset once the server answers it or
+//! the budget has room; its response is discarded. A stream the server has answered is reset
+//! at once: it is no longer pending.
+//!
 //! The response timeout of a stream whose request was whole when it opened is kept here, not
 //! by a timer per request: every such stream's deadline is its opening plus the one timeout,
 //! so deadlines come in stream order, and the connection keeps them in a queue ([`Awaiting`])
@@ -105,6 +117,9 @@ struct Slot {
     content_length: Option<u64>,
     head_waker: Option<Waker>,
     body: Incoming<StreamFailed>,
+    /// Its response timeout passed and the stream was given up ([`Resets::give_up`]); what
+    /// the server still sends on it is discarded.
+    given_up: bool,
 }
 
 #[derive(Debug)]
@@ -119,6 +134,77 @@ struct Inner {
     ended: Option<Arc<str>>,
     /// Streams waiting for their head under the connection's response timeout.
     awaiting: Awaiting,
+    /// Streams given up, their resets paced under the server's reset-flood defence.
+    resets: Resets,
+}
+
+/// How many resets of streams the server has not answered may be in doubt at once: half the
+/// `h2` crate's limit of 20 pending-accept resets, the strictest among common servers.
+const RESET_BUDGET: usize = 10;
+
+/// The pacing of resets of streams given up before the server answered them (the module's
+/// docs say why).
+#[derive(Debug, Default)]
+struct Resets {
+    /// Streams reset before their response head came, which the server may not yet have
+    /// taken up: at most [`RESET_BUDGET`].
+    doubt: Vec<u32>,
+    /// Streams given up and left open, waiting for room in the budget or for their answer.
+    deferred: VecDeque<u32>,
+}
+
+impl Resets {
+    /// Gives up stream `id` (its caller left, or its response timeout passed): resets it now
+    /// if the server has answered it (`answered`) or the budget has room, else later.
+    fn give_up(&mut self, conn: &mut Connection, id: u32, answered: bool) {
+        let stream = StreamId::new(id);
+        if !conn.is_open(stream) {
+            return;
+        }
+        if answered {
+            conn.reset(stream, ErrorCode::CANCEL);
+        } else if self.doubt.len() < RESET_BUDGET {
+            conn.reset(stream, ErrorCode::CANCEL);
+            self.doubt.push(id);
+        } else {
+            self.deferred.push_back(id);
+        }
+    }
+
+    /// The server answered stream `id` with a response head: it has taken up every stream
+    /// opened before it. Their resets are no longer in doubt, and streams deferred up to `id`
+    /// are reset (or have ended); then deferred streams take the budget's room, oldest first.
+    fn answered(&mut self, conn: &mut Connection, id: u32) {
+        if self.doubt.is_empty() && self.deferred.is_empty() {
+            return;
+        }
+        self.doubt.retain(|&doubted| doubted > id);
+        self.deferred.retain(|&deferred| {
+            if deferred > id {
+                return true;
+            }
+            // Answered or taken up: not pending at the server any more.
+            conn.reset(StreamId::new(deferred), ErrorCode::CANCEL);
+            false
+        });
+        while self.doubt.len() < RESET_BUDGET
+            && let Some(deferred) = self.deferred.pop_front()
+        {
+            self.give_up(conn, deferred, false);
+        }
+    }
+
+    /// Stream `id` was reset by the server: nothing left to do for it.
+    fn ended(&mut self, id: u32) {
+        if !self.deferred.is_empty() {
+            self.deferred.retain(|&deferred| deferred != id);
+        }
+    }
+
+    /// Streams given up but still open: they count against the server's stream limit.
+    fn held(&self) -> usize {
+        self.deferred.len()
+    }
 }
 
 #[derive(Debug)]
@@ -216,7 +302,10 @@ impl Inner {
         while let Some(id) = self.awaiting.pop_due(now) {
             expired = true;
             self.fail(id, &StreamFailed::ResponseTimeout(timeout), wake);
-            self.conn.reset(StreamId::new(id), ErrorCode::CANCEL);
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.given_up = true;
+            }
+            self.resets.give_up(&mut self.conn, id, false);
             wake.add(self.send_wakers.remove(&id));
         }
         if expired {
@@ -276,7 +365,10 @@ impl Handle {
         if inner.ended.is_some() || inner.conn.is_going_away() {
             return 0;
         }
-        usize::try_from(inner.conn.peer_max_streams()).unwrap_or(usize::MAX)
+        // Streams given up but not yet reset still take up the server's limit.
+        usize::try_from(inner.conn.peer_max_streams())
+            .unwrap_or(usize::MAX)
+            .saturating_sub(inner.resets.held())
     }
 
     /// Opens a stream with `head` (`end`: the request has no body), waiting for room under
@@ -519,16 +611,25 @@ impl Drop for ResponseFuture {
     }
 }
 
-/// Resets stream `id` (if still open) and forgets its response side.
+/// Gives up stream `id` (if still open: reset now or paced, [`Resets`]) and forgets its
+/// response side.
 fn cancel(shared: &Shared, id: u32) {
     let mut wake = Wake::default();
     let mut inner = shared.lock();
+    // Without its slot the stream failed or was given up already.
+    let mut give_up = None;
     if let Some(slot) = inner.slots.remove(&id) {
         let unread = slot.body.unread();
         inner.conn.release(StreamId::new(id), unread);
+        if !slot.given_up {
+            give_up = Some(slot.head_arrived);
+        }
     }
     inner.awaiting.remove(id);
-    inner.conn.reset(StreamId::new(id), ErrorCode::CANCEL);
+    if let Some(answered) = give_up {
+        let Inner { conn, resets, .. } = &mut *inner;
+        resets.give_up(conn, id, answered);
+    }
     wake.add(inner.send_wakers.remove(&id));
     inner.driver_if_output(&mut wake);
     // A stream fewer: a request waiting for room may open one.
@@ -688,6 +789,7 @@ pub(crate) fn handshake<I: Io>(
             driver: None,
             ended: None,
             awaiting: Awaiting::default(),
+            resets: Resets::default(),
         }),
         handles: AtomicUsize::new(1),
         clock,
@@ -847,16 +949,22 @@ impl<I: Io> Driver<I> {
             send_wakers,
             open_wakers,
             awaiting,
+            resets,
             ..
         } = &mut *inner;
         let mut release = Vec::new();
+        // The latest stream the server answered in what was read.
+        let mut answered = None;
         let received = conn.recv(&mut self.read, &mut |event| match event {
             Event::Headers {
                 stream,
                 fields,
                 end_stream,
             } => {
-                let Some(slot) = slots.get_mut(&stream.value()) else {
+                answered = answered.max(Some(stream.value()));
+                // A stream given up: its answer is discarded ([`Resets::answered`]).
+                let Some(slot) = slots.get_mut(&stream.value()).filter(|slot| !slot.given_up)
+                else {
                     return;
                 };
                 if !slot.head_arrived {
@@ -882,7 +990,7 @@ impl<I: Io> Driver<I> {
                 stream,
                 data,
                 end_stream,
-            } => match slots.get_mut(&stream.value()) {
+            } => match slots.get_mut(&stream.value()).filter(|slot| !slot.given_up) {
                 Some(slot) => wake.add(slot.body.push_data(data, end_stream)),
                 None => release.push((stream, data.len())),
             },
@@ -899,6 +1007,7 @@ impl<I: Io> Driver<I> {
             } => {
                 let failed = StreamFailed::Reset { code, unprocessed };
                 awaiting.remove(stream.value());
+                resets.ended(stream.value());
                 if let Some(slot) = slots.get_mut(&stream.value()) {
                     if !slot.head_arrived && slot.head.is_none() {
                         slot.head = Some(Err(failed.clone()));
@@ -915,6 +1024,9 @@ impl<I: Io> Driver<I> {
         });
         for (stream, len) in release {
             conn.release(stream, len);
+        }
+        if let Some(answered) = answered {
+            resets.answered(conn, answered);
         }
         // Streams that ended make room for requests waiting under the limit.
         if !open_wakers.is_empty() && conn.can_open() {
@@ -1102,5 +1214,108 @@ mod tests {
             Err(StreamFailed::ResponseTimeout(TIMEOUT))
         ));
         assert_eq!(clock.now() - start, Duration::from_millis(110));
+    }
+
+    /// An h2-crate server (as under hyper and tonic) with its defence against reset floods:
+    /// it closes the connection once more than 20 streams are reset before its accept loop
+    /// took them up. Its accept loop is starved until `go`, then answers every stream, and
+    /// reports how the connection ended.
+    fn starved_server(
+        io: tokio::io::DuplexStream,
+        go: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<Result<(), h2::Error>> {
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .max_pending_accept_reset_streams(20)
+                .max_concurrent_streams(150)
+                .handshake::<_, Bytes>(io)
+                .await?;
+            let _ = go.await;
+            while let Some(accepted) = conn.accept().await {
+                let (_, mut respond) = accepted?;
+                // A stream already reset refuses the answer.
+                let _ = respond.send_response(Response::new(()), true);
+            }
+            Ok(())
+        })
+    }
+
+    fn connect_starved() -> (
+        Handle,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(1024 * 1024);
+        let (go, starved) = tokio::sync::oneshot::channel();
+        let server = starved_server(theirs, starved);
+        let (handle, driving) = handshake(
+            ours,
+            Clock::new(),
+            Duration::from_secs(3600),
+            16 * 1024,
+            Some(TIMEOUT),
+        );
+        tokio::spawn(driving);
+        (handle, go, server)
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_crowd_of_callers_leaving_does_not_trip_the_servers_reset_flood_defence() {
+        let (handle, go, server) = connect_starved();
+        let mut waits = Vec::new();
+        for _ in 0..100 {
+            waits.push(open(&handle, "/x", true).await);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Every caller leaves while the server has taken up none of their streams: only
+        // RESET_BUDGET of them are reset; the rest stay open, still counted against the
+        // server's limit of 150.
+        drop(waits);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        {
+            let inner = handle.shared.lock();
+            assert_eq!(inner.resets.doubt.len(), RESET_BUDGET);
+            assert_eq!(inner.resets.held(), 100 - RESET_BUDGET);
+        }
+        assert_eq!(handle.max_streams(), 150 - (100 - RESET_BUDGET));
+
+        // The server comes back and takes them up; the connection carries on for the caller
+        // who stays, and every stream given up has ended by the time it is answered.
+        go.send(()).unwrap();
+        let answered = open(&handle, "/stays", true).await.await.unwrap();
+        assert_eq!(answered.status(), StatusCode::OK);
+        let inner = handle.shared.lock();
+        assert!(inner.resets.doubt.is_empty(), "{:?}", inner.resets);
+        assert_eq!(inner.resets.held(), 0);
+        assert_eq!(inner.conn.open_streams(), 0);
+        drop(inner);
+        assert!(!server.is_finished());
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_crowd_of_response_timeouts_does_not_trip_the_servers_reset_flood_defence() {
+        let (handle, go, server) = connect_starved();
+        let clock = handle.shared.clock;
+        let start = clock.now();
+        let mut waits = Vec::new();
+        for _ in 0..60 {
+            waits.push(tokio::spawn(open(&handle, "/x", true).await));
+        }
+        // Each fails at its deadline, as it would without the pacing.
+        for wait in waits {
+            let failed = wait.await.unwrap().unwrap_err();
+            assert!(
+                matches!(failed, StreamFailed::ResponseTimeout(TIMEOUT)),
+                "{failed:?}"
+            );
+        }
+        assert_eq!(clock.now() - start, TIMEOUT);
+        assert_eq!(handle.shared.lock().resets.held(), 60 - RESET_BUDGET);
+
+        go.send(()).unwrap();
+        let answered = open(&handle, "/stays", true).await.await.unwrap();
+        assert_eq!(answered.status(), StatusCode::OK);
+        assert_eq!(handle.shared.lock().conn.open_streams(), 0);
+        assert!(!server.is_finished());
     }
 }
