@@ -1341,7 +1341,7 @@ fn recv_block(
     let mut collector = Collector::new(message, block.len());
     let decoded = p
         .decoder
-        .decode(block, |field: Field<'_>| collector.field(field));
+        .decode_judged(block, |field, verdict| collector.field(field, verdict));
     let too_large = match decoded {
         Ok(()) => false,
         Err(DecodeError::HeaderListTooLarge { .. }) => true,

@@ -265,6 +265,61 @@ const NAME_BYTES: [bool; 256] = {
     table
 };
 
+/// What the checks that depend on one field alone (its bytes, not its place in the message)
+/// make of it: [`judge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// A valid regular field.
+    Regular,
+    /// A pseudo-header field, with the check of its value (reported after the checks of its
+    /// place, as [`FieldChecker::check`] reports them).
+    Pseudo(Pseudo, Result<(), MalformedMessage>),
+    /// Malformed whatever its place.
+    Malformed(MalformedMessage),
+}
+
+/// Judges a field by its bytes alone (RFC 9113 §8.2, §8.3): its name and value, a
+/// connection-specific name, `te`, the pseudo-header names and their values.
+pub(crate) fn judge(name: &[u8], value: &[u8]) -> Verdict {
+    if let Err(err) = check_value(value) {
+        return Verdict::Malformed(err);
+    }
+    let Some(pseudo_name) = name.strip_prefix(b":") else {
+        if let Err(err) = check_name(name) {
+            return Verdict::Malformed(err);
+        }
+        if let Some(field) = ConnectionField::parse(name) {
+            return Verdict::Malformed(MalformedMessage::ConnectionSpecific(field));
+        }
+        if name == b"te" && !value.eq_ignore_ascii_case(b"trailers") {
+            return Verdict::Malformed(MalformedMessage::TeNotTrailers);
+        }
+        return Verdict::Regular;
+    };
+    if let Err(err) = check_name(pseudo_name) {
+        return Verdict::Malformed(err);
+    }
+    let Some(pseudo) = Pseudo::parse(name) else {
+        return Verdict::Malformed(MalformedMessage::UnknownPseudo);
+    };
+    let value_check = match pseudo {
+        Pseudo::Method | Pseudo::Scheme if value.is_empty() => {
+            Err(MalformedMessage::EmptyPseudo(pseudo))
+        }
+        Pseudo::Path if !(value.starts_with(b"/") || value == b"*") => {
+            Err(MalformedMessage::InvalidPath)
+        }
+        Pseudo::Authority if value.is_empty() || value.contains(&b'@') => {
+            Err(MalformedMessage::InvalidAuthority)
+        }
+        Pseudo::Status if !(value.len() == 3 && value.iter().all(u8::is_ascii_digit)) => {
+            Err(MalformedMessage::InvalidStatus)
+        }
+        _ => Ok(()),
+    };
+    Verdict::Pseudo(pseudo, value_check)
+}
+
 fn check_name(name: &[u8]) -> Result<(), MalformedMessage> {
     if name.is_empty() {
         return Err(MalformedMessage::InvalidName);
@@ -368,20 +423,25 @@ impl FieldChecker {
     ///
     /// [`MalformedMessage`]: the message is malformed (check no further fields).
     pub fn check(&mut self, name: &[u8], value: &[u8]) -> Result<FieldKind, MalformedMessage> {
-        check_value(value)?;
-        let Some(pseudo_name) = name.strip_prefix(b":") else {
-            check_name(name)?;
-            self.regular_seen = true;
-            if let Some(field) = ConnectionField::parse(name) {
-                return Err(MalformedMessage::ConnectionSpecific(field));
+        self.check_judged(judge(name, value), value)
+    }
+
+    /// Checks the next field, `value` with what [`judge`] made of it (remembered with a
+    /// decoder's table entry, so a field indexed again is not judged again): the checks that
+    /// depend on the fields before it.
+    pub(crate) fn check_judged(
+        &mut self,
+        verdict: Verdict,
+        value: &[u8],
+    ) -> Result<FieldKind, MalformedMessage> {
+        let (pseudo, value_check) = match verdict {
+            Verdict::Regular => {
+                self.regular_seen = true;
+                return Ok(FieldKind::Regular);
             }
-            if name == b"te" && !value.eq_ignore_ascii_case(b"trailers") {
-                return Err(MalformedMessage::TeNotTrailers);
-            }
-            return Ok(FieldKind::Regular);
+            Verdict::Malformed(err) => return Err(err),
+            Verdict::Pseudo(pseudo, value_check) => (pseudo, value_check),
         };
-        check_name(pseudo_name)?;
-        let pseudo = Pseudo::parse(name).ok_or(MalformedMessage::UnknownPseudo)?;
         if self.regular_seen {
             return Err(MalformedMessage::PseudoAfterRegular(pseudo));
         }
@@ -397,31 +457,14 @@ impl FieldChecker {
             return Err(MalformedMessage::DuplicatePseudo(pseudo));
         }
         self.seen |= pseudo.bit();
+        value_check?;
         match pseudo {
-            Pseudo::Method | Pseudo::Scheme if value.is_empty() => {
-                return Err(MalformedMessage::EmptyPseudo(pseudo));
-            }
             Pseudo::Method => {
                 self.connect = value == b"CONNECT";
                 self.options = value == b"OPTIONS";
             }
-            Pseudo::Path => {
-                self.asterisk_path = value == b"*";
-                if !(value.starts_with(b"/") || self.asterisk_path) {
-                    return Err(MalformedMessage::InvalidPath);
-                }
-            }
-            Pseudo::Authority => {
-                if value.is_empty() || value.contains(&b'@') {
-                    return Err(MalformedMessage::InvalidAuthority);
-                }
-            }
-            Pseudo::Status => {
-                if !(value.len() == 3 && value.iter().all(u8::is_ascii_digit)) {
-                    return Err(MalformedMessage::InvalidStatus);
-                }
-            }
-            Pseudo::Scheme => {}
+            Pseudo::Path => self.asterisk_path = value == b"*",
+            Pseudo::Authority | Pseudo::Scheme | Pseudo::Status => {}
         }
         Ok(FieldKind::Pseudo(pseudo))
     }

@@ -7,7 +7,9 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use crate::hpack::Field;
-use crate::message::{FieldChecker, FieldKind, MalformedMessage, MessageKind, Pseudo};
+use crate::message::{
+    FieldChecker, FieldKind, MalformedMessage, MessageKind, Pseudo, Verdict, judge,
+};
 
 /// One field's place in the buffer: its name, then its value right after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,11 +197,13 @@ impl Collector {
         }
     }
 
-    pub(crate) fn field(&mut self, field: Field<'_>) {
+    /// The next field, with what [`judge`] made of it if the decoder's table remembered it.
+    pub(crate) fn field(&mut self, field: Field<'_>, verdict: Option<Verdict>) {
         if self.malformed.is_some() {
             return;
         }
-        let kind = match self.checker.check(field.name, field.value) {
+        let verdict = verdict.unwrap_or_else(|| judge(field.name, field.value));
+        let kind = match self.checker.check_judged(verdict, field.value) {
             Ok(kind) => kind,
             Err(err) => {
                 self.malformed = Some(err);

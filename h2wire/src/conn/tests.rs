@@ -498,6 +498,61 @@ fn malformed_requests_are_reset_not_delivered() {
     }));
 }
 
+/// Sends `fields` as a request without a body: whether the server took it (or reset it).
+fn delivered(client: &mut End, server: &mut End, fields: &[Field<'static>]) -> bool {
+    let id = client.conn.open(fields.iter().copied(), true).unwrap();
+    pump(client, server);
+    let events = server.take_events();
+    let reset = client.take_events().contains(&Event::Reset {
+        stream: id,
+        code: ErrorCode::PROTOCOL_ERROR,
+        local: false,
+        unprocessed: false,
+    });
+    let took = events
+        .iter()
+        .any(|e| matches!(e, Event::Headers { stream, .. } if *stream == id));
+    assert_ne!(took, reset, "{events:?}");
+    took
+}
+
+#[test]
+fn fields_from_the_tables_are_checked_as_literals_are() {
+    // The decoder judges a field once, as it enters its table; a field indexed again must
+    // get the same answer, and its place in the message is still checked each time.
+    let (mut client, mut server) = pair();
+    let with = |extra: Field<'static>| {
+        let [method, scheme, authority, path] = get(b"/");
+        [method, scheme, authority, path, extra]
+    };
+    // A value with a leading space (RFC 9113 §8.2.1): indexed after the first block.
+    let padded = with(Field::new(b"x-padded", b" value"));
+    assert!(!delivered(&mut client, &mut server, &padded));
+    assert!(!delivered(&mut client, &mut server, &padded));
+    // A valid field, literal then indexed.
+    let fine = with(Field::new(b"x-fine", b"value"));
+    assert!(delivered(&mut client, &mut server, &fine));
+    assert!(delivered(&mut client, &mut server, &fine));
+    // `:authority` is in the table now, and valid; after a regular field it is not.
+    let [method, scheme, authority, path] = get(b"/");
+    let late = [
+        method,
+        scheme,
+        path,
+        Field::new(b"x-fine", b"value"),
+        authority,
+    ];
+    assert!(!delivered(&mut client, &mut server, &late));
+    // The static table's `:authority` with an empty value (index 1) is malformed.
+    let empty = [method, scheme, Field::new(b":authority", b""), path];
+    assert!(!delivered(&mut client, &mut server, &empty));
+    // A duplicate pseudo-header field, indexed both times.
+    let twice = [method, scheme, authority, path, path];
+    assert!(!delivered(&mut client, &mut server, &twice));
+    assert!(server.error.is_none() && client.error.is_none());
+    assert!(delivered(&mut client, &mut server, &get(b"/")));
+}
+
 #[test]
 fn pings_are_answered() {
     let (mut client, mut server) = pair();

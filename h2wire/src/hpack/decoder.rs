@@ -1,11 +1,14 @@
 //! The HPACK decoder (RFC 7541 §3, §6).
 
+use std::sync::LazyLock;
+
 use super::primitive::Cursor;
 use super::table::{DynamicTable, STATIC_LEN, entry_size, static_entry};
 use super::{
     DEFAULT_MAX_HEADER_LIST_SIZE, DEFAULT_MAX_STRING_LEN, DEFAULT_TABLE_SIZE, DecodeError, Field,
     Sink,
 };
+use crate::message::{Verdict, judge};
 
 /// What a [`Decoder`] accepts from the peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +113,18 @@ impl Decoder {
     /// end, except for [`DecodeError::HeaderListTooLarge`], after which the block has been
     /// decoded to its end (the fields past the limit are not given to `sink`).
     pub fn decode<S: Sink>(&mut self, block: &[u8], mut sink: S) -> Result<(), DecodeError> {
+        self.decode_judged(block, |field, _| sink.field(field))
+    }
+
+    /// [`Decoder::decode`], giving each field from a table with what
+    /// [`crate::message::judge`] made of it: judged once, as it entered the dynamic table
+    /// (the static table's entries once per process), so that a field indexed again, as most
+    /// are, is not checked again. Literals not indexed come without a verdict.
+    pub(crate) fn decode_judged(
+        &mut self,
+        block: &[u8],
+        mut sink: impl FnMut(Field<'_>, Option<Verdict>),
+    ) -> Result<(), DecodeError> {
         let mut cursor = Cursor::new(block);
         let mut list_size: usize = 0;
         let mut too_large = false;
@@ -151,11 +166,11 @@ impl Decoder {
                 at_start = false;
             }
 
-            let field = if first & 0x80 != 0 {
+            let (field, verdict) = if first & 0x80 != 0 {
                 // Indexed header field (§6.1).
                 let index = cursor.integer(first, 7)?;
-                let (name, value) = lookup(table, index)?;
-                Field::new(name, value)
+                let (name, value, verdict) = lookup_judged(table, index)?;
+                (Field::new(name, value), verdict)
             } else {
                 // Literal header field (§6.2): with incremental indexing (01), without
                 // indexing (0000) or never indexed (0001).
@@ -179,8 +194,9 @@ impl Decoder {
                         }
                     };
                     let value = cursor.string(value_scratch, max_len)?;
-                    table.insert(name, value);
-                    Field::new(name, value)
+                    let verdict = judge(name, value);
+                    table.insert_judged(name, value, Some(verdict));
+                    (Field::new(name, value), Some(verdict))
                 } else {
                     let name: &[u8] = if name_index == 0 {
                         cursor.string(name_scratch, max_len)?
@@ -188,11 +204,12 @@ impl Decoder {
                         lookup(table, name_index)?.0
                     };
                     let value = cursor.string(value_scratch, max_len)?;
-                    Field {
+                    let field = Field {
                         name,
                         value,
                         sensitive,
-                    }
+                    };
+                    (field, None)
                 }
             };
 
@@ -202,7 +219,7 @@ impl Decoder {
                 too_large = true;
             }
             if !too_large {
-                sink.field(field);
+                sink(field, verdict);
             }
         }
         if at_start && *size_update_required {
@@ -216,6 +233,32 @@ impl Decoder {
         }
         Ok(())
     }
+}
+
+/// The verdicts on the static table's entries, by HPACK index (0 unused).
+static STATIC_VERDICTS: LazyLock<[Verdict; STATIC_LEN + 1]> = LazyLock::new(|| {
+    let mut verdicts = [Verdict::Regular; STATIC_LEN + 1];
+    for (index, verdict) in verdicts.iter_mut().enumerate().skip(1) {
+        if let Some((name, value)) = static_entry(index) {
+            *verdict = judge(name, value);
+        }
+    }
+    verdicts
+});
+
+/// [`lookup`], with the entry's verdict when it has one.
+#[inline]
+fn lookup_judged(
+    table: &DynamicTable,
+    index: usize,
+) -> Result<(&[u8], &[u8], Option<Verdict>), DecodeError> {
+    if index <= STATIC_LEN {
+        let (name, value) = static_entry(index).ok_or(DecodeError::InvalidIndex(index))?;
+        return Ok((name, value, STATIC_VERDICTS.get(index).copied()));
+    }
+    table
+        .get_judged(index - STATIC_LEN - 1)
+        .ok_or(DecodeError::InvalidIndex(index))
 }
 
 /// The entry at HPACK index `index`: static (1 to 61), then dynamic (62 on, newest first).

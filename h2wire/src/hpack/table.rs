@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use crate::message::Verdict;
+
 /// Entries of the static table; HPACK index `i` (1-based) is `STATIC[i - 1]`.
 pub(crate) const STATIC: [(&[u8], &[u8]); 61] = [
     (b":authority", b""),
@@ -161,6 +163,9 @@ struct Slot {
     start: u64,
     name_len: usize,
     value_len: usize,
+    /// What the decoder's checks made of the field ([`crate::message::judge`]), so that it
+    /// is judged once however often it is indexed; `None` in an encoder's table.
+    verdict: Option<Verdict>,
 }
 
 impl Slot {
@@ -246,6 +251,14 @@ impl DynamicTable {
         self.slot_bytes(self.slots.get(position)?)
     }
 
+    /// The entry `index` places from the newest, with the verdict it was inserted with.
+    pub(crate) fn get_judged(&self, index: usize) -> Option<(&[u8], &[u8], Option<Verdict>)> {
+        let position = self.slots.len().checked_sub(1)?.checked_sub(index)?;
+        let slot = self.slots.get(position)?;
+        let (name, value) = self.slot_bytes(slot)?;
+        Some((name, value, slot.verdict))
+    }
+
     /// The entries, newest first (the order of their HPACK indexes).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.slots
@@ -288,6 +301,11 @@ impl DynamicTable {
     /// Inserts a field as the newest entry, evicting the oldest ones to make room (§4.4). A
     /// field larger than the maximum size empties the table and is not inserted.
     pub fn insert(&mut self, name: &[u8], value: &[u8]) {
+        self.insert_judged(name, value, None);
+    }
+
+    /// [`DynamicTable::insert`], remembering the field's `verdict`.
+    pub(crate) fn insert_judged(&mut self, name: &[u8], value: &[u8], verdict: Option<Verdict>) {
         let size = entry_size(name, value);
         if size > self.max_size {
             while !self.slots.is_empty() {
@@ -310,6 +328,7 @@ impl DynamicTable {
             start,
             name_len: name.len(),
             value_len: value.len(),
+            verdict,
         });
         self.size += size;
         self.debug_check();
