@@ -246,12 +246,12 @@ static STATIC_VERDICTS: LazyLock<[Verdict; STATIC_LEN + 1]> = LazyLock::new(|| {
     verdicts
 });
 
+/// A table entry's name and value, and its verdict when it has one.
+pub(crate) type Judged<'t> = (&'t [u8], &'t [u8], Option<Verdict>);
+
 /// [`lookup`], with the entry's verdict when it has one.
 #[inline]
-fn lookup_judged(
-    table: &DynamicTable,
-    index: usize,
-) -> Result<(&[u8], &[u8], Option<Verdict>), DecodeError> {
+fn lookup_judged(table: &DynamicTable, index: usize) -> Result<Judged<'_>, DecodeError> {
     if index <= STATIC_LEN {
         let (name, value) = static_entry(index).ok_or(DecodeError::InvalidIndex(index))?;
         return Ok((name, value, STATIC_VERDICTS.get(index).copied()));

@@ -252,7 +252,7 @@ impl DynamicTable {
     }
 
     /// The entry `index` places from the newest, with the verdict it was inserted with.
-    pub(crate) fn get_judged(&self, index: usize) -> Option<(&[u8], &[u8], Option<Verdict>)> {
+    pub(crate) fn get_judged(&self, index: usize) -> Option<super::decoder::Judged<'_>> {
         let position = self.slots.len().checked_sub(1)?.checked_sub(index)?;
         let slot = self.slots.get(position)?;
         let (name, value) = self.slot_bytes(slot)?;
