@@ -80,36 +80,69 @@ pub(crate) fn static_entry(index: usize) -> Option<(&'static [u8], &'static [u8]
     STATIC.get(index.checked_sub(1)?).copied()
 }
 
-/// The first static index with this name. A match on the length first, so most names cost
-/// one or two comparisons (the encoder's fast path for common headers).
-#[must_use]
-pub(crate) fn static_name_index(name: &[u8]) -> Option<usize> {
-    let candidates: &[usize] = match name.len() {
-        3 => &[21, 60],
-        4 => &[33, 34, 37, 38, 45, 59],
-        5 => &[4, 22, 50],
-        6 => &[19, 32, 35, 54],
-        7 => &[2, 6, 8, 36, 51, 52],
-        8 => &[39, 42, 46],
-        10 => &[1, 55, 58],
-        11 => &[53],
-        12 => &[31, 47],
-        13 => &[18, 23, 24, 30, 41, 44],
-        14 => &[15, 28],
-        15 => &[16, 17],
-        16 => &[26, 27, 29, 61],
-        17 => &[40, 57],
-        18 => &[48],
-        19 => &[25, 43, 49],
-        25 => &[56],
-        27 => &[20],
-        _ => &[],
+/// Where a name's first static index is in [`NAME_SLOTS`]: a hash of its length, its second
+/// byte and its last, chosen so that the table's 52 names all land apart (checked as the table
+/// is built, at compile time). `None` for a name shorter than any in the table.
+#[inline]
+const fn name_slot(name: &[u8]) -> Option<usize> {
+    let ([_, second, ..], Some(last)) = (name, name.last()) else {
+        return None;
     };
-    candidates
-        .iter()
-        .copied()
-        // The first byte tells most candidates apart without a call to compare the rest.
-        .find(|&i| static_entry(i).is_some_and(|(n, _)| n.first() == name.first() && n == name))
+    let hash = name
+        .len()
+        .wrapping_mul(5)
+        .wrapping_add(*second as usize * 30)
+        .wrapping_add(*last as usize);
+    Some(hash % 256)
+}
+
+const fn same(mut a: &[u8], mut b: &[u8]) -> bool {
+    loop {
+        match (a.split_first(), b.split_first()) {
+            (None, None) => return true,
+            (Some((x, rest_a)), Some((y, rest_b))) if *x == *y => {
+                a = rest_a;
+                b = rest_b;
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// The first static index of each name, at its [`name_slot`]; 0 where no name lands.
+#[expect(
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    reason = "evaluated at compile time: an index out of bounds fails the build; indexes are \
+              at most 61"
+)]
+static NAME_SLOTS: [u8; 256] = {
+    let mut slots = [0u8; 256];
+    let mut i = 0;
+    while i < STATIC.len() {
+        let name = STATIC[i].0;
+        let Some(slot) = name_slot(name) else {
+            panic!("a static name shorter than 2 bytes");
+        };
+        if slots[slot] == 0 {
+            slots[slot] = (i + 1) as u8;
+        } else if !same(STATIC[slots[slot] as usize - 1].0, name) {
+            panic!("two static names share a slot: change name_slot's hash");
+        }
+        i += 1;
+    }
+    slots
+};
+
+/// The first static index with this name: one hash, one comparison (the encoder asks this of
+/// every field it writes).
+#[must_use]
+#[inline]
+pub(crate) fn static_name_index(name: &[u8]) -> Option<usize> {
+    let index = usize::from(*NAME_SLOTS.get(name_slot(name)?)?);
+    static_entry(index)
+        .filter(|&(n, _)| n == name)
+        .map(|_| index)
 }
 
 /// How a field matches the static table.
@@ -473,8 +506,8 @@ mod tests {
         assert_eq!(static_find(b"accept", b""), StaticMatch::Field(19));
         assert_eq!(static_find(b"grpc-status", b"0"), StaticMatch::None);
         assert_eq!(static_find(b"Content-Type", b"x"), StaticMatch::None);
-        // The length-first index agrees with a plain scan for every name, and the lookup for
-        // every entry, and for each name with a value no entry has.
+        // The hashed index agrees with a plain scan for every name, and the lookup for every
+        // entry, and for each name with a value no entry has.
         for (i, (name, value)) in STATIC.iter().enumerate() {
             let first = STATIC.iter().position(|(n, _)| n == name).unwrap() + 1;
             assert_eq!(static_name_index(name), Some(first), "entry {}", i + 1);
