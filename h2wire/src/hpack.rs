@@ -74,6 +74,14 @@ pub use decoder::{Decoder, DecoderLimits};
 pub use encoder::{BlockEncoder, Encoder};
 pub use table::DynamicTable;
 
+/// The first index of the static table (RFC 7541 Appendix A) with this name, if any: one hash
+/// and one comparison. A caller can map the names it meets most to constants of its own
+/// with it (the proxy, to the `http` crate's header names).
+#[must_use]
+pub fn static_name_index(name: &[u8]) -> Option<usize> {
+    table::static_name_index(name)
+}
+
 use crate::error::{Error, ErrorCode};
 use crate::frame::StreamId;
 

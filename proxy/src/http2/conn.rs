@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use conduit_h2::conn::HeaderList;
 use conduit_h2::hpack::Field;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
 use tokio::io::ReadBuf;
 
@@ -231,6 +231,72 @@ pub(crate) fn fields_of(headers: &HeaderMap) -> impl Iterator<Item = Field<'_>> 
     })
 }
 
+/// The `http` crate's names of the HPACK static table's regular entries (indexes 15 to 61), in
+/// order.
+static STATIC_NAMES: [HeaderName; 47] = [
+    header::ACCEPT_CHARSET,
+    header::ACCEPT_ENCODING,
+    header::ACCEPT_LANGUAGE,
+    header::ACCEPT_RANGES,
+    header::ACCEPT,
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::AGE,
+    header::ALLOW,
+    header::AUTHORIZATION,
+    header::CACHE_CONTROL,
+    header::CONTENT_DISPOSITION,
+    header::CONTENT_ENCODING,
+    header::CONTENT_LANGUAGE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_LOCATION,
+    header::CONTENT_RANGE,
+    header::CONTENT_TYPE,
+    header::COOKIE,
+    header::DATE,
+    header::ETAG,
+    header::EXPECT,
+    header::EXPIRES,
+    header::FROM,
+    header::HOST,
+    header::IF_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_NONE_MATCH,
+    header::IF_RANGE,
+    header::IF_UNMODIFIED_SINCE,
+    header::LAST_MODIFIED,
+    header::LINK,
+    header::LOCATION,
+    header::MAX_FORWARDS,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::RANGE,
+    header::REFERER,
+    header::REFRESH,
+    header::RETRY_AFTER,
+    header::SERVER,
+    header::SET_COOKIE,
+    header::STRICT_TRANSPORT_SECURITY,
+    header::TRANSFER_ENCODING,
+    header::USER_AGENT,
+    header::VARY,
+    header::VIA,
+    header::WWW_AUTHENTICATE,
+];
+
+/// The first HPACK static index of a regular field name.
+const FIRST_REGULAR: usize = 15;
+
+/// `name` as the `http` crate's header name: a name of the HPACK static table (most that
+/// arrive) by one hash and one comparison, any other by the crate's parser.
+fn header_name(name: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+    let known = conduit_h2::hpack::static_name_index(name)
+        .and_then(|index| STATIC_NAMES.get(index.checked_sub(FIRST_REGULAR)?));
+    match known {
+        Some(known) => Ok(known.clone()),
+        None => HeaderName::from_bytes(name),
+    }
+}
+
 /// A decoded header list's regular fields as a header map. Values are slices of the list's
 /// buffer (no copy); names the `http` crate knows cost nothing either.
 pub(crate) fn header_map(fields: &HeaderList) -> HeaderMap {
@@ -238,10 +304,8 @@ pub(crate) fn header_map(fields: &HeaderList) -> HeaderMap {
     for (name, value, sensitive) in fields.iter() {
         // The state machine checked both already (RFC 9113 §8.2); these cannot fail, but a
         // field the `http` crate refuses is dropped rather than trusted.
-        let (Ok(name), Ok(mut value)) = (
-            HeaderName::from_bytes(name),
-            HeaderValue::from_maybe_shared(value),
-        ) else {
+        let (Ok(name), Ok(mut value)) = (header_name(name), HeaderValue::from_maybe_shared(value))
+        else {
             continue;
         };
         value.set_sensitive(sensitive);
@@ -372,6 +436,23 @@ impl Chunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_table_names_map_to_the_http_crates() {
+        for (offset, known) in STATIC_NAMES.iter().enumerate() {
+            let name = known.as_str().as_bytes();
+            assert_eq!(
+                conduit_h2::hpack::static_name_index(name),
+                Some(FIRST_REGULAR + offset),
+                "{known}"
+            );
+            assert_eq!(header_name(name).unwrap(), known);
+        }
+        // Names outside the table, and pseudo-header names (never regular fields), parse.
+        assert_eq!(header_name(b"grpc-status").unwrap(), "grpc-status");
+        assert!(header_name(b":path").is_err());
+        assert!(header_name(b"bad name").is_err());
+    }
 
     /// Waits for the keep-alive's next event, failing (not hanging) if none comes in a day.
     async fn next(keepalive: &mut Keepalive) -> Result<(), Duration> {
