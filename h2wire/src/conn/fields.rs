@@ -122,8 +122,12 @@ impl HeaderList {
     /// `:status`, as a number.
     #[must_use]
     pub fn status(&self) -> Option<u16> {
-        let value = self.pseudo(Pseudo::Status)?;
-        std::str::from_utf8(value).ok()?.parse().ok()
+        // Checked as three digits when the list was collected.
+        let &[hundreds, tens, units] = self.pseudo(Pseudo::Status)? else {
+            return None;
+        };
+        let digit = |b: u8| b.is_ascii_digit().then(|| u16::from(b - b'0'));
+        Some(digit(hundreds)? * 100 + digit(tens)? * 10 + digit(units)?)
     }
 
     /// `content-length`, when present (every copy of it agreed).
