@@ -459,6 +459,15 @@ impl Connection {
         self.streams.contains_key(&stream.value())
     }
 
+    /// Whether all of our half of an open `stream` has been given: its end is written, or
+    /// queued behind the peer's windows.
+    #[must_use]
+    pub fn is_send_whole(&self, stream: StreamId) -> bool {
+        self.streams
+            .get(&stream.value())
+            .is_some_and(|s| s.send_closed || s.end.is_some())
+    }
+
     fn open_check(&self) -> Result<(), OpenError> {
         if self.config.role != Role::Client
             || self.is_going_away()

@@ -155,7 +155,8 @@ struct Resets {
 
 impl Resets {
     /// Gives up stream `id` (its caller left, or its response timeout passed): resets it now
-    /// if the server has answered it (`answered`) or the budget has room, else later.
+    /// if the server has answered it (`answered`), its request is not whole, or the budget has
+    /// room, else later.
     fn give_up(&mut self, conn: &mut Connection, id: u32, answered: bool) {
         let stream = StreamId::new(id);
         if !conn.is_open(stream) {
@@ -163,6 +164,12 @@ impl Resets {
         }
         if answered {
             conn.reset(stream, ErrorCode::CANCEL);
+        } else if !conn.is_send_whole(stream) {
+            // Left open, a request still sending would keep the server waiting for the rest.
+            conn.reset(stream, ErrorCode::CANCEL);
+            if self.doubt.len() < RESET_BUDGET {
+                self.doubt.push(id);
+            }
         } else if self.doubt.len() < RESET_BUDGET {
             conn.reset(stream, ErrorCode::CANCEL);
             self.doubt.push(id);
@@ -1290,6 +1297,28 @@ mod tests {
         assert_eq!(inner.conn.open_streams(), 0);
         drop(inner);
         assert!(!server.is_finished());
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_request_still_sending_is_reset_at_once_even_past_the_budget() {
+        let (handle, _go, _server) = connect_starved();
+        let mut waits = Vec::new();
+        for _ in 0..RESET_BUDGET {
+            waits.push(open(&handle, "/x", true).await);
+        }
+        drop(waits);
+        let uri = http::Uri::from_static("http://upstream/upload");
+        let head = RequestHead {
+            method: &http::Method::POST,
+            uri: &uri,
+            headers: &HeaderMap::new(),
+        };
+        let id = handle.open(head, false, false).await.unwrap();
+        drop(handle.response(id));
+        let inner = handle.shared.lock();
+        assert_eq!(inner.resets.doubt.len(), RESET_BUDGET);
+        assert_eq!(inner.resets.held(), 0);
+        assert!(!inner.conn.is_open(id));
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
