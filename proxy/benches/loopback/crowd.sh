@@ -15,6 +15,7 @@
 # Sends traffic only to 127.0.0.1, ends every process it started (by PID), stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. proxy/benches/loopback/common.sh
 ROUNDS=${1:-3}
 DUR=${2:-3}
 OUT=target/bench/crowd/$(date +%Y%m%d-%H%M%S)
@@ -47,7 +48,6 @@ MESH
     CONDUIT_PROXY_LOG=warn CONDUIT_PROXY_MAX_CONNECTIONS=9000 \
         taskset -c 0 "$bin" >"$OUT/$name.log" 2>&1 &
     local proxy_pid=$!; PIDS+=("$proxy_pid")
-    . proxy/benches/loopback/common.sh
     await_answer "$name" "127.0.0.1:$port"
     local failed=0 sent=0
     for round in $(seq 1 "$ROUNDS"); do
