@@ -23,7 +23,8 @@
 //! the server has taken up the earlier ones (servers accept streams in order), which clears
 //! the doubt. Past the budget a stream is left open and reset once the server answers it or
 //! the budget has room; its response is discarded. A stream the server has answered is reset
-//! at once: it is no longer pending.
+//! at once (it is no longer pending), and so is one whose request is still sending (left
+//! open, the server would wait for the rest).
 //!
 //! The response timeout of a stream whose request was whole when it opened is kept here, not
 //! by a timer per request: every such stream's deadline is its opening plus the one timeout,
