@@ -280,8 +280,7 @@ impl DynamicTable {
     /// The entry `index` places from the newest (0: the newest, HPACK index 62).
     #[must_use]
     pub fn get(&self, index: usize) -> Option<(&[u8], &[u8])> {
-        let position = self.slots.len().checked_sub(1)?.checked_sub(index)?;
-        self.slot_bytes(self.slots.get(position)?)
+        self.get_judged(index).map(|(name, value, _)| (name, value))
     }
 
     /// The entry `index` places from the newest, with the verdict it was inserted with.
