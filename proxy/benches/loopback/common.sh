@@ -25,3 +25,15 @@ await_answer() {
     done
     curl -fsS -H 'Host: hello' "http://$2/" >/dev/null || { echo "$1 did not answer"; exit 1; }
 }
+
+# build_release [PACKAGE...]: the release conduit-proxy as it ships, then the CLI (the hello
+# server, load tools) and any other PACKAGE. Separate builds: cargo unifies features across the
+# packages of one build, and the CLI's simulation turns on the proxy's `fault-points`, which a
+# shipped proxy never carries (CI checks it); built together, the benchmarked proxy would be
+# one nobody runs.
+build_release() {
+    cargo build --release -q -p conduit-proxy
+    local package args=(-p conduit-cli)
+    for package in "$@"; do args+=(-p "$package"); done
+    cargo build --release -q "${args[@]}"
+}

@@ -33,7 +33,7 @@ need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need nginx || ! need haproxy || ! need h2load; then
     apt-get update -qq && apt-get install -y -qq wrk nginx-light haproxy nghttp2-client >/dev/null
 fi
-cargo build --release -q -p conduit-proxy -p conduit-cli
+build_release
 BIN=target/release
 
 declare -A ADDR H2ADDR PID HELLO HELLO_PID ADMIN

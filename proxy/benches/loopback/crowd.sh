@@ -25,7 +25,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 command -v h2load >/dev/null 2>&1 || {
     apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
 }
-cargo build --release -q -p conduit-proxy -p conduit-cli
+build_release
 BIN=target/release
 
 PIDS=()

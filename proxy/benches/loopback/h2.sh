@@ -29,7 +29,7 @@ need() { command -v "$1" >/dev/null 2>&1; }
 if ! need haproxy || ! need h2load || ! need nghttpd; then
     apt-get update -qq && apt-get install -y -qq haproxy nghttp2-client nghttp2-server >/dev/null
 fi
-cargo build --release -q -p conduit-proxy -p conduit-cli
+build_release
 BIN=target/release
 
 NGHTTPD=127.0.0.1:18680 GRPC=127.0.0.1:18681

@@ -14,6 +14,7 @@
 #        Sends traffic only to 127.0.0.1 and ends every process it started.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. proxy/benches/loopback/common.sh
 DUR=${1:-10}
 OUT=target/bench/instructions/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
@@ -22,7 +23,7 @@ command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq
 if [ "${LOAD:-h1}" = h2 ] && ! command -v h2load >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
 fi
-cargo build --release -q -p conduit-proxy -p conduit-cli
+build_release
 BINARY=${2:-target/release/conduit-proxy}
 HELLO=127.0.0.1:18180 PROXY=127.0.0.1:18185 ADMIN=127.0.0.1:18291
 PIDS=()

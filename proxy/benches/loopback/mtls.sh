@@ -42,6 +42,7 @@
 # Sends traffic only to 127.0.0.1, ends every process it started (by PID), and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. proxy/benches/loopback/common.sh
 REPS=${1:-3}
 DUR=${2:-10}
 OUT=target/bench/mtls/$(date +%Y%m%d-%H%M%S)
@@ -53,7 +54,7 @@ if ! need wrk || ! need nginx; then
     apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null
 fi
 need openssl || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
-cargo build --release -q -p conduit-proxy -p conduit-controller -p conduit-cli
+build_release conduit-controller
 BIN=target/release
 
 HELLO=127.0.0.1:18680

@@ -28,7 +28,7 @@ TARGETS=${TARGETS:-conduit}
 if ! need wrk || ! need h2load || { [[ " $TARGETS " == *" haproxy "* ]] && ! need haproxy; }; then
     apt-get update -qq && apt-get install -y -qq wrk nghttp2-client haproxy >/dev/null
 fi
-cargo build --release -q -p conduit-proxy -p conduit-cli
+build_release
 BIN=target/release
 HELLO=127.0.0.1:18680 PROXY=127.0.0.1:18685 ADMIN=127.0.0.1:18691
 PIDS=()

@@ -38,7 +38,7 @@ need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need nginx; then
     apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null
 fi
-cargo build --release -q -p conduit-proxy -p conduit-cli
+build_release
 BIN=target/release
 
 HELLO=127.0.0.1:18080 NGINX=127.0.0.1:18081 PROXY=127.0.0.1:18085 ROUTES=127.0.0.1:18086

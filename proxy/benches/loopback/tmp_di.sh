@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Instructions per request of conduit-proxy under load (valgrind's callgrind), a figure that
+# does not move with the machine's noise: the loopback benchmark's hello server behind one
+# proxy (one worker), wrk -c50 for DUR s of warm-up, then DUR s counted; instructions counted
+# only in the second window (callgrind_control toggles collection) divided by the requests the
+# proxy's request_total counted in it.
+#
+# Usage: proxy/benches/loopback/instructions.sh [DUR] [BINARY]   (defaults 10 s, this tree's
+#        release conduit-proxy). PROFILE=routes gives the proxy the benchmark's 10-route
+#        profile. LOAD=h2 drives h2c instead (h2load -c10 -m10, prior knowledge; the proxy
+#        speaks h2 upstream), the shape of the h2 row of concurrency.sh and issue #16.
+#        CONNS=N and STREAMS=M change the load's connections (and h2 streams per connection),
+#        to see whether instructions per request grow with concurrency.
+#        Sends traffic only to 127.0.0.1 and ends every process it started.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+DUR=${1:-10}
+OUT=target/bench/instructions/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+command -v valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
+command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+if [ "${LOAD:-h1}" = h2 ] && ! command -v h2load >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
+fi
+true
+BINARY=${2:-target/release/conduit-proxy}
+HELLO=127.0.0.1:18180 PROXY=127.0.0.1:18185 ADMIN=127.0.0.1:18291
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+target/release/conduit hello --listen "$HELLO" >"$OUT/hello.log" 2>&1 &
+PIDS+=($!)
+if [ "${PROFILE:-}" = routes ]; then
+    ROUTES='
+    profile:
+      routes:
+        - { name: create-order, match: { method: POST, path: { prefix: /api/orders } } }
+        - { name: get-order, match: { method: GET, path: { regex: "/api/orders/[0-9]+" } } }
+        - { name: list-orders, match: { method: GET, path: { exact: /api/orders } } }
+        - name: beta-users
+          match: { path: { prefix: /api/users/ }, headers: [ { name: x-tenant, exact: beta } ] }
+        - { name: delete, match: { method: DELETE, path: { prefix: /api/ } } }
+        - { name: assets, match: { path: { regex: "/static/.+[.](css|js)" } } }
+        - { name: health, match: { path: { prefix: /healthz } } }
+        - { name: update, match: { method: PUT, path: { prefix: /api/ } } }
+        - { name: metrics, match: { path: { exact: /metrics } } }
+        - name: root
+          match: { method: GET, path: { exact: / } }
+          timeouts: { request: 10s }'
+else
+    ROUTES=
+fi
+cat >"$OUT/mesh.yaml" <<MESH
+services:
+  hello:
+    endpoints:
+      - addr: $HELLO$ROUTES
+MESH
+CONDUIT_PROXY_OUTBOUND_ADDR=$PROXY CONDUIT_PROXY_ADMIN_ADDR=$ADMIN \
+CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh.yaml" CONDUIT_PROXY_WORKERS=1 CONDUIT_PROXY_LOG=warn \
+    valgrind --tool=callgrind --dump-instr=yes --instr-atstart=no --callgrind-out-file="$PWD/$OUT/callgrind.out" \
+    "$BINARY" >"$OUT/proxy.log" 2>&1 &
+PROXY_PID=$!; PIDS+=("$PROXY_PID")
+for _ in $(seq 1 300); do
+    curl -fsS -H 'Host: hello' "http://$PROXY/" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+requests() { curl -fsS "http://$ADMIN/metrics" | awk '/^request_total\{direction="outbound"/ {s += $2} END {print s + 0}'; }
+# Every response must be a 2xx from the hello server: a run of the proxy's own errors would
+# count the wrong path. h2load's `Host` header does not set `:authority` (the proxy routes h2
+# by `:authority`, RFC 9113 §8.3.1), so it is given as the pseudo-header.
+load() {
+    local out
+    if [ "${LOAD:-h1}" = h2 ]; then
+        out=$(h2load -t1 -c${CONNS:-10} -m${STREAMS:-10} -D "$DUR" -H ':authority: hello' "http://$PROXY/" 2>&1)
+        echo "$out" | grep -q ' 0 4xx, 0 5xx' || { echo "non-2xx responses: $out"; exit 1; }
+    else
+        out=$(wrk -t1 -c${CONNS:-50} -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" 2>&1)
+        if echo "$out" | grep -q 'Non-2xx'; then echo "non-2xx responses: $out"; exit 1; fi
+    fi
+}
+load
+callgrind_control -i on "$PROXY_PID" >/dev/null
+r0=$(requests)
+load
+r1=$(requests)
+callgrind_control -i off "$PROXY_PID" >/dev/null
+curl -fsS -X POST "http://$ADMIN/shutdown" >/dev/null
+wait "$PROXY_PID" || true
+# The scrape between the two reads is one request the proxy did not count as outbound.
+ir=$(awk '/^totals:/ {t = $2} END {print t + 0}' "$OUT/callgrind.out")
+echo "binary $BINARY profile ${PROFILE:-none} load ${LOAD:-h1}: $((r1 - r0)) requests, $ir instructions, $((ir / (r1 - r0))) per request"
