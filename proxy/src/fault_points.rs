@@ -93,6 +93,7 @@ pub(crate) use armed::{delay, fire};
 mod armed {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use conduit_core::rand::{DetRng, Rng};
@@ -114,6 +115,11 @@ mod armed {
 
     static ARMED: Mutex<Option<Armed>> = Mutex::new(None);
 
+    /// Whether any point has a rate above zero: read without the lock on every request, so
+    /// that a build with fault points compiled in but none armed (a workspace-wide build's
+    /// proxy, the simulation's healthy runs) pays a plain load per point, not a lock.
+    static ANY_RATE: AtomicBool = AtomicBool::new(false);
+
     fn armed() -> std::sync::MutexGuard<'static, Option<Armed>> {
         ARMED
             .lock()
@@ -124,7 +130,9 @@ mod armed {
     /// Replaces whatever was armed, and its counts.
     pub fn arm(seed: u64, points: &[(FaultPoint, u32)]) {
         tracing::debug!(marker = MARKER, ?points, "fault points armed");
-        *armed() = Some(Armed {
+        let mut guard = armed();
+        ANY_RATE.store(points.iter().any(|&(_, r)| r > 0), Ordering::Relaxed);
+        *guard = Some(Armed {
             rngs: FaultPoint::ALL
                 .into_iter()
                 .zip(1u64..)
@@ -144,6 +152,7 @@ mod armed {
     pub fn disarm() {
         if let Some(armed) = armed().as_mut() {
             armed.rates.clear();
+            ANY_RATE.store(false, Ordering::Relaxed);
         }
     }
 
@@ -157,6 +166,11 @@ mod armed {
     }
 
     pub(crate) fn fire(point: FaultPoint) -> bool {
+        // Arming happens before the traffic it is for (on the same thread in the simulation),
+        // so a relaxed read sees it.
+        if !ANY_RATE.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut guard = armed();
         let Some(armed) = guard.as_mut() else {
             return false;
