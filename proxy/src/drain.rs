@@ -50,6 +50,9 @@ pub struct Drain {
     shared: Arc<Shared>,
     /// This handle's waker slot, once it has waited.
     slot: Option<usize>,
+    /// The waker left in that slot: a task polling again with the same waker (a connection's,
+    /// on every wake) finds it there without taking the lock.
+    waker: Option<Waker>,
 }
 
 /// A new signal and its first watcher.
@@ -93,7 +96,11 @@ impl DrainSignal {
 impl Drain {
     fn new(shared: Arc<Shared>) -> Self {
         shared.handles.fetch_add(1, Ordering::SeqCst);
-        Self { shared, slot: None }
+        Self {
+            shared,
+            slot: None,
+            waker: None,
+        }
     }
 
     /// Resolves once draining starts (at once if it has).
@@ -106,6 +113,15 @@ impl Drain {
         if self.is_draining() {
             return Poll::Ready(());
         }
+        if self.slot.is_some()
+            && self
+                .waker
+                .as_ref()
+                .is_some_and(|held| held.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        self.waker = Some(cx.waker().clone());
         {
             let mut waiters = self.shared.waiters();
             let waker = cx.waker();
@@ -205,6 +221,30 @@ mod tests {
         drop(drain);
         assert!(!signal.drain(Duration::from_secs(2)).await);
         drop(kept);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_watcher_polled_again_with_its_waker_is_still_woken_by_the_signal() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (signal, mut drain) = channel();
+        let count = Arc::new(Count(0.into()));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        // The second and third polls find the waker already in its slot.
+        for _ in 0..3 {
+            assert!(drain.poll_signaled(&mut cx).is_pending());
+        }
+        let draining = tokio::spawn(signal.drain(Duration::from_secs(5)));
+        tokio::task::yield_now().await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(drain.poll_signaled(&mut cx).is_ready());
+        drop(drain);
+        assert!(draining.await.unwrap());
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -705,10 +705,13 @@ impl http_body::Body for RecvBody {
         };
         // Handed on: the server may send as much again.
         let len = data.len();
+        // The last of it: the body answers `is_end_stream` from here on without the lock.
+        let at_end = slot.body.is_end();
         conn.release(StreamId::new(id), len);
         inner.driver_if_output(&mut wake);
         drop(inner);
         wake.run();
+        self.done = at_end;
         if let Some(remaining) = &mut self.remaining {
             *remaining = remaining.saturating_sub(len as u64);
         }
@@ -739,17 +742,16 @@ impl http_body::Body for RecvBody {
 
 impl Drop for RecvBody {
     fn drop(&mut self) {
-        let finished = {
-            let inner = self.shared.lock();
-            inner
-                .slots
-                .get(&self.id)
-                .is_none_or(|slot| slot.body.is_end())
-                && !inner.conn.is_open(StreamId::new(self.id))
-        };
+        let mut inner = self.shared.lock();
+        let finished = inner
+            .slots
+            .get(&self.id)
+            .is_none_or(|slot| slot.body.is_end())
+            && !inner.conn.is_open(StreamId::new(self.id));
         if finished {
-            self.shared.lock().slots.remove(&self.id);
+            inner.slots.remove(&self.id);
         } else {
+            drop(inner);
             // Dropped before its end: the stream is reset; the connection carries on.
             cancel(&self.shared, self.id);
         }
