@@ -225,7 +225,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_watcher_polled_again_with_its_waker_is_still_woken_by_the_signal() {
-        struct Count(std::sync::atomic::AtomicUsize);
+        struct Count(AtomicUsize);
         impl std::task::Wake for Count {
             fn wake(self: Arc<Self>) {
                 self.0.fetch_add(1, Ordering::SeqCst);

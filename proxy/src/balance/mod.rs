@@ -873,17 +873,16 @@ impl ServiceBalancer {
         lock(&self.state).balancer.observe(now, in_flight);
     }
 
-    /// The response of the request holding `in_flight` ended with `outcome`: the endpoint's
-    /// breaker accrues it (or decides on its probe), and the request stops counting as in
-    /// flight.
-    pub(crate) fn settle(&self, in_flight: InFlight, outcome: Outcome) {
+    /// The response of the request holding `in_flight` ended with `outcome` at `now`: the
+    /// endpoint's breaker accrues it (or decides on its probe), and the request stops counting
+    /// as in flight.
+    pub(crate) fn settle(&self, now: Instant, in_flight: InFlight, outcome: Outcome) {
         if !self.breaker_on.load(Ordering::Relaxed) {
             // No breaker to teach (set under the state lock, read without it: an outcome
             // that races a change of setting is one outcome more or less).
             drop(in_flight);
             return;
         }
-        let now = self.clock.now();
         let mut state = lock(&self.state);
         let State { balancer, rng, .. } = &mut *state;
         let Some(event) = balancer.handle_outcome(now, in_flight, outcome, rng) else {

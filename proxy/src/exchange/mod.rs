@@ -749,7 +749,7 @@ impl<'c> Exchange<'c> {
                     engine.discard(sent.response);
                     if let (Some(service), Some(in_flight)) = (routed.service.as_deref(), in_flight)
                     {
-                        service.settle(in_flight, outcome);
+                        service.settle(self.cx.clock.now(), in_flight, outcome);
                     }
                     now = self.backoff(after).await;
                     avoid = Some(addr);
@@ -880,7 +880,11 @@ impl<'c> Exchange<'c> {
                     | ProxyError::AttemptTimeout { .. }
             )
         {
-            service.settle(in_flight, conduit_core::classify::Outcome::Failure);
+            service.settle(
+                self.cx.clock.now(),
+                in_flight,
+                conduit_core::classify::Outcome::Failure,
+            );
         }
         error
     }
@@ -1187,7 +1191,7 @@ impl<'c> Exchange<'c> {
             }
             if let Some(in_flight) = contender.in_flight {
                 service.observe_at(now, &in_flight);
-                service.settle(in_flight, outcome);
+                service.settle(now, in_flight, outcome);
             }
         }
     }
@@ -1753,7 +1757,7 @@ impl Settle {
         }
         // The endpoint's breaker learns the outcome; the request stops counting as in flight.
         if let (Some(service), Some(in_flight)) = (self.service, self.in_flight) {
-            service.settle(in_flight, outcome);
+            service.settle(now, in_flight, outcome);
         }
     }
 }

@@ -571,7 +571,6 @@ where
     fn poll_streams(&mut self, budget: &mut usize) -> bool {
         // A list kept for the purpose, so that it keeps its capacity.
         let mut ready = std::mem::take(&mut self.polling);
-        ready.append(&mut self.woken);
         if self.shared.pending.load(Ordering::Acquire) {
             let mut inner = self.shared.lock();
             ready.append(&mut inner.ready);
@@ -582,6 +581,9 @@ where
                 self.conn.release(StreamId::new(id), len);
             }
         }
+        // Woken from elsewhere first (most of them before this pass began), then what this
+        // pass found.
+        ready.append(&mut self.woken);
         if ready.is_empty() {
             self.polling = ready;
             return false;

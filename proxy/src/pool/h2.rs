@@ -21,7 +21,6 @@
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,7 +29,7 @@ use bytes::Bytes;
 use conduit_core::time::Instant;
 use http::Response;
 
-use super::{Pools, lock};
+use super::Pools;
 use crate::body::{self, Body, BoxError, Streams};
 use crate::clock::Clock;
 use crate::errors::ProxyError;
@@ -98,25 +97,28 @@ impl H2Slot {
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     h2: tokio::sync::Mutex<H2Slot>,
-    last_used: Mutex<Instant>,
+    /// When a request last picked the endpoint (core-instant nanoseconds): written on every
+    /// request, so a plain store rather than a lock.
+    last_used: AtomicU64,
 }
 
 impl Endpoint {
     pub(super) fn new(now: Instant) -> Self {
         Self {
             h2: tokio::sync::Mutex::default(),
-            last_used: Mutex::new(now),
+            last_used: AtomicU64::new(now.as_nanos()),
         }
     }
 
     pub(super) fn used(&self, now: Instant) {
-        *lock(&self.last_used) = now;
+        self.last_used.store(now.as_nanos(), Ordering::Relaxed);
     }
 
     /// Closes the connection of an endpoint unused for `timeout` at `now`; whether to keep
     /// the endpoint (in use, or its connection still open).
     pub(super) fn sweep(self: &Arc<Self>, now: Instant, timeout: Duration) -> bool {
-        let idle_for = now.saturating_duration_since(*lock(&self.last_used));
+        let last_used = Instant::from_nanos(self.last_used.load(Ordering::Relaxed));
+        let idle_for = now.saturating_duration_since(last_used);
         if let Ok(mut h2) = self.h2.try_lock() {
             if idle_for >= timeout {
                 // Dropping the last sender closes a connection once its streams end.
