@@ -63,6 +63,10 @@ error_log $PWD/$OUT/nginx.log warn;
 events { worker_connections 19000; }
 http {
     access_log off;
+    # Clients' connections too are kept for the whole run: nginx closes one after 1,000
+    # requests by default, which wrk survives by reconnecting but h2load does not (each h2
+    # connection stopped after 1,000 requests, capping nginx's h2 rows at 1,000 per connection).
+    keepalive_requests 1000000;
     upstream hello { server ${HELLO[nginx]}; keepalive 10000; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:18481;
