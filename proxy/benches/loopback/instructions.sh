@@ -11,6 +11,12 @@
 #        speaks h2 upstream), the shape of the h2 row of concurrency.sh and issue #16.
 #        CONNS=N and STREAMS=M change the load's connections (and h2 streams per connection),
 #        to see whether instructions per request grow with concurrency.
+#        MODEL=atomics also counts atomic read-modify-writes per request (atomics.py: an
+#        instruction count takes each for one instruction, but each costs some 20 cycles);
+#        MODEL=cache also gives callgrind's simulated instruction-cache misses and branch
+#        mispredictions per request (the host's cache sizes), which an instruction count
+#        does not show either. TARGET=haproxy measures haproxy instead (one thread, h2
+#        upstream for LOAD=h2, as in concurrency.sh), its requests counted by the load tool.
 #        Sends traffic only to 127.0.0.1 and ends every process it started.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -58,37 +64,80 @@ services:
     endpoints:
       - addr: $HELLO$ROUTES
 MESH
-CONDUIT_PROXY_OUTBOUND_ADDR=$PROXY CONDUIT_PROXY_ADMIN_ADDR=$ADMIN \
-CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh.yaml" CONDUIT_PROXY_WORKERS=1 CONDUIT_PROXY_LOG=warn \
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$PWD/$OUT/callgrind.out" \
-    "$BINARY" >"$OUT/proxy.log" 2>&1 &
+case "${MODEL:-}" in
+    atomics) MODEL_ARGS=(--dump-instr=yes) ;;
+    cache) MODEL_ARGS=(--cache-sim=yes --branch-sim=yes) ;;
+    '') MODEL_ARGS=() ;;
+    *) echo "MODEL is atomics or cache"; exit 2 ;;
+esac
+CALLGRIND=(valgrind --tool=callgrind --instr-atstart=no "${MODEL_ARGS[@]}"
+    --callgrind-out-file="$PWD/$OUT/callgrind.out")
+if [ "${TARGET:-conduit}" = haproxy ]; then
+    command -v haproxy >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; }
+    BINARY=$(command -v haproxy)
+    { haproxy_defaults; cat <<CONF
+frontend h1
+    bind $PROXY$([ "${LOAD:-h1}" = h2 ] && echo " proto h2")
+    default_backend hello
+backend hello
+    server s1 $HELLO$([ "${LOAD:-h1}" = h2 ] && echo " proto h2")
+CONF
+    } >"$OUT/haproxy.cfg"
+    "${CALLGRIND[@]}" "$BINARY" -db -f "$OUT/haproxy.cfg" >"$OUT/proxy.log" 2>&1 &
+else
+    CONDUIT_PROXY_OUTBOUND_ADDR=$PROXY CONDUIT_PROXY_ADMIN_ADDR=$ADMIN \
+    CONDUIT_PROXY_DISCOVERY="file:$PWD/$OUT/mesh.yaml" CONDUIT_PROXY_WORKERS=1 CONDUIT_PROXY_LOG=warn \
+        "${CALLGRIND[@]}" "$BINARY" >"$OUT/proxy.log" 2>&1 &
+fi
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 for _ in $(seq 1 300); do
-    curl -fsS -H 'Host: hello' "http://$PROXY/" >/dev/null 2>&1 && break
+    if [ "${TARGET:-conduit}" = haproxy ] && [ "${LOAD:-h1}" = h2 ]; then
+        curl -fsS --http2-prior-knowledge "http://$PROXY/" >/dev/null 2>&1 && break
+    else
+        curl -fsS -H 'Host: hello' "http://$PROXY/" >/dev/null 2>&1 && break
+    fi
     sleep 0.1
 done
 requests() { curl -fsS "http://$ADMIN/metrics" | awk '/^request_total\{direction="outbound"/ {s += $2} END {print s + 0}'; }
 # Every response must be a 2xx from the hello server: a run of the proxy's own errors would
 # count the wrong path. h2load's `Host` header does not set `:authority` (the proxy routes h2
 # by `:authority`, RFC 9113 §8.3.1), so it is given as the pseudo-header.
+# LOADED: the requests the last load completed (what haproxy's runs count).
+LOADED=0
 load() {
     local out
     if [ "${LOAD:-h1}" = h2 ]; then
         out=$(h2load -t1 -c${CONNS:-10} -m${STREAMS:-10} -D "$DUR" -H ':authority: hello' "http://$PROXY/" 2>&1)
         echo "$out" | grep -q ' 0 4xx, 0 5xx' || { echo "non-2xx responses: $out"; exit 1; }
+        LOADED=$(echo "$out" | awk '/^requests:/ {print $8}')
     else
         out=$(wrk -t1 -c${CONNS:-50} -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" 2>&1)
         if echo "$out" | grep -q 'Non-2xx'; then echo "non-2xx responses: $out"; exit 1; fi
+        LOADED=$(echo "$out" | awk '/requests in/ {print $1}')
     fi
 }
 load
 callgrind_control -i on "$PROXY_PID" >/dev/null
-r0=$(requests)
-load
-r1=$(requests)
-callgrind_control -i off "$PROXY_PID" >/dev/null
-curl -fsS -X POST "http://$ADMIN/shutdown" >/dev/null
+if [ "${TARGET:-conduit}" = haproxy ]; then
+    load
+    callgrind_control -i off "$PROXY_PID" >/dev/null
+    kill "$PROXY_PID"
+    n=$LOADED
+else
+    r0=$(requests)
+    load
+    r1=$(requests)
+    callgrind_control -i off "$PROXY_PID" >/dev/null
+    curl -fsS -X POST "http://$ADMIN/shutdown" >/dev/null
+    # The scrape between the two reads is one request the proxy did not count as outbound.
+    n=$((r1 - r0))
+fi
 wait "$PROXY_PID" || true
-# The scrape between the two reads is one request the proxy did not count as outbound.
 ir=$(awk '/^totals:/ {t = $2} END {print t + 0}' "$OUT/callgrind.out")
-echo "binary $BINARY profile ${PROFILE:-none} load ${LOAD:-h1}: $((r1 - r0)) requests, $ir instructions, $((ir / (r1 - r0))) per request"
+echo "${TARGET:-conduit} $BINARY profile ${PROFILE:-none} load ${LOAD:-h1}: $n requests, $ir instructions, $((ir / n)) per request"
+if [ "${MODEL:-}" = cache ]; then
+    # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim
+    awk -v n="$n" '/^totals:/ {printf "per request: %.0f I1 misses, %.0f D1 misses, %.0f mispredicted conditional branches, %.1f mispredicted indirect branches\n", $5 / n, ($6 + $7) / n, $12 / n, $14 / n}' "$OUT/callgrind.out"
+elif [ "${MODEL:-}" = atomics ]; then
+    python3 proxy/benches/loopback/atomics.py "$OUT/callgrind.out" "$BINARY" "$n" --sites 20
+fi
