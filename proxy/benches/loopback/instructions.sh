@@ -22,11 +22,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 . proxy/benches/loopback/common.sh
 DUR=${1:-10}
+LOAD=${LOAD:-h1} TARGET=${TARGET:-conduit}
 OUT=target/bench/instructions/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 command -v valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-if [ "${LOAD:-h1}" = h2 ] && ! command -v h2load >/dev/null 2>&1; then
+if [ "$LOAD" = h2 ] && ! command -v h2load >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
 fi
 build_release
@@ -72,15 +73,15 @@ case "${MODEL:-}" in
 esac
 CALLGRIND=(valgrind --tool=callgrind --instr-atstart=no "${MODEL_ARGS[@]}"
     --callgrind-out-file="$PWD/$OUT/callgrind.out")
-if [ "${TARGET:-conduit}" = haproxy ]; then
+if [ "$TARGET" = haproxy ]; then
     command -v haproxy >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; }
     BINARY=$(command -v haproxy)
     { haproxy_defaults; cat <<CONF
-frontend h1
-    bind $PROXY$([ "${LOAD:-h1}" = h2 ] && echo " proto h2")
+frontend proxy
+    bind $PROXY$([ "$LOAD" = h2 ] && echo " proto h2")
     default_backend hello
 backend hello
-    server s1 $HELLO$([ "${LOAD:-h1}" = h2 ] && echo " proto h2")
+    server s1 $HELLO$([ "$LOAD" = h2 ] && echo " proto h2")
 CONF
     } >"$OUT/haproxy.cfg"
     "${CALLGRIND[@]}" "$BINARY" -db -f "$OUT/haproxy.cfg" >"$OUT/proxy.log" 2>&1 &
@@ -91,7 +92,7 @@ else
 fi
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 for _ in $(seq 1 300); do
-    if [ "${TARGET:-conduit}" = haproxy ] && [ "${LOAD:-h1}" = h2 ]; then
+    if [ "$TARGET" = haproxy ] && [ "$LOAD" = h2 ]; then
         curl -fsS --http2-prior-knowledge "http://$PROXY/" >/dev/null 2>&1 && break
     else
         curl -fsS -H 'Host: hello' "http://$PROXY/" >/dev/null 2>&1 && break
@@ -106,7 +107,7 @@ requests() { curl -fsS "http://$ADMIN/metrics" | awk '/^request_total\{direction
 LOADED=0
 load() {
     local out
-    if [ "${LOAD:-h1}" = h2 ]; then
+    if [ "$LOAD" = h2 ]; then
         out=$(h2load -t1 -c${CONNS:-10} -m${STREAMS:-10} -D "$DUR" -H ':authority: hello' "http://$PROXY/" 2>&1)
         echo "$out" | grep -q ' 0 4xx, 0 5xx' || { echo "non-2xx responses: $out"; exit 1; }
         LOADED=$(echo "$out" | awk '/^requests:/ {print $8}')
@@ -118,7 +119,7 @@ load() {
 }
 load
 callgrind_control -i on "$PROXY_PID" >/dev/null
-if [ "${TARGET:-conduit}" = haproxy ]; then
+if [ "$TARGET" = haproxy ]; then
     load
     callgrind_control -i off "$PROXY_PID" >/dev/null
     kill "$PROXY_PID"
@@ -134,7 +135,7 @@ else
 fi
 wait "$PROXY_PID" || true
 ir=$(awk '/^totals:/ {t = $2} END {print t + 0}' "$OUT/callgrind.out")
-echo "${TARGET:-conduit} $BINARY profile ${PROFILE:-none} load ${LOAD:-h1}: $n requests, $ir instructions, $((ir / n)) per request"
+echo "$TARGET $BINARY profile ${PROFILE:-none} load $LOAD: $n requests, $ir instructions, $((ir / n)) per request"
 if [ "${MODEL:-}" = cache ]; then
     # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim
     awk -v n="$n" '/^totals:/ {printf "per request: %.0f I1 misses, %.0f D1 misses, %.0f mispredicted conditional branches, %.1f mispredicted indirect branches\n", $5 / n, ($6 + $7) / n, $12 / n, $14 / n}' "$OUT/callgrind.out"
