@@ -30,8 +30,10 @@ await_answer() {
 # server, load tools) and any other PACKAGE. Separate builds: cargo unifies features across the
 # packages of one build, and the CLI's simulation turns on the proxy's `fault-points`, which a
 # shipped proxy never carries (CI checks it); built together, the benchmarked proxy would be
-# one nobody runs.
+# one nobody runs. BUILD=0 skips both: to measure a binary just built by hand, without
+# relinking the CLI after each change to the proxy (a few minutes on 2 cores).
 build_release() {
+    [ "${BUILD:-1}" = 0 ] && return
     cargo build --release -q -p conduit-proxy
     local package args=(-p conduit-cli)
     for package in "$@"; do args+=(-p "$package"); done

@@ -15,7 +15,12 @@
 #        instruction count takes each for one instruction, but each costs some 20 cycles);
 #        MODEL=cache also gives callgrind's simulated instruction-cache misses and branch
 #        mispredictions per request (the host's cache sizes), which an instruction count
-#        does not show either. TARGET=haproxy measures haproxy instead (one thread, h2
+#        does not show either; LL=SIZE,ASSOC,LINE sets the simulated last level (callgrind
+#        models two levels: LL=2097152,16,64 makes it this host's 2 MB L2, to see what
+#        misses it as connections grow). STEADY=1 (conduit only) counts a window inside one
+#        run of the load instead of a whole run, so that opening and closing its connections
+#        (one per connection, however long the run) stays out: at CONNS=1000 under valgrind a
+#        run completes only about ten requests a connection. TARGET=haproxy measures haproxy instead (one thread, h2
 #        upstream for LOAD=h2, as in concurrency.sh), its requests counted by the load tool.
 #        Sends traffic only to 127.0.0.1 and ends every process it started.
 set -euo pipefail
@@ -67,7 +72,7 @@ services:
 MESH
 case "${MODEL:-}" in
     atomics) MODEL_ARGS=(--dump-instr=yes) ;;
-    cache) MODEL_ARGS=(--cache-sim=yes --branch-sim=yes) ;;
+    cache) MODEL_ARGS=(--cache-sim=yes --branch-sim=yes ${LL:+--LL=$LL}) ;;
     '') MODEL_ARGS=() ;;
     *) echo "MODEL is atomics or cache"; exit 2 ;;
 esac
@@ -106,26 +111,41 @@ requests() { curl -fsS "http://$ADMIN/metrics" | awk '/^request_total\{direction
 # LOADED: the requests the last load completed (what haproxy's runs count).
 LOADED=0
 load() {
-    local out
+    local out dur=${1:-$DUR}
     if [ "$LOAD" = h2 ]; then
-        out=$(h2load -t1 -c${CONNS:-10} -m${STREAMS:-10} -D "$DUR" -H ':authority: hello' "http://$PROXY/" 2>&1)
+        out=$(h2load -t1 -c${CONNS:-10} -m${STREAMS:-10} -D "$dur" -H ':authority: hello' "http://$PROXY/" 2>&1)
         echo "$out" | grep -q ' 0 4xx, 0 5xx' || { echo "non-2xx responses: $out"; exit 1; }
         LOADED=$(echo "$out" | awk '/^requests:/ {print $8}')
     else
-        out=$(wrk -t1 -c${CONNS:-50} -d"${DUR}s" -H 'Host: hello' "http://$PROXY/" 2>&1)
+        out=$(wrk -t1 -c${CONNS:-50} -d"${dur}s" -H 'Host: hello' "http://$PROXY/" 2>&1)
         if echo "$out" | grep -q 'Non-2xx'; then echo "non-2xx responses: $out"; exit 1; fi
         LOADED=$(echo "$out" | awk '/requests in/ {print $1}')
     fi
 }
 load
-callgrind_control -i on "$PROXY_PID" >/dev/null
-if [ "$TARGET" = haproxy ]; then
+if [ "${STEADY:-0}" = 1 ] && [ "$TARGET" = conduit ]; then
+    # Counted inside one run of the load, from DUR s after it starts to DUR s before it ends:
+    # its connections' opening and closing stay out of the window.
+    load $((DUR * 3)) &
+    LOADER=$!
+    sleep "$DUR"
+    r0=$(requests)
+    callgrind_control -i on "$PROXY_PID" >/dev/null
+    sleep "$DUR"
+    callgrind_control -i off "$PROXY_PID" >/dev/null
+    r1=$(requests)
+    wait "$LOADER"
+    curl -fsS -X POST "http://$ADMIN/shutdown" >/dev/null
+    n=$((r1 - r0))
+elif [ "$TARGET" = haproxy ]; then
+    callgrind_control -i on "$PROXY_PID" >/dev/null
     load
     callgrind_control -i off "$PROXY_PID" >/dev/null
     kill "$PROXY_PID"
     n=$LOADED
 else
     r0=$(requests)
+    callgrind_control -i on "$PROXY_PID" >/dev/null
     load
     r1=$(requests)
     callgrind_control -i off "$PROXY_PID" >/dev/null
@@ -138,7 +158,7 @@ ir=$(awk '/^totals:/ {t = $2} END {print t + 0}' "$OUT/callgrind.out")
 echo "$TARGET $BINARY profile ${PROFILE:-none} load $LOAD: $n requests, $ir instructions, $((ir / n)) per request"
 if [ "${MODEL:-}" = cache ]; then
     # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim
-    awk -v n="$n" '/^totals:/ {printf "per request: %.0f I1 misses, %.0f D1 misses, %.0f mispredicted conditional branches, %.1f mispredicted indirect branches\n", $5 / n, ($6 + $7) / n, $12 / n, $14 / n}' "$OUT/callgrind.out"
+    awk -v n="$n" '/^totals:/ {printf "per request: %.0f I1 misses, %.0f D1 misses, %.0f LL misses, %.0f mispredicted conditional branches, %.1f mispredicted indirect branches\n", $5 / n, ($6 + $7) / n, ($8 + $9 + $10) / n, $12 / n, $14 / n}' "$OUT/callgrind.out"
 elif [ "${MODEL:-}" = atomics ]; then
     python3 proxy/benches/loopback/atomics.py "$OUT/callgrind.out" "$BINARY" "$n" --sites 20
 fi

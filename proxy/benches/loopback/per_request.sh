@@ -13,7 +13,10 @@
 # Usage: proxy/benches/loopback/per_request.sh [DUR] [LEVELS]   (defaults 5 s, "50 1000 5000");
 #        PROTOS="h1 h2" picks the protocols; TARGETS="conduit haproxy" measures haproxy the
 #        same way (one thread, h2 upstream for h2 clients, a hello server of its own, as in
-#        concurrency.sh), to see where the two differ. Sends traffic only to 127.0.0.1, ends
+#        concurrency.sh), to see where the two differ. STEADY=1 times the steady state: each
+#        point also runs for 3 x DUR, and the times and requests of the short run are taken
+#        from the long one's, so the cost of opening and closing the load's connections
+#        (paid once a run, whatever its length) drops out. Sends traffic only to 127.0.0.1, ends
 #        every process it started (by PID), stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -100,6 +103,15 @@ for proto in ${PROTOS:-h1 h2}; do
         read -r u0 s0 < <(ticks "$PP")
         requests=$(load "$t" "$proto" "$level" "$DUR")
         read -r u1 s1 < <(ticks "$PP")
+        if [ "${STEADY:-0}" = 1 ]; then
+            # The steady state: a run three times as long, less the first. Both open and close
+            # the same connections, so what is left is the cost of the extra requests alone.
+            read -r v0 t0 < <(ticks "$PP")
+            long=$(load "$t" "$proto" "$level" $((DUR * 3)))
+            read -r v1 t1 < <(ticks "$PP")
+            u0=$((u1 - u0)); s0=$((s1 - s0)); u1=$((v1 - v0)); s1=$((t1 - t0))
+            requests=$((long - requests))
+        fi
         counts="| | | | | | |"
         if [ $PERF = 1 ]; then
             perf stat -x, -e "$EVENTS" -p "$PP" -o "$OUT/perf.$t.$proto.$level" &
