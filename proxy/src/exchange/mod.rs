@@ -1717,6 +1717,11 @@ impl Settle {
         self.deadlines.request()
     }
 
+    /// The request is gRPC (the proxy's own answers are then gRPC errors).
+    pub(crate) fn grpc(&self) -> bool {
+        self.grpc
+    }
+
     /// The error a response cut at its deadline stands for.
     pub(crate) fn timeout_error(&self) -> ProxyError {
         let expiry = self

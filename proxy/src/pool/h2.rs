@@ -241,7 +241,9 @@ impl<N: Net> Pools<N> {
             let mut slot = endpoint.h2.lock().await;
             let (i, connected) = match slot.choose() {
                 Some(i) => (i, false),
-                None => match self.connect_h2(addr).await {
+                // Boxed: a connect's state (some 1.5 KB) would sit in every request's future,
+                // and the few requests that connect pay one allocation for it.
+                None => match Box::pin(self.connect_h2(addr)).await {
                     Ok(conn) => {
                         slot.generation = slot.generation.wrapping_add(1);
                         let generation = slot.generation;
