@@ -20,8 +20,9 @@
 #        misses it as connections grow). STEADY=1 (conduit only) counts a window inside one
 #        run of the load instead of a whole run, so that opening and closing its connections
 #        (one per connection, however long the run) stays out: at CONNS=1000 under valgrind a
-#        run completes only about ten requests a connection. TARGET=haproxy measures haproxy instead (one thread, h2
-#        upstream for LOAD=h2, as in concurrency.sh), its requests counted by the load tool.
+#        run completes only about ten requests a connection. TARGET=haproxy measures haproxy
+#        instead (one thread, h2 upstream for LOAD=h2, as in concurrency.sh), its requests
+#        counted by the load tool.
 #        Sends traffic only to 127.0.0.1 and ends every process it started.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."

@@ -16,8 +16,8 @@
 #        concurrency.sh), to see where the two differ. STEADY=1 times the steady state: each
 #        point also runs for 3 x DUR, and the times and requests of the short run are taken
 #        from the long one's, so the cost of opening and closing the load's connections
-#        (paid once a run, whatever its length) drops out. Sends traffic only to 127.0.0.1, ends
-#        every process it started (by PID), stops by itself.
+#        (paid once a run, whatever its length) drops out. Sends traffic only to 127.0.0.1,
+#        ends every process it started (by PID), stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 . proxy/benches/loopback/common.sh
@@ -106,6 +106,8 @@ for proto in ${PROTOS:-h1 h2}; do
         if [ "${STEADY:-0}" = 1 ]; then
             # The steady state: a run three times as long, less the first. Both open and close
             # the same connections, so what is left is the cost of the extra requests alone.
+            # (u0 and s0 become the short run's ticks, u1 and s1 the long run's: the report
+            # below takes their difference.)
             read -r v0 t0 < <(ticks "$PP")
             long=$(load "$t" "$proto" "$level" $((DUR * 3)))
             read -r v1 t1 < <(ticks "$PP")
