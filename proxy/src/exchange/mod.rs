@@ -168,6 +168,16 @@ pub(crate) struct Facts<'a> {
     pub(crate) grpc_status: Option<&'a [u8]>,
 }
 
+impl Facts<'_> {
+    /// What an engine answers when asked for the facts of a head it does not hold (`facts`
+    /// follows a successful `send`, so this is not expected): a bad gateway.
+    pub(crate) const NO_HEAD: Facts<'static> = Facts {
+        status: StatusCode::BAD_GATEWAY,
+        grpc: false,
+        grpc_status: None,
+    };
+}
+
 /// What an HTTP engine does for the exchange: it moves bytes, and decides nothing.
 pub(crate) trait Engine {
     /// A response head as the engine holds it, with what it needs to stream the body.

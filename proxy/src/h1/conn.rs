@@ -966,12 +966,7 @@ impl<N: Net, I: Io> Engine for H1Exchange<'_, '_, N, I> {
 
     fn facts<'r>(&'r self, _: &'r H1Received) -> Facts<'r> {
         let Some(response) = &self.response else {
-            // `facts` follows a successful `send`.
-            return Facts {
-                status: StatusCode::BAD_GATEWAY,
-                grpc: false,
-                grpc_status: None,
-            };
+            return Facts::NO_HEAD;
         };
         Facts {
             status: StatusCode::from_u16(response.head.status).unwrap_or(StatusCode::BAD_GATEWAY),

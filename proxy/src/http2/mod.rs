@@ -257,12 +257,7 @@ impl<N: Net> Engine for H2Exchange<'_, N> {
     fn facts<'a>(&'a self, _: &'a H2Received) -> Facts<'a> {
         match &self.response {
             Some(response) => facts(response),
-            // `facts` follows a successful `send`.
-            None => Facts {
-                status: http::StatusCode::BAD_GATEWAY,
-                grpc: false,
-                grpc_status: None,
-            },
+            None => Facts::NO_HEAD,
         }
     }
 
